@@ -1,0 +1,13 @@
+"""Triton kernels of the hardness-weighted contrastive loss (installed as ``llave_fast.kernels``).
+
+``tile``          shared tile arithmetic: the similarity tile and its masked logits
+``hardness_fwd``  one sweep: row and column log-sum-exp partials
+``hardness_bwd``  recompute: dq and dT (atomic tiles, or owner-computes for determinism)
+
+Importing this package imports triton; nothing here probes CUDA.
+"""
+
+from .hardness_bwd import hardness_bwd_kernel
+from .hardness_fwd import hardness_fwd_kernel
+
+__all__ = ["hardness_fwd_kernel", "hardness_bwd_kernel"]

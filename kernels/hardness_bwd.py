@@ -1,0 +1,129 @@
+"""Backward: recompute tiles of S, form dS from the saved log-sum-exps, emit dq and dT.
+
+With P_row = exp(z_row - lse_row[i]) and P_col = exp(z_col - lse_col[j]) (masked entries 0),
+the part of dL/dS that flows through the softmaxes is
+
+    dS_ij = s * (P_row_ij * g_row_i + P_col_ij * g_col_j)
+
+(the "- s * [j = p_i] * (g_row_i + g_col_i)" term of the positive is added by the host:
+it is a row-wise product, no tile needed). Then dq = dS @ T and dT = dS^T @ q, in chunks
+of BK embedding columns so that any d fits.
+
+MODE 0: grid over tiles, dq and dT accumulated with fp32 atomics (4 GEMM-equivalents in
+        all, run-to-run order varies).
+MODE 1: a program owns a row block and walks all column blocks in order: dq only.
+MODE 2: a program owns a column block and walks all row blocks in order: dT only.
+MODE 1 + MODE 2 is the deterministic pair: bitwise reproducible, one extra recompute.
+"""
+
+import triton
+import triton.language as tl
+
+from .tile import sim_tile, tile_logits
+
+
+@triton.jit
+def _dS_tile(
+    q_ptr, t_ptr, rows, cols, B, NT, N_COL, D, offset, scale, alpha,
+    tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    S = sim_tile(q_ptr, t_ptr, rows, cols, B, NT, D, BM, BN, BK, UPCAST, PREC)
+    z_row, z_col = tile_logits(
+        S, rows, cols, B, NT, N_COL, offset, scale, alpha,
+        tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
+        HAS_TID, HAS_QID, HAS_COL,
+    )
+    rmask = rows < B
+    lse_r = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
+    g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+    # dS_ij = s * softmax_row(z)_ij * g_row_i   (q->t part)
+    dS = tl.exp(z_row - lse_r[:, None]) * g_r[:, None]
+    if HAS_COL:
+        cmask = cols < N_COL
+        lse_c = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
+        g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
+        # + s * softmax_col(z)_ij * g_col_j   (t->q part)
+        dS += tl.exp(z_col - lse_c[None, :]) * g_c[None, :]
+    return dS * scale
+
+
+@triton.jit
+def hardness_bwd_kernel(
+    q_ptr, t_ptr, B, NT, N_COL, D, offset, scale, alpha,
+    tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    dq_ptr, dt_ptr,
+    MODE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr,
+    UPCAST: tl.constexpr, DS_LOWP: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_rb = tl.cdiv(B, BM)
+    n_cb = tl.cdiv(NT, BN)
+    if MODE == 0:
+        rb = pid // n_cb
+        cb = pid % n_cb
+        loop_n = 1
+    elif MODE == 1:
+        rb = pid
+        cb = pid * 0
+        loop_n = n_cb
+    else:
+        rb = pid * 0
+        cb = pid
+        loop_n = n_rb
+    for it in range(0, loop_n):
+        if MODE == 1:
+            cb = it
+        if MODE == 2:
+            rb = it
+        rows = rb * BM + tl.arange(0, BM).to(tl.int64)
+        cols = cb * BN + tl.arange(0, BN).to(tl.int64)
+        rmask = rows < B
+        cmask = cols < NT
+        dS = _dS_tile(
+            q_ptr, t_ptr, rows, cols, B, NT, N_COL, D, offset, scale, alpha,
+            tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
+            row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+            BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC,
+        )
+        if DS_LOWP:
+            # tensor-core operands in the input precision (bf16), accumulation in fp32
+            dS_op = dS.to(q_ptr.dtype.element_ty)
+        else:
+            dS_op = dS
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks[None, :] < D
+            if MODE != 2:
+                # dq[rows, ks] += dS @ T[cols, ks]
+                t_blk = tl.load(t_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask, other=0.0)
+                if not DS_LOWP:
+                    t_blk = t_blk.to(tl.float32)
+                dq_blk = tl.dot(dS_op, t_blk, input_precision=PREC)
+                dq_off = dq_ptr + rows[:, None] * D + ks[None, :]
+                if MODE == 0:
+                    tl.atomic_add(dq_off, dq_blk, mask=rmask[:, None] & kmask)
+                else:
+                    acc = tl.load(dq_off, mask=rmask[:, None] & kmask, other=0.0)
+                    tl.store(dq_off, acc + dq_blk, mask=rmask[:, None] & kmask)
+            if MODE != 1:
+                # dT[cols, ks] += dS^T @ q[rows, ks]
+                q_blk = tl.load(q_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask, other=0.0)
+                if not DS_LOWP:
+                    q_blk = q_blk.to(tl.float32)
+                dt_blk = tl.dot(tl.trans(dS_op), q_blk, input_precision=PREC)
+                dt_off = dt_ptr + cols[:, None] * D + ks[None, :]
+                if MODE == 0:
+                    tl.atomic_add(dt_off, dt_blk, mask=cmask[:, None] & kmask)
+                else:
+                    acc = tl.load(dt_off, mask=cmask[:, None] & kmask, other=0.0)
+                    tl.store(dt_off, acc + dt_blk, mask=cmask[:, None] & kmask)
+        if MODE != 0:
+            # this program reads its accumulator slots back on the next iteration
+            tl.debug_barrier()

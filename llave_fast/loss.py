@@ -1,0 +1,182 @@
+"""``FusedHardnessLoss`` and ``hardness_weighted_loss``: the public face of the fused loss.
+
+A call goes  FusedHardnessLoss.forward -> hardness_weighted_loss (checks, picks the
+backend) -> <Backend>HardnessLoss.apply (autograd) -> strip_forward / strip_backward
+(the kernel launches, or the chunked PyTorch loop).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks
+from .backends import get_backend_function, resolve_backend
+from .backends.common import LossConfig, StripIds
+from .reference import reference_loss
+
+__all__ = ["FusedHardnessLoss", "hardness_weighted_loss"]
+
+
+def hardness_weighted_loss(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    logit_scale=50.0,
+    alpha: float = 9.0,
+    symmetric: bool = True,
+    reduction: str = "mean",
+    negatives: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """LLaVE's hardness-weighted symmetric InfoNCE, without a B x N matrix.
+
+    query, target: (B, d) embeddings (row i of each is a positive pair), bf16/fp16/fp32
+        (fp64 with the torch and reference backends).
+    logit_scale: float or 0-d tensor (its gradient is returned when it requires grad).
+    alpha: hardness exponent; negative j of row i is weighted by exp(alpha * S_ij), detached.
+    symmetric: add the target->query direction (LLaVE) and average the two.
+    reduction: "mean" (LLaVE), "sum", or "none" (per pair, shape (B,)).
+    negatives: (M, d) extra hard-negative targets, candidates of the query->target direction.
+    target_ids: (B,) or (B + M,) int64; a candidate target with the positive's id is not
+        used as a negative (the positive itself always counts). Negatives without ids
+        (length B) are never masked.
+    query_ids: (B,) int64; the same for candidate queries of the target->query direction.
+    backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch" or "reference".
+    deterministic: triton backward without atomics, bitwise reproducible.
+
+    Returns a float32 loss for 16/32-bit inputs (float64 for float64).
+    """
+    _checks.check_embeddings("query", query)
+    _checks.check_embeddings("target", target, like=query)
+    if target.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"query and target must pair up row by row: query has {query.shape[0]} rows "
+            f"(shape {tuple(query.shape)}), target has {target.shape[0]} (shape {tuple(target.shape)})"
+        )
+    scale_value, scale_t = _checks.check_scale(logit_scale)
+    alpha = _checks.check_alpha(alpha)
+    _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
+    _checks.check_choice("backend", backend, _checks.BACKENDS)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    B = query.shape[0]
+    if negatives is not None:
+        _checks.check_embeddings("negatives", negatives, like=query)
+        if negatives.shape[0] == 0:
+            negatives = None
+    M = 0 if negatives is None else negatives.shape[0]
+    tid_lengths = (B,) if M == 0 else (B, B + M)
+    target_ids = _checks.check_ids("target_ids", target_ids, tid_lengths, query.device,
+                                   "one per target row" + (", then optionally one per negative" if M else ""))
+    query_ids = _checks.check_ids("query_ids", query_ids, (B,), query.device, "one per query row")
+    if scale_t is not None and scale_t.device != query.device and scale_t.requires_grad:
+        raise ValueError(f"logit_scale is on {scale_t.device} but the embeddings are on {query.device}")
+
+    name = resolve_backend(backend, query.device, query.dtype)
+    if name == "reference":
+        scale = scale_t.reshape(()) if scale_t is not None else scale_value
+        return reference_loss(
+            query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
+            negatives=negatives, target_ids=target_ids, query_ids=query_ids,
+        )
+    ids = StripIds(
+        tid_pos=None if target_ids is None else target_ids[:B],
+        tid_cand=target_ids,
+        qid_row=query_ids if symmetric else None,
+        qid_cand=query_ids if symmetric else None,
+    )
+    cfg = LossConfig(scale_value, alpha, symmetric, reduction, bool(deterministic))
+    fn = get_backend_function(name)
+    grad_scale = scale_t if (scale_t is not None and scale_t.requires_grad) else None
+    return fn.apply(query, target, negatives, grad_scale, ids, cfg)
+
+
+class FusedHardnessLoss(nn.Module):
+    """Drop-in replacement for LLaVE's ``WeightedClipLoss``.
+
+    ``FusedHardnessLoss(logit_scale=50.0, alpha=9.0)`` then ``loss_fn(query, target)``, or
+    LLaVE's way ``loss_fn(query, target, logit_scale=50.0, alpha=9.0)``. LLaVE's constructor
+    arguments (local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod) are
+    accepted, so swapping the class name is the only change in LLaVE's model file.
+    """
+
+    def __init__(
+        self,
+        logit_scale=50.0,
+        alpha: float = 9.0,
+        *,
+        symmetric: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+        deterministic: bool = False,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        process_group=None,
+    ):
+        super().__init__()
+        _checks.check_scale(logit_scale)
+        self.logit_scale = logit_scale
+        self.alpha = _checks.check_alpha(alpha)
+        self.symmetric = symmetric
+        self.reduction = _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
+        self.backend = _checks.check_choice("backend", backend, _checks.BACKENDS)
+        self.deterministic = deterministic
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported: llave-fast gathers with torch.distributed")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        # LLaVE's flags; with one process they change nothing (labels are never materialised)
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.process_group = process_group
+        if world_size > 1 or process_group is not None:
+            raise NotImplementedError(
+                f"cross-rank gathering (world_size={world_size}) is not implemented yet; "
+                "use world_size=1 or gather the embeddings yourself"
+            )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        target: torch.Tensor,
+        logit_scale=None,
+        alpha=None,
+        *,
+        negatives: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
+        query_ids: torch.Tensor | None = None,
+        output_dict: bool = False,
+    ):
+        loss = hardness_weighted_loss(
+            query,
+            target,
+            logit_scale=self.logit_scale if logit_scale is None else logit_scale,
+            alpha=self.alpha if alpha is None else alpha,
+            symmetric=self.symmetric,
+            reduction=self.reduction,
+            negatives=negatives,
+            target_ids=target_ids,
+            query_ids=query_ids,
+            backend=self.backend,
+            deterministic=self.deterministic,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"logit_scale={self.logit_scale}, alpha={self.alpha}, symmetric={self.symmetric}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}, deterministic={self.deterministic}"
+        )

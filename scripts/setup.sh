@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs llave-fast and its CPU test/benchmark dependencies into the current Python.
+# torch is pinned to the CPU build kept on these machines' disk; an unpinned torch would
+# pull a multi-GB CUDA build. GPU machines keep their own torch (pyproject asks torch>=2.4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[dev]"
