@@ -12,7 +12,8 @@ from torch import nn
 
 from . import _checks
 from .backends import get_backend_function, resolve_backend
-from .backends.common import LossConfig, StripIds
+from .backends.common import LossConfig
+from .distributed import RankComm, gather_with_grad
 from .reference import reference_loss
 
 __all__ = ["FusedHardnessLoss", "hardness_weighted_loss"]
@@ -31,6 +32,8 @@ def hardness_weighted_loss(
     query_ids: torch.Tensor | None = None,
     backend: str = "auto",
     deterministic: bool = False,
+    distributed: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """LLaVE's hardness-weighted symmetric InfoNCE, without a B x N matrix.
 
@@ -47,6 +50,12 @@ def hardness_weighted_loss(
     query_ids: (B,) int64; the same for candidate queries of the target->query direction.
     backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch" or "reference".
     deterministic: triton backward without atomics, bitwise reproducible.
+    distributed: compute LLaVE's per-rank local loss across the ranks of ``process_group``
+        (default: the world): this rank's queries against every rank's targets (and
+        negatives), this rank's targets against every rank's queries. Backward follows
+        LLaVE's gather-with-grad: each rank gets the sum over ranks of the gradients of
+        their losses. The fused backends do it with one strip per rank (see
+        ``llave_fast.distributed``); "reference" gathers with grad and computes both strips.
 
     Returns a float32 loss for 16/32-bit inputs (float64 for float64).
     """
@@ -76,23 +85,56 @@ def hardness_weighted_loss(
     if scale_t is not None and scale_t.device != query.device and scale_t.requires_grad:
         raise ValueError(f"logit_scale is on {scale_t.device} but the embeddings are on {query.device}")
 
+    comm = None
+    if distributed or process_group is not None:
+        comm = RankComm(process_group)
+        if comm.world == 1:
+            comm = None
+
     name = resolve_backend(backend, query.device, query.dtype)
     if name == "reference":
         scale = scale_t.reshape(()) if scale_t is not None else scale_value
+        if comm is not None:
+            return _reference_across_ranks(
+                query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm
+            )
         return reference_loss(
             query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
             negatives=negatives, target_ids=target_ids, query_ids=query_ids,
         )
-    ids = StripIds(
-        tid_pos=None if target_ids is None else target_ids[:B],
-        tid_cand=target_ids,
-        qid_row=query_ids if symmetric else None,
-        qid_cand=query_ids if symmetric else None,
-    )
     cfg = LossConfig(scale_value, alpha, symmetric, reduction, bool(deterministic))
     fn = get_backend_function(name)
     grad_scale = scale_t if (scale_t is not None and scale_t.requires_grad) else None
-    return fn.apply(query, target, negatives, grad_scale, ids, cfg)
+    return fn.apply(query, target, negatives, grad_scale, target_ids, query_ids, cfg, comm)
+
+
+def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm):
+    """LLaVE's own way across ranks: gather with grad, then two B x N strips per rank."""
+    B, d = query.shape
+    M = 0 if negatives is None else negatives.shape[0]
+    has_neg_ids = target_ids is not None and M > 0 and target_ids.shape[0] == B + M
+    table = comm.exchange_ints([B, M, int(has_neg_ids)], query.device)
+    b_sizes, m_sizes = table[:, 0].tolist(), table[:, 1].tolist()
+    Q = gather_with_grad(query, comm, b_sizes)
+    T = gather_with_grad(target, comm, b_sizes)
+    neg_all = None
+    if sum(m_sizes):
+        # a rank without negatives still joins the gather's backward collective
+        local = negatives if negatives is not None else query.new_empty((0, d)).requires_grad_()
+        neg_all = gather_with_grad(local, comm, m_sizes)
+    tid = qid = None
+    if target_ids is not None:
+        tid = comm.gather_rows(target_ids[:B], b_sizes)
+        if table[:, 2].any():
+            local = target_ids[B:] if has_neg_ids else target_ids.new_empty((0,))
+            tid = torch.cat([tid, comm.gather_rows(local, m_sizes)])
+    if query_ids is not None:
+        qid = comm.gather_rows(query_ids, b_sizes)
+    return reference_loss(
+        query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
+        negatives=neg_all, target_ids=tid, query_ids=qid, all_queries=Q, all_targets=T,
+        offset=sum(b_sizes[: comm.rank]),
+    )
 
 
 class FusedHardnessLoss(nn.Module):
@@ -135,17 +177,21 @@ class FusedHardnessLoss(nn.Module):
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-        # LLaVE's flags; with one process they change nothing (labels are never materialised)
+        # LLaVE's flags. One process: they change nothing (labels are never materialised).
+        # Several: local_loss=True with gather_with_grad=True is LLaVE's configuration and
+        # the one computed here (one strip per rank, see llave_fast.distributed).
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.process_group = process_group
-        if world_size > 1 or process_group is not None:
+        self.distributed = world_size > 1 or process_group is not None
+        if self.distributed and not (local_loss and gather_with_grad):
             raise NotImplementedError(
-                f"cross-rank gathering (world_size={world_size}) is not implemented yet; "
-                "use world_size=1 or gather the embeddings yourself"
+                f"across ranks llave-fast computes LLaVE's per-rank local loss with gradients through the "
+                f"gather: pass local_loss=True, gather_with_grad=True (got local_loss={local_loss}, "
+                f"gather_with_grad={gather_with_grad})"
             )
 
     def forward(
@@ -160,6 +206,8 @@ class FusedHardnessLoss(nn.Module):
         query_ids: torch.Tensor | None = None,
         output_dict: bool = False,
     ):
+        if self.distributed and self.process_group is None:
+            self._check_world()
         loss = hardness_weighted_loss(
             query,
             target,
@@ -172,8 +220,19 @@ class FusedHardnessLoss(nn.Module):
             query_ids=query_ids,
             backend=self.backend,
             deterministic=self.deterministic,
+            distributed=self.distributed,
+            process_group=self.process_group,
         )
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _check_world(self):
+        import torch.distributed as dist
+
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise ValueError(
+                f"FusedHardnessLoss was built with rank={self.rank}, world_size={self.world_size} but "
+                f"torch.distributed reports rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
 
     def extra_repr(self) -> str:
         return (

@@ -88,40 +88,104 @@ def combine_lse(lse: torch.Tensor, es: torch.Tensor | None, dim: int):
     return total, contrib.sum(dim=dim)
 
 
-def hardness_forward(ctx, ops, q, t, negatives, scale_t, ids: StripIds, cfg: LossConfig):
-    """Single-process forward of the loss (N = B, offset 0) over a backend's strip ops."""
+def _layout(q, t, negatives, target_ids, query_ids, comm):
+    """Candidates and masks of this rank's strip.
+
+    Returns (Tc, n_col, offset, ids, sizes) with Tc = [all targets (N); all negatives],
+    sizes = (per-rank B, per-rank M) or None on one process.
+    """
     B = q.shape[0]
-    Tc = t if negatives is None else torch.cat([t, negatives], dim=0)
+    M = 0 if negatives is None else negatives.shape[0]
+    neg_ids = target_ids is not None and target_ids.shape[0] == B + M and M > 0
+    if comm is None:
+        Tc = t if negatives is None else torch.cat([t, negatives], dim=0)
+        tid_all, qid_all, offset, sizes = target_ids, query_ids, 0, None
+        N = B
+    else:
+        table = comm.exchange_ints(
+            [B, M, target_ids is not None, query_ids is not None, int(neg_ids)], q.device
+        )
+        for col, name in ((2, "target_ids"), (3, "query_ids")):
+            if table[:, col].min() != table[:, col].max():
+                raise ValueError(f"{name} must be given on every rank or on none; per rank: {table[:, col].tolist()}")
+        b_sizes, m_sizes = table[:, 0].tolist(), table[:, 1].tolist()
+        has_neg = [m > 0 for m in m_sizes]
+        neg_with_ids = [bool(x) for x in table[:, 4].tolist()]
+        if target_ids is not None and any(h and not w for h, w in zip(has_neg, neg_with_ids)) and any(neg_with_ids):
+            raise ValueError(
+                "target_ids must cover the negatives on every rank that has negatives, or on none; "
+                f"per rank (negatives, ids cover them): {list(zip(m_sizes, neg_with_ids))}"
+            )
+        offset = sum(b_sizes[: comm.rank])
+        N = sum(b_sizes)
+        T_all = comm.gather_rows(t.detach(), b_sizes)
+        parts = [T_all]
+        if sum(m_sizes):
+            local_neg = negatives.detach() if negatives is not None else t.new_empty((0, t.shape[1]))
+            parts.append(comm.gather_rows(local_neg, m_sizes))
+        Tc = torch.cat(parts, dim=0) if len(parts) > 1 else T_all
+        tid_all = qid_all = None
+        if target_ids is not None:
+            tid_all = comm.gather_rows(target_ids[:B], b_sizes)
+            if any(neg_with_ids):
+                local = target_ids[B:] if neg_ids else target_ids.new_empty((0,))
+                tid_all = torch.cat([tid_all, comm.gather_rows(local, m_sizes)])
+        if query_ids is not None:
+            qid_all = comm.gather_rows(query_ids, b_sizes)
+        sizes = (b_sizes, m_sizes)
+    ids = StripIds(
+        tid_pos=None if target_ids is None else target_ids[:B].contiguous(),
+        tid_cand=None if tid_all is None else tid_all.contiguous(),
+        qid_row=None if query_ids is None else query_ids.contiguous(),
+        qid_cand=None if qid_all is None else qid_all.contiguous(),
+    )
+    return Tc, N, offset, ids, sizes
+
+
+def hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm=None):
+    """Forward of the loss over a backend's strip ops, on one process or across ranks.
+
+    Across ranks it is LLaVE's per-rank local loss: this rank's queries against all
+    gathered targets (and negatives), this rank's targets against all gathered queries.
+    """
+    B = q.shape[0]
+    if not cfg.symmetric:
+        query_ids = None
+    Tc, N, offset, ids, sizes = _layout(q, t, negatives, target_ids, query_ids, comm)
     need_e = scale_t is not None and scale_t.requires_grad
     stats = ops.strip_forward(
-        q, Tc, n_col=B, offset=0, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
+        q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
         need_col=cfg.symmetric, need_e=need_e,
     )
+    col_lse, col_es = stats.col_lse, stats.col_es
+    if comm is not None and cfg.symmetric:
+        # every rank's strip holds a part of each column: merge them (O(N) floats)
+        col_lse, col_es = comm.combine_lse(col_lse, col_es)
     acc = acc_dtype(q.dtype)
     # s * S_ii, the positive logit, row by row in the accumulation precision
     diag = (q.to(acc) * t.to(acc)).sum(dim=1)
     per_row = stats.row_lse - cfg.scale * diag
     if cfg.symmetric:
-        per_row = (per_row + (stats.col_lse - cfg.scale * diag)) / 2
+        per_row = (per_row + (col_lse[offset : offset + B] - cfg.scale * diag)) / 2
     if cfg.reduction == "mean":
         out = per_row.mean()
     elif cfg.reduction == "sum":
         out = per_row.sum()
     else:
         out = per_row
-    ctx.ops = ops
-    ctx.cfg = cfg
-    ctx.ids = ids
+    ctx.ops, ctx.cfg, ctx.ids, ctx.comm = ops, cfg, ids, comm
+    ctx.layout = (N, offset, sizes)
     ctx.need_e = need_e
     ctx.n_neg = 0 if negatives is None else negatives.shape[0]
     ctx.scale_meta = None if scale_t is None else (scale_t.shape, scale_t.dtype)
-    ctx.save_for_backward(q, Tc, stats.row_lse, stats.col_lse, stats.row_es, stats.col_es, diag)
+    ctx.save_for_backward(q, Tc, stats.row_lse, col_lse, stats.row_es, col_es, diag)
     return out
 
 
 def hardness_backward(ctx, grad_out):
     q, Tc, row_lse, col_lse, row_es, col_es, diag = ctx.saved_tensors
-    cfg, ids = ctx.cfg, ctx.ids
+    cfg, ids, comm = ctx.cfg, ctx.ids, ctx.comm
+    N, offset, sizes = ctx.layout
     B = q.shape[0]
     acc = acc_dtype(q.dtype)
     g = grad_out.to(acc)
@@ -133,26 +197,38 @@ def hardness_backward(ctx, grad_out):
         g_rows = g
     half = 0.5 if cfg.symmetric else 1.0
     g_row = (g_rows * half).contiguous()
-    g_col = g_row if cfg.symmetric else None
+    g_col = None
+    if cfg.symmetric:
+        # every column's t->q loss lives on its owner rank; all strips need its gradient
+        g_col = g_row if comm is None else comm.gather_rows(g_row, sizes[0])
     dq, dTc = ctx.ops.strip_backward(
-        q, Tc, n_col=B, offset=0, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
+        q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
         row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col,
         deterministic=cfg.deterministic,
     )
     # the positive's term: dS_ii -= s * (g_row_i + g_col_i)
-    c = (g_row + g_col if g_col is not None else g_row) * cfg.scale
-    dq -= c[:, None] * Tc[:B].to(acc)
-    dTc[:B] -= c[:, None] * q.to(acc)
+    g_col_local = None if g_col is None else g_col[offset : offset + B]
+    c = (g_row if g_col is None else g_row + g_col_local) * cfg.scale
+    dq -= c[:, None] * Tc[offset : offset + B].to(acc)
+    dTc[offset : offset + B] -= c[:, None] * q.to(acc)
+    if comm is None:
+        dt, dneg = dTc[:B], (dTc[B:] if ctx.n_neg else None)
+    else:
+        # partial dT of every rank's rows goes back to its owner, summed
+        b_sizes, m_sizes = sizes
+        dt = comm.reduce_scatter_rows(dTc[:N], b_sizes)
+        dneg = comm.reduce_scatter_rows(dTc[N:], m_sizes) if sum(m_sizes) else None
+        if not ctx.n_neg:
+            dneg = None
     dq = dq.to(q.dtype)
-    dTc = dTc.to(Tc.dtype)
-    dt = dTc[:B]
-    dneg = dTc[B:] if ctx.n_neg else None
+    dt = dt.to(q.dtype)
+    dneg = None if dneg is None else dneg.to(q.dtype)
     dscale = None
     if ctx.need_e:
-        # dL/ds = sum_i g_row_i (E_row[S]_i - S_ii) + sum_j g_col_j (E_col[S]_j - S_jj)
+        # dL/ds = sum_i g_row_i (E_row[S]_i - S_ii) + sum_(local j) g_col_j (E_col[S]_j - S_jj)
         ds = (g_row * (row_es - diag)).sum()
         if g_col is not None:
-            ds = ds + (g_col * (col_es - diag)).sum()
+            ds = ds + (g_col_local * (col_es[offset : offset + B] - diag)).sum()
         shape, dtype = ctx.scale_meta
         dscale = ds.reshape(shape).to(dtype)
     return dq, dt, dneg, dscale

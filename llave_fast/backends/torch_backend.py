@@ -128,13 +128,13 @@ class TorchHardnessLoss(torch.autograd.Function):
     """Autograd function of the chunked PyTorch backend."""
 
     @staticmethod
-    def forward(ctx, q, t, negatives, scale_t, ids: StripIds, cfg: LossConfig):
-        return hardness_forward(ctx, _OPS, q, t, negatives, scale_t, ids, cfg)
+    def forward(ctx, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm):
+        return hardness_forward(ctx, _OPS, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
 
     @staticmethod
     def backward(ctx, grad_out):
         dq, dt, dneg, dscale = hardness_backward(ctx, grad_out)
-        return dq, dt, dneg, dscale, None, None
+        return dq, dt, dneg, dscale, None, None, None, None
 
 
 class _Ops:

@@ -1,0 +1,110 @@
+"""Cross-rank plumbing of the loss: gathers, the column-statistics all-reduce, the reduce-scatter.
+
+The strip algorithm (README, "Across ranks"): each rank computes only its row strip
+``S_r = q_r @ T^T`` of the global similarity matrix. Row statistics (q->t) are local;
+column statistics (t->q) are partial and combined across ranks by one all-reduce of
+O(N) floats; the backward's partial dT is returned to its owners by a reduce-scatter.
+Ranks may hold different batch sizes: every gather pads to the largest and trims.
+
+Collectives used: all_gather, all_reduce (gloo and NCCL), reduce_scatter_tensor (NCCL
+only; gloo falls back to all_reduce + slice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class RankComm:
+    """A process group seen from one rank."""
+
+    group: object = None
+
+    def __post_init__(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "cross-rank loss needs torch.distributed to be initialised (init_process_group) "
+                "before the loss is called"
+            )
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.backend = dist.get_backend(self.group)
+
+    # -- small exchanges ---------------------------------------------------------------
+    def exchange_ints(self, values: list[int], device) -> torch.Tensor:
+        """All ranks' ``values``, shape (world, len(values)), int64 on the CPU."""
+        dev = device if self.backend == "nccl" else torch.device("cpu")
+        mine = torch.tensor(values, dtype=torch.int64, device=dev)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine, group=self.group)
+        return torch.stack(out).cpu()
+
+    # -- rows ---------------------------------------------------------------------------
+    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate every rank's ``x`` (rank r has ``sizes[r]`` rows) in rank order."""
+        n_max = max(sizes)
+        if n_max == 0:
+            return x.new_empty((0,) + tuple(x.shape[1:]))
+        pad = x.new_zeros((n_max,) + tuple(x.shape[1:]))
+        pad[: x.shape[0]] = x
+        out = [torch.empty_like(pad) for _ in range(self.world)]
+        dist.all_gather(out, pad.contiguous(), group=self.group)
+        return torch.cat([o[:n] for o, n in zip(out, sizes)], dim=0)
+
+    def reduce_scatter_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Sum ``x`` (sum(sizes) rows, identical layout on every rank) and return this rank's rows."""
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        lo, hi = starts[self.rank], starts[self.rank + 1]
+        if self.backend == "nccl":
+            n_max = max(sizes)
+            padded = x.new_zeros((self.world * n_max,) + tuple(x.shape[1:]))
+            for r, n in enumerate(sizes):
+                padded[r * n_max : r * n_max + n] = x[starts[r] : starts[r] + n]
+            out = x.new_empty((n_max,) + tuple(x.shape[1:]))
+            dist.reduce_scatter_tensor(out, padded, group=self.group)
+            return out[: hi - lo]
+        total = x.contiguous().clone()
+        dist.all_reduce(total, group=self.group)
+        return total[lo:hi]
+
+    # -- statistics ---------------------------------------------------------------------
+    def combine_lse(self, lse: torch.Tensor, es: torch.Tensor | None):
+        """Merge per-rank partial (log-sum-exp, softmax-mean of S) of the same columns."""
+        m = lse.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w = torch.exp(lse - shift)
+        # NaN (a non-finite embedding anywhere) must survive the sum, not be dropped
+        parts = [w] if es is None else [w, torch.where(torch.isneginf(lse), torch.zeros_like(w), w * es)]
+        buf = torch.stack(parts)
+        dist.all_reduce(buf, group=self.group)
+        total = shift + torch.log(buf[0])
+        total = torch.where(torch.isnan(m), m, total)
+        es_total = None if es is None else buf[1] / buf[0]
+        return total, es_total
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient (LLaVE's gather_with_grad).
+
+    Unlike torch.distributed.nn.all_gather it allows unequal row counts and runs on gloo.
+    """
+
+    @staticmethod
+    def forward(ctx, x, comm: RankComm, sizes: list[int]):
+        ctx.comm, ctx.sizes = comm, sizes
+        return comm.gather_rows(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.reduce_scatter_rows(grad.contiguous(), ctx.sizes), None, None
+
+
+def gather_with_grad(x: torch.Tensor, comm: RankComm, sizes: list[int]) -> torch.Tensor:
+    return GatherWithGrad.apply(x, comm, sizes)
