@@ -1,0 +1,220 @@
+"""Gradient caching: the whole (global) batch as negatives at the memory of one chunk.
+
+One ``GradCache.__call__`` is one training step's backward:
+
+1. forward every chunk of the local batch without grad (RNG state recorded per chunk);
+2. the loss on the full local batch of embeddings (the loss itself gathers across ranks),
+   and its gradient with respect to the embeddings;
+3. per chunk, re-forward with grad under the recorded RNG state (so dropout replays) and
+   backpropagate the cached embedding gradient into the parameters.
+
+Parameter gradients equal those of one full-batch forward/backward; activation memory is
+that of one chunk. About one extra forward over a plain step.
+
+Gradient reduction across ranks happens once per step:
+* plain module: nothing to do;
+* DDP: every chunk but the last runs under ``no_sync()``;
+* DeepSpeed engine: every chunk's backward goes through ``engine.backward`` without the
+  1/gradient_accumulation_steps scaling; the caller steps the engine once afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["GradCache", "split_batch"]
+
+
+def _batch_size(inputs, name: str) -> int:
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 0:
+            raise ValueError(f"{name} must be batch-first, got a 0-d tensor")
+        return inputs.shape[0]
+    if isinstance(inputs, dict):
+        sizes = {k: _batch_size(v, f"{name}[{k!r}]") for k, v in inputs.items() if _is_batched(v)}
+        if not sizes:
+            raise ValueError(f"{name} has no batch-first tensor or list to split (keys: {list(inputs)})")
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"{name} holds batch-first entries of different lengths: {sizes}")
+        return next(iter(sizes.values()))
+    if isinstance(inputs, (list, tuple)):
+        return len(inputs)
+    raise TypeError(f"{name} must be a tensor, a dict of batch-first tensors/lists, or a list; got {type(inputs).__name__}")
+
+
+def _is_batched(v) -> bool:
+    return (isinstance(v, torch.Tensor) and v.dim() > 0) or isinstance(v, (list, tuple, dict))
+
+
+def split_batch(inputs, chunk_size: int) -> list:
+    """Split batch-first inputs into chunks of ``chunk_size`` samples.
+
+    Tensors are split along dim 0; lists/tuples by sample (so a list of per-image tile
+    tensors with different tile counts splits too); dicts entry by entry; anything else
+    (None, strings, numbers, 0-d tensors) is repeated in every chunk.
+    """
+    n = _batch_size(inputs, "inputs")
+    return [_take(inputs, i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
+
+
+def _take(x, lo, hi):
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return x[lo:hi]
+    if isinstance(x, dict):
+        return {k: _take(v, lo, hi) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(x[lo:hi])
+    return x
+
+
+class _RngState:
+    """CPU and every initialised CUDA device's generator state."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+def _is_deepspeed_engine(model) -> bool:
+    return all(hasattr(model, a) for a in ("backward", "step", "zero_optimization_stage", "module"))
+
+
+class GradCache:
+    """``GradCache(encoder, loss_fn, chunk_size)(query_inputs, target_inputs) -> loss``.
+
+    encoder: module or callable, ``encoder(chunk) -> (n, d)`` embeddings (a DDP module or a
+        DeepSpeed engine is recognised and handled, see the module docstring).
+    loss_fn: e.g. ``FusedHardnessLoss``; called once as ``loss_fn(q, t, **loss_kwargs)`` on
+        the whole local batch of embeddings.
+    chunk_size: samples per forward with grad (activation memory is that of one chunk).
+    target_encoder: optional separate encoder for the targets (default: ``encoder``).
+    split: optional ``split(inputs, chunk_size) -> list of chunks`` for custom batches.
+    progress: show a tqdm bar over the chunks.
+    """
+
+    def __init__(
+        self,
+        encoder: Callable,
+        loss_fn: Callable,
+        chunk_size: int,
+        *,
+        target_encoder: Callable | None = None,
+        split: Callable[[Any, int], list] | None = None,
+        progress: bool = False,
+    ):
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.encoder = encoder
+        self.target_encoder = target_encoder if target_encoder is not None else encoder
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        self.split = split or split_batch
+        self.progress = progress
+        engines = [m for m in (self.encoder, self.target_encoder) if _is_deepspeed_engine(m)]
+        self._engine = engines[0] if engines else None
+        if self._engine is not None:
+            stage = self._engine.zero_optimization_stage()
+            if stage == 2:
+                raise ValueError(
+                    "GradCache does not support DeepSpeed ZeRO stage 2: its gradient partitioning "
+                    "reduces and overwrites gradients on every backward within a step. Use stage 0, 1 or 3."
+                )
+
+    # ------------------------------------------------------------------------------
+    def _embed_no_grad(self, encoder, chunks, bar):
+        embs, states = [], []
+        with torch.no_grad():
+            for chunk in chunks:
+                states.append(_RngState())
+                embs.append(self._check_emb(encoder(chunk), len(embs)))
+                bar.update(1)
+        return embs, states
+
+    @staticmethod
+    def _check_emb(e, i):
+        if not isinstance(e, torch.Tensor) or e.dim() != 2:
+            got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            raise ValueError(f"encoder must return (n, d) embeddings; chunk {i} gave {got}")
+        return e
+
+    def _sync_context(self, encoder, last: bool):
+        if not last and hasattr(encoder, "no_sync") and not _is_deepspeed_engine(encoder):
+            return encoder.no_sync()
+        return contextlib.nullcontext()
+
+    def __call__(self, query_inputs, target_inputs, **loss_kwargs) -> torch.Tensor:
+        q_chunks = self.split(query_inputs, self.chunk_size)
+        t_chunks = self.split(target_inputs, self.chunk_size)
+        n_q = sum(_batch_size(c, "query chunk") for c in q_chunks)
+        n_t = sum(_batch_size(c, "target chunk") for c in t_chunks)
+        if n_q != n_t:
+            raise ValueError(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
+        total = 2 * (len(q_chunks) + len(t_chunks))
+        bar = _progress(total, self.progress)
+        try:
+            rng_after_first_pass = None
+            q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar)
+            t_embs, t_states = self._embed_no_grad(self.target_encoder, t_chunks, bar)
+            rng_after_first_pass = _RngState()
+
+            q = torch.cat(q_embs).detach().requires_grad_()
+            t = torch.cat(t_embs).detach().requires_grad_()
+            loss = self.loss_fn(q, t, **loss_kwargs)
+            if isinstance(loss, dict):
+                loss = loss["contrastive_loss"]
+            loss.backward()
+            q_grads = q.grad.split([e.shape[0] for e in q_embs])
+            t_grads = t.grad.split([e.shape[0] for e in t_embs])
+
+            jobs = [(self.encoder, c, s, g) for c, s, g in zip(q_chunks, q_states, q_grads)]
+            jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(t_chunks, t_states, t_grads)]
+            for k, (encoder, chunk, state, grad) in enumerate(jobs):
+                last = k == len(jobs) - 1
+                with self._sync_context(encoder, last), state.replay():
+                    emb = encoder(chunk)
+                    # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
+                    surrogate = (emb * grad.to(emb.dtype)).sum()
+                    self._backward(encoder, surrogate)
+                bar.update(1)
+            # the RNG continues as after one full-batch forward
+            torch.set_rng_state(rng_after_first_pass.cpu)
+            if rng_after_first_pass.cuda is not None:
+                torch.cuda.set_rng_state_all(rng_after_first_pass.cuda)
+        finally:
+            bar.close()
+        return loss.detach()
+
+    def _backward(self, encoder, surrogate):
+        if _is_deepspeed_engine(encoder):
+            # no 1/GAS scaling: the chunks together are one sample's worth of gradient
+            encoder.backward(surrogate, scale_wrt_gas=False)
+        else:
+            surrogate.backward()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="gradcache chunks", unit="chunk", leave=False)

@@ -1,0 +1,87 @@
+"""Shared pieces of the GradCache tests (module level so spawned ranks can import them)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llave_fast import FusedHardnessLoss, GradCache
+
+
+class Encoder(nn.Module):
+    """A small embedder; dict inputs carry a list of per-sample tile tensors of any count."""
+
+    def __init__(self, d_in=12, d=16, p_drop=0.0, tiles=False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 32), nn.GELU(), nn.Dropout(p_drop), nn.Linear(32, d))
+        self.tile = nn.Linear(d_in, d_in) if tiles else None
+
+    def forward(self, x):
+        if isinstance(x, dict):
+            pooled = torch.stack([self.tile(t).mean(0) for t in x["tiles"]])
+            x = x["x"] + pooled
+        return F.normalize(self.net(x), dim=-1)
+
+
+def make_batch(n, d_in=12, seed=0, tiles=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d_in, generator=g)
+    t = q + 0.5 * torch.randn(n, d_in, generator=g)
+    if tiles:
+        counts = torch.randint(1, 5, (n,), generator=g).tolist()
+        q = {"x": q, "tiles": [torch.randn(c, d_in, generator=g) for c in counts], "note": "kept"}
+    return q, t
+
+
+def full_batch_grads(model, loss_fn, q, t):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(q), model(t))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def gradcache_grads(model, loss_fn, q, t, chunk):
+    model.zero_grad(set_to_none=True)
+    loss = GradCache(model, loss_fn, chunk)(q, t)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def ddp_rank(rank, world, chunk):
+    """Under DDP: GradCache's reduced gradients and one SGD step equal a plain DDP step's."""
+    torch.manual_seed(0)
+    base = Encoder()
+    n_local = 5 + rank  # unequal batches
+    q_all, t_all = make_batch(5 * world + sum(range(world)), seed=1)
+    lo = sum(5 + r for r in range(rank))
+    q, t = q_all[lo : lo + n_local], t_all[lo : lo + n_local]
+    loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
+                                backend="torch")
+    results = []
+    for use_gc in (False, True):
+        model = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        if use_gc:
+            loss = GradCache(model, loss_fn, chunk)(q, t)
+        else:
+            loss = loss_fn(model(q), model(t))
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert len(grads) == 4, "net.0 and net.3 weights and biases get gradients"
+        opt.step()
+        results.append((loss.item(), grads, [p.detach().clone() for p in model.parameters()]))
+    (l0, g0, p0), (l1, g1, p1) = results
+    assert abs(l0 - l1) < 1e-5, f"rank {rank}: loss {l0} vs gradcache {l1}"
+    for a, b in zip(g0, g1):
+        err = ((b - a).norm() / a.norm()).item()
+        assert err < 2e-5, f"rank {rank}: gradcache gradient relative error {err:.2e}"
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # and the reduced gradients are the same on every rank
+    flat = torch.cat([g.flatten() for g in g1])
+    other = flat.clone()
+    dist.broadcast(other, 0)
+    torch.testing.assert_close(flat, other, rtol=0, atol=0)
