@@ -124,13 +124,12 @@ class GradCache:
         self.progress = progress
         engines = [m for m in (self.encoder, self.target_encoder) if _is_deepspeed_engine(m)]
         self._engine = engines[0] if engines else None
-        if self._engine is not None:
-            stage = self._engine.zero_optimization_stage()
-            if stage == 2:
-                raise ValueError(
-                    "GradCache does not support DeepSpeed ZeRO stage 2: its gradient partitioning "
-                    "reduces and overwrites gradients on every backward within a step. Use stage 0, 1 or 3."
-                )
+        if self._engine is not None and self._engine.gradient_accumulation_steps() != 1:
+            raise ValueError(
+                "GradCache is the gradient accumulation: build the DeepSpeed engine with "
+                f"gradient_accumulation_steps=1 (got {self._engine.gradient_accumulation_steps()}); "
+                "grow the batch and the chunk count instead"
+            )
 
     # ------------------------------------------------------------------------------
     def _embed_no_grad(self, encoder, chunks, bar):
@@ -180,14 +179,15 @@ class GradCache:
 
             jobs = [(self.encoder, c, s, g) for c, s, g in zip(q_chunks, q_states, q_grads)]
             jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(t_chunks, t_states, t_grads)]
-            for k, (encoder, chunk, state, grad) in enumerate(jobs):
-                last = k == len(jobs) - 1
-                with self._sync_context(encoder, last), state.replay():
-                    emb = encoder(chunk)
-                    # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
-                    surrogate = (emb * grad.to(emb.dtype)).sum()
-                    self._backward(encoder, surrogate)
-                bar.update(1)
+            with self._one_reduction():
+                for k, (encoder, chunk, state, grad) in enumerate(jobs):
+                    last = k == len(jobs) - 1
+                    with self._sync_context(encoder, last), state.replay():
+                        emb = encoder(chunk)
+                        # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
+                        surrogate = (emb * grad.to(emb.dtype)).sum()
+                        self._backward(encoder, surrogate, last)
+                    bar.update(1)
             # the RNG continues as after one full-batch forward
             torch.set_rng_state(rng_after_first_pass.cpu)
             if rng_after_first_pass.cuda is not None:
@@ -196,8 +196,30 @@ class GradCache:
             bar.close()
         return loss.detach()
 
-    def _backward(self, encoder, surrogate):
+    @contextlib.contextmanager
+    def _one_reduction(self):
+        """DeepSpeed: all chunks' backward passes, then one gradient reduction."""
+        engine = self._engine
+        if engine is None:
+            yield
+            return
+        if engine.zero_optimization_stage() > 0:
+            # ZeRO 1/2/3: grads stay local on the params until the block exits, then one
+            # reduction fills the partitions that engine.step() uses
+            with engine.coalesce_grad_reduction():
+                yield
+            return
+        # no ZeRO: the engine all-reduces in the backward at the accumulation boundary,
+        # which _backward sets for the last chunk only
+        try:
+            yield
+        finally:
+            engine.set_gradient_accumulation_boundary(True)
+
+    def _backward(self, encoder, surrogate, last: bool):
         if _is_deepspeed_engine(encoder):
+            if encoder.zero_optimization_stage() == 0:
+                encoder.set_gradient_accumulation_boundary(last)
             # no 1/GAS scaling: the chunks together are one sample's worth of gradient
             encoder.backward(surrogate, scale_wrt_gas=False)
         else:

@@ -85,3 +85,49 @@ def ddp_rank(rank, world, chunk):
     other = flat.clone()
     dist.broadcast(other, 0)
     torch.testing.assert_close(flat, other, rtol=0, atol=0)
+
+
+def deepspeed_rank(rank, world, stage, chunk):
+    """Under a DeepSpeed engine: one GradCache step equals one full-batch engine step."""
+    import os
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    base = Encoder()
+    n_local = 5 + rank
+    q_all, t_all = make_batch(5 * world + sum(range(world)), seed=2)
+    lo = sum(5 + r for r in range(rank))
+    q, t = q_all[lo : lo + n_local], t_all[lo : lo + n_local]
+    loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
+                                backend="torch")
+    config = {
+        "train_micro_batch_size_per_gpu": n_local,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    params_after = []
+    losses = []
+    for use_gc in (False, True):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        if use_gc:
+            loss = GradCache(engine, loss_fn, chunk)(q, t)
+        else:
+            loss = loss_fn(engine(q), engine(t))
+            engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            params_after.append([p.detach().clone() for p in engine.module.parameters()])
+    assert abs(losses[0] - losses[1]) < 1e-5, f"rank {rank}: loss {losses}"
+    moved = 0.0
+    for a, b, p0 in zip(params_after[0], params_after[1], base.parameters()):
+        moved = max(moved, (a - p0).abs().max().item())
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert moved > 1e-3, "the optimizer step must change the parameters"

@@ -149,3 +149,10 @@ def test_activation_memory_flat_with_batch():
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_gradients_and_step_equal_plain_ddp(world):
     spawn_ranks(W.ddp_rank, world, 3)
+
+
+@pytest.mark.parametrize("stage", [3, 2, 0])
+def test_deepspeed_step_equals_full_batch_step(stage):
+    """ZeRO-3 (and 2, and no ZeRO) with 2 gloo ranks: chunks reduced once, one optimizer step."""
+    pytest.importorskip("deepspeed")
+    spawn_ranks(W.deepspeed_rank, 2, stage, 3)
