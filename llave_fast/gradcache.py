@@ -153,32 +153,43 @@ class GradCache:
             return encoder.no_sync()
         return contextlib.nullcontext()
 
-    def __call__(self, query_inputs, target_inputs, **loss_kwargs) -> torch.Tensor:
+    def __call__(self, query_inputs, target_inputs, negative_inputs=None, **loss_kwargs) -> torch.Tensor:
+        """One step's forward and backward; returns the loss (detached).
+
+        negative_inputs: optional hard-negative target inputs (any count), encoded with the
+            target encoder and passed to the loss as ``negatives=``.
+        """
         q_chunks = self.split(query_inputs, self.chunk_size)
         t_chunks = self.split(target_inputs, self.chunk_size)
+        n_chunks = [] if negative_inputs is None else self.split(negative_inputs, self.chunk_size)
         n_q = sum(_batch_size(c, "query chunk") for c in q_chunks)
         n_t = sum(_batch_size(c, "target chunk") for c in t_chunks)
         if n_q != n_t:
             raise ValueError(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
-        total = 2 * (len(q_chunks) + len(t_chunks))
+        total = 2 * (len(q_chunks) + len(t_chunks) + len(n_chunks))
         bar = _progress(total, self.progress)
         try:
-            rng_after_first_pass = None
             q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar)
             t_embs, t_states = self._embed_no_grad(self.target_encoder, t_chunks, bar)
+            n_embs, n_states = self._embed_no_grad(self.target_encoder, n_chunks, bar)
             rng_after_first_pass = _RngState()
 
             q = torch.cat(q_embs).detach().requires_grad_()
             t = torch.cat(t_embs).detach().requires_grad_()
+            neg = torch.cat(n_embs).detach().requires_grad_() if n_embs else None
+            if neg is not None:
+                loss_kwargs["negatives"] = neg
             loss = self.loss_fn(q, t, **loss_kwargs)
             if isinstance(loss, dict):
                 loss = loss["contrastive_loss"]
             loss.backward()
             q_grads = q.grad.split([e.shape[0] for e in q_embs])
             t_grads = t.grad.split([e.shape[0] for e in t_embs])
+            n_grads = neg.grad.split([e.shape[0] for e in n_embs]) if neg is not None else []
 
             jobs = [(self.encoder, c, s, g) for c, s, g in zip(q_chunks, q_states, q_grads)]
             jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(t_chunks, t_states, t_grads)]
+            jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(n_chunks, n_states, n_grads)]
             with self._one_reduction():
                 for k, (encoder, chunk, state, grad) in enumerate(jobs):
                     last = k == len(jobs) - 1

@@ -156,3 +156,22 @@ def test_deepspeed_step_equals_full_batch_step(stage):
     """ZeRO-3 (and 2, and no ZeRO) with 2 gloo ranks: chunks reduced once, one optimizer step."""
     pytest.importorskip("deepspeed")
     spawn_ranks(W.deepspeed_rank, 2, stage, 3)
+
+
+def test_hard_negatives_are_encoded_and_match_full_batch():
+    torch.manual_seed(0)
+    model = W.Encoder()
+    q, t = W.make_batch(9, seed=11)
+    neg, _ = W.make_batch(5, seed=12)
+    loss_fn = FusedHardnessLoss(backend="torch")
+    model.zero_grad()
+    full = loss_fn(model(q), model(t), negatives=model(neg))
+    full.backward()
+    g_full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss = GradCache(model, loss_fn, 4)(q, t, neg)
+    assert abs(loss.item() - full.item()) < 1e-5
+    no_neg = loss_fn(model(q), model(t)).item()
+    assert abs(no_neg - full.item()) > 1e-3, "negatives must change the loss"
+    for k in g_full:
+        _assert_rel(model.get_parameter(k).grad, g_full[k], k)
