@@ -62,8 +62,11 @@ def check_ids(name: str, ids, lengths: tuple[int, ...], device: torch.device, wh
     return ids.to(torch.int64).contiguous()
 
 
-def check_scale(logit_scale):
-    """Returns (value as float, tensor or None). A tensor scale may require grad."""
+def check_scale(logit_scale, device: torch.device | None = None):
+    """Returns (value as float, tensor or None). A tensor scale may require grad.
+
+    ``device``: the embeddings' device; a scale tensor that requires grad must live there.
+    """
     if isinstance(logit_scale, bool) or logit_scale is None:
         raise TypeError(
             f"logit_scale must be a positive float or a 0-d tensor, got {_desc(logit_scale)} "
@@ -74,6 +77,10 @@ def check_scale(logit_scale):
             raise ValueError(f"logit_scale must be a 0-d (or 1-element) tensor, got shape {tuple(logit_scale.shape)}")
         if not logit_scale.dtype.is_floating_point:
             raise TypeError(f"logit_scale must be a floating tensor, got dtype {logit_scale.dtype}")
+        if device is not None and logit_scale.device != device and (
+            logit_scale.requires_grad or logit_scale.device.type == "meta"
+        ):
+            raise ValueError(f"logit_scale is on {logit_scale.device} but the embeddings are on {device}")
         value = float(logit_scale.detach().reshape(()).item())
         tensor = logit_scale
     elif isinstance(logit_scale, numbers.Real):

@@ -66,12 +66,14 @@ def hardness_weighted_loss(
             f"query and target must pair up row by row: query has {query.shape[0]} rows "
             f"(shape {tuple(query.shape)}), target has {target.shape[0]} (shape {tuple(target.shape)})"
         )
-    scale_value, scale_t = _checks.check_scale(logit_scale)
+    scale_value, scale_t = _checks.check_scale(logit_scale, query.device)
     alpha = _checks.check_alpha(alpha)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     B = query.shape[0]
     if negatives is not None:
         _checks.check_embeddings("negatives", negatives, like=query)
@@ -82,8 +84,6 @@ def hardness_weighted_loss(
     target_ids = _checks.check_ids("target_ids", target_ids, tid_lengths, query.device,
                                    "one per target row" + (", then optionally one per negative" if M else ""))
     query_ids = _checks.check_ids("query_ids", query_ids, (B,), query.device, "one per query row")
-    if scale_t is not None and scale_t.device != query.device and scale_t.requires_grad:
-        raise ValueError(f"logit_scale is on {scale_t.device} but the embeddings are on {query.device}")
 
     comm = None
     if distributed or process_group is not None:

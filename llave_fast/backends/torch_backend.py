@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .common import LossConfig, StripIds, StripStats, acc_dtype, hardness_backward, hardness_forward
+from .common import LossConfig, StripIds, StripStats, acc_dtype, hardness_backward, hardness_forward, new_output
 
 # elements of one chunk x NT fp32 temporary; a few of them live at once
 _CHUNK_ELEMS = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS", 1 << 22))
@@ -70,8 +70,8 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     mm = _mm_dtype(q)
     qm, Tm = q.to(mm), Tc.to(mm)
     R = chunk_rows(B, NT)
-    row_lse = torch.empty(B, device=q.device, dtype=acc)
-    row_es = torch.empty(B, device=q.device, dtype=acc) if need_e else None
+    row_lse = new_output((B,), q.device, acc)
+    row_es = new_output((B,), q.device, acc) if need_e else None
     m_c = torch.full((n_col,), float("-inf"), device=q.device, dtype=acc) if need_col else None
     l_c = torch.zeros(n_col, device=q.device, dtype=acc) if need_col else None
     e_c = torch.zeros(n_col, device=q.device, dtype=acc) if (need_col and need_e) else None
@@ -107,7 +107,7 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     Tg = Tc.to(ds_mm)
     qg = q.to(ds_mm)
     R = chunk_rows(B, NT)
-    dq = torch.empty(q.shape, device=q.device, dtype=acc)
+    dq = new_output(q.shape, q.device, acc)
     dTc = torch.zeros(Tc.shape, device=q.device, dtype=acc)
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)

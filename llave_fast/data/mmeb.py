@@ -1,0 +1,495 @@
+"""MMEB-train reader: local parquet/jsonl files or a hub dataset, images loaded lazily.
+
+MMEB-train (and LLaVE's training data) has one table per subset with the columns
+
+    qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path]
+
+Texts carry MMEB's image placeholder ``<|image_1|>`` where the image goes; image paths
+are relative to an image folder, and an empty path means "no image". A subset is one file
+(``MSCOCO.jsonl``, subset ``MSCOCO``) or a folder of hub-style shards
+(``MSCOCO/original-00000-of-00001.parquet``, subset ``MSCOCO``, split ``original``).
+
+Bad data stops the run with a ``BadDataError`` naming the file and the row (0-based,
+plus the line number for jsonl): a missing or unreadable image, a query or target with
+neither text nor image, a placeholder with no image, a missing, unknown or mistyped
+column. Columns and rows are checked when the dataset is built; images are checked for
+existence then (``check_images="exists"``, the default) and decoded in ``__getitem__``
+(or all at build time with ``check_images="decode"``). With ``skip_bad_rows=True`` a bad
+row is logged (``logging.warning``, with file, row and reason), recorded in ``skipped``
+and left out; nothing is ever dropped silently. A row whose image turns out unreadable
+only in ``__getitem__`` is replaced by the next good row (deterministically), and is
+recorded in ``skipped`` of the process that read it (a DataLoader worker's own copy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .collate import IMAGE_PLACEHOLDER, Record, make_id
+
+__all__ = ["BadDataError", "MMEBDataset", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+MMEB_REQUIRED_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+MMEB_NEG_COLUMNS = ("neg_text", "neg_image_path")
+MMEB_COLUMNS = MMEB_REQUIRED_COLUMNS + MMEB_NEG_COLUMNS
+DATA_SUFFIXES = (".parquet", ".jsonl")
+_SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # hub shard names: original-00000-of-00001
+_HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason at the end
+
+
+class BadDataError(ValueError):
+    """A row (or a whole file) of the training data that cannot be used; says where and why."""
+
+    def __init__(self, source: str, row: int | None, reason: str, line: int | None = None, hint: bool = True):
+        self.source, self.row, self.reason, self.line = source, row, reason, line
+        where = "all rows" if row is None else f"row {row}" + (f" (line {line})" if line is not None else "")
+        msg = f"{source}: {where}: {reason}"
+        if hint and row is not None:
+            msg += " (pass skip_bad_rows=True / --skip-bad-rows to skip and log such rows)"
+        super().__init__(msg)
+
+
+@dataclass
+class _Source:
+    """One table: a data file or one hub subset, its columns as lists of str."""
+
+    name: str  # the file path, or hub "name/subset[split]"
+    subset: str
+    image_root: str  # folder image paths are relative to
+    cols: dict[str, list[str]]
+    lines: list[int] | None = None  # jsonl line number of each row
+    has_neg: bool = False
+    problems: dict[int, str] = field(default_factory=dict)  # rows found bad while reading
+    n: int = field(init=False)
+
+    def __post_init__(self):
+        self.n = len(self.cols["qry"])
+        for c in MMEB_NEG_COLUMNS:  # a table without negatives reads as empty negatives
+            self.cols.setdefault(c, [""] * self.n)
+
+    def line(self, row: int) -> int | None:
+        return None if self.lines is None else self.lines[row]
+
+
+class _Cell(Exception):
+    """A value that is not text; becomes a row problem."""
+
+
+def _as_text(value, column: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and column in MMEB_NEG_COLUMNS and len(value) <= 1:
+        # some releases store one negative as a one-element list
+        return _as_text(value[0] if value else None, column)
+    kind = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else type(value).__name__
+    raise _Cell(f"column {column!r} holds {kind}, expected a string")
+
+
+def _texts(values, column: str, problems: dict[int, str]) -> list[str]:
+    out = []
+    for row, v in enumerate(values):
+        try:
+            out.append(_as_text(v, column))
+        except _Cell as exc:
+            problems.setdefault(row, str(exc))
+            out.append("")
+    return out
+
+
+# ---------------------------------------------------------------- reading tables
+def _column_problem(names: Iterable[str], allow_extra: bool) -> str | None:
+    names = list(names)
+    missing = [c for c in MMEB_REQUIRED_COLUMNS if c not in names]
+    if missing:
+        return f"missing required column(s) {missing}; an MMEB table has {list(MMEB_COLUMNS)}"
+    unknown = [c for c in names if c not in MMEB_COLUMNS]
+    if unknown and not allow_extra:
+        return f"unknown column(s) {unknown}; an MMEB table has {list(MMEB_COLUMNS)} (allow_extra_columns=True ignores others)"
+    return None
+
+
+def _read_jsonl(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
+    """Rows of a .jsonl file; a line that is not a valid MMEB row is a row problem."""
+    rows, lines, problems = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            row = len(rows)
+            lines.append(lineno)
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                problems[row] = f"invalid JSON: {exc.msg} at column {exc.colno}"
+                obj = {}
+            if not isinstance(obj, dict):
+                problems[row] = f"expected a JSON object, got {type(obj).__name__}"
+                obj = {}
+            if row not in problems and (why := _column_problem(obj.keys(), allow_extra)):
+                problems[row] = why
+            rows.append(obj)
+    has_neg = any(c in r for r in rows for c in MMEB_NEG_COLUMNS)
+    names = MMEB_COLUMNS if has_neg else MMEB_REQUIRED_COLUMNS
+    cols = {c: _texts((r.get(c) for r in rows), c, problems) for c in names}
+    return _Source(str(path), "", "", cols, lines, has_neg, problems)
+
+
+def _import_pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError(
+            "reading .parquet MMEB files needs pyarrow: `pip install pyarrow` (or convert the files to .jsonl)"
+        ) from exc
+    return pq
+
+
+def _read_parquet(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
+    """Rows of a .parquet file; its schema is checked once (a bad column is a file problem)."""
+    pq = _import_pyarrow_parquet()
+    src = str(path)
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise BadDataError(src, None, f"not a readable parquet file: {exc}", hint=False) from exc
+    keep = _schema_columns(schema.names, src, allow_extra)
+    table = pq.read_table(path, columns=keep)
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    return _from_columns({c: table.column(c).to_pylist() for c in keep}, src, None)
+
+
+def _schema_columns(names, src: str, allow_extra: bool) -> list[str]:
+    why = _column_problem(names, allow_extra)
+    if why:
+        raise BadDataError(src, None, why, hint=False)
+    return [c for c in MMEB_COLUMNS if c in names]
+
+
+def _from_columns(columns: dict, src: str, max_rows: int | None) -> _Source:
+    """A table given as {column name: values}."""
+    problems: dict[int, str] = {}
+    cols = {}
+    for c, values in columns.items():
+        values = list(values)
+        cols[c] = _texts(values if max_rows is None else values[:max_rows], c, problems)
+    return _Source(src, "", "", cols, None, any(c in columns for c in MMEB_NEG_COLUMNS), problems)
+
+
+def _subset_and_split(path: Path) -> tuple[str, str | None]:
+    m = _SHARD_RE.match(path.stem)
+    if m:  # hub layout: <subset>/<split>-00000-of-00001.parquet
+        return path.parent.name, m.group("split")
+    return path.stem, None
+
+
+def _discover(paths) -> list[Path] | str:
+    """Data files named by ``paths`` (files and folders), or a hub dataset name."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if len(paths) == 1 and isinstance(paths[0], str) and not os.path.exists(paths[0]) and _HUB_NAME_RE.match(paths[0]):
+        return paths[0]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files under {p}")
+            files += found
+        elif p.is_file():
+            if p.suffix not in DATA_SUFFIXES:
+                raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
+            files.append(p)
+        else:
+            raise FileNotFoundError(
+                f"{p}: no such file or folder (a hub dataset is named 'owner/name' and needs the `datasets` package)"
+            )
+    return files
+
+
+def _load_hub(name: str, subsets, split: str, allow_extra: bool, max_rows, image_dir) -> list[_Source]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(
+            f"{name!r} is not a local path, so it is read as a hub dataset, which needs the `datasets` package "
+            "(`pip install datasets`) and network access; or download the parquet files and pass their folder"
+        ) from exc
+    try:
+        names = list(subsets) if subsets is not None else list(datasets.get_dataset_config_names(name))
+    except Exception as exc:
+        raise RuntimeError(f"could not list the subsets of hub dataset {name!r} (network?): {exc}") from exc
+    sources = []
+    for subset in names:
+        src = f"{name}/{subset}[{split}]"
+        try:
+            ds = datasets.load_dataset(name, subset, split=split)
+        except Exception as exc:
+            raise RuntimeError(f"could not load hub dataset {src} (network? subset name?): {exc}") from exc
+        keep = _schema_columns(ds.column_names, src, allow_extra)
+        source = _from_columns({c: ds[c] for c in keep}, src, max_rows)
+        source.subset, source.image_root = subset, str(image_dir or ".")
+        sources.append(source)
+    return sources
+
+
+# ---------------------------------------------------------------- the dataset
+class MMEBDataset(torch.utils.data.Dataset):
+    """MMEB-train pairs as records (see ``llave_fast.data.collate.Record``).
+
+    Args:
+        paths: a data file, a folder (searched recursively for .parquet/.jsonl), a list of
+            these, or a hub dataset name such as ``"TIGER-Lab/MMEB-train"`` (needs
+            ``datasets`` and the network).
+        image_dir: the folder image paths are relative to (MMEB's image root); None means
+            each data file's own folder.
+        subsets: keep only these subsets (all by default); naming one that is not there
+            is an error.
+        use_negatives: load the hard negatives (``neg_text``/``neg_image_path``): every
+            kept row must have one. Off: records carry ``neg_* = None`` and negative
+            images are never opened.
+        skip_bad_rows: skip, log and record bad rows instead of raising.
+        split: hub-style shard split to keep (``original`` or ``diverse_instruction``);
+            None keeps every file (local) or reads ``original`` (hub).
+        max_rows_per_subset: keep the first N rows of each subset (VLM2Vec's
+            ``num_sample_per_subset``).
+        check_images: ``"exists"`` (default: every image path must name a file),
+            ``"decode"`` (also open every distinct image now) or ``"none"``.
+        allow_extra_columns: ignore columns besides MMEB's instead of raising.
+    """
+
+    def __init__(
+        self,
+        paths,
+        image_dir=None,
+        *,
+        subsets: Sequence[str] | None = None,
+        use_negatives: bool = False,
+        skip_bad_rows: bool = False,
+        split: str | None = None,
+        max_rows_per_subset: int | None = None,
+        check_images: str = "exists",
+        allow_extra_columns: bool = False,
+    ):
+        if check_images not in ("none", "exists", "decode"):
+            raise ValueError(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}")
+        if isinstance(subsets, str):
+            subsets = [subsets]
+        self.image_dir = None if image_dir is None else str(image_dir)
+        self.use_negatives = bool(use_negatives)
+        self.skip_bad_rows = bool(skip_bad_rows)
+        self.check_images = check_images
+        self.skipped: list[tuple[str, int, str]] = []
+        self._bad_positions: set[int] = set()
+
+        found = _discover(paths)
+        if isinstance(found, str):
+            self.sources = _load_hub(
+                found, subsets, split or "original", allow_extra_columns, max_rows_per_subset, self.image_dir
+            )
+        else:
+            self.sources = self._load_files(found, subsets, split, allow_extra_columns, max_rows_per_subset)
+        if not self.sources:
+            raise ValueError(f"no MMEB data found in {paths!r} (subsets={subsets}, split={split})")
+        if self.use_negatives:
+            lacking = [s.name for s in self.sources if not s.has_neg]
+            if lacking:
+                raise BadDataError(
+                    ", ".join(lacking), None, "use_negatives=True but no neg_text/neg_image_path columns", hint=False
+                )
+        self._index_rows()
+
+    # -------------------------------------------------------------- construction
+    def _load_files(self, files, subsets, split, allow_extra, max_rows) -> list[_Source]:
+        picked = []
+        for f in files:
+            subset, file_split = _subset_and_split(f)
+            if split is not None and file_split is not None and file_split != split:
+                continue
+            picked.append((f, subset))
+        available = sorted({s for _, s in picked})
+        if subsets is not None:
+            unknown = [s for s in subsets if s not in available]
+            if unknown:
+                raise ValueError(f"subset(s) {unknown} not found; available: {available}")
+            picked = [(f, s) for f, s in picked if s in set(subsets)]
+        sources, taken = [], Counter()
+        for f, subset in picked:
+            left = None if max_rows is None else max_rows - taken[subset]
+            if left is not None and left <= 0:
+                continue
+            reader = _read_parquet if f.suffix == ".parquet" else _read_jsonl
+            src = reader(f, allow_extra, left)
+            src.subset = subset
+            src.image_root = self.image_dir if self.image_dir is not None else str(f.parent)
+            taken[subset] += src.n
+            sources.append(src)
+        return sources
+
+    def _image_columns(self, src: _Source) -> tuple[str, ...]:
+        cols = ("qry_image_path", "pos_image_path")
+        return cols + ("neg_image_path",) if self.use_negatives and src.has_neg else cols
+
+    def _row_problem(self, src: _Source, row: int, exists_cache: dict[str, str | None]) -> str | None:
+        if row in src.problems:
+            return src.problems[row]
+        c = src.cols
+        q, qi, p, pi = c["qry"][row], c["qry_image_path"][row], c["pos_text"][row], c["pos_image_path"][row]
+        if not q.strip() and not qi:
+            return "empty query: qry is empty and qry_image_path is empty"
+        if not p.strip() and not pi:
+            return "empty target: pos_text is empty and pos_image_path is empty"
+        sides = [("qry", q, "qry_image_path", qi), ("pos_text", p, "pos_image_path", pi)]
+        if self.use_negatives:
+            n, ni = c["neg_text"][row], c["neg_image_path"][row]
+            if not n.strip() and not ni:
+                return "no hard negative (neg_text and neg_image_path are empty) but use_negatives=True"
+            sides.append(("neg_text", n, "neg_image_path", ni))
+        for text_col, text, img_col, img in sides:
+            if IMAGE_PLACEHOLDER in text and not img:
+                return f"{text_col} has the image placeholder {IMAGE_PLACEHOLDER} but {img_col} is empty"
+        if self.check_images != "none":
+            for img_col in self._image_columns(src):
+                rel = c[img_col][row]
+                if not rel:
+                    continue
+                path = os.path.join(src.image_root, rel)
+                if path not in exists_cache:  # one check per distinct image (targets repeat a lot)
+                    exists_cache[path] = _image_problem(path, decode=self.check_images == "decode")
+                if exists_cache[path] is not None:
+                    return f"{exists_cache[path]}: {path!r} ({img_col})"
+        return None
+
+    def _index_rows(self):
+        exists_cache: dict[str, str | None] = {}
+        src_idx, row_idx = [], []
+        reasons: Counter = Counter()
+        for s, src in enumerate(self.sources):
+            for row in range(src.n):
+                problem = self._row_problem(src, row, exists_cache)
+                if problem is None:
+                    src_idx.append(s)
+                    row_idx.append(row)
+                    continue
+                if not self.skip_bad_rows:
+                    raise BadDataError(src.name, row, problem, src.line(row))
+                self._record_skip(src, row, problem, log=len(self.skipped) < _LOG_EACH)
+                reasons[problem.split(":")[0]] += 1
+        if len(self.skipped) > _LOG_EACH:
+            logger.warning(
+                "skipped %d bad rows in all (the first %d logged above); by reason: %s",
+                len(self.skipped), _LOG_EACH, dict(reasons),
+            )
+        self._src_idx = np.asarray(src_idx, dtype=np.int32)
+        self._row_idx = np.asarray(row_idx, dtype=np.int64)
+        if len(self._row_idx) == 0:
+            raise ValueError(f"no usable rows: all {len(self.skipped)} rows were bad (see the log)")
+
+    def _record_skip(self, src: _Source, row: int, reason: str, log: bool = True):
+        self.skipped.append((src.name, row, reason))
+        if log:
+            err = BadDataError(src.name, row, reason, src.line(row), hint=False)
+            logger.warning("skipping bad row: %s", err)
+
+    # -------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self._row_idx)
+
+    @property
+    def subsets(self) -> list[str]:
+        return sorted({s.subset for s in self.sources})
+
+    def _load_image(self, src: _Source, row: int, column: str):
+        rel = src.cols[column][row]
+        if not rel:
+            return None
+        path = os.path.join(src.image_root, rel)
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")  # convert() loads the pixels: decode errors surface here
+        except FileNotFoundError as exc:
+            raise BadDataError(src.name, row, f"image file not found: {path!r} ({column})", src.line(row)) from exc
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            why = str(exc) or type(exc).__name__
+            raise BadDataError(src.name, row, f"unreadable image ({why}): {path!r} ({column})", src.line(row)) from exc
+
+    def _record(self, pos: int) -> Record:
+        src = self.sources[self._src_idx[pos]]
+        row = int(self._row_idx[pos])
+        c = src.cols
+        qry_image = self._load_image(src, row, "qry_image_path")
+        pos_image = self._load_image(src, row, "pos_image_path")
+        neg_text = neg_image = neg_id = None
+        if self.use_negatives:
+            neg_text = c["neg_text"][row]
+            neg_image = self._load_image(src, row, "neg_image_path")
+            neg_id = make_id(neg_text, c["neg_image_path"][row])
+        return {
+            "qry": c["qry"][row],
+            "qry_image": qry_image,
+            "pos_text": c["pos_text"][row],
+            "pos_image": pos_image,
+            "neg_text": neg_text,
+            "neg_image": neg_image,
+            "target_id": make_id(c["pos_text"][row], c["pos_image_path"][row]),
+            "query_id": make_id(c["qry"][row], c["qry_image_path"][row]),
+            "neg_id": neg_id,
+            "subset": src.subset,
+            "row": row,
+        }
+
+    def __getitem__(self, i: int) -> Record:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for MMEBDataset of length {n}")
+        pos = i % n
+        for _ in range(n):
+            if pos not in self._bad_positions:
+                try:
+                    return self._record(pos)
+                except BadDataError as exc:
+                    if not self.skip_bad_rows:
+                        raise
+                    self._bad_positions.add(pos)
+                    src = self.sources[self._src_idx[pos]]
+                    self._record_skip(src, exc.row, exc.reason)
+            pos = (pos + 1) % n  # the next good row stands in for a row found bad only now
+        raise ValueError(f"no readable rows left: all {n} rows have unreadable images (see the log)")
+
+    def __repr__(self) -> str:
+        return (
+            f"MMEBDataset({len(self)} rows, subsets={self.subsets}, use_negatives={self.use_negatives}, "
+            f"skipped={len(self.skipped)})"
+        )
+
+
+def _image_problem(path: str, decode: bool) -> str | None:
+    """Why the image at ``path`` cannot be used (None if it can): missing, or (decode=True) unreadable."""
+    if not os.path.isfile(path):
+        return "image file not found"
+    if decode:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as exc:
+            return f"unreadable image ({exc or type(exc).__name__})"
+    return None

@@ -1,0 +1,466 @@
+"""The built-in synthetic dataset: shapes drawn on the fly, captions and questions about them.
+
+Each item is a *scene* of 1 to 3 objects on a plain grey background. An object has a shape
+(circle, square, triangle, star), a colour (8 of them), a size (small, large) and a
+position: one of five slots (top, left, center, right, bottom), each slot holding at most
+one object, so objects never touch and a caption can name every one of them. Scenes come
+in MMEB's task styles (``subset``):
+
+* ``synthetic_i2t``: image + "represent the given image with the following question:
+  what is in the image?" -> the caption;
+* ``synthetic_t2i``: the caption -> image + "represent the given image.";
+* ``synthetic_vqa``: image + a question about colour, shape, size, count or position ->
+  the short answer ("red", "two", "left", ...).
+
+Item ``i`` is a pure function of ``(seed, split, i)``: its random stream is seeded from a
+BLAKE2b hash of those three, so it is the same on every access, in every process and in
+any access order, and the eval split draws from a different stream than train. Every
+word comes from ``SYNTHETIC_VOCAB`` (lowercase words and four punctuation marks), so a
+tiny word-level tokenizer covers the texts exactly; ``IMAGE_PLACEHOLDER`` marks the image.
+
+``target_id`` (``query_id``) is canonical: text targets are keyed by their text, image
+targets by the scene's caption, so equal answers ("red") and equal scenes share an id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+from .collate import IMAGE_PLACEHOLDER, Record, make_id
+
+__all__ = [
+    "COLOURS",
+    "COLOUR_RGB",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "SLOT_CENTERS",
+    "SYNTHETIC_TASKS",
+    "SYNTHETIC_VOCAB",
+    "RetrievalSet",
+    "Scene",
+    "SceneObject",
+    "SyntheticDataset",
+    "describe_scene",
+    "render_scene",
+    "retrieval_candidates",
+    "synthetic_eval_candidates",
+    "synthetic_words",
+]
+
+# ---------------------------------------------------------------- the closed vocabulary
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white")
+SHAPES = ("circle", "square", "triangle", "star")
+SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+COUNT_WORDS = ("one", "two", "three", "four", "five")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+SIZES = ("small", "large")
+FUNCTION_WORDS = (
+    "a", "an", "the", "of", "and", "in", "on", "at", "is", "are", "what", "which", "how",
+    "many", "where", "colour", "color", "shape", "shapes", "size", "image", "picture",
+    "there", "with", "represent", "given", "following", "question", "answer",
+)  # fmt: skip
+PUNCTUATION = (",", ".", ":", "?")
+
+#: Every token a synthetic text can contain (besides ``IMAGE_PLACEHOLDER``), in a fixed order.
+SYNTHETIC_VOCAB: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        COLOURS + SHAPES + tuple(SHAPE_PLURALS.values()) + COUNT_WORDS + POSITIONS + SIZES + FUNCTION_WORDS
+        + PUNCTUATION
+    )
+)  # fmt: skip
+
+_WORD_RE = re.compile(r"[A-Za-z0-9_]+|[^\w\s]")
+
+
+def synthetic_words(text: str) -> list[str]:
+    """Split a text into the tokens ``SYNTHETIC_VOCAB`` is made of (the image placeholder dropped)."""
+    return _WORD_RE.findall(text.replace(IMAGE_PLACEHOLDER, " "))
+
+
+# ---------------------------------------------------------------- scenes
+# Pure, saturated colours far from the grey background (grey levels 100..156) and from each other.
+COLOUR_RGB = {
+    "red": (230, 25, 25),
+    "green": (20, 170, 40),
+    "blue": (30, 60, 230),
+    "yellow": (245, 225, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 0),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+}
+BACKGROUND_LEVELS = (100, 156)  # grey, R = G = B, drawn per image
+
+# Slot centres as fractions of the image side (x, y). Neighbouring slots are 0.34 apart; a
+# large object's radius is at most 0.13 * 1.04 and jitter moves a centre by at most 0.01
+# per axis, so objects stay at least 0.04 of the side (2.5 px at 64 px) apart.
+SLOT_CENTERS = {
+    "top": (0.5, 0.16),
+    "left": (0.16, 0.5),
+    "center": (0.5, 0.5),
+    "right": (0.84, 0.5),
+    "bottom": (0.5, 0.84),
+}
+SLOT_ORDER = ("top", "left", "center", "right", "bottom")  # reading order of captions
+SLOT_PHRASE = {
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "left": "on the left",
+    "right": "on the right",
+    "center": "in the center",
+}
+RADIUS = {"small": 0.07, "large": 0.13}  # circumradius, fraction of the image side
+_JITTER = 0.01
+_SCALE_JITTER = 0.04
+
+SYNTHETIC_TASKS = ("i2t", "t2i", "vqa")
+I2T_QUERY = f"{IMAGE_PLACEHOLDER}\nrepresent the given image with the following question: what is in the image?"
+VQA_PREFIX = f"{IMAGE_PLACEHOLDER}\nrepresent the given image with the following question: "
+T2I_TARGET = f"{IMAGE_PLACEHOLDER}\nrepresent the given image."
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str
+    slot: str
+    dx: float = 0.0  # centre jitter, fraction of the side
+    dy: float = 0.0
+    scale: float = 1.0  # radius jitter factor
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]  # in SLOT_ORDER
+    background: int  # grey level
+
+    @property
+    def caption(self) -> str:
+        return describe_scene(self)
+
+
+def _sorted(objects) -> tuple[SceneObject, ...]:
+    return tuple(sorted(objects, key=lambda o: SLOT_ORDER.index(o.slot)))
+
+
+def describe_scene(scene: Scene) -> str:
+    """The canonical caption: every object as "a <size> <colour> <shape> <position>", in reading order."""
+    parts = [f"a {o.size} {o.colour} {o.shape} {SLOT_PHRASE[o.slot]}" for o in scene.objects]
+    if len(parts) == 1:
+        return parts[0] + "."
+    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+# Unit polygons (circumradius 1, centred on (0, 0), y down).
+def _polygon(n: int, inner: float | None) -> list[tuple[float, float]]:
+    import math
+
+    pts = []
+    steps = n if inner is None else 2 * n
+    for k in range(steps):
+        a = -math.pi / 2 + 2 * math.pi * k / steps
+        rad = 1.0 if inner is None or k % 2 == 0 else inner
+        pts.append((rad * math.cos(a), rad * math.sin(a)))
+    return pts
+
+
+_TRIANGLE = _polygon(3, None)
+_STAR = _polygon(5, 0.45)
+_SQUARE_HALF = 0.85  # half side of the square, in radii (its area is close to the circle's)
+
+
+def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
+    """Draw ``scene`` on an ``image_size`` square RGB image (no antialiasing: exact colours)."""
+    S = image_size
+    g = scene.background
+    img = Image.new("RGB", (S, S), (g, g, g))
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        fx, fy = SLOT_CENTERS[o.slot]
+        cx, cy = (fx + o.dx) * S, (fy + o.dy) * S
+        r = RADIUS[o.size] * o.scale * S
+        fill = COLOUR_RGB[o.colour]
+        if o.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o.shape == "square":
+            h = _SQUARE_HALF * r
+            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+        else:
+            unit = _TRIANGLE if o.shape == "triangle" else _STAR
+            draw.polygon([(cx + r * x, cy + r * y) for x, y in unit], fill=fill)
+    return img
+
+
+def _rng(seed: int, split: str, index: int, stream: str = "item") -> random.Random:
+    # BLAKE2b of the full key: independent of Python's salted hash and of access order
+    key = f"llave-fast/synthetic/v1/{seed}/{split}/{index}/{stream}".encode()
+    return random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little"))
+
+
+def _draw_scene(rng: random.Random, min_shapes: int, max_shapes: int) -> Scene:
+    n = rng.randint(min_shapes, max_shapes)
+    slots = rng.sample(POSITIONS, n)
+    objects = [
+        SceneObject(
+            shape=rng.choice(SHAPES),
+            colour=rng.choice(COLOURS),
+            size=rng.choice(SIZES),
+            slot=slot,
+            dx=rng.uniform(-_JITTER, _JITTER),
+            dy=rng.uniform(-_JITTER, _JITTER),
+            scale=rng.uniform(1 - _SCALE_JITTER, 1 + _SCALE_JITTER),
+        )
+        for slot in slots
+    ]
+    return Scene(_sorted(objects), rng.randint(*BACKGROUND_LEVELS))
+
+
+def _perturb(rng: random.Random, scene: Scene) -> Scene:
+    """The same scene with one attribute of one object changed: a hard negative."""
+    k = rng.randrange(len(scene.objects))
+    o = scene.objects[k]
+    free = [s for s in POSITIONS if s not in {x.slot for x in scene.objects}]
+    attr = rng.choice(["shape", "colour", "size"] + (["slot"] if free else []))
+    if attr == "slot":
+        new = replace(o, slot=rng.choice(free))
+    else:
+        values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}[attr]
+        new = replace(o, **{attr: rng.choice([v for v in values if v != getattr(o, attr)])})
+    objects = list(scene.objects)
+    objects[k] = new
+    return Scene(_sorted(objects), scene.background)
+
+
+def _question(rng: random.Random, scene: Scene) -> tuple[str, str, str]:
+    """(question, answer, kind) about ``scene``; kind is what the answer names."""
+    objs = scene.objects
+    colour_word = rng.choice(("colour", "color"))
+    unique = [o for o in objs if sum((x.colour, x.shape) == (o.colour, o.shape) for x in objs) == 1]
+    kinds = ["count_all", "count_colour", "count_shape", "colour_at", "shape_at", "size_at"]
+    kinds += ["where"] if unique else []
+    kind = rng.choice(kinds)
+    o = rng.choice(objs)
+    if kind == "count_all":
+        return "how many shapes are there?", COUNT_WORDS[len(objs) - 1], "count"
+    if kind == "count_colour":
+        c = o.colour
+        return f"how many {c} shapes are there?", COUNT_WORDS[sum(x.colour == c for x in objs) - 1], "count"
+    if kind == "count_shape":
+        s = o.shape
+        return f"how many {SHAPE_PLURALS[s]} are there?", COUNT_WORDS[sum(x.shape == s for x in objs) - 1], "count"
+    if kind == "colour_at":
+        return f"what {colour_word} is the shape {SLOT_PHRASE[o.slot]}?", o.colour, "colour"
+    if kind == "shape_at":
+        return f"what shape is {SLOT_PHRASE[o.slot]}?", o.shape, "shape"
+    if kind == "size_at":
+        return f"what is the size of the shape {SLOT_PHRASE[o.slot]}?", o.size, "size"
+    o = rng.choice(unique)
+    return f"where is the {o.colour} {o.shape}?", o.slot, "position"
+
+
+_ANSWERS = {"count": COUNT_WORDS[:3], "colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """``num_samples`` synthetic pairs, item ``i`` a pure function of ``(seed, split, i)``.
+
+    Args:
+        num_samples: dataset length.
+        seed: base seed; different seeds give different items.
+        split: ``"train"`` or ``"eval"`` (held out: a different random stream).
+        image_size: side of the square RGB images (>= 32).
+        tasks: task styles, assigned round-robin (item ``i`` has ``tasks[i % len(tasks)]``).
+        min_shapes, max_shapes: objects per scene (1..5; default 1..3).
+        hard_negatives: also draw a hard negative per item (one attribute of one object
+            changed for i2t/t2i, a wrong answer of the same kind for vqa); off by default,
+            when ``neg_text``/``neg_image``/``neg_id`` are None.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        seed: int = 0,
+        split: str = "train",
+        image_size: int = 64,
+        tasks: Sequence[str] = SYNTHETIC_TASKS,
+        min_shapes: int = 1,
+        max_shapes: int = 3,
+        hard_negatives: bool = False,
+    ):
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if image_size < 32:
+            raise ValueError(f"image_size must be >= 32 (shapes would not be recognisable), got {image_size}")
+        tasks = tuple(tasks)
+        bad = [t for t in tasks if t not in SYNTHETIC_TASKS]
+        if not tasks or bad:
+            raise ValueError(f"tasks must be a non-empty subset of {SYNTHETIC_TASKS}, got {tasks}")
+        if not 1 <= min_shapes <= max_shapes <= len(POSITIONS):
+            raise ValueError(f"need 1 <= min_shapes <= max_shapes <= {len(POSITIONS)}, got {min_shapes}, {max_shapes}")
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.split = split
+        self.image_size = int(image_size)
+        self.tasks = tasks
+        self.min_shapes = int(min_shapes)
+        self.max_shapes = int(max_shapes)
+        self.hard_negatives = bool(hard_negatives)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _index(self, i: int) -> int:
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"index {i} out of range for SyntheticDataset of length {self.num_samples}")
+        return i % self.num_samples
+
+    def task(self, i: int) -> str:
+        return self.tasks[self._index(i) % len(self.tasks)]
+
+    def scene(self, i: int) -> Scene:
+        """The scene of item ``i`` (what its image shows and its caption says)."""
+        return _draw_scene(_rng(self.seed, self.split, self._index(i)), self.min_shapes, self.max_shapes)
+
+    def __getitem__(self, i: int) -> Record:
+        i = self._index(i)
+        rng = _rng(self.seed, self.split, i)
+        scene = _draw_scene(rng, self.min_shapes, self.max_shapes)
+        task = self.tasks[i % len(self.tasks)]
+        caption = describe_scene(scene)
+        image = render_scene(scene, self.image_size)
+        scene_key = "scene:" + caption  # image targets are keyed by what they show
+        # negatives draw from their own stream: switching them on changes no positive
+        neg_rng = _rng(self.seed, self.split, i, "negative") if self.hard_negatives else None
+        neg_text = neg_image = neg_id = None
+        if task == "i2t":
+            qry, qry_image, pos_text, pos_image = I2T_QUERY, image, caption, None
+            query_id, target_id = make_id(qry, scene_key), make_id(caption, None)
+            if neg_rng is not None:
+                neg_text = describe_scene(_perturb(neg_rng, scene))
+                neg_id = make_id(neg_text, None)
+        elif task == "t2i":
+            qry, qry_image, pos_text, pos_image = caption, None, T2I_TARGET, image
+            query_id, target_id = make_id(caption, None), make_id(T2I_TARGET, scene_key)
+            if neg_rng is not None:
+                neg_scene = _perturb(neg_rng, scene)
+                neg_text, neg_image = T2I_TARGET, render_scene(neg_scene, self.image_size)
+                neg_id = make_id(T2I_TARGET, "scene:" + describe_scene(neg_scene))
+        else:
+            question, answer, kind = _question(rng, scene)
+            qry, qry_image, pos_text, pos_image = VQA_PREFIX + question, image, answer, None
+            query_id, target_id = make_id(qry, scene_key), make_id(answer, None)
+            if neg_rng is not None:
+                neg_text = neg_rng.choice([a for a in _ANSWERS[kind] if a != answer])
+                neg_id = make_id(neg_text, None)
+        return {
+            "qry": qry,
+            "qry_image": qry_image,
+            "pos_text": pos_text,
+            "pos_image": pos_image,
+            "neg_text": neg_text,
+            "neg_image": neg_image,
+            "target_id": target_id,
+            "query_id": query_id,
+            "neg_id": neg_id,
+            "subset": f"synthetic_{task}",
+            "row": i,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticDataset({self.num_samples}, seed={self.seed}, split={self.split!r}, "
+            f"image_size={self.image_size}, tasks={self.tasks}, shapes={self.min_shapes}..{self.max_shapes}, "
+            f"hard_negatives={self.hard_negatives})"
+        )
+
+
+# ---------------------------------------------------------------- retrieval evaluation
+@dataclass
+class RetrievalSet:
+    """Every query of a split against every distinct target of that split.
+
+    Candidates are the split's targets deduplicated by ``target_id``, so each query has
+    exactly one correct candidate (``positive[q]``) and a retrieved candidate is correct
+    exactly when it has the query's ``target_id``. Chance precision@1 is ``1 / C``.
+    """
+
+    query_texts: list[str]
+    query_images: list  # PIL.Image.Image | None
+    query_subsets: list[str]
+    cand_texts: list[str]
+    cand_images: list  # PIL.Image.Image | None
+    cand_ids: list[str]  # target_id of each candidate (unique)
+    positive: torch.Tensor  # (Q,) int64 index into the candidates
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_texts)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.cand_texts)
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / max(self.num_candidates, 1)
+
+    def _hits(self, scores: torch.Tensor) -> torch.Tensor:
+        if tuple(scores.shape) != (self.num_queries, self.num_candidates):
+            raise ValueError(
+                f"scores must be (num_queries, num_candidates) = ({self.num_queries}, {self.num_candidates}), "
+                f"got {tuple(scores.shape)}"
+            )
+        return scores.argmax(dim=1).cpu() == self.positive
+
+    def precision_at_1(self, scores: torch.Tensor) -> float:
+        """Fraction of queries whose top-scored candidate is their target; ``scores`` is (Q, C)."""
+        return self._hits(scores).float().mean().item() if self.num_queries else 0.0
+
+    def precision_at_1_by_subset(self, scores: torch.Tensor) -> dict[str, float]:
+        hits = self._hits(scores)
+        out = {}
+        for subset in sorted(set(self.query_subsets)):
+            mask = torch.tensor([s == subset for s in self.query_subsets])
+            out[subset] = hits[mask].float().mean().item()
+        return out
+
+    def precision_at_1_from_embeddings(self, query_emb: torch.Tensor, cand_emb: torch.Tensor) -> float:
+        """Precision@1 of embeddings (Q, d) against (C, d) by dot product (cosine if normalised)."""
+        return self.precision_at_1(query_emb.float() @ cand_emb.float().t())
+
+
+def retrieval_candidates(dataset, limit: int | None = None) -> RetrievalSet:
+    """Build the retrieval evaluation of any record dataset (its first ``limit`` items)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    q_texts, q_images, q_subsets, c_texts, c_images, c_ids, positive = [], [], [], [], [], [], []
+    index: dict[str, int] = {}
+    for i in range(n):
+        r = dataset[i]
+        q_texts.append(r["qry"])
+        q_images.append(r["qry_image"])
+        q_subsets.append(r["subset"])
+        tid = r["target_id"]
+        if tid not in index:
+            index[tid] = len(c_ids)
+            c_texts.append(r["pos_text"])
+            c_images.append(r["pos_image"])
+            c_ids.append(tid)
+        positive.append(index[tid])
+    return RetrievalSet(q_texts, q_images, q_subsets, c_texts, c_images, c_ids, torch.tensor(positive, dtype=torch.int64))
+
+
+def synthetic_eval_candidates(dataset: SyntheticDataset, limit: int | None = None) -> RetrievalSet:
+    """The held-out retrieval evaluation: every query against all distinct targets of the split."""
+    return retrieval_candidates(dataset, limit)

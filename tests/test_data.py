@@ -1,0 +1,662 @@
+"""llave_fast.data: the synthetic dataset, the MMEB reader and the pair collator (CPU, fast).
+
+The synthetic images are checked by pixel analysis, independently of the code that wrote
+the captions: every object is a connected component of one exact palette colour, its slot
+is the nearest slot centre, its size its extent, its shape from fill ratio and bottom row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llave_fast.data import (
+    IMAGE_PLACEHOLDER,
+    SYNTHETIC_VOCAB,
+    BadDataError,
+    MMEBDataset,
+    PairCollator,
+    SyntheticDataset,
+    stable_id,
+    stable_ids,
+    synthetic_eval_candidates,
+    synthetic_words,
+)
+from llave_fast.data.synthetic import COLOUR_RGB, SLOT_CENTERS
+
+S = 64
+PHRASE_SLOT = {
+    "on the left": "left",
+    "on the right": "right",
+    "at the top": "top",
+    "at the bottom": "bottom",
+    "in the center": "center",
+}
+COUNTS = ["one", "two", "three", "four", "five"]
+PLURAL = {"circles": "circle", "squares": "square", "triangles": "triangle", "stars": "star"}
+
+
+# ---------------------------------------------------------------- pixel analysis
+def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """8-connected components of a boolean mask, as lists of (y, x) (a star's tip may touch diagonally)."""
+    seen = np.zeros_like(mask)
+    comps = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, comp = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp.append((y, x))
+            for ny, nx in ((y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        comps.append(comp)
+    return comps
+
+
+def analyse(img: Image.Image) -> set[tuple[str, str, str, str]]:
+    """The objects an image shows, as {(size, colour, shape, slot)}, read from its pixels."""
+    a = np.asarray(img).astype(int)
+    assert a.shape == (S, S, 3)
+    bg = a[0, 0]
+    assert bg[0] == bg[1] == bg[2], "background must be grey"
+    mask = (a != bg).any(-1)
+    objects = set()
+    for comp in _components(mask):
+        ys = np.array([p[0] for p in comp])
+        xs = np.array([p[1] for p in comp])
+        colours = {tuple(a[y, x]) for y, x in comp}
+        assert len(colours) == 1, f"an object must be one flat colour, got {colours}"
+        (rgb,) = colours
+        names = [n for n, c in COLOUR_RGB.items() if tuple(c) == rgb]
+        assert names, f"colour {rgb} is not in the palette"
+        cy, cx = (ys.mean() + 0.5) / S, (xs.mean() + 0.5) / S
+        slot = min(SLOT_CENTERS, key=lambda s: (SLOT_CENTERS[s][0] - cx) ** 2 + (SLOT_CENTERS[s][1] - cy) ** 2)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        size = "large" if max(h, w) > 0.195 * S else "small"
+        fill = len(comp) / (h * w)
+        bottom = (ys == ys.max()).sum() / w
+        if fill > 0.9:
+            shape = "square"
+        elif fill > 0.65:
+            shape = "circle"
+        else:
+            shape = "triangle" if bottom > 0.6 else "star"
+        objects.add((size, names[0], shape, slot))
+    return objects
+
+
+CAPTION_OBJ = re.compile(r"a (small|large) (\w+) (\w+) (on the left|on the right|at the top|at the bottom|in the center)")
+
+
+def parse_caption(caption: str) -> set[tuple[str, str, str, str]]:
+    objs = CAPTION_OBJ.findall(caption)
+    rebuilt = [f"a {sz} {c} {sh} {ph}" for sz, c, sh, ph in objs]
+    # nothing in the caption but these objects, joined by ", " and " and ", ending in "."
+    assert caption == (
+        rebuilt[0] + "." if len(rebuilt) == 1 else ", ".join(rebuilt[:-1]) + " and " + rebuilt[-1] + "."
+    ), caption
+    slots = [PHRASE_SLOT[ph] for *_, ph in objs]
+    assert slots == sorted(slots, key=["top", "left", "center", "right", "bottom"].index), caption  # canonical order
+    return {(sz, c, sh, PHRASE_SLOT[ph]) for sz, c, sh, ph in objs}
+
+
+def answer_from_pixels(question: str, objs: set) -> str:
+    """Answer a synthetic VQA question from the pixel-derived objects."""
+    q = question.split(": ", 1)[1]
+    by_slot = {o[3]: o for o in objs}
+    if q == "how many shapes are there?":
+        return COUNTS[len(objs) - 1]
+    m = re.fullmatch(r"how many (\w+) shapes are there\?", q)
+    if m:
+        return COUNTS[sum(o[1] == m.group(1) for o in objs) - 1]
+    m = re.fullmatch(r"how many (\w+) are there\?", q)
+    if m:
+        return COUNTS[sum(o[2] == PLURAL[m.group(1)] for o in objs) - 1]
+    m = re.fullmatch(r"what colou?r is the shape (.+)\?", q)
+    if m:
+        return by_slot[PHRASE_SLOT[m.group(1)]][1]
+    m = re.fullmatch(r"what shape is (.+)\?", q)
+    if m:
+        return by_slot[PHRASE_SLOT[m.group(1)]][2]
+    m = re.fullmatch(r"what is the size of the shape (.+)\?", q)
+    if m:
+        return by_slot[PHRASE_SLOT[m.group(1)]][0]
+    m = re.fullmatch(r"where is the (\w+) (\w+)\?", q)
+    if m:
+        (o,) = [o for o in objs if (o[1], o[2]) == (m.group(1), m.group(2))]
+        return o[3]
+    raise AssertionError(f"unknown question form: {q!r}")
+
+
+def _fingerprint(rec) -> tuple:
+    img = lambda im: None if im is None else hashlib.sha256(im.tobytes()).hexdigest()
+    return (
+        rec["qry"], img(rec["qry_image"]), rec["pos_text"], img(rec["pos_image"]),
+        rec["neg_text"], img(rec["neg_image"]), rec["target_id"], rec["query_id"], rec["subset"], rec["row"],
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- synthetic: determinism
+def test_synthetic_items_deterministic_and_access_order_independent():
+    a = SyntheticDataset(40, seed=3)
+    b = SyntheticDataset(40, seed=3)
+    forward = [_fingerprint(a[i]) for i in range(40)]
+    assert [_fingerprint(a[i]) for i in range(40)] == forward  # same item twice
+    backward = [_fingerprint(b[i]) for i in reversed(range(40))][::-1]
+    assert backward == forward  # another instance, another access order
+    assert _fingerprint(a[-1]) == forward[-1]
+    with pytest.raises(IndexError):
+        a[40]
+
+
+def test_synthetic_seeds_and_splits_differ():
+    base = [_fingerprint(r) for r in SyntheticDataset(30, seed=0)]
+    other_seed = [_fingerprint(r) for r in SyntheticDataset(30, seed=1)]
+    eval_split = [_fingerprint(r) for r in SyntheticDataset(30, seed=0, split="eval")]
+    # images differ item by item (a different random stream), not just somewhere
+    assert sum(x[1] != y[1] or x[3] != y[3] for x, y in zip(base, other_seed)) >= 28
+    assert sum(x[1] != y[1] or x[3] != y[3] for x, y in zip(base, eval_split)) >= 28
+    with pytest.raises(ValueError, match="split"):
+        SyntheticDataset(3, split="test")
+
+
+def _child_fingerprints(code: str) -> str:
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_synthetic_and_ids_identical_in_another_process():
+    code = (
+        "import hashlib, json\n"
+        "from llave_fast.data import SyntheticDataset, PairCollator\n"
+        "ds = SyntheticDataset(24, seed=5, split='eval', hard_negatives=True)\n"
+        "recs = [ds[i] for i in range(24)]\n"
+        "h = hashlib.sha256()\n"
+        "for r in recs:\n"
+        "    for k in ('qry_image', 'pos_image', 'neg_image'):\n"
+        "        h.update(r[k].tobytes() if r[k] is not None else b'-')\n"
+        "    h.update((r['qry'] + r['pos_text'] + (r['neg_text'] or '')).encode())\n"
+        "out = PairCollator(lambda t, i: len(t), use_negatives=True)(recs)\n"
+        "print(json.dumps([h.hexdigest(), out['target_ids'].tolist(), out['query_ids'].tolist(), out['negative_ids'].tolist()]))\n"
+    )
+    child = json.loads(_child_fingerprints(code))
+    ds = SyntheticDataset(24, seed=5, split="eval", hard_negatives=True)
+    recs = [ds[i] for i in range(24)]
+    h = hashlib.sha256()
+    for r in recs:
+        for k in ("qry_image", "pos_image", "neg_image"):
+            h.update(r[k].tobytes() if r[k] is not None else b"-")
+        h.update((r["qry"] + r["pos_text"] + (r["neg_text"] or "")).encode())
+    out = PairCollator(lambda t, i: len(t), use_negatives=True)(recs)
+    assert child == [h.hexdigest(), out["target_ids"].tolist(), out["query_ids"].tolist(), out["negative_ids"].tolist()]
+
+
+# ---------------------------------------------------------------- synthetic: content
+def test_synthetic_task_styles():
+    ds = SyntheticDataset(60, seed=0)
+    by_task = {}
+    for r in ds:
+        by_task.setdefault(r["subset"], []).append(r)
+    assert set(by_task) == {"synthetic_i2t", "synthetic_t2i", "synthetic_vqa"}
+    assert all(len(v) == 20 for v in by_task.values())
+    for r in by_task["synthetic_i2t"]:
+        assert r["qry"].startswith(IMAGE_PLACEHOLDER) and r["qry"].endswith("what is in the image?")
+        assert isinstance(r["qry_image"], Image.Image) and r["pos_image"] is None
+        assert IMAGE_PLACEHOLDER not in r["pos_text"]
+    for r in by_task["synthetic_t2i"]:
+        assert r["qry_image"] is None and IMAGE_PLACEHOLDER not in r["qry"]
+        assert isinstance(r["pos_image"], Image.Image) and r["pos_text"].startswith(IMAGE_PLACEHOLDER)
+    for r in by_task["synthetic_vqa"]:
+        assert isinstance(r["qry_image"], Image.Image) and r["qry"].endswith("?")
+        assert r["pos_image"] is None and len(r["pos_text"].split()) == 1
+    for r in ds:
+        assert r["neg_text"] is None and r["neg_image"] is None and r["neg_id"] is None
+        assert r["qry_image"] is None or (r["qry_image"].mode, r["qry_image"].size) == ("RGB", (S, S))
+    # single-task datasets
+    assert {r["subset"] for r in SyntheticDataset(6, tasks=("vqa",))} == {"synthetic_vqa"}
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_synthetic_captions_match_pixels(split):
+    ds = SyntheticDataset(240, seed=11, split=split, tasks=("i2t", "t2i"))
+    counts = Counter()
+    for r in ds:
+        if r["subset"] == "synthetic_i2t":
+            image, caption = r["qry_image"], r["pos_text"]
+        else:
+            image, caption = r["pos_image"], r["qry"]
+        seen, said = analyse(image), parse_caption(caption)
+        assert seen == said, f"row {r['row']}: pixels show {sorted(seen)}, caption says {caption!r}"
+        counts[len(said)] += 1
+        counts.update(o[2] for o in said)
+    # every count 1..3 and every shape occurred, so the check covered them
+    assert {1, 2, 3} <= set(counts) and {"circle", "square", "triangle", "star"} <= set(counts)
+
+
+def test_synthetic_vqa_answers_match_pixels():
+    ds = SyntheticDataset(300, seed=2, tasks=("vqa",))
+    kinds = Counter()
+    for r in ds:
+        objs = analyse(r["qry_image"])
+        assert r["pos_text"] == answer_from_pixels(r["qry"], objs), (r["row"], r["qry"], sorted(objs))
+        kinds[r["qry"].split(": ", 1)[1].split()[1]] += 1  # "many", "colour"/"color", "shape", "is"
+    assert {"many", "shape", "is"} <= set(kinds) and ({"colour", "color"} & set(kinds))
+    # the dominant non-background colour of a one-object image is the named colour
+    one = SyntheticDataset(30, seed=4, tasks=("i2t",), max_shapes=1)
+    for r in one:
+        a = np.asarray(r["qry_image"]).reshape(-1, 3)
+        fg = a[(a != a[0]).any(-1)]
+        rgb, _ = Counter(map(tuple, fg)).most_common(1)[0]
+        (name,) = [n for n, c in COLOUR_RGB.items() if c == rgb]
+        assert f" {name} " in r["pos_text"]
+
+
+def test_synthetic_vocabulary_closed():
+    assert all(w == w.lower() for w in SYNTHETIC_VOCAB) and len(set(SYNTHETIC_VOCAB)) == len(SYNTHETIC_VOCAB)
+    vocab = set(SYNTHETIC_VOCAB)
+    used = Counter()
+    for split in ("train", "eval"):
+        for r in SyntheticDataset(300, seed=7, split=split, hard_negatives=True):
+            for text in (r["qry"], r["pos_text"], r["neg_text"]):
+                words = synthetic_words(text)
+                assert set(words) <= vocab, f"{text!r}: {set(words) - vocab}"
+                used.update(words)
+    assert {"red", "star", "three", "center", "large", "?", ",", "."} <= set(used)
+    assert "What" in synthetic_words(f"{IMAGE_PLACEHOLDER} What is") and "<" not in synthetic_words(IMAGE_PLACEHOLDER)
+
+
+def test_synthetic_target_ids_canonical():
+    ds = SyntheticDataset(300, seed=1, tasks=("vqa", "t2i"))
+    by_text: dict[tuple, set] = {}
+    for r in ds:
+        key = (r["pos_text"], r["pos_image"] is not None and r["qry"])  # t2i: the caption names the image
+        by_text.setdefault(key, set()).add(r["target_id"])
+    assert all(len(ids) == 1 for ids in by_text.values())  # equal targets, equal ids
+    ids = [next(iter(v)) for v in by_text.values()]
+    assert len(set(ids)) == len(ids)  # different targets, different ids
+    answers = Counter(r["pos_text"] for r in ds if r["subset"] == "synthetic_vqa")
+    assert max(answers.values()) > 5  # duplicate answers do occur
+
+
+def test_synthetic_hard_negatives():
+    plain = SyntheticDataset(45, seed=9)
+    hard = SyntheticDataset(45, seed=9, hard_negatives=True)
+    for p, h in zip(plain, hard):
+        assert _fingerprint(p)[:4] == _fingerprint(h)[:4]  # negatives change no positive
+        assert h["neg_id"] != h["target_id"] and (h["neg_text"], h["neg_image"]) != (None, None)
+        if h["subset"] == "synthetic_t2i":
+            pos, neg = analyse(h["pos_image"]), analyse(h["neg_image"])
+            assert len(pos) == len(neg) and len(pos - neg) == 1  # one object changed
+        elif h["subset"] == "synthetic_i2t":
+            assert len(parse_caption(h["pos_text"]) - parse_caption(h["neg_text"])) == 1
+        else:
+            assert h["neg_text"] != h["pos_text"] and len(h["neg_text"].split()) == 1
+
+
+def test_synthetic_image_generation_speed():
+    ds = SyntheticDataset(2000, seed=0)
+    t0 = time.perf_counter()
+    for i in range(2000):
+        ds[i]
+    per_item_ms = (time.perf_counter() - t0) / 2000 * 1e3
+    # budget 2 ms per image; a loaded CI machine gets 2.5x slack
+    assert per_item_ms < 5.0, f"{per_item_ms:.3f} ms per item"
+
+
+def test_synthetic_eval_candidates():
+    ds = SyntheticDataset(120, seed=0, split="eval")
+    rs = synthetic_eval_candidates(ds)
+    recs = list(ds)
+    assert rs.num_queries == 120
+    assert rs.num_candidates == len({r["target_id"] for r in recs}) < 120  # deduplicated
+    assert rs.chance == pytest.approx(1 / rs.num_candidates)
+    for q, r in enumerate(recs):
+        assert rs.cand_ids[rs.positive[q]] == r["target_id"] and rs.query_texts[q] == r["qry"]
+    oracle = torch.nn.functional.one_hot(rs.positive, rs.num_candidates).float()
+    assert rs.precision_at_1(oracle) == 1.0
+    wrong = torch.nn.functional.one_hot((rs.positive + 1) % rs.num_candidates, rs.num_candidates).float()
+    assert rs.precision_at_1(wrong) == 0.0
+    assert set(rs.precision_at_1_by_subset(oracle).values()) == {1.0}
+    assert rs.precision_at_1_from_embeddings(torch.eye(rs.num_candidates)[rs.positive], torch.eye(rs.num_candidates)) == 1.0
+    # two queries with the same answer are both right when that one candidate is retrieved
+    vqa = [q for q, r in enumerate(recs) if r["pos_text"] == "one"]
+    assert len(vqa) >= 2 and len({int(rs.positive[q]) for q in vqa}) == 1
+    with pytest.raises(ValueError, match="num_candidates"):
+        rs.precision_at_1(torch.zeros(3, 3))
+
+
+# ---------------------------------------------------------------- MMEB fixtures
+def _image(path, mode="RGB", colour=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (8, 6), colour if mode != "L" else 90).save(path)
+
+
+def _rows(n=4, neg=False):
+    rows = []
+    for i in range(n):
+        r = {
+            "qry": f"{IMAGE_PLACEHOLDER}\nRepresent the given image with the following question: q{i}?",
+            "qry_image_path": f"sub/q{i}.png",
+            "pos_text": "yes" if i % 2 else "no",
+            "pos_image_path": "",
+        }
+        if neg:
+            r.update(neg_text=f"{IMAGE_PLACEHOLDER}\nneg {i}", neg_image_path=f"sub/n{i}.png")
+        rows.append(r)
+    return rows
+
+
+def _write_images(img_dir, n=4, neg=False):
+    for i in range(n):
+        _image(img_dir / f"sub/q{i}.png", mode=("L", "RGBA", "RGB")[i % 3])
+        if neg:
+            _image(img_dir / f"sub/n{i}.png", colour=(0, 0, 255))
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _parquet(path, rows):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+# ---------------------------------------------------------------- MMEB reading
+def test_mmeb_jsonl_reading(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    _jsonl(tmp_path / "data" / "VQA_A.jsonl", _rows(4))
+    t2i = [{"qry": "a cat", "qry_image_path": "", "pos_text": f"{IMAGE_PLACEHOLDER}\nRepresent the given image.", "pos_image_path": "sub/q0.png"}]
+    _jsonl(tmp_path / "data" / "T2I_B.jsonl", t2i)
+    ds = MMEBDataset(tmp_path / "data", img)
+    assert len(ds) == 5 and ds.subsets == ["T2I_B", "VQA_A"]
+    recs = list(ds)
+    vqa = [r for r in recs if r["subset"] == "VQA_A"]
+    assert [r["row"] for r in vqa] == [0, 1, 2, 3]
+    for r in vqa:
+        assert r["qry_image"].mode == "RGB" and r["qry_image"].size == (8, 6)  # L and RGBA converted
+        assert r["pos_image"] is None and r["neg_text"] is None and r["neg_image"] is None
+        assert r["target_id"] == r["pos_text"] + "\x00" and r["query_id"] == r["qry"] + "\x00" + f"sub/q{r['row']}.png"
+    assert vqa[0]["qry"] == _rows(4)[0]["qry"]  # placeholder kept as is
+    (b,) = [r for r in recs if r["subset"] == "T2I_B"]
+    assert b["qry_image"] is None and b["pos_image"].size == (8, 6) and b["target_id"].endswith("\x00sub/q0.png")
+    # subset selection, a list of files, max rows
+    assert len(MMEBDataset(tmp_path / "data", img, subsets=["VQA_A"])) == 4
+    assert len(MMEBDataset([tmp_path / "data" / "T2I_B.jsonl"], img)) == 1
+    assert len(MMEBDataset(tmp_path / "data", img, max_rows_per_subset=2)) == 3
+    with pytest.raises(ValueError, match="NOPE"):
+        MMEBDataset(tmp_path / "data", img, subsets=["NOPE"])
+
+
+def test_mmeb_parquet_reading_hub_layout(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 4, neg=True)
+    _parquet(tmp_path / "mmeb" / "VQA_A" / "original-00000-of-00001.parquet", _rows(4, neg=True))
+    _parquet(tmp_path / "mmeb" / "VQA_A" / "diverse_instruction-00000-of-00001.parquet", _rows(3, neg=True))
+    _parquet(tmp_path / "mmeb" / "VQA_A" / "original-00001-of-00001.parquet", _rows(2, neg=True))
+    ds = MMEBDataset(tmp_path / "mmeb", img, split="original", use_negatives=True)
+    assert ds.subsets == ["VQA_A"] and len(ds) == 6
+    r = ds[1]
+    assert r["subset"] == "VQA_A" and r["row"] == 1 and r["qry_image"].mode == "RGB"
+    assert r["neg_text"] == f"{IMAGE_PLACEHOLDER}\nneg 1" and r["neg_image"].getpixel((0, 0)) == (0, 0, 255)
+    assert r["neg_id"] == r["neg_text"] + "\x00sub/n1.png"
+    assert len(MMEBDataset(tmp_path / "mmeb", img)) == 9  # no split: every shard
+    assert len(MMEBDataset(tmp_path / "mmeb", img, max_rows_per_subset=5, split="original")) == 5
+
+
+def test_mmeb_negatives_only_when_asked(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 2, neg=True)
+    f = _jsonl(tmp_path / "S.jsonl", _rows(2, neg=True))
+    os.remove(img / "sub/n1.png")  # not opened (nor checked) unless negatives are asked for
+    plain = MMEBDataset(f, img)
+    assert all(r["neg_text"] is None and r["neg_image"] is None and r["neg_id"] is None for r in plain)
+    with pytest.raises(BadDataError, match=r"row 1 .*image file not found.*n1\.png"):
+        MMEBDataset(f, img, use_negatives=True)
+    no_neg = _jsonl(tmp_path / "T.jsonl", _rows(2))
+    with pytest.raises(BadDataError, match="T.jsonl.*use_negatives=True but no neg_text"):
+        MMEBDataset(no_neg, img, use_negatives=True)
+
+
+def test_mmeb_image_dir_defaults_to_data_folder(tmp_path):
+    _write_images(tmp_path / "d", 2)
+    f = _jsonl(tmp_path / "d" / "S.jsonl", _rows(2))
+    assert MMEBDataset(f)[1]["qry_image"].size == (8, 6)
+
+
+# ---------------------------------------------------------------- MMEB bad data
+def _bad(kind, img_dir):
+    """Rows whose row 2 is bad in the given way; returns (rows, expected reason pattern)."""
+    rows = _rows(4)
+    r = rows[2]
+    if kind == "missing image":
+        r["qry_image_path"] = "sub/nope.png"
+        return rows, r"image file not found.*nope\.png"
+    if kind == "empty query":
+        r.update(qry="  ", qry_image_path="")
+        return rows, "empty query"
+    if kind == "empty target":
+        r.update(pos_text="", pos_image_path="")
+        return rows, "empty target"
+    if kind == "unknown column":
+        r["extra"] = 1
+        return rows, r"unknown column.*'extra'"
+    if kind == "missing column":
+        del r["pos_text"]
+        return rows, r"missing required column.*'pos_text'"
+    if kind == "wrong type":
+        r["pos_text"] = 7
+        return rows, r"'pos_text' holds int"
+    if kind == "placeholder without image":
+        r["qry_image_path"] = ""
+        return rows, "placeholder"
+    if kind == "invalid json":
+        rows[2] = '{"qry": "x", '
+        return rows, "invalid JSON"
+    if kind == "unreadable image":
+        (img_dir / "sub" / "q2.png").write_bytes(b"not a png at all")
+        return rows, r"unreadable image.*q2\.png"
+    raise AssertionError(kind)
+
+
+BAD_KINDS = [
+    "missing image", "empty query", "empty target", "unknown column", "missing column", "wrong type",
+    "placeholder without image", "invalid json", "unreadable image",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_mmeb_bad_data_names_row_and_file(tmp_path, kind):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    rows, pattern = _bad(kind, img)
+    f = _jsonl(tmp_path / "BadSet.jsonl", rows)
+    with pytest.raises(BadDataError) as info:
+        ds = MMEBDataset(f, img)  # the unreadable image passes the existence check ...
+        assert kind == "unreadable image"
+        [ds[i] for i in range(len(ds))]  # ... and fails when read
+    err = info.value
+    assert err.source == str(f) and err.row == 2
+    assert str(f) in str(err) and "row 2 (line 3)" in str(err)
+    assert re.search(pattern, str(err)), str(err)
+    if kind == "unreadable image":  # found at build time when decoding is asked for
+        with pytest.raises(BadDataError, match=r"row 2 .*unreadable image"):
+            MMEBDataset(f, img, check_images="decode")
+
+
+@pytest.mark.parametrize("kind", ["missing image", "empty target", "unknown column", "wrong type"])
+def test_mmeb_parquet_bad_data(tmp_path, kind):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    rows, pattern = _bad(kind, img)
+    if kind == "unknown column":  # parquet has one schema: every row gets the column
+        for r in rows:
+            r["extra"] = 1
+    if kind == "wrong type":  # a column is one type: two negatives where one belongs
+        rows[2]["pos_text"] = "no"
+        for r in rows:
+            r.update(neg_text=["a", "b"] if r is rows[2] else ["a"], neg_image_path="")
+        pattern = r"'neg_text' holds a list of 2"
+    f = _parquet(tmp_path / "BadSet.parquet", rows)
+    with pytest.raises(BadDataError, match=pattern) as info:
+        MMEBDataset(f, img)
+    assert str(f) in str(info.value)
+    assert ("all rows" if kind == "unknown column" else "row 2") in str(info.value)
+
+
+def test_mmeb_skip_bad_rows_counts_and_logs(tmp_path, caplog):
+    img = tmp_path / "images"
+    _write_images(img, 6)
+    rows = _rows(6)
+    rows[1]["qry_image_path"] = "sub/missing.png"
+    rows[3].update(qry="", qry_image_path="")
+    (img / "sub" / "q4.png").write_bytes(b"\x89PNG broken")
+    f = _jsonl(tmp_path / "S.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb"):
+        ds = MMEBDataset(f, img, skip_bad_rows=True)
+    assert len(ds) == 4
+    assert [(s, r) for s, r, _ in ds.skipped] == [(str(f), 1), (str(f), 3)]
+    assert "image file not found" in ds.skipped[0][2] and "empty query" in ds.skipped[1][2]
+    logged = [m.getMessage() for m in caplog.records]
+    assert any(str(f) in m and "row 1" in m and "missing.png" in m for m in logged)
+    assert any(str(f) in m and "row 3" in m and "empty query" in m for m in logged)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb"):
+        seen = [ds[i]["row"] for i in range(len(ds))]
+    # row 4's image is unreadable: the next good row (5) stands in, and the skip is recorded
+    assert seen == [0, 2, 5, 5]
+    assert ds.skipped[-1][:2] == (str(f), 4) and "unreadable image" in ds.skipped[-1][2]
+    assert any("row 4" in m.getMessage() and str(f) in m.getMessage() for m in caplog.records)
+    assert len(ds) + len(ds.skipped) == 6 + 1  # every row is either served or accounted for (4 is both)
+    with pytest.raises(BadDataError):
+        MMEBDataset(f, img)  # the default stops
+
+
+def test_mmeb_hub_name_needs_datasets(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ImportError, match=r"pip install datasets"):
+        MMEBDataset("TIGER-Lab/MMEB-train", tmp_path, subsets=["MSCOCO"])
+    with pytest.raises(FileNotFoundError):
+        MMEBDataset(tmp_path / "no_such_dir", tmp_path)
+
+
+# ---------------------------------------------------------------- collator
+class FakeProcessor:
+    """Records every call; returns one row per item (a hash of the text, whether it has an image)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, texts, images):
+        self.calls.append((list(texts), list(images)))
+        return {
+            "input_ids": stable_ids(texts).unsqueeze(1),
+            "has_image": torch.tensor([im is not None for im in images]),
+        }
+
+
+def _rec(text, target, neg=None, image=None, row=0):
+    return {
+        "qry": text, "qry_image": image, "pos_text": target, "pos_image": None,
+        "neg_text": neg, "neg_image": None, "target_id": target + "\x00", "query_id": text + "\x00",
+        "neg_id": None if neg is None else neg + "\x00", "subset": "s", "row": row,
+    }  # fmt: skip
+
+
+def test_collator_ids_and_processor_calls():
+    im = Image.new("RGB", (4, 4))
+    recs = [_rec("q0", "red", "blue", im), _rec("q1", "green", "red"), _rec("q2", "red", "green", row=2)]
+    proc = FakeProcessor()
+    out = PairCollator(proc)(recs)
+    assert len(proc.calls) == 2 and out["negatives"] is None and out["negative_ids"] is None  # not asked
+    assert proc.calls[0] == (["q0", "q1", "q2"], [im, None, None]) and proc.calls[0][1][0] is im
+    assert proc.calls[1] == (["red", "green", "red"], [None, None, None])
+    assert out["query"]["has_image"].tolist() == [True, False, False]
+    t = out["target_ids"]
+    assert t.dtype == torch.int64 and t.shape == (3,)
+    assert t[0] == t[2] and t[0] != t[1]  # duplicate targets share an id
+    assert len(set(out["query_ids"].tolist())) == 3
+    assert t.tolist() == [stable_id("red\x00"), stable_id("green\x00"), stable_id("red\x00")]
+
+    proc = FakeProcessor()
+    out = PairCollator(proc, use_negatives=True)(recs)
+    assert len(proc.calls) == 3 and proc.calls[2][0] == ["blue", "red", "green"]
+    assert out["negatives"]["input_ids"].shape == (3, 1)
+    # a negative equal to another row's positive gets that positive's id (so it is masked there)
+    assert out["negative_ids"][1] == out["target_ids"][0] and out["negative_ids"].dtype == torch.int64
+
+    with pytest.raises(ValueError, match="row 7 .*no hard negative"):
+        PairCollator(FakeProcessor(), use_negatives=True)([_rec("q", "t", None, row=7)])
+    with pytest.raises(ValueError, match="empty batch"):
+        PairCollator(FakeProcessor())([])
+
+
+def test_stable_ids_across_processes():
+    keys = ["red\x00", "a large red circle on the left.\x00", f"{IMAGE_PLACEHOLDER}\nx\x00sub/q1.png", "ünï\x00"]
+    code = (
+        "import json\nfrom llave_fast.data import stable_ids\n"
+        f"print(json.dumps(stable_ids({keys!r}).tolist()))\n"
+    )
+    assert json.loads(_child_fingerprints(code)) == stable_ids(keys).tolist()
+    assert len(set(stable_ids(keys).tolist())) == len(keys)
+
+
+def test_collator_in_dataloader_workers():
+    ds = SyntheticDataset(24, seed=1, hard_negatives=True)
+    collate = PairCollator(FakeProcessor(), use_negatives=True)
+    serial = list(torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate))
+    workers = list(torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate, num_workers=2))
+    assert len(serial) == len(workers) == 3
+    for k, (a, b) in enumerate(zip(serial, workers)):
+        for key in ("target_ids", "query_ids", "negative_ids"):
+            assert torch.equal(a[key], b[key])
+        assert torch.equal(a["query"]["input_ids"], b["query"]["input_ids"])
+        subsets = [ds[i]["subset"] for i in range(8 * k, 8 * k + 8)]
+        assert b["query"]["has_image"].tolist() == [s != "synthetic_t2i" for s in subsets]
+        assert b["target"]["has_image"].tolist() == [s == "synthetic_t2i" for s in subsets]
+
+
+def test_mmeb_skip_bad_rows_read_problems(tmp_path, caplog):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    rows = _rows(4)
+    rows[0]["pos_text"] = 3.5
+    rows[2] = "[not json"
+    f = _jsonl(tmp_path / "S.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb"):
+        ds = MMEBDataset(f, img, skip_bad_rows=True)
+    assert [r["row"] for r in ds] == [1, 3]
+    assert [(r, why.split(":")[0]) for _, r, why in ds.skipped] == [(0, "column 'pos_text' holds float, expected a string"), (2, "invalid JSON")]
+    assert sum("row 2 (line 3)" in m.getMessage() for m in caplog.records) == 1
+
+
+def test_mmeb_parquet_needs_pyarrow(monkeypatch, tmp_path):
+    f = tmp_path / "S.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match=r"pip install pyarrow"):
+        MMEBDataset(f, tmp_path)

@@ -1,0 +1,633 @@
+"""Correctness of the fused backends against the float64 eager reference.
+
+Every test draws fresh inputs (seeded per test id) and applies the tolerance rule of
+``_helpers`` (backend error <= 2 * error of the eager reference in the same precision
++ margin[dtype]) to the loss and to every gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llave_fast
+from llave_fast import FusedHardnessLoss, hardness_weighted_loss
+from llave_fast.backends import resolve_backend
+from llave_fast.backends.triton_backend import kernel_config
+from llave_fast.reference import reference_loss
+
+from _helpers import (
+    DTYPES,
+    MARGIN,
+    MASKS,
+    SMALL_TILES,
+    Case,
+    _cpu_test_env,  # noqa: F401  (autouse fixture)
+    assert_results_match,
+    check_backend,
+    combo_id,
+    make_case,
+    mismatch_report,
+    pairwise,
+    rel_err,
+    run,
+    run_truth,
+    seed_for,
+    upstream_grad,
+)
+
+BACKENDS = ("torch", "triton")
+
+
+@pytest.fixture
+def seed(request):
+    return seed_for(request.node.nodeid)
+
+
+@pytest.fixture
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make the torch backend walk the strip in many row chunks (it reads the env var at import)."""
+    import llave_fast.backends.torch_backend as tb
+
+    def set_chunk(elems):
+        if elems is not None:
+            monkeypatch.setattr(tb, "_CHUNK_ELEMS", elems)
+
+    return set_chunk
+
+
+def tiles(name):
+    """A context for the triton launch config: small tiles (multi-block, multi-group) or the default."""
+    if name == "small":
+        return kernel_config(**SMALL_TILES)
+    if name == "default":
+        return kernel_config()  # an empty override: the launcher's own config
+    return kernel_config(**name)
+
+
+# ============================================================ torch backend: full grid
+# (B, d, M, chunk elements or None for the default single chunk)
+TORCH_SHAPES = [
+    (1, 33, 5, None),  # one pair, only the hard negatives compete
+    (2, 16, 3, None),
+    (37, 130, 0, None),  # prime B, d not a multiple of 16
+    (53, 33, 7, 256),  # 4 rows per chunk, N != B
+    (64, 130, 0, 1000),  # 15 rows per chunk, last chunk partial
+    (29, 64, 31, None),  # more negatives than pairs
+]
+
+
+def _torch_grid():
+    for shape in TORCH_SHAPES:
+        for masks in MASKS:
+            if masks == "tid_neg" and shape[2] == 0:
+                continue
+            yield pytest.param(shape, masks, id=f"{shape[0]}x{shape[1]}x{shape[2]}" + ("c" if shape[3] else "") + f"-{masks}")
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["sfloat", "slearn"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "oneway"])
+@pytest.mark.parametrize("shape,masks", list(_torch_grid()))
+@pytest.mark.parametrize("dtype,margin", DTYPES)
+def test_torch_backend_grid(dtype, margin, shape, masks, symmetric, reduction, learnable, gen, seed, small_chunks):
+    B, d, M, chunk = shape
+    small_chunks(chunk)
+    case = make_case(gen, B, d, M, dtype, masks=masks, learnable_scale=learnable, symmetric=symmetric,
+                     reduction=reduction, seed=seed, label="torch grid")
+    check_backend(case, "torch", margin, gen)
+
+
+# ============================================================ triton backend: pairwise grid
+TRITON_AXES = dict(
+    dtype=[torch.float32, torch.bfloat16, torch.float16],
+    shape=[(1, 33, 5), (37, 130, 0), (53, 33, 7), (29, 48, 19)],
+    symmetric=[True, False],
+    reduction=["mean", "sum", "none"],
+    masks=list(MASKS),
+    scale=["float", "learn"],
+    tiles=["small", "default"],
+)
+TRITON_COMBOS = pairwise(TRITON_AXES, lambda c: not (c["masks"] == "tid_neg" and c["shape"][2] == 0))
+
+
+@pytest.mark.parametrize("combo", TRITON_COMBOS, ids=[combo_id(c) for c in TRITON_COMBOS])
+def test_triton_backend_pairwise(combo, gen, seed):
+    B, d, M = combo["shape"]
+    dtype = combo["dtype"]
+    case = make_case(gen, B, d, M, dtype, masks=combo["masks"], learnable_scale=combo["scale"] == "learn",
+                     symmetric=combo["symmetric"], reduction=combo["reduction"], seed=seed,
+                     label=f"triton {combo['tiles']} tiles")
+    with tiles(combo["tiles"]):
+        check_backend(case, "triton", MARGIN[dtype], gen)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "oneway"])
+@pytest.mark.parametrize("masks", MASKS)
+def test_triton_masks_directions_reductions(masks, symmetric, reduction, gen, seed):
+    """Full product of the axes whose interplay is inside the kernels (the masks of each
+    direction, the column statistics, the per-row gradients), on a multi-block multi-group
+    shape; dtype and scale cycle."""
+    i = MASKS.index(masks) * 6 + (0 if symmetric else 3) + ["mean", "sum", "none"].index(reduction)
+    dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
+    case = make_case(gen, 41, 33, 7, dtype, masks=masks, symmetric=symmetric, reduction=reduction,
+                     learnable_scale=i % 2 == 0, seed=seed, label="triton masks x direction x reduction")
+    with tiles("small"):
+        check_backend(case, "triton", MARGIN[dtype], gen)
+
+
+def test_pairwise_selection_covers_every_pair():
+    """The triton grid really is all-pairs over its axes (no pairing of two values is dropped)."""
+    import itertools
+
+    names = list(TRITON_AXES)
+    valid = [dict(zip(names, v)) for v in itertools.product(*TRITON_AXES.values())]
+    valid = [c for c in valid if not (c["masks"] == "tid_neg" and c["shape"][2] == 0)]
+    n_pairs = 0
+    for a, b in itertools.combinations(names, 2):
+        for va in TRITON_AXES[a]:
+            for vb in TRITON_AXES[b]:
+                if any(c[a] == va and c[b] == vb for c in valid):
+                    n_pairs += 1
+                    assert any(c[a] == va and c[b] == vb for c in TRITON_COMBOS), (a, va, b, vb)
+    assert n_pairs > 100 and len(TRITON_COMBOS) < 40, (n_pairs, len(TRITON_COMBOS))
+
+
+@pytest.mark.parametrize("B,d,M", [(64, 130, 0), (41, 33, 9)])
+def test_triton_many_groups(B, d, M, gen, seed):
+    """More row/column blocks than program groups in both grid dimensions, every option on."""
+    case = make_case(gen, B, d, M, torch.float32, masks="tid_neg" if M else "both", learnable_scale=True,
+                     seed=seed, label="triton GR=2 GC=3")
+    with kernel_config(BM=16, BN=16, BK=32, GR_MAX=2, GC_MAX=3):
+        check_backend(case, "triton", MARGIN[torch.float32], gen)
+
+
+# ============================================================ alpha variants, scale, numerics
+@pytest.mark.parametrize("alpha", [0.0, -3.0, 20.0], ids=["alpha0", "alpha-3", "alpha20"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,margin", [DTYPES[0], DTYPES[1]])
+def test_alpha_variants(backend, alpha, dtype, margin, gen, seed):
+    case = make_case(gen, 23, 40, 6, dtype, masks="tid_neg", alpha=alpha, learnable_scale=True, seed=seed,
+                     label=f"alpha={alpha}")
+    with tiles("small"):
+        check_backend(case, backend, margin, gen)
+
+
+def test_reference_alpha_zero_is_plain_infonce(gen):
+    """The truth itself: with alpha=0 and no extras the reference is CLIP's symmetric cross-entropy."""
+    case = make_case(gen, 31, 24, 0, torch.float64, alpha=0.0)
+    q, t = case.q, case.t
+    logits = case.scale * q @ t.t()
+    labels = torch.arange(q.shape[0])
+    clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    ours = reference_loss(q, t, logit_scale=case.scale, alpha=0.0)
+    assert torch.allclose(ours, clip, rtol=1e-12, atol=0), (ours.item(), clip.item())
+    one_way = reference_loss(q, t, logit_scale=case.scale, alpha=0.0, symmetric=False, reduction="none")
+    assert torch.allclose(one_way, F.cross_entropy(logits, labels, reduction="none"), rtol=1e-9, atol=1e-12)
+    # and the hardness weight does change it (alpha is not ignored)
+    assert abs(reference_loss(q, t, logit_scale=case.scale, alpha=9.0).item() - clip.item()) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,margin", [DTYPES[0], DTYPES[2]])
+def test_large_logits_stay_finite_and_accurate(backend, dtype, margin, gen, seed):
+    """logit_scale 100 and alpha 40: logits ~ 140, exp overflows without max-shifting (fp16 at 11)."""
+    case = make_case(gen, 33, 20, 4, dtype, scale=100.0, alpha=40.0, masks="both", seed=seed, label="large logits")
+    with tiles("small"):
+        check_backend(case, backend, margin, gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 14.3], ids=["s1", "s14"])
+def test_scale_values_and_tensor_scale(backend, scale, gen, seed):
+    """Other scales, given as a learnable 0-d tensor (CLIP's exp(logit_scale) range)."""
+    case = make_case(gen, 19, 33, 3, torch.float32, scale=scale, learnable_scale=True, masks="tid", seed=seed)
+    with tiles("small"):
+        check_backend(case, backend, MARGIN[torch.float32], gen)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_scale_as_non_leaf_tensor_and_one_element_shape(backend, gen):
+    """logit_scale = exp(log_scale) (a non-leaf) and a (1,)-shaped tensor both get their gradient."""
+    case = make_case(gen, 13, 24, 2, torch.float32, masks="both")
+    q, t, neg = case.q, case.t, case.neg
+    log_s = torch.tensor(math.log(30.0), dtype=torch.float64, requires_grad=True)
+    with tiles("small"):
+        out = hardness_weighted_loss(q, t, logit_scale=log_s.exp(), negatives=neg, target_ids=case.target_ids,
+                                     query_ids=case.query_ids, backend=backend)
+    (g_log,) = torch.autograd.grad(out, [log_s])
+    log_s64 = torch.tensor(math.log(30.0), dtype=torch.float64, requires_grad=True)
+    ref = reference_loss(q.double(), t.double(), logit_scale=log_s64.exp(), alpha=9.0, negatives=neg.double(),
+                         target_ids=case.target_ids, query_ids=case.query_ids)
+    (g_ref,) = torch.autograd.grad(ref, [log_s64])
+    assert rel_err(out, ref) < 1e-5, mismatch_report("loss", out, ref)
+    assert rel_err(g_log, g_ref) < 1e-4, mismatch_report("d log_scale", g_log, g_ref)
+
+    s1 = torch.tensor([30.0], requires_grad=True)
+    with tiles("small"):
+        out1 = hardness_weighted_loss(q, t, logit_scale=s1, negatives=neg, backend=backend)
+    (g1,) = torch.autograd.grad(out1, [s1])
+    assert g1.shape == (1,), g1.shape
+    s0 = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
+    ref1 = reference_loss(q.double(), t.double(), logit_scale=s0, alpha=9.0, negatives=neg.double())
+    (g0,) = torch.autograd.grad(ref1, [s0])
+    assert rel_err(g1.reshape(()), g0) < 1e-4, mismatch_report("d logit_scale (shape (1,))", g1.reshape(()), g0)
+
+
+def test_torch_backend_float64_matches_truth_tightly(gen, seed, small_chunks):
+    small_chunks(300)
+    for masks in ("none", "tid_neg"):
+        case = make_case(gen, 21, 18, 5, torch.float64, masks=masks, learnable_scale=True, seed=seed)
+        check_backend(case, "torch", MARGIN[torch.float64], gen)
+
+
+# ============================================================ edge cases of the formula
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_single_pair_without_negatives_has_zero_loss(backend, dtype, gen):
+    """B=1, M=0: the positive is the only candidate both ways, so loss and gradients vanish."""
+    case = make_case(gen, 1, 33, 0, dtype, learnable_scale=True, min_loss=None)
+    for reduction in ("mean", "none"):
+        case.reduction = reduction
+        g = upstream_grad(gen, case)
+        res = run(case, dtype, g, backend=backend)
+        assert res.out.abs().max().item() < 1e-4, f"loss {res.out} (B=1, M=0 must be 0) backend={backend}"
+        for n, gr in res.grads.items():
+            assert torch.isfinite(gr).all() and gr.abs().max().item() < 1e-3, f"{n} = {gr} (must be ~0)"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_candidates_masked(backend, gen, seed):
+    """Every candidate shares the positive's id: each row's only candidate is its positive
+    (loss 0, no NaN from an all -inf partial); negatives given without ids still count."""
+    B, d, M = 37, 33, 6
+    case = make_case(gen, B, d, M, torch.float32, learnable_scale=True, seed=seed)
+    case.target_ids = torch.full((B,), 7, dtype=torch.int64)
+    case.query_ids = torch.full((B,), 3, dtype=torch.int64)
+    neg = case.neg
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        case.neg = None
+        res = run(case, torch.float32, g, backend=backend)
+        assert res.out.abs().item() < 1e-5, f"loss {res.out.item()} with every negative masked, want 0"
+        for n, gr in res.grads.items():
+            assert torch.isfinite(gr).all() and gr.abs().max().item() < 1e-5, f"{n} = {gr}"
+        # ids of length B: the negatives are never masked; ids of length B+M equal to the positives': all masked
+        case.neg = neg
+        check_backend(case, backend, MARGIN[torch.float32], gen)
+        case.target_ids = torch.full((B + M,), 7, dtype=torch.int64)
+        res = run(case, torch.float32, g, backend=backend)
+        assert res.out.abs().item() < 1e-5, f"loss {res.out.item()} with negatives masked by ids, want 0"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_distinct_ids_mask_nothing(backend, gen):
+    """Ids that are all distinct exclude nothing: same loss and gradients as no ids."""
+    case = make_case(gen, 29, 20, 4, torch.float32)
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        plain = run(case, torch.float32, g, backend=backend)
+        case.target_ids = torch.randperm(29 + 4, generator=gen)
+        case.query_ids = torch.randperm(29, generator=gen)
+        masked = run(case, torch.float32, g, backend=backend)
+    assert rel_err(masked.out, plain.out) < 1e-6, mismatch_report("loss", masked.out, plain.out)
+    for n in plain.grads:
+        assert rel_err(masked.grads[n], plain.grads[n]) < 1e-6, mismatch_report(n, masked.grads[n], plain.grads[n])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masks_change_the_loss(backend, gen):
+    """Repeated ids do change the result (the mask tests are not vacuous) and match the truth."""
+    case = make_case(gen, 31, 33, 5, torch.float32, masks="tid_neg", id_range=4)
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        masked = run(case, torch.float32, g, backend=backend)
+    plain = run_truth(Case(**{**case.__dict__, "target_ids": None, "query_ids": None}), g)
+    truth = run_truth(case, g)
+    assert rel_err(masked.out, truth.out) < 1e-5
+    assert rel_err(plain.out, truth.out) > 1e-2, "masking 3/4 of the candidates should change the loss"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_query_ids_ignored_one_way(backend, gen):
+    """symmetric=False: only q->t exists, so query_ids cannot change anything."""
+    case = make_case(gen, 17, 20, 3, torch.float32, masks="tid", symmetric=False)
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        a = run(case, torch.float32, g, backend=backend)
+        case.query_ids = torch.zeros(17, dtype=torch.int64)
+        b = run(case, torch.float32, g, backend=backend)
+    assert torch.equal(a.out, b.out), (a.out, b.out)
+    for n in a.grads:
+        assert torch.equal(a.grads[n], b.grads[n]), n
+
+
+# ============================================================ NaN-poisoned outputs
+@pytest.mark.parametrize("setup", ["triton-small", "triton-default", "triton-det", "torch"])
+def test_poisoned_outputs_are_all_written(setup, monkeypatch, gen, seed, small_chunks):
+    monkeypatch.setenv("LLAVE_FAST_POISON", "1")
+    from llave_fast.backends.common import new_output
+
+    assert torch.isnan(new_output((3, 5), torch.device("cpu"))).all(), "LLAVE_FAST_POISON=1 must poison new outputs"
+    backend = setup.split("-")[0]
+    small_chunks(200)
+    for masks, reduction, sym in (("tid_neg", "mean", True), ("both", "none", False)):
+        case = make_case(gen, 37, 33, 7, torch.float32, masks=masks, learnable_scale=True, reduction=reduction,
+                         symmetric=sym, seed=seed, label=f"poisoned {setup}")
+        with tiles("default" if setup == "triton-default" else "small"):
+            check_backend(case, backend, MARGIN[torch.float32], gen, deterministic=setup == "triton-det")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_uninitialised_allocations_do_not_leak(backend, monkeypatch, gen, seed, small_chunks):
+    """Every torch.empty/empty_like the backends make is filled with NaN: all must be overwritten."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(x):
+        if isinstance(x, torch.Tensor) and (x.dtype.is_floating_point or x.dtype.is_complex):
+            x.fill_(float("nan"))
+        return x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
+    assert torch.isnan(torch.empty(2)).all()
+    small_chunks(300)
+    case = make_case(gen, 41, 33, 6, torch.bfloat16, masks="tid_neg", learnable_scale=True, seed=seed)
+    with tiles("small"):
+        check_backend(case, backend, MARGIN[torch.bfloat16], gen)
+
+
+# ============================================================ deterministic mode
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_deterministic_is_bitwise_reproducible(dtype, gen, seed):
+    case = make_case(gen, 45, 40, 6, dtype, masks="tid_neg", learnable_scale=True, seed=seed)
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        a = run(case, dtype, g, backend="triton", deterministic=True)
+        b = run(case, dtype, g, backend="triton", deterministic=True)
+    assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs run 1)", b.out, a.out)
+    for n in a.grads:
+        assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs run 1)", b.grads[n], a.grads[n])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_deterministic_matches_atomic_and_truth(reduction, gen, seed):
+    case = make_case(gen, 37, 130, 5, torch.float32, masks="both", learnable_scale=True, reduction=reduction,
+                     seed=seed)
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        det = run(case, torch.float32, g, backend="triton", deterministic=True)
+        fast = run(case, torch.float32, g, backend="triton", deterministic=False)
+        check_backend(case, "triton", MARGIN[torch.float32], gen, deterministic=True, upstream=g)
+    assert rel_err(det.out, fast.out) < 1e-6, mismatch_report("loss det vs atomic", det.out, fast.out)
+    for n in det.grads:
+        assert rel_err(det.grads[n], fast.grads[n]) < 1e-5, mismatch_report(f"{n} det vs atomic", det.grads[n],
+                                                                            fast.grads[n])
+
+
+def test_torch_backend_is_deterministic(gen, small_chunks):
+    small_chunks(256)
+    case = make_case(gen, 40, 33, 5, torch.float32, masks="tid_neg", learnable_scale=True)
+    g = upstream_grad(gen, case)
+    a = run(case, torch.float32, g, backend="torch", deterministic=True)
+    b = run(case, torch.float32, g, backend="torch", deterministic=True)
+    assert torch.equal(a.out, b.out)
+    for n in a.grads:
+        assert torch.equal(a.grads[n], b.grads[n]), n
+
+
+# ============================================================ non-finite inputs
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf - inf
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["query", "target"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_non_finite_embedding_gives_non_finite_loss(backend, where, value, gen):
+    B, d = 11, 20
+    case = make_case(gen, B, d, 0, torch.float32)
+    row = 4
+    x = case.q if where == "query" else case.t
+    x[row, 7] = value
+    for sym in (True, False):
+        for reduction in ("mean", "sum", "none"):
+            with tiles("small"):
+                out = hardness_weighted_loss(case.q, case.t, reduction=reduction, symmetric=sym, backend=backend)
+            what = f"backend={backend} {where}[{row}, 7]={value} symmetric={sym} reduction={reduction}: loss {out}"
+            if reduction == "none":
+                assert not torch.isfinite(out[row]), what
+            else:
+                assert not torch.isfinite(out), what
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_negative_gives_non_finite_loss(backend, gen):
+    case = make_case(gen, 9, 20, 3, torch.float32)
+    case.neg[1, 2] = float("nan")
+    with tiles("small"):
+        out = hardness_weighted_loss(case.q, case.t, negatives=case.neg, backend=backend, symmetric=False)
+    assert not torch.isfinite(out), out
+
+
+# ============================================================ layouts
+def _noncontiguous(q, t, neg):
+    """q: transposed-then-transposed view; t: column slice of a wider tensor; neg: every other row."""
+    q2 = q.t().contiguous().t()
+    wide = torch.cat([t, torch.randn(t.shape[0], 5, dtype=t.dtype)], dim=1)
+    t2 = wide[:, : t.shape[1]]
+    neg2 = None
+    if neg is not None:
+        inter = torch.stack([neg, torch.randn_like(neg)], dim=1).reshape(-1, neg.shape[1])
+        neg2 = inter[::2]
+    for x in (q2, t2) + (() if neg2 is None else (neg2,)):
+        assert not x.is_contiguous()
+    return q2, t2, neg2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("dtype,margin", [DTYPES[0], DTYPES[1]])
+def test_non_contiguous_inputs(backend, dtype, margin, gen, seed):
+    case = make_case(gen, 27, 33, 5, dtype, masks="tid_neg", learnable_scale=True, seed=seed, label="non-contig")
+    # ids as strided views too
+    case.target_ids = torch.stack([case.target_ids, case.target_ids + 100], dim=1).reshape(-1)[::2]
+    case.query_ids = torch.stack([case.query_ids, case.query_ids + 100], dim=1).reshape(-1)[::2]
+    assert not case.target_ids.is_contiguous()
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        strided = run(case, dtype, g, backend=backend, transform=_noncontiguous)
+        dense = run(case, dtype, g, backend=backend)
+        if backend != "reference":
+            check_backend(case, backend, margin, gen, transform=_noncontiguous)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(strided.out, dense.out) <= tol, mismatch_report("loss strided vs dense", strided.out, dense.out)
+    for n in dense.grads:
+        assert rel_err(strided.grads[n], dense.grads[n]) <= tol, mismatch_report(
+            f"{n} strided vs dense", strided.grads[n], dense.grads[n])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_only_some_inputs_require_grad(backend, gen):
+    case = make_case(gen, 19, 24, 4, torch.float32, masks="both")
+    q = case.q.clone().requires_grad_(True)
+    g = upstream_grad(gen, case)
+    with tiles("small"):
+        out = hardness_weighted_loss(q, case.t, negatives=case.neg, target_ids=case.target_ids,
+                                     query_ids=case.query_ids, backend=backend)
+    (dq,) = torch.autograd.grad(out, [q], g.float())
+    truth = run_truth(case, g)
+    assert rel_err(out, truth.out) < 1e-5
+    assert rel_err(dq, truth.grads["dq"]) < 1e-5, mismatch_report("dq", dq, truth.grads["dq"])
+
+
+# ============================================================ module API and dispatch
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "reference"])
+def test_module_matches_functional(backend, gen):
+    case = make_case(gen, 21, 33, 0, torch.float32, masks="both")
+    q, t = case.q, case.t
+    with tiles("small"):
+        plain = FusedHardnessLoss(backend=backend)(q, t)
+        fn_default = hardness_weighted_loss(q, t, backend=backend)
+        llave = FusedHardnessLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1,
+                                  backend=backend)(q, t, logit_scale=50.0, alpha=9.0)
+        d = FusedHardnessLoss(logit_scale=20.0, alpha=3.0, backend=backend, reduction="none")(
+            q, t, output_dict=True, target_ids=case.target_ids, query_ids=case.query_ids)
+        fn_d = hardness_weighted_loss(q, t, logit_scale=20.0, alpha=3.0, reduction="none", backend=backend,
+                                      target_ids=case.target_ids, query_ids=case.query_ids)
+        overridden = FusedHardnessLoss(logit_scale=20.0, alpha=3.0, backend=backend)(q, t, 50.0, 9.0)
+    assert torch.equal(plain, fn_default), (plain, fn_default)
+    assert torch.equal(llave, fn_default), (llave, fn_default)
+    assert torch.equal(overridden, fn_default), (overridden, fn_default)
+    assert isinstance(d, dict) and set(d) == {"contrastive_loss"}, d
+    assert torch.equal(d["contrastive_loss"], fn_d)
+    truth = reference_loss(q.double(), t.double(), logit_scale=50.0, alpha=9.0)
+    assert rel_err(plain, truth) < 1e-5, (plain, truth)
+
+
+def test_module_is_a_drop_in_module(gen):
+    m = FusedHardnessLoss()
+    assert isinstance(m, torch.nn.Module)
+    assert "logit_scale=50.0" in repr(m) and "alpha=9.0" in repr(m), repr(m)
+    assert list(m.parameters()) == []
+    case = make_case(gen, 5, 16, 0, torch.float32)
+    q = case.q.clone().requires_grad_(True)
+    m(q, case.t).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_auto_resolves_to_torch_on_cpu(dtype, gen):
+    assert resolve_backend("auto", torch.device("cpu"), dtype) == "torch"
+    case = make_case(gen, 9, 16, 2, dtype, masks="tid")
+    q = case.q.clone().requires_grad_(True)
+    out = hardness_weighted_loss(q, case.t, negatives=case.neg, target_ids=case.target_ids, backend="auto")
+    assert "TorchHardnessLoss" in type(out.grad_fn).__name__, type(out.grad_fn).__name__
+    ref = hardness_weighted_loss(q, case.t, negatives=case.neg, target_ids=case.target_ids, backend="torch")
+    assert torch.equal(out, ref)
+
+
+def test_reference_backend_is_the_reference(gen):
+    case = make_case(gen, 13, 16, 3, torch.float32, masks="tid_neg")
+    kw = dict(negatives=case.neg, target_ids=case.target_ids, query_ids=case.query_ids)
+    a = hardness_weighted_loss(case.q, case.t, backend="reference", reduction="none", **kw)
+    b = reference_loss(case.q, case.t, logit_scale=50.0, alpha=9.0, reduction="none", **kw)
+    assert torch.equal(a, b)
+    assert llave_fast.reference_loss is reference_loss
+
+
+# ============================================================ gradcheck (torch backend, float64)
+def test_gradcheck_torch_backend_alpha0_all_inputs(gen, small_chunks):
+    """alpha=0: the loss is an ordinary function of everything, so autograd's gradient is exact."""
+    small_chunks(10)  # 2 rows per chunk
+    case = make_case(gen, 5, 7, 2, torch.float64, masks="tid_neg", id_range=3, alpha=0.0)
+    q, t, neg = (x.clone().requires_grad_(True) for x in (case.q, case.t, case.neg))
+    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+
+    for reduction in ("mean", "none"):
+        def f(q, t, neg, s):
+            return hardness_weighted_loss(q, t, logit_scale=s, alpha=0.0, negatives=neg, reduction=reduction,
+                                          target_ids=case.target_ids, query_ids=case.query_ids, backend="torch")
+
+        assert torch.autograd.gradcheck(f, (q, t, neg, s), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_torch_backend_scale_with_hardness(gen):
+    """alpha != 0: the hardness weight is detached, but it does not depend on the scale, so
+    d loss / d logit_scale is an exact derivative and gradcheck applies to it."""
+    case = make_case(gen, 6, 5, 3, torch.float64, masks="tid_neg", id_range=3, alpha=9.0)
+    s = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+
+    def f(s):
+        return hardness_weighted_loss(case.q, case.t, logit_scale=s, alpha=9.0, negatives=case.neg,
+                                      target_ids=case.target_ids, query_ids=case.query_ids, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_hardness_weight_is_detached(gen):
+    """With alpha != 0 the embedding gradient is NOT the derivative of the loss value: it
+    is the derivative with the weights held fixed (finite differences must disagree)."""
+    case = make_case(gen, 6, 5, 0, torch.float64, alpha=9.0)
+    q = case.q.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="Jacobian mismatch"):
+        torch.autograd.gradcheck(
+            lambda q: hardness_weighted_loss(q, case.t, logit_scale=5.0, alpha=9.0, backend="torch"),
+            (q,), eps=1e-6, atol=1e-7, rtol=1e-5,
+        )
+
+
+# ============================================================ the rule can fail
+MUTATIONS = {
+    "target_ids dropped": lambda c: Case(**{**c.__dict__, "target_ids": None}),
+    "query_ids dropped": lambda c: Case(**{**c.__dict__, "query_ids": None}),
+    "hardness dropped (alpha=0)": lambda c: Case(**{**c.__dict__, "alpha": 0.0}),
+    "t->q direction dropped": lambda c: Case(**{**c.__dict__, "symmetric": False}),
+    "scale 2% off": lambda c: Case(**{**c.__dict__, "scale": c.scale * 1.02}),
+    "alpha 5% off": lambda c: Case(**{**c.__dict__, "alpha": c.alpha * 1.05}),
+}
+
+
+@pytest.mark.parametrize("dtype,margin", DTYPES)
+def test_tolerance_rule_catches_real_bugs(dtype, margin, gen, seed):
+    """A backend computing a subtly wrong loss (a dropped mask, a wrong scale, ...) fails the rule.
+
+    The "backend" here is the float64 truth of a mutated problem, its gradients rounded to
+    the dtype; the correct answer rounded the same way passes. The CCE rule alone catches
+    everything in fp32; in bf16/fp16 the eager reference is so coarse that only large bugs
+    fail it, and the CPU accumulation rule is what catches the rest.
+    """
+    case = make_case(gen, 37, 33, 5, dtype, masks="tid_neg", learnable_scale=True, seed=seed)
+    g = upstream_grad(gen, case)
+    truth = run_truth(case, g)
+    lowp = run(case, dtype, g, backend=None)
+    acc_ref = run(case, torch.float32, g, backend=None) if dtype != torch.float32 else None
+
+    def rounded(res):
+        res.grads = {n: (x.float() if n == "dscale" else x.to(dtype)) for n, x in res.grads.items()}
+        res.out = res.out.float()
+        return res
+
+    assert_results_match(rounded(run_truth(case, g)), truth, lowp, margin, acc_ref=acc_ref)
+
+    def caught(name, acc):
+        bad = rounded(run_truth(MUTATIONS[name](case), g))
+        try:
+            assert_results_match(bad, truth, lowp, margin, acc_ref=acc)
+        except AssertionError:
+            return True
+        return False
+
+    uncaught = [name for name in MUTATIONS if not caught(name, acc_ref)]
+    assert not uncaught, f"the tolerance rule lets these bugs pass in {dtype}: {uncaught}"
+    if dtype != torch.float32:
+        # the CCE rule alone (GPU runs) still catches the gross bugs in 16-bit
+        gross = ("hardness dropped (alpha=0)", "t->q direction dropped")
+        uncaught = [name for name in gross if not caught(name, None)]
+        assert not uncaught, f"the CCE rule lets these bugs pass in {dtype}: {uncaught}"

@@ -1,0 +1,209 @@
+"""The COMPILED kernels on CUDA (run with LLAVE_FAST_COMPILED=1 on a GPU machine).
+
+    LLAVE_FAST_COMPILED=1 python -m pytest -m gpu tests/test_loss_gpu.py
+
+Every test skips at run time when TRITON_INTERPRET=1 (conftest sets it unless
+LLAVE_FAST_COMPILED=1) or when CUDA is unavailable; nothing probes CUDA at import time.
+The tolerance rule is the CCE one of ``_helpers`` (the CPU-only accumulation rule is off:
+on a GPU the kernels keep bf16 operands and tf32 GEMMs where the launcher chooses them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llave_fast import FusedHardnessLoss, hardness_weighted_loss
+from llave_fast.backends import resolve_backend
+from llave_fast.backends.triton_backend import kernel_config
+from llave_fast.reference import reference_loss
+
+from _helpers import (
+    DTYPES,
+    MARGIN,
+    check_backend,
+    make_case,
+    mismatch_report,
+    rel_err,
+    run,
+    seed_for,
+    upstream_grad,
+)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda():
+    """The CUDA device, or a skip: decided when the test runs, never at import."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not in use (run with LLAVE_FAST_COMPILED=1)")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture
+def gen(request):
+    return torch.Generator().manual_seed(seed_for(request.node.nodeid))
+
+
+# (B, d, M): B and N = B + M from 1 to 4096+, LLaVE's widths 896/1536/3584 and an odd 130
+GPU_SHAPES = [
+    (1, 896, 9),
+    (17, 130, 0),
+    (130, 130, 3),
+    (257, 1536, 31),
+    (1000, 3584, 0),
+    (2048, 896, 100),
+    (4096, 896, 0),
+    (4096, 3584, 0),
+]
+OPTIONS = [  # cycled over the grid: (masks, symmetric, reduction, learnable scale)
+    ("none", True, "mean", False),
+    ("tid_neg", True, "mean", True),
+    ("both", False, "sum", False),
+    ("tid", True, "none", True),
+    ("qid", True, "mean", False),
+]
+
+
+def _gpu_grid():
+    i = 0
+    for dt in DTYPES:
+        dtype, margin = dt.values
+        for B, d, M in GPU_SHAPES:
+            masks, sym, red, learn = OPTIONS[i % len(OPTIONS)]
+            i += 1
+            if masks == "tid_neg" and M == 0:
+                masks = "both"
+            yield pytest.param(dtype, margin, (B, d, M), masks, sym, red, learn,
+                               id=f"{dt.id}-{B}x{d}x{M}-{masks}-{'sym' if sym else 'oneway'}-{red}"
+                                  + ("-slearn" if learn else ""))
+
+
+@pytest.mark.parametrize("dtype,margin,shape,masks,symmetric,reduction,learnable", list(_gpu_grid()))
+def test_compiled_triton_matches_reference(cuda, dtype, margin, shape, masks, symmetric, reduction, learnable, gen,
+                                           request):
+    B, d, M = shape
+    case = make_case(gen, B, d, M, dtype, masks=masks, symmetric=symmetric, reduction=reduction,
+                     learnable_scale=learnable, device=cuda, seed=seed_for(request.node.nodeid), label="gpu")
+    check_backend(case, "triton", margin, gen)
+
+
+@pytest.mark.parametrize("dtype,margin", DTYPES)
+@pytest.mark.parametrize("masks", ["none", "tid_neg"])
+def test_compiled_triton_small_tiles_many_groups(cuda, dtype, margin, masks, gen):
+    """Several row/column blocks per program group, on the compiled path."""
+    case = make_case(gen, 301, 130, 17, dtype, masks=masks, learnable_scale=True, device=cuda)
+    with kernel_config(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=3, BWD_BM=32, BWD_BN=32):
+        check_backend(case, "triton", margin, gen)
+        check_backend(case, "triton", margin, gen, deterministic=True)
+
+
+@pytest.mark.parametrize("dtype,margin", DTYPES)
+def test_torch_backend_on_cuda(cuda, dtype, margin, gen):
+    case = make_case(gen, 513, 896, 40, dtype, masks="tid_neg", learnable_scale=True, device=cuda)
+    check_backend(case, "torch", margin, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_compiled_deterministic_is_bitwise(cuda, dtype, gen):
+    case = make_case(gen, 2048, 896, 64, dtype, masks="tid_neg", learnable_scale=True, device=cuda)
+    g = upstream_grad(gen, case)
+    a = run(case, dtype, g, backend="triton", deterministic=True)
+    b = run(case, dtype, g, backend="triton", deterministic=True)
+    assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs 1)", b.out, a.out)
+    for n in a.grads:
+        assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs 1)", b.grads[n], a.grads[n])
+    fast = run(case, dtype, g, backend="triton", deterministic=False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for n in a.grads:
+        assert rel_err(fast.grads[n], a.grads[n]) <= tol, mismatch_report(f"{n} atomic vs det", fast.grads[n],
+                                                                          a.grads[n])
+
+
+@pytest.mark.parametrize("dtype,margin", [DTYPES[0], DTYPES[1]])
+def test_compiled_non_contiguous(cuda, dtype, margin, gen):
+    def strided(q, t, neg):
+        wide = torch.cat([t, torch.randn_like(t[:, :5])], dim=1)
+        return q.t().contiguous().t(), wide[:, : t.shape[1]], neg[::1].t().contiguous().t()
+
+    case = make_case(gen, 333, 896, 21, dtype, masks="tid_neg", learnable_scale=True, device=cuda)
+    check_backend(case, "triton", margin, gen, transform=strided)
+
+
+def test_compiled_poisoned_outputs(cuda, monkeypatch, gen):
+    monkeypatch.setenv("LLAVE_FAST_POISON", "1")
+    case = make_case(gen, 777, 130, 11, torch.bfloat16, masks="tid_neg", learnable_scale=True, device=cuda)
+    check_backend(case, "triton", MARGIN[torch.bfloat16], gen)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_compiled_non_finite(cuda, value, gen):
+    case = make_case(gen, 300, 130, 0, torch.bfloat16, device=cuda)
+    case.q[5, 3] = value
+    out = hardness_weighted_loss(case.q, case.t, backend="triton")
+    assert not torch.isfinite(out), out
+
+
+def test_auto_is_triton_on_cuda(cuda, gen):
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert resolve_backend("auto", cuda, torch.float64) == "torch"
+    case = make_case(gen, 64, 130, 0, torch.bfloat16, device=cuda)
+    q = case.q.clone().requires_grad_(True)
+    out = FusedHardnessLoss()(q, case.t)
+    assert "TritonHardnessLoss" in type(out.grad_fn).__name__, type(out.grad_fn).__name__
+
+
+def test_non_default_device(cuda, gen):
+    """Tensors on cuda:1 run there (the launch must not go to the current device)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() != 1
+    case = make_case(gen, 300, 896, 12, torch.bfloat16, masks="tid_neg", learnable_scale=True, device=dev)
+    check_backend(case, "triton", MARGIN[torch.bfloat16], gen)
+    g = upstream_grad(gen, case)
+    res = run(case, torch.bfloat16, g, backend="triton")
+    assert res.out.device == dev and all(x.device == dev for x in res.grads.values())
+
+
+def test_compiled_never_allocates_b_by_n(cuda, gen):
+    """Peak CUDA memory above the inputs stays below a quarter of one fp32 B x N matrix
+    (the eager reference needs several)."""
+    B, d = 8192, 128
+    case = make_case(gen, B, d, 0, torch.bfloat16, masks="both", device=cuda, min_loss=None)
+    q = case.q.clone().requires_grad_(True)
+    t = case.t.clone().requires_grad_(True)
+    scale = torch.tensor(50.0, device=cuda, requires_grad=True)
+
+    def peak_of(backend):
+        torch.cuda.synchronize(cuda)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(cuda)
+        base = torch.cuda.memory_allocated(cuda)
+        out = hardness_weighted_loss(q, t, logit_scale=scale, target_ids=case.target_ids, query_ids=case.query_ids,
+                                     backend=backend)
+        grads = torch.autograd.grad(out, [q, t, scale])
+        torch.cuda.synchronize(cuda)
+        assert all(torch.isfinite(x).all() for x in grads)
+        return torch.cuda.max_memory_allocated(cuda) - base
+
+    budget = B * B * 4 // 4
+    fused = peak_of("triton")
+    assert fused < budget, f"triton backend peak {fused} bytes, budget {budget} (B*N*4/4)"
+    eager = peak_of("reference")
+    assert eager >= B * B * 4, f"the reference's peak {eager} should hold a B x N fp32 matrix"
+
+
+def test_compiled_matches_reference_llave_shape(cuda, gen):
+    """LLaVE's setting: bf16, d=3584, s=50, alpha=9, symmetric mean, via the module."""
+    case = make_case(gen, 1024, 3584, 0, torch.bfloat16, device=cuda)
+    q = case.q.clone().requires_grad_(True)
+    out = FusedHardnessLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1)(
+        q, case.t, logit_scale=50.0, alpha=9.0)
+    ref = reference_loss(case.q.double(), case.t.double(), logit_scale=50.0, alpha=9.0)
+    assert rel_err(out, ref) < 1e-3, (out.item(), ref.item())
