@@ -1,0 +1,59 @@
+"""``llave-fast export``: a run's sharded DeepSpeed checkpoint -> one 16-bit model folder.
+
+The folder is in transformers' format with the tokenizer and processor beside the
+weights, so ``LLaVEEmbedder.from_pretrained(folder)`` loads it on any machine. Works on
+the CPU, without the ranks that wrote the checkpoint: the ZeRO partitions are merged
+from the files (deepspeed's zero_to_fp32), then cast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import checkpoint as ckpt
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict, str]:
+    """fp32 state dict of the embedder from the newest complete checkpoint (or ``tag``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = os.path.join(run_dir, "checkpoints")
+    tag = tag or ckpt.latest_complete(root)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {root}")
+    if not os.path.exists(os.path.join(root, tag, ckpt.MARKER)):
+        raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete (no {ckpt.MARKER} marker)")
+    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag), tag
+
+
+def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str | None = None):
+    """The run's model with the checkpoint's weights (every weight must land)."""
+    from .model import LLaVEEmbedder, LLaVEProcessor, load_config
+
+    base = os.path.join(run_dir, "base")
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"{base} is missing: is {run_dir} a llave-fast run directory?")
+    config = load_config(base)
+    processor = LLaVEProcessor.from_pretrained(base, config=config)
+    model = LLaVEEmbedder.from_config(config, processor, torch_dtype=torch.float32)
+    state, tag = consolidated_state_dict(run_dir, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {tag} of {run_dir} does not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    return model.to(dtype).eval(), tag
+
+
+def export_run(run_dir: str, output: str | None = None, *, dtype: str = "bf16", tag: str | None = None) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model, tag = load_run_model(run_dir, dtype=DTYPES[dtype], tag=tag)
+    output = output or os.path.join(run_dir, "export")
+    model.save_pretrained(output)
+    with open(os.path.join(output, "llave_fast_export.txt"), "w") as f:
+        f.write(f"run: {os.path.abspath(run_dir)}\ncheckpoint: {tag}\ndtype: {dtype}\n")
+    return output

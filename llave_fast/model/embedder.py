@@ -1,0 +1,477 @@
+"""LLaVEEmbedder: transformers' LlavaOnevisionModel (no LM head) turned into an embedder.
+
+``forward(batch)`` returns the final hidden state (after the language model's last RMSNorm)
+at the last real token of every row, L2-normalised, as float32 (B, d). The batch contract
+is described in :mod:`llave_fast.model.processor`: batch-first and aligned sample by sample,
+so GradCache can split it anywhere; text-only samples carry ``None`` image entries. The
+forward gathers the image samples' tiles into the (n_tiles, 3, S, S) stack and the
+(n_images, 2) sizes LlavaOnevisionModel expects; the model writes each image's visual
+features over that sample's image tokens, in batch order.
+
+Padding: rows may be padded on either side. Position ids are computed from the attention
+mask (``cumsum - 1``), so a left-padded row gets the same positions, hence the same
+embedding, as a right-padded one, and a sample's embedding does not depend on its batch.
+
+Loading: :meth:`LLaVEEmbedder.from_pretrained` reads LLaVE's own ``llava_qwen`` checkpoints
+(config converted and weights renamed at load time, see :mod:`llave_fast.model.convert`) and
+transformers-format folders, including this class's :meth:`save_pretrained` exports. Weights
+always go through transformers' ``from_pretrained``: under DeepSpeed ZeRO-3, create
+``transformers.integrations.HfDeepSpeedConfig(ds_config)`` (and keep a reference to it)
+*before* calling ``from_pretrained``; the model is then built under ``deepspeed.zero.Init``
+and every weight is partitioned as it is loaded, never materialised whole on one rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convert import (
+    CheckpointKeyError,
+    check_checkpoint_keys,
+    checkpoint_keys,
+    convert_llava_qwen_config,
+    ensure_image_token,
+    format_key_report,
+    is_llava_qwen_config,
+    llava_qwen_key_mapping,
+    load_config,
+    load_tokenizer,
+    read_raw_config,
+)
+from .processor import LLaVEProcessor, count_image_tokens, num_image_tiles
+
+__all__ = ["LLaVEEmbedder", "default_attn_implementation", "BATCH_KEYS"]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def default_attn_implementation(dtype: torch.dtype) -> str:
+    """``flash_attention_2`` when flash-attn is installed, CUDA is there and the weights are
+    bf16/fp16; ``sdpa`` otherwise."""
+    if (
+        dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.is_available()
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _resolve_dtype(torch_dtype, raw: dict | None = None) -> torch.dtype:
+    """None -> float32; "auto" -> the checkpoint's dtype; a name or a torch.dtype."""
+    if torch_dtype is None:
+        return torch.float32
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype == "auto":
+        stored = (raw or {}).get("torch_dtype") or (raw or {}).get("dtype") or "float32"
+        return _resolve_dtype(stored)
+    if isinstance(torch_dtype, str) and torch_dtype.replace("torch.", "") in _DTYPES:
+        return _DTYPES[torch_dtype.replace("torch.", "")]
+    raise ValueError(f"torch_dtype must be None, 'auto', a torch.dtype or one of {sorted(_DTYPES)}; got {torch_dtype!r}")
+
+
+def _resolve_path(path: str) -> str:
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path!r} is a file: give the checkpoint folder")
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint folder {path!r} (and it is not a hub id of the form owner/name)")
+    try:  # a hub id, when the network allows
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin", "*.tiktoken"]
+        )
+    except Exception as e:  # noqa: BLE001 - report why, whatever the hub client raised
+        raise FileNotFoundError(
+            f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub ({type(e).__name__}: "
+            f"{e}). Download it where the network allows and pass the folder."
+        ) from e
+
+
+def _set_config_dtype(file: str, dtype: torch.dtype) -> None:
+    import json
+
+    with open(file) as f:
+        cfg = json.load(f)
+    name = str(dtype).replace("torch.", "")
+    cfg["dtype"] = name
+    for sub in ("text_config", "vision_config"):
+        if isinstance(cfg.get(sub), dict) and "dtype" in cfg[sub]:
+            cfg[sub]["dtype"] = name
+    with open(file, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+class LLaVEEmbedder(nn.Module):
+    """LLaVE: LlavaOnevisionModel -> last real token's final hidden state -> L2 norm.
+
+    Args:
+        model: a ``transformers.LlavaOnevisionModel`` (the base model, no LM head).
+        processor: the :class:`LLaVEProcessor` matching it (needed by :meth:`encode` and
+            :meth:`save_pretrained`).
+    """
+
+    def __init__(self, model, processor: LLaVEProcessor | None = None):
+        super().__init__()
+        from transformers import LlavaOnevisionModel
+
+        if not isinstance(model, LlavaOnevisionModel):
+            raise TypeError(f"model must be a transformers LlavaOnevisionModel, got {type(model).__name__}")
+        self.model = model
+        self._processor = processor
+        # ZeRO-3 gathers each module's weights with collectives as the module runs, so every
+        # rank must run the same modules in the same order. A text-only chunk on one rank and
+        # an image chunk on another would skip the vision tower on one side only (a hang).
+        # When set (the trainer does so under multi-rank ZeRO-3), a chunk without images gets
+        # one extra dummy image row whose output enters the result with weight 0.
+        self.uniform_modules = False
+        self._dummy = None
+        if processor is not None and processor.image_token_id != model.config.image_token_index:
+            raise ValueError(
+                f"processor image token id {processor.image_token_id} != model config image_token_index "
+                f"{model.config.image_token_index}"
+            )
+        # Visual features are hidden states of the vision encoder, taken before its post_layernorm
+        # (and SigLIP has no head here): those weights are loaded (every weight lands) but never
+        # used, so they are frozen and get no optimizer state.
+        post_ln = getattr(model.vision_tower, "post_layernorm", None)
+        if post_ln is not None:
+            post_ln.requires_grad_(False)
+
+    # ---- properties -------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def processor(self) -> LLaVEProcessor | None:
+        return self._processor
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config,
+        processor: LLaVEProcessor | None = None,
+        *,
+        torch_dtype=None,
+        attn_implementation: str | None = None,
+    ) -> "LLaVEEmbedder":
+        """A freshly initialised model (built under ``deepspeed.zero.Init`` when an
+        ``HfDeepSpeedConfig`` with ZeRO-3 is alive)."""
+        from transformers import LlavaOnevisionModel
+
+        dtype = _resolve_dtype(torch_dtype)
+        attn = attn_implementation or default_attn_implementation(dtype)
+        model = LlavaOnevisionModel._from_config(config, dtype=dtype, attn_implementation=attn)
+        return cls(model, processor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        torch_dtype=None,
+        attn_implementation: str | None = None,
+        vision_config: dict | Any | None = None,
+    ) -> "LLaVEEmbedder":
+        """Load a checkpoint folder (or hub id, when the network allows).
+
+        Formats: LLaVE's ``llava_qwen`` (LLaVA-NeXT) checkpoints, converted on the fly; and
+        transformers' ``llava_onevision`` folders (this class's exports, llava-hf ones).
+        Every weight must land: a missing or left-over tensor (other than ``lm_head``)
+        raises :class:`~llave_fast.model.convert.CheckpointKeyError`.
+
+        Args:
+            torch_dtype: None (float32), "auto" (the checkpoint's dtype), or a dtype.
+            attn_implementation: None picks :func:`default_attn_implementation`.
+            vision_config: for ``llava_qwen`` checkpoints whose ``mm_vision_tower`` is not
+                SigLIP so400m-patch14-384: the tower's config (dict or config object) with
+                ``num_hidden_layers`` = the layers the checkpoint keeps.
+
+        ZeRO-3: create ``HfDeepSpeedConfig(ds_config)`` first; loading then partitions.
+        """
+        from transformers import LlavaOnevisionModel
+
+        path = _resolve_path(path)
+        raw = read_raw_config(path)
+        dtype = _resolve_dtype(torch_dtype, raw)
+        tokenizer = load_tokenizer(path)
+        keys = checkpoint_keys(path)
+        if is_llava_qwen_config(raw):
+            image_id = ensure_image_token(tokenizer)
+            config = convert_llava_qwen_config(raw, image_token_index=image_id, vision_config=vision_config)
+            mapping = llava_qwen_key_mapping(keys, config)
+        else:
+            config = load_config(path, vision_config=vision_config)
+            mapping = None
+        attn = attn_implementation or default_attn_implementation(dtype)
+        model, info = LlavaOnevisionModel.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn,
+            key_mapping=mapping,
+            output_loading_info=True,
+        )
+        if keys is not None:
+            # our own check of the checkpoint's names against the model's (under ZeRO-3 transformers reports
+            # no unexpected keys, so this is the guard there)
+            check_checkpoint_keys(keys, model.state_dict().keys(), mapping=mapping, source=path)
+        unexpected = sorted(k for k in info.get("unexpected_keys", ()) if "lm_head" not in k)
+        missing = sorted(info.get("missing_keys", ()))
+        mismatched = sorted(map(str, info.get("mismatched_keys", ())))
+        if missing or unexpected or mismatched or info.get("error_msgs"):
+            raise CheckpointKeyError(
+                format_key_report(path, missing=missing, unexpected=unexpected, mismatched=mismatched,
+                                  other=info.get("error_msgs", ()))
+            )
+        processor = LLaVEProcessor.from_pretrained(path, config=config, tokenizer=tokenizer)
+        return cls(model, processor)
+
+    def save_pretrained(self, path: str, *, state_dict: dict | None = None, **kwargs) -> None:
+        """Write a self-contained transformers-format folder: config, safetensors weights,
+        tokenizer, ``preprocessor_config.json``. :meth:`from_pretrained` loads it back.
+
+        Under ZeRO-3 the parameters are partitioned: pass the gathered ``state_dict`` (e.g.
+        the engine's consolidated 16-bit state dict; keys with or without this module's
+        ``model.`` prefix) and call on one rank only.
+        """
+        if self._processor is None:
+            raise ValueError("this LLaVEEmbedder has no processor: a saved folder would not be self-contained")
+        if state_dict and all(k.startswith("model.") for k in state_dict):
+            # this module's own state_dict: LlavaOnevisionModel names carry no "model." prefix
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
+        import inspect
+
+        if "save_original_format" in inspect.signature(self.model.save_pretrained).parameters:
+            # transformers >= 5 would otherwise write the names the weights were loaded under (LLaVA-NeXT's, for a
+            # converted llava_qwen checkpoint) or its legacy layout; the export uses LlavaOnevisionModel's own names
+            kwargs.setdefault("save_original_format", False)
+        # a given state dict (e.g. a 16-bit export) sets the stored dtype, so "auto" loads it as written
+        dtypes = {v.dtype for v in (state_dict or {}).values() if torch.is_tensor(v) and v.is_floating_point()}
+        self.model.save_pretrained(path, state_dict=dict(state_dict) if state_dict else None, **kwargs)
+        if len(dtypes) == 1:
+            _set_config_dtype(os.path.join(path, "config.json"), dtypes.pop())
+        self._processor.save_pretrained(path)
+
+    # ---- the forward ------------------------------------------------------------------------
+
+    def _gather_images(self, batch: dict, input_ids: torch.Tensor):
+        """Validate the per-sample image entries and stack the image samples' tiles."""
+        B = input_ids.shape[0]
+        pixel_values, image_sizes = batch.get("pixel_values"), batch.get("image_sizes")
+        if pixel_values is None:
+            pixel_values = [None] * B
+        if image_sizes is None:
+            image_sizes = [None] * B
+        for name, v in (("pixel_values", pixel_values), ("image_sizes", image_sizes)):
+            if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)):
+                raise TypeError(f"batch[{name!r}] must be a list with one entry (or None) per sample, got {type(v).__name__}")
+            if len(v) != B:
+                raise ValueError(f"batch[{name!r}] has {len(v)} entries but input_ids has {B} rows")
+
+        cfg = self.model.config
+        S = cfg.vision_config.image_size
+        n_img_tokens = (input_ids == cfg.image_token_index).sum(dim=1).tolist()
+        tiles, sizes = [], []
+        for i, (pv, size) in enumerate(zip(pixel_values, image_sizes)):
+            if (pv is None) != (size is None):
+                raise ValueError(f"sample {i}: pixel_values and image_sizes must both be given or both be None")
+            if pv is None:
+                if n_img_tokens[i]:
+                    raise ValueError(f"sample {i} has {n_img_tokens[i]} image tokens but no image (pixel_values is None)")
+                continue
+            if not isinstance(pv, torch.Tensor) or pv.dim() != 4 or tuple(pv.shape[1:]) != (3, S, S):
+                got = tuple(pv.shape) if isinstance(pv, torch.Tensor) else type(pv).__name__
+                raise ValueError(f"sample {i}: pixel_values must be a (n_tiles, 3, {S}, {S}) tensor, got {got}")
+            if len(size) != 2 or min(size) <= 0:
+                raise ValueError(f"sample {i}: image_sizes entry must be (height, width), got {size!r}")
+            h, w = int(size[0]), int(size[1])
+            want_tiles = num_image_tiles(h, w, image_size=S, grid_pinpoints=cfg.image_grid_pinpoints)
+            if pv.shape[0] != want_tiles:
+                raise ValueError(
+                    f"sample {i}: an image of (height, width) = {(h, w)} needs {want_tiles} tiles with this model's "
+                    f"grid pinpoints, got {pv.shape[0]} (was it processed for another model?)"
+                )
+            want_tokens = count_image_tokens(
+                h, w, image_size=S, patch_size=cfg.vision_config.patch_size,
+                grid_pinpoints=cfg.image_grid_pinpoints, vision_aspect_ratio=cfg.vision_aspect_ratio,
+            )
+            if n_img_tokens[i] != want_tokens:
+                raise ValueError(
+                    f"sample {i} has {n_img_tokens[i]} image tokens but its image of (height, width) = {(h, w)} "
+                    f"gives {want_tokens} visual features"
+                )
+            tiles.append(pv)
+            sizes.append((h, w))
+        if not tiles:
+            return None, None
+        device = input_ids.device
+        pixel = torch.cat(tiles).to(device=device, dtype=self.model.dtype, non_blocking=True)
+        return pixel, torch.tensor(sizes, dtype=torch.long, device=device)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The batch dict of :mod:`llave_fast.model.processor` -> (B, d) float32, unit rows."""
+        if not isinstance(batch, dict):
+            raise TypeError(f"batch must be a dict with keys {BATCH_KEYS}, got {type(batch).__name__}")
+        for key in ("input_ids", "attention_mask"):
+            if key not in batch:
+                raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}; expected {BATCH_KEYS})")
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                f"got {getattr(attention_mask, 'shape', attention_mask)!r}"
+            )
+        B, L = input_ids.shape
+        if B == 0:
+            raise ValueError("empty batch (input_ids has 0 rows)")
+        device = self.model.get_input_embeddings().weight.device
+        input_ids = input_ids.to(device)
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        lengths = mask.sum(dim=1)
+        if bool((lengths == 0).any()):
+            raise ValueError(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} have no real token (all padding)")
+        pixel_values, image_sizes = self._gather_images(batch, input_ids)
+        n_dummy = 0
+        if pixel_values is None and self.uniform_modules:
+            input_ids, mask, pixel_values, image_sizes = self._append_dummy_image(input_ids, mask)
+            n_dummy = 1
+            L = input_ids.shape[1]
+
+        # positions count real tokens only: left and right padding give the same positions
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state  # (B, L, D), after the final RMSNorm
+        # last real token of each row, whichever side the padding is on
+        last = (L - 1) - mask.flip(dims=[1]).argmax(dim=1)
+        pooled = hidden[torch.arange(B + n_dummy, device=device), last]
+        if n_dummy:
+            # the dummy row joins the graph with weight 0: its modules run (and get zero
+            # gradients) on this rank like on the others, and the result is unchanged
+            pooled = pooled[:B] + 0.0 * pooled[B:].sum()
+        return F.normalize(pooled.float(), dim=-1)
+
+    def _append_dummy_image(self, input_ids, mask):
+        """(input_ids, mask) plus one row holding a blank image; padded on the right to one length."""
+        from PIL import Image
+
+        if self._processor is None:
+            raise ValueError("uniform_modules needs the processor (to build the dummy image row)")
+        device = input_ids.device
+        if self._dummy is None:
+            size = self.model.config.vision_config.image_size
+            d = self._processor(["<image>"], [Image.new("RGB", (size, size))])
+            self._dummy = (d["input_ids"], d["attention_mask"], d["pixel_values"][0], d["image_sizes"][0])
+        ids_d, mask_d, pix_d, size_d = self._dummy
+        L = max(input_ids.shape[1], ids_d.shape[1])
+        pad = self._processor.pad_token_id
+
+        def right_pad(x, value):
+            return F.pad(x.to(device), (0, L - x.shape[1]), value=value)
+
+        input_ids = torch.cat([right_pad(input_ids, pad), right_pad(ids_d, pad)])
+        mask = torch.cat([right_pad(mask, 0), right_pad(mask_d.long(), 0)])
+        pixel = pix_d.to(device=device, dtype=self.model.dtype)
+        sizes = torch.tensor([tuple(size_d)], dtype=torch.long, device=device)
+        return input_ids, mask, pixel, sizes
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        batch_size: int = 16,
+        padding_side: str = "right",
+    ) -> torch.Tensor:
+        """Embed texts (each with an optional PIL image) in eval mode without grad.
+
+        ``<|image_N|>`` placeholders become the image token; an image without a placeholder
+        goes before the text. Returns a (B, d) float32 CPU tensor of unit rows.
+        """
+        if self._processor is None:
+            raise ValueError("encode needs a processor: build the embedder with one (from_pretrained does)")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+        if images is not None and (not isinstance(images, (list, tuple)) or len(images) != len(texts)):
+            n = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
+            raise ValueError(f"texts has {len(texts)} entries but images has {n}: give one image (or None) per text")
+        was_training = self.training
+        self.eval()
+        try:
+            out = []
+            for lo in range(0, len(texts), batch_size):
+                hi = lo + batch_size
+                batch = self._processor(
+                    list(texts[lo:hi]), None if images is None else list(images[lo:hi]), padding_side=padding_side
+                )
+                out.append(self(batch).cpu())
+            if not out:
+                return torch.empty(0, self.embed_dim)
+            return torch.cat(out)
+        finally:
+            self.train(was_training)
+
+    # ---- training switches ------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Non-reentrant activation checkpointing of every vision and language layer."""
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self) -> None:
+        if hasattr(self.model, "activation_checkpointing_disable"):
+            self.model.activation_checkpointing_disable()
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        flag = getattr(type(self.model), "is_activation_checkpointing", None)
+        return bool(self.model.is_activation_checkpointing if flag is not None else self.model.is_gradient_checkpointing)
+
+    def extra_repr(self) -> str:
+        c = self.model.config
+        return (
+            f"embed_dim={self.embed_dim}, vision={c.vision_config.model_type} x{c.vision_config.num_hidden_layers}, "
+            f"text=qwen2 x{c.text_config.num_hidden_layers}, attn={c._attn_implementation}"
+        )

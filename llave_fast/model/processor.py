@@ -1,0 +1,417 @@
+"""LLaVE's input pipeline: the qwen_1_5 prompt, anyres image tiling, and the batch contract.
+
+What LLaVE (LLaVA-NeXT ``llava_qwen`` code) does, reproduced here:
+
+* Prompt: the qwen_1_5 chat template with its system turn, the user turn holding the image
+  placeholder and the text, and an assistant turn of "\\n"::
+
+      <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+      <|im_start|>user\\n<image>\\nRepresent the given image.<|im_end|>\\n
+      <|im_start|>assistant\\n\\n<|im_end|>\\n
+
+  The prompt is tokenised in pieces split at ``<image>``; each ``<image>`` becomes as many
+  image-token ids as the image has visual features (transformers' LlavaOnevision layout).
+  MMEB's ``<|image_1|>`` placeholders become ``<image>``. The pooled position is the last
+  real token (the final "\\n").
+* Images (anyres): the grid with the best fit among ``image_grid_pinpoints`` (height, width)
+  is chosen; the image is resized to fit it (bicubic, aspect kept) and centred on black
+  padding, then cut into ``image_size`` squares, row-major. The base view is the whole image
+  resized to ``image_size`` x ``image_size`` (bicubic, aspect ignored) and comes first. Pixels
+  are scaled by 1/255 and normalised with ``image_mean``/``image_std``.
+* Visual tokens per image (what ``LlavaOnevisionModel.pack_image_features`` produces): the
+  base view's n*n patches, then the crops' feature map with the padding cut away
+  ("unpad"), an ``image_newline`` after every row, shrunk when it exceeds ``anyres_max_N``.
+
+The batch contract (what :class:`LLaVEEmbedder.forward` takes; batch-first and aligned
+sample by sample so GradCache can split it)::
+
+    input_ids       LongTensor (B, L)
+    attention_mask  LongTensor (B, L)   1 = real token, 0 = padding (left or right)
+    pixel_values    list of B entries: FloatTensor (n_tiles, 3, S, S) or None (text only)
+    image_sizes     list of B entries: (height, width) of the original image, or None
+
+Only PIL and numpy are used for images (no torchvision).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .convert import ensure_image_token
+
+__all__ = [
+    "LLaVEProcessor",
+    "count_image_tokens",
+    "num_image_tiles",
+    "best_resolution",
+    "IMAGE_PLACEHOLDER",
+    "MMEB_IMAGE_PLACEHOLDER",
+    "SYSTEM_PROMPT",
+]
+
+IMAGE_PLACEHOLDER = "<image>"
+MMEB_IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
+SYSTEM_PROMPT = "You are a helpful assistant."
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+# --------------------------------------------------------------------------------------------
+# anyres geometry (all sizes are (height, width), as transformers expects)
+# --------------------------------------------------------------------------------------------
+
+
+def best_resolution(height: int, width: int, grid_pinpoints) -> tuple[int, int]:
+    """The pinpoint that keeps the most of the image's resolution, then wastes the least.
+
+    Same rule as LLaVA-NeXT's ``select_best_resolution`` (which takes (width, height); the
+    rule is symmetric) and the one transformers' model uses to rebuild the grid, so the
+    processor and the model always agree.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    return tuple(select_best_resolution((height, width), [list(p) for p in grid_pinpoints]))
+
+
+def num_image_tiles(height: int, width: int, *, image_size: int, grid_pinpoints) -> int:
+    """Tiles fed to the vision tower for one image: 1 base view + the crops of its grid."""
+    best_h, best_w = best_resolution(height, width, grid_pinpoints)
+    return 1 + math.ceil(best_h / image_size) * math.ceil(best_w / image_size)
+
+
+def count_image_tokens(
+    height: int,
+    width: int,
+    *,
+    image_size: int,
+    patch_size: int,
+    grid_pinpoints,
+    vision_aspect_ratio: str = "anyres_max_9",
+) -> int:
+    """Visual features ``LlavaOnevisionModel`` produces for one image of this size.
+
+    Mirrors ``pack_image_features`` step by step: base view n*n; the crops' (gh*n, gw*n)
+    map; unpad to the image's aspect ratio; shrink when over ``anyres_max_N`` tiles' worth;
+    one ``image_newline`` per row.
+    """
+    n = image_size // patch_size
+    best_h, best_w = best_resolution(height, width, grid_pinpoints)
+    rows, cols = (best_h // image_size) * n, (best_w // image_size) * n
+    # unpad: cut the rows (or columns) that only saw the centred black padding
+    if width / height > cols / rows:
+        new_rows = int(round(height * (cols / width), 7))
+        pad = (rows - new_rows) // 2
+        rows = rows - 2 * pad
+    else:
+        new_cols = int(round(width * (rows / height), 7))
+        pad = (cols - new_cols) // 2
+        cols = cols - 2 * pad
+    max_tiles = int(vision_aspect_ratio.strip("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (max_tiles * n * n))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return n * n + rows * (cols + 1)
+
+
+def _check_pinpoints(grid_pinpoints, image_size: int) -> list[list[int]]:
+    if not isinstance(grid_pinpoints, (list, tuple)) or not grid_pinpoints:
+        raise ValueError(f"image_grid_pinpoints must be a non-empty list of (height, width), got {grid_pinpoints!r}")
+    out = []
+    for p in grid_pinpoints:
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise ValueError(f"image_grid_pinpoints entries must be (height, width) pairs, got {p!r}")
+        h, w = int(p[0]), int(p[1])
+        if h <= 0 or w <= 0 or h % image_size or w % image_size:
+            raise ValueError(
+                f"image_grid_pinpoints entry {p!r} is not a positive multiple of the tile size {image_size}"
+            )
+        out.append([h, w])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the processor
+# --------------------------------------------------------------------------------------------
+
+
+class LLaVEProcessor:
+    """Texts and images -> the batch dict :class:`LLaVEEmbedder` takes (see module docstring).
+
+    Build it from in-memory objects (a tokenizer and the geometry of the vision side), from
+    a model config (:meth:`from_config`), or from a local folder (:meth:`from_pretrained`);
+    nothing is downloaded. If the tokenizer has no ``image_token``, it is added to it as a
+    special token (LLaVE's own tokenizers lack one; its id must fit the model's vocabulary).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        image_size: int,
+        patch_size: int,
+        image_grid_pinpoints: Sequence[Sequence[int]],
+        vision_aspect_ratio: str = "anyres_max_9",
+        image_mean: Sequence[float] = SIGLIP_MEAN,
+        image_std: Sequence[float] = SIGLIP_STD,
+        rescale_factor: float = 1 / 255,
+        image_token: str = IMAGE_PLACEHOLDER,
+        system_prompt: str = SYSTEM_PROMPT,
+    ):
+        if tokenizer is None:
+            raise ValueError("LLaVEProcessor needs a tokenizer")
+        image_size, patch_size = int(image_size), int(patch_size)
+        if image_size <= 0 or patch_size <= 0 or image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be a positive multiple of patch_size ({patch_size})")
+        if not re.fullmatch(r"anyres_max_\d+", str(vision_aspect_ratio)):
+            raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}")
+        if len(image_mean) != 3 or len(image_std) != 3 or any(s <= 0 for s in image_std):
+            raise ValueError(f"image_mean/image_std must be 3 values (std > 0), got {image_mean!r}, {image_std!r}")
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.image_grid_pinpoints = _check_pinpoints(image_grid_pinpoints, image_size)
+        self.vision_aspect_ratio = str(vision_aspect_ratio)
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        self.rescale_factor = float(rescale_factor)
+        self.image_token = image_token
+        self.system_prompt = system_prompt
+
+        self.image_token_id = ensure_image_token(tokenizer, image_token)
+        for tok in ("<|im_start|>", "<|im_end|>"):
+            ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"the tokenizer must know the chat token {tok!r} as one token, got ids {ids}")
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else 0
+        self.pad_token_id = int(pad)
+
+    # ---- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, tokenizer, config, **kwargs) -> "LLaVEProcessor":
+        """From a ``LlavaOnevisionConfig``: tile size, patch size, pinpoints, aspect rule.
+        Image mean/std default to the vision tower's (SigLIP: 0.5; CLIP: OpenAI's)."""
+        if "clip" in config.vision_config.model_type:
+            kwargs.setdefault("image_mean", CLIP_MEAN)
+            kwargs.setdefault("image_std", CLIP_STD)
+        proc = cls(
+            tokenizer,
+            image_size=config.vision_config.image_size,
+            patch_size=config.vision_config.patch_size,
+            image_grid_pinpoints=config.image_grid_pinpoints,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+            **kwargs,
+        )
+        if proc.image_token_id != config.image_token_index:
+            raise ValueError(
+                f"the tokenizer gives the image token {proc.image_token!r} id {proc.image_token_id} but the model "
+                f"config says image_token_index={config.image_token_index}"
+            )
+        return proc
+
+    @classmethod
+    def from_pretrained(cls, path: str, config=None, tokenizer=None, **kwargs) -> "LLaVEProcessor":
+        """From a local folder: its tokenizer files (unless ``tokenizer`` is given), its model
+        config (either checkpoint format, unless ``config`` is given) and, when present,
+        ``preprocessor_config.json`` (image mean/std)."""
+        from .convert import load_config, load_tokenizer
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path!r} is not a folder (LLaVEProcessor.from_pretrained reads local files only)")
+        if tokenizer is None:
+            tokenizer = load_tokenizer(path)
+        if config is None:
+            config = load_config(path, tokenizer=tokenizer)
+        pre = read_preprocessor_config(path)
+        for key in ("image_mean", "image_std", "rescale_factor"):
+            if key in pre and key not in kwargs:
+                kwargs[key] = pre[key]
+        extra = pre.get("llave_fast", {})
+        for key in ("system_prompt",):
+            if key in extra and key not in kwargs:
+                kwargs[key] = extra[key]
+        if "image_token" not in kwargs:
+            kwargs["image_token"] = tokenizer.convert_ids_to_tokens(config.image_token_index)
+        return cls.from_config(tokenizer, config, **kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        """Tokenizer files plus a ``preprocessor_config.json`` in transformers' LlavaOnevision
+        image-processor format (grid pinpoints as (height, width))."""
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        cfg = {
+            "image_processor_type": "LlavaOnevisionImageProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "resample": 3,  # bicubic
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_pad": True,
+            "image_grid_pinpoints": self.image_grid_pinpoints,
+            "llave_fast": {"system_prompt": self.system_prompt, "image_token": self.image_token},
+        }
+        with open(os.path.join(path, PREPROCESSOR_FILE), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+    # ---- text -------------------------------------------------------------------------------
+
+    def build_prompt(self, text: str, has_image: bool, index: int = 0) -> str:
+        """LLaVE's prompt string for one sample (``<image>`` marks the image's place)."""
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
+        user = MMEB_IMAGE_PLACEHOLDER.sub(IMAGE_PLACEHOLDER, text)
+        n = user.count(IMAGE_PLACEHOLDER)
+        if has_image:
+            if n == 0:
+                user = IMAGE_PLACEHOLDER + "\n" + user
+            elif n > 1:
+                raise ValueError(
+                    f"texts[{index}] has {n} image placeholders but a sample holds one image: {text[:120]!r}"
+                )
+        elif n:
+            raise ValueError(
+                f"texts[{index}] has an image placeholder (<|image_N|> or <image>) but images[{index}] is None: "
+                f"{text[:120]!r}"
+            )
+        return (
+            f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
+            f"<|im_start|>user\n{user}<|im_end|>\n"
+            f"<|im_start|>assistant\n\n<|im_end|>\n"
+        )
+
+    # ---- images -----------------------------------------------------------------------------
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        return count_image_tokens(
+            height,
+            width,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            grid_pinpoints=self.image_grid_pinpoints,
+            vision_aspect_ratio=self.vision_aspect_ratio,
+        )
+
+    def _normalise(self, img) -> np.ndarray:
+        x = np.asarray(img, dtype=np.float32) * np.float32(self.rescale_factor)  # (S, S, 3)
+        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return x.transpose(2, 0, 1)
+
+    def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image -> (tiles (1 + gh*gw, 3, S, S) float32, (height, width))."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"images[{index}] must be a PIL.Image.Image or None, got {type(image).__name__}")
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise ValueError(f"images[{index}] is empty (size {image.size})")
+        image = image.convert("RGB")
+        S = self.image_size
+        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints)
+        # crops: resize to fit the best grid (aspect kept), centre on black, cut row-major
+        scale_w, scale_h = best_w / width, best_h / height
+        if scale_w < scale_h:
+            new_w, new_h = best_w, min(math.ceil(height * scale_w), best_h)
+        else:
+            new_w, new_h = min(math.ceil(width * scale_h), best_w), best_h
+        canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
+        canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), ((best_w - new_w) // 2, (best_h - new_h) // 2))
+        views = [image.resize((S, S), Image.Resampling.BICUBIC)]  # base view: aspect ignored
+        views += [canvas.crop((x, y, x + S, y + S)) for y in range(0, best_h, S) for x in range(0, best_w, S)]
+        tiles = np.stack([self._normalise(v) for v in views])
+        return torch.from_numpy(tiles), (height, width)
+
+    # ---- the batch --------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+    ) -> dict:
+        """Texts (and one optional image per text) -> the batch dict of the module docstring."""
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError("texts is empty: a batch needs at least one sample")
+        if images is None:
+            images = [None] * len(texts)
+        elif not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be a list (one PIL image or None per text) or None, got {type(images).__name__}")
+        if len(images) != len(texts):
+            raise ValueError(f"texts has {len(texts)} entries but images has {len(images)}: give one image (or None) per text")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0):
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+
+        pixel_values, image_sizes, prompts = [], [], []
+        for i, (text, image) in enumerate(zip(texts, images)):
+            prompts.append(self.build_prompt(text, image is not None, i))
+            if image is None:
+                pixel_values.append(None)
+                image_sizes.append(None)
+            else:
+                tiles, size = self.preprocess_image(image, i)
+                pixel_values.append(tiles)
+                image_sizes.append(size)
+
+        # tokenise in pieces split at <image>, as LLaVE does, all pieces in one tokenizer call
+        pieces = [p.split(IMAGE_PLACEHOLDER) for p in prompts]
+        flat = [s for ps in pieces for s in ps]
+        flat_ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
+        sequences = []
+        for ps, size in zip(pieces, image_sizes):
+            ids = list(next(flat_ids))
+            for _ in ps[1:]:
+                ids += [self.image_token_id] * self.num_image_tokens(*size)
+                ids += list(next(flat_ids))
+            sequences.append(ids)
+
+        length = max(len(s) for s in sequences)
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            lo = 0 if padding_side == "right" else length - len(s)
+            input_ids[i, lo : lo + len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[i, lo : lo + len(s)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "image_sizes": image_sizes,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"LLaVEProcessor(image_size={self.image_size}, patch_size={self.patch_size}, "
+            f"image_grid_pinpoints={self.image_grid_pinpoints}, vision_aspect_ratio={self.vision_aspect_ratio!r}, "
+            f"image_token={self.image_token!r} (id {self.image_token_id}), vocab={len(self.tokenizer)})"
+        )
+
+
+def read_preprocessor_config(path: str) -> dict:
+    file = os.path.join(path, PREPROCESSOR_FILE)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)

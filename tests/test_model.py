@@ -1,0 +1,657 @@
+"""The LLaVE model: llava_qwen conversion, pooling, padding, anyres token counts, export.
+
+Everything runs on CPU with a tiny checkpoint the tests write themselves in LLaVE's own
+LLaVA-NeXT ``llava_qwen`` layout (config.json with the mm_* keys, LLaVA-NeXT weight names,
+an lm_head, tokenizer files without <image>). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from llave_fast.model import (
+    CheckpointKeyError,
+    LLaVEEmbedder,
+    LLaVEProcessor,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    convert_llava_qwen_config,
+    count_image_tokens,
+    default_attn_implementation,
+    tiny_config,
+)
+
+ATOL = 2e-5  # fp32: same maths, different padding / batch layout
+
+# LLaVE stores pinpoints as (width, height): wide grids (1x1, 2x1, 3x1 tiles wide) and one tall (1x2)
+PINPOINTS_WH = [[32, 32], [64, 32], [96, 32], [32, 64]]
+PINPOINTS_HW = [[32, 32], [32, 64], [32, 96], [64, 32]]
+VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+# ------------------------------------------------------------------------------------------
+# writing a llava_qwen checkpoint (the test's own, independent naming of LLaVA-NeXT's keys)
+# ------------------------------------------------------------------------------------------
+
+
+def to_llava_next_name(name: str) -> str:
+    """transformers' LlavaOnevisionModel parameter name -> LLaVA-NeXT's."""
+    for pat, rep in (
+        (r"^vision_tower\.", "model.vision_tower.vision_tower.vision_model."),
+        (r"^multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
+        (r"^multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
+        (r"^image_newline$", "model.image_newline"),
+        (r"^language_model\.", "model."),
+    ):
+        if re.match(pat, name):
+            return re.sub(pat, rep, name)
+    raise AssertionError(f"unmapped name {name}")
+
+
+def write_llava_qwen(folder, *, seed=0, drop=(), extra=(), tie=False, lm_head=True, embed=True):
+    """A tiny LLaVE checkpoint as LLaVA-NeXT writes it. Returns {llava_next_name: tensor}."""
+    from safetensors.torch import save_file
+    from transformers import LlavaOnevisionModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(with_image_token=False)
+    vocab_size = len(tok) + 11  # padded embedding table, as Qwen's 151936 > len(tokenizer)
+    cfg = tiny_config(vocab_size=vocab_size, image_token_index=len(tok), tie_word_embeddings=tie)
+    g = torch.Generator().manual_seed(seed)
+    ref = LlavaOnevisionModel(cfg)
+    weights = {}
+    for name, t in ref.state_dict().items():
+        # every weight differs from any fresh initialisation
+        weights[to_llava_next_name(name)] = (t + 0.05 * torch.randn(t.shape, generator=g)).contiguous()
+    if lm_head:
+        weights["lm_head.weight"] = torch.randn(vocab_size, 128, generator=g)
+    if not embed:
+        weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
+    for k in drop:
+        del weights[k]
+    for k in extra:
+        weights[k] = torch.zeros(3)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    raw = {
+        "architectures": ["LlavaQwenForCausalLM"],
+        "model_type": "llava_qwen",
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": tie,
+        "torch_dtype": "float32",
+        "transformers_version": "4.40.0.dev0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "max_window_layers": 2,
+        "attention_dropout": 0.0,
+        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+        "mm_vision_tower": "tiny/siglip-tiny-patch8-32",
+        "mm_hidden_size": 64,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": PINPOINTS_WH,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_newline_position": "grid",
+        "tokenizer_model_max_length": 4096,
+        "tokenizer_padding_side": "right",
+    }
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    tok.save_pretrained(str(folder))
+    return weights
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llave_tiny")
+    weights = write_llava_qwen(folder)
+    return folder, weights
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    folder, _ = ckpt
+    return LLaVEEmbedder.from_pretrained(str(folder), vision_config=VISION).eval()
+
+
+def shapes_image(w, h, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    im = Image.new("RGB", (w, h), tuple(int(x) for x in torch.randint(0, 256, (3,), generator=g)))
+    d = ImageDraw.Draw(im)
+    for _ in range(4):
+        x0, y0 = int(torch.randint(0, max(1, w - 1), (1,), generator=g)), int(torch.randint(0, max(1, h - 1), (1,), generator=g))
+        d.rectangle((x0, y0, x0 + w // 3, y0 + h // 3), fill=tuple(int(x) for x in torch.randint(0, 256, (3,), generator=g)))
+    return im
+
+
+def report(a, b):
+    d = (a - b).abs()
+    return f"max abs diff {d.max().item():.3e} at {tuple(int(i) for i in torch.nonzero(d == d.max())[0])}"
+
+
+# ------------------------------------------------------------------------------------------
+# conversion and loading
+# ------------------------------------------------------------------------------------------
+
+
+def test_llava_qwen_round_trip_every_weight(ckpt, model):
+    _, weights = ckpt
+    sd = model.model.state_dict()
+    landed = set()
+    for name, value in sd.items():
+        src = to_llava_next_name(name)
+        assert src in weights, f"{name} has no checkpoint entry {src}"
+        assert torch.equal(value, weights[src]), f"{name} differs from checkpoint {src}"
+        landed.add(src)
+    # every checkpoint tensor but lm_head landed somewhere
+    assert set(weights) - landed == {"lm_head.weight"}
+
+
+def test_llava_qwen_config_conversion(ckpt, model):
+    cfg = model.config
+    # (width, height) -> (height, width), in the model config and the processor alike
+    assert [list(p) for p in cfg.image_grid_pinpoints] == PINPOINTS_HW
+    assert model.processor.image_grid_pinpoints == PINPOINTS_HW
+    assert cfg.vision_feature_layer == -1 and cfg.vision_feature_select_strategy == "full"
+    assert cfg.vision_config.num_hidden_layers == 2 and not cfg.vision_config.vision_use_head
+    assert cfg.text_config.rope_parameters["rope_theta"] == 10000.0
+    assert cfg.vision_aspect_ratio == "anyres_max_9"
+    # the tokenizer had no <image>: it was added, inside the padded embedding table
+    tok = build_tiny_tokenizer(with_image_token=False)
+    assert cfg.image_token_index == len(tok) == model.processor.image_token_id
+    assert cfg.image_token_index < cfg.text_config.vocab_size
+    assert model.embed_dim == 128
+
+
+def test_so400m_vision_tower_is_known_without_download():
+    raw = {
+        "model_type": "llava_qwen", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "max_window_layers": 24,
+        "use_sliding_window": False, "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_hidden_size": 1152,
+        "mm_projector_type": "mlp2x_gelu", "mm_patch_merge_type": "spatial_unpad", "mm_vision_select_layer": -2,
+        "image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": [[384, 384], [768, 384], [384, 768], [768, 768]],
+    }
+    cfg = convert_llava_qwen_config(raw, image_token_index=151646)
+    v = cfg.vision_config
+    assert (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size) == (
+        1152, 4304, 26, 16, 14, 384)
+    assert cfg.image_grid_pinpoints == [[384, 384], [384, 768], [768, 384], [768, 768]]
+    assert cfg.text_config.rope_parameters == {"rope_type": "default", "rope_theta": 1000000.0}
+    assert str(cfg.dtype).endswith("bfloat16")
+    # real sizes: a 27x27 = 729-token base view, then the unpadded grid with a newline per row
+    count = lambda h, w: count_image_tokens(h, w, image_size=384, patch_size=14, grid_pinpoints=cfg.image_grid_pinpoints)  # noqa: E731
+    assert count(384, 384) == 729 + 27 * 28  # 1x1 grid
+    assert count(800, 800) == 729 + 54 * 55  # 2x2 grid
+    assert count(384, 768) == 729 + 27 * 55  # 1x2 grid, (height, width)
+    # "(1x1),...,(2x2)" string form and plain anyres are read too
+    raw2 = dict(raw, image_grid_pinpoints="(1x1),...,(2x2)", image_aspect_ratio="anyres")
+    cfg2 = convert_llava_qwen_config(raw2, image_token_index=151646)
+    assert sorted(map(tuple, cfg2.image_grid_pinpoints)) == [(384, 384), (384, 768), (768, 384), (768, 768)]
+    assert cfg2.vision_aspect_ratio == "anyres_max_4"
+    with pytest.raises(ValueError, match="unknown vision tower"):
+        convert_llava_qwen_config(dict(raw, mm_vision_tower="openai/some-other-tower"), image_token_index=1)
+    with pytest.raises(ValueError, match="mm_projector_type"):
+        convert_llava_qwen_config(dict(raw, mm_projector_type="linear"), image_token_index=1)
+    with pytest.raises(ValueError, match="outside the checkpoint's embedding table"):
+        convert_llava_qwen_config(raw, image_token_index=151936)
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, needle",
+    [
+        ("missing", dict(drop=("model.layers.1.mlp.up_proj.weight",)), "model.layers.1.mlp.up_proj.weight"),
+        ("missing", dict(drop=("model.image_newline",)), "image_newline"),
+        ("unexpected", dict(extra=("model.vision_tower.vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight",)),
+         "encoder.layers.2.mlp.fc1.weight"),
+        ("unexpected", dict(extra=("model.mm_projector.4.weight",)), "model.mm_projector.4.weight"),
+    ],
+)
+def test_missing_or_unexpected_key_fails_loudly(tmp_path, kind, kwargs, needle):
+    write_llava_qwen(tmp_path, **kwargs)
+    with pytest.raises(CheckpointKeyError) as err:
+        LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=VISION)
+    msg = str(err.value)
+    assert needle in msg
+    assert ("missing from the checkpoint" if kind == "missing" else "in the checkpoint but not in the model") in msg
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        LLaVEEmbedder.from_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    build_tiny_tokenizer().save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="neither llava_qwen"):
+        LLaVEEmbedder.from_pretrained(str(tmp_path))
+
+
+def test_unknown_vision_tower_needs_vision_config(ckpt):
+    folder, _ = ckpt
+    with pytest.raises(ValueError, match="vision_config"):
+        LLaVEEmbedder.from_pretrained(str(folder))
+
+
+def test_tied_checkpoint_with_only_lm_head(tmp_path):
+    weights = write_llava_qwen(tmp_path, tie=True, lm_head=False, embed=False)
+    m = LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=VISION)
+    assert torch.equal(m.model.language_model.embed_tokens.weight, weights["lm_head.weight"])
+
+
+def test_save_pretrained_round_trip(model, tmp_path):
+    model.save_pretrained(str(tmp_path))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= names
+    again = LLaVEEmbedder.from_pretrained(str(tmp_path)).eval()
+    a_sd, b_sd = model.model.state_dict(), again.model.state_dict()
+    assert a_sd.keys() == b_sd.keys()
+    assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
+    assert again.processor.image_grid_pinpoints == model.processor.image_grid_pinpoints
+    assert again.processor.image_token_id == model.processor.image_token_id
+    texts = ["<|image_1|>\nRepresent the given image.", "a red circle at the top left", "how many stars?"]
+    images = [shapes_image(96, 32), None, shapes_image(40, 70, 1)]
+    a = model.encode(texts, images)
+    b = again.encode(texts, images)
+    assert torch.allclose(a, b, atol=1e-6, rtol=0), report(a, b)
+
+
+def test_export_from_a_prefixed_16bit_state_dict(model, tmp_path):
+    """What a ZeRO-3 export passes: this module's own (model.-prefixed) state dict, in bf16."""
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    assert all(k.startswith("model.") for k in sd)
+    model.save_pretrained(str(tmp_path), state_dict=sd)
+    m = LLaVEEmbedder.from_pretrained(str(tmp_path), torch_dtype="auto")
+    assert m.dtype == torch.bfloat16
+    own = m.model.state_dict()
+    assert all(torch.equal(own[k[len("model."):]], v) for k, v in sd.items())
+    assert LLaVEEmbedder.from_pretrained(str(tmp_path)).dtype == torch.float32  # None means float32
+
+
+def test_transformers_format_with_lm_head_loads(model, tmp_path):
+    """A LlavaOnevisionForConditionalGeneration export (model.* names + lm_head) loads too."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    full = LlavaOnevisionForConditionalGeneration(model.config)
+    full.model.load_state_dict(model.model.state_dict())
+    full.save_pretrained(str(tmp_path))
+    model.processor.save_pretrained(str(tmp_path))
+    m = LLaVEEmbedder.from_pretrained(str(tmp_path))
+    sd = model.model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in m.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------
+# prompt, tiling, token counts
+# ------------------------------------------------------------------------------------------
+
+
+def test_prompt_format(model):
+    p = model.processor
+    assert p.build_prompt("<|image_1|>\nRepresent the given image.", True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nRepresent the given image.<|im_end|>\n"
+        "<|im_start|>assistant\n\n<|im_end|>\n"
+    )
+    assert p.build_prompt("what?", True).count("<image>\nwhat?") == 1  # image before text without a placeholder
+    batch = p(["<|image_1|>\nwhat colour is the circle?", "a blue star"], [shapes_image(32, 32), None])
+    tok = p.tokenizer
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        ids = row[mask.bool()].tolist()
+        tail = tok.convert_ids_to_tokens(ids[-6:])
+        assert tail == ["<|im_start|>", "assistant", "\n", "\n", "<|im_end|>", "\n"], tail
+        assert tok.convert_ids_to_tokens(ids[:3]) == ["<|im_start|>", "system", "\n"]
+    ids0 = batch["input_ids"][0]
+    pos = torch.nonzero(ids0 == p.image_token_id).flatten()
+    assert len(pos) == p.num_image_tokens(32, 32) and bool((pos.diff() == 1).all())  # one contiguous run
+    assert int((batch["input_ids"][1] == p.image_token_id).sum()) == 0
+
+
+def test_tiling_base_view_and_row_major_crops(model):
+    norm = lambda c: (torch.tensor(c, dtype=torch.float32) / 255 - 0.5) / 0.5  # noqa: E731
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    # tiny default grid (1x1..2x2): a 64x64 image in four coloured quadrants -> base view + 2x2 crops
+    p = build_tiny_model().processor
+    im = Image.new("RGB", (64, 64))
+    for k, c in enumerate(colours):
+        im.paste(c, ((k % 2) * 32, (k // 2) * 32, (k % 2) * 32 + 32, (k // 2) * 32 + 32))
+    tiles, size = p.preprocess_image(im)
+    assert size == (64, 64) and tiles.shape == (5, 3, 32, 32)
+    # base view: the whole image squeezed to 32x32 (quadrants now 16 px)
+    for k, c in enumerate(colours):
+        assert torch.allclose(tiles[0, :, (k // 2) * 16 + 4, (k % 2) * 16 + 4], norm(c), atol=1e-5), k
+    for k, c in enumerate(colours):  # crops row-major: TL, TR, BL, BR
+        assert torch.allclose(tiles[1 + k, :, 16, 16], norm(c), atol=1e-5), k
+
+    # the converted checkpoint's grid, (height, width) = (32,32),(32,64),(32,96),(64,32):
+    p = model.processor
+    # a 96x32 (w x h) image takes the (32, 96) pinpoint: three crops, left to right
+    wide = Image.new("RGB", (96, 32))
+    for k, c in enumerate(colours[:3]):
+        wide.paste(c, (k * 32, 0, k * 32 + 32, 32))
+    tiles, size = p.preprocess_image(wide)
+    assert size == (32, 96) and tiles.shape[0] == 4
+    for k in range(3):
+        assert torch.allclose(tiles[1 + k, :, 16, 16], norm(colours[k]), atol=1e-5), k
+    # a 48x32 (w x h) image takes the (32, 64) pinpoint: kept 48x32, centred on black padding
+    tiles, _ = p.preprocess_image(Image.new("RGB", (48, 32), (255, 255, 255)))
+    assert tiles.shape[0] == 3  # base + two crops side by side
+    assert torch.allclose(tiles[1, :, 16, 0], norm((0, 0, 0)), atol=1e-5)  # left padding is black
+    assert torch.allclose(tiles[1, :, 16, 31], norm((255, 255, 255)), atol=1e-5)
+    assert torch.allclose(tiles[2, :, 16, 31], norm((0, 0, 0)), atol=1e-5)  # right padding too
+    # a tall 32x64 (w x h) image takes the (64, 32) pinpoint: two crops, top to bottom
+    tall = Image.new("RGB", (32, 64))
+    tall.paste(colours[3], (0, 32, 32, 64))
+    tiles, size = p.preprocess_image(tall)
+    assert size == (64, 32) and tiles.shape[0] == 3
+    assert torch.allclose(tiles[2, :, 16, 16], norm(colours[3]), atol=1e-5)
+
+
+SIZES_WH = [(32, 32), (64, 64), (96, 32), (32, 96), (500, 20), (20, 500), (1, 1), (37, 91), (200, 130), (33, 65)]
+
+
+def test_image_token_counts_match_vision_features(model):
+    p = model.processor
+    images = [shapes_image(w, h, i) for i, (w, h) in enumerate(SIZES_WH)]
+    batch = p(["<|image_1|>\nrepresent"] * len(images), images)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            torch.cat(batch["pixel_values"]), torch.tensor(batch["image_sizes"])
+        ).pooler_output
+    for (w, h), f, row in zip(SIZES_WH, feats, batch["input_ids"]):
+        n = p.num_image_tokens(h, w)
+        assert f.shape[0] == n, f"image {w}x{h}: {f.shape[0]} features, {n} tokens counted"
+        assert int((row == p.image_token_id).sum()) == n
+    emb = model(batch)  # the model's own placeholder check passes for every aspect ratio
+    assert emb.shape == (len(images), model.embed_dim) and torch.isfinite(emb).all()
+
+
+def test_anyres_max_shrink_counts_match():
+    """Grids larger than anyres_max_N tiles are shrunk: counts still match the features."""
+    m = build_tiny_model(max_grid=3).eval()
+    m.model.config.vision_aspect_ratio = "anyres_max_1"
+    tok = m.processor.tokenizer
+    p = LLaVEProcessor.from_config(tok, m.model.config)
+    images = [shapes_image(w, h, i) for i, (w, h) in enumerate([(96, 96), (90, 30), (30, 95), (64, 96)])]
+    batch = p(["x"] * 4, images)
+    with torch.no_grad():
+        feats = m.model.get_image_features(torch.cat(batch["pixel_values"]), torch.tensor(batch["image_sizes"])).pooler_output
+    full = [count_image_tokens(h, w, image_size=32, patch_size=8, grid_pinpoints=p.image_grid_pinpoints,
+                               vision_aspect_ratio="anyres_max_99") for (h, w) in batch["image_sizes"]]
+    assert [f.shape[0] for f in feats] == [p.num_image_tokens(*s) for s in batch["image_sizes"]]
+    assert any(f.shape[0] < n for f, n in zip(feats, full))  # the shrink did happen
+    with torch.no_grad():
+        assert torch.isfinite(m(batch)).all()
+
+
+# ------------------------------------------------------------------------------------------
+# the forward: pooling, padding, batch layout
+# ------------------------------------------------------------------------------------------
+
+
+TEXTS = [
+    "<|image_1|>\nRepresent the given image with the following question: how many red circles?",
+    "two green squares at the bottom right",
+    "<|image_1|>\nFind the colour of the large star.",
+    "yes",
+    "<|image_1|>\nRepresent the given image.",
+]
+IMAGES_WH = [(64, 64), None, (96, 32), None, (20, 70)]
+
+
+def _images():
+    return [None if s is None else shapes_image(*s, seed=i) for i, s in enumerate(IMAGES_WH)]
+
+
+def test_left_and_right_padding_give_the_same_embeddings(model):
+    p = model.processor
+    imgs = _images()
+    right, left = p(TEXTS, imgs, padding_side="right"), p(TEXTS, imgs, padding_side="left")
+    assert not torch.equal(right["attention_mask"], left["attention_mask"])  # padding really differs
+    with torch.no_grad():
+        a, b = model(right), model(left)
+    assert torch.allclose(a, b, atol=ATOL, rtol=0), report(a, b)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_sample_alone_equals_sample_in_mixed_padded_batch(model, padding_side):
+    p = model.processor
+    imgs = _images()
+    with torch.no_grad():
+        together = model(p(TEXTS, imgs, padding_side=padding_side, pad_to_multiple_of=16))
+        alone = torch.cat([model(p([t], [im])) for t, im in zip(TEXTS, imgs)])
+    assert torch.allclose(together, alone, atol=ATOL, rtol=0), report(together, alone)
+    # and the samples are not all the same vector
+    assert (together @ together.T - torch.eye(len(TEXTS))).abs().max() < 0.9999
+
+
+def test_pooling_reads_the_last_real_token(model):
+    """Changing a padding token changes nothing; changing the last real token changes the embedding."""
+    p = model.processor
+    batch = p(["a red circle", "three blue stars at the top left of the picture"], padding_side="right")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        base = model(batch)
+        pad_changed = dict(batch, input_ids=torch.where(mask.bool(), ids, torch.full_like(ids, 7)))
+        assert torch.allclose(model(pad_changed), base, atol=ATOL, rtol=0)
+        last = int(mask[0].sum()) - 1
+        tail_changed = ids.clone()
+        tail_changed[0, last] = 7
+        moved = model(dict(batch, input_ids=tail_changed))
+    assert not torch.allclose(moved[0], base[0], atol=1e-3)
+    assert torch.allclose(moved[1], base[1], atol=ATOL, rtol=0)
+
+
+def test_vision_features_skip_post_layernorm(model):
+    """Features are the last kept layer's output before post_layernorm: changing it changes nothing."""
+    batch = model.processor(["<|image_1|>\nx"], [shapes_image(64, 40)])
+    ln = model.model.vision_tower.post_layernorm
+    assert not ln.weight.requires_grad  # unused, hence frozen
+    with torch.no_grad():
+        a = model(batch)
+        saved = ln.weight.clone(), ln.bias.clone()
+        ln.weight.mul_(3.0)
+        ln.bias.add_(1.0)
+        b = model(batch)
+        ln.weight.copy_(saved[0])
+        ln.bias.copy_(saved[1])
+        # ... while the last encoder layer does matter
+        fc2 = model.model.vision_tower.encoder.layers[-1].mlp.fc2.bias
+        fc2.add_(0.5)
+        c = model(batch)
+        fc2.sub_(0.5)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c, atol=1e-4)
+
+
+def test_gradcache_style_split_gives_the_same_embeddings(model):
+    from llave_fast.gradcache import split_batch
+
+    batch = model.processor(TEXTS, _images(), padding_side="left")
+    with torch.no_grad():
+        whole = model(batch)
+        parts = torch.cat([model(chunk) for chunk in split_batch(batch, 2)])
+    assert torch.allclose(whole, parts, atol=ATOL, rtol=0), report(whole, parts)
+
+
+def test_gradients_with_and_without_checkpointing():
+    m = build_tiny_model(seed=3)
+    batch = m.processor(TEXTS, _images(), padding_side="left")
+
+    def grads():
+        m.zero_grad(set_to_none=True)
+        e = m(batch)
+        (e @ torch.linspace(-1, 1, m.embed_dim)).pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    m.train()
+    g0 = grads()
+    m.gradient_checkpointing_enable()
+    assert m.is_gradient_checkpointing
+    g1 = grads()
+    m.gradient_checkpointing_disable()
+    assert g0.keys() == g1.keys()
+    assert any(n.startswith("model.vision_tower.") for n in g0) and any("multi_modal_projector" in n for n in g0)
+    assert "model.image_newline" in g0
+    for n in g0:
+        assert torch.isfinite(g0[n]).all(), n
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), f"{n}: {report(g0[n], g1[n])}"
+
+
+def test_encode_matches_forward_and_restores_mode(model):
+    texts, imgs = TEXTS[:3], _images()[:3]
+    model.train()
+    try:
+        e = model.encode(texts, imgs, batch_size=2)
+        assert model.training
+    finally:
+        model.eval()
+    with torch.no_grad():
+        f = model(model.processor(texts, imgs))
+    assert e.shape == (3, model.embed_dim) and e.dtype == torch.float32 and e.device.type == "cpu"
+    assert torch.allclose(e, f, atol=ATOL, rtol=0), report(e, f)
+    assert model.encode(["hi"]).shape == (1, model.embed_dim)
+
+
+# ------------------------------------------------------------------------------------------
+# bad inputs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "texts, images, exc, match",
+    [
+        (["a", "b"], [None], ValueError, "texts has 2 entries but images has 1"),
+        ("a red circle", None, TypeError, "texts must be a list of str"),
+        ([], None, ValueError, "empty"),
+        (["a", 3], None, TypeError, r"texts\[1\] must be a str"),
+        (["<|image_1|>\nwhat?"], [None], ValueError, r"images\[0\] is None"),
+        (["<|image_1|> and <|image_2|>"], ["IMG"], ValueError, "2 image placeholders"),
+        (["a"], ["not an image"], TypeError, r"images\[0\] must be a PIL.Image"),
+        (["a"], (x for x in [None]), TypeError, "images must be a list"),
+    ],
+)
+def test_processor_rejects_bad_inputs(model, texts, images, exc, match):
+    if isinstance(images, list):
+        images = [shapes_image(32, 32) if x == "IMG" else x for x in images]
+    with pytest.raises(exc, match=match):
+        model.processor(texts, images)
+
+
+def test_processor_rejects_bad_padding_side(model):
+    with pytest.raises(ValueError, match="padding_side"):
+        model.processor(["a"], padding_side="middle")
+
+
+def test_forward_rejects_inconsistent_batches(model):
+    p = model.processor
+    good = p(["<|image_1|>\nx", "y"], [shapes_image(64, 64), None])
+    cases = [
+        (dict(good, pixel_values=[None, None], image_sizes=[None, None]), "image tokens but no image"),
+        (dict(good, pixel_values=[good["pixel_values"][0][:1], None]), r"needs 2 tiles .* got 1"),
+        # same tile count (2), other unpadded feature count
+        (dict(good, image_sizes=[(10, 20), None]), r"has 36 image tokens but its image .* gives 26"),
+        (dict(good, pixel_values=good["pixel_values"][:1]), "has 1 entries but input_ids has 2 rows"),
+        (dict(good, image_sizes=[None, None]), "both be given or both be None"),
+        (dict(good, attention_mask=good["attention_mask"][:, :-1]), "shaped like input_ids"),
+        (dict(good, attention_mask=torch.zeros_like(good["attention_mask"])), "no real token"),
+        ({k: v for k, v in good.items() if k != "attention_mask"}, "attention_mask"),
+        (dict(good, pixel_values=torch.zeros(2, 3, 32, 32)), "one entry"),
+    ]
+    for batch, match in cases:
+        with pytest.raises((ValueError, KeyError, TypeError), match=match):
+            model(batch)
+
+
+# ------------------------------------------------------------------------------------------
+# the tiny model and options
+# ------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_is_small_deterministic_and_knows_the_dataset_words():
+    a, b, c = build_tiny_model(seed=0), build_tiny_model(seed=0), build_tiny_model(seed=1)
+    n = sum(p.numel() for p in a.parameters())
+    assert 1e5 < n < 5e6, n
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    tok = a.processor.tokenizer
+    # the synthetic dataset's words are single tokens; unknown words fall back to letters, never [UNK]
+    words = "red green blue yellow purple orange black white circle square triangle star one five left right top bottom center small large"
+    assert len(tok(words, add_special_tokens=False)["input_ids"]) == len(words.split())
+    assert tok.unk_token_id not in tok("zebra xylophone 42", add_special_tokens=False)["input_ids"]
+
+
+def test_attn_implementation_choice():
+    assert default_attn_implementation(torch.float32) == "sdpa"
+    if not torch.cuda.is_available():
+        assert default_attn_implementation(torch.bfloat16) == "sdpa"
+    m = build_tiny_model()
+    assert m.config._attn_implementation == "sdpa"
+
+
+def test_bf16_load(ckpt):
+    folder, _ = ckpt
+    m = LLaVEEmbedder.from_pretrained(str(folder), vision_config=VISION, torch_dtype=torch.bfloat16)
+    assert m.dtype == torch.bfloat16
+    with torch.no_grad():
+        e = m(m.processor(TEXTS[:2], _images()[:2]))
+    assert e.dtype == torch.float32 and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-4)
+    assert math.isfinite(float(e.sum()))
+
+
+# ------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3: weights partitioned at load time, through transformers' from_pretrained
+# ------------------------------------------------------------------------------------------
+
+
+def _zero3_load_rank(rank, world, folder):
+    import os
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import deepspeed
+    from safetensors.torch import load_file
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive during from_pretrained
+    m = LLaVEEmbedder.from_pretrained(folder, vision_config=VISION)
+    params = dict(m.model.named_parameters())
+    assert all(hasattr(p, "ds_id") for p in params.values()), "not built under zero.Init"
+    big = params["language_model.layers.0.mlp.gate_proj.weight"]
+    assert big.numel() == 0 and big.ds_numel == 512 * 128  # partitioned: nothing whole on this rank
+    written = load_file(os.path.join(folder, "model.safetensors"))
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, p in params.items():
+            assert torch.equal(p.detach().cpu(), written[to_llava_next_name(name)]), name
+    del keep
+
+
+def test_zero3_partitions_at_load_and_every_weight_lands(ckpt):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    from llave_fast.testing import spawn_ranks
+
+    folder, _ = ckpt
+    spawn_ranks(_zero3_load_rank, 2, str(folder))

@@ -1,0 +1,84 @@
+"""The training loop on the CPU: ranks agree, kill-and-resume, export-and-reload."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+from llave_fast.testing import spawn_ranks  # noqa: E402
+
+import _train_workers as W  # noqa: E402
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted single-rank run of 4 steps, checkpoints every 2."""
+    out = str(tmp_path_factory.mktemp("ref"))
+    spawn_ranks(W.run_train, 1, dict(out=out))
+    return out
+
+
+def test_two_ranks_zero3_match_one_rank(reference_run, tmp_path):
+    out = str(tmp_path / "two")
+    spawn_ranks(W.run_train, 2, dict(out=out))
+    one, two = _losses(reference_run), _losses(out)
+    assert len(one) == len(two) == 4
+    assert one[0] != one[-1], "the loss must move"
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * abs(a), f"1 rank {one} vs 2 ranks {two}"
+
+
+def test_kill_and_resume_gives_the_same_trajectory(reference_run, tmp_path):
+    out = str(tmp_path / "resumed")
+    # dies after 3 steps: the last complete checkpoint is step 2, step 3 is lost
+    spawn_ranks(W.run_train, 1, dict(out=out, stop_after=3))
+    assert len(_losses(out)) == 3
+    # a save that was killed half-way: a folder without the COMPLETE marker
+    torn = os.path.join(out, "checkpoints", "step-00000003")
+    os.makedirs(torn)
+    with open(os.path.join(torn, "garbage.pt"), "wb") as f:
+        f.write(b"\0" * 10)
+    spawn_ranks(W.run_train, 1, dict(out=out))
+    assert _losses(out) == _losses(reference_run)
+    with open(os.path.join(out, "eval.json")) as f, open(os.path.join(reference_run, "eval.json")) as g:
+        assert json.load(f)["p_at_1_after"] == json.load(g)["p_at_1_after"]
+
+
+def test_export_reloads_with_the_same_embeddings(reference_run, tmp_path):
+    from llave_fast.data import SyntheticDataset
+    from llave_fast.evaluate import evaluate_model
+    from llave_fast.export import export_run, load_run_model
+    from llave_fast.model import LLaVEEmbedder
+
+    merged, tag = load_run_model(reference_run)
+    assert tag == "step-00000004"
+    path = export_run(reference_run, str(tmp_path / "fp32"), dtype="fp32")
+    reloaded = LLaVEEmbedder.from_pretrained(path)
+    ds = SyntheticDataset(6, seed=9, split="eval")
+    texts = [ds[i]["qry"] for i in range(6)]
+    images = [ds[i]["qry_image"] for i in range(6)]
+    with torch.no_grad():
+        a = merged(merged.processor(texts, images))
+        b = reloaded(reloaded.processor(texts, images))
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    # the eval of the export equals the eval the training run printed
+    with open(os.path.join(reference_run, "eval.json")) as f:
+        trained = json.load(f)
+    again = evaluate_model(path, "synthetic", num_eval=16, seed=3)
+    assert again["p_at_1"] == trained["p_at_1_after"]
+    # the default export is 16-bit and close to the fp32 weights
+    path16 = export_run(reference_run, str(tmp_path / "bf16"))
+    m16 = LLaVEEmbedder.from_pretrained(path16, torch_dtype="auto")
+    assert m16.dtype == torch.bfloat16
+    with torch.no_grad():
+        c = m16(m16.processor(texts, images)).float()
+    assert (c - a).norm() / a.norm() < 3e-2
