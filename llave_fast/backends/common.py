@@ -66,6 +66,26 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_ROW_CHUNK = 4096
+
+
+def rowwise_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(a_i . b_i) for every row, accumulated in ``acc``, in row chunks (no B x d temporary)."""
+    out = torch.empty(a.shape[0], device=a.device, dtype=acc)
+    for r0 in range(0, a.shape[0], _ROW_CHUNK):
+        x, y = a[r0 : r0 + _ROW_CHUNK].to(acc), b[r0 : r0 + _ROW_CHUNK].to(acc)
+        torch.bmm(x.unsqueeze(1), y.unsqueeze(2), out=out[r0 : r0 + _ROW_CHUNK].view(-1, 1, 1))
+    return out
+
+
+def _sub_scaled_rows(dst: torch.Tensor, c: torch.Tensor, src: torch.Tensor, src_offset: int) -> None:
+    """dst[i] -= c[i] * src[src_offset + i], in place and in row chunks."""
+    for r0 in range(0, dst.shape[0], _ROW_CHUNK):
+        r1 = min(dst.shape[0], r0 + _ROW_CHUNK)
+        rows = src[src_offset + r0 : src_offset + r1].to(dst.dtype)
+        dst[r0:r1].addcmul_(c[r0:r1, None], rows, value=-1.0)
+
+
 def poison_outputs() -> bool:
     """Debug switch (tests): fill freshly allocated outputs with NaN so an unwritten element shows."""
     return os.environ.get("LLAVE_FAST_POISON", "0") == "1"
@@ -162,8 +182,8 @@ def hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, 
         # every rank's strip holds a part of each column: merge them (O(N) floats)
         col_lse, col_es = comm.combine_lse(col_lse, col_es)
     acc = acc_dtype(q.dtype)
-    # s * S_ii, the positive logit, row by row in the accumulation precision
-    diag = (q.to(acc) * t.to(acc)).sum(dim=1)
+    # S_ii, the positive's similarity, row by row in the accumulation precision
+    diag = rowwise_dot(q, t, acc)
     per_row = stats.row_lse - cfg.scale * diag
     if cfg.symmetric:
         per_row = (per_row + (col_lse[offset : offset + B] - cfg.scale * diag)) / 2
@@ -209,8 +229,9 @@ def hardness_backward(ctx, grad_out):
     # the positive's term: dS_ii -= s * (g_row_i + g_col_i)
     g_col_local = None if g_col is None else g_col[offset : offset + B]
     c = (g_row if g_col is None else g_row + g_col_local) * cfg.scale
-    dq -= c[:, None] * Tc[offset : offset + B].to(acc)
-    dTc[offset : offset + B] -= c[:, None] * q.to(acc)
+    # in place, chunk by chunk: no B x d temporary
+    _sub_scaled_rows(dq, c, Tc, offset)
+    _sub_scaled_rows(dTc[offset : offset + B], c, q, 0)
     if comm is None:
         dt, dneg = dTc[:B], (dTc[B:] if ctx.n_neg else None)
     else:

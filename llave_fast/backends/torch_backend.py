@@ -16,7 +16,7 @@ import torch
 from .common import LossConfig, StripIds, StripStats, acc_dtype, hardness_backward, hardness_forward, new_output
 
 # elements of one chunk x NT fp32 temporary; a few of them live at once
-_CHUNK_ELEMS = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS", 1 << 22))
+_CHUNK_ELEMS = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS", 1 << 21))
 
 
 def chunk_rows(B: int, NT: int) -> int:
@@ -30,29 +30,26 @@ def _mm_dtype(x: torch.Tensor) -> torch.dtype:
     return acc_dtype(x.dtype)
 
 
-def _chunk_logits(S, r0, offset, scale, alpha, ids: StripIds, n_col, need_col):
-    """Row- and column-direction logits of rows r0.. of the strip (masked entries -inf)."""
-    R, NT = S.shape
-    dev = S.device
-    rows = torch.arange(r0, r0 + R, device=dev)
-    cols = torch.arange(NT, device=dev)
-    is_pos = cols[None, :] == (rows[:, None] + offset)
-    # z = s*S + alpha*sg(S) off the positive, s*S on it
-    z = torch.where(is_pos, S * scale, S * (scale + alpha))
-    z_row = z
-    if ids.has_tid:
-        n_tid = ids.tid_cand.shape[0]
-        false_neg = ids.tid_cand[None, :] == ids.tid_pos[r0 : r0 + R, None]
-        false_neg &= ~is_pos[:, :n_tid]
-        z_row = z.clone()
-        z_row[:, :n_tid].masked_fill_(false_neg, float("-inf"))
-    z_col = None
-    if need_col:
-        z_col = z[:, :n_col]
-        if ids.has_qid:
-            false_neg = ids.qid_row[r0 : r0 + R, None] == ids.qid_cand[None, :]
-            z_col = z_col.masked_fill(false_neg & ~is_pos[:, :n_col], float("-inf"))
-    return z_row, z_col
+def _logits_inplace(S, r0, offset, scale, alpha, out=None):
+    """z = s*S + alpha*sg(S) off the positive, s*S on it (positives: a diagonal of the chunk)."""
+    diag = S.diagonal(offset + r0).clone()
+    z = torch.mul(S, scale + alpha, out=out) if out is not None else S.mul_(scale + alpha)
+    z.diagonal(offset + r0).copy_(diag * scale)
+    return z
+
+
+def _row_mask(ids: StripIds, r0: int, r1: int, offset: int):
+    """Rows r0..r1: True where a candidate shares the positive's target id (not the positive)."""
+    same = ids.tid_cand[None, :] == ids.tid_pos[r0:r1, None]
+    same.diagonal(offset + r0).fill_(False)
+    return same
+
+
+def _col_mask(ids: StripIds, r0: int, r1: int, offset: int):
+    """Rows r0..r1 x the N columns: True where the row's query id is the column positive's."""
+    same = ids.qid_row[r0:r1, None] == ids.qid_cand[None, :]
+    same.diagonal(offset + r0).fill_(False)
+    return same
 
 
 def _merge(m_run, l_run, e_run, m_new, l_new, e_new):
@@ -76,18 +73,32 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     l_c = torch.zeros(n_col, device=q.device, dtype=acc) if need_col else None
     e_c = torch.zeros(n_col, device=q.device, dtype=acc) if (need_col and need_e) else None
     for r0 in range(0, B, R):
-        S = (qm[r0 : r0 + R] @ Tm.t()).to(acc)
-        z_row, z_col = _chunk_logits(S, r0, offset, scale, alpha, ids, n_col, need_col)
-        lse = torch.logsumexp(z_row, dim=1)
-        row_lse[r0 : r0 + R] = lse
-        if need_e:
-            row_es[r0 : r0 + R] = (torch.exp(z_row - lse[:, None]) * S).sum(dim=1)
+        r1 = min(B, r0 + R)
+        S = (qm[r0:r1] @ Tm.t()).to(acc)
+        # S itself is only needed again for the scale's statistics
+        z = _logits_inplace(S, r0, offset, scale, alpha, out=torch.empty_like(S) if need_e else None)
         if need_col:
-            m_new = z_col.max(dim=0).values
+            # t->q: column statistics of this chunk, folded into the running ones
+            zc = z[:, :n_col]
+            if ids.has_qid:
+                zc = zc.masked_fill(_col_mask(ids, r0, r1, offset), float("-inf"))
+            m_new = zc.max(dim=0).values
             shift = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(z_col - shift[None, :])
-            e_new = (p * S[:, :n_col]).sum(dim=0) if need_e else None
-            m_c, l_c, e_c = _merge(m_c, l_c, e_c, m_new, p.sum(dim=0), e_new)
+            p = torch.sub(zc, shift[None, :], out=torch.empty_like(zc) if zc.data_ptr() == z.data_ptr() else zc)
+            p.exp_()
+            l_new = p.sum(dim=0)
+            e_new = p.mul_(S[:, :n_col]).sum(dim=0) if need_e else None
+            del p, zc
+            m_c, l_c, e_c = _merge(m_c, l_c, e_c, m_new, l_new, e_new)
+        # q->t: row statistics
+        if ids.has_tid:
+            n_tid = ids.tid_cand.shape[0]
+            z[:, :n_tid].masked_fill_(_row_mask(ids, r0, r1, offset), float("-inf"))
+        lse = torch.logsumexp(z, dim=1)
+        row_lse[r0:r1] = lse
+        if need_e:
+            row_es[r0:r1] = z.sub_(lse[:, None]).exp_().mul_(S).sum(dim=1)
+        del S, z
     col_lse = col_es = None
     if need_col:
         col_lse = m_c + torch.log(l_c)
@@ -111,16 +122,30 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     dTc = torch.zeros(Tc.shape, device=q.device, dtype=acc)
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)
-        S = (qm[r0:r1] @ Tm.t()).to(acc)
-        z_row, z_col = _chunk_logits(S, r0, offset, scale, alpha, ids, n_col, g_col is not None)
-        # dS_ij = s * softmax_row(z)_ij * g_row_i
-        dS = torch.exp(z_row - row_lse[r0:r1, None]) * g_row[r0:r1, None]
+        z = _logits_inplace((qm[r0:r1] @ Tm.t()).to(acc), r0, offset, scale, alpha)
+        p_col = None
         if g_col is not None:
-            # + s * softmax_col(z)_ij * g_col_j
-            dS[:, :n_col] += torch.exp(z_col - col_lse[None, :]) * g_col[None, :]
-        dS = (dS * scale).to(ds_mm)
-        dq[r0:r1] = (dS @ Tg).to(acc)  # dq = dS @ Tc
-        dTc += (dS.t() @ qg[r0:r1]).to(acc)  # dTc = dS^T @ q
+            # s * softmax_col(z)_ij * g_col_j   (t->q part), before the row masks touch z
+            p_col = torch.sub(z[:, :n_col], col_lse[None, :])
+            if ids.has_qid:
+                p_col.masked_fill_(_col_mask(ids, r0, r1, offset), float("-inf"))
+            p_col.exp_().mul_(g_col[None, :])
+        if ids.has_tid:
+            n_tid = ids.tid_cand.shape[0]
+            z[:, :n_tid].masked_fill_(_row_mask(ids, r0, r1, offset), float("-inf"))
+        # + s * softmax_row(z)_ij * g_row_i   (q->t part), in place: z becomes dS / s
+        dS = z.sub_(row_lse[r0:r1, None]).exp_().mul_(g_row[r0:r1, None])
+        if p_col is not None:
+            dS[:, :n_col].add_(p_col)
+            del p_col
+        dS.mul_(scale)
+        dS = dS.to(ds_mm)
+        torch.mm(dS, Tg, out=dq[r0:r1]) if dq.dtype == ds_mm else dq[r0:r1].copy_(dS @ Tg)  # dq = dS @ Tc
+        if dTc.dtype == ds_mm:
+            dTc.addmm_(dS.t(), qg[r0:r1])  # dTc += dS^T @ q, no N x d temporary
+        else:
+            dTc.add_(dS.t() @ qg[r0:r1])
+        del dS, z
     return dq, dTc
 
 
