@@ -253,3 +253,21 @@ def hardness_backward(ctx, grad_out):
         shape, dtype = ctx.scale_meta
         dscale = ds.reshape(shape).to(dtype)
     return dq, dt, dneg, dscale
+
+
+def make_loss_function(name: str, strip_forward, strip_backward, doc: str):
+    """The autograd.Function of a fused backend (one named class per backend)."""
+    ops = type(f"_{name}Ops", (), {"strip_forward": staticmethod(strip_forward),
+                                    "strip_backward": staticmethod(strip_backward)})()
+
+    def forward(ctx, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm):
+        return hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
+
+    def backward(ctx, grad_out):
+        dq, dt, dneg, dscale = hardness_backward(ctx, grad_out)
+        return dq, dt, dneg, dscale, None, None, None, None
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "__module__": strip_forward.__module__,
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+    })

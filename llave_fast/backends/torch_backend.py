@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .common import LossConfig, StripIds, StripStats, acc_dtype, hardness_backward, hardness_forward, new_output
+from .common import StripIds, StripStats, acc_dtype, make_loss_function, new_output
 
 # elements of one chunk x NT fp32 temporary; a few of them live at once
 _CHUNK_ELEMS = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS", 1 << 21))
@@ -149,22 +149,6 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     return dq, dTc
 
 
-class TorchHardnessLoss(torch.autograd.Function):
-    """Autograd function of the chunked PyTorch backend."""
-
-    @staticmethod
-    def forward(ctx, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm):
-        return hardness_forward(ctx, _OPS, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dq, dt, dneg, dscale = hardness_backward(ctx, grad_out)
-        return dq, dt, dneg, dscale, None, None, None, None
-
-
-class _Ops:
-    strip_forward = staticmethod(strip_forward)
-    strip_backward = staticmethod(strip_backward)
-
-
-_OPS = _Ops()
+TorchHardnessLoss = make_loss_function(
+    "TorchHardnessLoss", strip_forward, strip_backward, "Autograd function of the chunked PyTorch backend."
+)

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .common import LossConfig, StripIds, StripStats, combine_lse, hardness_backward, hardness_forward, new_output
+from .common import StripIds, StripStats, combine_lse, make_loss_function, new_output
 
 _KERNELS = None
 _CONFIG_OVERRIDE: dict | None = None
@@ -183,24 +183,8 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     return dq, dTc
 
 
-class TritonHardnessLoss(torch.autograd.Function):
-    """Autograd function of the fused Triton backend."""
-
-    @staticmethod
-    def forward(ctx, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm):
-        return hardness_forward(ctx, _OPS, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dq, dt, dneg, dscale = hardness_backward(ctx, grad_out)
-        return dq, dt, dneg, dscale, None, None, None, None
-
-
-class _Ops:
-    strip_forward = staticmethod(strip_forward)
-    strip_backward = staticmethod(strip_backward)
-
-
-_OPS = _Ops()
+TritonHardnessLoss = make_loss_function(
+    "TritonHardnessLoss", strip_forward, strip_backward, "Autograd function of the fused Triton backend."
+)
 
 __all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "available_on"]
