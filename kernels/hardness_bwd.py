@@ -66,22 +66,23 @@ def hardness_bwd_kernel(
     n_rb = tl.cdiv(B, BM)
     n_cb = tl.cdiv(NT, BN)
     if MODE == 0:
-        rb = pid // n_cb
-        cb = pid % n_cb
         loop_n = 1
     elif MODE == 1:
-        rb = pid
-        cb = pid * 0
         loop_n = n_cb
     else:
-        rb = pid * 0
-        cb = pid
         loop_n = n_rb
     for it in range(0, loop_n):
-        if MODE == 1:
-            cb = it
-        if MODE == 2:
-            rb = it
+        # tile coordinates are fresh each iteration (no loop-carried index changes type);
+        # "+ pid * 0" keeps them int64 like pid
+        if MODE == 0:
+            rb = pid // n_cb
+            cb = pid % n_cb
+        elif MODE == 1:
+            rb = pid
+            cb = it + pid * 0
+        else:
+            rb = it + pid * 0
+            cb = pid
         rows = rb * BM + tl.arange(0, BM).to(tl.int64)
         cols = cb * BN + tl.arange(0, BN).to(tl.int64)
         rmask = rows < B

@@ -1,0 +1,84 @@
+"""Compile every variant of the Triton kernels for a CUDA architecture, on any machine.
+
+``python -m llave_fast.backends.compile_check 90`` (run with TRITON_INTERPRET unset) runs
+Triton's whole compiler (front end, layouts, PTX, ptxas) for sm_90 without a GPU, using
+the launch configuration the triton backend uses on CUDA. It catches what the interpreter
+cannot: type errors, loop-carried type changes, shared-memory overflow, bad tile shapes.
+It does not run anything, so it proves nothing about results or speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import torch
+
+_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+# shared memory per block on the architectures we target (bytes, opt-in maximum)
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _compile(fn, types, constexprs, target, num_warps, num_stages):
+    import triton
+    from triton.compiler import ASTSource
+
+    signature, it = {}, iter(types)
+    for name in fn.arg_names:
+        signature[name] = "constexpr" if name in constexprs else next(it)
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_all(arch: int = 90) -> list[str]:
+    """Compile forward and backward kernels for every dtype, flag set and mode; returns a report."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    from triton.backends.compiler import GPUTarget
+
+    from llave_fast.backends.triton_backend import gpu_config
+    from llave_fast.kernels import hardness_bwd_kernel, hardness_fwd_kernel
+
+    target = GPUTarget("cuda", arch, 32)
+    limit = SMEM_LIMIT.get(arch, 99 * 1024)
+    report = []
+    ids = ["*i64"] * 2 + ["i32"] + ["*i64"] * 2
+    for dtype, ptr in _DTYPES.items():
+        cfg = gpu_config(dtype)
+        prec = "tf32" if dtype == torch.float32 else "ieee"
+        for has_tid, has_qid, need_col, need_e in itertools.product([False, True], repeat=4):
+            if has_qid and not need_col:
+                continue
+            types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["i32"] * 2
+            k = _compile(hardness_fwd_kernel, types, dict(
+                BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], HAS_TID=has_tid, HAS_QID=has_qid,
+                NEED_COL=need_col, NEED_E=need_e, UPCAST=False, PREC=prec), target, cfg["num_warps"], cfg["num_stages"])
+            _check_smem(k, limit, f"fwd {ptr} tid={has_tid} qid={has_qid} col={need_col} e={need_e}", report)
+            if need_e:
+                continue  # the backward has no NEED_E switch
+            for mode in (0, 1, 2):
+                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6
+                k = _compile(hardness_bwd_kernel, types, dict(
+                    MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=has_tid,
+                    HAS_QID=has_qid, HAS_COL=need_col, UPCAST=False, DS_LOWP=dtype == torch.bfloat16,
+                    PREC="ieee" if dtype == torch.bfloat16 else "tf32"), target, cfg["num_warps"], cfg["num_stages"])
+                _check_smem(k, limit, f"bwd {ptr} mode={mode} tid={has_tid} qid={has_qid} col={need_col}", report)
+    return report
+
+
+def _check_smem(kernel, limit, what, report):
+    shared = kernel.metadata.shared
+    if shared > limit:
+        raise RuntimeError(f"{what}: needs {shared} bytes of shared memory, the architecture allows {limit}")
+    report.append(f"{what}: ok, {shared} B shared")
+
+
+if __name__ == "__main__":
+    archs = [int(a) for a in sys.argv[1:]] or [90]
+    for a in archs:
+        lines = compile_all(a)
+        print(f"sm_{a}: {len(lines)} kernel variants compiled")
+        for line in lines:
+            print("  " + line)
