@@ -15,9 +15,15 @@ from .train import retrieval_eval
 def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str | None = None,
                    num_eval: int = 256, seed: int = 0, image_size: int = 64, batch: int = 64) -> dict:
     from .data import MMEBDataset, SyntheticDataset, retrieval_candidates
+    from .data.mmeb_eval import is_eval_file
     from .model import LLaVEEmbedder
 
     model = LLaVEEmbedder.from_pretrained(model_path).eval()
+    paths = [] if data == "synthetic" else data.split(",")
+    if paths and all(is_eval_file(x) for x in paths):
+        result = candidate_list_eval(model, paths, image_dir=image_dir, limit=num_eval, batch=batch)
+        result.update(model=model_path, data=data)
+        return result
     if data == "synthetic":
         ds = SyntheticDataset(num_eval, seed=seed, split="eval", image_size=image_size)
     else:
@@ -31,3 +37,30 @@ def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str |
         result = retrieval_eval(embed, model.processor, rset, batch)
     result.update(model=model_path, data=data)
     return result
+
+
+@torch.no_grad()
+def candidate_list_eval(model, paths, *, image_dir=None, limit=None, batch: int = 64) -> dict:
+    """MMEB's protocol: each query against its own candidates; a hit when the first scores highest."""
+    from PIL import Image
+
+    from .data.mmeb_eval import read_eval_file
+    from .train import encode_all
+
+    def load(path):
+        if path is None:
+            return None
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    per_file = {}
+    for path in paths:
+        rows = read_eval_file(path, image_dir, limit)
+        q = encode_all(model, model.processor, [r.qry_text for r in rows], [load(r.qry_image) for r in rows], batch)
+        hits = 0
+        for r, qe in zip(rows, q):
+            c = encode_all(model, model.processor, r.cand_texts, [load(x) for x in r.cand_images], batch)
+            hits += int((c @ qe).argmax().item() == 0)
+        per_file[path] = {"p_at_1": hits / max(1, len(rows)), "num_queries": len(rows)}
+    mean = sum(v["p_at_1"] for v in per_file.values()) / max(1, len(per_file))
+    return {"p_at_1": mean, "per_file": per_file, "protocol": "per-query candidate lists (MMEB eval)"}

@@ -82,3 +82,38 @@ def test_export_reloads_with_the_same_embeddings(reference_run, tmp_path):
     with torch.no_grad():
         c = m16(m16.processor(texts, images)).float()
     assert (c - a).norm() / a.norm() < 3e-2
+
+
+def test_eval_on_mmeb_candidate_lists(reference_run, tmp_path):
+    """`llave-fast eval` on MMEB-eval style files: each query against its own candidates."""
+    from llave_fast.cli import main
+    from llave_fast.data import SyntheticDataset
+    from llave_fast.data.mmeb_eval import read_eval_file
+    from llave_fast.evaluate import evaluate_model
+    from llave_fast.export import export_run
+
+    path = export_run(reference_run, str(tmp_path / "m"), dtype="fp32")
+    ds = SyntheticDataset(40, seed=5, split="eval")
+    text_targets = [ds[i] for i in range(40) if ds[i]["pos_image"] is None][:12]
+    rows = []
+    for k in range(0, 12, 3):
+        r = text_targets[k]
+        img = f"q{k}.png"
+        if r["qry_image"] is not None:
+            r["qry_image"].save(tmp_path / img)
+        rows.append({"qry_text": r["qry"], "qry_img_path": img if r["qry_image"] is not None else "",
+                     "tgt_text": [text_targets[j]["pos_text"] for j in (k, k + 1, k + 2)],
+                     "tgt_img_path": ["", "", ""]})
+    f = tmp_path / "eval.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = evaluate_model(path, str(f))
+    assert result["protocol"].startswith("per-query")
+    assert result["per_file"][str(f)]["num_queries"] == 4
+    assert 0.0 <= result["p_at_1"] <= 1.0
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--model", path, "--data", str(f), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["p_at_1"] == result["p_at_1"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"qry_text": "x", "tgt_text": ["a", "b"], "tgt_img_path": [""]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 0.*2 candidates but tgt_img_path has 1"):
+        read_eval_file(str(bad))
