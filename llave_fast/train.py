@@ -331,8 +331,12 @@ def train(cfg: TrainConfig) -> dict:
         target_ids = batch["target_ids"]
         if batch.get("negatives") is not None and batch.get("negative_ids") is not None:
             target_ids = torch.cat([target_ids, batch["negative_ids"]])
+        # duplicate targets (MMEB classification / VQA answers) are false negatives in both
+        # directions: q->t masks candidate targets with the positive's id, and t->q masks
+        # candidate queries whose own target carries that id (so the queries are labelled
+        # with their targets' ids)
         local_loss = gc(batch["query"], batch["target"], batch.get("negatives"),
-                        target_ids=target_ids, query_ids=batch["query_ids"])
+                        target_ids=target_ids, query_ids=batch["target_ids"])
         lr_used = scheduler.get_last_lr()[-1]  # the rate this step applies
         engine.step()
         step += 1
