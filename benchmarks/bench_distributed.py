@@ -610,17 +610,23 @@ def loss_sweep(args, comm, threads, fused, device) -> dict:
     out["correctness"] = payload["correctness"]
     out["timing"] = payload["timing"]
     passed = (payload["correctness"] or {}).get("passed", {})
+    _memory_sweep(out, args.world, comm, spec, "N", spec["N"], LOSS_VARIANTS, lambda v: passed.get(v),
+                  loss_memory_rank)
+    return out
+
+
+def _memory_sweep(out, world, comm, spec, key, sizes, variants, ok, rank_fn) -> None:
+    """Peak memory of every (size, variant) in fresh processes; a variant that failed its check gets none."""
     t1 = time.perf_counter()
-    for N in spec["N"]:
-        for v in LOSS_VARIANTS:
-            if not passed.get(v):
-                out["memory"].setdefault(str(N), {})[v] = {"status": "FAILED"}
+    for size in sizes:
+        for v in variants:
+            if not ok(v):
+                out["memory"].setdefault(str(size), {})[v] = {"status": "FAILED"}
                 continue
-            ms = dict(spec, N=N, variant=v)
-            print(f"  memory N={N} {v}: fresh processes ...", end="", flush=True)
-            mp, merr = run_ranks(loss_memory_rank, args.world, ms, comm, read_partial=False)
+            print(f"  memory {key}={size} {v}: fresh processes ...", end="", flush=True)
+            mp, merr = run_ranks(rank_fn, world, dict(spec, **{key: size}, variant=v), comm, read_partial=False)
             rec = memory_summary(mp, merr)
-            out["memory"].setdefault(str(N), {})[v] = rec
+            out["memory"].setdefault(str(size), {})[v] = rec
             if rec["status"] == "ok":
                 print(f" peak {rec['peak_bytes_max_over_ranks'] / C.MiB:.1f} MiB (max over ranks; per rank "
                       f"{', '.join(f'{b / C.MiB:.1f}' for b in rec['peak_bytes_per_rank'])})"
@@ -628,7 +634,6 @@ def loss_sweep(args, comm, threads, fused, device) -> dict:
             else:
                 print(f" ERROR {rec['error']}", flush=True)
     out["wall_s_memory"] = time.perf_counter() - t1
-    return out
 
 
 def gc_sweep(args, comm, threads, fused, device) -> dict:
@@ -651,24 +656,7 @@ def gc_sweep(args, comm, threads, fused, device) -> dict:
     out["correctness"] = payload["correctness"]
     out["timing"] = payload["timing"]
     ok = bool((payload["correctness"] or {}).get("passed"))
-    t1 = time.perf_counter()
-    for gb in spec["batches"]:
-        for v in GC_VARIANTS:
-            if not ok:
-                out["memory"].setdefault(str(gb), {})[v] = {"status": "FAILED"}
-                continue
-            ms = dict(spec, batch=gb, variant=v)
-            print(f"  memory batch={gb} {v}: fresh processes ...", end="", flush=True)
-            mp, merr = run_ranks(gc_memory_rank, args.world, ms, comm, read_partial=False)
-            rec = memory_summary(mp, merr)
-            out["memory"].setdefault(str(gb), {})[v] = rec
-            if rec["status"] == "ok":
-                print(f" peak {rec['peak_bytes_max_over_ranks'] / C.MiB:.1f} MiB (max over ranks; per rank "
-                      f"{', '.join(f'{b / C.MiB:.1f}' for b in rec['peak_bytes_per_rank'])})"
-                      + ("" if rec["baseline_clean_all_ranks"] else " [baseline not clean]"), flush=True)
-            else:
-                print(f" ERROR {rec['error']}", flush=True)
-    out["wall_s_memory"] = time.perf_counter() - t1
+    _memory_sweep(out, args.world, comm, spec, "batch", spec["batches"], GC_VARIANTS, lambda v: ok, gc_memory_rank)
     return out
 
 
