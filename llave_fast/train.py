@@ -44,6 +44,7 @@ class TrainConfig:
     num_train: int = 6144  # synthetic train samples
     num_eval: int = 256  # held-out synthetic samples (queries and targets)
     image_size: int = 64
+    max_text_tokens: int | None = None  # cut each query/target text to this many tokens
     global_batch: int = 64
     chunk_size: int = 32
     steps: int = 160
@@ -229,6 +230,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
         model = LLaVEEmbedder.from_pretrained(cfg.model, torch_dtype=dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model.processor.max_text_tokens = cfg.max_text_tokens
     return model
 
 

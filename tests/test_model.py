@@ -655,3 +655,27 @@ def test_zero3_partitions_at_load_and_every_weight_lands(ckpt):
 
     folder, _ = ckpt
     spawn_ranks(_zero3_load_rank, 2, str(folder))
+
+
+def test_max_text_tokens_cuts_only_the_user_text():
+    from llave_fast.model import build_tiny_model
+    from PIL import Image
+
+    proc = build_tiny_model(0).processor
+    long_text = " ".join(["red circle on the left"] * 40)
+    full = proc([long_text])["attention_mask"].sum().item()
+    proc.max_text_tokens = 10
+    cut = proc([long_text])["attention_mask"].sum().item()
+    n_text = len(proc.tokenizer(long_text, add_special_tokens=False)["input_ids"])
+    assert n_text > 10
+    assert cut == full - (n_text - 10)
+    # short texts and the image placeholder are untouched
+    short = proc(["red circle"])["input_ids"]
+    proc.max_text_tokens = None
+    assert torch.equal(short, proc(["red circle"])["input_ids"])
+    proc.max_text_tokens = 3
+    img = Image.new("RGB", (32, 32))
+    b = proc(["<|image_1|>\n" + long_text], [img])
+    assert (b["input_ids"] == proc.image_token_id).sum() > 0
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        type(proc)(proc.tokenizer, image_size=32, patch_size=8, image_grid_pinpoints=[[32, 32]], max_text_tokens=0)

@@ -166,6 +166,7 @@ class LLaVEProcessor:
         rescale_factor: float = 1 / 255,
         image_token: str = IMAGE_PLACEHOLDER,
         system_prompt: str = SYSTEM_PROMPT,
+        max_text_tokens: int | None = None,
     ):
         if tokenizer is None:
             raise ValueError("LLaVEProcessor needs a tokenizer")
@@ -186,6 +187,10 @@ class LLaVEProcessor:
         self.rescale_factor = float(rescale_factor)
         self.image_token = image_token
         self.system_prompt = system_prompt
+        if max_text_tokens is not None and (not isinstance(max_text_tokens, int) or max_text_tokens < 1):
+            raise ValueError(f"max_text_tokens must be a positive int or None, got {max_text_tokens!r}")
+        # the user text (not the template, not the image tokens) is cut to this many tokens
+        self.max_text_tokens = max_text_tokens
 
         self.image_token_id = ensure_image_token(tokenizer, image_token)
         for tok in ("<|im_start|>", "<|im_end|>"):
@@ -239,7 +244,7 @@ class LLaVEProcessor:
             if key in pre and key not in kwargs:
                 kwargs[key] = pre[key]
         extra = pre.get("llave_fast", {})
-        for key in ("system_prompt",):
+        for key in ("system_prompt", "max_text_tokens"):
             if key in extra and key not in kwargs:
                 kwargs[key] = extra[key]
         if "image_token" not in kwargs:
@@ -264,7 +269,8 @@ class LLaVEProcessor:
             "image_std": list(self.image_std),
             "do_pad": True,
             "image_grid_pinpoints": self.image_grid_pinpoints,
-            "llave_fast": {"system_prompt": self.system_prompt, "image_token": self.image_token},
+            "llave_fast": {"system_prompt": self.system_prompt, "image_token": self.image_token,
+                           "max_text_tokens": self.max_text_tokens},
         }
         with open(os.path.join(path, PREPROCESSOR_FILE), "w") as f:
             json.dump(cfg, f, indent=2)
@@ -275,7 +281,7 @@ class LLaVEProcessor:
         """LLaVE's prompt string for one sample (``<image>`` marks the image's place)."""
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
-        user = MMEB_IMAGE_PLACEHOLDER.sub(IMAGE_PLACEHOLDER, text)
+        user = self.truncate(MMEB_IMAGE_PLACEHOLDER.sub(IMAGE_PLACEHOLDER, text))
         n = user.count(IMAGE_PLACEHOLDER)
         if has_image:
             if n == 0:
@@ -294,6 +300,20 @@ class LLaVEProcessor:
             f"<|im_start|>user\n{user}<|im_end|>\n"
             f"<|im_start|>assistant\n\n<|im_end|>\n"
         )
+
+    def truncate(self, text: str) -> str:
+        """The text cut after ``max_text_tokens`` tokens of its own (the image placeholder is kept)."""
+        limit = self.max_text_tokens
+        if limit is None or not text:
+            return text
+        head = ""
+        if text.startswith(IMAGE_PLACEHOLDER):
+            head, text = IMAGE_PLACEHOLDER, text[len(IMAGE_PLACEHOLDER):]
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if len(offsets) <= limit:
+            return head + text
+        return head + text[: offsets[limit - 1][1]]
 
     # ---- images -----------------------------------------------------------------------------
 
