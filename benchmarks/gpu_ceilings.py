@@ -31,6 +31,21 @@ def _time_ms(fn, repeats=20, warmup=3):
     return statistics.median(out), out
 
 
+def _copy(dev, n=1 << 30):
+    """n bytes of bf16 copied: 2n bytes moved."""
+    src = torch.empty(n // 2, dtype=torch.bfloat16, device=dev).normal_()
+    dst = torch.empty_like(src)
+    ms, raw = _time_ms(lambda: dst.copy_(src))
+    return {"bytes_moved": 2 * n, "median_ms": ms, "tb_per_s": 2 * n / ms / 1e9, "raw_ms": raw}
+
+
+def _mm(dev, m=8192, k=8192, n=8192):
+    a = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+    b = torch.randn(k, n, dtype=torch.bfloat16, device=dev)
+    ms, raw = _time_ms(lambda: torch.mm(a, b))
+    return {"shape": [m, k, n], "median_ms": ms, "tflop_per_s": 2 * m * k * n / ms / 1e9, "raw_ms": raw}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -40,18 +55,8 @@ def main(argv=None):
         raise SystemExit("gpu_ceilings.py needs CUDA")
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
-    n = 1 << 30  # 1 GiB of bf16 -> 2 GiB moved per copy
-    src = torch.empty(n // 2, dtype=torch.bfloat16, device=dev).normal_()
-    dst = torch.empty_like(src)
-    ms, raw = _time_ms(lambda: dst.copy_(src))
-    res["copy"] = {"bytes_moved": 2 * n, "median_ms": ms, "tb_per_s": 2 * n / ms / 1e9, "raw_ms": raw}
-    del src, dst
-    m = k = nn = 8192
-    a = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
-    b = torch.randn(k, nn, dtype=torch.bfloat16, device=dev)
-    ms, raw = _time_ms(lambda: torch.mm(a, b))
-    res["mm_bf16"] = {"shape": [m, k, nn], "median_ms": ms, "tflop_per_s": 2 * m * k * nn / ms / 1e9, "raw_ms": raw}
-    del a, b
+    res["copy"] = _copy(dev)
+    res["mm_bf16"] = _mm(dev)
     B, N, d = args.gemm
     q = torch.randn(B, d, dtype=torch.bfloat16, device=dev)
     T = torch.randn(N, d, dtype=torch.bfloat16, device=dev)
