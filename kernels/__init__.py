@@ -2,7 +2,7 @@
 
 ``tile``          shared tile arithmetic: the similarity tile and its masked logits
 ``hardness_fwd``  one sweep: row and column log-sum-exp partials
-``hardness_bwd``  recompute: dq and dT (atomic tiles, or owner-computes for determinism)
+``hardness_bwd``  recompute: dq by row owners; dT by fp32 atomics, or by column owners for determinism
 
 Importing this package imports triton; nothing here probes CUDA.
 """

@@ -9,9 +9,10 @@ the part of dL/dS that flows through the softmaxes is
 it is a row-wise product, no tile needed). Then dq = dS @ T and dT = dS^T @ q, in chunks
 of BK embedding columns so that any d fits.
 
-MODE 0: grid over tiles, dq and dT accumulated with fp32 atomics (4 GEMM-equivalents in
-        all, run-to-run order varies).
-MODE 1: a program owns a row block and walks all column blocks in order: dq only.
+MODE 0: a program owns a row block and walks all column blocks in order; it owns dq
+        (read-modify-write, no atomics) and adds its dT contributions with fp32 atomics:
+        4 GEMM-equivalents in all, dT's summation order varies run to run.
+MODE 1: as MODE 0 but dq only.
 MODE 2: a program owns a column block and walks all row blocks in order: dT only.
 MODE 1 + MODE 2 is the deterministic pair: bitwise reproducible, one extra recompute.
 """
@@ -65,24 +66,19 @@ def hardness_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     n_rb = tl.cdiv(B, BM)
     n_cb = tl.cdiv(NT, BN)
-    if MODE == 0:
-        loop_n = 1
-    elif MODE == 1:
-        loop_n = n_cb
-    else:
+    if MODE == 2:
         loop_n = n_rb
+    else:
+        loop_n = n_cb
     for it in range(0, loop_n):
         # tile coordinates are fresh each iteration (no loop-carried index changes type);
         # "+ pid * 0" keeps them int64 like pid
-        if MODE == 0:
-            rb = pid // n_cb
-            cb = pid % n_cb
-        elif MODE == 1:
-            rb = pid
-            cb = it + pid * 0
-        else:
+        if MODE == 2:
             rb = it + pid * 0
             cb = pid
+        else:
+            rb = pid
+            cb = it + pid * 0
         rows = rb * BM + tl.arange(0, BM).to(tl.int64)
         cols = cb * BN + tl.arange(0, BN).to(tl.int64)
         rmask = rows < B
@@ -108,11 +104,8 @@ def hardness_bwd_kernel(
                     t_blk = t_blk.to(tl.float32)
                 dq_blk = tl.dot(dS_op, t_blk, input_precision=PREC)
                 dq_off = dq_ptr + rows[:, None] * D + ks[None, :]
-                if MODE == 0:
-                    tl.atomic_add(dq_off, dq_blk, mask=rmask[:, None] & kmask)
-                else:
-                    acc = tl.load(dq_off, mask=rmask[:, None] & kmask, other=0.0)
-                    tl.store(dq_off, acc + dq_blk, mask=rmask[:, None] & kmask)
+                acc = tl.load(dq_off, mask=rmask[:, None] & kmask, other=0.0)
+                tl.store(dq_off, acc + dq_blk, mask=rmask[:, None] & kmask)
             if MODE != 1:
                 # dT[cols, ks] += dS^T @ q[rows, ks]
                 q_blk = tl.load(q_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask, other=0.0)
@@ -125,6 +118,5 @@ def hardness_bwd_kernel(
                 else:
                     acc = tl.load(dt_off, mask=cmask[:, None] & kmask, other=0.0)
                     tl.store(dt_off, acc + dt_blk, mask=cmask[:, None] & kmask)
-        if MODE != 0:
-            # this program reads its accumulator slots back on the next iteration
-            tl.debug_barrier()
+        # this program reads its accumulator slots back on the next iteration
+        tl.debug_barrier()

@@ -175,7 +175,8 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     # fp16's range is too small for dS (s * P * g can be ~1e-9): keep it fp32 (tf32 GEMMs)
     ds_lowp = q.dtype == torch.bfloat16 and dev.type == "cuda"
     prec = "tf32" if (q.dtype == torch.float16 and dev.type == "cuda") else _precision(q)
-    modes = [(1, n_rb), (2, n_cb)] if deterministic else [(0, n_rb * n_cb)]
+    # deterministic: row owners for dq, column owners for dT; else row owners + atomic dT
+    modes = [(1, n_rb), (2, n_cb)] if deterministic else [(0, n_rb)]
     with _enter(dev):
         for mode, grid in modes:
             _kernels().hardness_bwd_kernel[(grid,)](
