@@ -43,6 +43,27 @@ class RankComm:
         dist.all_gather(out, mine, group=self.group)
         return torch.stack(out).cpu()
 
+    def exchange_layout(self, B: int, M: int, target_ids, query_ids, device):
+        """Every rank's batch and negative counts, checked for consistent id options.
+
+        Returns (b_sizes, m_sizes, neg_with_ids): per rank, query rows, negatives, and whether
+        its target_ids also cover its negatives. All ranks raise the same error together
+        (they see the same table), so a bad option cannot leave one rank in a collective.
+        """
+        neg_ids = target_ids is not None and M > 0 and target_ids.shape[0] == B + M
+        table = self.exchange_ints([B, M, target_ids is not None, query_ids is not None, int(neg_ids)], device)
+        for col, name in ((2, "target_ids"), (3, "query_ids")):
+            if table[:, col].min() != table[:, col].max():
+                raise ValueError(f"{name} must be given on every rank or on none; per rank: {table[:, col].tolist()}")
+        b_sizes, m_sizes = table[:, 0].tolist(), table[:, 1].tolist()
+        neg_with_ids = [bool(x) for x in table[:, 4].tolist()]
+        if any(neg_with_ids) and any(m > 0 and not w for m, w in zip(m_sizes, neg_with_ids)):
+            raise ValueError(
+                "target_ids must cover the negatives on every rank that has negatives, or on none; "
+                f"per rank (negatives, ids cover them): {list(zip(m_sizes, neg_with_ids))}"
+            )
+        return b_sizes, m_sizes, neg_with_ids
+
     # -- rows ---------------------------------------------------------------------------
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate every rank's ``x`` (rank r has ``sizes[r]`` rows) in rank order."""

@@ -122,14 +122,18 @@ class GradCache:
         self.chunk_size = chunk_size
         self.split = split or split_batch
         self.progress = progress
-        engines = [m for m in (self.encoder, self.target_encoder) if _is_deepspeed_engine(m)]
-        self._engine = engines[0] if engines else None
-        if self._engine is not None and self._engine.gradient_accumulation_steps() != 1:
-            raise ValueError(
-                "GradCache is the gradient accumulation: build the DeepSpeed engine with "
-                f"gradient_accumulation_steps=1 (got {self._engine.gradient_accumulation_steps()}); "
-                "grow the batch and the chunk count instead"
-            )
+        # distinct DeepSpeed engines (one shared encoder, or separate query/target ones)
+        self._engines = []
+        for m in (self.encoder, self.target_encoder):
+            if _is_deepspeed_engine(m) and all(m is not e for e in self._engines):
+                self._engines.append(m)
+        for engine in self._engines:
+            if engine.gradient_accumulation_steps() != 1:
+                raise ValueError(
+                    "GradCache is the gradient accumulation: build the DeepSpeed engine with "
+                    f"gradient_accumulation_steps=1 (got {engine.gradient_accumulation_steps()}); "
+                    "grow the batch and the chunk count instead"
+                )
 
     # ------------------------------------------------------------------------------
     def _embed_no_grad(self, encoder, chunks, bar):
@@ -190,9 +194,11 @@ class GradCache:
             jobs = [(self.encoder, c, s, g) for c, s, g in zip(q_chunks, q_states, q_grads)]
             jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(t_chunks, t_states, t_grads)]
             jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(n_chunks, n_states, n_grads)]
+            # each encoder's gradients are reduced once, on its own last chunk
+            last_of = {id(enc): k for k, (enc, *_rest) in enumerate(jobs)}
             with self._one_reduction():
                 for k, (encoder, chunk, state, grad) in enumerate(jobs):
-                    last = k == len(jobs) - 1
+                    last = k == last_of[id(encoder)]
                     with self._sync_context(encoder, last), state.replay():
                         emb = encoder(chunk)
                         # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
@@ -209,23 +215,18 @@ class GradCache:
 
     @contextlib.contextmanager
     def _one_reduction(self):
-        """DeepSpeed: all chunks' backward passes, then one gradient reduction."""
-        engine = self._engine
-        if engine is None:
+        """DeepSpeed: all chunks' backward passes, then one gradient reduction per engine."""
+        with contextlib.ExitStack() as stack:
+            for engine in self._engines:
+                if engine.zero_optimization_stage() > 0:
+                    # ZeRO 1/2/3: grads stay local on the params until the block exits, then one
+                    # reduction fills the partitions that engine.step() uses
+                    stack.enter_context(engine.coalesce_grad_reduction())
+                else:
+                    # no ZeRO: the engine all-reduces in the backward at the accumulation
+                    # boundary, which _backward sets for the engine's last chunk only
+                    stack.callback(engine.set_gradient_accumulation_boundary, True)
             yield
-            return
-        if engine.zero_optimization_stage() > 0:
-            # ZeRO 1/2/3: grads stay local on the params until the block exits, then one
-            # reduction fills the partitions that engine.step() uses
-            with engine.coalesce_grad_reduction():
-                yield
-            return
-        # no ZeRO: the engine all-reduces in the backward at the accumulation boundary,
-        # which _backward sets for the last chunk only
-        try:
-            yield
-        finally:
-            engine.set_gradient_accumulation_boundary(True)
 
     def _backward(self, encoder, surrogate, last: bool):
         if _is_deepspeed_engine(encoder):

@@ -112,9 +112,8 @@ def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, n
     """LLaVE's own way across ranks: gather with grad, then two B x N strips per rank."""
     B, d = query.shape
     M = 0 if negatives is None else negatives.shape[0]
-    has_neg_ids = target_ids is not None and M > 0 and target_ids.shape[0] == B + M
-    table = comm.exchange_ints([B, M, int(has_neg_ids)], query.device)
-    b_sizes, m_sizes = table[:, 0].tolist(), table[:, 1].tolist()
+    b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, query.device)
+    has_neg_ids = neg_with_ids[comm.rank]
     Q = gather_with_grad(query, comm, b_sizes)
     T = gather_with_grad(target, comm, b_sizes)
     neg_all = None
@@ -125,7 +124,7 @@ def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, n
     tid = qid = None
     if target_ids is not None:
         tid = comm.gather_rows(target_ids[:B], b_sizes)
-        if table[:, 2].any():
+        if any(neg_with_ids):
             local = target_ids[B:] if has_neg_ids else target_ids.new_empty((0,))
             tid = torch.cat([tid, comm.gather_rows(local, m_sizes)])
     if query_ids is not None:

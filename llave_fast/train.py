@@ -303,6 +303,8 @@ def train(cfg: TrainConfig) -> dict:
         start = state["step"]
         before = state.get("p_at_1_before")
         torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
         _log(rank, f"resumed from {os.path.join(ckpt_root, ckpt.tag_for(start))} at step {start}")
     log_path = os.path.join(out, "train_log.jsonl")
     if rank == 0:
@@ -356,7 +358,8 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             ckpt.save(engine, ckpt_root, step,
-                      {"step": step, "rng_cpu": torch.get_rng_state(), "p_at_1_before": before},
+                      {"step": step, "rng_cpu": torch.get_rng_state(), "p_at_1_before": before,
+                       "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                       keep=cfg.keep_checkpoints)
     bar.close()
     seconds = time.perf_counter() - t_run

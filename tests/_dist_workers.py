@@ -94,3 +94,20 @@ def check_cases(rank, world, cases):
         if lneg is not None:
             assert _rel(lneg.grad, gneg[ms]) < tol * 10, f"{where}: dneg rel err {_rel(lneg.grad, gneg[ms]):.2e}"
         dist.barrier()
+
+
+def inconsistent_ids(rank, world):
+    """ids on some ranks only: every rank raises the same clear error (no hang, no wrong mask)."""
+    import pytest
+
+    q = F.normalize(torch.randn(3, 8), dim=-1)
+    t = F.normalize(torch.randn(3, 8), dim=-1)
+    for backend in ("torch", "reference"):
+        tid = torch.arange(3) if rank == 0 else None
+        with pytest.raises(ValueError, match=r"target_ids must be given on every rank or on none; per rank: \[1, 0\]"):
+            hardness_weighted_loss(q, t, target_ids=tid, backend=backend, distributed=True)
+        neg = F.normalize(torch.randn(2, 8), dim=-1)
+        tid = torch.arange(5) if rank == 0 else torch.arange(3)
+        with pytest.raises(ValueError, match="must cover the negatives on every rank"):
+            hardness_weighted_loss(q, t, negatives=neg, target_ids=tid, backend=backend, distributed=True)
+        dist.barrier()

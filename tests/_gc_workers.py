@@ -131,3 +131,29 @@ def deepspeed_rank(rank, world, stage, chunk):
         moved = max(moved, (a - p0).abs().max().item())
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert moved > 1e-3, "the optimizer step must change the parameters"
+
+
+def separate_encoders_rank(rank, world):
+    """Separate DDP query and target encoders: both get reduced gradients equal to a plain step's."""
+    torch.manual_seed(0)
+    qe0, te0 = Encoder(), Encoder()
+    q_all, t_all = make_batch(6 * world, seed=4)
+    q, t = q_all[rank * 6 : (rank + 1) * 6], t_all[rank * 6 : (rank + 1) * 6]
+    loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
+                                backend="torch")
+    grads = []
+    for use_gc in (False, True):
+        qe = nn.parallel.DistributedDataParallel(copy.deepcopy(qe0))
+        te = nn.parallel.DistributedDataParallel(copy.deepcopy(te0))
+        if use_gc:
+            GradCache(qe, loss_fn, 2, target_encoder=te)(q, t)
+        else:
+            loss_fn(qe(q), te(t)).backward()
+        grads.append([p.grad.clone() for m in (qe, te) for p in m.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) == 8
+    for a, b in zip(*grads):
+        err = ((b - a).norm() / a.norm()).item()
+        assert err < 2e-5, f"rank {rank}: gradient relative error {err:.2e}"
+        other = b.clone()
+        dist.broadcast(other, 0)
+        assert torch.equal(other, b), f"rank {rank}: gradients differ across ranks"

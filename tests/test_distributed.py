@@ -30,3 +30,7 @@ def _cases(world):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_cross_rank_loss_matches_float64_truth(world):
     spawn_ranks(W.check_cases, world, _cases(world))
+
+
+def test_inconsistent_ids_across_ranks_raise_everywhere():
+    spawn_ranks(W.inconsistent_ids, 2)

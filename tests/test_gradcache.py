@@ -175,3 +175,7 @@ def test_hard_negatives_are_encoded_and_match_full_batch():
     assert abs(no_neg - full.item()) > 1e-3, "negatives must change the loss"
     for k in g_full:
         _assert_rel(model.get_parameter(k).grad, g_full[k], k)
+
+
+def test_separate_query_and_target_encoders_under_ddp():
+    spawn_ranks(W.separate_encoders_rank, 2)

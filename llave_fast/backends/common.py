@@ -122,20 +122,7 @@ def _layout(q, t, negatives, target_ids, query_ids, comm):
         tid_all, qid_all, offset, sizes = target_ids, query_ids, 0, None
         N = B
     else:
-        table = comm.exchange_ints(
-            [B, M, target_ids is not None, query_ids is not None, int(neg_ids)], q.device
-        )
-        for col, name in ((2, "target_ids"), (3, "query_ids")):
-            if table[:, col].min() != table[:, col].max():
-                raise ValueError(f"{name} must be given on every rank or on none; per rank: {table[:, col].tolist()}")
-        b_sizes, m_sizes = table[:, 0].tolist(), table[:, 1].tolist()
-        has_neg = [m > 0 for m in m_sizes]
-        neg_with_ids = [bool(x) for x in table[:, 4].tolist()]
-        if target_ids is not None and any(h and not w for h, w in zip(has_neg, neg_with_ids)) and any(neg_with_ids):
-            raise ValueError(
-                "target_ids must cover the negatives on every rank that has negatives, or on none; "
-                f"per rank (negatives, ids cover them): {list(zip(m_sizes, neg_with_ids))}"
-            )
+        b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, q.device)
         offset = sum(b_sizes[: comm.rank])
         N = sum(b_sizes)
         T_all = comm.gather_rows(t.detach(), b_sizes)
