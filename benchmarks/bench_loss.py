@@ -860,7 +860,7 @@ def main(argv=None):
     print(f"\nresults written to {out}")
     png = write_plot(results, out)
     if png:
-        payload["plot"] = png
+        payload["plot"] = os.path.basename(str(png))  # beside the JSON; no machine paths in results
         with open(out, "w") as f:
             json.dump(payload, f, indent=1, default=str)
     print(f"total wall time {time.perf_counter() - t_begin:.0f} s")
