@@ -38,6 +38,7 @@ DTYPES = {
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 # --------------------------------------------------------------------------- metadata
@@ -268,7 +269,8 @@ def _one_run(fn, q, t, device: torch.device):
     return f, b, fb, value
 
 
-def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats: int) -> dict:
+def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats: int,
+                     budget_s: float | None = None, min_repeats: int = 3) -> dict:
     """Forward, backward and forward+backward times (ms) of several ``fn(q, t) -> scalar loss``.
 
     Each run takes three timestamps: before the forward, between forward and backward,
@@ -281,6 +283,10 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats:
     so that a slow phase of the machine hits every backend alike; consecutive runs use the
     next of the input pairs, so no run starts on the inputs the previous one just touched.
     A function that raises is dropped from the rotation and its error recorded.
+
+    ``budget_s``: the timed runs of all functions together should take about this long; the
+    repeat count is lowered (to no fewer than ``min_repeats``) from the warm-up runs' times.
+    The count used is in each entry's ``repeats``.
     """
     labels = list(fns)
     out = {lab: {"raw_ms": {"fwd": [], "bwd": [], "fwd_bwd": []},
@@ -314,6 +320,13 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats:
         for _ in range(n_warm):
             if out[lab]["error"] is None:
                 run(lab, out[lab]["warmup_ms"])
+    if budget_s is not None:
+        per_round = sum(statistics.median(out[lab]["warmup_ms"]["fwd_bwd"]) for lab in labels
+                        if out[lab]["error"] is None and out[lab]["warmup_ms"]["fwd_bwd"])
+        if per_round > 0:
+            repeats = max(min(min_repeats, repeats), min(repeats, int(budget_s * 1e3 / per_round)))
+    for lab in labels:
+        out[lab]["repeats"] = repeats
     for it in range(repeats):
         order = labels if it % 2 == 0 else labels[::-1]
         for lab in order:

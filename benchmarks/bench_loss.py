@@ -37,9 +37,11 @@ import _common as C  # noqa: E402
 from llave_fast import hardness_weighted_loss  # noqa: E402
 from llave_fast.reference import reference_loss  # noqa: E402
 
-ALL_BACKENDS = ("triton", "torch", "reference", "compile", "inf_cl")
-FUSED = ("triton", "torch")  # the memory-lean implementations (numerators of the ratios)
-BASELINES = ("reference", "compile")
+ALL_BACKENDS = ("triton", "triton_strip", "torch", "reference", "compile", "inf_cl", "gemm3")
+FUSED = ("triton", "triton_strip", "torch")  # the memory-lean implementations (numerators of the ratios)
+BASELINES = ("reference", "compile", "gemm3")
+# not a loss: the three cuBLAS GEMMs the loss needs at least (fwd: S = q T^T; bwd: dS T and dS^T q)
+FLOOR = ("gemm3",)
 
 # Acceptance point (CPU): torch backend vs eager reference.
 ACCEPT = dict(B=8192, d=1024, dtype="fp32", time_ratio_max=0.8, mem_ratio_max=0.1)
@@ -63,6 +65,8 @@ def gemm_counts(backend: str, symmetric: bool, deterministic: bool) -> tuple[int
     """GEMM-equivalents (2*B*N*d FLOPs each) of (forward, backward) as each backend runs them."""
     if backend == "triton":
         return 1, (4 if deterministic else 3)  # bwd: recompute S, dq, dT (+1 recompute if deterministic)
+    if backend in ("triton_strip", "gemm3"):
+        return 1, 3 if backend == "triton_strip" else 2  # strip: recompute S into dS, then the two GEMMs
     if backend == "torch":
         return 1, 3
     if backend in ("reference", "compile"):
@@ -80,7 +84,8 @@ USEFUL_GEMMS = (1, 3)  # the fused design's count, used for every backend's "use
 # --------------------------------------------------------------------------- analytic memory
 
 
-def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype, symmetric: bool) -> int | None:
+def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype, symmetric: bool,
+                        device: torch.device | str = "cpu") -> int | None:
     """Order-of-magnitude model of the extra memory of one forward+backward (inputs excluded).
 
     reference: per direction it materialises sim, log_w, logits (+ one temporary) as B x N
@@ -101,48 +106,84 @@ def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype
     if backend == "torch":
         from llave_fast.backends.torch_backend import chunk_rows
 
-        Ec = chunk_rows(B, N) * N
+        Ec = chunk_rows(B, N, device) * N
         return 5 * Ec * acc + Ec + 3 * B * d * acc + (grads if es != acc else 0)
     if backend == "triton":
         return 3 * B * d * 4 + (grads if es != 4 else 0)
+    if backend == "triton_strip":
+        from llave_fast.backends.triton_backend import gpu_config, strip_rows
+
+        cfg = gpu_config(dtype)
+        ds_es = 2 if dtype == torch.bfloat16 else 4
+        return strip_rows(cfg, B, N, ds_es) * N * ds_es + 3 * B * d * 4 + (grads if es != 4 else 0)
+    if backend == "gemm3":
+        from gemm3 import gemm3_rows
+
+        R = gemm3_rows(B, N)
+        return 2 * R * N * es + grads
     return None
 
 
 # --------------------------------------------------------------------------- backends
 
 
-def inf_cl_head_dim(d: int) -> int | None:
-    for h in (256, 128, 64, 32, 16):
-        if d % h == 0:
-            return h
-    return None
-
-
 def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
     if name in ("torch", "reference"):
         return True, ""
-    if name == "triton":
+    if name in ("triton", "triton_strip"):
         if device.type != "cuda":
-            return False, "triton is benchmarked on CUDA only (on CPU it runs under the interpreter)"
+            return False, f"{name} is benchmarked on CUDA only (on CPU it runs under the interpreter)"
         from llave_fast.backends.triton_backend import available_on
 
         return available_on(device)
+    if name == "gemm3":
+        if device.type != "cuda":
+            return False, "gemm3 (the three cuBLAS GEMMs) is a GPU floor: CUDA only"
+        return True, ""
     if name == "compile":
         # in the defaults on CUDA only; on CPU it runs when asked for (inductor needs a C++ compiler)
         return True, ""
     if name == "inf_cl":
-        if device.type != "cuda":
-            return False, "Inf-CL (inf_cl) runs on CUDA only"
-        try:
-            from inf_cl import cal_inf_loss  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
-            return False, f"inf_cl is not importable ({type(exc).__name__}: {exc}); `pip install inf_cl` to include it"
-        return True, ""
+        from _infcl import inf_cl_available
+
+        return inf_cl_available(device)
     return False, f"unknown backend {name!r}"
 
 
+def backward_config(loss: torch.Tensor, **cfg) -> torch.Tensor:
+    """Make the triton backend's backward of ``loss`` run under ``kernel_config(**cfg)``
+    (the backward runs after the forward's ``with`` block has closed, possibly on the
+    autograd engine's thread): hooks on the loss's node set and restore the override."""
+    from llave_fast.backends import triton_backend as tb
+
+    todo, seen, node = [loss.grad_fn], set(), None
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        if "TritonHardnessLoss" in type(n).__name__:
+            node = n
+            break
+        todo.extend(f for f, _ in n.next_functions)
+    if node is None:
+        raise RuntimeError("backward_config: no TritonHardnessLoss node in the graph of the loss")
+    saved = {}
+
+    def pre(grad_outputs):
+        saved["old"] = tb._CONFIG_OVERRIDE
+        tb._CONFIG_OVERRIDE = dict(cfg)
+
+    def post(grad_inputs, grad_outputs):
+        tb._CONFIG_OVERRIDE = saved.get("old")
+
+    node.register_prehook(pre)
+    node.register_hook(post)
+    return loss
+
+
 def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, deterministic: bool, d: int):
-    """A callable (q, t) -> scalar mean loss for one backend."""
+    """A callable (q, t) -> scalar mean loss for one backend (gemm3: the GEMM floor, not a loss)."""
     if name in ("torch", "reference", "triton"):
         def fn(q, t):
             return hardness_weighted_loss(
@@ -150,6 +191,20 @@ def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, determinist
                 backend=name, deterministic=deterministic,
             )
         return fn
+    if name == "triton_strip":
+        from llave_fast.backends.triton_backend import kernel_config
+
+        def fn(q, t):
+            # only the backward variant is forced; every other tile setting is the default's
+            with kernel_config(BWD="strip"):
+                loss = hardness_weighted_loss(q, t, logit_scale=scale, alpha=alpha, symmetric=symmetric,
+                                              reduction="mean", backend="triton", deterministic=deterministic)
+            return backward_config(loss, BWD="strip")
+        return fn
+    if name == "gemm3":
+        from gemm3 import gemm3_fn
+
+        return gemm3_fn()
     if name == "compile":
         torch._dynamo.reset()  # fresh graph per shape: no dynamic-shape kernels, no recompile limit
         compiled = torch.compile(reference_loss, dynamic=False)
@@ -160,19 +215,9 @@ def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, determinist
     if name == "inf_cl":
         if alpha != 0:
             raise ValueError("Inf-CL has no hardness weights: it is compared at alpha = 0 only")
-        from inf_cl import cal_inf_loss
+        from _infcl import make_inf_cl_loss
 
-        head_dim = inf_cl_head_dim(d)
-        if head_dim is None:
-            raise ValueError(f"Inf-CL needs d divisible by 16, got d={d}")
-
-        def fn(q, t):
-            # cal_inf_loss(q, k, scale=s) is the mean one-way InfoNCE of s*q against k
-            l_qt = cal_inf_loss(q, t, scale=scale, head_dim=head_dim)
-            if not symmetric:
-                return l_qt
-            return (l_qt + cal_inf_loss(t, q, scale=scale, head_dim=head_dim)) / 2
-        return fn
+        return make_inf_cl_loss(scale=float(scale), symmetric=symmetric, d=d)
     raise ValueError(name)
 
 
@@ -284,11 +329,14 @@ def truth_of(q0, t0, args, device, *, alpha, tensor_scale):
 def check_all(backends, args, device) -> dict:
     """{backend: {"passed": bool, "checks": [...]}}; nothing is timed before this returns."""
     report = {b: {"passed": True, "checks": []} for b in backends}
+    for b in backends:
+        if b in FLOOR:
+            report[b]["note"] = "not a loss (the GEMM floor): nothing to check"
     cases = correctness_cases(args, device)
     alphas = sorted({0.0 if b == "inf_cl" else args.alpha for b in backends})
 
     def variants_of(case, alpha):
-        names = [b for b in backends if (0.0 if b == "inf_cl" else args.alpha) == alpha]
+        names = [b for b in backends if (0.0 if b == "inf_cl" else args.alpha) == alpha and b not in FLOOR]
         variants = [(b, None) for b in names]
         if case["name"] == "small" and "torch" in names:
             variants.append(("torch", 7 * case["B"]))  # 7-row chunks: multi-chunk path, partial last
@@ -334,6 +382,8 @@ def check_all(backends, args, device) -> dict:
 
 def dtype_passed(report, backend, dn) -> bool:
     """The small check and the check at this benchmark dtype both passed."""
+    if backend in FLOOR:
+        return True
     checks = report[backend]["checks"]
     small = [c for c in checks if c["case"].startswith("small")]
     mod = [c for c in checks if c["case"] == f"moderate-{dn}"]
@@ -415,7 +465,7 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
             live["malloc"] = " ".join(f"{k}={v}" for k, v in LIVE_MALLOC_ENV.items())
             rec["memory"]["live"] = live
             rec["memory"]["peak_live_bytes"] = live["peak_bytes"]
-    model = analytic_peak_bytes(name, B, B, d, dtype, args.symmetric)
+    model = analytic_peak_bytes(name, B, B, d, dtype, args.symmetric, device)
     rec["memory"]["analytic_bytes"] = model
     if model:
         # the model counts live tensors: compare it with the live figure where there is one
@@ -441,6 +491,17 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
     return rec
 
 
+def add_ceiling_fractions(results, ceilings) -> None:
+    """Achieved TFLOP/s (the backend's own GEMM count) over the measured bf16 GEMM ceiling."""
+    if not ceilings:
+        return
+    top = ceilings["mm_bf16"]["tflop_per_s"]
+    for r in results:
+        if r.get("status") == "ok":
+            r["fraction_of_mm_ceiling"] = {k: v / top for k, v in r["tflops_achieved"].items()}
+            r["fraction_of_mm_ceiling_useful"] = {k: v / top for k, v in r["tflops_useful"].items()}
+
+
 def free_device_memory(device):
     gc.collect()
     if device.type == "cuda":
@@ -454,6 +515,7 @@ def plan_groups(args, backends):
         for d in args.d:
             for B in sorted(args.B):
                 rows = [(b, b, args.alpha) for b in backends if b != "inf_cl"]
+                # the floor has no alpha: it is listed once, with the fused rows
                 if "inf_cl" in backends:
                     fused = next((f for f in FUSED if f in backends), None)
                     if fused is not None and args.alpha != 0:
@@ -463,14 +525,30 @@ def plan_groups(args, backends):
     return groups
 
 
-def run_benchmarks(backends, report, args, device) -> list[dict]:
+def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dict]:
+    """Times every (dtype, d, B) group; ``on_progress(results)`` runs after each group (the
+    caller writes partial results, so a run cut short still leaves its figures)."""
     groups = plan_groups(args, backends)
     prog = Progress(sum(len(r) for r in groups.values()), "timing (interleaved) + peak memory")
     results = []
     mem_avail = C.mem_available_bytes()
+    t_start = time.perf_counter()
     for (dn, d, B), rows in groups.items():
         dtype = C.DTYPES[dn]
         todo = []
+        if args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s:
+            for b, label, alpha in rows:
+                results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d, "alpha": alpha,
+                                "status": "SKIPPED", "note": f"--deadline-s {args.deadline_s:g} s passed"})
+                prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED (deadline)")
+            continue
+        if args.max_B is not None:
+            for b, label, alpha in rows:
+                if B > args.max_B.get(b, B):
+                    results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d,
+                                    "alpha": alpha, "status": "SKIPPED", "note": f"--max-B {b}={args.max_B[b]}"})
+                    prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED (--max-B {b}={args.max_B[b]})")
+            rows = [r for r in rows if B <= args.max_B.get(r[0], B)]
         for b, label, alpha in rows:
             what = f"{label} {dn} B=N={B} d={d}"
             base = {"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d, "alpha": alpha,
@@ -479,7 +557,7 @@ def run_benchmarks(backends, report, args, device) -> list[dict]:
                 results.append({**base, "status": "FAILED"})
                 prog.done(f"{what}: FAILED correctness, not timed")
                 continue
-            model = analytic_peak_bytes(b, B, B, d, dtype, args.symmetric)
+            model = analytic_peak_bytes(b, B, B, d, dtype, args.symmetric, device)
             if device.type == "cpu" and model and mem_avail and model > 0.6 * mem_avail:
                 results.append({**base, "status": "SKIPPED",
                                 "note": f"needs ~{model / C.MiB:.0f} MiB, {mem_avail / C.MiB:.0f} MiB available"})
@@ -502,7 +580,8 @@ def run_benchmarks(backends, report, args, device) -> list[dict]:
         fns = {base["label"]: fn for base, _, fn in todo}
         warm = {base["label"]: (max(args.warmup, 3) if base["backend"] == "compile" else args.warmup)
                 for base, _, _ in todo}
-        timings = C.time_interleaved(fns, pairs, device=device, warmup=warm, repeats=args.repeats)
+        timings = C.time_interleaved(fns, pairs, device=device, warmup=warm, repeats=args.repeats,
+                                     budget_s=args.point_budget_s)
         t_time = time.perf_counter() - t0
         for base, what, fn in todo:
             t1 = time.perf_counter()
@@ -526,6 +605,8 @@ def run_benchmarks(backends, report, args, device) -> list[dict]:
                 prog.done(f"{what}: {rec['status']} {rec.get('error', '')}")
         del pairs, fns
         free_device_memory(device)
+        if on_progress is not None:
+            on_progress(results)
     prog.close()
     return results
 
@@ -758,8 +839,27 @@ def parse_args(argv=None):
     p.add_argument("--no-live-memory", dest="live_memory", action="store_false",
                    help="CPU: skip the second memory worker run with a fixed 64 KiB malloc mmap threshold")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--point-budget-s", type=float, default=None,
+                   help="about this many seconds of timed runs per (dtype, d, B) group: fewer repeats "
+                        "(at least 3) where one run is long")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no new (dtype, d, B) group after this many seconds of timing; the rest "
+                        "is reported SKIPPED")
+    p.add_argument("--max-B", nargs="+", default=None, metavar="BACKEND=B",
+                   help="largest B for a backend, e.g. reference=65536 compile=16384 (the eager ones "
+                        "cannot hold B x N matrices at the top sizes)")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="CUDA: skip measuring the copy and bf16 GEMM ceilings at the start")
     p.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.max_B is not None:
+        caps = {}
+        for item in args.max_B:
+            name, sep, val = item.partition("=")
+            if not sep or name not in ALL_BACKENDS or not val.isdigit():
+                p.error(f"--max-B takes BACKEND=B with BACKEND in {ALL_BACKENDS}, got {item!r}")
+            caps[name] = int(val)
+        args.max_B = caps
     return args
 
 
@@ -816,6 +916,8 @@ def main(argv=None):
             skipped[b] = why
             print(f"note: backend {b} skipped: {why}")
     if "inf_cl" in backends:
+        from _infcl import inf_cl_head_dim
+
         bad = [d for d in args.d if inf_cl_head_dim(d) is None]
         if bad:
             print(f"note: inf_cl needs d divisible by 16; d={bad} will error for it")
@@ -828,21 +930,33 @@ def main(argv=None):
         print(f"WARNING: other processes keep {busy:.0%} of the CPUs busy (loadavg "
               f"{meta['machine_load_before'].get('loadavg')}): timings will be noisy and slower")
 
+    if device.type == "cuda" and not args.no_ceilings:
+        from gpu_ceilings import measure_ceilings
+
+        meta["ceilings"] = measure_ceilings(device)
+        print(f"ceilings measured here: copy {meta['ceilings']['copy']['tb_per_s']:.2f} TB/s (read + write), "
+              f"bf16 mm {meta['ceilings']['mm_bf16']['tflop_per_s']:.0f} TFLOP/s")
     report = check_all(backends, args, device)
     for b in backends:
         if not report[b]["passed"]:
             print(f"backend {b}: FAILED a correctness check: it gets no timing and no ratio")
 
-    results = run_benchmarks(backends, report, args, device)
+    out = Path(args.out or C.default_out_path(device))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "mem_worker"}
+
+    def write_partial(res):
+        with open(out, "w") as f:
+            json.dump({"schema": 1, "partial": True, "meta": meta, "config": config, "correctness": report,
+                       "results": res}, f, indent=1, default=str)
+
+    results = run_benchmarks(backends, report, args, device, on_progress=write_partial)
+    add_ceiling_fractions(results, meta.get("ceilings"))
     ratios = compute_ratios(results, backends, device, args)
     print_table(results, device)
     print_ratios(ratios)
     acc = acceptance(results, args, device)
 
-    out = args.out or C.default_out_path(device)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "mem_worker"}
     config.update(device_used=str(device), backends_run=backends, backends_skipped=skipped,
                   small_case=SMALL_CASE, tolerances=TOLERANCES, useful_gemms=USEFUL_GEMMS,
                   timing="median of repeats; per run: timestamps before fwd, between fwd and bwd, after bwd "

@@ -46,6 +46,11 @@ def _mm(dev, m=8192, k=8192, n=8192):
     return {"shape": [m, k, n], "median_ms": ms, "tflop_per_s": 2 * m * k * n / ms / 1e9, "raw_ms": raw}
 
 
+def measure_ceilings(dev) -> dict:
+    """The copy and bf16 GEMM ceilings of ``dev`` (as ``main`` writes them)."""
+    return {"device": torch.cuda.get_device_name(dev), "copy": _copy(dev), "mm_bf16": _mm(dev)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -54,9 +59,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("gpu_ceilings.py needs CUDA")
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
-    res["copy"] = _copy(dev)
-    res["mm_bf16"] = _mm(dev)
+    res = {"torch": torch.__version__, **measure_ceilings(dev)}
     B, N, d = args.gemm
     q = torch.randn(B, d, dtype=torch.bfloat16, device=dev)
     T = torch.randn(N, d, dtype=torch.bfloat16, device=dev)

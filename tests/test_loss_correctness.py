@@ -171,6 +171,67 @@ def test_triton_many_groups(B, d, M, gen, seed):
         check_backend(case, "triton", MARGIN[torch.float32], gen)
 
 
+# ============================================================ strip backward (hardness_ds + two GEMMs)
+# 24-row strips of 16-row tiles: a full strip of two tiles, then a partial strip (17 rows of 41)
+STRIP_TILES = dict(BWD="strip", BK=16, DS_BM=16, DS_BN=16, DS_GROUP_M=2, DS_STRIP_ROWS=24)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "oneway"])
+@pytest.mark.parametrize("masks", MASKS)
+def test_triton_strip_backward(masks, symmetric, reduction, gen, seed):
+    """The strip backward over the mask x direction x reduction product, several strips and
+    row tiles per strip, a partial last strip and a partial last column tile; dtype and scale cycle."""
+    i = MASKS.index(masks) * 6 + (0 if symmetric else 3) + ["mean", "sum", "none"].index(reduction)
+    dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
+    case = make_case(gen, 41, 33, 7, dtype, masks=masks, symmetric=symmetric, reduction=reduction,
+                     learnable_scale=i % 2 == 0, seed=seed, label="triton strip backward")
+    with kernel_config(**STRIP_TILES):
+        check_backend(case, "triton", MARGIN[dtype], gen)
+
+
+@pytest.mark.parametrize("B,d,M,rows", [(1, 33, 5, None), (37, 130, 0, None), (64, 48, 19, 16), (29, 40, 3, 7)],
+                         ids=["one-pair", "one-strip-by-bytes", "exact-strips", "strip-smaller-than-tile"])
+def test_triton_strip_backward_shapes(B, d, M, rows, gen, seed):
+    case = make_case(gen, B, d, M, torch.float32, masks="tid_neg" if M else "both", learnable_scale=True,
+                     seed=seed, label=f"strip rows={rows}")
+    with kernel_config(**{**STRIP_TILES, "DS_STRIP_ROWS": rows}):
+        check_backend(case, "triton", MARGIN[torch.float32], gen)
+
+
+def test_triton_strip_backward_is_bitwise_and_matches_tiles(gen, seed):
+    case = make_case(gen, 45, 40, 6, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed)
+    g = upstream_grad(gen, case)
+    with kernel_config(**STRIP_TILES):
+        a = run(case, torch.float32, g, backend="triton")
+        b = run(case, torch.float32, g, backend="triton")
+    with tiles("small"):
+        t = run(case, torch.float32, g, backend="triton", deterministic=True)
+    assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs run 1)", b.out, a.out)
+    for n in a.grads:
+        assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs run 1)", b.grads[n], a.grads[n])
+        assert rel_err(a.grads[n], t.grads[n]) < 1e-5, mismatch_report(f"{n} strip vs tiles", a.grads[n], t.grads[n])
+
+
+def test_bwd_variant_from_environment(monkeypatch, gen):
+    from llave_fast.backends.triton_backend import launch_config
+
+    monkeypatch.setenv("LLAVE_FAST_BWD", "strip")
+    assert launch_config(torch.device("cpu"), 8, 8, 8)["BWD"] == "strip"
+    monkeypatch.setenv("LLAVE_FAST_BWD", "Tiles")
+    assert launch_config(torch.device("cpu"), 8, 8, 8)["BWD"] == "tiles"
+    monkeypatch.setenv("LLAVE_FAST_BWD", "fast")
+    with pytest.raises(ValueError, match="LLAVE_FAST_BWD.*'fast'"):
+        launch_config(torch.device("cpu"), 8, 8, 8)
+    monkeypatch.delenv("LLAVE_FAST_BWD")
+    with kernel_config(BWD="rows"), pytest.raises(ValueError, match="BWD.*'rows'"):
+        launch_config(torch.device("cpu"), 8, 8, 8)
+    with kernel_config(BWD="strip", DS_STRIP_ROWS=0), pytest.raises(ValueError, match="DS_STRIP_ROWS"):
+        case = make_case(gen, 9, 16, 0, torch.float32)
+        q = case.q.clone().requires_grad_(True)
+        hardness_weighted_loss(q, case.t, backend="triton").backward()
+
+
 # ============================================================ alpha variants, scale, numerics
 @pytest.mark.parametrize("alpha", [0.0, -3.0, 20.0], ids=["alpha0", "alpha-3", "alpha20"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -631,3 +692,34 @@ def test_tolerance_rule_catches_real_bugs(dtype, margin, gen, seed):
         gross = ("hardness dropped (alpha=0)", "t->q direction dropped")
         uncaught = [name for name in gross if not caught(name, None)]
         assert not uncaught, f"the CCE rule lets these bugs pass in {dtype}: {uncaught}"
+
+
+# ============================================================ autotuning (LLAVE_FAST_AUTOTUNE=1)
+def test_autotune_picks_a_candidate_once_and_stays_correct(monkeypatch, gen, seed):
+    from llave_fast.backends import triton_backend as tb
+
+    monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "1")
+    monkeypatch.setattr(tb, "_TUNED", {})
+    monkeypatch.setattr(tb, "TUNE_LOG", [])
+    case = make_case(gen, 40, 33, 5, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed,
+                     label="autotuned")
+    check_backend(case, "triton", MARGIN[torch.float32], gen)
+    kinds = [r["key"][0] for r in tb.TUNE_LOG]
+    assert sorted(kinds) == ["bwd", "fwd"], kinds
+    for r in tb.TUNE_LOG:
+        cands = tb.FWD_CANDIDATES_CPU if r["key"][0] == "fwd" else tb.BWD_CANDIDATES_CPU
+        assert r["choice"] in cands and r["ms"] > 0, r
+        assert len(r["candidates"]) == len(cands) and all("ms" in c for c in r["candidates"]), r
+    # a second problem of the same class is not tuned again; an explicit config bypasses tuning
+    check_backend(make_case(gen, 37, 33, 5, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed + 1),
+                  "triton", MARGIN[torch.float32], gen)
+    with tiles("small"):
+        check_backend(make_case(gen, 300, 33, 5, torch.float32, seed=seed + 2), "triton", MARGIN[torch.float32], gen)
+    assert len(tb.TUNE_LOG) == 2, [r["key"] for r in tb.TUNE_LOG]
+
+
+def test_autotune_env_value_is_checked(monkeypatch, gen):
+    monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "maybe")
+    case = make_case(gen, 9, 16, 0, torch.float32)
+    with pytest.raises(ValueError, match="LLAVE_FAST_AUTOTUNE.*'maybe'"):
+        hardness_weighted_loss(case.q, case.t, backend="triton")

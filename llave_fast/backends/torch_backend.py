@@ -15,12 +15,16 @@ import torch
 
 from .common import StripIds, StripStats, acc_dtype, make_loss_function, new_output
 
-# elements of one chunk x NT fp32 temporary; a few of them live at once
+# elements of one chunk x NT fp32 temporary; a few of them live at once. On the CPU a chunk
+# stays near the caches (8 MiB); on CUDA it is large enough that the GEMMs fill the GPU and
+# the chunk loop's launches do not dominate (256 MiB per temporary).
 _CHUNK_ELEMS = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS", 1 << 21))
+_CHUNK_ELEMS_CUDA = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS_CUDA", 1 << 26))
 
 
-def chunk_rows(B: int, NT: int) -> int:
-    return max(1, min(B, _CHUNK_ELEMS // max(NT, 1)))
+def chunk_rows(B: int, NT: int, device: torch.device | str = "cpu") -> int:
+    elems = _CHUNK_ELEMS_CUDA if torch.device(device).type == "cuda" else _CHUNK_ELEMS
+    return max(1, min(B, elems // max(NT, 1)))
 
 
 def _mm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -66,7 +70,7 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     acc = acc_dtype(q.dtype)
     mm = _mm_dtype(q)
     qm, Tm = q.to(mm), Tc.to(mm)
-    R = chunk_rows(B, NT)
+    R = chunk_rows(B, NT, q.device)
     row_lse = new_output((B,), q.device, acc)
     row_es = new_output((B,), q.device, acc) if need_e else None
     m_c = torch.full((n_col,), float("-inf"), device=q.device, dtype=acc) if need_col else None
@@ -117,7 +121,7 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     ds_mm = mm if mm == torch.bfloat16 else acc
     Tg = Tc.to(ds_mm)
     qg = q.to(ds_mm)
-    R = chunk_rows(B, NT)
+    R = chunk_rows(B, NT, q.device)
     dq = new_output(q.shape, q.device, acc)
     dTc = torch.zeros(Tc.shape, device=q.device, dtype=acc)
     for r0 in range(0, B, R):

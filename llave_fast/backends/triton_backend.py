@@ -59,26 +59,161 @@ def kernel_config(**cfg):
         _CONFIG_OVERRIDE = old
 
 
+BWD_VARIANTS = ("tiles", "strip")
+
+
+def _bwd_variant_from_env() -> str | None:
+    v = os.environ.get("LLAVE_FAST_BWD", "").strip().lower()
+    if not v:
+        return None
+    if v not in BWD_VARIANTS:
+        raise ValueError(f"LLAVE_FAST_BWD must be one of {BWD_VARIANTS}, got {v!r}")
+    return v
+
+
 def gpu_config(dtype: torch.dtype, sm_count: int = 132) -> dict:
-    """The fixed default tiles on CUDA (tuning them per architecture is the GPU issue's work).
+    """The fixed default tiles on CUDA (untuned until measured on a GPU: benchmarks/NOTES.md).
 
     fp32 tiles take twice the shared memory of 16-bit ones: half the K step keeps the
     3-stage forward pipeline at 96 KiB instead of 192 KiB.
+
+    BWD picks the backward: "tiles" (one kernel: recompute, dq read-modify-write, dT
+    atomics or the deterministic pair) or "strip" (``hardness_ds``: dS of DS_STRIP_BYTES
+    worth of rows at a time, then dq and dT as two library GEMMs; always deterministic).
     """
     return dict(BM=128, BN=128, BK=32 if dtype == torch.float32 else 64, GR_MAX=16,
-                GC_MAX=max(1, (4 * sm_count) // 16), num_warps=8, num_stages=3, BWD_BM=64, BWD_BN=64)
+                GC_MAX=max(1, (4 * sm_count) // 16), num_warps=8, num_stages=3, BWD_BM=64, BWD_BN=64,
+                BWD="tiles", DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_STRIP_BYTES=256 << 20, DS_STRIP_ROWS=None,
+                DS_WARPS=8, DS_STAGES=3)
 
 
 def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile sizes and the forward's program grid caps for this problem."""
     if device.type == "cpu":
         # interpreter: every op is a numpy call, so tiles are moderate and grids small
-        cfg = dict(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=2, num_warps=4, num_stages=1)
+        cfg = dict(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=2, num_warps=4, num_stages=1,
+                   BWD="tiles", DS_BM=32, DS_BN=32, DS_GROUP_M=2, DS_STRIP_BYTES=1 << 20, DS_STRIP_ROWS=None,
+                   DS_WARPS=4, DS_STAGES=1)
     else:
         cfg = gpu_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count)
+    env_bwd = _bwd_variant_from_env()
+    if env_bwd is not None:
+        cfg["BWD"] = env_bwd
     if _CONFIG_OVERRIDE:
         cfg.update(_CONFIG_OVERRIDE)
+    if cfg["BWD"] not in BWD_VARIANTS:
+        raise ValueError(f"kernel config BWD must be one of {BWD_VARIANTS}, got {cfg['BWD']!r}")
     return cfg
+
+
+# --------------------------------------------------------------------------- autotuning
+# LLAVE_FAST_AUTOTUNE=1: the first call of each problem class times the candidate configs
+# below and keeps the fastest (in this process). Off by default: the fixed configuration
+# above is used. An explicit ``kernel_config(...)`` always wins over autotuning.
+
+FWD_CANDIDATES_GPU = [
+    dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
+    dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4),
+    dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),
+    dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=2),
+]
+BWD_CANDIDATES_GPU = [
+    dict(BWD="tiles", BWD_BM=64, BWD_BN=64, BK=64, num_warps=8, num_stages=3),
+    dict(BWD="tiles", BWD_BM=64, BWD_BN=64, BK=64, num_warps=4, num_stages=3),
+    dict(BWD="tiles", BWD_BM=128, BWD_BN=64, BK=32, num_warps=8, num_stages=2),
+    dict(BWD="strip", DS_BM=128, DS_BN=128, BK=64, DS_WARPS=8, DS_STAGES=3),
+    dict(BWD="strip", DS_BM=128, DS_BN=128, BK=64, DS_WARPS=4, DS_STAGES=4),
+    dict(BWD="strip", DS_BM=128, DS_BN=256, BK=64, DS_WARPS=8, DS_STAGES=3),
+    dict(BWD="strip", DS_BM=64, DS_BN=128, BK=64, DS_WARPS=4, DS_STAGES=4),
+]
+# under the interpreter (tests of the mechanism): small tiles only
+FWD_CANDIDATES_CPU = [dict(BM=16, BN=16, BK=16), dict(BM=32, BN=16, BK=32)]
+BWD_CANDIDATES_CPU = [dict(BWD="tiles", BWD_BM=16, BWD_BN=16, BK=16),
+                      dict(BWD="strip", DS_BM=16, DS_BN=32, BK=16, DS_STRIP_ROWS=32)]
+
+_TUNED: dict = {}
+TUNE_LOG: list = []  # one record per tuning: key, every candidate's time or error, the choice
+
+
+def autotune_enabled() -> bool:
+    v = os.environ.get("LLAVE_FAST_AUTOTUNE", "0").strip().lower()
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"LLAVE_FAST_AUTOTUNE must be 0 or 1, got {v!r}")
+
+
+def _bucket(n: int) -> int:
+    """Problems are tuned per power-of-two size class."""
+    return 1 << max(4, (max(1, n) - 1).bit_length())
+
+
+def _candidates(kind: str, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    if device.type == "cpu":
+        return FWD_CANDIDATES_CPU if kind == "fwd" else BWD_CANDIDATES_CPU
+    cands = FWD_CANDIDATES_GPU if kind == "fwd" else BWD_CANDIDATES_GPU
+    if dtype == torch.float32:  # fp32 tiles need twice the shared memory: halve the K step
+        cands = [{**c, "BK": min(c.get("BK", 64), 32)} for c in cands]
+    return cands
+
+
+def _time_call(fn, device: torch.device, repeats: int = 5) -> float:
+    """Median milliseconds of ``fn()`` after one untimed call (which compiles)."""
+    import statistics
+    import time
+
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def _tuned_override(kind: str, q: torch.Tensor, NT: int, flags: tuple, run) -> dict | None:
+    """The fastest candidate for this problem class (tuning it on first sight), or None when
+    autotuning is off or an explicit kernel_config is in force."""
+    if _CONFIG_OVERRIDE is not None or not autotune_enabled():
+        return None
+    dev = q.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "interpreter"
+    key = (kind, name, str(q.dtype), q.shape[1], _bucket(q.shape[0]), _bucket(NT), flags)
+    if key in _TUNED:
+        return _TUNED[key]
+    import sys
+
+    record = {"key": key, "candidates": []}
+    best, best_ms = None, float("inf")
+    for cand in _candidates(kind, q.dtype, dev):
+        try:
+            with kernel_config(**cand):
+                ms = _time_call(run, dev)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is skipped
+            record["candidates"].append({"config": cand, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        record["candidates"].append({"config": cand, "ms": ms})
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is None:
+        raise RuntimeError(f"llave-fast autotune: no {kind} candidate ran for {key}: {record['candidates']}")
+    record.update(choice=best, ms=best_ms)
+    TUNE_LOG.append(record)
+    _TUNED[key] = best
+    print(f"llave-fast autotune: {kind} {q.dtype} B~{key[4]} N~{key[5]} d={key[3]}: {best} ({best_ms:.3f} ms, "
+          f"{len(record['candidates'])} candidates)", file=sys.stderr)
+    return best
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -116,6 +251,12 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     NT = Tc.shape[0]
     dev = q.device
     cfg = launch_config(dev, B, NT, D, q.dtype)
+    tuned = _tuned_override(
+        "fwd", q, NT, (ids.has_tid, ids.has_qid, need_col, need_e),
+        lambda: strip_forward(q, Tc, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
+                              need_col=need_col, need_e=need_e))
+    if tuned:
+        cfg.update(tuned)
     BM, BN = cfg["BM"], cfg["BN"]
     GR = max(1, min(triton_cdiv(B, BM), cfg["GR_MAX"]))
     GC = max(1, min(triton_cdiv(NT, BN), cfg["GC_MAX"]))
@@ -163,6 +304,16 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     NT = Tc.shape[0]
     dev = q.device
     cfg = launch_config(dev, B, NT, D, q.dtype)
+    tuned = _tuned_override(
+        "bwd", q, NT, (ids.has_tid, ids.has_qid, g_col is not None, bool(deterministic)),
+        lambda: strip_backward(q, Tc, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
+                               row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col,
+                               deterministic=deterministic))
+    if tuned:
+        cfg.update(tuned)
+    if cfg["BWD"] == "strip":
+        return _strip_backward_ds(q, Tc, cfg, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
+                                  row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col)
     BM, BN = cfg.get("BWD_BM", cfg["BM"]), cfg.get("BWD_BN", cfg["BN"])
     dq = torch.zeros((B, D), device=dev, dtype=torch.float32)
     dTc = torch.zeros((NT, D), device=dev, dtype=torch.float32)
@@ -192,8 +343,101 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     return dq, dTc
 
 
+def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
+    """Rows per dS strip: DS_STRIP_ROWS if set, else as many as DS_STRIP_BYTES holds
+    (a multiple of the row tile, at least one tile, at most B)."""
+    if cfg.get("DS_STRIP_ROWS") is not None:
+        r = int(cfg["DS_STRIP_ROWS"])
+        if r < 1:
+            raise ValueError(f"kernel config DS_STRIP_ROWS must be >= 1, got {r}")
+        return min(B, r)
+    bm = cfg["DS_BM"]
+    r = int(cfg["DS_STRIP_BYTES"]) // max(1, NT * ds_bytes)
+    r = max(bm, (r // bm) * bm)
+    return min(B, r)
+
+
+# How to add a 16-bit GEMM into an fp32 accumulator on this torch: decided on first use.
+_ACC_MM = None
+
+
+def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
+    """dst (fp32) = a @ b  or  dst += a @ b, with 16-bit operands kept on the tensor cores.
+
+    torch >= 2.8 on CUDA takes ``out_dtype=torch.float32`` for bf16/fp16 GEMMs (fp32 output,
+    no rounding of the product to 16 bits); elsewhere the product is formed in the operand
+    dtype and added in fp32.
+    """
+    global _ACC_MM
+    if a.dtype == dst.dtype:
+        if accumulate:
+            dst.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=dst)
+        return
+    if _ACC_MM is None:
+        try:
+            t = torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
+            _ACC_MM = "out_dtype" if t.dtype == torch.float32 else "cast"
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ACC_MM = "cast"
+    if _ACC_MM == "out_dtype":
+        prod = torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        prod = torch.mm(a, b).float()
+    if accumulate:
+        dst += prod
+    else:
+        dst.copy_(prod)
+
+
+def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col):
+    """The strip backward: per block of R rows, dS by ``hardness_ds_kernel``, then two GEMMs."""
+    B, D = q.shape
+    NT = Tc.shape[0]
+    dev = q.device
+    # bf16 dS on the tensor cores (as the tile backward's DS_LOWP); fp16's range is too
+    # small for dS (s * P * g can be ~1e-9), so fp16 and fp32 inputs keep an fp32 strip
+    lowp = q.dtype == torch.bfloat16 and dev.type == "cuda"
+    ds_dtype = torch.bfloat16 if lowp else torch.float32
+    R = strip_rows(cfg, B, NT, torch.empty((), dtype=ds_dtype).element_size())
+    dS = torch.empty((R, NT), device=dev, dtype=ds_dtype)
+    dq = torch.empty((B, D), device=dev, dtype=torch.float32)
+    dTc = torch.zeros((NT, D), device=dev, dtype=torch.float32)
+    dummy = torch.zeros(1, dtype=torch.int64, device=dev)
+    tid_pos, tid_cand, n_tid, qid_row, qid_cand = _id_args(ids, dummy)
+    has_col = g_col is not None
+    row_lse_arg, g_row_arg = row_lse.float().contiguous(), g_row.float().contiguous()
+    col_lse_arg = col_lse.float().contiguous() if has_col else row_lse_arg
+    g_col_arg = g_col.float().contiguous() if has_col else g_row_arg
+    prec = _precision(q)
+    # GEMM operands: the strip's dtype (fp32 strip with 16-bit fp16 inputs: upcast T and q)
+    T_op = Tc if Tc.dtype == ds_dtype else Tc.to(ds_dtype)
+    BM, BN = cfg["DS_BM"], cfg["DS_BN"]
+    n_ct = triton_cdiv(NT, BN)
+    with _enter(dev):
+        for r0 in range(0, B, R):
+            r1 = min(B, r0 + R)
+            grid = (triton_cdiv(r1 - r0, BM) * n_ct,)
+            _kernels().hardness_ds_kernel[grid](
+                q, Tc, dS, r0, r1, NT, n_col, D, offset, float(scale), float(alpha),
+                tid_pos, tid_cand, n_tid, qid_row, qid_cand,
+                row_lse_arg, col_lse_arg, g_row_arg, g_col_arg,
+                BM=BM, BN=BN, BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"],
+                HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and has_col, HAS_COL=has_col,
+                UPCAST=_upcast(q), PREC=prec,
+                num_warps=cfg["DS_WARPS"], num_stages=cfg["DS_STAGES"],
+            )
+            d_s = dS[: r1 - r0]
+            q_op = q[r0:r1] if q.dtype == ds_dtype else q[r0:r1].to(ds_dtype)
+            _mm_into(dq[r0:r1], d_s, T_op, accumulate=False)
+            _mm_into(dTc, d_s.t(), q_op, accumulate=True)
+    return dq, dTc
+
+
 TritonHardnessLoss = make_loss_function(
     "TritonHardnessLoss", strip_forward, strip_backward, "Autograd function of the fused Triton backend."
 )
 
-__all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "available_on"]
+__all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "available_on",
+           "autotune_enabled", "TUNE_LOG"]

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Markdown tables (for the README) from the JSON files the benchmarks write.
+
+    python benchmarks/report.py benchmarks/results/<gpu>/<date>.json [more loss JSONs] \
+        [--maxb maxb.json] [--tune tune.json]
+
+Loss table: per (dtype, d, B) the fwd+bwd median of every backend that ran, its peak extra
+memory, and for the fused rows the speed-up over the eager reference and the ratio to the
+three cuBLAS GEMMs (``gemm3``) measured in the same run. Prints nothing it did not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+def _fmt_ms(x):
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def loss_table(payloads) -> list[str]:
+    lines = []
+    for pl in payloads:
+        dev = pl["meta"]["device"]["name"]
+        ver = pl["meta"]["versions"]
+        lines.append(f"Loss, fwd+bwd median ms (peak extra memory MiB) on **{dev}**, torch {ver.get('torch')}, "
+                     f"triton {ver.get('triton')}, {pl['meta'].get('date_utc', pl['meta'].get('date', ''))}:")
+        lines.append("")
+        ok = [r for r in pl["results"] if r.get("status") == "ok"]
+        labels = []
+        for r in pl["results"]:
+            if r["label"] not in labels:
+                labels.append(r["label"])
+        lines.append("| dtype | d | B = N | " + " | ".join(labels) + " | fused / reference | fused / 3 GEMMs |")
+        lines.append("|" + " --- |" * (len(labels) + 5))
+        keys = sorted({(r["dtype"], r["d"], r["B"]) for r in pl["results"]})
+        for dn, d, B in keys:
+            row = {r["label"]: r for r in pl["results"] if (r["dtype"], r["d"], r["B"]) == (dn, d, B)}
+            cells = []
+            for lab in labels:
+                r = row.get(lab)
+                if r is None:
+                    cells.append("")
+                elif r.get("status") == "ok":
+                    cells.append(f"{_fmt_ms(r['timing']['median_ms']['fwd_bwd'])} "
+                                 f"({r['memory']['peak_bytes'] / MiB:.0f})")
+                else:
+                    cells.append(r.get("status", "?"))
+            fused = [row[x] for x in ("triton_strip", "triton", "torch") if x in row and row[x] in ok]
+            best = min(fused, key=lambda r: r["timing"]["median_ms"]["fwd_bwd"]) if fused else None
+
+            def ratio(den):
+                if best is None or den not in row or row[den] not in ok:
+                    return "-"
+                v = best["timing"]["median_ms"]["fwd_bwd"] / row[den]["timing"]["median_ms"]["fwd_bwd"]
+                return f"{v:.2f} ({best['label']})"
+
+            lines.append(f"| {dn} | {d} | {B} | " + " | ".join(cells) + f" | {ratio('reference')} | {ratio('gemm3')} |")
+        ceil = pl["meta"].get("ceilings")
+        if ceil:
+            lines.append("")
+            lines.append(f"Ceilings measured in the same run: copy {ceil['copy']['tb_per_s']:.2f} TB/s (read + write), "
+                         f"bf16 GEMM {ceil['mm_bf16']['tflop_per_s']:.0f} TFLOP/s.")
+        lines.append("")
+    return lines
+
+
+def maxb_table(res) -> list[str]:
+    lines = [f"Largest B = N, one fwd+bwd at d = {res['config']['d']} {res['config']['dtype']} on "
+             f"**{res['meta']['device']['name']}**:", "", "| backend | largest B that ran | first B out of memory | "
+             "limited by |", "| --- | --- | --- | --- |"]
+    for r in res["backends"]:
+        if r.get("status") == "SKIPPED":
+            lines.append(f"| {r['backend']} | - | - | skipped: {r['why']} |")
+        else:
+            lines.append(f"| {r['backend']} | {r['largest_ok_B']} | {r['smallest_oom_B'] or '-'} | {r['limited_by']} |")
+    return lines + [""]
+
+
+def tune_lines(res) -> list[str]:
+    s = res.get("summary")
+    if not s:
+        return ["(tuning run has no summary)", ""]
+    out = [f"Tuning at B = N = {res['config']['B']}, d = {res['config']['d']} {res['config']['dtype']} on "
+           f"**{res['meta']['device']['name']}**: default fwd+bwd {s['default_fwd_bwd_ms']:.2f} ms, best "
+           f"{s['best_fwd_bwd_ms']:.2f} ms (forward {s['best_fwd']['config'] or 'default'}, backward "
+           f"{s['best_bwd']['config'] or 'default'})."]
+    if "floor" in res:
+        out.append(f"Three cuBLAS GEMMs: {res['floor']['three_gemms_ms']:.2f} ms; best / floor "
+                   f"{s['best_over_floor']:.2f}, default / floor {s['default_over_floor']:.2f}.")
+    return out + [""]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py")
+    p.add_argument("--maxb", type=Path, default=None)
+    p.add_argument("--tune", type=Path, default=None)
+    args = p.parse_args(argv)
+    lines = loss_table([json.loads(f.read_text()) for f in args.loss])
+    if args.tune:
+        lines += tune_lines(json.loads(args.tune.read_text()))
+    if args.maxb:
+        lines += maxb_table(json.loads(args.maxb.read_text()))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
