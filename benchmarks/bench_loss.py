@@ -818,7 +818,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", choices=ALL_BACKENDS, default=None,
-                   help="default: torch reference on CPU; triton torch reference compile inf_cl on CUDA "
+                   help="default: torch reference on CPU; triton triton_strip torch reference compile inf_cl gemm3 "
+                        "on CUDA "
                         "(compile also runs on CPU when named; triton and inf_cl need CUDA)")
     p.add_argument("--B", nargs="+", type=int, default=None, help="batch sizes (N = B); default CPU: 2048 4096 8192")
     p.add_argument("--d", nargs="+", type=int, default=None, help="embedding widths; default 1024")
@@ -866,7 +867,8 @@ def parse_args(argv=None):
 def apply_defaults(args, device):
     cpu = device.type == "cpu"
     if args.backends is None:
-        args.backends = ["torch", "reference"] if cpu else ["triton", "torch", "reference", "compile", "inf_cl"]
+        args.backends = (["torch", "reference"] if cpu
+                         else ["triton", "triton_strip", "torch", "reference", "compile", "inf_cl", "gemm3"])
     if args.quick:
         args.B = args.B or ([512, 1024] if cpu else [2048, 4096])
         args.d = args.d or ([256] if cpu else [1024])

@@ -213,6 +213,34 @@ def test_triton_strip_backward_is_bitwise_and_matches_tiles(gen, seed):
         assert rel_err(a.grads[n], t.grads[n]) < 1e-5, mismatch_report(f"{n} strip vs tiles", a.grads[n], t.grads[n])
 
 
+@pytest.mark.parametrize("accumulate", [False, True], ids=["set", "add"])
+def test_strip_gemm_into_fp32(monkeypatch, accumulate):
+    """The strip backward's GEMM into an fp32 accumulator with 16-bit operands: whichever
+    form this torch offers (on the CPU: the 16-bit product cast and added)."""
+    from llave_fast.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_ACC_MM", None)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(9, 17, generator=g).to(torch.bfloat16)
+    b = torch.randn(17, 5, generator=g).to(torch.bfloat16)
+    dst = torch.randn(9, 5, generator=g)
+    want = (dst.double() if accumulate else 0) + a.double() @ b.double()
+    tb._mm_into(dst, a, b, accumulate=accumulate)
+    assert tb._ACC_MM in ("addmm", "mm", "cast")
+    assert dst.dtype == torch.float32
+    assert rel_err(dst, want) < 1e-2, rel_err(dst, want)
+
+
+def test_strip_rows_rule():
+    from llave_fast.backends.triton_backend import gpu_config, strip_rows
+
+    cfg = gpu_config(torch.bfloat16)
+    assert strip_rows(cfg, 16384, 16384, 2) == 8192  # 256 MiB of bf16 dS
+    assert strip_rows(cfg, 262144, 262144, 2) == 1024  # DS_MIN_ROWS beats the byte budget at huge N
+    assert strip_rows(cfg, 300, 16384, 2) == 300  # never more than B
+    assert strip_rows({**cfg, "DS_STRIP_ROWS": 77}, 1000, 10, 2) == 77
+
+
 def test_bwd_variant_from_environment(monkeypatch, gen):
     from llave_fast.backends.triton_backend import launch_config
 

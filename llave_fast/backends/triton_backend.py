@@ -83,8 +83,8 @@ def gpu_config(dtype: torch.dtype, sm_count: int = 132) -> dict:
     """
     return dict(BM=128, BN=128, BK=32 if dtype == torch.float32 else 64, GR_MAX=16,
                 GC_MAX=max(1, (4 * sm_count) // 16), num_warps=8, num_stages=3, BWD_BM=64, BWD_BN=64,
-                BWD="tiles", DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_STRIP_BYTES=256 << 20, DS_STRIP_ROWS=None,
-                DS_WARPS=8, DS_STAGES=3)
+                BWD="tiles", DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=1024,
+                DS_STRIP_ROWS=None, DS_WARPS=8, DS_STAGES=3)
 
 
 def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -345,7 +345,7 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
 
 def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
     """Rows per dS strip: DS_STRIP_ROWS if set, else as many as DS_STRIP_BYTES holds
-    (a multiple of the row tile, at least one tile, at most B)."""
+    (a multiple of the row tile, at least one tile and DS_MIN_ROWS, at most B)."""
     if cfg.get("DS_STRIP_ROWS") is not None:
         r = int(cfg["DS_STRIP_ROWS"])
         if r < 1:
@@ -353,7 +353,9 @@ def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
         return min(B, r)
     bm = cfg["DS_BM"]
     r = int(cfg["DS_STRIP_BYTES"]) // max(1, NT * ds_bytes)
-    r = max(bm, (r // bm) * bm)
+    # at least DS_MIN_ROWS rows: each strip re-reads and re-writes the fp32 dT, so very thin
+    # strips (huge N) would spend more time there than in the GEMMs
+    r = max(bm, int(cfg.get("DS_MIN_ROWS", 0)), (r // bm) * bm)
     return min(B, r)
 
 
@@ -361,13 +363,31 @@ def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
 _ACC_MM = None
 
 
-def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
-    """dst (fp32) = a @ b  or  dst += a @ b, with 16-bit operands kept on the tensor cores.
+def _probe_acc_mm(a: torch.Tensor, b: torch.Tensor) -> str:
+    """The fastest form this torch accepts: "addmm" (cuBLAS C += A B with fp32 C in one
+    pass, torch >= 2.8 on CUDA), "mm" (fp32 product, then added), or "cast" (16-bit
+    product, cast, added). Checked numerically on a tiny case, not only for acceptance."""
+    x, y = a[:2, :2].contiguous(), b[:2, :2].contiguous()
+    want = x.float() @ y.float()
+    try:
+        c = torch.ones(2, 2, device=a.device)
+        torch.addmm(c, x, y, out_dtype=torch.float32, out=c)
+        if c.dtype == torch.float32 and torch.allclose(c, want + 1, rtol=1e-2, atol=1e-2):
+            return "addmm"
+    except (TypeError, RuntimeError, NotImplementedError):
+        pass
+    try:
+        t = torch.mm(x, y, out_dtype=torch.float32)
+        if t.dtype == torch.float32 and torch.allclose(t, want, rtol=1e-2, atol=1e-2):
+            return "mm"
+    except (TypeError, RuntimeError, NotImplementedError):
+        pass
+    return "cast"
 
-    torch >= 2.8 on CUDA takes ``out_dtype=torch.float32`` for bf16/fp16 GEMMs (fp32 output,
-    no rounding of the product to 16 bits); elsewhere the product is formed in the operand
-    dtype and added in fp32.
-    """
+
+def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
+    """dst (fp32) = a @ b  or  dst += a @ b, with 16-bit operands kept on the tensor cores
+    and the product never rounded to 16 bits where torch allows (see ``_probe_acc_mm``)."""
     global _ACC_MM
     if a.dtype == dst.dtype:
         if accumulate:
@@ -376,15 +396,11 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
             torch.mm(a, b, out=dst)
         return
     if _ACC_MM is None:
-        try:
-            t = torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
-            _ACC_MM = "out_dtype" if t.dtype == torch.float32 else "cast"
-        except (TypeError, RuntimeError, NotImplementedError):
-            _ACC_MM = "cast"
-    if _ACC_MM == "out_dtype":
-        prod = torch.mm(a, b, out_dtype=torch.float32)
-    else:
-        prod = torch.mm(a, b).float()
+        _ACC_MM = _probe_acc_mm(a, b)
+    if _ACC_MM == "addmm":
+        torch.addmm(dst, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=dst)
+        return
+    prod = torch.mm(a, b, out_dtype=torch.float32) if _ACC_MM == "mm" else torch.mm(a, b).float()
     if accumulate:
         dst += prod
     else:
