@@ -28,18 +28,24 @@ def _compile(fn, types, constexprs, target, num_warps, num_stages):
     for name in fn.arg_names:
         signature[name] = "constexpr" if name in constexprs else next(it)
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+    # as the launcher specializes the usual call (torch tensors, d a multiple of 16): 16-byte
+    # aligned pointers and row stride D % 16 == 0. This enables vectorized async copies, whose
+    # pipeline buffers set the shared memory of the 16-bit kernels (3x the unspecialized figure)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*") or name == "D"}
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_all(arch: int = 90) -> list[str]:
-    """Compile forward and backward kernels for every dtype, flag set and mode; returns a report."""
+    """Compile the forward, tile-backward and strip-backward (dS) kernels for every dtype,
+    flag set and mode (and exact fp32); returns a report, one line per variant."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     from triton.backends.compiler import GPUTarget
 
     from llave_fast.backends.triton_backend import gpu_config
-    from llave_fast.kernels import hardness_bwd_kernel, hardness_fwd_kernel
+    from llave_fast.kernels import hardness_bwd_kernel, hardness_ds_kernel, hardness_fwd_kernel
 
     target = GPUTarget("cuda", arch, 32)
     limit = SMEM_LIMIT.get(arch, 99 * 1024)
@@ -65,6 +71,31 @@ def compile_all(arch: int = 90) -> list[str]:
                     HAS_QID=has_qid, HAS_COL=need_col, UPCAST=False, DS_LOWP=dtype == torch.bfloat16,
                     PREC="ieee" if dtype == torch.bfloat16 else "tf32"), target, cfg["num_warps"], cfg["num_stages"])
                 _check_smem(k, limit, f"bwd {ptr} mode={mode} tid={has_tid} qid={has_qid} col={need_col}", report)
+        # the strip backward's dS kernel (bf16 strip for bf16 inputs, else fp32); fp32 inputs
+        # also in exact fp32 (PREC="ieee", torch's default with TF32 off)
+        ds_ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+        for p in ([prec, "ieee"] if dtype == torch.float32 else [prec]):
+            for has_tid, has_qid, has_col in itertools.product([False, True], repeat=3):
+                if has_qid and not has_col:
+                    continue
+                types = [ptr, ptr, ds_ptr] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 4
+                k = _compile(hardness_ds_kernel, types, dict(
+                    BM=cfg["DS_BM"], BN=cfg["DS_BN"], BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"], HAS_TID=has_tid,
+                    HAS_QID=has_qid, HAS_COL=has_col, UPCAST=False, PREC=p), target, cfg["DS_WARPS"], cfg["DS_STAGES"])
+                _check_smem(k, limit, f"ds {ptr} prec={p} tid={has_tid} qid={has_qid} col={has_col}", report)
+        if dtype == torch.float32:
+            # the exact-fp32 forward and backward, every option on
+            types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["i32"] * 2
+            k = _compile(hardness_fwd_kernel, types, dict(
+                BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], HAS_TID=True, HAS_QID=True, NEED_COL=True, NEED_E=True,
+                UPCAST=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])
+            _check_smem(k, limit, f"fwd {ptr} prec=ieee all options", report)
+            for mode in (0, 1, 2):
+                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6
+                k = _compile(hardness_bwd_kernel, types, dict(
+                    MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=True, HAS_QID=True,
+                    HAS_COL=True, UPCAST=False, DS_LOWP=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])
+                _check_smem(k, limit, f"bwd {ptr} prec=ieee mode={mode} all options", report)
     return report
 
 

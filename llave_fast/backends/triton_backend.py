@@ -113,6 +113,9 @@ def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dt
 
 FWD_CANDIDATES_GPU = [
     dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+    # half the tile per thread: the default spills registers (ptxas, triton 3.6 and 3.9, sm_90)
+    dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
+    dict(BM=64, BN=128, BK=64, num_warps=8, num_stages=3),
     dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
     dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4),
     dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),
