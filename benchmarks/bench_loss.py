@@ -37,8 +37,20 @@ import _common as C  # noqa: E402
 from llave_fast import hardness_weighted_loss  # noqa: E402
 from llave_fast.reference import reference_loss  # noqa: E402
 
-ALL_BACKENDS = ("triton", "triton_strip", "torch", "reference", "compile", "inf_cl", "gemm3")
-FUSED = ("triton", "triton_strip", "torch")  # the memory-lean implementations (numerators of the ratios)
+ALL_BACKENDS = ("triton", "triton_strip", "triton_tiles", "torch", "reference", "compile", "inf_cl", "gemm3")
+FUSED = ("triton", "triton_strip", "triton_tiles", "torch")  # the memory-lean ones (numerators of the ratios)
+# "triton" runs the default configuration; these force one backward variant (BWD) over it
+TRITON_VARIANTS = {"triton_strip": "strip", "triton_tiles": "tiles"}
+TRITON_ALL = ("triton", *TRITON_VARIANTS)
+
+
+def triton_bwd_variant(backend: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backward a triton row runs on CUDA: forced, or the default configuration's."""
+    if backend in TRITON_VARIANTS:
+        return TRITON_VARIANTS[backend]
+    from llave_fast.backends.triton_backend import gpu_config
+
+    return gpu_config(dtype)["BWD"]
 BASELINES = ("reference", "compile", "gemm3")
 # not a loss: the three cuBLAS GEMMs the loss needs at least (fwd: S = q T^T; bwd: dS T and dS^T q)
 FLOOR = ("gemm3",)
@@ -55,7 +67,7 @@ TOLERANCES = {
     "bf16": (1e-2, 6e-2),
 }
 
-SMALL_CASE = dict(B=48, d=64)
+SMALL_CASE = dict(B=64, d=64)  # B a multiple of 64: Inf-CL's backward reads past its buffers otherwise
 
 
 # --------------------------------------------------------------------------- FLOP counts
@@ -63,10 +75,12 @@ SMALL_CASE = dict(B=48, d=64)
 
 def gemm_counts(backend: str, symmetric: bool, deterministic: bool) -> tuple[int, int]:
     """GEMM-equivalents (2*B*N*d FLOPs each) of (forward, backward) as each backend runs them."""
-    if backend == "triton":
+    if backend in TRITON_ALL:
+        if triton_bwd_variant(backend) == "strip":
+            return 1, 3  # bwd: recompute S into dS, then the two GEMMs
         return 1, (4 if deterministic else 3)  # bwd: recompute S, dq, dT (+1 recompute if deterministic)
-    if backend in ("triton_strip", "gemm3"):
-        return 1, 3 if backend == "triton_strip" else 2  # strip: recompute S into dS, then the two GEMMs
+    if backend == "gemm3":
+        return 1, 2
     if backend == "torch":
         return 1, 3
     if backend in ("reference", "compile"):
@@ -108,9 +122,9 @@ def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype
 
         Ec = chunk_rows(B, N, device) * N
         return 5 * Ec * acc + Ec + 3 * B * d * acc + (grads if es != acc else 0)
-    if backend == "triton":
+    if backend in TRITON_ALL and triton_bwd_variant(backend, dtype) == "tiles":
         return 3 * B * d * 4 + (grads if es != 4 else 0)
-    if backend == "triton_strip":
+    if backend in TRITON_ALL:
         from llave_fast.backends.triton_backend import gpu_config, strip_rows
 
         cfg = gpu_config(dtype)
@@ -130,7 +144,7 @@ def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype
 def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
     if name in ("torch", "reference"):
         return True, ""
-    if name in ("triton", "triton_strip"):
+    if name in TRITON_ALL:
         if device.type != "cuda":
             return False, f"{name} is benchmarked on CUDA only (on CPU it runs under the interpreter)"
         from llave_fast.backends.triton_backend import available_on
@@ -191,15 +205,17 @@ def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, determinist
                 backend=name, deterministic=deterministic,
             )
         return fn
-    if name == "triton_strip":
+    if name in TRITON_VARIANTS:
         from llave_fast.backends.triton_backend import kernel_config
+
+        bwd = TRITON_VARIANTS[name]
 
         def fn(q, t):
             # only the backward variant is forced; every other tile setting is the default's
-            with kernel_config(BWD="strip"):
+            with kernel_config(BWD=bwd):
                 loss = hardness_weighted_loss(q, t, logit_scale=scale, alpha=alpha, symmetric=symmetric,
                                               reduction="mean", backend="triton", deterministic=deterministic)
-            return backward_config(loss, BWD="strip")
+            return backward_config(loss, BWD=bwd)
         return fn
     if name == "gemm3":
         from gemm3 import gemm3_fn
@@ -285,7 +301,7 @@ def run_check(name, case, inputs, truth, args, device, *, alpha):
     """Runs one backend on one case; returns the error record."""
     q0, t0 = inputs
     dtype = case["dtype"]
-    if name in ("triton", "inf_cl") and dtype == torch.float64:
+    if (name in TRITON_ALL or name == "inf_cl") and dtype == torch.float64:
         dtype = torch.float32  # these take 16/32-bit inputs; the fp32 values are exact in fp64
     tensor_scale = case["tensor_scale"] and name != "inf_cl"
     q = q0.detach().to(dtype).clone().requires_grad_()
@@ -508,6 +524,16 @@ def free_device_memory(device):
         torch.cuda.empty_cache()
 
 
+_ALPHA0_FUSED = None  # set from --alpha0-fused
+
+
+def alpha0_fused(backends):
+    """The fused backend timed at alpha = 0 beside Inf-CL (--alpha0-fused, else the first fused one)."""
+    if _ALPHA0_FUSED is not None and _ALPHA0_FUSED in backends:
+        return _ALPHA0_FUSED
+    return next((f for f in FUSED if f in backends), None)
+
+
 def plan_groups(args, backends):
     """{(dtype name, d, B): [(backend, label, alpha), ...]} in run order."""
     groups = {}
@@ -517,7 +543,7 @@ def plan_groups(args, backends):
                 rows = [(b, b, args.alpha) for b in backends if b != "inf_cl"]
                 # the floor has no alpha: it is listed once, with the fused rows
                 if "inf_cl" in backends:
-                    fused = next((f for f in FUSED if f in backends), None)
+                    fused = alpha0_fused(backends)
                     if fused is not None and args.alpha != 0:
                         rows.append((fused, f"{fused}@alpha=0", 0.0))
                     rows.append(("inf_cl", "inf_cl@alpha=0", 0.0))
@@ -542,13 +568,20 @@ def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dic
                                 "status": "SKIPPED", "note": f"--deadline-s {args.deadline_s:g} s passed"})
                 prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED (deadline)")
             continue
-        if args.max_B is not None:
-            for b, label, alpha in rows:
-                if B > args.max_B.get(b, B):
-                    results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d,
-                                    "alpha": alpha, "status": "SKIPPED", "note": f"--max-B {b}={args.max_B[b]}"})
-                    prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED (--max-B {b}={args.max_B[b]})")
-            rows = [r for r in rows if B <= args.max_B.get(r[0], B)]
+        kept = []
+        for b, label, alpha in rows:
+            why = None
+            if args.max_B and B > args.max_B.get(b, B):
+                why = f"--max-B {b}={args.max_B[b]}"
+            elif args.only_B and b in args.only_B and B not in args.only_B[b]:
+                why = f"--only-B {b}={','.join(map(str, sorted(args.only_B[b])))}"
+            if why is None:
+                kept.append((b, label, alpha))
+                continue
+            results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d,
+                            "alpha": alpha, "status": "SKIPPED", "note": why})
+            prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED ({why})")
+        rows = kept
         for b, label, alpha in rows:
             what = f"{label} {dn} B=N={B} d={d}"
             base = {"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d, "alpha": alpha,
@@ -623,7 +656,7 @@ def ratio_pairs(backends, device):
             if den in backends:
                 pairs.append((num, den))
     if "inf_cl" in backends:
-        fused = next((f for f in FUSED if f in backends), None)
+        fused = alpha0_fused(backends)
         if fused:
             pairs.append((f"{fused}@alpha=0", "inf_cl@alpha=0"))
     return pairs
@@ -818,7 +851,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", choices=ALL_BACKENDS, default=None,
-                   help="default: torch reference on CPU; triton triton_strip torch reference compile inf_cl gemm3 "
+                   help="default: torch reference on CPU; triton_strip triton_tiles torch reference compile inf_cl gemm3 "
                         "on CUDA "
                         "(compile also runs on CPU when named; triton and inf_cl need CUDA)")
     p.add_argument("--B", nargs="+", type=int, default=None, help="batch sizes (N = B); default CPU: 2048 4096 8192")
@@ -849,6 +882,12 @@ def parse_args(argv=None):
     p.add_argument("--max-B", nargs="+", default=None, metavar="BACKEND=B",
                    help="largest B for a backend, e.g. reference=65536 compile=16384 (the eager ones "
                         "cannot hold B x N matrices at the top sizes)")
+    p.add_argument("--only-B", nargs="+", default=None, metavar="BACKEND=B[,B...]",
+                   help="run a backend at these B only, e.g. compile=16384 (torch.compile recompiles per shape)")
+    p.add_argument("--alpha0-fused", choices=FUSED, default=None,
+                   help="with inf_cl: the fused backend also timed at alpha = 0 (default: the first of "
+                        f"{FUSED} that runs)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG beside the JSON")
     p.add_argument("--no-ceilings", action="store_true",
                    help="CUDA: skip measuring the copy and bf16 GEMM ceilings at the start")
     p.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
@@ -861,6 +900,15 @@ def parse_args(argv=None):
                 p.error(f"--max-B takes BACKEND=B with BACKEND in {ALL_BACKENDS}, got {item!r}")
             caps[name] = int(val)
         args.max_B = caps
+    if args.only_B is not None:
+        only = {}
+        for item in args.only_B:
+            name, sep, val = item.partition("=")
+            vals = val.split(",")
+            if not sep or name not in ALL_BACKENDS or not all(v.isdigit() for v in vals):
+                p.error(f"--only-B takes BACKEND=B[,B...] with BACKEND in {ALL_BACKENDS}, got {item!r}")
+            only[name] = {int(v) for v in vals}
+        args.only_B = only
     return args
 
 
@@ -868,7 +916,7 @@ def apply_defaults(args, device):
     cpu = device.type == "cpu"
     if args.backends is None:
         args.backends = (["torch", "reference"] if cpu
-                         else ["triton", "triton_strip", "torch", "reference", "compile", "inf_cl", "gemm3"])
+                         else ["triton_strip", "triton_tiles", "torch", "reference", "compile", "inf_cl", "gemm3"])
     if args.quick:
         args.B = args.B or ([512, 1024] if cpu else [2048, 4096])
         args.d = args.d or ([256] if cpu else [1024])
@@ -898,6 +946,8 @@ def main(argv=None):
         if args.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
     args = apply_defaults(args, device)
+    global _ALPHA0_FUSED
+    _ALPHA0_FUSED = args.alpha0_fused
     t_begin = time.perf_counter()
 
     meta = {"device": C.device_info(device), "versions": C.versions(), "git": C.git_info(), **C.now_stamps(),
@@ -974,7 +1024,7 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump(payload, f, indent=1, default=str)
     print(f"\nresults written to {out}")
-    png = write_plot(results, out)
+    png = None if args.no_plot else write_plot(results, out)
     if png:
         payload["plot"] = os.path.basename(str(png))  # beside the JSON; no machine paths in results
         with open(out, "w") as f:

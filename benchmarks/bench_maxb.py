@@ -146,7 +146,7 @@ def search(name, d, dtype, device, args, t_start) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", nargs="+", default=["triton", "triton_strip", "torch", "reference", "inf_cl"])
+    p.add_argument("--backends", nargs="+", default=["triton_strip", "triton_tiles", "torch", "reference", "inf_cl"])
     p.add_argument("--d", type=int, default=1536)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--start", type=int, default=16384)

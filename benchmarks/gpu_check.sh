@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The GPU issue's prepared run, in two stages that each fit one device call:
+# The GPU issue's prepared run, in three stages, most important first; each fits one device
+# call (timeouts below are upper bounds; typical runs are shorter):
 #
-#   bash benchmarks/gpu_check.sh A    # ~6 min: compiled-kernel tests, Inf-CL self-check, the
-#                                     # tuning sweep and the loss sweep at d = 1536 (B up to 262144)
-#   bash benchmarks/gpu_check.sh B    # ~4 min: the loss sweep at d = 896 and 3584, largest B per backend
+#   bash benchmarks/gpu_check.sh A   # <= ~5 min: compiled-kernel tests (8 workers), the tuning sweep
+#                                    # at B = N = 16384, d = 1536 (which backward, which tiles)
+#   bash benchmarks/gpu_check.sh B   # <= ~6 min: the loss sweep at d = 1536, B = 4096..65536 with every
+#                                    # backend (torch.compile at 16384 only), then B = N = 262144
+#   bash benchmarks/gpu_check.sh C   # <= ~5 min: the sweep at d = 896 and 3584, the largest B per backend
 #
-# Everything lands under $OUT (default ./gpu_out) in at most 8 files (the device tool returns
-# no more): log.txt (all output, versions, nvidia-smi), tests.xml, tune.json, loss.json +
-# loss.png (stage A), loss_wide.json + loss_wide.png and maxb.json (stage B).
-# Inf-CL travels as a wheel in .whl/ (ignored by git: name it in the device call's carry).
-# Each step has its own timeout and deadline, and writes partial results as it goes.
-# On a machine without CUDA every step says so and the script exits 0 (the CPU dry run).
+# Each stage's files land under $OUT (default ./gpu_out), at most 4 per stage (the device tool
+# returns 8): log.txt always; A: tests.xml, tune.json; B: loss.json, loss.png, loss_262k.json;
+# C: loss_wide.json, loss_wide.png, maxb.json. Inf-CL travels as a wheel in .whl/ (ignored by
+# git: name it in the device call's carry). Every step has its own timeout and deadline and
+# writes partial results as it goes. Without CUDA every stage says so and exits 0 (dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-A}
-case "$STAGE" in A|B|all) ;; *) echo "usage: $0 [A|B|all]"; exit 2 ;; esac
+case "$STAGE" in A|B|C) ;; *) echo "usage: $0 A|B|C"; exit 2 ;; esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -50,36 +52,41 @@ else
     echo "no .whl/ folder: Inf-CL is not installed (carry .whl to include it)"
 fi
 
-if [ "$STAGE" = A ] || [ "$STAGE" = all ]; then
-    step "1. compiled kernels vs the float64 reference (pytest -m gpu, 4 workers)"
+if [ "$STAGE" = A ]; then
+    step "A1. compiled kernels vs the float64 reference (pytest -m gpu)"
     XDIST=""
-    "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
-    LLAVE_FAST_COMPILED=1 timeout 200 "$PY" -m pytest -q -m gpu tests/test_loss_gpu.py $XDIST -p no:cacheprovider \
+    "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+    LLAVE_FAST_COMPILED=1 timeout 170 "$PY" -m pytest -q -m gpu tests/test_loss_gpu.py $XDIST -p no:cacheprovider \
         -o addopts="" --junitxml="$OUT/tests.xml" 2>&1 | tail -40
 
-    step "2. Inf-CL self-check against the float64 reference"
-    timeout 90 "$PY" benchmarks/_infcl.py 2>&1 | tail -25
-
-    step "3. tuning sweep, B = N = 16384, d = 1536, bf16"
-    timeout 170 "$PY" benchmarks/bench_tune.py --B 16384 --d 1536 --dtype bf16 --repeats 10 --deadline-s 140 \
+    step "A2. tuning sweep, B = N = 16384, d = 1536, bf16 (every candidate checked against the default)"
+    timeout 150 "$PY" benchmarks/bench_tune.py --B 16384 --d 1536 --dtype bf16 --repeats 10 --deadline-s 120 \
         --out "$OUT/tune.json" 2>&1 | tail -45
-
-    step "4. loss sweep at d = 1536, bf16 (ceilings measured first; compile only at B <= 16384)"
-    timeout 330 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 16384 4096 65536 262144 \
-        --backends triton triton_strip torch reference compile inf_cl gemm3 \
-        --max-B compile=16384 reference=65536 torch=65536 --warmup 1 --repeats 10 --point-budget-s 3 \
-        --deadline-s 280 --out "$OUT/loss.json" 2>&1 | grep -v '^timing\|^correctness' | tail -60
 fi
 
-if [ "$STAGE" = B ] || [ "$STAGE" = all ]; then
-    step "5. loss sweep at d = 896 and 3584, bf16 (no torch.compile: a compile per shape costs ~1 min)"
-    timeout 200 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 896 3584 --B 4096 16384 65536 \
-        --backends triton triton_strip torch reference inf_cl gemm3 --warmup 1 --repeats 10 --point-budget-s 2 \
-        --deadline-s 170 --no-ceilings --out "$OUT/loss_wide.json" 2>&1 | grep -v '^timing\|^correctness' | tail -50
+if [ "$STAGE" = B ]; then
+    step "B1. loss sweep at d = 1536, bf16: ceilings, every backend, B = 4096..65536 (compile at 16384 only)"
+    timeout 230 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 4096 16384 65536 \
+        --backends triton_strip triton_tiles torch reference compile inf_cl gemm3 --alpha0-fused triton_strip \
+        --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 --deadline-s 190 \
+        --out "$OUT/loss.json" 2>&1 | grep -v '^timing\|^correctness' | tail -50
 
-    step "6. largest B = N per backend at d = 1536, bf16"
-    timeout 200 "$PY" benchmarks/bench_maxb.py --d 1536 --dtype bf16 --start 65536 --max-try-s 15 \
-        --backends triton_strip triton reference torch inf_cl --deadline-s 180 --out "$OUT/maxb.json" 2>&1 | tail -30
+    step "B2. B = N = 262144, d = 1536, bf16: the fused backends, Inf-CL and the GEMM floor"
+    timeout 150 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 262144 \
+        --backends triton_strip triton_tiles inf_cl gemm3 --alpha0-fused triton_strip --warmup 1 --repeats 2 \
+        --no-ceilings --no-plot --out "$OUT/loss_262k.json" 2>&1 | grep -v '^timing\|^correctness' | tail -25
+fi
+
+if [ "$STAGE" = C ]; then
+    step "C1. loss sweep at d = 896 and 3584, bf16 (no torch.compile: one compile per shape costs ~1 min)"
+    timeout 170 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 896 3584 --B 4096 16384 65536 \
+        --backends triton_strip triton_tiles torch reference inf_cl gemm3 --alpha0-fused triton_strip --warmup 1 \
+        --repeats 10 --point-budget-s 2 --deadline-s 140 --no-ceilings --out "$OUT/loss_wide.json" 2>&1 \
+        | grep -v '^timing\|^correctness' | tail -50
+
+    step "C2. largest B = N per backend at d = 1536, bf16"
+    timeout 130 "$PY" benchmarks/bench_maxb.py --d 1536 --dtype bf16 --start 65536 --max-try-s 12 \
+        --backends triton_strip reference torch inf_cl --deadline-s 110 --out "$OUT/maxb.json" 2>&1 | tail -30
 fi
 step "done; files under $OUT:"
 ls -la "$OUT"

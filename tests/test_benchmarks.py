@@ -155,14 +155,15 @@ def test_loss_bench_deadline_and_caps(tmp_path):
     out = tmp_path / "loss.json"
     r = subprocess.run([sys.executable, str(BENCH / "bench_loss.py"), "--device", "cpu", "--backends", "torch",
                         "reference", "--B", "64", "128", "--d", "32", "--repeats", "2", "--no-live-memory",
-                        "--max-B", "reference=64", "--point-budget-s", "0.2", "--out", str(out)],
+                        "--max-B", "reference=64", "--only-B", "torch=64,128", "--point-budget-s", "0.2",
+                        "--no-plot", "--out", str(out)],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
     st = {(x["label"], x["B"]): x["status"] for x in res["results"]}
     assert st == {("torch", 64): "ok", ("reference", 64): "ok", ("torch", 128): "ok", ("reference", 128): "SKIPPED"}
     assert all(x["timing"]["repeats"] >= 2 for x in res["results"] if x["status"] == "ok")
-    assert "partial" not in res
+    assert "partial" not in res and not out.with_suffix(".png").exists()
     # the README table is made from that file
     rep = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)], capture_output=True, text=True,
                          timeout=60)

@@ -76,21 +76,23 @@ def _gpu_grid():
         dtype, margin = dt.values
         for B, d, M in GPU_SHAPES:
             masks, sym, red, learn = OPTIONS[i % len(OPTIONS)]
+            bwd = ("strip", "tiles")[(i // 2) % 2]  # both backwards over every dtype and most shapes
             i += 1
             if masks == "tid_neg" and M == 0:
                 masks = "both"
-            yield pytest.param(dtype, margin, (B, d, M), masks, sym, red, learn,
+            yield pytest.param(dtype, margin, (B, d, M), masks, sym, red, learn, bwd,
                                id=f"{dt.id}-{B}x{d}x{M}-{masks}-{'sym' if sym else 'oneway'}-{red}"
-                                  + ("-slearn" if learn else ""))
+                                  + ("-slearn" if learn else "") + f"-{bwd}")
 
 
-@pytest.mark.parametrize("dtype,margin,shape,masks,symmetric,reduction,learnable", list(_gpu_grid()))
-def test_compiled_triton_matches_reference(cuda, dtype, margin, shape, masks, symmetric, reduction, learnable, gen,
-                                           request):
+@pytest.mark.parametrize("dtype,margin,shape,masks,symmetric,reduction,learnable,bwd", list(_gpu_grid()))
+def test_compiled_triton_matches_reference(cuda, dtype, margin, shape, masks, symmetric, reduction, learnable, bwd,
+                                           gen, request):
     B, d, M = shape
     case = make_case(gen, B, d, M, dtype, masks=masks, symmetric=symmetric, reduction=reduction,
                      learnable_scale=learnable, device=cuda, seed=seed_for(request.node.nodeid), label="gpu")
-    check_backend(case, "triton", margin, gen)
+    with kernel_config(BWD=bwd):
+        check_backend(case, "triton", margin, gen)
 
 
 @pytest.mark.parametrize("dtype,margin", DTYPES)
@@ -98,7 +100,7 @@ def test_compiled_triton_matches_reference(cuda, dtype, margin, shape, masks, sy
 def test_compiled_triton_small_tiles_many_groups(cuda, dtype, margin, masks, gen):
     """Several row/column blocks per program group, on the compiled path."""
     case = make_case(gen, 301, 130, 17, dtype, masks=masks, learnable_scale=True, device=cuda)
-    with kernel_config(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=3, BWD_BM=32, BWD_BN=32):
+    with kernel_config(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=3, BWD_BM=32, BWD_BN=32, BWD="tiles"):
         check_backend(case, "triton", margin, gen)
         check_backend(case, "triton", margin, gen, deterministic=True)
 
@@ -111,14 +113,16 @@ def test_torch_backend_on_cuda(cuda, dtype, margin, gen):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_compiled_deterministic_is_bitwise(cuda, dtype, gen):
+    """The tile backward's deterministic pair reruns bitwise and agrees with its atomic mode."""
     case = make_case(gen, 2048, 896, 64, dtype, masks="tid_neg", learnable_scale=True, device=cuda)
     g = upstream_grad(gen, case)
-    a = run(case, dtype, g, backend="triton", deterministic=True)
-    b = run(case, dtype, g, backend="triton", deterministic=True)
+    with kernel_config(BWD="tiles"):
+        a = run(case, dtype, g, backend="triton", deterministic=True)
+        b = run(case, dtype, g, backend="triton", deterministic=True)
+        fast = run(case, dtype, g, backend="triton", deterministic=False)
     assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs 1)", b.out, a.out)
     for n in a.grads:
         assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs 1)", b.grads[n], a.grads[n])
-    fast = run(case, dtype, g, backend="triton", deterministic=False)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for n in a.grads:
         assert rel_err(fast.grads[n], a.grads[n]) <= tol, mismatch_report(f"{n} atomic vs det", fast.grads[n],
@@ -149,6 +153,12 @@ def test_compiled_non_finite(cuda, value, gen):
     assert not torch.isfinite(out), out
 
 
+def test_cuda_default_backward_is_strip(cuda):
+    from llave_fast.backends.triton_backend import launch_config
+
+    assert launch_config(cuda, 1024, 1024, 896, torch.bfloat16)["BWD"] == "strip"
+
+
 def test_auto_is_triton_on_cuda(cuda, gen):
     assert resolve_backend("auto", cuda, torch.bfloat16) == "triton"
     assert resolve_backend("auto", cuda, torch.float64) == "torch"
@@ -171,9 +181,11 @@ def test_non_default_device(cuda, gen):
     assert res.out.device == dev and all(x.device == dev for x in res.grads.values())
 
 
-def test_compiled_never_allocates_b_by_n(cuda, gen):
+@pytest.mark.parametrize("bwd", ["tiles", "strip"])
+def test_compiled_never_allocates_b_by_n(cuda, bwd, gen):
     """Peak CUDA memory above the inputs stays below a quarter of one fp32 B x N matrix
-    (the eager reference needs several)."""
+    (the eager reference needs several). The strip backward is given 8 MiB strips (512 rows
+    here): its dS strip is bounded by its configuration, not by B."""
     B, d = 8192, 128
     case = make_case(gen, B, d, 0, torch.bfloat16, masks="both", device=cuda, min_loss=None)
     q = case.q.clone().requires_grad_(True)
@@ -193,7 +205,8 @@ def test_compiled_never_allocates_b_by_n(cuda, gen):
         return torch.cuda.max_memory_allocated(cuda) - base
 
     budget = B * B * 4 // 4
-    fused = peak_of("triton")
+    with kernel_config(BWD=bwd, DS_STRIP_BYTES=8 << 20, DS_MIN_ROWS=0):
+        fused = peak_of("triton")
     assert fused < budget, f"triton backend peak {fused} bytes, budget {budget} (B*N*4/4)"
     eager = peak_of("reference")
     assert eager >= B * B * 4, f"the reference's peak {eager} should hold a B x N fp32 matrix"

@@ -80,10 +80,13 @@ def gpu_config(dtype: torch.dtype, sm_count: int = 132) -> dict:
     BWD picks the backward: "tiles" (one kernel: recompute, dq read-modify-write, dT
     atomics or the deterministic pair) or "strip" (``hardness_ds``: dS of DS_STRIP_BYTES
     worth of rows at a time, then dq and dT as two library GEMMs; always deterministic).
+    The CUDA default is "strip" on a prediction, not yet a measurement: at LLaVE's widths the
+    tile backward moves ~20 bytes per FLOP (benchmarks/NOTES.md, prediction 1 and 2). Under
+    the interpreter the default stays "tiles" (the CPU suite covers both explicitly).
     """
     return dict(BM=128, BN=128, BK=32 if dtype == torch.float32 else 64, GR_MAX=16,
                 GC_MAX=max(1, (4 * sm_count) // 16), num_warps=8, num_stages=3, BWD_BM=64, BWD_BN=64,
-                BWD="tiles", DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=1024,
+                BWD="strip", DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=1024,
                 DS_STRIP_ROWS=None, DS_WARPS=8, DS_STAGES=3)
 
 
