@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -56,6 +58,17 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _case_loss(case, rank, world, lq, lt, lneg, ltid, lqid):
+    if case.get("module"):
+        fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
+                               backend=case["backend"], symmetric=case["sym"])
+        return fn(lq, lt, 50.0, 9.0, negatives=lneg, target_ids=ltid, query_ids=lqid)
+    return hardness_weighted_loss(
+        lq, lt, logit_scale=50.0, alpha=9.0, symmetric=case["sym"], negatives=lneg,
+        target_ids=ltid, query_ids=lqid, backend=case["backend"], distributed=True,
+    )
+
+
 def check_cases(rank, world, cases):
     """Each case: per-rank loss and embedding gradients equal the float64 truth."""
     for case in cases:
@@ -75,16 +88,15 @@ def check_cases(rank, world, cases):
                 N = sum(b_sizes)
                 ltid = torch.cat([ltid, tid[N + ms.start : N + ms.stop]])
         lqid = None if qid is None else qid[rs]
-        if case.get("module"):
-            fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
-                                   backend=case["backend"], symmetric=case["sym"])
-            loss = fn(lq, lt, 50.0, 9.0, negatives=lneg, target_ids=ltid, query_ids=lqid)
-        else:
-            loss = hardness_weighted_loss(
-                lq, lt, logit_scale=50.0, alpha=9.0, symmetric=case["sym"], negatives=lneg,
-                target_ids=ltid, query_ids=lqid, backend=case["backend"], distributed=True,
-            )
-        (ups[rank].to(loss.dtype) * loss).backward()
+        cfg = case.get("kernel_config")
+        ctx = contextlib.nullcontext()
+        if cfg:
+            from llave_fast.backends.triton_backend import kernel_config
+
+            ctx = kernel_config(**cfg)
+        with ctx:
+            loss = _case_loss(case, rank, world, lq, lt, lneg, ltid, lqid)
+            (ups[rank].to(loss.dtype) * loss).backward()
         tol = case.get("tol", 2e-5)
         where = f"rank {rank}/{world} case {case}"
         assert abs(loss.item() - losses[rank].item()) <= tol * max(1.0, abs(losses[rank].item())), (

@@ -20,6 +20,10 @@ def _cases(world):
                           neg_ids=False, sym=True, seed=1))
         cases.append(dict(backend=backend, b=equal, m=[r % 2 * 3 for r in range(world)], d=33, tid=True,
                           qid=True, neg_ids=True, sym=True, seed=2))
+    # the strip backward across ranks (several strips per rank, hard negatives, both masks)
+    cases.append(dict(backend="triton", b=[5 + 2 * r for r in range(world)], m=[r % 2 * 3 for r in range(world)],
+                      d=33, tid=True, qid=True, neg_ids=True, sym=True, seed=5,
+                      kernel_config=dict(BWD="strip", DS_STRIP_ROWS=2, DS_BM=16, DS_BN=16)))
     cases.append(dict(backend="torch", b=unequal, m=[2] * world, d=17, tid=True, qid=False, neg_ids=False,
                       sym=False, seed=3))
     cases.append(dict(backend="torch", b=unequal, m=[0] * world, d=20, tid=False, qid=True, neg_ids=False,
