@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=dev).manual_seed(5)
     g_row = torch.rand(B, device=dev, generator=gen) / B
     g_col = torch.rand(B, device=dev, generator=gen) / B
-    bkw = [dict(kw, row_lse=s.row_lse, col_lse=s.col_lse, g_row=g_row, g_col=g_col) for s in stats]
+    pos = (g_row + g_col) * args.logit_scale  # the positive's coefficient, as the loss passes it
+    bkw = [dict(kw, row_lse=s.row_lse, col_lse=s.col_lse, g_row=g_row, g_col=g_col, pos_coef=pos) for s in stats]
     dq_ref, dt_ref = tb.strip_backward(*pairs[0], deterministic=True, **bkw[0])
 
     # ---- forward candidates

@@ -41,8 +41,7 @@ class _Gemm3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, t, dS = ctx.saved_tensors
-        B, N = q.shape[0], t.shape[0]
-        R = dS.shape[0]
+        B, R = q.shape[0], dS.shape[0]
         dq = torch.empty_like(q)
         dT = torch.zeros_like(t)
         for r0 in range(0, B, R):

@@ -5,9 +5,10 @@ the part of dL/dS that flows through the softmaxes is
 
     dS_ij = s * (P_row_ij * g_row_i + P_col_ij * g_col_j)
 
-(the "- s * [j = p_i] * (g_row_i + g_col_i)" term of the positive is added by the host:
-it is a row-wise product, no tile needed). Then dq = dS @ T and dT = dS^T @ q, in chunks
-of BK embedding columns so that any d fits.
+minus the positive's term ``pos_i = s * (g_row_i + g_col_i)`` at (i, p_i), subtracted here in
+fp32 before dS is rounded to a 16-bit GEMM operand (near P_ii = 1 the difference is small
+and would otherwise carry the rounding error of P_ii). Then dq = dS @ T and dT = dS^T @ q,
+in chunks of BK embedding columns so that any d fits.
 
 MODE 0: a program owns a row block and walks all column blocks in order; it owns dq
         (read-modify-write, no atomics) and adds its dT contributions with fp32 atomics:
@@ -27,7 +28,7 @@ from .tile import sim_tile, tile_logits
 def _dS_tile(
     q_ptr, t_ptr, rows, cols, B, NT, N_COL, D, offset, scale, alpha,
     tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -49,14 +50,17 @@ def _dS_tile(
         g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
         # + s * softmax_col(z)_ij * g_col_j   (t->q part)
         dS += tl.exp(z_col - lse_c[None, :]) * g_c[None, :]
-    return dS * scale
+    # the positive's term, in fp32: - s * (g_row_i + g_col_i) at column p_i = offset + i
+    pos = tl.load(pos_ptr + rows, mask=rmask, other=0.0)
+    is_pos = cols[None, :] == (rows[:, None] + offset)
+    return dS * scale - tl.where(is_pos, pos[:, None], 0.0)
 
 
 @triton.jit
 def hardness_bwd_kernel(
     q_ptr, t_ptr, B, NT, N_COL, D, offset, scale, alpha,
     tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
     dq_ptr, dt_ptr,
     MODE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -86,7 +90,7 @@ def hardness_bwd_kernel(
         dS = _dS_tile(
             q_ptr, t_ptr, rows, cols, B, NT, N_COL, D, offset, scale, alpha,
             tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-            row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+            row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
             BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC,
         )
         if DS_LOWP:

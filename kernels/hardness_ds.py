@@ -9,9 +9,9 @@ memory-bound.
 This kernel instead recomputes one tile of S per program (a plain GEMM tile with the
 K loop over d), forms
 
-    dS_ij = s * (P_row_ij * g_row_i + P_col_ij * g_col_j)
+    dS_ij = s * (P_row_ij * g_row_i + P_col_ij * g_col_j) - [j = p_i] * s * (g_row_i + g_col_i)
 
-in the epilogue and stores it for rows [row0, row_end) of a strip buffer (R x NT, in
+in the epilogue (in fp32, positive's term included) and stores it for rows [row0, row_end) of a strip buffer (R x NT, in
 bf16 for bf16 inputs, else fp32). The host then runs ``dq[strip] = dS @ T`` and
 ``dT += dS^T @ q[strip]`` as library GEMMs. Memory: the R x NT strip, never B x NT;
 no atomics, so the result is the same bitwise from run to run.
@@ -30,7 +30,7 @@ from .hardness_bwd import _dS_tile
 def hardness_ds_kernel(
     q_ptr, t_ptr, ds_ptr, row0, row_end, NT, N_COL, D, offset, scale, alpha,
     tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -51,7 +51,7 @@ def hardness_ds_kernel(
     dS = _dS_tile(
         q_ptr, t_ptr, rows, cols, row_end, NT, N_COL, D, offset, scale, alpha,
         tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-        row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+        row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
         BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC,
     )
     out = ds_ptr + (rows - row0)[:, None] * NT + cols[None, :]

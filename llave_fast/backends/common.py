@@ -7,9 +7,11 @@ which may allocate a B x NT tensor:
 ``strip_forward``  -> per-row and per-column log-sum-exp of the masked hardness logits,
                       and (for a learnable scale) the softmax-weighted mean of S per
                       row and per column;
-``strip_backward`` -> the softmax part of dq and dTc:  dS = s * (P_row g_row + P_col g_col).
+``strip_backward`` -> dq and dTc of  dS = s * (P_row g_row + P_col g_col) - [j = p_i] pos_coef_i,
+                      the positive's term included, subtracted from dS in fp32 before any
+                      rounding to 16 bits (near P_ii = 1 the difference is small).
 
-The positive's term, the reduction and the scale's gradient are row-wise and done here.
+The reduction and the scale's gradient are row-wise and done here.
 """
 
 from __future__ import annotations
@@ -76,14 +78,6 @@ def rowwise_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Ten
         x, y = a[r0 : r0 + _ROW_CHUNK].to(acc), b[r0 : r0 + _ROW_CHUNK].to(acc)
         torch.bmm(x.unsqueeze(1), y.unsqueeze(2), out=out[r0 : r0 + _ROW_CHUNK].view(-1, 1, 1))
     return out
-
-
-def _sub_scaled_rows(dst: torch.Tensor, c: torch.Tensor, src: torch.Tensor, src_offset: int) -> None:
-    """dst[i] -= c[i] * src[src_offset + i], in place and in row chunks."""
-    for r0 in range(0, dst.shape[0], _ROW_CHUNK):
-        r1 = min(dst.shape[0], r0 + _ROW_CHUNK)
-        rows = src[src_offset + r0 : src_offset + r1].to(dst.dtype)
-        dst[r0:r1].addcmul_(c[r0:r1, None], rows, value=-1.0)
 
 
 def poison_outputs() -> bool:
@@ -208,17 +202,14 @@ def hardness_backward(ctx, grad_out):
     if cfg.symmetric:
         # every column's t->q loss lives on its owner rank; all strips need its gradient
         g_col = g_row if comm is None else comm.gather_rows(g_row, sizes[0])
+    # the positive's term: dS_ii -= s * (g_row_i + g_col_i), applied by the backend
+    g_col_local = None if g_col is None else g_col[offset : offset + B]
+    c = ((g_row if g_col is None else g_row + g_col_local) * cfg.scale).contiguous()
     dq, dTc = ctx.ops.strip_backward(
         q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
-        row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col,
+        row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=c,
         deterministic=cfg.deterministic,
     )
-    # the positive's term: dS_ii -= s * (g_row_i + g_col_i)
-    g_col_local = None if g_col is None else g_col[offset : offset + B]
-    c = (g_row if g_col is None else g_row + g_col_local) * cfg.scale
-    # in place, chunk by chunk: no B x d temporary
-    _sub_scaled_rows(dq, c, Tc, offset)
-    _sub_scaled_rows(dTc[offset : offset + B], c, q, 0)
     if comm is None:
         dt, dneg = dTc[:B], (dTc[B:] if ctx.n_neg else None)
     else:

@@ -65,7 +65,7 @@ def compile_all(arch: int = 90) -> list[str]:
             if need_e:
                 continue  # the backward has no NEED_E switch
             for mode in (0, 1, 2):
-                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6
+                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 7
                 k = _compile(hardness_bwd_kernel, types, dict(
                     MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=has_tid,
                     HAS_QID=has_qid, HAS_COL=need_col, UPCAST=False, DS_LOWP=dtype == torch.bfloat16,
@@ -78,7 +78,7 @@ def compile_all(arch: int = 90) -> list[str]:
             for has_tid, has_qid, has_col in itertools.product([False, True], repeat=3):
                 if has_qid and not has_col:
                     continue
-                types = [ptr, ptr, ds_ptr] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 4
+                types = [ptr, ptr, ds_ptr] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 5
                 k = _compile(hardness_ds_kernel, types, dict(
                     BM=cfg["DS_BM"], BN=cfg["DS_BN"], BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"], HAS_TID=has_tid,
                     HAS_QID=has_qid, HAS_COL=has_col, UPCAST=False, PREC=p), target, cfg["DS_WARPS"], cfg["DS_STAGES"])
@@ -91,7 +91,7 @@ def compile_all(arch: int = 90) -> list[str]:
                 UPCAST=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])
             _check_smem(k, limit, f"fwd {ptr} prec=ieee all options", report)
             for mode in (0, 1, 2):
-                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6
+                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 7
                 k = _compile(hardness_bwd_kernel, types, dict(
                     MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=True, HAS_QID=True,
                     HAS_COL=True, UPCAST=False, DS_LOWP=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])

@@ -111,7 +111,8 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     return StripStats(row_lse, row_es, col_lse, col_es)
 
 
-def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col, deterministic):
+def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
+                   pos_coef, deterministic):
     # deterministic either way: fixed chunk order, no atomics
     B, NT = q.shape[0], Tc.shape[0]
     acc = acc_dtype(q.dtype)
@@ -143,6 +144,8 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
             dS[:, :n_col].add_(p_col)
             del p_col
         dS.mul_(scale)
+        # the positive's term, before any rounding to 16 bits: dS[i, offset + i] -= pos_coef_i
+        dS.diagonal(offset + r0).sub_(pos_coef[r0:r1].to(dS.dtype))
         dS = dS.to(ds_mm)
         torch.mm(dS, Tg, out=dq[r0:r1]) if dq.dtype == ds_mm else dq[r0:r1].copy_(dS @ Tg)  # dq = dS @ Tc
         if dTc.dtype == ds_mm:

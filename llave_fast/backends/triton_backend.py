@@ -303,7 +303,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col, deterministic):
+def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
+                   pos_coef, deterministic):
     _check_dtype(q)
     q, Tc = q.contiguous(), Tc.contiguous()
     B, D = q.shape
@@ -314,12 +315,12 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
         "bwd", q, NT, (ids.has_tid, ids.has_qid, g_col is not None, bool(deterministic)),
         lambda: strip_backward(q, Tc, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
                                row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col,
-                               deterministic=deterministic))
+                               pos_coef=pos_coef, deterministic=deterministic))
     if tuned:
         cfg.update(tuned)
     if cfg["BWD"] == "strip":
         return _strip_backward_ds(q, Tc, cfg, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
-                                  row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col)
+                                  row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=pos_coef)
     BM, BN = cfg.get("BWD_BM", cfg["BM"]), cfg.get("BWD_BN", cfg["BN"])
     dq = torch.zeros((B, D), device=dev, dtype=torch.float32)
     dTc = torch.zeros((NT, D), device=dev, dtype=torch.float32)
@@ -340,7 +341,7 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
                 q, Tc, B, NT, n_col, D, offset, float(scale), float(alpha),
                 tid_pos, tid_cand, n_tid, qid_row, qid_cand,
                 row_lse.float().contiguous(), col_lse_arg, g_row.float().contiguous(), g_col_arg,
-                dq, dTc,
+                pos_coef.float().contiguous(), dq, dTc,
                 MODE=mode, BM=BM, BN=BN, BK=cfg["BK"],
                 HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and has_col, HAS_COL=has_col,
                 UPCAST=_upcast(q), DS_LOWP=ds_lowp, PREC=prec,
@@ -413,7 +414,8 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
         dst.copy_(prod)
 
 
-def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col):
+def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
+                       pos_coef):
     """The strip backward: per block of R rows, dS by ``hardness_ds_kernel``, then two GEMMs."""
     B, D = q.shape
     NT = Tc.shape[0]
@@ -432,6 +434,7 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     row_lse_arg, g_row_arg = row_lse.float().contiguous(), g_row.float().contiguous()
     col_lse_arg = col_lse.float().contiguous() if has_col else row_lse_arg
     g_col_arg = g_col.float().contiguous() if has_col else g_row_arg
+    pos_arg = pos_coef.float().contiguous()
     prec = _precision(q)
     # GEMM operands: the strip's dtype (fp32 strip with 16-bit fp16 inputs: upcast T and q)
     T_op = Tc if Tc.dtype == ds_dtype else Tc.to(ds_dtype)
@@ -444,7 +447,7 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
             _kernels().hardness_ds_kernel[grid](
                 q, Tc, dS, r0, r1, NT, n_col, D, offset, float(scale), float(alpha),
                 tid_pos, tid_cand, n_tid, qid_row, qid_cand,
-                row_lse_arg, col_lse_arg, g_row_arg, g_col_arg,
+                row_lse_arg, col_lse_arg, g_row_arg, g_col_arg, pos_arg,
                 BM=BM, BN=BN, BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"],
                 HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and has_col, HAS_COL=has_col,
                 UPCAST=_upcast(q), PREC=prec,
