@@ -241,17 +241,20 @@ def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, determinist
 
 
 class Progress:
-    """tqdm when installed, else numbered plain lines."""
+    """A tqdm bar on a terminal; numbered plain lines otherwise (logs, or no tqdm)."""
 
     def __init__(self, total: int, desc: str):
         self.total, self.n = total, 0
-        try:
-            from tqdm import tqdm
+        self.bar = None
+        if sys.stdout.isatty():
+            try:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="task", file=sys.stdout, dynamic_ncols=True)
-        except ImportError:
-            self.bar = None
-            print(f"{desc}: {total} tasks (tqdm not installed: plain progress lines)", flush=True)
+                self.bar = tqdm(total=total, desc=desc, unit="task", file=sys.stdout, dynamic_ncols=True)
+            except ImportError:
+                pass
+        if self.bar is None:
+            print(f"{desc}: {total} tasks", flush=True)
 
     def start(self, msg: str):
         if self.bar is not None:
@@ -489,7 +492,7 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
         rec["memory"]["measured_over_analytic"] = r
         rec["memory"]["analytic_check"] = "ok" if 1 / 3 <= r <= 3 else "CHECK"
     gf, gb = gemm_counts(name, args.symmetric, args.deterministic)
-    uf, ub = USEFUL_GEMMS
+    uf, ub = (gf, gb) if name in FLOOR else USEFUL_GEMMS  # the floor's own count is its useful work
     one = 2.0 * B * B * d
     med = tm["median_ms"]
     rec["flops"] = {"gemm_flops": one, "gemms_fwd": gf, "gemms_bwd": gb, "useful_gemms_fwd": uf, "useful_gemms_bwd": ub}
@@ -558,16 +561,22 @@ def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dic
     prog = Progress(sum(len(r) for r in groups.values()), "timing (interleaved) + peak memory")
     results = []
     mem_avail = C.mem_available_bytes()
-    t_start = time.perf_counter()
+    last = None  # (B, d, wall seconds) of the last group that ran: predicts the next one (time ~ B^2 d)
     for (dn, d, B), rows in groups.items():
         dtype = C.DTYPES[dn]
         todo = []
-        if args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s:
-            for b, label, alpha in rows:
-                results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d, "alpha": alpha,
-                                "status": "SKIPPED", "note": f"--deadline-s {args.deadline_s:g} s passed"})
-                prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED (deadline)")
-            continue
+        if args.deadline_s is not None:
+            elapsed = time.perf_counter() - args.t_begin
+            predicted = 0.0 if last is None else last[2] * (B / last[0]) ** 2 * (d / last[1])
+            if elapsed + predicted > args.deadline_s:
+                why = (f"--deadline-s {args.deadline_s:g}: {elapsed:.0f} s used, this size predicted to take "
+                       f"~{predicted:.0f} s more")
+                for b, label, alpha in rows:
+                    results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d,
+                                    "alpha": alpha, "status": "SKIPPED", "note": why})
+                    prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED ({why})")
+                continue
+        t_group = time.perf_counter()
         kept = []
         for b, label, alpha in rows:
             why = None
@@ -638,6 +647,7 @@ def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dic
                 prog.done(f"{what}: {rec['status']} {rec.get('error', '')}")
         del pairs, fns
         free_device_memory(device)
+        last = (B, d, time.perf_counter() - t_group)
         if on_progress is not None:
             on_progress(results)
     prog.close()
@@ -877,8 +887,8 @@ def parse_args(argv=None):
                    help="about this many seconds of timed runs per (dtype, d, B) group: fewer repeats "
                         "(at least 3) where one run is long")
     p.add_argument("--deadline-s", type=float, default=None,
-                   help="start no new (dtype, d, B) group after this many seconds of timing; the rest "
-                        "is reported SKIPPED")
+                   help="start no (dtype, d, B) group that would end after this many seconds from the start "
+                        "(its time predicted from the last group's, as B^2 d); the rest is reported SKIPPED")
     p.add_argument("--max-B", nargs="+", default=None, metavar="BACKEND=B",
                    help="largest B for a backend, e.g. reference=65536 compile=16384 (the eager ones "
                         "cannot hold B x N matrices at the top sizes)")
@@ -948,7 +958,7 @@ def main(argv=None):
     args = apply_defaults(args, device)
     global _ALPHA0_FUSED
     _ALPHA0_FUSED = args.alpha0_fused
-    t_begin = time.perf_counter()
+    t_begin = args.t_begin = time.perf_counter()
 
     meta = {"device": C.device_info(device), "versions": C.versions(), "git": C.git_info(), **C.now_stamps(),
             "machine_load_before": C.machine_load()}
@@ -995,7 +1005,8 @@ def main(argv=None):
 
     out = Path(args.out or C.default_out_path(device))
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "mem_worker"}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("mem_worker", "t_begin")}
 
     def write_partial(res):
         with open(out, "w") as f:

@@ -95,6 +95,14 @@ def model_max_B(name, d, dtype, device, free_bytes) -> int | None:
 
 def search(name, d, dtype, device, args, t_start) -> dict:
     out = {"backend": name, "tries": []}
+    if args.warmup_B:
+        # compile / autotune / library start-up stay out of the timed tries (the time cap uses them)
+        w = one_try(name, min(args.warmup_B, args.start), d, dtype, device, args)
+        out["warmup"] = w
+        if not w["ok"]:
+            out.update(largest_ok_B=None, smallest_oom_B=None, limited_by=f"warm-up failed: {w.get('error')}")
+            print(f"  {name}: warm-up at B={w['B']} failed: {w.get('error')}", flush=True)
+            return out
     ok_B, bad_B, B, last_s = None, None, args.start, None
     while B <= args.B_max:
         if args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s:
@@ -152,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, default=16384)
     p.add_argument("--B-max", type=int, default=1 << 21)
     p.add_argument("--bisect-steps", type=int, default=2)
+    p.add_argument("--warmup-B", type=int, default=4096,
+                   help="an untimed try at this B first (0: none), so that compiling is not timed")
     p.add_argument("--max-try-s", type=float, default=20.0)
     p.add_argument("--alpha", type=float, default=9.0)
     p.add_argument("--logit-scale", type=float, default=50.0)

@@ -8,6 +8,12 @@
 #                                    # backend (torch.compile at 16384 only), then B = N = 262144
 #   bash benchmarks/gpu_check.sh C   # <= ~5 min: the sweep at d = 896 and 3584, the largest B per backend
 #
+# With 15 minutes of device time per issue, machine start included, plan on A and B: call B at
+# once after A returns (a machine goes back 30 s after a call; a fresh one costs a start and
+# cold compile caches). C fits only if A and B ran short. Device call, e.g.:
+#   command "bash benchmarks/gpu_check.sh A" (the tool sets $OUT), carry [".whl"], timeout_s 360
+# (bash benchmarks/fetch_wheels.sh first, here: it puts the Inf-CL wheel in .whl/).
+#
 # Each stage's files land under $OUT (default ./gpu_out), at most 4 per stage (the device tool
 # returns 8): log.txt always; A: tests.xml, tune.json; B: loss.json, loss.png, loss_262k.json;
 # C: loss_wide.json, loss_wide.png, maxb.json. Inf-CL travels as a wheel in .whl/ (ignored by
@@ -54,14 +60,15 @@ fi
 
 if [ "$STAGE" = A ]; then
     step "A1. compiled kernels vs the float64 reference (pytest -m gpu)"
-    XDIST=""
-    "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-    LLAVE_FAST_COMPILED=1 timeout 170 "$PY" -m pytest -q -m gpu tests/test_loss_gpu.py $XDIST -p no:cacheprovider \
-        -o addopts="" --junitxml="$OUT/tests.xml" 2>&1 | tail -40
+    EXTRA=""
+    "$PY" -c "import xdist" 2>/dev/null && EXTRA="-n 8"
+    "$PY" -c "import pytest_timeout" 2>/dev/null && EXTRA="$EXTRA --timeout 120"
+    LLAVE_FAST_COMPILED=1 timeout 170 "$PY" -m pytest -q -m gpu tests/test_loss_gpu.py $EXTRA -p no:cacheprovider \
+        -o addopts="" -rfE --tb=short --junitxml="$OUT/tests.xml" 2>&1
 
     step "A2. tuning sweep, B = N = 16384, d = 1536, bf16 (every candidate checked against the default)"
     timeout 150 "$PY" benchmarks/bench_tune.py --B 16384 --d 1536 --dtype bf16 --repeats 10 --deadline-s 120 \
-        --out "$OUT/tune.json" 2>&1 | tail -45
+        --out "$OUT/tune.json" 2>&1
 fi
 
 if [ "$STAGE" = B ]; then
@@ -69,25 +76,34 @@ if [ "$STAGE" = B ]; then
     timeout 230 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 4096 16384 65536 \
         --backends triton_strip triton_tiles torch reference compile inf_cl gemm3 --alpha0-fused triton_strip \
         --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 --deadline-s 190 \
-        --out "$OUT/loss.json" 2>&1 | grep -v '^timing\|^correctness' | tail -50
+        --out "$OUT/loss.json" 2>&1
 
-    step "B2. B = N = 262144, d = 1536, bf16: the fused backends, Inf-CL and the GEMM floor"
+    step "B2. B = N = 262144, d = 1536, bf16: the strip backward, Inf-CL and the GEMM floor"
+    # (the tile backward is left out: its time grows as B^2 from the 65536 figure, ~10 s a run here)
     timeout 150 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 262144 \
-        --backends triton_strip triton_tiles inf_cl gemm3 --alpha0-fused triton_strip --warmup 1 --repeats 2 \
-        --no-ceilings --no-plot --out "$OUT/loss_262k.json" 2>&1 | grep -v '^timing\|^correctness' | tail -25
+        --backends triton_strip inf_cl gemm3 --alpha0-fused triton_strip --warmup 1 --repeats 2 --n-inputs 2 \
+        --no-ceilings --no-plot --out "$OUT/loss_262k.json" 2>&1
 fi
 
 if [ "$STAGE" = C ]; then
     step "C1. loss sweep at d = 896 and 3584, bf16 (no torch.compile: one compile per shape costs ~1 min)"
     timeout 170 "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 896 3584 --B 4096 16384 65536 \
         --backends triton_strip triton_tiles torch reference inf_cl gemm3 --alpha0-fused triton_strip --warmup 1 \
-        --repeats 10 --point-budget-s 2 --deadline-s 140 --no-ceilings --out "$OUT/loss_wide.json" 2>&1 \
-        | grep -v '^timing\|^correctness' | tail -50
+        --repeats 10 --point-budget-s 2 --deadline-s 140 --no-ceilings --out "$OUT/loss_wide.json" 2>&1
 
     step "C2. largest B = N per backend at d = 1536, bf16"
     timeout 130 "$PY" benchmarks/bench_maxb.py --d 1536 --dtype bf16 --start 65536 --max-try-s 12 \
-        --backends triton_strip reference torch inf_cl --deadline-s 110 --out "$OUT/maxb.json" 2>&1 | tail -30
+        --backends triton_strip reference torch inf_cl --deadline-s 110 --out "$OUT/maxb.json" 2>&1
 fi
+step "summary"
+case "$STAGE" in
+    A) [ -f "$OUT/tune.json" ] && "$PY" benchmarks/report.py --tune "$OUT/tune.json" ;;
+    B) F=""; for f in loss.json loss_262k.json; do [ -f "$OUT/$f" ] && F="$F $OUT/$f"; done
+       [ -n "$F" ] && "$PY" benchmarks/report.py $F ;;
+    C) [ -f "$OUT/loss_wide.json" ] && "$PY" benchmarks/report.py "$OUT/loss_wide.json"
+       [ -f "$OUT/maxb.json" ] && "$PY" benchmarks/report.py --maxb "$OUT/maxb.json" ;;
+esac
 step "done; files under $OUT:"
 ls -la "$OUT"
 } 2>&1 | tee "$LOG"
+# the device call returns the end of the output: a short summary last

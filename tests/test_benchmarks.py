@@ -99,7 +99,8 @@ def test_tune_script_dry_run(tmp_path):
 def test_maxb_script_dry_run(tmp_path):
     out = tmp_path / "maxb.json"
     r = subprocess.run([sys.executable, str(BENCH / "bench_maxb.py"), "--device", "cpu", "--backends", "torch",
-                        "reference", "triton", "--d", "32", "--start", "64", "--B-max", "256", "--out", str(out)],
+                        "reference", "triton", "--d", "32", "--start", "64", "--B-max", "256", "--warmup-B", "32",
+                        "--out", str(out)],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -126,7 +127,8 @@ def test_maxb_search_bisects_after_oom(monkeypatch):
         return {"B": B, "ok": True, "oom": False, "s": 0.01}
 
     monkeypatch.setattr(bench_maxb, "one_try", fake)
-    args = argparse.Namespace(start=1024, B_max=1 << 20, max_try_s=100.0, deadline_s=None, bisect_steps=3)
+    args = argparse.Namespace(start=1024, B_max=1 << 20, max_try_s=100.0, deadline_s=None, bisect_steps=3,
+                              warmup_B=0)
     r = bench_maxb.search("torch", 64, torch.float32, torch.device("cpu"), args, 0.0)
     # doubling until the first OOM (8192), then halving the gap down to one 1024 grain
     assert tried == [1024, 2048, 4096, 8192, 6144, 5120], tried
@@ -145,9 +147,11 @@ def test_maxb_search_stops_by_time(monkeypatch):
         return {"B": B, "ok": True, "oom": False, "s": (B / 1024) ** 2}
 
     monkeypatch.setattr(bench_maxb, "one_try", fake)
-    args = argparse.Namespace(start=1024, B_max=1 << 20, max_try_s=20.0, deadline_s=None, bisect_steps=3)
+    args = argparse.Namespace(start=1024, B_max=1 << 20, max_try_s=20.0, deadline_s=None, bisect_steps=3,
+                              warmup_B=512)
     r = bench_maxb.search("triton", 64, torch.float32, torch.device("cpu"), args, 0.0)
-    assert tried == [1024, 2048, 4096], tried  # 8192 would take ~64 s
+    assert tried == [512, 1024, 2048, 4096], tried  # an untimed warm-up, then doubling; 8192 would take ~64 s
+    assert r["warmup"]["B"] == 512
     assert r["largest_ok_B"] == 4096 and r["smallest_oom_B"] is None and r["limited_by"].startswith("time"), r
 
 

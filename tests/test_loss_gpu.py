@@ -281,3 +281,14 @@ def test_compiled_65536_against_float64(cuda, bwd, gen):
         e = rel_err(got.grads[n], truth.grads[n])
         assert torch.isfinite(got.grads[n]).all(), n
         assert e < 3e-2, mismatch_report(f"{n} ({bwd}, rel err {e:.2e})", got.grads[n], truth.grads[n])
+
+
+def test_strip_gemm_accumulates_in_fp32_on_cuda(cuda):
+    """torch >= 2.8 takes fp32 output for bf16 GEMMs on CUDA; the strip backward must find it
+    (else dT's strip partials are rounded to bf16 before they are summed)."""
+    from llave_fast.backends.triton_backend import _probe_acc_mm
+
+    form = _probe_acc_mm(cuda, torch.bfloat16)
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) >= (2, 8):
+        assert form in ("addmm", "mm"), f"torch {torch.__version__}: fp32-output bf16 GEMM not found ({form})"

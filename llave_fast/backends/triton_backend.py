@@ -370,22 +370,31 @@ def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
 _ACC_MM = None
 
 
-def _probe_acc_mm(a: torch.Tensor, b: torch.Tensor) -> str:
-    """The fastest form this torch accepts: "addmm" (cuBLAS C += A B with fp32 C in one
-    pass, torch >= 2.8 on CUDA), "mm" (fp32 product, then added), or "cast" (16-bit
-    product, cast, added). Checked numerically on a tiny case, not only for acceptance."""
-    x, y = a[:2, :2].contiguous(), b[:2, :2].contiguous()
-    want = x.float() @ y.float()
+def _probe_acc_mm(device: torch.device, dtype: torch.dtype) -> str:
+    """The fastest form this torch accepts: "addmm" (cuBLAS C = A B + beta C with fp32 C in one
+    pass, torch >= 2.8 on CUDA), "mm" (fp32 product, then added), or "cast" (16-bit product,
+    cast, added). Checked numerically on 16 x 16 operands as they are used: a transposed first
+    operand, beta = 1 accumulating, and beta = 0 over a NaN-filled output (which must not be
+    read)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(16, 16, generator=g, device=device).to(dtype)
+    b = torch.randn(16, 16, generator=g, device=device).to(dtype)
+    want = a.t().double() @ b.double()
+
+    def close(x, ref):
+        return x.dtype == torch.float32 and bool(torch.allclose(x.double(), ref, rtol=1e-3, atol=1e-3))
+
     try:
-        c = torch.ones(2, 2, device=a.device)
-        torch.addmm(c, x, y, out_dtype=torch.float32, out=c)
-        if c.dtype == torch.float32 and torch.allclose(c, want + 1, rtol=1e-2, atol=1e-2):
+        c = torch.ones(16, 16, device=device)
+        torch.addmm(c, a.t(), b, beta=1, out_dtype=torch.float32, out=c)
+        z = torch.full((16, 16), float("nan"), device=device)
+        torch.addmm(z, a.t(), b, beta=0, out_dtype=torch.float32, out=z)
+        if close(c, want + 1) and close(z, want):
             return "addmm"
     except (TypeError, RuntimeError, NotImplementedError):
         pass
     try:
-        t = torch.mm(x, y, out_dtype=torch.float32)
-        if t.dtype == torch.float32 and torch.allclose(t, want, rtol=1e-2, atol=1e-2):
+        if close(torch.mm(a.t(), b, out_dtype=torch.float32), want):
             return "mm"
     except (TypeError, RuntimeError, NotImplementedError):
         pass
@@ -403,7 +412,7 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
             torch.mm(a, b, out=dst)
         return
     if _ACC_MM is None:
-        _ACC_MM = _probe_acc_mm(a, b)
+        _ACC_MM = _probe_acc_mm(a.device, a.dtype)
     if _ACC_MM == "addmm":
         torch.addmm(dst, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=dst)
         return
