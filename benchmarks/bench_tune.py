@@ -70,6 +70,20 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return C.rel_err(x.float(), ref.float())
 
 
+def try_candidate(dest: list, rec: dict, cand: dict, body, what: str, err_name: str) -> None:
+    """Run ``body()`` under ``kernel_config(**cand)``; record its figures, or the error of a
+    config that does not compile or fit; print one line."""
+    try:
+        with tb.kernel_config(**cand):
+            rec.update(body())
+    except Exception as exc:  # noqa: BLE001 - reported, the sweep goes on
+        rec.update(status="ERROR", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    dest.append(rec)
+    print(f"{what}: {rec['status']} "
+          + (f"{rec['ms']:.3f} ms, {rec['tflops']:.0f} TFLOP/s, {err_name} {rec['err']:.1e}"
+             if "ms" in rec else rec.get("error", "")), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--B", type=int, default=16384, help="B = N (default 16384)")
@@ -133,22 +147,15 @@ def main(argv=None) -> int:
         if late():
             out["fwd"].append({"config": cand, "status": "SKIPPED (deadline)"})
             continue
-        rec = {"config": cand}
-        try:
-            with tb.kernel_config(**cand):
-                s0 = tb.strip_forward(*pairs[0], need_col=True, need_e=False, **kw)
-                err = max(float((s0.row_lse - stats[0].row_lse).abs().max()),
-                          float((s0.col_lse - stats[0].col_lse).abs().max()))
-                ms, raw = time_ms(lambda i: tb.strip_forward(*pairs[i % 2], need_col=True, need_e=False, **kw),
-                                  args.repeats, device=dev)
-            rec.update(status="ok" if err < 5e-2 else "WRONG", max_abs_lse_diff=err, ms=ms, raw_ms=raw,
-                       tflops=one / ms / 1e9)
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is reported
-            rec.update(status="ERROR", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        out["fwd"].append(rec)
-        print(f"fwd {cand or 'default'}: {rec['status']} "
-              + (f"{rec['ms']:.3f} ms, {rec['tflops']:.0f} TFLOP/s, lse diff {rec['max_abs_lse_diff']:.1e}"
-                 if "ms" in rec else rec.get("error", "")), flush=True)
+        def fwd_body():
+            s0 = tb.strip_forward(*pairs[0], need_col=True, need_e=False, **kw)
+            err = max(float((s0.row_lse - stats[0].row_lse).abs().max()),
+                      float((s0.col_lse - stats[0].col_lse).abs().max()))
+            ms, raw = time_ms(lambda i: tb.strip_forward(*pairs[i % 2], need_col=True, need_e=False, **kw),
+                              args.repeats, device=dev)
+            return dict(status="ok" if err < 5e-2 else "WRONG", err=err, ms=ms, raw_ms=raw, tflops=one / ms / 1e9)
+
+        try_candidate(out["fwd"], {"config": cand}, cand, fwd_body, f"fwd {cand or 'default'}", "lse diff")
         write()
 
     # ---- backward candidates (non-deterministic and deterministic requests)
@@ -158,23 +165,18 @@ def main(argv=None) -> int:
         if late():
             out["bwd"].append({"config": cand, "deterministic": det, "status": "SKIPPED (deadline)"})
             continue
-        rec = {"config": cand, "deterministic": det}
-        try:
-            with tb.kernel_config(**cand):
-                dq, dt = tb.strip_backward(*pairs[0], deterministic=det, **bkw[0])
-                err = max(rel(dq, dq_ref), rel(dt, dt_ref))
-                ms, raw = time_ms(lambda i: tb.strip_backward(*pairs[i % 2], deterministic=det, **bkw[i % 2]),
-                                  args.repeats, device=dev)
+        def bwd_body(cand=cand, det=det):
+            dq, dt = tb.strip_backward(*pairs[0], deterministic=det, **bkw[0])
+            err = max(rel(dq, dq_ref), rel(dt, dt_ref))
+            ms, raw = time_ms(lambda i: tb.strip_backward(*pairs[i % 2], deterministic=det, **bkw[i % 2]),
+                              args.repeats, device=dev)
             variant = cand.get("BWD", out["default"]["BWD"])
             gemms = 3 if variant == "strip" or not det else 4
-            rec.update(status="ok" if err < 2e-2 else "WRONG", rel_err_vs_default=err, ms=ms, raw_ms=raw,
-                       variant=variant, tflops=gemms * one / ms / 1e9, tflops_useful=2 * one / ms / 1e9)
-        except Exception as exc:  # noqa: BLE001
-            rec.update(status="ERROR", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        out["bwd"].append(rec)
-        print(f"bwd {cand or 'default'}{' deterministic' if det else ''}: {rec['status']} "
-              + (f"{rec['ms']:.3f} ms, {rec['tflops']:.0f} TFLOP/s, rel err {rec['rel_err_vs_default']:.1e}"
-                 if "ms" in rec else rec.get("error", "")), flush=True)
+            return dict(status="ok" if err < 2e-2 else "WRONG", err=err, ms=ms, raw_ms=raw, variant=variant,
+                        tflops=gemms * one / ms / 1e9, tflops_useful=2 * one / ms / 1e9)
+
+        try_candidate(out["bwd"], {"config": cand, "deterministic": det}, cand, bwd_body,
+                      f"bwd {cand or 'default'}{' deterministic' if det else ''}", "rel err vs default")
         write()
 
     # ---- the floor, same inputs: S = q T^T, dS T, dS^T q (cuBLAS)
