@@ -21,23 +21,25 @@ MODE 1 + MODE 2 is the deterministic pair: bitwise reproducible, one extra recom
 import triton
 import triton.language as tl
 
-from .tile import sim_tile, tile_logits
+from .tile import positive_mask, sim_tile, tile_logits
 
 
 @triton.jit
 def _dS_tile(
-    q_ptr, t_ptr, rows, cols, B, NT, N_COL, D, offset, scale, alpha,
+    q_ptr, t_ptr, row0, col0, B, NT, N_COL, D, offset, scale, alpha,
     tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
     row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    S = sim_tile(q_ptr, t_ptr, rows, cols, B, NT, D, BM, BN, BK, UPCAST, PREC)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    S = sim_tile(q_ptr, t_ptr, row0, col0, B, NT, D, BM, BN, BK, UPCAST, PREC)
     z_row, z_col = tile_logits(
-        S, rows, cols, B, NT, N_COL, offset, scale, alpha,
+        S, rows, cols, row0, col0, B, NT, N_COL, offset, scale, alpha,
         tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-        HAS_TID, HAS_QID, HAS_COL,
+        HAS_TID, HAS_QID, HAS_COL, BM, BN,
     )
     rmask = rows < B
     lse_r = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
@@ -52,7 +54,7 @@ def _dS_tile(
         dS += tl.exp(z_col - lse_c[None, :]) * g_c[None, :]
     # the positive's term, in fp32: - s * (g_row_i + g_col_i) at column p_i = offset + i
     pos = tl.load(pos_ptr + rows, mask=rmask, other=0.0)
-    is_pos = cols[None, :] == (rows[:, None] + offset)
+    is_pos = positive_mask(row0, col0, offset, BM, BN)
     return dS * scale - tl.where(is_pos, pos[:, None], 0.0)
 
 
@@ -83,12 +85,17 @@ def hardness_bwd_kernel(
         else:
             rb = pid
             cb = it + pid * 0
-        rows = rb * BM + tl.arange(0, BM).to(tl.int64)
-        cols = cb * BN + tl.arange(0, BN).to(tl.int64)
-        rmask = rows < B
-        cmask = cols < NT
+        rl = tl.arange(0, BM)
+        cl = tl.arange(0, BN)
+        rmask = (rb * BM + rl) < B
+        cmask = (cb * BN + cl) < NT
+        # 64-bit row bases, 32-bit offsets inside the tile
+        q_rows = q_ptr + rb * BM * D
+        t_rows = t_ptr + cb * BN * D
+        dq_rows = dq_ptr + rb * BM * D
+        dt_rows = dt_ptr + cb * BN * D
         dS = _dS_tile(
-            q_ptr, t_ptr, rows, cols, B, NT, N_COL, D, offset, scale, alpha,
+            q_ptr, t_ptr, rb * BM, cb * BN, B, NT, N_COL, D, offset, scale, alpha,
             tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
             row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
             BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC,
@@ -103,20 +110,20 @@ def hardness_bwd_kernel(
             kmask = ks[None, :] < D
             if MODE != 2:
                 # dq[rows, ks] += dS @ T[cols, ks]
-                t_blk = tl.load(t_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask, other=0.0)
+                t_blk = tl.load(t_rows + cl[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask, other=0.0)
                 if not DS_LOWP:
                     t_blk = t_blk.to(tl.float32)
                 dq_blk = tl.dot(dS_op, t_blk, input_precision=PREC)
-                dq_off = dq_ptr + rows[:, None] * D + ks[None, :]
+                dq_off = dq_rows + rl[:, None] * D + ks[None, :]
                 acc = tl.load(dq_off, mask=rmask[:, None] & kmask, other=0.0)
                 tl.store(dq_off, acc + dq_blk, mask=rmask[:, None] & kmask)
             if MODE != 1:
                 # dT[cols, ks] += dS^T @ q[rows, ks]
-                q_blk = tl.load(q_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask, other=0.0)
+                q_blk = tl.load(q_rows + rl[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask, other=0.0)
                 if not DS_LOWP:
                     q_blk = q_blk.to(tl.float32)
                 dt_blk = tl.dot(tl.trans(dS_op), q_blk, input_precision=PREC)
-                dt_off = dt_ptr + cols[:, None] * D + ks[None, :]
+                dt_off = dt_rows + cl[:, None] * D + ks[None, :]
                 if MODE == 0:
                     tl.atomic_add(dt_off, dt_blk, mask=cmask[:, None] & kmask)
                 else:

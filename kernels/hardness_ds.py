@@ -45,15 +45,17 @@ def hardness_ds_kernel(
     group_rows = tl.minimum(n_rt - first_rt, GROUP_M)
     rt = first_rt + (pid % per_group) % group_rows
     ct = (pid % per_group) // group_rows
-    rows = row0 + rt * BM + tl.arange(0, BM).to(tl.int64)
-    cols = ct * BN + tl.arange(0, BN).to(tl.int64)
+    r_start = row0 + rt * BM  # 64-bit scalars; the offsets inside the tile are 32-bit
+    c_start = ct * BN
     # rows >= row_end belong to the next strip: row_end plays the part of B in the tile
     dS = _dS_tile(
-        q_ptr, t_ptr, rows, cols, row_end, NT, N_COL, D, offset, scale, alpha,
+        q_ptr, t_ptr, r_start, c_start, row_end, NT, N_COL, D, offset, scale, alpha,
         tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
         row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
         BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC,
     )
-    out = ds_ptr + (rows - row0)[:, None] * NT + cols[None, :]
-    mask = (rows[:, None] < row_end) & (cols[None, :] < NT)
-    tl.store(out, dS.to(ds_ptr.dtype.element_ty), mask=mask)
+    rl = tl.arange(0, BM)
+    cl = tl.arange(0, BN)
+    base = ds_ptr + (r_start - row0) * NT + c_start
+    mask = ((r_start + rl)[:, None] < row_end) & ((c_start + cl)[None, :] < NT)
+    tl.store(base + rl[:, None] * NT + cl[None, :], dS.to(ds_ptr.dtype.element_ty), mask=mask)

@@ -21,8 +21,8 @@ import triton.language as tl
 def sim_tile(
     q_ptr,
     t_ptr,
-    rows,
-    cols,
+    row0,
+    col0,
     B,
     NT,
     D,
@@ -32,15 +32,22 @@ def sim_tile(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """S[rows, cols] = q[rows] . T[cols]^T with fp32 accumulation; inputs are row-major (stride D)."""
+    """S[row0:row0+BM, col0:col0+BN] = q[rows] . T[cols]^T with fp32 accumulation; inputs are
+    row-major (stride D). The tile's base pointers carry the 64-bit part of the address; the
+    per-element offsets inside the tile are 32-bit (BM * D and BN * D stay far below 2^31),
+    which keeps the address arithmetic out of the register budget."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    rmask = rows[:, None] < B
-    cmask = cols[:, None] < NT
+    rl = tl.arange(0, BM)
+    cl = tl.arange(0, BN)
+    rmask = (row0 + rl)[:, None] < B
+    cmask = (col0 + cl)[:, None] < NT
+    q_base = q_ptr + row0 * D
+    t_base = t_ptr + col0 * D
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks[None, :] < D
-        a = tl.load(q_ptr + rows[:, None] * D + ks[None, :], mask=rmask & kmask, other=0.0)
-        b = tl.load(t_ptr + cols[:, None] * D + ks[None, :], mask=cmask & kmask, other=0.0)
+        a = tl.load(q_base + rl[:, None] * D + ks[None, :], mask=rmask & kmask, other=0.0)
+        b = tl.load(t_base + cl[:, None] * D + ks[None, :], mask=cmask & kmask, other=0.0)
         if UPCAST:
             # bf16 arithmetic is wrong under the Triton interpreter: work in fp32 there
             a = a.to(tl.float32)
@@ -50,10 +57,24 @@ def sim_tile(
 
 
 @triton.jit
+def positive_mask(row0, col0, offset, BM: tl.constexpr, BN: tl.constexpr):
+    """[i, j] is the positive of its row: col0 + j == row0 + i + offset, compared in 32 bits
+    (j - i lies in [-BM, BN], so the 64-bit scalar difference is clamped to that range).
+    Cheaper in registers than the 64-bit compare in the backward's epilogue (sm_90 compile:
+    the dS kernel's spill goes from 528 to 0 bytes without ids); the forward keeps the
+    64-bit form, which compiles better there."""
+    delta = row0 + offset - col0
+    delta = tl.minimum(tl.maximum(delta, -BM - 1), BN + 1).to(tl.int32)
+    return (tl.arange(0, BN)[None, :] - tl.arange(0, BM)[:, None]) == delta
+
+
+@triton.jit
 def tile_logits(
     S,
     rows,
     cols,
+    row0,
+    col0,
     B,
     NT,
     N_COL,
@@ -68,9 +89,12 @@ def tile_logits(
     HAS_TID: tl.constexpr,
     HAS_QID: tl.constexpr,
     NEED_COL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """Row-direction and column-direction logits of one tile; masked entries are -inf.
 
+    rows = row0 + arange(BM), cols = col0 + arange(BN) (64-bit; used for the 1-D loads and masks).
     Returns (z_row, z_col); z_col is only meaningful when NEED_COL.
     """
     is_pos = cols[None, :] == (rows[:, None] + offset)
