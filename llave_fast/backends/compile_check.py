@@ -99,11 +99,32 @@ def compile_all(arch: int = 90) -> list[str]:
     return report
 
 
+def _resources(kernel) -> str:
+    """Registers and stack-frame bytes per thread from the cubin (Triton ships cuobjdump);
+    a stack frame means spilled registers. Empty when cuobjdump is not there."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cubin = kernel.asm.get("cubin") if hasattr(kernel, "asm") else None
+    if not cubin or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f", {m.group(1)} registers, {m.group(2)} B stack" if m else ""
+
+
 def _check_smem(kernel, limit, what, report):
     shared = kernel.metadata.shared
     if shared > limit:
         raise RuntimeError(f"{what}: needs {shared} bytes of shared memory, the architecture allows {limit}")
-    report.append(f"{what}: ok, {shared} B shared")
+    report.append(f"{what}: ok, {shared} B shared{_resources(kernel)}")
 
 
 if __name__ == "__main__":
