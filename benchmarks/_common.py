@@ -205,9 +205,9 @@ def normalized_rows(B: int, d: int, *, dtype: torch.dtype, device, generator: to
     With ``like``, rows are normalise(like + noise * randn), i.e. correlated positives.
     Normalisation is in place so no large temporary outlives the call.
     """
-    x = torch.randn(B, d, generator=generator, dtype=torch.float32)
+    x = torch.randn(B, d, generator=generator, dtype=torch.float32, device=generator.device)
     if like is not None:
-        x.mul_(noise).add_(like.detach().to("cpu", torch.float32))
+        x.mul_(noise).add_(like.detach().to(x.device, torch.float32))
     norms = x.norm(dim=1, keepdim=True)
     if not bool((norms > 0).all()):
         raise RuntimeError("a random row has zero norm")
@@ -216,14 +216,46 @@ def normalized_rows(B: int, d: int, *, dtype: torch.dtype, device, generator: to
 
 
 def make_pairs(n: int, B: int, d: int, *, dtype, device, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` independent (query, target) pairs of leaf tensors requiring grad, to rotate among."""
-    g = torch.Generator().manual_seed(seed)
+    """``n`` independent (query, target) pairs of leaf tensors requiring grad, to rotate among.
+
+    On CUDA the random numbers are drawn on the device (at B = 262144, d = 1536 each tensor is
+    400 M numbers: seconds on the host, milliseconds on the GPU)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
     pairs = []
     for _ in range(n):
         q = normalized_rows(B, d, dtype=dtype, device=device, generator=g).requires_grad_()
         t = normalized_rows(B, d, dtype=dtype, device=device, generator=g).requires_grad_()
         pairs.append((q, t))
     return pairs
+
+
+# --------------------------------------------------------------------------- process
+
+
+def start_script() -> None:
+    """What every benchmark script does once its imports are done.
+
+    * SIGTERM raises KeyboardInterrupt, as SIGINT does: a run stopped by ``timeout`` (SIGINT
+      in gpu_check.sh, SIGTERM from a plain ``timeout`` or a batch system) goes through the
+      script's ``except KeyboardInterrupt`` and writes what it has measured.
+    * ``gc.freeze()``: the objects of the imports (torch, triton, transformers: millions)
+      move to a generation the collector never scans, so the ``gc.collect()`` before each
+      timed run costs milliseconds, not a large part of the run.
+    """
+    import signal
+
+    def _raise(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, _raise)
+    gc.collect()
+    gc.freeze()
+    # frozen objects are otherwise never collected at exit, and triton's bindings then print
+    # pages of "leaked instance" warnings
+    import atexit
+
+    atexit.register(gc.unfreeze)
 
 
 # --------------------------------------------------------------------------- timing
@@ -234,12 +266,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _one_run(fn, q, t, device: torch.device):
-    """One timed forward + backward; returns (fwd ms, bwd ms, fwd+bwd ms, loss value)."""
+def _one_run(fn, q, t, device: torch.device, memory: dict | None = None):
+    """One timed forward + backward; returns (fwd ms, bwd ms, fwd+bwd ms, loss value).
+
+    With ``memory`` (a dict, CUDA only) the same run also measures its peak memory into it,
+    as ``cuda_peak_of_call`` does (the allocator's statistics are host-side: reading them
+    adds no synchronisation), so that a warm-up run doubles as the memory measurement and a
+    slow backend is not run once more just for its memory."""
     q.grad = None
     t.grad = None
     gc.collect()
     sync(device)
+    if memory is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     gc_was = gc.isenabled()
     gc.disable()
     try:
@@ -248,10 +289,16 @@ def _one_run(fn, q, t, device: torch.device):
             e0.record()
             loss = fn(q, t)
             e1.record()
+            if memory is not None:
+                memory["peak_fwd_bytes"] = torch.cuda.max_memory_allocated(device) - base
+                memory["retained_after_fwd_bytes"] = torch.cuda.memory_allocated(device) - base
             loss.backward()
             e2.record()
             torch.cuda.synchronize(device)
             f, b, fb = e0.elapsed_time(e1), e1.elapsed_time(e2), e0.elapsed_time(e2)
+            if memory is not None:
+                memory.update(method="torch.cuda.max_memory_allocated delta (measured in the last warm-up run)",
+                              baseline_clean=True, peak_bytes=torch.cuda.max_memory_allocated(device) - base)
         else:
             t0 = time.perf_counter()
             loss = fn(q, t)
@@ -264,13 +311,32 @@ def _one_run(fn, q, t, device: torch.device):
             gc.enable()
     value = float(loss.detach())
     del loss
+    if memory is not None and device.type == "cuda":
+        memory.update(retained_after_bytes=torch.cuda.memory_allocated(device) - base, loss=value)
     q.grad = None
     t.grad = None
     return f, b, fb, value
 
 
-def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats: int,
-                     budget_s: float | None = None, min_repeats: int = 3) -> dict:
+def planned_repeats(per_round_ms: float, repeats: int, budget_s: float | None = None, min_repeats: int = 3,
+                    time_left_s: float | None = None) -> int:
+    """Timed rounds to run, given one round's time (every function once, ms).
+
+    ``budget_s``: the timed rounds should take about this long: the count is lowered, to no
+    fewer than ``min(min_repeats, repeats)``. ``time_left_s``: a hard limit (a deadline): the
+    count is lowered to what fits, to no fewer than 1.
+    """
+    n = repeats
+    if budget_s is not None and per_round_ms > 0:
+        n = max(min(min_repeats, repeats), min(repeats, int(budget_s * 1e3 / per_round_ms)))
+    if time_left_s is not None and per_round_ms > 0:
+        n = max(1, min(n, int(time_left_s * 1e3 / per_round_ms)))
+    return n
+
+
+def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats,
+                     budget_s: float | None = None, min_repeats: int = 3, deadline_at: float | None = None,
+                     memory_from_warmup: bool = False) -> dict:
     """Forward, backward and forward+backward times (ms) of several ``fn(q, t) -> scalar loss``.
 
     Each run takes three timestamps: before the forward, between forward and backward,
@@ -284,9 +350,15 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats:
     next of the input pairs, so no run starts on the inputs the previous one just touched.
     A function that raises is dropped from the rotation and its error recorded.
 
-    ``budget_s``: the timed runs of all functions together should take about this long; the
-    repeat count is lowered (to no fewer than ``min_repeats``) from the warm-up runs' times.
-    The count used is in each entry's ``repeats``.
+    ``repeats`` (and ``warmup``): an int, or {label: int} where some functions are run fewer
+    times (a slow peer at the largest size). ``budget_s``: the timed runs of all functions
+    together should take about this long; the repeat counts are lowered (to no fewer than
+    ``min_repeats``) from the warm-up runs' times. ``deadline_at`` (a ``time.perf_counter()``
+    value): the timed runs are lowered further to end before it (at least one each). The count
+    used is in each entry's ``repeats``.
+
+    ``memory_from_warmup`` (CUDA): the last warm-up run of each function also measures its
+    peak memory (entry ``memory``), which saves the separate memory run.
     """
     labels = list(fns)
     out = {lab: {"raw_ms": {"fwd": [], "bwd": [], "fwd_bwd": []},
@@ -294,13 +366,13 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats:
                  "losses": [], "error": None, "exception": None} for lab in labels}
     count = {lab: 0 for lab in labels}
 
-    def run(lab, dest):
+    def run(lab, dest, memory=None):
         # backend j's n-th run uses pair (n + j) % len(pairs): every backend cycles through all
         # pairs and, in the ABBA order, no two consecutive runs share a pair (len(pairs) >= 2)
         q, t = pairs[(count[lab] + labels.index(lab)) % len(pairs)]
         count[lab] += 1
         try:
-            f, b, fb, v = _one_run(fns[lab], q, t, device)
+            f, b, fb, v = _one_run(fns[lab], q, t, device, memory)
         except Exception as exc:  # noqa: BLE001 - recorded, the others go on
             out[lab]["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             out[lab]["exception"] = exc
@@ -315,22 +387,28 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats:
         dest["fwd_bwd"].append(fb)
         out[lab]["losses"].append(v)
 
+    measure = memory_from_warmup and device.type == "cuda"
     for lab in labels:
         n_warm = warmup[lab] if isinstance(warmup, dict) else warmup
-        for _ in range(n_warm):
+        for i in range(n_warm):
             if out[lab]["error"] is None:
-                run(lab, out[lab]["warmup_ms"])
-    if budget_s is not None:
-        per_round = sum(statistics.median(out[lab]["warmup_ms"]["fwd_bwd"]) for lab in labels
-                        if out[lab]["error"] is None and out[lab]["warmup_ms"]["fwd_bwd"])
-        if per_round > 0:
-            repeats = max(min(min_repeats, repeats), min(repeats, int(budget_s * 1e3 / per_round)))
+                mem = {} if (measure and i == n_warm - 1) else None
+                run(lab, out[lab]["warmup_ms"], mem)
+                if mem and out[lab]["error"] is None:
+                    out[lab]["memory"] = mem
+    wanted = {lab: (repeats[lab] if isinstance(repeats, dict) else repeats) for lab in labels}
+    # one round: every function once; the last warm-up is the one closest to steady state
+    per_round = sum(out[lab]["warmup_ms"]["fwd_bwd"][-1] for lab in labels
+                    if out[lab]["error"] is None and out[lab]["warmup_ms"]["fwd_bwd"])
+    top = max(wanted.values()) if wanted else 0
+    time_left = None if deadline_at is None else deadline_at - time.perf_counter()
+    n_rounds = planned_repeats(per_round, top, budget_s, min_repeats, time_left)
     for lab in labels:
-        out[lab]["repeats"] = repeats
-    for it in range(repeats):
+        out[lab]["repeats"] = min(wanted[lab], n_rounds) if wanted[lab] < top else n_rounds
+    for it in range(max(out[lab]["repeats"] for lab in labels) if labels else 0):
         order = labels if it % 2 == 0 else labels[::-1]
         for lab in order:
-            if out[lab]["error"] is None:
+            if out[lab]["error"] is None and it < out[lab]["repeats"]:
                 run(lab, out[lab]["raw_ms"])
     for lab in labels:
         raw = out[lab]["raw_ms"]

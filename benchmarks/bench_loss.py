@@ -68,6 +68,16 @@ TOLERANCES = {
 }
 
 SMALL_CASE = dict(B=64, d=64)  # B a multiple of 64: Inf-CL's backward reads past its buffers otherwise
+# checked on the moderate case only: every new shape is a compile of tens of seconds
+MODERATE_ONLY = ("compile",)
+
+# The deadline's prediction of a (dtype, d, B) group: its predicted seconds times this margin,
+# plus a fixed allowance for making inputs and releasing memory.
+PREDICT_MARGIN = 1.25
+GROUP_OVERHEAD_S = 2.0
+# CPU: each memory figure is a fresh process (imports, a warm-up, the run): about this much
+# beyond the run itself
+CPU_MEMORY_WORKER_S = 4.0
 
 
 # --------------------------------------------------------------------------- FLOP counts
@@ -345,9 +355,16 @@ def truth_of(q0, t0, args, device, *, alpha, tensor_scale):
             "dscale": scale.grad if tensor_scale else None}
 
 
-def check_all(backends, args, device) -> dict:
-    """{backend: {"passed": bool, "checks": [...]}}; nothing is timed before this returns."""
-    report = {b: {"passed": True, "checks": []} for b in backends}
+def check_all(backends, args, device, report: dict | None = None) -> dict:
+    """{backend: {"passed": bool, "checks": [...]}}; nothing is timed before this returns.
+
+    ``report`` (optional): the dict to fill, so that a caller interrupted in the middle still
+    has the checks done so far. torch.compile is checked on the moderate case only (each case
+    is a new shape, and each shape costs a compile of tens of seconds); the wall time of that
+    check (mostly the compile) is kept as ``report["compile"]["check_wall_s"]``: the
+    deadline's allowance for compiling at a new size."""
+    report = {} if report is None else report
+    report.update({b: {"passed": True, "checks": []} for b in backends})
     for b in backends:
         if b in FLOOR:
             report[b]["note"] = "not a loss (the GEMM floor): nothing to check"
@@ -355,7 +372,8 @@ def check_all(backends, args, device) -> dict:
     alphas = sorted({0.0 if b == "inf_cl" else args.alpha for b in backends})
 
     def variants_of(case, alpha):
-        names = [b for b in backends if (0.0 if b == "inf_cl" else args.alpha) == alpha and b not in FLOOR]
+        names = [b for b in backends if (0.0 if b == "inf_cl" else args.alpha) == alpha and b not in FLOOR
+                 and not (b in MODERATE_ONLY and case["name"] == "small")]
         variants = [(b, None) for b in names]
         if case["name"] == "small" and "torch" in names:
             variants.append(("torch", 7 * case["B"]))  # 7-row chunks: multi-chunk path, partial last
@@ -376,6 +394,7 @@ def check_all(backends, args, device) -> dict:
                 if chunk:
                     label += " [7-row chunks]"
                 prog.start(label)
+                t_check = time.perf_counter()
                 try:
                     ctx = forced_torch_chunk(chunk) if chunk else contextlib.nullcontext()
                     with ctx:
@@ -383,7 +402,10 @@ def check_all(backends, args, device) -> dict:
                 except Exception as exc:  # noqa: BLE001 - a crash is a failure, reported
                     rec = {"passed": False, "error": f"{type(exc).__name__}: {exc}",
                            "traceback": traceback.format_exc(limit=4)}
-                rec.update(case=case["name"] + (" [7-row chunks]" if chunk else ""), B=case["B"], d=case["d"], alpha=alpha)
+                rec.update(case=case["name"] + (" [7-row chunks]" if chunk else ""), B=case["B"], d=case["d"], alpha=alpha,
+                           wall_s=time.perf_counter() - t_check)
+                if b == "compile":
+                    report[b]["check_wall_s"] = max(report[b].get("check_wall_s", 0.0), rec["wall_s"])
                 report[b]["checks"].append(rec)
                 if not rec["passed"]:
                     report[b]["passed"] = False
@@ -400,13 +422,15 @@ def check_all(backends, args, device) -> dict:
 
 
 def dtype_passed(report, backend, dn) -> bool:
-    """The small check and the check at this benchmark dtype both passed."""
+    """The small check (none for torch.compile) and the check at this benchmark dtype passed."""
     if backend in FLOOR:
         return True
     checks = report[backend]["checks"]
     small = [c for c in checks if c["case"].startswith("small")]
     mod = [c for c in checks if c["case"] == f"moderate-{dn}"]
-    return all(c["passed"] for c in small) and all(c["passed"] for c in mod) and bool(small) and bool(mod)
+    need_small = backend not in MODERATE_ONLY
+    return (all(c["passed"] for c in small) and all(c["passed"] for c in mod) and bool(mod)
+            and (bool(small) or not need_small))
 
 
 # --------------------------------------------------------------------------- memory (CPU worker)
@@ -462,7 +486,7 @@ def cpu_memory_in_subprocess(spec: dict, env_extra: dict | None = None, timeout:
 def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
     """Adds memory, the analytic model and FLOP rates to a timed record."""
     name, alpha = rec["backend"], rec["alpha"]
-    rec["timing"] = {k: v for k, v in tm.items() if k != "exception"}
+    rec["timing"] = {k: v for k, v in tm.items() if k not in ("exception", "memory")}
     if tm["error"] is not None:
         oom = isinstance(tm["exception"], torch.OutOfMemoryError) or "out of memory" in tm["error"].lower()
         rec["status"] = "OOM" if oom else "ERROR"
@@ -473,7 +497,8 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
         return rec
     if device.type == "cuda":
         q, t = pairs[0]
-        rec["memory"] = C.cuda_peak_of_call(fn, q, t, device)
+        # measured in the last warm-up run where there was one (no extra run of a slow backend)
+        rec["memory"] = dict(tm["memory"]) if tm.get("memory") else C.cuda_peak_of_call(fn, q, t, device)
     else:
         spec = dict(backend=name, B=B, d=d, dtype=dn, alpha=alpha, scale=args.logit_scale,
                     symmetric=args.symmetric, deterministic=args.deterministic, seed=args.seed + 7)
@@ -554,29 +579,99 @@ def plan_groups(args, backends):
     return groups
 
 
-def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dict]:
-    """Times every (dtype, d, B) group; ``on_progress(results)`` runs after each group (the
-    caller writes partial results, so a run cut short still leaves its figures)."""
+def warmup_of(backend: str, args) -> int:
+    """Untimed runs of a backend: --warmup-for, else --warmup (torch.compile: at least 3)."""
+    n = (args.warmup_for or {}).get(backend, args.warmup)
+    return max(n, 3) if backend == "compile" and backend not in (args.warmup_for or {}) else n
+
+
+def repeats_of(backend: str, args) -> int:
+    """Timed runs asked for a backend: --repeats-for, else --repeats."""
+    return (args.repeats_for or {}).get(backend, args.repeats)
+
+
+def predict_rows(rows, hist: dict, B: int, d: int, args, device, compile_s: float = 0.0) -> dict | None:
+    """Predicted seconds of each row of a (dtype, d, B) group, {label: seconds}; None before
+    anything has been timed.
+
+    The basis is each label's own median forward+backward time per timed run at the last size
+    it ran (``hist[label] = (B, d, ms)``): warm-ups, compiles and memory runs are not in it, so
+    fixed costs do not grow with B^2. It is scaled as B^2 d (every backend's work) and
+    multiplied by the runs planned here: warm-ups, timed runs (as --point-budget-s lowers them,
+    with the same rule as the timing itself) and the memory run (none on CUDA, where the last
+    warm-up measures it; a fresh process on CPU). A label never timed gets the largest scaled
+    figure of the others; torch.compile adds its compile time (measured in its correctness
+    check), since every new size is compiled anew.
+    """
+    if not hist:
+        return None
+
+    def scaled(B0, d0, ms):
+        return ms * (B / B0) ** 2 * (d / d0)
+
+    fallback = max(scaled(*v) for v in hist.values())
+    per_run = {label: (scaled(*hist[label]) if label in hist else fallback) for _, label, _ in rows}
+    per_round = sum(per_run.values())
+    cuda = device.type == "cuda"
+    out = {}
+    for b, label, _ in rows:
+        round_ms = per_run[label] if args.sequential else per_round
+        reps = min(repeats_of(b, args), C.planned_repeats(round_ms, repeats_of(b, args), args.point_budget_s))
+        warm = warmup_of(b, args)
+        mem_runs = 0 if (cuda and warm > 0) else 1
+        sec = per_run[label] * (warm + reps + mem_runs) / 1e3
+        if not cuda:
+            sec += CPU_MEMORY_WORKER_S * (2 if args.live_memory else 1) + (per_run[label] / 1e3 if args.live_memory else 0)
+        if b == "compile":
+            sec += compile_s
+        out[label] = sec
+    return out
+
+
+def fit_deadline(rows, pred: dict | None, time_left_s: float) -> tuple[list, list]:
+    """(rows kept, rows dropped) so that the kept rows' predicted time fits ``time_left_s``.
+
+    The first row (the package's own default backend) is kept as long as it fits alone;
+    otherwise the most expensive of the others go first, so that a size that does not fit
+    whole still brings back its cheap rows instead of nothing."""
+    def cost(keep):
+        return GROUP_OVERHEAD_S + PREDICT_MARGIN * sum(pred[label] for _, label, _ in keep)
+
+    if pred is None:
+        return (list(rows), []) if time_left_s > 0 else ([], list(rows))
+    keep, dropped = list(rows), []
+    while len(keep) > 1 and cost(keep) > time_left_s:
+        worst = max(keep[1:], key=lambda r: pred[r[1]])
+        keep.remove(worst)
+        dropped.append(worst)
+    if keep and cost(keep) > time_left_s:
+        dropped.extend(keep)
+        keep = []
+    return keep, dropped
+
+
+def run_benchmarks(backends, report, args, device, on_progress=None, results: list | None = None) -> list[dict]:
+    """Times every (dtype, d, B) group; ``on_progress(results)`` runs after each group, or
+    after each backend with --sequential (the caller writes partial results, so a run cut
+    short still leaves its figures). ``results``: the list to append to (the caller keeps
+    what was measured if the run is interrupted)."""
     groups = plan_groups(args, backends)
-    prog = Progress(sum(len(r) for r in groups.values()), "timing (interleaved) + peak memory")
-    results = []
+    prog = Progress(sum(len(r) for r in groups.values()), "timing (interleaved) + peak memory"
+                    if not args.sequential else "timing (one backend at a time) + peak memory")
+    results = [] if results is None else results
     mem_avail = C.mem_available_bytes()
-    last = None  # (B, d, wall seconds) of the last group that ran: predicts the next one (time ~ B^2 d)
+    hist = {}  # label -> (B, d, median fwd+bwd ms of its timed runs) at the last size it ran
+    compile_s = report.get("compile", {}).get("check_wall_s", 0.0)
+    deadline_at = None if args.deadline_s is None else args.t_begin + args.deadline_s
+
+    def skipped(rows, dn, d, B, why):
+        for b, label, alpha in rows:
+            results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d,
+                            "alpha": alpha, "status": "SKIPPED", "note": why})
+            prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED ({why})")
+
     for (dn, d, B), rows in groups.items():
         dtype = C.DTYPES[dn]
-        todo = []
-        if args.deadline_s is not None:
-            elapsed = time.perf_counter() - args.t_begin
-            predicted = 0.0 if last is None else last[2] * (B / last[0]) ** 2 * (d / last[1])
-            if elapsed + predicted > args.deadline_s:
-                why = (f"--deadline-s {args.deadline_s:g}: {elapsed:.0f} s used, this size predicted to take "
-                       f"~{predicted:.0f} s more")
-                for b, label, alpha in rows:
-                    results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d,
-                                    "alpha": alpha, "status": "SKIPPED", "note": why})
-                    prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED ({why})")
-                continue
-        t_group = time.perf_counter()
         kept = []
         for b, label, alpha in rows:
             why = None
@@ -586,12 +681,10 @@ def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dic
                 why = f"--only-B {b}={','.join(map(str, sorted(args.only_B[b])))}"
             if why is None:
                 kept.append((b, label, alpha))
-                continue
-            results.append({"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d,
-                            "alpha": alpha, "status": "SKIPPED", "note": why})
-            prog.done(f"{label} {dn} B=N={B} d={d}: SKIPPED ({why})")
-        rows = kept
-        for b, label, alpha in rows:
+            else:
+                skipped([(b, label, alpha)], dn, d, B, why)
+        rows = []
+        for b, label, alpha in kept:
             what = f"{label} {dn} B=N={B} d={d}"
             base = {"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d, "alpha": alpha,
                     "logit_scale": args.logit_scale, "symmetric": args.symmetric}
@@ -605,6 +698,23 @@ def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dic
                                 "note": f"needs ~{model / C.MiB:.0f} MiB, {mem_avail / C.MiB:.0f} MiB available"})
                 prog.done(f"{what}: SKIPPED (needs ~{model / C.MiB:.0f} MiB)")
                 continue
+            rows.append((b, label, alpha))
+        if args.deadline_s is not None and rows:
+            left = deadline_at - time.perf_counter()
+            pred = predict_rows(rows, hist, B, d, args, device, compile_s)
+            rows, dropped = fit_deadline(rows, pred, left)
+            for b, label, alpha in dropped:
+                p = "" if pred is None else f", this backend predicted ~{pred[label]:.0f} s here"
+                skipped([(b, label, alpha)], dn, d, B,
+                        f"--deadline-s {args.deadline_s:g}: {left:.0f} s left{p}")
+            if pred is not None and rows:
+                print(f"  {dn} B=N={B} d={d}: predicted {sum(pred[r[1]] for r in rows):.1f} s for "
+                      f"{len(rows)} backends ({left:.0f} s left before the deadline)", flush=True)
+        todo = []
+        for b, label, alpha in rows:
+            what = f"{label} {dn} B=N={B} d={d}"
+            base = {"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d, "alpha": alpha,
+                    "logit_scale": args.logit_scale, "symmetric": args.symmetric}
             try:
                 fn = make_loss_fn(b, alpha=alpha, scale=args.logit_scale, symmetric=args.symmetric,
                                   deterministic=args.deterministic, d=d)
@@ -617,37 +727,46 @@ def run_benchmarks(backends, report, args, device, on_progress=None) -> list[dic
             continue
         free_device_memory(device)
         pairs = C.make_pairs(args.n_inputs, B, d, dtype=dtype, device=device, seed=args.seed + B + d)
-        prog.start(f"{dn} B=N={B} d={d}: timing {', '.join(x[0]['label'] for x in todo)} interleaved")
-        t0 = time.perf_counter()
-        fns = {base["label"]: fn for base, _, fn in todo}
-        warm = {base["label"]: (max(args.warmup, 3) if base["backend"] == "compile" else args.warmup)
-                for base, _, _ in todo}
-        timings = C.time_interleaved(fns, pairs, device=device, warmup=warm, repeats=args.repeats,
-                                     budget_s=args.point_budget_s)
-        t_time = time.perf_counter() - t0
-        for base, what, fn in todo:
-            t1 = time.perf_counter()
-            rec = dict(base)
-            try:
-                rec = finish_record(rec, timings[base["label"]], fn=fn, pairs=pairs, B=B, d=d, dtype=dtype,
-                                    dn=dn, args=args, device=device)
-            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-                oom = isinstance(exc, torch.OutOfMemoryError)
-                rec.update(status="OOM" if oom else "ERROR", error=f"{type(exc).__name__}: {exc}",
-                           traceback=traceback.format_exc(limit=6))
-            free_device_memory(device)
-            rec["wall_s_memory"] = time.perf_counter() - t1
-            rec["wall_s_timing_group"] = t_time
-            results.append(rec)
-            if rec["status"] == "ok":
-                m = rec["timing"]["median_ms"]
-                prog.done(f"{what}: fwd {m['fwd']:.1f} ms, bwd {m['bwd']:.1f} ms, fwd+bwd {m['fwd_bwd']:.1f} ms, "
-                          f"peak {rec['memory']['peak_bytes'] / C.MiB:.1f} MiB")
-            else:
-                prog.done(f"{what}: {rec['status']} {rec.get('error', '')}")
+        # interleaved: all backends of the group in one rotation; sequential: one at a time,
+        # each written as soon as it is done (the slow peers at the largest size go last)
+        batches = [[x] for x in todo] if args.sequential else [todo]
+        for batch in batches:
+            prog.start(f"{dn} B=N={B} d={d}: timing {', '.join(x[0]['label'] for x in batch)}"
+                       + (" interleaved" if len(batch) > 1 else ""))
+            t0 = time.perf_counter()
+            fns = {base["label"]: fn for base, _, fn in batch}
+            warm = {base["label"]: warmup_of(base["backend"], args) for base, _, _ in batch}
+            reps = {base["label"]: repeats_of(base["backend"], args) for base, _, _ in batch}
+            timings = C.time_interleaved(fns, pairs, device=device, warmup=warm, repeats=reps,
+                                         budget_s=args.point_budget_s, deadline_at=deadline_at,
+                                         memory_from_warmup=True)
+            t_time = time.perf_counter() - t0
+            for base, what, fn in batch:
+                t1 = time.perf_counter()
+                rec = dict(base)
+                try:
+                    rec = finish_record(rec, timings[base["label"]], fn=fn, pairs=pairs, B=B, d=d, dtype=dtype,
+                                        dn=dn, args=args, device=device)
+                except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                    oom = isinstance(exc, torch.OutOfMemoryError)
+                    rec.update(status="OOM" if oom else "ERROR", error=f"{type(exc).__name__}: {exc}",
+                               traceback=traceback.format_exc(limit=6))
+                free_device_memory(device)
+                rec["wall_s_memory"] = time.perf_counter() - t1
+                rec["wall_s_timing_group"] = t_time
+                results.append(rec)
+                if rec["status"] == "ok":
+                    m = rec["timing"]["median_ms"]
+                    hist[base["label"]] = (B, d, m["fwd_bwd"])
+                    prog.done(f"{what}: fwd {m['fwd']:.1f} ms, bwd {m['bwd']:.1f} ms, fwd+bwd {m['fwd_bwd']:.1f} ms, "
+                              f"peak {rec['memory']['peak_bytes'] / C.MiB:.1f} MiB "
+                              f"({rec['timing']['repeats']} timed runs)")
+                else:
+                    prog.done(f"{what}: {rec['status']} {rec.get('error', '')}")
+            if args.sequential and on_progress is not None:
+                on_progress(results)
         del pairs, fns
         free_device_memory(device)
-        last = (B, d, time.perf_counter() - t_group)
         if on_progress is not None:
             on_progress(results)
     prog.close()
@@ -887,8 +1006,17 @@ def parse_args(argv=None):
                    help="about this many seconds of timed runs per (dtype, d, B) group: fewer repeats "
                         "(at least 3) where one run is long")
     p.add_argument("--deadline-s", type=float, default=None,
-                   help="start no (dtype, d, B) group that would end after this many seconds from the start "
-                        "(its time predicted from the last group's, as B^2 d); the rest is reported SKIPPED")
+                   help="start no backend at a (dtype, d, B) size that is predicted to end after this many "
+                        "seconds from the start: each backend's median time per timed run at the last size "
+                        "it ran, scaled as B^2 d, times its planned runs (warm-ups and compiles excluded "
+                        "from the basis); the most expensive backends are dropped first and reported SKIPPED")
+    p.add_argument("--repeats-for", nargs="+", default=None, metavar="BACKEND=N",
+                   help="timed runs for one backend, e.g. inf_cl=1 (a slow peer at the largest size)")
+    p.add_argument("--warmup-for", nargs="+", default=None, metavar="BACKEND=N",
+                   help="untimed runs for one backend, e.g. inf_cl=1")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one backend at a time instead of interleaved, and write the JSON after each "
+                        "(for the largest sizes, where one slow backend must not cost the others' figures)")
     p.add_argument("--max-B", nargs="+", default=None, metavar="BACKEND=B",
                    help="largest B for a backend, e.g. reference=65536 compile=16384 (the eager ones "
                         "cannot hold B x N matrices at the top sizes)")
@@ -910,6 +1038,18 @@ def parse_args(argv=None):
                 p.error(f"--max-B takes BACKEND=B with BACKEND in {ALL_BACKENDS}, got {item!r}")
             caps[name] = int(val)
         args.max_B = caps
+    for flag in ("repeats_for", "warmup_for"):
+        items = getattr(args, flag)
+        if items is None:
+            continue
+        vals = {}
+        for item in items:
+            name, sep, val = item.partition("=")
+            if not sep or name not in ALL_BACKENDS or not val.isdigit() or (flag == "repeats_for" and int(val) < 1):
+                p.error(f"--{flag.replace('_', '-')} takes BACKEND=N with BACKEND in {ALL_BACKENDS} and N an "
+                        f"integer (>= 1 for repeats, >= 0 for warm-ups), got {item!r}")
+            vals[name] = int(val)
+        setattr(args, flag, vals)
     if args.only_B is not None:
         only = {}
         for item in args.only_B:
@@ -946,6 +1086,7 @@ def main(argv=None):
     if args.mem_worker is not None:
         mem_worker(json.loads(args.mem_worker))
         return 0
+    C.start_script()
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -992,28 +1133,37 @@ def main(argv=None):
         print(f"WARNING: other processes keep {busy:.0%} of the CPUs busy (loadavg "
               f"{meta['machine_load_before'].get('loadavg')}): timings will be noisy and slower")
 
-    if device.type == "cuda" and not args.no_ceilings:
-        from gpu_ceilings import measure_ceilings
-
-        meta["ceilings"] = measure_ceilings(device)
-        print(f"ceilings measured here: copy {meta['ceilings']['copy']['tb_per_s']:.2f} TB/s (read + write), "
-              f"bf16 mm {meta['ceilings']['mm_bf16']['tflop_per_s']:.0f} TFLOP/s")
-    report = check_all(backends, args, device)
-    for b in backends:
-        if not report[b]["passed"]:
-            print(f"backend {b}: FAILED a correctness check: it gets no timing and no ratio")
-
     out = Path(args.out or C.default_out_path(device))
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("mem_worker", "t_begin")}
+    report, results, interrupted = {}, [], None
 
     def write_partial(res):
         with open(out, "w") as f:
             json.dump({"schema": 1, "partial": True, "meta": meta, "config": config, "correctness": report,
                        "results": res}, f, indent=1, default=str)
 
-    results = run_benchmarks(backends, report, args, device, on_progress=write_partial)
+    # SIGINT (gpu_check.sh's timeouts) and SIGTERM (C.start_script) end the measuring, not the
+    # run: what was measured is written below, marked "interrupted"
+    try:
+        if device.type == "cuda" and not args.no_ceilings:
+            from gpu_ceilings import measure_ceilings
+
+            meta["ceilings"] = measure_ceilings(device)
+            print(f"ceilings measured here: copy {meta['ceilings']['copy']['tb_per_s']:.2f} TB/s (read + write), "
+                  f"bf16 mm {meta['ceilings']['mm_bf16']['tflop_per_s']:.0f} TFLOP/s")
+        check_all(backends, args, device, report)
+        for b in backends:
+            if not report[b]["passed"]:
+                print(f"backend {b}: FAILED a correctness check: it gets no timing and no ratio")
+        C.start_script()  # the checks' objects out of the collector's way too
+        write_partial(results)
+        run_benchmarks(backends, report, args, device, on_progress=write_partial, results=results)
+    except KeyboardInterrupt as exc:
+        interrupted = str(exc) or "KeyboardInterrupt (SIGINT)"
+        print(f"\nINTERRUPTED ({interrupted}) after {time.perf_counter() - t_begin:.0f} s: writing the "
+              f"{sum(r.get('status') == 'ok' for r in results)} results measured so far", flush=True)
     add_ceiling_fractions(results, meta.get("ceilings"))
     ratios = compute_ratios(results, backends, device, args)
     print_table(results, device)
@@ -1032,6 +1182,8 @@ def main(argv=None):
               "(sampled 1 s each; > 10% means the timings above were disturbed)")
     payload = {"schema": 1, "meta": meta, "config": config, "correctness": report, "results": results,
                "ratios": ratios, "acceptance": acc, "total_wall_s": time.perf_counter() - t_begin}
+    if interrupted:
+        payload["interrupted"] = interrupted
     with open(out, "w") as f:
         json.dump(payload, f, indent=1, default=str)
     print(f"\nresults written to {out}")
@@ -1041,7 +1193,7 @@ def main(argv=None):
         with open(out, "w") as f:
             json.dump(payload, f, indent=1, default=str)
     print(f"total wall time {time.perf_counter() - t_begin:.0f} s")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """Markdown tables (for the README) from the JSON files the benchmarks write.
 
     python benchmarks/report.py benchmarks/results/<gpu>/<date>.json [more loss JSONs] \
-        [--maxb maxb.json] [--tune tune.json]
+        [--maxb maxb.json] [--tune tune.json] [--junit tests.xml]
 
 Loss table: per (dtype, d, B) the fwd+bwd median of every backend that ran, its peak extra
 memory, and for the fused rows the speed-up over the eager reference and the ratio to the
@@ -30,6 +30,10 @@ def loss_table(payloads) -> list[str]:
         ver = pl["meta"]["versions"]
         lines.append(f"Loss, fwd+bwd median ms (peak extra memory MiB) on **{dev}**, torch {ver.get('torch')}, "
                      f"triton {ver.get('triton')}, {pl['meta'].get('date_utc', pl['meta'].get('date', ''))}:")
+        if pl.get("interrupted"):
+            lines.append(f"(run interrupted: {pl['interrupted']}; the rows below are what it finished)")
+        elif pl.get("partial"):
+            lines.append("(partial file: the run did not finish; the rows below are what it had written)")
         lines.append("")
         ok = [r for r in pl["results"] if r.get("status") == "ok"]
         labels = []
@@ -96,17 +100,48 @@ def tune_lines(res) -> list[str]:
     return out + [""]
 
 
+def junit_lines(path: Path) -> list[str]:
+    """One line of counts from a pytest junit file, then one line per failed or errored test."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    cases = list(root.iter("testcase"))
+    # a test running when pytest was interrupted is written as a testcase with no name
+    cut = sum(1 for c in cases if not c.get("name"))
+    cases = [c for c in cases if c.get("name")]
+    bad, skipped = [], 0
+    for c in cases:
+        kinds = {child.tag for child in c}
+        if "skipped" in kinds:
+            skipped += 1
+        for tag in ("failure", "error"):
+            el = c.find(tag)
+            if el is not None:
+                msg = (el.get("message") or el.text or "").strip().splitlines()
+                bad.append(f"  {tag.upper()}: {c.get('classname')}::{c.get('name')}: {msg[0][:200] if msg else ''}")
+                break
+    n_fail = sum(1 for b in bad if b.startswith("  FAILURE"))
+    n_err = len(bad) - n_fail
+    passed = len(cases) - skipped - len(bad)
+    return [f"Compiled-kernel tests ({path.name}): {passed} passed, {n_fail} failed, {n_err} errors, "
+            f"{skipped} skipped, of {len(cases)} reported"
+            + (f"; {cut} cut off by the interruption (junit has no name for it)" if cut else "")] + bad + [""]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py")
     p.add_argument("--maxb", type=Path, default=None)
     p.add_argument("--tune", type=Path, default=None)
+    p.add_argument("--junit", type=Path, default=None, help="a pytest junit XML file: counts and failures")
     args = p.parse_args(argv)
     lines = loss_table([json.loads(f.read_text()) for f in args.loss])
     if args.tune:
         lines += tune_lines(json.loads(args.tune.read_text()))
     if args.maxb:
         lines += maxb_table(json.loads(args.maxb.read_text()))
+    if args.junit:
+        lines += junit_lines(args.junit)
     print("\n".join(lines))
     return 0
 

@@ -174,3 +174,252 @@ def test_loss_bench_deadline_and_caps(tmp_path):
     assert rep.returncode == 0, rep.stderr
     rows = [ln for ln in rep.stdout.splitlines() if ln.startswith("| fp32 |")]
     assert len(rows) == 2 and "SKIPPED" in rows[1] and "(torch)" in rows[0], rep.stdout
+
+
+# --------------------------------------------------------------------------- the GPU run's own rules
+
+
+def _bench_args(argv):
+    import bench_loss
+
+    args = bench_loss.apply_defaults(bench_loss.parse_args(argv), torch.device("cpu"))
+    args.t_begin = __import__("time").perf_counter()
+    return args
+
+
+def test_deadline_prediction_uses_per_run_medians_not_wall_time():
+    """The next size is predicted from each backend's median per timed run (B^2 d scaling) times
+    the runs planned there; a backend never timed gets the dearest scaled figure of the others,
+    and torch.compile its measured compile time on top."""
+    import bench_loss
+
+    args = _bench_args(["--device", "cpu", "--B", "64", "--d", "32", "--repeats", "10", "--warmup", "1",
+                        "--no-live-memory"])
+    hist = {"triton_strip": (16384, 1536, 5.0), "reference": (16384, 1536, 10.0)}
+    rows = [("triton_strip", "triton_strip", 9.0), ("reference", "reference", 9.0), ("compile", "compile", 9.0)]
+    cuda = torch.device("cuda")  # only its .type is read: no CUDA is touched
+    pred = bench_loss.predict_rows(rows, hist, 65536, 1536, args, cuda, compile_s=30.0)
+    # x16 the work; 1 warm-up + 10 timed runs, memory measured in the warm-up on CUDA
+    assert pred["triton_strip"] == pytest.approx(5.0 * 16 * 11 / 1e3)
+    assert pred["reference"] == pytest.approx(10.0 * 16 * 11 / 1e3)
+    # compile: never timed -> the dearest scaled figure; 3 warm-ups at least; + its compile time
+    assert pred["compile"] == pytest.approx(10.0 * 16 * 13 / 1e3 + 30.0)
+    # width scales linearly
+    pred_d = bench_loss.predict_rows(rows[:1], hist, 16384, 3072, args, cuda)
+    assert pred_d["triton_strip"] == pytest.approx(5.0 * 2 * 11 / 1e3)
+    # --point-budget-s lowers the timed runs with the same rule as the timing (at least 3)
+    args.point_budget_s = 0.5
+    per_round = (5.0 + 10.0 + 10.0) * 16
+    reps = max(3, int(500 / per_round))
+    pred_b = bench_loss.predict_rows(rows, hist, 65536, 1536, args, cuda, compile_s=30.0)
+    assert pred_b["triton_strip"] == pytest.approx(5.0 * 16 * (1 + reps) / 1e3)
+    # --repeats-for / --warmup-for count per backend; CPU adds the memory worker processes
+    args.point_budget_s, args.repeats_for, args.warmup_for = None, {"reference": 1}, {"reference": 0}
+    pred_c = bench_loss.predict_rows(rows[:2], hist, 16384, 1536, args, torch.device("cpu"))
+    assert pred_c["reference"] == pytest.approx(10.0 * (0 + 1 + 1) / 1e3 + bench_loss.CPU_MEMORY_WORKER_S)
+    assert bench_loss.predict_rows(rows, {}, 64, 32, args, cuda) is None
+
+
+def test_deadline_drops_the_dearest_backends_first():
+    import bench_loss
+
+    rows = [("triton_strip", "triton_strip", 9.0), ("triton_tiles", "triton_tiles", 9.0),
+            ("reference", "reference", 9.0), ("gemm3", "gemm3", 9.0)]
+    pred = {"triton_strip": 10.0, "triton_tiles": 100.0, "reference": 20.0, "gemm3": 5.0}
+    m, o = bench_loss.PREDICT_MARGIN, bench_loss.GROUP_OVERHEAD_S
+    keep, drop = bench_loss.fit_deadline(rows, pred, 1000.0)
+    assert keep == rows and drop == []
+    keep, drop = bench_loss.fit_deadline(rows, pred, o + m * 36)  # room for all but the tile backward
+    assert [r[0] for r in keep] == ["triton_strip", "reference", "gemm3"] and [r[0] for r in drop] == ["triton_tiles"]
+    keep, drop = bench_loss.fit_deadline(rows, pred, o + m * 12)  # the first row is the last to go
+    assert [r[0] for r in keep] == ["triton_strip"]
+    keep, drop = bench_loss.fit_deadline(rows, pred, o + m * 9)
+    assert keep == [] and len(drop) == 4
+    # before anything was timed: run while any time is left
+    assert bench_loss.fit_deadline(rows, None, 1.0) == (rows, [])
+    assert bench_loss.fit_deadline(rows, None, -1.0) == ([], rows)
+
+
+def test_planned_repeats_rule():
+    import _common as C
+
+    assert C.planned_repeats(10.0, 20) == 20
+    assert C.planned_repeats(10.0, 20, budget_s=0.1) == 10
+    assert C.planned_repeats(1000.0, 20, budget_s=0.1) == 3  # never below min_repeats
+    assert C.planned_repeats(1000.0, 2, budget_s=0.1) == 2
+    assert C.planned_repeats(1000.0, 20, budget_s=0.1, time_left_s=1.5) == 1  # a deadline wins, >= 1
+    assert C.planned_repeats(100.0, 20, time_left_s=0.55) == 5
+
+
+def _fake_loss_fns(monkeypatch, fixed_cost_s):
+    """bench_loss backends whose first call per function costs ``fixed_cost_s`` (a compile),
+    then a real, tiny loss; the CPU memory worker replaced by a constant."""
+    import time as _time
+
+    import bench_loss
+
+    def make(name, **kw):
+        first = [True]
+
+        def fn(q, t):
+            if first[0]:
+                first[0] = False
+                _time.sleep(fixed_cost_s)
+            return bench_loss.reference_loss(q, t, logit_scale=50.0, alpha=9.0)
+        return fn
+
+    monkeypatch.setattr(bench_loss, "make_loss_fn", make)
+    monkeypatch.setattr(bench_loss, "cpu_memory_in_subprocess", lambda spec, env_extra=None: {"peak_bytes": 1 << 20})
+    monkeypatch.setattr(bench_loss, "CPU_MEMORY_WORKER_S", 0.0)
+    ok = [{"case": "small", "passed": True}, {"case": "moderate-fp32", "passed": True}]
+    return {b: {"passed": True, "checks": ok} for b in ("torch", "reference")}
+
+
+def test_deadline_is_not_fooled_by_fixed_costs(monkeypatch):
+    """A first size whose wall time is mostly fixed costs (compiles in the warm-up) must not
+    make the next size look unaffordable: the old rule (whole wall time x (B/B_prev)^2)
+    predicted 4 x 5 s here and skipped B = 128 under a 14 s deadline."""
+    import bench_loss
+
+    report = _fake_loss_fns(monkeypatch, fixed_cost_s=2.5)
+    args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "128", "--d", "16",
+                        "--repeats", "1", "--no-live-memory", "--deadline-s", "14"])
+    res = bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"))
+    st = {(r["label"], r["B"]): r["status"] for r in res}
+    assert st == {("torch", 64): "ok", ("reference", 64): "ok", ("torch", 128): "ok", ("reference", 128): "ok"}, st
+
+
+def test_sequential_mode_writes_after_each_backend(monkeypatch):
+    import bench_loss
+
+    report = _fake_loss_fns(monkeypatch, fixed_cost_s=0.0)
+    args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "--d", "16",
+                        "--repeats", "3", "--repeats-for", "reference=1", "--warmup-for", "reference=0",
+                        "--no-live-memory", "--sequential"])
+    snapshots = []
+    res = bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"),
+                                    on_progress=lambda r: snapshots.append([(x["label"], x["status"]) for x in r]))
+    # one write after each backend (and one after the size): the first holds the first backend alone
+    assert snapshots[0] == [("torch", "ok")]
+    assert snapshots[1] == [("torch", "ok"), ("reference", "ok")]
+    by = {r["label"]: r for r in res}
+    assert by["torch"]["timing"]["repeats"] == 3 and len(by["torch"]["timing"]["raw_ms"]["fwd_bwd"]) == 3
+    assert by["reference"]["timing"]["repeats"] == 1 and by["reference"]["timing"]["warmup_ms"]["fwd_bwd"] == []
+
+
+def _wait_for(pred, timeout_s):
+    import time as _time
+
+    end = _time.time() + timeout_s
+    while _time.time() < end:
+        if pred():
+            return True
+        _time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
+    """Stopped by a signal in the middle of a sweep, bench_loss still writes its JSON with the
+    sizes it finished, marked "interrupted", and exits 130 (SIGINT: gpu_check.sh's limits;
+    SIGTERM: a plain `timeout`)."""
+    import signal
+
+    out = tmp_path / "loss.json"
+    proc = subprocess.Popen([sys.executable, str(BENCH / "bench_loss.py"), "--device", "cpu", "--backends", "torch",
+                             "--B", "64", "4096", "8192", "16384", "--d", "256", "--repeats", "50",
+                             "--no-live-memory", "--no-plot", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+
+    def first_size_written():
+        try:
+            res = json.loads(out.read_text())
+        except (OSError, ValueError):
+            return False
+        return any(r.get("status") == "ok" for r in res.get("results", []))
+
+    try:
+        assert _wait_for(first_size_written, 300), "the first size was never written"
+        proc.send_signal(getattr(signal, sig))
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout[-3000:]
+    res = json.loads(out.read_text())
+    assert res["interrupted"].startswith("signal" if sig == "SIGTERM" else "KeyboardInterrupt") or res["interrupted"]
+    ok = [r for r in res["results"] if r["status"] == "ok"]
+    assert ok and ok[0]["B"] == 64 and "ratios" in res and "INTERRUPTED" in stdout
+
+
+def _bash(script, cwd=ROOT, timeout=300, env=None):
+    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env or _env())
+
+
+def test_run_step_stops_with_sigint_and_reports():
+    """run_step's limit sends SIGINT (Python gets KeyboardInterrupt and can write its files),
+    then SIGKILL after the grace period to what ignores it."""
+    py = ("import time, sys\n"
+          "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('GOT SIGINT', flush=True)\n    sys.exit(3)\n")
+    r = _bash(f"source benchmarks/_steps.sh; GRACE_S=5 run_step 2 {sys.executable} -c \"{py}\"; echo rc=$?")
+    assert "GOT SIGINT" in r.stdout and "rc=124" in r.stdout and "STOPPED at its limit of 2 s" in r.stdout, r.stdout
+    ignore = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+    r = _bash(f"source benchmarks/_steps.sh; GRACE_S=2 run_step 1 {sys.executable} -c '{ignore}'; echo rc=$?")
+    assert "rc=137" in r.stdout and "KILLED" in r.stdout, r.stdout
+    r = _bash(f"source benchmarks/_steps.sh; run_step 20 {sys.executable} -c 'raise SystemExit(4)'; echo rc=$?")
+    assert "rc=4" in r.stdout and "FAILED with exit status 4" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pytest_stopped_by_run_step_writes_its_junit(tmp_path, workers):
+    """What SIGTERM loses (pytest-xdist writes no junit file on SIGTERM), SIGINT keeps."""
+    if workers:
+        pytest.importorskip("xdist")
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_quick():\n    assert 1 + 1 == 2\n\n"
+                                           "def test_slow():\n    time.sleep(120)\n")
+    junit = tmp_path / "j.xml"
+    n = f"-n {workers}" if workers else ""
+    r = _bash(f"source {BENCH / '_steps.sh'}; GRACE_S=30 run_step 12 {sys.executable} -m pytest -q {n} "
+              f"-p no:cacheprovider -p no:benchmark --junitxml={junit} test_slow.py; echo rc=$?", cwd=tmp_path)
+    assert "rc=124" in r.stdout, r.stdout + r.stderr
+    assert junit.exists(), r.stdout
+    rep = subprocess.run([sys.executable, str(BENCH / "report.py"), "--junit", str(junit)], capture_output=True,
+                         text=True, timeout=60)
+    assert rep.returncode == 0 and "Compiled-kernel tests (j.xml): 1 passed, 0 failed" in rep.stdout, rep.stdout + rep.stderr
+
+
+def test_install_falls_back_to_a_copy_when_pip_fails(tmp_path):
+    """Where the offline editable install fails, install_package places a copy of the package
+    (kernels/ as llave_fast/kernels) first on the path, and says so."""
+    fake = tmp_path / "py"
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = -m ] && [ \"$2\" = pip ]; then echo 'no pip here' >&2; exit 1; fi\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    shim = tmp_path / "shim"
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    r = _bash(f"export SHIM_DIR={shim}; source benchmarks/_steps.sh; install_package {fake} && "
+              f"{fake} -c 'import llave_fast.kernels as k; print(\"KERNELS\", k.__file__)'; echo rc=$?", env=env)
+    assert "the editable install failed" in r.stdout and "falling back" in r.stdout, r.stdout + r.stderr
+    assert f"KERNELS {shim}/llave_fast/kernels/__init__.py" in r.stdout and "rc=0" in r.stdout, r.stdout + r.stderr
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The prepared run's plumbing, stages A and B in one call, with tiny CPU arguments: the
+    install and its check, every step under its limit, the files the device call brings back
+    (at most 8) and the summaries."""
+    out = tmp_path / "out"
+    env = dict(_env(), OUT=str(out), GPU_CHECK_DRY="1")
+    env.pop("TRITON_INTERPRET")  # the script sets it itself in a dry run
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "AB"], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["log_A.txt", "log_B.txt", "loss.json", "loss.png", "loss_262k.json", "tests.xml", "tune.json"], files
+    log_a, log_b = (out / "log_A.txt").read_text(), (out / "log_B.txt").read_text()
+    assert "DRY RUN" in log_a and "llave_fast from" in log_a and "Compiled-kernel tests" in log_a
+    assert "Tuning at B = N = 40" in log_a
+    assert log_b.count("--- step done") == 2 and "| fp32 | 32 | 64 |" in log_b
+    seq = json.loads((out / "loss_262k.json").read_text())
+    assert seq["config"]["sequential"] and {r["label"]: r["status"] for r in seq["results"]} == {
+        "torch": "ok", "reference": "ok"}
