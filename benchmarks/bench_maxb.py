@@ -93,8 +93,11 @@ def model_max_B(name, d, dtype, device, free_bytes) -> int | None:
     return lo
 
 
-def search(name, d, dtype, device, args, t_start) -> dict:
-    out = {"backend": name, "tries": []}
+def search(name, d, dtype, device, args, t_start, out: dict | None = None) -> dict:
+    """The doubling / bisection search for one backend, recorded into ``out`` as it goes (the
+    caller keeps the tries made so far if the search is interrupted)."""
+    out = {} if out is None else out
+    out.update(backend=name, tries=[])
     if args.warmup_B:
         # compile / autotune / library start-up stay out of the timed tries (the time cap uses them)
         w = one_try(name, min(args.warmup_B, args.start), d, dtype, device, args)
@@ -170,6 +173,7 @@ def main(argv=None) -> int:
                    help="cpu: a dry run of the search logic with small --start/--B-max")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    C.start_script()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_maxb.py: no CUDA device (dry run: use --device cpu with small sizes)")
         return 0
@@ -183,19 +187,28 @@ def main(argv=None) -> int:
           f"({free / C.GiB:.1f} GiB free at start)")
     res = {"meta": meta, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "backends": []}
-    for name in args.backends:
-        ok, why = backend_available(name, device)
-        if not ok:
-            res["backends"].append({"backend": name, "status": "SKIPPED", "why": why})
-            print(f"{name}: skipped ({why})")
-            continue
-        print(f"{name}:")
-        r = search(name, args.d, dtype, device, args, t_start)
-        r["model_max_B"] = model_max_B(name, args.d, dtype, device, free)
-        res["backends"].append(r)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in args.backends:
+            ok, why = backend_available(name, device)
+            if not ok:
+                res["backends"].append({"backend": name, "status": "SKIPPED", "why": why})
+                print(f"{name}: skipped ({why})")
+                continue
+            print(f"{name}:")
+            r = {"model_max_B": model_max_B(name, args.d, dtype, device, free)}
+            res["backends"].append(r)
+            search(name, args.d, dtype, device, args, t_start, out=r)
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+    except KeyboardInterrupt as exc:
+        res["interrupted"] = str(exc) or "KeyboardInterrupt (SIGINT)"
+        print(f"INTERRUPTED ({res['interrupted']}): writing the tries made so far", flush=True)
+        for r in res["backends"]:
+            if r.get("status") != "SKIPPED" and "limited_by" not in r:
+                ok_tries = [t["B"] for t in r.get("tries", []) if t.get("ok")]
+                r.update(largest_ok_B=max(ok_tries) if ok_tries else None, smallest_oom_B=None,
+                         limited_by="interrupted")
     print()
     print(f"{'backend':<14} {'largest ok B':>13} {'first OOM B':>12} {'model max B':>12}  limited by")
     for r in res["backends"]:
@@ -208,7 +221,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1, default=str)
     print(f"written to {args.out}")
-    return 0
+    return 130 if "interrupted" in res else 0
 
 
 if __name__ == "__main__":

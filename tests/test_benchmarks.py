@@ -423,3 +423,29 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     seq = json.loads((out / "loss_262k.json").read_text())
     assert seq["config"]["sequential"] and {r["label"]: r["status"] for r in seq["results"]} == {
         "torch": "ok", "reference": "ok"}
+
+
+def test_maxb_writes_its_tries_when_stopped(tmp_path):
+    import signal
+
+    out = tmp_path / "maxb.json"
+    proc = subprocess.Popen([sys.executable, str(BENCH / "bench_maxb.py"), "--device", "cpu", "--backends", "torch",
+                             "--d", "256", "--start", "512", "--B-max", str(1 << 20), "--max-try-s", "1000",
+                             "--warmup-B", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "B=N=1024: ok" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
+    res = json.loads(out.read_text())
+    (r,) = res["backends"]
+    assert res["interrupted"] and r["limited_by"] == "interrupted" and r["largest_ok_B"] >= 1024
+    assert [t["B"] for t in r["tries"]][:2] == [512, 1024]
