@@ -11,6 +11,15 @@ One ``GradCache.__call__`` is one training step's backward:
 Parameter gradients equal those of one full-batch forward/backward; activation memory is
 that of one chunk. About one extra forward over a plain step.
 
+Across ranks every rank makes the same number of encoder calls in both passes, even with
+uneven per-rank batches: under ZeRO-3 each forward gathers the parameters (a collective),
+and DDP may broadcast buffers in each forward, so a rank with fewer chunks would leave the
+others waiting in a collective it never joins (gloo aborts, NCCL hangs). The chunk counts
+(queries, targets, negatives) are agreed by one all-reduce (max), and a rank with fewer
+chunks runs extra forwards of one of its own chunks whose output is discarded (first pass)
+or whose cached gradient is zero (second pass): they add nothing to the gradients, and run
+under a forked RNG so the RNG stream is the same as without them.
+
 Gradient reduction across ranks happens once per step:
 * plain module: nothing to do;
 * DDP: every chunk but the last runs under ``no_sync()``;
@@ -102,6 +111,10 @@ class GradCache:
     target_encoder: optional separate encoder for the targets (default: ``encoder``).
     split: optional ``split(inputs, chunk_size) -> list of chunks`` for custom batches.
     progress: show a tqdm bar over the chunks.
+    equalize_chunks: make the chunk counts equal across ranks (see the module docstring).
+        None (default): whenever torch.distributed is initialised with more than one rank.
+    process_group: the ranks that must agree (default: the loss's ``process_group`` if it
+        has one, else the world).
     """
 
     def __init__(
@@ -113,6 +126,8 @@ class GradCache:
         target_encoder: Callable | None = None,
         split: Callable[[Any, int], list] | None = None,
         progress: bool = False,
+        equalize_chunks: bool | None = None,
+        process_group=None,
     ):
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -122,6 +137,10 @@ class GradCache:
         self.chunk_size = chunk_size
         self.split = split or split_batch
         self.progress = progress
+        if equalize_chunks not in (None, True, False):
+            raise TypeError(f"equalize_chunks must be None, True or False, got {equalize_chunks!r}")
+        self.equalize_chunks = equalize_chunks
+        self.process_group = process_group if process_group is not None else getattr(loss_fn, "process_group", None)
         # distinct DeepSpeed engines (one shared encoder, or separate query/target ones)
         self._engines = []
         for m in (self.encoder, self.target_encoder):
@@ -136,14 +155,36 @@ class GradCache:
                 )
 
     # ------------------------------------------------------------------------------
-    def _embed_no_grad(self, encoder, chunks, bar):
+    def _embed_no_grad(self, encoder, chunks, bar, n_pad=0, pad_chunk=None):
         embs, states = [], []
         with torch.no_grad():
             for chunk in chunks:
                 states.append(_RngState())
                 embs.append(self._check_emb(encoder(chunk), len(embs)))
                 bar.update(1)
+            for _ in range(n_pad):
+                # another rank has more chunks: join its collectives, keep nothing
+                with _RngState().replay():
+                    encoder(pad_chunk)
+                bar.update(1)
         return embs, states
+
+    def _chunk_targets(self, counts: list[int]) -> list[int]:
+        """The chunk counts every rank uses: the max over ranks, where that is needed."""
+        import torch.distributed as dist
+
+        on = self.equalize_chunks
+        if on is False or not (dist.is_available() and dist.is_initialized()):
+            return counts
+        group = self.process_group
+        if dist.get_world_size(group) == 1:
+            return counts
+        dev = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        t = torch.tensor(counts, dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return [int(x) for x in t.tolist()]
 
     @staticmethod
     def _check_emb(e, i):
@@ -170,12 +211,23 @@ class GradCache:
         n_t = sum(_batch_size(c, "target chunk") for c in t_chunks)
         if n_q != n_t:
             raise ValueError(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
-        total = 2 * (len(q_chunks) + len(t_chunks) + len(n_chunks))
+        want = self._chunk_targets([len(q_chunks), len(t_chunks), len(n_chunks)])
+        pads = [w - len(c) for w, c in zip(want, (q_chunks, t_chunks, n_chunks))]
+        if any(pads) and not (q_chunks and t_chunks):
+            raise ValueError(
+                "GradCache: this rank has an empty batch while other ranks have chunks to encode; every rank "
+                "needs at least one query and one target (its encoder calls join the other ranks' collectives)"
+            )
+        # a rank without negatives pads its negative calls with a target chunk (same encoder)
+        pad_with = [q_chunks[:1], t_chunks[:1], (n_chunks or t_chunks)[:1]]
+        total = 2 * sum(want)
         bar = _progress(total, self.progress)
         try:
-            q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar)
-            t_embs, t_states = self._embed_no_grad(self.target_encoder, t_chunks, bar)
-            n_embs, n_states = self._embed_no_grad(self.target_encoder, n_chunks, bar)
+            q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0])
+            t_embs, t_states = self._embed_no_grad(self.target_encoder, t_chunks, bar, pads[1],
+                                                   (pad_with[1] or [None])[0])
+            n_embs, n_states = self._embed_no_grad(self.target_encoder, n_chunks, bar, pads[2],
+                                                   (pad_with[2] or [None])[0])
             rng_after_first_pass = _RngState()
 
             q = torch.cat(q_embs).detach().requires_grad_()
@@ -191,18 +243,26 @@ class GradCache:
             t_grads = t.grad.split([e.shape[0] for e in t_embs])
             n_grads = neg.grad.split([e.shape[0] for e in n_embs]) if neg is not None else []
 
-            jobs = [(self.encoder, c, s, g) for c, s, g in zip(q_chunks, q_states, q_grads)]
-            jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(t_chunks, t_states, t_grads)]
-            jobs += [(self.target_encoder, c, s, g) for c, s, g in zip(n_chunks, n_states, n_grads)]
+            jobs = []
+            streams = [(self.encoder, q_chunks, q_states, q_grads), (self.target_encoder, t_chunks, t_states, t_grads),
+                       (self.target_encoder, n_chunks, n_states, n_grads)]
+            for (enc, chunks, states, grads), n_pad, pad in zip(streams, pads, pad_with):
+                jobs += [(enc, c, s, g) for c, s, g in zip(chunks, states, grads)]
+                # padding calls (zero cached gradient): the same count and order on every rank
+                jobs += [(enc, pad[0], None, None)] * n_pad
             # each encoder's gradients are reduced once, on its own last chunk
             last_of = {id(enc): k for k, (enc, *_rest) in enumerate(jobs)}
             with self._one_reduction():
                 for k, (encoder, chunk, state, grad) in enumerate(jobs):
                     last = k == last_of[id(encoder)]
-                    with self._sync_context(encoder, last), state.replay():
+                    replay = (state or _RngState()).replay()
+                    with self._sync_context(encoder, last), replay:
                         emb = encoder(chunk)
-                        # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
-                        surrogate = (emb * grad.to(emb.dtype)).sum()
+                        if grad is None:
+                            surrogate = (emb * 0).sum()  # a padding call: joins the collectives, adds 0
+                        else:
+                            # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
+                            surrogate = (emb * grad.to(emb.dtype)).sum()
                         self._backward(encoder, surrogate, last)
                     bar.update(1)
             # the RNG continues as after one full-batch forward

@@ -87,8 +87,12 @@ def ddp_rank(rank, world, chunk):
     torch.testing.assert_close(flat, other, rtol=0, atol=0)
 
 
-def deepspeed_rank(rank, world, stage, chunk):
-    """Under a DeepSpeed engine: one GradCache step equals one full-batch engine step."""
+def deepspeed_rank(rank, world, stage, chunk, sizes=None):
+    """Under a DeepSpeed engine: one GradCache step equals one full-batch engine step.
+
+    ``sizes``: per-rank batch sizes (default 5 + rank); with sizes whose chunk counts differ
+    (5 and 7 at chunk 2: 3 and 4 chunks) GradCache must equalise its encoder calls, or
+    ZeRO-3's parameter gathers mismatch across ranks."""
     import os
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -98,16 +102,20 @@ def deepspeed_rank(rank, world, stage, chunk):
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     base = Encoder()
-    n_local = 5 + rank
-    q_all, t_all = make_batch(5 * world + sum(range(world)), seed=2)
-    lo = sum(5 + r for r in range(rank))
+    sizes = sizes or [5 + r for r in range(world)]
+    n_local = sizes[rank]
+    q_all, t_all = make_batch(sum(sizes), seed=2)
+    lo = sum(sizes[:rank])
     q, t = q_all[lo : lo + n_local], t_all[lo : lo + n_local]
     loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
                                 backend="torch")
     config = {
         "train_micro_batch_size_per_gpu": n_local,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
+        # threshold 0: even these tiny parameters are partitioned under ZeRO-3 (by default
+        # parameters under 1e5 elements persist whole and are never gathered), so every
+        # forward gathers, as with a real model
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
     }
     params_after = []

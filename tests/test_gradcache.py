@@ -158,6 +158,44 @@ def test_deepspeed_step_equals_full_batch_step(stage):
     spawn_ranks(W.deepspeed_rank, 2, stage, 3)
 
 
+def test_zero3_uneven_batches_make_equal_encoder_calls():
+    """Per-rank batches of 5 and 7 at chunk 2 (3 and 4 chunks): under ZeRO-3 every forward
+    gathers parameters, so the ranks must make the same number of encoder calls (without the
+    padding calls gloo aborts with a collective mismatch); the step equals the full-batch one."""
+    pytest.importorskip("deepspeed")
+    spawn_ranks(W.deepspeed_rank, 2, 3, 2, [5, 7])
+
+
+def test_padding_calls_add_nothing_and_keep_the_rng(monkeypatch):
+    """One process standing in for the smaller rank: forced chunk counts (as agreed with a
+    larger rank) add encoder calls whose gradients are zero, and the RNG after the step is
+    the same as without them."""
+    torch.manual_seed(0)
+    model = W.Encoder(p_drop=0.2)
+    q, t = W.make_batch(5, seed=3)
+    loss_fn = FusedHardnessLoss(backend="torch")
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+
+    def run(pad):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        gc = GradCache(model, loss_fn, 2)
+        if pad:
+            monkeypatch.setattr(gc, "_chunk_targets", lambda counts: [counts[0] + 1, counts[1] + 1, counts[2] + 2])
+        torch.manual_seed(7)
+        loss = gc(q, t)
+        rng = torch.rand(3)
+        return loss, [p.grad.clone() for p in model.parameters()], list(calls), rng
+
+    l0, g0, c0, r0 = run(False)
+    l1, g1, c1, r1 = run(True)
+    assert len(c0) == 2 * (3 + 3) and len(c1) == 2 * (4 + 4 + 2), (c0, c1)
+    assert torch.equal(l0, l1) and torch.equal(r0, r1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-7)
+
+
 def test_hard_negatives_are_encoded_and_match_full_batch():
     torch.manual_seed(0)
     model = W.Encoder()
