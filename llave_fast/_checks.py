@@ -94,11 +94,19 @@ def check_scale(logit_scale, device: torch.device | None = None):
 
 
 def check_alpha(alpha) -> float:
+    """alpha as a float. The hardness weight exp(alpha * S) is detached by definition (LLaVE),
+    so alpha gets no gradient: a tensor that requires grad is refused rather than silently
+    turned into a constant."""
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.Tensor)):
         raise TypeError(f"alpha must be a finite float, got {_desc(alpha)}")
     if isinstance(alpha, torch.Tensor):
         if alpha.numel() != 1:
             raise ValueError(f"alpha must be a scalar, got a tensor of shape {tuple(alpha.shape)}")
+        if alpha.requires_grad:
+            raise ValueError(
+                "alpha is a tensor that requires grad, but the hardness weight exp(alpha * S) is detached by "
+                "definition (LLaVE), so alpha would get no gradient; pass a float or alpha.detach()"
+            )
         alpha = alpha.item()
     alpha = float(alpha)
     if not math.isfinite(alpha):

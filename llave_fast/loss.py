@@ -40,7 +40,8 @@ def hardness_weighted_loss(
     query, target: (B, d) embeddings (row i of each is a positive pair), bf16/fp16/fp32
         (fp64 with the torch and reference backends).
     logit_scale: float or 0-d tensor (its gradient is returned when it requires grad).
-    alpha: hardness exponent; negative j of row i is weighted by exp(alpha * S_ij), detached.
+    alpha: hardness exponent; negative j of row i is weighted by exp(alpha * S_ij), detached
+        (a float, or a tensor that does not require grad: alpha never gets a gradient).
     symmetric: add the target->query direction (LLaVE) and average the two.
     reduction: "mean" (LLaVE), "sum", or "none" (per pair, shape (B,)).
     negatives: (M, d) extra hard-negative targets, candidates of the query->target direction.
@@ -57,7 +58,7 @@ def hardness_weighted_loss(
         their losses. The fused backends do it with one strip per rank (see
         ``llave_fast.distributed``); "reference" gathers with grad and computes both strips.
 
-    Returns a float32 loss for 16/32-bit inputs (float64 for float64).
+    Returns a float32 loss for 16/32-bit inputs (float64 for float64), whatever the backend.
     """
     _checks.check_embeddings("query", query)
     _checks.check_embeddings("target", target, like=query)
@@ -95,17 +96,23 @@ def hardness_weighted_loss(
     if name == "reference":
         scale = scale_t.reshape(()) if scale_t is not None else scale_value
         if comm is not None:
-            return _reference_across_ranks(
+            return _as_loss_dtype(_reference_across_ranks(
                 query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm
-            )
-        return reference_loss(
+            ))
+        return _as_loss_dtype(reference_loss(
             query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
             negatives=negatives, target_ids=target_ids, query_ids=query_ids,
-        )
+        ))
     cfg = LossConfig(scale_value, alpha, symmetric, reduction, bool(deterministic))
     fn = get_backend_function(name)
     grad_scale = scale_t if (scale_t is not None and scale_t.requires_grad) else None
     return fn.apply(query, target, negatives, grad_scale, target_ids, query_ids, cfg, comm)
+
+
+def _as_loss_dtype(loss: torch.Tensor) -> torch.Tensor:
+    """The reference computes in the input precision (as LLaVE does); its result is returned
+    in float32 for 16-bit inputs, like the fused backends' (float64 stays float64)."""
+    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
 
 def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm):

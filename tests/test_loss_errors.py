@@ -111,6 +111,8 @@ BAD_INPUTS = {
     "alpha-string": (lambda: (_q(), _t(), dict(alpha="9")), TypeError, r"alpha.*str '9'"),
     "alpha-none": (lambda: (_q(), _t(), dict(alpha=None)), TypeError, r"alpha.*None"),
     "alpha-vector": (lambda: (_q(), _t(), dict(alpha=torch.ones(2))), ValueError, r"alpha.*shape \(2,\)"),
+    "alpha-requires-grad": (lambda: (_q(), _t(), dict(alpha=torch.tensor(9.0, requires_grad=True))), ValueError,
+                            r"alpha is a tensor that requires grad.*detached"),
     # options
     "reduction-avg": (lambda: (_q(), _t(), dict(reduction="avg")), ValueError, r"reduction.*got 'avg'"),
     "reduction-none-object": (lambda: (_q(), _t(), dict(reduction=None)), ValueError, r"reduction.*got None"),
@@ -193,3 +195,23 @@ def test_module_llave_positional_flag_is_caught():
 def test_module_forward_rejects(kw, exc, pattern):
     with pytest.raises(exc, match=pattern):
         FusedHardnessLoss()(_q(), _t(), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_every_backend_returns_the_same_loss_dtype(dtype, reduction):
+    """float32 for 16/32-bit inputs whatever the backend (the reference computes in the input
+    precision, as LLaVE does, and returned bf16 before)."""
+    q, t = _q(dtype).requires_grad_(), _t(dtype).requires_grad_()
+    got = {b: hardness_weighted_loss(q, t, backend=b, reduction=reduction).dtype for b in ("reference", "torch")}
+    assert got == {"reference": torch.float32, "torch": torch.float32}, got
+    loss = hardness_weighted_loss(q, t, backend="reference", reduction=reduction)
+    loss.sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+
+
+def test_alpha_tensor_without_grad_is_accepted():
+    q, t = _q(), _t()
+    a = hardness_weighted_loss(q, t, alpha=torch.tensor(9.0), backend="torch")
+    b = hardness_weighted_loss(q, t, alpha=9.0, backend="torch")
+    assert torch.equal(a, b)
