@@ -232,6 +232,9 @@ def test_missing_or_unexpected_key_fails_loudly(tmp_path, kind, kwargs, needle):
     with pytest.raises(CheckpointKeyError) as err:
         LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=VISION)
     msg = str(err.value)
+    if "encoder.layers.2" in needle:  # a vision layer more than the tower has: caught when counting the layers
+        assert "keeps 3 vision-tower layers (encoder.layers.0..2)" in msg and "has 2" in msg
+        return
     assert needle in msg
     assert ("missing from the checkpoint" if kind == "missing" else "in the checkpoint but not in the model") in msg
 
@@ -679,3 +682,37 @@ def test_max_text_tokens_cuts_only_the_user_text():
     assert (b["input_ids"] == proc.image_token_id).sum() > 0
     with pytest.raises(ValueError, match="max_text_tokens"):
         type(proc)(proc.tokenizer, image_size=32, patch_size=8, image_grid_pinpoints=[[32, 32]], max_text_tokens=0)
+
+
+def test_processor_takes_so400m_geometry_and_rejects_a_patch_larger_than_the_tile():
+    tok = build_tiny_tokenizer()
+    pins = [[384, 384], [384, 768], [768, 384], [768, 768]]
+    p = LLaVEProcessor(tok, image_size=384, patch_size=14, image_grid_pinpoints=pins)
+    assert p.num_image_tokens(384, 384) == 729 + 27 * 28  # 27 x 27 patches: the convolution floors
+    with pytest.raises(ValueError, match=r"image_size \(10\) must be at least patch_size \(14\)"):
+        LLaVEProcessor(tok, image_size=10, patch_size=14, image_grid_pinpoints=[[10, 10]])
+    with pytest.raises(ValueError, match="max_length must be a positive int"):
+        LLaVEProcessor(tok, image_size=384, patch_size=14, image_grid_pinpoints=pins, max_length=0)
+
+
+def test_unpad_follows_llave_floor_not_transformers_round():
+    """A 94 x 423 (width x height) image on a 1-wide, 2-high grid of 27-patch tiles: LLaVE keeps
+    int(94 * 54 / 423) = int(11.999...) = 11 columns, padding (27 - 11) // 2 = 8 each side."""
+    from llave_fast.model.processor import unpadded_shape
+
+    assert unpadded_shape(423, 94, 54, 27) == (54, 11)
+    n = count_image_tokens(423, 94, image_size=384, patch_size=14,
+                           grid_pinpoints=[[384, 384], [384, 768], [768, 384], [768, 768]])
+    assert n == 729 + 54 * 12
+
+
+def test_checkpoint_keys_of_a_pickled_checkpoint(tmp_path):
+    from llave_fast.model.convert import checkpoint_keys, vision_layers_in_checkpoint
+
+    names = [f"model.vision_tower.vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(3)]
+    torch.save({k: torch.zeros(2) for k in names + ["model.norm.weight"]}, tmp_path / "pytorch_model.bin")
+    keys = checkpoint_keys(str(tmp_path))
+    assert keys == sorted(names + ["model.norm.weight"])
+    assert vision_layers_in_checkpoint(keys) == 3
+    with pytest.raises(CheckpointKeyError, match=r"missing \[1\]"):
+        vision_layers_in_checkpoint([names[0], names[2]])

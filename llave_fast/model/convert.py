@@ -41,6 +41,10 @@ __all__ = [
     "load_config",
     "checkpoint_keys",
     "check_checkpoint_keys",
+    "check_known_keys",
+    "rope_theta_of",
+    "vision_layers_in_checkpoint",
+    "llava_qwen_max_length",
     "llava_qwen_key_mapping",
     "load_tokenizer",
 ]
@@ -54,14 +58,15 @@ LLAVA_QWEN_KEY_MAPPING: dict[str, str] = {
     r"^model\.(embed_tokens|layers|norm)\.": r"language_model.\1.",
 }
 
-# Vision towers whose config is known without downloading anything. Layer counts are those
-# LLaVA-NeXT keeps: its SigLIP tower deletes the last of so400m's 27 layers.
+# Vision towers whose config is known without downloading anything: the tower's own config
+# (so400m has 27 layers). The layers a checkpoint keeps are counted from its weight names
+# (LLaVA-NeXT's SigLIP tower deletes the last layer: 26 of 27).
 KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
     "siglip-so400m-patch14-384": dict(
         model_type="siglip_vision_model",
         hidden_size=1152,
         intermediate_size=4304,
-        num_hidden_layers=26,
+        num_hidden_layers=27,
         num_attention_heads=16,
         patch_size=14,
         image_size=384,
@@ -75,6 +80,8 @@ KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
 
 # lm_head is the only checkpoint entry an embedder leaves behind on purpose
 _DROPPED = re.compile(r"(^|\.)lm_head\.")
+
+_VISION_LAYER = re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
 
 _QWEN2_KEYS = (
     "vocab_size",
@@ -95,7 +102,35 @@ _QWEN2_KEYS = (
     "bos_token_id",
     "eos_token_id",
     "pad_token_id",
+    "head_dim",
 )
+
+# Keys of a llava_qwen config.json that the converter reads or checks (below), and keys that
+# do not change the embedding of an image or a text (training switches, video-only options,
+# bookkeeping). Any other key stops the conversion: a key that changes the forward must never
+# be dropped silently (``ignore_config_keys=`` lets a caller who checked one through).
+_READ_KEYS = frozenset(_QWEN2_KEYS) | {
+    "model_type", "rope_theta", "rope_parameters", "rope_scaling", "torch_dtype", "dtype", "layer_types",
+    "mm_vision_tower", "vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature",
+    "mm_projector_type", "mm_patch_merge_type", "image_aspect_ratio", "image_grid_pinpoints",
+    "tokenizer_model_max_length", "mm_use_im_start_end", "mm_use_im_patch_token", "image_crop_resolution",
+    "image_split_resolution", "mm_resampler_type",
+}
+_NO_EFFECT_KEYS = frozenset({
+    # bookkeeping and generic PretrainedConfig fields
+    "architectures", "_name_or_path", "transformers_version", "use_cache", "initializer_range", "id2label",
+    "label2id", "problem_type", "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
+    "chunk_size_feed_forward", "tokenizer_padding_side",
+    # training only (dropout is off at inference; the loss's own scale and hardness)
+    "attention_dropout", "use_pos_skipping", "pos_skipping_range", "mm_tunable_parts", "mm_vision_tower_lr",
+    "mm_projector_lr", "unfreeze_mm_vision_tower", "tune_mm_mlp_adapter", "tune_mm_vision_resampler",
+    "freeze_mm_mlp_adapter", "freeze_mm_vision_resampler", "use_mm_proj", "vision_tower_pretrained",
+    "mm_vision_tower_pretrained", "delay_load", "logit_scale", "alpha",
+    # video only (LLaVE embeds images and texts)
+    "mm_newline_position", "mm_spatial_pool_mode", "mm_spatial_pool_stride", "mm_spatial_pool_out_channels",
+    "mm_pooling_position", "mm_resampler_location", "add_faster_video", "faster_token_stride", "force_sample",
+    "add_time_instruction", "frames_upbound", "max_frames_num", "video_fps", "tokens_per_frame",
+})
 
 
 class CheckpointKeyError(ValueError):
@@ -103,9 +138,84 @@ class CheckpointKeyError(ValueError):
 
 
 def is_llava_qwen_config(raw: dict) -> bool:
+    """LLaVA-NeXT's layout: ``llava_qwen`` (LLaVE), or ``llava`` / ``qwen2`` with ``mm_*`` keys
+    (LLaVA-OneVision's own releases say ``llava``)."""
     return raw.get("model_type") == "llava_qwen" or (
-        "mm_vision_tower" in raw and raw.get("model_type") in (None, "qwen2", "llava_qwen")
+        "mm_vision_tower" in raw and raw.get("model_type") in (None, "qwen2", "llava_qwen", "llava")
     )
+
+
+def rope_theta_of(raw: dict) -> float:
+    """The language model's RoPE base from either config layout.
+
+    transformers 4.x (the released checkpoints): ``rope_theta`` at top level. transformers 5
+    (a re-saved model): ``rope_parameters = {"rope_type": "default", "rope_theta": ...}``.
+    LLaVE's constructor sets ``rope_scaling = None``, so a 4.x ``rope_scaling`` is ignored as
+    LLaVE ignores it; in the 5.x layout anything but plain RoPE is refused. A config without a
+    theta is refused too (never a default).
+    """
+    top = raw.get("rope_theta")
+    params = raw.get("rope_parameters")
+    theta = None
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ValueError(f"rope_parameters must be a dict, got {params!r}")
+        kind = params.get("rope_type", params.get("type", "default"))
+        extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
+        if kind != "default" or extra:
+            raise ValueError(
+                f"rope_parameters {params!r}: only plain RoPE (rope_type 'default', rope_theta) is supported; "
+                f"LLaVE runs with rope_scaling = None"
+            )
+        theta = params.get("rope_theta")
+    if theta is not None and top is not None and float(theta) != float(top):
+        raise ValueError(f"the config gives two RoPE bases: rope_theta {top} and rope_parameters.rope_theta {theta}")
+    theta = top if theta is None else theta
+    if theta is None:
+        raise ValueError(
+            "the llava_qwen config has no rope_theta (neither at top level nor in rope_parameters): refusing to guess "
+            "(Qwen2 models use 1000000.0); add it to config.json"
+        )
+    theta = float(theta)
+    if not theta > 0:
+        raise ValueError(f"rope_theta must be positive, got {theta}")
+    return theta
+
+
+def check_known_keys(raw: dict, ignore=()) -> None:
+    """Refuse a llava_qwen config with a key the converter neither reads nor knows to be
+    harmless, or a read key whose value would change the forward in a way not reproduced."""
+    unknown = sorted(set(raw) - _READ_KEYS - _NO_EFFECT_KEYS - set(ignore or ()))
+    if unknown:
+        raise ValueError(
+            f"the llava_qwen config has keys the converter does not understand: {unknown}. They may change the "
+            f"model's forward; after checking that they do not, pass ignore_config_keys={unknown!r}"
+        )
+    for key in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if raw.get(key):
+            raise ValueError(f"{key}={raw[key]!r} adds tokens around the image: not supported (LLaVE uses false)")
+    for key in ("image_crop_resolution", "image_split_resolution", "mm_resampler_type"):
+        if raw.get(key) is not None:
+            raise ValueError(f"{key}={raw[key]!r} is not supported (LLaVE leaves it null)")
+    if raw.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true is not supported (LLaVE's Qwen2 attends to the whole sequence)")
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"layer_types {sorted(set(layer_types))}: only full_attention layers are supported")
+
+
+def vision_layers_in_checkpoint(keys) -> int | None:
+    """How many vision-tower layers a llava_qwen checkpoint keeps, from its weight names
+    (None when it has no vision-tower layer at all). The indices must run 0..k-1."""
+    if keys is None:
+        return None
+    found = sorted({int(m.group(1)) for k in keys if (m := _VISION_LAYER.match(k))})
+    if not found:
+        return None
+    if found != list(range(len(found))):
+        missing = sorted(set(range(found[-1] + 1)) - set(found))
+        raise CheckpointKeyError(f"the checkpoint's vision-tower layers are not 0..{found[-1]}: missing {missing}")
+    return len(found)
 
 
 def parse_grid_pinpoints(value, image_size: int) -> list[list[int]]:
@@ -135,7 +245,24 @@ def parse_grid_pinpoints(value, image_size: int) -> list[list[int]]:
     return out
 
 
-def _vision_config_for(raw: dict, vision_config) -> dict:
+def _vision_config_for(raw: dict, vision_config, vision_layers: int | None) -> dict:
+    vc = _tower_config(raw, vision_config)
+    tower_layers = vc.get("num_hidden_layers")
+    if not isinstance(tower_layers, int) or tower_layers < 1:
+        raise ValueError(f"the vision tower's config needs num_hidden_layers (a positive int), got {tower_layers!r}")
+    if vision_layers is None:
+        # LLaVA-NeXT's SigLIP tower deletes its last layer
+        vision_layers = tower_layers - 1 if "siglip" in vc["model_type"] else tower_layers
+    if not isinstance(vision_layers, int) or not 1 <= vision_layers <= tower_layers:
+        raise CheckpointKeyError(
+            f"the checkpoint keeps {vision_layers!r} vision-tower layers (encoder.layers.0..{vision_layers - 1}) but "
+            f"the tower {vc['model_type']} has {tower_layers}: is vision_config the right tower?"
+        )
+    vc["num_hidden_layers"] = vision_layers
+    return vc
+
+
+def _tower_config(raw: dict, vision_config) -> dict:
     if vision_config is not None:
         if hasattr(vision_config, "to_dict"):
             vision_config = vision_config.to_dict()
@@ -152,26 +279,37 @@ def _vision_config_for(raw: dict, vision_config) -> dict:
         return dict(KNOWN_VISION_TOWERS[base])
     raise ValueError(
         f"unknown vision tower {name!r} (known without a download: {sorted(KNOWN_VISION_TOWERS)}); pass "
-        f"vision_config=<its SiglipVisionConfig/CLIPVisionConfig as a dict, with num_hidden_layers = the layers the "
-        f"checkpoint keeps>"
+        f"vision_config=<the tower's own config.json as a dict or config object; the layers the checkpoint keeps are "
+        f"counted from its weight names>"
     )
 
 
-def convert_llava_qwen_config(raw: dict, *, image_token_index: int, vision_config=None):
+def convert_llava_qwen_config(
+    raw: dict, *, image_token_index: int, vision_config=None, vision_layers: int | None = None, ignore_config_keys=()
+):
     """A ``llava_qwen`` config.json (dict) -> ``LlavaOnevisionConfig``.
 
     ``image_token_index`` is the id the tokenizer gives ``<image>`` (LLaVE's tokenizers have
     no such token: the loader adds it; it must lie inside the embedding table, whose unused
     row it takes: the row is overwritten by visual features anyway).
+
+    ``vision_config``: the tower's own config (for towers other than so400m-patch14-384).
+    ``vision_layers``: the tower layers the checkpoint keeps (the loader counts them from the
+    weight names, :func:`vision_layers_in_checkpoint`); None applies LLaVA-NeXT's rule
+    (SigLIP: all but the last).
+
+    Both config layouts are read (:func:`rope_theta_of`); a key that is neither understood
+    nor known to leave the forward alone raises (:func:`check_known_keys`).
     """
     from transformers import AutoConfig, LlavaOnevisionConfig, Qwen2Config
 
     if not is_llava_qwen_config(raw):
         raise ValueError(f"not a llava_qwen config (model_type={raw.get('model_type')!r}, no mm_vision_tower)")
+    check_known_keys(raw, ignore_config_keys)
 
     # ---- language model: flat Qwen2 keys; LLaVE's constructor sets rope_scaling = None
     text = {k: raw[k] for k in _QWEN2_KEYS if k in raw}
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta_of(raw)}
     dtype = raw.get("torch_dtype", raw.get("dtype"))
     text_config = Qwen2Config(**text)
     if not 0 <= image_token_index < text_config.vocab_size:
@@ -181,7 +319,7 @@ def convert_llava_qwen_config(raw: dict, *, image_token_index: int, vision_confi
         )
 
     # ---- vision tower
-    vc = _vision_config_for(raw, vision_config)
+    vc = _vision_config_for(raw, vision_config, vision_layers)
     model_type = vc.pop("model_type")
     vision = AutoConfig.for_model(model_type, **vc)
     mm_hidden = raw.get("mm_hidden_size")
@@ -245,11 +383,12 @@ def read_raw_config(path: str) -> dict:
         return json.load(f)
 
 
-def load_config(path: str, *, tokenizer=None, vision_config=None):
+def load_config(path: str, *, tokenizer=None, vision_config=None, ignore_config_keys=()):
     """The ``LlavaOnevisionConfig`` of a local checkpoint folder in either format.
 
     For ``llava_qwen`` folders, ``tokenizer`` (with ``<image>`` added if it lacked it) gives the
-    image token id; without it the tokenizer is loaded from the folder.
+    image token id; without it the tokenizer is loaded from the folder. The vision-tower
+    layers kept are counted from the checkpoint's weight names.
     """
     raw = read_raw_config(path)
     if is_llava_qwen_config(raw):
@@ -257,7 +396,8 @@ def load_config(path: str, *, tokenizer=None, vision_config=None):
             tokenizer = load_tokenizer(path)
         ensure_image_token(tokenizer)
         return convert_llava_qwen_config(
-            raw, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_config=vision_config
+            raw, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_config=vision_config,
+            vision_layers=vision_layers_in_checkpoint(checkpoint_keys(path)), ignore_config_keys=ignore_config_keys,
         )
     if raw.get("model_type") != "llava_onevision":
         raise ValueError(
@@ -301,20 +441,37 @@ def ensure_image_token(tokenizer, token: str = "<image>") -> int:
 
 
 def checkpoint_keys(path: str) -> list[str] | None:
-    """Tensor names in a folder's safetensors checkpoint (index or single file); None when the
-    folder has no safetensors (e.g. a pickled ``pytorch_model.bin``: transformers' own
-    loading report is then the only check)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return sorted(json.load(f)["weight_map"])
+    """Tensor names in a folder's checkpoint: safetensors (index or single file) or a pickled
+    ``pytorch_model.bin`` (index, or the file memory-mapped: no weight is read). None when
+    the folder holds neither."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        file = os.path.join(path, index)
+        if os.path.isfile(file):
+            with open(file) as f:
+                return sorted(json.load(f)["weight_map"])
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         from safetensors import safe_open
 
         with safe_open(single, framework="pt") as f:
             return sorted(f.keys())
+    pickled = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(pickled):
+        import torch
+
+        return sorted(torch.load(pickled, map_location="meta", weights_only=True, mmap=True))
     return None
+
+
+def llava_qwen_max_length(raw: dict) -> int | None:
+    """LLaVE's ``tokenizer_model_max_length``: its forward cuts every sequence (image tokens
+    inserted) to this many tokens. None when the config does not set it."""
+    value = raw.get("tokenizer_model_max_length")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"tokenizer_model_max_length must be a positive int, got {value!r}")
+    return value
 
 
 def llava_qwen_key_mapping(keys: list[str] | None, config) -> dict[str, str]:

@@ -23,6 +23,7 @@ and every weight is partitioned as it is loaded, never materialised whole on one
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any, Sequence
@@ -33,6 +34,8 @@ from torch import nn
 
 from .convert import (
     CheckpointKeyError,
+    llava_qwen_max_length,
+    vision_layers_in_checkpoint,
     check_checkpoint_keys,
     checkpoint_keys,
     convert_llava_qwen_config,
@@ -44,9 +47,16 @@ from .convert import (
     load_tokenizer,
     read_raw_config,
 )
-from .processor import LLaVEProcessor, count_image_tokens, num_image_tiles
+from .processor import (
+    LLaVEProcessor,
+    best_resolution,
+    count_image_tokens,
+    num_image_tiles,
+    shrunk_shape,
+    unpadded_shape,
+)
 
-__all__ = ["LLaVEEmbedder", "default_attn_implementation", "BATCH_KEYS"]
+__all__ = ["LLaVEEmbedder", "LLaVEOnevisionModel", "default_attn_implementation", "BATCH_KEYS"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -99,18 +109,77 @@ def _resolve_path(path: str) -> str:
         ) from e
 
 
-def _set_config_dtype(file: str, dtype: torch.dtype) -> None:
+def _fix_saved_config(file: str, dtype: torch.dtype | None) -> None:
+    """transformers' class name in ``architectures`` (the weights are LlavaOnevisionModel's;
+    LLaVE's packing is ours) and, when given, the stored dtype."""
     import json
 
     with open(file) as f:
         cfg = json.load(f)
-    name = str(dtype).replace("torch.", "")
-    cfg["dtype"] = name
-    for sub in ("text_config", "vision_config"):
-        if isinstance(cfg.get(sub), dict) and "dtype" in cfg[sub]:
-            cfg[sub]["dtype"] = name
+    cfg["architectures"] = ["LlavaOnevisionModel"]
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        cfg["dtype"] = name
+        for sub in ("text_config", "vision_config"):
+            if isinstance(cfg.get(sub), dict) and "dtype" in cfg[sub]:
+                cfg[sub]["dtype"] = name
     with open(file, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+@functools.cache
+def llave_onevision_class():
+    """:class:`LLaVEOnevisionModel`, built on first use (transformers is imported lazily)."""
+    from transformers import LlavaOnevisionModel
+
+    class LLaVEOnevisionModel(LlavaOnevisionModel):
+        """transformers' LlavaOnevisionModel with LLaVE's own packing of the anyres features.
+
+        Same weights, same modules; only :meth:`pack_image_features` differs: the unpad keeps
+        ``int(extent * scale)`` rows or columns as LLaVE does (transformers rounds to 7 decimals
+        first and keeps one more for some image sizes, see
+        :func:`~llave_fast.model.processor.unpadded_shape`).
+        """
+
+        def pack_image_features(self, image_features, image_sizes, image_newline=None,
+                                vision_aspect_ratio="anyres_max_9"):
+            cfg = self.config
+            S = cfg.vision_config.image_size
+            n = S // cfg.vision_config.patch_size  # the patch convolution floors (384 / 14 -> 27)
+            packed = []
+            for feats, size in zip(image_features, image_sizes):
+                h, w = int(size[0]), int(size[1])
+                base, crops = feats[0], feats[1:]
+                if base.shape[0] != n * n:
+                    raise ValueError(f"the base view has {base.shape[0]} features, expected {n} x {n}")
+                dim = base.shape[-1]
+                best_h, best_w = best_resolution(h, w, cfg.image_grid_pinpoints)
+                gh, gw = best_h // S, best_w // S
+                if crops.shape[0] != gh * gw:
+                    raise ValueError(f"an image of (height, width) {(h, w)} has {crops.shape[0]} crops, expected {gh * gw}")
+                # (gh, gw, n, n, D) -> (D, gh*n, gw*n): the crops' features as one map, row-major
+                grid = crops.reshape(gh, gw, n, n, dim).permute(4, 0, 2, 1, 3).reshape(dim, gh * n, gw * n)
+                rows, cols = unpadded_shape(h, w, gh * n, gw * n)
+                top, left = (gh * n - rows) // 2, (gw * n - cols) // 2
+                grid = grid[:, top: top + rows, left: left + cols]
+                small = shrunk_shape(rows, cols, n, vision_aspect_ratio)
+                if small != (rows, cols):
+                    grid = F.interpolate(grid[None], list(small), mode="bilinear")[0]
+                if image_newline is not None:  # one image_newline closes every row
+                    nl = image_newline.to(device=grid.device, dtype=grid.dtype)[:, None, None]
+                    grid = torch.cat([grid, nl.expand(dim, grid.shape[1], 1)], dim=-1)
+                packed.append(torch.cat([base, grid.flatten(1).t()]))
+            lens = torch.tensor([x.shape[0] for x in packed], dtype=torch.long, device=packed[0].device)
+            return packed, lens
+
+    LLaVEOnevisionModel.__module__ = __name__
+    return LLaVEOnevisionModel
+
+
+def __getattr__(name):
+    if name == "LLaVEOnevisionModel":
+        return llave_onevision_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LLaVEEmbedder(nn.Module):
@@ -128,6 +197,12 @@ class LLaVEEmbedder(nn.Module):
 
         if not isinstance(model, LlavaOnevisionModel):
             raise TypeError(f"model must be a transformers LlavaOnevisionModel, got {type(model).__name__}")
+        llave_cls = llave_onevision_class()
+        if type(model) is LlavaOnevisionModel:
+            # same modules and weights; LLaVE's packing of the anyres features (see LLaVEOnevisionModel)
+            model.__class__ = llave_cls
+        elif not isinstance(model, llave_cls):
+            raise TypeError(f"model must be a LlavaOnevisionModel, not the subclass {type(model).__name__}")
         self.model = model
         self._processor = processor
         # ZeRO-3 gathers each module's weights with collectives as the module runs, so every
@@ -184,10 +259,10 @@ class LLaVEEmbedder(nn.Module):
     ) -> "LLaVEEmbedder":
         """A freshly initialised model (built under ``deepspeed.zero.Init`` when an
         ``HfDeepSpeedConfig`` with ZeRO-3 is alive)."""
-        from transformers import LlavaOnevisionModel
-
         dtype = _resolve_dtype(torch_dtype)
         attn = attn_implementation or default_attn_implementation(dtype)
+        from transformers import LlavaOnevisionModel
+
         model = LlavaOnevisionModel._from_config(config, dtype=dtype, attn_implementation=attn)
         return cls(model, processor)
 
@@ -199,6 +274,7 @@ class LLaVEEmbedder(nn.Module):
         torch_dtype=None,
         attn_implementation: str | None = None,
         vision_config: dict | Any | None = None,
+        ignore_config_keys: Sequence[str] = (),
     ) -> "LLaVEEmbedder":
         """Load a checkpoint folder (or hub id, when the network allows).
 
@@ -211,26 +287,43 @@ class LLaVEEmbedder(nn.Module):
             torch_dtype: None (float32), "auto" (the checkpoint's dtype), or a dtype.
             attn_implementation: None picks :func:`default_attn_implementation`.
             vision_config: for ``llava_qwen`` checkpoints whose ``mm_vision_tower`` is not
-                SigLIP so400m-patch14-384: the tower's config (dict or config object) with
-                ``num_hidden_layers`` = the layers the checkpoint keeps.
+                SigLIP so400m-patch14-384: the tower's own config (its ``config.json`` as a
+                dict, or a config object). The layers the checkpoint keeps (LLaVE deletes the
+                tower's last) are counted from the checkpoint's weight names.
+            ignore_config_keys: ``llava_qwen`` config keys to let through although the
+                converter does not know them (it refuses unknown keys: they may change the
+                forward).
+
+        ``llava_qwen`` configs are read in both layouts (``rope_theta`` at top level as the
+        releases have it, or inside ``rope_parameters`` as transformers 5 re-saves them), and
+        their ``tokenizer_model_max_length`` becomes the processor's ``max_length`` (LLaVE
+        cuts every sequence, image tokens inserted, to it).
 
         ZeRO-3: create ``HfDeepSpeedConfig(ds_config)`` first; loading then partitions.
         """
-        from transformers import LlavaOnevisionModel
-
         path = _resolve_path(path)
         raw = read_raw_config(path)
         dtype = _resolve_dtype(torch_dtype, raw)
         tokenizer = load_tokenizer(path)
         keys = checkpoint_keys(path)
+        processor_kwargs = {}
         if is_llava_qwen_config(raw):
             image_id = ensure_image_token(tokenizer)
-            config = convert_llava_qwen_config(raw, image_token_index=image_id, vision_config=vision_config)
+            config = convert_llava_qwen_config(
+                raw, image_token_index=image_id, vision_config=vision_config,
+                vision_layers=vision_layers_in_checkpoint(keys), ignore_config_keys=ignore_config_keys,
+            )
             mapping = llava_qwen_key_mapping(keys, config)
+            processor_kwargs["max_length"] = llava_qwen_max_length(raw)
         else:
+            if ignore_config_keys:
+                raise ValueError("ignore_config_keys applies to llava_qwen checkpoints only; this one is in transformers format")
             config = load_config(path, vision_config=vision_config)
             mapping = None
         attn = attn_implementation or default_attn_implementation(dtype)
+        from transformers import LlavaOnevisionModel
+
+        # loaded as transformers' class (its checkpoint-name conversions apply); __init__ switches it to LLaVE's packing
         model, info = LlavaOnevisionModel.from_pretrained(
             path,
             config=config,
@@ -251,7 +344,7 @@ class LLaVEEmbedder(nn.Module):
                 format_key_report(path, missing=missing, unexpected=unexpected, mismatched=mismatched,
                                   other=info.get("error_msgs", ()))
             )
-        processor = LLaVEProcessor.from_pretrained(path, config=config, tokenizer=tokenizer)
+        processor = LLaVEProcessor.from_pretrained(path, config=config, tokenizer=tokenizer, **processor_kwargs)
         return cls(model, processor)
 
     def save_pretrained(self, path: str, *, state_dict: dict | None = None, **kwargs) -> None:
@@ -276,14 +369,16 @@ class LLaVEEmbedder(nn.Module):
         # a given state dict (e.g. a 16-bit export) sets the stored dtype, so "auto" loads it as written
         dtypes = {v.dtype for v in (state_dict or {}).values() if torch.is_tensor(v) and v.is_floating_point()}
         self.model.save_pretrained(path, state_dict=dict(state_dict) if state_dict else None, **kwargs)
-        if len(dtypes) == 1:
-            _set_config_dtype(os.path.join(path, "config.json"), dtypes.pop())
+        _fix_saved_config(os.path.join(path, "config.json"), dtypes.pop() if len(dtypes) == 1 else None)
         self._processor.save_pretrained(path)
 
     # ---- the forward ------------------------------------------------------------------------
 
-    def _gather_images(self, batch: dict, input_ids: torch.Tensor):
-        """Validate the per-sample image entries and stack the image samples' tiles."""
+    def _gather_images(self, batch: dict, input_ids: torch.Tensor, mask: torch.Tensor):
+        """Validate the per-sample image entries and stack the image samples' tiles.
+
+        Returns (pixel values, image sizes, image tokens per image); a row cut inside its
+        image (the processor's ``max_length``) holds fewer image tokens than its features."""
         B = input_ids.shape[0]
         pixel_values, image_sizes = batch.get("pixel_values"), batch.get("image_sizes")
         if pixel_values is None:
@@ -298,8 +393,11 @@ class LLaVEEmbedder(nn.Module):
 
         cfg = self.model.config
         S = cfg.vision_config.image_size
-        n_img_tokens = (input_ids == cfg.image_token_index).sum(dim=1).tolist()
-        tiles, sizes = [], []
+        is_image = input_ids == cfg.image_token_index
+        n_img_tokens = is_image.sum(dim=1).tolist()
+        last = (input_ids.shape[1] - 1) - mask.flip(dims=[1]).argmax(dim=1)
+        ends_in_image = is_image[torch.arange(B, device=input_ids.device), last].tolist()
+        tiles, sizes, kept = [], [], []
         for i, (pv, size) in enumerate(zip(pixel_values, image_sizes)):
             if (pv is None) != (size is None):
                 raise ValueError(f"sample {i}: pixel_values and image_sizes must both be given or both be None")
@@ -323,18 +421,20 @@ class LLaVEEmbedder(nn.Module):
                 h, w, image_size=S, patch_size=cfg.vision_config.patch_size,
                 grid_pinpoints=cfg.image_grid_pinpoints, vision_aspect_ratio=cfg.vision_aspect_ratio,
             )
-            if n_img_tokens[i] != want_tokens:
+            cut = 0 < n_img_tokens[i] < want_tokens and ends_in_image[i]  # the sequence was cut inside the image
+            if n_img_tokens[i] != want_tokens and not cut:
                 raise ValueError(
                     f"sample {i} has {n_img_tokens[i]} image tokens but its image of (height, width) = {(h, w)} "
                     f"gives {want_tokens} visual features"
                 )
             tiles.append(pv)
             sizes.append((h, w))
+            kept.append(n_img_tokens[i])
         if not tiles:
-            return None, None
+            return None, None, []
         device = input_ids.device
         pixel = torch.cat(tiles).to(device=device, dtype=self.model.dtype, non_blocking=True)
-        return pixel, torch.tensor(sizes, dtype=torch.long, device=device)
+        return pixel, torch.tensor(sizes, dtype=torch.long, device=device), kept
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The batch dict of :mod:`llave_fast.model.processor` -> (B, d) float32, unit rows."""
@@ -360,21 +460,21 @@ class LLaVEEmbedder(nn.Module):
         lengths = mask.sum(dim=1)
         if bool((lengths == 0).any()):
             raise ValueError(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} have no real token (all padding)")
-        pixel_values, image_sizes = self._gather_images(batch, input_ids)
+        pixel_values, image_sizes, kept = self._gather_images(batch, input_ids, mask)
         n_dummy = 0
         if pixel_values is None and self.uniform_modules:
             input_ids, mask, pixel_values, image_sizes = self._append_dummy_image(input_ids, mask)
+            kept = [int((input_ids[-1] == self.model.config.image_token_index).sum())]
             n_dummy = 1
             L = input_ids.shape[1]
 
         # positions count real tokens only: left and right padding give the same positions
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids,
+        embeds = self._input_embeddings(input_ids, pixel_values, image_sizes, kept)
+        out = self.model.language_model(
+            inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
             use_cache=False,
         )
         hidden = out.last_hidden_state  # (B, L, D), after the final RMSNorm
@@ -386,6 +486,19 @@ class LLaVEEmbedder(nn.Module):
             # gradients) on this rank like on the others, and the result is unchanged
             pooled = pooled[:B] + 0.0 * pooled[B:].sum()
         return F.normalize(pooled.float(), dim=-1)
+
+    def _input_embeddings(self, input_ids, pixel_values, image_sizes, kept):
+        """Token embeddings with each image's visual features written over its image tokens,
+        in batch order; an image cut by ``max_length`` keeps its first features (as LLaVE's
+        cut of the whole sequence does)."""
+        m = self.model
+        embeds = m.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        feats = m.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output
+        feats = torch.cat([f[:k] for f, k in zip(feats, kept)]).to(embeds.dtype)
+        where = (input_ids == m.config.image_token_index).unsqueeze(-1)
+        return embeds.masked_scatter(where.expand_as(embeds), feats)
 
     def _append_dummy_image(self, input_ids, mask):
         """(input_ids, mask) plus one row holding a blank image; padded on the right to one length."""

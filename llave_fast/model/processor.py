@@ -18,9 +18,14 @@ What LLaVE (LLaVA-NeXT ``llava_qwen`` code) does, reproduced here:
   padding, then cut into ``image_size`` squares, row-major. The base view is the whole image
   resized to ``image_size`` x ``image_size`` (bicubic, aspect ignored) and comes first. Pixels
   are scaled by 1/255 and normalised with ``image_mean``/``image_std``.
-* Visual tokens per image (what ``LlavaOnevisionModel.pack_image_features`` produces): the
-  base view's n*n patches, then the crops' feature map with the padding cut away
-  ("unpad"), an ``image_newline`` after every row, shrunk when it exceeds ``anyres_max_N``.
+* Visual tokens per image (what LLaVE and :class:`~llave_fast.model.embedder.LLaVEOnevisionModel`
+  produce): the base view's n*n patches (n = image_size // patch_size, floored: 384-px tiles
+  of 14-px patches give 27 x 27 = 729), then the crops' feature map with the padding cut
+  away ("unpad", LLaVE's floored rule), shrunk when it exceeds ``anyres_max_N``, an
+  ``image_newline`` after every row.
+* Length: ``max_length`` (LLaVE's ``tokenizer_model_max_length``) cuts the whole sequence,
+  image tokens inserted, as LLaVE does; ``max_text_tokens`` (ours, optional) cuts the user
+  text alone.
 
 The batch contract (what :class:`LLaVEEmbedder.forward` takes; batch-first and aligned
 sample by sample so GradCache can split it)::
@@ -89,6 +94,40 @@ def num_image_tiles(height: int, width: int, *, image_size: int, grid_pinpoints)
     return 1 + math.ceil(best_h / image_size) * math.ceil(best_w / image_size)
 
 
+def unpadded_shape(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+    """(rows, cols) of a (rows, cols) feature map after LLaVE's unpad for an image of
+    (height, width): the rows (or columns) that only saw the centred black padding are cut.
+
+    LLaVE's rule, integer for integer: the kept extent is ``int(extent * scale)``, floored
+    (transformers rounds to 7 decimals first, which keeps one more row or column for some
+    sizes, e.g. a 94 x 423 (width x height) image with 27-patch tiles: LLaVE 11 columns,
+    transformers 13).
+    """
+    if width / height > cols / rows:  # padding was added above and below
+        kept = int(height * (cols / width))
+        pad = (rows - kept) // 2
+        return rows - 2 * pad, cols
+    kept = int(width * (rows / height))  # padding was added left and right
+    pad = (cols - kept) // 2
+    return rows, cols - 2 * pad
+
+
+def anyres_max_tiles(vision_aspect_ratio: str) -> int:
+    m = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}")
+    return int(m.group(1))
+
+
+def shrunk_shape(rows: int, cols: int, n: int, vision_aspect_ratio: str) -> tuple[int, int]:
+    """LLaVE's ``anyres_max_N`` rule: a map of more than 1.1 x sqrt(N tiles' worth) of features
+    is resized (bilinear) to (rows // ratio, cols // ratio)."""
+    ratio = math.sqrt(rows * cols / (anyres_max_tiles(vision_aspect_ratio) * n * n))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
 def count_image_tokens(
     height: int,
     width: int,
@@ -98,28 +137,16 @@ def count_image_tokens(
     grid_pinpoints,
     vision_aspect_ratio: str = "anyres_max_9",
 ) -> int:
-    """Visual features ``LlavaOnevisionModel`` produces for one image of this size.
+    """Visual features LLaVE produces for one image of this size (and the embedder too).
 
-    Mirrors ``pack_image_features`` step by step: base view n*n; the crops' (gh*n, gw*n)
-    map; unpad to the image's aspect ratio; shrink when over ``anyres_max_N`` tiles' worth;
-    one ``image_newline`` per row.
+    Base view n*n (n = image_size // patch_size: the patch convolution floors, so 384-px
+    tiles of 14-px patches give 27 x 27 = 729); the crops' (gh*n, gw*n) map; LLaVE's unpad
+    to the image's aspect ratio; the ``anyres_max_N`` shrink; one ``image_newline`` per row.
     """
     n = image_size // patch_size
     best_h, best_w = best_resolution(height, width, grid_pinpoints)
-    rows, cols = (best_h // image_size) * n, (best_w // image_size) * n
-    # unpad: cut the rows (or columns) that only saw the centred black padding
-    if width / height > cols / rows:
-        new_rows = int(round(height * (cols / width), 7))
-        pad = (rows - new_rows) // 2
-        rows = rows - 2 * pad
-    else:
-        new_cols = int(round(width * (rows / height), 7))
-        pad = (cols - new_cols) // 2
-        cols = cols - 2 * pad
-    max_tiles = int(vision_aspect_ratio.strip("anyres_max_"))
-    ratio = math.sqrt(rows * cols / (max_tiles * n * n))
-    if ratio > 1.1:
-        rows, cols = int(rows // ratio), int(cols // ratio)
+    rows, cols = unpadded_shape(height, width, (best_h // image_size) * n, (best_w // image_size) * n)
+    rows, cols = shrunk_shape(rows, cols, n, vision_aspect_ratio)
     return n * n + rows * (cols + 1)
 
 
@@ -167,14 +194,17 @@ class LLaVEProcessor:
         image_token: str = IMAGE_PLACEHOLDER,
         system_prompt: str = SYSTEM_PROMPT,
         max_text_tokens: int | None = None,
+        max_length: int | None = None,
     ):
         if tokenizer is None:
             raise ValueError("LLaVEProcessor needs a tokenizer")
         image_size, patch_size = int(image_size), int(patch_size)
-        if image_size <= 0 or patch_size <= 0 or image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be a positive multiple of patch_size ({patch_size})")
-        if not re.fullmatch(r"anyres_max_\d+", str(vision_aspect_ratio)):
-            raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}")
+        # the patch convolution floors: 384-px tiles of 14-px patches give 27 x 27 patches (so400m)
+        if patch_size <= 0 or image_size < patch_size:
+            raise ValueError(
+                f"image_size ({image_size}) must be at least patch_size ({patch_size}) and patch_size positive"
+            )
+        anyres_max_tiles(vision_aspect_ratio)
         if len(image_mean) != 3 or len(image_std) != 3 or any(s <= 0 for s in image_std):
             raise ValueError(f"image_mean/image_std must be 3 values (std > 0), got {image_mean!r}, {image_std!r}")
         self.tokenizer = tokenizer
@@ -191,6 +221,11 @@ class LLaVEProcessor:
             raise ValueError(f"max_text_tokens must be a positive int or None, got {max_text_tokens!r}")
         # the user text (not the template, not the image tokens) is cut to this many tokens
         self.max_text_tokens = max_text_tokens
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        # LLaVE's rule (``tokenizer_model_max_length``): the whole sequence, image tokens inserted,
+        # is cut to this many tokens; the pooled token is then the last one kept
+        self.max_length = max_length
 
         self.image_token_id = ensure_image_token(tokenizer, image_token)
         for tok in ("<|im_start|>", "<|im_end|>"):
@@ -244,7 +279,7 @@ class LLaVEProcessor:
             if key in pre and key not in kwargs:
                 kwargs[key] = pre[key]
         extra = pre.get("llave_fast", {})
-        for key in ("system_prompt", "max_text_tokens"):
+        for key in ("system_prompt", "max_text_tokens", "max_length"):
             if key in extra and key not in kwargs:
                 kwargs[key] = extra[key]
         if "image_token" not in kwargs:
@@ -270,7 +305,7 @@ class LLaVEProcessor:
             "do_pad": True,
             "image_grid_pinpoints": self.image_grid_pinpoints,
             "llave_fast": {"system_prompt": self.system_prompt, "image_token": self.image_token,
-                           "max_text_tokens": self.max_text_tokens},
+                           "max_text_tokens": self.max_text_tokens, "max_length": self.max_length},
         }
         with open(os.path.join(path, PREPROCESSOR_FILE), "w") as f:
             json.dump(cfg, f, indent=2)
@@ -403,6 +438,8 @@ class LLaVEProcessor:
             for _ in ps[1:]:
                 ids += [self.image_token_id] * self.num_image_tokens(*size)
                 ids += list(next(flat_ids))
+            if self.max_length is not None:
+                ids = ids[: self.max_length]  # LLaVE cuts after the image tokens are in, not the text alone
             sequences.append(ids)
 
         length = max(len(s) for s in sequences)
@@ -425,7 +462,8 @@ class LLaVEProcessor:
         return (
             f"LLaVEProcessor(image_size={self.image_size}, patch_size={self.patch_size}, "
             f"image_grid_pinpoints={self.image_grid_pinpoints}, vision_aspect_ratio={self.vision_aspect_ratio!r}, "
-            f"image_token={self.image_token!r} (id {self.image_token_id}), vocab={len(self.tokenizer)})"
+            f"image_token={self.image_token!r} (id {self.image_token_id}), vocab={len(self.tokenizer)}, "
+            f"max_length={self.max_length}, max_text_tokens={self.max_text_tokens})"
         )
 
 
