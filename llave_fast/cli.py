@@ -76,7 +76,8 @@ def _eval(args) -> int:
     from .evaluate import evaluate_model
 
     result = evaluate_model(args.model, args.data, image_dir=args.image_dir, num_eval=args.num_eval,
-                            seed=args.seed, image_size=args.image_size, batch=args.batch)
+                            seed=args.seed, image_size=args.image_size, batch=args.batch,
+                            device=args.device, dtype=args.dtype)
     print(json.dumps(result, indent=2))
     if args.output:
         with open(args.output, "w") as f:
@@ -103,6 +104,11 @@ def main(argv=None) -> int:
     p_eval.add_argument("--image-size", type=int, default=64)
     p_eval.add_argument("--batch", type=int, default=64)
     p_eval.add_argument("--output", default=None, help="write the metrics JSON here too")
+    p_eval.add_argument("--device", default="auto",
+                        help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu (default: auto)")
+    p_eval.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="weights' precision: auto = bf16 on CUDA (LLaVE evaluates with 16-bit weights), "
+                             "fp32 on CPU (default: auto)")
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]

@@ -11,18 +11,54 @@ import torch
 
 from .train import retrieval_eval
 
+EVAL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def eval_precision(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision ``llave-fast eval`` runs the model.
+
+    ``device``: "auto" (CUDA when present, else the CPU), "cuda", "cuda:N" or "cpu".
+    ``dtype``: "auto" (bf16 on CUDA, as LLaVE evaluates with 16-bit weights; fp32 on the
+    CPU), or one of bf16 / fp16 / fp32.
+    """
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str ('auto', 'cuda', 'cuda:N' or 'cpu'), got {type(device).__name__}")
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {device!r}") from e
+        if dev.type not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here (use --device cpu or auto)")
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in EVAL_DTYPES:
+        dt = EVAL_DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(EVAL_DTYPES)}, got {dtype!r}")
+    return dev, dt
+
 
 def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str | None = None,
-                   num_eval: int = 256, seed: int = 0, image_size: int = 64, batch: int = 64) -> dict:
+                   num_eval: int = 256, seed: int = 0, image_size: int = 64, batch: int = 64,
+                   device: str = "auto", dtype: str = "auto") -> dict:
+    """precision@1 of a saved model; on CUDA in bf16 by default (LLaVE's 16-bit evaluation),
+    on the CPU in fp32 (see :func:`eval_precision`). The result names the device and dtype."""
     from .data import MMEBDataset, SyntheticDataset, retrieval_candidates
     from .data.mmeb_eval import is_eval_file
     from .model import LLaVEEmbedder
 
-    model = LLaVEEmbedder.from_pretrained(model_path).eval()
+    dev, dt = eval_precision(device, dtype)
+    model = LLaVEEmbedder.from_pretrained(model_path, torch_dtype=dt).to(dev).eval()
+    where = {"device": str(dev), "dtype": str(dt).replace("torch.", "")}
     paths = [] if data == "synthetic" else data.split(",")
     if paths and all(is_eval_file(x) for x in paths):
         result = candidate_list_eval(model, paths, image_dir=image_dir, limit=num_eval, batch=batch)
-        result.update(model=model_path, data=data)
+        result.update(model=model_path, data=data, **where)
         return result
     if data == "synthetic":
         ds = SyntheticDataset(num_eval, seed=seed, split="eval", image_size=image_size)
@@ -35,7 +71,7 @@ def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str |
 
     with torch.no_grad():
         result = retrieval_eval(embed, model.processor, rset, batch)
-    result.update(model=model_path, data=data)
+    result.update(model=model_path, data=data, **where)
     return result
 
 

@@ -117,3 +117,33 @@ def test_eval_on_mmeb_candidate_lists(reference_run, tmp_path):
     bad.write_text(json.dumps({"qry_text": "x", "tgt_text": ["a", "b"], "tgt_img_path": [""]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl: row 0.*2 candidates but tgt_img_path has 1"):
         read_eval_file(str(bad))
+
+
+def test_eval_precision_follows_the_device(monkeypatch):
+    """`llave-fast eval`: bf16 on CUDA (LLaVE's 16-bit evaluation), fp32 on the CPU, flags override."""
+    from llave_fast.evaluate import eval_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_precision() == (torch.device("cpu"), torch.float32)
+    assert eval_precision("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        eval_precision("cuda")
+    with pytest.raises(ValueError, match="dtype must be 'auto' or one of"):
+        eval_precision("cpu", "int8")
+    with pytest.raises(ValueError, match="device must be"):
+        eval_precision("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_precision() == (torch.device("cuda"), torch.bfloat16)
+    assert eval_precision("auto", "fp32") == (torch.device("cuda"), torch.float32)
+
+
+def test_eval_runs_in_the_requested_precision(reference_run, tmp_path):
+    from llave_fast.evaluate import evaluate_model
+    from llave_fast.export import export_run
+
+    path = export_run(reference_run, str(tmp_path / "fp32"), dtype="fp32")
+    a = evaluate_model(path, "synthetic", num_eval=16, seed=3)
+    assert (a["device"], a["dtype"]) == ("cpu" if not torch.cuda.is_available() else "cuda",
+                                        "float32" if not torch.cuda.is_available() else "bfloat16")
+    b = evaluate_model(path, "synthetic", num_eval=16, seed=3, device="cpu", dtype="bf16")
+    assert (b["device"], b["dtype"]) == ("cpu", "bfloat16")
