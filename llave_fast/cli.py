@@ -44,13 +44,17 @@ def _bool(s: str) -> bool:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny_cpu.json", help="training config JSON (default: the tiny CPU demo)")
+    p.add_argument("--config", default="tiny_cpu.json",
+                   help="training config JSON, a path or a shipped preset: tiny_cpu.json (the CPU demo, default), "
+                        "llave_0.5b.json (ours: fine-tune LLaVE-0.5B, every pair of the global batch a negative), "
+                        "llave_0.5b_recipe.json (LLaVE's published recipe for the 0.5B model)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = _flag_type(hints[f.name])
         extra = {"nargs": "?", "const": True} if kind is _bool else {}
+        what = f.metadata.get("help", "")
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                       help=f"(built-in default {f.default!r}; the config file may set it)", **extra)
+                       help=f"{what} (built-in default {f.default!r}; the config file may set it)", **extra)
 
 
 def _train(args) -> int:

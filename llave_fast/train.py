@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,45 +30,74 @@ log = logging.getLogger("llave_fast.train")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of a run. Defaults are the embedded CPU demo (tiny model, synthetic data)."""
+    """Every knob of a run. Defaults are the embedded CPU demo (tiny model, synthetic data).
+    Each field is also a ``llave-fast train`` flag; its help is the metadata below."""
 
-    output_dir: str | None = None
-    model: str = "tiny"  # "tiny" (built from scratch) or a checkpoint folder / hub id
-    data: str = "synthetic"  # "synthetic" or MMEB-train files / folder
-    image_dir: str | None = None
-    subsets: list[str] | None = None
-    use_negatives: bool = False
-    skip_bad_rows: bool = False
-    num_train: int = 6144  # synthetic train samples
-    num_eval: int = 256  # held-out synthetic samples (queries and targets)
-    image_size: int = 64
-    max_text_tokens: int | None = None  # cut each query/target text to this many tokens
-    global_batch: int = 64
-    chunk_size: int = 32
-    steps: int = 160
-    lr: float = 1e-3  # language model
-    lr_projector: float = 1e-3
-    lr_vision: float = 1e-3  # 0 freezes the vision tower
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    logit_scale: float = 50.0
-    alpha: float = 9.0
-    loss_backend: str = "auto"
-    deepspeed_config: str = "zero3.json"
-    bf16: bool | None = None  # None: bf16 on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    seed: int = 0
-    eval_before: bool = True
-    eval_batch: int = 64
-    tensorboard: bool = False
-    progress: bool = True
-    stop_after: int | None = None  # stop (as if killed) after this many steps of this run; tests
+    output_dir: str | None = _opt(None, "run folder (checkpoints, logs, eval.json); default runs/<date-time>")
+    model: str = _opt("tiny", "'tiny' (built from scratch) or a checkpoint folder / hub id (llava_qwen, LLaVA-OneVision "
+                              "'llava' or transformers format)")
+    data: str = _opt("synthetic", "'synthetic' or MMEB-train files / folders (comma-separated) or a hub dataset name")
+    image_dir: str | None = _opt(None, "folder MMEB image paths are relative to")
+    subsets: list[str] | None = _opt(None, "MMEB subsets to train on (comma-separated); default all found")
+    mmeb_split: str | None = _opt(None, "MMEB shard split to read: 'original' (LLaVE) or 'diverse_instruction'; "
+                                        "None: every local file (hub: original)")
+    max_rows_per_subset: int | None = _opt(None, "keep the first N rows of each MMEB subset (LLaVE: 50000, "
+                                                 "about 662K pairs over its 20 subsets)")
+    use_negatives: bool = _opt(False, "also encode MMEB's hard negatives (neg_text/neg_image_path)")
+    skip_bad_rows: bool = _opt(False, "skip and log unusable data rows instead of stopping")
+    num_train: int = _opt(6144, "synthetic train samples")
+    num_eval: int = _opt(256, "held-out synthetic samples (queries and targets)")
+    image_size: int = _opt(64, "synthetic image side and the tiny model's tile size, px")
+    image_grid: str | None = _opt(None, "override the model's anyres grid: '(1x1),...,(2x2)' (tile counts, "
+                                        "width x height, LLaVE's form) or a list of [width, height] px pairs; "
+                                        "None keeps the checkpoint's (LLaVA-OneVision's own: 6x6)")
+    max_length: int | None = _opt(None, "LLaVE's rule: cut each whole sequence, image tokens inserted, to this many "
+                                        "tokens (LLaVE: 4096); None keeps the checkpoint's tokenizer_model_max_length "
+                                        "(none for transformers-format folders)")
+    max_text_tokens: int | None = _opt(None, "ours: cut each query/target's own text to this many tokens (the "
+                                             "template and image tokens are never cut)")
+    global_batch: int = _opt(64, "pairs per optimizer step over all ranks")
+    chunk_size: int = _opt(32, "GradCache chunk: samples per forward with gradients (activation memory)")
+    accumulation_steps: int = _opt(1, "LLaVE's negatives: cut each rank's share of a global batch into this many "
+                                      "micro-batches; each micro-batch's loss sees only its own pairs across ranks "
+                                      "(LLaVE: 8 ranks x 4 x 8 steps -> 32 pairs per loss) and the step's loss is "
+                                      "their mean, as gradient accumulation gives. 1 (ours): every pair of the "
+                                      "global batch is a negative for every query")
+    mask_duplicates: bool = _opt(True, "mask in-batch candidates identical to the positive (same target text and "
+                                       "image) as false negatives, both directions; LLaVE does not")
+    group_by_modality: bool = _opt(False, "LLaVE's sampler: every global batch holds only image queries or only "
+                                          "text-only queries (each modality's partial last batch is dropped)")
+    steps: int = _opt(160, "optimizer steps (ignored when epochs is set)")
+    epochs: float | None = _opt(None, "train for this many passes over the data (LLaVE: 1); sets steps = "
+                                      "floor(epochs x full global batches per epoch)")
+    lr: float = _opt(1e-3, "peak learning rate of the language model")
+    lr_projector: float = _opt(1e-3, "peak learning rate of the projector and image_newline")
+    lr_vision: float = _opt(1e-3, "peak learning rate of the vision tower; 0 freezes it (LLaVE)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (LLaVE: 0)")
+    warmup_steps: int = _opt(10, "linear warm-up steps (ignored when warmup_ratio is set)")
+    warmup_ratio: float | None = _opt(None, "warm-up as a fraction of the steps, rounded up (LLaVE: 0.03)")
+    min_lr_ratio: float = _opt(0.05, "cosine decay ends at this fraction of the peak (LLaVE: 0)")
+    grad_clip: float = _opt(1.0, "gradient norm clipping")
+    logit_scale: float = _opt(50.0, "the loss's inverse temperature (LLaVE: 50)")
+    alpha: float = _opt(9.0, "hardness weight of the loss (LLaVE: 9)")
+    loss_backend: str = _opt("auto", "fused loss backend: auto, triton, torch or reference")
+    deepspeed_config: str = _opt("zero3.json", "DeepSpeed config (a shipped name or a path)")
+    bf16: bool | None = _opt(None, "bf16 weights and compute; None: on CUDA yes, on CPU no")
+    gradient_checkpointing: bool = _opt(False, "activation checkpointing of every vision and language layer")
+    save_every: int = _opt(0, "checkpoint every N steps; 0: only at the end")
+    keep_checkpoints: int = _opt(2, "complete checkpoints kept")
+    seed: int = _opt(0, "data order and initialisation seed")
+    eval_before: bool = _opt(True, "precision@1 before training too (synthetic data)")
+    eval_batch: int = _opt(64, "samples per evaluation forward")
+    tensorboard: bool = _opt(False, "write TensorBoard logs under the run folder")
+    progress: bool = _opt(True, "progress bar")
+    stop_after: int | None = _opt(None, "stop (as if killed) after this many steps of this run; tests")
 
     @classmethod
     def from_json(cls, path: str) -> "TrainConfig":
@@ -158,9 +187,18 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
 
 
+def resolve_warmup(cfg: TrainConfig) -> int:
+    """Warm-up steps: ``ceil(warmup_ratio x steps)`` when a ratio is given (as Hugging Face's
+    Trainer rounds it), else ``warmup_steps``."""
+    if cfg.warmup_ratio is None:
+        return cfg.warmup_steps
+    return math.ceil(cfg.warmup_ratio * cfg.steps)
+
+
 def warmup_cosine(step: int, cfg: TrainConfig) -> float:
-    """LR multiplier: linear warm-up, then cosine down to min_lr_ratio."""
-    if step < cfg.warmup_steps:
+    """LR multiplier: linear warm-up over ``cfg.warmup_steps`` (resolved from warmup_ratio at
+    the start of a run), then cosine down to min_lr_ratio."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
@@ -179,6 +217,120 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)
     return order[pos * global_batch : (pos + 1) * global_batch].tolist()
+
+
+class BatchOrder:
+    """The sample indices of every global step, a pure function of (seed, step).
+
+    Plain: an epoch is a permutation of the data cut into global batches (the partial last one
+    dropped). Grouped by modality (``query_has_image`` given, LLaVE's sampler): each
+    modality's samples are permuted and cut into global batches of their own (each
+    modality's partial last batch dropped), and the epoch's batches are shuffled, so every
+    global batch holds only image queries or only text-only queries.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, query_has_image=None):
+        self.n, self.global_batch, self.seed = int(n), int(global_batch), int(seed)
+        self.groups = None
+        if query_has_image is not None:
+            import numpy as np
+
+            has = np.asarray(query_has_image, dtype=bool)
+            if has.shape != (self.n,):
+                raise ValueError(f"query_has_image must have one flag per sample ({self.n}), got shape {has.shape}")
+            self.groups = [torch.from_numpy(np.flatnonzero(has)), torch.from_numpy(np.flatnonzero(~has))]
+            self.per_epoch = sum(len(g) // self.global_batch for g in self.groups)
+        else:
+            self.per_epoch = self.n // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {self.n} samples"
+                + ("" if self.groups is None else f" ({len(self.groups[0])} image queries, {len(self.groups[1])} "
+                   f"text-only queries)")
+                + f": fewer than one global batch of {self.global_batch}"
+                + ("" if self.groups is None else " in either modality")
+            )
+        self._epoch, self._batches = None, None
+
+    def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = []
+        for members in self.groups:
+            order = members[torch.randperm(len(members), generator=g)]
+            full = len(order) // self.global_batch
+            batches += list(order[: full * self.global_batch].view(full, self.global_batch))
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __call__(self, step: int) -> list[int]:
+        if self.groups is None:
+            return batch_indices(step, self.n, self.global_batch, self.seed)
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[pos].tolist()
+
+
+class MicroStepLoss(torch.nn.Module):
+    """LLaVE's negatives: gradient accumulation where each micro-step's loss sees only its own pairs.
+
+    The rank's share of a global batch is cut into ``steps`` consecutive micro-batches; the
+    wrapped (cross-rank) loss is computed per micro-batch, so micro-batch i of every rank
+    meets only micro-batch i of the others (LLaVE: 8 ranks x 4 pairs = 32 pairs per loss),
+    and the mean over micro-steps is returned: the loss, hence the gradient, of gradient
+    accumulation with 1/steps scaling. Hard negatives (one per pair) are cut alike; so are
+    the duplicate-masking ids.
+    """
+
+    def __init__(self, loss_fn, steps: int):
+        super().__init__()
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"accumulation_steps must be a positive int, got {steps!r}")
+        self.loss_fn, self.steps = loss_fn, steps
+
+    def forward(self, query, target, *, negatives=None, target_ids=None, query_ids=None):
+        B = query.shape[0]
+        if B % self.steps:
+            raise ValueError(f"the rank's batch of {B} pairs does not split into accumulation_steps={self.steps}")
+        if negatives is not None and negatives.shape[0] != B:
+            raise ValueError(f"micro-step negatives need one hard negative per pair: {negatives.shape[0]} for {B}")
+        m = B // self.steps
+        losses = []
+        for i in range(self.steps):
+            sl = slice(i * m, (i + 1) * m)
+            tid = None
+            if target_ids is not None:
+                tid = target_ids[:B][sl] if negatives is None else torch.cat([target_ids[:B][sl], target_ids[B:][sl]])
+            losses.append(self.loss_fn(
+                query[sl], target[sl],
+                negatives=None if negatives is None else negatives[sl],
+                target_ids=tid,
+                query_ids=None if query_ids is None else query_ids[sl],
+            ))
+        return torch.stack(losses).mean()
+
+
+def check_config(cfg: TrainConfig, world: int) -> None:
+    """Refuse option values that cannot work, naming the option and what it got."""
+    if not isinstance(cfg.accumulation_steps, int) or cfg.accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be a positive int, got {cfg.accumulation_steps!r}")
+    if cfg.global_batch % world:
+        raise ValueError(f"global_batch={cfg.global_batch} must be divisible by the number of ranks ({world})")
+    per_rank = cfg.global_batch // world
+    if per_rank % cfg.accumulation_steps:
+        raise ValueError(
+            f"global_batch={cfg.global_batch} over {world} ranks gives {per_rank} pairs per rank, not divisible into "
+            f"accumulation_steps={cfg.accumulation_steps} micro-batches"
+        )
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise ValueError(f"epochs must be positive or None, got {cfg.epochs!r}")
+    if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1) or None, got {cfg.warmup_ratio!r}")
+    if cfg.max_length is not None and (not isinstance(cfg.max_length, int) or cfg.max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {cfg.max_length!r}")
+    if cfg.max_rows_per_subset is not None and cfg.max_rows_per_subset < 1:
+        raise ValueError(f"max_rows_per_subset must be a positive int or None, got {cfg.max_rows_per_subset!r}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -228,9 +380,13 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
                                  patch_size=max(4, cfg.image_size // 4), max_grid=1)
     else:
         model = LLaVEEmbedder.from_pretrained(cfg.model, torch_dtype=dtype)
+    if cfg.image_grid is not None:
+        model.set_image_grid(cfg.image_grid)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.processor.max_text_tokens = cfg.max_text_tokens
+    if cfg.max_length is not None:
+        model.processor.max_length = cfg.max_length
     return model
 
 
@@ -243,7 +399,8 @@ def _datasets(cfg: TrainConfig):
         return train, evals
     paths = cfg.data.split(",")
     train = MMEBDataset(paths, cfg.image_dir, subsets=cfg.subsets, use_negatives=cfg.use_negatives,
-                        skip_bad_rows=cfg.skip_bad_rows)
+                        skip_bad_rows=cfg.skip_bad_rows, split=cfg.mmeb_split,
+                        max_rows_per_subset=cfg.max_rows_per_subset)
     return train, None
 
 
@@ -263,11 +420,10 @@ def train(cfg: TrainConfig) -> dict:
     out = cfg.output_dir
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
+    check_config(cfg, world)
     ds_config = deepspeed_config(cfg, world, bf16)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg, ds_config, bf16)
@@ -279,6 +435,18 @@ def train(cfg: TrainConfig) -> dict:
         model.processor.save_pretrained(base)
     collator = PairCollator(model.processor, use_negatives=cfg.use_negatives)
     train_set, eval_set = _datasets(cfg)
+    order = BatchOrder(len(train_set), cfg.global_batch, cfg.seed,
+                       train_set.query_has_image() if cfg.group_by_modality else None)
+    if cfg.epochs is not None:
+        cfg.steps = max(1, int(cfg.epochs * order.per_epoch))
+        _log(rank, f"epochs={cfg.epochs}: {order.per_epoch} global batches of {cfg.global_batch} per epoch -> "
+                   f"{cfg.steps} steps")
+    if cfg.warmup_ratio is not None:
+        cfg.warmup_steps = resolve_warmup(cfg)
+        _log(rank, f"warmup_ratio={cfg.warmup_ratio}: {cfg.warmup_steps} warm-up steps of {cfg.steps}")
+    if rank == 0:  # the options as run (steps and warm-up resolved)
+        with open(os.path.join(out, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
     rset = None
     if eval_set is not None:
         from .data import retrieval_candidates
@@ -292,6 +460,8 @@ def train(cfg: TrainConfig) -> dict:
     )
     loss_fn = FusedHardnessLoss(cfg.logit_scale, cfg.alpha, backend=cfg.loss_backend, local_loss=True,
                                 gather_with_grad=True, rank=rank, world_size=world)
+    if cfg.accumulation_steps > 1:
+        loss_fn = MicroStepLoss(loss_fn, cfg.accumulation_steps)
     gc = GradCache(engine, loss_fn, cfg.chunk_size)
 
     ckpt_root = os.path.join(out, "checkpoints")
@@ -329,7 +499,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.stop_after is not None and step - start >= cfg.stop_after:
             break
         t0 = time.perf_counter()
-        idx = batch_indices(step, len(train_set), cfg.global_batch, cfg.seed)
+        idx = order(step)
         records = [train_set[i] for i in idx[rank * b_local : (rank + 1) * b_local]]
         batch = _to_device(collator(records), engine.device)
         target_ids = batch["target_ids"]
@@ -339,8 +509,8 @@ def train(cfg: TrainConfig) -> dict:
         # directions: q->t masks candidate targets with the positive's id, and t->q masks
         # candidate queries whose own target carries that id (so the queries are labelled
         # with their targets' ids)
-        local_loss = gc(batch["query"], batch["target"], batch.get("negatives"),
-                        target_ids=target_ids, query_ids=batch["target_ids"])
+        ids = dict(target_ids=target_ids, query_ids=batch["target_ids"]) if cfg.mask_duplicates else {}
+        local_loss = gc(batch["query"], batch["target"], batch.get("negatives"), **ids)
         lr_used = scheduler.get_last_lr()[-1]  # the rate this step applies
         engine.step()
         step += 1

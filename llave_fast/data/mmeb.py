@@ -414,6 +414,16 @@ class MMEBDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._row_idx)
 
+    def query_has_image(self) -> np.ndarray:
+        """(len,) bool: which queries carry an image (a non-empty ``qry_image_path``), read from
+        the table without opening any image; what batches grouped by modality need."""
+        out = np.zeros(len(self._row_idx), dtype=bool)
+        for s, src in enumerate(self.sources):
+            mine = self._src_idx == s
+            paths = src.cols["qry_image_path"]
+            out[mine] = [bool(paths[r]) for r in self._row_idx[mine]]
+        return out
+
     @property
     def subsets(self) -> list[str]:
         return sorted({s.subset for s in self.sources})

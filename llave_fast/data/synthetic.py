@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -328,6 +329,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     def task(self, i: int) -> str:
         return self.tasks[self._index(i) % len(self.tasks)]
+
+    def query_has_image(self) -> np.ndarray:
+        """(len,) bool: which queries carry an image (i2t and vqa do, t2i does not), without
+        drawing anything; what batches grouped by modality need."""
+        has = np.array([t != "t2i" for t in self.tasks], dtype=bool)
+        return has[np.arange(self.num_samples) % len(self.tasks)]
 
     def scene(self, i: int) -> Scene:
         """The scene of item ``i`` (what its image shows and its caption says)."""

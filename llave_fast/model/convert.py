@@ -185,7 +185,10 @@ def rope_theta_of(raw: dict) -> float:
 def check_known_keys(raw: dict, ignore=()) -> None:
     """Refuse a llava_qwen config with a key the converter neither reads nor knows to be
     harmless, or a read key whose value would change the forward in a way not reproduced."""
-    unknown = sorted(set(raw) - _READ_KEYS - _NO_EFFECT_KEYS - set(ignore or ()))
+    unknown = set(raw) - _READ_KEYS - _NO_EFFECT_KEYS - set(ignore or ())
+    if raw.get("mm_resampler_type") is None:  # a resampler's own settings, when there is no resampler
+        unknown = {k for k in unknown if not k.startswith(("mm_perceiver_", "mm_qformer_", "mm_mask_drop_"))}
+    unknown = sorted(unknown)
     if unknown:
         raise ValueError(
             f"the llava_qwen config has keys the converter does not understand: {unknown}. They may change the "

@@ -564,6 +564,28 @@ class LLaVEEmbedder(nn.Module):
 
     # ---- training switches ------------------------------------------------------------------
 
+    def set_image_grid(self, grid) -> None:
+        """Override the anyres grid of the model config and the processor alike.
+
+        ``grid`` in LLaVA-NeXT's (width, height) forms: ``"(1x1),...,(2x2)"`` (tile counts,
+        every grid in the range, times the tile size; LLaVE's setting) or a list of
+        [width, height] pixel pairs (or its JSON string). No weight depends on the grid.
+        """
+        from .convert import parse_grid_pinpoints
+        from .processor import _check_pinpoints
+
+        if self._processor is None:
+            raise ValueError("set_image_grid needs the processor (it tiles the images)")
+        S = self.model.config.vision_config.image_size
+        try:
+            pins = _check_pinpoints(parse_grid_pinpoints(grid, S), S)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"image_grid {grid!r} is not '(1x1),...,(2x2)' or a list of [width, height] pairs "
+                             f"of multiples of the tile size {S}: {e}") from e
+        self.model.config.image_grid_pinpoints = pins
+        self._processor.image_grid_pinpoints = [list(p) for p in pins]
+        self._dummy = None
+
     def gradient_checkpointing_enable(self) -> None:
         """Non-reentrant activation checkpointing of every vision and language layer."""
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
