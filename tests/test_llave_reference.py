@@ -428,3 +428,22 @@ def test_so400m_needs_no_vision_config_and_keeps_26_layers():
     cfg = convert_llava_qwen_config(raw, image_token_index=151646, vision_layers=vision_layers_in_checkpoint(names))
     assert cfg.vision_config.num_hidden_layers == 26 and cfg.vision_config.image_size == 384
     assert cfg.vision_config.patch_size == 14
+
+
+def test_llava_onevision_base_loads_and_takes_llaves_grid(tmp_path):
+    """The recipe's starting point: LLaVA-OneVision's own layout (model_type 'llava', a 6x6 grid,
+    tokenizer_model_max_length 32768). With LLaVE's grid and length put over it, it embeds as
+    LLaVE's forward does with those settings."""
+    six = [[w * TILE, h * TILE] for w in range(1, 7) for h in range(1, 7)]
+    raw = write_checkpoint(tmp_path, "released", model_type="llava", image_grid_pinpoints=six,
+                           tokenizer_model_max_length=32768, mm_vision_tower_lr=2e-6, mm_projector_lr=None)
+    m = LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=TOWER_CONFIG).eval()
+    assert len(m.config.image_grid_pinpoints) == 36 and m.processor.max_length == 32768
+    big = picture(2000, 1900, seed=4)
+    assert m.processor.num_image_tokens(1900, 2000) > 3699  # more than LLaVE's 2x2 grid can give
+    m.set_image_grid("(1x1),...,(2x2)")
+    m.processor.max_length = 4096
+    ref = Reference(tmp_path, dict(raw, image_grid_pinpoints="(1x1),...,(2x2)", tokenizer_model_max_length=4096))
+    got = m.encode([TEXTS[0]], [big]).double()[0]
+    err = (got - ref.embed(TEXTS[0].replace("<|image_1|>\n", ""), big)).abs().max().item()
+    assert err <= TOL, f"max abs error {err:.3e}"
