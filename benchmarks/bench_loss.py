@@ -44,13 +44,14 @@ TRITON_VARIANTS = {"triton_strip": "strip", "triton_tiles": "tiles"}
 TRITON_ALL = ("triton", *TRITON_VARIANTS)
 
 
-def triton_bwd_variant(backend: str, dtype: torch.dtype = torch.bfloat16) -> str:
-    """The backward a triton row runs on CUDA: forced, or the default configuration's."""
+def triton_bwd_variant(backend: str, dtype: torch.dtype = torch.bfloat16, d: int | None = None) -> str:
+    """The backward a triton row runs on CUDA: forced, or the default configuration's at width d
+    (the tile backward up to d = 256, the strip backward above)."""
     if backend in TRITON_VARIANTS:
         return TRITON_VARIANTS[backend]
     from llave_fast.backends.triton_backend import gpu_config
 
-    return gpu_config(dtype)["BWD"]
+    return gpu_config(dtype, D=d)["BWD"]
 BASELINES = ("reference", "compile", "gemm3")
 # not a loss: the three cuBLAS GEMMs the loss needs at least (fwd: S = q T^T; bwd: dS T and dS^T q)
 FLOOR = ("gemm3",)
@@ -83,10 +84,10 @@ CPU_MEMORY_WORKER_S = 4.0
 # --------------------------------------------------------------------------- FLOP counts
 
 
-def gemm_counts(backend: str, symmetric: bool, deterministic: bool) -> tuple[int, int]:
+def gemm_counts(backend: str, symmetric: bool, deterministic: bool, d: int | None = None) -> tuple[int, int]:
     """GEMM-equivalents (2*B*N*d FLOPs each) of (forward, backward) as each backend runs them."""
     if backend in TRITON_ALL:
-        if triton_bwd_variant(backend) == "strip":
+        if triton_bwd_variant(backend, d=d) == "strip":
             return 1, 3  # bwd: recompute S into dS, then the two GEMMs
         return 1, (4 if deterministic else 3)  # bwd: recompute S, dq, dT (+1 recompute if deterministic)
     if backend == "gemm3":
@@ -118,8 +119,11 @@ def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype
         plus the two gradients.
     torch: ~5 (chunk x N) accumulation-dtype temporaries + 1 bool, plus dq, dT and one
         B x d temporary (the positive's term) in the accumulation dtype.
-    triton: no B x N or chunk x N tensor: dq, dT fp32 + one B x d temporary (+ grads cast
-        back to a 16-bit input dtype).
+    triton, tile backward: no B x N or chunk x N tensor: dq, dT fp32 + one B x d temporary
+        (+ grads cast back to a 16-bit input dtype).
+    triton, strip backward: the dS strip (``strip_rows`` rows of ``ds_row_stride(N)``
+        elements, 16-bit for 16-bit inputs), dT fp32, dq fp32 (in the input dtype directly
+        when one bf16 strip holds all rows), one B x d temporary, the grads.
     """
     es = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
@@ -132,14 +136,16 @@ def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype
 
         Ec = chunk_rows(B, N, device) * N
         return 5 * Ec * acc + Ec + 3 * B * d * acc + (grads if es != acc else 0)
-    if backend in TRITON_ALL and triton_bwd_variant(backend, dtype) == "tiles":
+    if backend in TRITON_ALL and triton_bwd_variant(backend, dtype, d) == "tiles":
         return 3 * B * d * 4 + (grads if es != 4 else 0)
     if backend in TRITON_ALL:
-        from llave_fast.backends.triton_backend import gpu_config, strip_rows
+        from llave_fast.backends.triton_backend import ds_row_stride, gpu_config, strip_rows
 
-        cfg = gpu_config(dtype)
-        ds_es = 2 if dtype == torch.bfloat16 else 4
-        return strip_rows(cfg, B, N, ds_es) * N * ds_es + 3 * B * d * 4 + (grads if es != 4 else 0)
+        cfg = gpu_config(dtype, D=d)
+        ds_es = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+        R = strip_rows(cfg, B, N, ds_es)
+        dq_es = 2 if (R >= B and dtype == torch.bfloat16) else 4
+        return R * ds_row_stride(N) * ds_es + B * d * dq_es + 2 * B * d * 4 + (grads if es != 4 else 0)
     if backend == "gemm3":
         from gemm3 import gemm3_rows
 
@@ -516,7 +522,7 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
         r = rec["memory"].get("peak_live_bytes", rec["memory"]["peak_bytes"]) / model
         rec["memory"]["measured_over_analytic"] = r
         rec["memory"]["analytic_check"] = "ok" if 1 / 3 <= r <= 3 else "CHECK"
-    gf, gb = gemm_counts(name, args.symmetric, args.deterministic)
+    gf, gb = gemm_counts(name, args.symmetric, args.deterministic, d)
     uf, ub = (gf, gb) if name in FLOOR else USEFUL_GEMMS  # the floor's own count is its useful work
     one = 2.0 * B * B * d
     med = tm["median_ms"]

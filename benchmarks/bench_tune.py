@@ -39,8 +39,12 @@ EXTRA_FWD = [
     dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
 ]
 EXTRA_BWD = [
-    dict(BWD="strip", DS_STRIP_BYTES=64 << 20),
-    dict(BWD="strip", DS_STRIP_BYTES=1 << 30),
+    # strips instead of the default one strip (the whole dS fits DS_ONE_STRIP_BYTES at the
+    # acceptance point): 64 MiB and 256 MiB strips, DS_MIN_ROWS off so that the bytes decide
+    dict(BWD="strip", DS_ONE_STRIP_BYTES=0, DS_MIN_ROWS=0, DS_STRIP_BYTES=64 << 20),
+    dict(BWD="strip", DS_ONE_STRIP_BYTES=0, DS_MIN_ROWS=0, DS_STRIP_BYTES=256 << 20),
+    # an fp32 strip and fp32 GEMMs for 16-bit inputs (the fp16 path before its scaled fp16 strip)
+    dict(BWD="strip", DS_LOWP=False),
     dict(BWD="tiles", BWD_BM=32, BWD_BN=64, BK=64, num_warps=4, num_stages=3),
 ]
 
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
                    help="exercise the script on CPU tensors under TRITON_INTERPRET=1 with the interpreter's "
                         "small candidate lists (checks the logic, measures nothing useful)")
     args = p.parse_args(argv)
+    C.start_script()
     cpu = args.dry_run_cpu
     if cpu and not tb.interpreter_active():
         raise SystemExit("--dry-run-cpu needs TRITON_INTERPRET=1 in the environment")
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
           f"triton {meta['versions']['triton']}")
     one = 2.0 * B * B * d
     out = {"meta": meta, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "default": tb.launch_config(dev, B, B, d, dtype), "gpu_default": tb.gpu_config(dtype, sms),
+           "default": tb.launch_config(dev, B, B, d, dtype), "gpu_default": tb.gpu_config(dtype, sms, D=d),
            "fwd": [], "bwd": []}
 
     def write():
@@ -141,12 +146,37 @@ def main(argv=None) -> int:
     bkw = [dict(kw, row_lse=s.row_lse, col_lse=s.col_lse, g_row=g_row, g_col=g_col, pos_coef=pos) for s in stats]
     dq_ref, dt_ref = tb.strip_backward(*pairs[0], deterministic=True, **bkw[0])
 
-    # ---- forward candidates
-    fwd_cands = [dict()] + fwd_list
-    for cand in fwd_cands:
+    # the default forward first, then every backward candidate (which backward is the decision
+    # that matters most), then the other forward candidates: a deadline cuts the least useful
+    fwd_first, fwd_rest = [dict()], fwd_list
+    try:
+        tune_candidates(out, fwd_first, fwd_rest, bwd_list, pairs, kw, bkw, stats, dq_ref, dt_ref, one, args,
+                        dev, late, write)
+    except KeyboardInterrupt as exc:
+        out["interrupted"] = str(exc) or "KeyboardInterrupt (SIGINT)"
+        print(f"INTERRUPTED ({out['interrupted']}): summarising the candidates timed so far", flush=True)
+    if "interrupted" not in out:
+        try:
+            measure_floor(out, pairs, B, dtype, dev, gen, args)
+        except KeyboardInterrupt as exc:
+            out["interrupted"] = str(exc) or "KeyboardInterrupt (SIGINT)"
+    summarise(out)
+    write()
+    print(f"tuning results written to {args.out} ({time.perf_counter() - t_begin:.0f} s)")
+    return 130 if "interrupted" in out else 0
+
+
+def tune_candidates(out, fwd_first, fwd_rest, bwd_list, pairs, kw, bkw, stats, dq_ref, dt_ref, one, args, dev,
+                    late, write):
+    """Times the candidates in order: ``fwd_first``, every backward candidate, ``fwd_rest``.
+    Each is checked against the default configuration's outputs first; results are written
+    after each one."""
+
+    def run_fwd(cand):
         if late():
             out["fwd"].append({"config": cand, "status": "SKIPPED (deadline)"})
-            continue
+            return
+
         def fwd_body():
             s0 = tb.strip_forward(*pairs[0], need_col=True, need_e=False, **kw)
             err = max(float((s0.row_lse - stats[0].row_lse).abs().max()),
@@ -158,14 +188,12 @@ def main(argv=None) -> int:
         try_candidate(out["fwd"], {"config": cand}, cand, fwd_body, f"fwd {cand or 'default'}", "lse diff")
         write()
 
-    # ---- backward candidates (non-deterministic and deterministic requests)
-    bwd_cands = [(dict(), False), (dict(), True)] + [(c, False) for c in bwd_list]
-    bwd_cands += [(dict(c), True) for c in bwd_list if c["BWD"] == "tiles"][:1]
-    for cand, det in bwd_cands:
+    def run_bwd(cand, det):
         if late():
             out["bwd"].append({"config": cand, "deterministic": det, "status": "SKIPPED (deadline)"})
-            continue
-        def bwd_body(cand=cand, det=det):
+            return
+
+        def bwd_body():
             dq, dt = tb.strip_backward(*pairs[0], deterministic=det, **bkw[0])
             err = max(rel(dq, dq_ref), rel(dt, dt_ref))
             ms, raw = time_ms(lambda i: tb.strip_backward(*pairs[i % 2], deterministic=det, **bkw[i % 2]),
@@ -179,40 +207,55 @@ def main(argv=None) -> int:
                       f"bwd {cand or 'default'}{' deterministic' if det else ''}", "rel err vs default")
         write()
 
-    # ---- the floor, same inputs: S = q T^T, dS T, dS^T q (cuBLAS)
+    for cand in fwd_first:
+        run_fwd(cand)
+    # backward candidates (non-deterministic and deterministic requests)
+    bwd_cands = [(dict(), False), (dict(), True)] + [(c, False) for c in bwd_list]
+    bwd_cands += [(dict(c), True) for c in bwd_list if c["BWD"] == "tiles"][:1]
+    for cand, det in bwd_cands:
+        run_bwd(cand, det)
+    for cand in fwd_rest:
+        run_fwd(cand)
+
+
+def measure_floor(out, pairs, B, dtype, dev, gen, args):
+    """The floor, same inputs: S = q T^T, dS T, dS^T q (cuBLAS)."""
     dS = (torch.randn(B, B, device=dev, generator=gen) * 1e-3).to(dtype) if B * B <= (1 << 30) else None
-    if dS is not None:
-        ms_s, _ = time_ms(lambda i: torch.mm(pairs[i % 2][0], pairs[i % 2][1].t()), args.repeats, device=dev)
-        ms_b, _ = time_ms(lambda i: (torch.mm(dS, pairs[i % 2][1]), torch.mm(dS.t(), pairs[i % 2][0])),
-                          args.repeats, device=dev)
-        out["floor"] = {"S_ms": ms_s, "dq_dT_ms": ms_b, "three_gemms_ms": ms_s + ms_b}
-        del dS
+    if dS is None:
+        return
+    ms_s, _ = time_ms(lambda i: torch.mm(pairs[i % 2][0], pairs[i % 2][1].t()), args.repeats, device=dev)
+    ms_b, _ = time_ms(lambda i: (torch.mm(dS, pairs[i % 2][1]), torch.mm(dS.t(), pairs[i % 2][0])),
+                      args.repeats, device=dev)
+    out["floor"] = {"S_ms": ms_s, "dq_dT_ms": ms_b, "three_gemms_ms": ms_s + ms_b}
+
+
+def summarise(out):
+    """Best forward and backward against the default and the floor (printed and in ``out``)."""
     ok_f = [r for r in out["fwd"] if r.get("status") == "ok"]
     ok_b = [r for r in out["bwd"] if r.get("status") == "ok"]
-    if ok_f and ok_b:
-        bf = min(ok_f, key=lambda r: r["ms"])
-        bb = min(ok_b, key=lambda r: r["ms"])
-        bbd = min((r for r in ok_b if r["deterministic"] or r.get("variant") == "strip"), key=lambda r: r["ms"],
-                  default=None)
-        df, db = out["fwd"][0], out["bwd"][0]
-        summary = {"best_fwd": bf, "best_bwd": bb, "best_bwd_deterministic": bbd,
-                   "default_fwd_bwd_ms": df.get("ms", float("nan")) + db.get("ms", float("nan")),
-                   "best_fwd_bwd_ms": bf["ms"] + bb["ms"]}
-        if "floor" in out:
-            summary["best_over_floor"] = summary["best_fwd_bwd_ms"] / out["floor"]["three_gemms_ms"]
-            summary["default_over_floor"] = summary["default_fwd_bwd_ms"] / out["floor"]["three_gemms_ms"]
-        out["summary"] = summary
-        print()
-        print(f"default fwd+bwd {summary['default_fwd_bwd_ms']:.3f} ms; best {summary['best_fwd_bwd_ms']:.3f} ms "
-              f"(fwd {bf['config'] or 'default'}, bwd {bb['config'] or 'default'}"
-              f"{' deterministic' if bb['deterministic'] else ''})")
-        if "floor" in out:
-            print(f"three cuBLAS GEMMs {out['floor']['three_gemms_ms']:.3f} ms: best / floor = "
-                  f"{summary['best_over_floor']:.2f} (target <= 1.6), default / floor = "
-                  f"{summary['default_over_floor']:.2f}")
-    write()
-    print(f"tuning results written to {args.out} ({time.perf_counter() - t_begin:.0f} s)")
-    return 0
+    if not (ok_f and ok_b):
+        print("no summary: no forward or no backward candidate was timed")
+        return
+    bf = min(ok_f, key=lambda r: r["ms"])
+    bb = min(ok_b, key=lambda r: r["ms"])
+    bbd = min((r for r in ok_b if r["deterministic"] or r.get("variant") == "strip"), key=lambda r: r["ms"],
+              default=None)
+    df, db = out["fwd"][0], out["bwd"][0]
+    summary = {"best_fwd": bf, "best_bwd": bb, "best_bwd_deterministic": bbd,
+               "default_fwd_bwd_ms": df.get("ms", float("nan")) + db.get("ms", float("nan")),
+               "best_fwd_bwd_ms": bf["ms"] + bb["ms"]}
+    if "floor" in out:
+        summary["best_over_floor"] = summary["best_fwd_bwd_ms"] / out["floor"]["three_gemms_ms"]
+        summary["default_over_floor"] = summary["default_fwd_bwd_ms"] / out["floor"]["three_gemms_ms"]
+    out["summary"] = summary
+    print()
+    print(f"default fwd+bwd {summary['default_fwd_bwd_ms']:.3f} ms; best {summary['best_fwd_bwd_ms']:.3f} ms "
+          f"(fwd {bf['config'] or 'default'}, bwd {bb['config'] or 'default'}"
+          f"{' deterministic' if bb['deterministic'] else ''})")
+    if "floor" in out:
+        print(f"three cuBLAS GEMMs {out['floor']['three_gemms_ms']:.3f} ms: best / floor = "
+              f"{summary['best_over_floor']:.2f} (target <= 1.6), default / floor = "
+              f"{summary['default_over_floor']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # The prepared GPU run. Stages, most important first:
 #
-#   A   A1 compiled-kernel tests vs the float64 reference (pytest -m gpu, 8 workers)   <= 130 s
-#       A2 tuning sweep at B = N = 16384, d = 1536, bf16 (which backward, which tiles) <=  90 s
+#   A   A1 compiled-kernel tests vs the float64 reference (pytest -m gpu, 8 workers)   <= 110 s
+#       A2 tuning sweep at B = N = 16384, d = 1536, bf16 (which backward, which tiles:
+#          the backward candidates first)                                             <=  85 s
 #   B   B1 loss sweep at d = 1536, bf16, B = 4096, 16384, 65536, every backend
-#          (torch.compile at 16384 only), ceilings and the three-GEMM floor           <= 180 s
-#       B2 B = N = 262144: the strip backward, the floor, Inf-CL (1 warm-up + 1 run)   <= 110 s
+#          (torch.compile at 16384 only), ceilings and the three-GEMM floor           <= 165 s
+#       B2 B = N = 262144: the strip backward, the floor, Inf-CL (1 warm-up + 1 run)   <= 100 s
+#       B3 the kernel variants: strip vs tiles at d = 256 and 1536, bf16 and fp16
+#          (the scaled fp16 strip), B = N = 16383 (odd: the padded dS stride) and 16384 <= 70 s
 #   C   C1 the sweep at d = 896 and 3584; C2 the largest B per backend                 <= 300 s
 #
 # THE FIRST GPU RUN (15 minutes of device time per issue, machine start included):
 #   here, once:   bash benchmarks/fetch_wheels.sh          (Inf-CL's wheel into .whl/)
 #   device call:  command "bash benchmarks/gpu_check.sh AB", carry [".whl"], timeout_s 590
-# AB is stages A then B in one call: at most ~20 s of set-up + 510 s of steps (every step has
+# AB is stages A then B in one call: at most ~30 s of set-up + 530 s of steps (every step has
 # its own limit, above; typical runs are shorter), so with a 1-2 minute machine start the call
 # costs ~11-12 minutes and leaves ~3 minutes: rerun one failed stage at once on the still-warm
 # machine (it goes back 30 s after a call; a fresh start costs 1-2 minutes and needs 4 left),
 # else give the machine back. C is for a later lease: "bash benchmarks/gpu_check.sh C", 330.
 #
 # Files under $OUT (default ./gpu_out; the device tool returns at most 8):
-#   A: log_A.txt, tests.xml, tune.json   B: log_B.txt, loss.json, loss.png, loss_262k.json
+#   A: log_A.txt, tests.xml, tune.json   B: log_B.txt, loss.json, loss.png, loss_262k.json,
+#   loss_variants.json (AB: 8 files)
 #   C: log_C.txt, loss_wide.json, loss_wide.png, maxb.json
 # Each step runs under run_step (benchmarks/_steps.sh): SIGINT at its limit, so the scripts
 # and pytest write what they have; the JSON files are also rewritten as results come in.
@@ -35,7 +39,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # shellcheck source=benchmarks/_steps.sh
 source benchmarks/_steps.sh
-LIMIT_A1=${LIMIT_A1:-130}; LIMIT_A2=${LIMIT_A2:-90}; LIMIT_B1=${LIMIT_B1:-180}; LIMIT_B2=${LIMIT_B2:-110}
+LIMIT_A1=${LIMIT_A1:-110}; LIMIT_A2=${LIMIT_A2:-85}; LIMIT_B1=${LIMIT_B1:-165}; LIMIT_B2=${LIMIT_B2:-100}
+LIMIT_B3=${LIMIT_B3:-70}
 LIMIT_C1=${LIMIT_C1:-170}; LIMIT_C2=${LIMIT_C2:-130}
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -136,9 +141,19 @@ stage_B() {
             --warmup-for inf_cl=1 --repeats-for inf_cl=1 --sequential --n-inputs 2 --no-ceilings --no-plot \
             --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
     fi
+    step "B3. kernel variants at B = N = 16383 (odd) and 16384: strip vs tiles at d = 256 and 1536, bf16 and fp16"
+    if [ "$DRY" = 1 ]; then
+        run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 16 32 --B 63 64 \
+            --backends torch reference --repeats 2 --no-live-memory --no-plot --point-budget-s 0.2 \
+            --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
+    else
+        run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 fp16 --d 256 1536 \
+            --B 16383 16384 --backends triton_strip triton_tiles gemm3 --warmup 1 --repeats 5 --point-budget-s 1 \
+            --no-ceilings --no-plot --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
+    fi
     step "B summary"
     local files=()
-    for f in loss.json loss_262k.json; do [ -f "$OUT/$f" ] && files+=("$OUT/$f"); done
+    for f in loss.json loss_262k.json loss_variants.json; do [ -f "$OUT/$f" ] && files+=("$OUT/$f"); done
     [ ${#files[@]} -gt 0 ] && "$PY" benchmarks/report.py "${files[@]}"
     return 0
 }

@@ -2,8 +2,8 @@
 
 ``tile``          shared tile arithmetic: the similarity tile and its masked logits
 ``hardness_fwd``  one sweep: row and column log-sum-exp partials
-``hardness_bwd``  recompute: dq by row owners; dT by fp32 atomics, or by column owners for determinism
-``hardness_ds``   recompute, strip variant: dS of a block of rows, for two library GEMMs (dq, dT)
+``hardness_bwd``  recompute: dq by row owners; dT by relaxed fp32 atomics, or by column owners for determinism
+``hardness_ds``   recompute, strip variant: dS of a block of rows (bf16, scaled fp16 or fp32), for two library GEMMs
 
 Importing this package imports triton; nothing here probes CUDA.
 """

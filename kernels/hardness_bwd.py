@@ -10,12 +10,19 @@ fp32 before dS is rounded to a 16-bit GEMM operand (near P_ii = 1 the difference
 and would otherwise carry the rounding error of P_ii). Then dq = dS @ T and dT = dS^T @ q,
 in chunks of BK embedding columns so that any d fits.
 
-MODE 0: a program owns a row block and walks all column blocks in order; it owns dq
-        (read-modify-write, no atomics) and adds its dT contributions with fp32 atomics:
-        4 GEMM-equivalents in all, dT's summation order varies run to run.
+MODE 0: a program owns a row block and walks all column blocks; it owns dq
+        (read-modify-write, no atomics) and adds its dT contributions with relaxed fp32
+        atomics (``sem="relaxed"``: fire-and-forget reductions without acquire/release
+        ordering; nothing reads dT before the kernel ends): 4 GEMM-equivalents in all,
+        dT's summation order varies run to run.
 MODE 1: as MODE 0 but dq only.
-MODE 2: a program owns a column block and walks all row blocks in order: dT only.
+MODE 2: a program owns a column block and walks all row blocks: dT only.
 MODE 1 + MODE 2 is the deterministic pair: bitwise reproducible, one extra recompute.
+
+Staggered walk: program p visits its blocks in the order p, p + 1, ... (mod the count)
+instead of all starting at block 0, so that at any moment the programs work on different
+dT columns (MODE 0: fewer atomics on the same addresses at once) and read different T
+tiles. The order is fixed per program, so MODE 1 + 2 stays bitwise reproducible.
 """
 
 import triton
@@ -28,11 +35,14 @@ from .tile import positive_mask, sim_tile, tile_logits
 def _dS_tile(
     q_ptr, t_ptr, row0, col0, B, NT, N_COL, D, offset, scale, alpha,
     tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr, sigma_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr,
 ):
+    """dS of one tile in fp32, the positive's term included; times sigma (loaded from
+    ``sigma_ptr``, a power of two) when SCALED, folded into the two scalars/vectors that
+    multiply the tile (exact: a power-of-two factor changes no mantissa)."""
     rows = row0 + tl.arange(0, BM)
     cols = col0 + tl.arange(0, BN)
     S = sim_tile(q_ptr, t_ptr, row0, col0, B, NT, D, BM, BN, BK, UPCAST, PREC)
@@ -55,7 +65,13 @@ def _dS_tile(
     # the positive's term, in fp32: - s * (g_row_i + g_col_i) at column p_i = offset + i
     pos = tl.load(pos_ptr + rows, mask=rmask, other=0.0)
     is_pos = positive_mask(row0, col0, offset, BM, BN)
-    return dS * scale - tl.where(is_pos, pos[:, None], 0.0)
+    coef = scale
+    if SCALED:
+        # sigma * dS = (sigma * s) * (...) - sigma * pos_i: sigma folded into a scalar and a BM vector
+        sigma = tl.load(sigma_ptr)
+        coef = scale * sigma
+        pos = pos * sigma
+    return dS * coef - tl.where(is_pos, pos[:, None], 0.0)
 
 
 @triton.jit
@@ -77,14 +93,15 @@ def hardness_bwd_kernel(
     else:
         loop_n = n_cb
     for it in range(0, loop_n):
-        # tile coordinates are fresh each iteration (no loop-carried index changes type);
-        # "+ pid * 0" keeps them int64 like pid
+        # staggered: program p starts at block p (mod the count), a fixed order per program.
+        # Tile coordinates are fresh each iteration (no loop-carried index changes type);
+        # "+ pid" makes them int64 like pid
         if MODE == 2:
-            rb = it + pid * 0
+            rb = (it + pid) % n_rb
             cb = pid
         else:
             rb = pid
-            cb = it + pid * 0
+            cb = (it + pid) % n_cb
         rl = tl.arange(0, BM)
         cl = tl.arange(0, BN)
         rmask = (rb * BM + rl) < B
@@ -97,8 +114,8 @@ def hardness_bwd_kernel(
         dS = _dS_tile(
             q_ptr, t_ptr, rb * BM, cb * BN, B, NT, N_COL, D, offset, scale, alpha,
             tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-            row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr,
-            BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC,
+            row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr, pos_ptr,
+            BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC, False,
         )
         if DS_LOWP:
             # tensor-core operands in the input precision (bf16), accumulation in fp32
@@ -125,7 +142,8 @@ def hardness_bwd_kernel(
                 dt_blk = tl.dot(tl.trans(dS_op), q_blk, input_precision=PREC)
                 dt_off = dt_rows + cl[:, None] * D + ks[None, :]
                 if MODE == 0:
-                    tl.atomic_add(dt_off, dt_blk, mask=cmask[:, None] & kmask)
+                    # relaxed: only the sum matters, and nothing reads dT until the kernel ends
+                    tl.atomic_add(dt_off, dt_blk, mask=cmask[:, None] & kmask, sem="relaxed")
                 else:
                     acc = tl.load(dt_off, mask=cmask[:, None] & kmask, other=0.0)
                     tl.store(dt_off, acc + dt_blk, mask=cmask[:, None] & kmask)

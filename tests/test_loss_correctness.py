@@ -232,13 +232,221 @@ def test_strip_gemm_into_fp32(monkeypatch, accumulate):
 
 
 def test_strip_rows_rule():
-    from llave_fast.backends.triton_backend import gpu_config, strip_rows
+    from llave_fast.backends.triton_backend import ds_row_stride, gpu_config, strip_rows
 
     cfg = gpu_config(torch.bfloat16)
-    assert strip_rows(cfg, 16384, 16384, 2) == 8192  # 256 MiB of bf16 dS
-    assert strip_rows(cfg, 262144, 262144, 2) == 1024  # DS_MIN_ROWS beats the byte budget at huge N
+    assert [ds_row_stride(n) for n in (1, 42, 64, 65, 16384, 16391)] == [64, 64, 64, 128, 16384, 16448]
+    assert strip_rows(cfg, 16384, 16384, 2) == 16384  # the whole 512 MiB bf16 dS fits the 1 GiB one-strip budget
+    assert strip_rows(cfg, 16384, 16384, 4) == 16384  # fp32: exactly 1 GiB, still one strip
+    assert strip_rows(cfg, 16384, 16391, 4) == 4096  # padded to 16448 columns: over 1 GiB; 256 MiB = 4080 rows -> 4096
+    assert strip_rows(cfg, 65536, 65536, 2) == 4096  # 8 GiB: strips of 256 MiB = 2048 rows, raised to DS_MIN_ROWS
+    assert strip_rows(cfg, 262144, 262144, 2) == 4096  # DS_MIN_ROWS beats the byte budget at huge N
     assert strip_rows(cfg, 300, 16384, 2) == 300  # never more than B
     assert strip_rows({**cfg, "DS_STRIP_ROWS": 77}, 1000, 10, 2) == 77
+    multi = {**cfg, "DS_ONE_STRIP_BYTES": 0, "DS_MIN_ROWS": 0}
+    assert strip_rows(multi, 16384, 16384, 2) == 8192  # 256 MiB strips when one strip is refused
+    assert strip_rows({**multi, "DS_STRIP_BYTES": 1}, 1000, 10, 2) == 128  # at least one row tile
+
+
+def test_default_backward_by_width(monkeypatch):
+    """On CUDA the tile backward is the default up to d = 256, the strip backward above (and
+    when d is not given); LLAVE_FAST_BWD and kernel_config(BWD=...) still override. The
+    device is faked (only its SM count is read): the rule is host-side."""
+    import types
+
+    from llave_fast.backends.triton_backend import TILES_MAX_D, gpu_config, launch_config
+
+    assert TILES_MAX_D == 256
+    assert gpu_config(torch.bfloat16)["BWD"] == "strip"  # one argument: still callable (bench scripts)
+    assert gpu_config(torch.bfloat16, 132, D=256)["BWD"] == "tiles"
+    assert gpu_config(torch.float16, D=257)["BWD"] == "strip"
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    monkeypatch.delenv("LLAVE_FAST_BWD", raising=False)
+    cuda = torch.device("cuda", 0)
+    assert launch_config(cuda, 4096, 4096, 128, torch.bfloat16)["BWD"] == "tiles"
+    assert launch_config(cuda, 4096, 4096, 1536, torch.bfloat16)["BWD"] == "strip"
+    with kernel_config(BWD="strip"):
+        assert launch_config(cuda, 4096, 4096, 128, torch.bfloat16)["BWD"] == "strip"
+    monkeypatch.setenv("LLAVE_FAST_BWD", "tiles")
+    assert launch_config(cuda, 4096, 4096, 1536, torch.bfloat16)["BWD"] == "tiles"
+    monkeypatch.delenv("LLAVE_FAST_BWD")
+    assert launch_config(torch.device("cpu"), 4096, 4096, 1536, torch.bfloat16)["BWD"] == "tiles"  # interpreter
+
+
+def test_strip_dtype_rule():
+    from llave_fast.backends.triton_backend import ds_dtype, gpu_config
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = gpu_config(torch.bfloat16)
+    assert ds_dtype(cfg, torch.bfloat16, cuda) == torch.bfloat16
+    assert ds_dtype(cfg, torch.float16, cuda) == torch.float16  # scaled by sigma
+    assert ds_dtype(cfg, torch.float32, cuda) == torch.float32
+    assert ds_dtype(cfg, torch.float16, cpu) == torch.float16  # fp16 is exact under the interpreter
+    assert ds_dtype(cfg, torch.bfloat16, cpu) == torch.float32  # the interpreter truncates to bf16
+    assert ds_dtype({**cfg, "DS_LOWP": True}, torch.bfloat16, cpu) == torch.bfloat16
+    assert ds_dtype({**cfg, "DS_LOWP": False}, torch.float16, cuda) == torch.float32
+
+
+def test_strip_fp16_scale_is_an_exact_power_of_two():
+    """sigma = 2^(15 - e) for M = |s| (max|g_row| + max|g_col|) = m 2^e: sigma * M in [2^14, 2^15),
+    sigma and 1/sigma exact powers of two; all-zero gradients and extreme ones stay finite."""
+    from llave_fast.backends.triton_backend import SIGMA_MAX_EXP, ds_scale
+
+    g = torch.Generator().manual_seed(5)
+    for mag in (1e-20, 1e-6, 3e-3, 1.0, 2.0, 700.0, 1e3, 1e9):
+        g_row = torch.randn(37, generator=g) * mag
+        g_col = torch.randn(41, generator=g) * mag
+        for gc, s in ((g_col, 50.0), (None, 14.3)):
+            sigma, inv = ds_scale(g_row, gc, s)
+            assert sigma.shape == (1,) and sigma.dtype == torch.float32 and inv.dtype == torch.float32
+            mant, _ = torch.frexp(sigma)
+            assert mant.item() == 0.5 and (sigma * inv).item() == 1.0, (mag, sigma, inv)
+            M = s * (g_row.abs().max().double() + (0 if gc is None else gc.abs().max().double()))
+            assert 2.0 ** 14 <= sigma.double().item() * M.item() < 2.0 ** 15, (mag, sigma, M)
+    sigma, inv = ds_scale(torch.zeros(5), torch.zeros(5), 50.0)
+    assert torch.isfinite(sigma).all() and torch.isfinite(inv).all() and sigma.item() == 2.0 ** 15
+    sigma, inv = ds_scale(torch.full((3,), 1e-38), None, 1e-3)
+    assert sigma.item() == 2.0 ** SIGMA_MAX_EXP and inv.item() == 2.0 ** -SIGMA_MAX_EXP
+
+
+# ---- padded strip stride, fp16 scaled strip, bf16 strip with dq in bf16
+# NT = B + M = 37 + 5 = 42: not a multiple of 16; the strip's rows are 64 elements apart
+PAD_STRIP = dict(BWD="strip", BK=16, DS_BM=16, DS_BN=16, DS_GROUP_M=2, DS_STRIP_ROWS=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows", [16, None], ids=["strips-of-16", "one-strip"])
+def test_strip_padded_stride_odd_nt(dtype, rows, gen, seed):
+    """NT = 42 (hard negatives, M odd): the dS strip's row stride is padded to 64; the last
+    column tile straddles NT, and the GEMMs read only the [:rows, :NT] view."""
+    from llave_fast.backends.triton_backend import ds_row_stride
+
+    assert ds_row_stride(37 + 5) == 64
+    case = make_case(gen, 37, 33, 5, dtype, masks="tid_neg", learnable_scale=True, seed=seed,
+                     label=f"padded strip rows={rows}")
+    with kernel_config(**{**PAD_STRIP, "DS_STRIP_ROWS": rows}):
+        check_backend(case, "triton", MARGIN[dtype], gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_strip_padded_stride_poisoned(dtype, monkeypatch, gen, seed):
+    """LLAVE_FAST_POISON=1: the strip buffer (padding included) and dq start as NaN, so an
+    element of the [:rows, :NT] view the kernel does not write, or a padding column a GEMM
+    reads, shows as NaN in the gradients. 3 strips of 16 rows (the last partial), NT = 42."""
+    monkeypatch.setenv("LLAVE_FAST_POISON", "1")
+    for masks, reduction, sym in (("tid_neg", "mean", True), ("tid", "none", False)):
+        case = make_case(gen, 37, 33, 5, dtype, masks=masks, learnable_scale=True, reduction=reduction,
+                         symmetric=sym, seed=seed, label="poisoned padded strip")
+        with kernel_config(**PAD_STRIP):
+            check_backend(case, "triton", MARGIN[dtype], gen)
+
+
+def _wide_upstream(gen, B):
+    """Per-row upstream gradients from 1e-6 to 1e3 in magnitude (log-uniform, random signs),
+    both ends present."""
+    u = torch.rand(B, generator=gen, dtype=torch.float64) * 9 - 6
+    g = torch.sign(torch.randn(B, generator=gen, dtype=torch.float64)) * 10 ** u
+    g[0], g[1] = 1e-6, -1e3
+    return g
+
+
+def _dS_truth(case, g):
+    """dL/dS (B x NT, float64) from the reference itself: with queries I (B x B) and
+    candidates Tc q^T, the reference's similarity matrix is S = q Tc^T and the gradient of
+    its candidates is dS^T (no second copy of the formula)."""
+    f64 = torch.float64
+    q = case.q.double()
+    tq = (case.t.double() @ q.t()).requires_grad_(True)
+    nq = None if case.neg is None else (case.neg.double() @ q.t()).requires_grad_(True)
+    out = reference_loss(torch.eye(case.B, dtype=f64), tq, logit_scale=case.scale, alpha=case.alpha,
+                         symmetric=case.symmetric, reduction=case.reduction, negatives=nq,
+                         target_ids=case.target_ids, query_ids=case.query_ids)
+    grads = torch.autograd.grad(out, [tq] + ([] if nq is None else [nq]), g.reshape(out.shape))
+    return torch.cat(grads).t()
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "oneway"])
+def test_strip_fp16_scaled_wide_upstream(symmetric, gen, seed):
+    """The fp16 strip with upstream gradients spanning 1e-6..1e3 (reduction "none"): unscaled,
+    |dS| reaches s * 1e3 = 5e4 (1e5 both ways) against fp16's 65504; scaled, nothing
+    overflows, and no row underflows beyond what the kernel's docstring allows.
+
+    Per row of dq, dt and dneg, against the same backward with an fp32 strip (DS_LOWP=False:
+    the same fp32 dS, not rounded), the extra error is bounded by what an fp16 dS operand
+    can cost (hardness_ds: 2^-11 of each entry, or 2^-25 / sigma below fp16's normal range)
+    summed through the GEMM, |dS| @ |T| for dq and |dS|^T @ |q| for dT (rows with
+    cancellation get a proportionally larger bound, as they should), plus the two outputs'
+    rounding to fp16. Norm-wise, the loss and every gradient obey 2 * (fp32 eager error +
+    the truth's rounding to fp16) + 1e-3 (the dS rounding, 2^-11, doubled for cancellation)
+    and the CCE rule."""
+    from llave_fast.backends.triton_backend import ds_scale
+
+    B = 41
+    case = make_case(gen, B, 33, 7, torch.float16, masks="tid_neg", symmetric=symmetric, reduction="none",
+                     learnable_scale=True, seed=seed, label="fp16 strip, upstream 1e-6..1e3")
+    g = _wide_upstream(gen, B)
+    g32 = (g * (0.5 if symmetric else 1.0)).float()
+    sigma, _ = ds_scale(g32, g32 if symmetric else None, case.scale)
+    assert sigma.item() < 1.0, f"the scale must bring |dS| ~ 5e4 down, got sigma {sigma.item()}"
+    truth = run_truth(case, g)
+    acc32 = run(case, torch.float32, g, backend=None)
+    with kernel_config(**STRIP_TILES):
+        got = run(case, torch.float16, g, backend="triton")
+        check_backend(case, "triton", MARGIN[torch.float16], gen, upstream=g, accumulation_rule=False)
+    with kernel_config(**STRIP_TILES, DS_LOWP=False):
+        got32 = run(case, torch.float16, g, backend="triton")
+
+    def bound(ref, acc):
+        return 2 * (rel_err(acc, ref) + rel_err(ref.to(torch.float16), ref)) + 1e-3
+
+    assert rel_err(got.out, truth.out) <= bound(truth.out, acc32.out), mismatch_report("loss", got.out, truth.out)
+    for n, ref in truth.grads.items():
+        x = got.grads[n]
+        assert torch.isfinite(x).all(), mismatch_report(f"{n} (non-finite)", x, ref)
+        err, b = rel_err(x, ref), bound(ref, acc32.grads[n])
+        assert err <= b, mismatch_report(n, x, ref, err=err, bound=b)
+    # per row: the fp16 operand bound
+    dS = _dS_truth(case, g).abs()
+    Tc = torch.cat([case.t, case.neg]).double().abs()
+    floor = 2.0 ** -25 / sigma.double().item()  # absolute error of an entry below fp16's normal range
+    op_err = {"dq": 2.0 ** -11 * dS @ Tc + floor * Tc.sum(0)}
+    dT_err = 2.0 ** -11 * dS.t() @ case.q.double().abs() + floor * case.q.double().abs().sum(0)
+    op_err["dt"], op_err["dneg"] = dT_err[:B], dT_err[B:]
+    worst = 0.0
+    for n, e in op_err.items():
+        ref, x, x32 = truth.grads[n], got.grads[n].double(), got32.grads[n].double()
+        for i in range(ref.shape[0]):
+            rounding = 2.0 ** -11 * (ref[i].abs() + x32[i].abs()).norm()
+            b = ((x32[i] - ref[i]).norm() + e[i].norm() + rounding + 1e-12 * ref[i].norm()).item()
+            err = (x[i] - ref[i]).norm().item()
+            worst = max(worst, err / b)
+            assert err <= b, mismatch_report(f"{n}[{i}]", x[i], ref[i], context=(
+                f"row {i}, upstream {g[i].item():.2e}: |error| {err:.3e} > bound {b:.3e} (fp32 strip's error "
+                f"{(x32[i] - ref[i]).norm().item():.3e}, fp16 operand {e[i].norm().item():.3e})"))
+    assert worst > 0.0
+
+
+def test_strip_bf16_one_strip_writes_dq_in_bf16(gen, seed):
+    """A bf16 strip (forced on the CPU with DS_LOWP=True: the interpreter truncates to bf16
+    instead of rounding, so only the CCE rule applies) in one strip returns dq in bf16
+    straight from the GEMM; with several strips dq stays fp32. Both match the truth."""
+    from llave_fast.backends import triton_backend as tb
+    from llave_fast.backends.common import StripIds
+
+    case = make_case(gen, 37, 33, 5, torch.bfloat16, masks="tid_neg", learnable_scale=True, seed=seed,
+                     label="bf16 strip on the CPU")
+    for rows, want in ((None, torch.bfloat16), (16, torch.float32)):
+        with kernel_config(**{**PAD_STRIP, "DS_STRIP_ROWS": rows, "DS_LOWP": True}):
+            check_backend(case, "triton", MARGIN[torch.bfloat16], gen, accumulation_rule=False)
+            Tc = torch.cat([case.t, case.neg])
+            g_row = torch.rand(37, generator=gen) / 37
+            stats = tb.strip_forward(case.q, Tc, n_col=37, offset=0, scale=50.0, alpha=9.0, ids=StripIds(),
+                                     need_col=True, need_e=False)
+            dq, dTc = tb.strip_backward(case.q, Tc, n_col=37, offset=0, scale=50.0, alpha=9.0, ids=StripIds(),
+                                        row_lse=stats.row_lse, col_lse=stats.col_lse, g_row=g_row, g_col=g_row,
+                                        pos_coef=(2 * 50.0) * g_row, deterministic=False)
+        assert dq.dtype == want and dTc.dtype == torch.float32, (rows, dq.dtype, dTc.dtype)
 
 
 def test_bwd_variant_from_environment(monkeypatch, gen):
@@ -464,6 +672,24 @@ def test_triton_deterministic_is_bitwise_reproducible(dtype, gen, seed):
         a = run(case, dtype, g, backend="triton", deterministic=True)
         b = run(case, dtype, g, backend="triton", deterministic=True)
     assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs run 1)", b.out, a.out)
+    for n in a.grads:
+        assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs run 1)", b.grads[n], a.grads[n])
+
+
+@pytest.mark.parametrize("B,M,bm", [(41, 30, 16), (40, 0, 8)], ids=["3-row-5-col-blocks", "5-row-3-col-blocks"])
+def test_triton_tiles_staggered_walk(B, M, bm, gen, seed):
+    """The tile backward's staggered walk (program p starts at block p mod the count) and
+    relaxed dT atomics, with more column blocks than row blocks and fewer (every program
+    of MODE 0/1 and of MODE 2 wraps around at some point): the atomic mode and the
+    deterministic pair match the truth, and the pair is bitwise reproducible."""
+    case = make_case(gen, B, 24, M, torch.float32, masks="tid_neg" if M else "both", learnable_scale=True,
+                     reduction="none", seed=seed, label="staggered tile backward")
+    g = upstream_grad(gen, case)
+    with kernel_config(BWD="tiles", BM=16, BN=16, BK=16, GR_MAX=2, GC_MAX=3, BWD_BM=bm, BWD_BN=16):
+        check_backend(case, "triton", MARGIN[torch.float32], gen, upstream=g)
+        check_backend(case, "triton", MARGIN[torch.float32], gen, upstream=g, deterministic=True)
+        a = run(case, torch.float32, g, backend="triton", deterministic=True)
+        b = run(case, torch.float32, g, backend="triton", deterministic=True)
     for n in a.grads:
         assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs run 1)", b.grads[n], a.grads[n])
 

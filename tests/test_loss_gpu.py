@@ -153,10 +153,12 @@ def test_compiled_non_finite(cuda, value, gen):
     assert not torch.isfinite(out), out
 
 
-def test_cuda_default_backward_is_strip(cuda):
+def test_cuda_default_backward_by_width(cuda, monkeypatch):
     from llave_fast.backends.triton_backend import launch_config
 
+    monkeypatch.delenv("LLAVE_FAST_BWD", raising=False)
     assert launch_config(cuda, 1024, 1024, 896, torch.bfloat16)["BWD"] == "strip"
+    assert launch_config(cuda, 1024, 1024, 256, torch.bfloat16)["BWD"] == "tiles"
 
 
 def test_auto_is_triton_on_cuda(cuda, gen):
@@ -185,7 +187,7 @@ def test_non_default_device(cuda, gen):
 def test_compiled_never_allocates_b_by_n(cuda, bwd, gen):
     """Peak CUDA memory above the inputs stays below a quarter of one fp32 B x N matrix
     (the eager reference needs several). The strip backward is given 8 MiB strips (512 rows
-    here): its dS strip is bounded by its configuration, not by B."""
+    here; the one-strip rule is off): its dS strip is bounded by its configuration, not by B."""
     B, d = 8192, 128
     case = make_case(gen, B, d, 0, torch.bfloat16, masks="both", device=cuda, min_loss=None)
     q = case.q.clone().requires_grad_(True)
@@ -205,7 +207,7 @@ def test_compiled_never_allocates_b_by_n(cuda, bwd, gen):
         return torch.cuda.max_memory_allocated(cuda) - base
 
     budget = B * B * 4 // 4
-    with kernel_config(BWD=bwd, DS_STRIP_BYTES=8 << 20, DS_MIN_ROWS=0):
+    with kernel_config(BWD=bwd, DS_ONE_STRIP_BYTES=0, DS_STRIP_BYTES=8 << 20, DS_MIN_ROWS=0):
         fused = peak_of("triton")
     assert fused < budget, f"triton backend peak {fused} bytes, budget {budget} (B*N*4/4)"
     eager = peak_of("reference")
@@ -244,6 +246,48 @@ def test_compiled_strip_backward_is_bitwise(cuda, dtype, gen):
     assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs 1)", b.out, a.out)
     for n in a.grads:
         assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs 1)", b.grads[n], a.grads[n])
+
+
+@pytest.mark.parametrize("dtype,margin", DTYPES)
+@pytest.mark.parametrize("shape,rows", [((1000, 896, 7), None), ((1000, 1536, 13), 384), ((333, 130, 1), None)],
+                         ids=["one-strip-nt1007", "strips-of-384-nt1013", "nt334-d130"])
+def test_compiled_strip_padded_stride(cuda, dtype, margin, shape, rows, monkeypatch, gen):
+    """NT = B + M not a multiple of 16 (odd hard negatives): the strip's rows are padded to a
+    multiple of 64 (vector stores, aligned cuBLAS leading dimension); poisoned outputs (the
+    strip buffer starts as NaN) show any unwritten element of the [:rows, :NT] view."""
+    from llave_fast.backends.triton_backend import ds_row_stride
+
+    B, d, M = shape
+    assert ds_row_stride(B + M) % 64 == 0 and ds_row_stride(B + M) > B + M
+    monkeypatch.setenv("LLAVE_FAST_POISON", "1")
+    case = make_case(gen, B, d, M, dtype, masks="tid_neg", learnable_scale=True, device=cuda)
+    with kernel_config(BWD="strip", DS_STRIP_ROWS=rows):
+        check_backend(case, "triton", margin, gen)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "oneway"])
+def test_compiled_strip_fp16_scaled(cuda, symmetric, gen):
+    """The fp16 strip (dS scaled by a power of two sigma, fp16 cuBLAS GEMMs into fp32) with
+    per-row upstream gradients from 1e-6 to 1e3: |dS| would reach 5e4-1e5 unscaled (fp16
+    overflows at 65504); scaled, every gradient is finite and within the CCE rule, and
+    within 2x of the fp32-strip backward's error (DS_LOWP=False) + 1e-3."""
+    B, d, M = 2048, 1536, 37
+    case = make_case(gen, B, d, M, torch.float16, masks="tid_neg", learnable_scale=True, symmetric=symmetric,
+                     reduction="none", device=cuda)
+    u = torch.rand(B, generator=gen, dtype=torch.float64) * 9 - 6
+    g = torch.sign(torch.randn(B, generator=gen, dtype=torch.float64)) * 10 ** u
+    g[0], g[1] = 1e-6, -1e3
+    truth = run(case, torch.float64, g, backend=None)
+    with kernel_config(BWD="strip"):
+        check_backend(case, "triton", MARGIN[torch.float16], gen, upstream=g)
+        got = run(case, torch.float16, g, backend="triton")
+    with kernel_config(BWD="strip", DS_LOWP=False):
+        ref32 = run(case, torch.float16, g, backend="triton")
+    for n in truth.grads:
+        assert torch.isfinite(got.grads[n]).all(), n
+        e16, e32 = rel_err(got.grads[n], truth.grads[n]), rel_err(ref32.grads[n], truth.grads[n])
+        assert e16 <= 2 * e32 + 1e-3, mismatch_report(f"{n} (fp16 strip {e16:.2e}, fp32 strip {e32:.2e})",
+                                                      got.grads[n], truth.grads[n])
 
 
 def test_compiled_autotune(cuda, monkeypatch, gen):

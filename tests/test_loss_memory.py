@@ -124,10 +124,11 @@ def test_recorder_sees_the_reference_b_by_n(backend, gen):
 
 
 def test_triton_strip_backward_holds_one_strip(gen):
-    """The strip backward's only large tensor is its dS strip: R x (N + M) for R rows, however
-    large B is (here 24 strips of 8 rows), so it stays far below B x N. (The interpreter hands
-    the kernel a raw-byte copy of its fp32 arguments: the strip shows as 4 "elements" a value.)"""
-    from llave_fast.backends.triton_backend import kernel_config
+    """The strip backward's only large tensor is its dS strip: R x (N + M) for R rows (rows
+    ``ds_row_stride(N + M)`` elements apart), however large B is (here 24 strips of 8 rows),
+    so it stays far below B x N. (The interpreter hands the kernel a raw-byte copy of its
+    fp32 arguments: the strip shows as 4 "elements" a value.)"""
+    from llave_fast.backends.triton_backend import ds_row_stride, kernel_config
 
     B, d, M, R = 192, 8, 8, 8
     case = make_case(gen, B, d, M, torch.float32, masks="tid_neg", min_loss=None)
@@ -135,7 +136,7 @@ def test_triton_strip_backward_holds_one_strip(gen):
         rec = record_forward_backward(case.q, case.t, case.neg, backend="triton", gen=gen, reduction="mean",
                                       target_ids=case.target_ids, query_ids=case.query_ids)
     _check(rec, B, B + M, f"triton strip backward B={B} R={R}")
-    assert R * (B + M) <= rec.largest("backward")[2] <= 4 * R * (B + M), rec.largest("backward")
+    assert R * (B + M) <= rec.largest("backward")[2] <= 4 * R * ds_row_stride(B + M), rec.largest("backward")
 
 
 def test_triton_strip_check_is_sensitive(gen):

@@ -30,9 +30,11 @@ def _compile(fn, types, constexprs, target, num_warps, num_stages):
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
     # as the launcher specializes the usual call (torch tensors, d a multiple of 16): 16-byte
     # aligned pointers and row stride D % 16 == 0. This enables vectorized async copies, whose
-    # pipeline buffers set the shared memory of the 16-bit kernels (3x the unspecialized figure)
+    # pipeline buffers set the shared memory of the 16-bit kernels (3x the unspecialized figure).
+    # The dS strip's row stride is always a multiple of 64 (``ds_row_stride``): divisible by 16,
+    # which is what the launcher's integer specialisation records for it
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name].startswith("*") or name == "D"}
+             if signature[name].startswith("*") or name in ("D", "DS_STRIDE")}
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -44,7 +46,7 @@ def compile_all(arch: int = 90) -> list[str]:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     from triton.backends.compiler import GPUTarget
 
-    from llave_fast.backends.triton_backend import gpu_config
+    from llave_fast.backends.triton_backend import ds_dtype, gpu_config
     from llave_fast.kernels import hardness_bwd_kernel, hardness_ds_kernel, hardness_fwd_kernel
 
     target = GPUTarget("cuda", arch, 32)
@@ -70,19 +72,25 @@ def compile_all(arch: int = 90) -> list[str]:
                     MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=has_tid,
                     HAS_QID=has_qid, HAS_COL=need_col, UPCAST=False, DS_LOWP=dtype == torch.bfloat16,
                     PREC="ieee" if dtype == torch.bfloat16 else "tf32"), target, cfg["num_warps"], cfg["num_stages"])
-                _check_smem(k, limit, f"bwd {ptr} mode={mode} tid={has_tid} qid={has_qid} col={need_col}", report)
-        # the strip backward's dS kernel (bf16 strip for bf16 inputs, else fp32); fp32 inputs
-        # also in exact fp32 (PREC="ieee", torch's default with TF32 off)
-        ds_ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+                _check_smem(k, limit, f"bwd {ptr} mode={mode} tid={has_tid} qid={has_qid} col={need_col}", report,
+                            _check_atomics(k, mode))
+        # the strip backward's dS kernel, strip in ds_dtype's default (bf16 for bf16 inputs,
+        # fp16 scaled by sigma for fp16, fp32 for fp32); fp32 inputs also in exact fp32
+        # (PREC="ieee", torch's default with TF32 off)
+        dsd = ds_dtype(cfg, dtype, torch.device("cuda"))
         for p in ([prec, "ieee"] if dtype == torch.float32 else [prec]):
             for has_tid, has_qid, has_col in itertools.product([False, True], repeat=3):
                 if has_qid and not has_col:
                     continue
-                types = [ptr, ptr, ds_ptr] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 5
-                k = _compile(hardness_ds_kernel, types, dict(
-                    BM=cfg["DS_BM"], BN=cfg["DS_BN"], BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"], HAS_TID=has_tid,
-                    HAS_QID=has_qid, HAS_COL=has_col, UPCAST=False, PREC=p), target, cfg["DS_WARPS"], cfg["DS_STAGES"])
-                _check_smem(k, limit, f"ds {ptr} prec={p} tid={has_tid} qid={has_qid} col={has_col}", report)
+                k = _compile_ds(hardness_ds_kernel, ptr, _DTYPES[dsd], cfg, has_tid, has_qid, has_col, p,
+                                dsd == torch.float16, target)
+                _check_smem(k, limit, f"ds {ptr} strip={_DTYPES[dsd]} prec={p} tid={has_tid} qid={has_qid} "
+                            f"col={has_col}", report, _check_ds_stores(k))
+        if dtype != torch.float32:
+            # DS_LOWP=False (an fp32 strip for 16-bit inputs, a debugging override): every option on
+            k = _compile_ds(hardness_ds_kernel, ptr, "*fp32", cfg, True, True, True, prec, False, target)
+            _check_smem(k, limit, f"ds {ptr} strip=*fp32 (DS_LOWP=False) prec={prec} all options", report,
+                        _check_ds_stores(k))
         if dtype == torch.float32:
             # the exact-fp32 forward and backward, every option on
             types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["i32"] * 2
@@ -95,8 +103,52 @@ def compile_all(arch: int = 90) -> list[str]:
                 k = _compile(hardness_bwd_kernel, types, dict(
                     MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=True, HAS_QID=True,
                     HAS_COL=True, UPCAST=False, DS_LOWP=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])
-                _check_smem(k, limit, f"bwd {ptr} prec=ieee mode={mode} all options", report)
+                _check_smem(k, limit, f"bwd {ptr} prec=ieee mode={mode} all options", report, _check_atomics(k, mode))
     return report
+
+
+def _compile_ds(fn, ptr, ds_ptr, cfg, has_tid, has_qid, has_col, prec, scaled, target):
+    """hardness_ds_kernel: (q, T, dS, DS_STRIDE, row0, row_end, NT, N_COL, D, offset, s, alpha,
+    ids, row_lse, col_lse, g_row, g_col, pos, sigma)."""
+    ids = ["*i64"] * 2 + ["i32"] + ["*i64"] * 2
+    types = [ptr, ptr, ds_ptr, "i32"] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 6
+    return _compile(fn, types, dict(
+        BM=cfg["DS_BM"], BN=cfg["DS_BN"], BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"], HAS_TID=has_tid,
+        HAS_QID=has_qid, HAS_COL=has_col, UPCAST=False, PREC=prec, SCALED=scaled), target, cfg["DS_WARPS"],
+        cfg["DS_STAGES"])
+
+
+def _ptx_ops(kernel, pattern: str) -> list[str]:
+    """Instructions of the kernel's PTX matching ``pattern`` (at the start of a line, after
+    an optional predicate); empty when the PTX is not there."""
+    import re
+
+    ptx = kernel.asm.get("ptx", "") if hasattr(kernel, "asm") else ""
+    return re.findall(r"^\s*(?:@!?%p\d+\s+)?(" + pattern + r"[\w.:]*)", ptx, flags=re.M)
+
+
+def _check_atomics(kernel, mode) -> str:
+    """MODE 0 adds dT with relaxed atomics (no acquire/release ordering per tile); the other
+    modes have none. Read from the PTX: an atom/red without .relaxed (Triton's default is
+    acq_rel) fails. Returns the atomic instructions for the report."""
+    ops = sorted(set(_ptx_ops(kernel, r"(?:atom|red)\.")))
+    if mode != 0:
+        if ops:
+            raise RuntimeError(f"bwd mode={mode}: unexpected atomics in the PTX: {ops}")
+        return ""
+    if not ops or any(".relaxed" not in op for op in ops):
+        raise RuntimeError(f"bwd mode=0: dT atomics must be relaxed, the PTX has {ops}")
+    return ", " + " ".join(ops)
+
+
+def _check_ds_stores(kernel) -> str:
+    """The dS kernel's only global stores are the strip's, and they must be 16-byte vectors
+    (the padded row stride and the stride-bounded column mask make them so for any NT; a
+    mask that can change at any column falls back to 2-byte scalar stores). Returns them."""
+    ops = sorted(set(_ptx_ops(kernel, r"st\.global")))
+    if not ops or any(".v4." not in op for op in ops):
+        raise RuntimeError(f"ds: the dS stores must be 16-byte vectors, the PTX has {ops}")
+    return ", " + " ".join(ops)
 
 
 def _resources(kernel) -> str:
@@ -120,11 +172,11 @@ def _resources(kernel) -> str:
     return f", {m.group(1)} registers, {m.group(2)} B stack" if m else ""
 
 
-def _check_smem(kernel, limit, what, report):
+def _check_smem(kernel, limit, what, report, note=""):
     shared = kernel.metadata.shared
     if shared > limit:
         raise RuntimeError(f"{what}: needs {shared} bytes of shared memory, the architecture allows {limit}")
-    report.append(f"{what}: ok, {shared} B shared{_resources(kernel)}")
+    report.append(f"{what}: ok, {shared} B shared{_resources(kernel)}{note}")
 
 
 if __name__ == "__main__":

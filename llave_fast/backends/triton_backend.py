@@ -71,23 +71,36 @@ def _bwd_variant_from_env() -> str | None:
     return v
 
 
-def gpu_config(dtype: torch.dtype, sm_count: int = 132) -> dict:
+#: the tile backward is the CUDA default up to this embedding width, the strip backward above
+TILES_MAX_D = 256
+
+
+def gpu_config(dtype: torch.dtype, sm_count: int = 132, D: int | None = None) -> dict:
     """The fixed default tiles on CUDA (untuned until measured on a GPU: benchmarks/NOTES.md).
 
     fp32 tiles take twice the shared memory of 16-bit ones: half the K step keeps the
     3-stage forward pipeline at 96 KiB instead of 192 KiB.
 
     BWD picks the backward: "tiles" (one kernel: recompute, dq read-modify-write, dT
-    atomics or the deterministic pair) or "strip" (``hardness_ds``: dS of DS_STRIP_BYTES
-    worth of rows at a time, then dq and dT as two library GEMMs; always deterministic).
-    The CUDA default is "strip" on a prediction, not yet a measurement: at LLaVE's widths the
-    tile backward moves ~20 bytes per FLOP (benchmarks/NOTES.md, prediction 1 and 2). Under
-    the interpreter the default stays "tiles" (the CPU suite covers both explicitly).
+    atomics or the deterministic pair) or "strip" (``hardness_ds``: dS of a strip of rows,
+    then dq and dT as two library GEMMs; always deterministic). The CUDA default depends on
+    the width D: "tiles" for D <= TILES_MAX_D, where a row block's dq fits on chip and the
+    one kernel saves the dS round trip; "strip" above (and when D is not given), where the
+    tile backward moves ~20 bytes per FLOP (benchmarks/NOTES.md, predictions 1, 2 and 10).
+    A prediction, not yet a measurement. Under the interpreter the default stays "tiles"
+    (the CPU suite covers both explicitly).
+
+    Strip sizing (``strip_rows``): the whole B x NT dS in one strip when it fits
+    DS_ONE_STRIP_BYTES; else strips of DS_STRIP_BYTES, but at least DS_MIN_ROWS rows (each
+    strip re-reads and re-writes the fp32 dT). DS_LOWP: None picks the strip's precision
+    from the inputs (``ds_dtype``); True/False force a 16-bit / an fp32 strip.
     """
+    bwd = "tiles" if D is not None and D <= TILES_MAX_D else "strip"
     return dict(BM=128, BN=128, BK=32 if dtype == torch.float32 else 64, GR_MAX=16,
                 GC_MAX=max(1, (4 * sm_count) // 16), num_warps=8, num_stages=3, BWD_BM=64, BWD_BN=64,
-                BWD="strip", DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=1024,
-                DS_STRIP_ROWS=None, DS_WARPS=8, DS_STAGES=3)
+                BWD=bwd, DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_ONE_STRIP_BYTES=1 << 30,
+                DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=4096, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=8,
+                DS_STAGES=3)
 
 
 def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -95,10 +108,10 @@ def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dt
     if device.type == "cpu":
         # interpreter: every op is a numpy call, so tiles are moderate and grids small
         cfg = dict(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=2, num_warps=4, num_stages=1,
-                   BWD="tiles", DS_BM=32, DS_BN=32, DS_GROUP_M=2, DS_STRIP_BYTES=1 << 20, DS_STRIP_ROWS=None,
-                   DS_WARPS=4, DS_STAGES=1)
+                   BWD="tiles", DS_BM=32, DS_BN=32, DS_GROUP_M=2, DS_ONE_STRIP_BYTES=1 << 20,
+                   DS_STRIP_BYTES=1 << 20, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=4, DS_STAGES=1)
     else:
-        cfg = gpu_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count)
+        cfg = gpu_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count, D=D)
     env_bwd = _bwd_variant_from_env()
     if env_bwd is not None:
         cfg["BWD"] = env_bwd
@@ -350,20 +363,78 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     return dq, dTc
 
 
+#: the dS strip's row stride is a multiple of this many elements (128 bytes of bf16/fp16)
+DS_STRIDE_ALIGN = 64
+
+
+def ds_row_stride(NT: int) -> int:
+    """Elements between consecutive rows of the dS strip buffer: NT rounded up to a multiple
+    of DS_STRIDE_ALIGN. Every row then starts 128-byte aligned (16-bit), so the kernel's
+    stores vectorise and the library GEMMs get an aligned leading dimension for any NT
+    (hard negatives, uneven ranks); they read the ``[:rows, :NT]`` view."""
+    return -(-max(1, NT) // DS_STRIDE_ALIGN) * DS_STRIDE_ALIGN
+
+
 def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
-    """Rows per dS strip: DS_STRIP_ROWS if set, else as many as DS_STRIP_BYTES holds
-    (a multiple of the row tile, at least one tile and DS_MIN_ROWS, at most B)."""
+    """Rows per dS strip (each row takes ``ds_row_stride(NT) * ds_bytes`` bytes):
+
+    * DS_STRIP_ROWS if set;
+    * else all B rows (one strip) when the whole padded B x NT dS fits DS_ONE_STRIP_BYTES;
+    * else as many as DS_STRIP_BYTES holds, a multiple of the row tile, but at least one
+      tile and DS_MIN_ROWS rows (each strip re-reads and re-writes the fp32 dT: very thin
+      strips at huge N would spend more time there than in the GEMMs);
+
+    never more than B."""
     if cfg.get("DS_STRIP_ROWS") is not None:
         r = int(cfg["DS_STRIP_ROWS"])
         if r < 1:
             raise ValueError(f"kernel config DS_STRIP_ROWS must be >= 1, got {r}")
         return min(B, r)
+    row_bytes = ds_row_stride(NT) * ds_bytes
+    if B * row_bytes <= int(cfg.get("DS_ONE_STRIP_BYTES", 0)):
+        return B
     bm = cfg["DS_BM"]
-    r = int(cfg["DS_STRIP_BYTES"]) // max(1, NT * ds_bytes)
-    # at least DS_MIN_ROWS rows: each strip re-reads and re-writes the fp32 dT, so very thin
-    # strips (huge N) would spend more time there than in the GEMMs
+    r = int(cfg["DS_STRIP_BYTES"]) // row_bytes
     r = max(bm, int(cfg.get("DS_MIN_ROWS", 0)), (r // bm) * bm)
     return min(B, r)
+
+
+def ds_dtype(cfg: dict, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dS strip's precision: the inputs' 16-bit type (fp16 scaled by sigma, see
+    ``hardness_ds``), fp32 for fp32 inputs. DS_LOWP True/False forces a 16-bit/fp32 strip.
+
+    Under the interpreter (CPU) the default for bf16 is an fp32 strip: the interpreter
+    rounds fp32 to bf16 by truncation, not to nearest as the GPU does, so a bf16 strip there
+    would not test the GPU's numerics (tests force it with DS_LOWP=True to cover the path).
+    fp16 conversion and fp16 values are exact under the interpreter: fp16 runs its real path."""
+    lowp = cfg.get("DS_LOWP")
+    if dtype == torch.float32 or lowp is False:
+        return torch.float32
+    if lowp is None and dtype == torch.bfloat16 and device.type != "cuda":
+        return torch.float32
+    return dtype
+
+
+# fp16 strip: sigma * max|dS| in [2^14, 2^15); sigma clamped to 2^+-SIGMA_MAX_EXP (1/sigma stays a
+# normal fp32 and s * sigma finite for any s < 2^27)
+SIGMA_MAX_EXP = 100
+
+
+def ds_scale(g_row: torch.Tensor, g_col: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, 1/sigma) of the fp16 strip as one-element fp32 tensors, computed on the device
+    (no host sync). |dS_ij| <= M = |s| (max|g_row| + max|g_col|) (``hardness_ds``); with
+    M = m 2^e, m in [0.5, 1): sigma = 2^(15 - e), so sigma * M in [2^14, 2^15). Both are
+    built from their exponent bits: exact powers of two. M = 0 (g all zero) gives e = 0; a
+    NaN/inf in g gives e = 0 too, and the kernel's own arithmetic carries the NaN/inf."""
+    m = g_row.abs().amax()
+    if g_col is not None:
+        m = m + g_col.abs().amax()
+    m = (m * abs(float(scale))).reshape(1)
+    _, e = torch.frexp(m)
+    e = torch.clamp(15 - e.to(torch.int32), -SIGMA_MAX_EXP, SIGMA_MAX_EXP)
+    sigma = torch.bitwise_left_shift(e + 127, 23).view(torch.float32)
+    inv_sigma = torch.bitwise_left_shift(127 - e, 23).view(torch.float32)
+    return sigma, inv_sigma
 
 
 # How to add a 16-bit GEMM into an fp32 accumulator on this torch: decided on first use.
@@ -402,8 +473,9 @@ def _probe_acc_mm(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
-    """dst (fp32) = a @ b  or  dst += a @ b, with 16-bit operands kept on the tensor cores
-    and the product never rounded to 16 bits where torch allows (see ``_probe_acc_mm``)."""
+    """dst = a @ b  or  dst += a @ b, with 16-bit operands kept on the tensor cores and the
+    product never rounded to 16 bits where torch allows (see ``_probe_acc_mm``). dst is
+    fp32, or (``accumulate=False``) of the operands' dtype: one GEMM, rounded once."""
     global _ACC_MM
     if a.dtype == dst.dtype:
         if accumulate:
@@ -416,7 +488,15 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
     if _ACC_MM == "addmm":
         torch.addmm(dst, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=dst)
         return
-    prod = torch.mm(a, b, out_dtype=torch.float32) if _ACC_MM == "mm" else torch.mm(a, b).float()
+    if _ACC_MM == "mm":
+        prod = torch.mm(a, b, out_dtype=torch.float32)
+    elif a.dtype == torch.float16:
+        # no fp32-output GEMM on this torch/device (the CPU, torch < 2.8): an fp16 product
+        # of the scaled strip could overflow fp16 (a row of dS sums to more than its max),
+        # so multiply in fp32 (exact products, fp32 sums: what the tensor cores do)
+        prod = torch.mm(a.float(), b.float())
+    else:
+        prod = torch.mm(a, b).float()
     if accumulate:
         dst += prod
     else:
@@ -425,17 +505,25 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
 
 def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
                        pos_coef):
-    """The strip backward: per block of R rows, dS by ``hardness_ds_kernel``, then two GEMMs."""
+    """The strip backward: per block of R rows, dS by ``hardness_ds_kernel``, then two GEMMs.
+
+    dS precision: ``ds_dtype`` (bf16 / fp16 scaled by sigma / fp32). dq comes back in fp32,
+    except: with one bf16 strip ``dq = dS @ T`` is written in bf16 directly (the GEMM
+    accumulates in fp32 and rounds once); with an fp16 strip dq is accumulated in fp32 and
+    unscaled by 1/sigma into fp16 in one pass. The caller's cast is then a no-op. dTc is
+    fp32 (unscaled in place for an fp16 strip)."""
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
-    # bf16 dS on the tensor cores (as the tile backward's DS_LOWP); fp16's range is too
-    # small for dS (s * P * g can be ~1e-9), so fp16 and fp32 inputs keep an fp32 strip
-    lowp = q.dtype == torch.bfloat16 and dev.type == "cuda"
-    ds_dtype = torch.bfloat16 if lowp else torch.float32
-    R = strip_rows(cfg, B, NT, torch.empty((), dtype=ds_dtype).element_size())
-    dS = torch.empty((R, NT), device=dev, dtype=ds_dtype)
-    dq = torch.empty((B, D), device=dev, dtype=torch.float32)
+    dsd = ds_dtype(cfg, q.dtype, dev)
+    scaled = dsd == torch.float16
+    R = strip_rows(cfg, B, NT, torch.empty((), dtype=dsd).element_size())
+    stride = ds_row_stride(NT)
+    # rows ``stride`` apart; the GEMMs read the [:rows, :NT] view (poisoned with NaN under
+    # LLAVE_FAST_POISON=1: an element the kernel should write and does not shows in dq/dT)
+    dS = new_output((R, stride), dev, dsd)
+    dq_dtype = q.dtype if (R >= B and dsd == torch.bfloat16 and q.dtype == torch.bfloat16) else torch.float32
+    dq = new_output((B, D), dev, dq_dtype)
     dTc = torch.zeros((NT, D), device=dev, dtype=torch.float32)
     dummy = torch.zeros(1, dtype=torch.int64, device=dev)
     tid_pos, tid_cand, n_tid, qid_row, qid_cand = _id_args(ids, dummy)
@@ -444,9 +532,13 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     col_lse_arg = col_lse.float().contiguous() if has_col else row_lse_arg
     g_col_arg = g_col.float().contiguous() if has_col else g_row_arg
     pos_arg = pos_coef.float().contiguous()
+    sigma = inv_sigma = None
+    if scaled:
+        # fp16 strip: dS * sigma, |dS * sigma| < 2^15 (hardness_ds); undone once at the end
+        sigma, inv_sigma = ds_scale(g_row_arg, g_col_arg if has_col else None, scale)
     prec = _precision(q)
-    # GEMM operands: the strip's dtype (fp32 strip with 16-bit fp16 inputs: upcast T and q)
-    T_op = Tc if Tc.dtype == ds_dtype else Tc.to(ds_dtype)
+    # GEMM operands: the strip's dtype (an fp32 strip with 16-bit inputs: upcast T and q)
+    T_op = Tc if Tc.dtype == dsd else Tc.to(dsd)
     BM, BN = cfg["DS_BM"], cfg["DS_BN"]
     n_ct = triton_cdiv(NT, BN)
     with _enter(dev):
@@ -454,18 +546,23 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
             r1 = min(B, r0 + R)
             grid = (triton_cdiv(r1 - r0, BM) * n_ct,)
             _kernels().hardness_ds_kernel[grid](
-                q, Tc, dS, r0, r1, NT, n_col, D, offset, float(scale), float(alpha),
+                q, Tc, dS, stride, r0, r1, NT, n_col, D, offset, float(scale), float(alpha),
                 tid_pos, tid_cand, n_tid, qid_row, qid_cand,
-                row_lse_arg, col_lse_arg, g_row_arg, g_col_arg, pos_arg,
+                row_lse_arg, col_lse_arg, g_row_arg, g_col_arg, pos_arg, sigma if scaled else pos_arg,
                 BM=BM, BN=BN, BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"],
                 HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and has_col, HAS_COL=has_col,
-                UPCAST=_upcast(q), PREC=prec,
+                UPCAST=_upcast(q), PREC=prec, SCALED=scaled,
                 num_warps=cfg["DS_WARPS"], num_stages=cfg["DS_STAGES"],
             )
-            d_s = dS[: r1 - r0]
-            q_op = q[r0:r1] if q.dtype == ds_dtype else q[r0:r1].to(ds_dtype)
-            _mm_into(dq[r0:r1], d_s, T_op, accumulate=False)
-            _mm_into(dTc, d_s.t(), q_op, accumulate=True)
+            d_s = dS[: r1 - r0, :NT]  # leading dimension ``stride``: a multiple of 64
+            q_op = q[r0:r1] if q.dtype == dsd else q[r0:r1].to(dsd)
+            _mm_into(dq[r0:r1], d_s, T_op, accumulate=False)  # dq = dS @ T
+            _mm_into(dTc, d_s.t(), q_op, accumulate=True)  # dT += dS^T @ q
+        if scaled:
+            # the GEMMs summed sigma * dS: one multiply by 1/sigma each (exact, a power of two);
+            # dq goes straight to the input dtype in the same pass
+            dq = torch.mul(dq, inv_sigma, out=torch.empty((B, D), device=dev, dtype=q.dtype))
+            dTc.mul_(inv_sigma)
     return dq, dTc
 
 
@@ -474,4 +571,4 @@ TritonHardnessLoss = make_loss_function(
 )
 
 __all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "available_on",
-           "autotune_enabled", "TUNE_LOG"]
+           "autotune_enabled", "TUNE_LOG", "gpu_config", "launch_config", "strip_rows", "ds_row_stride", "ds_dtype"]
