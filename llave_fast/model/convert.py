@@ -120,7 +120,18 @@ _NO_EFFECT_KEYS = frozenset({
     # bookkeeping and generic PretrainedConfig fields
     "architectures", "_name_or_path", "transformers_version", "use_cache", "initializer_range", "id2label",
     "label2id", "problem_type", "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
-    "chunk_size_feed_forward", "tokenizer_padding_side",
+    "chunk_size_feed_forward", "tokenizer_padding_side", "torchscript", "use_bfloat16", "is_decoder",
+    "add_cross_attention", "tie_encoder_decoder", "cross_attention_hidden_size", "pruned_heads", "prefix",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "tf_legacy_loss", "sep_token_id",
+    "decoder_start_token_id", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    # generation settings (an embedder never generates)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    # only read with rope_scaling, which LLaVE sets to None
+    "max_sequence_length",
     # training only (dropout is off at inference; the loss's own scale and hardness)
     "attention_dropout", "use_pos_skipping", "pos_skipping_range", "mm_tunable_parts", "mm_vision_tower_lr",
     "mm_projector_lr", "unfreeze_mm_vision_tower", "tune_mm_mlp_adapter", "tune_mm_vision_resampler",

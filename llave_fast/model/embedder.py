@@ -186,7 +186,9 @@ class LLaVEEmbedder(nn.Module):
     """LLaVE: LlavaOnevisionModel -> last real token's final hidden state -> L2 norm.
 
     Args:
-        model: a ``transformers.LlavaOnevisionModel`` (the base model, no LM head).
+        model: a ``transformers.LlavaOnevisionModel`` (the base model, no LM head). Its class
+            becomes :class:`LLaVEOnevisionModel` (same modules and weights, LLaVE's packing
+            of the anyres features), in place.
         processor: the :class:`LLaVEProcessor` matching it (needed by :meth:`encode` and
             :meth:`save_pretrained`).
     """
