@@ -660,3 +660,17 @@ def test_mmeb_parquet_needs_pyarrow(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match=r"pip install pyarrow"):
         MMEBDataset(f, tmp_path)
+
+
+def test_mmeb_query_modality_without_opening_images(tmp_path):
+    """What --group-by-modality reads: which queries carry an image, per kept row, in dataset order."""
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    _jsonl(tmp_path / "data" / "VQA_A.jsonl", _rows(3))
+    t2i = [{"qry": f"a cat {i}", "qry_image_path": "", "pos_text": f"{IMAGE_PLACEHOLDER}\nRepresent the given image.",
+            "pos_image_path": "sub/q0.png"} for i in range(2)]
+    _jsonl(tmp_path / "data" / "T2I_B.jsonl", t2i)
+    ds = MMEBDataset(tmp_path / "data", img)
+    has = ds.query_has_image()
+    assert has.dtype == bool and has.tolist() == [ds[i]["qry_image"] is not None for i in range(len(ds))]
+    assert sorted(has.tolist()) == [False, False, True, True, True]
