@@ -716,3 +716,18 @@ def test_checkpoint_keys_of_a_pickled_checkpoint(tmp_path):
     assert vision_layers_in_checkpoint(keys) == 3
     with pytest.raises(CheckpointKeyError, match=r"missing \[1\]"):
         vision_layers_in_checkpoint([names[0], names[2]])
+
+
+def test_max_length_cuts_the_whole_sequence_after_the_image_tokens():
+    """LLaVE's rule: the sequence, image tokens inserted, is cut; the text alone never is."""
+    proc = build_tiny_model(0).processor
+    long_text = "<|image_1|>\n" + " ".join(["red circle on the left"] * 40)
+    img = Image.new("RGB", (64, 32))
+    full = proc([long_text], [img])["input_ids"][0]
+    n_image = int((full == proc.image_token_id).sum())
+    proc.max_length = n_image + 20
+    cut = proc([long_text], [img])["input_ids"][0]
+    assert cut.shape[0] == n_image + 20 and torch.equal(cut, full[: n_image + 20])
+    assert int((cut == proc.image_token_id).sum()) == n_image  # the image is whole, the text after it is cut
+    proc.max_length = None
+    assert torch.equal(proc([long_text], [img])["input_ids"][0], full)
