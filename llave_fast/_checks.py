@@ -18,7 +18,9 @@ def _desc(x) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
-def check_embeddings(name: str, x, *, like: torch.Tensor | None = None, like_name: str = "query") -> None:
+def check_embeddings(name: str, x, *, like: torch.Tensor | None = None, like_name: str = "query",
+                     allow_empty: bool = False) -> None:
+    """``allow_empty``: zero rows are accepted (a rank with an empty batch across ranks)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of embeddings, got {_desc(x)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -30,7 +32,7 @@ def check_embeddings(name: str, x, *, like: torch.Tensor | None = None, like_nam
     if x.shape[1] == 0:
         raise ValueError(f"{name} has embedding width 0 (shape {tuple(x.shape)})")
     if like is None:
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and not allow_empty:
             raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): the loss needs at least one pair")
         return
     if x.shape[1] != like.shape[1]:

@@ -94,6 +94,11 @@ class RankComm:
         dist.all_reduce(total, group=self.group)
         return total[lo:hi]
 
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """In place: the sum of ``x`` over the ranks (a few scalars)."""
+        dist.all_reduce(x, group=self.group)
+        return x
+
     # -- statistics ---------------------------------------------------------------------
     def combine_lse(self, lse: torch.Tensor, es: torch.Tensor | None):
         """Merge per-rank partial (log-sum-exp, softmax-mean of S) of the same columns."""

@@ -34,6 +34,7 @@ def hardness_weighted_loss(
     deterministic: bool = False,
     distributed: bool = False,
     process_group=None,
+    local_loss: bool = True,
 ) -> torch.Tensor:
     """LLaVE's hardness-weighted symmetric InfoNCE, without a B x N matrix.
 
@@ -57,10 +58,18 @@ def hardness_weighted_loss(
         LLaVE's gather-with-grad: each rank gets the sum over ranks of the gradients of
         their losses. The fused backends do it with one strip per rank (see
         ``llave_fast.distributed``); "reference" gathers with grad and computes both strips.
+        A rank may hold an empty batch: it takes part in the collectives and contributes
+        nothing (its local loss is 0).
+    local_loss: across ranks, True (LLaVE) as above; False: open_clip's global loss, the
+        loss over the whole gathered batch (mean over all N pairs, or sum), the same value
+        on every rank, with gradients through the gather (each rank's embeddings get the
+        sum over ranks of their upstream gradient times d(global loss)); the fused backends
+        compute it from the same one strip per rank. reduction="none" is refused there.
 
     Returns a float32 loss for 16/32-bit inputs (float64 for float64), whatever the backend.
     """
-    _checks.check_embeddings("query", query)
+    across = distributed or process_group is not None
+    _checks.check_embeddings("query", query, allow_empty=across)
     _checks.check_embeddings("target", target, like=query)
     if target.shape[0] != query.shape[0]:
         raise ValueError(
@@ -75,6 +84,11 @@ def hardness_weighted_loss(
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    if not isinstance(local_loss, bool):
+        raise TypeError(f"local_loss must be a bool, got {local_loss!r}")
+    if not local_loss and reduction == "none":
+        raise ValueError("local_loss=False (the global loss over every rank's pairs) takes reduction 'mean' or "
+                         "'sum'; got reduction='none' (per-pair losses are this rank's: use local_loss=True)")
     B = query.shape[0]
     if negatives is not None:
         _checks.check_embeddings("negatives", negatives, like=query)
@@ -87,23 +101,26 @@ def hardness_weighted_loss(
     query_ids = _checks.check_ids("query_ids", query_ids, (B,), query.device, "one per query row")
 
     comm = None
-    if distributed or process_group is not None:
+    if across:
         comm = RankComm(process_group)
         if comm.world == 1:
             comm = None
+    if B == 0 and comm is None:
+        raise ValueError(f"query is an empty batch (shape {tuple(query.shape)}): the loss needs at least one pair")
 
     name = resolve_backend(backend, query.device, query.dtype)
     if name == "reference":
         scale = scale_t.reshape(()) if scale_t is not None else scale_value
         if comm is not None:
             return _as_loss_dtype(_reference_across_ranks(
-                query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm
+                query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm,
+                local_loss,
             ))
         return _as_loss_dtype(reference_loss(
             query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
             negatives=negatives, target_ids=target_ids, query_ids=query_ids,
         ))
-    cfg = LossConfig(scale_value, alpha, symmetric, reduction, bool(deterministic))
+    cfg = LossConfig(scale_value, alpha, symmetric, reduction, bool(deterministic), global_loss=not local_loss)
     fn = get_backend_function(name)
     grad_scale = scale_t if (scale_t is not None and scale_t.requires_grad) else None
     return fn.apply(query, target, negatives, grad_scale, target_ids, query_ids, cfg, comm)
@@ -115,8 +132,10 @@ def _as_loss_dtype(loss: torch.Tensor) -> torch.Tensor:
     return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
 
-def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm):
-    """LLaVE's own way across ranks: gather with grad, then two B x N strips per rank."""
+def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, negatives, target_ids, query_ids, comm,
+                            local_loss=True):
+    """LLaVE's own way across ranks: gather with grad, then two B x N strips per rank; or,
+    with ``local_loss=False``, open_clip's: the whole gathered batch on every rank."""
     B, d = query.shape
     M = 0 if negatives is None else negatives.shape[0]
     b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, query.device)
@@ -136,6 +155,11 @@ def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, n
             tid = torch.cat([tid, comm.gather_rows(local, m_sizes)])
     if query_ids is not None:
         qid = comm.gather_rows(query_ids, b_sizes)
+    if not local_loss:
+        return reference_loss(Q, T, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
+                              negatives=neg_all, target_ids=tid, query_ids=qid)
+    if B == 0 and reduction == "mean":
+        reduction = "sum"  # an empty rank contributes 0 (the mean of nothing is not defined)
     return reference_loss(
         query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
         negatives=neg_all, target_ids=tid, query_ids=qid, all_queries=Q, all_targets=T,
@@ -184,8 +208,8 @@ class FusedHardnessLoss(nn.Module):
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         # LLaVE's flags. One process: they change nothing (labels are never materialised).
-        # Several: local_loss=True with gather_with_grad=True is LLaVE's configuration and
-        # the one computed here (one strip per rank, see llave_fast.distributed).
+        # Several: gather_with_grad=True, with local_loss=True (LLaVE's per-rank loss) or
+        # False (open_clip's global loss), both from one strip per rank (llave_fast.distributed).
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -193,12 +217,15 @@ class FusedHardnessLoss(nn.Module):
         self.world_size = world_size
         self.process_group = process_group
         self.distributed = world_size > 1 or process_group is not None
-        if self.distributed and not (local_loss and gather_with_grad):
+        if self.distributed and not gather_with_grad:
             raise NotImplementedError(
-                f"across ranks llave-fast computes LLaVE's per-rank local loss with gradients through the "
-                f"gather: pass local_loss=True, gather_with_grad=True (got local_loss={local_loss}, "
-                f"gather_with_grad={gather_with_grad})"
+                "across ranks llave-fast computes the loss with gradients through the gather: pass "
+                f"gather_with_grad=True, with local_loss=True (LLaVE) or False (the global loss); got "
+                f"local_loss={local_loss}, gather_with_grad={gather_with_grad} (without gradients through the "
+                "gather, each rank's embeddings would miss the other ranks' terms)"
             )
+        if not isinstance(local_loss, bool):
+            raise TypeError(f"local_loss must be a bool, got {local_loss!r}")
 
     def forward(
         self,
@@ -228,6 +255,7 @@ class FusedHardnessLoss(nn.Module):
             deterministic=self.deterministic,
             distributed=self.distributed,
             process_group=self.process_group,
+            local_loss=self.local_loss or not self.distributed,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -39,7 +39,7 @@ def truth(q, t, neg, tid, qid, ups, b_sizes, m_sizes, symmetric, scale, alpha):
             negatives=neg if neg.shape[0] else None,
             target_ids=tid, query_ids=qid, all_queries=q, all_targets=t, offset=b0,
         )
-        loss = per_row.mean()
+        loss = per_row.mean() if b else per_row.sum()  # an empty rank contributes nothing
         losses.append(loss.detach())
         total = total + ups[r] * loss
         b0 += b
@@ -47,6 +47,69 @@ def truth(q, t, neg, tid, qid, ups, b_sizes, m_sizes, symmetric, scale, alpha):
     total.backward()
     assert N == b0
     return losses, q.grad, t.grad, neg.grad
+
+
+def truth_global(q, t, neg, tid, qid, ups, symmetric, scale, alpha, reduction="mean"):
+    """Float64, one process: open_clip's global loss over the whole batch, the same on every
+    rank; each rank backpropagates its own upstream gradient through the gather with grad,
+    so every embedding's gradient is sum(ups) * dL/dx; and dL/ds for a scale replica."""
+    q = q.clone().requires_grad_()
+    t = t.clone().requires_grad_()
+    neg = neg.clone().requires_grad_()
+    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    per_row = reference_per_row(q, t, logit_scale=s, alpha=alpha, symmetric=symmetric,
+                                negatives=neg if neg.shape[0] else None, target_ids=tid, query_ids=qid)
+    loss = per_row.mean() if reduction == "mean" else per_row.sum()
+    (dlds,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (sum(ups) * loss).backward()
+    return loss.detach(), q.grad, t.grad, neg.grad, dlds
+
+
+def check_global_cases(rank, world, cases):
+    """local_loss=False: every rank's loss is the loss over the whole gathered batch; embedding
+    gradients and the scale replica's gradient equal the float64 truth of open_clip's global loss."""
+    for case in cases:
+        b_sizes, m_sizes = case["b"], case["m"]
+        q, t, neg, tid, qid, ups = make_case(case["seed"], b_sizes, m_sizes, case["d"], case["tid"],
+                                             case["qid"], case["neg_ids"])
+        red = case.get("reduction", "mean")
+        loss_t, gq, gt, gneg, dlds = truth_global(q, t, neg, tid, qid, ups, case["sym"], 50.0, 9.0, red)
+        rs, ms = rank_slices(b_sizes, m_sizes, rank)
+        lq = q[rs].float().requires_grad_()
+        lt = t[rs].float().requires_grad_()
+        lneg = neg[ms].float().requires_grad_() if m_sizes[rank] else None
+        ltid = None
+        if tid is not None:
+            ltid = tid[rs]
+            if case["neg_ids"] and m_sizes[rank]:
+                N = sum(b_sizes)
+                ltid = torch.cat([ltid, tid[N + ms.start : N + ms.stop]])
+        lqid = None if qid is None else qid[rs]
+        scale = torch.tensor(50.0, requires_grad=True)
+        if case.get("module"):
+            fn = FusedHardnessLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world,
+                                   backend=case["backend"], symmetric=case["sym"], reduction=red)
+            loss = fn(lq, lt, scale, 9.0, negatives=lneg, target_ids=ltid, query_ids=lqid)
+        else:
+            loss = hardness_weighted_loss(lq, lt, logit_scale=scale, alpha=9.0, symmetric=case["sym"],
+                                          negatives=lneg, target_ids=ltid, query_ids=lqid, backend=case["backend"],
+                                          distributed=True, local_loss=False, reduction=red)
+        (ups[rank].float() * loss).backward()
+        tol = 2e-5
+        where = f"rank {rank}/{world} global case {case}"
+        assert abs(loss.item() - loss_t.item()) <= tol * max(1.0, abs(loss_t.item())), (
+            f"{where}: loss {loss.item()} vs truth {loss_t.item()}")
+        if b_sizes[rank]:
+            assert _rel(lq.grad, gq[rs]) < tol * 10, f"{where}: dq rel err {_rel(lq.grad, gq[rs]):.2e}"
+            assert _rel(lt.grad, gt[rs]) < tol * 10, f"{where}: dt rel err {_rel(lt.grad, gt[rs]):.2e}"
+        else:
+            assert lq.grad.shape == (0, case["d"]) and lt.grad.shape == (0, case["d"]), where
+        if lneg is not None:
+            assert _rel(lneg.grad, gneg[ms]) < tol * 10, f"{where}: dneg rel err {_rel(lneg.grad, gneg[ms]):.2e}"
+        want_ds = (ups[rank] * dlds).item()
+        assert abs(scale.grad.item() - want_ds) <= 1e-4 * max(1.0, abs(want_ds)), (
+            f"{where}: dscale {scale.grad.item()} vs truth {want_ds}")
+        dist.barrier()
 
 
 def rank_slices(b_sizes, m_sizes, rank):
@@ -101,6 +164,9 @@ def check_cases(rank, world, cases):
         where = f"rank {rank}/{world} case {case}"
         assert abs(loss.item() - losses[rank].item()) <= tol * max(1.0, abs(losses[rank].item())), (
             f"{where}: loss {loss.item()} vs truth {losses[rank].item()}")
+        if b_sizes[rank] == 0:
+            # an empty rank: loss 0, empty gradients, and it joined every collective (no hang)
+            assert loss.item() == 0.0 and lq.grad is not None and lq.grad.shape == (0, case["d"]), where
         assert _rel(lq.grad, gq[rs]) < tol * 10, f"{where}: dq rel err {_rel(lq.grad, gq[rs]):.2e}"
         assert _rel(lt.grad, gt[rs]) < tol * 10, f"{where}: dt rel err {_rel(lt.grad, gt[rs]):.2e}"
         if lneg is not None:

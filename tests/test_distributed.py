@@ -36,5 +36,42 @@ def test_cross_rank_loss_matches_float64_truth(world):
     spawn_ranks(W.check_cases, world, _cases(world))
 
 
+def _empty_rank_cases(world):
+    b = [3 + r for r in range(world)]
+    b[1] = 0  # rank 1 has an empty batch
+    cases = []
+    for backend in ("torch", "triton", "reference"):
+        cases.append(dict(backend=backend, b=b, m=[0] * world, d=16, tid=False, qid=False, neg_ids=False,
+                          sym=True, seed=6))
+    # an empty rank with hard negatives elsewhere, masks on, and the strip backward
+    cases.append(dict(backend="triton", b=b, m=[2] + [0] * (world - 1), d=16, tid=True, qid=True, neg_ids=True,
+                      sym=True, seed=7, kernel_config=dict(BWD="strip", DS_STRIP_ROWS=2, DS_BM=16, DS_BN=16)))
+    return cases
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_with_an_empty_batch_takes_part_and_contributes_nothing(world):
+    spawn_ranks(W.check_cases, world, _empty_rank_cases(world))
+
+
+def _global_cases(world):
+    unequal = [3 + 2 * r for r in range(world)]
+    cases = []
+    for backend in ("torch", "triton", "reference"):
+        cases.append(dict(backend=backend, b=unequal, m=[r % 2 * 3 for r in range(world)], d=24, tid=True, qid=True,
+                          neg_ids=True, sym=True, seed=8))
+    cases.append(dict(backend="torch", b=unequal, m=[0] * world, d=20, tid=False, qid=False, neg_ids=False,
+                      sym=False, seed=9, reduction="sum"))
+    cases.append(dict(backend="triton", b=[4, 0, 5][:world], m=[0] * world, d=16, tid=False, qid=False,
+                      neg_ids=False, sym=True, seed=10, module=True))
+    return cases
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_loss_across_ranks_matches_float64_truth(world):
+    """FusedHardnessLoss(local_loss=False): open_clip's global loss from one strip per rank."""
+    spawn_ranks(W.check_global_cases, world, _global_cases(world))
+
+
 def test_inconsistent_ids_across_ranks_raise_everywhere():
     spawn_ranks(W.inconsistent_ids, 2)

@@ -61,6 +61,9 @@ class LossConfig:
     symmetric: bool
     reduction: str
     deterministic: bool
+    # across ranks: False = LLaVE's per-rank local loss; True = open_clip's global loss (the
+    # loss over the whole gathered batch, the same value on every rank)
+    global_loss: bool = False
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,21 +146,37 @@ def _layout(q, t, negatives, target_ids, query_ids, comm):
     return Tc, N, offset, ids, sizes
 
 
+def _empty_strip_stats(N: int, device, need_col: bool, need_e: bool) -> StripStats:
+    """The statistics of a strip with no rows (a rank with an empty batch): no row terms,
+    and column partials that contribute nothing to the cross-rank combination."""
+    row = torch.empty(0, device=device)
+    col_lse = torch.full((N,), float("-inf"), device=device) if need_col else None
+    col_es = torch.zeros(N, device=device) if (need_col and need_e) else None
+    return StripStats(row, row if need_e else None, col_lse, col_es)
+
+
 def hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm=None):
     """Forward of the loss over a backend's strip ops, on one process or across ranks.
 
     Across ranks it is LLaVE's per-rank local loss: this rank's queries against all
-    gathered targets (and negatives), this rank's targets against all gathered queries.
+    gathered targets (and negatives), this rank's targets against all gathered queries;
+    or, with ``cfg.global_loss``, the loss over the whole gathered batch (open_clip's
+    ``local_loss=False``), from the same strips: every rank's per-row terms summed by one
+    all-reduce of a scalar. A rank with an empty batch (B = 0) takes part in every
+    collective and contributes nothing (its local loss is 0).
     """
     B = q.shape[0]
     if not cfg.symmetric:
         query_ids = None
     Tc, N, offset, ids, sizes = _layout(q, t, negatives, target_ids, query_ids, comm)
     need_e = scale_t is not None and scale_t.requires_grad
-    stats = ops.strip_forward(
-        q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
-        need_col=cfg.symmetric, need_e=need_e,
-    )
+    if B == 0:
+        stats = _empty_strip_stats(N, q.device, cfg.symmetric, need_e)
+    else:
+        stats = ops.strip_forward(
+            q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
+            need_col=cfg.symmetric, need_e=need_e,
+        )
     col_lse, col_es = stats.col_lse, stats.col_es
     if comm is not None and cfg.symmetric:
         # every rank's strip holds a part of each column: merge them (O(N) floats)
@@ -168,8 +187,13 @@ def hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, 
     per_row = stats.row_lse - cfg.scale * diag
     if cfg.symmetric:
         per_row = (per_row + (col_lse[offset : offset + B] - cfg.scale * diag)) / 2
-    if cfg.reduction == "mean":
-        out = per_row.mean()
+    if cfg.global_loss and comm is not None:
+        # every rank's rows: one all-reduce of the per-row sum; the same value everywhere
+        total = per_row.sum().reshape(1).clone()
+        comm.all_reduce_sum(total)
+        out = (total[0] / N) if cfg.reduction == "mean" else total[0]
+    elif cfg.reduction == "mean":
+        out = per_row.mean() if B else per_row.sum()  # an empty rank contributes 0
     elif cfg.reduction == "sum":
         out = per_row.sum()
     else:
@@ -190,8 +214,16 @@ def hardness_backward(ctx, grad_out):
     B = q.shape[0]
     acc = acc_dtype(q.dtype)
     g = grad_out.to(acc)
-    if cfg.reduction == "mean":
-        g_rows = (g / B).expand(B)
+    global_loss = cfg.global_loss and comm is not None
+    if global_loss:
+        # every rank's copy of the global loss has its own upstream gradient; through the
+        # gather-with-grad each row's term gets their sum (open_clip with gather_with_grad)
+        g_all = g.reshape(1).clone()
+        comm.all_reduce_sum(g_all)
+        g_all = g_all[0]
+        g_rows = ((g_all / N) if cfg.reduction == "mean" else g_all).expand(B)
+    elif cfg.reduction == "mean":
+        g_rows = (g / B).expand(B) if B else g.new_zeros(0)
     elif cfg.reduction == "sum":
         g_rows = g.expand(B)
     else:
@@ -205,11 +237,16 @@ def hardness_backward(ctx, grad_out):
     # the positive's term: dS_ii -= s * (g_row_i + g_col_i), applied by the backend
     g_col_local = None if g_col is None else g_col[offset : offset + B]
     c = ((g_row if g_col is None else g_row + g_col_local) * cfg.scale).contiguous()
-    dq, dTc = ctx.ops.strip_backward(
-        q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
-        row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=c,
-        deterministic=cfg.deterministic,
-    )
+    if B == 0:
+        # nothing of this rank's strip; it still takes part in the reduce-scatter below
+        dq = torch.zeros((0, q.shape[1]), device=q.device, dtype=acc)
+        dTc = torch.zeros((Tc.shape[0], q.shape[1]), device=q.device, dtype=acc)
+    else:
+        dq, dTc = ctx.ops.strip_backward(
+            q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
+            row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=c,
+            deterministic=cfg.deterministic,
+        )
     if comm is None:
         dt, dneg = dTc[:B], (dTc[B:] if ctx.n_neg else None)
     else:
@@ -225,9 +262,19 @@ def hardness_backward(ctx, grad_out):
     dscale = None
     if ctx.need_e:
         # dL/ds = sum_i g_row_i (E_row[S]_i - S_ii) + sum_(local j) g_col_j (E_col[S]_j - S_jj)
-        ds = (g_row * (row_es - diag)).sum()
-        if g_col is not None:
-            ds = ds + (g_col_local * (col_es[offset : offset + B] - diag)).sum()
+        if global_loss:
+            # this rank's scale replica: its own upstream gradient times dL_global/ds, whose
+            # terms are spread over every rank's rows (one more scalar all-reduce)
+            w = half * ((1.0 / N) if cfg.reduction == "mean" else 1.0)
+            unit = ((row_es - diag).sum() * w).reshape(1).clone()
+            if g_col is not None:
+                unit = unit + (col_es[offset : offset + B] - diag).sum() * w
+            comm.all_reduce_sum(unit)
+            ds = g * unit[0]
+        else:
+            ds = (g_row * (row_es - diag)).sum()
+            if g_col is not None:
+                ds = ds + (g_col_local * (col_es[offset : offset + B] - diag)).sum()
         shape, dtype = ctx.scale_meta
         dscale = ds.reshape(shape).to(dtype)
     return dq, dt, dneg, dscale
