@@ -185,3 +185,19 @@ def test_recipe_export_reloads_with_the_same_embeddings(recipe_run, tmp_path):
     init = build_tiny_model(fresh.seed, image_size=64, patch_size=16, max_grid=1)
     init.set_image_grid("(1x1),...,(2x2)")
     assert (init.encode(texts, images) - a).abs().max().item() > 1e-4  # the run did train
+
+
+def test_flags_override_the_preset(monkeypatch):
+    import llave_fast.train as T
+    from llave_fast.cli import main
+
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    assert main(["train", "--config", "llave_0.5b_recipe.json", "--model", "tiny", "--accumulation-steps", "1",
+                 "--mask-duplicates", "true", "--group-by-modality", "false", "--image-grid", "[[384, 768]]",
+                 "--max-length", "2048", "--warmup-ratio", "0.1", "--epochs", "2", "--subsets", "MSCOCO,CIRR"]) == 0
+    c = seen["cfg"]
+    assert (c.model, c.accumulation_steps, c.mask_duplicates, c.group_by_modality) == ("tiny", 1, True, False)
+    assert (c.image_grid, c.max_length, c.warmup_ratio, c.epochs, c.subsets) == (
+        "[[384, 768]]", 2048, 0.1, 2.0, ["MSCOCO", "CIRR"])
+    assert (c.lr_vision, c.mmeb_split, c.max_rows_per_subset) == (0.0, "original", 50000)  # the rest from the preset
