@@ -27,7 +27,19 @@ from .loss import FusedHardnessLoss
 
 log = logging.getLogger("llave_fast.train")
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+def _config_dir() -> str:
+    """The shipped presets: the package ``llave_fast.configs`` (``configs/`` in the tree, mapped
+    in by setup.py and shipped in the wheel); a source tree that was not installed falls back
+    to the folder beside the package."""
+    try:
+        from llave_fast import configs
+
+        return os.path.dirname(os.path.abspath(configs.__file__))
+    except ImportError:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+CONFIG_DIR = _config_dir()
 
 
 def _opt(default, help: str):
