@@ -75,16 +75,7 @@ def check_global_cases(rank, world, cases):
         red = case.get("reduction", "mean")
         loss_t, gq, gt, gneg, dlds = truth_global(q, t, neg, tid, qid, ups, case["sym"], 50.0, 9.0, red)
         rs, ms = rank_slices(b_sizes, m_sizes, rank)
-        lq = q[rs].float().requires_grad_()
-        lt = t[rs].float().requires_grad_()
-        lneg = neg[ms].float().requires_grad_() if m_sizes[rank] else None
-        ltid = None
-        if tid is not None:
-            ltid = tid[rs]
-            if case["neg_ids"] and m_sizes[rank]:
-                N = sum(b_sizes)
-                ltid = torch.cat([ltid, tid[N + ms.start : N + ms.stop]])
-        lqid = None if qid is None else qid[rs]
+        lq, lt, lneg, ltid, lqid = rank_inputs(case, rank, q, t, neg, tid, qid, torch.float32)
         scale = torch.tensor(50.0, requires_grad=True)
         if case.get("module"):
             fn = FusedHardnessLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world,
@@ -110,6 +101,23 @@ def check_global_cases(rank, world, cases):
         assert abs(scale.grad.item() - want_ds) <= 1e-4 * max(1.0, abs(want_ds)), (
             f"{where}: dscale {scale.grad.item()} vs truth {want_ds}")
         dist.barrier()
+
+
+def rank_inputs(case, rank, q, t, neg, tid, qid, dtype):
+    """This rank's leaves (queries, targets, negatives or None) and ids, cut from the global batch."""
+    b_sizes, m_sizes = case["b"], case["m"]
+    rs, ms = rank_slices(b_sizes, m_sizes, rank)
+    lq = q[rs].to(dtype).requires_grad_()
+    lt = t[rs].to(dtype).requires_grad_()
+    lneg = neg[ms].to(dtype).requires_grad_() if m_sizes[rank] else None
+    ltid = None
+    if tid is not None:
+        ltid = tid[rs]
+        if case["neg_ids"] and m_sizes[rank]:
+            N = sum(b_sizes)
+            ltid = torch.cat([ltid, tid[N + ms.start : N + ms.stop]])
+    lqid = None if qid is None else qid[rs]
+    return lq, lt, lneg, ltid, lqid
 
 
 def rank_slices(b_sizes, m_sizes, rank):
@@ -140,17 +148,7 @@ def check_cases(rank, world, cases):
                                              case["qid"], case["neg_ids"])
         losses, gq, gt, gneg = truth(q, t, neg, tid, qid, ups, b_sizes, m_sizes, case["sym"], 50.0, 9.0)
         rs, ms = rank_slices(b_sizes, m_sizes, rank)
-        dtype = case.get("dtype", torch.float32)
-        lq = q[rs].to(dtype).requires_grad_()
-        lt = t[rs].to(dtype).requires_grad_()
-        lneg = neg[ms].to(dtype).requires_grad_() if m_sizes[rank] else None
-        ltid = None
-        if tid is not None:
-            ltid = tid[rs]
-            if case["neg_ids"] and m_sizes[rank]:
-                N = sum(b_sizes)
-                ltid = torch.cat([ltid, tid[N + ms.start : N + ms.stop]])
-        lqid = None if qid is None else qid[rs]
+        lq, lt, lneg, ltid, lqid = rank_inputs(case, rank, q, t, neg, tid, qid, case.get("dtype", torch.float32))
         cfg = case.get("kernel_config")
         ctx = contextlib.nullcontext()
         if cfg:
