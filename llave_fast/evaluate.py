@@ -1,11 +1,19 @@
 """``llave-fast eval``: precision@1 of a saved model, MMEB-style.
 
+``--model`` is a model folder (an export, a transformers or llava_qwen checkpoint), a hub id, or
+a training run folder, whose newest complete checkpoint is merged from its ZeRO shards in
+memory (as ``llave-fast export`` does) and evaluated.
+
 Each query is scored against the candidate set (for the synthetic data and for MMEB-train
 style files: every distinct target of the split); a hit is a top-1 candidate with the
 query's target id.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
 
 import torch
 
@@ -50,11 +58,17 @@ def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str |
     on the CPU in fp32 (see :func:`eval_precision`). The result names the device and dtype."""
     from .data import MMEBDataset, SyntheticDataset, retrieval_candidates
     from .data.mmeb_eval import is_eval_file
+    from .export import is_run_dir
     from .model import LLaVEEmbedder
 
     dev, dt = eval_precision(device, dtype)
-    model = LLaVEEmbedder.from_pretrained(model_path, torch_dtype=dt).to(dev).eval()
     where = {"device": str(dev), "dtype": str(dt).replace("torch.", "")}
+    if is_run_dir(model_path):  # a training run: its newest complete checkpoint, merged in memory
+        model, tag = run_model_for_eval(model_path, dt)
+        where["checkpoint"] = tag
+    else:
+        model = LLaVEEmbedder.from_pretrained(model_path, torch_dtype=dt)
+    model = model.to(dev).eval()
     paths = [] if data == "synthetic" else data.split(",")
     if paths and all(is_eval_file(x) for x in paths):
         result = candidate_list_eval(model, paths, image_dir=image_dir, limit=num_eval, batch=batch)
@@ -73,6 +87,28 @@ def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str |
         result = retrieval_eval(embed, model.processor, rset, batch)
     result.update(model=model_path, data=data, **where)
     return result
+
+
+def run_model_for_eval(run_dir: str, dtype: torch.dtype):
+    """(model, checkpoint tag) of a training run folder's newest complete checkpoint, or an error
+    that says what to do instead."""
+    from . import checkpoint as ckpt
+    from .export import load_run_model
+
+    root = os.path.join(run_dir, "checkpoints")
+    if ckpt.latest_complete(root) is None:
+        raise FileNotFoundError(
+            f"{run_dir!r} is a training run folder without a complete checkpoint (none under {root} has the "
+            f"{ckpt.MARKER} marker yet; the run saves one every --save-every steps and at its end). Evaluate it once "
+            f"it has one, or evaluate an exported model: llave-fast export --run {run_dir}, then "
+            f"llave-fast eval --model {os.path.join(run_dir, 'export')}")
+    try:
+        # deepspeed's shard merge prints its progress: keep stdout for the metrics JSON
+        with contextlib.redirect_stdout(sys.stderr):
+            return load_run_model(run_dir, dtype=dtype)
+    except ImportError as e:
+        raise ImportError(f"{e}; or export it on a machine with deepspeed (llave-fast export --run {run_dir}) "
+                          "and evaluate the exported folder") from e
 
 
 @torch.no_grad()

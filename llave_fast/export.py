@@ -17,14 +17,25 @@ from . import checkpoint as ckpt
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def is_run_dir(path: str) -> bool:
+    """True for a training run's folder (``llave-fast train --output-dir``): it has ``base/`` (the
+    architecture, written when training starts) or ``checkpoints/``, and no model ``config.json``."""
+    return (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
+            and (os.path.isdir(os.path.join(path, "base")) or os.path.isdir(os.path.join(path, "checkpoints"))))
+
+
 def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict, str]:
     """fp32 state dict of the embedder from the newest complete checkpoint (or ``tag``)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     root = os.path.join(run_dir, "checkpoints")
     tag = tag or ckpt.latest_complete(root)
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint under {root}")
+        raise FileNotFoundError(f"no complete checkpoint under {root} (none has the {ckpt.MARKER} marker): the run "
+                                "saves one every --save-every steps and at its end")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:
+        raise ImportError(f"merging the ZeRO shards of {os.path.join(root, tag)} needs deepspeed "
+                          "(pip install 'llave-fast[train]')") from e
     if not os.path.exists(os.path.join(root, tag, ckpt.MARKER)):
         raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete (no {ckpt.MARKER} marker)")
     return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag), tag
@@ -36,7 +47,8 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
 
     base = os.path.join(run_dir, "base")
     if not os.path.isdir(base):
-        raise FileNotFoundError(f"{base} is missing: is {run_dir} a llave-fast run directory?")
+        raise FileNotFoundError(f"{base} is missing: {run_dir!r} is not a llave-fast training run folder (training "
+                                "writes base/ when it starts)")
     config = load_config(base)
     processor = LLaVEProcessor.from_pretrained(base, config=config)
     model = LLaVEEmbedder.from_config(config, processor, torch_dtype=torch.float32)

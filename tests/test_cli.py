@@ -1,0 +1,271 @@
+"""The ``llave-fast`` command line: help, defaults, flag syntax, errors, eval of a run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llave_fast import __version__
+from llave_fast.cli import HIDDEN_FIELDS, build_parser, is_user_error, main, train_config_from_args
+from llave_fast.train import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=120, cwd=None):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "llave_fast", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+def _train_actions(argv):
+    parser = build_parser(argv)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices["train"]._actions}
+
+
+def _main(capsys, *argv):
+    """(exit code, stdout, stderr) of main(argv), argparse's SystemExit included."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ------------------------------------------------------------------------------ help and version
+def test_bare_command_prints_help_and_version_exists():
+    r = _run()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: llave-fast")
+    for cmd in ("train", "export", "eval"):
+        assert f"    {cmd} " in r.stdout
+    assert "Traceback" not in r.stderr
+    v = _run("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"llave-fast {__version__}"
+
+
+def test_train_help_describes_every_option_and_hides_test_only_ones(capsys):
+    actions = _train_actions(["train"])
+    for f in dataclasses.fields(TrainConfig):
+        a = actions[f.name]
+        if f.name in HIDDEN_FIELDS or f.metadata.get("hidden"):
+            assert a.help == "==SUPPRESS==", f"--{f.name} is test-only and must not be in --help"
+            continue
+        assert f.metadata.get("help"), f"TrainConfig.{f.name} has no help text"
+        assert f.metadata["help"].rstrip(".") in a.help
+        assert "Value: " in a.help and "Default: " in a.help, a.help
+    rc, out, _ = _main(capsys, "train", "--help")
+    assert rc == 0
+    assert "--stop-after" not in out
+    assert "--global-batch INT" in out and "--subsets A,B,..." in out and "{auto,triton,torch,reference}" in out
+    assert "comma-separated list" in out and "true or false" in out and "'none' unsets it" in out
+
+
+@pytest.mark.parametrize("config", ["tiny_cpu.json", "llave_0.5b.json", "llave_0.5b_recipe.json"])
+def test_train_help_shows_the_default_that_applies(config):
+    """The default shown for every flag is the value the run would use: the preset's, else the built-in one."""
+    from llave_fast.cli import _show
+
+    argv = ["train"] if config == "tiny_cpu.json" else ["train", "--config", config]
+    actions = _train_actions(argv)
+    applies = TrainConfig.from_json(config)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in HIDDEN_FIELDS:
+            continue
+        shown = actions[f.name].help.split("Default: ")[1]
+        assert shown.split(" (from ")[0] == _show(getattr(applies, f.name)).replace("%", "%%"), (f.name, shown)
+    if config == "llave_0.5b_recipe.json":  # values only the preset sets say where they come from
+        assert actions["epochs"].help.endswith("Default: 1 (from llave_0.5b_recipe.json; built-in none)")
+        assert "Default: 0.03 (from llave_0.5b_recipe.json" in actions["warmup_ratio"].help
+
+
+def test_train_help_with_an_unreadable_config_still_works(capsys):
+    rc, out, _ = _main(capsys, "train", "--config", "no_such_preset.json", "--help")
+    assert rc == 0 and "built-in ones" in out and "no_such_preset.json" in out
+
+
+# ------------------------------------------------------------------------------ flag syntax and merging
+def test_flags_parse_lists_bools_none_and_override_the_config():
+    argv = ["train", "--config", "llave_0.5b_recipe.json", "--subsets", "MSCOCO,VisDial", "--epochs", "none",
+            "--use-negatives", "--mask-duplicates", "false", "--loss-backend", "torch", "--lr", "2e-5",
+            "--max-length", "none", "--stop-after", "3"]
+    args = build_parser(argv).parse_args(argv)
+    cfg = train_config_from_args(args)
+    recipe = TrainConfig.from_json("llave_0.5b_recipe.json")
+    assert cfg.subsets == ["MSCOCO", "VisDial"]
+    assert cfg.epochs is None and recipe.epochs == 1  # 'none' unsets what the preset set
+    assert cfg.use_negatives is True and cfg.mask_duplicates is False
+    assert cfg.loss_backend == "torch" and cfg.lr == 2e-5 and cfg.max_length is None
+    assert cfg.stop_after == 3  # hidden, but still a flag
+    assert cfg.global_batch == recipe.global_batch  # not given: the preset's value
+    assert TrainConfig.from_json("tiny_cpu.json").save_every == 50 != TrainConfig().save_every
+    default = train_config_from_args(build_parser(["train"]).parse_args(["train"]))
+    assert default.save_every == 50  # tiny_cpu.json is the default preset
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--global-batch", "abc"], "argument --global-batch: invalid int value: 'abc'"),
+    (["train", "--loss-backend", "cuda"], "argument --loss-backend: invalid choice: 'cuda'"),
+    (["train", "--subsets", "a,,b"], "argument --subsets: expected a comma-separated list without empty items, got 'a,,b'"),
+    (["train", "--bf16", "maybe"], "argument --bf16: expected true or false, got 'maybe'"),
+    (["train", "--epochs", "1x"], "argument --epochs: invalid float or 'none' value: '1x'"),
+    (["eval", "--model", "m", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["eval", "--model", "m", "--num-eval", "0"], "argument --num-eval: expected a positive integer, got '0'"),
+    (["export"], "the following arguments are required: --run"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_bad_flag_values_print_one_error_and_exit_2(capsys, argv, needle):
+    rc, out, err = _main(capsys, *argv)
+    assert rc == 2
+    assert needle in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err  # the error and where to read more
+
+
+# ------------------------------------------------------------------------------ user errors vs bugs
+def _bad_configs(tmp_path):
+    bad_json = tmp_path / "broken.json"
+    bad_json.write_text('{"steps": 3,}')
+    bad_type = tmp_path / "typed.json"
+    bad_type.write_text('{"global_batch": "64"}')
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"global_bach": 64}')
+    return bad_json, bad_type, unknown
+
+
+def test_user_errors_print_one_line_naming_the_argument_and_exit_1(tmp_path, capsys):
+    bad_json, bad_type, unknown = _bad_configs(tmp_path)
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    cases = [
+        (["train", "--config", "nope.json"], ["--config 'nope.json'", "not found"]),
+        (["train", "--config", str(bad_json)], ["--config", "broken.json", "not valid JSON"]),
+        (["train", "--config", str(bad_type)], ["--config", "global_batch must be an integer", "'64'"]),
+        (["train", "--config", str(unknown)], ["--config", "unknown training options", "global_bach"]),
+        (["eval", "--model", str(tmp_path / "missing")], ["--model", "missing'", "no such folder"]),
+        (["eval", "--model", str(not_a_run), "--data", str(tmp_path / "x.jsonl")], ["--data", "x.jsonl", "no such"]),
+        (["eval", "--model", str(not_a_run), "--image-dir", str(bad_json)], ["--image-dir", "not a folder"]),
+        (["eval", "--model", str(not_a_run), "--device", "tpu"], ["device must be", "'tpu'"]),
+        (["export", "--run", str(not_a_run)], ["--run", "empty'", "not a llave-fast training run folder"]),
+    ]
+    for argv, needles in cases:
+        rc, out, err = _main(capsys, *argv)
+        assert rc == 1, (argv, err)
+        lines = err.strip().splitlines()
+        assert lines[0].startswith(f"llave-fast {argv[0]}: error: "), (argv, err)
+        assert all(n in lines[0] for n in needles), (argv, lines[0])
+        assert "Traceback" not in err and len(lines) == 2, (argv, err)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = _run("eval", "--model", str(tmp_path / "missing"), "--debug")
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "UsageError: --model" in r.stderr
+    r = _run("--debug", "train", "--config", "nope.json")  # before the command too
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_bad_data_is_a_user_error(tmp_path, capsys):
+    from llave_fast.model import build_tiny_model
+
+    folder = tmp_path / "tiny"
+    build_tiny_model().save_pretrained(str(folder))
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"qry_text": "a cat", "qry_img_path": "", "tgt_text": ["cat", "dog"],
+                                "tgt_img_path": ["", "missing.png"]}) + "\n")
+    rc, out, err = _main(capsys, "eval", "--model", str(folder), "--data", str(data), "--num-eval", "4")
+    assert rc == 1
+    assert "eval.jsonl: row 0: candidate 1 image not found" in err and "missing.png" in err
+    assert "Traceback" not in err
+
+
+def test_only_our_own_checks_count_as_user_errors():
+    from llave_fast.evaluate import eval_precision
+    from llave_fast.export import export_run
+
+    def caught(fn, *a, **k):
+        try:
+            fn(*a, **k)
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("no exception")
+
+    assert is_user_error(caught(eval_precision, "tpu"))  # our check: raise ValueError(...)
+    assert is_user_error(caught(eval_precision, 3))  # our check: raise TypeError(...)
+    assert is_user_error(caught(export_run, "/nonexistent-run"))  # a missing file, wherever found
+    # the same types raised by a library, or by a wrong call, are bugs: they keep their traceback
+    import torch
+
+    assert not is_user_error(caught(torch.device, "not a device"))
+    assert not is_user_error(caught(eval_precision, "cpu", "fp32", "extra"))
+    assert not is_user_error(caught(int, "x"))
+    assert not is_user_error(caught(lambda: {}["k"]))
+
+
+def test_internal_errors_keep_the_traceback_and_say_so(monkeypatch, capsys):
+    import llave_fast.evaluate as ev
+
+    def broken(*a, **k):
+        return {}["p_at_1"]  # a bug: KeyError
+
+    monkeypatch.setattr(ev, "evaluate_model", broken)
+    rc, out, err = _main(capsys, "eval", "--model", "owner/name")
+    assert rc == 1
+    assert "Traceback (most recent call last)" in err and "KeyError" in err
+    assert "internal error" in err.strip().splitlines()[-1]
+
+
+def test_train_option_check_is_one_line(tmp_path):
+    """A value the training loop refuses (its check_config) stops the command in one line."""
+    r = _run("train", "--accumulation-steps", "0", "--output-dir", str(tmp_path / "run"), "--num-workers", "0",
+             timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.strip().splitlines() if "[WARNING]" not in ln and "[INFO]" not in ln]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert err[-2].startswith("llave-fast train: error: ") and "accumulation_steps" in err[-2] and "0" in err[-2]
+
+
+# ------------------------------------------------------------------------------ eval of a training run folder
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("cli") / "run"
+    r = _run("train", "--steps", "2", "--save-every", "1", "--num-train", "128", "--num-eval", "16",
+             "--global-batch", "32", "--chunk-size", "16", "--warmup-steps", "1", "--eval-before", "false", "--progress", "false",
+             "--num-workers", "0", "--seed", "3", "--output-dir", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+def test_eval_of_a_run_folder_uses_its_newest_complete_checkpoint(run_dir, tmp_path, capsys):
+    with open(run_dir / "eval.json") as f:
+        trained = json.load(f)
+    rc, out, err = _main(capsys, "eval", "--model", str(run_dir), "--num-eval", "16", "--seed", "3",
+                         "--output", str(tmp_path / "m.json"))
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["checkpoint"] == "step-00000002"
+    assert result["p_at_1"] == trained["p_at_1_after"]  # the same model as the run's own final eval
+    assert json.loads((tmp_path / "m.json").read_text()) == result
+
+
+def test_eval_of_a_run_folder_without_a_complete_checkpoint_says_what_to_do(run_dir, tmp_path, capsys):
+    import shutil
+
+    torn = tmp_path / "torn"
+    shutil.copytree(run_dir, torn)
+    for tag in os.listdir(torn / "checkpoints"):
+        marker = torn / "checkpoints" / tag / "COMPLETE"
+        if marker.exists():
+            marker.unlink()
+    rc, out, err = _main(capsys, "eval", "--model", str(torn), "--num-eval", "4")
+    assert rc == 1
+    line = err.strip().splitlines()[0]
+    assert "training run folder without a complete checkpoint" in line
+    assert f"llave-fast export --run {torn}" in line
