@@ -674,3 +674,52 @@ def test_mmeb_query_modality_without_opening_images(tmp_path):
     has = ds.query_has_image()
     assert has.dtype == bool and has.tolist() == [ds[i]["qry_image"] is not None for i in range(len(ds))]
     assert sorted(has.tolist()) == [False, False, True, True, True]
+
+
+# ---------------------------------------------------------------- bad images (issue 14)
+def test_mmeb_missing_relative_image_suggests_image_dir(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    f = _jsonl(tmp_path / "data" / "S.jsonl", _rows(4))  # paths relative to images/, not to data/
+    with pytest.raises(BadDataError, match=r"looked up under the data file's folder .*pass --image-dir") as info:
+        MMEBDataset(f)
+    assert str(tmp_path / "data") in str(info.value) and "--bad-images skip" in str(info.value)
+    with pytest.raises(BadDataError, match=r"relative to --image-dir .*is that the folder"):
+        MMEBDataset(f, tmp_path / "data")
+    assert len(MMEBDataset(f, img)) == 4
+
+
+def test_mmeb_check_images_decodes_all_with_progress_and_bad_images_decides(tmp_path, capsys):
+    img = tmp_path / "images"
+    _write_images(img, 6)
+    (img / "sub" / "q4.png").write_bytes(b"\x89PNG broken")  # exists: only decoding finds it
+    f = _jsonl(tmp_path / "S.jsonl", _rows(6))
+    with pytest.raises(BadDataError, match=r"row 4 .*unreadable image.*--bad-images skip"):
+        MMEBDataset(f, img, check_images="decode", progress=True)
+    assert "checking images" in capsys.readouterr().err  # the progress bar
+    ds = MMEBDataset(f, img, check_images="decode", bad_images="skip")
+    assert len(ds) == 5 and ds.images_checked == 6
+    assert [(s, r) for s, r, _ in ds.skipped] == [(str(f), 4)] and "unreadable image" in ds.skipped[0][2]
+    # bad_images governs images only: a bad row still follows skip_bad_rows
+    rows = _rows(6)
+    rows[1].update(qry="", qry_image_path="")
+    g = _jsonl(tmp_path / "T.jsonl", rows)
+    with pytest.raises(BadDataError, match=r"row 1 .*empty query"):
+        MMEBDataset(g, img, check_images="decode", bad_images="skip")
+    # ... and bad_images="fail" stops on an image even when bad rows are skipped
+    with pytest.raises(BadDataError, match=r"row 4 .*unreadable image"):
+        MMEBDataset(g, img, check_images="decode", bad_images="fail", skip_bad_rows=True)
+
+
+def test_mmeb_bad_images_at_read_time(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 6)
+    (img / "sub" / "q4.png").write_bytes(b"\x89PNG broken")
+    f = _jsonl(tmp_path / "S.jsonl", _rows(6))
+    fail = MMEBDataset(f, img, bad_images="fail", skip_bad_rows=True)
+    with pytest.raises(BadDataError, match=r"row 4 .*unreadable image.*--check-images"):
+        fail[4]
+    skip = MMEBDataset(f, img, bad_images="skip")
+    assert skip[4]["row"] == 5 and [r for _, r, _ in skip.skipped] == [4]
+    with pytest.raises(ValueError, match=r"bad_images must be 'skip', 'fail' or None, got 'drop'"):
+        MMEBDataset(f, img, bad_images="drop")

@@ -14,11 +14,14 @@ plus the line number for jsonl): a missing or unreadable image, a query or targe
 neither text nor image, a placeholder with no image, a missing, unknown or mistyped
 column. Columns and rows are checked when the dataset is built; images are checked for
 existence then (``check_images="exists"``, the default) and decoded in ``__getitem__``
-(or all at build time with ``check_images="decode"``). With ``skip_bad_rows=True`` a bad
-row is logged (``logging.warning``, with file, row and reason), recorded in ``skipped``
+(or all at build time with ``check_images="decode"``, with a progress bar). With
+``skip_bad_rows=True`` a bad row is logged (``logging.warning``, with file, row and reason), recorded in ``skipped``
 and left out; nothing is ever dropped silently. A row whose image turns out unreadable
 only in ``__getitem__`` is replaced by the next good row (deterministically), and is
 recorded in ``skipped`` of the process that read it (a DataLoader worker's own copy).
+Images follow ``bad_images`` ("skip" or "fail") when it is given, ``skip_bad_rows`` when
+not; a missing image whose path is relative says which folder it was looked up in and
+suggests ``--image-dir``.
 """
 
 from __future__ import annotations
@@ -54,13 +57,20 @@ _LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason 
 class BadDataError(ValueError):
     """A row (or a whole file) of the training data that cannot be used; says where and why."""
 
-    def __init__(self, source: str, row: int | None, reason: str, line: int | None = None, hint: bool = True):
+    def __init__(self, source: str, row: int | None, reason: str, line: int | None = None,
+                 hint: bool | str = True):
         self.source, self.row, self.reason, self.line = source, row, reason, line
         where = "all rows" if row is None else f"row {row}" + (f" (line {line})" if line is not None else "")
         msg = f"{source}: {where}: {reason}"
-        if hint and row is not None:
+        if isinstance(hint, str):
+            msg += hint
+        elif hint and row is not None:
             msg += " (pass skip_bad_rows=True / --skip-bad-rows to skip and log such rows)"
         super().__init__(msg)
+
+
+IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
+              "every image before training)")
 
 
 @dataclass
@@ -275,6 +285,11 @@ class MMEBDataset(torch.utils.data.Dataset):
         check_images: ``"exists"`` (default: every image path must name a file),
             ``"decode"`` (also open every distinct image now) or ``"none"``.
         allow_extra_columns: ignore columns besides MMEB's instead of raising.
+        bad_images: what a missing or unreadable image does, at build time and when a
+            record is read: ``"fail"`` (raise ``BadDataError``) or ``"skip"`` (record it in
+            ``skipped``, log it, and serve the next good row in its place); None follows
+            ``skip_bad_rows``.
+        progress: a progress bar over the distinct images when ``check_images="decode"``.
     """
 
     def __init__(
@@ -289,15 +304,21 @@ class MMEBDataset(torch.utils.data.Dataset):
         max_rows_per_subset: int | None = None,
         check_images: str = "exists",
         allow_extra_columns: bool = False,
+        bad_images: str | None = None,
+        progress: bool = False,
     ):
         if check_images not in ("none", "exists", "decode"):
             raise ValueError(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}")
+        if bad_images not in (None, "skip", "fail"):
+            raise ValueError(f"bad_images must be 'skip', 'fail' or None, got {bad_images!r}")
         if isinstance(subsets, str):
             subsets = [subsets]
         self.image_dir = None if image_dir is None else str(image_dir)
         self.use_negatives = bool(use_negatives)
         self.skip_bad_rows = bool(skip_bad_rows)
+        self.skip_bad_images = self.skip_bad_rows if bad_images is None else bad_images == "skip"
         self.check_images = check_images
+        self.progress = bool(progress)
         self.skipped: list[tuple[str, int, str]] = []
         self._bad_positions: set[int] = set()
 
@@ -350,6 +371,9 @@ class MMEBDataset(torch.utils.data.Dataset):
         return cols + ("neg_image_path",) if self.use_negatives and src.has_neg else cols
 
     def _row_problem(self, src: _Source, row: int, exists_cache: dict[str, str | None]) -> str | None:
+        """Why the row cannot be used, or None; ``self._image_problem_found`` says whether the
+        reason is an image (``bad_images`` decides) or the row itself (``skip_bad_rows``)."""
+        self._image_problem_found = False
         if row in src.problems:
             return src.problems[row]
         c = src.cols
@@ -376,11 +400,49 @@ class MMEBDataset(torch.utils.data.Dataset):
                 if path not in exists_cache:  # one check per distinct image (targets repeat a lot)
                     exists_cache[path] = _image_problem(path, decode=self.check_images == "decode")
                 if exists_cache[path] is not None:
-                    return f"{exists_cache[path]}: {path!r} ({img_col})"
+                    self._image_problem_found = True
+                    why = exists_cache[path]
+                    hint = self._missing_hint(src, rel) if why == "image file not found" else ""
+                    return f"{why}: {path!r} ({img_col}){hint}"
         return None
+
+    def _missing_hint(self, src: _Source, rel: str) -> str:
+        """What to try when an image file is not where the row says."""
+        if os.path.isabs(rel):
+            return ""
+        if self.image_dir is None:
+            return (f"; image paths are relative and were looked up under the data file's folder "
+                    f"{src.image_root!r}: pass --image-dir (image_dir=) naming the folder they are relative to")
+        return f"; image paths are relative to --image-dir {self.image_dir!r}: is that the folder they are relative to?"
+
+    def _decode_all(self, exists_cache: dict[str, str | None]) -> None:
+        """``check_images="decode"``: open every distinct image once, with a progress bar."""
+        paths = {}
+        for src in self.sources:
+            for img_col in self._image_columns(src):
+                for row, rel in enumerate(src.cols[img_col]):
+                    if rel and row not in src.problems:
+                        paths.setdefault(os.path.join(src.image_root, rel), None)
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(paths), desc="checking images", unit="image", disable=not self.progress)
+        # PIL decodes outside the GIL: a few threads keep the disk and the cores busy
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for path, why in zip(paths, pool.map(lambda p: _image_problem(p, decode=True), paths)):
+                exists_cache[path] = why
+                bar.update(1)
+        bar.close()
+        self.images_checked = len(paths)
+        bad = sum(why is not None for why in exists_cache.values())
+        logger.info("checked %d distinct images: %d unusable", len(paths), bad)
 
     def _index_rows(self):
         exists_cache: dict[str, str | None] = {}
+        self.images_checked = None
+        if self.check_images == "decode":
+            self._decode_all(exists_cache)
         src_idx, row_idx = [], []
         reasons: Counter = Counter()
         for s, src in enumerate(self.sources):
@@ -390,8 +452,9 @@ class MMEBDataset(torch.utils.data.Dataset):
                     src_idx.append(s)
                     row_idx.append(row)
                     continue
-                if not self.skip_bad_rows:
-                    raise BadDataError(src.name, row, problem, src.line(row))
+                image = self._image_problem_found
+                if not (self.skip_bad_images if image else self.skip_bad_rows):
+                    raise BadDataError(src.name, row, problem, src.line(row), hint=IMAGE_HINT if image else True)
                 self._record_skip(src, row, problem, log=len(self.skipped) < _LOG_EACH)
                 reasons[problem.split(":")[0]] += 1
         if len(self.skipped) > _LOG_EACH:
@@ -437,10 +500,12 @@ class MMEBDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 return im.convert("RGB")  # convert() loads the pixels: decode errors surface here
         except FileNotFoundError as exc:
-            raise BadDataError(src.name, row, f"image file not found: {path!r} ({column})", src.line(row)) from exc
+            raise BadDataError(src.name, row, f"image file not found: {path!r} ({column}){self._missing_hint(src, rel)}",
+                               src.line(row), hint=IMAGE_HINT) from exc
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
             why = str(exc) or type(exc).__name__
-            raise BadDataError(src.name, row, f"unreadable image ({why}): {path!r} ({column})", src.line(row)) from exc
+            raise BadDataError(src.name, row, f"unreadable image ({why}): {path!r} ({column})", src.line(row),
+                               hint=IMAGE_HINT) from exc
 
     def _record(self, pos: int) -> Record:
         src = self.sources[self._src_idx[pos]]
@@ -477,7 +542,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                 try:
                     return self._record(pos)
                 except BadDataError as exc:
-                    if not self.skip_bad_rows:
+                    if not self.skip_bad_images:
                         raise
                     self._bad_positions.add(pos)
                     src = self.sources[self._src_idx[pos]]
