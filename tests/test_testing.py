@@ -1,0 +1,64 @@
+"""llave_fast.testing: multi-rank tests on a machine whose DeepSpeed op cache is cold.
+
+The CI flake (tests/test_model.py::test_zero3_partitions_at_load_and_every_weight_lands
+aborting on a fresh machine, then passing) came from the ranks JIT-building DeepSpeed's
+CPU communication op themselves; ``spawn_ranks`` now builds it once before spawning. This
+file empties the extension folder (a private one: TORCH_EXTENSIONS_DIR) and checks that
+the warm-up builds the op, clears a lock left by a killed builder, and that the spawned
+ranks then only load it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+from llave_fast import testing  # noqa: E402
+
+
+def _ds_init_rank(rank, world):
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    deepspeed.init_distributed(dist_backend="gloo")  # loads deepspeed_shm_comm
+    import torch
+    import torch.distributed as dist
+
+    x = torch.ones(3) * (rank + 1)
+    dist.all_reduce(x)
+    assert x.tolist() == [3.0, 3.0, 3.0]
+
+
+def test_cold_extension_cache_is_built_once_before_the_ranks_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    build_dir = testing.extension_dir()
+    assert build_dir.startswith(str(tmp_path)) and not os.listdir(build_dir)
+    # a killed builder's lock: torch's FileBaton would wait on it forever
+    lock = os.path.join(build_dir, "lock")
+    open(lock, "w").close()
+    old = time.time() - testing.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+
+    note = testing.warm_deepspeed_ops(force=True)
+    assert "removed a stale build lock" in note and "built deepspeed_shm_comm" in note, note
+    (so,) = [f for f in os.listdir(build_dir) if f.endswith(".so")]
+    built_at = os.path.getmtime(os.path.join(build_dir, so))
+    assert not os.path.exists(lock)
+
+    testing.spawn_ranks(_ds_init_rank, 2)  # warm already: the ranks load the op, build nothing
+    assert os.path.getmtime(os.path.join(build_dir, so)) == built_at
+    assert testing.warm_deepspeed_ops() == "already warm in this process"
+
+
+def test_a_fresh_build_lock_is_left_alone(tmp_path, monkeypatch):
+    """A lock younger than STALE_LOCK_S may belong to a build in progress elsewhere: not removed."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    build_dir = testing.extension_dir()
+    lock = os.path.join(build_dir, "lock")
+    open(lock, "w").close()
+    assert testing._remove_stale_lock(build_dir) is None and os.path.exists(lock)
