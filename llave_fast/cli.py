@@ -361,7 +361,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_eval.add_argument("--image-dir", default=None, metavar="DIR",
                         help="folder the files' image paths are relative to. Default: each file's own folder")
     p_eval.add_argument("--num-eval", type=_positive_int, default=256, metavar="N",
-                        help="queries: synthetic samples generated, or the first N rows of each file. Default: 256")
+                        help="queries evaluated: the synthetic samples generated; the first N rows of each MMEB-eval "
+                             "file; the first N rows of the MMEB-train files in all (their distinct targets are the "
+                             "candidates). Default: 256")
     p_eval.add_argument("--seed", type=int, default=0, metavar="INT",
                         help="seed of the synthetic held-out split (training uses its --seed). Default: 0")
     p_eval.add_argument("--image-size", type=_positive_int, default=64, metavar="PX",
