@@ -5,6 +5,12 @@ GradCache encodes it chunk by chunk, the fused loss makes every pair of the glob
 negative for every query (cross-rank strip algorithm), the engine reduces the gradients
 once and steps once. The data order is a pure function of (seed, step), so a resumed run
 sees exactly the batches an uninterrupted one would.
+
+Around the step: the options and the data are checked, the run's length resolved and a
+resume decided (refusing options that would change the run) before the model is built;
+DataLoader workers read, decode and collate the next steps' batches while the model works;
+bad data and a non-finite loss stop every rank at the same step, naming it and the newest
+complete checkpoint; the run ends with a summary.
 """
 
 from __future__ import annotations
@@ -63,6 +69,19 @@ class TrainConfig:
                                                  "about 662K pairs over its 20 subsets)")
     use_negatives: bool = _opt(False, "also encode MMEB's hard negatives (neg_text/neg_image_path)")
     skip_bad_rows: bool = _opt(False, "skip and log unusable data rows instead of stopping")
+    bad_images: str | None = _opt(None, "a missing or unreadable MMEB image: 'skip' (its row is left out, or, found "
+                                        "during training, replaced by the next good row; logged and counted in the "
+                                        "summary) or 'fail' (stop, after checkpointing the steps done); None: as "
+                                        "--skip-bad-rows")
+    check_images: bool = _opt(False, "decode every MMEB image before the model is built (progress bar); bad ones "
+                                     "follow --bad-images")
+    num_workers: int = _opt(2, "data-loading processes per rank: they read and decode images and run the "
+                               "processor for the next steps while the model works; 0: in the training process")
+    prefetch_batches: int = _opt(2, "steps' batches each data-loading process prepares ahead")
+    resume: bool | None = _opt(None, "None (auto): resume when the run folder holds a complete checkpoint; true: "
+                                     "must resume; false: refuse a run folder that holds checkpoints. A resumed "
+                                     "run refuses options that would change it (lr, data, ...) and records the "
+                                     "harmless ones (save_every, chunk_size, ...) in train_config.json's _history")
     num_train: int = _opt(6144, "synthetic train samples")
     num_eval: int = _opt(256, "held-out synthetic samples (queries and targets)")
     image_size: int = _opt(64, "synthetic image side and the tiny model's tile size, px")
@@ -115,7 +134,8 @@ class TrainConfig:
     def from_json(cls, path: str) -> "TrainConfig":
         with open(_config_path(path)) as f:
             raw = json.load(f)
-        raw.pop("_comment", None)
+        for key in [k for k in raw if k.startswith("_")]:  # _comment; a run's _history and _data
+            raw.pop(key)
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
@@ -322,9 +342,40 @@ class MicroStepLoss(torch.nn.Module):
 
 
 def check_config(cfg: TrainConfig, world: int) -> None:
-    """Refuse option values that cannot work, naming the option and what it got."""
+    """Refuse option values that cannot work, naming the option and what it got (before any
+    data is read or any model built)."""
     if not isinstance(cfg.accumulation_steps, int) or cfg.accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be a positive int, got {cfg.accumulation_steps!r}")
+    for name in ("global_batch", "chunk_size", "eval_batch", "keep_checkpoints", "prefetch_batches"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name in ("save_every", "warmup_steps", "num_workers"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    if cfg.epochs is None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
+        raise ValueError(f"steps must be a positive int (or set epochs), got {cfg.steps!r}")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise ValueError(f"stop_after must be a positive int or None, got {cfg.stop_after!r}")
+    for name in ("lr", "lr_projector", "lr_vision", "weight_decay"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    for name in ("grad_clip", "logit_scale"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    if cfg.bad_images not in (None, "skip", "fail"):
+        raise ValueError(f"bad_images must be 'skip', 'fail' or None (follow --skip-bad-rows), got {cfg.bad_images!r}")
+    if cfg.resume not in (None, True, False):
+        raise ValueError(f"resume must be true, false or None (auto), got {cfg.resume!r}")
+    from ._checks import BACKENDS
+
+    if cfg.loss_backend not in BACKENDS:
+        raise ValueError(f"loss_backend must be one of {list(BACKENDS)}, got {cfg.loss_backend!r}")
+    if cfg.data != "synthetic" and cfg.image_dir is not None and not os.path.isdir(cfg.image_dir):
+        raise ValueError(f"image_dir={cfg.image_dir!r} is not a folder")
     if cfg.global_batch % world:
         raise ValueError(f"global_batch={cfg.global_batch} must be divisible by the number of ranks ({world})")
     per_rank = cfg.global_batch // world
@@ -337,12 +388,140 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ValueError(f"epochs must be positive or None, got {cfg.epochs!r}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1) or None, got {cfg.warmup_ratio!r}")
+    if cfg.epochs is None and cfg.warmup_ratio is None and cfg.warmup_steps >= cfg.steps:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} is not shorter than the run (steps={cfg.steps}): the "
+                         "learning rate would never reach its peak and the cosine decay would never start")
     if cfg.max_length is not None and (not isinstance(cfg.max_length, int) or cfg.max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {cfg.max_length!r}")
     if cfg.max_rows_per_subset is not None and cfg.max_rows_per_subset < 1:
         raise ValueError(f"max_rows_per_subset must be a positive int or None, got {cfg.max_rows_per_subset!r}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
+
+
+def check_data_fit(cfg: TrainConfig, rows: int, query_has_image=None) -> "BatchOrder":
+    """The batch order of the run, or an error naming the option when the data cannot fill it:
+    a global batch larger than the data (or than each modality, grouped)."""
+    where = "the synthetic training set (--num-train)" if cfg.data == "synthetic" else f"--data {cfg.data}"
+    if cfg.global_batch > rows:
+        raise ValueError(f"global_batch={cfg.global_batch} is larger than the training data: {rows} usable rows in "
+                         f"{where}; lower --global-batch or add data")
+    try:
+        return BatchOrder(rows, cfg.global_batch, cfg.seed, query_has_image)
+    except ValueError as exc:
+        raise ValueError(f"global_batch={cfg.global_batch}, group_by_modality={cfg.group_by_modality}: {exc} "
+                         f"({where})") from exc
+
+
+def resolve_length(cfg: TrainConfig, order: "BatchOrder", rank: int = 0) -> None:
+    """Steps from epochs and warm-up from warmup_ratio, in place; refuses a warm-up that is not
+    shorter than the run."""
+    if cfg.epochs is not None:
+        cfg.steps = max(1, int(cfg.epochs * order.per_epoch))
+        _log(rank, f"epochs={cfg.epochs}: {order.per_epoch} global batches of {cfg.global_batch} per epoch -> "
+                   f"{cfg.steps} steps")
+    if cfg.warmup_ratio is not None:
+        cfg.warmup_steps = resolve_warmup(cfg)
+        _log(rank, f"warmup_ratio={cfg.warmup_ratio}: {cfg.warmup_steps} warm-up steps of {cfg.steps}")
+    if cfg.warmup_steps >= cfg.steps and not (cfg.warmup_steps == 0):
+        given = (f"warmup_ratio={cfg.warmup_ratio} gives {cfg.warmup_steps} warm-up steps"
+                 if cfg.warmup_ratio is not None else f"warmup_steps={cfg.warmup_steps}")
+        length = f"epochs={cfg.epochs} gives steps={cfg.steps}" if cfg.epochs is not None else f"steps={cfg.steps}"
+        raise ValueError(f"{given}: not shorter than the run ({length}); the learning rate would never reach its "
+                         "peak and the cosine decay would never start")
+
+
+# -- resuming ------------------------------------------------------------------------------
+
+# Options a resumed run may change: they decide how it is run or logged, not what it computes
+# (GradCache's chunking, checkpointing and the loss backend change memory and speed; the
+# gradients agree to rounding). Changes are applied and recorded in train_config.json's
+# "_history". Every other option (model, data, batch, seed, learning rates, schedule, steps,
+# loss, precision, ...) is fixed at the start: a resumed run refuses a new value.
+RESUME_MAY_CHANGE = frozenset({
+    "save_every", "keep_checkpoints", "eval_before", "eval_batch", "tensorboard", "progress", "stop_after",
+    "chunk_size", "gradient_checkpointing", "loss_backend", "num_workers", "prefetch_batches", "bad_images",
+    "check_images", "skip_bad_rows",
+})
+RESUME_NOT_COMPARED = frozenset({"output_dir", "resume"})
+
+
+class ResumeRefused(ValueError):
+    """A run folder cannot be resumed (or started) with the options given."""
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> tuple[dict, dict]:
+    """``(refused, applied)``: ``{option: (the run's value, the new value)}`` for every option of
+    ``cfg`` (steps and warm-up resolved) that differs from the run's saved config."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    refused, applied = {}, {}
+    for name, new in dataclasses.asdict(cfg).items():
+        if name in RESUME_NOT_COMPARED:
+            continue
+        old = saved.get(name, defaults[name])  # an option newer than the run: it ran with the default
+        new = _jsonable(new)
+        if old == new:
+            continue
+        (applied if name in RESUME_MAY_CHANGE else refused)[name] = (old, new)
+    return refused, applied
+
+
+def plan_resume(cfg: TrainConfig, train_rows: int) -> tuple[str | None, list]:
+    """Decide between a fresh start and a resume of ``cfg.output_dir``, before the model is built.
+
+    Returns ``(tag, history)``: the complete checkpoint to resume from (None: fresh start) and
+    the run's ``_history`` with this start appended. Raises ``ResumeRefused`` naming each
+    option that would change a resumed run (with both values), or when ``cfg.resume`` cannot
+    be honoured.
+    """
+    out = cfg.output_dir
+    root = os.path.join(out, "checkpoints")
+    tag = ckpt.latest_complete(root)
+    if tag is None:
+        if cfg.resume is True:
+            raise ResumeRefused(f"resume=true but {root} holds no complete checkpoint to resume from")
+        return None, [{"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "at_step": 0}]
+    if cfg.resume is False:
+        raise ResumeRefused(
+            f"resume=false but the run folder {out} holds checkpoints (newest complete: {tag}); pick a new "
+            f"--output-dir, or remove {root} to start over there")
+    path = os.path.join(out, "train_config.json")
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    step = int(tag.split("-")[1])
+    refused, applied = resume_changes(saved, cfg) if saved else ({}, {})
+    if refused:
+        lines = "\n".join(f"  {k}: {old!r} in the run, {new!r} now" for k, (old, new) in sorted(refused.items()))
+        raise ResumeRefused(
+            f"{out} holds a run (complete checkpoint {tag}) made with other values of options that cannot change "
+            f"mid-run:\n{lines}\nRun it again without them to resume it as it was, or give a new --output-dir to "
+            f"start a new run with them. Options a resumed run may change: {', '.join(sorted(RESUME_MAY_CHANGE))}.")
+    rows_then = saved.get("_data", {}).get("train_rows")
+    if rows_then is not None and rows_then != train_rows:
+        raise ResumeRefused(
+            f"{out} was trained on {rows_then} usable rows of --data {cfg.data}; {train_rows} now (the data, "
+            "--skip-bad-rows, --bad-images or --check-images changed which rows are usable): the data order of the "
+            "resumed run would differ. Restore the data or start a new run (--output-dir)")
+    history = list(saved.get("_history", []))
+    history.append({"resumed": time.strftime("%Y-%m-%dT%H:%M:%S"), "at_step": step,
+                    "changed": {k: [old, new] for k, (old, new) in sorted(applied.items())}})
+    return tag, history
+
+
+def write_run_config(cfg: TrainConfig, history: list, data: dict) -> None:
+    """train_config.json: the options as run (steps and warm-up resolved), every start and resume
+    with the options it changed (``_history``), and what the data held (``_data``)."""
+    raw = dataclasses.asdict(cfg)
+    raw["_history"] = history
+    raw["_data"] = data
+    path = os.path.join(cfg.output_dir, "train_config.json")
+    ckpt._atomic_write(path, json.dumps(raw, indent=2))
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -402,7 +581,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
     return model
 
 
-def _datasets(cfg: TrainConfig):
+def _datasets(cfg: TrainConfig, progress: bool = False):
     from .data import MMEBDataset, SyntheticDataset
 
     if cfg.data == "synthetic":
@@ -412,12 +591,169 @@ def _datasets(cfg: TrainConfig):
     paths = cfg.data.split(",")
     train = MMEBDataset(paths, cfg.image_dir, subsets=cfg.subsets, use_negatives=cfg.use_negatives,
                         skip_bad_rows=cfg.skip_bad_rows, split=cfg.mmeb_split,
-                        max_rows_per_subset=cfg.max_rows_per_subset)
+                        max_rows_per_subset=cfg.max_rows_per_subset,
+                        check_images="decode" if cfg.check_images else "exists", bad_images=cfg.bad_images,
+                        progress=progress)
     return train, None
 
 
 def default_output_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+# -- data loading --------------------------------------------------------------------------
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """One item per training step: this rank's share of the step's global batch, read, decoded
+    and collated (processor included), so a DataLoader worker can do all of it ahead of the model.
+
+    An item is ``{"step", "batch", "skipped", "error"}``: ``skipped`` lists the rows the
+    dataset replaced while reading it (``bad_images="skip"``), ``error`` is the message of a
+    ``BadDataError`` that stopped it (``"fail"``; ``batch`` is None then). Errors travel as
+    data so that every rank learns of them at the same step (see ``train``).
+    """
+
+    def __init__(self, dataset, collator):
+        self.dataset, self.collator = dataset, collator
+
+    def __len__(self):
+        return 2**62  # keys are (step, indices) pairs from StepSampler
+
+    def __getitem__(self, key):
+        from .data import BadDataError
+
+        step, indices = key
+        skipped = getattr(self.dataset, "skipped", None)
+        before = len(skipped) if skipped is not None else 0
+        try:
+            records = [self.dataset[i] for i in indices]
+        except BadDataError as exc:
+            return {"step": step, "batch": None, "skipped": [], "error": str(exc)}
+        new = [tuple(s) for s in skipped[before:]] if skipped is not None else []
+        return {"step": step, "batch": self.collator(records), "skipped": new, "error": None}
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Keys ``(step, this rank's indices)`` for steps ``start..end-1``: the order stays a pure
+    function of (seed, step), whatever the number of workers."""
+
+    def __init__(self, order, rank: int, per_rank: int, start: int, end: int):
+        self.order, self.rank, self.per_rank, self.start, self.end = order, rank, per_rank, start, end
+
+    def __len__(self):
+        return max(0, self.end - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            idx = self.order(step)
+            yield step, idx[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+
+
+def _first(items):
+    return items
+
+
+def step_loader(dataset, collator, order, rank: int, per_rank: int, start: int, end: int, num_workers: int = 2,
+                prefetch_batches: int = 2, seed: int = 0) -> torch.utils.data.DataLoader:
+    """The batches of steps ``start..end-1`` for this rank, prepared by ``num_workers`` processes
+    ``prefetch_batches`` steps ahead each (0 workers: in this process, when asked for)."""
+    context = None
+    if num_workers > 0:
+        # the tokenizer may have run here already (evaluation): its threads do not survive a fork
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import multiprocessing
+
+        # fork where there is one: a spawned worker re-imports transformers and unpickles the
+        # processor (about 10 s per start on the CPU here); workers never touch CUDA
+        if "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+    return torch.utils.data.DataLoader(
+        StepBatches(dataset, collator),
+        multiprocessing_context=context,
+        sampler=StepSampler(order, rank, per_rank, start, end),
+        batch_size=None,  # one key is one step's batch already
+        collate_fn=_first,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_batches if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+        # its own generator: creating the loader must not draw from the global RNG (resume is exact)
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# -- stops and the summary -----------------------------------------------------------------
+
+
+class RunStopped(RuntimeError, ValueError):
+    """The run stopped before its last step (a non-finite loss, bad data); ``step`` is the step
+    that failed (1-based), ``checkpoint`` the newest complete checkpoint (None if none). Also a
+    ValueError: the command reports it as a problem of the run's options or data, not a bug."""
+
+    def __init__(self, msg: str, step: int, checkpoint: str | None):
+        super().__init__(msg)
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _last_checkpoint(root: str) -> str | None:
+    tag = ckpt.latest_complete(root)
+    return None if tag is None else os.path.join(root, tag)
+
+
+def _non_finite_message(step: int, stats: torch.Tensor, lr: float, root: str) -> str:
+    """stats: (world, 5) float64: loss, then non-finite query / target / negative embedding
+    values, and the embeddings' element count, per rank."""
+    parts = []
+    for r, (loss, nq, nt, nn, numel) in enumerate(stats.tolist()):
+        emb = f"non-finite embedding values: query {int(nq)}, target {int(nt)}"
+        emb += f", negatives {int(nn)}" if nn else ""
+        parts.append(f"  rank {r}: loss {loss} ({emb}, of {int(numel)} per side)")
+    last = _last_checkpoint(root)
+    where = (f"the last complete checkpoint is {last} (a rerun with the same --output-dir resumes from it; "
+             "a lower --lr or --grad-clip, or finding the batch's bad rows, may avoid this)"
+             if last else "no complete checkpoint was saved yet (--save-every N saves every N steps)")
+    return (f"non-finite loss at step {step} (learning rate {lr:.3g}); the step was not applied. The loss's parts "
+            f"(each rank's loss over its queries against the whole batch):\n" + "\n".join(parts) + f"\n{where}")
+
+
+def _gather_objects(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _median(xs):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
+# DeepSpeed's ZeRO-3 calls these every step; torch warns on each call, and each warning cuts
+# the progress bar. Other warnings still show (written above the bar).
+KNOWN_WARNINGS = (
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
+    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),
+    (FutureWarning, r"`torch\.distributed\._all_gather_base` is a private function"),
+    (FutureWarning, r"`torch\.distributed\._reduce_scatter_base` is a private function"),
+)
+
+
+def quiet_known_warnings() -> None:
+    """Ignore the known repeated deprecation warnings of DeepSpeed's collectives (once, globally)."""
+    import warnings
+
+    for category, pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+def progress_line(loss: float, step_s: float, pairs_per_s: float, data_wait_s: float) -> str:
+    """The progress bar's postfix: every number with its unit."""
+    return (f"loss {loss:.4f} | {step_s:.2f} s/step | {pairs_per_s:.0f} pairs/s | "
+            f"data wait {data_wait_s * 1000:.0f} ms")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -426,16 +762,32 @@ def train(cfg: TrainConfig) -> dict:
 
     from .data import PairCollator
 
+    quiet_known_warnings()
     rank, world = init_distributed()
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir()
     out = cfg.output_dir
+    _log(rank, f"run folder: {os.path.abspath(out)}")
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
     check_config(cfg, world)
     ds_config = deepspeed_config(cfg, world, bf16)
+
+    # the data, its fit to the batch, the run's length and the resume decision: all before the model
+    train_set, eval_set = _datasets(cfg, progress=cfg.progress and rank == 0)
+    if cfg.check_images and cfg.data == "synthetic":
+        _log(rank, "check_images: synthetic images are drawn in memory, nothing to check")
+    skipped_at_build = len(getattr(train_set, "skipped", []))
+    order = check_data_fit(cfg, len(train_set), train_set.query_has_image() if cfg.group_by_modality else None)
+    resolve_length(cfg, order, rank)
+    tag, history = plan_resume(cfg, len(train_set))
+    ckpt_root = os.path.join(out, "checkpoints")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
+        write_run_config(cfg, history, {"train_rows": len(train_set), "skipped_rows_at_build": skipped_at_build})
+    if tag is not None and history[-1]["changed"]:
+        _log(rank, "resuming with changed options (recorded in train_config.json): " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in history[-1]["changed"].items()))
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg, ds_config, bf16)
@@ -446,19 +798,6 @@ def train(cfg: TrainConfig) -> dict:
         model.config.save_pretrained(base)
         model.processor.save_pretrained(base)
     collator = PairCollator(model.processor, use_negatives=cfg.use_negatives)
-    train_set, eval_set = _datasets(cfg)
-    order = BatchOrder(len(train_set), cfg.global_batch, cfg.seed,
-                       train_set.query_has_image() if cfg.group_by_modality else None)
-    if cfg.epochs is not None:
-        cfg.steps = max(1, int(cfg.epochs * order.per_epoch))
-        _log(rank, f"epochs={cfg.epochs}: {order.per_epoch} global batches of {cfg.global_batch} per epoch -> "
-                   f"{cfg.steps} steps")
-    if cfg.warmup_ratio is not None:
-        cfg.warmup_steps = resolve_warmup(cfg)
-        _log(rank, f"warmup_ratio={cfg.warmup_ratio}: {cfg.warmup_steps} warm-up steps of {cfg.steps}")
-    if rank == 0:  # the options as run (steps and warm-up resolved)
-        with open(os.path.join(out, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
     rset = None
     if eval_set is not None:
         from .data import retrieval_candidates
@@ -474,10 +813,10 @@ def train(cfg: TrainConfig) -> dict:
                                 gather_with_grad=True, rank=rank, world_size=world)
     if cfg.accumulation_steps > 1:
         loss_fn = MicroStepLoss(loss_fn, cfg.accumulation_steps)
-    gc = GradCache(engine, loss_fn, cfg.chunk_size)
+    probe = _LossProbe(loss_fn)
+    gc = GradCache(engine, probe, cfg.chunk_size)
 
-    ckpt_root = os.path.join(out, "checkpoints")
-    state = ckpt.load(engine, ckpt_root)
+    state = ckpt.load(engine, ckpt_root) if tag is not None else None
     start = 0
     metrics_path = os.path.join(out, "eval.json")
     before = None
@@ -501,64 +840,161 @@ def train(cfg: TrainConfig) -> dict:
         _log(rank, f"before training: precision@1 {before['p_at_1']:.3f} "
                    f"(chance {before['chance']:.3f}, {before['num_candidates']} candidates)")
 
+    def save(at_step):
+        ckpt.save(engine, ckpt_root, at_step,
+                  {"step": at_step, "rng_cpu": torch.get_rng_state(), "p_at_1_before": before,
+                   "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                  keep=cfg.keep_checkpoints)
+
     writer = _tensorboard(out) if (cfg.tensorboard and rank == 0) else None
+    b_local = cfg.global_batch // world
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    loader = step_loader(train_set, collator, order, rank, b_local, start, end, cfg.num_workers,
+                         cfg.prefetch_batches, cfg.seed)
+    skipped_in_training: set = set()
+    step_times, waits = [], []
     bar = _bar(rank, cfg, start)
     t_run = time.perf_counter()
-    b_local = cfg.global_batch // world
     step = start
     engine.module.train()
-    while step < cfg.steps:
-        if cfg.stop_after is not None and step - start >= cfg.stop_after:
-            break
-        t0 = time.perf_counter()
-        idx = order(step)
-        records = [train_set[i] for i in idx[rank * b_local : (rank + 1) * b_local]]
-        batch = _to_device(collator(records), engine.device)
-        target_ids = batch["target_ids"]
-        if batch.get("negatives") is not None and batch.get("negative_ids") is not None:
-            target_ids = torch.cat([target_ids, batch["negative_ids"]])
-        # duplicate targets (MMEB classification / VQA answers) are false negatives in both
-        # directions: q->t masks candidate targets with the positive's id, and t->q masks
-        # candidate queries whose own target carries that id (so the queries are labelled
-        # with their targets' ids)
-        ids = dict(target_ids=target_ids, query_ids=batch["target_ids"]) if cfg.mask_duplicates else {}
-        local_loss = gc(batch["query"], batch["target"], batch.get("negatives"), **ids)
-        lr_used = scheduler.get_last_lr()[-1]  # the rate this step applies
-        engine.step()
-        step += 1
-        loss = _global_mean(local_loss.detach().float(), world)
-        dt = time.perf_counter() - t0
-        entry = {"step": step, "loss": loss, "lr": lr_used, "step_time_s": dt,
-                 "pairs_per_s": cfg.global_batch / dt}
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if writer is not None:
-                writer.add_scalar("loss", loss, step)
-                writer.add_scalar("lr", entry["lr"], step)
-        bar.set_postfix(loss=f"{loss:.4f}", step_s=f"{dt:.2f}", pairs_s=f"{entry['pairs_per_s']:.0f}")
-        bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            ckpt.save(engine, ckpt_root, step,
-                      {"step": step, "rng_cpu": torch.get_rng_state(), "p_at_1_before": before,
-                       "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                      keep=cfg.keep_checkpoints)
-    bar.close()
+    batches = iter(loader)
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            item = next(batches)
+            wait = time.perf_counter() - t0
+            assert item["step"] == step, (item["step"], step)
+            for s in item["skipped"]:
+                skipped_in_training.add(s)
+                bar.write(f"step {step + 1}: skipped bad row: {s[0]}: row {s[1]}: {s[2]}")
+            _stop_on_bad_data(item["error"], step, start, world, ckpt_root, save)
+            batch = _to_device(item["batch"], engine.device)
+            target_ids = batch["target_ids"]
+            if batch.get("negatives") is not None and batch.get("negative_ids") is not None:
+                target_ids = torch.cat([target_ids, batch["negative_ids"]])
+            # duplicate targets (MMEB classification / VQA answers) are false negatives in both
+            # directions: q->t masks candidate targets with the positive's id, and t->q masks
+            # candidate queries whose own target carries that id (so the queries are labelled
+            # with their targets' ids)
+            ids = dict(target_ids=target_ids, query_ids=batch["target_ids"]) if cfg.mask_duplicates else {}
+            local_loss = gc(batch["query"], batch["target"], batch.get("negatives"), **ids)
+            lr_used = scheduler.get_last_lr()[-1]  # the rate this step applies
+            # every rank's loss and its embeddings' health, known to all ranks before the step
+            stats = torch.zeros(world, 5, dtype=torch.float64)
+            stats[rank] = torch.tensor([local_loss.item(), *probe.non_finite()], dtype=torch.float64)
+            probe.clear()
+            if world > 1:
+                dist.all_reduce(stats)
+            loss = stats[:, 0].mean().item()
+            if not math.isfinite(loss):
+                raise RunStopped(_non_finite_message(step + 1, stats, lr_used, ckpt_root), step + 1,
+                                 _last_checkpoint(ckpt_root))
+            engine.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            waits.append(wait)
+            entry = {"step": step, "loss": loss, "lr": lr_used, "step_time_s": dt, "data_wait_s": wait,
+                     "pairs_per_s": cfg.global_batch / dt}
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                if writer is not None:
+                    writer.add_scalar("loss", loss, step)
+                    writer.add_scalar("lr", entry["lr"], step)
+            bar.set_postfix_str(progress_line(loss, dt, entry["pairs_per_s"], wait))
+            bar.update(1)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save(step)
+    finally:
+        del batches  # stops the loader's worker processes
+        bar.close()
     seconds = time.perf_counter() - t_run
-    result = {"steps": step, "global_batch": cfg.global_batch, "seconds": seconds, "world_size": world}
+    skipped_all = set().union(*_gather_objects(skipped_in_training, world))
+    result = {"steps": step, "global_batch": cfg.global_batch, "seconds": seconds, "world_size": world,
+              "steps_this_run": step - start, "resumed_at_step": start if tag is not None else None,
+              "median_step_s": _median(step_times), "median_data_wait_s": _median(waits),
+              "train_rows": len(train_set), "skipped_rows_at_build": skipped_at_build,
+              "skipped_rows_in_training": len(skipped_all),
+              "run_dir": os.path.abspath(out), "checkpoint": _last_checkpoint(ckpt_root), "eval_json": None}
     if step >= cfg.steps and rset is not None:
         engine.module.eval()
         after = retrieval_eval(embed, model.processor, rset, cfg.eval_batch)
         result.update(p_at_1_before=before["p_at_1"] if before else None, p_at_1_after=after["p_at_1"],
                       chance=after["chance"], num_candidates=after["num_candidates"],
-                      p_at_1_after_by_subset=after["p_at_1_by_subset"])
+                      p_at_1_after_by_subset=after["p_at_1_by_subset"], eval_json=os.path.abspath(metrics_path))
         b = "n/a" if before is None else f"{before['p_at_1']:.3f}"
         _log(rank, f"after {step} steps: precision@1 {after['p_at_1']:.3f} (before {b}, chance "
                    f"{after['chance']:.4f}, {after['num_candidates']} candidates); training took {seconds:.0f} s")
         if rank == 0:
             with open(metrics_path, "w") as f:
                 json.dump(result, f, indent=2)
+    _log(rank, summary_text(result, cfg))
     return result
+
+
+def summary_text(r: dict, cfg: TrainConfig) -> str:
+    """The end-of-run summary: rows used and skipped, steps, time, where everything is."""
+    med = r["median_step_s"]
+    wait = r["median_data_wait_s"]
+    resumed = "" if r["resumed_at_step"] is None else f", resumed at step {r['resumed_at_step']}"
+    stopped = "" if r["steps"] >= cfg.steps else f" (stopped early: --stop-after {cfg.stop_after})"
+    timing = (f"{r['seconds']:.1f} s, median {med:.3f} s/step, median data wait {wait * 1000:.0f} ms/step"
+              if med is not None else f"{r['seconds']:.1f} s")
+    skipped = r["skipped_rows_at_build"] + r["skipped_rows_in_training"]
+    lines = [
+        "run summary:",
+        f"  steps:       {r['steps']} of {cfg.steps} ({r['steps_this_run']} in this run{resumed}){stopped}, "
+        f"{r['global_batch']} pairs per step",
+        f"  time:        {timing}",
+        f"  rows:        {r['train_rows']} used, {skipped} skipped ({r['skipped_rows_at_build']} when the data was "
+        f"read, {r['skipped_rows_in_training']} found unreadable during training)",
+        f"  run folder:  {r['run_dir']}",
+        f"  checkpoint:  {r['checkpoint'] or 'none saved'}",
+        f"  eval.json:   {r['eval_json'] or 'not written (no held-out set, or the run stopped early)'}",
+    ]
+    return "\n".join(lines)
+
+
+def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, save) -> None:
+    """``bad_images="fail"``: when any rank's batch for this step hit bad data, every rank
+    checkpoints the steps done (unless that checkpoint exists) and stops with the message."""
+    flag = torch.tensor([0.0 if error is None else 1.0])
+    if world > 1:
+        dist.all_reduce(flag)
+    if flag.item() == 0:
+        return
+    errors = [e for e in _gather_objects(error, world) if e is not None]
+    last = ckpt.latest_complete(ckpt_root)
+    if step > 0 and last != ckpt.tag_for(step):
+        save(step)
+    saved = _last_checkpoint(ckpt_root)
+    where = (f"checkpoint of the {step} steps done: {saved}; fix or remove the image and rerun with the same "
+             "--output-dir to resume, or rerun with --bad-images skip" if saved
+             else "no step was done, nothing to checkpoint")
+    raise RunStopped(f"bad data in the batch of step {step + 1}: {errors[0]}\n{where}", step + 1, saved)
+
+
+class _LossProbe(torch.nn.Module):
+    """The loss, keeping a look at this step's embeddings for the report a non-finite loss needs."""
+
+    def __init__(self, loss_fn):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self._seen = None
+
+    def forward(self, query, target, **kw):
+        neg = kw.get("negatives")
+        self._seen = [(~torch.isfinite(x.detach())).sum().item() if x is not None else 0
+                      for x in (query, target, neg)] + [query.numel()]
+        return self.loss_fn(query, target, **kw)
+
+    def non_finite(self) -> list:
+        """[non-finite query, target, negative values, query elements] of the last call."""
+        return self._seen or [0, 0, 0, 0]
+
+    def clear(self):
+        self._seen = None
 
 
 def _to_device(batch, device):
@@ -569,14 +1005,6 @@ def _to_device(batch, device):
     if isinstance(batch, list):
         return [_to_device(v, device) for v in batch]
     return batch
-
-
-def _global_mean(x: torch.Tensor, world: int) -> float:
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= world
-    return x.item()
 
 
 def _truncate_log(path: str, step: int) -> None:
@@ -597,6 +1025,12 @@ def _log(rank: int, msg: str) -> None:
 class _NoBar:
     def set_postfix(self, **kw):
         pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def write(self, s):
+        print(s, flush=True)
 
     def update(self, n=1):
         pass

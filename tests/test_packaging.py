@@ -100,7 +100,8 @@ def test_wheel_runs_the_default_job_outside_the_repository(wheel_venv):
     pkg_file, config_dir = where.stdout.split()[-2:]
     venv_root = str(bin_dir.parent)
     assert pkg_file.startswith(venv_root) and config_dir.startswith(venv_root), (pkg_file, config_dir)
-    r = subprocess.run([str(bin_dir / "llave-fast"), "train", "--steps", "2", "--output-dir", "run"],
+    r = subprocess.run([str(bin_dir / "llave-fast"), "train", "--steps", "2", "--warmup-steps", "1",
+                        "--output-dir", "run"],
                        cwd=work, capture_output=True, text=True, env=_env(), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (work / "run" / "eval.json").exists() and (work / "run" / "train_config.json").exists()

@@ -47,8 +47,15 @@ def test_kill_and_resume_gives_the_same_trajectory(reference_run, tmp_path):
     os.makedirs(torn)
     with open(os.path.join(torn, "garbage.pt"), "wb") as f:
         f.write(b"\0" * 10)
-    spawn_ranks(W.run_train, 1, dict(out=out))
+    # resumed in-process (no loader workers) and keeping more checkpoints: both may change on
+    # resume, and the data order and the trajectory do not depend on them
+    spawn_ranks(W.run_train, 1, dict(out=out, num_workers=0, keep_checkpoints=3))
     assert _losses(out) == _losses(reference_run)
+    with open(os.path.join(out, "train_config.json")) as f:
+        saved = json.load(f)
+    assert (saved["num_workers"], saved["keep_checkpoints"], saved["stop_after"]) == (0, 3, None)
+    assert saved["_history"][-1] == {**saved["_history"][-1], "at_step": 2, "changed": {
+        "keep_checkpoints": [2, 3], "num_workers": [2, 0], "stop_after": [3, None]}}
     with open(os.path.join(out, "eval.json")) as f, open(os.path.join(reference_run, "eval.json")) as g:
         assert json.load(f)["p_at_1_after"] == json.load(g)["p_at_1_after"]
 
