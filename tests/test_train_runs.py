@@ -252,3 +252,21 @@ def test_check_images_option_decodes_before_training(tmp_path):
     train_set, _ = _datasets(TrainConfig(data=data, image_dir=img, check_images=True, bad_images="skip"))
     assert len(train_set) == 19 and [r for _, r, _ in train_set.skipped] == [bad]
     assert len(_datasets(TrainConfig(data=data, image_dir=img))[0]) == 20  # without the check: found in training
+
+
+def test_bad_image_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Only rank 1's share of step 2 holds the bad image: both ranks stop there, no rank hangs
+    in a collective, and the 1 step done is checkpointed."""
+    from llave_fast.checkpoint import complete_tags
+    from llave_fast.testing import spawn_ranks
+
+    data, img = W.write_mmeb(str(tmp_path / "mmeb"), 32)
+    rows = [json.loads(line) for line in open(data)]
+    bad = next(i for i in BatchOrder(32, 16, seed=3)(1)[8:] if rows[i]["qry_image_path"])
+    with open(os.path.join(img, rows[bad]["qry_image_path"]), "wb") as f:
+        f.write(b"not an image")
+    out = str(tmp_path / "run")
+    with pytest.raises(Exception, match=rf"bad data in the batch of step 2: .*row {bad}"):
+        spawn_ranks(W.run_train, 2, dict(out=out, data=data, image_dir=img, steps=2, save_every=0,
+                                         bad_images="fail"))
+    assert complete_tags(os.path.join(out, "checkpoints")) == ["step-00000001"]
