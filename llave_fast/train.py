@@ -700,17 +700,19 @@ def _last_checkpoint(root: str) -> str | None:
     return None if tag is None else os.path.join(root, tag)
 
 
-def _non_finite_message(step: int, stats: torch.Tensor, lr: float, root: str) -> str:
+def _non_finite_message(step: int, stats: torch.Tensor, directions: list, lr: float, root: str) -> str:
     """stats: (world, 5) float64: loss, then non-finite query / target / negative embedding
-    values, and the embeddings' element count, per rank."""
+    values, and the embeddings' element count, per rank; directions: each rank's two
+    directions over its own pairs (``_LossProbe.directions``)."""
     parts = []
     for r, (loss, nq, nt, nn, numel) in enumerate(stats.tolist()):
         emb = f"non-finite embedding values: query {int(nq)}, target {int(nt)}"
         emb += f", negatives {int(nn)}" if nn else ""
-        parts.append(f"  rank {r}: loss {loss} ({emb}, of {int(numel)} per side)")
+        dirs = ", ".join(f"{k} {v}" for k, v in directions[r].items())
+        parts.append(f"  rank {r}: loss {loss} ({emb}, of {int(numel)} per side); over its own pairs: {dirs}")
     last = _last_checkpoint(root)
-    where = (f"the last complete checkpoint is {last} (a rerun with the same --output-dir resumes from it; "
-             "a lower --lr or --grad-clip, or finding the batch's bad rows, may avoid this)"
+    where = (f"the last complete checkpoint is {last}: a rerun with the same options resumes from it and meets "
+             "the same batch; a lower --lr or --grad-clip is a new run (--output-dir), as resuming refuses them"
              if last else "no complete checkpoint was saved yet (--save-every N saves every N steps)")
     return (f"non-finite loss at step {step} (learning rate {lr:.3g}); the step was not applied. The loss's parts "
             f"(each rank's loss over its queries against the whole batch):\n" + "\n".join(parts) + f"\n{where}")
@@ -882,13 +884,14 @@ def train(cfg: TrainConfig) -> dict:
             # every rank's loss and its embeddings' health, known to all ranks before the step
             stats = torch.zeros(world, 5, dtype=torch.float64)
             stats[rank] = torch.tensor([local_loss.item(), *probe.non_finite()], dtype=torch.float64)
-            probe.clear()
             if world > 1:
                 dist.all_reduce(stats)
             loss = stats[:, 0].mean().item()
-            if not math.isfinite(loss):
-                raise RunStopped(_non_finite_message(step + 1, stats, lr_used, ckpt_root), step + 1,
+            if not math.isfinite(loss):  # every rank sees it: all stop here, before the step
+                directions = _gather_objects(probe.directions(cfg.logit_scale, cfg.alpha), world)
+                raise RunStopped(_non_finite_message(step + 1, stats, directions, lr_used, ckpt_root), step + 1,
                                  _last_checkpoint(ckpt_root))
+            probe.clear()
             engine.step()
             step += 1
             dt = time.perf_counter() - t0
@@ -981,20 +984,37 @@ class _LossProbe(torch.nn.Module):
     def __init__(self, loss_fn):
         super().__init__()
         self.loss_fn = loss_fn
-        self._seen = None
+        self._seen = self._embs = None
 
     def forward(self, query, target, **kw):
         neg = kw.get("negatives")
         self._seen = [(~torch.isfinite(x.detach())).sum().item() if x is not None else 0
                       for x in (query, target, neg)] + [query.numel()]
+        self._embs = (query.detach(), target.detach())
         return self.loss_fn(query, target, **kw)
+
+    def directions(self, logit_scale: float, alpha: float) -> dict:
+        """The loss's two directions over this rank's own pairs (no collectives, no masks or
+        negatives): where a non-finite loss comes from."""
+        from .loss import hardness_weighted_loss
+
+        if self._embs is None:
+            return {}
+        q, t = (x.float() for x in self._embs)
+        try:
+            with torch.no_grad():
+                return {d: hardness_weighted_loss(a, b, logit_scale=logit_scale, alpha=alpha, symmetric=False,
+                                                  backend="torch").item()
+                        for d, (a, b) in (("query->target", (q, t)), ("target->query", (t, q)))}
+        except Exception as exc:  # a diagnosis must not hide the error it diagnoses
+            return {"not computed": f"{type(exc).__name__}: {exc}"}
 
     def non_finite(self) -> list:
         """[non-finite query, target, negative values, query elements] of the last call."""
         return self._seen or [0, 0, 0, 0]
 
     def clear(self):
-        self._seen = None
+        self._seen = self._embs = None
 
 
 def _to_device(batch, device):

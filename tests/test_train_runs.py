@@ -231,6 +231,7 @@ def test_non_finite_loss_stops_at_once_naming_step_parts_and_checkpoint(tmp_path
     msg = str(info.value)
     assert "non-finite loss at step 2" in msg and "rank 0: loss nan" in msg, msg
     assert "non-finite embedding values: query" in msg, msg
+    assert "over its own pairs: query->target nan, target->query nan" in msg, msg
     assert os.path.join(out, "checkpoints", "step-00000001") in msg, msg
     assert not os.path.exists(os.path.join(out, "checkpoints", "step-00000002"))
     with open(os.path.join(out, "train_log.jsonl")) as f:
