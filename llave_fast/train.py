@@ -626,10 +626,14 @@ class StepBatches(torch.utils.data.Dataset):
         step, indices = key
         skipped = getattr(self.dataset, "skipped", None)
         before = len(skipped) if skipped is not None else 0
+        quiet = logging.getLogger("llave_fast.data.mmeb")
+        was, quiet.disabled = quiet.disabled, True  # the loop reports each skip itself, above the bar
         try:
             records = [self.dataset[i] for i in indices]
         except BadDataError as exc:
             return {"step": step, "batch": None, "skipped": [], "error": str(exc)}
+        finally:
+            quiet.disabled = was
         new = [tuple(s) for s in skipped[before:]] if skipped is not None else []
         return {"step": step, "batch": self.collator(records), "skipped": new, "error": None}
 
