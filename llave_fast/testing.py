@@ -12,11 +12,15 @@ cold each rank would otherwise JIT-compile it (ninja, ~30-60 s) inside its own p
 with its process group already up, racing the other ranks on one build folder guarded only
 by torch's lock file (which waits forever when a killed builder left it behind). Warm, the
 ranks only load the built library, as on every later run.
+
+A rank whose function returned leaves with ``os._exit(0)`` after the group is destroyed,
+skipping interpreter finalization (see ``_entry``), and faulthandler is on in every rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib.util
 import os
 import subprocess
@@ -114,6 +118,8 @@ def warm_deepspeed_ops(force: bool = False) -> str:
 
 
 def _entry(rank, fn, world, store_path, backend, args):
+    # a rank that aborts in C++ (SIGABRT, SIGSEGV) prints every thread's Python stack first
+    faulthandler.enable(all_threads=True)
     dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         if backend == "nccl":
@@ -122,6 +128,14 @@ def _entry(rank, fn, world, store_path, backend, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every rank has finished and passed its checks. Leave now, without Python's interpreter
+    # finalization: objects that still hold a gloo group (DDP's reducer, DeepSpeed's
+    # partitioned parameters and engine, reference cycles) would be destroyed there, in no
+    # particular order and with gloo's threads alive, which can abort the process ("terminate
+    # called without an active exception", SIGABRT) after the test itself has passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_ranks(fn, world: int, *args, backend: str = "gloo") -> None:
