@@ -62,3 +62,18 @@ def test_a_fresh_build_lock_is_left_alone(tmp_path, monkeypatch):
     lock = os.path.join(build_dir, "lock")
     open(lock, "w").close()
     assert testing._remove_stale_lock(build_dir) is None and os.path.exists(lock)
+
+
+def _every_rank_fails(rank, world):
+    import torch.distributed as dist
+
+    dist.barrier()
+    raise ValueError(f"rank {rank} of {world}: a check fails")
+
+
+def test_a_failing_rank_still_fails_the_caller():
+    """Ranks that pass leave by os._exit(0); a rank's exception must still reach the caller."""
+    import torch.multiprocessing as mp
+
+    with pytest.raises(mp.ProcessRaisedException, match=r"rank [01] of 2: a check fails"):
+        testing.spawn_ranks(_every_rank_fails, 2)
