@@ -44,6 +44,8 @@ LIMIT_B3=${LIMIT_B3:-70}
 LIMIT_C1=${LIMIT_C1:-170}; LIMIT_C2=${LIMIT_C2:-130}
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+# STEPS="A1 B1 ..." runs only the steps named (a short lease); default: every step of the stage
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 STAGES=$STAGE; [ "$STAGE" = AB ] && STAGES="A B"
 FIRST=${STAGES%% *}
 
@@ -90,25 +92,29 @@ PYEOF
 }
 
 stage_A() {
-    step "A1. compiled kernels vs the float64 reference (pytest -m gpu)"
-    local extra=()
-    if [ "$DRY" = 1 ]; then
-        "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 2)
-    else
-        "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)
-        "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
-    fi
-    LLAVE_FAST_COMPILED=$([ "$DRY" = 1 ] && echo 0 || echo 1) run_step "$LIMIT_A1" "$PY" -m pytest -q -m gpu \
-        tests/test_loss_gpu.py "${extra[@]}" -p no:cacheprovider -p no:benchmark -o addopts="" -rfE --tb=short \
-        --junitxml="$OUT/tests.xml"
+    if want A1; then
+        step "A1. compiled kernels vs the float64 reference (pytest -m gpu)"
+        local extra=()
+        if [ "$DRY" = 1 ]; then
+            "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 2)
+        else
+            "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)
+            "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
+        fi
+        LLAVE_FAST_COMPILED=$([ "$DRY" = 1 ] && echo 0 || echo 1) run_step "$LIMIT_A1" "$PY" -m pytest -q -m gpu \
+            tests/test_loss_gpu.py "${extra[@]}" -p no:cacheprovider -p no:benchmark -o addopts="" -rfE --tb=short \
+            --junitxml="$OUT/tests.xml"
 
-    step "A2. tuning sweep, B = N = 16384, d = 1536, bf16 (every candidate checked against the default)"
-    if [ "$DRY" = 1 ]; then
-        run_step "$LIMIT_A2" "$PY" benchmarks/bench_tune.py --dry-run-cpu --B 40 --d 24 --dtype fp32 --repeats 1 \
-            --out "$OUT/tune.json"
-    else
-        run_step "$LIMIT_A2" "$PY" benchmarks/bench_tune.py --B 16384 --d 1536 --dtype bf16 --repeats 10 \
-            --deadline-s $(( LIMIT_A2 - 25 )) --out "$OUT/tune.json"
+    fi
+    if want A2; then
+        step "A2. tuning sweep, B = N = 16384, d = 1536, bf16 (every candidate checked against the default)"
+        if [ "$DRY" = 1 ]; then
+            run_step "$LIMIT_A2" "$PY" benchmarks/bench_tune.py --dry-run-cpu --B 40 --d 24 --dtype fp32 --repeats 1 \
+                --out "$OUT/tune.json"
+        else
+            run_step "$LIMIT_A2" "$PY" benchmarks/bench_tune.py --B 16384 --d 1536 --dtype bf16 --repeats 10 \
+                --deadline-s $(( LIMIT_A2 - 25 )) --out "$OUT/tune.json"
+        fi
     fi
     step "A summary"
     [ -f "$OUT/tune.json" ] && "$PY" benchmarks/report.py --tune "$OUT/tune.json"
@@ -117,39 +123,45 @@ stage_A() {
 }
 
 stage_B() {
-    step "B1. loss sweep at d = 1536, bf16: ceilings, every backend, B = 4096..65536 (compile at 16384 only)"
-    if [ "$DRY" = 1 ]; then
-        run_step "$LIMIT_B1" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 32 --B 64 128 \
-            --backends torch reference --only-B reference=64 --repeats 2 --no-live-memory --point-budget-s 0.2 \
-            --deadline-s $(( LIMIT_B1 - 20 )) --out "$OUT/loss.json"
-    else
-        run_step "$LIMIT_B1" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 4096 16384 65536 \
-            --backends triton_strip triton_tiles torch reference compile inf_cl gemm3 --alpha0-fused triton_strip \
-            --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 --deadline-s $(( LIMIT_B1 - 20 )) \
-            --out "$OUT/loss.json"
-    fi
+    if want B1; then
+        step "B1. loss sweep at d = 1536, bf16: ceilings, every backend, B = 4096..65536 (compile at 16384 only)"
+        if [ "$DRY" = 1 ]; then
+            run_step "$LIMIT_B1" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 32 --B 64 128 \
+                --backends torch reference --only-B reference=64 --repeats 2 --no-live-memory --point-budget-s 0.2 \
+                --deadline-s $(( LIMIT_B1 - 20 )) --out "$OUT/loss.json"
+        else
+            run_step "$LIMIT_B1" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 4096 16384 65536 \
+                --backends triton_strip triton_tiles torch reference compile inf_cl gemm3 --alpha0-fused triton_strip \
+                --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 --deadline-s $(( LIMIT_B1 - 20 )) \
+                --out "$OUT/loss.json"
+        fi
 
-    step "B2. B = N = 262144, d = 1536, bf16: the strip backward, the floor, then Inf-CL (one backend at a time)"
-    # the tile backward is left out: its time grows as B^2 from the 65536 figure (~10 s a run)
-    if [ "$DRY" = 1 ]; then
-        run_step "$LIMIT_B2" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 32 --B 256 \
-            --backends torch reference --repeats 2 --repeats-for reference=1 --sequential --n-inputs 2 \
-            --no-live-memory --no-plot --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
-    else
-        run_step "$LIMIT_B2" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 262144 \
-            --backends triton_strip gemm3 inf_cl --alpha0-fused triton_strip --warmup 1 --repeats 2 \
-            --warmup-for inf_cl=1 --repeats-for inf_cl=1 --sequential --n-inputs 2 --no-ceilings --no-plot \
-            --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
     fi
-    step "B3. kernel variants at B = N = 16383 (odd) and 16384: strip vs tiles at d = 256 and 1536, bf16 and fp16"
-    if [ "$DRY" = 1 ]; then
-        run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 16 32 --B 63 64 \
-            --backends torch reference --repeats 2 --no-live-memory --no-plot --point-budget-s 0.2 \
-            --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
-    else
-        run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 fp16 --d 256 1536 \
-            --B 16383 16384 --backends triton_strip triton_tiles gemm3 --warmup 1 --repeats 5 --point-budget-s 1 \
-            --no-ceilings --no-plot --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
+    if want B2; then
+        step "B2. B = N = 262144, d = 1536, bf16: the strip backward, the floor, then Inf-CL (one backend at a time)"
+        # the tile backward is left out: its time grows as B^2 from the 65536 figure (~10 s a run)
+        if [ "$DRY" = 1 ]; then
+            run_step "$LIMIT_B2" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 32 --B 256 \
+                --backends torch reference --repeats 2 --repeats-for reference=1 --sequential --n-inputs 2 \
+                --no-live-memory --no-plot --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
+        else
+            run_step "$LIMIT_B2" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 262144 \
+                --backends triton_strip gemm3 inf_cl --alpha0-fused triton_strip --warmup 1 --repeats 2 \
+                --warmup-for inf_cl=1 --repeats-for inf_cl=1 --sequential --n-inputs 2 --no-ceilings --no-plot \
+                --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
+        fi
+    fi
+    if want B3; then
+        step "B3. kernel variants at B = N = 16383 (odd) and 16384: strip vs tiles at d = 256 and 1536, bf16 and fp16"
+        if [ "$DRY" = 1 ]; then
+            run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 16 32 --B 63 64 \
+                --backends torch reference --repeats 2 --no-live-memory --no-plot --point-budget-s 0.2 \
+                --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
+        else
+            run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 fp16 --d 256 1536 \
+                --B 16383 16384 --backends triton_strip triton_tiles gemm3 --warmup 1 --repeats 5 --point-budget-s 1 \
+                --no-ceilings --no-plot --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
+        fi
     fi
     step "B summary"
     local files=()
@@ -159,23 +171,27 @@ stage_B() {
 }
 
 stage_C() {
-    step "C1. loss sweep at d = 896 and 3584, bf16 (no torch.compile: one compile per shape costs ~1 min)"
-    if [ "$DRY" = 1 ]; then
-        run_step "$LIMIT_C1" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 16 32 --B 64 \
-            --backends torch reference --repeats 2 --no-live-memory --out "$OUT/loss_wide.json"
-    else
-        run_step "$LIMIT_C1" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 896 3584 \
-            --B 4096 16384 65536 --backends triton_strip triton_tiles torch reference inf_cl gemm3 \
-            --alpha0-fused triton_strip --warmup 1 --repeats 10 --point-budget-s 2 --deadline-s $(( LIMIT_C1 - 20 )) \
-            --no-ceilings --out "$OUT/loss_wide.json"
+    if want C1; then
+        step "C1. loss sweep at d = 896 and 3584, bf16 (no torch.compile: one compile per shape costs ~1 min)"
+        if [ "$DRY" = 1 ]; then
+            run_step "$LIMIT_C1" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 16 32 --B 64 \
+                --backends torch reference --repeats 2 --no-live-memory --out "$OUT/loss_wide.json"
+        else
+            run_step "$LIMIT_C1" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 896 3584 \
+                --B 4096 16384 65536 --backends triton_strip triton_tiles torch reference inf_cl gemm3 \
+                --alpha0-fused triton_strip --warmup 1 --repeats 10 --point-budget-s 2 --deadline-s $(( LIMIT_C1 - 20 )) \
+                --no-ceilings --out "$OUT/loss_wide.json"
+        fi
     fi
-    step "C2. largest B = N per backend at d = 1536, bf16"
-    if [ "$DRY" = 1 ]; then
-        run_step "$LIMIT_C2" "$PY" benchmarks/bench_maxb.py --device cpu --backends torch --d 32 --start 64 \
-            --B-max 128 --warmup-B 32 --out "$OUT/maxb.json"
-    else
-        run_step "$LIMIT_C2" "$PY" benchmarks/bench_maxb.py --d 1536 --dtype bf16 --start 65536 --max-try-s 12 \
-            --backends triton_strip reference torch inf_cl --deadline-s $(( LIMIT_C2 - 20 )) --out "$OUT/maxb.json"
+    if want C2; then
+        step "C2. largest B = N per backend at d = 1536, bf16"
+        if [ "$DRY" = 1 ]; then
+            run_step "$LIMIT_C2" "$PY" benchmarks/bench_maxb.py --device cpu --backends torch --d 32 --start 64 \
+                --B-max 128 --warmup-B 32 --out "$OUT/maxb.json"
+        else
+            run_step "$LIMIT_C2" "$PY" benchmarks/bench_maxb.py --d 1536 --dtype bf16 --start 65536 --max-try-s 12 \
+                --backends triton_strip reference torch inf_cl --deadline-s $(( LIMIT_C2 - 20 )) --out "$OUT/maxb.json"
+        fi
     fi
     step "C summary"
     [ -f "$OUT/loss_wide.json" ] && "$PY" benchmarks/report.py "$OUT/loss_wide.json"

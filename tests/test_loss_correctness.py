@@ -245,19 +245,26 @@ def test_strip_rows_rule():
     assert strip_rows({**cfg, "DS_STRIP_ROWS": 77}, 1000, 10, 2) == 77
     multi = {**cfg, "DS_ONE_STRIP_BYTES": 0, "DS_MIN_ROWS": 0}
     assert strip_rows(multi, 16384, 16384, 2) == 8192  # 256 MiB strips when one strip is refused
-    assert strip_rows({**multi, "DS_STRIP_BYTES": 1}, 1000, 10, 2) == 128  # at least one row tile
+    assert strip_rows({**multi, "DS_STRIP_BYTES": 1}, 1000, 10, 2) == cfg["DS_BM"]  # at least one row tile
 
 
 def test_default_backward_by_width(monkeypatch):
-    """On CUDA the tile backward is the default up to d = 256, the strip backward above (and
-    when d is not given); LLAVE_FAST_BWD and kernel_config(BWD=...) still override. The
-    device is faked (only its SM count is read): the rule is host-side."""
+    """On CUDA the tile backward is the default up to d = TILES_MAX_D, the strip backward above
+    (and when d is not given). Measured on an H200, the strip won at d = 256 too (1.5 ms against
+    5.0 ms), so TILES_MAX_D is 0: the strip everywhere; LLAVE_FAST_BWD and
+    kernel_config(BWD=...) still override. The device is faked (only its SM count is read): the
+    rule is host-side."""
     import types
 
+    from llave_fast.backends import triton_backend as tb
     from llave_fast.backends.triton_backend import TILES_MAX_D, gpu_config, launch_config
 
-    assert TILES_MAX_D == 256
+    assert TILES_MAX_D == 0
     assert gpu_config(torch.bfloat16)["BWD"] == "strip"  # one argument: still callable (bench scripts)
+    for d in (64, 128, 256, 257, 1536):
+        assert gpu_config(torch.bfloat16, 132, D=d)["BWD"] == "strip", d
+    # the rule itself, with a threshold
+    monkeypatch.setattr(tb, "TILES_MAX_D", 256)
     assert gpu_config(torch.bfloat16, 132, D=256)["BWD"] == "tiles"
     assert gpu_config(torch.float16, D=257)["BWD"] == "strip"
     props = types.SimpleNamespace(multi_processor_count=132)

@@ -71,8 +71,11 @@ def _bwd_variant_from_env() -> str | None:
     return v
 
 
-#: the tile backward is the CUDA default up to this embedding width, the strip backward above
-TILES_MAX_D = 256
+#: the tile backward is the CUDA default up to this embedding width, the strip backward above.
+#: 0: the strip everywhere. Measured on an H200 (benchmarks/results/nvidia-h200/2026-11-29-variants.json,
+#: bf16, B = N = 16384): at d = 256 the tile backward took 5.0 ms, the strip 1.5 ms; at d = 1536
+#: 47 ms against 4.5 ms (NOTES.md, prediction 10: refuted). d = 128 was not measured.
+TILES_MAX_D = 0
 
 
 def gpu_config(dtype: torch.dtype, sm_count: int = 132, D: int | None = None) -> dict:
@@ -96,11 +99,15 @@ def gpu_config(dtype: torch.dtype, sm_count: int = 132, D: int | None = None) ->
     from the inputs (``ds_dtype``); True/False force a 16-bit / an fp32 strip.
     """
     bwd = "tiles" if D is not None and D <= TILES_MAX_D else "strip"
-    return dict(BM=128, BN=128, BK=32 if dtype == torch.float32 else 64, GR_MAX=16,
-                GC_MAX=max(1, (4 * sm_count) // 16), num_warps=8, num_stages=3, BWD_BM=64, BWD_BN=64,
-                BWD=bwd, DS_BM=128, DS_BN=128, DS_GROUP_M=8, DS_ONE_STRIP_BYTES=1 << 30,
-                DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=4096, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=8,
-                DS_STAGES=3)
+    # forward 64 x 128 x 64, 4 warps, 4 stages and the dS kernel's 64 x 128, 4 warps, 4 stages: the
+    # fastest of the tuning sweep on an H200 at B = N = 16384, d = 1536, bf16 (two runs agree:
+    # forward 2.78 ms against 3.15 ms for the first default 128 x 128 w8 s3, dS + GEMMs 4.28-4.36 ms
+    # against 4.80 ms; benchmarks/results/nvidia-h200/2026-11-29-tune*.json)
+    return dict(BM=64, BN=128, BK=32 if dtype == torch.float32 else 64, GR_MAX=16,
+                GC_MAX=max(1, (4 * sm_count) // 16), num_warps=4, num_stages=4, BWD_BM=64, BWD_BN=64,
+                BWD=bwd, DS_BM=64, DS_BN=128, DS_GROUP_M=8, DS_ONE_STRIP_BYTES=1 << 30,
+                DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=4096, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=4,
+                DS_STAGES=4)
 
 
 def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
