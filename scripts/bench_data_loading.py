@@ -29,24 +29,9 @@ import time
 
 
 def write_mmeb_jpeg(folder: str, n: int, side: int = 640, seed: int = 0) -> tuple[str, str]:
-    from llave_fast.data import SyntheticDataset
+    from llave_fast.data.synthetic import write_mmeb_train
 
-    ds = SyntheticDataset(n, seed=seed, image_size=side)
-    img = os.path.join(folder, "images")
-    os.makedirs(img, exist_ok=True)
-    rows = []
-    for i in range(n):
-        r = ds[i]
-        row = {"qry": r["qry"], "qry_image_path": "", "pos_text": r["pos_text"], "pos_image_path": ""}
-        for side_key, col in (("qry_image", "qry_image_path"), ("pos_image", "pos_image_path")):
-            if r[side_key] is not None:
-                row[col] = f"{col[:3]}_{i}.jpg"
-                r[side_key].save(os.path.join(img, row[col]), quality=90)
-        rows.append(row)
-    path = os.path.join(folder, "MMEBStyle.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return path, img
+    return write_mmeb_train(folder, n, seed=seed, image_size=side, image_format="jpg", name="MMEBStyle")
 
 
 def run(out: str, steps: int, workers: int, extra: list[str]) -> dict:

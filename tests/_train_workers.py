@@ -25,21 +25,6 @@ def run_train(rank, world, cfg_kwargs):
 def write_mmeb(folder, n: int, seed: int = 3, image_size: int = 64) -> tuple[str, str]:
     """n MMEB-train rows (jsonl) made from synthetic records, images as PNG files under
     ``folder/images``; returns (data file, image folder)."""
-    from llave_fast.data import SyntheticDataset
+    from llave_fast.data.synthetic import write_mmeb_train
 
-    ds = SyntheticDataset(n, seed=seed, image_size=image_size)
-    img = os.path.join(folder, "images")
-    os.makedirs(img, exist_ok=True)
-    rows = []
-    for i in range(n):
-        r = ds[i]
-        row = {"qry": r["qry"], "qry_image_path": "", "pos_text": r["pos_text"], "pos_image_path": ""}
-        for side, key in (("qry_image", "qry_image_path"), ("pos_image", "pos_image_path")):
-            if r[side] is not None:
-                row[key] = f"{side}_{i}.png"
-                r[side].save(os.path.join(img, row[key]))
-        rows.append(row)
-    path = os.path.join(folder, "Synth.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return path, img
+    return write_mmeb_train(folder, n, seed=seed, image_size=image_size, image_format="png")

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 from .collate import IMAGE_PLACEHOLDER, Record, make_id
 
 __all__ = [
+    "write_mmeb_train",
     "COLOURS",
     "COLOUR_RGB",
     "POSITIONS",
@@ -471,3 +472,33 @@ def retrieval_candidates(dataset, limit: int | None = None) -> RetrievalSet:
 def synthetic_eval_candidates(dataset: SyntheticDataset, limit: int | None = None) -> RetrievalSet:
     """The held-out retrieval evaluation: every query against all distinct targets of the split."""
     return retrieval_candidates(dataset, limit)
+
+
+def write_mmeb_train(folder: str, n: int, *, seed: int = 0, image_size: int = 64, image_format: str = "png",
+                     name: str = "Synth") -> tuple[str, str]:
+    """Write ``n`` synthetic pairs as an MMEB-train file: ``folder/<name>.jsonl`` (columns
+    ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``; image paths relative) and
+    the images under ``folder/images`` ("png", or "jpg" at quality 90). Returns (data file,
+    image folder), ready for ``MMEBDataset`` / ``--data-files ... --image-dir``."""
+    import json
+    import os
+
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    ds = SyntheticDataset(n, seed=seed, image_size=image_size)
+    img = os.path.join(folder, "images")
+    os.makedirs(img, exist_ok=True)
+    rows = []
+    for i in range(n):
+        r = ds[i]
+        row = {"qry": r["qry"], "qry_image_path": "", "pos_text": r["pos_text"], "pos_image_path": ""}
+        for side, col in (("qry_image", "qry_image_path"), ("pos_image", "pos_image_path")):
+            if r[side] is not None:
+                row[col] = f"{side}_{i}.{image_format}"
+                extra = {"quality": 90} if image_format == "jpg" else {}
+                r[side].save(os.path.join(img, row[col]), **extra)
+        rows.append(row)
+    path = os.path.join(folder, f"{name}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path, img
