@@ -17,8 +17,6 @@ import sys
 
 import torch
 
-from .train import retrieval_eval
-
 EVAL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,6 +47,29 @@ def eval_precision(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     else:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(EVAL_DTYPES)}, got {dtype!r}")
     return dev, dt
+
+
+@torch.no_grad()
+def encode_all(embed, processor, texts, images, batch: int = 64) -> torch.Tensor:
+    """Embeddings of (text, image) inputs in batches; ``embed(batch_dict) -> (n, d)``."""
+    out = []
+    for i in range(0, len(texts), batch):
+        out.append(embed(processor(texts[i : i + batch], images[i : i + batch])).float().cpu())
+    return torch.cat(out)
+
+
+def retrieval_eval(embed, processor, rset, batch: int = 64) -> dict:
+    """Precision@1, MMEB-style: every query against all distinct targets of the split."""
+    q = encode_all(embed, processor, rset.query_texts, rset.query_images, batch)
+    c = encode_all(embed, processor, rset.cand_texts, rset.cand_images, batch)
+    scores = q @ c.t()
+    return {
+        "p_at_1": rset.precision_at_1(scores),
+        "p_at_1_by_subset": rset.precision_at_1_by_subset(scores),
+        "chance": rset.chance,
+        "num_candidates": rset.num_candidates,
+        "num_queries": rset.num_queries,
+    }
 
 
 def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str | None = None,
@@ -117,7 +138,6 @@ def candidate_list_eval(model, paths, *, image_dir=None, limit=None, batch: int 
     from PIL import Image
 
     from .data.mmeb_eval import read_eval_file
-    from .train import encode_all
 
     def load(path):
         if path is None:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .evaluate import encode_all, retrieval_eval  # noqa: F401  (encode_all: re-exported)
 from .gradcache import GradCache
 from .loss import FusedHardnessLoss
 
@@ -522,32 +523,6 @@ def write_run_config(cfg: TrainConfig, history: list, data: dict) -> None:
     raw["_data"] = data
     path = os.path.join(cfg.output_dir, "train_config.json")
     ckpt._atomic_write(path, json.dumps(raw, indent=2))
-
-
-# -- evaluation ----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_all(embed, processor, texts, images, batch: int = 64) -> torch.Tensor:
-    """Embeddings of (text, image) inputs in batches; ``embed(batch_dict) -> (n, d)``."""
-    out = []
-    for i in range(0, len(texts), batch):
-        out.append(embed(processor(texts[i : i + batch], images[i : i + batch])).float().cpu())
-    return torch.cat(out)
-
-
-def retrieval_eval(embed, processor, rset, batch: int = 64) -> dict:
-    """Precision@1, MMEB-style: every query against all distinct targets of the split."""
-    q = encode_all(embed, processor, rset.query_texts, rset.query_images, batch)
-    c = encode_all(embed, processor, rset.cand_texts, rset.cand_images, batch)
-    scores = q @ c.t()
-    return {
-        "p_at_1": rset.precision_at_1(scores),
-        "p_at_1_by_subset": rset.precision_at_1_by_subset(scores),
-        "chance": rset.chance,
-        "num_candidates": rset.num_candidates,
-        "num_queries": rset.num_queries,
-    }
 
 
 # -- the run -------------------------------------------------------------------------------
