@@ -38,7 +38,7 @@ DEFAULT_CONFIG = "tiny_cpu.json"
 # also mark itself with metadata {"hidden": True}.
 HIDDEN_FIELDS = frozenset({"stop_after"})
 # choices of str fields, when the field's metadata does not give them ("choices")
-FIELD_CHOICES = {"loss_backend": BACKENDS}
+FIELD_CHOICES = {"loss_backend": BACKENDS, "bad_images": ("skip", "fail")}
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -252,7 +252,24 @@ def train_config_from_args(args):
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             setattr(cfg, f.name, getattr(args, f.name))
+    _fit_preset_warmup(cfg, args)
     return cfg
+
+
+def _fit_preset_warmup(cfg, args) -> None:
+    """A shorter run asked for on the command line (``--steps 2``) keeps working with a preset
+    whose warm-up is longer than it: the preset's warm-up is cut to a tenth of the run, with a
+    note. A warm-up the user gave as a flag is never changed (``check_config`` refuses it)."""
+    if not hasattr(args, "steps") or hasattr(args, "warmup_steps") or hasattr(args, "warmup_ratio"):
+        return
+    if cfg.epochs is not None or cfg.warmup_ratio is not None or not isinstance(cfg.steps, int) or cfg.steps < 1:
+        return
+    if isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= cfg.steps:
+        new = cfg.steps // 10
+        print(f"{PROG} train: note: the config's warm-up ({cfg.warmup_steps} steps) is not shorter than --steps "
+              f"{cfg.steps}; using --warmup-steps {new} (a tenth of the run). Give --warmup-steps to choose.",
+              file=sys.stderr)
+        cfg.warmup_steps = new
 
 
 def _train(args) -> int:

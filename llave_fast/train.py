@@ -115,7 +115,8 @@ class TrainConfig:
     warmup_steps: int = _opt(10, "linear warm-up steps (ignored when warmup_ratio is set)")
     warmup_ratio: float | None = _opt(None, "warm-up as a fraction of the steps, rounded up (LLaVE: 0.03)")
     min_lr_ratio: float = _opt(0.05, "cosine decay ends at this fraction of the peak (LLaVE: 0)")
-    grad_clip: float = _opt(1.0, "gradient norm clipping")
+    grad_clip: float = _opt(1.0, "largest global gradient norm (L2 over every parameter): a larger one is scaled down to it "
+                                 "each step")
     logit_scale: float = _opt(50.0, "the loss's inverse temperature (LLaVE: 50)")
     alpha: float = _opt(9.0, "hardness weight of the loss (LLaVE: 9)")
     loss_backend: str = _opt("auto", "fused loss backend: auto, triton, torch or reference")

@@ -110,6 +110,28 @@ def test_flags_parse_lists_bools_none_and_override_the_config():
     assert default.save_every == 50  # tiny_cpu.json is the default preset
 
 
+def test_a_short_run_on_the_command_line_cuts_the_presets_warmup_with_a_note(capsys):
+    from llave_fast.train import check_config
+
+    preset = TrainConfig.from_json("tiny_cpu.json")
+    assert preset.warmup_steps >= 2  # the case: the default preset's warm-up is longer than --steps 2
+    for steps, want in ((2, 0), (preset.warmup_steps, preset.warmup_steps // 10)):
+        argv = ["train", "--steps", str(steps)]
+        cfg = train_config_from_args(build_parser(argv).parse_args(argv))
+        assert (cfg.steps, cfg.warmup_steps) == (steps, want)
+        check_config(cfg, world=1)  # what the run checks first: accepted now
+        err = capsys.readouterr().err
+        assert f"config's warm-up ({preset.warmup_steps} steps) is not shorter than --steps {steps}" in err
+    argv = ["train", "--steps", "2", "--warmup-steps", "5"]  # given by the user: never changed, still refused
+    cfg = train_config_from_args(build_parser(argv).parse_args(argv))
+    assert cfg.warmup_steps == 5 and capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="warmup_steps=5 is not shorter than the run"):
+        check_config(cfg, world=1)
+    argv = ["train", "--steps", "100"]  # long enough: the preset's warm-up stands, no note
+    cfg = train_config_from_args(build_parser(argv).parse_args(argv))
+    assert cfg.warmup_steps == preset.warmup_steps and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--global-batch", "abc"], "argument --global-batch: invalid int value: 'abc'"),
     (["train", "--loss-backend", "cuda"], "argument --loss-backend: invalid choice: 'cuda'"),
