@@ -36,6 +36,7 @@ SHM_OP = "deepspeed_shm_comm"
 STALE_LOCK_S = 600  # a torch build lock older than this has lost its builder (a build takes about a minute)
 WARM_TIMEOUT_S = 900
 _warmed_dirs: set[str] = set()  # extension folders warmed by this process
+WARM_ENV = "LLAVE_FAST_WARM_OPS_DIR"  # set once warm: child processes skip the check
 
 # mirrors deepspeed.comm.torch.build_shm_op: what each rank's init_distributed loads
 _WARM_CODE = """
@@ -99,6 +100,8 @@ def warm_deepspeed_ops(force: bool = False) -> str:
     build_dir = extension_dir()
     if build_dir in _warmed_dirs and not force:
         return "already warm in this process"
+    if os.environ.get(WARM_ENV) == build_dir and not force:  # a parent process warmed it
+        return "already warm (built by the parent process)"
     os.makedirs(build_dir, exist_ok=True)
     notes = []
     t0 = time.perf_counter()
@@ -112,6 +115,7 @@ def warm_deepspeed_ops(force: bool = False) -> str:
         raise RuntimeError(f"building DeepSpeed's {SHM_OP} op in {build_dir} failed (exit {r.returncode}):\n"
                            f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     _warmed_dirs.add(build_dir)
+    os.environ[WARM_ENV] = build_dir  # inherited by the ranks this process starts
     last = (r.stdout.strip().splitlines() or ["?"])[-1]
     notes.append(f"{last} ({time.perf_counter() - t0:.1f} s, {build_dir})")
     return "; ".join(notes)

@@ -179,6 +179,13 @@ def init_distributed() -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
+        # several CPU ranks on this machine: DeepSpeed's CPU communication op is built once,
+        # ranks taking turns under a file lock, instead of every rank JIT-building it at once
+        # into one folder on a cold machine (see llave_fast.testing)
+        from .testing import warm_deepspeed_ops
+
+        _log(int(os.environ.get("RANK", "0")), "DeepSpeed CPU op: " + warm_deepspeed_ops())
     deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
 

@@ -36,6 +36,7 @@ def _ds_init_rank(rank, world):
 
 def test_cold_extension_cache_is_built_once_before_the_ranks_start(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv(testing.WARM_ENV, raising=False)  # restored afterwards
     build_dir = testing.extension_dir()
     assert build_dir.startswith(str(tmp_path)) and not os.listdir(build_dir)
     # a killed builder's lock: torch's FileBaton would wait on it forever
@@ -53,6 +54,35 @@ def test_cold_extension_cache_is_built_once_before_the_ranks_start(tmp_path, mon
     testing.spawn_ranks(_ds_init_rank, 2)  # warm already: the ranks load the op, build nothing
     assert os.path.getmtime(os.path.join(build_dir, so)) == built_at
     assert testing.warm_deepspeed_ops() == "already warm in this process"
+    # a process this one starts (a rank) inherits the word that the folder is warm
+    assert os.environ[testing.WARM_ENV] == build_dir
+    testing._warmed_dirs.discard(build_dir)
+    assert testing.warm_deepspeed_ops() == "already warm (built by the parent process)"
+
+
+@pytest.mark.parametrize("cuda, local_world, warmed", [(False, "2", True), (False, "1", False), (True, "2", False)])
+def test_several_cpu_ranks_of_a_training_run_build_the_op_in_turn(monkeypatch, cuda, local_world, warmed):
+    """``llave-fast train`` under a launcher with several CPU ranks on one machine warms
+    DeepSpeed's op (a file lock: one builds, the others wait and load it) before
+    ``deepspeed.init_distributed``, where every rank would otherwise build it at once."""
+    import deepspeed
+
+    from llave_fast import train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_mod.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(train_mod.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(testing, "warm_deepspeed_ops", lambda force=False: calls.append("warm") or "built")
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: calls.append(("init", dist_backend)))
+    monkeypatch.setattr(train_mod.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(train_mod.dist, "get_world_size", lambda: int(local_world))
+    for k, v in dict(RANK="0", WORLD_SIZE=local_world, LOCAL_RANK="0", LOCAL_WORLD_SIZE=local_world).items():
+        monkeypatch.setenv(k, v)
+    assert train_mod.init_distributed() == (0, int(local_world))
+    backend = "nccl" if cuda else "gloo"
+    assert ("warm" in calls) is warmed
+    assert calls[-1] == ("init", backend)  # the op is warm before the group (and DeepSpeed) starts
 
 
 def test_a_fresh_build_lock_is_left_alone(tmp_path, monkeypatch):
