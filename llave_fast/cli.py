@@ -3,6 +3,7 @@
     llave-fast train [--config tiny_cpu.json] [--output-dir DIR] [--steps 200 ...]
     llave-fast export --run DIR [--output DIR/export] [--dtype bf16]
     llave-fast eval --model PATH [--data synthetic | FILES --image-dir DIR]
+    llave-fast ablate [--quick] [--alphas 0,9] [--batches 16,128] [--seeds 3] [--output-dir DIR]
 
 ``train`` with no other arguments trains the tiny demo model on the synthetic dataset
 (CPU, a few minutes) and prints precision@1 before and after. Every field of the training
@@ -308,24 +309,50 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evaluate import evaluate_model
+    from .data.mmeb_eval import find_eval_datasets
+    from .evaluate import data_paths, evaluate_model, format_mmeb_table
 
     if _looks_local(args.model):
         _existing("--model", args.model)
-    if args.data != "synthetic":
-        for path in args.data.split(","):
-            if not path:
-                raise UsageError(f"--data {args.data!r}: an empty file name in the comma-separated list")
-            _existing("--data", path, kind="file or folder")
+    try:
+        paths = data_paths(args.data)
+    except ValueError as e:
+        raise UsageError(f"--data: {e}") from e
+    for path in paths:
+        _existing("--data", path, kind="file or folder")
     _existing("--image-dir", args.image_dir)
 
-    result = evaluate_model(args.model, args.data, image_dir=args.image_dir, num_eval=args.num_eval,
-                            seed=args.seed, image_size=args.image_size, batch=args.batch,
-                            device=args.device, dtype=args.dtype)
+    mmeb_eval_files = bool(paths) and find_eval_datasets(paths) is not None
+    num_eval, max_queries = args.num_eval, args.max_queries
+    if mmeb_eval_files:
+        if num_eval is not None:
+            if max_queries is not None:
+                raise UsageError(f"--num-eval {num_eval} and --max-queries {max_queries}: with MMEB-eval files both "
+                                 "cap the queries per dataset; give --max-queries alone")
+            print(f"{PROG} eval: note: --num-eval {num_eval} with MMEB-eval files caps the queries of each dataset, "
+                  f"as --max-queries {num_eval} does", file=sys.stderr)
+            max_queries = num_eval
+        if args.output_dir is None:
+            print(f"{PROG} eval: note: no --output-dir, so no mmeb_eval.json and no per-dataset resume cache are "
+                  "written (an interrupted evaluation starts over)", file=sys.stderr)
+    else:
+        if max_queries is not None:
+            raise UsageError(f"--max-queries {max_queries} applies to MMEB-eval files (each query's own candidate "
+                             "list); for the synthetic split and MMEB-train files use --num-eval")
+        if args.output_dir is not None:
+            raise UsageError(f"--output-dir {args.output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its "
+                             "resume cache); for the synthetic split and MMEB-train files use --output FILE")
+    result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
+                            num_eval=256 if num_eval is None else num_eval, seed=args.seed,
+                            image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,
+                            max_queries=max_queries, output_dir=args.output_dir)
     print(json.dumps(result, indent=2))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
+    if mmeb_eval_files:  # the table for people, after the JSON (stdout stays parseable: `> metrics.json`)
+        where = f" (also in {os.path.join(args.output_dir, 'mmeb_eval.json')})" if args.output_dir else ""
+        print(f"\nMMEB precision@1{where}:\n{format_mmeb_table(result)}", file=sys.stderr)
     return 0
 
 
@@ -339,6 +366,93 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _ablate(args) -> int:
+    from .ablate import run_ablation
+
+    run_ablation(args.output_dir, config=args.config, alphas=args.alphas, batches=args.batches, seeds=args.seeds,
+                 steps=args.steps, global_batch=args.global_batch, num_eval=args.num_eval,
+                 family_size=args.family_size, quick=args.quick)
+    return 0
+
+
+def _add_ablate_flags(p: argparse.ArgumentParser) -> None:
+    from . import ablate as A
+
+    p.description = (
+        "Train the tiny setting (--config, in this process, one rank) over alpha x pairs per loss x seeds and "
+        "report held-out precision@1: OUT/ablation.json (one record per run; a rerun skips the runs recorded), "
+        "OUT/ablation.png and a table of mean ± std over seeds. Every run has the same global batch (the largest "
+        "of --batches), steps, schedule and data order per seed; a smaller --batches value b cuts each global "
+        "batch into micro-batches of b pairs whose losses see only their own pairs (LLaVE's negatives), the "
+        "largest makes every pair of the global batch a negative. The synthetic data come in families of "
+        "--family-size scenes that differ in one attribute of one object, held together in batches, in the "
+        "held-out split too.").replace("%", "%%")
+    p.add_argument("--output-dir", default=A.DEFAULT_OUTPUT, metavar="DIR",
+                   help=f"where ablation.json, ablation.png and the runs go. Default: {A.DEFAULT_OUTPUT}")
+    try:
+        q = A.plan(quick=True)
+        now = (f"; with {A.DEFAULT_CONFIG} and the default --alphas/--batches: {len(A.grid(q))} runs of {q['steps']} "
+               f"steps x {q['global_batch']} pairs (minutes on 2 CPU cores: README, Ablation)")
+    except Exception:  # noqa: BLE001 - the help still works; a run reports the error
+        now = ""
+    p.add_argument("--quick", action="store_true",
+                   help=f"the small grid: {A.QUICK_SEEDS} seed per cell, half the preset's training pairs per run, "
+                        f"{A.QUICK_NUM_EVAL} held-out queries{now}. Explicit flags still override")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in A.DEFAULT_ALPHAS), metavar="A,B,...",
+                   help="hardness weights of the loss, comma-separated numbers (0: plain InfoNCE; LLaVE: 9). "
+                        "Default: %(default)s")
+    p.add_argument("--batches", default=",".join(map(str, A.DEFAULT_BATCHES)), metavar="B,C,...",
+                   help="pairs per loss (each query's negatives: the other pairs of its loss batch), comma-separated "
+                        "integers, each dividing the global batch and a multiple of --family-size. Default: "
+                        "%(default)s")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help=f"seeds per cell (0..N-1: initialisation, data and data order). Default: {A.DEFAULT_SEEDS} "
+                        f"({A.QUICK_SEEDS} with --quick)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="optimizer steps per run. Default: as many training pairs as the preset's run "
+                        "(steps x global_batch of --config; half with --quick); warm-up scales with it")
+    p.add_argument("--global-batch", type=int, default=None, metavar="N",
+                   help="pairs per optimizer step, every run. Default: the largest of --batches")
+    p.add_argument("--num-eval", type=int, default=None, metavar="N",
+                   help=f"held-out queries per run. Default: the preset's ({A.QUICK_NUM_EVAL} with --quick)")
+    p.add_argument("--family-size", type=int, default=A.DEFAULT_FAMILY_SIZE, metavar="K",
+                   help="scenes per hard-negative family (hard_family_size; 1: independent scenes). "
+                        "Default: %(default)s")
+    p.add_argument("--config", default=A.DEFAULT_CONFIG, metavar="JSON",
+                   help="the training preset each run starts from (tiny model, synthetic data). Default: %(default)s")
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _eval_video(args) -> int:
+    from .video import eval_video, format_metrics_table
+
+    if _looks_local(args.model):
+        _existing("--model", args.model)
+    _existing("--videos", args.videos)
+    _existing("--annotations", args.annotations, kind="file or folder")
+    _existing("--video-list", args.video_list, kind="file")
+    result = eval_video(args.model, args.videos, args.annotations, args.output_dir, max_frames=args.max_frames,
+                        fps=args.fps, batch=args.batch, device=args.device, dtype=args.dtype,
+                        max_length=args.max_length, video_list=args.video_list, limit=args.limit,
+                        workers=args.workers)
+    out = os.path.join(args.output_dir, "video_eval.json")
+    print(f"zero-shot text-video retrieval: {result['num_videos']} videos, {result['num_captions']} captions, "
+          f"{result['frames']['mean_frames']:.1f} frames a video on average ({result['device']}, {result['dtype']}; "
+          f"videos {result['seconds']['videos']:.1f} s, captions {result['seconds']['captions']:.1f} s)")
+    print(format_metrics_table(result))
+    print(f"(R@k in % of queries, ranks 1-based; written to {out})")
+    return 0
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; ``argv`` (the arguments) picks the preset whose defaults train's help shows."""
     argv = [] if argv is None else argv
@@ -347,7 +461,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         epilog=f"'{PROG} COMMAND --help' describes each command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
-    sub = parser.add_subparsers(dest="command", metavar="{train,export,eval}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,export,eval,eval-video,ablate}", parser_class=_Parser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the Python traceback of any error")
@@ -370,29 +484,82 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_eval.add_argument("--model", required=True, metavar="PATH",
                         help="an exported folder (llave-fast export), a transformers or llava_qwen checkpoint folder, "
                              "a hub id, or a training run folder (its newest complete checkpoint is evaluated)")
-    p_eval.add_argument("--data", default="synthetic", metavar="DATA",
-                        help="'synthetic' (the held-out split of the synthetic dataset), or MMEB files, "
-                             "comma-separated .jsonl/.parquet: MMEB-eval files (each query against its own "
-                             "candidates) or MMEB-train files (each query against every distinct target). "
-                             "Default: synthetic")
+    p_eval.add_argument("--data", nargs="+", default="synthetic", metavar="DATA",
+                        help="'synthetic' (the held-out split of the synthetic dataset), or MMEB files and folders "
+                             "(searched recursively), space- or comma-separated, .jsonl/.parquet: MMEB-eval files "
+                             "(each query against its own candidate list; a dataset is named by its file's stem, or "
+                             "by its folder for hub-style shards such as ImageNet-1K/test-00000-of-00001.parquet) or "
+                             "MMEB-train files (each query against every distinct target). Default: synthetic")
     p_eval.add_argument("--image-dir", default=None, metavar="DIR",
                         help="folder the files' image paths are relative to. Default: each file's own folder")
-    p_eval.add_argument("--num-eval", type=_positive_int, default=256, metavar="N",
-                        help="queries evaluated: the synthetic samples generated; the first N rows of each MMEB-eval "
-                             "file; the first N rows of the MMEB-train files in all (their distinct targets are the "
-                             "candidates). Default: 256")
+    p_eval.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="MMEB-eval files only: where mmeb_eval.json and the per-dataset resume cache "
+                             "(DIR/mmeb_eval_cache/NAME.json) go; a rerun with the same model and settings reuses "
+                             "the datasets already done. Default: none (nothing written, no resume)")
+    p_eval.add_argument("--max-queries", type=_positive_int, default=None, metavar="N",
+                        help="MMEB-eval files only: score the first N queries of each dataset. Default: every query")
+    p_eval.add_argument("--num-eval", type=_positive_int, default=None, metavar="N",
+                        help="queries evaluated for the synthetic split (the samples generated) and MMEB-train files "
+                             "(their first N rows in all; their distinct targets are the candidates). Default: 256. "
+                             "With MMEB-eval files (which are scored in full by default) it caps the queries per "
+                             "dataset as --max-queries does")
     p_eval.add_argument("--seed", type=int, default=0, metavar="INT",
                         help="seed of the synthetic held-out split (training uses its --seed). Default: 0")
     p_eval.add_argument("--image-size", type=_positive_int, default=64, metavar="PX",
                         help="side of the synthetic images, px (training's --image-size). Default: 64")
     p_eval.add_argument("--batch", type=_positive_int, default=64, metavar="N",
                         help="samples per forward pass. Default: 64")
-    p_eval.add_argument("--output", default=None, metavar="JSON", help="also write the metrics JSON to this file")
+    p_eval.add_argument("--output", default=None, metavar="JSON",
+                        help="also write the metrics JSON (printed to stdout) to this file")
     p_eval.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
     p_eval.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="weights' precision: auto = bf16 on CUDA (LLaVE evaluates with 16-bit weights), "
                              "fp32 on CPU. Default: auto")
+
+    p_video = sub.add_parser("eval-video", parents=[common],
+                             help="zero-shot text-video retrieval (MSR-VTT, MSVD): R@1/5/10, median and mean rank")
+    p_video.add_argument("--model", required=True, metavar="PATH",
+                         help="an exported folder, a transformers or llava_qwen checkpoint folder, a hub id, or a "
+                              "training run folder (its newest complete checkpoint)")
+    p_video.add_argument("--videos", required=True, metavar="DIR",
+                         help="folder of the video files: <video id>.mp4 (or .avi, .webm, .mkv, .mov, ...), "
+                              "sub-folders included")
+    p_video.add_argument("--annotations", required=True, metavar="FILE",
+                         help="captions: .csv with video_id and sentence columns (MSRVTT_JSFUSION_test.csv), .json "
+                              "(video id -> captions, or a list of {video_id, caption} records), .jsonl, .txt "
+                              "('<video id> <caption>' a line), CLIP4Clip's raw-captions.pkl, or CLIP4Clip's MSVD "
+                              "folder (raw-captions.pkl + test_list.txt)")
+    p_video.add_argument("--output-dir", required=True, metavar="DIR", help="where video_eval.json is written")
+    p_video.add_argument("--video-list", default=None, metavar="FILE",
+                         help="only these videos (one id a line, e.g. MSVD's test_list.txt), in this order. "
+                              "Default: every video of --annotations")
+    p_video.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                         help="only the first N videos (and their captions): a quick check. Default: all")
+    p_video.add_argument("--max-frames", type=_positive_int, default=32, metavar="N",
+                         help="at most N frames a video, spread evenly over the clip when the --fps sampling gives "
+                              "more (LLaVE: 32). Default: 32")
+    p_video.add_argument("--fps", type=_positive_float, default=3.0, metavar="FPS",
+                         help="frames per second sampled (every round(native fps / FPS)-th frame; LLaVE: 3). "
+                              "Default: 3")
+    p_video.add_argument("--max-length", type=_positive_int, default=8192, metavar="TOKENS",
+                         help="longest sequence (visual tokens + prompt) allowed; a --max-frames whose videos would "
+                              "not fit is refused before anything is decoded (LLaVE's video evaluation cuts at 8192). "
+                              "Also capped by the model's max_position_embeddings. Default: 8192")
+    p_video.add_argument("--batch", type=_positive_int, default=8, metavar="N",
+                         help="videos (and captions) per forward pass. Default: 8")
+    p_video.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+                         help="threads decoding videos ahead of the model (at most two batches ahead). Default: 2")
+    p_video.add_argument("--device", default="auto",
+                         help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
+    p_video.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                         help="weights' precision: auto = bf16 on CUDA (LLaVE evaluates with 16-bit weights), "
+                              "fp32 on CPU. Default: auto")
+
+    p_ablate = sub.add_parser("ablate", parents=[common],
+                              help="hardness weighting (alpha) x negatives per loss on the tiny setting: P@1 table "
+                                   "and plot")
+    _add_ablate_flags(p_ablate)
     return parser
 
 
@@ -406,7 +573,8 @@ def main(argv=None) -> int:
     if args.command is None:  # only --debug
         parser.print_help()
         return 0
-    run = {"train": _train, "export": _export, "eval": _eval}[args.command]
+    run = {"train": _train, "export": _export, "eval": _eval, "eval-video": _eval_video,
+           "ablate": _ablate}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:

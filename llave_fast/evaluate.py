@@ -7,13 +7,22 @@ memory (as ``llave-fast export`` does) and evaluated.
 Each query is scored against the candidate set (for the synthetic data and for MMEB-train
 style files: every distinct target of the split); a hit is a top-1 candidate with the
 query's target id.
+
+MMEB-eval files (:func:`mmeb_eval`) are scored as VLM2Vec and LLaVE score them: each query
+against its own candidate list, a hit when the first candidate (the positive) scores
+highest, ties going to the first (``numpy.argmax``'s rule). Every distinct (text, image)
+input of a dataset is encoded once (:func:`encode_pairs`, batches sorted by length) and
+each distinct candidate of a list is scored once, so copies of one candidate score
+bit-identically. Per-dataset results are cached in the output folder, and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import time
 
 import torch
 
@@ -59,46 +68,104 @@ def encode_all(embed, processor, texts, images, batch: int = 64) -> torch.Tensor
 
 
 def retrieval_eval(embed, processor, rset, batch: int = 64) -> dict:
-    """Precision@1, MMEB-style: every query against all distinct targets of the split."""
+    """Precision@1 of a :class:`~llave_fast.data.RetrievalSet`, two ways from one set of scores.
+
+    ``p_at_1`` (and its split ``p_at_1_by_subset``): every query against all distinct targets
+    of the split, chance ``1 / num_candidates``. ``by_task``: MMEB's way, each task scored on
+    its own, its queries against only its own task's distinct targets (``{task: {"p_at_1",
+    "chance", "num_queries", "num_candidates"}}``), so chance differs per task and a query
+    cannot score by telling the modalities apart.
+    """
     q = encode_all(embed, processor, rset.query_texts, rset.query_images, batch)
     c = encode_all(embed, processor, rset.cand_texts, rset.cand_images, batch)
     scores = q @ c.t()
     return {
         "p_at_1": rset.precision_at_1(scores),
         "p_at_1_by_subset": rset.precision_at_1_by_subset(scores),
+        "by_task": rset.precision_at_1_by_task(scores),
         "chance": rset.chance,
         "num_candidates": rset.num_candidates,
         "num_queries": rset.num_queries,
     }
 
 
-def evaluate_model(model_path: str, data: str = "synthetic", *, image_dir: str | None = None,
-                   num_eval: int = 256, seed: int = 0, image_size: int = 64, batch: int = 64,
-                   device: str = "auto", dtype: str = "auto") -> dict:
-    """precision@1 of a saved model; on CUDA in bf16 by default (LLaVE's 16-bit evaluation),
-    on the CPU in fp32 (see :func:`eval_precision`). The result names the device and dtype."""
-    from .data import MMEBDataset, SyntheticDataset, retrieval_candidates
-    from .data.mmeb_eval import is_eval_file
+def data_paths(data) -> list[str]:
+    """``--data`` as a list of paths: a list of files/folders, each of which may itself be a
+    comma-separated list (the old form); ``"synthetic"`` gives []."""
+    if isinstance(data, (str, os.PathLike)):
+        data = [data]
+    out = []
+    for item in data:
+        item = os.fspath(item)
+        if item == "synthetic" and len(data) == 1:
+            return []
+        for part in item.split(","):
+            if not part:
+                raise ValueError(f"data {item!r}: an empty file name in the comma-separated list")
+            out.append(part)
+    return out
+
+
+def load_eval_model(model_path: str, dev: torch.device, dt: torch.dtype):
+    """(model on ``dev`` in ``dt``, {"checkpoint": tag} for a run folder else {})."""
     from .export import is_run_dir
     from .model import LLaVEEmbedder
 
-    dev, dt = eval_precision(device, dtype)
-    where = {"device": str(dev), "dtype": str(dt).replace("torch.", "")}
+    extra = {}
     if is_run_dir(model_path):  # a training run: its newest complete checkpoint, merged in memory
         model, tag = run_model_for_eval(model_path, dt)
-        where["checkpoint"] = tag
+        extra["checkpoint"] = tag
     else:
         model = LLaVEEmbedder.from_pretrained(model_path, torch_dtype=dt)
-    model = model.to(dev).eval()
-    paths = [] if data == "synthetic" else data.split(",")
-    if paths and all(is_eval_file(x) for x in paths):
-        result = candidate_list_eval(model, paths, image_dir=image_dir, limit=num_eval, batch=batch)
-        result.update(model=model_path, data=data, **where)
-        return result
-    if data == "synthetic":
+    return model.to(dev).eval(), extra
+
+
+def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None = None,
+                   num_eval: int = 256, seed: int = 0, image_size: int = 64, batch: int = 64,
+                   device: str = "auto", dtype: str = "auto", max_queries: int | None = None,
+                   output_dir: str | None = None, progress: bool = True) -> dict:
+    """precision@1 of a saved model; on CUDA in bf16 by default (LLaVE's 16-bit evaluation),
+    on the CPU in fp32 (see :func:`eval_precision`). The result names the device and dtype.
+
+    ``data``: "synthetic", or files/folders (a list, or one comma-separated string). MMEB-eval
+    files go to :func:`mmeb_eval` (every query unless ``max_queries`` caps each dataset;
+    ``output_dir`` holds ``mmeb_eval.json`` and the resume cache, None writes nothing);
+    ``num_eval`` is the query count of the synthetic split and of MMEB-train files only.
+    """
+    from .data import MMEBDataset, SyntheticDataset, retrieval_candidates
+    from .data.mmeb_eval import find_eval_datasets
+
+    dev, dt = eval_precision(device, dtype)
+    where = {"device": str(dev), "dtype": str(dt).replace("torch.", "")}
+    paths = data_paths(data)
+    # MMEB-eval files, or None: the synthetic split, MMEB-train files or a hub dataset name
+    datasets = find_eval_datasets(paths) if paths and all(os.path.exists(p) for p in paths) else None
+    if datasets is not None:
+        loaded = {}
+
+        def model_once():  # loaded on first use: a rerun whose every dataset is cached loads nothing
+            if "model" not in loaded:
+                loaded["model"] = load_eval_model(model_path, dev, dt)[0]
+            return loaded["model"]
+
+        key = model_key(model_path, dev, dt)
+        info = {"model": model_path, "data": data, **where}
+        if "checkpoint" in key:
+            info["checkpoint"] = key["checkpoint"]
+        return mmeb_eval(model_once, datasets, image_dir=image_dir, max_queries=max_queries, batch=batch,
+                         output_dir=output_dir, key=key, info=info, progress=progress)
+    if max_queries is not None:
+        raise ValueError(f"max_queries={max_queries} applies to MMEB-eval files (each query's own candidate list); "
+                         "for the synthetic split and MMEB-train files use num_eval (--num-eval)")
+    if output_dir is not None:
+        raise ValueError(f"output_dir={output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its resume "
+                         "cache); for the synthetic split and MMEB-train files write the metrics with --output")
+    model, extra = load_eval_model(model_path, dev, dt)
+    where.update(extra)
+    if not paths:
         ds = SyntheticDataset(num_eval, seed=seed, split="eval", image_size=image_size)
     else:
-        ds = MMEBDataset(data.split(","), image_dir)
+        ds = MMEBDataset(paths, image_dir)
     rset = retrieval_candidates(ds, limit=num_eval)
 
     def embed(b):
@@ -132,27 +199,317 @@ def run_model_for_eval(run_dir: str, dtype: torch.dtype):
                           "and evaluate the exported folder") from e
 
 
-@torch.no_grad()
-def candidate_list_eval(model, paths, *, image_dir=None, limit=None, batch: int = 64) -> dict:
-    """MMEB's protocol: each query against its own candidates; a hit when the first scores highest."""
+# ------------------------------------------------------------------------------ MMEB-eval files
+MMEB_PROTOCOL = ("per-query candidate lists (MMEB eval, as VLM2Vec/LLaVE score it): a hit when the first "
+                 "candidate scores highest, ties to the first")
+MMEB_CACHE_DIR = "mmeb_eval_cache"
+MMEB_RESULT_FILE = "mmeb_eval.json"
+_CACHE_VERSION = 1  # bump when a cached result would no longer mean the same thing
+_TOKENIZE_CHUNK = 4096
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
+    """What identifies a model evaluation in the resume cache: the path as given and resolved,
+    the weight files' names, sizes and modification times (a re-saved model is not reused),
+    a run folder's newest complete checkpoint, and the device type and dtype."""
+    from . import checkpoint as ckpt
+    from .export import is_run_dir
+
+    key = {"model": model_path, "device": dev.type, "dtype": str(dt).replace("torch.", "")}
+    if not os.path.exists(model_path):  # a hub id
+        return key
+    key["model_abspath"] = os.path.abspath(model_path)
+    if is_run_dir(model_path):
+        key["checkpoint"] = ckpt.latest_complete(os.path.join(model_path, "checkpoints"))
+        return key
+    weights = []
+    for name in sorted(os.listdir(model_path)):
+        full = os.path.join(model_path, name)
+        if name.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(full):
+            st = os.stat(full)
+            weights.append([name, st.st_size, st.st_mtime_ns])
+    key["weights"] = weights
+    return key
+
+
+def _file_key(path: str) -> list:
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename: an interrupted write never
+    leaves a half file behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _cache_file(output_dir: str, name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+    return os.path.join(output_dir, MMEB_CACHE_DIR, f"{safe}.json")
+
+
+def _cached_result(path: str, key: dict) -> dict | None:
+    """The cached result at ``path`` if it was computed with ``key``; else None, saying why."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        old, result = cached["key"], cached["result"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _log(f"{path}: unreadable cache ({type(exc).__name__}: {exc}); recomputing")
+        return None
+    if old != key:
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        what = "; ".join(f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in diff)
+        _log(f"{path}: cached with other settings ({what}); recomputing")
+        return None
+    return result
+
+
+def _image_size(path: str, origin) -> tuple[int, int]:
+    """(height, width) from the image's header (the pixels are not decoded)."""
     from PIL import Image
 
-    from .data.mmeb_eval import read_eval_file
+    from .data.mmeb import BadDataError
 
-    def load(path):
-        if path is None:
-            return None
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
+        raise BadDataError(origin[0], origin[1], f"image {path} cannot be read ({type(exc).__name__}: {exc})",
+                           hint=False) from exc
+    return height, width
+
+
+def _load_image(path: str, origin):
+    from PIL import Image
+
+    from .data.mmeb import BadDataError
+
+    try:
         with Image.open(path) as im:
             return im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
+        raise BadDataError(origin[0], origin[1], f"image {path} cannot be read ({type(exc).__name__}: {exc})",
+                           hint=False) from exc
 
-    per_file = {}
-    for path in paths:
-        rows = read_eval_file(path, image_dir, limit)
-        q = encode_all(model, model.processor, [r.qry_text for r in rows], [load(r.qry_image) for r in rows], batch)
-        hits = 0
-        for r, qe in zip(rows, q):
-            c = encode_all(model, model.processor, r.cand_texts, [load(x) for x in r.cand_images], batch)
-            hits += int((c @ qe).argmax().item() == 0)
-        per_file[path] = {"p_at_1": hits / max(1, len(rows)), "num_queries": len(rows)}
-    mean = sum(v["p_at_1"] for v in per_file.values()) / max(1, len(per_file))
-    return {"p_at_1": mean, "per_file": per_file, "protocol": "per-query candidate lists (MMEB eval)"}
+
+def input_lengths(processor, pairs, origin=None) -> list[int]:
+    """Approximate sequence length of each (text, image path) input: the text's tokens plus the
+    image's visual tokens (from its header size), to sort inputs into batches of like length."""
+    texts = [t for t, _ in pairs]
+    lengths = []
+    for lo in range(0, len(texts), _TOKENIZE_CHUNK):
+        ids = processor.tokenizer(texts[lo:lo + _TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]
+        lengths += [len(x) for x in ids]
+    sizes: dict[str, int] = {}
+    for k, (_, img) in enumerate(pairs):
+        if img is not None:
+            if img not in sizes:
+                sizes[img] = processor.num_image_tokens(*_image_size(img, origin[k] if origin else (img, None)))
+            lengths[k] += sizes[img]
+    return lengths
+
+
+def _processor_error(processor, texts, images, idx, origin, exc):
+    """The row a processor error comes from, as a BadDataError, or None when no single input fails."""
+    from .data.mmeb import BadDataError
+
+    for j, k in enumerate(idx):
+        try:
+            processor.build_prompt(texts[j], images[j] is not None, 0)
+        except (ValueError, TypeError) as one:
+            src, row = origin[k] if origin else ("input", k)
+            return BadDataError(src, row, str(one).replace("texts[0]", "the text").replace("images[0]", "its image"),
+                                hint=False)
+    return None
+
+
+@torch.no_grad()
+def encode_pairs(model, pairs, *, batch: int = 64, origin=None, desc: str | None = None,
+                 progress: bool = True) -> torch.Tensor:
+    """Embeddings (n, d) float32 on the CPU of distinct (text, image path or None) inputs.
+
+    Inputs are sorted by length (text-and-image inputs apart from text-only ones, longest
+    first, so padding stays small and a batch too large for memory fails at once), images
+    are opened per batch and let go after it. ``origin[k]`` = (file, row) names the row
+    behind input k in errors. A tqdm bar counts encodings ("enc").
+    """
+    from tqdm.auto import tqdm
+
+    n = len(pairs)
+    if n == 0:
+        return torch.empty(0, model.embed_dim)
+    processor = model.processor
+    lengths = input_lengths(processor, pairs, origin)
+    order = sorted(range(n), key=lambda k: (pairs[k][1] is not None, lengths[k]), reverse=True)
+    out = None
+    with tqdm(total=n, unit="enc", desc=desc, disable=not progress, file=sys.stderr) as bar:
+        for lo in range(0, n, batch):
+            idx = order[lo:lo + batch]
+            texts = [pairs[k][0] for k in idx]
+            images = [None if pairs[k][1] is None else _load_image(pairs[k][1], origin[k] if origin else None)
+                      for k in idx]
+            try:
+                inputs = processor(texts, images)
+            except (ValueError, TypeError) as exc:
+                bad = _processor_error(processor, texts, images, idx, origin, exc)
+                if bad is None:
+                    raise
+                raise bad from exc
+            emb = model(inputs).float().cpu()
+            if out is None:
+                out = torch.empty(n, emb.shape[1], dtype=torch.float32)
+            out[torch.as_tensor(idx)] = emb
+            bar.update(len(idx))
+    return out
+
+
+def candidate_list_hits(emb: torch.Tensor, queries, candidates) -> torch.Tensor:
+    """MMEB's hit rule for each query: its first candidate (the positive) scores at least as
+    high as every other (``score[0] >= max(score[1:])``: ties go to the first candidate, as
+    ``numpy.argmax`` in VLM2Vec's scorer). ``emb``: (P, d) embeddings of the distinct inputs;
+    ``queries[q]``: query q's row of ``emb``; ``candidates[q]``: its candidates' rows.
+
+    Each distinct candidate of a list is scored once and the scores are indexed back, so
+    copies of one candidate get bit-identical scores (a matrix-vector product over the
+    copies could round them differently in the last bits and break a tie).
+    """
+    emb = emb.float()
+    hits = torch.zeros(len(queries), dtype=torch.bool)
+    for q, (qi, cands) in enumerate(zip(queries, candidates)):
+        idx = torch.as_tensor(cands, dtype=torch.long)
+        if idx.numel() == 1:
+            hits[q] = True
+            continue
+        distinct, inverse = torch.unique(idx, return_inverse=True)
+        scores = (emb[distinct] @ emb[qi])[inverse]
+        hits[q] = bool(scores[0] >= scores[1:].max())
+    return hits
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def summarize_mmeb(per_dataset: dict) -> dict:
+    """``datasets`` plus the means MMEB reports: per meta-task, IND / OOD, overall. A mean over
+    no dataset is None (null in the JSON); datasets outside MMEB's table count in overall only."""
+    from .data.mmeb_tasks import META_TASKS, MMEB_TASKS
+
+    scores = {n: r["p_at_1"] for n, r in per_dataset.items()}
+    return {
+        "datasets": per_dataset,
+        "meta_tasks": {m: _mean(s for n, s in scores.items() if per_dataset[n]["meta_task"] == m) for m in META_TASKS},
+        "ind": _mean(s for n, s in scores.items() if per_dataset[n]["split"] == "ind"),
+        "ood": _mean(s for n, s in scores.items() if per_dataset[n]["split"] == "ood"),
+        "overall": _mean(scores.values()),
+        "num_datasets": len(scores),
+        "mmeb_not_scored": [n for n in MMEB_TASKS if n not in scores],
+    }
+
+
+def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int | None = None, batch: int = 64,
+              output_dir: str | None = None, key: dict | None = None, info: dict | None = None,
+              progress: bool = True) -> dict:
+    """Precision@1 of MMEB-eval datasets (:func:`llave_fast.data.mmeb_eval.find_eval_datasets`).
+
+    ``model``: an embedder, or a zero-argument function returning one (called only when a
+    dataset is not cached). Every query of each dataset unless ``max_queries`` caps it. With
+    ``output_dir``, each dataset's result is written to ``output_dir/mmeb_eval_cache/<name>.json``
+    as soon as it is done, with ``key`` (the model and precision, :func:`model_key`), the
+    dataset's files and the settings; a rerun reuses a cached result only when all of these
+    match, so an interrupted evaluation resumes where it stopped. The summary
+    (:func:`summarize_mmeb`, plus ``info``) goes to ``output_dir/mmeb_eval.json``.
+    """
+    from .data.mmeb_eval import read_eval_set
+    from .data.mmeb_tasks import meta_task_of, split_of
+
+    get_model = model if callable(model) and not isinstance(model, torch.nn.Module) else (lambda: model)
+    if max_queries is not None and (not isinstance(max_queries, int) or max_queries < 1):
+        raise ValueError(f"max_queries must be a positive integer or None (every query), got {max_queries!r}")
+    if output_dir is not None:
+        os.makedirs(os.path.join(output_dir, MMEB_CACHE_DIR), exist_ok=True)
+    per_dataset = {}
+    for n_done, ds in enumerate(datasets):
+        ds_key = json.loads(json.dumps({
+            "version": _CACHE_VERSION, **(key or {}), "dataset": ds.name, "files": [_file_key(f) for f in ds.files],
+            "image_dir": None if image_dir is None else os.path.abspath(image_dir), "max_queries": max_queries}))
+        cache = None if output_dir is None else _cache_file(output_dir, ds.name)
+        result = None if cache is None else _cached_result(cache, ds_key)
+        tag = f"[{n_done + 1}/{len(datasets)}] {ds.name}"
+        if result is not None:
+            _log(f"{tag}: P@1 {100 * result['p_at_1']:.1f}% ({result['num_queries']} queries), from {cache}")
+        else:
+            es = read_eval_set(ds, image_dir, max_queries)
+            m = get_model()
+            t0 = time.perf_counter()
+            emb = encode_pairs(m, es.pairs, batch=batch, origin=es.origin, desc=ds.name, progress=progress)
+            hits = candidate_list_hits(emb, es.queries, es.candidates)
+            result = {
+                "p_at_1": int(hits.sum()) / es.num_queries,
+                "num_queries": es.num_queries,
+                "num_hits": int(hits.sum()),
+                "meta_task": meta_task_of(ds.name),
+                "split": split_of(ds.name),
+                "num_encoded": len(es.pairs),
+                "num_candidates": es.num_candidate_slots,
+                "files": list(ds.files),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            if cache is not None:
+                _write_json_atomic(cache, {"key": ds_key, "result": result})
+            slots = result["num_queries"] + result["num_candidates"]
+            _log(f"{tag}: P@1 {100 * result['p_at_1']:.1f}% ({result['num_queries']} queries, "
+                 f"{result['num_encoded']} distinct inputs encoded for {slots} query and candidate slots, "
+                 f"{result['seconds']:.1f} s)")
+        per_dataset[ds.name] = result
+    summary = summarize_mmeb(per_dataset)
+    out = {"p_at_1": summary["overall"], **summary, "max_queries": max_queries, "protocol": MMEB_PROTOCOL,
+           **(info or {})}
+    if output_dir is not None:
+        _write_json_atomic(os.path.join(output_dir, MMEB_RESULT_FILE), out)
+    return out
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def format_mmeb_table(result: dict) -> str:
+    """The result of :func:`mmeb_eval` as a markdown table: datasets grouped by meta-task (in
+    MMEB's order; datasets outside MMEB last), P@1 in percent, then the means."""
+    from .data.mmeb_tasks import META_TASKS, MMEB_TASKS
+
+    ds = result["datasets"]
+    rank = {n: i for i, n in enumerate(MMEB_TASKS)}
+    lines = ["| meta-task | dataset | IND/OOD | queries | P@1 (%) |", "|---|---|---|---:|---:|"]
+    for m in (*META_TASKS, None):
+        names = [n for n in ds if ds[n]["meta_task"] == m]
+        names.sort(key=lambda n: rank.get(n, len(rank)))
+        for n in names:
+            split = (ds[n]["split"] or "-").upper()
+            lines.append(f"| {m or 'other'} | {n} | {split} | {ds[n]['num_queries']} | {_pct(ds[n]['p_at_1'])} |")
+    for m in META_TASKS:
+        k = sum(1 for n in ds if ds[n]["meta_task"] == m)
+        if k:
+            lines.append(f"| **{m}** | mean of {k} | | | **{_pct(result['meta_tasks'][m])}** |")
+    for s in ("ind", "ood"):
+        k = sum(1 for n in ds if ds[n]["split"] == s)
+        if k:
+            lines.append(f"| **{s.upper()}** | mean of {k} | | | **{_pct(result[s])}** |")
+    lines.append(f"| **overall** | mean of {len(ds)} | | {sum(d['num_queries'] for d in ds.values())} | "
+                 f"**{_pct(result['overall'])}** |")
+    return "\n".join(lines)

@@ -85,7 +85,15 @@ class TrainConfig:
                                      "harmless ones (save_every, chunk_size, ...) in train_config.json's _history")
     num_train: int = _opt(6144, "synthetic train samples")
     num_eval: int = _opt(256, "held-out synthetic samples (queries and targets)")
+    synthetic_background: str = field(default="plain", metadata={"choices": ("plain", "varied"), "help": (
+        "synthetic images' background: 'plain' (one grey) or 'varied' (a grey level per image, 100..156: a nuisance "
+        "that makes the default job's tiny model learn to ignore the images; see the README)")})
     image_size: int = _opt(64, "synthetic image side and the tiny model's tile size, px")
+    hard_family_size: int = _opt(1, "synthetic data: items come in families of this many scenes that differ in "
+                                    "exactly one attribute of one object (hard negatives of each other), train and "
+                                    "eval splits alike, and each global batch holds whole families; 1: independent "
+                                    "scenes. At most 8; global_batch / ranks / accumulation_steps must be a "
+                                    "multiple of it")
     image_grid: str | None = _opt(None, "override the model's anyres grid: '(1x1),...,(2x2)' (tile counts, "
                                         "width x height, LLaVE's form) or a list of [width, height] px pairs; "
                                         "None keeps the checkpoint's (LLaVA-OneVision's own: 6x6)")
@@ -268,10 +276,19 @@ class BatchOrder:
     modality's samples are permuted and cut into global batches of their own (each
     modality's partial last batch dropped), and the epoch's batches are shuffled, so every
     global batch holds only image queries or only text-only queries.
+
+    With ``family_size=k > 1`` (opt-in; the synthetic data's ``hard_family_size``) the units
+    shuffled are families, blocks of ``k`` consecutive indices (``i // k``), kept whole and in
+    order; an incomplete last family is placed last. With ``global_batch`` a multiple of
+    ``k``, every batch holds whole families. Grouped by modality, a family's group is its
+    first member's (synthetic families share their task).
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, query_has_image=None):
+    def __init__(self, n: int, global_batch: int, seed: int, query_has_image=None, family_size: int = 1):
         self.n, self.global_batch, self.seed = int(n), int(global_batch), int(seed)
+        if not isinstance(family_size, int) or isinstance(family_size, bool) or family_size < 1:
+            raise ValueError(f"family_size must be a positive int, got {family_size!r}")
+        self.family_size = family_size
         self.groups = None
         if query_has_image is not None:
             import numpy as np
@@ -279,6 +296,8 @@ class BatchOrder:
             has = np.asarray(query_has_image, dtype=bool)
             if has.shape != (self.n,):
                 raise ValueError(f"query_has_image must have one flag per sample ({self.n}), got shape {has.shape}")
+            if family_size > 1:  # a family goes where its first member goes
+                has = has[np.arange(self.n) - np.arange(self.n) % family_size]
             self.groups = [torch.from_numpy(np.flatnonzero(has)), torch.from_numpy(np.flatnonzero(~has))]
             self.per_epoch = sum(len(g) // self.global_batch for g in self.groups)
         else:
@@ -296,14 +315,26 @@ class BatchOrder:
     def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         batches = []
-        for members in self.groups:
-            order = members[torch.randperm(len(members), generator=g)]
+        for members in self.groups if self.groups is not None else [torch.arange(self.n)]:
+            order = self._shuffle(members, g)
             full = len(order) // self.global_batch
             batches += list(order[: full * self.global_batch].view(full, self.global_batch))
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
+    def _shuffle(self, members: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """``members`` in a random order: items, or (family_size > 1) whole families."""
+        k = self.family_size
+        if k == 1 or len(members) == 0:
+            return members[torch.randperm(len(members), generator=g)]
+        fam = members // k
+        ids, counts = torch.unique(fam, return_counts=True)
+        full = ids[counts == k]
+        rank = torch.full((int(ids.max()) + 1,), len(full), dtype=torch.int64)  # incomplete families: last
+        rank[full[torch.randperm(len(full), generator=g)]] = torch.arange(len(full))
+        return members[torch.argsort(rank[fam] * k + members % k)]
+
     def __call__(self, step: int) -> list[int]:
-        if self.groups is None:
+        if self.groups is None and self.family_size == 1:
             return batch_indices(step, self.n, self.global_batch, self.seed)
         epoch, pos = divmod(step, self.per_epoch)
         if epoch != self._epoch:
@@ -393,6 +424,16 @@ def check_config(cfg: TrainConfig, world: int) -> None:
             f"global_batch={cfg.global_batch} over {world} ranks gives {per_rank} pairs per rank, not divisible into "
             f"accumulation_steps={cfg.accumulation_steps} micro-batches"
         )
+    k = cfg.hard_family_size
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 8:
+        raise ValueError(f"hard_family_size must be an int in 1..8, got {k!r}")
+    if k > 1 and cfg.data != "synthetic":
+        raise ValueError(f"hard_family_size={k} applies to the synthetic data only, got data={cfg.data!r}")
+    if (per_rank // cfg.accumulation_steps) % k:
+        raise ValueError(
+            f"hard_family_size={k} does not divide the loss batch: global_batch={cfg.global_batch} over {world} "
+            f"ranks and accumulation_steps={cfg.accumulation_steps} gives {per_rank // cfg.accumulation_steps} "
+            "pairs per loss; families would straddle batches")
     if cfg.epochs is not None and not cfg.epochs > 0:
         raise ValueError(f"epochs must be positive or None, got {cfg.epochs!r}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
@@ -416,7 +457,8 @@ def check_data_fit(cfg: TrainConfig, rows: int, query_has_image=None) -> "BatchO
         raise ValueError(f"global_batch={cfg.global_batch} is larger than the training data: {rows} usable rows in "
                          f"{where}; lower --global-batch or add data")
     try:
-        return BatchOrder(rows, cfg.global_batch, cfg.seed, query_has_image)
+        return BatchOrder(rows, cfg.global_batch, cfg.seed, query_has_image,
+                          family_size=cfg.hard_family_size if cfg.data == "synthetic" else 1)
     except ValueError as exc:
         raise ValueError(f"global_batch={cfg.global_batch}, group_by_modality={cfg.group_by_modality}: {exc} "
                          f"({where})") from exc
@@ -568,8 +610,10 @@ def _datasets(cfg: TrainConfig, progress: bool = False):
     from .data import MMEBDataset, SyntheticDataset
 
     if cfg.data == "synthetic":
-        train = SyntheticDataset(cfg.num_train, seed=cfg.seed, split="train", image_size=cfg.image_size)
-        evals = SyntheticDataset(cfg.num_eval, seed=cfg.seed, split="eval", image_size=cfg.image_size)
+        train = SyntheticDataset(cfg.num_train, seed=cfg.seed, split="train", image_size=cfg.image_size,
+                                 hard_family_size=cfg.hard_family_size, background=cfg.synthetic_background)
+        evals = SyntheticDataset(cfg.num_eval, seed=cfg.seed, split="eval", image_size=cfg.image_size,
+                                 hard_family_size=cfg.hard_family_size, background=cfg.synthetic_background)
         return train, evals
     paths = cfg.data.split(",")
     train = MMEBDataset(paths, cfg.image_dir, subsets=cfg.subsets, use_negatives=cfg.use_negatives,
@@ -912,7 +956,8 @@ def train(cfg: TrainConfig) -> dict:
         after = retrieval_eval(embed, model.processor, rset, cfg.eval_batch)
         result.update(p_at_1_before=before["p_at_1"] if before else None, p_at_1_after=after["p_at_1"],
                       chance=after["chance"], num_candidates=after["num_candidates"],
-                      p_at_1_after_by_subset=after["p_at_1_by_subset"], eval_json=os.path.abspath(metrics_path))
+                      p_at_1_after_by_subset=after["p_at_1_by_subset"], by_task=after["by_task"],
+                      eval_json=os.path.abspath(metrics_path))
         b = "n/a" if before is None else f"{before['p_at_1']:.3f}"
         _log(rank, f"after {step} steps: precision@1 {after['p_at_1']:.3f} (before {b}, chance "
                    f"{after['chance']:.4f}, {after['num_candidates']} candidates); training took {seconds:.0f} s")
@@ -943,7 +988,20 @@ def summary_text(r: dict, cfg: TrainConfig) -> str:
         f"  checkpoint:  {r['checkpoint'] or 'none saved'}",
         f"  eval.json:   {r['eval_json'] or 'not written (no held-out set, or the run stopped early)'}",
     ]
+    if r.get("by_task"):
+        lines += ["  precision@1 by task (each task's queries against its own task's distinct targets):",
+                  task_table(r["by_task"])]
     return "\n".join(lines)
+
+
+def task_table(by_task: dict, indent: str = "    ") -> str:
+    """``by_task`` of an evaluation as a text table: P@1, chance, their ratio, queries, candidates."""
+    rows = [f"{indent}{'task':<12} {'P@1':>6} {'chance':>7} {'x chance':>9} {'queries':>8} {'candidates':>11}"]
+    for task, v in by_task.items():
+        ratio = v["p_at_1"] / v["chance"] if v["chance"] else float("nan")
+        rows.append(f"{indent}{task:<12} {v['p_at_1']:>6.3f} {v['chance']:>7.4f} {ratio:>8.1f}x "
+                    f"{v['num_queries']:>8d} {v['num_candidates']:>11d}")
+    return "\n".join(rows)
 
 
 def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, save) -> None:

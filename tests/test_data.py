@@ -723,3 +723,63 @@ def test_mmeb_bad_images_at_read_time(tmp_path):
     assert skip[4]["row"] == 5 and [r for _, r, _ in skip.skipped] == [4]
     with pytest.raises(ValueError, match=r"bad_images must be 'skip', 'fail' or None, got 'drop'"):
         MMEBDataset(f, img, bad_images="drop")
+
+
+def test_plain_and_varied_backgrounds_differ_only_in_the_grey():
+    plain = SyntheticDataset(24, seed=1, split="eval")
+    varied = SyntheticDataset(24, seed=1, split="eval", background="varied")
+    greys_plain, greys_varied = set(), set()
+    for a, b in zip(plain, varied):
+        # the same scene, question and answer: only the background's grey level differs
+        assert {k: a[k] for k in ("qry", "pos_text", "target_id", "subset")} == \
+               {k: b[k] for k in ("qry", "pos_text", "target_id", "subset")}
+        img_a, img_b = (np.asarray(r["qry_image"] if r["qry_image"] is not None else r["pos_image"]) for r in (a, b))
+        greys_plain.add(int(img_a[0, 0, 0]))
+        greys_varied.add(int(img_b[0, 0, 0]))
+        assert analyse(Image.fromarray(img_a)) == analyse(Image.fromarray(img_b))
+    assert greys_plain == {128}
+    assert len(greys_varied) > 10 and all(100 <= g <= 156 for g in greys_varied)
+    assert "background='varied'" in repr(varied)
+    with pytest.raises(ValueError, match="background must be one of .*'stripes'"):
+        SyntheticDataset(4, background="stripes")
+
+
+def test_precision_by_task_scores_each_task_against_its_own_targets():
+    ds = SyntheticDataset(60, seed=0, split="eval")
+    rs = synthetic_eval_candidates(ds)
+    tasks = {"i2t", "t2i", "vqa"}
+    oracle = torch.nn.functional.one_hot(rs.positive, rs.num_candidates).float()
+    by = rs.precision_at_1_by_task(oracle)
+    assert set(by) == tasks
+    recs = list(ds)
+    for t, v in by.items():
+        own = {r["target_id"] for r in recs if r["subset"] == f"synthetic_{t}"}
+        assert v["num_queries"] == sum(r["subset"] == f"synthetic_{t}" for r in recs)
+        assert v["num_candidates"] == len(own) and v["chance"] == pytest.approx(1 / len(own))
+        assert v["p_at_1"] == 1.0
+    assert sum(v["num_queries"] for v in by.values()) == rs.num_queries
+    # every query's top score on another task's target: a miss against all targets of the
+    # split, but that candidate is not among its own task's, where the positive wins
+    other = torch.zeros_like(oracle)
+    subsets = [s.removeprefix("synthetic_") for s in rs.query_subsets]
+    cand_task = {int(rs.positive[q]): subsets[q] for q in range(rs.num_queries)}
+    for q, t in enumerate(subsets):
+        foreign = next(c for c, ct in cand_task.items() if ct != t)
+        other[q, foreign] = 2.0
+        other[q, rs.positive[q]] = 1.0
+    assert rs.precision_at_1(other) == 0.0
+    assert {t: v["p_at_1"] for t, v in rs.precision_at_1_by_task(other).items()} == dict.fromkeys(tasks, 1.0)
+    # within a task, a wrong candidate of the same task is a miss
+    wrong = oracle.clone()
+    for q, t in enumerate(subsets):
+        if t == "i2t":
+            wrong[q, next(c for c, ct in cand_task.items() if ct == t and c != int(rs.positive[q]))] = 2.0
+    assert rs.precision_at_1_by_task(wrong)["i2t"]["p_at_1"] == 0.0
+    assert rs.precision_at_1_by_task(wrong)["vqa"]["p_at_1"] == 1.0
+    with pytest.raises(ValueError, match="num_candidates"):
+        rs.precision_at_1_by_task(torch.zeros(3, 3))
+    # MMEB-train subsets are tasks under their own names
+    from llave_fast.data.synthetic import task_name
+
+    names = ("synthetic_t2i", "MSCOCO_i2t", "VisDial")
+    assert [task_name(n) for n in names] == ["t2i", "MSCOCO_i2t", "VisDial"]

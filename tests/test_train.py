@@ -60,6 +60,28 @@ def test_kill_and_resume_gives_the_same_trajectory(reference_run, tmp_path):
         assert json.load(f)["p_at_1_after"] == json.load(g)["p_at_1_after"]
 
 
+def test_eval_json_scores_each_task_against_its_own_targets(reference_run):
+    from llave_fast.train import TrainConfig, summary_text
+
+    with open(os.path.join(reference_run, "eval.json")) as f:
+        result = json.load(f)
+    by = result["by_task"]
+    assert set(by) == {"i2t", "t2i", "vqa"}
+    assert sum(v["num_queries"] for v in by.values()) == 16  # tiny_cfg's num_eval
+    for v in by.values():
+        assert set(v) == {"p_at_1", "chance", "num_queries", "num_candidates"}
+        assert v["chance"] == pytest.approx(1 / v["num_candidates"]) and 0.0 <= v["p_at_1"] <= 1.0
+        assert v["num_candidates"] < result["num_candidates"]  # only its own task's targets
+    # the old keys stay: overall precision@1 against all targets, split by subset
+    assert set(result["p_at_1_after_by_subset"]) == {"synthetic_i2t", "synthetic_t2i", "synthetic_vqa"}
+    text = summary_text(result, TrainConfig(steps=4))
+    assert "precision@1 by task" in text
+    for task, v in by.items():
+        row = next(line.split() for line in text.splitlines() if line.split()[:1] == [task])
+        assert row[1:3] == [f"{v['p_at_1']:.3f}", f"{v['chance']:.4f}"] and row[4:] == [str(v["num_queries"]),
+                                                                                       str(v["num_candidates"])]
+
+
 def test_export_reloads_with_the_same_embeddings(reference_run, tmp_path):
     from llave_fast.data import SyntheticDataset
     from llave_fast.evaluate import evaluate_model
@@ -82,6 +104,7 @@ def test_export_reloads_with_the_same_embeddings(reference_run, tmp_path):
         trained = json.load(f)
     again = evaluate_model(path, "synthetic", num_eval=16, seed=3)
     assert again["p_at_1"] == trained["p_at_1_after"]
+    assert again["by_task"] == trained["by_task"]
     # the default export is 16-bit and close to the fp32 weights
     path16 = export_run(reference_run, str(tmp_path / "bf16"))
     m16 = LLaVEEmbedder.from_pretrained(path16, torch_dtype="auto")
@@ -115,7 +138,7 @@ def test_eval_on_mmeb_candidate_lists(reference_run, tmp_path):
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = evaluate_model(path, str(f))
     assert result["protocol"].startswith("per-query")
-    assert result["per_file"][str(f)]["num_queries"] == 4
+    assert result["datasets"]["eval"]["num_queries"] == 4  # every row: MMEB-eval files are scored in full
     assert 0.0 <= result["p_at_1"] <= 1.0
     out = tmp_path / "metrics.json"
     assert main(["eval", "--model", path, "--data", str(f), "--output", str(out)]) == 0

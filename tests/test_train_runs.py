@@ -272,3 +272,20 @@ def test_bad_image_on_one_rank_stops_both_at_the_same_step(tmp_path):
         spawn_ranks(W.run_train, 2, dict(out=out, data=data, image_dir=img, steps=2, save_every=0,
                                          bad_images="fail"))
     assert complete_tags(os.path.join(out, "checkpoints")) == ["step-00000001"]
+
+
+def test_synthetic_background_option_reaches_both_splits_and_the_preset_is_plain():
+    from llave_fast.cli import build_parser, train_config_from_args
+    from llave_fast.train import _datasets
+
+    assert TrainConfig.from_json("tiny_cpu.json").synthetic_background == "plain"
+    argv = ["train", "--synthetic-background", "varied", "--num-train", "8", "--num-eval", "4"]
+    cfg = train_config_from_args(build_parser(argv).parse_args(argv))
+    train, evals = _datasets(cfg)
+    assert train.background == evals.background == "varied"
+    assert len({train.scene(i).background for i in range(8)}) > 1
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
+        build_parser(["train"]).parse_args(["train", "--synthetic-background", "stripes"])
+    bad = TrainConfig(synthetic_background="stripes", num_train=8, num_eval=4)  # e.g. from a JSON config
+    with pytest.raises(ValueError, match="background must be one of .*'stripes'"):
+        _datasets(bad)

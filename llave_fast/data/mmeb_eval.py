@@ -5,18 +5,31 @@ list of candidate texts), ``tgt_img_path`` (a list of candidate image paths, sam
 empty strings for text-only candidates). Files are .jsonl or .parquet (pyarrow). Image
 paths are relative to ``image_dir`` (default: the data file's folder). Bad rows raise a
 ``BadDataError`` naming the file and the row; nothing is dropped silently.
+
+Datasets: a file is one dataset named by its stem (``ImageNet-1K.jsonl``); hub-style shards
+(``ImageNet-1K/test-00000-of-00001.parquet``) are named by their folder, and every shard of
+one folder is one dataset (:func:`find_eval_datasets`). :func:`read_eval_set` reads one
+dataset into a table of its *distinct* (text, image path) pairs and, per query, indices
+into that table, so each distinct input is encoded once however many candidate lists
+share it (MMEB's lists of 1000 candidates share almost all of them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .mmeb import BadDataError
+import numpy as np
+
+from .mmeb import _SHARD_RE, DATA_SUFFIXES, BadDataError
+
+__all__ = ["EVAL_COLUMNS", "EvalDataset", "EvalRow", "EvalSet", "find_eval_datasets", "is_eval_file",
+           "read_eval_file", "read_eval_set", "write_mmeb_eval"]
 
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+_PARQUET_BATCH = 1024  # rows per record batch: a parquet file is never held as Python objects whole
 
 
 @dataclass
@@ -42,64 +55,326 @@ def is_eval_file(path: str) -> bool:
                         return False
         return False
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return "tgt_text" in pq.read_schema(p).names
+        pq = _pyarrow_parquet()
+        try:
+            return "tgt_text" in pq.read_schema(p).names
+        except Exception as exc:  # noqa: BLE001 - pyarrow's errors vary by version; say which file
+            raise BadDataError(str(p), None, f"not a readable parquet file ({type(exc).__name__}: {exc})",
+                               hint=False) from exc
     return False
 
 
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError("reading .parquet files needs pyarrow: `pip install pyarrow`") from exc
+    return pq
+
+
 def _rows(path: Path):
+    """(row number, dict) of every row of one file."""
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
+            i = 0
+            for line in f:
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise BadDataError(str(path), i, f"invalid JSON: {exc.msg}", hint=False) from exc
+                    if not isinstance(row, dict):
+                        raise BadDataError(str(path), i, f"a JSON {type(row).__name__}, expected an object", hint=False)
+                    yield i, row
+                    i += 1
     elif path.suffix == ".parquet":
+        pq = _pyarrow_parquet()
         try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise ImportError("reading .parquet files needs pyarrow: `pip install pyarrow`") from exc
-        yield from pq.read_table(path).to_pylist()
+            pf = pq.ParquetFile(path)
+            batches = pf.iter_batches(batch_size=_PARQUET_BATCH)
+            i = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield i, row
+                    i += 1
+        except BadDataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pyarrow's errors vary by version; say which file
+            raise BadDataError(str(path), None, f"not a readable parquet file ({type(exc).__name__}: {exc})",
+                               hint=False) from exc
     else:
-        raise BadDataError(str(path), None, f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)", hint=False)
+        raise BadDataError(str(path), None, f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)",
+                           hint=False)
+
+
+class _Images:
+    """Image paths made absolute under the image folder, each checked for existence once."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.seen: dict[str, bool] = {}
+
+    def __call__(self, rel, source: str, row: int, what: str) -> str | None:
+        if rel is None or rel == "":
+            return None
+        if not isinstance(rel, str):
+            raise BadDataError(source, row, f"{what} image path holds {type(rel).__name__} {rel!r}, expected a string",
+                               hint=False)
+        full = os.path.join(self.root, rel)
+        ok = self.seen.get(full)
+        if ok is None:
+            ok = self.seen[full] = os.path.isfile(full)
+        if not ok:
+            raise BadDataError(source, row, f"{what} image not found: {full}", hint=False)
+        return full
+
+
+def _text(value, source: str, row: int, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadDataError(source, row, f"{what} holds {type(value).__name__} {str(value)[:60]!r}, expected a string",
+                           hint=False)
+    return value
+
+
+def _parse_row(r: dict, source: str, i: int, images: _Images):
+    """(query text, query image, candidate texts, candidate images) of one row, checked."""
+    missing = [c for c in ("qry_text", "tgt_text") if c not in r]
+    if missing:
+        raise BadDataError(source, i, f"missing column(s) {missing}; MMEB eval rows have {list(EVAL_COLUMNS)}",
+                           hint=False)
+    cands = r["tgt_text"]
+    if isinstance(cands, str):
+        cands = [cands]
+    if not isinstance(cands, (list, tuple)):
+        raise BadDataError(source, i, f"tgt_text holds {type(cands).__name__}, expected a list of candidate texts",
+                           hint=False)
+    imgs = r.get("tgt_img_path")
+    if imgs is None or (isinstance(imgs, (list, tuple)) and len(imgs) == 0):
+        imgs = [""] * len(cands)
+    elif isinstance(imgs, str):
+        imgs = [imgs]
+    elif not isinstance(imgs, (list, tuple)):
+        raise BadDataError(source, i, f"tgt_img_path holds {type(imgs).__name__}, expected a list of image paths",
+                           hint=False)
+    if not cands:
+        raise BadDataError(source, i, "tgt_text is an empty candidate list", hint=False)
+    if len(imgs) != len(cands):
+        raise BadDataError(source, i, f"tgt_text has {len(cands)} candidates but tgt_img_path has {len(imgs)}",
+                           hint=False)
+    q_text = _text(r["qry_text"], source, i, "qry_text")
+    q_img = images(r.get("qry_img_path"), source, i, "query")
+    if not q_text.strip() and q_img is None:
+        raise BadDataError(source, i, "empty query: no text and no image", hint=False)
+    c_texts = [_text(c, source, i, f"tgt_text[{k}]") for k, c in enumerate(cands)]
+    c_imgs = [images(x, source, i, f"candidate {k}") for k, x in enumerate(imgs)]
+    for k, (t, im) in enumerate(zip(c_texts, c_imgs)):
+        if not t.strip() and im is None:
+            raise BadDataError(source, i, f"empty candidate {k}: no text and no image", hint=False)
+    return q_text, q_img, c_texts, c_imgs
 
 
 def read_eval_file(path: str, image_dir: str | None = None, limit: int | None = None) -> list[EvalRow]:
+    """Every row of one MMEB-eval file (the first ``limit``), image paths made absolute and checked."""
     p = Path(path)
-    root = image_dir or str(p.parent)
+    images = _Images(image_dir or str(p.parent))
     out = []
-    for i, r in enumerate(_rows(p)):
+    for i, r in _rows(p):
         if limit is not None and len(out) >= limit:
             break
-        missing = [c for c in ("qry_text", "tgt_text") if c not in r]
-        if missing:
-            raise BadDataError(str(p), i, f"missing column(s) {missing}; MMEB eval rows have {list(EVAL_COLUMNS)}", hint=False)
-        cands = r["tgt_text"]
-        if isinstance(cands, str):
-            cands = [cands]
-        imgs = r.get("tgt_img_path") or [""] * len(cands)
-        if isinstance(imgs, str):
-            imgs = [imgs]
-        if not cands:
-            raise BadDataError(str(p), i, "tgt_text is an empty candidate list", hint=False)
-        if len(imgs) != len(cands):
-            raise BadDataError(str(p), i, f"tgt_text has {len(cands)} candidates but tgt_img_path has {len(imgs)}",
-                               hint=False)
-
-        def img(x, what):
-            if not x:
-                return None
-            full = os.path.join(root, x)
-            if not os.path.exists(full):
-                raise BadDataError(str(p), i, f"{what} image not found: {full}", hint=False)
-            return full
-
-        q_img = img(r.get("qry_img_path") or "", "query")
-        if not (r["qry_text"] or "").strip() and q_img is None:
-            raise BadDataError(str(p), i, "empty query: no text and no image", hint=False)
-        out.append(EvalRow(str(p), i, r["qry_text"] or "", q_img, [c or "" for c in cands],
-                           [img(x, f"candidate {k}") for k, x in enumerate(imgs)]))
+        q_text, q_img, c_texts, c_imgs = _parse_row(r, str(p), i, images)
+        out.append(EvalRow(str(p), i, q_text, q_img, c_texts, c_imgs))
     return out
+
+
+# ------------------------------------------------------------------------------------ datasets
+@dataclass
+class EvalDataset:
+    """One MMEB-eval dataset: its name and its files (one file, or the shards of one folder)."""
+
+    name: str
+    files: list[str]
+
+
+def _dataset_name(path: Path) -> str:
+    return path.parent.name if _SHARD_RE.match(path.stem) else path.stem
+
+
+def _expand(paths) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files under {p}")
+            files += found
+        elif p.is_file():
+            if p.suffix not in DATA_SUFFIXES:
+                raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def find_eval_datasets(paths) -> list[EvalDataset] | None:
+    """The MMEB-eval datasets that ``paths`` (files and folders, folders searched recursively)
+    name, in the order given; None when none of the files is an MMEB-eval file (they are
+    MMEB-train files). A mix of both kinds, or two datasets of one name, is refused."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = _expand(paths)
+    kinds = {f: is_eval_file(str(f)) for f in files}
+    if not any(kinds.values()):
+        return None
+    if not all(kinds.values()):
+        train = next(f for f, k in kinds.items() if not k)
+        evals = next(f for f, k in kinds.items() if k)
+        raise ValueError(f"--data mixes MMEB-eval files (e.g. {evals}, rows with tgt_text) and other files (e.g. "
+                         f"{train}, no tgt_text column): evaluate them in separate runs")
+    by_name: dict[str, EvalDataset] = {}
+    folder_of: dict[str, Path] = {}
+    for f in dict.fromkeys(files):  # a file named twice counts once
+        name = _dataset_name(f)
+        where = f.parent.resolve() if _SHARD_RE.match(f.stem) else f.resolve()
+        if name in by_name:
+            if where != folder_of[name]:
+                raise ValueError(f"two datasets are named {name!r}: {by_name[name].files[0]} and {f} (a dataset is "
+                                 "named by its file's stem, or by its folder for hub-style shards); rename one")
+            by_name[name].files.append(str(f))
+        else:
+            by_name[name] = EvalDataset(name, [str(f)])
+            folder_of[name] = where
+    return list(by_name.values())
+
+
+@dataclass
+class EvalSet:
+    """One dataset read for scoring, every distinct input once.
+
+    ``pairs``: the distinct (text, absolute image path or None) inputs, queries' and
+    candidates' alike (the model embeds both the same way); ``origin[k]``: the (file, row)
+    where pair k first appears (for error messages); ``queries[q]``: query q's pair index;
+    ``candidates[q]``: its candidate list as pair indices, the positive first.
+    """
+
+    name: str
+    files: list[str]
+    pairs: list[tuple[str, str | None]] = field(default_factory=list)
+    origin: list[tuple[str, int]] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+    candidates: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.queries)
+
+    @property
+    def num_candidate_slots(self) -> int:
+        """Candidates over all lists, copies counted (what a per-list encoder would encode)."""
+        return int(sum(len(c) for c in self.candidates))
+
+
+def read_eval_set(dataset: EvalDataset, image_dir: str | None = None, max_queries: int | None = None) -> EvalSet:
+    """Read a dataset's rows (the first ``max_queries``, over its files in order) into an
+    :class:`EvalSet`. Image paths are relative to ``image_dir`` (default: each file's folder)
+    and each distinct one is checked to exist."""
+    out = EvalSet(dataset.name, list(dataset.files))
+    index: dict[tuple[str, str | None], int] = {}
+
+    def intern(key, source, row) -> int:
+        k = index.get(key)
+        if k is None:
+            k = index[key] = len(out.pairs)
+            out.pairs.append(key)
+            out.origin.append((source, row))
+        return k
+
+    for path in dataset.files:
+        p = Path(path)
+        images = _Images(image_dir or str(p.parent))
+        n_file = 0
+        for i, r in _rows(p):
+            if max_queries is not None and out.num_queries >= max_queries:
+                break
+            q_text, q_img, c_texts, c_imgs = _parse_row(r, str(p), i, images)
+            out.queries.append(intern((q_text, q_img), str(p), i))
+            out.candidates.append(np.fromiter((intern(c, str(p), i) for c in zip(c_texts, c_imgs)),
+                                              dtype=np.int64, count=len(c_texts)))
+            n_file += 1
+        if n_file == 0 and (max_queries is None or out.num_queries < max_queries):
+            raise BadDataError(str(p), None, "no rows (an MMEB-eval file has one query per row)", hint=False)
+    return out
+
+
+# ------------------------------------------------------------------------------ synthetic sets
+def write_mmeb_eval(folder: str, name: str, n_queries: int, *, num_candidates: int = 10, pool: int | None = None,
+                    task: str = "i2t", seed: int = 0, image_size: int = 64, file_format: str = "jsonl",
+                    shards: int = 1) -> tuple[list[str], str]:
+    """Write an MMEB-eval-style dataset of synthetic items (for tests and the benchmark).
+
+    Query ``q`` is item ``q`` of the synthetic eval split (one ``task``: "i2t", "t2i" or
+    "vqa"); its candidate list is its own target first, then ``num_candidates - 1`` other
+    distinct targets drawn from a shared pool (the targets of the first ``pool`` items,
+    default ``2 * n_queries``), as MMEB's lists share candidates. Images go to
+    ``folder/images/<name>/``, paths relative to ``folder``. ``file_format``: "jsonl"
+    (``folder/<name>.jsonl``) or "parquet" (``folder/<name>.parquet``, or with ``shards > 1``
+    hub-style shards ``folder/<name>/test-0000k-of-0000n.parquet``). Returns (data files,
+    image folder to pass as ``image_dir``).
+    """
+    import random
+
+    from .synthetic import SyntheticDataset
+
+    if file_format not in ("jsonl", "parquet"):
+        raise ValueError(f"file_format must be 'jsonl' or 'parquet', got {file_format!r}")
+    if shards < 1 or (shards > 1 and file_format != "parquet"):
+        raise ValueError(f"shards must be 1, or more with file_format='parquet', got {shards} with {file_format!r}")
+    pool = max(pool or 2 * n_queries, n_queries)
+    ds = SyntheticDataset(pool, seed=seed, split="eval", image_size=image_size, tasks=(task,))
+    rel_dir = os.path.join("images", name)
+    os.makedirs(os.path.join(folder, rel_dir), exist_ok=True)
+
+    def save(image, stem) -> str:
+        if image is None:
+            return ""
+        rel = os.path.join(rel_dir, f"{stem}.png")
+        full = os.path.join(folder, rel)
+        if not os.path.exists(full):
+            image.save(full)
+        return rel
+
+    targets: dict[str, tuple[str, str]] = {}  # target_id -> (text, image path): the shared pool
+    records = []
+    for i in range(pool):
+        r = ds[i]
+        if r["target_id"] not in targets:
+            targets[r["target_id"]] = (r["pos_text"], save(r["pos_image"], f"t{len(targets)}"))
+        records.append(r)
+    ids = list(targets)
+    rng = random.Random(seed)
+    rows = []
+    for q in range(n_queries):
+        r = records[q]
+        others = [t for t in ids if t != r["target_id"]]
+        chosen = [r["target_id"]] + rng.sample(others, min(num_candidates - 1, len(others)))
+        rows.append({"qry_text": r["qry"], "qry_img_path": save(r["qry_image"], f"q{q}"),
+                     "tgt_text": [targets[t][0] for t in chosen], "tgt_img_path": [targets[t][1] for t in chosen]})
+    if file_format == "jsonl":
+        path = os.path.join(folder, f"{name}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        return [path], folder
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if shards == 1:
+        paths = [os.path.join(folder, f"{name}.parquet")]
+    else:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        paths = [os.path.join(folder, name, f"test-{k:05d}-of-{shards:05d}.parquet") for k in range(shards)]
+    per = -(-len(rows) // len(paths))
+    for k, path in enumerate(paths):
+        pq.write_table(pa.Table.from_pylist(rows[k * per:(k + 1) * per]), path)
+    return paths, folder

@@ -18,6 +18,14 @@ any access order, and the eval split draws from a different stream than train. E
 word comes from ``SYNTHETIC_VOCAB`` (lowercase words and four punctuation marks), so a
 tiny word-level tokenizer covers the texts exactly; ``IMAGE_PLACEHOLDER`` marks the image.
 
+With ``hard_family_size=k > 1`` items come in *families* of ``k`` consecutive items
+(``i // k``): one base scene and ``k - 1`` variants of it that change the same attribute
+(shape, colour, size or position) of the same object to other values, so any two members
+differ in exactly that one attribute; members share their task (and, for VQA, the question,
+asked about the varied attribute, so their answers differ). A batch that holds a family
+holds hard negatives for each of its members (``BatchOrder(family_size=k)`` keeps families
+together). ``k = 1`` gives exactly the independent scenes.
+
 ``target_id`` (``query_id``) is canonical: text targets are keyed by their text, image
 targets by the scene's caption, so equal answers ("red") and equal scenes share an id.
 """
@@ -38,6 +46,7 @@ from .collate import IMAGE_PLACEHOLDER, Record, make_id
 
 __all__ = [
     "write_mmeb_train",
+    "BACKGROUNDS",
     "COLOURS",
     "COLOUR_RGB",
     "POSITIONS",
@@ -55,6 +64,7 @@ __all__ = [
     "retrieval_candidates",
     "synthetic_eval_candidates",
     "synthetic_words",
+    "task_name",
 ]
 
 # ---------------------------------------------------------------- the closed vocabulary
@@ -88,7 +98,7 @@ def synthetic_words(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- scenes
-# Pure, saturated colours far from the grey background (grey levels 100..156) and from each other.
+# Pure, saturated colours far from the grey background (128, or 100..156 when varied) and from each other.
 COLOUR_RGB = {
     "red": (230, 25, 25),
     "green": (20, 170, 40),
@@ -99,7 +109,9 @@ COLOUR_RGB = {
     "black": (10, 10, 10),
     "white": (245, 245, 245),
 }
-BACKGROUND_LEVELS = (100, 156)  # grey, R = G = B, drawn per image
+BACKGROUND_LEVELS = (100, 156)  # grey, R = G = B, drawn per image with background="varied"
+PLAIN_BACKGROUND = 128  # the grey of every image with background="plain" (the default)
+BACKGROUNDS = ("plain", "varied")
 
 # Slot centres as fractions of the image side (x, y). Neighbouring slots are 0.34 apart; a
 # large object's radius is at most 0.13 * 1.04 and jitter moves a centre by at most 0.01
@@ -208,7 +220,7 @@ def _rng(seed: int, split: str, index: int, stream: str = "item") -> random.Rand
     return random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little"))
 
 
-def _draw_scene(rng: random.Random, min_shapes: int, max_shapes: int) -> Scene:
+def _draw_scene(rng: random.Random, min_shapes: int, max_shapes: int, background: str = "plain") -> Scene:
     n = rng.randint(min_shapes, max_shapes)
     slots = rng.sample(POSITIONS, n)
     objects = [
@@ -223,7 +235,8 @@ def _draw_scene(rng: random.Random, min_shapes: int, max_shapes: int) -> Scene:
         )
         for slot in slots
     ]
-    return Scene(_sorted(objects), rng.randint(*BACKGROUND_LEVELS))
+    level = rng.randint(*BACKGROUND_LEVELS)  # drawn either way: a plain scene differs from its varied twin only here
+    return Scene(_sorted(objects), level if background == "varied" else PLAIN_BACKGROUND)
 
 
 def _perturb(rng: random.Random, scene: Scene) -> Scene:
@@ -240,6 +253,37 @@ def _perturb(rng: random.Random, scene: Scene) -> Scene:
     objects = list(scene.objects)
     objects[k] = new
     return Scene(_sorted(objects), scene.background)
+
+
+#: largest hard_family_size: a family needs k distinct values of one attribute (8 colours)
+MAX_FAMILY_SIZE = len(COLOURS)
+_FAMILY_VALUES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}
+
+
+def _family_variation(rng: random.Random, base: Scene, k: int, vqa: bool) -> tuple[int, str, list]:
+    """(object index, attribute, k distinct values, the base's own first) a family of ``k``
+    varies: any attribute of any object with ``k`` values available (position: the free slots
+    and its own; not for VQA, whose question names the object by its position)."""
+    taken = {o.slot for o in base.objects}
+    options = []
+    for j, o in enumerate(base.objects):
+        options += [(j, a) for a, values in _FAMILY_VALUES.items() if len(values) >= k]
+        if not vqa and len(POSITIONS) - len(taken) + 1 >= k:
+            options.append((j, "slot"))
+    j, attr = rng.choice(options)
+    current = getattr(base.objects[j], attr)
+    pool = [s for s in POSITIONS if s not in taken] if attr == "slot" else [
+        v for v in _FAMILY_VALUES[attr] if v != current]
+    return j, attr, [current] + rng.sample(pool, k - 1)
+
+
+def _family_question(rng: random.Random, o: SceneObject, attr: str) -> tuple[str, str, str]:
+    """(question, answer, kind) about attribute ``attr`` of object ``o``: a family's shared question."""
+    if attr == "colour":
+        return f"what {rng.choice(('colour', 'color'))} is the shape {SLOT_PHRASE[o.slot]}?", o.colour, "colour"
+    if attr == "shape":
+        return f"what shape is {SLOT_PHRASE[o.slot]}?", o.shape, "shape"
+    return f"what is the size of the shape {SLOT_PHRASE[o.slot]}?", o.size, "size"
 
 
 def _question(rng: random.Random, scene: Scene) -> tuple[str, str, str]:
@@ -285,6 +329,15 @@ class SyntheticDataset(torch.utils.data.Dataset):
         hard_negatives: also draw a hard negative per item (one attribute of one object
             changed for i2t/t2i, a wrong answer of the same kind for vqa); off by default,
             when ``neg_text``/``neg_image``/``neg_id`` are None.
+        background: ``"plain"`` (default): every image on the same grey (``PLAIN_BACKGROUND``);
+            ``"varied"``: a grey level drawn per image from ``BACKGROUND_LEVELS``, a nuisance
+            the model must learn to ignore (a tiny model trained from scratch for a few
+            minutes does not: it learns to ignore the images instead; see the README). The
+            two differ only in the background's grey: every object, caption and question is
+            the same.
+        hard_family_size: items come in families of this many consecutive items (``i // k``)
+            that differ in exactly one attribute of one object and share their task (see the
+            module docstring); 1 (default): independent scenes, as without it. At most 8.
     """
 
     def __init__(
@@ -298,6 +351,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         min_shapes: int = 1,
         max_shapes: int = 3,
         hard_negatives: bool = False,
+        hard_family_size: int = 1,
+        background: str = "plain",
     ):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -311,6 +366,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise ValueError(f"tasks must be a non-empty subset of {SYNTHETIC_TASKS}, got {tasks}")
         if not 1 <= min_shapes <= max_shapes <= len(POSITIONS):
             raise ValueError(f"need 1 <= min_shapes <= max_shapes <= {len(POSITIONS)}, got {min_shapes}, {max_shapes}")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+        self.background = background
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.split = split
@@ -319,6 +377,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.min_shapes = int(min_shapes)
         self.max_shapes = int(max_shapes)
         self.hard_negatives = bool(hard_negatives)
+        if (not isinstance(hard_family_size, int) or isinstance(hard_family_size, bool)
+                or not 1 <= hard_family_size <= MAX_FAMILY_SIZE):
+            raise ValueError(f"hard_family_size must be an int in 1..{MAX_FAMILY_SIZE} (a family varies one "
+                             f"attribute over distinct values; there are {MAX_FAMILY_SIZE} colours), got "
+                             f"{hard_family_size!r}")
+        self.hard_family_size = hard_family_size
 
     def __len__(self) -> int:
         return self.num_samples
@@ -329,23 +393,47 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return i % self.num_samples
 
     def task(self, i: int) -> str:
-        return self.tasks[self._index(i) % len(self.tasks)]
+        return self.tasks[(self._index(i) // self.hard_family_size) % len(self.tasks)]
+
+    def family(self, i: int) -> int:
+        """The family of item ``i`` (``i // hard_family_size``; each item its own with size 1)."""
+        return self._index(i) // self.hard_family_size
+
+    def _family_member(self, i: int) -> tuple[Scene, tuple[str, str, str] | None]:
+        """Item ``i``'s scene as a member of its family, and the family's VQA question (None
+        unless the task is VQA): the base scene is drawn as item ``i - i % k`` draws its own."""
+        k = self.hard_family_size
+        first = i - i % k
+        base = _draw_scene(_rng(self.seed, self.split, first), self.min_shapes, self.max_shapes, self.background)
+        frng = _rng(self.seed, self.split, first, "family")
+        vqa = self.task(i) == "vqa"
+        j, attr, values = _family_variation(frng, base, k, vqa)
+        member = replace(base.objects[j], **{attr: values[i % k]})
+        objects = list(base.objects)
+        objects[j] = member
+        return Scene(_sorted(objects), base.background), (_family_question(frng, member, attr) if vqa else None)
 
     def query_has_image(self) -> np.ndarray:
         """(len,) bool: which queries carry an image (i2t and vqa do, t2i does not), without
         drawing anything; what batches grouped by modality need."""
         has = np.array([t != "t2i" for t in self.tasks], dtype=bool)
-        return has[np.arange(self.num_samples) % len(self.tasks)]
+        return has[(np.arange(self.num_samples) // self.hard_family_size) % len(self.tasks)]
 
     def scene(self, i: int) -> Scene:
         """The scene of item ``i`` (what its image shows and its caption says)."""
-        return _draw_scene(_rng(self.seed, self.split, self._index(i)), self.min_shapes, self.max_shapes)
+        if self.hard_family_size > 1:
+            return self._family_member(self._index(i))[0]
+        return _draw_scene(_rng(self.seed, self.split, self._index(i)), self.min_shapes, self.max_shapes,
+                           self.background)
 
     def __getitem__(self, i: int) -> Record:
         i = self._index(i)
         rng = _rng(self.seed, self.split, i)
-        scene = _draw_scene(rng, self.min_shapes, self.max_shapes)
-        task = self.tasks[i % len(self.tasks)]
+        scene = _draw_scene(rng, self.min_shapes, self.max_shapes, self.background)
+        family_question = None
+        if self.hard_family_size > 1:
+            scene, family_question = self._family_member(i)
+        task = self.task(i)
         caption = describe_scene(scene)
         image = render_scene(scene, self.image_size)
         scene_key = "scene:" + caption  # image targets are keyed by what they show
@@ -366,7 +454,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
                 neg_text, neg_image = T2I_TARGET, render_scene(neg_scene, self.image_size)
                 neg_id = make_id(T2I_TARGET, "scene:" + describe_scene(neg_scene))
         else:
-            question, answer, kind = _question(rng, scene)
+            question, answer, kind = _question(rng, scene) if family_question is None else family_question
             qry, qry_image, pos_text, pos_image = VQA_PREFIX + question, image, answer, None
             query_id, target_id = make_id(qry, scene_key), make_id(answer, None)
             if neg_rng is not None:
@@ -390,7 +478,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return (
             f"SyntheticDataset({self.num_samples}, seed={self.seed}, split={self.split!r}, "
             f"image_size={self.image_size}, tasks={self.tasks}, shapes={self.min_shapes}..{self.max_shapes}, "
-            f"hard_negatives={self.hard_negatives})"
+            f"hard_negatives={self.hard_negatives}, background={self.background!r}"
+            + (f", hard_family_size={self.hard_family_size})" if self.hard_family_size > 1 else ")")
         )
 
 
@@ -444,9 +533,32 @@ class RetrievalSet:
             out[subset] = hits[mask].float().mean().item()
         return out
 
+    def precision_at_1_by_task(self, scores: torch.Tensor) -> dict[str, dict]:
+        """Per task, as MMEB scores each dataset on its own: a task's queries against only the
+        distinct targets of that task's queries (an image->text query never competes with
+        VQA answers or t2i images). Returns ``{task: {"p_at_1", "chance", "num_queries",
+        "num_candidates"}}``, chance being ``1 / num_candidates`` of that task; the task of
+        a query is its subset (``synthetic_i2t`` -> ``i2t``; an MMEB-train subset keeps its name)."""
+        self._hits(scores)  # checks the shape
+        out = {}
+        tasks = [task_name(s) for s in self.query_subsets]
+        for task in sorted(set(tasks)):
+            rows = torch.tensor([q for q, t in enumerate(tasks) if t == task], dtype=torch.int64)
+            cols = torch.unique(self.positive[rows])  # sorted candidate indices of this task's targets
+            sub = scores.cpu()[rows][:, cols]
+            hit = cols[sub.argmax(dim=1)] == self.positive[rows]
+            out[task] = {"p_at_1": hit.float().mean().item(), "chance": 1.0 / len(cols),
+                         "num_queries": len(rows), "num_candidates": len(cols)}
+        return out
+
     def precision_at_1_from_embeddings(self, query_emb: torch.Tensor, cand_emb: torch.Tensor) -> float:
         """Precision@1 of embeddings (Q, d) against (C, d) by dot product (cosine if normalised)."""
         return self.precision_at_1(query_emb.float() @ cand_emb.float().t())
+
+
+def task_name(subset: str) -> str:
+    """The task a query's subset names: ``synthetic_vqa`` -> ``vqa``; other subsets (MMEB-train's) as they are."""
+    return subset[len("synthetic_"):] if subset.startswith("synthetic_") else subset
 
 
 def retrieval_candidates(dataset, limit: int | None = None) -> RetrievalSet:

@@ -564,6 +564,36 @@ class LLaVEEmbedder(nn.Module):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def encode_videos(self, videos: Sequence[Any], batch_size: int = 4, max_length: int = 8192) -> torch.Tensor:
+        """Embed videos as LLaVE's zero-shot video retrieval does (see :mod:`llave_fast.model.video`):
+        each video is its sampled frames, a uint8 (F, H, W, 3) array or a list of PIL images
+        (:func:`llave_fast.video.decode_video` gives them). Returns a (V, d) float32 CPU tensor
+        of unit rows; captions go through :meth:`encode` with
+        :data:`~llave_fast.model.video.CAPTION_PROMPT` in front. A video longer than ``max_length``
+        tokens (capped by the model's ``max_position_embeddings``) is refused, not cut."""
+        from .video import embed_video_batch, frames_to_pixels, video_batch, video_length_limit
+
+        if self._processor is None:
+            raise ValueError("encode_videos needs a processor: build the embedder with one (from_pretrained does)")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(videos, (list, tuple)):
+            raise TypeError(f"videos must be a list (one frames array or list of frames per video), "
+                            f"got {type(videos).__name__}")
+        limit = video_length_limit(self.model.config, max_length)
+        was_training = self.training
+        self.eval()
+        try:
+            out = []
+            for lo in range(0, len(videos), batch_size):
+                chunk = videos[lo: lo + batch_size]
+                pixels = [frames_to_pixels(self._processor, v, lo + i) for i, v in enumerate(chunk)]
+                out.append(embed_video_batch(self, video_batch(self._processor, pixels, max_length=limit)).cpu())
+            return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+        finally:
+            self.train(was_training)
+
     # ---- training switches ------------------------------------------------------------------
 
     def set_image_grid(self, grid) -> None:

@@ -1,0 +1,253 @@
+"""Videos into LLaVE: frames -> visual tokens -> one embedding, as LLaVE's video retrieval does.
+
+What LLaVE's zero-shot text-video evaluation (``CLIP4Clip/main_task_retrieval.py`` with the
+LLaVA-NeXT ``llava_qwen`` model) does with a video, reproduced here:
+
+* Frames (sampled by :func:`llave_fast.video.sample_frame_indices`) are each resized to the
+  vision tower's tile (``image_size`` x ``image_size``, bicubic, aspect ignored; no anyres
+  tiling) and normalised like images.
+* Each frame goes through the vision tower and the projector on its own: an n x n map of
+  features (n = image_size // patch_size, floored: 27 for 384-px tiles of 14-px patches).
+* The map is shrunk 2x2 by bilinear interpolation to ceil(n/2) x ceil(n/2) (LLaVA's
+  ``get_2dPool`` in ``bilinear`` mode, the mode LLaVE's training sets; LLaVE calls it with
+  stride 2 whatever the config says).
+* One ``image_newline`` closes every row of every frame (LLaVA's ``mm_newline_position
+  = "grid"``, LLaVE's training default): a frame gives ph x (pw + 1) tokens, 14 x 15 = 210
+  for LLaVE's geometry, 32 frames 6720 (:func:`count_video_tokens`).
+* The prompt is the qwen_1_5 template around ``<image>\\nRepresent the given video.``;
+  captions are plain texts ``Find me an video that matches the given caption: <caption>``
+  (LLaVE's wording, its "an video" included). Pooling is the image path's: the final
+  hidden state of the last real token, L2-normalised.
+
+Length: LLaVE's video evaluation raises the model's cut (``tokenizer_model_max_length``) to
+8192 and then cuts silently. A cut inside the video would pool a visual token instead of the
+prompt's end, so here a video that does not fit is refused instead (:func:`video_batch`),
+naming the numbers; with LLaVE's geometry 32 frames fit (6720 + the prompt < 8192).
+
+transformers' own LlavaOnevision video path differs (one ``image_newline`` after the whole
+video, ``mm_newline_position = "one_token"``); its per-frame features are reused
+(``get_video_features``: vision tower, feature layer, projector, bilinear 2x2 pooling) and
+the newlines are laid out as LLaVE does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .processor import IMAGE_PLACEHOLDER
+
+__all__ = [
+    "VIDEO_PROMPT",
+    "CAPTION_PROMPT",
+    "LLAVE_VIDEO_MAX_LENGTH",
+    "pooled_grid",
+    "tokens_per_frame",
+    "count_video_tokens",
+    "frames_to_pixels",
+    "video_prompt_tokens",
+    "video_batch",
+    "video_length_limit",
+    "video_features",
+    "embed_video_batch",
+]
+
+VIDEO_PROMPT = IMAGE_PLACEHOLDER + "\nRepresent the given video."
+CAPTION_PROMPT = "Find me an video that matches the given caption: "  # LLaVE's wording, "an video" included
+LLAVE_VIDEO_MAX_LENGTH = 8192  # LLaVE's video evaluation sets tokenizer_model_max_length to this
+
+
+def pooled_grid(image_size: int, patch_size: int) -> tuple[int, int]:
+    """(rows, cols) of one frame's feature map after the 2x2 bilinear pooling: n x n patches
+    (n = image_size // patch_size, the patch convolution floors) -> ceil(n/2) x ceil(n/2)."""
+    image_size, patch_size = int(image_size), int(patch_size)
+    if patch_size <= 0 or image_size < patch_size:
+        raise ValueError(f"image_size ({image_size}) must be at least patch_size ({patch_size}) and patch_size positive")
+    n = image_size // patch_size
+    return math.ceil(n / 2), math.ceil(n / 2)
+
+
+def tokens_per_frame(image_size: int, patch_size: int) -> int:
+    """Visual tokens of one frame: the pooled rows, each closed by an ``image_newline``."""
+    rows, cols = pooled_grid(image_size, patch_size)
+    return rows * (cols + 1)
+
+
+def count_video_tokens(num_frames: int, *, image_size: int, patch_size: int) -> int:
+    """Visual tokens of a video of ``num_frames`` frames: frames x pooled_h x (pooled_w + 1)
+    (384-px tiles of 14-px patches: 27 x 27 -> 14 x 14 -> 210 a frame, 6720 for 32 frames)."""
+    if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    return int(num_frames) * tokens_per_frame(image_size, patch_size)
+
+
+def frames_to_pixels(processor, frames, index: int = 0) -> torch.Tensor:
+    """Frames -> (F, 3, S, S) float32: each frame resized to the tile (bicubic, aspect ignored,
+    as LLaVE's SigLIP processor does) and normalised with the processor's mean/std.
+
+    ``frames``: a uint8 array (F, H, W, 3) or a list of PIL images / (H, W, 3) uint8 arrays.
+    """
+    from PIL import Image
+
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"videos[{index}]: frames must be a uint8 (F, H, W, 3) array, got "
+                             f"{frames.dtype} {frames.shape}")
+        frames = list(frames)
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ValueError(f"videos[{index}]: expected a non-empty list of frames, got {type(frames).__name__}")
+    S = processor.image_size
+    out = []
+    for j, f in enumerate(frames):
+        if isinstance(f, np.ndarray):
+            if f.ndim != 3 or f.shape[-1] != 3 or f.dtype != np.uint8:
+                raise ValueError(f"videos[{index}] frame {j}: expected a uint8 (H, W, 3) array, got {f.dtype} {f.shape}")
+            f = Image.fromarray(f)
+        elif not isinstance(f, Image.Image):
+            raise TypeError(f"videos[{index}] frame {j}: expected a PIL image or a uint8 array, got {type(f).__name__}")
+        out.append(processor._normalise(f.convert("RGB").resize((S, S), Image.Resampling.BICUBIC)))
+    return torch.from_numpy(np.stack(out))
+
+
+def _prompt_pieces(processor, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt before and after ``<image>`` (tokenised in pieces, as images are)."""
+    prompt = processor.build_prompt(text, True)
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    if len(pieces) != 2:
+        raise ValueError(f"the video prompt must hold exactly one {IMAGE_PLACEHOLDER}, got {text!r}")
+    head, tail = processor.tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    return list(head), list(tail)
+
+
+def video_prompt_tokens(processor, text: str = VIDEO_PROMPT) -> int:
+    """Tokens of the video prompt other than the visual ones (template, system turn, text)."""
+    head, tail = _prompt_pieces(processor, text)
+    return len(head) + len(tail)
+
+
+def max_frames_that_fit(processor, max_length: int, text: str = VIDEO_PROMPT) -> int:
+    """The most frames whose tokens, with the prompt's, fit in ``max_length`` (0 if none does)."""
+    per = tokens_per_frame(processor.image_size, processor.patch_size)
+    return max(0, (int(max_length) - video_prompt_tokens(processor, text)) // per)
+
+
+def check_video_length(processor, num_frames: int, max_length: int, text: str = VIDEO_PROMPT) -> int:
+    """The sequence length of a ``num_frames`` video; a clear error when it exceeds ``max_length``."""
+    per = tokens_per_frame(processor.image_size, processor.patch_size)
+    prompt = video_prompt_tokens(processor, text)
+    total = int(num_frames) * per + prompt
+    if total > max_length:
+        fit = max(0, (int(max_length) - prompt) // per)
+        raise ValueError(
+            f"a video of {num_frames} frames is {num_frames} x {per} visual tokens per frame + {prompt} prompt tokens "
+            f"= {total} tokens, more than the maximum length {max_length}: lower --max-frames to {fit} or less "
+            f"(or raise --max-length, up to the language model's max_position_embeddings). LLaVE would cut the "
+            f"sequence there and pool a visual token instead of the prompt's end."
+        )
+    return total
+
+
+def video_length_limit(config, max_length: int = LLAVE_VIDEO_MAX_LENGTH) -> int:
+    """``max_length``, capped by the language model's ``max_position_embeddings`` when it has one."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    max_pos = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    return min(max_length, int(max_pos)) if max_pos else max_length
+
+
+def video_batch(processor, videos: Sequence[torch.Tensor], *, text: str = VIDEO_PROMPT,
+                padding_side: str = "right", max_length: int = LLAVE_VIDEO_MAX_LENGTH) -> dict:
+    """Preprocessed videos (each (F, 3, S, S), :func:`frames_to_pixels`) -> the video batch:
+
+    ``input_ids`` / ``attention_mask`` (B, L) as for images, the prompt's ``<image>`` replaced
+    by :func:`count_video_tokens` image-token ids; ``pixel_values_videos``: the list of
+    (F_i, 3, S, S) tensors. A video longer than ``max_length`` tokens is refused.
+    """
+    if not isinstance(videos, (list, tuple)) or not videos:
+        raise ValueError(f"videos must be a non-empty list of (F, 3, S, S) tensors, got {type(videos).__name__}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    S = processor.image_size
+    head, tail = _prompt_pieces(processor, text)
+    seqs = []
+    for i, v in enumerate(videos):
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or tuple(v.shape[1:]) != (3, S, S) or v.shape[0] < 1:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"videos[{i}] must be a (frames, 3, {S}, {S}) tensor, got {got}")
+        check_video_length(processor, v.shape[0], max_length, text)
+        n = count_video_tokens(v.shape[0], image_size=S, patch_size=processor.patch_size)
+        seqs.append(head + [processor.image_token_id] * n + tail)
+    L = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), L), processor.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        lo = 0 if padding_side == "right" else L - len(s)
+        input_ids[i, lo: lo + len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, lo: lo + len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values_videos": list(videos)}
+
+
+def video_features(model, pixel_values: torch.Tensor, num_frames: Sequence[int]) -> list[torch.Tensor]:
+    """Visual tokens of each video, LLaVE's layout (module docstring).
+
+    ``model``: the LlavaOnevisionModel; ``pixel_values``: every video's frames stacked
+    (sum F_i, 3, S, S); ``num_frames``: F_i per video. Returns one (F_i * ph * (pw + 1), D)
+    tensor per video.
+    """
+    cfg = model.config
+    total = int(sum(num_frames))
+    if pixel_values.dim() != 4 or pixel_values.shape[0] != total:
+        raise ValueError(f"pixel_values must stack {total} frames as (frames, 3, S, S), got {tuple(pixel_values.shape)}")
+    ph, pw = pooled_grid(cfg.vision_config.image_size, cfg.vision_config.patch_size)
+    # transformers' video path: vision tower per frame, the feature layer, projector, 2x2 bilinear pooling
+    out = model.get_video_features(
+        pixel_values_videos=pixel_values[None],
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    )
+    feats = getattr(out, "pooler_output", out)[0]
+    if feats.shape[0] == total * ph * pw + 1:  # transformers' one image_newline after the whole video: not LLaVE's
+        feats = feats[:-1]
+    if feats.shape[0] != total * ph * pw:
+        raise ValueError(f"the vision side gave {feats.shape[0]} features for {total} frames, expected "
+                         f"{total} x {ph} x {pw} (transformers' get_video_features changed?)")
+    dim = feats.shape[-1]
+    grid = feats.reshape(total, ph, pw, dim)
+    newline = model.image_newline.to(device=grid.device, dtype=grid.dtype)
+    # LLaVE's "grid" layout: frame by frame, row by row, each row closed by image_newline
+    grid = torch.cat([grid, newline.expand(total, ph, 1, dim)], dim=2)
+    return [v.reshape(-1, dim) for v in grid.split(list(num_frames))]
+
+
+def embed_video_batch(embedder, batch: dict) -> torch.Tensor:
+    """The :func:`video_batch` dict -> (B, d) float32 unit rows (LLaVEEmbedder's pooling)."""
+    m = embedder.model
+    cfg = m.config
+    videos = batch["pixel_values_videos"]
+    device = m.get_input_embeddings().weight.device
+    input_ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device=device, dtype=torch.long)
+    B, L = input_ids.shape
+    if len(videos) != B:
+        raise ValueError(f"batch['pixel_values_videos'] has {len(videos)} videos but input_ids has {B} rows")
+    num_frames = [int(v.shape[0]) for v in videos]
+    is_image = input_ids == cfg.image_token_index
+    have = is_image.sum(dim=1).tolist()
+    pixel = torch.cat(list(videos)).to(device=device, dtype=m.dtype)
+    feats = video_features(m, pixel, num_frames)
+    for i, (f, n) in enumerate(zip(feats, have)):
+        if f.shape[0] != n:
+            raise ValueError(f"video {i} has {n} image tokens but its {num_frames[i]} frames give {f.shape[0]} features")
+    embeds = m.get_input_embeddings()(input_ids)
+    where = is_image.unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(where, torch.cat(feats).to(embeds.dtype))
+    # as LLaVEEmbedder.forward: positions count real tokens, the last real token is pooled
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    last = (L - 1) - mask.flip(dims=[1]).argmax(dim=1)
+    return F.normalize(hidden[torch.arange(B, device=device), last].float(), dim=-1)

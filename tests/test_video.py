@@ -1,0 +1,494 @@
+"""Zero-shot text-video retrieval (``llave-fast eval-video``): frame sampling, decoding, token
+counts and layout, annotation readers, metrics, and the command end to end on the tiny model.
+
+Videos are written here with PyAV: a coloured square moving right over black, 64 x 64 px.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+av = pytest.importorskip("av")
+
+from llave_fast.cli import main  # noqa: E402
+from llave_fast.model import build_tiny_model  # noqa: E402
+from llave_fast.model import video as mv  # noqa: E402
+from llave_fast.video import (  # noqa: E402
+    VideoDataError,
+    decode_video,
+    encode_videos,
+    find_videos,
+    read_annotations,
+    retrieval_metrics,
+    sample_frame_indices,
+)
+
+SIZE = 64
+STEP = 3  # px the square moves a frame
+
+
+def make_video(path, num_frames: int, fps, colour=(255, 40, 0), codec: str = "mpeg4") -> str:
+    """A clip of ``num_frames`` frames at ``fps``: a 16-px square moving STEP px right a frame."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        s.width = s.height = SIZE
+        s.pix_fmt = "yuv420p"
+        for i in range(num_frames):
+            img = np.zeros((SIZE, SIZE, 3), np.uint8)
+            x = i * STEP
+            img[24:40, x: x + 16] = colour
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)
+
+
+def square_x(frame: np.ndarray) -> int:
+    """Left edge of the bright square in a decoded frame (columns where the middle rows are bright)."""
+    bright = frame[28:36].astype(np.float32).sum(axis=(0, 2)) > 8 * 200
+    return int(np.flatnonzero(bright)[0])
+
+
+# ------------------------------------------------------------------------------ frame sampling
+@pytest.mark.parametrize("num_frames, native_fps, kwargs, expected", [
+    (300, 30, {}, list(range(0, 300, 10))),              # every 10th frame: 30 <= 32, kept as they are
+    (20, 6, {"max_frames": 4}, [0, 6, 12, 19]),          # every 2nd: 10 > 4 -> linspace(0, 19, 4) = 0, 6.33, 12.67, 19
+    (10, 7.5, {}, [0, 2, 4, 6, 8]),                      # 7.5 / 3 = 2.5 rounds to 2 (halves to even, as LLaVE's round)
+    (10, 10.5, {}, [0, 4, 8]),                           # 3.5 rounds to 4
+    (5, 1.0, {}, [0, 1, 2, 3, 4]),                       # round(1/3) = 0: every frame (LLaVE's code divides by 0)
+    (1, 30, {}, [0]),
+    (12, 6, {"fps": 1}, [0, 6]),                         # 1 fps: every 6th
+])
+def test_sample_frame_indices_by_hand(num_frames, native_fps, kwargs, expected):
+    assert sample_frame_indices(num_frames, native_fps, **kwargs) == expected
+
+
+def test_sample_frame_indices_caps_at_32_spread_over_the_clip():
+    # 450 frames at 30 fps: 45 frames at 3 fps > 32, so 32 indices floor(k * 449 / 31)
+    idx = sample_frame_indices(450, 30)
+    assert len(idx) == 32 and idx[:4] == [0, 14, 28, 43] and idx[-2:] == [434, 449]
+    # 100 frames at 7.5 fps: step 2, 50 > 32 -> floor(k * 99 / 31): 0, 3, 6, 9, 12, 15, 19, ...
+    assert sample_frame_indices(100, 7.5)[:7] == [0, 3, 6, 9, 12, 15, 19]
+    # exactly 32 at 3 fps stays: 96 frames at 9 fps, every 3rd
+    assert sample_frame_indices(96, 9) == list(range(0, 96, 3))
+
+
+@pytest.mark.parametrize("args, needle", [
+    ((0, 30), "num_frames"), ((10, 0), "native_fps"), ((10, float("nan")), "native_fps"),
+    ((10, 30, 0), "fps"), ((10, 30, 3, 0), "max_frames"),
+])
+def test_sample_frame_indices_refuses_bad_arguments(args, needle):
+    with pytest.raises(ValueError, match=needle):
+        sample_frame_indices(*args)
+
+
+# ------------------------------------------------------------------------------ decoding
+@pytest.mark.parametrize("ext, num_frames, fps", [("mp4", 12, 6), ("avi", 16, 25), ("mkv", 10, 7.5)])
+def test_decode_takes_llaves_frames(tmp_path, ext, num_frames, fps):
+    path = make_video(tmp_path / f"clip.{ext}", num_frames, fps)
+    frames, info = decode_video(path)
+    want = sample_frame_indices(num_frames, fps)
+    assert info["num_frames"] == num_frames and info["native_fps"] == pytest.approx(fps)
+    assert info["indices"] == want
+    assert frames.dtype == np.uint8 and frames.shape == (len(want), SIZE, SIZE, 3)
+    # the frames are the right ones: the square sits where frame `index` drew it (lossy codec: +-2 px)
+    for f, i in zip(frames, want):
+        assert abs(square_x(f) - i * STEP) <= 2, (i, square_x(f))
+
+
+def test_decode_caps_frames_and_errors_name_the_file(tmp_path, monkeypatch):
+    path = make_video(tmp_path / "long.mp4", 16, 25)
+    frames, info = decode_video(path, fps=25, max_frames=5)  # every frame at 25 fps: 16 > 5 -> linspace
+    assert info["indices"] == [0, 3, 7, 11, 15] and len(frames) == 5
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 20)
+    with pytest.raises(VideoDataError, match="broken.mp4: cannot be decoded as a video"):
+        decode_video(str(bad))
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        decode_video(str(tmp_path / "nope.mp4"))
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed
+    with pytest.raises(ImportError, match=r'pip install "llave-fast\[video\]"'):
+        decode_video(path)
+
+
+# ------------------------------------------------------------------------------ tokens and layout
+def test_token_counts_tiny_llave_and_odd_geometry():
+    # LLaVE: 384-px tiles, 14-px patches -> 27 x 27 -> pooled 14 x 14 -> 14 x 15 = 210 a frame
+    assert mv.pooled_grid(384, 14) == (14, 14)
+    assert mv.tokens_per_frame(384, 14) == 210
+    assert mv.count_video_tokens(32, image_size=384, patch_size=14) == 6720
+    # the tiny model: 32-px tiles of 8-px patches -> 4 x 4 -> 2 x 2 -> 2 x 3 = 6 a frame
+    assert mv.tokens_per_frame(32, 8) == 6 and mv.count_video_tokens(5, image_size=32, patch_size=8) == 30
+    # an odd map: 5 x 5 -> ceil -> 3 x 3 -> 3 x 4 = 12
+    assert mv.tokens_per_frame(40, 8) == 12
+    with pytest.raises(ValueError, match="num_frames"):
+        mv.count_video_tokens(0, image_size=384, patch_size=14)
+    assert mv.CAPTION_PROMPT == "Find me an video that matches the given caption: "  # LLaVE's wording
+    assert mv.VIDEO_PROMPT == "<image>\nRepresent the given video."
+
+
+def _llave_video_tokens(model, pixel):
+    """LLaVE's own video path, written out: vision tower + projector per frame, get_2dPool (bilinear,
+    ceil(h/2) x ceil(w/2)), add_token_per_grid (image_newline after every row of every frame)."""
+    m = model.model
+    cfg = m.config
+    hidden = m.vision_tower(pixel, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+    feats = m.multi_modal_projector(hidden)
+    n = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    frames, _, dim = feats.shape
+    x = feats.view(frames, n, n, dim).permute(0, 3, 1, 2)
+    x = torch.nn.functional.interpolate(x, size=[math.ceil(n / 2), math.ceil(n / 2)], mode="bilinear")
+    h = x.shape[2]
+    x = x.permute(0, 2, 3, 1).reshape(frames, 1, h, h, dim).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+    x = torch.cat([x, m.image_newline[:, None, None].expand(*x.shape[:-1], 1)], dim=-1)
+    return x.flatten(1, 2).transpose(0, 1)
+
+
+@pytest.mark.parametrize("image_size", [32, 40])
+def test_video_tokens_follow_llaves_layout(image_size):
+    model = build_tiny_model(image_size=image_size).eval()
+    rng = np.random.RandomState(0)
+    frames = rng.randint(0, 256, (5, 48, 80, 3), dtype=np.uint8)
+    pixel = mv.frames_to_pixels(model.processor, frames)
+    assert pixel.shape == (5, 3, image_size, image_size)
+    with torch.no_grad():
+        ours = mv.video_features(model.model, pixel, [5])[0]
+        want = _llave_video_tokens(model, pixel)
+    assert ours.shape == (mv.count_video_tokens(5, image_size=image_size, patch_size=8), want.shape[1])
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_video_batch_prompt_padding_and_length_refusal():
+    model = build_tiny_model().eval()
+    proc = model.processor
+    rng = np.random.RandomState(1)
+    a = mv.frames_to_pixels(proc, rng.randint(0, 256, (4, 64, 64, 3), dtype=np.uint8))
+    b = mv.frames_to_pixels(proc, rng.randint(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    batch = mv.video_batch(proc, [a, b])
+    ids = batch["input_ids"]
+    n_img = (ids == proc.image_token_id).sum(dim=1).tolist()
+    assert n_img == [4 * 6, 2 * 6]
+    # the rest of the row is the image prompt's template around "Represent the given video."
+    prompt = proc.build_prompt(mv.VIDEO_PROMPT, True)
+    text_ids = [t for t in ids[0].tolist() if t != proc.image_token_id]
+    assert proc.tokenizer.decode(text_ids).replace(" ", "") == prompt.replace("<image>", "").replace(" ", "").lower()
+    assert batch["attention_mask"].sum(dim=1).tolist() == [24 + mv.video_prompt_tokens(proc), 12 + mv.video_prompt_tokens(proc)]
+    with torch.no_grad():
+        e_both = mv.embed_video_batch(model, batch)
+        e_left = mv.embed_video_batch(model, mv.video_batch(proc, [b, a], padding_side="left"))
+        e_one = mv.embed_video_batch(model, mv.video_batch(proc, [b]))
+    assert e_both.shape == (2, model.embed_dim)
+    torch.testing.assert_close(e_both.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(e_both[1], e_one[0], rtol=1e-4, atol=1e-5)  # padding and batch do not matter
+    torch.testing.assert_close(e_left[0], e_one[0], rtol=1e-4, atol=1e-5)
+    assert (e_both[0] - e_both[1]).abs().max() > 1e-4  # different videos, different embeddings
+    # too long: refused with the numbers and what to do
+    p = mv.video_prompt_tokens(proc)
+    with pytest.raises(ValueError, match=rf"4 x 6 visual tokens per frame \+ {p} prompt tokens = {24 + p} tokens.*"
+                                         rf"lower --max-frames to {(40 - p) // 6} or less"):
+        mv.video_batch(proc, [a], max_length=40)
+    # the limit is also the language model's: the tiny one has 4096 positions
+    assert mv.video_length_limit(model.config, 8192) == 4096 and mv.video_length_limit(model.config, 100) == 100
+    # LLaVE's geometry fits 32 frames in its 8192 with room for a prompt of this size
+    assert mv.count_video_tokens(32, image_size=384, patch_size=14) + p <= mv.LLAVE_VIDEO_MAX_LENGTH
+
+
+# ------------------------------------------------------------------------------ annotations
+def test_msrvtt_csv_and_record_layouts(tmp_path):
+    csv_path = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    csv_path.write_text("key,vid_key,video_id,sentence\n"
+                        "ret0,msr7579,video7579,a girl wearing red top and black trouser is putting a sweater on\n"
+                        "ret1,msr7725,video7725,\"young people sit around the edges of a room, clapping\"\n")
+    ann = read_annotations(str(csv_path))
+    assert ann.video_ids == ["video7579", "video7725"] and ann.caption_to_video == [0, 1]
+    assert ann.captions[1] == "young people sit around the edges of a room, clapping" and not ann.multi_caption
+    # MSR-VTT's videodatainfo json, records with file names, and json lines read the same way
+    info = tmp_path / "test_videodatainfo.json"
+    info.write_text(json.dumps({"videos": [{"video_id": "video7579"}], "sentences": [
+        {"caption": "a girl puts a sweater on", "video_id": "video7579", "sen_id": 1},
+        {"caption": "a woman dresses", "video_id": "video7579", "sen_id": 2}]}))
+    ann = read_annotations(str(info))
+    assert ann.video_ids == ["video7579"] and ann.num_captions == 2 and ann.multi_caption
+    recs = tmp_path / "ret_test.json"
+    recs.write_text(json.dumps([{"video": "video9770.mp4", "caption": "a man plays guitar"},
+                                {"video": "video9771.mp4", "caption": ["a cat", "a cat jumps"]}]))
+    ann = read_annotations(str(recs))
+    assert ann.video_ids == ["video9770", "video9771"] and ann.caption_to_video == [0, 1, 1]
+    lines = tmp_path / "ret.jsonl"
+    lines.write_text('{"video_id": "v1", "sentence": "one"}\n\n{"video_id": "v2", "sentence": "two"}\n')
+    assert read_annotations(str(lines)).captions == ["one", "two"]
+
+
+def test_msvd_layouts(tmp_path):
+    caps = {"-4wsuPCjDBc_5_15": ["a squirrel is eating a peanut", "a chipmunk eats"], "-7KMZQEsJW4_205_208": ["a man sings"]}
+    js = tmp_path / "msvd_test.json"
+    js.write_text(json.dumps(caps))
+    ann = read_annotations(str(js))
+    assert ann.video_ids == list(caps) and ann.caption_to_video == [0, 0, 1] and ann.multi_caption
+    txt = tmp_path / "annotations.txt"
+    txt.write_text("-4wsuPCjDBc_5_15 a squirrel is eating a peanut\n-4wsuPCjDBc_5_15 a chipmunk eats\n\n"
+                   "-7KMZQEsJW4_205_208 a man sings\n")
+    assert read_annotations(str(txt)).captions == ann.captions
+    # CLIP4Clip's msvd_data folder (what LLaVE's command reads): word-list captions + the test list
+    folder = tmp_path / "msvd_data"
+    folder.mkdir()
+    with open(folder / "raw-captions.pkl", "wb") as f:
+        pickle.dump({k: [c.split() for c in v] for k, v in caps.items()} | {"train_vid": [["x"]]}, f)
+    (folder / "test_list.txt").write_text("-7KMZQEsJW4_205_208\n-4wsuPCjDBc_5_15\n")
+    ann = read_annotations(str(folder))
+    assert ann.video_ids == ["-7KMZQEsJW4_205_208", "-4wsuPCjDBc_5_15"]  # the list's order
+    assert ann.captions == ["a man sings", "a squirrel is eating a peanut", "a chipmunk eats"]
+    assert ann.caption_to_video == [0, 1, 1]
+    # --video-list on any file
+    vl = tmp_path / "test_list.txt"
+    vl.write_text("-7KMZQEsJW4_205_208\n")
+    assert read_annotations(str(js), str(vl)).captions == ["a man sings"]
+    vl.write_text("-7KMZQEsJW4_205_208\nnot_there\n")
+    with pytest.raises(VideoDataError, match=r"test_list.txt: 1 of its 2 videos have no caption.*'not_there'"):
+        read_annotations(str(js), str(vl))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("a.csv", "key,vid,text_\n1,2,3\n", r"a.csv: row 1: the header row has columns \['key', 'vid', 'text_'\]; "
+                                        r"expected a video id column"),
+    ("b.csv", "video_id,sentence\nvideo1,hello\nvideo2\n", r"b.csv: row 2 \(line 3\): has 1 cells"),
+    ("c.csv", "video_id,sentence\nvideo1,   \n", r"c.csv: row 1: the caption of video 'video1' is empty"),
+    ("d.json", json.dumps([{"video_id": "v1", "caption": "x"}, {"video_id": "v2"}]),
+     r"d.json: row 2: expected a caption field \(one of sentence, caption"),
+    ("e.json", json.dumps({"v1": 3}), r"e.json: row 1: expected a caption \(a string\) or a list of captions, got 3"),
+    ("f.json", "[1, 2", r"f.json: is not valid JSON"),
+    ("g.txt", "video1 a caption\nvideo2\n", r"g.txt: row 2 \(line 2\): expected '<video id> <caption>'"),
+    ("h.xml", "<a/>", r"h.xml: has the extension '.xml'; expected an annotation file .csv, .json"),
+    ("i.jsonl", '{"video_id": "v", "caption": "c"}\nnot json\n', r"i.jsonl: row 2 \(line 2\): is not valid JSON"),
+    ("j.json", json.dumps([{"video_id": "", "caption": "c"}]), r"j.json: row 1: the video id is empty"),
+])
+def test_bad_annotations_name_file_row_and_expectation(tmp_path, name, content, needle):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(VideoDataError, match=needle):
+        read_annotations(str(path))
+
+
+def test_caption_pickles_load_plain_data_only(tmp_path):
+    path = tmp_path / "raw-captions.pkl"
+    path.write_bytes(pickle.dumps({"v": _Evil()}))
+    with pytest.raises(VideoDataError, match=r"raw-captions.pkl: is not a captions pickle .*refusing to load"):
+        read_annotations(str(path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoDataError, match="without CLIP4Clip's MSVD files"):
+        read_annotations(str(empty))
+
+
+def test_find_videos_extensions_subfolders_and_missing(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("video1.mp4", "video2.avi", "sub/clip_3.webm", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    got = find_videos(["video2", "clip_3", "video1"], str(tmp_path))
+    assert got == [str(tmp_path / "video2.avi"), str(tmp_path / "sub" / "clip_3.webm"), str(tmp_path / "video1.mp4")]
+    with pytest.raises(FileNotFoundError, match=r"3 of 4 videos have no file in .*first missing: 'a', 'b', 'notes'"):
+        find_videos(["a", "video1", "b", "notes"], str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_metrics_one_caption_per_video_with_a_tie():
+    sim = [[0.9, 0.1, 0.3],
+           [0.5, 0.4, 0.6],
+           [0.2, 0.7, 0.7]]
+    m = retrieval_metrics(np.array(sim), [0, 1, 2])
+    # t2v ranks: 1; 3 (0.5 and 0.6 beat 0.4); 2 (0.7 ties 0.7: a tie counts against the query)
+    assert m["t2v"] == {"R@1": pytest.approx(100 / 3), "R@5": 100.0, "R@10": 100.0, "median_rank": 2.0,
+                        "mean_rank": 2.0, "num_queries": 3}
+    # v2t (the transpose): video 0: 1; video 1: 2 (caption 2's 0.7 beats 0.4); video 2: 1
+    assert m["v2t"] == {"R@1": pytest.approx(200 / 3), "R@5": 100.0, "R@10": 100.0, "median_rank": 1.0,
+                        "mean_rank": pytest.approx(4 / 3), "num_queries": 3}
+
+
+def test_metrics_several_captions_per_video():
+    sim = torch.tensor([[0.8, 0.2, 0.1],    # caption 0 -> video 0: rank 1
+                        [0.3, 0.5, 0.4],    # caption 1 -> video 0: rank 3
+                        [0.6, 0.6, 0.0],    # caption 2 -> video 1: rank 2 (tie)
+                        [0.85, 0.2, 0.9],   # caption 3 -> video 2: rank 1
+                        [0.9, 0.65, 0.5]])  # caption 4 -> video 2: rank 3
+    m = retrieval_metrics(sim, [0, 0, 1, 2, 2])
+    assert m["t2v"]["R@1"] == pytest.approx(40.0) and m["t2v"]["median_rank"] == 2.0
+    assert m["t2v"]["mean_rank"] == pytest.approx(2.0) and m["t2v"]["num_queries"] == 5
+    # v2t: a caption set scores its best caption. Video 0: sets (0.8, 0.6, 0.9) -> 2 (caption set 2's 0.9;
+    # ranking single captions would give 3, as captions 3 and 4 both beat 0.8); video 1: (0.5, 0.6, 0.65) -> 2;
+    # video 2: (0.4, 0.0, 0.9) -> 1
+    assert m["v2t"]["R@1"] == pytest.approx(100 / 3) and m["v2t"]["median_rank"] == 2.0
+    assert m["v2t"]["mean_rank"] == pytest.approx(5 / 3) and m["v2t"]["num_queries"] == 3
+
+
+def test_metrics_recall_thresholds_constant_scores_and_errors():
+    V = 12
+    i, j = np.meshgrid(np.arange(V), np.arange(V), indexing="ij")
+    sim = np.where(j < i, 1.0, np.where(j == i, 0.5, 0.0))  # caption i's video ranks i + 1
+    m = retrieval_metrics(sim, list(range(V)))
+    for key in ("t2v", "v2t"):  # v2t: video j ranks 12 - j, the same spread
+        assert m[key]["R@1"] == pytest.approx(100 / 12) and m[key]["R@5"] == pytest.approx(500 / 12)
+        assert m[key]["R@10"] == pytest.approx(1000 / 12) and m[key]["median_rank"] == 6.5
+        assert m[key]["mean_rank"] == 6.5
+    flat = retrieval_metrics(np.zeros((4, 4)), [0, 1, 2, 3])  # everything alike: the worst rank, not the best
+    assert flat["t2v"]["R@1"] == 0.0 and flat["t2v"]["median_rank"] == 4.0
+    with pytest.raises(ValueError, match=r"videos \[1\] have no caption"):
+        retrieval_metrics(np.zeros((2, 2)), [0, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics(np.array([[np.nan, 0.0], [0.0, 1.0]]), [0, 1])
+    with pytest.raises(ValueError, match="one int per caption"):
+        retrieval_metrics(np.zeros((3, 2)), [0, 1])
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("video_model") / "tiny"
+    build_tiny_model().save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    specs = [("video0", "mp4", 12, 6, (255, 40, 0)), ("video1", "avi", 16, 25, (0, 255, 60)),
+             ("video2", "mp4", 9, 10, (40, 80, 255)), ("video3", "mkv", 14, 15, (250, 250, 250))]
+    for vid, ext, n, fps, colour in specs:
+        make_video(root / f"{vid}.{ext}", n, fps, colour)
+    return str(root)
+
+
+def _main(capsys, *argv):
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_eval_video_cli_end_to_end(tiny_folder, clips, tmp_path, capsys):
+    csv_path = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    csv_path.write_text("key,vid_key,video_id,sentence\n" + "".join(
+        f"ret{i},msr{i},video{i},a {c} square moves right\n" for i, c in enumerate(["red", "green", "blue", "white"])))
+    out = tmp_path / "msrvtt"
+    rc, stdout, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", clips, "--annotations",
+                            str(csv_path), "--output-dir", str(out), "--batch", "3", "--device", "cpu")
+    assert rc == 0, err
+    res = json.loads((out / "video_eval.json").read_text())
+    assert {"t2v", "v2t", "num_videos", "num_captions", "model", "device", "dtype"} <= set(res)
+    assert res["num_videos"] == 4 and res["num_captions"] == 4 and res["device"] == "cpu" and res["dtype"] == "float32"
+    for key in ("t2v", "v2t"):
+        m = res[key]
+        assert set(m) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank", "num_queries"}
+        assert 0 <= m["R@1"] <= m["R@5"] == 100.0 and 1 <= m["median_rank"] <= 4 and m["num_queries"] == 4
+    # the frames each clip gave (3 fps; clip 1 at 25 fps: every 8th of 16 frames -> 2)
+    assert res["frames"]["min_frames"] == 2 and res["frames"]["max_frames_used"] == 6
+    assert res["frames"]["tokens_per_frame"] == 6 and res["frames"]["max_video_tokens"] == 32 * 6
+    assert "text->video" in stdout and "video->text" in stdout and "R@1 %" in stdout
+
+    # MSVD style: several captions a video, a json mapping; v2t ranks the 3 videos
+    js = tmp_path / "msvd.json"
+    js.write_text(json.dumps({"video0": ["a red square", "red moving"], "video2": ["blue"], "video3": ["white", "a",
+                                                                                                        "b"]}))
+    out2 = tmp_path / "msvd"
+    rc, stdout, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", clips, "--annotations", str(js),
+                            "--output-dir", str(out2), "--batch", "2", "--device", "cpu", "--max-frames", "4")
+    assert rc == 0, err
+    res2 = json.loads((out2 / "video_eval.json").read_text())
+    assert res2["num_videos"] == 3 and res2["num_captions"] == 6
+    assert res2["t2v"]["num_queries"] == 6 and res2["v2t"]["num_queries"] == 3
+    assert res2["frames"]["max_frames_used"] == 4
+
+
+def test_video_embeddings_do_not_depend_on_the_batch(tiny_folder, clips):
+    from llave_fast.model import LLaVEEmbedder
+
+    model = LLaVEEmbedder.from_pretrained(tiny_folder).eval()
+    paths = find_videos(["video0", "video1", "video2"], clips)
+    one, infos = encode_videos(model, paths, batch=1, progress=False)
+    three, _ = encode_videos(model, paths, batch=3, workers=1, progress=False)
+    torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-5)
+    assert [i["indices"] for i in infos] == [[0, 2, 4, 6, 8, 10], [0, 8], [0, 3, 6]]
+
+
+def test_eval_video_cli_errors_are_one_line(tiny_folder, clips, tmp_path, capsys):
+    csv_path = tmp_path / "ann.csv"
+    csv_path.write_text("video_id,sentence\nvideo0,a\nvideo7,b\nvideo8,c\n")
+    base = ["eval-video", "--model", tiny_folder, "--videos", clips, "--output-dir", str(tmp_path / "o"),
+            "--device", "cpu"]
+    rc, _, err = _main(capsys, *base, "--annotations", str(csv_path))
+    assert rc == 1 and "error: 2 of 3 videos have no file in" in err and "'video7', 'video8'" in err
+    assert "Traceback" not in err
+    good = tmp_path / "good.csv"
+    good.write_text("video_id,sentence\nvideo0,a\n")
+    rc, _, err = _main(capsys, *base, "--annotations", str(good), "--max-length", "60")
+    assert rc == 1 and "tokens, more than the maximum length 60: lower --max-frames to" in err
+    assert "Traceback" not in err
+    rc, _, err = _main(capsys, *base, "--annotations", str(tmp_path / "none.csv"))
+    assert rc == 1 and "--annotations" in err and "none.csv" in err
+    rc, _, err = _main(capsys, *base, "--annotations", str(good), "--fps", "0")
+    assert rc == 2 and "expected a positive number" in err
+
+
+def test_embedder_encode_videos_matches_the_eval_path(tiny_folder, clips):
+    from llave_fast.model import LLaVEEmbedder
+
+    model = LLaVEEmbedder.from_pretrained(tiny_folder)
+    paths = find_videos(["video0", "video3"], clips)
+    frames = [decode_video(p)[0] for p in paths]
+    got = model.encode_videos(frames, batch_size=1)
+    want, _ = encode_videos(model, paths, batch=2, progress=False)
+    assert model.training  # left as it was
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="videos must be a list"):
+        model.encode_videos(frames[0])
+
+
+def test_eval_video_without_pyav_says_how_to_install(tiny_folder, clips, tmp_path, capsys, monkeypatch):
+    good = tmp_path / "good.csv"
+    good.write_text("video_id,sentence\nvideo0,a\n")
+    monkeypatch.setitem(sys.modules, "av", None)
+    rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", clips, "--annotations", str(good),
+                       "--output-dir", str(tmp_path / "o"), "--device", "cpu")
+    assert rc == 1 and 'pip install "llave-fast[video]"' in err and "Traceback" not in err
+
+
+def test_readme_video_commands_use_real_flags():
+    import re
+
+    from llave_fast.cli import build_parser
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    text = open(readme, encoding="utf-8").read()
+    section = text[text.index("## Zero-shot text-video retrieval"):]
+    section = section[: section.index("\n## ", 1)]
+    sub = next(a for a in build_parser(["eval-video"])._actions if a.dest == "command").choices["eval-video"]
+    known = {s for a in sub._actions for s in a.option_strings}
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z_-]+", section))
+    assert used and used <= known, sorted(used - known)
+
+
+def test_a_bad_video_stops_the_evaluation_naming_it(tiny_folder, clips, tmp_path):
+    from llave_fast.model import LLaVEEmbedder
+
+    bad = tmp_path / "video9.mp4"
+    bad.write_bytes(b"\x00" * 300)
+    model = LLaVEEmbedder.from_pretrained(tiny_folder).eval()
+    paths = find_videos(["video0"], clips) + [str(bad)] + find_videos(["video2", "video3"], clips)
+    with pytest.raises(VideoDataError, match=r"video9.mp4: cannot be decoded as a video"):
+        encode_videos(model, paths, batch=1, progress=False)
