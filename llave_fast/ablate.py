@@ -249,7 +249,7 @@ def run_one(p: dict, alpha: float, batch: int, seed: int, run_dir: str) -> dict:
         "p_at_1": result["p_at_1_after"], "p_at_1_by_task": by_task, "chance": result.get("chance"),
         "chance_by_task": chance_by_task, "num_candidates": result.get("num_candidates"),
         "final_loss": final_loss, "seconds": seconds, "train_seconds": result.get("seconds"),
-        "median_step_s": result.get("median_step_s"), "run_dir": os.path.abspath(run_dir),
+        "median_step_s": result.get("median_step_s"), "run_dir": run_dir,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -434,6 +434,8 @@ def run_ablation(output_dir: str = DEFAULT_OUTPUT, *, progress: bool = True, run
                 bar.write(f"ablation: run {name} failed (its log: {os.path.join(run_dir, 'train.log')}); the runs "
                           f"done so far are in {path}, a rerun goes on from there")
                 raise
+            # the run's folder relative to OUT: ablation.json stays valid when OUT moves (and names no machine path)
+            rec["run_dir"] = os.path.relpath(rec.get("run_dir", run_dir), output_dir)
             runs.append(rec)
             save_results(path, setting, runs)
             bar.update(1)

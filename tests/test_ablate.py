@@ -248,8 +248,10 @@ def test_ablate_command_trains_the_grid_writes_results_plot_table_and_resumes(tm
                 "accumulation_steps"} <= set(r)
         assert r["steps"] == 2 and r["global_batch"] == 16 and r["accumulation_steps"] == 16 // r["batch"]
         assert 0 <= r["p_at_1"] <= 1 and set(r["p_at_1_by_task"]) == {"i2t", "t2i", "vqa"} and r["seconds"] > 0
-        assert os.path.exists(os.path.join(r["run_dir"], "eval.json"))
-        assert not os.path.exists(os.path.join(r["run_dir"], "checkpoints")), "checkpoints are removed"
+        # relative to OUT (no machine path in a results file)
+        assert r["run_dir"] == os.path.join("runs", f"alpha{r['alpha']:g}_batch{r['batch']}_seed{r['seed']}")
+        assert os.path.exists(os.path.join(out, r["run_dir"], "eval.json"))
+        assert not os.path.exists(os.path.join(out, r["run_dir"], "checkpoints")), "checkpoints are removed"
     assert saved["setting"]["family_size"] == 4 and saved["machine"]["cores"] == os.cpu_count()
     png = os.path.join(out, "ablation.png")
     with open(png, "rb") as f:
