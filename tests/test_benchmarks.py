@@ -251,12 +251,40 @@ def test_planned_repeats_rule():
     assert C.planned_repeats(100.0, 20, time_left_s=0.55) == 5
 
 
-def _fake_loss_fns(monkeypatch, fixed_cost_s):
+class _SlowMotionClock:
+    """A stand-in for the ``time`` module: ``perf_counter`` runs at ``rate`` of real time and
+    ``sleep`` advances it at once. A fixed cost then counts in full while the real work counts
+    at a hundredth, so a deadline test means the same on a loaded machine as on an idle one."""
+
+    def __init__(self, rate: float = 0.01):
+        import time as _time
+
+        self._time, self.rate, self.offset = _time, rate, 0.0
+        self.t0 = _time.perf_counter()
+
+    def perf_counter(self) -> float:
+        return self.t0 + (self._time.perf_counter() - self.t0) * self.rate + self.offset
+
+    def sleep(self, s: float) -> None:
+        self.offset += s
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+
+def _fake_loss_fns(monkeypatch, fixed_cost_s, clock=None):
     """bench_loss backends whose first call per function costs ``fixed_cost_s`` (a compile),
-    then a real, tiny loss; the CPU memory worker replaced by a constant."""
+    then a real, tiny loss; the CPU memory worker replaced by a constant. ``clock``: a
+    :class:`_SlowMotionClock` that bench_loss and _common read instead of ``time``."""
     import time as _time
 
+    import _common
     import bench_loss
+
+    if clock is not None:
+        monkeypatch.setattr(bench_loss, "time", clock)
+        monkeypatch.setattr(_common, "time", clock)
+    sleep = _time.sleep if clock is None else clock.sleep
 
     def make(name, **kw):
         first = [True]
@@ -264,7 +292,7 @@ def _fake_loss_fns(monkeypatch, fixed_cost_s):
         def fn(q, t):
             if first[0]:
                 first[0] = False
-                _time.sleep(fixed_cost_s)
+                sleep(fixed_cost_s)
             return bench_loss.reference_loss(q, t, logit_scale=50.0, alpha=9.0)
         return fn
 
@@ -278,13 +306,15 @@ def _fake_loss_fns(monkeypatch, fixed_cost_s):
 def test_deadline_is_not_fooled_by_fixed_costs(monkeypatch):
     """A first size whose wall time is mostly fixed costs (compiles in the warm-up) must not
     make the next size look unaffordable: the old rule (whole wall time x (B/B_prev)^2)
-    predicted 4 x 8 s here and skipped B = 128 under a 24 s deadline. (The 24 s leave 16 s for
-    the real work, enough on a loaded 2-core machine; 14 s with 2.5 s fixed costs once ran out.)"""
+    predicted 4 x 5 s here and skipped B = 128 under a 14 s deadline. The clock runs the real
+    work in slow motion (a hundredth), so a loaded machine cannot eat the margin."""
     import bench_loss
 
-    report = _fake_loss_fns(monkeypatch, fixed_cost_s=4.0)
+    clock = _SlowMotionClock()
+    report = _fake_loss_fns(monkeypatch, fixed_cost_s=2.5, clock=clock)
     args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "128", "--d", "16",
-                        "--repeats", "1", "--no-live-memory", "--deadline-s", "24"])
+                        "--repeats", "1", "--no-live-memory", "--deadline-s", "14"])
+    args.t_begin = clock.perf_counter()
     res = bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"))
     st = {(r["label"], r["B"]): r["status"] for r in res}
     assert st == {("torch", 64): "ok", ("reference", 64): "ok", ("torch", 128): "ok", ("reference", 128): "ok"}, st
