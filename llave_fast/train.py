@@ -94,6 +94,15 @@ class TrainConfig:
                                     "eval splits alike, and each global batch holds whole families; 1: independent "
                                     "scenes. At most 8; global_batch / ranks / accumulation_steps must be a "
                                     "multiple of it")
+    vqa_questions_per_scene: int = _opt(1, "synthetic train data: VQA items come in groups of this many questions "
+                                           "with different answers about one scene (the eval split keeps one "
+                                           "question per scene), and each global batch holds whole groups, so the "
+                                           "model must read the question; 1: one question per scene. At most 4; no "
+                                           "effect with hard_family_size > 1; the loss batch must be a multiple of it")
+    synthetic_tasks: list[str] | None = _opt(None, "task styles of the synthetic train split (i2t, t2i, vqa; "
+                                                   "comma-separated), assigned round-robin, so a task listed twice "
+                                                   "gets twice the items; the eval split keeps all three equally; "
+                                                   "None: i2t,t2i,vqa")
     image_grid: str | None = _opt(None, "override the model's anyres grid: '(1x1),...,(2x2)' (tile counts, "
                                         "width x height, LLaVE's form) or a list of [width, height] px pairs; "
                                         "None keeps the checkpoint's (LLaVA-OneVision's own: 6x6)")
@@ -434,6 +443,22 @@ def check_config(cfg: TrainConfig, world: int) -> None:
             f"hard_family_size={k} does not divide the loss batch: global_batch={cfg.global_batch} over {world} "
             f"ranks and accumulation_steps={cfg.accumulation_steps} gives {per_rank // cfg.accumulation_steps} "
             "pairs per loss; families would straddle batches")
+    q = cfg.vqa_questions_per_scene
+    if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 4:
+        raise ValueError(f"vqa_questions_per_scene must be an int in 1..4, got {q!r}")
+    if q > 1 and cfg.data != "synthetic":
+        raise ValueError(f"vqa_questions_per_scene={q} applies to the synthetic data only, got data={cfg.data!r}")
+    if k == 1 and (per_rank // cfg.accumulation_steps) % q:
+        raise ValueError(
+            f"vqa_questions_per_scene={q} does not divide the loss batch: global_batch={cfg.global_batch} over "
+            f"{world} ranks and accumulation_steps={cfg.accumulation_steps} gives "
+            f"{per_rank // cfg.accumulation_steps} pairs per loss; question groups would straddle batches")
+    if cfg.synthetic_tasks is not None:
+        if cfg.data != "synthetic":
+            raise ValueError(f"synthetic_tasks applies to the synthetic data only, got data={cfg.data!r}")
+        bad = [t for t in cfg.synthetic_tasks if t not in ("i2t", "t2i", "vqa")]
+        if not cfg.synthetic_tasks or bad:
+            raise ValueError(f"synthetic_tasks must list tasks among i2t, t2i, vqa, got {cfg.synthetic_tasks!r}")
     if cfg.epochs is not None and not cfg.epochs > 0:
         raise ValueError(f"epochs must be positive or None, got {cfg.epochs!r}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
@@ -458,10 +483,17 @@ def check_data_fit(cfg: TrainConfig, rows: int, query_has_image=None) -> "BatchO
                          f"{where}; lower --global-batch or add data")
     try:
         return BatchOrder(rows, cfg.global_batch, cfg.seed, query_has_image,
-                          family_size=cfg.hard_family_size if cfg.data == "synthetic" else 1)
+                          family_size=_family_size(cfg))
     except ValueError as exc:
         raise ValueError(f"global_batch={cfg.global_batch}, group_by_modality={cfg.group_by_modality}: {exc} "
                          f"({where})") from exc
+
+
+def _family_size(cfg: TrainConfig) -> int:
+    """Consecutive items a batch keeps together: hard families, else VQA question groups (synthetic data)."""
+    if cfg.data != "synthetic":
+        return 1
+    return cfg.hard_family_size if cfg.hard_family_size > 1 else cfg.vqa_questions_per_scene
 
 
 def resolve_length(cfg: TrainConfig, order: "BatchOrder", rank: int = 0) -> None:
@@ -611,7 +643,9 @@ def _datasets(cfg: TrainConfig, progress: bool = False):
 
     if cfg.data == "synthetic":
         train = SyntheticDataset(cfg.num_train, seed=cfg.seed, split="train", image_size=cfg.image_size,
-                                 hard_family_size=cfg.hard_family_size, background=cfg.synthetic_background)
+                                 hard_family_size=cfg.hard_family_size, background=cfg.synthetic_background,
+                                 vqa_questions_per_scene=cfg.vqa_questions_per_scene,
+                                 **({} if cfg.synthetic_tasks is None else {"tasks": cfg.synthetic_tasks}))
         evals = SyntheticDataset(cfg.num_eval, seed=cfg.seed, split="eval", image_size=cfg.image_size,
                                  hard_family_size=cfg.hard_family_size, background=cfg.synthetic_background)
         return train, evals

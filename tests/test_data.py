@@ -34,7 +34,7 @@ from llave_fast.data import (
     synthetic_eval_candidates,
     synthetic_words,
 )
-from llave_fast.data.synthetic import COLOUR_RGB, SLOT_CENTERS
+from llave_fast.data.synthetic import COLOUR_RGB, SLOT_CENTERS, VQA_PREFIX
 
 S = 64
 PHRASE_SLOT = {
@@ -783,3 +783,34 @@ def test_precision_by_task_scores_each_task_against_its_own_targets():
 
     names = ("synthetic_t2i", "MSCOCO_i2t", "VisDial")
     assert [task_name(n) for n in names] == ["t2i", "MSCOCO_i2t", "VisDial"]
+
+
+def test_vqa_questions_per_scene_groups_one_scene_under_different_questions():
+    q = 3
+    ds = SyntheticDataset(36, seed=4, vqa_questions_per_scene=q)
+    plain = SyntheticDataset(36, seed=4)
+    tasks = [ds.task(i) for i in range(len(ds))]
+    assert tasks == [("i2t", "t2i", "vqa")[(i // q) % 3] for i in range(len(ds))]  # groups share their task
+    assert list(ds.query_has_image()) == [t != "t2i" for t in tasks]
+    assert [ds.family(i) for i in range(len(ds))] == [i // q for i in range(len(ds))]
+    vqa_groups = 0
+    for first in range(0, len(ds), q):
+        recs = [ds[first + m] for m in range(q)]
+        if tasks[first] != "vqa":  # i2t / t2i groups: independent scenes
+            assert len({ds.scene(first + m).caption for m in range(q)}) == q
+            continue
+        vqa_groups += 1
+        pixels = [np.asarray(r["qry_image"]) for r in recs]
+        assert all(np.array_equal(pixels[0], p) for p in pixels[1:])  # one image ...
+        assert len({r["qry"] for r in recs}) == q  # ... under q different questions ...
+        assert len({r["pos_text"] for r in recs}) == q  # ... with different answers
+        assert all(r["qry"].startswith(VQA_PREFIX) for r in recs)
+        assert len({ds.scene(first + m) for m in range(q)}) == 1
+    assert vqa_groups == 4
+    a, b = ds[7], SyntheticDataset(36, seed=4, vqa_questions_per_scene=q)[7]  # a pure function of (seed, split, i)
+    assert (a["qry"], a["pos_text"]) == (b["qry"], b["pos_text"])
+    one = SyntheticDataset(36, seed=4, vqa_questions_per_scene=1)
+    assert all(one[i]["qry"] == plain[i]["qry"] and one[i]["pos_text"] == plain[i]["pos_text"] for i in range(12))
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(ValueError, match=rf"vqa_questions_per_scene must be an int in 1..4 .*got {bad!r}"):
+            SyntheticDataset(8, vqa_questions_per_scene=bad)

@@ -289,3 +289,29 @@ def test_synthetic_background_option_reaches_both_splits_and_the_preset_is_plain
     bad = TrainConfig(synthetic_background="stripes", num_train=8, num_eval=4)  # e.g. from a JSON config
     with pytest.raises(ValueError, match="background must be one of .*'stripes'"):
         _datasets(bad)
+
+
+def test_vqa_questions_per_scene_config_is_checked_and_batches_keep_groups_whole():
+    from llave_fast.train import _datasets
+
+    cfg = TrainConfig(num_train=48, num_eval=12, global_batch=12, vqa_questions_per_scene=4,
+                      synthetic_tasks=["i2t", "vqa", "vqa"])
+    check_config(cfg, world=1)
+    train, evals = _datasets(cfg)
+    assert (train.vqa_questions_per_scene, evals.vqa_questions_per_scene) == (4, 1)  # eval: one question per scene
+    assert train.tasks == ("i2t", "vqa", "vqa") and evals.tasks == ("i2t", "t2i", "vqa")
+    order = check_data_fit(cfg, len(train))
+    for step in range(8):
+        batch = order(step)
+        assert sorted(batch) == sorted(set(batch)) and len(batch) == 12
+        assert sorted({i // 4 for i in batch}) == sorted(i // 4 for i in batch[::4])  # whole groups, in order
+        assert all(batch[j + 1] == batch[j] + 1 for j in range(12) if j % 4 != 3)
+    with pytest.raises(ValueError, match=r"vqa_questions_per_scene=4 does not divide the loss batch: "
+                                         r"global_batch=12 .* gives 6 pairs per loss"):
+        check_config(TrainConfig(global_batch=12, accumulation_steps=2, vqa_questions_per_scene=4), world=1)
+    with pytest.raises(ValueError, match=r"vqa_questions_per_scene must be an int in 1..4, got 5"):
+        check_config(TrainConfig(global_batch=20, vqa_questions_per_scene=5), world=1)
+    with pytest.raises(ValueError, match=r"vqa_questions_per_scene=2 applies to the synthetic data only"):
+        check_config(TrainConfig(data="x.jsonl", vqa_questions_per_scene=2), world=1)
+    with pytest.raises(ValueError, match=r"synthetic_tasks must list tasks among i2t, t2i, vqa, got \['vqa', 'x'\]"):
+        check_config(TrainConfig(synthetic_tasks=["vqa", "x"]), world=1)

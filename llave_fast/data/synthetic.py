@@ -26,6 +26,14 @@ asked about the varied attribute, so their answers differ). A batch that holds a
 holds hard negatives for each of its members (``BatchOrder(family_size=k)`` keeps families
 together). ``k = 1`` gives exactly the independent scenes.
 
+With ``vqa_questions_per_scene=q > 1`` (opt-in, meant for the train split) items come in
+*groups* of ``q`` consecutive items (``i // q``) that share their task; a VQA group shares one
+scene (drawn as its first item draws its own) and asks ``q`` different questions about it whose
+answers all differ, so a batch that holds the group (``BatchOrder(family_size=q)``) contrasts
+one image under several questions: the query embedding must depend on the question. i2t and
+t2i groups are ``q`` independent scenes. ``q = 1`` gives exactly the independent scenes;
+with ``hard_family_size > 1`` it has no effect (a family already shares its question).
+
 ``target_id`` (``query_id``) is canonical: text targets are keyed by their text, image
 targets by the scene's caption, so equal answers ("red") and equal scenes share an id.
 """
@@ -315,6 +323,22 @@ def _question(rng: random.Random, scene: Scene) -> tuple[str, str, str]:
 
 _ANSWERS = {"count": COUNT_WORDS[:3], "colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
 
+#: largest vqa_questions_per_scene: a one-object scene has 5 distinct answers (count, colour,
+#: shape, size, position), so 4 leaves the question draw room to avoid repeats
+MAX_QUESTIONS_PER_SCENE = 4
+
+
+def _distinct_questions(rng: random.Random, scene: Scene, q: int) -> list[tuple[str, str, str]]:
+    """``q`` questions about ``scene`` with pairwise different answers (and texts), drawn in turn."""
+    out: list[tuple[str, str, str]] = []
+    for _ in range(1000):
+        question = _question(rng, scene)
+        if all(question[0] != x[0] and question[1] != x[1] for x in out):
+            out.append(question)
+            if len(out) == q:
+                return out
+    raise RuntimeError(f"could not draw {q} questions with different answers about {describe_scene(scene)!r}")
+
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """``num_samples`` synthetic pairs, item ``i`` a pure function of ``(seed, split, i)``.
@@ -338,6 +362,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
         hard_family_size: items come in families of this many consecutive items (``i // k``)
             that differ in exactly one attribute of one object and share their task (see the
             module docstring); 1 (default): independent scenes, as without it. At most 8.
+        vqa_questions_per_scene: items come in groups of this many consecutive items sharing
+            their task; a VQA group asks this many questions with different answers about one
+            scene (see the module docstring). 1 (default): one question per scene, as without
+            it. At most 4; no effect with ``hard_family_size > 1``.
     """
 
     def __init__(
@@ -353,6 +381,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         hard_negatives: bool = False,
         hard_family_size: int = 1,
         background: str = "plain",
+        vqa_questions_per_scene: int = 1,
     ):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -383,6 +412,13 @@ class SyntheticDataset(torch.utils.data.Dataset):
                              f"attribute over distinct values; there are {MAX_FAMILY_SIZE} colours), got "
                              f"{hard_family_size!r}")
         self.hard_family_size = hard_family_size
+        q = vqa_questions_per_scene
+        if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= MAX_QUESTIONS_PER_SCENE:
+            raise ValueError(f"vqa_questions_per_scene must be an int in 1..{MAX_QUESTIONS_PER_SCENE} (questions "
+                             f"with different answers about one scene), got {q!r}")
+        self.vqa_questions_per_scene = q
+        # consecutive items sharing their task: a hard family, or a VQA question group
+        self._group = hard_family_size if hard_family_size > 1 else q
 
     def __len__(self) -> int:
         return self.num_samples
@@ -393,11 +429,23 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return i % self.num_samples
 
     def task(self, i: int) -> str:
-        return self.tasks[(self._index(i) // self.hard_family_size) % len(self.tasks)]
+        return self.tasks[(self._index(i) // self._group) % len(self.tasks)]
 
     def family(self, i: int) -> int:
-        """The family of item ``i`` (``i // hard_family_size``; each item its own with size 1)."""
-        return self._index(i) // self.hard_family_size
+        """The family of item ``i`` (``i // hard_family_size``; each item its own with size 1);
+        with ``vqa_questions_per_scene=q > 1`` (and no families) its question group, ``i // q``."""
+        return self._index(i) // self._group
+
+    def _question_group(self, i: int) -> tuple[Scene, tuple[str, str, str]]:
+        """VQA item ``i``'s scene, shared by its question group (drawn as item ``i - i % q``
+        draws its own), and its own question, one of the group's ``q`` with different answers."""
+        q = self.vqa_questions_per_scene
+        first = i - i % q
+        scene = _draw_scene(_rng(self.seed, self.split, first), self.min_shapes, self.max_shapes, self.background)
+        return scene, _distinct_questions(_rng(self.seed, self.split, first, "questions"), scene, q)[i % q]
+
+    def _grouped_vqa(self, i: int) -> bool:
+        return self.hard_family_size == 1 and self.vqa_questions_per_scene > 1 and self.task(i) == "vqa"
 
     def _family_member(self, i: int) -> tuple[Scene, tuple[str, str, str] | None]:
         """Item ``i``'s scene as a member of its family, and the family's VQA question (None
@@ -417,12 +465,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
         """(len,) bool: which queries carry an image (i2t and vqa do, t2i does not), without
         drawing anything; what batches grouped by modality need."""
         has = np.array([t != "t2i" for t in self.tasks], dtype=bool)
-        return has[(np.arange(self.num_samples) // self.hard_family_size) % len(self.tasks)]
+        return has[(np.arange(self.num_samples) // self._group) % len(self.tasks)]
 
     def scene(self, i: int) -> Scene:
         """The scene of item ``i`` (what its image shows and its caption says)."""
         if self.hard_family_size > 1:
             return self._family_member(self._index(i))[0]
+        if self._grouped_vqa(i):
+            return self._question_group(self._index(i))[0]
         return _draw_scene(_rng(self.seed, self.split, self._index(i)), self.min_shapes, self.max_shapes,
                            self.background)
 
@@ -433,6 +483,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         family_question = None
         if self.hard_family_size > 1:
             scene, family_question = self._family_member(i)
+        elif self._grouped_vqa(i):
+            scene, family_question = self._question_group(i)
         task = self.task(i)
         caption = describe_scene(scene)
         image = render_scene(scene, self.image_size)
@@ -479,7 +531,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
             f"SyntheticDataset({self.num_samples}, seed={self.seed}, split={self.split!r}, "
             f"image_size={self.image_size}, tasks={self.tasks}, shapes={self.min_shapes}..{self.max_shapes}, "
             f"hard_negatives={self.hard_negatives}, background={self.background!r}"
-            + (f", hard_family_size={self.hard_family_size})" if self.hard_family_size > 1 else ")")
+            + (f", hard_family_size={self.hard_family_size}" if self.hard_family_size > 1 else "")
+            + (f", vqa_questions_per_scene={self.vqa_questions_per_scene}" if self.vqa_questions_per_scene > 1
+               else "")
+            + ")"
         )
 
 
