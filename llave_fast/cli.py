@@ -453,6 +453,15 @@ def _eval_video(args) -> int:
     return 0
 
 
+def _add_precision_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of the evaluation commands (see llave_fast.evaluate.eval_precision)."""
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' precision: auto = bf16 on CUDA (LLaVE evaluates with 16-bit weights), "
+                        "fp32 on CPU. Default: auto")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; ``argv`` (the arguments) picks the preset whose defaults train's help shows."""
     argv = [] if argv is None else argv
@@ -511,11 +520,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         help="samples per forward pass. Default: 64")
     p_eval.add_argument("--output", default=None, metavar="JSON",
                         help="also write the metrics JSON (printed to stdout) to this file")
-    p_eval.add_argument("--device", default="auto",
-                        help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
-    p_eval.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                        help="weights' precision: auto = bf16 on CUDA (LLaVE evaluates with 16-bit weights), "
-                             "fp32 on CPU. Default: auto")
+    _add_precision_flags(p_eval)
 
     p_video = sub.add_parser("eval-video", parents=[common],
                              help="zero-shot text-video retrieval (MSR-VTT, MSVD): R@1/5/10, median and mean rank")
@@ -550,11 +555,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                          help="videos (and captions) per forward pass. Default: 8")
     p_video.add_argument("--workers", type=_positive_int, default=2, metavar="N",
                          help="threads decoding videos ahead of the model (at most two batches ahead). Default: 2")
-    p_video.add_argument("--device", default="auto",
-                         help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
-    p_video.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                         help="weights' precision: auto = bf16 on CUDA (LLaVE evaluates with 16-bit weights), "
-                              "fp32 on CPU. Default: auto")
+    _add_precision_flags(p_video)
 
     p_ablate = sub.add_parser("ablate", parents=[common],
                               help="hardness weighting (alpha) x negatives per loss on the tiny setting: P@1 table "

@@ -218,6 +218,13 @@ def _discover(paths) -> list[Path] | str:
     paths = list(paths)
     if len(paths) == 1 and isinstance(paths[0], str) and not os.path.exists(paths[0]) and _HUB_NAME_RE.match(paths[0]):
         return paths[0]
+    return data_files(paths, missing_hint=" (a hub dataset is named 'owner/name' and needs the `datasets` package)")
+
+
+def data_files(paths, missing_hint: str = "") -> list[Path]:
+    """The data files (``DATA_SUFFIXES``) named by ``paths``: files as given, folders searched
+    recursively (sorted); a folder without any, a file of another type or a missing path is an
+    error naming it (``missing_hint`` is added to the last)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -230,9 +237,7 @@ def _discover(paths) -> list[Path] | str:
                 raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
             files.append(p)
         else:
-            raise FileNotFoundError(
-                f"{p}: no such file or folder (a hub dataset is named 'owner/name' and needs the `datasets` package)"
-            )
+            raise FileNotFoundError(f"{p}: no such file or folder{missing_hint}")
     return files
 
 

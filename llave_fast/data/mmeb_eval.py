@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .mmeb import _SHARD_RE, DATA_SUFFIXES, BadDataError
+from .mmeb import _SHARD_RE, BadDataError, data_files
 
 __all__ = ["EVAL_COLUMNS", "EvalDataset", "EvalRow", "EvalSet", "find_eval_datasets", "is_eval_file",
            "read_eval_file", "read_eval_set", "write_mmeb_eval"]
@@ -201,30 +201,13 @@ def _dataset_name(path: Path) -> str:
     return path.parent.name if _SHARD_RE.match(path.stem) else path.stem
 
 
-def _expand(paths) -> list[Path]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files under {p}")
-            files += found
-        elif p.is_file():
-            if p.suffix not in DATA_SUFFIXES:
-                raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return files
-
-
 def find_eval_datasets(paths) -> list[EvalDataset] | None:
     """The MMEB-eval datasets that ``paths`` (files and folders, folders searched recursively)
     name, in the order given; None when none of the files is an MMEB-eval file (they are
     MMEB-train files). A mix of both kinds, or two datasets of one name, is refused."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    files = _expand(paths)
+    files = data_files(paths)
     kinds = {f: is_eval_file(str(f)) for f in files}
     if not any(kinds.values()):
         return None
