@@ -1,8 +1,9 @@
-"""The ``llave-fast`` command: train, export, eval.
+"""The ``llave-fast`` command: train, export, eval, eval-video, ablate.
 
     llave-fast train [--config tiny_cpu.json] [--output-dir DIR] [--steps 200 ...]
     llave-fast export --run DIR [--output DIR/export] [--dtype bf16]
-    llave-fast eval --model PATH [--data synthetic | FILES --image-dir DIR]
+    llave-fast eval --model PATH [--data synthetic | FILE_OR_DIR ... --image-dir DIR --output-dir OUT]
+    llave-fast eval-video --model PATH --videos DIR --annotations FILE --output-dir OUT
     llave-fast ablate [--quick] [--alphas 0,9] [--batches 16,128] [--seeds 3] [--output-dir DIR]
 
 ``train`` with no other arguments trains the tiny demo model on the synthetic dataset
