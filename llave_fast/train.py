@@ -84,7 +84,7 @@ class TrainConfig:
                                      "run refuses options that would change it (lr, data, ...) and records the "
                                      "harmless ones (save_every, chunk_size, ...) in train_config.json's _history")
     num_train: int = _opt(6144, "synthetic train samples")
-    num_eval: int = _opt(256, "held-out synthetic samples (queries and targets)")
+    num_eval: int = _opt(256, "held-out synthetic samples (queries and targets); 0 skips the held-out evaluation")
     synthetic_background: str = field(default="plain", metadata={"choices": ("plain", "varied"), "help": (
         "synthetic images' background: 'plain' (one grey) or 'varied' (a grey level per image, 100..156: a nuisance "
         "that makes the default job's tiny model learn to ignore the images; see the README)")})
@@ -399,7 +399,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    for name in ("save_every", "warmup_steps", "num_workers"):
+    for name in ("save_every", "warmup_steps", "num_workers", "num_eval"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -646,6 +646,8 @@ def _datasets(cfg: TrainConfig, progress: bool = False):
                                  hard_family_size=cfg.hard_family_size, background=cfg.synthetic_background,
                                  vqa_questions_per_scene=cfg.vqa_questions_per_scene,
                                  **({} if cfg.synthetic_tasks is None else {"tasks": cfg.synthetic_tasks}))
+        if cfg.num_eval == 0:  # no held-out evaluation (no eval.json)
+            return train, None
         evals = SyntheticDataset(cfg.num_eval, seed=cfg.seed, split="eval", image_size=cfg.image_size,
                                  hard_family_size=cfg.hard_family_size, background=cfg.synthetic_background)
         return train, evals

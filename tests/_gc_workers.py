@@ -87,12 +87,13 @@ def ddp_rank(rank, world, chunk):
     torch.testing.assert_close(flat, other, rtol=0, atol=0)
 
 
-def deepspeed_rank(rank, world, stage, chunk, sizes=None):
+def deepspeed_rank(rank, world, stage, chunk, sizes=None, expect_calls=None):
     """Under a DeepSpeed engine: one GradCache step equals one full-batch engine step.
 
     ``sizes``: per-rank batch sizes (default 5 + rank); with sizes whose chunk counts differ
     (5 and 7 at chunk 2: 3 and 4 chunks) GradCache must equalise its encoder calls, or
-    ZeRO-3's parameter gathers mismatch across ranks."""
+    ZeRO-3's parameter gathers mismatch across ranks. ``expect_calls``: the encoder calls the
+    GradCache step must make on every rank (checked when given)."""
     import os
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -125,7 +126,12 @@ def deepspeed_rank(rank, world, stage, chunk, sizes=None):
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         if use_gc:
+            calls = []
+            hook = engine.module.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
             loss = GradCache(engine, loss_fn, chunk)(q, t)
+            hook.remove()
+            if expect_calls is not None:
+                assert len(calls) == expect_calls, f"rank {rank}: {len(calls)} encoder calls {calls}, want {expect_calls}"
         else:
             loss = loss_fn(engine(q), engine(t))
             engine.backward(loss)

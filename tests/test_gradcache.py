@@ -19,7 +19,7 @@ def _assert_rel(got, want, name, tol=2e-5):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("n,chunk", [(12, 5), (7, 7), (9, 1)])
+@pytest.mark.parametrize("n,chunk", [(12, 5), (7, 7), (9, 1), (7, 14), (5, 13)])  # the last two: single pass
 def test_gradients_equal_full_batch(backend, n, chunk):
     torch.manual_seed(0)
     model = W.Encoder()
@@ -158,6 +158,16 @@ def test_deepspeed_step_equals_full_batch_step(stage):
     spawn_ranks(W.deepspeed_rank, 2, stage, 3)
 
 
+@pytest.mark.parametrize("chunk,calls", [(12, 4), (14, 2)])
+def test_zero3_single_pass_only_when_every_rank_fits(chunk, calls):
+    """Per-rank batches of 5 and 7 pairs: at chunk 12 rank 0's 10 samples fit one chunk but rank
+    1's 14 do not, so both ranks take the cached path (2 x (1 + 1) calls each; a single pass on
+    rank 0 alone would leave rank 1 in a collective rank 0 never joins); at chunk 14 both take
+    the single pass (2 calls). Either way the step equals the full-batch step."""
+    pytest.importorskip("deepspeed")
+    spawn_ranks(W.deepspeed_rank, 2, 3, chunk, [5, 7], calls)
+
+
 def test_zero3_uneven_batches_make_equal_encoder_calls():
     """Per-rank batches of 5 and 7 at chunk 2 (3 and 4 chunks): under ZeRO-3 every forward
     gathers parameters, so the ranks must make the same number of encoder calls (without the
@@ -182,7 +192,8 @@ def test_padding_calls_add_nothing_and_keep_the_rng(monkeypatch):
         calls.clear()
         gc = GradCache(model, loss_fn, 2)
         if pad:
-            monkeypatch.setattr(gc, "_chunk_targets", lambda counts: [counts[0] + 1, counts[1] + 1, counts[2] + 2])
+            monkeypatch.setattr(gc, "_chunk_targets",
+                                lambda counts, fits: ([counts[0] + 1, counts[1] + 1, counts[2] + 2], False))
         torch.manual_seed(7)
         loss = gc(q, t)
         rng = torch.rand(3)
@@ -217,3 +228,51 @@ def test_hard_negatives_are_encoded_and_match_full_batch():
 
 def test_separate_query_and_target_encoders_under_ddp():
     spawn_ranks(W.separate_encoders_rank, 2)
+
+
+@pytest.mark.parametrize("with_negatives", [False, True])
+def test_single_pass_equals_the_cached_path(with_negatives):
+    """A batch that fits one chunk: one forward per side instead of two, and the same loss,
+    gradients (dropout on: the masks are those the cached path replays) and RNG afterwards."""
+    torch.manual_seed(0)
+    model = W.Encoder(p_drop=0.3)
+    q, t = W.make_batch(6, seed=21)
+    neg = W.make_batch(3, seed=22)[0] if with_negatives else None
+    loss_fn = FusedHardnessLoss(backend="torch")
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append((torch.is_grad_enabled(), o.shape[0])))
+    out = {}
+    for single in (True, False):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(3)
+        loss = GradCache(model, loss_fn, 15, single_pass=single)(q, t, neg)
+        out[single] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()}, list(calls), torch.rand(4))
+    sides = 3 if with_negatives else 2
+    assert out[True][2] == [(True, 6), (True, 6), (True, 3)][:sides]
+    assert len(out[False][2]) == 2 * sides and [g for g, _ in out[False][2]] == [False] * sides + [True] * sides
+    assert torch.equal(out[True][3], out[False][3]), "the RNG must continue as after the cached path"
+    assert abs(out[True][0].item() - out[False][0].item()) < 1e-6
+    for k, g in out[False][1].items():
+        _assert_rel(out[True][1][k], g, k, tol=1e-6)
+    # a batch one sample too large for the chunk takes the cached path
+    calls.clear()
+    GradCache(model, loss_fn, 2 * 6 + (3 if with_negatives else 0) - 1)(q, t, neg)
+    assert [g for g, _ in calls].count(False) == sides
+
+
+def test_single_pass_is_not_taken_for_ddp_or_separate_encoders():
+    model, other = W.Encoder(), W.Encoder()
+    q, t = W.make_batch(4, seed=1)
+    assert GradCache(model, FusedHardnessLoss(), 8)._fits_one_pass([4, 4, 0])
+    assert not GradCache(model, FusedHardnessLoss(), 7)._fits_one_pass([4, 4, 0])
+    assert not GradCache(model, FusedHardnessLoss(), 8, single_pass=False)._fits_one_pass([4, 4, 0])
+    assert not GradCache(model, FusedHardnessLoss(), 8, target_encoder=other)._fits_one_pass([4, 4, 0])
+
+    class NoSync(W.Encoder):  # what DDP looks like to GradCache
+        def no_sync(self):
+            raise AssertionError("not called by this check")
+
+    assert not GradCache(NoSync(), FusedHardnessLoss(), 8)._fits_one_pass([4, 4, 0])
+    with pytest.raises(TypeError, match="single_pass must be True or False, got 1"):
+        GradCache(model, FusedHardnessLoss(), 8, single_pass=1)

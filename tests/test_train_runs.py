@@ -315,3 +315,18 @@ def test_vqa_questions_per_scene_config_is_checked_and_batches_keep_groups_whole
         check_config(TrainConfig(data="x.jsonl", vqa_questions_per_scene=2), world=1)
     with pytest.raises(ValueError, match=r"synthetic_tasks must list tasks among i2t, t2i, vqa, got \['vqa', 'x'\]"):
         check_config(TrainConfig(synthetic_tasks=["vqa", "x"]), world=1)
+
+
+def test_num_eval_zero_trains_without_a_held_out_evaluation(tmp_path):
+    """--num-eval 0: no held-out set, no evaluation before or after, no eval.json (it used to
+    crash encoding an empty split); a negative count is refused before anything is built."""
+    from llave_fast.testing import spawn_ranks
+
+    out = str(tmp_path / "run")
+    spawn_ranks(W.run_train, 1, dict(out=out, num_eval=0, steps=2, save_every=0, eval_before=True))
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    assert result["steps"] == 2 and result["eval_json"] is None and "by_task" not in result
+    assert not os.path.exists(os.path.join(out, "eval.json"))
+    with pytest.raises(ValueError, match="num_eval must be an int >= 0, got -1"):
+        check_config(W.tiny_cfg(out, num_eval=-1), world=1)
