@@ -613,6 +613,11 @@ def write_run_config(cfg: TrainConfig, history: list, data: dict) -> None:
 _HF_DS_CONFIG = None  # transformers reads the ZeRO-3 config through this object while it lives
 
 
+def tiny_model_kwargs(cfg: TrainConfig) -> dict:
+    """The tiny model's shape for a run: one tile of the run's image size in 4 x 4 patches."""
+    return dict(image_size=cfg.image_size, patch_size=max(4, cfg.image_size // 4), max_grid=1)
+
+
 def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
     """The tiny demo model from scratch, or a checkpoint (partitioned at load under ZeRO-3)."""
     global _HF_DS_CONFIG
@@ -624,8 +629,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
     if cfg.model == "tiny":
-        model = build_tiny_model(cfg.seed, torch_dtype=dtype, image_size=cfg.image_size,
-                                 patch_size=max(4, cfg.image_size // 4), max_grid=1)
+        model = build_tiny_model(cfg.seed, torch_dtype=dtype, **tiny_model_kwargs(cfg))
     else:
         model = LLaVEEmbedder.from_pretrained(cfg.model, torch_dtype=dtype)
     if cfg.image_grid is not None:

@@ -158,14 +158,15 @@ def test_deepspeed_step_equals_full_batch_step(stage):
     spawn_ranks(W.deepspeed_rank, 2, stage, 3)
 
 
-@pytest.mark.parametrize("chunk,calls", [(12, 4), (14, 2)])
-def test_zero3_single_pass_only_when_every_rank_fits(chunk, calls):
+@pytest.mark.parametrize("stage,chunk,calls", [(3, 12, 4), (3, 14, 2), (2, 14, 2), (0, 14, 2)])
+def test_deepspeed_single_pass_only_when_every_rank_fits(stage, chunk, calls):
     """Per-rank batches of 5 and 7 pairs: at chunk 12 rank 0's 10 samples fit one chunk but rank
     1's 14 do not, so both ranks take the cached path (2 x (1 + 1) calls each; a single pass on
     rank 0 alone would leave rank 1 in a collective rank 0 never joins); at chunk 14 both take
-    the single pass (2 calls). Either way the step equals the full-batch step."""
+    the single pass (2 calls). Either way the step equals the full-batch step; the single pass
+    also under ZeRO-2 and without ZeRO (one reduction at the accumulation boundary)."""
     pytest.importorskip("deepspeed")
-    spawn_ranks(W.deepspeed_rank, 2, 3, chunk, [5, 7], calls)
+    spawn_ranks(W.deepspeed_rank, 2, stage, chunk, [5, 7], calls)
 
 
 def test_zero3_uneven_batches_make_equal_encoder_calls():
