@@ -238,7 +238,8 @@ def start_script() -> None:
 
     * SIGTERM raises KeyboardInterrupt, as SIGINT does: a run stopped by ``timeout`` (SIGINT
       in gpu_check.sh, SIGTERM from a plain ``timeout`` or a batch system) goes through the
-      script's ``except KeyboardInterrupt`` and writes what it has measured.
+      script's ``except KeyboardInterrupt`` and writes what it has measured. SIGINT gets
+      Python's handler back even when the script was started with SIGINT ignored.
     * ``gc.freeze()``: the objects of the imports (torch, triton, transformers: millions)
       move to a generation the collector never scans, so the ``gc.collect()`` before each
       timed run costs milliseconds, not a large part of the run.
@@ -249,6 +250,11 @@ def start_script() -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, _raise)
+    # SIGINT -> KeyboardInterrupt even when this process started with SIGINT ignored: Python
+    # keeps an inherited SIG_IGN, and a background job of a non-interactive shell (`cmd &` in
+    # a script, nohup) inherits one, so a limit's SIGINT would be lost and only its SIGKILL,
+    # which writes nothing, would stop the run
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     gc.collect()
     gc.freeze()
     # frozen objects are otherwise never collected at exit, and triton's bindings then print

@@ -349,18 +349,28 @@ def _wait_for(pred, timeout_s):
     return False
 
 
+def _sigint_ignored():
+    """Start a child as a background job of a non-interactive shell starts it: SIGINT ignored
+    (inherited, and kept by Python), the case that hid a benchmark's SIGINT handling."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
     """Stopped by a signal in the middle of a sweep, bench_loss still writes its JSON with the
     sizes it finished, marked "interrupted", and exits 130 (SIGINT: gpu_check.sh's limits;
-    SIGTERM: a plain `timeout`)."""
+    SIGTERM: a plain `timeout`), also when started with SIGINT ignored (as `cmd &` in a
+    script starts it)."""
     import signal
 
     out = tmp_path / "loss.json"
     proc = subprocess.Popen([sys.executable, str(BENCH / "bench_loss.py"), "--device", "cpu", "--backends", "torch",
                              "--B", "64", "4096", "8192", "16384", "--d", "256", "--repeats", "50",
                              "--no-live-memory", "--no-plot", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            preexec_fn=_sigint_ignored)
 
     def first_size_written():
         try:
@@ -464,7 +474,8 @@ def test_maxb_writes_its_tries_when_stopped(tmp_path):
     proc = subprocess.Popen([sys.executable, str(BENCH / "bench_maxb.py"), "--device", "cpu", "--backends", "torch",
                              "--d", "256", "--start", "512", "--B-max", str(1 << 20), "--max-try-s", "1000",
                              "--warmup-B", "0", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            preexec_fn=_sigint_ignored)
     seen = []
     try:
         for line in proc.stdout:
