@@ -112,7 +112,9 @@ class TrainConfig:
     max_text_tokens: int | None = _opt(None, "ours: cut each query/target's own text to this many tokens (the "
                                              "template and image tokens are never cut)")
     global_batch: int = _opt(64, "pairs per optimizer step over all ranks")
-    chunk_size: int = _opt(32, "GradCache chunk: samples per forward with gradients (activation memory)")
+    chunk_size: int = _opt(32, "GradCache chunk: samples per forward with gradients (activation memory); when a "
+                               "rank's whole step (queries + targets + negatives) fits in one chunk, GradCache "
+                               "encodes once (its single pass: one forward fewer per step)")
     accumulation_steps: int = _opt(1, "LLaVE's negatives: cut each rank's share of a global batch into this many "
                                       "micro-batches; each micro-batch's loss sees only its own pairs across ranks "
                                       "(LLaVE: 8 ranks x 4 x 8 steps -> 32 pairs per loss) and the step's loss is "
