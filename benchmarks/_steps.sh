@@ -11,9 +11,9 @@
 #
 # install_package PY   makes `import llave_fast.kernels` work for PY from this source tree:
 #     an offline editable install (no index, no build isolation, no dependencies), checked by
-#     its exit status and by importing; where that fails, a copy of the package with kernels/
-#     in place under $SHIM_DIR, first on PYTHONPATH (PYTHONSAFEPATH=1 so that the tree's own
-#     llave_fast/, which has no kernels/, is not found first). Returns 1 with a clear message
+#     its exit status and by importing; where that fails, a copy of the package with its links
+#     (llave_fast/kernels, llave_fast/configs) resolved into folders under $SHIM_DIR, first on
+#     PYTHONPATH (PYTHONSAFEPATH=1 so that the tree's own llave_fast/ is not found first). Returns 1 with a clear message
 #     when neither works; the caller stops there.
 
 run_step() {
@@ -50,8 +50,8 @@ install_package() {
         echo "the editable install failed (above)"
     fi
     local shim=${SHIM_DIR:-/tmp/llave_fast_src}
-    echo "falling back to a copy of the package under $shim (kernels/ placed as llave_fast/kernels)"
-    rm -rf "$shim" && mkdir -p "$shim" && cp -r llave_fast "$shim/" && cp -r kernels "$shim/llave_fast/kernels" || {
+    echo "falling back to a copy of the package under $shim (links resolved: llave_fast/kernels and llave_fast/configs as folders)"
+    rm -rf "$shim" && mkdir -p "$shim" && cp -rL llave_fast "$shim/" || {
         echo "FATAL: could not copy the package to $shim"
         return 1
     }

@@ -35,15 +35,9 @@ from .loss import FusedHardnessLoss
 log = logging.getLogger("llave_fast.train")
 
 def _config_dir() -> str:
-    """The shipped presets: the package ``llave_fast.configs`` (``configs/`` in the tree, mapped
-    in by setup.py and shipped in the wheel); a source tree that was not installed falls back
-    to the folder beside the package."""
-    try:
-        from llave_fast import configs
-
-        return os.path.dirname(os.path.abspath(configs.__file__))
-    except ImportError:
-        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    """The shipped presets: ``llave_fast/configs`` (in the source tree a link to the top-level
+    ``configs/`` folder; in the wheel a copy of its JSON files)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 CONFIG_DIR = _config_dir()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs llave-fast and its CPU test/benchmark dependencies into the current Python.
+# Installs llave-fast and its CPU test/benchmark dependencies into the current Python, at the tested
+# versions of constraints.txt (LLAVE_FAST_LATEST=1: the newest releases pyproject.toml allows instead).
 # torch is pinned to the CPU build kept on these machines' disk; an unpinned torch would
 # pull a multi-GB CUDA build. GPU machines keep their own torch (pyproject asks torch>=2.4).
 set -euo pipefail
@@ -8,4 +9,9 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev,train]"
+if [ -n "${LLAVE_FAST_LATEST:-}" ]; then
+    echo "setup: LLAVE_FAST_LATEST is set: the newest releases, not the tested set of constraints.txt" >&2
+    "$PY" -m pip install -q -e ".[dev,train]"
+else
+    "$PY" -m pip install -q -c constraints.txt -e ".[dev,train]"
+fi

@@ -9,3 +9,38 @@ import os
 
 if os.environ.get("LLAVE_FAST_COMPILED", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _import_guard() -> str | None:
+    """Why the training stack cannot be imported here (None when it can): one clear message, with
+    the package versions, instead of dozens of unrelated test errors after an upstream release."""
+    import importlib
+    import importlib.metadata as md
+
+    for name in ("transformers", "deepspeed"):
+        try:
+            md.version(name)
+        except md.PackageNotFoundError:
+            continue  # not installed at all: the tests that need it say so themselves
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure here is the message
+            versions = []
+            for dist in ("torch", "triton", "transformers", "kernels", "deepspeed", "accelerate", "huggingface_hub"):
+                try:
+                    versions.append(f"{dist} {md.version(dist)}")
+                except md.PackageNotFoundError:
+                    versions.append(f"{dist} (not installed)")
+            return (f"`import {name}` fails in this environment: {type(exc).__name__}: {exc}\n"
+                    f"installed: {', '.join(versions)}\n"
+                    "`bash scripts/setup.sh` installs the tested versions of constraints.txt; "
+                    "tests/test_environment.py says which installed versions differ from them")
+    return None
+
+
+def pytest_sessionstart(session):
+    import pytest
+
+    why = _import_guard()
+    if why is not None:
+        pytest.exit("the test environment is broken, no test was run:\n" + why, returncode=3)

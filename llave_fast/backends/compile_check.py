@@ -47,7 +47,9 @@ def compile_all(arch: int = 90) -> list[str]:
     from triton.backends.compiler import GPUTarget
 
     from llave_fast.backends.triton_backend import ds_dtype, gpu_config
-    from llave_fast.kernels import hardness_bwd_kernel, hardness_ds_kernel, hardness_fwd_kernel
+    from llave_fast.kernels.hardness_bwd import hardness_bwd_kernel
+    from llave_fast.kernels.hardness_ds import hardness_ds_kernel
+    from llave_fast.kernels.hardness_fwd import hardness_fwd_kernel
 
     target = GPUTarget("cuda", arch, 32)
     limit = SMEM_LIMIT.get(arch, 99 * 1024)

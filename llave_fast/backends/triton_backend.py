@@ -21,9 +21,14 @@ _CONFIG_OVERRIDE: dict | None = None
 def _kernels():
     global _KERNELS
     if _KERNELS is None:
-        from llave_fast import kernels
+        from types import SimpleNamespace
 
-        _KERNELS = kernels
+        from llave_fast.kernels.hardness_bwd import hardness_bwd_kernel
+        from llave_fast.kernels.hardness_ds import hardness_ds_kernel
+        from llave_fast.kernels.hardness_fwd import hardness_fwd_kernel
+
+        _KERNELS = SimpleNamespace(hardness_fwd_kernel=hardness_fwd_kernel, hardness_bwd_kernel=hardness_bwd_kernel,
+                                   hardness_ds_kernel=hardness_ds_kernel)
     return _KERNELS
 
 

@@ -56,7 +56,7 @@ from .processor import (
     unpadded_shape,
 )
 
-__all__ = ["LLaVEEmbedder", "LLaVEOnevisionModel", "default_attn_implementation", "BATCH_KEYS"]
+__all__ = ["LLaVEEmbedder", "import_modeling_modules", "LLaVEOnevisionModel", "default_attn_implementation", "BATCH_KEYS"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -182,6 +182,25 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+
+def import_modeling_modules(config) -> None:
+    """Import the transformers modeling modules ``config`` builds (the model's own and its text and
+    vision towers') now, before any ``deepspeed.zero.Init``.
+
+    transformers imports a sub-model's modeling module lazily, on first use. When that first use
+    is inside ``zero.Init`` (an ``HfDeepSpeedConfig`` with ZeRO-3 alive), DeepSpeed records each
+    new module class's ``__init__`` as the class is created, before decorators such as
+    transformers' hub-kernel layers (``use_kernelized_func``) replace it, and puts the recorded
+    one back when the context exits: every later model of that class lacks ``_kernel_funcs``
+    and its first forward fails. Imported here, outside the context, the classes are complete
+    before DeepSpeed sees them, and a second model in the same process builds like the first.
+    """
+    from transformers import AutoModel
+
+    for sub in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if sub is not None and type(sub) in AutoModel._model_mapping:
+            AutoModel._model_mapping[type(sub)]  # the lookup imports the class's module
+
 class LLaVEEmbedder(nn.Module):
     """LLaVE: LlavaOnevisionModel -> last real token's final hidden state -> L2 norm.
 
@@ -265,6 +284,7 @@ class LLaVEEmbedder(nn.Module):
         attn = attn_implementation or default_attn_implementation(dtype)
         from transformers import LlavaOnevisionModel
 
+        import_modeling_modules(config)
         model = LlavaOnevisionModel._from_config(config, dtype=dtype, attn_implementation=attn)
         return cls(model, processor)
 
@@ -325,6 +345,7 @@ class LLaVEEmbedder(nn.Module):
         attn = attn_implementation or default_attn_implementation(dtype)
         from transformers import LlavaOnevisionModel
 
+        import_modeling_modules(config)
         # loaded as transformers' class (its checkpoint-name conversions apply); __init__ switches it to LLaVE's packing
         model, info = LlavaOnevisionModel.from_pretrained(
             path,
