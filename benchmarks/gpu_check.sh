@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU run. Stages, most important first:
 #
-#   A   A1 compiled-kernel tests vs the float64 reference (pytest -m gpu, 8 workers)   <= 110 s
+#   A   A1 compiled-kernel tests vs the float64 reference, and the environment checks (pytest -m 'gpu or env', 8 workers)   <= 110 s
 #       A2 tuning sweep at B = N = 16384, d = 1536, bf16 (which backward, which tiles:
 #          the backward candidates first)                                             <=  85 s
 #   B   B1 loss sweep at d = 1536, bf16, B = 4096, 16384, 65536, every backend
@@ -101,8 +101,8 @@ stage_A() {
             "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)
             "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
         fi
-        LLAVE_FAST_COMPILED=$([ "$DRY" = 1 ] && echo 0 || echo 1) run_step "$LIMIT_A1" "$PY" -m pytest -q -m gpu \
-            tests/test_loss_gpu.py "${extra[@]}" -p no:cacheprovider -p no:benchmark -o addopts="" -rfE --tb=short \
+        LLAVE_FAST_COMPILED=$([ "$DRY" = 1 ] && echo 0 || echo 1) run_step "$LIMIT_A1" "$PY" -m pytest -q -m "gpu or env" \
+            tests/test_loss_gpu.py tests/test_environment.py "${extra[@]}" -p no:cacheprovider -p no:benchmark -o addopts="" -rfE --tb=short \
             --junitxml="$OUT/tests.xml"
 
     fi

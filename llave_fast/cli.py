@@ -36,8 +36,8 @@ from ._checks import BACKENDS
 
 PROG = "llave-fast"
 DEFAULT_CONFIG = "tiny_cpu.json"
-# TrainConfig fields that only tests set: no flag in --help (they still parse). A field can
-# also mark itself with metadata {"hidden": True}.
+# TrainConfig fields that only tests set: no flag in --help (they still parse). A field marks
+# itself with metadata {"hidden": True} (stop_after does); more names can be listed here.
 HIDDEN_FIELDS = frozenset({"stop_after"})
 # choices of str fields, when the field's metadata does not give them ("choices")
 FIELD_CHOICES = {"loss_backend": BACKENDS, "bad_images": ("skip", "fail")}
@@ -254,8 +254,28 @@ def train_config_from_args(args):
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             setattr(cfg, f.name, getattr(args, f.name))
+    _drop_synthetic_only(cfg, args)
     _fit_preset_warmup(cfg, args)
     return cfg
+
+
+def _drop_synthetic_only(cfg, args) -> None:
+    """Real data (``--data FILES``) with a preset made for the synthetic data (the default
+    tiny_cpu.json sets synthetic_tasks): the preset's synthetic-only options go back to their
+    defaults, with a note naming them. Given as flags they stay, and check_config refuses them."""
+    from .train import SYNTHETIC_ONLY, TrainConfig
+
+    if cfg.data == "synthetic":
+        return
+    dropped = []
+    for name in SYNTHETIC_ONLY:
+        default = TrainConfig.__dataclass_fields__[name].default
+        if not hasattr(args, name) and getattr(cfg, name) != default:
+            dropped.append(f"{name}={getattr(cfg, name)!r}")
+            setattr(cfg, name, default)
+    if dropped:
+        print(f"{PROG} train: note: --data is not synthetic; the config's synthetic-data options do not apply and "
+              f"are left out: {', '.join(dropped)}", file=sys.stderr)
 
 
 def _fit_preset_warmup(cfg, args) -> None:
@@ -301,8 +321,8 @@ def _export(args) -> int:
 
     _existing("--run", args.run)
     if not is_run_dir(args.run):
-        raise UsageError(f"--run {args.run!r}: not a llave-fast training run folder (no base/ or checkpoints/ "
-                         "inside; give the --output-dir of a training run)")
+        raise UsageError(f"--run {args.run!r}: not a llave-fast training run folder (no train_config.json, base/ "
+                         "or checkpoints/ inside; give the --output-dir of a training run)")
 
     path = export_run(args.run, args.output, dtype=args.dtype, tag=args.tag)
     print(f"exported to {path}")
@@ -565,13 +585,56 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# flags of other trainers, and what this command calls them
+_FLAG_ALIASES = {
+    "--batch-size": "--global-batch (pairs per optimizer step over all ranks)",
+    "--train-batch-size": "--global-batch (pairs per optimizer step over all ranks)",
+    "--per-device-train-batch-size": "--global-batch (pairs per optimizer step over all ranks; per rank: "
+                                     "global batch / ranks)",
+    "--bs": "--global-batch (pairs per optimizer step over all ranks)",
+    "--micro-batch-size": "--chunk-size (GradCache: samples per forward with gradients)",
+    "--learning-rate": "--lr",
+    "--max-steps": "--steps",
+    "--num-train-epochs": "--epochs",
+    "--gradient-accumulation-steps": "--accumulation-steps",
+    "--temperature": "--logit-scale (the inverse temperature)",
+}
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
+    """argparse's "unrecognized arguments", with what was probably meant for each unknown flag."""
+    import difflib
+
+    known = list(parser._option_string_actions) + list(_command_parser(parser, command)._option_string_actions)
+    hints = []
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        if flag.replace("_", "-") in _FLAG_ALIASES:
+            hints.append(f"{flag}: use {_FLAG_ALIASES[flag.replace('_', '-')]}")
+        elif (close := difflib.get_close_matches(flag.replace("_", "-"), known, n=2, cutoff=0.6)):
+            hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+    msg = f"unrecognized arguments: {' '.join(extra)}"
+    return msg + (f" ({'; '.join(hints)})" if hints else "")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     if not argv:
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, so the message points at its --help
+        _command_parser(parser, args.command).error(_unrecognized(parser, args.command, extra))
     if args.command is None:  # only --debug
         parser.print_help()
         return 0

@@ -181,15 +181,10 @@ def run_model_for_eval(run_dir: str, dtype: torch.dtype):
     """(model, checkpoint tag) of a training run folder's newest complete checkpoint, or an error
     that says what to do instead."""
     from . import checkpoint as ckpt
-    from .export import load_run_model
+    from .export import load_run_model, no_checkpoint_message
 
-    root = os.path.join(run_dir, "checkpoints")
-    if ckpt.latest_complete(root) is None:
-        raise FileNotFoundError(
-            f"{run_dir!r} is a training run folder without a complete checkpoint (none under {root} has the "
-            f"{ckpt.MARKER} marker yet; the run saves one every --save-every steps and at its end). Evaluate it once "
-            f"it has one, or evaluate an exported model: llave-fast export --run {run_dir}, then "
-            f"llave-fast eval --model {os.path.join(run_dir, 'export')}")
+    if ckpt.latest_complete(os.path.join(run_dir, "checkpoints")) is None:
+        raise FileNotFoundError(no_checkpoint_message(run_dir))
     try:
         # deepspeed's shard merge prints its progress: keep stdout for the metrics JSON
         with contextlib.redirect_stdout(sys.stderr):
@@ -288,6 +283,7 @@ def _image_size(path: str, origin) -> tuple[int, int]:
             width, height = im.size
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
         raise BadDataError(origin[0], origin[1], f"image {path} cannot be read ({type(exc).__name__}: {exc})",
+                           origin[2] if len(origin) > 2 else None,
                            hint=False) from exc
     return height, width
 
@@ -302,6 +298,7 @@ def _load_image(path: str, origin):
             return im.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
         raise BadDataError(origin[0], origin[1], f"image {path} cannot be read ({type(exc).__name__}: {exc})",
+                           origin[2] if len(origin) > 2 else None,
                            hint=False) from exc
 
 
@@ -330,9 +327,9 @@ def _processor_error(processor, texts, images, idx, origin, exc):
         try:
             processor.build_prompt(texts[j], images[j] is not None, 0)
         except (ValueError, TypeError) as one:
-            src, row = origin[k] if origin else ("input", k)
+            src, row, line = (tuple(origin[k]) + (None,))[:3] if origin else ("input", k, None)
             return BadDataError(src, row, str(one).replace("texts[0]", "the text").replace("images[0]", "its image"),
-                                hint=False)
+                                line, hint=False)
     return None
 
 
@@ -343,7 +340,7 @@ def encode_pairs(model, pairs, *, batch: int = 64, origin=None, desc: str | None
 
     Inputs are sorted by length (text-and-image inputs apart from text-only ones, longest
     first, so padding stays small and a batch too large for memory fails at once), images
-    are opened per batch and let go after it. ``origin[k]`` = (file, row) names the row
+    are opened per batch and let go after it. ``origin[k]`` = (file, row from 0[, line from 1]) names the row
     behind input k in errors. A tqdm bar counts encodings ("enc").
     """
     from tqdm.auto import tqdm
@@ -359,7 +356,7 @@ def encode_pairs(model, pairs, *, batch: int = 64, origin=None, desc: str | None
         for lo in range(0, n, batch):
             idx = order[lo:lo + batch]
             texts = [pairs[k][0] for k in idx]
-            images = [None if pairs[k][1] is None else _load_image(pairs[k][1], origin[k] if origin else None)
+            images = [None if pairs[k][1] is None else _load_image(pairs[k][1], origin[k] if origin else (pairs[k][1], None))
                       for k in idx]
             try:
                 inputs = processor(texts, images)

@@ -18,10 +18,31 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def is_run_dir(path: str) -> bool:
-    """True for a training run's folder (``llave-fast train --output-dir``): it has ``base/`` (the
-    architecture, written when training starts) or ``checkpoints/``, and no model ``config.json``."""
+    """True for a training run's folder (``llave-fast train --output-dir``): it has
+    ``train_config.json``, ``base/`` (the architecture, written when training starts) or
+    ``checkpoints/``, and no model ``config.json``."""
     return (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
-            and (os.path.isdir(os.path.join(path, "base")) or os.path.isdir(os.path.join(path, "checkpoints"))))
+            and any(os.path.exists(os.path.join(path, name)) for name in ("train_config.json", "base", "checkpoints")))
+
+
+def no_checkpoint_message(run_dir: str) -> str:
+    """What a run folder without a complete checkpoint means, and what can be done with it (eval and
+    export need one: neither can help)."""
+    root = os.path.join(run_dir, "checkpoints")
+    log = os.path.join(run_dir, "train_log.jsonl")
+    steps = 0
+    if os.path.isfile(log):
+        with open(log) as f:
+            steps = sum(1 for line in f if line.strip())
+    again = f"llave-fast train --output-dir {run_dir} with the run's options (it starts over there)"
+    if not os.path.isdir(root) and steps == 0:
+        return (f"{run_dir!r} is a training run folder whose run never trained (no step logged, no checkpoint: it "
+                f"stopped while starting); there is nothing to evaluate or export. Fix what stopped it and run "
+                f"{again}")
+    return (f"{run_dir!r} is a training run folder without a complete checkpoint (none under {root} has the "
+            f"{ckpt.MARKER} marker; {steps} step(s) logged). A run saves one every --save-every steps and at its end: "
+            f"if it is still running, evaluate or export it once it has saved; if it stopped before its first "
+            f"save, nothing can be evaluated or exported: run {again}")
 
 
 def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict, str]:
@@ -29,8 +50,7 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
     root = os.path.join(run_dir, "checkpoints")
     tag = tag or ckpt.latest_complete(root)
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint under {root} (none has the {ckpt.MARKER} marker): the run "
-                                "saves one every --save-every steps and at its end")
+        raise FileNotFoundError(no_checkpoint_message(run_dir))
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:
@@ -46,6 +66,8 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
     from .model import LLaVEEmbedder, LLaVEProcessor, load_config
 
     base = os.path.join(run_dir, "base")
+    if tag is None and ckpt.latest_complete(os.path.join(run_dir, "checkpoints")) is None:
+        raise FileNotFoundError(no_checkpoint_message(run_dir))
     if not os.path.isdir(base):
         raise FileNotFoundError(f"{base} is missing: {run_dir!r} is not a llave-fast training run folder (training "
                                 "writes base/ when it starts)")

@@ -143,7 +143,8 @@ class TrainConfig:
     eval_batch: int = _opt(64, "samples per evaluation forward")
     tensorboard: bool = _opt(False, "write TensorBoard logs under the run folder")
     progress: bool = _opt(True, "progress bar")
-    stop_after: int | None = _opt(None, "stop (as if killed) after this many steps of this run; tests")
+    stop_after: int | None = field(default=None, metadata={
+        "help": "stop (as if killed) after this many steps of this run; tests", "hidden": True})
 
     @classmethod
     def from_json(cls, path: str) -> "TrainConfig":
@@ -199,8 +200,39 @@ def init_distributed() -> tuple[int, int]:
         from .testing import warm_deepspeed_ops
 
         _log(int(os.environ.get("RANK", "0")), "DeepSpeed CPU op: " + warm_deepspeed_ops())
+    quiet_deepspeed_op_probe()
     deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def quiet_deepspeed_op_probe() -> None:
+    """Run DeepSpeed's probe of which ops can build (``deepspeed.ops.__compatible_ops__``, first
+    needed by ``init_distributed``) with file descriptor 2 pointed at a scratch file.
+
+    The probe compiles and links small test programs; async_io's links ``-laio``, which fails on a
+    machine without libaio. DeepSpeed silences the compiler by redirecting ``sys.stderr``'s file
+    descriptor, which is not fd 2 when ``sys.stderr`` is redirected (``llave-fast ablate`` writes
+    each run's output to its log): the linker's ``cannot find -laio`` then reached the terminal.
+    The probe runs once a process; its result is kept by DeepSpeed, so later uses are silent."""
+    import sys
+    import tempfile
+
+    ops = sys.modules.get("deepspeed.ops")
+    if ops is not None and "__compatible_ops__" in vars(ops):  # probed already in this process
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                import deepspeed.ops  # older DeepSpeed probes at this import, newer on the first use below
+
+                getattr(deepspeed.ops, "__compatible_ops__", None)
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
@@ -386,6 +418,17 @@ class MicroStepLoss(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
+# options that describe the synthetic data: a preset's values do not apply to real data (the CLI drops
+# them with a note when --data names files; given as flags, check_config refuses them)
+SYNTHETIC_ONLY = ("synthetic_tasks", "hard_family_size", "vqa_questions_per_scene")
+
+
+def _synthetic_only(name: str, value, data: str) -> ValueError:
+    default = TrainConfig.__dataclass_fields__[name].default
+    return ValueError(f"{name}={value!r} applies to the synthetic data only, got data={data!r}: leave it at its "
+                      f"default ({default!r}; on the command line, drop --{name.replace('_', '-')})")
+
+
 def check_config(cfg: TrainConfig, world: int) -> None:
     """Refuse option values that cannot work, naming the option and what it got (before any
     data is read or any model built)."""
@@ -433,7 +476,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 8:
         raise ValueError(f"hard_family_size must be an int in 1..8, got {k!r}")
     if k > 1 and cfg.data != "synthetic":
-        raise ValueError(f"hard_family_size={k} applies to the synthetic data only, got data={cfg.data!r}")
+        raise _synthetic_only("hard_family_size", k, cfg.data)
     if (per_rank // cfg.accumulation_steps) % k:
         raise ValueError(
             f"hard_family_size={k} does not divide the loss batch: global_batch={cfg.global_batch} over {world} "
@@ -443,7 +486,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 4:
         raise ValueError(f"vqa_questions_per_scene must be an int in 1..4, got {q!r}")
     if q > 1 and cfg.data != "synthetic":
-        raise ValueError(f"vqa_questions_per_scene={q} applies to the synthetic data only, got data={cfg.data!r}")
+        raise _synthetic_only("vqa_questions_per_scene", q, cfg.data)
     if k == 1 and (per_rank // cfg.accumulation_steps) % q:
         raise ValueError(
             f"vqa_questions_per_scene={q} does not divide the loss batch: global_batch={cfg.global_batch} over "
@@ -451,7 +494,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
             f"{per_rank // cfg.accumulation_steps} pairs per loss; question groups would straddle batches")
     if cfg.synthetic_tasks is not None:
         if cfg.data != "synthetic":
-            raise ValueError(f"synthetic_tasks applies to the synthetic data only, got data={cfg.data!r}")
+            raise _synthetic_only("synthetic_tasks", cfg.synthetic_tasks, cfg.data)
         bad = [t for t in cfg.synthetic_tasks if t not in ("i2t", "t2i", "vqa")]
         if not cfg.synthetic_tasks or bad:
             raise ValueError(f"synthetic_tasks must list tasks among i2t, t2i, vqa, got {cfg.synthetic_tasks!r}")
@@ -525,6 +568,12 @@ RESUME_MAY_CHANGE = frozenset({
 RESUME_NOT_COMPARED = frozenset({"output_dir", "resume"})
 
 
+def _may_change_flags() -> str:
+    """The options a resumed run may change, as the flags a user types (test-only fields left out)."""
+    hidden = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("hidden")}
+    return ", ".join("--" + n.replace("_", "-") for n in sorted(RESUME_MAY_CHANGE - hidden))
+
+
 class ResumeRefused(ValueError):
     """A run folder cannot be resumed (or started) with the options given."""
 
@@ -580,7 +629,7 @@ def plan_resume(cfg: TrainConfig, train_rows: int) -> tuple[str | None, list]:
         raise ResumeRefused(
             f"{out} holds a run (complete checkpoint {tag}) made with other values of options that cannot change "
             f"mid-run:\n{lines}\nRun it again without them to resume it as it was, or give a new --output-dir to "
-            f"start a new run with them. Options a resumed run may change: {', '.join(sorted(RESUME_MAY_CHANGE))}.")
+            f"start a new run with them. Options a resumed run may change: {_may_change_flags()}.")
     rows_then = saved.get("_data", {}).get("train_rows")
     if rows_then is not None and rows_then != train_rows:
         raise ResumeRefused(
@@ -764,7 +813,7 @@ class RunStopped(RuntimeError, ValueError):
 
 def _last_checkpoint(root: str) -> str | None:
     tag = ckpt.latest_complete(root)
-    return None if tag is None else os.path.join(root, tag)
+    return None if tag is None else os.path.abspath(os.path.join(root, tag))  # absolute, as run_dir and eval_json
 
 
 def _non_finite_message(step: int, stats: torch.Tensor, directions: list, lr: float, root: str) -> str:
@@ -826,7 +875,45 @@ def progress_line(loss: float, step_s: float, pairs_per_s: float, data_wait_s: f
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; returns the final metrics (also written to eval.json)."""
+    """Run (or resume) training; returns the final metrics (also written to eval.json).
+
+    A start that fails before its first step (a bad --model, an option DeepSpeed refuses, an
+    interrupt) leaves no half-made run folder behind: what it wrote is removed (see
+    :func:`_forget_failed_start`)."""
+    existed = cfg.output_dir is not None and os.path.exists(cfg.output_dir)
+    try:
+        return _train(cfg)
+    except BaseException:
+        _forget_failed_start(cfg.output_dir, existed)
+        raise
+
+
+def _forget_failed_start(out: str | None, existed: bool) -> None:
+    """Remove what a start that never trained wrote (train_config.json, base/), and the run folder
+    itself when this start made it and nothing else is in it. A folder holding a step's log or a
+    checkpoint is a run: nothing of it is touched. Rank 0 only (the one that writes)."""
+    import shutil
+
+    if out is None or not os.path.isdir(out) or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    log = os.path.join(out, "train_log.jsonl")
+    if os.path.exists(os.path.join(out, "checkpoints")) or (os.path.isfile(log) and os.path.getsize(log) > 0):
+        return
+    for name in ("train_config.json", "base", "train_log.jsonl"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+    if not existed and not os.listdir(out):
+        os.rmdir(out)
+        log_msg = f"the start failed before its first step: removed the run folder it had made ({out})"
+    else:
+        log_msg = f"the start failed before its first step: removed what it had written in {out}"
+    logging.getLogger("llave_fast.train").warning(log_msg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     import deepspeed
 
     from .data import PairCollator
@@ -935,7 +1022,7 @@ def train(cfg: TrainConfig) -> dict:
             assert item["step"] == step, (item["step"], step)
             for s in item["skipped"]:
                 skipped_in_training.add(s)
-                bar.write(f"step {step + 1}: skipped bad row: {s[0]}: row {s[1]}: {s[2]}")
+                bar.write(f"step {step + 1}: skipped bad row: {train_set.where(s[0], s[1])}: {s[2]}")
             _stop_on_bad_data(item["error"], step, start, world, ckpt_root, save)
             batch = _to_device(item["batch"], engine.device)
             target_ids = batch["target_ids"]

@@ -55,13 +55,18 @@ AV_HINT = 'decoding videos needs PyAV: pip install "llave-fast[video]" (or pip i
 
 
 class VideoDataError(BadDataError):
-    """An annotation file, one of its rows, or a video file that cannot be used: says where and why
-    (``FILE: reason`` or ``FILE: row N (line L): reason``)."""
+    """An annotation file, one of its rows, or a video file that cannot be used: says where and why,
+    located as every data error is (``FILE:LINE: reason``, ``FILE: row N: reason`` for a file without
+    lines, ``FILE: reason``; see :func:`~llave_fast.data.mmeb.data_location`). ``row`` is given
+    1-based here, as the annotation readers count; ``.row`` keeps it 0-based like BadDataError's."""
 
     def __init__(self, source: str, row: int | None, reason: str, line: int | None = None):
-        self.source, self.row, self.reason, self.line = source, row, reason, line
-        where = "" if row is None else f" row {row}" + (f" (line {line})" if line is not None else "") + ":"
-        ValueError.__init__(self, f"{source}:{where} {reason}")
+        super().__init__(source, None if row is None else row - 1, reason, line, hint=False)
+
+    def at_line(self, line: int | None) -> "VideoDataError":
+        if line is None or self.line is not None:
+            return self
+        return VideoDataError(self.source, None if self.row is None else self.row + 1, self.reason, line)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,11 +238,11 @@ class VideoAnnotations:
         return self.select(self.video_ids[:num_videos], self.source) if num_videos < self.num_videos else self
 
 
-def _clean_id(video_id, source: str, row: int | None) -> str:
+def _clean_id(video_id, source: str, row: int | None, line: int | None = None) -> str:
     if isinstance(video_id, (int, np.integer)) and not isinstance(video_id, bool):
         video_id = str(video_id)
     if not isinstance(video_id, str) or not video_id.strip():
-        raise VideoDataError(source, row, f"the video id is empty or not text: {video_id!r}")
+        raise VideoDataError(source, row, f"the video id is empty or not text: {video_id!r}", line=line)
     vid = video_id.strip()
     stem, ext = os.path.splitext(vid)
     return stem if ext.lower() in VIDEO_EXTENSIONS else vid  # "video9770.mp4" -> "video9770"
@@ -269,14 +274,18 @@ def _pick(record: dict, keys, what: str, source: str, row: int):
                        f"{sorted(record)}")
 
 
-def _read_records(records, ann: VideoAnnotations) -> None:
+def _read_records(records, ann: VideoAnnotations, lines: list[int] | None = None) -> None:
+    """Records of a JSON list or a jsonl file (``lines``: each record's line, for the messages)."""
     for row, rec in enumerate(records, start=1):
-        if not isinstance(rec, dict):
-            raise VideoDataError(ann.source, row, f"expected an object with a video id and a caption, got "
-                               f"{type(rec).__name__}: {str(rec)[:80]}")
-        vid = _pick(rec, ID_KEYS, "video id", ann.source, row)
-        for cap in _caption_text(_pick(rec, CAPTION_KEYS, "caption", ann.source, row), ann.source, row):
-            ann.add(vid, cap, row)
+        try:
+            if not isinstance(rec, dict):
+                raise VideoDataError(ann.source, row, f"expected an object with a video id and a caption, got "
+                                                      f"{type(rec).__name__}: {str(rec)[:80]}")
+            vid = _pick(rec, ID_KEYS, "video id", ann.source, row)
+            for cap in _caption_text(_pick(rec, CAPTION_KEYS, "caption", ann.source, row), ann.source, row):
+                ann.add(vid, cap, row)
+        except VideoDataError as e:
+            raise e.at_line(lines[row - 1] if lines else None) from None
 
 
 def _read_csv(path: str, ann: VideoAnnotations) -> None:
@@ -286,15 +295,18 @@ def _read_csv(path: str, ann: VideoAnnotations) -> None:
         id_col = next((k for k in ID_KEYS if k in fields), None)
         cap_col = next((k for k in ("sentence", "caption", "text") if k in fields), None)
         if id_col is None or cap_col is None:
-            raise VideoDataError(path, 1, f"the header row has columns {fields}; expected a video id column "
+            raise VideoDataError(path, None, f"the header row has columns {fields}; expected a video id column "
                                f"({' or '.join(ID_KEYS)}) and a caption column (sentence, caption or text), "
-                               "e.g. MSRVTT_JSFUSION_test.csv's key,vid_key,video_id,sentence")
+                               "e.g. MSRVTT_JSFUSION_test.csv's key,vid_key,video_id,sentence", line=1)
         for row, rec in enumerate(reader, start=1):
             if rec.get(id_col) is None or rec.get(cap_col) is None:
                 raise VideoDataError(path, row, f"has {len([v for v in rec.values() if v is not None])} cells, "
                                    f"expected the {len(fields)} columns of the header {fields}",
                                    line=reader.line_num)
-            ann.add(rec[id_col], rec[cap_col], row)
+            try:
+                ann.add(rec[id_col], rec[cap_col], row)
+            except VideoDataError as e:
+                raise e.at_line(reader.line_num) from None
 
 
 def _read_json(path: str, ann: VideoAnnotations) -> None:
@@ -329,7 +341,7 @@ def _read_jsonl(path: str, ann: VideoAnnotations) -> None:
             records.append(json.loads(text))
         except json.JSONDecodeError as e:
             raise VideoDataError(path, row, f"is not valid JSON ({e})", line=line) from e
-    _read_records(records, ann)
+    _read_records(records, ann, [line for line, _ in lines])
 
 
 def _read_txt(path: str, ann: VideoAnnotations) -> None:
@@ -344,7 +356,10 @@ def _read_txt(path: str, ann: VideoAnnotations) -> None:
             if len(parts) != 2:
                 raise VideoDataError(path, row, f"expected '<video id> <caption>' (the id, a space, the caption), got "
                                    f"{text.strip()[:80]!r}", line=line)
-            ann.add(parts[0], parts[1], row)
+            try:
+                ann.add(parts[0], parts[1], row)
+            except VideoDataError as e:
+                raise e.at_line(line) from None
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -371,7 +386,7 @@ def _read_pickle(path: str, ann: VideoAnnotations) -> None:
 def read_video_list(path: str) -> list[str]:
     """One video id a line (MSVD's test_list.txt); blank lines skipped."""
     with open(path, encoding="utf-8-sig") as f:
-        ids = [_clean_id(s, path, i) for i, s in enumerate(f, start=1) if s.strip()]
+        ids = [_clean_id(s, path, None, line=i) for i, s in enumerate(f, start=1) if s.strip()]
     if not ids:
         raise VideoDataError(path, None, "names no video (expected one video id a line)")
     return ids

@@ -435,7 +435,7 @@ def test_mmeb_negatives_only_when_asked(tmp_path):
     os.remove(img / "sub/n1.png")  # not opened (nor checked) unless negatives are asked for
     plain = MMEBDataset(f, img)
     assert all(r["neg_text"] is None and r["neg_image"] is None and r["neg_id"] is None for r in plain)
-    with pytest.raises(BadDataError, match=r"row 1 .*image file not found.*n1\.png"):
+    with pytest.raises(BadDataError, match=r"S\.jsonl:2: .*image file not found.*n1\.png"):
         MMEBDataset(f, img, use_negatives=True)
     no_neg = _jsonl(tmp_path / "T.jsonl", _rows(2))
     with pytest.raises(BadDataError, match="T.jsonl.*use_negatives=True but no neg_text"):
@@ -501,10 +501,10 @@ def test_mmeb_bad_data_names_row_and_file(tmp_path, kind):
         [ds[i] for i in range(len(ds))]  # ... and fails when read
     err = info.value
     assert err.source == str(f) and err.row == 2
-    assert str(f) in str(err) and "row 2 (line 3)" in str(err)
+    assert f"{f}:3: " in str(err)  # FILE:LINE, 1-based (row 2 from 0)
     assert re.search(pattern, str(err)), str(err)
     if kind == "unreadable image":  # found at build time when decoding is asked for
-        with pytest.raises(BadDataError, match=r"row 2 .*unreadable image"):
+        with pytest.raises(BadDataError, match=r"\.jsonl:3: .*unreadable image"):
             MMEBDataset(f, img, check_images="decode")
 
 
@@ -525,7 +525,8 @@ def test_mmeb_parquet_bad_data(tmp_path, kind):
     with pytest.raises(BadDataError, match=pattern) as info:
         MMEBDataset(f, img)
     assert str(f) in str(info.value)
-    assert ("all rows" if kind == "unknown column" else "row 2") in str(info.value)
+    # a file problem names the file alone; a row of a parquet table is "row N", 1-based (row 2 from 0)
+    assert (f"{f}: " if kind == "unknown column" else f"{f}: row 3: ") in str(info.value)
 
 
 def test_mmeb_skip_bad_rows_counts_and_logs(tmp_path, caplog):
@@ -542,15 +543,15 @@ def test_mmeb_skip_bad_rows_counts_and_logs(tmp_path, caplog):
     assert [(s, r) for s, r, _ in ds.skipped] == [(str(f), 1), (str(f), 3)]
     assert "image file not found" in ds.skipped[0][2] and "empty query" in ds.skipped[1][2]
     logged = [m.getMessage() for m in caplog.records]
-    assert any(str(f) in m and "row 1" in m and "missing.png" in m for m in logged)
-    assert any(str(f) in m and "row 3" in m and "empty query" in m for m in logged)
+    assert any(f"{f}:2: " in m and "missing.png" in m for m in logged)
+    assert any(f"{f}:4: " in m and "empty query" in m for m in logged)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb"):
         seen = [ds[i]["row"] for i in range(len(ds))]
     # row 4's image is unreadable: the next good row (5) stands in, and the skip is recorded
     assert seen == [0, 2, 5, 5]
     assert ds.skipped[-1][:2] == (str(f), 4) and "unreadable image" in ds.skipped[-1][2]
-    assert any("row 4" in m.getMessage() and str(f) in m.getMessage() for m in caplog.records)
+    assert any(f"{f}:5: " in m.getMessage() for m in caplog.records)
     assert len(ds) + len(ds.skipped) == 6 + 1  # every row is either served or accounted for (4 is both)
     with pytest.raises(BadDataError):
         MMEBDataset(f, img)  # the default stops
@@ -651,7 +652,7 @@ def test_mmeb_skip_bad_rows_read_problems(tmp_path, caplog):
         ds = MMEBDataset(f, img, skip_bad_rows=True)
     assert [r["row"] for r in ds] == [1, 3]
     assert [(r, why.split(":")[0]) for _, r, why in ds.skipped] == [(0, "column 'pos_text' holds float, expected a string"), (2, "invalid JSON")]
-    assert sum("row 2 (line 3)" in m.getMessage() for m in caplog.records) == 1
+    assert sum(":3: " in m.getMessage() for m in caplog.records) == 1
 
 
 def test_mmeb_parquet_needs_pyarrow(monkeypatch, tmp_path):
@@ -694,7 +695,7 @@ def test_mmeb_check_images_decodes_all_with_progress_and_bad_images_decides(tmp_
     _write_images(img, 6)
     (img / "sub" / "q4.png").write_bytes(b"\x89PNG broken")  # exists: only decoding finds it
     f = _jsonl(tmp_path / "S.jsonl", _rows(6))
-    with pytest.raises(BadDataError, match=r"row 4 .*unreadable image.*--bad-images skip"):
+    with pytest.raises(BadDataError, match=r"S\.jsonl:5: .*unreadable image.*--bad-images skip"):
         MMEBDataset(f, img, check_images="decode", progress=True)
     assert "checking images" in capsys.readouterr().err  # the progress bar
     ds = MMEBDataset(f, img, check_images="decode", bad_images="skip")
@@ -704,10 +705,10 @@ def test_mmeb_check_images_decodes_all_with_progress_and_bad_images_decides(tmp_
     rows = _rows(6)
     rows[1].update(qry="", qry_image_path="")
     g = _jsonl(tmp_path / "T.jsonl", rows)
-    with pytest.raises(BadDataError, match=r"row 1 .*empty query"):
+    with pytest.raises(BadDataError, match=r"T\.jsonl:2: .*empty query"):
         MMEBDataset(g, img, check_images="decode", bad_images="skip")
     # ... and bad_images="fail" stops on an image even when bad rows are skipped
-    with pytest.raises(BadDataError, match=r"row 4 .*unreadable image"):
+    with pytest.raises(BadDataError, match=r"T\.jsonl:5: .*unreadable image"):
         MMEBDataset(g, img, check_images="decode", bad_images="fail", skip_bad_rows=True)
 
 
@@ -717,7 +718,7 @@ def test_mmeb_bad_images_at_read_time(tmp_path):
     (img / "sub" / "q4.png").write_bytes(b"\x89PNG broken")
     f = _jsonl(tmp_path / "S.jsonl", _rows(6))
     fail = MMEBDataset(f, img, bad_images="fail", skip_bad_rows=True)
-    with pytest.raises(BadDataError, match=r"row 4 .*unreadable image.*--check-images"):
+    with pytest.raises(BadDataError, match=r"S\.jsonl:5: .*unreadable image.*--check-images"):
         fail[4]
     skip = MMEBDataset(f, img, bad_images="skip")
     assert skip[4]["row"] == 5 and [r for _, r, _ in skip.skipped] == [4]
@@ -814,3 +815,26 @@ def test_vqa_questions_per_scene_groups_one_scene_under_different_questions():
     for bad in (0, 5, True, 2.0):
         with pytest.raises(ValueError, match=rf"vqa_questions_per_scene must be an int in 1..4 .*got {bad!r}"):
             SyntheticDataset(8, vqa_questions_per_scene=bad)
+
+
+def test_mmeb_empty_file_and_truncated_json_say_what_they_are(tmp_path):
+    """An empty file is named and called empty; a truncated line's JSON error gives Python's column
+    (the newline is not parsed, which moved it to "line 2, column 1"); every place is FILE:LINE."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"no rows: .*empty\.jsonl is empty"):
+        MMEBDataset(str(empty))
+    row = json.dumps({"qry": "a", "qry_image_path": "", "pos_text": "b", "pos_image_path": ""})
+    trunc = tmp_path / "trunc.jsonl"
+    trunc.write_text(row + "\n\n" + row[:-1] + "\n")
+    expected = None
+    try:
+        json.loads(row[:-1])
+    except json.JSONDecodeError as exc:
+        expected = exc.colno
+    with pytest.raises(BadDataError, match=rf"trunc\.jsonl:3: invalid JSON: .* at column {expected}\b"):
+        MMEBDataset(str(trunc))
+    # every row bad and skipped: the message names the file, the count by reason and the first place
+    with pytest.raises(ValueError, match=r"no usable rows in .*trunc2\.jsonl: all 1 rows were bad.*trunc2\.jsonl:1: "):
+        (tmp_path / "trunc2.jsonl").write_text(row[:-1] + "\n")
+        MMEBDataset(str(tmp_path / "trunc2.jsonl"), skip_bad_rows=True)

@@ -275,23 +275,23 @@ def test_bad_rows_name_the_file_and_the_row(tiny, tmp_path, capsys):
     f = tmp_path / "Bad.jsonl"
     f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tgt_img_path": [""]}) + "\n")
     rc, out, err = _main(capsys, "eval", "--model", tiny, "--data", f)
-    assert rc == 1 and "Bad.jsonl: row 1: tgt_text has 2 candidates but tgt_img_path has 1" in err
+    assert rc == 1 and "Bad.jsonl:2: tgt_text has 2 candidates but tgt_img_path has 1" in err
     assert "Traceback" not in err
     pq.write_table(pa.Table.from_pylist([good, good, {**good, "tgt_text": [], "tgt_img_path": []}]),
                    tmp_path / "BadP.parquet")
     rc, out, err = _main(capsys, "eval", "--model", tiny, "--data", tmp_path / "BadP.parquet")
-    assert rc == 1 and "BadP.parquet: row 2: tgt_text is an empty candidate list" in err
+    assert rc == 1 and "BadP.parquet: row 3: tgt_text is an empty candidate list" in err
     (tmp_path / "broken.png").write_bytes(b"not a png")
     f = tmp_path / "BadImg.jsonl"
     f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tgt_img_path": ["", "broken.png"]}) + "\n")
     rc, out, err = _main(capsys, "eval", "--model", tiny, "--data", f)
-    assert rc == 1 and "BadImg.jsonl: row 1: image " in err and "broken.png cannot be read" in err
+    assert rc == 1 and "BadImg.jsonl:2: image " in err and "broken.png cannot be read" in err
     # a text the processor refuses (an image placeholder without an image): the row behind that input
     f = tmp_path / "BadText.jsonl"
     f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tgt_text": ["cat", "<|image_1|> a dog"]}) + "\n")
     rc, out, err = _main(capsys, "eval", "--model", tiny, "--data", f)
-    assert rc == 1 and "BadText.jsonl: row 1: the text has an image placeholder" in err and "Traceback" not in err
-    with pytest.raises(BadDataError, match=r"Bad\.jsonl: row 1"):
+    assert rc == 1 and "BadText.jsonl:2: the text has an image placeholder" in err and "Traceback" not in err
+    with pytest.raises(BadDataError, match=r"Bad\.jsonl:2: "):
         read_eval_set(find_eval_datasets([str(tmp_path / "Bad.jsonl")])[0])
 
 

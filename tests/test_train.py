@@ -145,7 +145,7 @@ def test_eval_on_mmeb_candidate_lists(reference_run, tmp_path):
     assert json.loads(out.read_text())["p_at_1"] == result["p_at_1"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"qry_text": "x", "tgt_text": ["a", "b"], "tgt_img_path": [""]}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0.*2 candidates but tgt_img_path has 1"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*2 candidates but tgt_img_path has 1"):
         read_eval_file(str(bad))
 
 

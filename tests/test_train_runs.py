@@ -197,7 +197,7 @@ def test_corrupt_image_fails_with_a_checkpoint_then_resumes_skipping_it(tmp_path
     with pytest.raises(Exception) as info:
         _run(**kw)
     msg = str(info.value)
-    assert "bad data in the batch of step 2" in msg and f"row {bad}" in msg and bad_path in msg, msg
+    assert "bad data in the batch of step 2" in msg and f"{data}:{bad + 1}: " in msg and bad_path in msg, msg
     assert "checkpoint of the 1 steps done" in msg and "--bad-images skip" in msg, msg
     from llave_fast.checkpoint import complete_tags
 
@@ -208,7 +208,7 @@ def test_corrupt_image_fails_with_a_checkpoint_then_resumes_skipping_it(tmp_path
     cap = capfd.readouterr()
     assert (r["steps"], r["steps_this_run"], r["resumed_at_step"]) == (3, 2, 1)
     assert (r["train_rows"], r["skipped_rows_at_build"], r["skipped_rows_in_training"]) == (48, 0, 1)
-    assert cap.out.count(f"step 2: skipped bad row: {data}: row {bad}") == 1
+    assert cap.out.count(f"step 2: skipped bad row: {data}:{bad + 1}: ") == 1  # FILE:LINE
     assert "skipping bad row" not in cap.err  # reported once, above the bar, not by the worker's log too
     assert "run folder: " + out in cap.out
     summary = cap.out[cap.out.index("run summary:"):]
@@ -249,7 +249,7 @@ def test_check_images_option_decodes_before_training(tmp_path):
     with open(os.path.join(img, rows[bad]["qry_image_path"]), "wb") as f:
         f.write(b"not an image")
     cfg = TrainConfig(data=data, image_dir=img, check_images=True)
-    with pytest.raises(BadDataError, match=rf"row {bad} .*unreadable image"):
+    with pytest.raises(BadDataError, match=rf":{bad + 1}: .*unreadable image"):
         _datasets(cfg)
     train_set, _ = _datasets(TrainConfig(data=data, image_dir=img, check_images=True, bad_images="skip"))
     assert len(train_set) == 19 and [r for _, r, _ in train_set.skipped] == [bad]
@@ -268,7 +268,7 @@ def test_bad_image_on_one_rank_stops_both_at_the_same_step(tmp_path):
     with open(os.path.join(img, rows[bad]["qry_image_path"]), "wb") as f:
         f.write(b"not an image")
     out = str(tmp_path / "run")
-    with pytest.raises(Exception, match=rf"bad data in the batch of step 2: .*row {bad}"):
+    with pytest.raises(Exception, match=rf"bad data in the batch of step 2: .*Synth\.jsonl:{bad + 1}: "):
         spawn_ranks(W.run_train, 2, dict(out=out, data=data, image_dir=img, steps=2, save_every=0,
                                          bad_images="fail"))
     assert complete_tags(os.path.join(out, "checkpoints")) == ["step-00000001"]

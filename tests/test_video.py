@@ -264,17 +264,17 @@ class _Evil:
 
 
 @pytest.mark.parametrize("name, content, needle", [
-    ("a.csv", "key,vid,text_\n1,2,3\n", r"a.csv: row 1: the header row has columns \['key', 'vid', 'text_'\]; "
+    ("a.csv", "key,vid,text_\n1,2,3\n", r"a.csv:1: the header row has columns \['key', 'vid', 'text_'\]; "
                                         r"expected a video id column"),
-    ("b.csv", "video_id,sentence\nvideo1,hello\nvideo2\n", r"b.csv: row 2 \(line 3\): has 1 cells"),
-    ("c.csv", "video_id,sentence\nvideo1,   \n", r"c.csv: row 1: the caption of video 'video1' is empty"),
+    ("b.csv", "video_id,sentence\nvideo1,hello\nvideo2\n", r"b.csv:3: has 1 cells"),
+    ("c.csv", "video_id,sentence\nvideo1,   \n", r"c.csv:2: the caption of video 'video1' is empty"),
     ("d.json", json.dumps([{"video_id": "v1", "caption": "x"}, {"video_id": "v2"}]),
      r"d.json: row 2: expected a caption field \(one of sentence, caption"),
     ("e.json", json.dumps({"v1": 3}), r"e.json: row 1: expected a caption \(a string\) or a list of captions, got 3"),
     ("f.json", "[1, 2", r"f.json: is not valid JSON"),
-    ("g.txt", "video1 a caption\nvideo2\n", r"g.txt: row 2 \(line 2\): expected '<video id> <caption>'"),
+    ("g.txt", "video1 a caption\nvideo2\n", r"g.txt:2: expected '<video id> <caption>'"),
     ("h.xml", "<a/>", r"h.xml: has the extension '.xml'; expected an annotation file .csv, .json"),
-    ("i.jsonl", '{"video_id": "v", "caption": "c"}\nnot json\n', r"i.jsonl: row 2 \(line 2\): is not valid JSON"),
+    ("i.jsonl", '{"video_id": "v", "caption": "c"}\nnot json\n', r"i.jsonl:2: is not valid JSON"),
     ("j.json", json.dumps([{"video_id": "", "caption": "c"}]), r"j.json: row 1: the video id is empty"),
 ])
 def test_bad_annotations_name_file_row_and_expectation(tmp_path, name, content, needle):

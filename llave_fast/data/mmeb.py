@@ -9,8 +9,8 @@ are relative to an image folder, and an empty path means "no image". A subset is
 (``MSCOCO.jsonl``, subset ``MSCOCO``) or a folder of hub-style shards
 (``MSCOCO/original-00000-of-00001.parquet``, subset ``MSCOCO``, split ``original``).
 
-Bad data stops the run with a ``BadDataError`` naming the file and the row (0-based,
-plus the line number for jsonl): a missing or unreadable image, a query or target with
+Bad data stops the run with a ``BadDataError`` naming where it is (``FILE:LINE`` for jsonl,
+``FILE: row N`` for parquet, both 1-based: :func:`data_location`): a missing or unreadable image, a query or target with
 neither text nor image, a placeholder with no image, a missing, unknown or mistyped
 column. Columns and rows are checked when the dataset is built; images are checked for
 existence then (``check_images="exists"``, the default) and decoded in ``__getitem__``
@@ -59,14 +59,31 @@ class BadDataError(ValueError):
 
     def __init__(self, source: str, row: int | None, reason: str, line: int | None = None,
                  hint: bool | str = True):
-        self.source, self.row, self.reason, self.line = source, row, reason, line
-        where = "all rows" if row is None else f"row {row}" + (f" (line {line})" if line is not None else "")
-        msg = f"{source}: {where}: {reason}"
+        self.source, self.row, self.reason, self.line, self.hint = source, row, reason, line, hint
+        msg = f"{data_location(source, row, line)}: {reason}"
         if isinstance(hint, str):
             msg += hint
         elif hint and row is not None:
             msg += " (pass skip_bad_rows=True / --skip-bad-rows to skip and log such rows)"
         super().__init__(msg)
+
+    def at_line(self, line: int | None) -> "BadDataError":
+        """The same error, located at ``line`` of its file (when it was raised without one)."""
+        if line is None or self.line is not None:
+            return self
+        return BadDataError(self.source, self.row, self.reason, line, hint=self.hint)
+
+
+def data_location(source: str, row: int | None = None, line: int | None = None) -> str:
+    """Where a data problem is, one convention for every reader: ``FILE:LINE`` where the file has
+    lines (.jsonl, .csv, .txt; LINE 1-based, blank lines counted, as an editor shows it),
+    ``FILE: row N`` where it has none (.parquet, .json; N 1-based; ``row`` is given 0-based), and
+    ``FILE`` for a problem of the whole file."""
+    if line is not None:
+        return f"{source}:{line}"
+    if row is not None:
+        return f"{source}: row {row + 1}"
+    return source
 
 
 IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
@@ -146,7 +163,7 @@ def _read_jsonl(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
             row = len(rows)
             lines.append(lineno)
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))  # the newline would move a truncated line's error to "line 2"
             except json.JSONDecodeError as exc:
                 problems[row] = f"invalid JSON: {exc.msg} at column {exc.colno}"
                 obj = {}
@@ -470,7 +487,17 @@ class MMEBDataset(torch.utils.data.Dataset):
         self._src_idx = np.asarray(src_idx, dtype=np.int32)
         self._row_idx = np.asarray(row_idx, dtype=np.int64)
         if len(self._row_idx) == 0:
-            raise ValueError(f"no usable rows: all {len(self.skipped)} rows were bad (see the log)")
+            names = ", ".join(src.name for src in self.sources)
+            if not self.skipped:
+                raise ValueError(f"no rows: {names} {'is' if len(self.sources) == 1 else 'are'} empty")
+            raise ValueError(f"no usable rows in {names}: all {len(self.skipped)} rows were bad; by reason: "
+                             f"{dict(reasons)} (the first, {self.where(*self.skipped[0][:2])}: {self.skipped[0][2]})")
+
+    def where(self, source: str, row: int) -> str:
+        """Where row ``row`` (0-based) of the table ``source`` is, as error messages say it
+        (:func:`data_location`: ``FILE:LINE`` for jsonl)."""
+        src = next((x for x in self.sources if x.name == source), None)
+        return data_location(source, row, None if src is None else src.line(row))
 
     def _record_skip(self, src: _Source, row: int, reason: str, log: bool = True):
         self.skipped.append((src.name, row, reason))

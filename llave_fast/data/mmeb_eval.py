@@ -73,19 +73,21 @@ def _pyarrow_parquet():
 
 
 def _rows(path: Path):
-    """(row number, dict) of every row of one file."""
+    """(row index from 0, dict, line number from 1 or None) of every row of one file."""
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             i = 0
-            for line in f:
+            for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        row = json.loads(line)
+                        row = json.loads(line.rstrip("\r\n"))
                     except json.JSONDecodeError as exc:
-                        raise BadDataError(str(path), i, f"invalid JSON: {exc.msg}", hint=False) from exc
+                        raise BadDataError(str(path), i, f"invalid JSON: {exc.msg} at column {exc.colno}", lineno,
+                                           hint=False) from exc
                     if not isinstance(row, dict):
-                        raise BadDataError(str(path), i, f"a JSON {type(row).__name__}, expected an object", hint=False)
-                    yield i, row
+                        raise BadDataError(str(path), i, f"a JSON {type(row).__name__}, expected an object", lineno,
+                                           hint=False)
+                    yield i, row, lineno
                     i += 1
     elif path.suffix == ".parquet":
         pq = _pyarrow_parquet()
@@ -95,7 +97,7 @@ def _rows(path: Path):
             i = 0
             for batch in batches:
                 for row in batch.to_pylist():
-                    yield i, row
+                    yield i, row, None
                     i += 1
         except BadDataError:
             raise
@@ -138,8 +140,16 @@ def _text(value, source: str, row: int, what: str) -> str:
     return value
 
 
-def _parse_row(r: dict, source: str, i: int, images: _Images):
-    """(query text, query image, candidate texts, candidate images) of one row, checked."""
+def _parse_row(r: dict, source: str, i: int, images: _Images, line: int | None = None):
+    """(query text, query image, candidate texts, candidate images) of one row, checked (an error
+    names the row's line where the file has lines)."""
+    try:
+        return _parse_row_at(r, source, i, images)
+    except BadDataError as exc:
+        raise exc.at_line(line) from None
+
+
+def _parse_row_at(r: dict, source: str, i: int, images: _Images):
     missing = [c for c in ("qry_text", "tgt_text") if c not in r]
     if missing:
         raise BadDataError(source, i, f"missing column(s) {missing}; MMEB eval rows have {list(EVAL_COLUMNS)}",
@@ -180,10 +190,10 @@ def read_eval_file(path: str, image_dir: str | None = None, limit: int | None = 
     p = Path(path)
     images = _Images(image_dir or str(p.parent))
     out = []
-    for i, r in _rows(p):
+    for i, r, line in _rows(p):
         if limit is not None and len(out) >= limit:
             break
-        q_text, q_img, c_texts, c_imgs = _parse_row(r, str(p), i, images)
+        q_text, q_img, c_texts, c_imgs = _parse_row(r, str(p), i, images, line)
         out.append(EvalRow(str(p), i, q_text, q_img, c_texts, c_imgs))
     return out
 
@@ -237,7 +247,7 @@ class EvalSet:
     """One dataset read for scoring, every distinct input once.
 
     ``pairs``: the distinct (text, absolute image path or None) inputs, queries' and
-    candidates' alike (the model embeds both the same way); ``origin[k]``: the (file, row)
+    candidates' alike (the model embeds both the same way); ``origin[k]``: the (file, row, line)
     where pair k first appears (for error messages); ``queries[q]``: query q's pair index;
     ``candidates[q]``: its candidate list as pair indices, the positive first.
     """
@@ -245,7 +255,7 @@ class EvalSet:
     name: str
     files: list[str]
     pairs: list[tuple[str, str | None]] = field(default_factory=list)
-    origin: list[tuple[str, int]] = field(default_factory=list)
+    origin: list[tuple[str, int, int | None]] = field(default_factory=list)
     queries: list[int] = field(default_factory=list)
     candidates: list[np.ndarray] = field(default_factory=list)
 
@@ -266,24 +276,24 @@ def read_eval_set(dataset: EvalDataset, image_dir: str | None = None, max_querie
     out = EvalSet(dataset.name, list(dataset.files))
     index: dict[tuple[str, str | None], int] = {}
 
-    def intern(key, source, row) -> int:
+    def intern(key, source, row, line) -> int:
         k = index.get(key)
         if k is None:
             k = index[key] = len(out.pairs)
             out.pairs.append(key)
-            out.origin.append((source, row))
+            out.origin.append((source, row, line))
         return k
 
     for path in dataset.files:
         p = Path(path)
         images = _Images(image_dir or str(p.parent))
         n_file = 0
-        for i, r in _rows(p):
+        for i, r, line in _rows(p):
             if max_queries is not None and out.num_queries >= max_queries:
                 break
-            q_text, q_img, c_texts, c_imgs = _parse_row(r, str(p), i, images)
-            out.queries.append(intern((q_text, q_img), str(p), i))
-            out.candidates.append(np.fromiter((intern(c, str(p), i) for c in zip(c_texts, c_imgs)),
+            q_text, q_img, c_texts, c_imgs = _parse_row(r, str(p), i, images, line)
+            out.queries.append(intern((q_text, q_img), str(p), i, line))
+            out.candidates.append(np.fromiter((intern(c, str(p), i, line) for c in zip(c_texts, c_imgs)),
                                               dtype=np.int64, count=len(c_texts)))
             n_file += 1
         if n_file == 0 and (max_queries is None or out.num_queries < max_queries):
