@@ -190,3 +190,19 @@ def test_installed_dependencies_are_the_tested_set():
     assert not differ, ("installed versions differ from the tested set of constraints.txt: " + "; ".join(differ)
                         + ". Run `bash scripts/setup.sh`, or update the file (scripts/update-constraints.sh) "
                           "after the tests pass on the new versions")
+
+
+def test_a_broken_transformers_stops_the_session_with_one_message(tmp_path):
+    """The session guard (conftest.py): when an installed transformers cannot be imported, no test runs
+    and one message names the error and the versions (instead of dozens of unrelated errors)."""
+    fake = tmp_path / "shadow" / "transformers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"cannot import name 'CUDAProperties' from 'kernels'\")\n")
+    env = dict(_env(), PYTHONPATH=str(tmp_path / "shadow"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_environment.py::test_constraints_pin_the_training_stack"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out[-3000:]
+    assert "`import transformers` fails in this environment" in out and "CUDAProperties" in out, out[-3000:]
+    assert f"transformers {md.version('transformers')}" in out and "no test was run" in out, out[-3000:]
