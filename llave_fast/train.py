@@ -420,7 +420,7 @@ class MicroStepLoss(torch.nn.Module):
 
 # options that describe the synthetic data: a preset's values do not apply to real data (the CLI drops
 # them with a note when --data names files; given as flags, check_config refuses them)
-SYNTHETIC_ONLY = ("synthetic_tasks", "hard_family_size", "vqa_questions_per_scene")
+SYNTHETIC_ONLY = ("synthetic_tasks", "synthetic_background", "hard_family_size", "vqa_questions_per_scene")
 
 
 def _synthetic_only(name: str, value, data: str) -> ValueError:
@@ -492,6 +492,8 @@ def check_config(cfg: TrainConfig, world: int) -> None:
             f"vqa_questions_per_scene={q} does not divide the loss batch: global_batch={cfg.global_batch} over "
             f"{world} ranks and accumulation_steps={cfg.accumulation_steps} gives "
             f"{per_rank // cfg.accumulation_steps} pairs per loss; question groups would straddle batches")
+    if cfg.synthetic_background != "plain" and cfg.data != "synthetic":
+        raise _synthetic_only("synthetic_background", cfg.synthetic_background, cfg.data)
     if cfg.synthetic_tasks is not None:
         if cfg.data != "synthetic":
             raise _synthetic_only("synthetic_tasks", cfg.synthetic_tasks, cfg.data)
@@ -880,37 +882,52 @@ def train(cfg: TrainConfig) -> dict:
     A start that fails before its first step (a bad --model, an option DeepSpeed refuses, an
     interrupt) leaves no half-made run folder behind: what it wrote is removed (see
     :func:`_forget_failed_start`)."""
-    existed = cfg.output_dir is not None and os.path.exists(cfg.output_dir)
+    out = cfg.output_dir
+    # what was there before this start: only what the start itself made is ever removed
+    existed = set() if out is None else {name for name in ("", *_START_FILES) if os.path.exists(os.path.join(out, name))}
     try:
         return _train(cfg)
     except BaseException:
-        _forget_failed_start(cfg.output_dir, existed)
+        try:
+            _forget_failed_start(cfg.output_dir, existed)
+        except OSError as exc:  # never hide the error that stopped the run
+            log.warning("could not clean up after the failed start in %s: %s", cfg.output_dir, exc)
         raise
 
 
-def _forget_failed_start(out: str | None, existed: bool) -> None:
-    """Remove what a start that never trained wrote (train_config.json, base/), and the run folder
-    itself when this start made it and nothing else is in it. A folder holding a step's log or a
-    checkpoint is a run: nothing of it is touched. Rank 0 only (the one that writes)."""
+_START_FILES = ("train_config.json", "base", "train_log.jsonl")  # what a start writes before its first step
+
+
+def _forget_failed_start(out: str | None, existed: set) -> None:
+    """Remove what a start that never trained made (train_config.json, base/, an empty log, then the
+    run folder itself when this start made it and nothing else is in it); ``existed`` names what was
+    there before the start, which is never touched. A folder holding a logged step or a checkpoint
+    is a run: nothing of it is touched. Rank 0 only (the one that writes; known from RANK before the
+    process group exists)."""
     import shutil
 
-    if out is None or not os.path.isdir(out) or (dist.is_initialized() and dist.get_rank() != 0):
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if out is None or rank != 0 or not os.path.isdir(out):
         return
-    log = os.path.join(out, "train_log.jsonl")
-    if os.path.exists(os.path.join(out, "checkpoints")) or (os.path.isfile(log) and os.path.getsize(log) > 0):
+    log_file = os.path.join(out, "train_log.jsonl")
+    if os.path.exists(os.path.join(out, "checkpoints")) or (os.path.isfile(log_file) and os.path.getsize(log_file) > 0):
         return
-    for name in ("train_config.json", "base", "train_log.jsonl"):
+    removed = []
+    for name in _START_FILES:
         path = os.path.join(out, name)
+        if name in existed or not os.path.exists(path):
+            continue
         if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
+            shutil.rmtree(path)
+        else:
             os.remove(path)
-    if not existed and not os.listdir(out):
+        removed.append(name)
+    if "" not in existed and not os.listdir(out):
         os.rmdir(out)
-        log_msg = f"the start failed before its first step: removed the run folder it had made ({out})"
-    else:
-        log_msg = f"the start failed before its first step: removed what it had written in {out}"
-    logging.getLogger("llave_fast.train").warning(log_msg)
+        log.warning("the start failed before its first step: removed the run folder it had made (%s)", out)
+    elif removed:
+        log.warning("the start failed before its first step: removed what it had written in %s (%s)", out,
+                    ", ".join(removed))
 
 
 def _train(cfg: TrainConfig) -> dict:

@@ -338,7 +338,7 @@ def _read_jsonl(path: str, ann: VideoAnnotations) -> None:
     records = []
     for row, (line, text) in enumerate(lines, start=1):
         try:
-            records.append(json.loads(text))
+            records.append(json.loads(text.rstrip("\r\n")))  # the newline would move a truncated line's error
         except json.JSONDecodeError as e:
             raise VideoDataError(path, row, f"is not valid JSON ({e})", line=line) from e
     _read_records(records, ann, [line for line, _ in lines])

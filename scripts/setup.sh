@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-if [ -n "${LLAVE_FAST_LATEST:-}" ]; then
-    echo "setup: LLAVE_FAST_LATEST is set: the newest releases, not the tested set of constraints.txt" >&2
+if [ "${LLAVE_FAST_LATEST:-0}" = 1 ]; then
+    echo "setup: LLAVE_FAST_LATEST=1: the newest releases, not the tested set of constraints.txt" >&2
     "$PY" -m pip install -q -e ".[dev,train]"
 else
     "$PY" -m pip install -q -c constraints.txt -e ".[dev,train]"

@@ -41,6 +41,8 @@ def _import_guard() -> str | None:
 def pytest_sessionstart(session):
     import pytest
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller checked already
+        return
     why = _import_guard()
     if why is not None:
         pytest.exit("the test environment is broken, no test was run:\n" + why, returncode=3)

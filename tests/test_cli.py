@@ -329,8 +329,11 @@ def test_real_data_with_the_default_preset_leaves_its_synthetic_options_out(caps
     cfg = train_config_from_args(args)
     err = capsys.readouterr().err
     assert cfg.synthetic_tasks is None and "synthetic_tasks=['i2t', 't2i', 'vqa', 'vqa']" in err, err
-    assert "synthetic_tasks" in SYNTHETIC_ONLY
+    assert {"synthetic_tasks", "synthetic_background"} <= set(SYNTHETIC_ONLY)
     check_config(cfg, 1)  # nothing left to refuse
+    cfg.synthetic_background = "varied"  # a synthetic-only value a config could carry: refused, not ignored
+    with pytest.raises(ValueError, match=r"synthetic_background='varied' applies to the synthetic data only"):
+        check_config(cfg, 1)
     # given on the command line, it is refused, and the message says what to do
     args = build_parser(["train"]).parse_args(["train", "--data", "x.jsonl", "--synthetic-tasks", "i2t"])
     cfg = train_config_from_args(args)
@@ -363,11 +366,16 @@ def test_a_start_that_fails_leaves_no_half_made_run_folder(tmp_path):
     assert r.returncode == 1 and "no checkpoint folder" in r.stderr, r.stderr[-2000:]
     assert not new.exists(), sorted(p.name for p in new.iterdir())
     kept = tmp_path / "kept"
-    kept.mkdir()
+    (kept / "base").mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
+    (kept / "base" / "model.bin").write_text("mine too")  # there before the start: never touched
     r = _run("train", "--model", str(tmp_path / "nonexistent"), "--output-dir", str(kept), "--steps", "2",
              "--warmup-steps", "1", timeout=300)
-    assert r.returncode == 1 and sorted(p.name for p in kept.iterdir()) == ["notes.txt"], r.stderr[-2000:]
+    assert r.returncode == 1 and sorted(p.name for p in kept.iterdir()) == ["base", "notes.txt"], r.stderr[-2000:]
+    assert (kept / "base" / "model.bin").read_text() == "mine too"
+    assert "removed what it had written" in r.stderr and "train_config.json" in r.stderr, r.stderr[-2000:]
+    (kept / "base" / "model.bin").unlink()
+    (kept / "base").rmdir()
     # a folder left by a start that died without cleaning up (killed): eval says it never trained
     (kept / "train_config.json").write_text("{}")
     r = _run("eval", "--model", str(kept), "--num-eval", "4", timeout=300)

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _SHADOW_CHECK = textwrap.dedent("""
     import importlib.metadata as md, importlib.util, json, os, sys
     root = os.path.realpath(os.getcwd())
+    # an environment inside the tree (.venv/) holds installed packages, not folders of the tree
+    prefixes = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     ours = {"llave-fast", "llave_fast"}
     found = []
     for name, dists in sorted(md.packages_distributions().items()):
@@ -34,7 +36,8 @@ _SHADOW_CHECK = textwrap.dedent("""
         if spec is None:
             continue
         places = [spec.origin] if spec.origin else list(spec.submodule_search_locations or [])
-        inside = [p for p in places if p and os.path.realpath(p).startswith(root + os.sep)]
+        inside = [p for p in places if p and os.path.realpath(p).startswith(root + os.sep)
+                  and not any(os.path.realpath(p).startswith(x) for x in prefixes)]
         if inside:
             found.append({"name": name, "distributions": dists, "resolves_to": inside})
     print(json.dumps(found))
@@ -116,11 +119,16 @@ def test_hugging_face_kernels_is_the_one_imported_from_the_repository_root():
     got = json.loads(r.stdout.strip().splitlines()[-1])
     root = os.path.realpath(ROOT)
     assert got["ours"] == os.path.join(root, "kernels", "hardness_fwd.py"), got
-    ours_loaded = {n: p for n, p in got["loaded"].items()
-                   if any(os.path.realpath(x).startswith(root + os.sep) for x in ([p] if isinstance(p, str) else p))}
+    installed = tuple(os.path.realpath(x) + os.sep for x in (sys.prefix, sys.base_prefix))  # a .venv in the tree
+
+    def in_tree(path):
+        path = os.path.realpath(path)
+        return path.startswith(root + os.sep) and not path.startswith(installed)
+
+    ours_loaded = {n: p for n, p in got["loaded"].items() if any(in_tree(x) for x in ([p] if isinstance(p, str) else p))}
     if got["hf_version"] is not None:
         assert not ours_loaded and isinstance(got["loaded"].get("kernels"), str), got
-        assert "site-packages" in got["loaded"]["kernels"] or "dist-packages" in got["loaded"]["kernels"], got
+        assert not in_tree(got["loaded"]["kernels"]), got
     else:
         # transformers may import the folder as an empty namespace while probing (no code of ours runs
         # and it concludes "not installed"); no module of the folder may load under that name
@@ -171,7 +179,7 @@ def test_constraints_pin_the_training_stack():
 def test_installed_dependencies_are_the_tested_set():
     """A guard against drift: where a package of constraints.txt is installed at another version, say
     which (setup.sh installs the tested set; LLAVE_FAST_LATEST=1 asks for the newest on purpose)."""
-    if os.environ.get("LLAVE_FAST_LATEST"):
+    if os.environ.get("LLAVE_FAST_LATEST") == "1":
         pytest.skip("LLAVE_FAST_LATEST is set: the newest releases were asked for, not the tested set")
     import torch
 
