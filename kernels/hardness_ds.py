@@ -14,10 +14,10 @@ K loop over d), forms
 in the epilogue (in fp32, positive's term included) and stores it for rows [row0, row_end)
 of a strip buffer (R x NT, rows DS_STRIDE elements apart: NT rounded up to a multiple of 64,
 so that every row starts 128-byte aligned, the stores are 16-byte vectors for any NT and the
-library GEMMs get an aligned leading dimension; the padding columns are written with zeros
-and never read).
+library GEMMs get an aligned leading dimension; the padding columns are written with exact
+zeros, so the GEMMs can take DS_STRIDE as their K, a multiple of 64, whatever NT is).
 The host then runs ``dq[strip] = dS @ T`` and ``dT += dS^T @ q[strip]`` as library GEMMs
-on the ``[:rows, :NT]`` view. Memory: the R x DS_STRIDE strip, never more than B x NT
+on the ``[:rows, :DS_STRIDE]`` view, T and q padded with zero rows. Memory: the R x DS_STRIDE strip, never more than B x NT
 (plus the padding); no atomics, so the result is the same bitwise from run to run.
 
 Strip precision: bf16 for bf16 inputs, fp16 (scaled, below) for fp16 inputs, fp32 for fp32.
@@ -71,7 +71,7 @@ def hardness_ds_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     n_rt = tl.cdiv(row_end - row0, BM)
-    n_ct = tl.cdiv(NT, BN)
+    n_ct = tl.cdiv(DS_STRIDE, BN)  # every column of the row stride: the GEMMs read the padding as K
     # grouped order: GROUP_M row tiles walk the column tiles together
     per_group = GROUP_M * n_ct
     group = pid // per_group
@@ -95,7 +95,7 @@ def hardness_ds_kernel(
     # rows DS_STRIDE apart (a multiple of 64 elements): aligned, vectorised stores for any NT.
     # The column mask is against DS_STRIDE, not NT: a mask that can change at any column
     # (NT odd) forces scalar stores. Columns NT..DS_STRIDE-1 get dS = 0 (invalid columns:
-    # z = -inf, P = 0, g = 0) and lie outside the [:rows, :NT] view the GEMMs read.
+    # z = -inf, P = 0, g = 0): the library GEMMs take them as K padding (zero rows of T).
     base = ds_ptr + (r_start - row0) * DS_STRIDE + c_start
     mask = ((r_start + rl)[:, None] < row_end) & ((c_start + cl)[None, :] < DS_STRIDE)
     tl.store(base + rl[:, None] * DS_STRIDE + cl[None, :], dS.to(ds_ptr.dtype.element_ty), mask=mask)

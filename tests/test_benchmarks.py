@@ -41,10 +41,10 @@ def test_gemm3_floor_computes_the_three_products(B, N, monkeypatch):
     assert out.item() == pytest.approx((q[0] @ t[0]).item())
     out.backward()
     (dS,) = [v for v in fn.__closure__[0].cell_contents.values()][0:1]
-    assert dS.shape == (3, N)
-    # block r uses dS[: rows of block r]
-    want_dq = torch.cat([dS[: min(3, B - r0)] @ t.detach() for r0 in range(0, B, 3)])
-    want_dt = sum(dS[: min(3, B - r0)].t() @ q.detach()[r0:r0 + 3] for r0 in range(0, B, 3))
+    assert dS.shape == (8, 64)  # 3-row blocks (padded to 8) and N (to 64), as the fused loss pads its GEMMs' K
+    # block r uses dS[: rows of block r, :N] (the padding meets zero rows of t and q)
+    want_dq = torch.cat([dS[: min(3, B - r0), :N] @ t.detach() for r0 in range(0, B, 3)])
+    want_dt = sum(dS[: min(3, B - r0), :N].t() @ q.detach()[r0:r0 + 3] for r0 in range(0, B, 3))
     torch.testing.assert_close(q.grad, want_dq)
     torch.testing.assert_close(t.grad, want_dt)
 

@@ -213,6 +213,44 @@ def test_triton_strip_backward_is_bitwise_and_matches_tiles(gen, seed):
         assert rel_err(a.grads[n], t.grads[n]) < 1e-5, mismatch_report(f"{n} strip vs tiles", a.grads[n], t.grads[n])
 
 
+@pytest.mark.parametrize("B,d,M,rows,dtype", [(41, 33, 6, 24, torch.float32), (37, 31, 0, None, torch.float32),
+                                               (41, 33, 6, 24, torch.float16), (37, 31, 0, None, torch.bfloat16),
+                                               (64, 48, 0, None, torch.float32)],
+                         ids=["odd-N-odd-d-strips", "odd-B-odd-d-one-strip", "fp16-scaled-strips",
+                              "bf16-strip-one", "even"])
+def test_strip_backward_hands_the_library_gemms_aligned_shapes(monkeypatch, B, d, M, rows, dtype, gen, seed):
+    """Every library GEMM of the strip backward gets K a multiple of 64 (of 8 below 64) and leading
+    dimensions a multiple of 8, whatever B, N and d are (an odd N made cuBLAS 2-6x slower on the H200), and the
+    zero padding changes nothing: the gradients still match float64 (NaN-poisoned outputs, so an
+    unwritten padding element would show)."""
+    from llave_fast.backends import triton_backend as tb
+
+    seen = []
+    real = tb._mm_into
+
+    def recording(dst, a, b, *, accumulate):
+        def ld(x):  # the leading dimension a BLAS call sees: the stride between rows or columns
+            return x.stride(0) if x.stride(1) == 1 else x.stride(1)
+
+        seen.append(dict(M=a.shape[0], K=a.shape[1], N=b.shape[1], lda=ld(a), ldb=ld(b), ldc=ld(dst)))
+        assert a.shape[1] == b.shape[0]
+        return real(dst, a, b, accumulate=accumulate)
+
+    monkeypatch.setattr(tb, "_mm_into", recording)
+    monkeypatch.setenv("LLAVE_FAST_POISON", "1")
+    case = make_case(gen, B, d, M, dtype, masks="tid_neg" if M else "both", learnable_scale=True,
+                     seed=seed, label=f"aligned GEMMs B={B} d={d} M={M} {dtype}")
+    # bf16: the 16-bit strip forced (the interpreter's default for bf16 is an fp32 strip)
+    lowp = {"DS_LOWP": True} if dtype == torch.bfloat16 else {}
+    with kernel_config(**{**STRIP_TILES, "DS_STRIP_ROWS": rows, **lowp}):
+        check_backend(case, "triton", MARGIN[dtype], gen)
+    assert seen, "the strip backward ran no library GEMM"
+    for g in seen:
+        assert g["K"] % (64 if g["K"] >= 64 else 8) == 0, (g, seen)
+        assert all(g[k] % 8 == 0 for k in ("lda", "ldb", "ldc")), (g, seen)
+    assert any(g["K"] >= 64 for g in seen), seen  # the dq GEMM: K = the padded NT
+
+
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "add"])
 def test_strip_gemm_into_fp32(monkeypatch, accumulate):
     """The strip backward's GEMM into an fp32 accumulator with 16-bit operands: whichever

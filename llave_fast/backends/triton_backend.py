@@ -383,8 +383,38 @@ def ds_row_stride(NT: int) -> int:
     """Elements between consecutive rows of the dS strip buffer: NT rounded up to a multiple
     of DS_STRIDE_ALIGN. Every row then starts 128-byte aligned (16-bit), so the kernel's
     stores vectorise and the library GEMMs get an aligned leading dimension for any NT
-    (hard negatives, uneven ranks); they read the ``[:rows, :NT]`` view."""
+    (hard negatives, uneven ranks); they read the ``[:rows, :stride]`` view (the kernel writes
+    exact zeros past NT), so their K is a multiple of 64 too."""
     return -(-max(1, NT) // DS_STRIDE_ALIGN) * DS_STRIDE_ALIGN
+
+
+# The library GEMMs of the strip backward get their inner dimension (K: NT for dq, the strip's rows
+# for dT) padded with exact zeros to a multiple of GEMM_K_ALIGN (of GEMM_LD_ALIGN when K < 64), and
+# every leading dimension to a multiple of GEMM_LD_ALIGN: cuBLAS was 2-6x slower with an odd K
+# (H200, NT = 16383; NOTES.md).
+GEMM_K_ALIGN = 64
+GEMM_LD_ALIGN = 8
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-max(1, n) // m) * m
+
+
+def gemm_k(n: int) -> int:
+    """An inner dimension of ``n`` as the library GEMMs get it: a multiple of GEMM_K_ALIGN, or of
+    GEMM_LD_ALIGN below that (a thin strip would otherwise take several times its own memory)."""
+    return _round_up(n, GEMM_K_ALIGN if n >= GEMM_K_ALIGN else GEMM_LD_ALIGN)
+
+
+def gemm_operand(x: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a ``rows`` x ``cols`` GEMM operand of ``dtype``: zero rows below and zero columns to
+    the right (they add exact zeros to every product), or ``x`` itself (cast) when it has that shape."""
+    r, c = x.shape
+    if (r, c) == (rows, cols):
+        return x if x.dtype == dtype else x.to(dtype)
+    out = torch.zeros((rows, cols), dtype=dtype, device=x.device)
+    out[:r, :c] = x
+    return out
 
 
 def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
@@ -531,12 +561,17 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     scaled = dsd == torch.float16
     R = strip_rows(cfg, B, NT, torch.empty((), dtype=dsd).element_size())
     stride = ds_row_stride(NT)
-    # rows ``stride`` apart; the GEMMs read the [:rows, :NT] view (poisoned with NaN under
-    # LLAVE_FAST_POISON=1: an element the kernel should write and does not shows in dq/dT)
-    dS = new_output((R, stride), dev, dsd)
+    # Padded GEMM shapes (GEMM_K_ALIGN, GEMM_LD_ALIGN): dq = dS[:rows, :stride] @ T_op with T_op
+    # (stride x Dp, zero rows past NT: the kernel writes dS = 0 in columns NT..stride-1), and
+    # dT += dS[:Kr, :stride]^T @ q_op with Kr the strip's rows rounded up (dS rows past the strip
+    # zeroed, q_op with zero rows). dq and dT are computed Dp wide and cut to D.
+    Dp = _round_up(D, GEMM_LD_ALIGN)
+    # rows ``stride`` apart (poisoned with NaN under LLAVE_FAST_POISON=1: an element the kernel
+    # should write and does not shows in dq/dT, padding columns included)
+    dS = new_output((gemm_k(R), stride), dev, dsd)
     dq_dtype = q.dtype if (R >= B and dsd == torch.bfloat16 and q.dtype == torch.bfloat16) else torch.float32
-    dq = new_output((B, D), dev, dq_dtype)
-    dTc = torch.zeros((NT, D), device=dev, dtype=torch.float32)
+    dq = new_output((B, Dp), dev, dq_dtype)
+    dTc = torch.zeros((stride, Dp), device=dev, dtype=torch.float32)
     dummy = torch.zeros(1, dtype=torch.int64, device=dev)
     tid_pos, tid_cand, n_tid, qid_row, qid_cand = _id_args(ids, dummy)
     has_col = g_col is not None
@@ -549,10 +584,10 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
         # fp16 strip: dS * sigma, |dS * sigma| < 2^15 (hardness_ds); undone once at the end
         sigma, inv_sigma = ds_scale(g_row_arg, g_col_arg if has_col else None, scale)
     prec = _precision(q)
-    # GEMM operands: the strip's dtype (an fp32 strip with 16-bit inputs: upcast T and q)
-    T_op = Tc if Tc.dtype == dsd else Tc.to(dsd)
+    # GEMM operands: the strip's dtype (an fp32 strip with 16-bit inputs: upcast T and q), padded
+    T_op = gemm_operand(Tc, stride, Dp, dsd)
     BM, BN = cfg["DS_BM"], cfg["DS_BN"]
-    n_ct = triton_cdiv(NT, BN)
+    n_ct = triton_cdiv(stride, BN)  # every column of the row stride is written (0 past NT)
     with _enter(dev):
         for r0 in range(0, B, R):
             r1 = min(B, r0 + R)
@@ -566,16 +601,23 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
                 UPCAST=_upcast(q), PREC=prec, SCALED=scaled,
                 num_warps=cfg["DS_WARPS"], num_stages=cfg["DS_STAGES"],
             )
-            d_s = dS[: r1 - r0, :NT]  # leading dimension ``stride``: a multiple of 64
-            q_op = q[r0:r1] if q.dtype == dsd else q[r0:r1].to(dsd)
-            _mm_into(dq[r0:r1], d_s, T_op, accumulate=False)  # dq = dS @ T
-            _mm_into(dTc, d_s.t(), q_op, accumulate=True)  # dT += dS^T @ q
+            rows = r1 - r0
+            Kr = gemm_k(rows)
+            if Kr > rows:
+                dS[rows:Kr].zero_()  # the dT GEMM's padding rows (a previous strip's rows, or never written)
+            # leading dimension ``stride`` (a multiple of 64), K = stride
+            _mm_into(dq[r0:r1], dS[:rows], T_op, accumulate=False)  # dq = dS @ T
+            q_op = gemm_operand(q[r0:r1], Kr, Dp, dsd)
+            _mm_into(dTc, dS[:Kr].t(), q_op, accumulate=True)  # dT += dS^T @ q, K = Kr
         if scaled:
             # the GEMMs summed sigma * dS: one multiply by 1/sigma each (exact, a power of two);
             # dq goes straight to the input dtype in the same pass
-            dq = torch.mul(dq, inv_sigma, out=torch.empty((B, D), device=dev, dtype=q.dtype))
+            dq = torch.mul(dq[:, :D], inv_sigma, out=torch.empty((B, D), device=dev, dtype=q.dtype))
             dTc.mul_(inv_sigma)
-    return dq, dTc
+    if dq.shape[1] != D:
+        dq = dq[:, :D].contiguous()
+    dTc = dTc[:NT, :D]
+    return dq, dTc if Dp == D else dTc.contiguous()
 
 
 TritonHardnessLoss = make_loss_function(
