@@ -887,15 +887,94 @@ def train(cfg: TrainConfig) -> dict:
     existed = set() if out is None else {name for name in ("", *_START_FILES) if os.path.exists(os.path.join(out, name))}
     try:
         return _train(cfg)
+    except RunFolderInUse:
+        raise  # the folder is another run's: nothing of it is touched
     except BaseException:
+        _release_run_folder()
         try:
             _forget_failed_start(cfg.output_dir, existed)
         except OSError as exc:  # never hide the error that stopped the run
             log.warning("could not clean up after the failed start in %s: %s", cfg.output_dir, exc)
         raise
+    finally:
+        _release_run_folder()
 
 
-_START_FILES = ("train_config.json", "base", "train_log.jsonl")  # what a start writes before its first step
+LOCK_FILE = ".llave_fast.lock"
+# what a start writes before its first step
+_START_FILES = ("train_config.json", "base", "train_log.jsonl", LOCK_FILE)
+_HELD: list = []  # the open lock file of the run folder this process holds (rank 0)
+
+
+class RunFolderInUse(ValueError):
+    """Another run (a live process) holds the run folder."""
+
+
+def hold_run_folder(out: str, rank: int, world: int) -> None:
+    """One run per folder: rank 0 takes an advisory lock (``flock``) on ``out/.llave_fast.lock`` for
+    the run's life and writes who holds it there; every rank learns the outcome, and when another
+    live process holds the folder all of them raise :class:`RunFolderInUse` naming it, before
+    anything is read or written there. The kernel drops the lock when its holder dies, so a lock
+    left by a killed run is free: taken over, with a note naming the run that left it."""
+    message = note = None
+    if rank == 0:
+        message, note = _take_run_folder(out)
+    if world > 1:
+        box = [(message, note)]
+        dist.broadcast_object_list(box, src=0)
+        message, note = box[0]
+    if note:
+        _log(rank, note)
+    if message:
+        raise RunFolderInUse(message)
+
+
+def _take_run_folder(out: str) -> tuple[str | None, str | None]:
+    """(refusal message or None, note or None); on success the lock stays held in ``_HELD``."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None, f"note: no file locks on this system; nothing stops a second run in {out}"
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a run that has not written its name yet"
+        f.close()
+        return (f"the run folder {out} is in use by another run ({holder}; lock file {path}): two runs in one "
+                "folder would mix their checkpoints, logs and train_config.json. Give this run another "
+                "--output-dir, or wait for that run to end"), None
+    f.seek(0)
+    previous = f.read().strip()
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    f.flush()
+    _HELD.append(f)
+    note = f"cleared a stale lock of {out} (its run is no longer running: {previous})" if previous else None
+    return None, note
+
+
+def _release_run_folder() -> None:
+    """Empty the lock file (a run that ended, not a killed one) and let go of the lock."""
+    while _HELD:
+        f = _HELD.pop()
+        try:
+            f.truncate(0)
+            f.close()
+        except OSError:
+            pass
+
+
+def agreed_output_dir(rank: int, world: int) -> str:
+    """The default run folder (``runs/<date-time>``), named by rank 0 and sent to every rank: ranks
+    whose clocks read another second would otherwise write to different folders."""
+    box = [default_output_dir() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _forget_failed_start(out: str | None, existed: set) -> None:
@@ -938,12 +1017,13 @@ def _train(cfg: TrainConfig) -> dict:
     quiet_known_warnings()
     rank, world = init_distributed()
     if cfg.output_dir is None:
-        cfg.output_dir = default_output_dir()
+        cfg.output_dir = agreed_output_dir(rank, world)
     out = cfg.output_dir
     _log(rank, f"run folder: {os.path.abspath(out)}")
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
     check_config(cfg, world)
+    hold_run_folder(out, rank, world)
     ds_config = deepspeed_config(cfg, world, bf16)
 
     # the data, its fit to the batch, the run's length and the resume decision: all before the model

@@ -28,3 +28,23 @@ def write_mmeb(folder, n: int, seed: int = 3, image_size: int = 64) -> tuple[str
     from llave_fast.data.synthetic import write_mmeb_train
 
     return write_mmeb_train(folder, n, seed=seed, image_size=image_size, image_format="png")
+
+
+def agree_and_hold(rank, world, kw):
+    """Rank 1's clock reads another second: the folder is rank 0's on both. Then both ask for the run
+    folder in ``kw["busy"]`` (held by another process): both raise, with the same message."""
+    import time
+
+    from llave_fast import train as T
+
+    if rank == 1:
+        real = time.strftime
+        T.time.strftime = lambda fmt, *a: real(fmt, time.localtime(time.time() + 1))
+    name = T.agreed_output_dir(rank, world)
+    try:
+        T.hold_run_folder(kw["busy"], rank, world)
+        refused = None
+    except T.RunFolderInUse as exc:
+        refused = str(exc)
+    with open(os.path.join(kw["report"], f"rank{rank}.json"), "w") as f:
+        json.dump({"name": name, "refused": refused}, f)

@@ -215,3 +215,21 @@ def test_alpha_tensor_without_grad_is_accepted():
     a = hardness_weighted_loss(q, t, alpha=torch.tensor(9.0), backend="torch")
     b = hardness_weighted_loss(q, t, alpha=9.0, backend="torch")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_is_refused_by_the_fused_backends(backend):
+    """backward(create_graph=True) through a fused backend (a gradient penalty) must not silently drop
+    the second-order term: it raises, naming the way out; the reference backend differentiates twice."""
+    q = torch.nn.functional.normalize(_q(), dim=1).requires_grad_()
+    t = torch.nn.functional.normalize(_t(), dim=1).requires_grad_()
+    loss = hardness_weighted_loss(q, t, backend=backend)
+    with pytest.raises(RuntimeError, match=r"cannot be differentiated again.*backend='reference'"):
+        torch.autograd.grad(loss, q, create_graph=True)
+    # a plain backward of the same loss still works
+    (gq,) = torch.autograd.grad(hardness_weighted_loss(q, t, backend=backend), q)
+    assert torch.isfinite(gq).all()
+    # the reference: a gradient penalty has a gradient, and it is the one the fused backend would drop
+    (gq,) = torch.autograd.grad(hardness_weighted_loss(q, t, backend="reference"), q, create_graph=True)
+    (gt,) = torch.autograd.grad(gq.square().sum(), t)
+    assert torch.isfinite(gt).all() and gt.abs().sum() > 0

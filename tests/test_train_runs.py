@@ -330,3 +330,80 @@ def test_num_eval_zero_trains_without_a_held_out_evaluation(tmp_path):
     assert not os.path.exists(os.path.join(out, "eval.json"))
     with pytest.raises(ValueError, match="num_eval must be an int >= 0, got -1"):
         check_config(W.tiny_cfg(out, num_eval=-1), world=1)
+
+
+# ---------------------------------------------------------------- one run per folder
+_HOLDER = """
+import sys, time
+from llave_fast.train import hold_run_folder
+hold_run_folder(sys.argv[1], 0, 1)
+print("HOLDING", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold(folder):
+    """A live process that holds ``folder`` (killed by the caller)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "HOLDING"
+    return p
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_at_once(tmp_path):
+    """Two runs in one --output-dir used to mix (one's config, the other's weights): the second is
+    refused before it reads or writes anything there, and the message names the other process."""
+    from llave_fast.testing import spawn_ranks
+    from llave_fast.train import LOCK_FILE
+
+    out = tmp_path / "run"
+    holder = _hold(out)
+    try:
+        (out / "train_config.json").write_text('{"seed": 0}')  # the live run's own file
+        with pytest.raises(Exception, match=rf"RunFolderInUse: .*in use by another run \(pid {holder.pid} on .*"
+                                            r"--output-dir"):
+            spawn_ranks(W.run_train, 1, dict(out=str(out), seed=1))
+        assert (out / "train_config.json").read_text() == '{"seed": 0}'
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "train_config.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
+    from llave_fast.train import LOCK_FILE, _release_run_folder, hold_run_folder
+
+    out = tmp_path / "run"
+    holder = _hold(out)
+    holder.kill()  # killed: its line stays in the lock file, its lock goes with it
+    holder.wait()
+    assert f"pid {holder.pid}" in (out / LOCK_FILE).read_text()
+    try:
+        hold_run_folder(str(out), 0, 1)
+        assert f"cleared a stale lock of {out}" in capsys.readouterr().out
+        assert f"pid {os.getpid()}" in (out / LOCK_FILE).read_text()
+    finally:
+        _release_run_folder()
+    assert (out / LOCK_FILE).read_text() == ""  # a run that ended leaves no name behind
+    hold_run_folder(str(out), 0, 1)  # free again, and no note
+    _release_run_folder()
+    assert "stale" not in capsys.readouterr().out
+
+
+def test_ranks_agree_on_the_default_folder_and_on_a_refusal(tmp_path):
+    """Without --output-dir every rank used to name the folder from its own clock; now rank 0 names it.
+    A folder in use is refused on every rank (no rank left waiting in a collective)."""
+    from llave_fast.testing import spawn_ranks
+
+    busy = tmp_path / "busy"
+    holder = _hold(busy)
+    try:
+        spawn_ranks(W.agree_and_hold, 2, dict(busy=str(busy), report=str(tmp_path)))
+    finally:
+        holder.kill()
+        holder.wait()
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["name"] == r1["name"] and r0["name"].startswith("runs" + os.sep), (r0, r1)
+    assert r0["refused"] and r0["refused"] == r1["refused"] and f"pid {holder.pid}" in r0["refused"], (r0, r1)

@@ -289,6 +289,12 @@ def make_loss_function(name: str, strip_forward, strip_backward, doc: str):
         return hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
 
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # backward(create_graph=True): autograd asks for a graph of the gradient
+            raise RuntimeError(
+                f"{name}: the fused loss's gradient is computed by its own kernels and has no graph, so it "
+                "cannot be differentiated again (backward with create_graph=True, torch.autograd.grad(..., "
+                "create_graph=True), e.g. a gradient penalty); use backend='reference', whose eager formula "
+                "autograd differentiates twice")
         dq, dt, dneg, dscale = hardness_backward(ctx, grad_out)
         return dq, dt, dneg, dscale, None, None, None, None
 
