@@ -838,3 +838,24 @@ def test_mmeb_empty_file_and_truncated_json_say_what_they_are(tmp_path):
     with pytest.raises(ValueError, match=r"no usable rows in .*trunc2\.jsonl: all 1 rows were bad.*trunc2\.jsonl:1: "):
         (tmp_path / "trunc2.jsonl").write_text(row[:-1] + "\n")
         MMEBDataset(str(tmp_path / "trunc2.jsonl"), skip_bad_rows=True)
+
+
+def test_mmeb_non_utf8_deeply_nested_and_huge_lines_are_bad_rows(tmp_path, monkeypatch):
+    """Three lines that used to stop the run as an internal error (or hold a whole huge line in memory)
+    are bad rows at FILE:LINE, skippable with skip_bad_rows like any other."""
+    import llave_fast.data.mmeb as mmeb
+
+    good = json.dumps({"qry": "a", "qry_image_path": "", "pos_text": "b", "pos_image_path": ""})
+    f = tmp_path / "odd.jsonl"
+    f.write_bytes(b"\n".join([good.encode(), b'{"qry": "caf\xe9"}', b"[" * 100000 + b"]" * 100000,
+                              b'{"qry": "' + b"x" * 400000 + b'"}', good.encode()]) + b"\n")
+    limit = 300000  # above the 200 kB nested line, below the 400 kB long one
+    monkeypatch.setattr(mmeb.jsonl_lines, "__defaults__", (limit,))
+    with pytest.raises(BadDataError, match=r"odd\.jsonl:2: not UTF-8 text"):
+        MMEBDataset(str(f))
+    ds = MMEBDataset(str(f), skip_bad_rows=True)
+    assert len(ds) == 2
+    reasons = {ds.where(src, row): why for src, row, why in ds.skipped}
+    assert set(reasons) == {f"{f}:2", f"{f}:3", f"{f}:4"}, reasons
+    assert "not UTF-8" in reasons[f"{f}:2"] and "nested too deeply" in reasons[f"{f}:3"], reasons
+    assert f"a line of {400000 + 12} bytes, over the limit of {limit} bytes" in reasons[f"{f}:4"], reasons

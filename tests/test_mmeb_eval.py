@@ -312,3 +312,16 @@ def test_query_flags_say_what_they_apply_to(tiny, tmp_path, capsys, sets):
     res = json.loads(out)
     assert {n: d["num_queries"] for n, d in res["datasets"].items()} == {"MySet": 2, "MSCOCO_i2t": 2}
     assert res["max_queries"] == 2
+
+
+def test_a_non_utf8_or_deeply_nested_eval_line_is_bad_data_at_file_line(tmp_path):
+    from llave_fast.data.mmeb_eval import read_eval_file
+
+    good = json.dumps({"qry_text": "a", "qry_img_path": "", "tgt_text": ["x"], "tgt_img_path": [""]}).encode()
+    f = tmp_path / "Odd.jsonl"
+    f.write_bytes(good + b"\n" + b'{"qry_text": "caf\xe9"}\n')
+    with pytest.raises(BadDataError, match=r"Odd\.jsonl:2: not UTF-8 text"):
+        read_eval_file(str(f))
+    f.write_bytes(good + b"\n\n" + b"[" * 100000 + b"]" * 100000 + b"\n")
+    with pytest.raises(BadDataError, match=r"Odd\.jsonl:3: invalid JSON: nested too deeply"):
+        read_eval_file(str(f))

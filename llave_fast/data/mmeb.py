@@ -151,21 +151,60 @@ def _column_problem(names: Iterable[str], allow_extra: bool) -> str | None:
     return None
 
 
+MAX_LINE_BYTES = 16 << 20  # a data line longer than this (16 MiB; MMEB rows are a few hundred bytes) is a bad row
+
+
+def jsonl_lines(f, max_bytes: int = MAX_LINE_BYTES):
+    """``(line number, text or None, problem or None)`` for each non-blank line of a binary file:
+    a line that is not UTF-8, or longer than ``max_bytes`` (never held whole in memory), is a
+    problem of that line, not of the file."""
+    lineno = 0
+    while True:
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            n = len(raw)
+            while raw and not raw.endswith(b"\n"):  # the rest of the long line, in bounded pieces
+                raw = f.readline(max_bytes + 1)
+                n += len(raw)
+            yield lineno, None, f"a line of {n} bytes, over the limit of {max_bytes} bytes (MAX_LINE_BYTES)"
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, None, f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+            continue
+        if text.strip():
+            yield lineno, text.rstrip("\r\n"), None  # the newline would move a truncated line's error to "line 2"
+
+
+def parse_json_line(text: str):
+    """(object, problem): json.loads, with its errors as a row's problem (RecursionError included:
+    a deeply nested line is bad data, not a crash)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply to parse"
+
+
 def _read_jsonl(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
     """Rows of a .jsonl file; a line that is not a valid MMEB row is a row problem."""
     rows, lines, problems = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, text, problem in jsonl_lines(f):
             if max_rows is not None and len(rows) >= max_rows:
                 break
             row = len(rows)
             lines.append(lineno)
-            try:
-                obj = json.loads(text.rstrip("\r\n"))  # the newline would move a truncated line's error to "line 2"
-            except json.JSONDecodeError as exc:
-                problems[row] = f"invalid JSON: {exc.msg} at column {exc.colno}"
+            obj = {}
+            if problem is None:
+                obj, problem = parse_json_line(text)
+            if problem is not None:
+                problems[row] = problem
                 obj = {}
             if not isinstance(obj, dict):
                 problems[row] = f"expected a JSON object, got {type(obj).__name__}"

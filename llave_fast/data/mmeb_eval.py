@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .mmeb import _SHARD_RE, BadDataError, data_files
+from .mmeb import _SHARD_RE, BadDataError, data_files, jsonl_lines, parse_json_line
 
 __all__ = ["EVAL_COLUMNS", "EvalDataset", "EvalRow", "EvalSet", "find_eval_datasets", "is_eval_file",
            "read_eval_file", "read_eval_set", "write_mmeb_eval"]
@@ -75,20 +75,17 @@ def _pyarrow_parquet():
 def _rows(path: Path):
     """(row index from 0, dict, line number from 1 or None) of every row of one file."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            i = 0
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line.rstrip("\r\n"))
-                    except json.JSONDecodeError as exc:
-                        raise BadDataError(str(path), i, f"invalid JSON: {exc.msg} at column {exc.colno}", lineno,
-                                           hint=False) from exc
-                    if not isinstance(row, dict):
-                        raise BadDataError(str(path), i, f"a JSON {type(row).__name__}, expected an object", lineno,
-                                           hint=False)
-                    yield i, row, lineno
-                    i += 1
+        with open(path, "rb") as f:
+            for i, (lineno, text, problem) in enumerate(jsonl_lines(f)):
+                row = None
+                if problem is None:
+                    row, problem = parse_json_line(text)
+                if problem is not None:
+                    raise BadDataError(str(path), i, problem, lineno, hint=False)
+                if not isinstance(row, dict):
+                    raise BadDataError(str(path), i, f"a JSON {type(row).__name__}, expected an object", lineno,
+                                       hint=False)
+                yield i, row, lineno
     elif path.suffix == ".parquet":
         pq = _pyarrow_parquet()
         try:
