@@ -289,13 +289,12 @@ def _image_size(path: str, origin) -> tuple[int, int]:
 
 
 def _load_image(path: str, origin):
-    from PIL import Image
-
     from .data.mmeb import BadDataError
 
+    from .data.mmeb import open_rgb
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(path)  # the pixel limit (MAX_IMAGE_PIXELS) applies here too
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
         raise BadDataError(origin[0], origin[1], f"image {path} cannot be read ({type(exc).__name__}: {exc})",
                            origin[2] if len(origin) > 2 else None,

@@ -70,6 +70,9 @@ class TrainConfig:
                                         "--skip-bad-rows")
     check_images: bool = _opt(False, "decode every MMEB image before the model is built (progress bar); bad ones "
                                      "follow --bad-images")
+    max_image_pixels: int = _opt(40_000_000, "an MMEB image with more pixels than this (width x height, read from "
+                                             "its header before decoding) is a bad image (--bad-images decides); "
+                                             "0: no limit of ours (Pillow's own still applies)")
     num_workers: int = _opt(2, "data-loading processes per rank: they read and decode images and run the "
                                "processor for the next steps while the model works; 0: in the training process")
     prefetch_batches: int = _opt(2, "steps' batches each data-loading process prepares ahead")
@@ -438,7 +441,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    for name in ("save_every", "warmup_steps", "num_workers", "num_eval"):
+    for name in ("save_every", "warmup_steps", "num_workers", "num_eval", "max_image_pixels"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -565,7 +568,7 @@ def resolve_length(cfg: TrainConfig, order: "BatchOrder", rank: int = 0) -> None
 RESUME_MAY_CHANGE = frozenset({
     "save_every", "keep_checkpoints", "eval_before", "eval_batch", "tensorboard", "progress", "stop_after",
     "chunk_size", "gradient_checkpointing", "loss_backend", "num_workers", "prefetch_batches", "bad_images",
-    "check_images", "skip_bad_rows",
+    "check_images", "skip_bad_rows", "max_image_pixels",
 })
 RESUME_NOT_COMPARED = frozenset({"output_dir", "resume"})
 
@@ -707,7 +710,7 @@ def _datasets(cfg: TrainConfig, progress: bool = False):
                         skip_bad_rows=cfg.skip_bad_rows, split=cfg.mmeb_split,
                         max_rows_per_subset=cfg.max_rows_per_subset,
                         check_images="decode" if cfg.check_images else "exists", bad_images=cfg.bad_images,
-                        progress=progress)
+                        progress=progress, max_image_pixels=cfg.max_image_pixels)
     return train, None
 
 

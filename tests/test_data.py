@@ -859,3 +859,38 @@ def test_mmeb_non_utf8_deeply_nested_and_huge_lines_are_bad_rows(tmp_path, monke
     assert set(reasons) == {f"{f}:2", f"{f}:3", f"{f}:4"}, reasons
     assert "not UTF-8" in reasons[f"{f}:2"] and "nested too deeply" in reasons[f"{f}:3"], reasons
     assert f"a line of {400000 + 12} bytes, over the limit of {limit} bytes" in reasons[f"{f}:4"], reasons
+
+
+def test_mmeb_images_over_the_pixel_limit_are_bad_images_refused_before_decoding(tmp_path, monkeypatch):
+    """A decompression bomb (a small file promising a huge canvas) is refused from its header: a bad
+    image at FILE:LINE, which bad_images decides; the limit is a documented default with a knob."""
+    from PIL import Image as PILImage
+
+    import llave_fast.data.mmeb as mmeb
+    from llave_fast.train import TrainConfig
+
+    assert 600_000 < mmeb.MAX_IMAGE_PIXELS < PILImage.MAX_IMAGE_PIXELS  # above anyres 2x2 at 384, below Pillow
+    assert TrainConfig().max_image_pixels == mmeb.MAX_IMAGE_PIXELS
+    img = tmp_path / "images"
+    img.mkdir()
+    PILImage.new("L", (300, 200)).save(img / "big.png")  # 60000 pixels, a few hundred bytes
+    PILImage.new("RGB", (20, 10)).save(img / "small.png")
+    rows = [{"qry": "<|image_1|> a", "qry_image_path": "big.png", "pos_text": "b", "pos_image_path": ""},
+            {"qry": "<|image_1|> c", "qry_image_path": "small.png", "pos_text": "d", "pos_image_path": ""}]
+    f = tmp_path / "px.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    decoded = []
+    real_convert = PILImage.Image.convert
+    monkeypatch.setattr(PILImage.Image, "convert", lambda im, *a, **k: decoded.append(im.size) or real_convert(im, *a, **k))
+    ds = mmeb.MMEBDataset(str(f), str(img), max_image_pixels=50_000)
+    with pytest.raises(BadDataError, match=r"px\.jsonl:1: unreadable image \(300 x 200 = 60000 pixels, over the "
+                                           r"limit of 50000 \(--max-image-pixels"):
+        ds[0]
+    assert (300, 200) not in decoded  # refused from the header, never decoded
+    with pytest.raises(BadDataError, match=r"px\.jsonl:1: .*over the limit"):
+        mmeb.MMEBDataset(str(f), str(img), max_image_pixels=50_000, check_images="decode")
+    skipping = mmeb.MMEBDataset(str(f), str(img), max_image_pixels=50_000, check_images="decode", bad_images="skip")
+    assert len(skipping) == 1 and "over the limit" in skipping.skipped[0][2]
+    assert mmeb.MMEBDataset(str(f), str(img), max_image_pixels=0)[0]["qry_image"].size == (300, 200)  # 0: no limit
+    with pytest.raises(ValueError, match=r"max_image_pixels must be an int >= 0"):
+        mmeb.MMEBDataset(str(f), str(img), max_image_pixels=-1)

@@ -351,6 +351,9 @@ class MMEBDataset(torch.utils.data.Dataset):
             ``skipped``, log it, and serve the next good row in its place); None follows
             ``skip_bad_rows``.
         progress: a progress bar over the distinct images when ``check_images="decode"``.
+        max_image_pixels: an image with more pixels than this (width x height, read from its
+            header before anything is decoded) is a bad image (``bad_images`` decides);
+            default :data:`MAX_IMAGE_PIXELS`; 0: no limit of ours (Pillow's own still applies).
     """
 
     def __init__(
@@ -367,7 +370,12 @@ class MMEBDataset(torch.utils.data.Dataset):
         allow_extra_columns: bool = False,
         bad_images: str | None = None,
         progress: bool = False,
+        max_image_pixels: int = None,
     ):
+        max_image_pixels = MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
+        if not isinstance(max_image_pixels, int) or isinstance(max_image_pixels, bool) or max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be an int >= 0 (0: no limit), got {max_image_pixels!r}")
+        self.max_image_pixels = max_image_pixels
         if check_images not in ("none", "exists", "decode"):
             raise ValueError(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}")
         if bad_images not in (None, "skip", "fail"):
@@ -459,7 +467,8 @@ class MMEBDataset(torch.utils.data.Dataset):
                     continue
                 path = os.path.join(src.image_root, rel)
                 if path not in exists_cache:  # one check per distinct image (targets repeat a lot)
-                    exists_cache[path] = _image_problem(path, decode=self.check_images == "decode")
+                    exists_cache[path] = _image_problem(path, decode=self.check_images == "decode",
+                                                        max_pixels=self.max_image_pixels)
                 if exists_cache[path] is not None:
                     self._image_problem_found = True
                     why = exists_cache[path]
@@ -491,7 +500,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         bar = tqdm(total=len(paths), desc="checking images", unit="image", disable=not self.progress)
         # PIL decodes outside the GIL: a few threads keep the disk and the cores busy
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for path, why in zip(paths, pool.map(lambda p: _image_problem(p, decode=True), paths)):
+            for path, why in zip(paths, pool.map(lambda p: _image_problem(p, True, self.max_image_pixels), paths)):
                 exists_cache[path] = why
                 bar.update(1)
         bar.close()
@@ -568,8 +577,7 @@ class MMEBDataset(torch.utils.data.Dataset):
             return None
         path = os.path.join(src.image_root, rel)
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")  # convert() loads the pixels: decode errors surface here
+            return open_rgb(path, self.max_image_pixels)  # convert() loads the pixels: decode errors surface here
         except FileNotFoundError as exc:
             raise BadDataError(src.name, row, f"image file not found: {path!r} ({column}){self._missing_hint(src, rel)}",
                                src.line(row), hint=IMAGE_HINT) from exc
@@ -628,14 +636,37 @@ class MMEBDataset(torch.utils.data.Dataset):
         )
 
 
-def _image_problem(path: str, decode: bool) -> str | None:
-    """Why the image at ``path`` cannot be used (None if it can): missing, or (decode=True) unreadable."""
+# The pixel limit of every image we open (width x height, from the header, before decoding): far
+# above what the model looks at (LLaVE's largest anyres canvas, 2 x 2 tiles of 384 px, is 0.6 Mpx; a
+# 12 Mpx photo passes), far below Pillow's own warning (89 Mpx) and error (179 Mpx). A 97 kB PNG can
+# hold 10000 x 10000 pixels, ~480 MiB decoded: refused here as a bad image. --max-image-pixels changes it.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header promises more pixels than the limit (a decompression bomb, or a scan)."""
+
+
+def open_rgb(path: str, max_pixels: int | None = None):
+    """The image at ``path`` as RGB, refused before decoding when width x height > ``max_pixels``
+    (default :data:`MAX_IMAGE_PIXELS`; 0: no limit of ours)."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with Image.open(path) as im:
+        w, h = im.size
+        if limit and w * h > limit:
+            raise ImageTooLarge(f"{w} x {h} = {w * h} pixels, over the limit of {limit} (--max-image-pixels; "
+                                "llave_fast.data.mmeb.MAX_IMAGE_PIXELS)")
+        return im.convert("RGB")
+
+
+def _image_problem(path: str, decode: bool, max_pixels: int | None = None) -> str | None:
+    """Why the image at ``path`` cannot be used (None if it can): missing, or (decode=True) unreadable
+    or over the pixel limit."""
     if not os.path.isfile(path):
         return "image file not found"
     if decode:
         try:
-            with Image.open(path) as im:
-                im.load()
+            open_rgb(path, max_pixels)
         except Exception as exc:
             return f"unreadable image ({exc or type(exc).__name__})"
     return None
