@@ -106,14 +106,16 @@ def data_paths(data) -> list[str]:
     return out
 
 
-def load_eval_model(model_path: str, dev: torch.device, dt: torch.dtype):
-    """(model on ``dev`` in ``dt``, {"checkpoint": tag} for a run folder else {})."""
+def load_eval_model(model_path: str, dev: torch.device, dt: torch.dtype, tag: str | None = None):
+    """(model on ``dev`` in ``dt``, {"checkpoint": tag} for a run folder else {}). ``tag``: the run's
+    checkpoint to load, as resolved earlier (a run still training may have saved a newer one since);
+    None: its newest complete one."""
     from .export import is_run_dir
     from .model import LLaVEEmbedder
 
     extra = {}
-    if is_run_dir(model_path):  # a training run: its newest complete checkpoint, merged in memory
-        model, tag = run_model_for_eval(model_path, dt)
+    if is_run_dir(model_path):  # a training run: a complete checkpoint, merged in memory
+        model, tag = run_model_for_eval(model_path, dt, tag)
         extra["checkpoint"] = tag
     else:
         model = LLaVEEmbedder.from_pretrained(model_path, torch_dtype=dt)
@@ -145,7 +147,8 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
 
         def model_once():  # loaded on first use: a rerun whose every dataset is cached loads nothing
             if "model" not in loaded:
-                loaded["model"] = load_eval_model(model_path, dev, dt)[0]
+                # exactly the checkpoint the key names (the cache and mmeb_eval.json say which)
+                loaded["model"] = load_eval_model(model_path, dev, dt, key.get("checkpoint"))[0]
             return loaded["model"]
 
         key = model_key(model_path, dev, dt)
@@ -177,18 +180,20 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
     return result
 
 
-def run_model_for_eval(run_dir: str, dtype: torch.dtype):
-    """(model, checkpoint tag) of a training run folder's newest complete checkpoint, or an error
-    that says what to do instead."""
+def run_model_for_eval(run_dir: str, dtype: torch.dtype, tag: str | None = None):
+    """(model, checkpoint tag) of a training run folder: checkpoint ``tag``, or the newest complete
+    one, resolved once here and loaded exactly (a run still training may save another meanwhile);
+    or an error that says what to do instead."""
     from . import checkpoint as ckpt
     from .export import load_run_model, no_checkpoint_message
 
-    if ckpt.latest_complete(os.path.join(run_dir, "checkpoints")) is None:
+    tag = tag or ckpt.latest_complete(os.path.join(run_dir, "checkpoints"))
+    if tag is None:
         raise FileNotFoundError(no_checkpoint_message(run_dir))
     try:
         # deepspeed's shard merge prints its progress: keep stdout for the metrics JSON
         with contextlib.redirect_stdout(sys.stderr):
-            return load_run_model(run_dir, dtype=dtype)
+            return load_run_model(run_dir, dtype=dtype, tag=tag)
     except ImportError as e:
         raise ImportError(f"{e}; or export it on a machine with deepspeed (llave-fast export --run {run_dir}) "
                           "and evaluate the exported folder") from e

@@ -405,3 +405,31 @@ with open(sys.argv[2], "w") as log, contextlib.redirect_stderr(log):
     if "-laio" not in control.stderr:
         pytest.skip("this machine has libaio: DeepSpeed's probe makes no noise here to keep off the terminal")
     assert "-laio" not in quiet.stderr and "collect2" not in quiet.stderr, quiet.stderr
+
+
+def test_eval_of_a_run_still_training_loads_the_checkpoint_it_names(run_dir, tmp_path, monkeypatch):
+    """A run still training may complete a checkpoint between the moment eval names one (its cache
+    key, mmeb_eval.json) and the moment it loads weights: it must load exactly the one it named."""
+    import llave_fast.checkpoint as ckpt
+    import llave_fast.export as export
+    from llave_fast.data.mmeb_eval import write_mmeb_eval
+    from llave_fast.evaluate import evaluate_model
+
+    files, image_dir = write_mmeb_eval(str(tmp_path / "eval"), "MSCOCO_i2t", 4, num_candidates=3, seed=1)
+    tags = ckpt.complete_tags(str(run_dir / "checkpoints"))
+    assert len(tags) >= 2, tags
+    calls = []
+    real_latest = ckpt.latest_complete
+
+    def latest_then_a_new_save(root):  # first asked: an older one; afterwards a newer one has landed
+        calls.append(root)
+        return tags[-2] if len(calls) == 1 else real_latest(root)
+
+    loaded = []
+    real_state = export.consolidated_state_dict
+    monkeypatch.setattr(ckpt, "latest_complete", latest_then_a_new_save)
+    monkeypatch.setattr(export, "consolidated_state_dict",
+                        lambda run, tag=None: loaded.append(tag) or real_state(run, tag))
+    result = evaluate_model(str(run_dir), files, image_dir=image_dir, device="cpu", dtype="fp32",
+                            output_dir=str(tmp_path / "out"), progress=False)
+    assert loaded == [tags[-2]] and result["checkpoint"] == tags[-2], (loaded, result.get("checkpoint"))
