@@ -21,12 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from llave_fast.backends.triton_backend import GEMM_K_ALIGN, GEMM_LD_ALIGN, gemm_k, gemm_operand
-
-
-def _up(n: int, m: int) -> int:
-    return -(-max(1, n) // m) * m
-
+from llave_fast.backends.triton_backend import GEMM_K_ALIGN, GEMM_LD_ALIGN, gemm_k, gemm_operand, round_up
 
 MAX_ELEMS = 1 << 28  # one S or dS block: 512 MiB in bf16
 
@@ -39,7 +34,7 @@ class _Gemm3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, t, dS, R):
         (B, D), N = q.shape, t.shape[0]
-        Dp = _up(D, GEMM_LD_ALIGN)
+        Dp = round_up(D, GEMM_LD_ALIGN)
         Np = dS.shape[1]  # dS: blocks of R rows (allocated padded to GEMM_K_ALIGN), N padded to it
         # K = d padded; S is Np wide (zero rows of t: an aligned leading dimension for any N)
         qp, tp = gemm_operand(q, B, Dp, q.dtype), gemm_operand(t, Np, Dp, t.dtype)
@@ -59,7 +54,7 @@ class _Gemm3(torch.autograd.Function):
         q, t, dS = ctx.saved_tensors
         (B, D), N = q.shape, t.shape[0]
         R, Np = ctx.R, dS.shape[1]
-        Dp = _up(D, GEMM_LD_ALIGN)
+        Dp = round_up(D, GEMM_LD_ALIGN)
         tp = gemm_operand(t, Np, Dp, t.dtype)  # K = N for dq, padded with zero rows
         dq = torch.empty((B, Dp), dtype=q.dtype, device=q.device)
         dT = torch.zeros((Np, Dp), dtype=t.dtype, device=t.device)
@@ -78,7 +73,7 @@ def gemm3_fn():
     def fn(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         B, N = q.shape[0], t.shape[0]
         R = gemm3_rows(B, N)
-        key = (gemm_k(R), _up(N, GEMM_K_ALIGN), q.dtype, q.device)
+        key = (gemm_k(R), round_up(N, GEMM_K_ALIGN), q.dtype, q.device)
         if key not in cache:
             cache.clear()
             g = torch.Generator(device=q.device).manual_seed(1234)

@@ -263,15 +263,14 @@ def _drop_synthetic_only(cfg, args) -> None:
     """Real data (``--data FILES``) with a preset made for the synthetic data (the default
     tiny_cpu.json sets synthetic_tasks): the preset's synthetic-only options go back to their
     defaults, with a note naming them. Given as flags they stay, and check_config refuses them."""
-    from .train import SYNTHETIC_ONLY, TrainConfig
+    from .train import synthetic_only_options
 
     if cfg.data == "synthetic":
         return
     dropped = []
-    for name in SYNTHETIC_ONLY:
-        default = TrainConfig.__dataclass_fields__[name].default
-        if not hasattr(args, name) and getattr(cfg, name) != default:
-            dropped.append(f"{name}={getattr(cfg, name)!r}")
+    for name, (value, default) in synthetic_only_options(cfg).items():
+        if not hasattr(args, name):
+            dropped.append(f"{name}={value!r}")
             setattr(cfg, name, default)
     if dropped:
         print(f"{PROG} train: note: --data is not synthetic; the config's synthetic-data options do not apply and "

@@ -182,14 +182,10 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
 
 def run_model_for_eval(run_dir: str, dtype: torch.dtype, tag: str | None = None):
     """(model, checkpoint tag) of a training run folder: checkpoint ``tag``, or the newest complete
-    one, resolved once here and loaded exactly (a run still training may save another meanwhile);
-    or an error that says what to do instead."""
-    from . import checkpoint as ckpt
-    from .export import load_run_model, no_checkpoint_message
+    one, loaded exactly (:func:`~llave_fast.export.load_run_model`); or an error that says what to
+    do instead."""
+    from .export import load_run_model
 
-    tag = tag or ckpt.latest_complete(os.path.join(run_dir, "checkpoints"))
-    if tag is None:
-        raise FileNotFoundError(no_checkpoint_message(run_dir))
     try:
         # deepspeed's shard merge prints its progress: keep stdout for the metrics JSON
         with contextlib.redirect_stdout(sys.stderr):
@@ -294,9 +290,7 @@ def _image_size(path: str, origin) -> tuple[int, int]:
 
 
 def _load_image(path: str, origin):
-    from .data.mmeb import BadDataError
-
-    from .data.mmeb import open_rgb
+    from .data.mmeb import BadDataError, open_rgb
 
     try:
         return open_rgb(path)  # the pixel limit (MAX_IMAGE_PIXELS) applies here too

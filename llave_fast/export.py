@@ -62,11 +62,14 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
 
 
 def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str | None = None):
-    """The run's model with the checkpoint's weights (every weight must land)."""
+    """(the run's model with the weights of checkpoint ``tag``, the tag): ``tag`` None is the newest
+    complete checkpoint, resolved once here, before anything is built, and loaded exactly (a run
+    still training may complete another meanwhile). Every weight must land."""
     from .model import LLaVEEmbedder, LLaVEProcessor, load_config
 
     base = os.path.join(run_dir, "base")
-    if tag is None and ckpt.latest_complete(os.path.join(run_dir, "checkpoints")) is None:
+    tag = tag or ckpt.latest_complete(os.path.join(run_dir, "checkpoints"))
+    if tag is None:
         raise FileNotFoundError(no_checkpoint_message(run_dir))
     if not os.path.isdir(base):
         raise FileNotFoundError(f"{base} is missing: {run_dir!r} is not a llave-fast training run folder (training "

@@ -426,10 +426,14 @@ class MicroStepLoss(torch.nn.Module):
 SYNTHETIC_ONLY = ("synthetic_tasks", "synthetic_background", "hard_family_size", "vqa_questions_per_scene")
 
 
-def _synthetic_only(name: str, value, data: str) -> ValueError:
-    default = TrainConfig.__dataclass_fields__[name].default
-    return ValueError(f"{name}={value!r} applies to the synthetic data only, got data={data!r}: leave it at its "
-                      f"default ({default!r}; on the command line, drop --{name.replace('_', '-')})")
+def synthetic_only_options(cfg: TrainConfig) -> dict:
+    """{option: (value, default)} for each synthetic-only option set away from its default."""
+    out = {}
+    for name in SYNTHETIC_ONLY:
+        value, default = getattr(cfg, name), TrainConfig.__dataclass_fields__[name].default
+        if value != default:
+            out[name] = (value, default)
+    return out
 
 
 def check_config(cfg: TrainConfig, world: int) -> None:
@@ -478,28 +482,24 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     k = cfg.hard_family_size
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 8:
         raise ValueError(f"hard_family_size must be an int in 1..8, got {k!r}")
-    if k > 1 and cfg.data != "synthetic":
-        raise _synthetic_only("hard_family_size", k, cfg.data)
+    q = cfg.vqa_questions_per_scene
+    if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 4:
+        raise ValueError(f"vqa_questions_per_scene must be an int in 1..4, got {q!r}")
+    if cfg.data != "synthetic":
+        for name, (value, default) in synthetic_only_options(cfg).items():
+            raise ValueError(f"{name}={value!r} applies to the synthetic data only, got data={cfg.data!r}: leave it "
+                             f"at its default ({default!r}; on the command line, drop --{name.replace('_', '-')})")
     if (per_rank // cfg.accumulation_steps) % k:
         raise ValueError(
             f"hard_family_size={k} does not divide the loss batch: global_batch={cfg.global_batch} over {world} "
             f"ranks and accumulation_steps={cfg.accumulation_steps} gives {per_rank // cfg.accumulation_steps} "
             "pairs per loss; families would straddle batches")
-    q = cfg.vqa_questions_per_scene
-    if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 4:
-        raise ValueError(f"vqa_questions_per_scene must be an int in 1..4, got {q!r}")
-    if q > 1 and cfg.data != "synthetic":
-        raise _synthetic_only("vqa_questions_per_scene", q, cfg.data)
     if k == 1 and (per_rank // cfg.accumulation_steps) % q:
         raise ValueError(
             f"vqa_questions_per_scene={q} does not divide the loss batch: global_batch={cfg.global_batch} over "
             f"{world} ranks and accumulation_steps={cfg.accumulation_steps} gives "
             f"{per_rank // cfg.accumulation_steps} pairs per loss; question groups would straddle batches")
-    if cfg.synthetic_background != "plain" and cfg.data != "synthetic":
-        raise _synthetic_only("synthetic_background", cfg.synthetic_background, cfg.data)
     if cfg.synthetic_tasks is not None:
-        if cfg.data != "synthetic":
-            raise _synthetic_only("synthetic_tasks", cfg.synthetic_tasks, cfg.data)
         bad = [t for t in cfg.synthetic_tasks if t not in ("i2t", "t2i", "vqa")]
         if not cfg.synthetic_tasks or bad:
             raise ValueError(f"synthetic_tasks must list tasks among i2t, t2i, vqa, got {cfg.synthetic_tasks!r}")

@@ -385,7 +385,7 @@ def ds_row_stride(NT: int) -> int:
     stores vectorise and the library GEMMs get an aligned leading dimension for any NT
     (hard negatives, uneven ranks); they read the ``[:rows, :stride]`` view (the kernel writes
     exact zeros past NT), so their K is a multiple of 64 too."""
-    return -(-max(1, NT) // DS_STRIDE_ALIGN) * DS_STRIDE_ALIGN
+    return round_up(NT, DS_STRIDE_ALIGN)
 
 
 # The library GEMMs of the strip backward get their inner dimension (K: NT for dq, the strip's rows
@@ -396,14 +396,15 @@ GEMM_K_ALIGN = 64
 GEMM_LD_ALIGN = 8
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
+    """``n`` (at least 1) rounded up to a multiple of ``m``."""
     return -(-max(1, n) // m) * m
 
 
 def gemm_k(n: int) -> int:
     """An inner dimension of ``n`` as the library GEMMs get it: a multiple of GEMM_K_ALIGN, or of
     GEMM_LD_ALIGN below that (a thin strip would otherwise take several times its own memory)."""
-    return _round_up(n, GEMM_K_ALIGN if n >= GEMM_K_ALIGN else GEMM_LD_ALIGN)
+    return round_up(n, GEMM_K_ALIGN if n >= GEMM_K_ALIGN else GEMM_LD_ALIGN)
 
 
 def gemm_operand(x: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -565,7 +566,7 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     # (stride x Dp, zero rows past NT: the kernel writes dS = 0 in columns NT..stride-1), and
     # dT += dS[:Kr, :stride]^T @ q_op with Kr the strip's rows rounded up (dS rows past the strip
     # zeroed, q_op with zero rows). dq and dT are computed Dp wide and cut to D.
-    Dp = _round_up(D, GEMM_LD_ALIGN)
+    Dp = round_up(D, GEMM_LD_ALIGN)
     # rows ``stride`` apart (poisoned with NaN under LLAVE_FAST_POISON=1: an element the kernel
     # should write and does not shows in dq/dT, padding columns included)
     dS = new_output((gemm_k(R), stride), dev, dsd)

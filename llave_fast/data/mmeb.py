@@ -370,7 +370,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         allow_extra_columns: bool = False,
         bad_images: str | None = None,
         progress: bool = False,
-        max_image_pixels: int = None,
+        max_image_pixels: int | None = None,
     ):
         max_image_pixels = MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
         if not isinstance(max_image_pixels, int) or isinstance(max_image_pixels, bool) or max_image_pixels < 0:
@@ -647,15 +647,20 @@ class ImageTooLarge(ValueError):
     """An image whose header promises more pixels than the limit (a decompression bomb, or a scan)."""
 
 
-def open_rgb(path: str, max_pixels: int | None = None):
-    """The image at ``path`` as RGB, refused before decoding when width x height > ``max_pixels``
+def _check_pixels(im, max_pixels: int | None) -> None:
+    """Refuse an opened (not yet decoded) image whose header promises more than ``max_pixels``
     (default :data:`MAX_IMAGE_PIXELS`; 0: no limit of ours)."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    w, h = im.size
+    if limit and w * h > limit:
+        raise ImageTooLarge(f"{w} x {h} = {w * h} pixels, over the limit of {limit} (--max-image-pixels; "
+                            "llave_fast.data.mmeb.MAX_IMAGE_PIXELS)")
+
+
+def open_rgb(path: str, max_pixels: int | None = None):
+    """The image at ``path`` as RGB, refused before decoding when it is over the pixel limit."""
     with Image.open(path) as im:
-        w, h = im.size
-        if limit and w * h > limit:
-            raise ImageTooLarge(f"{w} x {h} = {w * h} pixels, over the limit of {limit} (--max-image-pixels; "
-                                "llave_fast.data.mmeb.MAX_IMAGE_PIXELS)")
+        _check_pixels(im, max_pixels)
         return im.convert("RGB")
 
 
@@ -666,7 +671,9 @@ def _image_problem(path: str, decode: bool, max_pixels: int | None = None) -> st
         return "image file not found"
     if decode:
         try:
-            open_rgb(path, max_pixels)
+            with Image.open(path) as im:
+                _check_pixels(im, max_pixels)
+                im.load()
         except Exception as exc:
             return f"unreadable image ({exc or type(exc).__name__})"
     return None

@@ -182,7 +182,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-
 def import_modeling_modules(config) -> None:
     """Import the transformers modeling modules ``config`` builds (the model's own and its text and
     vision towers') now, before any ``deepspeed.zero.Init``.
@@ -200,6 +199,7 @@ def import_modeling_modules(config) -> None:
     for sub in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
         if sub is not None and type(sub) in AutoModel._model_mapping:
             AutoModel._model_mapping[type(sub)]  # the lookup imports the class's module
+
 
 class LLaVEEmbedder(nn.Module):
     """LLaVE: LlavaOnevisionModel -> last real token's final hidden state -> L2 norm.
