@@ -37,21 +37,48 @@ import _common as C  # noqa: E402
 from llave_fast import hardness_weighted_loss  # noqa: E402
 from llave_fast.reference import reference_loss  # noqa: E402
 
-ALL_BACKENDS = ("triton", "triton_strip", "triton_tiles", "torch", "reference", "compile", "inf_cl", "gemm3")
-FUSED = ("triton", "triton_strip", "triton_tiles", "torch")  # the memory-lean ones (numerators of the ratios)
-# "triton" runs the default configuration; these force one backward variant (BWD) over it
-TRITON_VARIANTS = {"triton_strip": "strip", "triton_tiles": "tiles"}
+ALL_BACKENDS = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tiles", "torch", "torch_chunked",
+                "reference", "compile", "inf_cl", "gemm3")
+# the memory-lean ones (numerators of the ratios)
+FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tiles", "torch", "torch_chunked")
+# "torch" keeps S where it fits (the default); "torch_chunked" forces the chunked recompute loop
+TORCH_ALL = ("torch", "torch_chunked")
+# "triton" runs the default configuration (the path "auto" picks by memory); these force a path
+# where S lives (S_MODE, backends.common.S_MODES) and, on the fused path, a backward (BWD)
+TRITON_VARIANTS = {
+    "triton_cache": dict(S_MODE="cache"),
+    "triton_stream": dict(S_MODE="stream"),
+    "triton_strip": dict(S_MODE="fused", BWD="strip"),
+    "triton_tiles": dict(S_MODE="fused", BWD="tiles"),
+}
 TRITON_ALL = ("triton", *TRITON_VARIANTS)
 
 
-def triton_bwd_variant(backend: str, dtype: torch.dtype = torch.bfloat16, d: int | None = None) -> str:
-    """The backward a triton row runs on CUDA: forced, or the default configuration's at width d
-    (the tile backward up to d = 256, the strip backward above)."""
-    if backend in TRITON_VARIANTS:
-        return TRITON_VARIANTS[backend]
+def torch_path(backend: str, B: int, N: int, device="cpu", dtype: torch.dtype = torch.float32) -> str:
+    """What a torch row runs: "cache" (S kept) or "chunked" (recomputed chunk by chunk)."""
+    from llave_fast.backends.torch_backend import s_plan_for
+
+    if backend == "torch_chunked":
+        return "chunked"
+    return "cache" if s_plan_for(B, N, torch.device(device), dtype, keep=True).mode == "cache" else "chunked"
+
+
+def triton_path(backend: str, B: int, N: int, device="cpu", dtype: torch.dtype = torch.bfloat16,
+                d: int | None = None) -> str:
+    """What a triton row runs on CUDA: "cache", "stream", or on the fused path its backward
+    ("strip" or "tiles"): forced by the row, or the default configuration's choice for B x N."""
+    from llave_fast.backends.common import plan_s, s_cache_budget, s_mode_setting
     from llave_fast.backends.triton_backend import gpu_config
 
-    return gpu_config(dtype, D=d)["BWD"]
+    forced = TRITON_VARIANTS.get(backend, {})
+    mode = forced.get("S_MODE") or s_mode_setting()
+    if mode == "auto":
+        mode = plan_s(B, N, keep=True, mode="auto", budget=s_cache_budget(torch.device(device))).mode
+    if mode != "fused":
+        return mode
+    return forced.get("BWD") or gpu_config(dtype, D=d)["BWD"]
+
+
 BASELINES = ("reference", "compile", "gemm3")
 # not a loss: the three cuBLAS GEMMs the loss needs at least (fwd: S = q T^T; bwd: dS T and dS^T q)
 FLOOR = ("gemm3",)
@@ -84,16 +111,20 @@ CPU_MEMORY_WORKER_S = 4.0
 # --------------------------------------------------------------------------- FLOP counts
 
 
-def gemm_counts(backend: str, symmetric: bool, deterministic: bool, d: int | None = None) -> tuple[int, int]:
+def gemm_counts(backend: str, symmetric: bool, deterministic: bool, d: int | None = None, B: int = 0, N: int = 0,
+                device="cpu") -> tuple[int, int]:
     """GEMM-equivalents (2*B*N*d FLOPs each) of (forward, backward) as each backend runs them."""
     if backend in TRITON_ALL:
-        if triton_bwd_variant(backend, d=d) == "strip":
-            return 1, 3  # bwd: recompute S into dS, then the two GEMMs
-        return 1, (4 if deterministic else 3)  # bwd: recompute S, dq, dT (+1 recompute if deterministic)
+        path = triton_path(backend, B, N, device, d=d)
+        if path == "cache":
+            return 1, 2  # S kept: dq and dT only
+        if path in ("stream", "strip"):
+            return 1, 3  # bwd: S again (cuBLAS, or inside the dS kernel), then the two GEMMs
+        return 1, (4 if deterministic else 3)  # tiles: recompute S, dq, dT (+1 recompute if deterministic)
     if backend == "gemm3":
         return 1, 2
-    if backend == "torch":
-        return 1, 3
+    if backend in TORCH_ALL:
+        return (1, 2) if torch_path(backend, B, N, device) == "cache" else (1, 3)
     if backend in ("reference", "compile"):
         # q @ t^T and t @ q^T are separate products; each one's backward is 2 GEMMs
         return (2, 4) if symmetric else (1, 2)
@@ -103,7 +134,7 @@ def gemm_counts(backend: str, symmetric: bool, deterministic: bool, d: int | Non
     raise ValueError(backend)
 
 
-USEFUL_GEMMS = (1, 3)  # the fused design's count, used for every backend's "useful" TFLOP/s
+USEFUL_GEMMS = (1, 3)  # the three-GEMM floor's count, used for every backend's "useful" TFLOP/s
 
 
 # --------------------------------------------------------------------------- analytic memory
@@ -131,21 +162,31 @@ def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype
     if backend == "reference":
         E = B * N
         return (5 if symmetric else 4) * E * es + E + grads
-    if backend == "torch":
+    if backend in TORCH_ALL:
         from llave_fast.backends.torch_backend import chunk_rows
 
         Ec = chunk_rows(B, N, device) * N
-        return 5 * Ec * acc + Ec + 3 * B * d * acc + (grads if es != acc else 0)
-    if backend in TRITON_ALL and triton_bwd_variant(backend, dtype, d) == "tiles":
+        kept = B * N * acc if torch_path(backend, B, N, device, dtype) == "cache" else 0
+        return kept + 5 * Ec * acc + Ec + 3 * B * d * acc + (grads if es != acc else 0)
+    path = triton_path(backend, B, N, device, dtype, d) if backend in TRITON_ALL else None
+    if path == "tiles":
         return 3 * B * d * 4 + (grads if es != 4 else 0)
-    if backend in TRITON_ALL:
+    if path is not None:
+        from llave_fast.backends.common import plan_s, s_cache_budget
         from llave_fast.backends.triton_backend import ds_row_stride, gpu_config, strip_rows
 
         cfg = gpu_config(dtype, D=d)
         ds_es = 2 if dtype in (torch.bfloat16, torch.float16) else 4
         R = strip_rows(cfg, B, N, ds_es)
+        s_bytes = 0
+        if path in ("cache", "stream"):
+            # the fp32 S: all B rows kept, or one block (the stream backward's strips are no taller)
+            rows = B if path == "cache" else plan_s(B, N, keep=True, mode="stream",
+                                                    budget=s_cache_budget(torch.device(device))).rows
+            s_bytes = rows * ds_row_stride(N) * 4
+            R = R if path == "cache" else min(R, rows)
         dq_es = 2 if (R >= B and dtype == torch.bfloat16) else 4
-        return R * ds_row_stride(N) * ds_es + B * d * dq_es + 2 * B * d * 4 + (grads if es != 4 else 0)
+        return s_bytes + R * ds_row_stride(N) * ds_es + B * d * dq_es + 2 * B * d * 4 + (grads if es != 4 else 0)
     if backend == "gemm3":
         from gemm3 import gemm3_rows
 
@@ -158,7 +199,7 @@ def analytic_peak_bytes(backend: str, B: int, N: int, d: int, dtype: torch.dtype
 
 
 def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
-    if name in ("torch", "reference"):
+    if name in ("torch", "torch_chunked", "reference"):
         return True, ""
     if name in TRITON_ALL:
         if device.type != "cuda":
@@ -221,17 +262,25 @@ def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, determinist
                 backend=name, deterministic=deterministic,
             )
         return fn
+    if name == "torch_chunked":
+        from llave_fast.backends.triton_backend import kernel_config
+
+        def fn(q, t):
+            with kernel_config(S_MODE="fused"):  # the backward follows the forward's path
+                return hardness_weighted_loss(q, t, logit_scale=scale, alpha=alpha, symmetric=symmetric,
+                                              reduction="mean", backend="torch", deterministic=deterministic)
+        return fn
     if name in TRITON_VARIANTS:
         from llave_fast.backends.triton_backend import kernel_config
 
-        bwd = TRITON_VARIANTS[name]
+        cfg = TRITON_VARIANTS[name]
 
         def fn(q, t):
-            # only the backward variant is forced; every other tile setting is the default's
-            with kernel_config(BWD=bwd):
+            # only the path (and backward) is forced; every other tile setting is the default's
+            with kernel_config(**cfg):
                 loss = hardness_weighted_loss(q, t, logit_scale=scale, alpha=alpha, symmetric=symmetric,
                                               reduction="mean", backend="triton", deterministic=deterministic)
-            return backward_config(loss, BWD=bwd)
+            return backward_config(loss, **cfg)
         return fn
     if name == "gemm3":
         from gemm3 import gemm3_fn
@@ -522,7 +571,7 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
         r = rec["memory"].get("peak_live_bytes", rec["memory"]["peak_bytes"]) / model
         rec["memory"]["measured_over_analytic"] = r
         rec["memory"]["analytic_check"] = "ok" if 1 / 3 <= r <= 3 else "CHECK"
-    gf, gb = gemm_counts(name, args.symmetric, args.deterministic, d)
+    gf, gb = gemm_counts(name, args.symmetric, args.deterministic, d, B, B, device)
     uf, ub = (gf, gb) if name in FLOOR else USEFUL_GEMMS  # the floor's own count is its useful work
     one = 2.0 * B * B * d
     med = tm["median_ms"]
@@ -986,7 +1035,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", choices=ALL_BACKENDS, default=None,
-                   help="default: torch reference on CPU; triton_strip triton_tiles torch reference compile inf_cl gemm3 "
+                   help="default: torch torch_chunked reference on CPU; triton triton_cache triton_stream triton_strip torch reference "
+                        "compile inf_cl gemm3 "
                         "on CUDA "
                         "(compile also runs on CPU when named; triton and inf_cl need CUDA)")
     p.add_argument("--B", nargs="+", type=int, default=None, help="batch sizes (N = B); default CPU: 2048 4096 8192")
@@ -1071,8 +1121,9 @@ def parse_args(argv=None):
 def apply_defaults(args, device):
     cpu = device.type == "cpu"
     if args.backends is None:
-        args.backends = (["torch", "reference"] if cpu
-                         else ["triton_strip", "triton_tiles", "torch", "reference", "compile", "inf_cl", "gemm3"])
+        args.backends = (["torch", "torch_chunked", "reference"] if cpu
+                         else ["triton", "triton_cache", "triton_stream", "triton_strip", "torch", "reference", "compile",
+                               "inf_cl", "gemm3"])
     if args.quick:
         args.B = args.B or ([512, 1024] if cpu else [2048, 4096])
         args.d = args.d or ([256] if cpu else [1024])

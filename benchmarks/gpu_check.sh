@@ -4,11 +4,14 @@
 #   A   A1 compiled-kernel tests vs the float64 reference, and the environment checks (pytest -m 'gpu or env', 8 workers)   <= 110 s
 #       A2 tuning sweep at B = N = 16384, d = 1536, bf16 (which backward, which tiles:
 #          the backward candidates first)                                             <=  85 s
-#   B   B1 loss sweep at d = 1536, bf16, B = 4096, 16384, 65536, every backend
+#   B   B0 the S-cache kernel probe (probe_scache.py: cuBLAS S with fp32 output, the dq/dT GEMMs
+#          at odd N, the statistics and dS passes against the copy bandwidth, the fused forward)  <= 60 s
+#       B1 loss sweep at d = 1536, bf16, B = 4096, 16384, 65536, every backend
 #          (torch.compile at 16384 only), ceilings and the three-GEMM floor           <= 165 s
-#       B2 B = N = 262144: the strip backward, the floor, Inf-CL (1 warm-up + 1 run)   <= 100 s
-#       B3 the kernel variants: strip vs tiles at d = 256 and 1536, bf16 and fp16
-#          (the scaled fp16 strip), B = N = 16383 (odd: the padded dS stride) and 16384 <= 70 s
+#          (the default path, S-cache, stream and the fused strip side by side)
+#       B2 B = N = 262144: the default (stream) and fused paths, the floor, Inf-CL      <= 100 s
+#       B3 odd N: default and fused paths at d = 256 and 1536, bf16 and fp16, against the
+#          padded floor, B = N = 16383 (odd: padded K for the library GEMMs) and 16384  <= 70 s
 #   C   C1 the sweep at d = 896 and 3584; C2 the largest B per backend                 <= 300 s
 #
 # THE FIRST GPU RUN (15 minutes of device time per issue, machine start included):
@@ -19,10 +22,12 @@
 # costs ~11-12 minutes and leaves ~3 minutes: rerun one failed stage at once on the still-warm
 # machine (it goes back 30 s after a call; a fresh start costs 1-2 minutes and needs 4 left),
 # else give the machine back. C is for a later lease: "bash benchmarks/gpu_check.sh C", 330.
+# Since the S-cache path (B0 added): "STEPS='A1 B0 B1 B2 B3' bash benchmarks/gpu_check.sh AB" fits
+# one call (<= 505 s of step limits + set-up); the tuning sweep A2 goes to a later call.
 #
 # Files under $OUT (default ./gpu_out; the device tool returns at most 8):
-#   A: log_A.txt, tests.xml, tune.json   B: log_B.txt, loss.json, loss.png, loss_262k.json,
-#   loss_variants.json (AB: 8 files)
+#   A: log_A.txt, tests.xml, tune.json   B: log_B.txt, probe.json, loss.json, loss_262k.json,
+#   loss_variants.json (AB: 8 files; the plot is drawn here from loss.json by report.py)
 #   C: log_C.txt, loss_wide.json, loss_wide.png, maxb.json
 # Each step runs under run_step (benchmarks/_steps.sh): SIGINT at its limit, so the scripts
 # and pytest write what they have; the JSON files are also rewritten as results come in.
@@ -40,7 +45,7 @@ export PYTHONUNBUFFERED=1
 # shellcheck source=benchmarks/_steps.sh
 source benchmarks/_steps.sh
 LIMIT_A1=${LIMIT_A1:-110}; LIMIT_A2=${LIMIT_A2:-85}; LIMIT_B1=${LIMIT_B1:-165}; LIMIT_B2=${LIMIT_B2:-100}
-LIMIT_B3=${LIMIT_B3:-70}
+LIMIT_B3=${LIMIT_B3:-70}; LIMIT_B0=${LIMIT_B0:-60}
 LIMIT_C1=${LIMIT_C1:-170}; LIMIT_C2=${LIMIT_C2:-130}
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -123,22 +128,30 @@ stage_A() {
 }
 
 stage_B() {
+    if want B0; then
+        step "B0. S-cache kernel probe: cuBLAS S fp32 output, dq/dT at odd N, stats and dS passes vs copy bandwidth"
+        if [ "$DRY" = 1 ]; then
+            TRITON_INTERPRET=1 run_step "$LIMIT_B0" "$PY" benchmarks/probe_scache.py --dry --out "$OUT/probe.json"
+        else
+            run_step "$LIMIT_B0" "$PY" benchmarks/probe_scache.py --B 16384 --d 1536 --out "$OUT/probe.json"
+        fi
+    fi
     if want B1; then
         step "B1. loss sweep at d = 1536, bf16: ceilings, every backend, B = 4096..65536 (compile at 16384 only)"
         if [ "$DRY" = 1 ]; then
             run_step "$LIMIT_B1" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 32 --B 64 128 \
                 --backends torch reference --only-B reference=64 --repeats 2 --no-live-memory --point-budget-s 0.2 \
-                --deadline-s $(( LIMIT_B1 - 20 )) --out "$OUT/loss.json"
+                --deadline-s $(( LIMIT_B1 - 20 )) --no-plot --out "$OUT/loss.json"
         else
             run_step "$LIMIT_B1" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 4096 16384 65536 \
-                --backends triton_strip triton_tiles torch reference compile inf_cl gemm3 --alpha0-fused triton_strip \
-                --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 --deadline-s $(( LIMIT_B1 - 20 )) \
-                --out "$OUT/loss.json"
+                --backends triton triton_cache triton_stream triton_strip torch reference compile inf_cl gemm3 \
+                --alpha0-fused triton --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 --deadline-s $(( LIMIT_B1 - 20 )) \
+                --no-plot --out "$OUT/loss.json"
         fi
 
     fi
     if want B2; then
-        step "B2. B = N = 262144, d = 1536, bf16: the strip backward, the floor, then Inf-CL (one backend at a time)"
+        step "B2. B = N = 262144, d = 1536, bf16: the default path (stream), the fused strip, the floor, then Inf-CL"
         # the tile backward is left out: its time grows as B^2 from the 65536 figure (~10 s a run)
         if [ "$DRY" = 1 ]; then
             run_step "$LIMIT_B2" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 32 --B 256 \
@@ -146,20 +159,20 @@ stage_B() {
                 --no-live-memory --no-plot --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
         else
             run_step "$LIMIT_B2" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 1536 --B 262144 \
-                --backends triton_strip gemm3 inf_cl --alpha0-fused triton_strip --warmup 1 --repeats 2 \
+                --backends triton triton_strip gemm3 inf_cl --alpha0-fused triton --warmup 1 --repeats 2 \
                 --warmup-for inf_cl=1 --repeats-for inf_cl=1 --sequential --n-inputs 2 --no-ceilings --no-plot \
                 --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
         fi
     fi
     if want B3; then
-        step "B3. kernel variants at B = N = 16383 (odd) and 16384: strip vs tiles at d = 256 and 1536, bf16 and fp16"
+        step "B3. odd N: B = N = 16383 and 16384, the default path and the fused strip against the floor, d = 256 and 1536, bf16 and fp16"
         if [ "$DRY" = 1 ]; then
             run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cpu --dtype fp32 --d 16 32 --B 63 64 \
                 --backends torch reference --repeats 2 --no-live-memory --no-plot --point-budget-s 0.2 \
                 --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
         else
             run_step "$LIMIT_B3" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 fp16 --d 256 1536 \
-                --B 16383 16384 --backends triton_strip triton_tiles gemm3 --warmup 1 --repeats 5 --point-budget-s 1 \
+                --B 16383 16384 --backends triton triton_strip gemm3 --warmup 1 --repeats 5 --point-budget-s 1 \
                 --no-ceilings --no-plot --deadline-s $(( LIMIT_B3 - 15 )) --out "$OUT/loss_variants.json"
         fi
     fi
@@ -178,8 +191,8 @@ stage_C() {
                 --backends torch reference --repeats 2 --no-live-memory --out "$OUT/loss_wide.json"
         else
             run_step "$LIMIT_C1" "$PY" benchmarks/bench_loss.py --device cuda --dtype bf16 --d 896 3584 \
-                --B 4096 16384 65536 --backends triton_strip triton_tiles torch reference inf_cl gemm3 \
-                --alpha0-fused triton_strip --warmup 1 --repeats 10 --point-budget-s 2 --deadline-s $(( LIMIT_C1 - 20 )) \
+                --B 4096 16384 65536 --backends triton triton_strip torch reference inf_cl gemm3 \
+                --alpha0-fused triton --warmup 1 --repeats 10 --point-budget-s 2 --deadline-s $(( LIMIT_C1 - 20 )) \
                 --no-ceilings --out "$OUT/loss_wide.json"
         fi
     fi
@@ -190,7 +203,7 @@ stage_C() {
                 --B-max 128 --warmup-B 32 --out "$OUT/maxb.json"
         else
             run_step "$LIMIT_C2" "$PY" benchmarks/bench_maxb.py --d 1536 --dtype bf16 --start 65536 --max-try-s 12 \
-                --backends triton_strip reference torch inf_cl --deadline-s $(( LIMIT_C2 - 20 )) --out "$OUT/maxb.json"
+                --backends triton triton_strip reference torch inf_cl --deadline-s $(( LIMIT_C2 - 20 )) --out "$OUT/maxb.json"
         fi
     fi
     step "C summary"

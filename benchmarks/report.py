@@ -55,7 +55,7 @@ def loss_table(payloads) -> list[str]:
                                  f"({r['memory']['peak_bytes'] / MiB:.0f})")
                 else:
                     cells.append(r.get("status", "?"))
-            fused = [row[x] for x in ("triton", "triton_strip", "triton_tiles", "torch") if x in row and row[x] in ok]
+            fused = [row[x] for x in ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tiles", "torch") if x in row and row[x] in ok]
             best = min(fused, key=lambda r: r["timing"]["median_ms"]["fwd_bwd"]) if fused else None
 
             def ratio(den):

@@ -6,6 +6,9 @@ registers: every tile re-reads and re-writes its dq rows and adds BN x d atomics
 24 FLOP per byte moved, far below the ~200 FLOP/byte at which a Hopper GPU stops being
 memory-bound.
 
+With CACHED, S is not recomputed: the tile is read from an fp32 S the library GEMM wrote in
+the forward (S-cache path) or just before this launch (stream path); everything else is the same.
+
 This kernel instead recomputes one tile of S per program (a plain GEMM tile with the
 K loop over d), forms
 
@@ -57,17 +60,17 @@ GROUP_M row tiles so that neighbouring programs share the T tiles they read (L2 
 import triton
 import triton.language as tl
 
-from .hardness_bwd import _dS_tile
+from .tile import ds_of_tile, sim_tile
 
 
 @triton.jit
 def hardness_ds_kernel(
     q_ptr, t_ptr, ds_ptr, DS_STRIDE, row0, row_end, NT, N_COL, D, offset, scale, alpha,
     tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr, sigma_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr, sigma_ptr, s_ptr, S_STRIDE, s_row0,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr, CACHED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     n_rt = tl.cdiv(row_end - row0, BM)
@@ -84,14 +87,20 @@ def hardness_ds_kernel(
     # rows >= row_end belong to the next strip: row_end plays the part of B in the tile.
     # dS_ij = s * (P_row_ij g_row_i + P_col_ij g_col_j) - [j = p_i] s (g_row_i + g_col_i),
     # times sigma when SCALED (fp16 strip: |sigma * dS_ij| < 2^15, see the module docstring)
-    dS = _dS_tile(
-        q_ptr, t_ptr, r_start, c_start, row_end, NT, N_COL, D, offset, scale, alpha,
-        tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-        row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr, sigma_ptr,
-        BM, BN, BK, HAS_TID, HAS_QID, HAS_COL, UPCAST, PREC, SCALED,
-    )
     rl = tl.arange(0, BM)
     cl = tl.arange(0, BN)
+    if CACHED:
+        # S kept (or streamed) in fp32 by the library GEMM: row r at s_ptr + (r - s_row0) * S_STRIDE
+        S = tl.load(s_ptr + (r_start - s_row0) * S_STRIDE + rl[:, None] * S_STRIDE + (c_start + cl)[None, :],
+                    mask=((r_start + rl)[:, None] < row_end) & ((c_start + cl)[None, :] < S_STRIDE), other=0.0)
+    else:
+        S = sim_tile(q_ptr, t_ptr, r_start, c_start, row_end, NT, D, BM, BN, BK, UPCAST, PREC)
+    dS = ds_of_tile(
+        S, r_start, c_start, row_end, NT, N_COL, offset, scale, alpha,
+        tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
+        row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr, sigma_ptr,
+        BM, BN, HAS_TID, HAS_QID, HAS_COL, SCALED,
+    )
     # rows DS_STRIDE apart (a multiple of 64 elements): aligned, vectorised stores for any NT.
     # The column mask is against DS_STRIDE, not NT: a mask that can change at any column
     # (NT odd) forces scalar stores. Columns NT..DS_STRIDE-1 get dS = 0 (invalid columns:

@@ -116,3 +116,48 @@ def tile_logits(
             false_neg_c = (qrow[:, None] == qcand[None, :]) & (~is_pos)
             z_col = tl.where(false_neg_c, float("-inf"), z_col)
     return z_row, z_col
+
+
+@triton.jit
+def ds_of_tile(
+    S, row0, col0, B, NT, N_COL, offset, scale, alpha,
+    tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, pos_ptr, sigma_ptr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    HAS_TID: tl.constexpr, HAS_QID: tl.constexpr, HAS_COL: tl.constexpr, SCALED: tl.constexpr,
+):
+    """dS of one tile of S (fp32, however it was obtained) from the saved log-sum-exps, in fp32,
+    the positive's term included; times sigma (loaded from ``sigma_ptr``, a power of two) when
+    SCALED, folded into the two scalars/vectors that multiply the tile (exact: a power-of-two
+    factor changes no mantissa).
+
+        dS_ij = s * (P_row_ij g_row_i + P_col_ij g_col_j) - [j = p_i] s (g_row_i + g_col_i)
+    """
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    z_row, z_col = tile_logits(
+        S, rows, cols, row0, col0, B, NT, N_COL, offset, scale, alpha,
+        tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
+        HAS_TID, HAS_QID, HAS_COL, BM, BN,
+    )
+    rmask = rows < B
+    lse_r = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
+    g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+    # dS_ij = s * softmax_row(z)_ij * g_row_i   (q->t part)
+    dS = tl.exp(z_row - lse_r[:, None]) * g_r[:, None]
+    if HAS_COL:
+        cmask = cols < N_COL
+        lse_c = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
+        g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
+        # + s * softmax_col(z)_ij * g_col_j   (t->q part)
+        dS += tl.exp(z_col - lse_c[None, :]) * g_c[None, :]
+    # the positive's term, in fp32: - s * (g_row_i + g_col_i) at column p_i = offset + i
+    pos = tl.load(pos_ptr + rows, mask=rmask, other=0.0)
+    is_pos = positive_mask(row0, col0, offset, BM, BN)
+    coef = scale
+    if SCALED:
+        # sigma * dS = (sigma * s) * (...) - sigma * pos_i: sigma folded into a scalar and a BM vector
+        sigma = tl.load(sigma_ptr)
+        coef = scale * sigma
+        pos = pos * sigma
+    return dS * coef - tl.where(is_pos, pos[:, None], 0.0)

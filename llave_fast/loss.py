@@ -120,9 +120,14 @@ def hardness_weighted_loss(
             query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
             negatives=negatives, target_ids=target_ids, query_ids=query_ids,
         ))
-    cfg = LossConfig(scale_value, alpha, symmetric, reduction, bool(deterministic), global_loss=not local_loss)
-    fn = get_backend_function(name)
     grad_scale = scale_t if (scale_t is not None and scale_t.requires_grad) else None
+    # S is kept for a backward only when one can follow (inside the autograd function grad mode
+    # is always off, so it is decided here)
+    keep_s = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (query, target, negatives, grad_scale))
+    cfg = LossConfig(scale_value, alpha, symmetric, reduction, bool(deterministic), global_loss=not local_loss,
+                     keep_s=keep_s)
+    fn = get_backend_function(name)
     return fn.apply(query, target, negatives, grad_scale, target_ids, query_ids, cfg, comm)
 
 

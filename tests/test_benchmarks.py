@@ -456,12 +456,15 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                        timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["log_A.txt", "log_B.txt", "loss.json", "loss.png", "loss_262k.json", "loss_variants.json",
+    assert files == ["log_A.txt", "log_B.txt", "loss.json", "loss_262k.json", "loss_variants.json", "probe.json",
                      "tests.xml", "tune.json"], files
     log_a, log_b = (out / "log_A.txt").read_text(), (out / "log_B.txt").read_text()
     assert "DRY RUN" in log_a and "llave_fast from" in log_a and "Compiled-kernel tests" in log_a
     assert "Tuning at B = N = 40" in log_a
-    assert log_b.count("--- step done") == 3 and "| fp32 | 32 | 64 |" in log_b and "| fp32 | 16 | 63 |" in log_b
+    assert log_b.count("--- step done") == 4 and "| fp32 | 32 | 64 |" in log_b and "| fp32 | 16 | 63 |" in log_b
+    probe = json.loads((out / "probe.json").read_text())
+    assert {k: v["status"] for k, v in probe["steps"].items()} == {"P1": "ok", "P2": "ok", "P5": "ok"}, probe
+    assert probe["steps"]["P1"]["N=95"]["dq_padded_ms"] > 0 and probe["steps"]["P2"]["stats_pass_bytes"] > 0
     seq = json.loads((out / "loss_262k.json").read_text())
     assert seq["config"]["sequential"] and {r["label"]: r["status"] for r in seq["results"]} == {
         "torch": "ok", "reference": "ok"}

@@ -129,7 +129,11 @@ def _peak_saved(batch, use_gc, chunk=8):
     q, t = W.make_batch(batch, d_in=64, seed=batch)
     meter = _SavedBytes()
     loss_fn = FusedHardnessLoss(backend="torch")
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+    # the loss's own memory (its kept fp32 S: B x N on the S-cache path) is not the encoder's
+    # activations: it is measured in test_loss_memory.py; here the loss keeps no S
+    from llave_fast.backends.triton_backend import kernel_config
+
+    with kernel_config(S_MODE="fused"), torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         if use_gc:
             GradCache(model, loss_fn, chunk)(q, t)
         else:

@@ -4,8 +4,11 @@
 
 Every test skips at run time when TRITON_INTERPRET=1 (conftest sets it unless
 LLAVE_FAST_COMPILED=1) or when CUDA is unavailable; nothing probes CUDA at import time.
-The tolerance rule is the CCE one of ``_helpers`` (the CPU-only accumulation rule is off:
-on a GPU the kernels keep bf16 operands and tf32 GEMMs where the launcher chooses them).
+The tolerance rule is that of ``_helpers``: the CCE rule and the accumulation rule, which on
+CUDA allows the bf16 dS strip's rounding (2^-8) on top of fp32 arithmetic (S is fp32 on every
+path: cuBLAS with fp32 output, or the fused kernels' fp32 accumulators). Paths where S lives
+(``backends.common.S_MODES``) are forced per test: "cache", "stream", and the fused kernels
+with either backward ("strip", "tiles").
 """
 
 from __future__ import annotations
@@ -61,6 +64,15 @@ GPU_SHAPES = [
     (4096, 896, 0),
     (4096, 3584, 0),
 ]
+# where S lives (backends.common.S_MODES) and, on the fused path, which backward; "stream" with
+# 1 MiB blocks of fp32 S (64 rows of a 4096-column stride): several blocks at every grid size
+PATH_CONFIG = {
+    "cache": dict(S_MODE="cache"),
+    "stream": dict(S_MODE="stream", S_CACHE_BYTES=1 << 20),
+    "strip": dict(S_MODE="fused", BWD="strip"),
+    "tiles": dict(S_MODE="fused", BWD="tiles"),
+}
+PATHS = tuple(PATH_CONFIG)
 OPTIONS = [  # cycled over the grid: (masks, symmetric, reduction, learnable scale)
     ("none", True, "mean", False),
     ("tid_neg", True, "mean", True),
@@ -76,7 +88,7 @@ def _gpu_grid():
         dtype, margin = dt.values
         for B, d, M in GPU_SHAPES:
             masks, sym, red, learn = OPTIONS[i % len(OPTIONS)]
-            bwd = ("strip", "tiles")[(i // 2) % 2]  # both backwards over every dtype and most shapes
+            bwd = PATHS[(i // 2) % len(PATHS)]  # every path over every dtype and most shapes
             i += 1
             if masks == "tid_neg" and M == 0:
                 masks = "both"
@@ -91,7 +103,7 @@ def test_compiled_triton_matches_reference(cuda, dtype, margin, shape, masks, sy
     B, d, M = shape
     case = make_case(gen, B, d, M, dtype, masks=masks, symmetric=symmetric, reduction=reduction,
                      learnable_scale=learnable, device=cuda, seed=seed_for(request.node.nodeid), label="gpu")
-    with kernel_config(BWD=bwd):
+    with kernel_config(**PATH_CONFIG[bwd]):
         check_backend(case, "triton", margin, gen)
 
 
@@ -100,7 +112,7 @@ def test_compiled_triton_matches_reference(cuda, dtype, margin, shape, masks, sy
 def test_compiled_triton_small_tiles_many_groups(cuda, dtype, margin, masks, gen):
     """Several row/column blocks per program group, on the compiled path."""
     case = make_case(gen, 301, 130, 17, dtype, masks=masks, learnable_scale=True, device=cuda)
-    with kernel_config(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=3, BWD_BM=32, BWD_BN=32, BWD="tiles"):
+    with kernel_config(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=3, BWD_BM=32, BWD_BN=32, BWD="tiles", S_MODE="fused"):
         check_backend(case, "triton", margin, gen)
         check_backend(case, "triton", margin, gen, deterministic=True)
 
@@ -116,7 +128,7 @@ def test_compiled_deterministic_is_bitwise(cuda, dtype, gen):
     """The tile backward's deterministic pair reruns bitwise and agrees with its atomic mode."""
     case = make_case(gen, 2048, 896, 64, dtype, masks="tid_neg", learnable_scale=True, device=cuda)
     g = upstream_grad(gen, case)
-    with kernel_config(BWD="tiles"):
+    with kernel_config(BWD="tiles", S_MODE="fused"):
         a = run(case, dtype, g, backend="triton", deterministic=True)
         b = run(case, dtype, g, backend="triton", deterministic=True)
         fast = run(case, dtype, g, backend="triton", deterministic=False)
@@ -184,11 +196,12 @@ def test_non_default_device(cuda, gen):
     assert res.out.device == dev and all(x.device == dev for x in res.grads.values())
 
 
-@pytest.mark.parametrize("bwd", ["tiles", "strip"])
+@pytest.mark.parametrize("bwd", ["tiles", "strip", "stream"])
 def test_compiled_never_allocates_b_by_n(cuda, bwd, gen):
     """Peak CUDA memory above the inputs stays below a quarter of one fp32 B x N matrix
-    (the eager reference needs several). The strip backward is given 8 MiB strips (512 rows
-    here; the one-strip rule is off): its dS strip is bounded by its configuration, not by B."""
+    (the eager reference needs several) on the paths that do not keep S. The strip backward is
+    given 8 MiB strips (512 rows here; the one-strip rule is off): its dS strip is bounded by
+    its configuration, not by B; the stream path 8 MiB blocks of fp32 S."""
     B, d = 8192, 128
     case = make_case(gen, B, d, 0, torch.bfloat16, masks="both", device=cuda, min_loss=None)
     q = case.q.clone().requires_grad_(True)
@@ -208,7 +221,8 @@ def test_compiled_never_allocates_b_by_n(cuda, bwd, gen):
         return torch.cuda.max_memory_allocated(cuda) - base
 
     budget = B * B * 4 // 4
-    with kernel_config(BWD=bwd, DS_ONE_STRIP_BYTES=0, DS_STRIP_BYTES=8 << 20, DS_MIN_ROWS=0):
+    path = dict(S_MODE="stream", S_CACHE_BYTES=8 << 20) if bwd == "stream" else dict(S_MODE="fused", BWD=bwd)
+    with kernel_config(**path, DS_ONE_STRIP_BYTES=0, DS_STRIP_BYTES=8 << 20, DS_MIN_ROWS=0):
         fused = peak_of("triton")
     assert fused < budget, f"triton backend peak {fused} bytes, budget {budget} (B*N*4/4)"
     eager = peak_of("reference")
@@ -216,13 +230,26 @@ def test_compiled_never_allocates_b_by_n(cuda, bwd, gen):
 
 
 def test_compiled_matches_reference_llave_shape(cuda, gen):
-    """LLaVE's setting: bf16, d=3584, s=50, alpha=9, symmetric mean, via the module."""
-    case = make_case(gen, 1024, 3584, 0, torch.bfloat16, device=cuda)
+    """LLaVE's setting: bf16, d=3584, s=50, alpha=9, symmetric mean, via the module; the loss and
+    both gradients against float64 of the same (rounded) inputs, on trained-like embeddings."""
+    from test_s_cache import trained_like_case
+
+    case = trained_like_case(gen, 1024, 3584, 0, torch.bfloat16, masks="none", learnable_scale=False)
+    case = type(case)(**{**case.__dict__, "q": case.q.to(cuda), "t": case.t.to(cuda)})
     q = case.q.clone().requires_grad_(True)
+    t = case.t.clone().requires_grad_(True)
     out = FusedHardnessLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1)(
-        q, case.t, logit_scale=50.0, alpha=9.0)
-    ref = reference_loss(case.q.double(), case.t.double(), logit_scale=50.0, alpha=9.0)
-    assert rel_err(out, ref) < 1e-3, (out.item(), ref.item())
+        q, t, logit_scale=50.0, alpha=9.0)
+    out.backward()
+    q64, t64 = case.q.double().requires_grad_(True), case.t.double().requires_grad_(True)
+    ref = reference_loss(q64, t64, logit_scale=50.0, alpha=9.0)
+    ref.backward()
+    assert rel_err(out, ref) < 1e-5, (out.item(), ref.item())
+    for name, got, want in (("dq", q.grad, q64.grad), ("dt", t.grad, t64.grad)):
+        # the bf16 dS strip (2^-8) and the bf16 output rounding (2^-9), with room for neither to add up
+        assert rel_err(got, want) < 2 * (2.0**-8 + 2.0**-9), mismatch_report(name, got, want)
+    # and the rule of every other test, on the same inputs
+    check_backend(case, "triton", MARGIN[torch.bfloat16], gen)
 
 
 # ---------------------------------------------------------------- the strip backward on the GPU
@@ -233,15 +260,16 @@ def test_compiled_strip_backward(cuda, dtype, margin, shape, rows, gen):
     """BWD="strip": hardness_ds_kernel + cuBLAS GEMMs, one strip or several (partial last)."""
     B, d, M = shape
     case = make_case(gen, B, d, M, dtype, masks="tid_neg" if M else "both", learnable_scale=True, device=cuda)
-    with kernel_config(BWD="strip", DS_STRIP_ROWS=rows):
-        check_backend(case, "triton", margin, gen)
+    for path in ("fused", "cache"):  # the dS strips recomputing S, and reading the kept S
+        with kernel_config(BWD="strip", DS_STRIP_ROWS=rows, S_MODE=path):
+            check_backend(case, "triton", margin, gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_compiled_strip_backward_is_bitwise(cuda, dtype, gen):
     case = make_case(gen, 2048, 1536, 64, dtype, masks="tid_neg", learnable_scale=True, device=cuda)
     g = upstream_grad(gen, case)
-    with kernel_config(BWD="strip", DS_STRIP_ROWS=768):
+    with kernel_config(BWD="strip", DS_STRIP_ROWS=768, S_MODE="fused"):
         a = run(case, dtype, g, backend="triton")
         b = run(case, dtype, g, backend="triton")
     assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs 1)", b.out, a.out)
@@ -296,6 +324,7 @@ def test_compiled_autotune(cuda, monkeypatch, gen):
     from llave_fast.backends import triton_backend as tb
 
     monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "1")
+    monkeypatch.setenv("LLAVE_FAST_S_MODE", "fused")  # the tuner chooses the one-pass kernels' tiles
     monkeypatch.setattr(tb, "_TUNED", {})
     monkeypatch.setattr(tb, "TUNE_LOG", [])
     case = make_case(gen, 4096, 1536, 0, torch.bfloat16, masks="both", device=cuda)
@@ -306,7 +335,7 @@ def test_compiled_autotune(cuda, monkeypatch, gen):
 
 
 # ---------------------------------------------------------------- the largest sizes
-@pytest.mark.parametrize("bwd", ["tiles", "strip"])
+@pytest.mark.parametrize("bwd", ["tiles", "strip", "stream", "cache"])
 def test_compiled_65536_against_float64(cuda, bwd, gen):
     """B = N = 65536 (d = 896, bf16, masks, learnable scale) against a float64 truth.
 
@@ -319,7 +348,7 @@ def test_compiled_65536_against_float64(cuda, bwd, gen):
     g = upstream_grad(gen, case)
     truth = run(case, torch.float64, g, backend="torch")
     assert truth.out.abs().item() > 1e-2, truth.out
-    with kernel_config(BWD=bwd):
+    with kernel_config(**PATH_CONFIG[bwd]):
         got = run(case, torch.bfloat16, g, backend="triton")
     assert rel_err(got.out, truth.out) < 5e-3, (got.out.item(), truth.out.item())
     for n in truth.grads:
@@ -337,3 +366,37 @@ def test_strip_gemm_accumulates_in_fp32_on_cuda(cuda):
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) >= (2, 8):
         assert form in ("addmm", "mm"), f"torch {torch.__version__}: fp32-output bf16 GEMM not found ({form})"
+
+
+# ---------------------------------------------------------------- S in fp32, trained-like inputs
+def test_similarity_gemm_has_fp32_output_on_cuda(cuda):
+    """The S-cache path's S: cuBLAS with fp32 output from bf16/fp16 operands (torch >= 2.8), never
+    a 16-bit S; the probe is per device and dtype."""
+    from llave_fast.backends import common
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(64, 96, device=cuda).to(dtype)
+        assert common.sim_operand_dtype(x) == (dtype if (major, minor) >= (2, 8) else torch.float32)
+        T = torch.randn(80, 96, device=cuda).to(common.sim_operand_dtype(x))
+        out = torch.full((64, 80), float("nan"), device=cuda)
+        common.similarity_into(out, x, T)
+        want = x.double() @ T.double().t()
+        assert rel_err(out, want) < 1e-6, rel_err(out, want)
+
+
+@pytest.mark.parametrize("dtype,margin", DTYPES)
+@pytest.mark.parametrize("family", ["trained", "late"])
+@pytest.mark.parametrize("path", ["cache", "stream", "strip"])
+def test_compiled_trained_like(cuda, dtype, margin, family, path, gen):
+    """Trained-like embeddings (positives ~0.85, same-cluster negatives ~0.7; late: loss ~0.03),
+    every path, the accumulation rule (tight in bf16); the torch backend (fp32 S on CUDA) too."""
+    from test_s_cache import trained_like_case
+
+    case = trained_like_case(gen, 1031, 896, 33, dtype, late=family == "late")
+    case = type(case)(**{**case.__dict__, **{k: getattr(case, k).to(cuda) for k in
+                                            ("q", "t", "neg", "target_ids", "query_ids")}})
+    with kernel_config(**PATH_CONFIG[path]):
+        check_backend(case, "triton", margin, gen)
+        if path != "strip":
+            check_backend(case, "torch", margin, gen)

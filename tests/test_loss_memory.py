@@ -1,4 +1,7 @@
-"""Neither fused backend materialises a B x N tensor, forward or backward.
+"""Neither fused backend materialises a B x N tensor, forward or backward, on the paths
+that do not keep S ("fused": the one-pass kernels / the torch backend's chunked loop;
+"stream": fp32 blocks of the rows the budget holds); the S-cache path holds exactly one
+B x stride fp32 S, as documented, and nothing else of that size.
 
 A TorchDispatchMode records the size of every tensor every aten op returns while the
 forward AND the backward run; the largest must stay far below B * N. The same recorder
@@ -18,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from llave_fast import hardness_weighted_loss
+from llave_fast.backends.triton_backend import kernel_config
 
 from _helpers import _cpu_test_env, make_case, seed_for  # noqa: F401  (autouse fixture)
 
@@ -81,8 +85,9 @@ def test_torch_backend_never_allocates_b_by_n(M, masks, reduction, monkeypatch, 
     monkeypatch.setattr(tb, "_CHUNK_ELEMS", 8192)  # read at import time: patch the module global
     B, d = 512, 64
     case = make_case(gen, B, d, M, torch.float32, masks=masks, min_loss=None)
-    rec = record_forward_backward(case.q, case.t, case.neg, backend="torch", gen=gen, reduction=reduction,
-                                  target_ids=case.target_ids, query_ids=case.query_ids)
+    with kernel_config(S_MODE="fused"):
+        rec = record_forward_backward(case.q, case.t, case.neg, backend="torch", gen=gen, reduction=reduction,
+                                      target_ids=case.target_ids, query_ids=case.query_ids)
     _check(rec, B, B + M, f"torch backend B={B} M={M}")
 
 
@@ -94,7 +99,8 @@ def test_torch_backend_check_is_sensitive(monkeypatch, gen):
     B, d = 256, 32
     monkeypatch.setattr(tb, "_CHUNK_ELEMS", B * B)
     case = make_case(gen, B, d, 0, torch.float32, min_loss=None)
-    rec = record_forward_backward(case.q, case.t, None, backend="torch", gen=gen)
+    with kernel_config(S_MODE="fused"):
+        rec = record_forward_backward(case.q, case.t, None, backend="torch", gen=gen)
     with pytest.raises(AssertionError, match="allocated a tensor"):
         _check(rec, B, B, "torch backend, one chunk")
 
@@ -104,10 +110,38 @@ def test_triton_backend_never_allocates_b_by_n(deterministic, gen):
     # d small against N: the interpreter copies each input as raw bytes (d * 4 "elements" a row)
     B, d, M = 192, 8, 8
     case = make_case(gen, B, d, M, torch.float32, masks="tid_neg", min_loss=None)
-    rec = record_forward_backward(case.q, case.t, case.neg, backend="triton", gen=gen, reduction="mean",
-                                  target_ids=case.target_ids, query_ids=case.query_ids,
-                                  deterministic=deterministic)
+    with kernel_config(S_MODE="fused"):
+        rec = record_forward_backward(case.q, case.t, case.neg, backend="triton", gen=gen, reduction="mean",
+                                      target_ids=case.target_ids, query_ids=case.query_ids,
+                                      deterministic=deterministic)
     _check(rec, B, B + M, f"triton backend B={B}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_s_cache_holds_one_fp32_s_and_stream_one_block(backend, gen):
+    """The S-cache path's largest tensor is its fp32 S, B x stride (the torch backend: B x NT),
+    held from forward to backward; the stream path's is one block of the rows the budget holds
+    (the triton backend; the torch backend's other path is its chunked loop, tested above)."""
+    from llave_fast.backends.common import s_row_stride
+
+    B, d, M = 192, 8, 8
+    stride = s_row_stride(B + M)
+    case = make_case(gen, B, d, M, torch.float32, masks="tid_neg", min_loss=None)
+    kw = dict(backend=backend, gen=gen, reduction="mean", target_ids=case.target_ids, query_ids=case.query_ids)
+    with kernel_config(S_MODE="cache", STATS_BM=32, STATS_BN=32, DS_BM=32, DS_BN=32, DS_STRIP_ROWS=16):
+        rec = record_forward_backward(case.q, case.t, case.neg, **kw)
+    want = B * (stride if backend == "triton" else B + M)
+    # (the interpreter's raw-byte copies of a kernel's fp32 arguments count 4 "elements" a value)
+    assert want <= rec.largest("forward")[2] <= (4 * want if backend == "triton" else want), rec.largest("forward")
+    if backend == "torch":
+        return
+    rows = 8
+    with kernel_config(S_MODE="stream", S_CACHE_BYTES=rows * stride * 4, STATS_BM=32, STATS_BN=32, DS_BM=32,
+                       DS_BN=32, DS_STRIP_ROWS=16):
+        rec = record_forward_backward(case.q, case.t, case.neg, **kw)
+    _check(rec, B, B + M, f"stream path, {rows}-row blocks")
+    for phase in ("forward", "backward"):
+        assert rows * stride <= rec.largest(phase)[2] <= 4 * rows * stride, (phase, rec.largest(phase))
 
 
 @pytest.mark.parametrize("backend", ["reference"])
@@ -128,11 +162,11 @@ def test_triton_strip_backward_holds_one_strip(gen):
     ``ds_row_stride(N + M)`` elements apart), however large B is (here 24 strips of 8 rows),
     so it stays far below B x N. (The interpreter hands the kernel a raw-byte copy of its
     fp32 arguments: the strip shows as 4 "elements" a value.)"""
-    from llave_fast.backends.triton_backend import ds_row_stride, kernel_config
+    from llave_fast.backends.triton_backend import ds_row_stride
 
     B, d, M, R = 192, 8, 8, 8
     case = make_case(gen, B, d, M, torch.float32, masks="tid_neg", min_loss=None)
-    with kernel_config(BWD="strip", DS_STRIP_ROWS=R, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32):
+    with kernel_config(BWD="strip", DS_STRIP_ROWS=R, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32, S_MODE="fused"):
         rec = record_forward_backward(case.q, case.t, case.neg, backend="triton", gen=gen, reduction="mean",
                                       target_ids=case.target_ids, query_ids=case.query_ids)
     _check(rec, B, B + M, f"triton strip backward B={B} R={R}")
@@ -141,11 +175,10 @@ def test_triton_strip_backward_holds_one_strip(gen):
 
 def test_triton_strip_check_is_sensitive(gen):
     """One strip of all B rows is a B x N tensor: the recorder catches it."""
-    from llave_fast.backends.triton_backend import kernel_config
 
     B, d = 128, 8
     case = make_case(gen, B, d, 0, torch.float32, min_loss=None)
-    with kernel_config(BWD="strip", DS_STRIP_ROWS=B, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32):
+    with kernel_config(BWD="strip", DS_STRIP_ROWS=B, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32, S_MODE="fused"):
         rec = record_forward_backward(case.q, case.t, None, backend="triton", gen=gen)
     with pytest.raises(AssertionError, match="allocated a tensor"):
         _check(rec, B, B, "triton strip backward, one strip")

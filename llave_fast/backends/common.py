@@ -52,6 +52,10 @@ class StripStats:
     row_es: torch.Tensor | None  # (B,) fp32, E_softmax[S] per row, when asked
     col_lse: torch.Tensor | None  # (N,) fp32, this strip's partial column log-sum-exp
     col_es: torch.Tensor | None  # (N,) fp32
+    # the fp32 strip S = q @ Tc^T kept for the backward (S-cache path), else None
+    s_cache: torch.Tensor | None = None
+    # the path the forward took (an SPlan); the backward follows it
+    plan: object = None
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,190 @@ class LossConfig:
     # across ranks: False = LLaVE's per-rank local loss; True = open_clip's global loss (the
     # loss over the whole gathered batch, the same value on every rank)
     global_loss: bool = False
+    # a backward can follow (grad mode on and an input wants a gradient): only then is S kept
+    keep_s: bool = True
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and gradients accumulate in fp32 (fp64 for fp64 inputs)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- where S lives
+# "cache":  S = q @ Tc^T computed once in fp32 by the library GEMM and kept for the backward
+#           (3 GEMM-equivalents per step; B x stride x 4 bytes held from forward to backward);
+# "stream": S in fp32 blocks of rows, each computed by the library GEMM and reduced at once,
+#           recomputed block by block in the backward (4 GEMM-equivalents; one block of memory);
+# "fused":  S never stored: the one-pass kernels recompute tiles of it (the chunked loop of the
+#           torch backend); what is left when not even a block of S_MIN_ROWS rows fits.
+# "auto" picks the first that fits S_CACHE_BYTES. The budget defaults to an eighth of the
+# device's *total* memory (never its free memory): the path is a pure function of the shapes
+# and the settings, so a resumed run computes exactly what the first one did.
+S_MODES = ("auto", "cache", "stream", "fused")
+#: the smallest block of rows the stream path takes under "auto"; below it, "fused"
+S_MIN_ROWS = 512
+#: the default budget, as a fraction of the device's total memory
+S_CACHE_FRACTION = 8
+_S_ROW_ALIGN = 64  # block rows and the S row stride are multiples of this
+
+
+def parse_bytes(text: str, name: str) -> int:
+    """``"4096"``, ``"512M"``, ``"2G"`` (powers of 1024) as a byte count; a clear error otherwise."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        value = float(t) * mult
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a byte count such as 4096, 512M or 2G, got {text!r}")
+    return int(value)
+
+
+def total_memory(device: torch.device) -> int:
+    """The device's total memory in bytes (CUDA: the card's; CPU: the machine's physical memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 16 << 30
+
+
+def s_cache_budget(device: torch.device, setting=None) -> int:
+    """Bytes the fp32 S may take: ``setting`` (a kernel_config's S_CACHE_BYTES), else
+    ``LLAVE_FAST_S_CACHE_BYTES``, else total memory / S_CACHE_FRACTION."""
+    if setting is not None:
+        if isinstance(setting, str):
+            return parse_bytes(setting, "kernel config S_CACHE_BYTES")
+        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+            raise ValueError(f"kernel config S_CACHE_BYTES must be a byte count >= 0, got {setting!r}")
+        return setting
+    env = os.environ.get("LLAVE_FAST_S_CACHE_BYTES", "").strip()
+    if env:
+        return parse_bytes(env, "LLAVE_FAST_S_CACHE_BYTES")
+    return total_memory(device) // S_CACHE_FRACTION
+
+
+def s_mode_setting(setting=None) -> str:
+    """The requested path: ``setting`` (a kernel_config's S_MODE), else ``LLAVE_FAST_S_MODE``, else "auto"."""
+    if setting is None:
+        setting = os.environ.get("LLAVE_FAST_S_MODE", "").strip().lower() or "auto"
+        name = "LLAVE_FAST_S_MODE"
+    else:
+        name = "kernel config S_MODE"
+    if setting not in S_MODES:
+        raise ValueError(f"{name} must be one of {S_MODES}, got {setting!r}")
+    return setting
+
+
+def s_row_stride(NT: int) -> int:
+    """Elements between rows of a kept/streamed S: NT rounded up to a multiple of 64 (aligned
+    rows, and the library GEMM gets an aligned N)."""
+    return -(-max(1, NT) // _S_ROW_ALIGN) * _S_ROW_ALIGN
+
+
+@dataclass(frozen=True)
+class SPlan:
+    mode: str  # "cache", "stream" or "fused"
+    rows: int  # rows per fp32 block ("cache": B, "fused": 0)
+    stride: int  # row stride of the fp32 blocks
+    budget: int  # the byte budget it was planned under
+
+
+def plan_s(B: int, NT: int, *, keep: bool, mode: str, budget: int, min_rows: int = S_MIN_ROWS,
+           elem_bytes: int = 4) -> SPlan:
+    """Which path the strip takes (see S_MODES). ``keep``: a backward will follow (the forward
+    runs with a gradient wanted); without it S is never kept, "cache" runs as one stream block.
+    A forced "stream" takes blocks of what the budget holds (at least one row). ``elem_bytes``:
+    4 for an fp32 S, 8 for fp64 inputs (the torch backend)."""
+    stride = s_row_stride(NT)
+    row_bytes = stride * elem_bytes
+    fit = budget // row_bytes  # rows of fp32 S the budget holds
+    if mode == "auto":
+        if fit >= B:
+            mode = "cache"
+        elif fit >= min(B, min_rows):
+            mode = "stream"
+        else:
+            mode = "fused"
+    if mode == "fused":
+        return SPlan("fused", 0, stride, budget)
+    if mode == "cache" and keep:
+        return SPlan("cache", B, stride, budget)
+    if fit >= B:
+        rows = B
+    else:  # whole multiples of 64 rows where the budget holds that many; never less than one row
+        rows = max(1, fit // _S_ROW_ALIGN * _S_ROW_ALIGN if fit >= _S_ROW_ALIGN else fit)
+    return SPlan("stream", rows, stride, budget)
+
+
+#: how many strips each path took in this process (tests and benchmarks read it)
+PATH_COUNTS = {"cache": 0, "stream": 0, "fused": 0}
+
+
+_SIM_MM: dict = {}
+
+
+def _probe_fp32_out_mm(device: torch.device, dtype: torch.dtype) -> str:
+    """Whether this torch multiplies 16-bit operands into an fp32 result in one library call
+    (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8 on CUDA): "mm_out" (also into a
+    given output), "mm", or "upcast" (fp32 operands). Checked numerically against float64."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(16, 32, generator=g, device=device).to(dtype)
+    b = torch.randn(24, 32, generator=g, device=device).to(dtype)
+    want = a.double() @ b.double().t()
+
+    def close(x):
+        return x.dtype == torch.float32 and bool(torch.allclose(x.double(), want, rtol=1e-4, atol=1e-4))
+
+    try:
+        out = torch.full((16, 24), float("nan"), device=device)
+        torch.mm(a, b.t(), out_dtype=torch.float32, out=out)
+        if close(out):
+            return "mm_out"
+    except (TypeError, RuntimeError, NotImplementedError):
+        pass
+    try:
+        if close(torch.mm(a, b.t(), out_dtype=torch.float32)):
+            return "mm"
+    except (TypeError, RuntimeError, NotImplementedError):
+        pass
+    return "upcast"
+
+
+def sim_operand_dtype(x: torch.Tensor) -> torch.dtype:
+    """The operand dtype of the fp32-output similarity GEMM: the input's 16-bit type on CUDA where
+    torch has an fp32-output GEMM for it (tensor cores, products exact, sums in fp32), fp32
+    otherwise (the CPU: exact upcast), fp64 for fp64."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.dtype
+    if x.is_cuda:
+        key = (str(x.device), x.dtype)
+        if key not in _SIM_MM:
+            _SIM_MM[key] = _probe_fp32_out_mm(x.device, x.dtype)
+        if _SIM_MM[key] != "upcast":
+            return x.dtype
+    return torch.float32
+
+
+def similarity_into(out: torch.Tensor, q_rows: torch.Tensor, T_op: torch.Tensor) -> torch.Tensor:
+    """``out = q_rows @ T_op^T`` in ``out``'s precision (fp32, or fp64), never rounded to 16 bits.
+    ``T_op`` is already of ``sim_operand_dtype``; ``q_rows`` is cast to it."""
+    a = q_rows if q_rows.dtype == T_op.dtype else q_rows.to(T_op.dtype)
+    if a.dtype == out.dtype:
+        return torch.mm(a, T_op.t(), out=out)
+    how = _SIM_MM.get((str(a.device), a.dtype), "upcast")
+    if how == "mm_out":
+        return torch.mm(a, T_op.t(), out_dtype=out.dtype, out=out)
+    if how == "mm":
+        out.copy_(torch.mm(a, T_op.t(), out_dtype=out.dtype))
+        return out
+    return torch.mm(a.to(out.dtype), T_op.t().to(out.dtype), out=out)
 
 
 _ROW_CHUNK = 4096
@@ -170,12 +353,14 @@ def hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, 
         query_ids = None
     Tc, N, offset, ids, sizes = _layout(q, t, negatives, target_ids, query_ids, comm)
     need_e = scale_t is not None and scale_t.requires_grad
+    # S is kept for a backward only when one can follow (never under no_grad)
+    keep_s = cfg.keep_s and any(ctx.needs_input_grad[:4])
     if B == 0:
         stats = _empty_strip_stats(N, q.device, cfg.symmetric, need_e)
     else:
         stats = ops.strip_forward(
             q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
-            need_col=cfg.symmetric, need_e=need_e,
+            need_col=cfg.symmetric, need_e=need_e, keep_s=keep_s,
         )
     col_lse, col_es = stats.col_lse, stats.col_es
     if comm is not None and cfg.symmetric:
@@ -203,12 +388,14 @@ def hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, 
     ctx.need_e = need_e
     ctx.n_neg = 0 if negatives is None else negatives.shape[0]
     ctx.scale_meta = None if scale_t is None else (scale_t.shape, scale_t.dtype)
-    ctx.save_for_backward(q, Tc, stats.row_lse, col_lse, stats.row_es, col_es, diag)
+    # the kept S (if any) is saved like the inputs: autograd frees it once the backward ran
+    ctx.s_plan = stats.plan
+    ctx.save_for_backward(q, Tc, stats.row_lse, col_lse, stats.row_es, col_es, diag, stats.s_cache)
     return out
 
 
 def hardness_backward(ctx, grad_out):
-    q, Tc, row_lse, col_lse, row_es, col_es, diag = ctx.saved_tensors
+    q, Tc, row_lse, col_lse, row_es, col_es, diag, s_cache = ctx.saved_tensors
     cfg, ids, comm = ctx.cfg, ctx.ids, ctx.comm
     N, offset, sizes = ctx.layout
     B = q.shape[0]
@@ -245,7 +432,7 @@ def hardness_backward(ctx, grad_out):
         dq, dTc = ctx.ops.strip_backward(
             q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,
             row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=c,
-            deterministic=cfg.deterministic,
+            deterministic=cfg.deterministic, s_cache=s_cache, s_plan=ctx.s_plan,
         )
     if comm is None:
         dt, dneg = dTc[:B], (dTc[B:] if ctx.n_neg else None)

@@ -31,10 +31,10 @@ def _compile(fn, types, constexprs, target, num_warps, num_stages):
     # as the launcher specializes the usual call (torch tensors, d a multiple of 16): 16-byte
     # aligned pointers and row stride D % 16 == 0. This enables vectorized async copies, whose
     # pipeline buffers set the shared memory of the 16-bit kernels (3x the unspecialized figure).
-    # The dS strip's row stride is always a multiple of 64 (``ds_row_stride``): divisible by 16,
-    # which is what the launcher's integer specialisation records for it
+    # The dS strip's and the fp32 S's row strides are always multiples of 64 (``ds_row_stride``,
+    # ``s_row_stride``): divisible by 16, which is what the launcher's integer specialisation records
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name].startswith("*") or name in ("D", "DS_STRIDE")}
+             if signature[name].startswith("*") or name in ("D", "DS_STRIDE", "S_STRIDE")}
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -50,6 +50,7 @@ def compile_all(arch: int = 90) -> list[str]:
     from llave_fast.kernels.hardness_bwd import hardness_bwd_kernel
     from llave_fast.kernels.hardness_ds import hardness_ds_kernel
     from llave_fast.kernels.hardness_fwd import hardness_fwd_kernel
+    from llave_fast.kernels.hardness_stats import hardness_stats_kernel
 
     target = GPUTarget("cuda", arch, 32)
     limit = SMEM_LIMIT.get(arch, 99 * 1024)
@@ -88,6 +89,13 @@ def compile_all(arch: int = 90) -> list[str]:
                                 dsd == torch.float16, target)
                 _check_smem(k, limit, f"ds {ptr} strip={_DTYPES[dsd]} prec={p} tid={has_tid} qid={has_qid} "
                             f"col={has_col}", report, _check_ds_stores(k))
+                if p != prec:
+                    continue
+                # the S-cache / stream backward: the tile of S read from the fp32 S (CACHED)
+                k = _compile_ds(hardness_ds_kernel, ptr, _DTYPES[dsd], cfg, has_tid, has_qid, has_col, p,
+                                dsd == torch.float16, target, cached=True)
+                what = f"ds cached {ptr} strip={_DTYPES[dsd]} tid={has_tid} qid={has_qid} col={has_col}"
+                _check_smem(k, limit, what, report, _check_ds_stores(k) + _check_s_loads(k, what) + _check_no_spill(k, what))
         if dtype != torch.float32:
             # DS_LOWP=False (an fp32 strip for 16-bit inputs, a debugging override): every option on
             k = _compile_ds(hardness_ds_kernel, ptr, "*fp32", cfg, True, True, True, prec, False, target)
@@ -106,18 +114,48 @@ def compile_all(arch: int = 90) -> list[str]:
                     MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=True, HAS_QID=True,
                     HAS_COL=True, UPCAST=False, DS_LOWP=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])
                 _check_smem(k, limit, f"bwd {ptr} prec=ieee mode={mode} all options", report, _check_atomics(k, mode))
+    # the S-cache / stream forward's statistics pass (S is fp32 whatever the inputs)
+    cfg = gpu_config(torch.bfloat16)
+    for has_tid, has_qid, need_col, need_e in itertools.product([False, True], repeat=4):
+        if has_qid and not need_col:
+            continue
+        types = (["*fp32"] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 3 + ["i32"] + ["*fp32"] * 3 + ["i32"])
+        k = _compile(hardness_stats_kernel, types, dict(
+            BM=cfg["STATS_BM"], BN=cfg["STATS_BN"], HAS_TID=has_tid, HAS_QID=has_qid, NEED_COL=need_col,
+            NEED_E=need_e), target, cfg["STATS_WARPS"], 1)
+        what = f"stats tid={has_tid} qid={has_qid} col={need_col} e={need_e}"
+        _check_smem(k, limit, what, report, _check_s_loads(k, what) + _check_no_spill(k, what))
     return report
 
 
-def _compile_ds(fn, ptr, ds_ptr, cfg, has_tid, has_qid, has_col, prec, scaled, target):
+def _compile_ds(fn, ptr, ds_ptr, cfg, has_tid, has_qid, has_col, prec, scaled, target, cached=False):
     """hardness_ds_kernel: (q, T, dS, DS_STRIDE, row0, row_end, NT, N_COL, D, offset, s, alpha,
-    ids, row_lse, col_lse, g_row, g_col, pos, sigma)."""
+    ids, row_lse, col_lse, g_row, g_col, pos, sigma, S, S_STRIDE, s_row0)."""
     ids = ["*i64"] * 2 + ["i32"] + ["*i64"] * 2
-    types = [ptr, ptr, ds_ptr, "i32"] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 6
+    types = [ptr, ptr, ds_ptr, "i32"] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["*fp32", "i32", "i32"]
     return _compile(fn, types, dict(
         BM=cfg["DS_BM"], BN=cfg["DS_BN"], BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"], HAS_TID=has_tid,
-        HAS_QID=has_qid, HAS_COL=has_col, UPCAST=False, PREC=prec, SCALED=scaled), target, cfg["DS_WARPS"],
-        cfg["DS_STAGES"])
+        HAS_QID=has_qid, HAS_COL=has_col, UPCAST=False, PREC=prec, SCALED=scaled, CACHED=cached), target,
+        cfg["DSC_WARPS"] if cached else cfg["DS_WARPS"], 1 if cached else cfg["DS_STAGES"])
+
+
+def _check_s_loads(kernel, what) -> str:
+    """The fp32 S is read with 16-byte vector loads (its row stride is a multiple of 64 and the
+    column mask is against it). Returns them for the report."""
+    ops = sorted(set(_ptx_ops(kernel, r"ld\.global")))
+    wide = [op for op in ops if ".v4." in op and (".f32" in op or ".b32" in op)]
+    if not wide:
+        raise RuntimeError(f"{what}: S must be read with 16-byte vector loads, the PTX has {ops}")
+    return ", " + " ".join(wide)
+
+
+def _check_no_spill(kernel, what) -> str:
+    """No register spills: a stack frame in the cubin's resource usage fails (skipped when
+    cuobjdump is not there)."""
+    res = _resources(kernel)
+    if res and not res.endswith(", 0 B stack"):
+        raise RuntimeError(f"{what}: registers spill{res}")
+    return ""
 
 
 def _ptx_ops(kernel, pattern: str) -> list[str]:

@@ -1,10 +1,13 @@
 """The chunked pure-PyTorch backend: same algorithm and memory behaviour as the kernels.
 
-The strip ``S = q @ Tc^T`` is processed ``chunk`` rows at a time (chunk x NT, never B x NT):
-forward computes each chunk once for its rows' log-sum-exp and folds its column
-statistics into running per-column ones (4 GEMM-equivalents per step with the backward,
-against the eager formula's 6); backward recomputes each chunk, forms dS and does
-dq[chunk] = dS @ Tc and dTc += dS^T @ q[chunk]. Runs on any device, any float dtype.
+The strip ``S = q @ Tc^T`` is processed ``chunk`` rows at a time (chunk x NT temporaries):
+forward reduces each chunk once for its rows' log-sum-exp and folds its column statistics
+into running per-column ones; backward forms dS per chunk and does dq[chunk] = dS @ Tc and
+dTc += dS^T @ q[chunk]. Where S lives follows ``backends.common.plan_s``, as in the Triton
+backend: "cache" computes the whole fp32 S once (one library GEMM) and keeps it for the
+backward (3 GEMM-equivalents per step, B x NT x 4 bytes held, the eager formula's memory
+once); otherwise each chunk is recomputed in the backward (4 GEMM-equivalents, no B x NT).
+S is never rounded to 16 bits (``similarity_into``). Runs on any device, any float dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +16,20 @@ import os
 
 import torch
 
-from .common import StripIds, StripStats, acc_dtype, make_loss_function, new_output
+from .common import (
+    PATH_COUNTS,
+    SPlan,
+    StripIds,
+    StripStats,
+    acc_dtype,
+    make_loss_function,
+    new_output,
+    plan_s,
+    s_cache_budget,
+    s_mode_setting,
+    sim_operand_dtype,
+    similarity_into,
+)
 
 # elements of one chunk x NT fp32 temporary; a few of them live at once. On the CPU a chunk
 # stays near the caches (8 MiB); on CUDA it is large enough that the GEMMs fill the GPU and
@@ -65,11 +81,33 @@ def _merge(m_run, l_run, e_run, m_new, l_new, e_new):
     return m, l_run * a + l_new * b, e
 
 
-def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col, need_e) -> StripStats:
+def s_plan_for(B: int, NT: int, device, dtype: torch.dtype, keep: bool) -> SPlan:
+    """The path of this strip: kernel_config's S_MODE / S_CACHE_BYTES (shared with the Triton
+    backend), else the environment, else "auto" under an eighth of the device's memory."""
+    from . import triton_backend
+
+    over = triton_backend._CONFIG_OVERRIDE or {}
+    plan = plan_s(B, NT, keep=keep, mode=s_mode_setting(over.get("S_MODE")),
+                  budget=s_cache_budget(device, over.get("S_CACHE_BYTES")), min_rows=1,
+                  elem_bytes=torch.empty((), dtype=acc_dtype(dtype)).element_size())
+    # the chunked loop is this backend's stream and fused path alike
+    return plan if plan.mode == "cache" else SPlan("fused", 0, plan.stride, plan.budget)
+
+
+def _similarity(q_rows, T_op, acc):
+    """An fp32 (fp64) chunk of S, never rounded to 16 bits."""
+    return similarity_into(torch.empty((q_rows.shape[0], T_op.shape[0]), device=q_rows.device, dtype=acc),
+                           q_rows, T_op)
+
+
+def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col, need_e,
+                  keep_s: bool = False) -> StripStats:
     B, NT = q.shape[0], Tc.shape[0]
     acc = acc_dtype(q.dtype)
-    mm = _mm_dtype(q)
-    qm, Tm = q.to(mm), Tc.to(mm)
+    T_op = Tc.to(sim_operand_dtype(q))
+    plan = s_plan_for(B, NT, q.device, q.dtype, keep_s)
+    PATH_COUNTS[plan.mode] += 1
+    S_all = _similarity(q, T_op, acc) if plan.mode == "cache" else None
     R = chunk_rows(B, NT, q.device)
     row_lse = new_output((B,), q.device, acc)
     row_es = new_output((B,), q.device, acc) if need_e else None
@@ -78,9 +116,10 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     e_c = torch.zeros(n_col, device=q.device, dtype=acc) if (need_col and need_e) else None
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)
-        S = (qm[r0:r1] @ Tm.t()).to(acc)
-        # S itself is only needed again for the scale's statistics
-        z = _logits_inplace(S, r0, offset, scale, alpha, out=torch.empty_like(S) if need_e else None)
+        S = S_all[r0:r1] if S_all is not None else _similarity(q[r0:r1], T_op, acc)
+        # S itself is needed again for the scale's statistics, and kept whole for the backward
+        z = _logits_inplace(S, r0, offset, scale, alpha,
+                            out=torch.empty_like(S) if (need_e or S_all is not None) else None)
         if need_col:
             # t->q: column statistics of this chunk, folded into the running ones
             zc = z[:, :n_col]
@@ -108,16 +147,16 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
         col_lse = m_c + torch.log(l_c)
         if need_e:
             col_es = e_c / l_c
-    return StripStats(row_lse, row_es, col_lse, col_es)
+    return StripStats(row_lse, row_es, col_lse, col_es, s_cache=S_all, plan=plan)
 
 
 def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
-                   pos_coef, deterministic):
+                   pos_coef, deterministic, s_cache=None, s_plan=None):
     # deterministic either way: fixed chunk order, no atomics
     B, NT = q.shape[0], Tc.shape[0]
     acc = acc_dtype(q.dtype)
     mm = _mm_dtype(q)
-    qm, Tm = q.to(mm), Tc.to(mm)
+    T_op = None if s_cache is not None else Tc.to(sim_operand_dtype(q))
     # fp16's range is too small for dS (s * P * g can be ~1e-9): accumulate its GEMMs in fp32
     ds_mm = mm if mm == torch.bfloat16 else acc
     Tg = Tc.to(ds_mm)
@@ -127,7 +166,10 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     dTc = torch.zeros(Tc.shape, device=q.device, dtype=acc)
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)
-        z = _logits_inplace((qm[r0:r1] @ Tm.t()).to(acc), r0, offset, scale, alpha)
+        if s_cache is not None:
+            z = _logits_inplace(s_cache[r0:r1], r0, offset, scale, alpha, out=torch.empty_like(s_cache[r0:r1]))
+        else:
+            z = _logits_inplace(_similarity(q[r0:r1], T_op, acc), r0, offset, scale, alpha)
         p_col = None
         if g_col is not None:
             # s * softmax_col(z)_ij * g_col_j   (t->q part), before the row masks touch z

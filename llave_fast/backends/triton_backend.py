@@ -12,7 +12,21 @@ import os
 
 import torch
 
-from .common import StripIds, StripStats, combine_lse, make_loss_function, new_output
+from .common import (
+    PATH_COUNTS,
+    S_MIN_ROWS,
+    SPlan,
+    StripIds,
+    StripStats,
+    combine_lse,
+    make_loss_function,
+    new_output,
+    plan_s,
+    s_cache_budget,
+    s_mode_setting,
+    sim_operand_dtype,
+    similarity_into,
+)
 
 _KERNELS = None
 _CONFIG_OVERRIDE: dict | None = None
@@ -26,9 +40,10 @@ def _kernels():
         from llave_fast.kernels.hardness_bwd import hardness_bwd_kernel
         from llave_fast.kernels.hardness_ds import hardness_ds_kernel
         from llave_fast.kernels.hardness_fwd import hardness_fwd_kernel
+        from llave_fast.kernels.hardness_stats import hardness_stats_kernel
 
         _KERNELS = SimpleNamespace(hardness_fwd_kernel=hardness_fwd_kernel, hardness_bwd_kernel=hardness_bwd_kernel,
-                                   hardness_ds_kernel=hardness_ds_kernel)
+                                   hardness_ds_kernel=hardness_ds_kernel, hardness_stats_kernel=hardness_stats_kernel)
     return _KERNELS
 
 
@@ -112,7 +127,15 @@ def gpu_config(dtype: torch.dtype, sm_count: int = 132, D: int | None = None) ->
                 GC_MAX=max(1, (4 * sm_count) // 16), num_warps=4, num_stages=4, BWD_BM=64, BWD_BN=64,
                 BWD=bwd, DS_BM=64, DS_BN=128, DS_GROUP_M=8, DS_ONE_STRIP_BYTES=1 << 30,
                 DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=4096, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=4,
-                DS_STAGES=4)
+                DS_STAGES=4, **_S_PATH_DEFAULTS, DSC_WARPS=8, STATS_BM=64, STATS_BN=64, STATS_WARPS=8,
+                STATS_PROGRAMS=8 * sm_count, STATS_GC_MAX=64)
+
+
+# Where S lives (backends.common.S_MODES): S_MODE None reads LLAVE_FAST_S_MODE (default "auto"),
+# S_CACHE_BYTES None reads LLAVE_FAST_S_CACHE_BYTES (default: total device memory / 8).
+# The S-cache and stream paths: a library GEMM writes S in fp32, ``hardness_stats`` reduces it
+# (STATS_* tiles), the backward's ``hardness_ds`` reads it instead of recomputing (CACHED).
+_S_PATH_DEFAULTS = dict(S_MODE=None, S_CACHE_BYTES=None, S_MIN_ROWS=S_MIN_ROWS)
 
 
 def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -121,7 +144,9 @@ def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dt
         # interpreter: every op is a numpy call, so tiles are moderate and grids small
         cfg = dict(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=2, num_warps=4, num_stages=1,
                    BWD="tiles", DS_BM=32, DS_BN=32, DS_GROUP_M=2, DS_ONE_STRIP_BYTES=1 << 20,
-                   DS_STRIP_BYTES=1 << 20, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=4, DS_STAGES=1)
+                   DS_STRIP_BYTES=1 << 20, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=4, DS_STAGES=1,
+                   **_S_PATH_DEFAULTS, DSC_WARPS=4, STATS_BM=32, STATS_BN=32, STATS_WARPS=4, STATS_PROGRAMS=4,
+                   STATS_GC_MAX=2)
     else:
         cfg = gpu_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count, D=D)
     env_bwd = _bwd_variant_from_env()
@@ -275,13 +300,30 @@ def _check_dtype(q):
         )
 
 
-def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col, need_e) -> StripStats:
+def s_plan_for(cfg: dict, B: int, NT: int, device: torch.device, keep: bool) -> SPlan:
+    """The path of this strip under launch config ``cfg`` (see ``backends.common.plan_s``)."""
+    return plan_s(B, NT, keep=keep, mode=s_mode_setting(cfg.get("S_MODE")),
+                  budget=s_cache_budget(device, cfg.get("S_CACHE_BYTES")),
+                  min_rows=int(cfg.get("S_MIN_ROWS", S_MIN_ROWS)))
+
+
+def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col, need_e,
+                  keep_s: bool = False) -> StripStats:
+    """Row and column statistics of the strip. ``keep_s``: a backward follows, so an fp32 S
+    that fits the budget is kept for it (the S-cache path)."""
     _check_dtype(q)
     q, Tc = q.contiguous(), Tc.contiguous()
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
     cfg = launch_config(dev, B, NT, D, q.dtype)
+    autotune_enabled()  # a bad LLAVE_FAST_AUTOTUNE is an error on every path, not only where it is read
+    plan = s_plan_for(cfg, B, NT, dev, keep_s)
+    if plan.mode != "fused":
+        PATH_COUNTS[plan.mode] += 1
+        return _strip_forward_s(q, Tc, cfg, plan, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
+                                need_col=need_col, need_e=need_e)
+    PATH_COUNTS["fused"] += 1
     tuned = _tuned_override(
         "fwd", q, NT, (ids.has_tid, ids.has_qid, need_col, need_e),
         lambda: strip_forward(q, Tc, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
@@ -316,7 +358,60 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     col_lse = col_es = None
     if need_col:
         col_lse, col_es = combine_lse(col_m + torch.log(col_l), (col_e / col_l) if need_e else None, dim=0)
-    return StripStats(row_lse, row_es, col_lse, col_es)
+    return StripStats(row_lse, row_es, col_lse, col_es, plan=plan)
+
+
+def _strip_forward_s(q, Tc, cfg, plan: SPlan, *, n_col, offset, scale, alpha, ids: StripIds, need_col, need_e):
+    """The S-cache and stream forward: per block of rows, the library GEMM writes S in fp32
+    (``similarity_into``: 16-bit operands on the tensor cores, never a 16-bit S), then
+    ``hardness_stats`` reduces it. "cache": one block of all B rows, kept for the backward."""
+    B, D = q.shape
+    NT = Tc.shape[0]
+    dev = q.device
+    stride = plan.stride
+    T_op = gemm_operand(Tc, stride, D, sim_operand_dtype(q))  # zero rows past NT: S = 0 there (masked)
+    R = plan.rows
+    S_all = new_output((R, stride), dev)  # poisoned under LLAVE_FAST_POISON=1: the GEMM writes it all
+    BM, BN = cfg["STATS_BM"], cfg["STATS_BN"]
+    n_cb = triton_cdiv(NT, BN)
+    row_lse = new_output((B,), dev)
+    row_es = new_output((B,), dev) if need_e else None
+    col_lse = col_es = None
+    dummy = torch.zeros(1, dtype=torch.int64, device=dev)
+    tid_pos, tid_cand, n_tid, qid_row, qid_cand = _id_args(ids, dummy)
+    with _enter(dev):
+        for r0 in range(0, B, R):
+            r1 = min(B, r0 + R)
+            S = S_all[: r1 - r0]
+            similarity_into(S, q[r0:r1], T_op)
+            n_rt = triton_cdiv(r1 - r0, BM)
+            GC = max(1, min(n_cb, int(cfg["STATS_GC_MAX"]), triton_cdiv(int(cfg["STATS_PROGRAMS"]), n_rt)))
+            rows = r1 - r0
+            row_m, row_l = new_output((GC, rows), dev), new_output((GC, rows), dev)
+            row_e = new_output((GC, rows), dev) if need_e else row_l
+            if need_col:
+                col_m, col_l = new_output((n_rt, n_col), dev), new_output((n_rt, n_col), dev)
+                col_e = new_output((n_rt, n_col), dev) if need_e else col_l
+            else:
+                col_m = col_l = col_e = row_l
+            _kernels().hardness_stats_kernel[(n_rt, GC)](
+                S, stride, r0, r1, NT, n_col, offset, float(scale), float(alpha),
+                tid_pos, tid_cand, n_tid, qid_row, qid_cand,
+                row_m, row_l, row_e, rows, col_m, col_l, col_e, GC,
+                BM=BM, BN=BN, HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and need_col, NEED_COL=need_col,
+                NEED_E=need_e, num_warps=cfg["STATS_WARPS"],
+            )
+            lse, es = combine_lse(row_m + torch.log(row_l), (row_e / row_l) if need_e else None, dim=0)
+            row_lse[r0:r1] = lse
+            if need_e:
+                row_es[r0:r1] = es
+            if need_col:
+                lse, es = combine_lse(col_m + torch.log(col_l), (col_e / col_l) if need_e else None, dim=0)
+                if col_lse is not None:  # merge with the blocks before
+                    lse, es = combine_lse(torch.stack([col_lse, lse]),
+                                          torch.stack([col_es, es]) if need_e else None, dim=0)
+                col_lse, col_es = lse, es
+    return StripStats(row_lse, row_es, col_lse, col_es, s_cache=S_all if plan.mode == "cache" else None, plan=plan)
 
 
 def _upcast(q) -> bool:
@@ -329,13 +424,22 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
-                   pos_coef, deterministic):
+                   pos_coef, deterministic, s_cache=None, s_plan: SPlan | None = None):
+    """dq and dTc of the strip. The path is the forward's (``s_plan``): the kept S
+    (``s_cache``), fp32 blocks recomputed by the library GEMM ("stream"), or the fused kernels
+    ("fused", or no plan: the tile or the strip backward, cfg["BWD"])."""
     _check_dtype(q)
     q, Tc = q.contiguous(), Tc.contiguous()
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
     cfg = launch_config(dev, B, NT, D, q.dtype)
+    if s_plan is not None and s_plan.mode != "fused":
+        if s_plan.mode == "cache" and s_cache is None:
+            raise RuntimeError("the S-cache forward kept no S for this backward (internal error)")
+        return _strip_backward_ds(q, Tc, cfg, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
+                                  row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=pos_coef,
+                                  s_cache=s_cache, s_plan=s_plan)
     tuned = _tuned_override(
         "bwd", q, NT, (ids.has_tid, ids.has_qid, g_col is not None, bool(deterministic)),
         lambda: strip_backward(q, Tc, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
@@ -547,8 +651,12 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
 
 
 def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
-                       pos_coef):
+                       pos_coef, s_cache=None, s_plan: SPlan | None = None):
     """The strip backward: per block of R rows, dS by ``hardness_ds_kernel``, then two GEMMs.
+
+    S: recomputed tile by tile in the kernel (no plan, or "fused"), read from the kept fp32 S
+    ("cache"), or written in fp32 by the library GEMM for each block just before ("stream",
+    blocks of at most the forward's rows).
 
     dS precision: ``ds_dtype`` (bf16 / fp16 scaled by sigma / fp32). dq comes back in fp32,
     except: with one bf16 strip ``dq = dS @ T`` is written in bf16 directly (the GEMM
@@ -562,6 +670,12 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     scaled = dsd == torch.float16
     R = strip_rows(cfg, B, NT, torch.empty((), dtype=dsd).element_size())
     stride = ds_row_stride(NT)
+    mode = "fused" if s_plan is None else s_plan.mode
+    s_buf = T_sim = None
+    if mode == "stream":
+        R = min(R, s_plan.rows)
+        T_sim = gemm_operand(Tc, stride, D, sim_operand_dtype(q))
+        s_buf = new_output((R, stride), dev)
     # Padded GEMM shapes (GEMM_K_ALIGN, GEMM_LD_ALIGN): dq = dS[:rows, :stride] @ T_op with T_op
     # (stride x Dp, zero rows past NT: the kernel writes dS = 0 in columns NT..stride-1), and
     # dT += dS[:Kr, :stride]^T @ q_op with Kr the strip's rows rounded up (dS rows past the strip
@@ -593,14 +707,24 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
         for r0 in range(0, B, R):
             r1 = min(B, r0 + R)
             grid = (triton_cdiv(r1 - r0, BM) * n_ct,)
+            if mode == "stream":
+                s_arg, s_row0 = s_buf, r0
+                similarity_into(s_buf[: r1 - r0], q[r0:r1], T_sim)
+            elif mode == "cache":
+                s_arg, s_row0 = s_cache, 0
+            else:
+                s_arg, s_row0 = pos_arg, 0  # not read
             _kernels().hardness_ds_kernel[grid](
                 q, Tc, dS, stride, r0, r1, NT, n_col, D, offset, float(scale), float(alpha),
                 tid_pos, tid_cand, n_tid, qid_row, qid_cand,
                 row_lse_arg, col_lse_arg, g_row_arg, g_col_arg, pos_arg, sigma if scaled else pos_arg,
+                s_arg, stride, s_row0,
                 BM=BM, BN=BN, BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"],
                 HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and has_col, HAS_COL=has_col,
-                UPCAST=_upcast(q), PREC=prec, SCALED=scaled,
-                num_warps=cfg["DS_WARPS"], num_stages=cfg["DS_STAGES"],
+                UPCAST=_upcast(q), PREC=prec, SCALED=scaled, CACHED=mode != "fused",
+                # reading S (no K loop): more warps keep the fp32 tile and its epilogue in registers
+                num_warps=cfg["DS_WARPS"] if mode == "fused" else cfg["DSC_WARPS"],
+                num_stages=cfg["DS_STAGES"] if mode == "fused" else 1,
             )
             rows = r1 - r0
             Kr = gemm_k(rows)
