@@ -125,7 +125,7 @@ def main(argv=None) -> int:
           f"triton {meta['versions']['triton']}")
     one = 2.0 * B * B * d
     out = {"meta": meta, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "default": tb.launch_config(dev, B, B, d, dtype), "gpu_default": tb.gpu_config(dtype, sms, D=d),
+           "default": tb.launch_config(dev, d, dtype), "gpu_default": tb.gpu_config(dtype, sms, D=d),
            "fwd": [], "bwd": []}
 
     def write():

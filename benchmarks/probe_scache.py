@@ -100,7 +100,7 @@ def p2_passes(B: int, d: int, dtype, device, repeats: int, copy_tb_s: float | No
     ids = StripIds()
     out = {"B": B, "N": B, "d": d}
     plan = plan_s(B, B, keep=True, mode="cache", budget=0)
-    cfg = tb.launch_config(device, B, B, d, dtype)
+    cfg = tb.launch_config(device, d, dtype)
     kw = dict(n_col=B, offset=0, scale=50.0, alpha=9.0, ids=ids, need_col=True, need_e=False)
     stride = s_row_stride(B)
     # the whole cached forward, then the statistics pass alone on its S

@@ -84,9 +84,9 @@ def hardness_fwd_kernel(
             cols = cb * BN + tl.arange(0, BN).to(tl.int64)
             S = sim_tile(q_ptr, t_ptr, rb * BM, cb * BN, B, NT, D, BM, BN, BK, UPCAST, PREC)
             z_row, z_col = tile_logits(
-                S, rows, cols, rb * BM, cb * BN, B, NT, N_COL, offset, scale, alpha,
+                S, rows, cols, B, NT, N_COL, offset, scale, alpha,
                 tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-                HAS_TID, HAS_QID, NEED_COL, BM, BN,
+                HAS_TID, HAS_QID, NEED_COL,
             )
             m_r, l_r, e_r = _online_update(m_r, l_r, e_r, z_row, S, 1, NEED_E)
             if NEED_COL:

@@ -69,9 +69,9 @@ def hardness_stats_kernel(
         S = tl.load(s_base + rl[:, None] * S_STRIDE + (c_start + cl)[None, :],
                     mask=rmask[:, None] & ((c_start + cl)[None, :] < S_STRIDE), other=0.0)
         z_row, z_col = tile_logits(
-            S, rows, cols, r_start, c_start, row_end, NT, N_COL, offset, scale, alpha,
+            S, rows, cols, row_end, NT, N_COL, offset, scale, alpha,
             tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-            HAS_TID, HAS_QID, NEED_COL, BM, BN,
+            HAS_TID, HAS_QID, NEED_COL,
         )
         # rows: online merge into the running statistics (registers)
         m_t, l_t, e_t = _tile_stats(z_row, S, 1, NEED_E)

@@ -73,8 +73,6 @@ def tile_logits(
     S,
     rows,
     cols,
-    row0,
-    col0,
     B,
     NT,
     N_COL,
@@ -89,8 +87,6 @@ def tile_logits(
     HAS_TID: tl.constexpr,
     HAS_QID: tl.constexpr,
     NEED_COL: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
 ):
     """Row-direction and column-direction logits of one tile; masked entries are -inf.
 
@@ -136,9 +132,9 @@ def ds_of_tile(
     rows = row0 + tl.arange(0, BM)
     cols = col0 + tl.arange(0, BN)
     z_row, z_col = tile_logits(
-        S, rows, cols, row0, col0, B, NT, N_COL, offset, scale, alpha,
+        S, rows, cols, B, NT, N_COL, offset, scale, alpha,
         tid_pos_ptr, tid_cand_ptr, N_TID, qid_row_ptr, qid_cand_ptr,
-        HAS_TID, HAS_QID, HAS_COL, BM, BN,
+        HAS_TID, HAS_QID, HAS_COL,
     )
     rmask = rows < B
     lse_r = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)

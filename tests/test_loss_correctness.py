@@ -320,14 +320,14 @@ def test_default_backward_by_width(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
     monkeypatch.delenv("LLAVE_FAST_BWD", raising=False)
     cuda = torch.device("cuda", 0)
-    assert launch_config(cuda, 4096, 4096, 128, torch.bfloat16)["BWD"] == "tiles"
-    assert launch_config(cuda, 4096, 4096, 1536, torch.bfloat16)["BWD"] == "strip"
+    assert launch_config(cuda, 128, torch.bfloat16)["BWD"] == "tiles"
+    assert launch_config(cuda, 1536, torch.bfloat16)["BWD"] == "strip"
     with kernel_config(BWD="strip"):
-        assert launch_config(cuda, 4096, 4096, 128, torch.bfloat16)["BWD"] == "strip"
+        assert launch_config(cuda, 128, torch.bfloat16)["BWD"] == "strip"
     monkeypatch.setenv("LLAVE_FAST_BWD", "tiles")
-    assert launch_config(cuda, 4096, 4096, 1536, torch.bfloat16)["BWD"] == "tiles"
+    assert launch_config(cuda, 1536, torch.bfloat16)["BWD"] == "tiles"
     monkeypatch.delenv("LLAVE_FAST_BWD")
-    assert launch_config(torch.device("cpu"), 4096, 4096, 1536, torch.bfloat16)["BWD"] == "tiles"  # interpreter
+    assert launch_config(torch.device("cpu"), 1536, torch.bfloat16)["BWD"] == "tiles"  # interpreter
 
 
 def test_strip_dtype_rule():
@@ -509,15 +509,15 @@ def test_bwd_variant_from_environment(monkeypatch, gen):
     from llave_fast.backends.triton_backend import launch_config
 
     monkeypatch.setenv("LLAVE_FAST_BWD", "strip")
-    assert launch_config(torch.device("cpu"), 8, 8, 8)["BWD"] == "strip"
+    assert launch_config(torch.device("cpu"), 8)["BWD"] == "strip"
     monkeypatch.setenv("LLAVE_FAST_BWD", "Tiles")
-    assert launch_config(torch.device("cpu"), 8, 8, 8)["BWD"] == "tiles"
+    assert launch_config(torch.device("cpu"), 8)["BWD"] == "tiles"
     monkeypatch.setenv("LLAVE_FAST_BWD", "fast")
     with pytest.raises(ValueError, match="LLAVE_FAST_BWD.*'fast'"):
-        launch_config(torch.device("cpu"), 8, 8, 8)
+        launch_config(torch.device("cpu"), 8)
     monkeypatch.delenv("LLAVE_FAST_BWD")
     with kernel_config(BWD="rows"), pytest.raises(ValueError, match="BWD.*'rows'"):
-        launch_config(torch.device("cpu"), 8, 8, 8)
+        launch_config(torch.device("cpu"), 8)
     with kernel_config(BWD="strip", DS_STRIP_ROWS=0), pytest.raises(ValueError, match="DS_STRIP_ROWS"):
         case = make_case(gen, 9, 16, 0, torch.float32)
         q = case.q.clone().requires_grad_(True)

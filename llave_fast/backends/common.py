@@ -467,25 +467,23 @@ def hardness_backward(ctx, grad_out):
     return dq, dt, dneg, dscale
 
 
-def make_loss_function(name: str, strip_forward, strip_backward, doc: str):
-    """The autograd.Function of a fused backend (one named class per backend)."""
-    ops = type(f"_{name}Ops", (), {"strip_forward": staticmethod(strip_forward),
-                                    "strip_backward": staticmethod(strip_backward)})()
+@dataclass(frozen=True)
+class StripOps:
+    """A fused backend's two strip operations (see the module docstring)."""
 
-    def forward(ctx, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm):
-        return hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
+    strip_forward: object
+    strip_backward: object
 
-    def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # backward(create_graph=True): autograd asks for a graph of the gradient
-            raise RuntimeError(
-                f"{name}: the fused loss's gradient is computed by its own kernels and has no graph, so it "
-                "cannot be differentiated again (backward with create_graph=True, torch.autograd.grad(..., "
-                "create_graph=True), e.g. a gradient penalty); use backend='reference', whose eager formula "
-                "autograd differentiates twice")
-        dq, dt, dneg, dscale = hardness_backward(ctx, grad_out)
-        return dq, dt, dneg, dscale, None, None, None, None
 
-    return type(name, (torch.autograd.Function,), {
-        "__doc__": doc, "__module__": strip_forward.__module__,
-        "forward": staticmethod(forward), "backward": staticmethod(backward),
-    })
+def checked_backward(ctx, grad_out, name: str):
+    """The body of a fused backend's ``backward``: the gradients of the 8 ``forward`` inputs.
+    Double backward is refused: the gradient is computed by the backend's own kernels and has
+    no graph."""
+    if torch.is_grad_enabled():  # backward(create_graph=True): autograd asks for a graph of the gradient
+        raise RuntimeError(
+            f"{name}: the fused loss's gradient is computed by its own kernels and has no graph, so it "
+            "cannot be differentiated again (backward with create_graph=True, torch.autograd.grad(..., "
+            "create_graph=True), e.g. a gradient penalty); use backend='reference', whose eager formula "
+            "autograd differentiates twice")
+    dq, dt, dneg, dscale = hardness_backward(ctx, grad_out)
+    return dq, dt, dneg, dscale, None, None, None, None

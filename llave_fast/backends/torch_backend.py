@@ -18,11 +18,14 @@ import torch
 
 from .common import (
     PATH_COUNTS,
+    LossConfig,
     SPlan,
     StripIds,
+    StripOps,
     StripStats,
     acc_dtype,
-    make_loss_function,
+    checked_backward,
+    hardness_forward,
     new_output,
     plan_s,
     s_cache_budget,
@@ -198,6 +201,17 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     return dq, dTc
 
 
-TorchHardnessLoss = make_loss_function(
-    "TorchHardnessLoss", strip_forward, strip_backward, "Autograd function of the chunked PyTorch backend."
-)
+_OPS = StripOps(strip_forward, strip_backward)
+
+
+class TorchHardnessLoss(torch.autograd.Function):
+    """Autograd function of the chunked PyTorch backend. Inputs: q, t, negatives, logit-scale tensor
+    (or None), target_ids, query_ids, LossConfig, RankComm (or None); returns the loss."""
+
+    @staticmethod
+    def forward(ctx, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm):
+        return hardness_forward(ctx, _OPS, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return checked_backward(ctx, grad_out, "TorchHardnessLoss")

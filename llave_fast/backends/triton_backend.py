@@ -15,11 +15,14 @@ import torch
 from .common import (
     PATH_COUNTS,
     S_MIN_ROWS,
+    LossConfig,
     SPlan,
     StripIds,
+    StripOps,
     StripStats,
+    checked_backward,
     combine_lse,
-    make_loss_function,
+    hardness_forward,
     new_output,
     plan_s,
     s_cache_budget,
@@ -138,8 +141,8 @@ def gpu_config(dtype: torch.dtype, sm_count: int = 132, D: int | None = None) ->
 _S_PATH_DEFAULTS = dict(S_MODE=None, S_CACHE_BYTES=None, S_MIN_ROWS=S_MIN_ROWS)
 
 
-def launch_config(device: torch.device, B: int, NT: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Tile sizes and the forward's program grid caps for this problem."""
+def launch_config(device: torch.device, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile sizes and the forward's program grid caps for embeddings of width ``D`` and ``dtype``."""
     if device.type == "cpu":
         # interpreter: every op is a numpy call, so tiles are moderate and grids small
         cfg = dict(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=2, num_warps=4, num_stages=1,
@@ -316,7 +319,7 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
-    cfg = launch_config(dev, B, NT, D, q.dtype)
+    cfg = launch_config(dev, D, q.dtype)
     autotune_enabled()  # a bad LLAVE_FAST_AUTOTUNE is an error on every path, not only where it is read
     plan = s_plan_for(cfg, B, NT, dev, keep_s)
     if plan.mode != "fused":
@@ -433,7 +436,7 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
-    cfg = launch_config(dev, B, NT, D, q.dtype)
+    cfg = launch_config(dev, D, q.dtype)
     if s_plan is not None and s_plan.mode != "fused":
         if s_plan.mode == "cache" and s_cache is None:
             raise RuntimeError("the S-cache forward kept no S for this backward (internal error)")
@@ -745,9 +748,20 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     return dq, dTc if Dp == D else dTc.contiguous()
 
 
-TritonHardnessLoss = make_loss_function(
-    "TritonHardnessLoss", strip_forward, strip_backward, "Autograd function of the fused Triton backend."
-)
+_OPS = StripOps(strip_forward, strip_backward)
+
+
+class TritonHardnessLoss(torch.autograd.Function):
+    """Autograd function of the fused Triton backend. Inputs: q, t, negatives, logit-scale tensor
+    (or None), target_ids, query_ids, LossConfig, RankComm (or None); returns the loss."""
+
+    @staticmethod
+    def forward(ctx, q, t, negatives, scale_t, target_ids, query_ids, cfg: LossConfig, comm):
+        return hardness_forward(ctx, _OPS, q, t, negatives, scale_t, target_ids, query_ids, cfg, comm)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return checked_backward(ctx, grad_out, "TritonHardnessLoss")
 
 __all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "available_on",
            "autotune_enabled", "TUNE_LOG", "gpu_config", "launch_config", "strip_rows", "ds_row_stride", "ds_dtype"]
