@@ -32,6 +32,16 @@ Gradient reduction across ranks happens once per step:
 * DDP: every chunk but the last runs under ``no_sync()``;
 * DeepSpeed engine: every chunk's backward goes through ``engine.backward`` without the
   1/gradient_accumulation_steps scaling; the caller steps the engine once afterwards.
+
+Deferred backward (``defer_backward=True``), for callers that run the backward themselves (the
+Hugging Face and sentence-transformers trainers call ``loss.backward()`` on what the loss
+returns): steps 1 and 2 run in the call, which returns a loss tensor that requires grad; step 3
+runs when that tensor's backward runs, every cached gradient scaled by the gradient that
+reaches the loss (so a trainer's 1/accumulation-steps or loss scaling applies to every chunk).
+On the single pass the returned loss carries the kept graphs, and its backward goes through
+them. Under ``torch.no_grad()`` (evaluation) the call only encodes and returns the loss.
+DeepSpeed engines are refused in this mode (each chunk's backward must go through
+``engine.backward``, which the caller's backward cannot nest).
 """
 
 from __future__ import annotations
@@ -124,6 +134,11 @@ class GradCache:
         has one, else the world).
     single_pass: take the single pass (one forward with grad, no re-forward) when the whole
         local batch fits in one chunk on every rank (see the module docstring). Default True.
+    defer_backward: False (default): the call runs the whole step's backward and returns the
+        loss detached. True: the call returns a loss tensor whose backward runs the cached
+        re-encode (see the module docstring), for trainers that call ``loss.backward()``.
+    count: optional ``count(chunk) -> samples in it``, for a custom ``split`` whose chunks are
+        not plain batch-first containers (default: their batch-first length).
     """
 
     def __init__(
@@ -138,10 +153,18 @@ class GradCache:
         equalize_chunks: bool | None = None,
         process_group=None,
         single_pass: bool = True,
+        defer_backward: bool = False,
+        count: Callable[[Any], int] | None = None,
     ):
         if not isinstance(single_pass, bool):
             raise TypeError(f"single_pass must be True or False, got {single_pass!r}")
+        if not isinstance(defer_backward, bool):
+            raise TypeError(f"defer_backward must be True or False, got {defer_backward!r}")
+        if count is not None and not callable(count):
+            raise TypeError(f"count must be a callable count(chunk) -> int or None, got {type(count).__name__}")
         self.single_pass = single_pass
+        self.defer_backward = defer_backward
+        self._count_fn = count
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.encoder = encoder
@@ -159,6 +182,12 @@ class GradCache:
         for m in (self.encoder, self.target_encoder):
             if _is_deepspeed_engine(m) and all(m is not e for e in self._engines):
                 self._engines.append(m)
+        if defer_backward and self._engines:
+            raise ValueError(
+                "defer_backward=True runs the re-encode inside the caller's backward, but a DeepSpeed engine "
+                "needs engine.backward for every chunk: use defer_backward=False with a DeepSpeed engine "
+                f"(got encoder {type(self._engines[0]).__name__})"
+            )
         for engine in self._engines:
             if engine.gradient_accumulation_steps() != 1:
                 raise ValueError(
@@ -219,13 +248,22 @@ class GradCache:
             raise ValueError(f"encoder must return (n, d) embeddings; chunk {i} gave {got}")
         return e
 
+    def _count(self, chunk, name: str) -> int:
+        if self._count_fn is None:
+            return _batch_size(chunk, name)
+        n = self._count_fn(chunk)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"count must return a sample count (int >= 0) for a {name}, got {n!r}")
+        return n
+
     def _sync_context(self, encoder, last: bool):
         if not last and hasattr(encoder, "no_sync") and not _is_deepspeed_engine(encoder):
             return encoder.no_sync()
         return contextlib.nullcontext()
 
     def __call__(self, query_inputs, target_inputs, negative_inputs=None, **loss_kwargs) -> torch.Tensor:
-        """One step's forward and backward; returns the loss (detached).
+        """One step's forward and backward; returns the loss (detached). With
+        ``defer_backward=True``: the forward, and a loss whose backward is the step's backward.
 
         negative_inputs: optional hard-negative target inputs (any count), encoded with the
             target encoder and passed to the loss as ``negatives=``.
@@ -233,13 +271,14 @@ class GradCache:
         q_chunks = self.split(query_inputs, self.chunk_size)
         t_chunks = self.split(target_inputs, self.chunk_size)
         n_chunks = [] if negative_inputs is None else self.split(negative_inputs, self.chunk_size)
-        n_q = sum(_batch_size(c, "query chunk") for c in q_chunks)
-        n_t = sum(_batch_size(c, "target chunk") for c in t_chunks)
+        n_q = sum(self._count(c, "query chunk") for c in q_chunks)
+        n_t = sum(self._count(c, "target chunk") for c in t_chunks)
         if n_q != n_t:
             raise ValueError(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
-        n_n = sum(_batch_size(c, "negative chunk") for c in n_chunks)
+        n_n = sum(self._count(c, "negative chunk") for c in n_chunks)
+        grad_wanted = torch.is_grad_enabled() or not self.defer_backward
         want, single = self._chunk_targets([len(q_chunks), len(t_chunks), len(n_chunks)],
-                                           self._fits_one_pass([n_q, n_t, n_n]))
+                                           grad_wanted and self._fits_one_pass([n_q, n_t, n_n]))
         if single:
             return self._single_pass(q_chunks, t_chunks, n_chunks, loss_kwargs)
         pads = [w - len(c) for w, c in zip(want, (q_chunks, t_chunks, n_chunks))]
@@ -250,7 +289,9 @@ class GradCache:
             )
         # a rank without negatives pads its negative calls with a target chunk (same encoder)
         pad_with = [q_chunks[:1], t_chunks[:1], (n_chunks or t_chunks)[:1]]
-        total = 2 * sum(want)
+        if not grad_wanted:
+            return self._loss_only(q_chunks, t_chunks, n_chunks, pads, pad_with, loss_kwargs)
+        total = sum(want) if self.defer_backward else 2 * sum(want)
         bar = _progress(total, self.progress)
         try:
             q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0])
@@ -280,21 +321,20 @@ class GradCache:
                 jobs += [(enc, c, s, g) for c, s, g in zip(chunks, states, grads)]
                 # padding calls (zero cached gradient): the same count and order on every rank
                 jobs += [(enc, pad[0], None, None)] * n_pad
-            # each encoder's gradients are reduced once, on its own last chunk
-            last_of = {id(enc): k for k, (enc, *_rest) in enumerate(jobs)}
-            with self._one_reduction():
-                for k, (encoder, chunk, state, grad) in enumerate(jobs):
-                    last = k == last_of[id(encoder)]
-                    replay = (state or _RngState()).replay()
-                    with self._sync_context(encoder, last), replay:
-                        emb = encoder(chunk)
-                        if grad is None:
-                            surrogate = (emb * 0).sum()  # a padding call: joins the collectives, adds 0
-                        else:
-                            # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
-                            surrogate = (emb * grad.to(emb.dtype)).sum()
-                        self._backward(encoder, surrogate, last)
-                    bar.update(1)
+            if self.defer_backward:
+                # step 3 runs in the caller's backward; every replay runs under a forked RNG, so
+                # the RNG already continues as after one full-batch forward
+                def second_pass(grad_out):
+                    second_bar = _progress(len(jobs), self.progress)
+                    try:
+                        with torch.enable_grad():
+                            self._second_pass(jobs, second_bar, grad_out)
+                    finally:
+                        second_bar.close()
+
+                anchor = torch.zeros((), device=loss.device, requires_grad=True)
+                return _DeferredSecondPass.apply(loss.detach(), anchor, second_pass)
+            self._second_pass(jobs, bar)
             # the RNG continues as after one full-batch forward
             torch.set_rng_state(rng_after_first_pass.cpu)
             if rng_after_first_pass.cuda is not None:
@@ -303,27 +343,79 @@ class GradCache:
             bar.close()
         return loss.detach()
 
+    def _second_pass(self, jobs, bar, grad_out=None):
+        """Re-encode every chunk with grad under its recorded RNG state and backpropagate its
+        cached embedding gradient (times ``grad_out``, the loss's own gradient, when deferred)."""
+        # each encoder's gradients are reduced once, on its own last chunk
+        last_of = {id(enc): k for k, (enc, *_rest) in enumerate(jobs)}
+        with self._one_reduction():
+            for k, (encoder, chunk, state, grad) in enumerate(jobs):
+                last = k == last_of[id(encoder)]
+                replay = (state or _RngState()).replay()
+                with self._sync_context(encoder, last), replay:
+                    emb = encoder(chunk)
+                    if grad is None:
+                        surrogate = (emb * 0).sum()  # a padding call: joins the collectives, adds 0
+                    else:
+                        if grad_out is not None:
+                            grad = grad * grad_out.to(grad.dtype)
+                        # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
+                        surrogate = (emb * grad.to(emb.dtype)).sum()
+                    self._backward(encoder, surrogate, last)
+                bar.update(1)
+
+    def _loss_only(self, q_chunks, t_chunks, n_chunks, pads, pad_with, loss_kwargs) -> torch.Tensor:
+        """No gradient wanted (``defer_backward=True`` under ``torch.no_grad()``): encode every chunk
+        (with the same padding calls as a training step) and return the loss."""
+        bar = _progress(len(q_chunks) + len(t_chunks) + len(n_chunks) + sum(pads), self.progress)
+        try:
+            q_embs, _ = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0])
+            t_embs, _ = self._embed_no_grad(self.target_encoder, t_chunks, bar, pads[1], (pad_with[1] or [None])[0])
+            n_embs, _ = self._embed_no_grad(self.target_encoder, n_chunks, bar, pads[2], (pad_with[2] or [None])[0])
+            if n_embs:
+                loss_kwargs["negatives"] = torch.cat(n_embs)
+            loss = self.loss_fn(torch.cat(q_embs), torch.cat(t_embs), **loss_kwargs)
+            if isinstance(loss, dict):
+                loss = loss["contrastive_loss"]
+        finally:
+            bar.close()
+        return loss.detach()
+
     def _single_pass(self, q_chunks, t_chunks, n_chunks, loss_kwargs) -> torch.Tensor:
         """The whole batch in one chunk: forward with grad once, the loss on detached copies of
         the embeddings (as in the cached path), then its gradient backpropagated through the
-        kept graphs in one backward."""
+        kept graphs in one backward (with ``defer_backward``: in the caller's backward).
+
+        The default split gives at most one chunk per side here; a custom split may give more
+        (e.g. one per column of hard negatives): a side's chunks are concatenated for the loss."""
         encoder = self.encoder
         bar = _progress(len(q_chunks) + len(t_chunks) + len(n_chunks), self.progress)
         try:
             with self._one_reduction():
-                embs = []
-                for chunk in q_chunks + t_chunks + n_chunks:  # at most one chunk per side
-                    embs.append(self._check_emb(encoder(chunk), len(embs)))
-                    bar.update(1)
-                leaves = [e.detach().requires_grad_() for e in embs]
-                q, t = leaves[0], leaves[1]
-                if len(leaves) > 2:
+                sides, k = [], 0
+                for chunks in (q_chunks, t_chunks, n_chunks):
+                    embs = []
+                    for chunk in chunks:
+                        embs.append(self._check_emb(encoder(chunk), k))
+                        k += 1
+                        bar.update(1)
+                    sides.append(embs)
+                leaves = [(e[0].detach() if len(e) == 1 else torch.cat([x.detach() for x in e])).requires_grad_()
+                          if e else None for e in sides]
+                if leaves[2] is not None:
                     loss_kwargs["negatives"] = leaves[2]
-                loss = self.loss_fn(q, t, **loss_kwargs)
+                loss = self.loss_fn(leaves[0], leaves[1], **loss_kwargs)
                 if isinstance(loss, dict):
                     loss = loss["contrastive_loss"]
                 loss.backward()
-                surrogate = sum((e * leaf.grad.to(e.dtype)).sum() for e, leaf in zip(embs, leaves))
+                embs, grads = [], []
+                for side, leaf in zip(sides, leaves):
+                    if leaf is not None:
+                        embs += side
+                        grads += list(leaf.grad.split([e.shape[0] for e in side]))
+                if self.defer_backward:
+                    return _AttachCachedGrads.apply(loss.detach(), tuple(grads), *embs)
+                surrogate = sum((e * g.to(e.dtype)).sum() for e, g in zip(embs, grads))
                 self._backward(encoder, surrogate, True)
         finally:
             bar.close()
@@ -352,6 +444,36 @@ class GradCache:
             encoder.backward(surrogate, scale_wrt_gas=False)
         else:
             surrogate.backward()
+
+
+class _DeferredSecondPass(torch.autograd.Function):
+    """The loss value, tied to the graph by a leaf of its own: its backward runs GradCache's
+    second pass (the cached re-encode), scaled by the loss's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, value, anchor, second_pass):  # noqa: ARG004 - anchor only ties the output to the graph
+        ctx.second_pass = second_pass
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.second_pass(grad_out)
+        return None, None, None
+
+
+class _AttachCachedGrads(torch.autograd.Function):
+    """The loss value, tied to the single pass's kept embedding graphs: its backward hands each
+    embedding its cached gradient times the loss's incoming gradient, and autograd carries on
+    into the encoder."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *embs):  # noqa: ARG004 - embs are the graph's inputs
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None, None, *[(g * grad_out.to(g.dtype)) for g in ctx.grads])
 
 
 class _NoBar:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs llave-fast and its CPU test/benchmark dependencies into the current Python, at the tested
 # versions of constraints.txt (LLAVE_FAST_LATEST=1: the newest releases pyproject.toml allows instead).
+# The [st] extra (sentence-transformers) is included: its equivalence tests run in CI.
 # torch is pinned to the CPU build kept on these machines' disk; an unpinned torch would
 # pull a multi-GB CUDA build. GPU machines keep their own torch (pyproject asks torch>=2.4).
 set -euo pipefail
@@ -11,7 +12,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 if [ "${LLAVE_FAST_LATEST:-0}" = 1 ]; then
     echo "setup: LLAVE_FAST_LATEST=1: the newest releases, not the tested set of constraints.txt" >&2
-    "$PY" -m pip install -q -e ".[dev,train]"
+    "$PY" -m pip install -q -e ".[dev,train,st]"
 else
-    "$PY" -m pip install -q -c constraints.txt -e ".[dev,train]"
+    "$PY" -m pip install -q -c constraints.txt -e ".[dev,train,st]"
 fi

@@ -1,0 +1,191 @@
+"""A Hugging Face ``Trainer`` recipe: contrastive training with ``FusedHardnessLoss``.
+
+::
+
+    from transformers import AutoModel, AutoTokenizer, TrainingArguments
+    from llave_fast.integrations.hf_trainer import DualEncoder, FusedContrastiveTrainer, TextPairCollator
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = DualEncoder(AutoModel.from_pretrained(path))                  # one shared encoder
+    # model = DualEncoder(AutoModel.from_pretrained(q), AutoModel.from_pretrained(t))  # two towers
+    trainer = FusedContrastiveTrainer(
+        model=model, args=TrainingArguments(output_dir, remove_unused_columns=False, ...),
+        train_dataset=rows,                                   # dicts {"query": str, "target": str[, "negative": str]}
+        data_collator=TextPairCollator(tok, negative_key="negative"),
+        logit_scale=50.0, alpha=9.0,                          # LLaVE's loss
+    )
+    trainer.train()
+
+``FusedContrastiveTrainer.compute_loss`` encodes the queries, targets (and hard negatives) of
+the batch and returns ``FusedHardnessLoss`` of them. Across ranks (``torchrun``; the Trainer
+wraps the model in DDP) the loss is built with ``local_loss=True, gather_with_grad=True`` and
+the rank and world size of ``torch.distributed``: every rank's queries are scored against the
+targets of the whole global batch, each rank gets LLaVE's per-rank local loss, gradients flow
+through the gather, and DDP's average makes the step the global batch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..loss import FusedHardnessLoss
+
+__all__ = ["DualEncoder", "FusedContrastiveTrainer", "TextPairCollator"]
+
+try:
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover - the [train] extra is missing
+    raise ImportError('llave_fast.integrations.hf_trainer needs transformers: pip install "llave-fast[train]"') from exc
+
+
+POOLINGS = ("mean", "cls", "last")
+
+
+class DualEncoder(nn.Module):
+    """Query and target encoders (one shared module, or two towers) with pooling.
+
+    query_encoder: a transformers model (or any module returning ``last_hidden_state``).
+    target_encoder: a second tower for the targets (and hard negatives); default: the query encoder.
+    pooling: "mean" (over the attention mask), "cls" (first token), "last" (last unpadded
+        token, for right-padded decoder models), or a callable ``pool(hidden, attention_mask)``.
+    normalize: L2-normalise the embeddings (LLaVE scores cosine similarities).
+    """
+
+    def __init__(self, query_encoder: nn.Module, target_encoder: nn.Module | None = None, *,
+                 pooling: str | Callable = "mean", normalize: bool = True):
+        super().__init__()
+        if not isinstance(query_encoder, nn.Module):
+            raise TypeError(f"query_encoder must be a torch module, got {type(query_encoder).__name__}")
+        if target_encoder is not None and not isinstance(target_encoder, nn.Module):
+            raise TypeError(f"target_encoder must be a torch module or None, got {type(target_encoder).__name__}")
+        if not callable(pooling) and pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
+        self.query_encoder = query_encoder
+        self.target_encoder = target_encoder  # None: shared (registered once)
+        self.pooling = pooling
+        self.normalize = normalize
+
+    @property
+    def shared(self) -> bool:
+        return self.target_encoder is None
+
+    def _pool(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        if callable(self.pooling):
+            return self.pooling(hidden, mask)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "last":
+            if mask is None:
+                return hidden[:, -1]
+            last = mask.long().sum(dim=1).clamp(min=1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if mask is None:
+            return hidden.mean(dim=1)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+    def encode(self, inputs: dict, side: str = "query") -> Tensor:
+        if side not in ("query", "target"):
+            raise ValueError(f"side must be 'query' or 'target', got {side!r}")
+        if not isinstance(inputs, dict) and not hasattr(inputs, "keys"):
+            raise TypeError(f"inputs must be a dict of model inputs (input_ids, attention_mask, ...), "
+                            f"got {type(inputs).__name__}")
+        enc = self.query_encoder if side == "query" or self.target_encoder is None else self.target_encoder
+        out = enc(**inputs)
+        hidden = out["last_hidden_state"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]
+        emb = self._pool(hidden, inputs.get("attention_mask"))
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def forward(self, query: dict | None = None, target: dict | None = None, negatives: dict | None = None) -> dict:
+        """Embeddings of whichever sides are given: {"query": (B, d), "target": (B, d), "negatives": (M, d)}."""
+        out = {}
+        if query is not None:
+            out["query"] = self.encode(query, "query")
+        if target is not None:
+            out["target"] = self.encode(target, "target")
+        if negatives is not None:
+            out["negatives"] = self.encode(negatives, "target")
+        return out
+
+
+class TextPairCollator:
+    """Rows ``{query_key: str, target_key: str[, negative_key: str or list of str]}`` -> tokenised
+    ``{"query": ..., "target": ...[, "negatives": ...]}`` for ``DualEncoder`` (a row's hard
+    negatives, one or several, all go into one "negatives" batch)."""
+
+    def __init__(self, tokenizer, *, query_key: str = "query", target_key: str = "target",
+                 negative_key: str | None = None, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.query_key, self.target_key, self.negative_key = query_key, target_key, negative_key
+        self.max_length = max_length
+
+    def _tok(self, texts: list[str]) -> dict:
+        return dict(self.tokenizer(texts, padding=True, truncation=self.max_length is not None,
+                                   max_length=self.max_length, return_tensors="pt"))
+
+    def __call__(self, rows: list[dict]) -> dict:
+        for key in (self.query_key, self.target_key):
+            missing = [i for i, r in enumerate(rows) if key not in r]
+            if missing:
+                raise KeyError(f"TextPairCollator: rows {missing[:5]} have no {key!r} (keys of row "
+                               f"{missing[0]}: {sorted(rows[missing[0]])})")
+        batch = {"query": self._tok([r[self.query_key] for r in rows]),
+                 "target": self._tok([r[self.target_key] for r in rows])}
+        if self.negative_key is not None:
+            negs = []
+            for r in rows:
+                v = r.get(self.negative_key)
+                negs += [] if v is None else ([v] if isinstance(v, str) else list(v))
+            if negs:
+                batch["negatives"] = self._tok(negs)
+        return batch
+
+
+class FusedContrastiveTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is ``FusedHardnessLoss`` on a ``DualEncoder``'s embeddings.
+
+    loss_fn: a ``FusedHardnessLoss`` to use as is (one process); default: one built on the first
+        step from logit_scale, alpha and backend, across ranks with the world of torch.distributed.
+    logit_scale, alpha, backend: the loss's settings (LLaVE: 50, 9; "auto": Triton kernels on
+        CUDA, the chunked PyTorch path elsewhere).
+    Batches are ``{"query": inputs, "target": inputs[, "negatives": inputs]}`` (``TextPairCollator``);
+    pass ``remove_unused_columns=False`` in the TrainingArguments for a ``datasets.Dataset``.
+    """
+
+    def __init__(self, *args, loss_fn: FusedHardnessLoss | None = None, logit_scale: float = 50.0,
+                 alpha: float = 9.0, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if loss_fn is not None and not isinstance(loss_fn, FusedHardnessLoss):
+            raise TypeError(f"loss_fn must be a FusedHardnessLoss or None, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self._loss_settings = dict(logit_scale=logit_scale, alpha=alpha, backend=backend)
+        FusedHardnessLoss(**self._loss_settings)  # checks the settings now, with the loss's own messages
+
+    def fused_loss(self) -> FusedHardnessLoss:
+        """The loss of this run (built once: across ranks, from torch.distributed's rank and world size)."""
+        if self.loss_fn is None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            if world > 1:
+                self.loss_fn = FusedHardnessLoss(**self._loss_settings, local_loss=True, gather_with_grad=True,
+                                                 rank=dist.get_rank(), world_size=world)
+            else:
+                self.loss_fn = FusedHardnessLoss(**self._loss_settings)
+        return self.loss_fn
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch=None):
+        for key in ("query", "target"):
+            if key not in inputs:
+                raise KeyError(f"FusedContrastiveTrainer: a batch needs 'query' and 'target' inputs, got keys "
+                               f"{sorted(inputs)} (see TextPairCollator)")
+        out = model(query=inputs["query"], target=inputs["target"], negatives=inputs.get("negatives"))
+        loss = self.fused_loss()(out["query"], out["target"], negatives=out.get("negatives"))
+        return (loss, out) if return_outputs else loss
