@@ -13,6 +13,21 @@
 #       B3 odd N: default and fused paths at d = 256 and 1536, bf16 and fp16, against the
 #          padded floor, B = N = 16383 (odd: padded K for the library GEMMs) and 16384  <= 70 s
 #   C   C1 the sweep at d = 896 and 3584; C2 the largest B per backend                 <= 300 s
+#   T   the training loop (issue 21; benchmarks/bench_train_step.py, results in train_step.json):
+#       T0 DeepSpeed, its missing requirements and PyAV from the carried wheels (.whl/train,
+#          offline: pip --no-index --find-links), then `import deepspeed` and the optimizer check
+#          (torch's AdamW, no JIT-built op)                                               <= 20 + 15 s
+#       T1 (a) the tiny default job, `python3 -m llave_fast train`, CUDA bf16, ZeRO-3 + GradCache  <= 50 s
+#       T2 (b) the LLaVE-0.5B-size step (arch:llave-0.5b, ZeRO-3, bf16, GradCache chunk 16, AdamW):
+#          256 pairs at 1x1 (warm-up + 3 timed), 64 at 2x2, 1024 extrapolated; (d) its encode
+#          throughput; (c) the largest batch without GradCache vs GradCache's peak at chunk 16/32;
+#          sub-steps planned to end inside the limit (what does not fit is skipped, and said so) <= 125 s
+#       T3 (d) `llave-fast eval` (generated MMEB-eval files) and `eval-video` (generated clips)
+#          side by side, with T1's tiny model, CUDA bf16                                  <= 25 s
+#       T is one call of <= 235 s of step limits + ~15 s of set-up: "bash benchmarks/gpu_check.sh T",
+#       carry [".whl"] (bash benchmarks/fetch_wheels.sh here first), timeout_s 320. Files: log_T.txt,
+#       train_step.json (rewritten after every sub-step). "STEPS='B0 T0 T1 T2 T3' bash
+#       benchmarks/gpu_check.sh BT" runs the S-cache probe first in the same call (4 files).
 #
 # THE FIRST GPU RUN (15 minutes of device time per issue, machine start included):
 #   here, once:   bash benchmarks/fetch_wheels.sh          (Inf-CL's wheel into .whl/)
@@ -29,6 +44,7 @@
 #   A: log_A.txt, tests.xml, tune.json   B: log_B.txt, probe.json, loss.json, loss_262k.json,
 #   loss_variants.json (AB: 8 files; the plot is drawn here from loss.json by report.py)
 #   C: log_C.txt, loss_wide.json, loss_wide.png, maxb.json
+#   T: log_T.txt, train_step.json (scratch, not brought back: $TRAIN_STEP_WORK, default /tmp/llave_fast_train_step)
 # Each step runs under run_step (benchmarks/_steps.sh): SIGINT at its limit, so the scripts
 # and pytest write what they have; the JSON files are also rewritten as results come in.
 # Without CUDA every stage says so and exits 0. GPU_CHECK_DRY=1 without CUDA runs every step
@@ -37,7 +53,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-AB}
-case "$STAGE" in A|B|C|AB) ;; *) echo "usage: $0 A|B|C|AB"; exit 2 ;; esac
+case "$STAGE" in A|B|C|AB|T|BT) ;; *) echo "usage: $0 A|B|C|AB|T|BT"; exit 2 ;; esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -47,11 +63,13 @@ source benchmarks/_steps.sh
 LIMIT_A1=${LIMIT_A1:-110}; LIMIT_A2=${LIMIT_A2:-85}; LIMIT_B1=${LIMIT_B1:-165}; LIMIT_B2=${LIMIT_B2:-100}
 LIMIT_B3=${LIMIT_B3:-70}; LIMIT_B0=${LIMIT_B0:-60}
 LIMIT_C1=${LIMIT_C1:-170}; LIMIT_C2=${LIMIT_C2:-130}
+LIMIT_T0=${LIMIT_T0:-20}; LIMIT_T0_ENV=${LIMIT_T0_ENV:-15}; LIMIT_T1=${LIMIT_T1:-50}; LIMIT_T2=${LIMIT_T2:-125}
+LIMIT_T3=${LIMIT_T3:-25}
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 # STEPS="A1 B1 ..." runs only the steps named (a short lease); default: every step of the stage
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
-STAGES=$STAGE; [ "$STAGE" = AB ] && STAGES="A B"
+STAGES=$STAGE; [ "$STAGE" = AB ] && STAGES="A B"; [ "$STAGE" = BT ] && STAGES="B T"
 FIRST=${STAGES%% *}
 
 setup() {
@@ -209,6 +227,55 @@ stage_C() {
     step "C summary"
     [ -f "$OUT/loss_wide.json" ] && "$PY" benchmarks/report.py "$OUT/loss_wide.json"
     [ -f "$OUT/maxb.json" ] && "$PY" benchmarks/report.py --maxb "$OUT/maxb.json"
+    return 0
+}
+
+stage_T() {
+    local json="$OUT/train_step.json" dry=() k=1
+    # a dry run gets 3x the limits: the tiny sizes on a small shared CPU, where the plumbing is what is tested
+    [ "$DRY" = 1 ] && dry=(--dry) && k=3
+    # scratch (the tiny run, generated eval files and clips): not under $OUT, which brings back 8 files at most
+    export TRAIN_STEP_WORK=${TRAIN_STEP_WORK:-/tmp/llave_fast_train_step}
+    if want T0; then
+        step "T0. DeepSpeed and PyAV from the carried wheels (.whl/train, offline), then import deepspeed and the optimizer check"
+        if ls .whl/train/*.whl >/dev/null 2>&1; then
+            # dependencies resolved against what is installed plus .whl/train, never an index; in a dry run pip
+            # only resolves (--dry-run): this machine's environment is left as it is
+            local pipdry=()
+            [ "$DRY" = 1 ] && pipdry=(--dry-run)
+            if ! run_step $(( LIMIT_T0 * k )) "$PY" -m pip install -q --no-index --find-links .whl/train --no-cache-dir \
+                    --no-compile "${pipdry[@]}" deepspeed hjson pydantic av; then
+                echo "WARNING: pip could not install into this Python's environment; trying --target /tmp/site_train"
+                echo "         (the missing packages only, no dependency check)"
+                local whl=()
+                for n in deepspeed hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions av; do
+                    whl+=(.whl/train/"$n"-*.whl)
+                done
+                if [ "$DRY" != 1 ] && run_step "$LIMIT_T0" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+                        --no-cache-dir --upgrade --target /tmp/site_train "${whl[@]}"; then
+                    export PYTHONPATH="/tmp/site_train${PYTHONPATH:+:$PYTHONPATH}"
+                fi
+            fi
+        else
+            echo "no .whl/train/: DeepSpeed and PyAV must be installed already (bash benchmarks/fetch_wheels.sh here, then carry .whl)"
+        fi
+        run_step $(( LIMIT_T0_ENV * k )) "$PY" benchmarks/bench_train_step.py env "${dry[@]}" --out "$json"
+    fi
+    if want T1; then
+        step "T1. (a) the tiny default job (python3 -m llave_fast train): bf16, ZeRO-3, GradCache, P@1 before and after"
+        run_step $(( LIMIT_T1 * k )) "$PY" benchmarks/bench_train_step.py tiny "${dry[@]}" --out "$json"
+    fi
+    if want T2; then
+        step "T2. (b) the LLaVE-0.5B-size step (ZeRO-3, bf16, GradCache, AdamW), (d) its encode throughput, (c) memory without GradCache"
+        run_step $(( LIMIT_T2 * k )) "$PY" benchmarks/bench_train_step.py step "${dry[@]}" --deadline-s $(( LIMIT_T2 * k - 12 )) \
+            --out "$json"
+    fi
+    if want T3; then
+        step "T3. (d) llave-fast eval (generated MMEB-eval files) and eval-video (generated clips) with T1's model"
+        run_step $(( LIMIT_T3 * k )) "$PY" benchmarks/bench_train_step.py eval "${dry[@]}" --out "$json"
+    fi
+    step "T summary"
+    [ -f "$json" ] && "$PY" benchmarks/bench_train_step.py report --out "$json"
     return 0
 }
 

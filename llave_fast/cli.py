@@ -329,6 +329,7 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
+    from .data.mmeb import outside_image_dir_allowed
     from .data.mmeb_eval import find_eval_datasets
     from .evaluate import data_paths, evaluate_model, format_mmeb_table
 
@@ -362,10 +363,12 @@ def _eval(args) -> int:
         if args.output_dir is not None:
             raise UsageError(f"--output-dir {args.output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its "
                              "resume cache); for the synthetic split and MMEB-train files use --output FILE")
-    result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
-                            num_eval=256 if num_eval is None else num_eval, seed=args.seed,
-                            image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,
-                            max_queries=max_queries, output_dir=args.output_dir)
+    with outside_image_dir_allowed(args.allow_outside_image_dir):  # the readers' default, for this call
+        result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
+                                num_eval=256 if num_eval is None else num_eval, seed=args.seed,
+                                image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,
+                                max_queries=max_queries, output_dir=args.output_dir,
+                                max_text_tokens=args.max_text_tokens)
     print(json.dumps(result, indent=2))
     if args.output:
         with open(args.output, "w") as f:
@@ -463,7 +466,7 @@ def _eval_video(args) -> int:
     result = eval_video(args.model, args.videos, args.annotations, args.output_dir, max_frames=args.max_frames,
                         fps=args.fps, batch=args.batch, device=args.device, dtype=args.dtype,
                         max_length=args.max_length, video_list=args.video_list, limit=args.limit,
-                        workers=args.workers)
+                        workers=args.workers, max_text_tokens=args.max_text_tokens)
     out = os.path.join(args.output_dir, "video_eval.json")
     print(f"zero-shot text-video retrieval: {result['num_videos']} videos, {result['num_captions']} captions, "
           f"{result['frames']['mean_frames']:.1f} frames a video on average ({result['device']}, {result['dtype']}; "
@@ -473,13 +476,28 @@ def _eval_video(args) -> int:
     return 0
 
 
+def _text_cut(s: str):
+    if s == "saved":
+        return s
+    try:
+        return _positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'saved', got {s!r}") from None
+
+
 def _add_precision_flags(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype of the evaluation commands (see llave_fast.evaluate.eval_precision)."""
+    """--device, --dtype and --max-text-tokens of the evaluation commands (see
+    llave_fast.evaluate.eval_precision and apply_eval_protocol)."""
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="weights' precision: auto = bf16 on CUDA (LLaVE evaluates with 16-bit weights), "
-                        "fp32 on CPU. Default: auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "llave"],
+                   help="precision: auto = bf16 weights on CUDA, fp32 on CPU; llave = LLaVE's own evaluation "
+                        "precision, fp16 weights with every forward under bf16 autocast (CUDA only): the one that "
+                        "reproduces LLaVE's numbers. Default: auto")
+    p.add_argument("--max-text-tokens", type=_text_cut, default=None, metavar="N|saved",
+                   help="cut each text alone to N tokens, or 'saved': to the cut the model was trained with "
+                        "(train's --max-text-tokens, saved with it). Default: no such cut, as LLaVE evaluates "
+                        "(only the whole sequence is cut, at the model's max_length, e.g. 4096)")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -521,6 +539,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                              "MMEB-train files (each query against every distinct target). Default: synthetic")
     p_eval.add_argument("--image-dir", default=None, metavar="DIR",
                         help="folder the files' image paths are relative to. Default: each file's own folder")
+    p_eval.add_argument("--allow-outside-image-dir", action="store_true",
+                        help="read image paths that lead outside the image folder (absolute paths elsewhere, '..', "
+                             "symbolic links out of it); without it such a row is an error naming FILE:LINE")
     p_eval.add_argument("--output-dir", default=None, metavar="DIR",
                         help="MMEB-eval files only: where mmeb_eval.json and the per-dataset resume cache "
                              "(DIR/mmeb_eval_cache/NAME.json) go; a rerun with the same model and settings reuses "

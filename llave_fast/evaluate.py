@@ -14,6 +14,20 @@ highest, ties going to the first (``numpy.argmax``'s rule). Every distinct (text
 input of a dataset is encoded once (:func:`encode_pairs`, batches sorted by length) and
 each distinct candidate of a list is scored once, so copies of one candidate score
 bit-identically. Per-dataset results are cached in the output folder, and a rerun resumes.
+
+LLaVE's protocol, whatever options the model was trained with (:func:`apply_eval_protocol`):
+
+* Texts are cut only as LLaVE cuts them: the whole sequence at the model's ``max_length``
+  (LLaVE's ``tokenizer_model_max_length``, 4096 for its models). A training-time cut of the text
+  alone (``max_text_tokens``, saved with the processor; 256 in ``configs/llave_0.5b.json``) is
+  not applied unless asked for (``max_text_tokens="saved"`` or a number; ``--max-text-tokens``).
+* Placeholders: LLaVE's ``preprocess_multimodal`` moves a single non-leading ``<image>`` to the
+  front, and an image whose text has no placeholder is dropped (the text alone is embedded;
+  counted per dataset as ``images_dropped`` and said in the log).
+* Precision: ``dtype="llave"`` is LLaVE's own: fp16 weights, every forward under bf16 autocast
+  (:meth:`~llave_fast.model.LLaVEEmbedder.autocast`), on CUDA. It is the setting that reproduces
+  LLaVE's published numbers; "auto" (bf16 weights on CUDA) and "fp32" are close to it but not
+  the same arithmetic.
 """
 
 from __future__ import annotations
@@ -27,14 +41,22 @@ import time
 import torch
 
 EVAL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: LLaVE's evaluation precision: fp16 weights under bf16 autocast (see :func:`eval_precision`)
+LLAVE_PRECISION = "llave"
+EVAL_PRECISIONS = ("auto", *EVAL_DTYPES, LLAVE_PRECISION)
 
 
 def eval_precision(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Where and in what precision ``llave-fast eval`` runs the model.
+    """Where and in what precision ``llave-fast eval`` runs the model: (device, weights' dtype).
 
     ``device``: "auto" (CUDA when present, else the CPU), "cuda", "cuda:N" or "cpu".
-    ``dtype``: "auto" (bf16 on CUDA, as LLaVE evaluates with 16-bit weights; fp32 on the
-    CPU), or one of bf16 / fp16 / fp32.
+    ``dtype``: "auto" (bf16 on CUDA, 16-bit weights as LLaVE evaluates; fp32 on the CPU), one
+    of bf16 / fp16 / fp32, or "llave": LLaVE's own precision, fp16 weights (returned here) with
+    every forward under bf16 autocast (:func:`eval_autocast`), CUDA only. LLaVE loads its model
+    with ``llava/model/builder.py: load_pretrained_model``'s default ``torch_dtype="float16"``
+    and encodes under ``torch.autocast(dtype=torch.bfloat16, device_type="cuda")``
+    (``llava/eval/model_embed.py: main``, ``CLIP4Clip/main_task_retrieval.py: eval_epoch``):
+    "llave" is the setting that reproduces its numbers.
     """
     if not isinstance(device, str):
         raise TypeError(f"device must be a str ('auto', 'cuda', 'cuda:N' or 'cpu'), got {type(device).__name__}")
@@ -53,9 +75,59 @@ def eval_precision(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif dtype in EVAL_DTYPES:
         dt = EVAL_DTYPES[dtype]
+    elif dtype == LLAVE_PRECISION:
+        if dev.type != "cuda":
+            raise ValueError(f"dtype={dtype!r} (LLaVE's precision: fp16 weights under bf16 autocast) runs on CUDA "
+                             f"only, as LLaVE's evaluation does; device is {str(dev)!r}. CPU autocast keeps fp16 "
+                             "weights in layer_norm, which the CPU cannot run: use dtype fp32 on the CPU")
+        dt = torch.float16
     else:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(EVAL_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {list(EVAL_PRECISIONS)}, got {dtype!r}")
     return dev, dt
+
+
+def eval_autocast(dtype: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of an evaluation precision: bf16 for "llave" (LLaVE's fp16 weights under
+    bf16 autocast), None (no autocast) for the others."""
+    return torch.bfloat16 if dtype == LLAVE_PRECISION else None
+
+
+def precision_label(dt: torch.dtype, dtype: str = "auto") -> str:
+    """The ``dtype`` field of a result: the weights' dtype, and the autocast when there is one."""
+    name = str(dt).replace("torch.", "")
+    ac = eval_autocast(dtype)
+    return name if ac is None else f"{name}+autocast-{str(ac).replace('torch.', '')}"
+
+
+def check_max_text_tokens(max_text_tokens) -> None:
+    if max_text_tokens is None or max_text_tokens == "saved":
+        return
+    if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 1:
+        raise ValueError(f"max_text_tokens must be None (no cut of the text alone: LLaVE's protocol), 'saved' (the "
+                         f"cut saved with the model at training) or a positive int, got {max_text_tokens!r}")
+
+
+def apply_eval_protocol(model, *, max_text_tokens=None, autocast: torch.dtype | None = None) -> dict:
+    """Put a loaded model under LLaVE's evaluation protocol, whatever it was trained with; returns
+    the settings applied (they go into the result).
+
+    * ``max_text_tokens``: None (default) cuts no text on its own: LLaVE cuts only the whole
+      sequence, at ``tokenizer_model_max_length`` (``llava_arch.py:
+      prepare_inputs_labels_for_multimodal``; the processor's ``max_length``, read back from the
+      model as before). "saved": the cut of the text alone saved with the model's processor at
+      training (``max_text_tokens``, llave-fast's own training option). An int: that cut.
+    * The processor drops an image whose text has no placeholder (LLaVE's rule, see
+      :mod:`llave_fast.model.processor`).
+    * ``autocast``: :attr:`~llave_fast.model.LLaVEEmbedder.autocast_dtype` (:func:`eval_autocast`).
+    """
+    check_max_text_tokens(max_text_tokens)
+    proc = model.processor
+    saved = proc.max_text_tokens
+    proc.max_text_tokens = saved if max_text_tokens == "saved" else max_text_tokens
+    proc.image_without_placeholder = "drop"
+    model.autocast_dtype = autocast
+    return {"max_text_tokens": proc.max_text_tokens, "max_length": proc.max_length,
+            "max_text_tokens_saved": saved}
 
 
 @torch.no_grad()
@@ -106,39 +178,49 @@ def data_paths(data) -> list[str]:
     return out
 
 
-def load_eval_model(model_path: str, dev: torch.device, dt: torch.dtype, tag: str | None = None):
-    """(model on ``dev`` in ``dt``, {"checkpoint": tag} for a run folder else {}). ``tag``: the run's
-    checkpoint to load, as resolved earlier (a run still training may have saved a newer one since);
-    None: its newest complete one."""
+def load_eval_model(model_path: str, dev: torch.device, dt: torch.dtype, tag: str | None = None, *,
+                    max_text_tokens=None, autocast: torch.dtype | None = None):
+    """(model on ``dev`` in ``dt`` under LLaVE's protocol (:func:`apply_eval_protocol`), {"checkpoint":
+    tag} for a run folder else {}, plus the protocol's settings). ``tag``: the run's checkpoint to
+    load, as resolved earlier (a run still training may have saved a newer one since); None: its
+    newest complete one."""
     from .export import is_run_dir
     from .model import LLaVEEmbedder
 
+    check_max_text_tokens(max_text_tokens)
     extra = {}
     if is_run_dir(model_path):  # a training run: a complete checkpoint, merged in memory
         model, tag = run_model_for_eval(model_path, dt, tag)
         extra["checkpoint"] = tag
     else:
         model = LLaVEEmbedder.from_pretrained(model_path, torch_dtype=dt)
+    extra.update(apply_eval_protocol(model, max_text_tokens=max_text_tokens, autocast=autocast))
     return model.to(dev).eval(), extra
 
 
 def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None = None,
                    num_eval: int = 256, seed: int = 0, image_size: int = 64, batch: int = 64,
                    device: str = "auto", dtype: str = "auto", max_queries: int | None = None,
-                   output_dir: str | None = None, progress: bool = True) -> dict:
-    """precision@1 of a saved model; on CUDA in bf16 by default (LLaVE's 16-bit evaluation),
-    on the CPU in fp32 (see :func:`eval_precision`). The result names the device and dtype.
+                   output_dir: str | None = None, progress: bool = True, max_text_tokens=None) -> dict:
+    """precision@1 of a saved model under LLaVE's protocol (module docstring); on CUDA in bf16 by
+    default, on the CPU in fp32; ``dtype="llave"`` is LLaVE's own precision, the one that
+    reproduces its numbers (see :func:`eval_precision`). The result names the device and dtype.
 
     ``data``: "synthetic", or files/folders (a list, or one comma-separated string). MMEB-eval
     files go to :func:`mmeb_eval` (every query unless ``max_queries`` caps each dataset;
     ``output_dir`` holds ``mmeb_eval.json`` and the resume cache, None writes nothing);
     ``num_eval`` is the query count of the synthetic split and of MMEB-train files only.
+    ``max_text_tokens``: None (LLaVE: no cut of a text on its own), "saved" (the training-time cut
+    saved with the model) or a number (:func:`apply_eval_protocol`).
     """
     from .data import MMEBDataset, SyntheticDataset, retrieval_candidates
     from .data.mmeb_eval import find_eval_datasets
 
     dev, dt = eval_precision(device, dtype)
-    where = {"device": str(dev), "dtype": str(dt).replace("torch.", "")}
+    check_max_text_tokens(max_text_tokens)
+    autocast = eval_autocast(dtype)
+    where = {"device": str(dev), "dtype": precision_label(dt, dtype)}
+    protocol = {"max_text_tokens": max_text_tokens}
     paths = data_paths(data)
     # MMEB-eval files, or None: the synthetic split, MMEB-train files or a hub dataset name
     datasets = find_eval_datasets(paths) if paths and all(os.path.exists(p) for p in paths) else None
@@ -148,11 +230,12 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
         def model_once():  # loaded on first use: a rerun whose every dataset is cached loads nothing
             if "model" not in loaded:
                 # exactly the checkpoint the key names (the cache and mmeb_eval.json say which)
-                loaded["model"] = load_eval_model(model_path, dev, dt, key.get("checkpoint"))[0]
+                loaded["model"] = load_eval_model(model_path, dev, dt, key.get("checkpoint"),
+                                                  max_text_tokens=max_text_tokens, autocast=autocast)[0]
             return loaded["model"]
 
-        key = model_key(model_path, dev, dt)
-        info = {"model": model_path, "data": data, **where}
+        key = {**model_key(model_path, dev, dt), "dtype": where["dtype"], **protocol}
+        info = {"model": model_path, "data": data, **where, **protocol}
         if "checkpoint" in key:
             info["checkpoint"] = key["checkpoint"]
         return mmeb_eval(model_once, datasets, image_dir=image_dir, max_queries=max_queries, batch=batch,
@@ -163,7 +246,7 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
     if output_dir is not None:
         raise ValueError(f"output_dir={output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its resume "
                          "cache); for the synthetic split and MMEB-train files write the metrics with --output")
-    model, extra = load_eval_model(model_path, dev, dt)
+    model, extra = load_eval_model(model_path, dev, dt, max_text_tokens=max_text_tokens, autocast=autocast)
     where.update(extra)
     if not paths:
         ds = SyntheticDataset(num_eval, seed=seed, split="eval", image_size=image_size)
@@ -200,7 +283,7 @@ MMEB_PROTOCOL = ("per-query candidate lists (MMEB eval, as VLM2Vec/LLaVE score i
                  "candidate scores highest, ties to the first")
 MMEB_CACHE_DIR = "mmeb_eval_cache"
 MMEB_RESULT_FILE = "mmeb_eval.json"
-_CACHE_VERSION = 1  # bump when a cached result would no longer mean the same thing
+_CACHE_VERSION = 2  # bump when a cached result would no longer mean the same thing (2: LLaVE's placeholder rule)
 _TOKENIZE_CHUNK = 4096
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -239,14 +322,11 @@ def _file_key(path: str) -> list:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename: an interrupted write never
-    leaves a half file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON to ``path`` through a temporary file, fsync and a rename: an interrupted or failed
+    write never leaves a half file behind (nor its temporary file); a full disk is named as such."""
+    from .checkpoint import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _cache_file(output_dir: str, name: str) -> str:
@@ -347,6 +427,8 @@ def encode_pairs(model, pairs, *, batch: int = 64, origin=None, desc: str | None
     if n == 0:
         return torch.empty(0, model.embed_dim)
     processor = model.processor
+    # an image whose text has no placeholder is still opened (LLaVE opens every image: a broken one is an
+    # error) and then dropped by the processor under LLaVE's rule (apply_eval_protocol)
     lengths = input_lengths(processor, pairs, origin)
     order = sorted(range(n), key=lambda k: (pairs[k][1] is not None, lengths[k]), reverse=True)
     out = None
@@ -369,6 +451,14 @@ def encode_pairs(model, pairs, *, batch: int = 64, origin=None, desc: str | None
             out[torch.as_tensor(idx)] = emb
             bar.update(len(idx))
     return out
+
+
+def drops_image(processor, text) -> bool:
+    """Whether ``processor`` drops the image of an input with this text (LLaVE: no placeholder in it)."""
+    from .model.processor import has_placeholder
+
+    return (getattr(processor, "image_without_placeholder", "drop") == "drop" and isinstance(text, str)
+            and not has_placeholder(text))
 
 
 def candidate_list_hits(emb: torch.Tensor, queries, candidates) -> torch.Tensor:
@@ -450,6 +540,11 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
         else:
             es = read_eval_set(ds, image_dir, max_queries)
             m = get_model()
+            dropped = sum(1 for t, img in es.pairs if img is not None and drops_image(m.processor, t))
+            if dropped:
+                _log(f"{tag}: {dropped} of {len(es.pairs)} distinct inputs have an image but no image placeholder "
+                     "(<|image_1|>) in their text: LLaVE drops such an image and embeds the text alone "
+                     "(llava/model/llava_arch.py, prepare_inputs_labels_for_multimodal), and so does this evaluation")
             t0 = time.perf_counter()
             emb = encode_pairs(m, es.pairs, batch=batch, origin=es.origin, desc=ds.name, progress=progress)
             hits = candidate_list_hits(emb, es.queries, es.candidates)
@@ -460,6 +555,7 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
                 "meta_task": meta_task_of(ds.name),
                 "split": split_of(ds.name),
                 "num_encoded": len(es.pairs),
+                "images_dropped": dropped,
                 "num_candidates": es.num_candidate_slots,
                 "files": list(ds.files),
                 "seconds": round(time.perf_counter() - t0, 3),

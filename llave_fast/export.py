@@ -9,6 +9,7 @@ from the files (deepspeed's zero_to_fp32), then cast.
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -46,7 +47,9 @@ def no_checkpoint_message(run_dir: str) -> str:
 
 
 def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict, str]:
-    """fp32 state dict of the embedder from the newest complete checkpoint (or ``tag``)."""
+    """fp32 state dict of the embedder from the newest complete checkpoint (or ``tag``). Every file
+    is read with ``torch.load(weights_only=True)`` (:func:`llave_fast.checkpoint.safe_load`): a file
+    pickling anything else is refused, naming it, before anything in it runs."""
     root = os.path.join(run_dir, "checkpoints")
     tag = tag or ckpt.latest_complete(root)
     if tag is None:
@@ -58,7 +61,10 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
                           "(pip install 'llave-fast[train]')") from e
     if not os.path.exists(os.path.join(root, tag, ckpt.MARKER)):
         raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete (no {ckpt.MARKER} marker)")
-    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag), tag
+    ckpt.check_files(os.path.join(root, tag))
+    # zero_to_fp32 loads with weights_only=False: within this block its loads are weights_only
+    with ckpt.safe_zero_to_fp32():
+        return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag), tag
 
 
 def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str | None = None):
@@ -74,6 +80,7 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
     if not os.path.isdir(base):
         raise FileNotFoundError(f"{base} is missing: {run_dir!r} is not a llave-fast training run folder (training "
                                 "writes base/ when it starts)")
+    ckpt.check_files(os.path.join(run_dir, "checkpoints", tag))  # before the model is built
     config = load_config(base)
     processor = LLaVEProcessor.from_pretrained(base, config=config)
     model = LLaVEEmbedder.from_config(config, processor, torch_dtype=torch.float32)
@@ -88,9 +95,55 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
 def export_run(run_dir: str, output: str | None = None, *, dtype: str = "bf16", tag: str | None = None) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model, tag = load_run_model(run_dir, dtype=DTYPES[dtype], tag=tag)
     output = output or os.path.join(run_dir, "export")
-    model.save_pretrained(output)
-    with open(os.path.join(output, "llave_fast_export.txt"), "w") as f:
-        f.write(f"run: {os.path.abspath(run_dir)}\ncheckpoint: {tag}\ndtype: {dtype}\n")
+    _check_replaceable(output)
+    model, tag = load_run_model(run_dir, dtype=DTYPES[dtype], tag=tag)
+    new = f"{output.rstrip(os.sep)}.new-{os.getpid()}"
+    try:
+        if os.path.isdir(new):  # left by an earlier export of this process id
+            shutil.rmtree(new)
+        with ckpt.reporting_full_disk(new):
+            model.save_pretrained(new)
+            ckpt.write_atomic(os.path.join(new, EXPORT_NOTE),
+                              f"run: {os.path.abspath(run_dir)}\ncheckpoint: {tag}\ndtype: {dtype}\n")
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _swap_in(new, output)
     return output
+
+
+EXPORT_NOTE = "llave_fast_export.txt"
+
+
+def _check_replaceable(output: str) -> None:
+    """An export replaces only a folder that is an earlier export (it has ``llave_fast_export.txt``)
+    or empty: any other folder is refused, naming it, before anything is loaded."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is a file, not a folder")
+    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, EXPORT_NOTE)):
+        raise ValueError(f"--output {output!r} is a folder that holds other files and is not a llave-fast export "
+                         f"(no {EXPORT_NOTE}): an export replaces its folder whole, so it refuses this one. Give a "
+                         "new or empty folder, or an earlier export's")
+
+
+def _swap_in(new: str, output: str) -> None:
+    """Put the finished folder ``new`` at ``output``: the earlier export (if any) is renamed aside
+    first and removed only once ``new`` is in place; a reader sees the old export or the new one,
+    never a mix (between the two renames, for an instant, neither)."""
+    output = output.rstrip(os.sep) or output  # rename "DIR/" as "DIR"
+    old = None
+    if os.path.exists(output):
+        old = f"{output}.old-{os.getpid()}"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(output, old)
+    try:
+        os.replace(new, output)
+    except BaseException:
+        if old is not None:
+            os.replace(old, output)  # put the earlier export back
+        raise
+    ckpt._fsync_dir(os.path.dirname(os.path.abspath(output)))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -53,10 +53,14 @@ class TrainConfig:
     Each field is also a ``llave-fast train`` flag; its help is the metadata below."""
 
     output_dir: str | None = _opt(None, "run folder (checkpoints, logs, eval.json); default runs/<date-time>")
-    model: str = _opt("tiny", "'tiny' (built from scratch) or a checkpoint folder / hub id (llava_qwen, LLaVA-OneVision "
-                              "'llava' or transformers format)")
+    model: str = _opt("tiny", "'tiny' (built from scratch), 'arch:llave-0.5b' (LLaVE-0.5B's real-size architecture "
+                              "with random weights and a stand-in tokenizer: speed and memory, nothing downloaded) or "
+                              "a checkpoint folder / hub id (llava_qwen, LLaVA-OneVision 'llava' or transformers format)")
     data: str = _opt("synthetic", "'synthetic' or MMEB-train files / folders (comma-separated) or a hub dataset name")
     image_dir: str | None = _opt(None, "folder MMEB image paths are relative to")
+    allow_outside_image_dir: bool = _opt(False, "read MMEB image paths that lead outside the image folder (absolute "
+                                                "paths elsewhere, '..', symbolic links out of it); off, such a row "
+                                                "is bad data (--skip-bad-rows decides)")
     subsets: list[str] | None = _opt(None, "MMEB subsets to train on (comma-separated); default all found")
     mmeb_split: str | None = _opt(None, "MMEB shard split to read: 'original' (LLaVE) or 'diverse_instruction'; "
                                         "None: every local file (hub: original)")
@@ -469,6 +473,12 @@ def check_config(cfg: TrainConfig, world: int) -> None:
 
     if cfg.loss_backend not in BACKENDS:
         raise ValueError(f"loss_backend must be one of {list(BACKENDS)}, got {cfg.loss_backend!r}")
+    if isinstance(cfg.model, str) and cfg.model.startswith("arch:"):
+        from .model.arch import ARCHITECTURES
+
+        if cfg.model[len("arch:"):] not in ARCHITECTURES:
+            raise ValueError(f"model={cfg.model!r}: unknown architecture; known are "
+                             f"{['arch:' + k for k in sorted(ARCHITECTURES)]}")
     if cfg.data != "synthetic" and cfg.image_dir is not None and not os.path.isdir(cfg.image_dir):
         raise ValueError(f"image_dir={cfg.image_dir!r} is not a folder")
     if cfg.global_batch % world:
@@ -680,6 +690,10 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
     if cfg.model == "tiny":
         model = build_tiny_model(cfg.seed, torch_dtype=dtype, **tiny_model_kwargs(cfg))
+    elif cfg.model.startswith("arch:"):  # a real-size architecture, random weights (llave_fast.model.arch)
+        from .model.arch import build_arch_model
+
+        model = build_arch_model(cfg.model, cfg.seed, torch_dtype=dtype)
     else:
         model = LLaVEEmbedder.from_pretrained(cfg.model, torch_dtype=dtype)
     if cfg.image_grid is not None:
@@ -710,7 +724,8 @@ def _datasets(cfg: TrainConfig, progress: bool = False):
                         skip_bad_rows=cfg.skip_bad_rows, split=cfg.mmeb_split,
                         max_rows_per_subset=cfg.max_rows_per_subset,
                         check_images="decode" if cfg.check_images else "exists", bad_images=cfg.bad_images,
-                        progress=progress, max_image_pixels=cfg.max_image_pixels)
+                        progress=progress, max_image_pixels=cfg.max_image_pixels,
+                        allow_outside_image_dir=cfg.allow_outside_image_dir)
     return train, None
 
 
@@ -1072,7 +1087,7 @@ def _train(cfg: TrainConfig) -> dict:
     probe = _LossProbe(loss_fn)
     gc = GradCache(engine, probe, cfg.chunk_size)
 
-    state = ckpt.load(engine, ckpt_root) if tag is not None else None
+    state = ckpt.load(engine, ckpt_root, tag) if tag is not None else None  # weights_only loads, files checked
     start = 0
     metrics_path = os.path.join(out, "eval.json")
     before = None
@@ -1154,8 +1169,7 @@ def _train(cfg: TrainConfig) -> dict:
             entry = {"step": step, "loss": loss, "lr": lr_used, "step_time_s": dt, "data_wait_s": wait,
                      "pairs_per_s": cfg.global_batch / dt}
             if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
+                _append_log(log_path, entry, ckpt_root)
                 if writer is not None:
                     writer.add_scalar("loss", loss, step)
                     writer.add_scalar("lr", entry["lr"], step)
@@ -1185,8 +1199,8 @@ def _train(cfg: TrainConfig) -> dict:
         _log(rank, f"after {step} steps: precision@1 {after['p_at_1']:.3f} (before {b}, chance "
                    f"{after['chance']:.4f}, {after['num_candidates']} candidates); training took {seconds:.0f} s")
         if rank == 0:
-            with open(metrics_path, "w") as f:
-                json.dump(result, f, indent=2)
+            with ckpt.reporting_full_disk(metrics_path, ckpt_root):
+                ckpt.write_atomic(metrics_path, json.dumps(result, indent=2))
     _log(rank, summary_text(result, cfg))
     return result
 
@@ -1296,13 +1310,57 @@ def _to_device(batch, device):
 
 
 def _truncate_log(path: str, step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint: they will be run again."""
+    """On resume, drop log lines of steps after the checkpoint (they will be run again) and a torn
+    last line (a write cut by a crash or a full disk: no newline, not a whole entry), rewriting the
+    log atomically. Any other line that is not an entry stops the resume, naming FILE:LINE."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    tail = lines.pop()  # after the last newline: empty unless the last write was cut
+    keep = []
+    for number, line in enumerate(lines + [tail], 1):
+        if not line.strip():
+            continue
+        try:
+            entry_step = json.loads(line)["step"]
+            if not isinstance(entry_step, int):
+                raise TypeError(f"step is {entry_step!r}")
+        except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+            if line is tail:
+                _log(0, f"cut the torn last line of {path} ({len(tail)} bytes, no newline: a write stopped by a "
+                        "crash or a full disk)")
+                continue
+            raise ValueError(f"{path}:{number}: not a log entry ({type(exc).__name__}: {exc}; the line starts "
+                             f"{line[:60]!r}); only a torn last line is cut on resume: fix or remove that line, "
+                             "then resume") from exc
+        if entry_step <= step:
+            keep.append(line + b"\n")
+    with ckpt.reporting_full_disk(path, os.path.join(os.path.dirname(path), "checkpoints")):
+        ckpt.write_atomic(path, b"".join(keep))
+
+
+def _append_log(path: str, entry: dict, ckpt_root: str) -> None:
+    """Append one log line, whole or not at all: a write that fails (a full disk) is cut back off, so
+    the log never ends in a torn line, and a full disk raises DiskFull naming the log."""
+    data = memoryview((json.dumps(entry) + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            error = ckpt.disk_full(exc, path, ckpt_root)
+            if error is None:
+                raise
+            raise error from exc
+    finally:
+        os.close(fd)
 
 
 def _log(rank: int, msg: str) -> None:

@@ -543,17 +543,13 @@ def format_metrics_table(metrics: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_model(model_path: str, dev: torch.device, dt: torch.dtype):
-    from .evaluate import run_model_for_eval
-    from .export import is_run_dir
-    from .model import LLaVEEmbedder
+def _load_model(model_path: str, dev: torch.device, dt: torch.dtype, *, max_text_tokens=None,
+                autocast: torch.dtype | None = None):
+    """(the model under LLaVE's protocol, {"checkpoint": tag for a run folder, and the protocol's
+    settings}): see :func:`llave_fast.evaluate.load_eval_model`."""
+    from .evaluate import load_eval_model
 
-    extra = {}
-    if is_run_dir(model_path):
-        model, extra["checkpoint"] = run_model_for_eval(model_path, dt)
-    else:
-        model = LLaVEEmbedder.from_pretrained(model_path, torch_dtype=dt)
-    return model.to(dev).eval(), extra
+    return load_eval_model(model_path, dev, dt, max_text_tokens=max_text_tokens, autocast=autocast)
 
 
 def _prepare(processor, path: str, fps: float, max_frames: int):
@@ -611,15 +607,19 @@ def encode_captions(model, captions: Sequence[str], *, batch: int = 8, progress:
 def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: str, *, max_frames: int = 32,
                fps: float = 3, batch: int = 8, device: str = "auto", dtype: str = "auto", max_length: int = 8192,
                video_list: str | None = None, limit: int | None = None, workers: int = 2,
-               progress: bool = True) -> dict:
+               progress: bool = True, max_text_tokens=None) -> dict:
     """Zero-shot text-video retrieval of a saved model; writes ``output_dir/video_eval.json``.
 
     Refuses (before decoding anything) a ``max_frames`` whose tokens, with the prompt's, exceed
     ``max_length`` (default 8192, LLaVE's video setting) or the language model's
-    ``max_position_embeddings``.
+    ``max_position_embeddings``, and a model whose config asks for a video layout other than
+    LLaVE's (:func:`~llave_fast.model.video.check_video_config`). Captions are cut only as LLaVE
+    cuts them unless ``max_text_tokens`` asks ("saved" or a number), and ``dtype="llave"`` is
+    LLaVE's precision (:func:`llave_fast.evaluate.apply_eval_protocol`, :func:`~llave_fast.evaluate.eval_precision`).
     """
-    from .evaluate import eval_precision
-    from .model.video import check_video_length, count_video_tokens, tokens_per_frame, video_length_limit
+    from .evaluate import check_max_text_tokens, eval_autocast, eval_precision, precision_label
+    from .model.video import (check_video_config, check_video_length, count_video_tokens, tokens_per_frame,
+                              video_length_limit)
 
     for name, v in (("max_frames", max_frames), ("batch", batch), ("max_length", max_length), ("workers", workers)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -629,13 +629,15 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     dev, dt = eval_precision(device, dtype)
+    check_max_text_tokens(max_text_tokens)
     _require_av()
     ann = read_annotations(annotations, video_list)
     if limit is not None:
         ann = ann.head(limit)
     paths = find_videos(ann.video_ids, videos_dir)
 
-    model, extra = _load_model(model_path, dev, dt)
+    model, extra = _load_model(model_path, dev, dt, max_text_tokens=max_text_tokens, autocast=eval_autocast(dtype))
+    check_video_config(model.config)  # before any video is decoded
     proc = model.processor
     limit_len = video_length_limit(model.config, max_length)
     longest = check_video_length(proc, max_frames, limit_len)
@@ -654,7 +656,7 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
         "num_captions": ann.num_captions,
         "model": model_path,
         "device": str(dev),
-        "dtype": str(dt).replace("torch.", ""),
+        "dtype": precision_label(dt, dtype),
         **extra,
         "annotations": annotations,
         "annotation_layout": ann.layout,
@@ -675,6 +677,7 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, RESULT_FILE), "w") as f:
-        json.dump(result, f, indent=2)
+    from .checkpoint import write_atomic  # whole or not at all: a rerun's failed write keeps the earlier result
+
+    write_atomic(os.path.join(output_dir, RESULT_FILE), json.dumps(result, indent=2))
     return result

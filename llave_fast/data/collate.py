@@ -67,7 +67,14 @@ class PairCollator:
     """Collate records into ``{"query", "target", "negatives", "target_ids", "query_ids"}``.
 
     ``processor(texts, images)`` is called once per side with parallel lists (an image
-    entry is ``None`` for a text-only item; a missing text is ``""``). With
+    entry is ``None`` for a text-only item; a missing text is ``""``). A processor with an
+    ``image_without_placeholder`` rule (:class:`~llave_fast.model.LLaVEProcessor`) is called with
+    ``image_without_placeholder=`` this collator's (default "drop"): an image whose text has no
+    placeholder is dropped and the text alone embedded, as LLaVE's training does
+    (``llava/train/train.py: LazySupervisedDataset.__getitem__`` keeps every image, and
+    ``llava/model/llava_arch.py: prepare_inputs_labels_for_multimodal`` gives a text without
+    ``<image>`` zero image features); its single non-leading placeholder moves to the front
+    (``preprocess_multimodal``, in the processor). With
     ``use_negatives=True`` every record must carry a hard negative (text or image); the
     negatives go through the processor as a third call and their ids come back as
     ``negative_ids``, so ``torch.cat([target_ids, negative_ids])`` is the loss's full
@@ -75,17 +82,26 @@ class PairCollator:
     and ``"negative_ids"`` are None.
     """
 
-    def __init__(self, processor: Processor, *, use_negatives: bool = False):
+    def __init__(self, processor: Processor, *, use_negatives: bool = False, image_without_placeholder: str = "drop"):
         if not callable(processor):
             raise TypeError(f"processor must be callable as processor(texts, images); got {type(processor).__name__}")
+        if image_without_placeholder not in ("drop", "prepend"):
+            raise ValueError(f"image_without_placeholder must be 'drop' (LLaVE's rule) or 'prepend', "
+                             f"got {image_without_placeholder!r}")
         self.processor = processor
         self.use_negatives = bool(use_negatives)
+        self.image_without_placeholder = image_without_placeholder
+
+    def _process(self, texts: list, images: list):
+        if getattr(self.processor, "image_without_placeholder", None) is not None:  # an LLaVEProcessor
+            return self.processor(texts, images, image_without_placeholder=self.image_without_placeholder)
+        return self.processor(texts, images)
 
     def __call__(self, records: Sequence[Record]) -> dict:
         if len(records) == 0:
             raise ValueError("PairCollator got an empty batch")
-        query = self.processor([r["qry"] or "" for r in records], [r["qry_image"] for r in records])
-        target = self.processor([r["pos_text"] or "" for r in records], [r["pos_image"] for r in records])
+        query = self._process([r["qry"] or "" for r in records], [r["qry_image"] for r in records])
+        target = self._process([r["pos_text"] or "" for r in records], [r["pos_image"] for r in records])
         negatives = negative_ids = None
         if self.use_negatives:
             for r in records:
@@ -95,7 +111,7 @@ class PairCollator:
                         "has no hard negative (neg_text and neg_image are both empty); build the dataset "
                         "with use_negatives=True (MMEB) or hard_negatives=True (synthetic)"
                     )
-            negatives = self.processor([r["neg_text"] or "" for r in records], [r["neg_image"] for r in records])
+            negatives = self._process([r["neg_text"] or "" for r in records], [r["neg_image"] for r in records])
             negative_ids = stable_ids([_neg_key(r) for r in records])
         return {
             "query": query,

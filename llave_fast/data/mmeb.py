@@ -22,10 +22,18 @@ recorded in ``skipped`` of the process that read it (a DataLoader worker's own c
 Images follow ``bad_images`` ("skip" or "fail") when it is given, ``skip_bad_rows`` when
 not; a missing image whose path is relative says which folder it was looked up in and
 suggests ``--image-dir``.
+
+An image path must stay inside the image folder (:class:`ImageRoot`): an absolute path
+elsewhere, ``..`` that climbs out, or a symbolic link inside the folder that leads out of it
+is a bad row (``skip_bad_rows`` decides), refused before the file is looked at, so the
+message is the same whether such a file exists or not; ``allow_outside_image_dir=True``
+(``--allow-outside-image-dir``) reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -41,7 +49,8 @@ from PIL import Image
 
 from .collate import IMAGE_PLACEHOLDER, Record, make_id
 
-__all__ = ["BadDataError", "MMEBDataset", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS"]
+__all__ = ["BadDataError", "ImageRoot", "MMEBDataset", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
+           "outside_image_dir_allowed"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +93,95 @@ def data_location(source: str, row: int | None = None, line: int | None = None) 
     if row is not None:
         return f"{source}: row {row + 1}"
     return source
+
+
+# ---------------------------------------------------------------- where image paths may lead
+ALLOW_OUTSIDE_FLAG = "allow_outside_image_dir=True / --allow-outside-image-dir"
+_ALLOW_OUTSIDE = contextvars.ContextVar("llave_fast_allow_outside_image_dir", default=False)
+
+
+@contextlib.contextmanager
+def outside_image_dir_allowed(allow: bool = True):
+    """Within the block, readers given ``allow_outside_image_dir=None`` (their default) take
+    ``allow`` (outside any such block: False). ``llave-fast eval --allow-outside-image-dir``
+    uses it; a library caller can pass ``allow_outside_image_dir=True`` to the reader instead."""
+    token = _ALLOW_OUTSIDE.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_OUTSIDE.reset(token)
+
+
+def allow_outside_default(allow: bool | None) -> bool:
+    """``allow``, or when None the default in force (:func:`outside_image_dir_allowed`)."""
+    if allow is None:
+        return _ALLOW_OUTSIDE.get()
+    if not isinstance(allow, bool):
+        raise ValueError(f"allow_outside_image_dir must be True, False or None, got {allow!r}")
+    return allow
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class ImageRoot:
+    """The folder a data row's image paths are relative to, and the rule that they stay in it.
+
+    :meth:`path` joins a row's path to the folder and says why it may not be read (None when it
+    may): the joined path, normalised (``..`` folded, no file system access), must lie inside
+    the folder, so an absolute path elsewhere or a ``..`` that climbs out is refused without
+    the target ever being looked at; then its real path (symbolic links resolved,
+    ``os.path.realpath``) must lie inside the folder's real path, so a link inside the folder
+    that leads out of it is refused too (the folder itself may be a link). The reason never
+    depends on whether the target exists. ``allow_outside=True`` accepts every path as joined
+    (the behaviour before this check). Real paths of folders are cached; files are not (one
+    ``lstat`` each, to see whether the file itself is a link).
+    """
+
+    def __init__(self, root: str, allow_outside: bool = False):
+        self.root = str(root)
+        self.allow_outside = bool(allow_outside)
+        self._abs = os.path.abspath(self.root)
+        self._real: str | None = None
+        self._real_dirs: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"ImageRoot({self.root!r}, allow_outside={self.allow_outside})"
+
+    def _realdir(self, d: str) -> str:
+        r = self._real_dirs.get(d)
+        if r is None:
+            r = self._real_dirs[d] = os.path.realpath(d)
+        return r
+
+    def path(self, rel: str, what: str) -> tuple[str, str | None]:
+        """``(the joined path, why it may not be read or None)``; ``what`` names the column
+        (or candidate) in the reason."""
+        full = os.path.join(self.root, rel)
+        if self.allow_outside:
+            return full, None
+        how = f"pass {ALLOW_OUTSIDE_FLAG} to read paths outside it"
+        if "\0" in rel:
+            return full, f"image path holds a NUL character: {rel!r} ({what})"
+        if not _within(os.path.normpath(os.path.join(self._abs, rel)), self._abs):
+            return full, f"image path outside the image folder: {rel!r} ({what}) is not under {self.root!r}; {how}"
+        if self._real is None:
+            self._real = os.path.realpath(self._abs)
+        joined = os.path.join(self._abs, rel)  # not normalised: the kernel applies '..' after links
+        head, base = os.path.split(joined)
+        real = self._realdir(head)  # a folder that leads out: refused before its entry is looked at
+        if _within(real, self._real):
+            if base in ("", ".", ".."):
+                real = os.path.realpath(joined)
+            else:
+                real = os.path.join(real, base)
+                if os.path.islink(real):  # the file itself a link
+                    real = os.path.realpath(real)
+        if not _within(real, self._real):
+            return full, (f"image path outside the image folder: {rel!r} ({what}) leads out of {self.root!r} "
+                          f"through a symbolic link; {how}")
+        return full, None
 
 
 IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
@@ -354,6 +452,10 @@ class MMEBDataset(torch.utils.data.Dataset):
         max_image_pixels: an image with more pixels than this (width x height, read from its
             header before anything is decoded) is a bad image (``bad_images`` decides);
             default :data:`MAX_IMAGE_PIXELS`; 0: no limit of ours (Pillow's own still applies).
+        allow_outside_image_dir: read image paths that lead outside the image folder (absolute
+            paths elsewhere, ``..``, symbolic links out of it: :class:`ImageRoot`); off, such a
+            row is bad (``skip_bad_rows`` decides). None: False, unless inside
+            :func:`outside_image_dir_allowed`.
     """
 
     def __init__(
@@ -371,7 +473,9 @@ class MMEBDataset(torch.utils.data.Dataset):
         bad_images: str | None = None,
         progress: bool = False,
         max_image_pixels: int | None = None,
+        allow_outside_image_dir: bool | None = None,
     ):
+        self.allow_outside_image_dir = allow_outside_default(allow_outside_image_dir)
         max_image_pixels = MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
         if not isinstance(max_image_pixels, int) or isinstance(max_image_pixels, bool) or max_image_pixels < 0:
             raise ValueError(f"max_image_pixels must be an int >= 0 (0: no limit), got {max_image_pixels!r}")
@@ -390,6 +494,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         self.progress = bool(progress)
         self.skipped: list[tuple[str, int, str]] = []
         self._bad_positions: set[int] = set()
+        self._roots: dict[str, ImageRoot] = {}
 
         found = _discover(paths)
         if isinstance(found, str):
@@ -435,6 +540,24 @@ class MMEBDataset(torch.utils.data.Dataset):
             sources.append(src)
         return sources
 
+    def _root(self, src: _Source) -> ImageRoot:
+        root = self._roots.get(src.image_root)
+        if root is None:
+            root = self._roots[src.image_root] = ImageRoot(src.image_root, self.allow_outside_image_dir)
+        return root
+
+    def _outside(self, src: _Source, rel: str, column: str) -> str | None:
+        """Why the row's image path ``rel`` may not be read (:meth:`ImageRoot.path`), or None;
+        remembered while the rows are indexed (targets repeat a lot)."""
+        memo = self.__dict__.get("_outside_memo")
+        key = (src.image_root, rel, column)
+        if memo is not None and key in memo:
+            return memo[key]
+        why = self._root(src).path(rel, column)[1]
+        if memo is not None:
+            memo[key] = why
+        return why
+
     def _image_columns(self, src: _Source) -> tuple[str, ...]:
         cols = ("qry_image_path", "pos_image_path")
         return cols + ("neg_image_path",) if self.use_negatives and src.has_neg else cols
@@ -460,6 +583,10 @@ class MMEBDataset(torch.utils.data.Dataset):
         for text_col, text, img_col, img in sides:
             if IMAGE_PLACEHOLDER in text and not img:
                 return f"{text_col} has the image placeholder {IMAGE_PLACEHOLDER} but {img_col} is empty"
+        for img_col in self._image_columns(src):  # before anything looks at the file (ImageRoot)
+            rel = c[img_col][row]
+            if rel and (why := self._outside(src, rel, img_col)) is not None:
+                return why
         if self.check_images != "none":
             for img_col in self._image_columns(src):
                 rel = c[img_col][row]
@@ -492,7 +619,8 @@ class MMEBDataset(torch.utils.data.Dataset):
             for img_col in self._image_columns(src):
                 for row, rel in enumerate(src.cols[img_col]):
                     if rel and row not in src.problems:
-                        paths.setdefault(os.path.join(src.image_root, rel), None)
+                        if self._outside(src, rel, img_col) is None:  # one outside is never opened
+                            paths.setdefault(os.path.join(src.image_root, rel), None)
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
@@ -511,6 +639,13 @@ class MMEBDataset(torch.utils.data.Dataset):
     def _index_rows(self):
         exists_cache: dict[str, str | None] = {}
         self.images_checked = None
+        self._outside_memo: dict[tuple[str, str, str], str | None] = {}
+        try:
+            self._index_checked_rows(exists_cache)
+        finally:
+            del self._outside_memo  # not carried to DataLoader workers
+
+    def _index_checked_rows(self, exists_cache: dict[str, str | None]):
         if self.check_images == "decode":
             self._decode_all(exists_cache)
         src_idx, row_idx = [], []
@@ -575,7 +710,9 @@ class MMEBDataset(torch.utils.data.Dataset):
         rel = src.cols[column][row]
         if not rel:
             return None
-        path = os.path.join(src.image_root, rel)
+        path, outside = self._root(src).path(rel, column)  # checked when built; a link may have changed since
+        if outside is not None:
+            raise BadDataError(src.name, row, outside, src.line(row))
         try:
             return open_rgb(path, self.max_image_pixels)  # convert() loads the pixels: decode errors surface here
         except FileNotFoundError as exc:

@@ -3,8 +3,11 @@
 Columns (as in the MMEB eval release): ``qry_text``, ``qry_img_path``, ``tgt_text`` (a
 list of candidate texts), ``tgt_img_path`` (a list of candidate image paths, same length,
 empty strings for text-only candidates). Files are .jsonl or .parquet (pyarrow). Image
-paths are relative to ``image_dir`` (default: the data file's folder). Bad rows raise a
-``BadDataError`` naming the file and the row; nothing is dropped silently.
+paths are relative to ``image_dir`` (default: the data file's folder) and must stay inside it
+(``llave_fast.data.mmeb.ImageRoot``: an absolute path elsewhere, ``..`` or a symbolic link out
+of it is a bad row, refused before the file is looked at; ``allow_outside_image_dir=True`` /
+``--allow-outside-image-dir`` reads them). Bad rows raise a ``BadDataError`` naming the file and
+the row; nothing is dropped silently.
 
 Datasets: a file is one dataset named by its stem (``ImageNet-1K.jsonl``); hub-style shards
 (``ImageNet-1K/test-00000-of-00001.parquet``) are named by their folder, and every shard of
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .mmeb import _SHARD_RE, BadDataError, data_files, jsonl_lines, parse_json_line
+from .mmeb import _SHARD_RE, BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
 
 __all__ = ["EVAL_COLUMNS", "EvalDataset", "EvalRow", "EvalSet", "find_eval_datasets", "is_eval_file",
            "read_eval_file", "read_eval_set", "write_mmeb_eval"]
@@ -107,10 +110,12 @@ def _rows(path: Path):
 
 
 class _Images:
-    """Image paths made absolute under the image folder, each checked for existence once."""
+    """Image paths joined to the image folder, each checked to stay inside it (``ImageRoot``)
+    and then to exist, once."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, allow_outside: bool = False):
         self.root = root
+        self.where = ImageRoot(root, allow_outside)
         self.seen: dict[str, bool] = {}
 
     def __call__(self, rel, source: str, row: int, what: str) -> str | None:
@@ -119,7 +124,9 @@ class _Images:
         if not isinstance(rel, str):
             raise BadDataError(source, row, f"{what} image path holds {type(rel).__name__} {rel!r}, expected a string",
                                hint=False)
-        full = os.path.join(self.root, rel)
+        full, outside = self.where.path(rel, f"{what} image")
+        if outside is not None:  # said before the file is looked at: the same whether it exists or not
+            raise BadDataError(source, row, outside, hint=False)
         ok = self.seen.get(full)
         if ok is None:
             ok = self.seen[full] = os.path.isfile(full)
@@ -182,10 +189,13 @@ def _parse_row_at(r: dict, source: str, i: int, images: _Images):
     return q_text, q_img, c_texts, c_imgs
 
 
-def read_eval_file(path: str, image_dir: str | None = None, limit: int | None = None) -> list[EvalRow]:
-    """Every row of one MMEB-eval file (the first ``limit``), image paths made absolute and checked."""
+def read_eval_file(path: str, image_dir: str | None = None, limit: int | None = None, *,
+                   allow_outside_image_dir: bool | None = None) -> list[EvalRow]:
+    """Every row of one MMEB-eval file (the first ``limit``), image paths joined to the image
+    folder and checked (to stay inside it unless ``allow_outside_image_dir``; None: False unless
+    inside ``llave_fast.data.mmeb.outside_image_dir_allowed``)."""
     p = Path(path)
-    images = _Images(image_dir or str(p.parent))
+    images = _Images(image_dir or str(p.parent), allow_outside_default(allow_outside_image_dir))
     out = []
     for i, r, line in _rows(p):
         if limit is not None and len(out) >= limit:
@@ -266,10 +276,13 @@ class EvalSet:
         return int(sum(len(c) for c in self.candidates))
 
 
-def read_eval_set(dataset: EvalDataset, image_dir: str | None = None, max_queries: int | None = None) -> EvalSet:
+def read_eval_set(dataset: EvalDataset, image_dir: str | None = None, max_queries: int | None = None, *,
+                  allow_outside_image_dir: bool | None = None) -> EvalSet:
     """Read a dataset's rows (the first ``max_queries``, over its files in order) into an
-    :class:`EvalSet`. Image paths are relative to ``image_dir`` (default: each file's folder)
-    and each distinct one is checked to exist."""
+    :class:`EvalSet`. Image paths are relative to ``image_dir`` (default: each file's folder),
+    must stay inside it unless ``allow_outside_image_dir`` (None: False unless inside
+    ``llave_fast.data.mmeb.outside_image_dir_allowed``), and each distinct one is checked to exist."""
+    allow = allow_outside_default(allow_outside_image_dir)
     out = EvalSet(dataset.name, list(dataset.files))
     index: dict[tuple[str, str | None], int] = {}
 
@@ -283,7 +296,7 @@ def read_eval_set(dataset: EvalDataset, image_dir: str | None = None, max_querie
 
     for path in dataset.files:
         p = Path(path)
-        images = _Images(image_dir or str(p.parent))
+        images = _Images(image_dir or str(p.parent), allow)
         n_file = 0
         for i, r, line in _rows(p):
             if max_queries is not None and out.num_queries >= max_queries:

@@ -137,7 +137,8 @@ _NO_EFFECT_KEYS = frozenset({
     "mm_projector_lr", "unfreeze_mm_vision_tower", "tune_mm_mlp_adapter", "tune_mm_vision_resampler",
     "freeze_mm_mlp_adapter", "freeze_mm_vision_resampler", "use_mm_proj", "vision_tower_pretrained",
     "mm_vision_tower_pretrained", "delay_load", "logit_scale", "alpha",
-    # video only (LLaVE embeds images and texts)
+    # video only (LLaVE embeds images and texts); mm_newline_position, mm_spatial_pool_mode and
+    # add_faster_video are carried into the config and checked by llave_fast.model.video.check_video_config
     "mm_newline_position", "mm_spatial_pool_mode", "mm_spatial_pool_stride", "mm_spatial_pool_out_channels",
     "mm_pooling_position", "mm_resampler_location", "add_faster_video", "faster_token_stride", "force_sample",
     "add_time_instruction", "frames_upbound", "max_frames_num", "video_fps", "tokens_per_frame",
@@ -386,6 +387,12 @@ def convert_llava_qwen_config(
         config.dtype = dtype
         config.text_config.dtype = dtype
         config.vision_config.dtype = dtype
+    # video-only layout keys, carried (an export keeps them) for llave_fast.model.video.check_video_config,
+    # with what LLaVE's code reads when a key is absent (llava_arch.py prepare_inputs_labels_for_multimodal:
+    # getattr(config, "mm_newline_position", "one_token"); get_2dPool: config.mm_spatial_pool_mode, no default)
+    config.mm_newline_position = raw.get("mm_newline_position", "one_token")
+    config.mm_spatial_pool_mode = raw.get("mm_spatial_pool_mode")
+    config.add_faster_video = raw.get("add_faster_video", False)
     return config
 
 

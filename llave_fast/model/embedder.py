@@ -166,9 +166,13 @@ def llave_onevision_class():
                 if small != (rows, cols):
                     grid = F.interpolate(grid[None], list(small), mode="bilinear")[0]
                 if image_newline is not None:  # one image_newline closes every row
-                    nl = image_newline.to(device=grid.device, dtype=grid.dtype)[:, None, None]
-                    grid = torch.cat([grid, nl.expand(dim, grid.shape[1], 1)], dim=-1)
-                packed.append(torch.cat([base, grid.flatten(1).t()]))
+                    # torch.cat's type promotion, as LLaVE's (llava_arch.py prepare_inputs_labels_for_multimodal):
+                    # the same dtype when nothing autocasts; under bf16 autocast with fp16 weights the bf16
+                    # features and the fp16 image_newline meet in fp32, the newline not rounded to bf16
+                    dt = torch.promote_types(grid.dtype, image_newline.dtype)
+                    nl = image_newline.to(device=grid.device, dtype=dt)[:, None, None]
+                    grid = torch.cat([grid.to(dt), nl.expand(dim, grid.shape[1], 1)], dim=-1)
+                packed.append(torch.cat([base.to(grid.dtype), grid.flatten(1).t()]))
             lens = torch.tensor([x.shape[0] for x in packed], dtype=torch.long, device=packed[0].device)
             return packed, lens
 
@@ -233,6 +237,9 @@ class LLaVEEmbedder(nn.Module):
         # one extra dummy image row whose output enters the result with weight 0.
         self.uniform_modules = False
         self._dummy = None
+        # Evaluation in LLaVE's precision (llave_fast.evaluate, dtype "llave"): fp16 weights, every
+        # forward under torch.autocast(dtype=autocast_dtype). None: no autocast (training, plain dtypes).
+        self.autocast_dtype: torch.dtype | None = None
         if processor is not None and processor.image_token_id != model.config.image_token_index:
             raise ValueError(
                 f"processor image token id {processor.image_token_id} != model config image_token_index "
@@ -459,8 +466,33 @@ class LLaVEEmbedder(nn.Module):
         pixel = torch.cat(tiles).to(device=device, dtype=self.model.dtype, non_blocking=True)
         return pixel, torch.tensor(sizes, dtype=torch.long, device=device), kept
 
+    def autocast(self):
+        """The context every forward runs in: ``torch.autocast`` to :attr:`autocast_dtype` on the
+        weights' device when set (LLaVE's evaluation precision), else nothing.
+
+        LLaVE evaluates with the weights in fp16 (``llava/model/builder.py: load_pretrained_model``,
+        ``torch_dtype="float16"`` by default, which ``llava/eval/model_embed.py: main`` and
+        ``CLIP4Clip/main_task_retrieval.py: main`` keep) and every forward under
+        ``torch.autocast(dtype=torch.bfloat16, device_type="cuda")`` (``model_embed.py: main``,
+        ``main_task_retrieval.py: eval_epoch``): matrix products in bf16, while the residual stream
+        (fp16 embeddings + bf16 sub-layer outputs) is promoted to fp32, so every RMSNorm, the final
+        one included, comes out in fp32.
+        """
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = self.model.get_input_embeddings().weight.device
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
     def forward(self, batch: dict) -> torch.Tensor:
         """The batch dict of :mod:`llave_fast.model.processor` -> (B, d) float32, unit rows."""
+        if self.autocast_dtype is not None:
+            with self.autocast():
+                return self._forward(batch)
+        return self._forward(batch)
+
+    def _forward(self, batch: dict) -> torch.Tensor:
         if not isinstance(batch, dict):
             raise TypeError(f"batch must be a dict with keys {BATCH_KEYS}, got {type(batch).__name__}")
         for key in ("input_ids", "attention_mask"):
@@ -516,10 +548,20 @@ class LLaVEEmbedder(nn.Module):
         cut of the whole sequence does)."""
         m = self.model
         embeds = m.get_input_embeddings()(input_ids)
+        if self.autocast_dtype is not None:
+            # LLaVE's evaluation (llava_arch.py prepare_inputs_labels_for_multimodal): every row's
+            # embeddings go through torch.cat with the image features (bf16/fp32 under autocast, a
+            # zero-length slice for a text-only row), which promotes the fp16 token embeddings to fp32
+            embeds = embeds.float()
         if pixel_values is None:
             return embeds
         feats = m.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output
-        feats = torch.cat([f[:k] for f, k in zip(feats, kept)]).to(embeds.dtype)
+        feats = torch.cat([f[:k] for f, k in zip(feats, kept)])
+        if self.autocast_dtype is None:
+            feats = feats.to(embeds.dtype)
+        else:  # promoted as LLaVE's torch.cat promotes (fp32 under bf16 autocast with fp16 weights)
+            dt = torch.promote_types(embeds.dtype, feats.dtype)
+            embeds, feats = embeds.to(dt), feats.to(dt)
         where = (input_ids == m.config.image_token_index).unsqueeze(-1)
         return embeds.masked_scatter(where.expand_as(embeds), feats)
 
@@ -557,8 +599,10 @@ class LLaVEEmbedder(nn.Module):
     ) -> torch.Tensor:
         """Embed texts (each with an optional PIL image) in eval mode without grad.
 
-        ``<|image_N|>`` placeholders become the image token; an image without a placeholder
-        goes before the text. Returns a (B, d) float32 CPU tensor of unit rows.
+        ``<|image_N|>`` placeholders become the image token; an image whose text has no
+        placeholder goes before the text (the processor's ``image_without_placeholder``, "prepend"
+        by default; "drop" is LLaVE's rule, the text alone, which evaluation and training use).
+        Returns a (B, d) float32 CPU tensor of unit rows.
         """
         if self._processor is None:
             raise ValueError("encode needs a processor: build the embedder with one (from_pretrained does)")

@@ -13,6 +13,19 @@ What LLaVE (LLaVA-NeXT ``llava_qwen`` code) does, reproduced here:
   image-token ids as the image has visual features (transformers' LlavaOnevision layout).
   MMEB's ``<|image_1|>`` placeholders become ``<image>``. The pooled position is the last
   real token (the final "\\n").
+* Placeholder (LLaVE's ``preprocess_multimodal``, the same function in
+  ``llava/train/train.py`` and ``llava/eval/model_embed.py``, called by both the training
+  set's and the evaluation set's ``__getitem__``): a text holding exactly one ``<image>``
+  that does not start with it becomes ``"<image>\\n" + text.replace("<image>", "").strip()``
+  (:func:`move_placeholder`); a text that starts with it is left as it is. A text with no
+  placeholder keeps no image: LLaVE still runs the image through the vision tower, but
+  ``llava/model/llava_arch.py: prepare_inputs_labels_for_multimodal`` (the ``num_images == 0``
+  branch) appends ``image_features[0:0]``, zero features, so the sample is embedded as its text
+  alone, at training and at evaluation alike. :meth:`LLaVEProcessor.__call__` does the same
+  with ``image_without_placeholder="drop"`` (and warns once), which evaluation
+  (:func:`llave_fast.evaluate.apply_eval_protocol`) and the training collator
+  (:class:`llave_fast.data.PairCollator`) use; the processor's own default, for direct calls
+  (``LLaVEEmbedder.encode``), is ``"prepend"``: the image goes in front of the text.
 * Images (anyres): the grid with the best fit among ``image_grid_pinpoints`` (height, width)
   is chosen; the image is resized to fit it (bicubic, aspect kept) and centred on black
   padding, then cut into ``image_size`` squares, row-major. The base view is the whole image
@@ -24,8 +37,9 @@ What LLaVE (LLaVA-NeXT ``llava_qwen`` code) does, reproduced here:
   away ("unpad", LLaVE's floored rule), shrunk when it exceeds ``anyres_max_N``, an
   ``image_newline`` after every row.
 * Length: ``max_length`` (LLaVE's ``tokenizer_model_max_length``) cuts the whole sequence,
-  image tokens inserted, as LLaVE does; ``max_text_tokens`` (ours, optional) cuts the user
-  text alone.
+  image tokens inserted, as LLaVE does; ``max_text_tokens`` (ours, optional, a training
+  option: LLaVE never cuts a text on its own) cuts the user text alone. Evaluation leaves it
+  off unless asked (:func:`llave_fast.evaluate.apply_eval_protocol`).
 
 The batch contract (what :class:`LLaVEEmbedder.forward` takes; batch-first and aligned
 sample by sample so GradCache can split it)::
@@ -44,6 +58,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -59,6 +74,9 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "MMEB_IMAGE_PLACEHOLDER",
     "SYSTEM_PROMPT",
+    "IMAGE_WITHOUT_PLACEHOLDER",
+    "move_placeholder",
+    "has_placeholder",
 ]
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -69,6 +87,26 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_FILE = "preprocessor_config.json"
+#: what :meth:`LLaVEProcessor.__call__` does with an image whose text has no placeholder
+IMAGE_WITHOUT_PLACEHOLDER = ("drop", "prepend")
+
+
+def has_placeholder(text: str) -> bool:
+    """Whether ``text`` holds an image placeholder (``<image>`` or MMEB's ``<|image_N|>``)."""
+    return IMAGE_PLACEHOLDER in text or MMEB_IMAGE_PLACEHOLDER.search(text) is not None
+
+
+def move_placeholder(text: str) -> str:
+    """LLaVE's placeholder rule on a text whose placeholders are already ``<image>``.
+
+    ``llava/train/train.py: preprocess_multimodal`` (and its copy in
+    ``llava/eval/model_embed.py``): exactly one ``<image>`` not at the start -> removed, the text
+    stripped, ``"<image>\\n"`` put in front (and the whole stripped again); a text starting with
+    ``<image>``, or holding none or several, is returned unchanged.
+    """
+    if text.count(IMAGE_PLACEHOLDER) == 1 and not text.startswith(IMAGE_PLACEHOLDER):
+        text = (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +233,7 @@ class LLaVEProcessor:
         system_prompt: str = SYSTEM_PROMPT,
         max_text_tokens: int | None = None,
         max_length: int | None = None,
+        image_without_placeholder: str = "prepend",
     ):
         if tokenizer is None:
             raise ValueError("LLaVEProcessor needs a tokenizer")
@@ -226,6 +265,11 @@ class LLaVEProcessor:
         # LLaVE's rule (``tokenizer_model_max_length``): the whole sequence, image tokens inserted,
         # is cut to this many tokens; the pooled token is then the last one kept
         self.max_length = max_length
+        # an image whose text has no placeholder: "drop" (LLaVE, see the module docstring) or "prepend"
+        # (the image in front of the text); a call can override it
+        self.image_without_placeholder = image_without_placeholder
+        self.images_dropped = 0  # images dropped so far by __call__ (counted, warned about once)
+        self._warned_drop = False
 
         self.image_token_id = ensure_image_token(tokenizer, image_token)
         for tok in ("<|im_start|>", "<|im_end|>"):
@@ -236,6 +280,17 @@ class LLaVEProcessor:
         if pad is None:
             pad = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else 0
         self.pad_token_id = int(pad)
+
+    @property
+    def image_without_placeholder(self) -> str:
+        return self._image_without_placeholder
+
+    @image_without_placeholder.setter
+    def image_without_placeholder(self, value: str) -> None:
+        if value not in IMAGE_WITHOUT_PLACEHOLDER:
+            raise ValueError(f"image_without_placeholder must be one of {IMAGE_WITHOUT_PLACEHOLDER} ('drop': "
+                             f"LLaVE's rule, the text alone is embedded), got {value!r}")
+        self._image_without_placeholder = value
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -313,10 +368,18 @@ class LLaVEProcessor:
     # ---- text -------------------------------------------------------------------------------
 
     def build_prompt(self, text: str, has_image: bool, index: int = 0) -> str:
-        """LLaVE's prompt string for one sample (``<image>`` marks the image's place)."""
+        """LLaVE's prompt string for one sample whose image (``has_image``) is used (``<image>``
+        marks the image's place).
+
+        MMEB's ``<|image_N|>`` becomes ``<image>``; a single placeholder not at the start moves to
+        the front (:func:`move_placeholder`, LLaVE's ``preprocess_multimodal``); then
+        ``max_text_tokens`` cuts the text. With ``has_image`` and no placeholder the image goes in
+        front of the text: whether such an image is used at all is :meth:`__call__`'s decision
+        (LLaVE drops it, see :attr:`image_without_placeholder`).
+        """
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
-        user = self.truncate(MMEB_IMAGE_PLACEHOLDER.sub(IMAGE_PLACEHOLDER, text))
+        user = MMEB_IMAGE_PLACEHOLDER.sub(IMAGE_PLACEHOLDER, text)
         n = user.count(IMAGE_PLACEHOLDER)
         if has_image:
             if n == 0:
@@ -325,11 +388,14 @@ class LLaVEProcessor:
                 raise ValueError(
                     f"texts[{index}] has {n} image placeholders but a sample holds one image: {text[:120]!r}"
                 )
+            else:
+                user = move_placeholder(user)  # LLaVE: llava/train/train.py preprocess_multimodal
         elif n:
             raise ValueError(
                 f"texts[{index}] has an image placeholder (<|image_N|> or <image>) but images[{index}] is None: "
                 f"{text[:120]!r}"
             )
+        user = self.truncate(user)
         return (
             f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
             f"<|im_start|>user\n{user}<|im_end|>\n"
@@ -367,12 +433,30 @@ class LLaVEProcessor:
         x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return x.transpose(2, 0, 1)
 
-    def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One image -> (tiles (1 + gh*gw, 3, S, S) float32, (height, width))."""
+    @staticmethod
+    def _check_image(image, index: int) -> None:
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise TypeError(f"images[{index}] must be a PIL.Image.Image or None, got {type(image).__name__}")
+
+    def _note_dropped(self, text: str, index: int) -> None:
+        self.images_dropped += 1
+        if not self._warned_drop:
+            self._warned_drop = True
+            warnings.warn(
+                f"texts[{index}] has no image placeholder (<|image_1|> or <image>) but images[{index}] is an image: "
+                f"LLaVE drops such an image and embeds the text alone (llava/model/llava_arch.py, "
+                f"prepare_inputs_labels_for_multimodal), and so does this call (image_without_placeholder="
+                f"'drop'; said once, counted in images_dropped): {text[:80]!r}",
+                stacklevel=3,
+            )
+
+    def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image -> (tiles (1 + gh*gw, 3, S, S) float32, (height, width))."""
+        from PIL import Image
+
+        self._check_image(image, index)
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ValueError(f"images[{index}] is empty (size {image.size})")
@@ -400,8 +484,18 @@ class LLaVEProcessor:
         images: Sequence[Any] | None = None,
         padding_side: str = "right",
         pad_to_multiple_of: int | None = None,
+        image_without_placeholder: str | None = None,
     ) -> dict:
-        """Texts (and one optional image per text) -> the batch dict of the module docstring."""
+        """Texts (and one optional image per text) -> the batch dict of the module docstring.
+
+        ``image_without_placeholder``: what becomes of an image whose text has no placeholder,
+        "drop" (LLaVE's rule: the text alone is embedded) or "prepend"; None: the processor's
+        :attr:`image_without_placeholder`.
+        """
+        rule = self.image_without_placeholder if image_without_placeholder is None else image_without_placeholder
+        if rule not in IMAGE_WITHOUT_PLACEHOLDER:
+            raise ValueError(f"image_without_placeholder must be one of {IMAGE_WITHOUT_PLACEHOLDER} or None, got "
+                             f"{image_without_placeholder!r}")
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
         if len(texts) == 0:
@@ -419,6 +513,10 @@ class LLaVEProcessor:
 
         pixel_values, image_sizes, prompts = [], [], []
         for i, (text, image) in enumerate(zip(texts, images)):
+            if image is not None and rule == "drop" and isinstance(text, str) and not has_placeholder(text):
+                self._check_image(image, i)
+                image = None  # LLaVE: the text alone (llava_arch.py prepare_inputs_labels_for_multimodal)
+                self._note_dropped(text, i)
             prompts.append(self.build_prompt(text, image is not None, i))
             if image is None:
                 pixel_values.append(None)
@@ -463,7 +561,8 @@ class LLaVEProcessor:
             f"LLaVEProcessor(image_size={self.image_size}, patch_size={self.patch_size}, "
             f"image_grid_pinpoints={self.image_grid_pinpoints}, vision_aspect_ratio={self.vision_aspect_ratio!r}, "
             f"image_token={self.image_token!r} (id {self.image_token_id}), vocab={len(self.tokenizer)}, "
-            f"max_length={self.max_length}, max_text_tokens={self.max_text_tokens})"
+            f"max_length={self.max_length}, max_text_tokens={self.max_text_tokens}, "
+            f"image_without_placeholder={self.image_without_placeholder!r})"
         )
 
 

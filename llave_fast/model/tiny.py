@@ -47,13 +47,19 @@ _LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 _DIGITS = tuple("0123456789")
 
 
-def build_tiny_tokenizer(*, with_image_token: bool = True):
+def build_tiny_tokenizer(*, with_image_token: bool = True, vocab_size: int | None = None):
     """A PreTrainedTokenizerFast (transformers' tokenizers backend) built in memory.
 
     Lowercases, splits into words / single digits / single punctuation marks / newlines,
     then WordPiece: known words are one token, other words fall back to letters
     (``##``-continued); anything else is ``[UNK]``. ``with_image_token=False`` leaves out
     ``<image>`` (as LLaVE's own Qwen tokenizers do; the loader adds it).
+
+    ``vocab_size``: the tokenizer's length without ``<image>``; the ordinary entries are
+    padded with ``[unusedN]`` entries (never produced: the pre-tokenizer splits brackets off)
+    so that the chat tokens take the last ids. Qwen2's tokenizer (a stand-in of its size for
+    real-size models): ``vocab_size=151646`` puts ``<|endoftext|>``, ``<|im_start|>``,
+    ``<|im_end|>`` at 151643..151645 and ``<image>`` at 151646, as LLaVE's loader does.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -64,6 +70,13 @@ def build_tiny_tokenizer(*, with_image_token: bool = True):
         vocab.setdefault(tok, len(vocab))
     for ch in _LETTERS + _DIGITS:
         vocab.setdefault("##" + ch, len(vocab))
+    if vocab_size is not None:
+        chat = len([t for t in SPECIAL_TOKENS if t != "<image>"])
+        if not isinstance(vocab_size, int) or vocab_size < len(vocab) + chat:
+            raise ValueError(f"vocab_size must be an int >= {len(vocab) + chat} (the tiny vocabulary and the chat "
+                             f"tokens), got {vocab_size!r}")
+        for i in range(vocab_size - chat - len(vocab)):
+            vocab[f"[unused{i}]"] = len(vocab)
     for tok in specials:  # specials last, as in Qwen's tokenizer
         vocab.setdefault(tok, len(vocab))
 

@@ -14,6 +14,16 @@ LLaVA-NeXT ``llava_qwen`` model) does with a video, reproduced here:
 * One ``image_newline`` closes every row of every frame (LLaVA's ``mm_newline_position
   = "grid"``, LLaVE's training default): a frame gives ph x (pw + 1) tokens, 14 x 15 = 210
   for LLaVE's geometry, 32 frames 6720 (:func:`count_video_tokens`).
+* The layout is read from the model config and anything else is refused
+  (:func:`check_video_config`): ``mm_newline_position`` must be "grid" and
+  ``mm_spatial_pool_mode`` "bilinear" (LLaVE's ``get_2dPool`` also knows "average" and "max",
+  its ``prepare_inputs_labels_for_multimodal`` "frame", "one_token" and "no_token"; none of
+  those is implemented here), ``add_faster_video`` false (LLaVE's code cannot run it: the
+  features it needs are computed in a commented-out line). A ``llava_qwen`` config without
+  ``mm_newline_position`` means "one_token" to LLaVE's code and is refused; LLaVE's training
+  (``llava/train/train.py: train``) always writes "grid". A transformers-format config without
+  these keys (llave-fast's own exports before they were carried, tiny models) is taken as
+  "grid" / "bilinear".
 * The prompt is the qwen_1_5 template around ``<image>\\nRepresent the given video.``;
   captions are plain texts ``Find me an video that matches the given caption: <caption>``
   (LLaVE's wording, its "an video" included). Pooling is the image path's: the final
@@ -32,6 +42,7 @@ the newlines are laid out as LLaVE does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -54,11 +65,45 @@ __all__ = [
     "video_length_limit",
     "video_features",
     "embed_video_batch",
+    "check_video_config",
+    "VIDEO_LAYOUT",
 ]
 
 VIDEO_PROMPT = IMAGE_PLACEHOLDER + "\nRepresent the given video."
 CAPTION_PROMPT = "Find me an video that matches the given caption: "  # LLaVE's wording, "an video" included
 LLAVE_VIDEO_MAX_LENGTH = 8192  # LLaVE's video evaluation sets tokenizer_model_max_length to this
+#: the video layout implemented here: config key -> (the value implemented, LLaVE's other values)
+VIDEO_LAYOUT = {
+    "mm_newline_position": ("grid", ("frame", "one_token", "no_token")),
+    "mm_spatial_pool_mode": ("bilinear", ("average", "max")),
+}
+
+
+def check_video_config(config) -> None:
+    """Refuse a model config whose video layout is not the one implemented here (module docstring).
+
+    Reads ``mm_newline_position`` (LLaVE: ``llava/model/llava_arch.py:
+    prepare_inputs_labels_for_multimodal``), ``mm_spatial_pool_mode`` (``get_2dPool``) and
+    ``add_faster_video``. A key absent from the config (a transformers-format folder) is taken as
+    the value implemented; a ``llava_qwen`` checkpoint's absent keys are what LLaVE's code makes of
+    them (:func:`~llave_fast.model.convert.convert_llava_qwen_config`).
+    """
+    for key, (want, others) in VIDEO_LAYOUT.items():
+        got = getattr(config, key, want)
+        if got != want:
+            if got is None:
+                why = (f"the checkpoint's config has no {key} (LLaVE's get_2dPool reads it with no default, so "
+                       "LLaVE's own video path fails on it too)")
+            elif got in others:
+                why = f"{key} = {got!r} is one of LLaVE's video layouts but not implemented here"
+            else:
+                why = f"{key} = {got!r} is not a value LLaVE's code knows ({(want,) + others})"
+            raise ValueError(f"{why}: llave-fast embeds videos with {key} = {want!r} only (LLaVE's training writes "
+                             f"mm_newline_position 'grid' and mm_spatial_pool_mode 'bilinear'); set {key} to "
+                             f"{want!r} in the model's config.json if that is what the model was trained with")
+    if getattr(config, "add_faster_video", False):
+        raise ValueError(f"add_faster_video = {config.add_faster_video!r}: not implemented here (and LLaVE's own "
+                         "video path cannot run it); set it to false in the model's config.json")
 
 
 def pooled_grid(image_size: int, patch_size: int) -> tuple[int, int]:
@@ -199,6 +244,7 @@ def video_features(model, pixel_values: torch.Tensor, num_frames: Sequence[int])
     tensor per video.
     """
     cfg = model.config
+    check_video_config(cfg)
     total = int(sum(num_frames))
     if pixel_values.dim() != 4 or pixel_values.shape[0] != total:
         raise ValueError(f"pixel_values must stack {total} frames as (frames, 3, S, S), got {tuple(pixel_values.shape)}")
@@ -217,7 +263,11 @@ def video_features(model, pixel_values: torch.Tensor, num_frames: Sequence[int])
                          f"{total} x {ph} x {pw} (transformers' get_video_features changed?)")
     dim = feats.shape[-1]
     grid = feats.reshape(total, ph, pw, dim)
-    newline = model.image_newline.to(device=grid.device, dtype=grid.dtype)
+    # torch.cat's promotion, as LLaVE's add_token_per_grid: one dtype when nothing autocasts; bf16 features
+    # and an fp16 image_newline meet in fp32 under LLaVE's evaluation precision
+    dt = torch.promote_types(grid.dtype, model.image_newline.dtype)
+    grid = grid.to(dt)
+    newline = model.image_newline.to(device=grid.device, dtype=dt)
     # LLaVE's "grid" layout: frame by frame, row by row, each row closed by image_newline
     grid = torch.cat([grid, newline.expand(total, ph, 1, dim)], dim=2)
     return [v.reshape(-1, dim) for v in grid.split(list(num_frames))]
@@ -238,16 +288,23 @@ def embed_video_batch(embedder, batch: dict) -> torch.Tensor:
     is_image = input_ids == cfg.image_token_index
     have = is_image.sum(dim=1).tolist()
     pixel = torch.cat(list(videos)).to(device=device, dtype=m.dtype)
-    feats = video_features(m, pixel, num_frames)
-    for i, (f, n) in enumerate(zip(feats, have)):
-        if f.shape[0] != n:
-            raise ValueError(f"video {i} has {n} image tokens but its {num_frames[i]} frames give {f.shape[0]} features")
-    embeds = m.get_input_embeddings()(input_ids)
-    where = is_image.unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(where, torch.cat(feats).to(embeds.dtype))
-    # as LLaVEEmbedder.forward: positions count real tokens, the last real token is pooled
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+    autocast = getattr(embedder, "autocast_dtype", None) is not None  # LLaVE's precision (LLaVEEmbedder.autocast)
+    with embedder.autocast() if autocast else contextlib.nullcontext():
+        feats = video_features(m, pixel, num_frames)
+        for i, (f, n) in enumerate(zip(feats, have)):
+            if f.shape[0] != n:
+                raise ValueError(f"video {i} has {n} image tokens but its {num_frames[i]} frames give {f.shape[0]} "
+                                 "features")
+        embeds = m.get_input_embeddings()(input_ids)
+        feats = torch.cat(feats)
+        # as LLaVEEmbedder._input_embeddings: under autocast, promoted as LLaVE's torch.cat promotes
+        dt = torch.promote_types(torch.float32, feats.dtype) if autocast else embeds.dtype
+        embeds, feats = embeds.to(dt), feats.to(dt)
+        where = is_image.unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(where, feats)
+        # as LLaVEEmbedder.forward: positions count real tokens, the last real token is pooled
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
     last = (L - 1) - mask.flip(dims=[1]).argmax(dim=1)
     return F.normalize(hidden[torch.arange(B, device=device), last].float(), dim=-1)

@@ -1,0 +1,344 @@
+"""Stage T of the prepared GPU run (benchmarks/gpu_check.sh T, benchmarks/bench_train_step.py) on the CPU.
+
+The training loop on a GPU is measured in one short device call; a crash in its bookkeeping there
+costs the lease, so the whole stage runs here as a dry run (tiny sizes, CPU, bf16 under ZeRO-3),
+and its pieces (the phase clock around GradCache, the FLOP count, the memory search, the data
+fallback, a stop at the limit) are checked on their own. Everything that starts DeepSpeed or
+torch.distributed runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_train_step as B  # noqa: E402
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["TRAIN_STEP_WORK"] = str(tmp_path / "work")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+# ------------------------------------------------------------------------------ the whole stage
+def test_gpu_check_stage_T_dry_run(tmp_path):
+    """`GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh T`: every step done under its limit, two files
+    back (log and results), and the results hold (a)-(d) with the step's phases adding up."""
+    out = tmp_path / "out"
+    env = dict(_env(tmp_path), OUT=str(out), GPU_CHECK_DRY="1")
+    t0 = time.time()
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "T"], capture_output=True, text=True, env=env,
+                       timeout=900, cwd=ROOT)
+    wall = time.time() - t0
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["log_T.txt", "train_step.json"]
+    log = (out / "log_T.txt").read_text()
+    assert "DRY RUN" in log and "llave_fast from" in log
+    assert "STOPPED" not in log and "FAILED" not in log and "KILLED" not in log, log[-3000:]
+    # env check, tiny job, the step, eval (and the offline pip resolve when .whl/train is here)
+    assert log.count("--- step done") >= 4 + (ROOT / ".whl" / "train").is_dir(), log[-3000:]
+    assert "| 1x1 (32 px), median of 2 |" in log and "extrapolated (not run)" in log
+    res = json.loads((out / "train_step.json").read_text())
+    assert res["dry_run"] is True
+    assert res["parts"] == {"env": "ok", "tiny": "ok", "step": "ok", "eval": "ok"}, res["parts"]
+
+    env_ = res["env"]
+    assert env_["deepspeed"] and isinstance(env_["deepspeed_prebuilt_ops"], list)
+    assert env_["optimizer"]["needs_jit_op"] is False and env_["optimizer"]["ds_config_optimizer"] is None
+
+    tiny = res["tiny_job"]
+    assert tiny["status"] == "ok" and tiny["steps"] == 3 and tiny["p_at_1_before"] is not None
+    assert tiny["p_at_1_after"] is not None and set(tiny["by_task"]) == {"i2t", "t2i", "vqa"}
+    assert "--bf16" in tiny["cmd"] and "llave_fast" in tiny["cmd"] and "train" in tiny["cmd"]
+
+    step = res["step"]
+    assert step["status"] == "ok" and step["zero_stage"] == 3 and step["bf16"] is True
+    assert step["optimizer"]["inner"] == "torch.optim.adamw.AdamW"
+    assert step["optimizer"]["engine"] == "DeepSpeedZeroOptimizer_Stage3"
+    g1 = step["grid_1x1"]
+    assert len(g1["warmup"]) == 1 and len(g1["timed"]) == 2
+    for rec in g1["timed"]:
+        assert rec["path"] == "cached (GradCache)" and rec["pairs"] == 16 and rec["tiles"] >= 16
+        # the phases partition the step: encode, loss, re-encode forward/backward/other, optimizer
+        assert set(rec["phases_s"]) == {"encode", "loss", "reencode_fwd", "reencode_bwd", "reencode_other",
+                                        "optimizer"}
+        assert sum(rec["phases_s"].values()) == pytest.approx(rec["step_s"], rel=0.05, abs=0.02)
+        assert rec["tflop_useful"] < rec["tflop_with_gradcache_forward"] < rec["tflop_executed"]
+        assert rec["lm_tokens"] <= rec["lm_tokens_executed"] and rec["pairs_per_s"] > 0
+    assert g1["summary"]["median_step_s"] > 0
+    g2 = step["grid_2x2"]["step"]
+    assert g2["pairs"] == 8 and g2["tiles"] > 8 * 1  # 2x2 images: base view + 4 crops
+    ex = step["extrapolated"]
+    assert ex["pairs"] == 64 and ex["step_s"] > 0 and ex["measured_from_pairs"] == 16
+    enc = step["encode"]
+    assert enc["image_text"]["samples"] == 8 and enc["text"]["samples"] == 8
+    assert enc["video"].get("videos") == 3, enc["video"]
+    mem = step["memory"]
+    assert set(mem["gradcache"]) == {"4", "8"} and all("step_s" in v for v in mem["gradcache"].values())
+    plain = mem["without_gradcache"]
+    assert plain["largest_ok"] == 32 and plain["limited_by"].startswith("b_max")
+    assert all(t["path"] == "single pass (no caching)" for t in plain["tries"])
+
+    ev = res["eval_tiny"]
+    assert ev["status"] == "ok" and ev["mmeb"]["rc"] == 0 and ev["video"]["rc"] == 0
+    assert set(ev["mmeb"]["datasets"]) == {"synthetic_i2t", "synthetic_t2i", "synthetic_vqa"}
+    assert ev["mmeb"]["dtype"] == "bfloat16" and 0 <= ev["mmeb"]["p_at_1"] <= 1
+    assert ev["video"]["num_videos"] == 3 and ev["video"]["dtype"] == "bfloat16"
+    print(f"stage T dry run: {wall:.0f} s")
+
+
+def test_gpu_check_names_stage_T_in_its_usage():
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "X"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "A|B|C|AB|T|BT" in r.stdout
+
+
+def test_step_part_keeps_what_it_measured_when_stopped(tmp_path):
+    """SIGINT (run_step's limit) during part 'step': exit 130, the steps done are in the file,
+    marked interrupted."""
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, str(BENCH / "bench_train_step.py"), "step", "--dry", "--out", str(out)],
+                            env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                res = json.loads(out.read_text())
+            except (OSError, ValueError):
+                res = {}
+            if (res.get("step") or {}).get("grid_1x1", {}).get("warmup"):
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("no warm-up step within 300 s")
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, text[-3000:]
+    res = json.loads(out.read_text())
+    assert res["parts"]["step"] == "interrupted" and res["step"]["status"] == "interrupted"
+    assert len(res["step"]["grid_1x1"]["warmup"]) == 1 and "interrupted" in text
+
+
+# ------------------------------------------------------------------------------ pieces
+def test_search_largest_doubles_then_bisects():
+    calls = []
+
+    def try_fn(B):
+        calls.append(B)
+        return {"B": B, "ok": B <= 100, "oom": B > 100, "s": 0.01 * B}
+
+    r = B.search_largest(try_fn, start=16, b_max=4096, max_try_s=60, deadline=None, bisect=2, grain=8)
+    assert calls == [16, 32, 64, 128, 96, 112]
+    assert r["largest_ok"] == 96 and r["smallest_oom"] == 112 and r["limited_by"] == "memory"
+    assert [t.get("bisect", False) for t in r["tries"]] == [False] * 4 + [True] * 2
+
+
+def test_search_largest_stops_by_time_deadline_limit_and_error():
+    def slow(B):
+        return {"B": B, "ok": True, "oom": False, "s": 0.1 * B}
+
+    r = B.search_largest(slow, start=16, b_max=4096, max_try_s=5, deadline=None)
+    assert r["largest_ok"] == 32 and r["smallest_oom"] is None and r["limited_by"].startswith("time: a try at B=64")
+
+    r = B.search_largest(slow, start=16, b_max=32, max_try_s=60, deadline=None)
+    assert r["largest_ok"] == 32 and r["limited_by"].startswith("b_max")
+
+    now = [0.0]
+
+    def ticking(B):
+        now[0] += 0.1 * B
+        return {"B": B, "ok": True, "oom": False, "s": 0.1 * B}
+
+    r = B.search_largest(ticking, start=16, b_max=4096, max_try_s=60, deadline=6.0, clock=lambda: now[0])
+    # 1.6 s + 3.2 s used; the next try (~6.4 s) would end past the deadline
+    assert r["largest_ok"] == 32 and r["limited_by"].startswith("deadline")
+
+    def broken(B):
+        return {"B": B, "ok": B < 32, "oom": False, "s": 1.0, "error": "RuntimeError: boom"}
+
+    r = B.search_largest(broken, start=16, b_max=4096, max_try_s=60, deadline=None)
+    assert r["largest_ok"] == 16 and r["limited_by"] == "error at B=32: RuntimeError: boom"
+
+    # after an out-of-memory try, a bisection try failing otherwise stops (the engine may be unusable)
+    def after_oom(B):
+        if B == 128:
+            return {"B": B, "ok": False, "oom": True}
+        if B > 64:
+            return {"B": B, "ok": False, "oom": False, "error": "AssertionError: trace"}
+        return {"B": B, "ok": True, "oom": False, "s": 0.01}
+
+    r = B.search_largest(after_oom, start=64, b_max=4096, max_try_s=60, deadline=None, bisect=3)
+    assert r["largest_ok"] == 64 and r["smallest_oom"] == 128 and "engine unusable" in r["bisect_stopped"]
+
+
+def test_flops_count_a_batch_by_hand():
+    from llave_fast.model import tiny_config
+
+    cfg = tiny_config(vocab_size=300, image_token_index=299)
+    F = B.Flops(cfg)
+    v, t = cfg.vision_config, cfg.text_config
+    n = (v.image_size // v.patch_size) ** 2
+    hv, iv, h, i = v.hidden_size, v.intermediate_size, t.hidden_size, t.intermediate_size
+    d = t.hidden_size // t.num_attention_heads
+    vis = 3 * v.patch_size ** 2 * hv + v.num_hidden_layers * (4 * hv * hv + 2 * hv * iv)
+    proj = hv * h + h * h
+    lm = t.num_hidden_layers * (h * h + 2 * h * t.num_key_value_heads * d + h * h + 3 * h * i)
+    assert (F.vision_params, F.projector_params, F.lm_params) == (vis, proj, lm)
+    side = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+            "pixel_values": [torch.zeros(2, 3, v.image_size, v.image_size), None]}
+    c = F.side(side)
+    assert (c["lm_tokens"], c["lm_tokens_executed"], c["tiles"], c["vision_tokens"]) == (7, 8, 2, 2 * n)
+    tile = 2 * n * (vis + proj) + 4 * n * n * hv * v.num_hidden_layers
+    attn = 4 * t.num_attention_heads * d * t.num_hidden_layers
+    real = 2 * tile + 2 * lm * 7 + 0.5 * attn * (3 ** 2 + 4 ** 2)
+    executed = 2 * tile + 2 * (2 * lm * 4 + attn * 4 ** 2)
+    assert c["fwd_real"] == pytest.approx(real) and c["fwd_executed"] == pytest.approx(executed)
+    both = F.batch({"query": side, "target": side})
+    tf = B.Flops.step_tflop(both, cached=True, checkpointing=True)
+    assert tf["tflop_useful"] == pytest.approx(3 * 2 * real / 1e12)
+    assert tf["tflop_with_gradcache_forward"] == pytest.approx(4 * 2 * real / 1e12)
+    assert tf["tflop_executed"] == pytest.approx(5 * 2 * executed / 1e12)
+    single = B.Flops.step_tflop(both, cached=False, checkpointing=False)
+    assert single["tflop_with_gradcache_forward"] == single["tflop_useful"]
+    assert single["tflop_executed"] == pytest.approx(3 * 2 * executed / 1e12)
+
+
+class _FakeEngine:
+    """What GradCache and TimedEngine use of a DeepSpeed engine (stage 0), around a plain module."""
+
+    def __init__(self, module):
+        self.module = module
+        self.backwards = 0
+        self.boundaries = []
+
+    def __call__(self, x):
+        return torch.nn.functional.normalize(self.module(x), dim=-1)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        assert scale_wrt_gas is False
+        self.backwards += 1
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def gradient_accumulation_steps(self):
+        return 1
+
+    def set_gradient_accumulation_boundary(self, b):
+        self.boundaries.append(b)
+
+
+def _loss(q, t, **kw):
+    s = q @ t.T * 10
+    return torch.nn.functional.cross_entropy(s, torch.arange(len(q)))
+
+
+def test_timed_engine_marks_gradcache_phases():
+    """The wrappers see GradCache's phases from outside: cached path (encode, loss, re-encode with
+    per-chunk forward and backward) and single pass (forward, loss, backward)."""
+    from llave_fast import GradCache
+
+    torch.manual_seed(0)
+    engine = _FakeEngine(torch.nn.Linear(8, 4))
+    clock = B.Clock(torch.device("cpu"))
+    q, t = torch.randn(6, 8), torch.randn(6, 8)
+    cache = GradCache(B.TimedEngine(engine, clock), B.TimedLoss(_loss, clock), 2)
+    clock.reset()
+    clock.enter("start")
+    cache(q, t)
+    clock.enter("end")
+    assert [m for m, _ in clock.marks] == ["start", "encode", "loss", "reencode", "end"]
+    assert len(clock.sub["fwd"]) == 6 and len(clock.sub["bwd"]) == 6 and engine.backwards == 6
+    ph = clock.result()
+    assert ph["reencode"] >= ph["reencode_fwd"] + ph["reencode_bwd"] - 1e-6
+    assert ph["total"] == pytest.approx(sum(ph[k] for k in ("start", "encode", "loss", "reencode")))
+    grads = engine.module.weight.grad.clone()
+
+    # the same gradients through the single pass (chunk holds all 12 samples), phases in its order
+    engine.module.weight.grad = None
+    engine.module.bias.grad = None
+    cache = GradCache(B.TimedEngine(engine, clock), B.TimedLoss(_loss, clock), 12)
+    clock.reset()
+    clock.enter("start")
+    cache(q, t)
+    clock.enter("end")
+    assert [m for m, _ in clock.marks] == ["start", "reencode", "loss", "backward", "end"]
+    torch.testing.assert_close(engine.module.weight.grad, grads, rtol=1e-5, atol=1e-6)
+
+
+def test_tile_batch_takes_or_repeats_rows():
+    side = {"input_ids": torch.arange(6).view(2, 3), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+            "pixel_values": [torch.zeros(1, 3, 4, 4), None], "image_sizes": [(4, 4), None]}
+    batch = {"query": side, "target": side, "negatives": None, "target_ids": torch.tensor([0, 1])}
+    one = B.tile_batch(batch, 1)
+    assert one["query"]["input_ids"].tolist() == [[0, 1, 2]] and one["target_ids"] is None
+    five = B.tile_batch(batch, 5)
+    assert five["query"]["input_ids"][:, 0].tolist() == [0, 3, 0, 3, 0]
+    assert [p is None for p in five["target"]["pixel_values"]] == [False, True, False, True, False]
+    assert five["query"]["image_sizes"] == [(4, 4), None, (4, 4), None, (4, 4)]
+
+
+def test_batches_fall_back_to_threads_when_the_workers_die():
+    """A dead DataLoader worker (e.g. a bus error on a small /dev/shm) does not end the run: the
+    remaining batches are made by threads, in order."""
+    from llave_fast import train as T
+
+    class Dying:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error.")
+
+    fake = SimpleNamespace(step_loader=lambda *a, **k: Dying(), StepBatches=T.StepBatches, BatchOrder=T.BatchOrder)
+    stream = B.Batches(fake, lambda records: {"rows": [r["row"] for r in records]}, image_size=32, pairs=4, steps=3,
+                       seed=0, workers=2)
+    got = [b["rows"] for b, wait in stream]
+    order = T.BatchOrder(12, 4, 0)
+    assert got == [[int(i) for i in order(s)] for s in range(3)]
+
+
+def test_fetch_wheels_pins_every_wheel_from_constraints():
+    """The wheel script is valid bash and every package it fetches has a version in constraints.txt
+    (it reads them from there; a missing pin would stop it on the machine that runs it)."""
+    script = (BENCH / "fetch_wheels.sh").read_text()
+    r = subprocess.run(["bash", "-n", str(BENCH / "fetch_wheels.sh")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    names = []
+    for arr in ("NEEDED", "FALLBACK"):
+        m = re.search(rf"^{arr}=\(([^)]*)\)", script, re.M)
+        assert m, arr
+        names += m.group(1).split()
+    assert {"hjson", "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "av"} <= set(names)
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, ver = line.split("==")
+            pins[re.sub(r"[_.]", "-", name.lower())] = ver
+    assert "deepspeed" in pins and "DS_BUILD_OPS=0" in script and "pip wheel" in script
+    missing = [n for n in names if re.sub(r"[_.]", "-", n.lower()) not in pins]
+    assert not missing, f"not pinned in constraints.txt: {missing}"
