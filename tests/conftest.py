@@ -7,6 +7,8 @@ LLAVE_FAST_COMPILED=1 (the interpreter is then left off). Nothing here probes CU
 
 import os
 
+import pytest
+
 if os.environ.get("LLAVE_FAST_COMPILED", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -46,3 +48,15 @@ def pytest_sessionstart(session):
     why = _import_guard()
     if why is not None:
         pytest.exit("the test environment is broken, no test was run:\n" + why, returncode=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on a shared, loaded 2-core machine
+    one thread is several times faster than two (use: pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

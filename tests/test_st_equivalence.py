@@ -87,13 +87,7 @@ def columns(model, B: int, n_neg: int, seed: int = 0) -> list[dict]:
     return [model.preprocess(sentences(B, seed + 101 * c, (2 + c % 3, 5 + c))) for c in range(2 + n_neg)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is several times faster than two on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

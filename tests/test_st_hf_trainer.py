@@ -27,12 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog bird fish sat ran on under mat rug tree pond red blue green big small old house car".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -27,12 +27,7 @@ from test_st_equivalence import WORDS, load_st_model, save_tiny_model  # noqa: E
 STEPS = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def triplets(n: int, seed: int = 0) -> "datasets.Dataset":
