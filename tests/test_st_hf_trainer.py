@@ -119,6 +119,10 @@ _RANK_SCRIPT = textwrap.dedent("""
         torch.save({{"params": {{n: p.detach() for n, p in model.named_parameters()}},
                     "distributed": trainer.fused_loss().distributed, "world": trainer.args.world_size}},
                    out + "/params.pt")
+    import torch.distributed as dist
+    if dist.is_initialized():  # leave together: a rank exiting while gloo still talks aborts the other
+        dist.barrier()
+        dist.destroy_process_group()
 """)
 
 
