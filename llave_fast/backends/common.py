@@ -149,10 +149,21 @@ def s_mode_setting(setting=None) -> str:
     return setting
 
 
+#: rows of the kept / streamed fp32 S and of the backward's dS strip start a multiple of this
+#: many elements apart
+ROW_ALIGN = 64
+
+
+def round_up(n: int, m: int) -> int:
+    """``n`` (at least 1) rounded up to a multiple of ``m``."""
+    return -(-max(1, n) // m) * m
+
+
 def s_row_stride(NT: int) -> int:
-    """Elements between rows of a kept/streamed S: NT rounded up to a multiple of 64 (aligned
-    rows, and the library GEMM gets an aligned N)."""
-    return -(-max(1, NT) // _S_ROW_ALIGN) * _S_ROW_ALIGN
+    """Elements between rows of a kept/streamed S: NT rounded up to a multiple of ROW_ALIGN
+    (aligned rows, and the library GEMM gets an aligned N). The dS strip has the same stride
+    (``triton_backend.ds_row_stride``): the cached dS kernel reads S and writes dS with one."""
+    return round_up(NT, ROW_ALIGN)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 
 from .common import (
     PATH_COUNTS,
+    ROW_ALIGN,
     S_MIN_ROWS,
     LossConfig,
     SPlan,
@@ -25,8 +26,10 @@ from .common import (
     hardness_forward,
     new_output,
     plan_s,
+    round_up,
     s_cache_budget,
     s_mode_setting,
+    s_row_stride,
     sim_operand_dtype,
     similarity_into,
 )
@@ -483,7 +486,7 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
 
 
 #: the dS strip's row stride is a multiple of this many elements (128 bytes of bf16/fp16)
-DS_STRIDE_ALIGN = 64
+DS_STRIDE_ALIGN = ROW_ALIGN
 
 
 def ds_row_stride(NT: int) -> int:
@@ -491,8 +494,9 @@ def ds_row_stride(NT: int) -> int:
     of DS_STRIDE_ALIGN. Every row then starts 128-byte aligned (16-bit), so the kernel's
     stores vectorise and the library GEMMs get an aligned leading dimension for any NT
     (hard negatives, uneven ranks); they read the ``[:rows, :stride]`` view (the kernel writes
-    exact zeros past NT), so their K is a multiple of 64 too."""
-    return round_up(NT, DS_STRIDE_ALIGN)
+    exact zeros past NT), so their K is a multiple of 64 too. The kept / streamed fp32 S has the
+    same stride (``common.s_row_stride``)."""
+    return s_row_stride(NT)
 
 
 # The library GEMMs of the strip backward get their inner dimension (K: NT for dq, the strip's rows
@@ -501,11 +505,6 @@ def ds_row_stride(NT: int) -> int:
 # (H200, NT = 16383; NOTES.md).
 GEMM_K_ALIGN = 64
 GEMM_LD_ALIGN = 8
-
-
-def round_up(n: int, m: int) -> int:
-    """``n`` (at least 1) rounded up to a multiple of ``m``."""
-    return -(-max(1, n) // m) * m
 
 
 def gemm_k(n: int) -> int:
@@ -674,10 +673,9 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     R = strip_rows(cfg, B, NT, torch.empty((), dtype=dsd).element_size())
     stride = ds_row_stride(NT)
     mode = "fused" if s_plan is None else s_plan.mode
-    s_buf = T_sim = None
+    s_buf = None
     if mode == "stream":
         R = min(R, s_plan.rows)
-        T_sim = gemm_operand(Tc, stride, D, sim_operand_dtype(q))
         s_buf = new_output((R, stride), dev)
     # Padded GEMM shapes (GEMM_K_ALIGN, GEMM_LD_ALIGN): dq = dS[:rows, :stride] @ T_op with T_op
     # (stride x Dp, zero rows past NT: the kernel writes dS = 0 in columns NT..stride-1), and
@@ -704,6 +702,11 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
     prec = _precision(q)
     # GEMM operands: the strip's dtype (an fp32 strip with 16-bit inputs: upcast T and q), padded
     T_op = gemm_operand(Tc, stride, Dp, dsd)
+    T_sim = None
+    if mode == "stream":
+        # the operand of the S GEMM: T_op itself where it has the same dtype and no padding columns
+        sim_dtype = sim_operand_dtype(q)
+        T_sim = T_op if (Dp == D and dsd == sim_dtype) else gemm_operand(Tc, stride, D, sim_dtype)
     BM, BN = cfg["DS_BM"], cfg["DS_BN"]
     n_ct = triton_cdiv(stride, BN)  # every column of the row stride is written (0 past NT)
     with _enter(dev):
