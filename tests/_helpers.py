@@ -418,3 +418,17 @@ def combo_id(c: dict) -> str:
             v = "x".join(str(x) for x in v)
         parts.append(f"{k}={v}")
     return "-".join(parts)
+
+
+# ---------------------------------------------------------------- the command line, in process
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of ``llave-fast ARGV`` run in this process (argparse's
+    SystemExit included; arguments such as paths are passed as strings)."""
+    from llave_fast.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from llave_fast import __version__
-from llave_fast.cli import HIDDEN_FIELDS, build_parser, is_user_error, main, train_config_from_args
+from llave_fast.cli import HIDDEN_FIELDS, build_parser, is_user_error, train_config_from_args
+from _helpers import run_cli as _main  # noqa: E402
 from llave_fast.train import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +31,6 @@ def _train_actions(argv):
     return {a.dest: a for a in sub.choices["train"]._actions}
 
 
-def _main(capsys, *argv):
-    """(exit code, stdout, stderr) of main(argv), argparse's SystemExit included."""
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # ------------------------------------------------------------------------------ help and version

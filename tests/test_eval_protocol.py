@@ -31,19 +31,12 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 
-from llave_fast.cli import main  # noqa: E402
+from _helpers import run_cli as _main  # noqa: E402
 from llave_fast.model import LLaVEEmbedder, build_tiny_model  # noqa: E402
 
 LONG = "represent the given image with the following question: " + " ".join(["red circle on the left"] * 12)
 
 
-def _main(capsys, *argv):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _img(w=40, h=30, colour=(200, 30, 30)):

@@ -11,20 +11,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from llave_fast.cli import main  # noqa: E402
+from _helpers import run_cli as _main  # noqa: E402
 from llave_fast.data.mmeb import BadDataError  # noqa: E402
 from llave_fast.data.mmeb_eval import find_eval_datasets, read_eval_set, write_mmeb_eval  # noqa: E402
 from llave_fast.data.mmeb_tasks import META_TASKS, MMEB_TASKS, meta_task_of, split_of  # noqa: E402
 from llave_fast.evaluate import candidate_list_hits, format_mmeb_table  # noqa: E402
 
 
-def _main(capsys, *argv):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _rows(path):

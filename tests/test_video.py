@@ -19,7 +19,7 @@ import torch
 
 av = pytest.importorskip("av")
 
-from llave_fast.cli import main  # noqa: E402
+from _helpers import run_cli as _main  # noqa: E402
 from llave_fast.model import build_tiny_model  # noqa: E402
 from llave_fast.model import video as mv  # noqa: E402
 from llave_fast.video import (  # noqa: E402
@@ -372,13 +372,6 @@ def clips(tmp_path_factory):
     return str(root)
 
 
-def _main(capsys, *argv):
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_eval_video_cli_end_to_end(tiny_folder, clips, tmp_path, capsys):
