@@ -14,7 +14,6 @@ import torch
 
 from .common import (
     PATH_COUNTS,
-    ROW_ALIGN,
     S_MIN_ROWS,
     LossConfig,
     SPlan,
@@ -485,13 +484,11 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     return dq, dTc
 
 
-#: the dS strip's row stride is a multiple of this many elements (128 bytes of bf16/fp16)
-DS_STRIDE_ALIGN = ROW_ALIGN
 
 
 def ds_row_stride(NT: int) -> int:
     """Elements between consecutive rows of the dS strip buffer: NT rounded up to a multiple
-    of DS_STRIDE_ALIGN. Every row then starts 128-byte aligned (16-bit), so the kernel's
+    of common.ROW_ALIGN (64). Every row then starts 128-byte aligned (16-bit), so the kernel's
     stores vectorise and the library GEMMs get an aligned leading dimension for any NT
     (hard negatives, uneven ranks); they read the ``[:rows, :stride]`` view (the kernel writes
     exact zeros past NT), so their K is a multiple of 64 too. The kept / streamed fp32 S has the
