@@ -6,6 +6,7 @@ import math
 import numbers
 
 import torch
+from .errors import InvalidArgument, InvalidArgumentType
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -22,30 +23,30 @@ def check_embeddings(name: str, x, *, like: torch.Tensor | None = None, like_nam
                      allow_empty: bool = False) -> None:
     """``allow_empty``: zero rows are accepted (a rank with an empty batch across ranks)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of embeddings, got {_desc(x)}")
+        raise InvalidArgumentType(f"{name} must be a torch.Tensor of embeddings, got {_desc(x)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise InvalidArgumentType(
             f"{name} must be a floating tensor (bfloat16, float16, float32 or float64), got dtype {x.dtype}"
         )
     if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows x embedding width), got shape {tuple(x.shape)}")
+        raise InvalidArgument(f"{name} must be 2-D (rows x embedding width), got shape {tuple(x.shape)}")
     if x.shape[1] == 0:
-        raise ValueError(f"{name} has embedding width 0 (shape {tuple(x.shape)})")
+        raise InvalidArgument(f"{name} has embedding width 0 (shape {tuple(x.shape)})")
     if like is None:
         if x.shape[0] == 0 and not allow_empty:
-            raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): the loss needs at least one pair")
+            raise InvalidArgument(f"{name} is an empty batch (shape {tuple(x.shape)}): the loss needs at least one pair")
         return
     if x.shape[1] != like.shape[1]:
-        raise ValueError(
+        raise InvalidArgument(
             f"{name} has embedding width {x.shape[1]} (shape {tuple(x.shape)}) but {like_name} has "
             f"width {like.shape[1]} (shape {tuple(like.shape)})"
         )
     if x.dtype != like.dtype:
-        raise TypeError(
+        raise InvalidArgumentType(
             f"{name} has dtype {x.dtype} but {like_name} has dtype {like.dtype}: cast both to one dtype"
         )
     if x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}: move both to one device")
+        raise InvalidArgument(f"{name} is on {x.device} but {like_name} is on {like.device}: move both to one device")
 
 
 def check_ids(name: str, ids, lengths: tuple[int, ...], device: torch.device, what: str):
@@ -53,14 +54,14 @@ def check_ids(name: str, ids, lengths: tuple[int, ...], device: torch.device, wh
     if ids is None:
         return None
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be an int64 tensor with one id per row, got {_desc(ids)}")
+        raise InvalidArgumentType(f"{name} must be an int64 tensor with one id per row, got {_desc(ids)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer (int64) tensor, got dtype {ids.dtype}")
+        raise InvalidArgumentType(f"{name} must be an integer (int64) tensor, got dtype {ids.dtype}")
     if ids.dim() != 1 or ids.shape[0] not in lengths:
         want = " or ".join(str(n) for n in lengths)
-        raise ValueError(f"{name} must be 1-D with {want} entries ({what}), got shape {tuple(ids.shape)}")
+        raise InvalidArgument(f"{name} must be 1-D with {want} entries ({what}), got shape {tuple(ids.shape)}")
     if ids.device != device:
-        raise ValueError(f"{name} is on {ids.device} but the embeddings are on {device}")
+        raise InvalidArgument(f"{name} is on {ids.device} but the embeddings are on {device}")
     return ids.to(torch.int64).contiguous()
 
 
@@ -70,28 +71,28 @@ def check_scale(logit_scale, device: torch.device | None = None):
     ``device``: the embeddings' device; a scale tensor that requires grad must live there.
     """
     if isinstance(logit_scale, bool) or logit_scale is None:
-        raise TypeError(
+        raise InvalidArgumentType(
             f"logit_scale must be a positive float or a 0-d tensor, got {_desc(logit_scale)} "
             "(LLaVE's WeightedClipLoss options such as local_loss must be passed by keyword)"
         )
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1 or logit_scale.dim() > 1:
-            raise ValueError(f"logit_scale must be a 0-d (or 1-element) tensor, got shape {tuple(logit_scale.shape)}")
+            raise InvalidArgument(f"logit_scale must be a 0-d (or 1-element) tensor, got shape {tuple(logit_scale.shape)}")
         if not logit_scale.dtype.is_floating_point:
-            raise TypeError(f"logit_scale must be a floating tensor, got dtype {logit_scale.dtype}")
+            raise InvalidArgumentType(f"logit_scale must be a floating tensor, got dtype {logit_scale.dtype}")
         if device is not None and logit_scale.device != device and (
             logit_scale.requires_grad or logit_scale.device.type == "meta"
         ):
-            raise ValueError(f"logit_scale is on {logit_scale.device} but the embeddings are on {device}")
+            raise InvalidArgument(f"logit_scale is on {logit_scale.device} but the embeddings are on {device}")
         value = float(logit_scale.detach().reshape(()).item())
         tensor = logit_scale
     elif isinstance(logit_scale, numbers.Real):
         value = float(logit_scale)
         tensor = None
     else:
-        raise TypeError(f"logit_scale must be a positive float or a 0-d tensor, got {_desc(logit_scale)}")
+        raise InvalidArgumentType(f"logit_scale must be a positive float or a 0-d tensor, got {_desc(logit_scale)}")
     if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"logit_scale must be finite and > 0, got {value}")
+        raise InvalidArgument(f"logit_scale must be finite and > 0, got {value}")
     return value, tensor
 
 
@@ -100,23 +101,23 @@ def check_alpha(alpha) -> float:
     so alpha gets no gradient: a tensor that requires grad is refused rather than silently
     turned into a constant."""
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"alpha must be a finite float, got {_desc(alpha)}")
+        raise InvalidArgumentType(f"alpha must be a finite float, got {_desc(alpha)}")
     if isinstance(alpha, torch.Tensor):
         if alpha.numel() != 1:
-            raise ValueError(f"alpha must be a scalar, got a tensor of shape {tuple(alpha.shape)}")
+            raise InvalidArgument(f"alpha must be a scalar, got a tensor of shape {tuple(alpha.shape)}")
         if alpha.requires_grad:
-            raise ValueError(
+            raise InvalidArgument(
                 "alpha is a tensor that requires grad, but the hardness weight exp(alpha * S) is detached by "
                 "definition (LLaVE), so alpha would get no gradient; pass a float or alpha.detach()"
             )
         alpha = alpha.item()
     alpha = float(alpha)
     if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
+        raise InvalidArgument(f"alpha must be finite, got {alpha}")
     return alpha
 
 
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise InvalidArgument(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value

@@ -34,6 +34,7 @@ import platform
 import shutil
 import statistics
 import time
+from .errors import InvalidArgument, MissingDependency
 
 DEFAULT_CONFIG = "tiny_cpu.json"
 DEFAULT_ALPHAS = (0.0, 9.0)
@@ -59,9 +60,9 @@ def _items(flag: str, value) -> list[str]:
         try:
             items = list(value)
         except TypeError:
-            raise ValueError(f"{flag}: expected a comma-separated list, got {value!r}") from None
+            raise InvalidArgument(f"{flag}: expected a comma-separated list, got {value!r}") from None
     if not items or any(isinstance(x, str) and not x for x in items):
-        raise ValueError(f"{flag}: expected a non-empty comma-separated list without empty items, got {value!r}")
+        raise InvalidArgument(f"{flag}: expected a non-empty comma-separated list without empty items, got {value!r}")
     return items
 
 
@@ -72,12 +73,12 @@ def parse_alphas(value) -> list[float]:
         try:
             a = float(x)
         except (TypeError, ValueError):
-            raise ValueError(f"--alphas: {x!r} is not a number (got {value!r})") from None
+            raise InvalidArgument(f"--alphas: {x!r} is not a number (got {value!r})") from None
         if not math.isfinite(a):
-            raise ValueError(f"--alphas: {x!r} is not finite (got {value!r})")
+            raise InvalidArgument(f"--alphas: {x!r} is not finite (got {value!r})")
         out.append(a)
     if len(set(out)) != len(out):
-        raise ValueError(f"--alphas: a value is repeated in {value!r}")
+        raise InvalidArgument(f"--alphas: a value is repeated in {value!r}")
     return out
 
 
@@ -90,10 +91,10 @@ def parse_batches(value) -> list[int]:
         except (TypeError, ValueError):
             b = None
         if b is None or isinstance(x, bool) or b < 1:
-            raise ValueError(f"--batches: {x!r} is not a positive integer (got {value!r})")
+            raise InvalidArgument(f"--batches: {x!r} is not a positive integer (got {value!r})")
         out.append(b)
     if len(set(out)) != len(out):
-        raise ValueError(f"--batches: a value is repeated in {value!r}")
+        raise InvalidArgument(f"--batches: a value is repeated in {value!r}")
     return out
 
 
@@ -101,7 +102,7 @@ def _positive(flag: str, v, allow_none: bool = True):
     if v is None and allow_none:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{flag} must be a positive integer, got {v!r}")
+        raise InvalidArgument(f"{flag} must be a positive integer, got {v!r}")
     return v
 
 
@@ -126,25 +127,25 @@ def plan(*, config: str = DEFAULT_CONFIG, alphas=DEFAULT_ALPHAS, batches=DEFAULT
     from .data.synthetic import MAX_FAMILY_SIZE
 
     if not isinstance(family_size, int) or isinstance(family_size, bool) or not 1 <= family_size <= MAX_FAMILY_SIZE:
-        raise ValueError(f"--family-size must be an integer in 1..{MAX_FAMILY_SIZE}, got {family_size!r}")
+        raise InvalidArgument(f"--family-size must be an integer in 1..{MAX_FAMILY_SIZE}, got {family_size!r}")
     try:
         preset = TrainConfig.from_json(config)
     except FileNotFoundError as e:
-        raise ValueError(f"--config {config!r}: {e}") from None
+        raise InvalidArgument(f"--config {config!r}: {e}") from None
     if preset.data != "synthetic" or preset.model != "tiny":
-        raise ValueError(f"--config {config!r}: the ablation trains the tiny model on the synthetic data; this "
+        raise InvalidArgument(f"--config {config!r}: the ablation trains the tiny model on the synthetic data; this "
                          f"config has model={preset.model!r}, data={preset.data!r}")
     if global_batch is None:
         global_batch = max(batches)
     for b in batches:
         if b > global_batch or global_batch % b:
-            raise ValueError(f"--batches: {b} does not divide the global batch of {global_batch} pairs "
+            raise InvalidArgument(f"--batches: {b} does not divide the global batch of {global_batch} pairs "
                              f"(--global-batch, default the largest of --batches); every value must")
         if b % family_size:
-            raise ValueError(f"--batches: {b} is not a multiple of --family-size {family_size}: a loss batch "
+            raise InvalidArgument(f"--batches: {b} is not a multiple of --family-size {family_size}: a loss batch "
                              "holds whole families")
     if global_batch > preset.num_train:
-        raise ValueError(f"--global-batch {global_batch} is larger than the preset's {preset.num_train} "
+        raise InvalidArgument(f"--global-batch {global_batch} is larger than the preset's {preset.num_train} "
                          f"training samples (num_train in {config})")
     if steps is None:
         pairs = preset.steps * preset.global_batch * (QUICK_PAIRS_FRACTION if quick else 1.0)
@@ -273,7 +274,7 @@ def load_results(path: str, setting: dict) -> list[dict]:
             saved = json.load(f)
         runs, old = saved["runs"], saved["setting"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not an ablation results file ({type(e).__name__}: {e}); give another "
+        raise InvalidArgument(f"{path}: not an ablation results file ({type(e).__name__}: {e}); give another "
                          "--output-dir or remove it") from None
     if old != json.loads(json.dumps(setting)):
         now = json.loads(json.dumps(setting))
@@ -286,7 +287,7 @@ def load_results(path: str, setting: dict) -> list[dict]:
             elif a != b:
                 diffs.append(f"{k}: {a!r} there, {b!r} now")
         diff = ", ".join(diffs)
-        raise ValueError(f"{path} holds runs made with another setting ({diff}); resume it with the options it was "
+        raise InvalidArgument(f"{path} holds runs made with another setting ({diff}); resume it with the options it was "
                          "made with, or give another --output-dir")
     return list(runs)
 
@@ -340,7 +341,7 @@ def _require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("llave-fast ablate draws ablation.png with matplotlib, which is not installed: "
+        raise MissingDependency("llave-fast ablate draws ablation.png with matplotlib, which is not installed: "
                           "pip install 'llave-fast[train]' (or pip install matplotlib)") from None
     return matplotlib
 

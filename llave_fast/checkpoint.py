@@ -29,6 +29,7 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from .errors import InvalidArgument, LlaveFastError
 
 MARKER = "COMPLETE"
 POINTER = "latest"
@@ -119,7 +120,7 @@ NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 LOW_SPACE_BYTES = 1 << 20
 
 
-class DiskFull(RuntimeError, ValueError):
+class DiskFull(LlaveFastError, RuntimeError, ValueError):
     """A write failed because the file system is full. ``path`` is the file being written,
     ``device`` the file system (source, type and mount point), ``checkpoint`` the last complete
     checkpoint of the run (None when there is none, or the write was not a run's). A ValueError
@@ -220,7 +221,7 @@ def reporting_full_disk(path: str, ckpt_root: str | None = None):
 # -- what a checkpoint may hold ----------------------------------------------------------------
 
 
-class UntrustedCheckpoint(ValueError):
+class UntrustedCheckpoint(InvalidArgument):
     """A checkpoint file pickles something that is not checkpoint data (a class or function
     ``torch.load(weights_only=True)`` refuses): it was not unpickled, so nothing in it ran."""
 
@@ -283,7 +284,7 @@ def safe_load(path: str, map_location=None, mmap: bool | None = None):
         except pickle.UnpicklingError as exc:
             raise UntrustedCheckpoint(str(path), _weights_only_reason(exc)) from None
         except (RuntimeError, EOFError, ValueError) as exc:
-            raise ValueError(f"{path} is not a readable checkpoint file ({type(exc).__name__}: "
+            raise InvalidArgument(f"{path} is not a readable checkpoint file ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); a torn or changed file") from exc
 
 
@@ -306,7 +307,7 @@ def check_files(folder: str) -> None:
                 try:
                     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
                 except (RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
-                    raise ValueError(f"{path} is not a readable checkpoint file ({type(exc).__name__}: {exc}); "
+                    raise InvalidArgument(f"{path} is not a readable checkpoint file ({type(exc).__name__}: {exc}); "
                                      "a torn or changed file") from exc
                 if unsafe:
                     raise UntrustedCheckpoint(path, "it holds pickled data that is not checkpoint data (it names "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import linecache
 import os
 import sys
 import traceback
@@ -33,6 +32,7 @@ import typing
 
 from . import __version__
 from ._checks import BACKENDS
+from .errors import InvalidArgumentType, LlaveFastError
 
 PROG = "llave-fast"
 DEFAULT_CONFIG = "tiny_cpu.json"
@@ -41,10 +41,9 @@ DEFAULT_CONFIG = "tiny_cpu.json"
 HIDDEN_FIELDS = frozenset({"stop_after"})
 # choices of str fields, when the field's metadata does not give them ("choices")
 FIELD_CHOICES = {"loss_backend": BACKENDS, "bad_images": ("skip", "fail")}
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-class UsageError(Exception):
+class UsageError(LlaveFastError):
     """A user error found by the command itself (printed without a traceback)."""
 
 
@@ -58,36 +57,13 @@ class _Parser(argparse.ArgumentParser):
 
 # -------------------------------------------------------------------------- which errors are the user's
 _FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-_CHECK_ERRORS = (ValueError, TypeError, ImportError)
-
-
-def _raised_by_our_check(exc: BaseException) -> bool:
-    """True when ``exc`` comes from an explicit ``raise`` statement in llave_fast's own code.
-
-    Our argument and data checks raise ValueError / TypeError (ImportError for a missing
-    optional package) with a message naming the argument and what it got. The same types
-    raised inside a library, or by a failed call in our code (a TypeError for a wrong
-    number of arguments is raised at the call, not at a ``raise``), are bugs: not ours.
-    """
-    tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
-    if not filename.startswith(_PKG_DIR + os.sep):
-        return False
-    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
 
 
 def is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (UsageError,) + _FILE_ERRORS):
-        return True
-    from .data.mmeb import BadDataError
-
-    if isinstance(exc, BadDataError):
-        return True
-    return isinstance(exc, _CHECK_ERRORS) and _raised_by_our_check(exc)
+    """True for an error the user can fix: one of llave-fast's own checks (every one raises a
+    :class:`~llave_fast.errors.LlaveFastError`) or a file that is missing or unreadable. Any
+    other exception, a ValueError from inside torch included, is a bug and gets a traceback."""
+    return isinstance(exc, (LlaveFastError,) + _FILE_ERRORS)
 
 
 def _message(exc: BaseException) -> str:
@@ -137,7 +113,7 @@ def _flag_parser(tp, optional: bool):
     elif tp in (int, float, str):
         base, name = tp, tp.__name__
     else:
-        raise TypeError(f"TrainConfig field type {tp!r} has no command-line form")
+        raise InvalidArgumentType(f"TrainConfig field type {tp!r} has no command-line form")
     if not optional:
         return _named(lambda s: base(s), name)
     return _named(lambda s: None if s.lower() == "none" else base(s), name + " or 'none'")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from .errors import InvalidArgument
 
 
 @dataclass
@@ -54,11 +55,11 @@ class RankComm:
         table = self.exchange_ints([B, M, target_ids is not None, query_ids is not None, int(neg_ids)], device)
         for col, name in ((2, "target_ids"), (3, "query_ids")):
             if table[:, col].min() != table[:, col].max():
-                raise ValueError(f"{name} must be given on every rank or on none; per rank: {table[:, col].tolist()}")
+                raise InvalidArgument(f"{name} must be given on every rank or on none; per rank: {table[:, col].tolist()}")
         b_sizes, m_sizes = table[:, 0].tolist(), table[:, 1].tolist()
         neg_with_ids = [bool(x) for x in table[:, 4].tolist()]
         if any(neg_with_ids) and any(m > 0 and not w for m, w in zip(m_sizes, neg_with_ids)):
-            raise ValueError(
+            raise InvalidArgument(
                 "target_ids must cover the negatives on every rank that has negatives, or on none; "
                 f"per rank (negatives, ids cover them): {list(zip(m_sizes, neg_with_ids))}"
             )

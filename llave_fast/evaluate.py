@@ -39,6 +39,7 @@ import sys
 import time
 
 import torch
+from .errors import InvalidArgument, InvalidArgumentType, MissingDependency
 
 EVAL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: LLaVE's evaluation precision: fp16 weights under bf16 autocast (see :func:`eval_precision`)
@@ -59,30 +60,30 @@ def eval_precision(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     "llave" is the setting that reproduces its numbers.
     """
     if not isinstance(device, str):
-        raise TypeError(f"device must be a str ('auto', 'cuda', 'cuda:N' or 'cpu'), got {type(device).__name__}")
+        raise InvalidArgumentType(f"device must be a str ('auto', 'cuda', 'cuda:N' or 'cpu'), got {type(device).__name__}")
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         try:
             dev = torch.device(device)
         except RuntimeError as e:
-            raise ValueError(f"device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {device!r}") from e
+            raise InvalidArgument(f"device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {device!r}") from e
         if dev.type not in ("cuda", "cpu"):
-            raise ValueError(f"device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+            raise InvalidArgument(f"device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {device!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here (use --device cpu or auto)")
+            raise InvalidArgument(f"device={device!r} but CUDA is not available here (use --device cpu or auto)")
     if dtype == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif dtype in EVAL_DTYPES:
         dt = EVAL_DTYPES[dtype]
     elif dtype == LLAVE_PRECISION:
         if dev.type != "cuda":
-            raise ValueError(f"dtype={dtype!r} (LLaVE's precision: fp16 weights under bf16 autocast) runs on CUDA "
+            raise InvalidArgument(f"dtype={dtype!r} (LLaVE's precision: fp16 weights under bf16 autocast) runs on CUDA "
                              f"only, as LLaVE's evaluation does; device is {str(dev)!r}. CPU autocast keeps fp16 "
                              "weights in layer_norm, which the CPU cannot run: use dtype fp32 on the CPU")
         dt = torch.float16
     else:
-        raise ValueError(f"dtype must be one of {list(EVAL_PRECISIONS)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {list(EVAL_PRECISIONS)}, got {dtype!r}")
     return dev, dt
 
 
@@ -103,7 +104,7 @@ def check_max_text_tokens(max_text_tokens) -> None:
     if max_text_tokens is None or max_text_tokens == "saved":
         return
     if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 1:
-        raise ValueError(f"max_text_tokens must be None (no cut of the text alone: LLaVE's protocol), 'saved' (the "
+        raise InvalidArgument(f"max_text_tokens must be None (no cut of the text alone: LLaVE's protocol), 'saved' (the "
                          f"cut saved with the model at training) or a positive int, got {max_text_tokens!r}")
 
 
@@ -173,7 +174,7 @@ def data_paths(data) -> list[str]:
             return []
         for part in item.split(","):
             if not part:
-                raise ValueError(f"data {item!r}: an empty file name in the comma-separated list")
+                raise InvalidArgument(f"data {item!r}: an empty file name in the comma-separated list")
             out.append(part)
     return out
 
@@ -241,10 +242,10 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
         return mmeb_eval(model_once, datasets, image_dir=image_dir, max_queries=max_queries, batch=batch,
                          output_dir=output_dir, key=key, info=info, progress=progress)
     if max_queries is not None:
-        raise ValueError(f"max_queries={max_queries} applies to MMEB-eval files (each query's own candidate list); "
+        raise InvalidArgument(f"max_queries={max_queries} applies to MMEB-eval files (each query's own candidate list); "
                          "for the synthetic split and MMEB-train files use num_eval (--num-eval)")
     if output_dir is not None:
-        raise ValueError(f"output_dir={output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its resume "
+        raise InvalidArgument(f"output_dir={output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its resume "
                          "cache); for the synthetic split and MMEB-train files write the metrics with --output")
     model, extra = load_eval_model(model_path, dev, dt, max_text_tokens=max_text_tokens, autocast=autocast)
     where.update(extra)
@@ -274,7 +275,7 @@ def run_model_for_eval(run_dir: str, dtype: torch.dtype, tag: str | None = None)
         with contextlib.redirect_stdout(sys.stderr):
             return load_run_model(run_dir, dtype=dtype, tag=tag)
     except ImportError as e:
-        raise ImportError(f"{e}; or export it on a machine with deepspeed (llave-fast export --run {run_dir}) "
+        raise MissingDependency(f"{e}; or export it on a machine with deepspeed (llave-fast export --run {run_dir}) "
                           "and evaluate the exported folder") from e
 
 
@@ -524,7 +525,7 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
 
     get_model = model if callable(model) and not isinstance(model, torch.nn.Module) else (lambda: model)
     if max_queries is not None and (not isinstance(max_queries, int) or max_queries < 1):
-        raise ValueError(f"max_queries must be a positive integer or None (every query), got {max_queries!r}")
+        raise InvalidArgument(f"max_queries must be a positive integer or None (every query), got {max_queries!r}")
     if output_dir is not None:
         os.makedirs(os.path.join(output_dir, MMEB_CACHE_DIR), exist_ok=True)
     per_dataset = {}

@@ -14,6 +14,7 @@ import shutil
 import torch
 
 from . import checkpoint as ckpt
+from .errors import InvalidArgument, MissingDependency
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,7 +58,7 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:
-        raise ImportError(f"merging the ZeRO shards of {os.path.join(root, tag)} needs deepspeed "
+        raise MissingDependency(f"merging the ZeRO shards of {os.path.join(root, tag)} needs deepspeed "
                           "(pip install 'llave-fast[train]')") from e
     if not os.path.exists(os.path.join(root, tag, ckpt.MARKER)):
         raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete (no {ckpt.MARKER} marker)")
@@ -94,7 +95,7 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
 
 def export_run(run_dir: str, output: str | None = None, *, dtype: str = "bf16", tag: str | None = None) -> str:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     output = output or os.path.join(run_dir, "export")
     _check_replaceable(output)
     model, tag = load_run_model(run_dir, dtype=DTYPES[dtype], tag=tag)
@@ -120,9 +121,9 @@ def _check_replaceable(output: str) -> None:
     """An export replaces only a folder that is an earlier export (it has ``llave_fast_export.txt``)
     or empty: any other folder is refused, naming it, before anything is loaded."""
     if os.path.exists(output) and not os.path.isdir(output):
-        raise ValueError(f"--output {output!r} is a file, not a folder")
+        raise InvalidArgument(f"--output {output!r} is a file, not a folder")
     if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, EXPORT_NOTE)):
-        raise ValueError(f"--output {output!r} is a folder that holds other files and is not a llave-fast export "
+        raise InvalidArgument(f"--output {output!r} is a folder that holds other files and is not a llave-fast export "
                          f"(no {EXPORT_NOTE}): an export replaces its folder whole, so it refuses this one. Give a "
                          "new or empty folder, or an earlier export's")
 

@@ -50,6 +50,7 @@ import contextlib
 from typing import Any, Callable
 
 import torch
+from .errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["GradCache", "split_batch"]
 
@@ -57,18 +58,18 @@ __all__ = ["GradCache", "split_batch"]
 def _batch_size(inputs, name: str) -> int:
     if isinstance(inputs, torch.Tensor):
         if inputs.dim() == 0:
-            raise ValueError(f"{name} must be batch-first, got a 0-d tensor")
+            raise InvalidArgument(f"{name} must be batch-first, got a 0-d tensor")
         return inputs.shape[0]
     if isinstance(inputs, dict):
         sizes = {k: _batch_size(v, f"{name}[{k!r}]") for k, v in inputs.items() if _is_batched(v)}
         if not sizes:
-            raise ValueError(f"{name} has no batch-first tensor or list to split (keys: {list(inputs)})")
+            raise InvalidArgument(f"{name} has no batch-first tensor or list to split (keys: {list(inputs)})")
         if len(set(sizes.values())) != 1:
-            raise ValueError(f"{name} holds batch-first entries of different lengths: {sizes}")
+            raise InvalidArgument(f"{name} holds batch-first entries of different lengths: {sizes}")
         return next(iter(sizes.values()))
     if isinstance(inputs, (list, tuple)):
         return len(inputs)
-    raise TypeError(f"{name} must be a tensor, a dict of batch-first tensors/lists, or a list; got {type(inputs).__name__}")
+    raise InvalidArgumentType(f"{name} must be a tensor, a dict of batch-first tensors/lists, or a list; got {type(inputs).__name__}")
 
 
 def _is_batched(v) -> bool:
@@ -157,16 +158,16 @@ class GradCache:
         count: Callable[[Any], int] | None = None,
     ):
         if not isinstance(single_pass, bool):
-            raise TypeError(f"single_pass must be True or False, got {single_pass!r}")
+            raise InvalidArgumentType(f"single_pass must be True or False, got {single_pass!r}")
         if not isinstance(defer_backward, bool):
-            raise TypeError(f"defer_backward must be True or False, got {defer_backward!r}")
+            raise InvalidArgumentType(f"defer_backward must be True or False, got {defer_backward!r}")
         if count is not None and not callable(count):
-            raise TypeError(f"count must be a callable count(chunk) -> int or None, got {type(count).__name__}")
+            raise InvalidArgumentType(f"count must be a callable count(chunk) -> int or None, got {type(count).__name__}")
         self.single_pass = single_pass
         self.defer_backward = defer_backward
         self._count_fn = count
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+            raise InvalidArgument(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.encoder = encoder
         self.target_encoder = target_encoder if target_encoder is not None else encoder
         self.loss_fn = loss_fn
@@ -174,7 +175,7 @@ class GradCache:
         self.split = split or split_batch
         self.progress = progress
         if equalize_chunks not in (None, True, False):
-            raise TypeError(f"equalize_chunks must be None, True or False, got {equalize_chunks!r}")
+            raise InvalidArgumentType(f"equalize_chunks must be None, True or False, got {equalize_chunks!r}")
         self.equalize_chunks = equalize_chunks
         self.process_group = process_group if process_group is not None else getattr(loss_fn, "process_group", None)
         # distinct DeepSpeed engines (one shared encoder, or separate query/target ones)
@@ -183,14 +184,14 @@ class GradCache:
             if _is_deepspeed_engine(m) and all(m is not e for e in self._engines):
                 self._engines.append(m)
         if defer_backward and self._engines:
-            raise ValueError(
+            raise InvalidArgument(
                 "defer_backward=True runs the re-encode inside the caller's backward, but a DeepSpeed engine "
                 "needs engine.backward for every chunk: use defer_backward=False with a DeepSpeed engine "
                 f"(got encoder {type(self._engines[0]).__name__})"
             )
         for engine in self._engines:
             if engine.gradient_accumulation_steps() != 1:
-                raise ValueError(
+                raise InvalidArgument(
                     "GradCache is the gradient accumulation: build the DeepSpeed engine with "
                     f"gradient_accumulation_steps=1 (got {engine.gradient_accumulation_steps()}); "
                     "grow the batch and the chunk count instead"
@@ -245,7 +246,7 @@ class GradCache:
     def _check_emb(e, i):
         if not isinstance(e, torch.Tensor) or e.dim() != 2:
             got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
-            raise ValueError(f"encoder must return (n, d) embeddings; chunk {i} gave {got}")
+            raise InvalidArgument(f"encoder must return (n, d) embeddings; chunk {i} gave {got}")
         return e
 
     def _count(self, chunk, name: str) -> int:
@@ -253,7 +254,7 @@ class GradCache:
             return _batch_size(chunk, name)
         n = self._count_fn(chunk)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"count must return a sample count (int >= 0) for a {name}, got {n!r}")
+            raise InvalidArgument(f"count must return a sample count (int >= 0) for a {name}, got {n!r}")
         return n
 
     def _sync_context(self, encoder, last: bool):
@@ -274,7 +275,7 @@ class GradCache:
         n_q = sum(self._count(c, "query chunk") for c in q_chunks)
         n_t = sum(self._count(c, "target chunk") for c in t_chunks)
         if n_q != n_t:
-            raise ValueError(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
+            raise InvalidArgument(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
         n_n = sum(self._count(c, "negative chunk") for c in n_chunks)
         grad_wanted = torch.is_grad_enabled() or not self.defer_backward
         want, single = self._chunk_targets([len(q_chunks), len(t_chunks), len(n_chunks)],
@@ -283,7 +284,7 @@ class GradCache:
             return self._single_pass(q_chunks, t_chunks, n_chunks, loss_kwargs)
         pads = [w - len(c) for w, c in zip(want, (q_chunks, t_chunks, n_chunks))]
         if any(pads) and not (q_chunks and t_chunks):
-            raise ValueError(
+            raise InvalidArgument(
                 "GradCache: this rank has an empty batch while other ranks have chunks to encode; every rank "
                 "needs at least one query and one target (its encoder calls join the other ranks' collectives)"
             )

@@ -15,6 +15,7 @@ from .backends import get_backend_function, resolve_backend
 from .backends.common import LossConfig
 from .distributed import RankComm, gather_with_grad
 from .reference import reference_loss
+from .errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["FusedHardnessLoss", "hardness_weighted_loss"]
 
@@ -72,7 +73,7 @@ def hardness_weighted_loss(
     _checks.check_embeddings("query", query, allow_empty=across)
     _checks.check_embeddings("target", target, like=query)
     if target.shape[0] != query.shape[0]:
-        raise ValueError(
+        raise InvalidArgument(
             f"query and target must pair up row by row: query has {query.shape[0]} rows "
             f"(shape {tuple(query.shape)}), target has {target.shape[0]} (shape {tuple(target.shape)})"
         )
@@ -81,13 +82,13 @@ def hardness_weighted_loss(
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        raise InvalidArgumentType(f"symmetric must be a bool, got {symmetric!r}")
     if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+        raise InvalidArgumentType(f"deterministic must be a bool, got {deterministic!r}")
     if not isinstance(local_loss, bool):
-        raise TypeError(f"local_loss must be a bool, got {local_loss!r}")
+        raise InvalidArgumentType(f"local_loss must be a bool, got {local_loss!r}")
     if not local_loss and reduction == "none":
-        raise ValueError("local_loss=False (the global loss over every rank's pairs) takes reduction 'mean' or "
+        raise InvalidArgument("local_loss=False (the global loss over every rank's pairs) takes reduction 'mean' or "
                          "'sum'; got reduction='none' (per-pair losses are this rank's: use local_loss=True)")
     B = query.shape[0]
     if negatives is not None:
@@ -106,7 +107,7 @@ def hardness_weighted_loss(
         if comm.world == 1:
             comm = None
     if B == 0 and comm is None:
-        raise ValueError(f"query is an empty batch (shape {tuple(query.shape)}): the loss needs at least one pair")
+        raise InvalidArgument(f"query is an empty batch (shape {tuple(query.shape)}): the loss needs at least one pair")
 
     name = resolve_backend(backend, query.device, query.dtype)
     if name == "reference":
@@ -207,11 +208,11 @@ class FusedHardnessLoss(nn.Module):
         self.backend = _checks.check_choice("backend", backend, _checks.BACKENDS)
         self.deterministic = deterministic
         if use_horovod:
-            raise ValueError("use_horovod=True is not supported: llave-fast gathers with torch.distributed")
+            raise InvalidArgument("use_horovod=True is not supported: llave-fast gathers with torch.distributed")
         if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+            raise InvalidArgument(f"world_size must be a positive int, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+            raise InvalidArgument(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         # LLaVE's flags. One process: they change nothing (labels are never materialised).
         # Several: gather_with_grad=True, with local_loss=True (LLaVE's per-rank loss) or
         # False (open_clip's global loss), both from one strip per rank (llave_fast.distributed).
@@ -230,7 +231,7 @@ class FusedHardnessLoss(nn.Module):
                 "gather, each rank's embeddings would miss the other ranks' terms)"
             )
         if not isinstance(local_loss, bool):
-            raise TypeError(f"local_loss must be a bool, got {local_loss!r}")
+            raise InvalidArgumentType(f"local_loss must be a bool, got {local_loss!r}")
 
     def forward(
         self,
@@ -268,7 +269,7 @@ class FusedHardnessLoss(nn.Module):
         import torch.distributed as dist
 
         if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-            raise ValueError(
+            raise InvalidArgument(
                 f"FusedHardnessLoss was built with rank={self.rank}, world_size={self.world_size} but "
                 f"torch.distributed reports rank {dist.get_rank()} of {dist.get_world_size()}"
             )

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .evaluate import encode_all, retrieval_eval  # noqa: F401  (encode_all: re-exported)
 from .gradcache import GradCache
 from .loss import FusedHardnessLoss
+from .errors import InvalidArgument, InvalidArgumentType, LlaveFastError
 
 log = logging.getLogger("llave_fast.train")
 
@@ -161,7 +162,7 @@ class TrainConfig:
             raw.pop(key)
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
+            raise InvalidArgument(f"{path}: unknown training options {sorted(unknown)}")
         return cls(**raw)
 
 
@@ -246,7 +247,7 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
     with open(_config_path(cfg.deepspeed_config)) as f:
         ds = json.load(f)
     if cfg.global_batch % world:
-        raise ValueError(f"global_batch={cfg.global_batch} must be divisible by the number of ranks ({world})")
+        raise InvalidArgument(f"global_batch={cfg.global_batch} must be divisible by the number of ranks ({world})")
     # GradCache is the accumulation: one engine step per global batch
     ds["train_batch_size"] = cfg.global_batch
     ds["train_micro_batch_size_per_gpu"] = cfg.global_batch // world
@@ -305,7 +306,7 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     """Sample indices of global step ``step``: epoch-wise permutations, last partial batch dropped."""
     per_epoch = n // global_batch
     if per_epoch == 0:
-        raise ValueError(f"the dataset has {n} samples, fewer than one global batch of {global_batch}")
+        raise InvalidArgument(f"the dataset has {n} samples, fewer than one global batch of {global_batch}")
     epoch, pos = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)
@@ -331,7 +332,7 @@ class BatchOrder:
     def __init__(self, n: int, global_batch: int, seed: int, query_has_image=None, family_size: int = 1):
         self.n, self.global_batch, self.seed = int(n), int(global_batch), int(seed)
         if not isinstance(family_size, int) or isinstance(family_size, bool) or family_size < 1:
-            raise ValueError(f"family_size must be a positive int, got {family_size!r}")
+            raise InvalidArgument(f"family_size must be a positive int, got {family_size!r}")
         self.family_size = family_size
         self.groups = None
         if query_has_image is not None:
@@ -339,7 +340,7 @@ class BatchOrder:
 
             has = np.asarray(query_has_image, dtype=bool)
             if has.shape != (self.n,):
-                raise ValueError(f"query_has_image must have one flag per sample ({self.n}), got shape {has.shape}")
+                raise InvalidArgument(f"query_has_image must have one flag per sample ({self.n}), got shape {has.shape}")
             if family_size > 1:  # a family goes where its first member goes
                 has = has[np.arange(self.n) - np.arange(self.n) % family_size]
             self.groups = [torch.from_numpy(np.flatnonzero(has)), torch.from_numpy(np.flatnonzero(~has))]
@@ -347,7 +348,7 @@ class BatchOrder:
         else:
             self.per_epoch = self.n // self.global_batch
         if self.per_epoch == 0:
-            raise ValueError(
+            raise InvalidArgument(
                 f"the dataset has {self.n} samples"
                 + ("" if self.groups is None else f" ({len(self.groups[0])} image queries, {len(self.groups[1])} "
                    f"text-only queries)")
@@ -400,15 +401,15 @@ class MicroStepLoss(torch.nn.Module):
     def __init__(self, loss_fn, steps: int):
         super().__init__()
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"accumulation_steps must be a positive int, got {steps!r}")
+            raise InvalidArgument(f"accumulation_steps must be a positive int, got {steps!r}")
         self.loss_fn, self.steps = loss_fn, steps
 
     def forward(self, query, target, *, negatives=None, target_ids=None, query_ids=None):
         B = query.shape[0]
         if B % self.steps:
-            raise ValueError(f"the rank's batch of {B} pairs does not split into accumulation_steps={self.steps}")
+            raise InvalidArgument(f"the rank's batch of {B} pairs does not split into accumulation_steps={self.steps}")
         if negatives is not None and negatives.shape[0] != B:
-            raise ValueError(f"micro-step negatives need one hard negative per pair: {negatives.shape[0]} for {B}")
+            raise InvalidArgument(f"micro-step negatives need one hard negative per pair: {negatives.shape[0]} for {B}")
         m = B // self.steps
         losses = []
         for i in range(self.steps):
@@ -444,88 +445,88 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     """Refuse option values that cannot work, naming the option and what it got (before any
     data is read or any model built)."""
     if not isinstance(cfg.accumulation_steps, int) or cfg.accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps must be a positive int, got {cfg.accumulation_steps!r}")
+        raise InvalidArgument(f"accumulation_steps must be a positive int, got {cfg.accumulation_steps!r}")
     for name in ("global_batch", "chunk_size", "eval_batch", "keep_checkpoints", "prefetch_batches"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise InvalidArgument(f"{name} must be a positive int, got {v!r}")
     for name in ("save_every", "warmup_steps", "num_workers", "num_eval", "max_image_pixels"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+            raise InvalidArgument(f"{name} must be an int >= 0, got {v!r}")
     if cfg.epochs is None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
-        raise ValueError(f"steps must be a positive int (or set epochs), got {cfg.steps!r}")
+        raise InvalidArgument(f"steps must be a positive int (or set epochs), got {cfg.steps!r}")
     if cfg.stop_after is not None and cfg.stop_after < 1:
-        raise ValueError(f"stop_after must be a positive int or None, got {cfg.stop_after!r}")
+        raise InvalidArgument(f"stop_after must be a positive int or None, got {cfg.stop_after!r}")
     for name in ("lr", "lr_projector", "lr_vision", "weight_decay"):
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            raise InvalidArgument(f"{name} must be a finite number >= 0, got {v!r}")
     for name in ("grad_clip", "logit_scale"):
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            raise InvalidArgument(f"{name} must be a finite number > 0, got {v!r}")
     if cfg.bad_images not in (None, "skip", "fail"):
-        raise ValueError(f"bad_images must be 'skip', 'fail' or None (follow --skip-bad-rows), got {cfg.bad_images!r}")
+        raise InvalidArgument(f"bad_images must be 'skip', 'fail' or None (follow --skip-bad-rows), got {cfg.bad_images!r}")
     if cfg.resume not in (None, True, False):
-        raise ValueError(f"resume must be true, false or None (auto), got {cfg.resume!r}")
+        raise InvalidArgument(f"resume must be true, false or None (auto), got {cfg.resume!r}")
     from ._checks import BACKENDS
 
     if cfg.loss_backend not in BACKENDS:
-        raise ValueError(f"loss_backend must be one of {list(BACKENDS)}, got {cfg.loss_backend!r}")
+        raise InvalidArgument(f"loss_backend must be one of {list(BACKENDS)}, got {cfg.loss_backend!r}")
     if isinstance(cfg.model, str) and cfg.model.startswith("arch:"):
         from .model.arch import ARCHITECTURES
 
         if cfg.model[len("arch:"):] not in ARCHITECTURES:
-            raise ValueError(f"model={cfg.model!r}: unknown architecture; known are "
+            raise InvalidArgument(f"model={cfg.model!r}: unknown architecture; known are "
                              f"{['arch:' + k for k in sorted(ARCHITECTURES)]}")
     if cfg.data != "synthetic" and cfg.image_dir is not None and not os.path.isdir(cfg.image_dir):
-        raise ValueError(f"image_dir={cfg.image_dir!r} is not a folder")
+        raise InvalidArgument(f"image_dir={cfg.image_dir!r} is not a folder")
     if cfg.global_batch % world:
-        raise ValueError(f"global_batch={cfg.global_batch} must be divisible by the number of ranks ({world})")
+        raise InvalidArgument(f"global_batch={cfg.global_batch} must be divisible by the number of ranks ({world})")
     per_rank = cfg.global_batch // world
     if per_rank % cfg.accumulation_steps:
-        raise ValueError(
+        raise InvalidArgument(
             f"global_batch={cfg.global_batch} over {world} ranks gives {per_rank} pairs per rank, not divisible into "
             f"accumulation_steps={cfg.accumulation_steps} micro-batches"
         )
     k = cfg.hard_family_size
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 8:
-        raise ValueError(f"hard_family_size must be an int in 1..8, got {k!r}")
+        raise InvalidArgument(f"hard_family_size must be an int in 1..8, got {k!r}")
     q = cfg.vqa_questions_per_scene
     if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 4:
-        raise ValueError(f"vqa_questions_per_scene must be an int in 1..4, got {q!r}")
+        raise InvalidArgument(f"vqa_questions_per_scene must be an int in 1..4, got {q!r}")
     if cfg.data != "synthetic":
         for name, (value, default) in synthetic_only_options(cfg).items():
-            raise ValueError(f"{name}={value!r} applies to the synthetic data only, got data={cfg.data!r}: leave it "
+            raise InvalidArgument(f"{name}={value!r} applies to the synthetic data only, got data={cfg.data!r}: leave it "
                              f"at its default ({default!r}; on the command line, drop --{name.replace('_', '-')})")
     if (per_rank // cfg.accumulation_steps) % k:
-        raise ValueError(
+        raise InvalidArgument(
             f"hard_family_size={k} does not divide the loss batch: global_batch={cfg.global_batch} over {world} "
             f"ranks and accumulation_steps={cfg.accumulation_steps} gives {per_rank // cfg.accumulation_steps} "
             "pairs per loss; families would straddle batches")
     if k == 1 and (per_rank // cfg.accumulation_steps) % q:
-        raise ValueError(
+        raise InvalidArgument(
             f"vqa_questions_per_scene={q} does not divide the loss batch: global_batch={cfg.global_batch} over "
             f"{world} ranks and accumulation_steps={cfg.accumulation_steps} gives "
             f"{per_rank // cfg.accumulation_steps} pairs per loss; question groups would straddle batches")
     if cfg.synthetic_tasks is not None:
         bad = [t for t in cfg.synthetic_tasks if t not in ("i2t", "t2i", "vqa")]
         if not cfg.synthetic_tasks or bad:
-            raise ValueError(f"synthetic_tasks must list tasks among i2t, t2i, vqa, got {cfg.synthetic_tasks!r}")
+            raise InvalidArgument(f"synthetic_tasks must list tasks among i2t, t2i, vqa, got {cfg.synthetic_tasks!r}")
     if cfg.epochs is not None and not cfg.epochs > 0:
-        raise ValueError(f"epochs must be positive or None, got {cfg.epochs!r}")
+        raise InvalidArgument(f"epochs must be positive or None, got {cfg.epochs!r}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1) or None, got {cfg.warmup_ratio!r}")
+        raise InvalidArgument(f"warmup_ratio must be in [0, 1) or None, got {cfg.warmup_ratio!r}")
     if cfg.epochs is None and cfg.warmup_ratio is None and cfg.warmup_steps >= cfg.steps:
-        raise ValueError(f"warmup_steps={cfg.warmup_steps} is not shorter than the run (steps={cfg.steps}): the "
+        raise InvalidArgument(f"warmup_steps={cfg.warmup_steps} is not shorter than the run (steps={cfg.steps}): the "
                          "learning rate would never reach its peak and the cosine decay would never start")
     if cfg.max_length is not None and (not isinstance(cfg.max_length, int) or cfg.max_length < 1):
-        raise ValueError(f"max_length must be a positive int or None, got {cfg.max_length!r}")
+        raise InvalidArgument(f"max_length must be a positive int or None, got {cfg.max_length!r}")
     if cfg.max_rows_per_subset is not None and cfg.max_rows_per_subset < 1:
-        raise ValueError(f"max_rows_per_subset must be a positive int or None, got {cfg.max_rows_per_subset!r}")
+        raise InvalidArgument(f"max_rows_per_subset must be a positive int or None, got {cfg.max_rows_per_subset!r}")
     if not 0 <= cfg.min_lr_ratio <= 1:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
+        raise InvalidArgument(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
 
 
 def check_data_fit(cfg: TrainConfig, rows: int, query_has_image=None) -> "BatchOrder":
@@ -533,13 +534,13 @@ def check_data_fit(cfg: TrainConfig, rows: int, query_has_image=None) -> "BatchO
     a global batch larger than the data (or than each modality, grouped)."""
     where = "the synthetic training set (--num-train)" if cfg.data == "synthetic" else f"--data {cfg.data}"
     if cfg.global_batch > rows:
-        raise ValueError(f"global_batch={cfg.global_batch} is larger than the training data: {rows} usable rows in "
+        raise InvalidArgument(f"global_batch={cfg.global_batch} is larger than the training data: {rows} usable rows in "
                          f"{where}; lower --global-batch or add data")
     try:
         return BatchOrder(rows, cfg.global_batch, cfg.seed, query_has_image,
                           family_size=_family_size(cfg))
     except ValueError as exc:
-        raise ValueError(f"global_batch={cfg.global_batch}, group_by_modality={cfg.group_by_modality}: {exc} "
+        raise InvalidArgument(f"global_batch={cfg.global_batch}, group_by_modality={cfg.group_by_modality}: {exc} "
                          f"({where})") from exc
 
 
@@ -564,7 +565,7 @@ def resolve_length(cfg: TrainConfig, order: "BatchOrder", rank: int = 0) -> None
         given = (f"warmup_ratio={cfg.warmup_ratio} gives {cfg.warmup_steps} warm-up steps"
                  if cfg.warmup_ratio is not None else f"warmup_steps={cfg.warmup_steps}")
         length = f"epochs={cfg.epochs} gives steps={cfg.steps}" if cfg.epochs is not None else f"steps={cfg.steps}"
-        raise ValueError(f"{given}: not shorter than the run ({length}); the learning rate would never reach its "
+        raise InvalidArgument(f"{given}: not shorter than the run ({length}); the learning rate would never reach its "
                          "peak and the cosine decay would never start")
 
 
@@ -589,7 +590,7 @@ def _may_change_flags() -> str:
     return ", ".join("--" + n.replace("_", "-") for n in sorted(RESUME_MAY_CHANGE - hidden))
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(InvalidArgument):
     """A run folder cannot be resumed (or started) with the options given."""
 
 
@@ -821,7 +822,7 @@ def step_loader(dataset, collator, order, rank: int, per_rank: int, start: int, 
 # -- stops and the summary -----------------------------------------------------------------
 
 
-class RunStopped(RuntimeError, ValueError):
+class RunStopped(LlaveFastError, RuntimeError, ValueError):
     """The run stopped before its last step (a non-finite loss, bad data); ``step`` is the step
     that failed (1-based), ``checkpoint`` the newest complete checkpoint (None if none). Also a
     ValueError: the command reports it as a problem of the run's options or data, not a bug."""
@@ -924,7 +925,7 @@ _START_FILES = ("train_config.json", "base", "train_log.jsonl", LOCK_FILE)
 _HELD: list = []  # the open lock file of the run folder this process holds (rank 0)
 
 
-class RunFolderInUse(ValueError):
+class RunFolderInUse(InvalidArgument):
     """Another run (a live process) holds the run folder."""
 
 
@@ -1325,13 +1326,13 @@ def _truncate_log(path: str, step: int) -> None:
         try:
             entry_step = json.loads(line)["step"]
             if not isinstance(entry_step, int):
-                raise TypeError(f"step is {entry_step!r}")
+                raise InvalidArgumentType(f"step is {entry_step!r}")
         except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
             if line is tail:
                 _log(0, f"cut the torn last line of {path} ({len(tail)} bytes, no newline: a write stopped by a "
                         "crash or a full disk)")
                 continue
-            raise ValueError(f"{path}:{number}: not a log entry ({type(exc).__name__}: {exc}; the line starts "
+            raise InvalidArgument(f"{path}:{number}: not a log entry ({type(exc).__name__}: {exc}; the line starts "
                              f"{line[:60]!r}); only a torn last line is cut on resume: fix or remove that line, "
                              "then resume") from exc
         if entry_step <= step:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .data.mmeb import BadDataError
+from .errors import InvalidArgument, MissingDependency
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -84,13 +85,13 @@ def sample_frame_indices(num_frames: int, native_fps: float, fps: float = 3, max
     at 30 fps: every 10th, 30 frames; 450 frames at 30 fps: 45 > 32, so 32 frames 0, 14, 28, ..., 449.
     """
     if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        raise InvalidArgument(f"num_frames must be a positive int, got {num_frames!r}")
     if not isinstance(max_frames, (int, np.integer)) or isinstance(max_frames, bool) or max_frames < 1:
-        raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
+        raise InvalidArgument(f"max_frames must be a positive int, got {max_frames!r}")
     for name, v in (("native_fps", native_fps), ("fps", fps)):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0 \
                 or not np.isfinite(v):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
+            raise InvalidArgument(f"{name} must be a positive number, got {v!r}")
     step = max(1, round(float(native_fps) / float(fps)))
     idx = list(range(0, int(num_frames), step))
     if len(idx) > max_frames:
@@ -102,7 +103,7 @@ def _require_av():
     try:
         import av
     except ImportError as e:
-        raise ImportError(f"{AV_HINT} ({e})") from e
+        raise MissingDependency(f"{AV_HINT} ({e})") from e
     return av
 
 
@@ -502,19 +503,19 @@ def retrieval_metrics(sim, caption_to_video) -> dict:
     s = sim.detach().float().cpu().numpy() if isinstance(sim, torch.Tensor) else np.asarray(sim, dtype=np.float64)
     s = s.astype(np.float64, copy=False)
     if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
-        raise ValueError(f"sim must be a non-empty (captions, videos) matrix, got shape {s.shape}")
+        raise InvalidArgument(f"sim must be a non-empty (captions, videos) matrix, got shape {s.shape}")
     c2v = np.asarray(caption_to_video)
     C, V = s.shape
     if c2v.shape != (C,) or not np.issubdtype(c2v.dtype, np.integer):
-        raise ValueError(f"caption_to_video must hold one int per caption ({C}), got {c2v.dtype} {c2v.shape}")
+        raise InvalidArgument(f"caption_to_video must hold one int per caption ({C}), got {c2v.dtype} {c2v.shape}")
     if C and (c2v.min() < 0 or c2v.max() >= V):
-        raise ValueError(f"caption_to_video values must be video indices in [0, {V}), got {c2v.min()}..{c2v.max()}")
+        raise InvalidArgument(f"caption_to_video values must be video indices in [0, {V}), got {c2v.min()}..{c2v.max()}")
     counts = np.bincount(c2v, minlength=V)
     if (counts == 0).any():
-        raise ValueError(f"videos {np.flatnonzero(counts == 0)[:5].tolist()} have no caption "
+        raise InvalidArgument(f"videos {np.flatnonzero(counts == 0)[:5].tolist()} have no caption "
                          "(every video needs at least one)")
     if np.isnan(s).any():
-        raise ValueError(f"sim has {int(np.isnan(s).sum())} NaN scores")
+        raise InvalidArgument(f"sim has {int(np.isnan(s).sum())} NaN scores")
     # text -> video: rank = number of videos scoring at least the right one's score (itself included)
     right = s[np.arange(C), c2v]
     t2v = (s >= right[:, None]).sum(axis=1)
@@ -623,11 +624,11 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
 
     for name, v in (("max_frames", max_frames), ("batch", batch), ("max_length", max_length), ("workers", workers)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise InvalidArgument(f"{name} must be a positive int, got {v!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        raise InvalidArgument(f"limit must be a positive int or None, got {limit!r}")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+        raise InvalidArgument(f"fps must be a positive number, got {fps!r}")
     dev, dt = eval_precision(device, dtype)
     check_max_text_tokens(max_text_tokens)
     _require_av()

@@ -212,8 +212,8 @@ def test_only_our_own_checks_count_as_user_errors():
             return e
         raise AssertionError("no exception")
 
-    assert is_user_error(caught(eval_precision, "tpu"))  # our check: raise ValueError(...)
-    assert is_user_error(caught(eval_precision, 3))  # our check: raise TypeError(...)
+    assert is_user_error(caught(eval_precision, "tpu"))  # our check: InvalidArgument (a ValueError)
+    assert is_user_error(caught(eval_precision, 3))  # our check: InvalidArgumentType (a TypeError)
     assert is_user_error(caught(export_run, "/nonexistent-run"))  # a missing file, wherever found
     # the same types raised by a library, or by a wrong call, are bugs: they keep their traceback
     import torch
@@ -222,6 +222,29 @@ def test_only_our_own_checks_count_as_user_errors():
     assert not is_user_error(caught(eval_precision, "cpu", "fp32", "extra"))
     assert not is_user_error(caught(int, "x"))
     assert not is_user_error(caught(lambda: {}["k"]))
+    # recognised by type, wherever raised: a plain ValueError is not ours, a LlaveFastError is
+    from llave_fast.errors import InvalidArgument, LlaveFastError
+
+    assert not is_user_error(ValueError("x"))
+    assert is_user_error(InvalidArgument("x")) and isinstance(InvalidArgument("x"), ValueError)
+    assert issubclass(type(caught(eval_precision, "tpu")), LlaveFastError)
+
+
+def test_every_check_in_the_package_raises_a_typed_error():
+    """A check that raises a bare ValueError / TypeError / ImportError would be reported by the
+    command line as an internal error with a traceback; every one must use llave_fast.errors."""
+    import pathlib
+    import re
+
+    import llave_fast
+
+    root = pathlib.Path(llave_fast.__file__).parent
+    bare = []
+    for path in sorted(root.rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\braise (ValueError|TypeError|ImportError)\b", line):
+                bare.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not bare, "bare built-in errors raised by llave-fast's checks:\n" + "\n".join(bare)
 
 
 def test_internal_errors_keep_the_traceback_and_say_so(monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from ..errors import InvalidArgument, InvalidArgumentType
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -19,9 +20,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
         ok, why = available_on(device)
         if not ok:
-            raise ValueError(f"backend='triton' cannot run here: {why}")
+            raise InvalidArgument(f"backend='triton' cannot run here: {why}")
         if dtype == torch.float64:
-            raise TypeError("backend='triton' takes bfloat16, float16 or float32 embeddings, got torch.float64; "
+            raise InvalidArgumentType("backend='triton' takes bfloat16, float16 or float32 embeddings, got torch.float64; "
                             "use backend='torch' or 'reference' for float64")
     return name
 
@@ -36,4 +37,4 @@ def get_backend_function(name: str):
         from .torch_backend import TorchHardnessLoss
 
         return TorchHardnessLoss
-    raise ValueError(f"no fused autograd function for backend {name!r}")
+    raise InvalidArgument(f"no fused autograd function for backend {name!r}")

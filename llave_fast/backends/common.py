@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from ..errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def parse_bytes(text: str, name: str) -> int:
     except ValueError:
         value = -1.0
     if not value >= 0 or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a byte count such as 4096, 512M or 2G, got {text!r}")
+        raise InvalidArgument(f"{name} must be a byte count such as 4096, 512M or 2G, got {text!r}")
     return int(value)
 
 
@@ -129,7 +130,7 @@ def s_cache_budget(device: torch.device, setting=None) -> int:
         if isinstance(setting, str):
             return parse_bytes(setting, "kernel config S_CACHE_BYTES")
         if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-            raise ValueError(f"kernel config S_CACHE_BYTES must be a byte count >= 0, got {setting!r}")
+            raise InvalidArgument(f"kernel config S_CACHE_BYTES must be a byte count >= 0, got {setting!r}")
         return setting
     env = os.environ.get("LLAVE_FAST_S_CACHE_BYTES", "").strip()
     if env:
@@ -145,7 +146,7 @@ def s_mode_setting(setting=None) -> str:
     else:
         name = "kernel config S_MODE"
     if setting not in S_MODES:
-        raise ValueError(f"{name} must be one of {S_MODES}, got {setting!r}")
+        raise InvalidArgument(f"{name} must be one of {S_MODES}, got {setting!r}")
     return setting
 
 

@@ -32,6 +32,7 @@ from .common import (
     sim_operand_dtype,
     similarity_into,
 )
+from ..errors import InvalidArgument, InvalidArgumentType
 
 _KERNELS = None
 _CONFIG_OVERRIDE: dict | None = None
@@ -92,7 +93,7 @@ def _bwd_variant_from_env() -> str | None:
     if not v:
         return None
     if v not in BWD_VARIANTS:
-        raise ValueError(f"LLAVE_FAST_BWD must be one of {BWD_VARIANTS}, got {v!r}")
+        raise InvalidArgument(f"LLAVE_FAST_BWD must be one of {BWD_VARIANTS}, got {v!r}")
     return v
 
 
@@ -160,7 +161,7 @@ def launch_config(device: torch.device, D: int, dtype: torch.dtype = torch.bfloa
     if _CONFIG_OVERRIDE:
         cfg.update(_CONFIG_OVERRIDE)
     if cfg["BWD"] not in BWD_VARIANTS:
-        raise ValueError(f"kernel config BWD must be one of {BWD_VARIANTS}, got {cfg['BWD']!r}")
+        raise InvalidArgument(f"kernel config BWD must be one of {BWD_VARIANTS}, got {cfg['BWD']!r}")
     return cfg
 
 
@@ -204,7 +205,7 @@ def autotune_enabled() -> bool:
         return False
     if v in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"LLAVE_FAST_AUTOTUNE must be 0 or 1, got {v!r}")
+    raise InvalidArgument(f"LLAVE_FAST_AUTOTUNE must be 0 or 1, got {v!r}")
 
 
 def _bucket(n: int) -> int:
@@ -299,7 +300,7 @@ def _enter(device):
 
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(
+        raise InvalidArgumentType(
             f"the triton backend takes bfloat16, float16 or float32 embeddings, got {q.dtype}; "
             "use backend='torch' for float64"
         )
@@ -534,7 +535,7 @@ def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
     if cfg.get("DS_STRIP_ROWS") is not None:
         r = int(cfg["DS_STRIP_ROWS"])
         if r < 1:
-            raise ValueError(f"kernel config DS_STRIP_ROWS must be >= 1, got {r}")
+            raise InvalidArgument(f"kernel config DS_STRIP_ROWS must be >= 1, got {r}")
         return min(B, r)
     row_bytes = ds_row_stride(NT) * ds_bytes
     if B * row_bytes <= int(cfg.get("DS_ONE_STRIP_BYTES", 0)):

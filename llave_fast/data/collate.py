@@ -16,6 +16,7 @@ import hashlib
 from typing import Any, Callable, Sequence, TypedDict
 
 import torch
+from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["IMAGE_PLACEHOLDER", "PairCollator", "Record", "make_id", "stable_id", "stable_ids"]
 
@@ -84,9 +85,9 @@ class PairCollator:
 
     def __init__(self, processor: Processor, *, use_negatives: bool = False, image_without_placeholder: str = "drop"):
         if not callable(processor):
-            raise TypeError(f"processor must be callable as processor(texts, images); got {type(processor).__name__}")
+            raise InvalidArgumentType(f"processor must be callable as processor(texts, images); got {type(processor).__name__}")
         if image_without_placeholder not in ("drop", "prepend"):
-            raise ValueError(f"image_without_placeholder must be 'drop' (LLaVE's rule) or 'prepend', "
+            raise InvalidArgument(f"image_without_placeholder must be 'drop' (LLaVE's rule) or 'prepend', "
                              f"got {image_without_placeholder!r}")
         self.processor = processor
         self.use_negatives = bool(use_negatives)
@@ -99,14 +100,14 @@ class PairCollator:
 
     def __call__(self, records: Sequence[Record]) -> dict:
         if len(records) == 0:
-            raise ValueError("PairCollator got an empty batch")
+            raise InvalidArgument("PairCollator got an empty batch")
         query = self._process([r["qry"] or "" for r in records], [r["qry_image"] for r in records])
         target = self._process([r["pos_text"] or "" for r in records], [r["pos_image"] for r in records])
         negatives = negative_ids = None
         if self.use_negatives:
             for r in records:
                 if not r.get("neg_text") and r.get("neg_image") is None:
-                    raise ValueError(
+                    raise InvalidArgument(
                         f"use_negatives=True but the record for subset {r.get('subset')!r} row {r.get('row')} "
                         "has no hard negative (neg_text and neg_image are both empty); build the dataset "
                         "with use_negatives=True (MMEB) or hard_negatives=True (synthetic)"
@@ -128,5 +129,5 @@ def _neg_key(r: Record) -> str:
     # other row's positive is masked for that row like any duplicate target
     neg_id = r.get("neg_id")
     if neg_id is None:
-        raise ValueError(f"record for subset {r.get('subset')!r} row {r.get('row')} has a negative but no neg_id")
+        raise InvalidArgument(f"record for subset {r.get('subset')!r} row {r.get('row')} has a negative but no neg_id")
     return neg_id

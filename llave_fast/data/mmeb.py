@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 from .collate import IMAGE_PLACEHOLDER, Record, make_id
+from ..errors import InvalidArgument, MissingDependency
 
 __all__ = ["BadDataError", "ImageRoot", "MMEBDataset", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
            "outside_image_dir_allowed"]
@@ -63,7 +64,7 @@ _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason at the end
 
 
-class BadDataError(ValueError):
+class BadDataError(InvalidArgument):
     """A row (or a whole file) of the training data that cannot be used; says where and why."""
 
     def __init__(self, source: str, row: int | None, reason: str, line: int | None = None,
@@ -117,7 +118,7 @@ def allow_outside_default(allow: bool | None) -> bool:
     if allow is None:
         return _ALLOW_OUTSIDE.get()
     if not isinstance(allow, bool):
-        raise ValueError(f"allow_outside_image_dir must be True, False or None, got {allow!r}")
+        raise InvalidArgument(f"allow_outside_image_dir must be True, False or None, got {allow!r}")
     return allow
 
 
@@ -320,7 +321,7 @@ def _import_pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             "reading .parquet MMEB files needs pyarrow: `pip install pyarrow` (or convert the files to .jsonl)"
         ) from exc
     return pq
@@ -388,7 +389,7 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
             files += found
         elif p.is_file():
             if p.suffix not in DATA_SUFFIXES:
-                raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
+                raise InvalidArgument(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder{missing_hint}")
@@ -399,7 +400,7 @@ def _load_hub(name: str, subsets, split: str, allow_extra: bool, max_rows, image
     try:
         import datasets
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             f"{name!r} is not a local path, so it is read as a hub dataset, which needs the `datasets` package "
             "(`pip install datasets`) and network access; or download the parquet files and pass their folder"
         ) from exc
@@ -478,12 +479,12 @@ class MMEBDataset(torch.utils.data.Dataset):
         self.allow_outside_image_dir = allow_outside_default(allow_outside_image_dir)
         max_image_pixels = MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
         if not isinstance(max_image_pixels, int) or isinstance(max_image_pixels, bool) or max_image_pixels < 0:
-            raise ValueError(f"max_image_pixels must be an int >= 0 (0: no limit), got {max_image_pixels!r}")
+            raise InvalidArgument(f"max_image_pixels must be an int >= 0 (0: no limit), got {max_image_pixels!r}")
         self.max_image_pixels = max_image_pixels
         if check_images not in ("none", "exists", "decode"):
-            raise ValueError(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}")
+            raise InvalidArgument(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}")
         if bad_images not in (None, "skip", "fail"):
-            raise ValueError(f"bad_images must be 'skip', 'fail' or None, got {bad_images!r}")
+            raise InvalidArgument(f"bad_images must be 'skip', 'fail' or None, got {bad_images!r}")
         if isinstance(subsets, str):
             subsets = [subsets]
         self.image_dir = None if image_dir is None else str(image_dir)
@@ -504,7 +505,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         else:
             self.sources = self._load_files(found, subsets, split, allow_extra_columns, max_rows_per_subset)
         if not self.sources:
-            raise ValueError(f"no MMEB data found in {paths!r} (subsets={subsets}, split={split})")
+            raise InvalidArgument(f"no MMEB data found in {paths!r} (subsets={subsets}, split={split})")
         if self.use_negatives:
             lacking = [s.name for s in self.sources if not s.has_neg]
             if lacking:
@@ -525,7 +526,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         if subsets is not None:
             unknown = [s for s in subsets if s not in available]
             if unknown:
-                raise ValueError(f"subset(s) {unknown} not found; available: {available}")
+                raise InvalidArgument(f"subset(s) {unknown} not found; available: {available}")
             picked = [(f, s) for f, s in picked if s in set(subsets)]
         sources, taken = [], Counter()
         for f, subset in picked:
@@ -672,8 +673,8 @@ class MMEBDataset(torch.utils.data.Dataset):
         if len(self._row_idx) == 0:
             names = ", ".join(src.name for src in self.sources)
             if not self.skipped:
-                raise ValueError(f"no rows: {names} {'is' if len(self.sources) == 1 else 'are'} empty")
-            raise ValueError(f"no usable rows in {names}: all {len(self.skipped)} rows were bad; by reason: "
+                raise InvalidArgument(f"no rows: {names} {'is' if len(self.sources) == 1 else 'are'} empty")
+            raise InvalidArgument(f"no usable rows in {names}: all {len(self.skipped)} rows were bad; by reason: "
                              f"{dict(reasons)} (the first, {self.where(*self.skipped[0][:2])}: {self.skipped[0][2]})")
 
     def where(self, source: str, row: int) -> str:
@@ -764,7 +765,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                     src = self.sources[self._src_idx[pos]]
                     self._record_skip(src, exc.row, exc.reason)
             pos = (pos + 1) % n  # the next good row stands in for a row found bad only now
-        raise ValueError(f"no readable rows left: all {n} rows have unreadable images (see the log)")
+        raise InvalidArgument(f"no readable rows left: all {n} rows have unreadable images (see the log)")
 
     def __repr__(self) -> str:
         return (
@@ -780,7 +781,7 @@ class MMEBDataset(torch.utils.data.Dataset):
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(InvalidArgument):
     """An image whose header promises more pixels than the limit (a decompression bomb, or a scan)."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .mmeb import _SHARD_RE, BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
+from ..errors import InvalidArgument, MissingDependency
 
 __all__ = ["EVAL_COLUMNS", "EvalDataset", "EvalRow", "EvalSet", "find_eval_datasets", "is_eval_file",
            "read_eval_file", "read_eval_set", "write_mmeb_eval"]
@@ -71,7 +72,7 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
-        raise ImportError("reading .parquet files needs pyarrow: `pip install pyarrow`") from exc
+        raise MissingDependency("reading .parquet files needs pyarrow: `pip install pyarrow`") from exc
     return pq
 
 
@@ -231,7 +232,7 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
     if not all(kinds.values()):
         train = next(f for f, k in kinds.items() if not k)
         evals = next(f for f, k in kinds.items() if k)
-        raise ValueError(f"--data mixes MMEB-eval files (e.g. {evals}, rows with tgt_text) and other files (e.g. "
+        raise InvalidArgument(f"--data mixes MMEB-eval files (e.g. {evals}, rows with tgt_text) and other files (e.g. "
                          f"{train}, no tgt_text column): evaluate them in separate runs")
     by_name: dict[str, EvalDataset] = {}
     folder_of: dict[str, Path] = {}
@@ -240,7 +241,7 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
         where = f.parent.resolve() if _SHARD_RE.match(f.stem) else f.resolve()
         if name in by_name:
             if where != folder_of[name]:
-                raise ValueError(f"two datasets are named {name!r}: {by_name[name].files[0]} and {f} (a dataset is "
+                raise InvalidArgument(f"two datasets are named {name!r}: {by_name[name].files[0]} and {f} (a dataset is "
                                  "named by its file's stem, or by its folder for hub-style shards); rename one")
             by_name[name].files.append(str(f))
         else:
@@ -331,9 +332,9 @@ def write_mmeb_eval(folder: str, name: str, n_queries: int, *, num_candidates: i
     from .synthetic import SyntheticDataset
 
     if file_format not in ("jsonl", "parquet"):
-        raise ValueError(f"file_format must be 'jsonl' or 'parquet', got {file_format!r}")
+        raise InvalidArgument(f"file_format must be 'jsonl' or 'parquet', got {file_format!r}")
     if shards < 1 or (shards > 1 and file_format != "parquet"):
-        raise ValueError(f"shards must be 1, or more with file_format='parquet', got {shards} with {file_format!r}")
+        raise InvalidArgument(f"shards must be 1, or more with file_format='parquet', got {shards} with {file_format!r}")
     pool = max(pool or 2 * n_queries, n_queries)
     ds = SyntheticDataset(pool, seed=seed, split="eval", image_size=image_size, tasks=(task,))
     rel_dir = os.path.join("images", name)

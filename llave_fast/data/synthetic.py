@@ -51,6 +51,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .collate import IMAGE_PLACEHOLDER, Record, make_id
+from ..errors import InvalidArgument
 
 __all__ = [
     "write_mmeb_train",
@@ -384,19 +385,19 @@ class SyntheticDataset(torch.utils.data.Dataset):
         vqa_questions_per_scene: int = 1,
     ):
         if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+            raise InvalidArgument(f"split must be 'train' or 'eval', got {split!r}")
         if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+            raise InvalidArgument(f"num_samples must be >= 0, got {num_samples}")
         if image_size < 32:
-            raise ValueError(f"image_size must be >= 32 (shapes would not be recognisable), got {image_size}")
+            raise InvalidArgument(f"image_size must be >= 32 (shapes would not be recognisable), got {image_size}")
         tasks = tuple(tasks)
         bad = [t for t in tasks if t not in SYNTHETIC_TASKS]
         if not tasks or bad:
-            raise ValueError(f"tasks must be a non-empty subset of {SYNTHETIC_TASKS}, got {tasks}")
+            raise InvalidArgument(f"tasks must be a non-empty subset of {SYNTHETIC_TASKS}, got {tasks}")
         if not 1 <= min_shapes <= max_shapes <= len(POSITIONS):
-            raise ValueError(f"need 1 <= min_shapes <= max_shapes <= {len(POSITIONS)}, got {min_shapes}, {max_shapes}")
+            raise InvalidArgument(f"need 1 <= min_shapes <= max_shapes <= {len(POSITIONS)}, got {min_shapes}, {max_shapes}")
         if background not in BACKGROUNDS:
-            raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+            raise InvalidArgument(f"background must be one of {BACKGROUNDS}, got {background!r}")
         self.background = background
         self.num_samples = int(num_samples)
         self.seed = int(seed)
@@ -408,13 +409,13 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.hard_negatives = bool(hard_negatives)
         if (not isinstance(hard_family_size, int) or isinstance(hard_family_size, bool)
                 or not 1 <= hard_family_size <= MAX_FAMILY_SIZE):
-            raise ValueError(f"hard_family_size must be an int in 1..{MAX_FAMILY_SIZE} (a family varies one "
+            raise InvalidArgument(f"hard_family_size must be an int in 1..{MAX_FAMILY_SIZE} (a family varies one "
                              f"attribute over distinct values; there are {MAX_FAMILY_SIZE} colours), got "
                              f"{hard_family_size!r}")
         self.hard_family_size = hard_family_size
         q = vqa_questions_per_scene
         if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= MAX_QUESTIONS_PER_SCENE:
-            raise ValueError(f"vqa_questions_per_scene must be an int in 1..{MAX_QUESTIONS_PER_SCENE} (questions "
+            raise InvalidArgument(f"vqa_questions_per_scene must be an int in 1..{MAX_QUESTIONS_PER_SCENE} (questions "
                              f"with different answers about one scene), got {q!r}")
         self.vqa_questions_per_scene = q
         # consecutive items sharing their task: a hard family, or a VQA question group
@@ -570,7 +571,7 @@ class RetrievalSet:
 
     def _hits(self, scores: torch.Tensor) -> torch.Tensor:
         if tuple(scores.shape) != (self.num_queries, self.num_candidates):
-            raise ValueError(
+            raise InvalidArgument(
                 f"scores must be (num_queries, num_candidates) = ({self.num_queries}, {self.num_candidates}), "
                 f"got {tuple(scores.shape)}"
             )
@@ -651,7 +652,7 @@ def write_mmeb_train(folder: str, n: int, *, seed: int = 0, image_size: int = 64
     import os
 
     if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+        raise InvalidArgument(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     ds = SyntheticDataset(n, seed=seed, image_size=image_size)
     img = os.path.join(folder, "images")
     os.makedirs(img, exist_ok=True)

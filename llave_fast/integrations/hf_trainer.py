@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..loss import FusedHardnessLoss
+from ..errors import InvalidArgument, InvalidArgumentType, MissingDependency
 
 __all__ = ["DualEncoder", "FusedContrastiveTrainer", "TextPairCollator"]
 
 try:
     from transformers import Trainer
 except ImportError as exc:  # pragma: no cover - the [train] extra is missing
-    raise ImportError('llave_fast.integrations.hf_trainer needs transformers: pip install "llave-fast[train]"') from exc
+    raise MissingDependency('llave_fast.integrations.hf_trainer needs transformers: pip install "llave-fast[train]"') from exc
 
 
 POOLINGS = ("mean", "cls", "last")
@@ -59,13 +60,13 @@ class DualEncoder(nn.Module):
                  pooling: str | Callable = "mean", normalize: bool = True):
         super().__init__()
         if not isinstance(query_encoder, nn.Module):
-            raise TypeError(f"query_encoder must be a torch module, got {type(query_encoder).__name__}")
+            raise InvalidArgumentType(f"query_encoder must be a torch module, got {type(query_encoder).__name__}")
         if target_encoder is not None and not isinstance(target_encoder, nn.Module):
-            raise TypeError(f"target_encoder must be a torch module or None, got {type(target_encoder).__name__}")
+            raise InvalidArgumentType(f"target_encoder must be a torch module or None, got {type(target_encoder).__name__}")
         if not callable(pooling) and pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
+            raise InvalidArgument(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
         if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be True or False, got {normalize!r}")
+            raise InvalidArgumentType(f"normalize must be True or False, got {normalize!r}")
         self.query_encoder = query_encoder
         self.target_encoder = target_encoder  # None: shared (registered once)
         self.pooling = pooling
@@ -92,9 +93,9 @@ class DualEncoder(nn.Module):
 
     def encode(self, inputs: dict, side: str = "query") -> Tensor:
         if side not in ("query", "target"):
-            raise ValueError(f"side must be 'query' or 'target', got {side!r}")
+            raise InvalidArgument(f"side must be 'query' or 'target', got {side!r}")
         if not isinstance(inputs, dict) and not hasattr(inputs, "keys"):
-            raise TypeError(f"inputs must be a dict of model inputs (input_ids, attention_mask, ...), "
+            raise InvalidArgumentType(f"inputs must be a dict of model inputs (input_ids, attention_mask, ...), "
                             f"got {type(inputs).__name__}")
         enc = self.query_encoder if side == "query" or self.target_encoder is None else self.target_encoder
         out = enc(**inputs)
@@ -162,7 +163,7 @@ class FusedContrastiveTrainer(Trainer):
                  alpha: float = 9.0, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if loss_fn is not None and not isinstance(loss_fn, FusedHardnessLoss):
-            raise TypeError(f"loss_fn must be a FusedHardnessLoss or None, got {type(loss_fn).__name__}")
+            raise InvalidArgumentType(f"loss_fn must be a FusedHardnessLoss or None, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         self._loss_settings = dict(logit_scale=logit_scale, alpha=alpha, backend=backend)
         FusedHardnessLoss(**self._loss_settings)  # checks the settings now, with the loss's own messages

@@ -64,7 +64,7 @@ try:
     )
     from sentence_transformers.util import cos_sim
 except ImportError as exc:  # pragma: no cover - the extra is missing
-    raise ImportError(
+    raise MissingDependency(
         "llave_fast.integrations.sentence_transformers needs sentence-transformers 6.3: "
         f'pip install "llave-fast[st]" ({type(exc).__name__}: {exc})'
     ) from exc
@@ -72,6 +72,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
 from .._checks import BACKENDS
 from ..gradcache import GradCache
 from ..loss import hardness_weighted_loss
+from ..errors import InvalidArgument, InvalidArgumentType, MissingDependency
 
 __all__ = [
     "FusedMultipleNegativesRankingLoss",
@@ -106,29 +107,29 @@ class FusedLossFallbackWarning(UserWarning):
 
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not scale > 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
 
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise InvalidArgumentType(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def _check_directions(directions, partition_mode) -> tuple[str, ...]:
     if isinstance(directions, str) or not isinstance(directions, (tuple, list)):
-        raise TypeError(f"directions must be a tuple of direction names {DIRECTIONS}, got {directions!r}")
+        raise InvalidArgumentType(f"directions must be a tuple of direction names {DIRECTIONS}, got {directions!r}")
     directions = tuple(directions)
     if not directions:
-        raise ValueError("directions must name at least one direction, got ()")
+        raise InvalidArgument("directions must name at least one direction, got ()")
     bad = [d for d in directions if d not in DIRECTIONS]
     if bad:
-        raise ValueError(f"directions: {bad} are not directions; valid: {DIRECTIONS} (got directions={directions!r})")
+        raise InvalidArgument(f"directions: {bad} are not directions; valid: {DIRECTIONS} (got directions={directions!r})")
     if "query_to_doc" not in directions:
-        raise ValueError(f"directions must include 'query_to_doc' (it holds the positive pair), got {directions!r}")
+        raise InvalidArgument(f"directions must include 'query_to_doc' (it holds the positive pair), got {directions!r}")
     if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
-        raise ValueError(
+        raise InvalidArgument(
             "partition_mode='per_direction' needs the positive in every direction's candidates; "
             f"'query_to_query' and 'doc_to_doc' have none (got directions={directions!r}): use partition_mode='joint'"
         )
@@ -137,10 +138,10 @@ def _check_directions(directions, partition_mode) -> tuple[str, ...]:
 
 def _check_hardness(hardness_mode, hardness_strength, note: bool = False) -> float:
     if hardness_mode not in HARDNESS_MODES:
-        raise ValueError(f"hardness_mode must be one of {HARDNESS_MODES}, got {hardness_mode!r}")
+        raise InvalidArgument(f"hardness_mode must be one of {HARDNESS_MODES}, got {hardness_mode!r}")
     if (isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float))
             or not math.isfinite(hardness_strength) or hardness_strength < 0):
-        raise ValueError(f"hardness_strength must be a finite number >= 0, got {hardness_strength!r}")
+        raise InvalidArgument(f"hardness_strength must be a finite number >= 0, got {hardness_strength!r}")
     if note and hardness_mode is not None and hardness_strength == 0:
         logger.warning(f"hardness_mode={hardness_mode!r} with hardness_strength=0: no hardness weighting is applied")
     return float(hardness_strength)
@@ -151,18 +152,18 @@ def _check_symmetric_hardness(symmetric_hardness, directions, hardness_mode) -> 
     if not symmetric_hardness:
         return False
     if "doc_to_query" not in directions:
-        raise ValueError(
+        raise InvalidArgument(
             "symmetric_hardness=True adds the hardness term to the doc_to_query logits: directions must include "
             f"'doc_to_query', got directions={directions!r}"
         )
     extra = set(directions) - set(FUSED_DIRECTIONS)
     if extra:
-        raise ValueError(
+        raise InvalidArgument(
             f"symmetric_hardness=True is computed by the fused loss only, and directions {sorted(extra)} are not "
             f"(they fall back to sentence-transformers' computation, which has no such option); got directions={directions!r}"
         )
     if hardness_mode not in ("in_batch_negatives", "all_negatives"):
-        raise ValueError(
+        raise InvalidArgument(
             "symmetric_hardness=True weights doc_to_query's in-batch candidates like query_to_doc's: it needs "
             f"hardness_mode 'in_batch_negatives' or 'all_negatives', got hardness_mode={hardness_mode!r}"
         )
@@ -183,7 +184,7 @@ def _is_cosine(similarity_fct) -> bool:
 def _check_similarity(similarity_fct):
     if not _is_cosine(similarity_fct):
         name = getattr(similarity_fct, "__qualname__", None) or type(similarity_fct).__name__
-        raise ValueError(
+        raise InvalidArgument(
             "similarity_fct must be sentence_transformers.util.cos_sim (cosine similarity, the only one the fused loss "
             f"computes), got {name!r}; for another similarity use sentence-transformers' own "
             "MultipleNegativesRankingLoss / CachedMultipleNegativesRankingLoss"
@@ -245,7 +246,7 @@ def fused_mnrl_loss(
     directions = _check_directions(directions, partition_mode)
     extra = set(directions) - set(FUSED_DIRECTIONS)
     if extra:
-        raise ValueError(f"fused_mnrl_loss computes directions {FUSED_DIRECTIONS} only, got directions={directions!r} "
+        raise InvalidArgument(f"fused_mnrl_loss computes directions {FUSED_DIRECTIONS} only, got directions={directions!r} "
                          "(the loss classes fall back to sentence-transformers' computation for the others)")
     strength = _check_hardness(hardness_mode, hardness_strength)
     symmetric_hardness = _check_symmetric_hardness(symmetric_hardness, directions, hardness_mode)
@@ -254,18 +255,18 @@ def fused_mnrl_loss(
     for name, x in (("anchor", anchor), ("positive", positive)):
         if not isinstance(x, Tensor) or x.dim() != 2:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a (B, d) tensor of embeddings, got {got}")
+            raise InvalidArgument(f"{name} must be a (B, d) tensor of embeddings, got {got}")
     if positive.shape != anchor.shape:
-        raise ValueError(f"positive must have anchor's shape {tuple(anchor.shape)}, got {tuple(positive.shape)}")
+        raise InvalidArgument(f"positive must have anchor's shape {tuple(anchor.shape)}, got {tuple(positive.shape)}")
     B = anchor.shape[0]
     if negatives is not None:
         if not isinstance(negatives, Tensor) or negatives.dim() != 2 or negatives.shape[1] != anchor.shape[1]:
             got = tuple(negatives.shape) if isinstance(negatives, Tensor) else type(negatives).__name__
-            raise ValueError(f"negatives must be an (n * B, {anchor.shape[1]}) tensor, got {got}")
+            raise InvalidArgument(f"negatives must be an (n * B, {anchor.shape[1]}) tensor, got {got}")
         if negatives.shape[0] == 0:
             negatives = None
         elif B == 0 or negatives.shape[0] % B:
-            raise ValueError(
+            raise InvalidArgument(
                 f"negatives must hold whole columns of B = {B} hard negatives (n * B rows, column by column), "
                 f"got {negatives.shape[0]} rows"
             )
@@ -317,7 +318,7 @@ def _q2d_own_apart(q, d, neg, scale, a_in, a_own, rank, common) -> Tensor:
 
 def _check_choice_value(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise InvalidArgument(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
@@ -438,13 +439,13 @@ class FusedMultipleNegativesRankingLoss(_FusedMNRLBase):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         features = list(sentence_features)
         if len(features) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
+            raise InvalidArgument(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
                              f"got {len(features)}")
         return self.compute_loss_from_embeddings(_embed_columns(self.model, features), labels)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         if len(embeddings) < 2:
-            raise ValueError(f"embeddings must hold at least 2 columns (anchor, positive[, negatives]), "
+            raise InvalidArgument(f"embeddings must hold at least 2 columns (anchor, positive[, negatives]), "
                              f"got {len(embeddings)}")
         if not self.uses_fused_loss:
             self._note_fallback()
@@ -514,11 +515,11 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
         self._setup(model, scale, similarity_fct, gather_across_devices, directions, partition_mode,
                     hardness_mode, hardness_strength, symmetric_hardness, backend)
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+            raise InvalidArgument(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
         if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
                                                   or not isinstance(mini_batch_num_tokens, int)
                                                   or mini_batch_num_tokens < 1):
-            raise ValueError(f"mini_batch_num_tokens must be a positive int or None, got {mini_batch_num_tokens!r}")
+            raise InvalidArgument(f"mini_batch_num_tokens must be a positive int or None, got {mini_batch_num_tokens!r}")
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = _check_bool("show_progress_bar", show_progress_bar)
@@ -527,7 +528,7 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
         except ImportError:  # pragma: no cover - another layout
             has_static_embedding_input = None
         if has_static_embedding_input is not None and model is not None and has_static_embedding_input(model):
-            raise ValueError(
+            raise InvalidArgument(
                 f"{type(self).__name__} splits every input column into mini-batches, which a model built on a "
                 "StaticEmbedding cannot take (its inputs have no batch dimension); got such a model: use "
                 "FusedMultipleNegativesRankingLoss instead"
@@ -536,7 +537,7 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         features = list(sentence_features)
         if len(features) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
+            raise InvalidArgument(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
                              f"got {len(features)}")
         if not self.uses_fused_loss:
             self._note_fallback()

@@ -37,6 +37,7 @@ import torch
 
 from .embedder import LLaVEEmbedder
 from .processor import LLaVEProcessor
+from ..errors import InvalidArgument
 
 __all__ = [
     "ARCH_PREFIX",
@@ -107,7 +108,7 @@ def is_arch_name(name) -> bool:
 def _key(name: str) -> str:
     key = name[len(ARCH_PREFIX):] if is_arch_name(name) else name
     if key not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}: known are "
+        raise InvalidArgument(f"unknown architecture {name!r}: known are "
                          f"{[ARCH_PREFIX + k for k in sorted(ARCHITECTURES)]}")
     return key
 
@@ -187,7 +188,7 @@ def build_arch_model(
         tokenizer: a tokenizer of the architecture's size; default :func:`build_stand_in_tokenizer`.
     """
     if init not in ("default", "fast"):
-        raise ValueError(f"init must be 'default' or 'fast', got {init!r}")
+        raise InvalidArgument(f"init must be 'default' or 'fast', got {init!r}")
     raw = arch_raw_config(name)
     if tokenizer is None:
         tokenizer = build_stand_in_tokenizer()
@@ -200,7 +201,7 @@ def build_arch_model(
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
-            raise ValueError("init='fast' cannot fill ZeRO-3 partitioned parameters: use init='default'")
+            raise InvalidArgument("init='fast' cannot fill ZeRO-3 partitioned parameters: use init='default'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if init == "default":

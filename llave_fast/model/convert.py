@@ -30,6 +30,7 @@ import json
 import os
 import re
 from typing import Any
+from ..errors import InvalidArgument
 
 __all__ = [
     "LLAVA_QWEN_KEY_MAPPING",
@@ -145,7 +146,7 @@ _NO_EFFECT_KEYS = frozenset({
 })
 
 
-class CheckpointKeyError(ValueError):
+class CheckpointKeyError(InvalidArgument):
     """A checkpoint's weights do not match the model: some missing, some left over."""
 
 
@@ -171,26 +172,26 @@ def rope_theta_of(raw: dict) -> float:
     theta = None
     if params is not None:
         if not isinstance(params, dict):
-            raise ValueError(f"rope_parameters must be a dict, got {params!r}")
+            raise InvalidArgument(f"rope_parameters must be a dict, got {params!r}")
         kind = params.get("rope_type", params.get("type", "default"))
         extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
         if kind != "default" or extra:
-            raise ValueError(
+            raise InvalidArgument(
                 f"rope_parameters {params!r}: only plain RoPE (rope_type 'default', rope_theta) is supported; "
                 f"LLaVE runs with rope_scaling = None"
             )
         theta = params.get("rope_theta")
     if theta is not None and top is not None and float(theta) != float(top):
-        raise ValueError(f"the config gives two RoPE bases: rope_theta {top} and rope_parameters.rope_theta {theta}")
+        raise InvalidArgument(f"the config gives two RoPE bases: rope_theta {top} and rope_parameters.rope_theta {theta}")
     theta = top if theta is None else theta
     if theta is None:
-        raise ValueError(
+        raise InvalidArgument(
             "the llava_qwen config has no rope_theta (neither at top level nor in rope_parameters): refusing to guess "
             "(Qwen2 models use 1000000.0); add it to config.json"
         )
     theta = float(theta)
     if not theta > 0:
-        raise ValueError(f"rope_theta must be positive, got {theta}")
+        raise InvalidArgument(f"rope_theta must be positive, got {theta}")
     return theta
 
 
@@ -202,21 +203,21 @@ def check_known_keys(raw: dict, ignore=()) -> None:
         unknown = {k for k in unknown if not k.startswith(("mm_perceiver_", "mm_qformer_", "mm_mask_drop_"))}
     unknown = sorted(unknown)
     if unknown:
-        raise ValueError(
+        raise InvalidArgument(
             f"the llava_qwen config has keys the converter does not understand: {unknown}. They may change the "
             f"model's forward; after checking that they do not, pass ignore_config_keys={unknown!r}"
         )
     for key in ("mm_use_im_start_end", "mm_use_im_patch_token"):
         if raw.get(key):
-            raise ValueError(f"{key}={raw[key]!r} adds tokens around the image: not supported (LLaVE uses false)")
+            raise InvalidArgument(f"{key}={raw[key]!r} adds tokens around the image: not supported (LLaVE uses false)")
     for key in ("image_crop_resolution", "image_split_resolution", "mm_resampler_type"):
         if raw.get(key) is not None:
-            raise ValueError(f"{key}={raw[key]!r} is not supported (LLaVE leaves it null)")
+            raise InvalidArgument(f"{key}={raw[key]!r} is not supported (LLaVE leaves it null)")
     if raw.get("use_sliding_window"):
-        raise ValueError("use_sliding_window=true is not supported (LLaVE's Qwen2 attends to the whole sequence)")
+        raise InvalidArgument("use_sliding_window=true is not supported (LLaVE's Qwen2 attends to the whole sequence)")
     layer_types = raw.get("layer_types")
     if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"layer_types {sorted(set(layer_types))}: only full_attention layers are supported")
+        raise InvalidArgument(f"layer_types {sorted(set(layer_types))}: only full_attention layers are supported")
 
 
 def vision_layers_in_checkpoint(keys) -> int | None:
@@ -250,11 +251,11 @@ def parse_grid_pinpoints(value, image_size: int) -> list[list[int]]:
     else:
         pairs = value
     if not isinstance(pairs, (list, tuple)) or not pairs:
-        raise ValueError(f"cannot read image_grid_pinpoints {value!r}")
+        raise InvalidArgument(f"cannot read image_grid_pinpoints {value!r}")
     out = []
     for p in pairs:
         if not isinstance(p, (list, tuple)) or len(p) != 2:
-            raise ValueError(f"image_grid_pinpoints entry {p!r} is not a (width, height) pair")
+            raise InvalidArgument(f"image_grid_pinpoints entry {p!r} is not a (width, height) pair")
         w, h = int(p[0]), int(p[1])
         out.append([h, w])
     return out
@@ -264,7 +265,7 @@ def _vision_config_for(raw: dict, vision_config, vision_layers: int | None) -> d
     vc = _tower_config(raw, vision_config)
     tower_layers = vc.get("num_hidden_layers")
     if not isinstance(tower_layers, int) or tower_layers < 1:
-        raise ValueError(f"the vision tower's config needs num_hidden_layers (a positive int), got {tower_layers!r}")
+        raise InvalidArgument(f"the vision tower's config needs num_hidden_layers (a positive int), got {tower_layers!r}")
     if vision_layers is None:
         # LLaVA-NeXT's SigLIP tower deletes its last layer
         vision_layers = tower_layers - 1 if "siglip" in vc["model_type"] else tower_layers
@@ -288,11 +289,11 @@ def _tower_config(raw: dict, vision_config) -> dict:
         return vc
     name = raw.get("mm_vision_tower") or raw.get("vision_tower")
     if not name:
-        raise ValueError("the llava_qwen config has no mm_vision_tower: pass vision_config=... explicitly")
+        raise InvalidArgument("the llava_qwen config has no mm_vision_tower: pass vision_config=... explicitly")
     base = os.path.basename(str(name).rstrip("/"))
     if base in KNOWN_VISION_TOWERS:
         return dict(KNOWN_VISION_TOWERS[base])
-    raise ValueError(
+    raise InvalidArgument(
         f"unknown vision tower {name!r} (known without a download: {sorted(KNOWN_VISION_TOWERS)}); pass "
         f"vision_config=<the tower's own config.json as a dict or config object; the layers the checkpoint keeps are "
         f"counted from its weight names>"
@@ -319,7 +320,7 @@ def convert_llava_qwen_config(
     from transformers import AutoConfig, LlavaOnevisionConfig, Qwen2Config
 
     if not is_llava_qwen_config(raw):
-        raise ValueError(f"not a llava_qwen config (model_type={raw.get('model_type')!r}, no mm_vision_tower)")
+        raise InvalidArgument(f"not a llava_qwen config (model_type={raw.get('model_type')!r}, no mm_vision_tower)")
     check_known_keys(raw, ignore_config_keys)
 
     # ---- language model: flat Qwen2 keys; LLaVE's constructor sets rope_scaling = None
@@ -328,7 +329,7 @@ def convert_llava_qwen_config(
     dtype = raw.get("torch_dtype", raw.get("dtype"))
     text_config = Qwen2Config(**text)
     if not 0 <= image_token_index < text_config.vocab_size:
-        raise ValueError(
+        raise InvalidArgument(
             f"the image token id {image_token_index} is outside the checkpoint's embedding table "
             f"(vocab_size {text_config.vocab_size})"
         )
@@ -339,7 +340,7 @@ def convert_llava_qwen_config(
     vision = AutoConfig.for_model(model_type, **vc)
     mm_hidden = raw.get("mm_hidden_size")
     if mm_hidden is not None and int(mm_hidden) != vision.hidden_size:
-        raise ValueError(f"mm_hidden_size {mm_hidden} != the vision tower's hidden_size {vision.hidden_size}")
+        raise InvalidArgument(f"mm_hidden_size {mm_hidden} != the vision tower's hidden_size {vision.hidden_size}")
     if "siglip" in model_type:
         # LLaVA-NeXT's SigLIP tower: the output of its last (kept) layer, before post_layernorm, every patch;
         # mm_vision_select_layer is not applied again
@@ -352,15 +353,15 @@ def convert_llava_qwen_config(
     # ---- projector
     proj = raw.get("mm_projector_type", "linear")
     if proj != "mlp2x_gelu":
-        raise ValueError(f"mm_projector_type {proj!r} is not supported (LLaVE uses 'mlp2x_gelu': Linear, GELU, Linear)")
+        raise InvalidArgument(f"mm_projector_type {proj!r} is not supported (LLaVE uses 'mlp2x_gelu': Linear, GELU, Linear)")
 
     # ---- anyres
     merge = raw.get("mm_patch_merge_type", "flat")
     if merge != "spatial_unpad":
-        raise ValueError(f"mm_patch_merge_type {merge!r} is not supported (LLaVE uses 'spatial_unpad')")
+        raise InvalidArgument(f"mm_patch_merge_type {merge!r} is not supported (LLaVE uses 'spatial_unpad')")
     aspect = str(raw.get("image_aspect_ratio", ""))
     if "image_grid_pinpoints" not in raw or raw["image_grid_pinpoints"] is None:
-        raise ValueError("the llava_qwen config has no image_grid_pinpoints")
+        raise InvalidArgument("the llava_qwen config has no image_grid_pinpoints")
     pinpoints = parse_grid_pinpoints(raw["image_grid_pinpoints"], vision.image_size)
     if re.fullmatch(r"anyres_max_\d+", aspect):
         vision_aspect_ratio = aspect
@@ -369,7 +370,7 @@ def convert_llava_qwen_config(
         max_tiles = max((h // vision.image_size) * (w // vision.image_size) for h, w in pinpoints)
         vision_aspect_ratio = f"anyres_max_{max_tiles}"
     else:
-        raise ValueError(f"image_aspect_ratio {aspect!r} is not supported (LLaVE uses anyres / anyres_max_N)")
+        raise InvalidArgument(f"image_aspect_ratio {aspect!r} is not supported (LLaVE uses anyres / anyres_max_N)")
 
     config = LlavaOnevisionConfig(
         vision_config=vision,
@@ -421,11 +422,11 @@ def load_config(path: str, *, tokenizer=None, vision_config=None, ignore_config_
             vision_layers=vision_layers_in_checkpoint(checkpoint_keys(path)), ignore_config_keys=ignore_config_keys,
         )
     if raw.get("model_type") != "llava_onevision":
-        raise ValueError(
+        raise InvalidArgument(
             f"{path!r}: model_type {raw.get('model_type')!r} is neither llava_qwen (LLaVA-NeXT) nor llava_onevision"
         )
     if vision_config is not None:
-        raise ValueError("vision_config applies to llava_qwen checkpoints only; this one is in transformers format")
+        raise InvalidArgument("vision_config applies to llava_qwen checkpoints only; this one is in transformers format")
     from transformers import LlavaOnevisionConfig
 
     return LlavaOnevisionConfig.from_pretrained(path)
@@ -491,7 +492,7 @@ def llava_qwen_max_length(raw: dict) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"tokenizer_model_max_length must be a positive int, got {value!r}")
+        raise InvalidArgument(f"tokenizer_model_max_length must be a positive int, got {value!r}")
     return value
 
 

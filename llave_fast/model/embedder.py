@@ -55,6 +55,7 @@ from .processor import (
     shrunk_shape,
     unpadded_shape,
 )
+from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["LLaVEEmbedder", "import_modeling_modules", "LLaVEOnevisionModel", "default_attn_implementation", "BATCH_KEYS"]
 
@@ -86,7 +87,7 @@ def _resolve_dtype(torch_dtype, raw: dict | None = None) -> torch.dtype:
         return _resolve_dtype(stored)
     if isinstance(torch_dtype, str) and torch_dtype.replace("torch.", "") in _DTYPES:
         return _DTYPES[torch_dtype.replace("torch.", "")]
-    raise ValueError(f"torch_dtype must be None, 'auto', a torch.dtype or one of {sorted(_DTYPES)}; got {torch_dtype!r}")
+    raise InvalidArgument(f"torch_dtype must be None, 'auto', a torch.dtype or one of {sorted(_DTYPES)}; got {torch_dtype!r}")
 
 
 def _resolve_path(path: str) -> str:
@@ -151,12 +152,12 @@ def llave_onevision_class():
                 h, w = int(size[0]), int(size[1])
                 base, crops = feats[0], feats[1:]
                 if base.shape[0] != n * n:
-                    raise ValueError(f"the base view has {base.shape[0]} features, expected {n} x {n}")
+                    raise InvalidArgument(f"the base view has {base.shape[0]} features, expected {n} x {n}")
                 dim = base.shape[-1]
                 best_h, best_w = best_resolution(h, w, cfg.image_grid_pinpoints)
                 gh, gw = best_h // S, best_w // S
                 if crops.shape[0] != gh * gw:
-                    raise ValueError(f"an image of (height, width) {(h, w)} has {crops.shape[0]} crops, expected {gh * gw}")
+                    raise InvalidArgument(f"an image of (height, width) {(h, w)} has {crops.shape[0]} crops, expected {gh * gw}")
                 # (gh, gw, n, n, D) -> (D, gh*n, gw*n): the crops' features as one map, row-major
                 grid = crops.reshape(gh, gw, n, n, dim).permute(4, 0, 2, 1, 3).reshape(dim, gh * n, gw * n)
                 rows, cols = unpadded_shape(h, w, gh * n, gw * n)
@@ -221,13 +222,13 @@ class LLaVEEmbedder(nn.Module):
         from transformers import LlavaOnevisionModel
 
         if not isinstance(model, LlavaOnevisionModel):
-            raise TypeError(f"model must be a transformers LlavaOnevisionModel, got {type(model).__name__}")
+            raise InvalidArgumentType(f"model must be a transformers LlavaOnevisionModel, got {type(model).__name__}")
         llave_cls = llave_onevision_class()
         if type(model) is LlavaOnevisionModel:
             # same modules and weights; LLaVE's packing of the anyres features (see LLaVEOnevisionModel)
             model.__class__ = llave_cls
         elif not isinstance(model, llave_cls):
-            raise TypeError(f"model must be a LlavaOnevisionModel, not the subclass {type(model).__name__}")
+            raise InvalidArgumentType(f"model must be a LlavaOnevisionModel, not the subclass {type(model).__name__}")
         self.model = model
         self._processor = processor
         # ZeRO-3 gathers each module's weights with collectives as the module runs, so every
@@ -241,7 +242,7 @@ class LLaVEEmbedder(nn.Module):
         # forward under torch.autocast(dtype=autocast_dtype). None: no autocast (training, plain dtypes).
         self.autocast_dtype: torch.dtype | None = None
         if processor is not None and processor.image_token_id != model.config.image_token_index:
-            raise ValueError(
+            raise InvalidArgument(
                 f"processor image token id {processor.image_token_id} != model config image_token_index "
                 f"{model.config.image_token_index}"
             )
@@ -346,7 +347,7 @@ class LLaVEEmbedder(nn.Module):
             processor_kwargs["max_length"] = llava_qwen_max_length(raw)
         else:
             if ignore_config_keys:
-                raise ValueError("ignore_config_keys applies to llava_qwen checkpoints only; this one is in transformers format")
+                raise InvalidArgument("ignore_config_keys applies to llava_qwen checkpoints only; this one is in transformers format")
             config = load_config(path, vision_config=vision_config)
             mapping = None
         attn = attn_implementation or default_attn_implementation(dtype)
@@ -386,7 +387,7 @@ class LLaVEEmbedder(nn.Module):
         ``model.`` prefix) and call on one rank only.
         """
         if self._processor is None:
-            raise ValueError("this LLaVEEmbedder has no processor: a saved folder would not be self-contained")
+            raise InvalidArgument("this LLaVEEmbedder has no processor: a saved folder would not be self-contained")
         if state_dict and all(k.startswith("model.") for k in state_dict):
             # this module's own state_dict: LlavaOnevisionModel names carry no "model." prefix
             state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
@@ -417,9 +418,9 @@ class LLaVEEmbedder(nn.Module):
             image_sizes = [None] * B
         for name, v in (("pixel_values", pixel_values), ("image_sizes", image_sizes)):
             if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)):
-                raise TypeError(f"batch[{name!r}] must be a list with one entry (or None) per sample, got {type(v).__name__}")
+                raise InvalidArgumentType(f"batch[{name!r}] must be a list with one entry (or None) per sample, got {type(v).__name__}")
             if len(v) != B:
-                raise ValueError(f"batch[{name!r}] has {len(v)} entries but input_ids has {B} rows")
+                raise InvalidArgument(f"batch[{name!r}] has {len(v)} entries but input_ids has {B} rows")
 
         cfg = self.model.config
         S = cfg.vision_config.image_size
@@ -430,20 +431,20 @@ class LLaVEEmbedder(nn.Module):
         tiles, sizes, kept = [], [], []
         for i, (pv, size) in enumerate(zip(pixel_values, image_sizes)):
             if (pv is None) != (size is None):
-                raise ValueError(f"sample {i}: pixel_values and image_sizes must both be given or both be None")
+                raise InvalidArgument(f"sample {i}: pixel_values and image_sizes must both be given or both be None")
             if pv is None:
                 if n_img_tokens[i]:
-                    raise ValueError(f"sample {i} has {n_img_tokens[i]} image tokens but no image (pixel_values is None)")
+                    raise InvalidArgument(f"sample {i} has {n_img_tokens[i]} image tokens but no image (pixel_values is None)")
                 continue
             if not isinstance(pv, torch.Tensor) or pv.dim() != 4 or tuple(pv.shape[1:]) != (3, S, S):
                 got = tuple(pv.shape) if isinstance(pv, torch.Tensor) else type(pv).__name__
-                raise ValueError(f"sample {i}: pixel_values must be a (n_tiles, 3, {S}, {S}) tensor, got {got}")
+                raise InvalidArgument(f"sample {i}: pixel_values must be a (n_tiles, 3, {S}, {S}) tensor, got {got}")
             if len(size) != 2 or min(size) <= 0:
-                raise ValueError(f"sample {i}: image_sizes entry must be (height, width), got {size!r}")
+                raise InvalidArgument(f"sample {i}: image_sizes entry must be (height, width), got {size!r}")
             h, w = int(size[0]), int(size[1])
             want_tiles = num_image_tiles(h, w, image_size=S, grid_pinpoints=cfg.image_grid_pinpoints)
             if pv.shape[0] != want_tiles:
-                raise ValueError(
+                raise InvalidArgument(
                     f"sample {i}: an image of (height, width) = {(h, w)} needs {want_tiles} tiles with this model's "
                     f"grid pinpoints, got {pv.shape[0]} (was it processed for another model?)"
                 )
@@ -453,7 +454,7 @@ class LLaVEEmbedder(nn.Module):
             )
             cut = 0 < n_img_tokens[i] < want_tokens and ends_in_image[i]  # the sequence was cut inside the image
             if n_img_tokens[i] != want_tokens and not cut:
-                raise ValueError(
+                raise InvalidArgument(
                     f"sample {i} has {n_img_tokens[i]} image tokens but its image of (height, width) = {(h, w)} "
                     f"gives {want_tokens} visual features"
                 )
@@ -494,27 +495,27 @@ class LLaVEEmbedder(nn.Module):
 
     def _forward(self, batch: dict) -> torch.Tensor:
         if not isinstance(batch, dict):
-            raise TypeError(f"batch must be a dict with keys {BATCH_KEYS}, got {type(batch).__name__}")
+            raise InvalidArgumentType(f"batch must be a dict with keys {BATCH_KEYS}, got {type(batch).__name__}")
         for key in ("input_ids", "attention_mask"):
             if key not in batch:
                 raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}; expected {BATCH_KEYS})")
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+            raise InvalidArgument(f"input_ids must be an integer (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            raise ValueError(
+            raise InvalidArgument(
                 f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                 f"got {getattr(attention_mask, 'shape', attention_mask)!r}"
             )
         B, L = input_ids.shape
         if B == 0:
-            raise ValueError("empty batch (input_ids has 0 rows)")
+            raise InvalidArgument("empty batch (input_ids has 0 rows)")
         device = self.model.get_input_embeddings().weight.device
         input_ids = input_ids.to(device)
         mask = attention_mask.to(device=device, dtype=torch.long)
         lengths = mask.sum(dim=1)
         if bool((lengths == 0).any()):
-            raise ValueError(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} have no real token (all padding)")
+            raise InvalidArgument(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} have no real token (all padding)")
         pixel_values, image_sizes, kept = self._gather_images(batch, input_ids, mask)
         n_dummy = 0
         if pixel_values is None and self.uniform_modules:
@@ -570,7 +571,7 @@ class LLaVEEmbedder(nn.Module):
         from PIL import Image
 
         if self._processor is None:
-            raise ValueError("uniform_modules needs the processor (to build the dummy image row)")
+            raise InvalidArgument("uniform_modules needs the processor (to build the dummy image row)")
         device = input_ids.device
         if self._dummy is None:
             size = self.model.config.vision_config.image_size
@@ -605,14 +606,14 @@ class LLaVEEmbedder(nn.Module):
         Returns a (B, d) float32 CPU tensor of unit rows.
         """
         if self._processor is None:
-            raise ValueError("encode needs a processor: build the embedder with one (from_pretrained does)")
+            raise InvalidArgument("encode needs a processor: build the embedder with one (from_pretrained does)")
         if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+            raise InvalidArgumentType(f"texts must be a list of str, got {type(texts).__name__}")
         if images is not None and (not isinstance(images, (list, tuple)) or len(images) != len(texts)):
             n = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
-            raise ValueError(f"texts has {len(texts)} entries but images has {n}: give one image (or None) per text")
+            raise InvalidArgument(f"texts has {len(texts)} entries but images has {n}: give one image (or None) per text")
         was_training = self.training
         self.eval()
         try:
@@ -640,11 +641,11 @@ class LLaVEEmbedder(nn.Module):
         from .video import embed_video_batch, frames_to_pixels, video_batch, video_length_limit
 
         if self._processor is None:
-            raise ValueError("encode_videos needs a processor: build the embedder with one (from_pretrained does)")
+            raise InvalidArgument("encode_videos needs a processor: build the embedder with one (from_pretrained does)")
         if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(videos, (list, tuple)):
-            raise TypeError(f"videos must be a list (one frames array or list of frames per video), "
+            raise InvalidArgumentType(f"videos must be a list (one frames array or list of frames per video), "
                             f"got {type(videos).__name__}")
         limit = video_length_limit(self.model.config, max_length)
         was_training = self.training
@@ -672,12 +673,12 @@ class LLaVEEmbedder(nn.Module):
         from .processor import _check_pinpoints
 
         if self._processor is None:
-            raise ValueError("set_image_grid needs the processor (it tiles the images)")
+            raise InvalidArgument("set_image_grid needs the processor (it tiles the images)")
         S = self.model.config.vision_config.image_size
         try:
             pins = _check_pinpoints(parse_grid_pinpoints(grid, S), S)
         except (ValueError, SyntaxError) as e:
-            raise ValueError(f"image_grid {grid!r} is not '(1x1),...,(2x2)' or a list of [width, height] pairs "
+            raise InvalidArgument(f"image_grid {grid!r} is not '(1x1),...,(2x2)' or a list of [width, height] pairs "
                              f"of multiples of the tile size {S}: {e}") from e
         self.model.config.image_grid_pinpoints = pins
         self._processor.image_grid_pinpoints = [list(p) for p in pins]

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from .convert import ensure_image_token
+from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = [
     "LLaVEProcessor",
@@ -153,7 +154,7 @@ def unpadded_shape(height: int, width: int, rows: int, cols: int) -> tuple[int, 
 def anyres_max_tiles(vision_aspect_ratio: str) -> int:
     m = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
     if not m or int(m.group(1)) < 1:
-        raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}")
+        raise InvalidArgument(f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}")
     return int(m.group(1))
 
 
@@ -190,14 +191,14 @@ def count_image_tokens(
 
 def _check_pinpoints(grid_pinpoints, image_size: int) -> list[list[int]]:
     if not isinstance(grid_pinpoints, (list, tuple)) or not grid_pinpoints:
-        raise ValueError(f"image_grid_pinpoints must be a non-empty list of (height, width), got {grid_pinpoints!r}")
+        raise InvalidArgument(f"image_grid_pinpoints must be a non-empty list of (height, width), got {grid_pinpoints!r}")
     out = []
     for p in grid_pinpoints:
         if not isinstance(p, (list, tuple)) or len(p) != 2:
-            raise ValueError(f"image_grid_pinpoints entries must be (height, width) pairs, got {p!r}")
+            raise InvalidArgument(f"image_grid_pinpoints entries must be (height, width) pairs, got {p!r}")
         h, w = int(p[0]), int(p[1])
         if h <= 0 or w <= 0 or h % image_size or w % image_size:
-            raise ValueError(
+            raise InvalidArgument(
                 f"image_grid_pinpoints entry {p!r} is not a positive multiple of the tile size {image_size}"
             )
         out.append([h, w])
@@ -236,16 +237,16 @@ class LLaVEProcessor:
         image_without_placeholder: str = "prepend",
     ):
         if tokenizer is None:
-            raise ValueError("LLaVEProcessor needs a tokenizer")
+            raise InvalidArgument("LLaVEProcessor needs a tokenizer")
         image_size, patch_size = int(image_size), int(patch_size)
         # the patch convolution floors: 384-px tiles of 14-px patches give 27 x 27 patches (so400m)
         if patch_size <= 0 or image_size < patch_size:
-            raise ValueError(
+            raise InvalidArgument(
                 f"image_size ({image_size}) must be at least patch_size ({patch_size}) and patch_size positive"
             )
         anyres_max_tiles(vision_aspect_ratio)
         if len(image_mean) != 3 or len(image_std) != 3 or any(s <= 0 for s in image_std):
-            raise ValueError(f"image_mean/image_std must be 3 values (std > 0), got {image_mean!r}, {image_std!r}")
+            raise InvalidArgument(f"image_mean/image_std must be 3 values (std > 0), got {image_mean!r}, {image_std!r}")
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.patch_size = patch_size
@@ -257,11 +258,11 @@ class LLaVEProcessor:
         self.image_token = image_token
         self.system_prompt = system_prompt
         if max_text_tokens is not None and (not isinstance(max_text_tokens, int) or max_text_tokens < 1):
-            raise ValueError(f"max_text_tokens must be a positive int or None, got {max_text_tokens!r}")
+            raise InvalidArgument(f"max_text_tokens must be a positive int or None, got {max_text_tokens!r}")
         # the user text (not the template, not the image tokens) is cut to this many tokens
         self.max_text_tokens = max_text_tokens
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+            raise InvalidArgument(f"max_length must be a positive int or None, got {max_length!r}")
         # LLaVE's rule (``tokenizer_model_max_length``): the whole sequence, image tokens inserted,
         # is cut to this many tokens; the pooled token is then the last one kept
         self.max_length = max_length
@@ -275,7 +276,7 @@ class LLaVEProcessor:
         for tok in ("<|im_start|>", "<|im_end|>"):
             ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
-                raise ValueError(f"the tokenizer must know the chat token {tok!r} as one token, got ids {ids}")
+                raise InvalidArgument(f"the tokenizer must know the chat token {tok!r} as one token, got ids {ids}")
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else 0
@@ -288,7 +289,7 @@ class LLaVEProcessor:
     @image_without_placeholder.setter
     def image_without_placeholder(self, value: str) -> None:
         if value not in IMAGE_WITHOUT_PLACEHOLDER:
-            raise ValueError(f"image_without_placeholder must be one of {IMAGE_WITHOUT_PLACEHOLDER} ('drop': "
+            raise InvalidArgument(f"image_without_placeholder must be one of {IMAGE_WITHOUT_PLACEHOLDER} ('drop': "
                              f"LLaVE's rule, the text alone is embedded), got {value!r}")
         self._image_without_placeholder = value
 
@@ -310,7 +311,7 @@ class LLaVEProcessor:
             **kwargs,
         )
         if proc.image_token_id != config.image_token_index:
-            raise ValueError(
+            raise InvalidArgument(
                 f"the tokenizer gives the image token {proc.image_token!r} id {proc.image_token_id} but the model "
                 f"config says image_token_index={config.image_token_index}"
             )
@@ -378,20 +379,20 @@ class LLaVEProcessor:
         (LLaVE drops it, see :attr:`image_without_placeholder`).
         """
         if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
+            raise InvalidArgumentType(f"texts[{index}] must be a str, got {type(text).__name__}")
         user = MMEB_IMAGE_PLACEHOLDER.sub(IMAGE_PLACEHOLDER, text)
         n = user.count(IMAGE_PLACEHOLDER)
         if has_image:
             if n == 0:
                 user = IMAGE_PLACEHOLDER + "\n" + user
             elif n > 1:
-                raise ValueError(
+                raise InvalidArgument(
                     f"texts[{index}] has {n} image placeholders but a sample holds one image: {text[:120]!r}"
                 )
             else:
                 user = move_placeholder(user)  # LLaVE: llava/train/train.py preprocess_multimodal
         elif n:
-            raise ValueError(
+            raise InvalidArgument(
                 f"texts[{index}] has an image placeholder (<|image_N|> or <image>) but images[{index}] is None: "
                 f"{text[:120]!r}"
             )
@@ -438,7 +439,7 @@ class LLaVEProcessor:
         from PIL import Image
 
         if not isinstance(image, Image.Image):
-            raise TypeError(f"images[{index}] must be a PIL.Image.Image or None, got {type(image).__name__}")
+            raise InvalidArgumentType(f"images[{index}] must be a PIL.Image.Image or None, got {type(image).__name__}")
 
     def _note_dropped(self, text: str, index: int) -> None:
         self.images_dropped += 1
@@ -459,7 +460,7 @@ class LLaVEProcessor:
         self._check_image(image, index)
         width, height = image.size
         if width <= 0 or height <= 0:
-            raise ValueError(f"images[{index}] is empty (size {image.size})")
+            raise InvalidArgument(f"images[{index}] is empty (size {image.size})")
         image = image.convert("RGB")
         S = self.image_size
         best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints)
@@ -494,22 +495,22 @@ class LLaVEProcessor:
         """
         rule = self.image_without_placeholder if image_without_placeholder is None else image_without_placeholder
         if rule not in IMAGE_WITHOUT_PLACEHOLDER:
-            raise ValueError(f"image_without_placeholder must be one of {IMAGE_WITHOUT_PLACEHOLDER} or None, got "
+            raise InvalidArgument(f"image_without_placeholder must be one of {IMAGE_WITHOUT_PLACEHOLDER} or None, got "
                              f"{image_without_placeholder!r}")
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+            raise InvalidArgumentType(f"texts must be a list of str, got {type(texts).__name__}")
         if len(texts) == 0:
-            raise ValueError("texts is empty: a batch needs at least one sample")
+            raise InvalidArgument("texts is empty: a batch needs at least one sample")
         if images is None:
             images = [None] * len(texts)
         elif not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be a list (one PIL image or None per text) or None, got {type(images).__name__}")
+            raise InvalidArgumentType(f"images must be a list (one PIL image or None per text) or None, got {type(images).__name__}")
         if len(images) != len(texts):
-            raise ValueError(f"texts has {len(texts)} entries but images has {len(images)}: give one image (or None) per text")
+            raise InvalidArgument(f"texts has {len(texts)} entries but images has {len(images)}: give one image (or None) per text")
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise InvalidArgument(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0):
-            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+            raise InvalidArgument(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
 
         pixel_values, image_sizes, prompts = [], [], []
         for i, (text, image) in enumerate(zip(texts, images)):

@@ -15,6 +15,7 @@ import torch
 
 from .embedder import LLaVEEmbedder
 from .processor import LLaVEProcessor
+from ..errors import InvalidArgument
 
 __all__ = ["TINY_VOCAB_WORDS", "SPECIAL_TOKENS", "build_tiny_tokenizer", "tiny_config", "build_tiny_model"]
 
@@ -73,7 +74,7 @@ def build_tiny_tokenizer(*, with_image_token: bool = True, vocab_size: int | Non
     if vocab_size is not None:
         chat = len([t for t in SPECIAL_TOKENS if t != "<image>"])
         if not isinstance(vocab_size, int) or vocab_size < len(vocab) + chat:
-            raise ValueError(f"vocab_size must be an int >= {len(vocab) + chat} (the tiny vocabulary and the chat "
+            raise InvalidArgument(f"vocab_size must be an int >= {len(vocab) + chat} (the tiny vocabulary and the chat "
                              f"tokens), got {vocab_size!r}")
         for i in range(vocab_size - chat - len(vocab)):
             vocab[f"[unused{i}]"] = len(vocab)

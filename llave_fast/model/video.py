@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .processor import IMAGE_PLACEHOLDER
+from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = [
     "VIDEO_PROMPT",
@@ -98,11 +99,11 @@ def check_video_config(config) -> None:
                 why = f"{key} = {got!r} is one of LLaVE's video layouts but not implemented here"
             else:
                 why = f"{key} = {got!r} is not a value LLaVE's code knows ({(want,) + others})"
-            raise ValueError(f"{why}: llave-fast embeds videos with {key} = {want!r} only (LLaVE's training writes "
+            raise InvalidArgument(f"{why}: llave-fast embeds videos with {key} = {want!r} only (LLaVE's training writes "
                              f"mm_newline_position 'grid' and mm_spatial_pool_mode 'bilinear'); set {key} to "
                              f"{want!r} in the model's config.json if that is what the model was trained with")
     if getattr(config, "add_faster_video", False):
-        raise ValueError(f"add_faster_video = {config.add_faster_video!r}: not implemented here (and LLaVE's own "
+        raise InvalidArgument(f"add_faster_video = {config.add_faster_video!r}: not implemented here (and LLaVE's own "
                          "video path cannot run it); set it to false in the model's config.json")
 
 
@@ -111,7 +112,7 @@ def pooled_grid(image_size: int, patch_size: int) -> tuple[int, int]:
     (n = image_size // patch_size, the patch convolution floors) -> ceil(n/2) x ceil(n/2)."""
     image_size, patch_size = int(image_size), int(patch_size)
     if patch_size <= 0 or image_size < patch_size:
-        raise ValueError(f"image_size ({image_size}) must be at least patch_size ({patch_size}) and patch_size positive")
+        raise InvalidArgument(f"image_size ({image_size}) must be at least patch_size ({patch_size}) and patch_size positive")
     n = image_size // patch_size
     return math.ceil(n / 2), math.ceil(n / 2)
 
@@ -126,7 +127,7 @@ def count_video_tokens(num_frames: int, *, image_size: int, patch_size: int) -> 
     """Visual tokens of a video of ``num_frames`` frames: frames x pooled_h x (pooled_w + 1)
     (384-px tiles of 14-px patches: 27 x 27 -> 14 x 14 -> 210 a frame, 6720 for 32 frames)."""
     if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        raise InvalidArgument(f"num_frames must be a positive int, got {num_frames!r}")
     return int(num_frames) * tokens_per_frame(image_size, patch_size)
 
 
@@ -140,20 +141,20 @@ def frames_to_pixels(processor, frames, index: int = 0) -> torch.Tensor:
 
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"videos[{index}]: frames must be a uint8 (F, H, W, 3) array, got "
+            raise InvalidArgument(f"videos[{index}]: frames must be a uint8 (F, H, W, 3) array, got "
                              f"{frames.dtype} {frames.shape}")
         frames = list(frames)
     if not isinstance(frames, (list, tuple)) or not frames:
-        raise ValueError(f"videos[{index}]: expected a non-empty list of frames, got {type(frames).__name__}")
+        raise InvalidArgument(f"videos[{index}]: expected a non-empty list of frames, got {type(frames).__name__}")
     S = processor.image_size
     out = []
     for j, f in enumerate(frames):
         if isinstance(f, np.ndarray):
             if f.ndim != 3 or f.shape[-1] != 3 or f.dtype != np.uint8:
-                raise ValueError(f"videos[{index}] frame {j}: expected a uint8 (H, W, 3) array, got {f.dtype} {f.shape}")
+                raise InvalidArgument(f"videos[{index}] frame {j}: expected a uint8 (H, W, 3) array, got {f.dtype} {f.shape}")
             f = Image.fromarray(f)
         elif not isinstance(f, Image.Image):
-            raise TypeError(f"videos[{index}] frame {j}: expected a PIL image or a uint8 array, got {type(f).__name__}")
+            raise InvalidArgumentType(f"videos[{index}] frame {j}: expected a PIL image or a uint8 array, got {type(f).__name__}")
         out.append(processor._normalise(f.convert("RGB").resize((S, S), Image.Resampling.BICUBIC)))
     return torch.from_numpy(np.stack(out))
 
@@ -163,7 +164,7 @@ def _prompt_pieces(processor, text: str) -> tuple[list[int], list[int]]:
     prompt = processor.build_prompt(text, True)
     pieces = prompt.split(IMAGE_PLACEHOLDER)
     if len(pieces) != 2:
-        raise ValueError(f"the video prompt must hold exactly one {IMAGE_PLACEHOLDER}, got {text!r}")
+        raise InvalidArgument(f"the video prompt must hold exactly one {IMAGE_PLACEHOLDER}, got {text!r}")
     head, tail = processor.tokenizer(pieces, add_special_tokens=False)["input_ids"]
     return list(head), list(tail)
 
@@ -187,7 +188,7 @@ def check_video_length(processor, num_frames: int, max_length: int, text: str = 
     total = int(num_frames) * per + prompt
     if total > max_length:
         fit = max(0, (int(max_length) - prompt) // per)
-        raise ValueError(
+        raise InvalidArgument(
             f"a video of {num_frames} frames is {num_frames} x {per} visual tokens per frame + {prompt} prompt tokens "
             f"= {total} tokens, more than the maximum length {max_length}: lower --max-frames to {fit} or less "
             f"(or raise --max-length, up to the language model's max_position_embeddings). LLaVE would cut the "
@@ -199,7 +200,7 @@ def check_video_length(processor, num_frames: int, max_length: int, text: str = 
 def video_length_limit(config, max_length: int = LLAVE_VIDEO_MAX_LENGTH) -> int:
     """``max_length``, capped by the language model's ``max_position_embeddings`` when it has one."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        raise InvalidArgument(f"max_length must be a positive int, got {max_length!r}")
     max_pos = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
     return min(max_length, int(max_pos)) if max_pos else max_length
 
@@ -213,16 +214,16 @@ def video_batch(processor, videos: Sequence[torch.Tensor], *, text: str = VIDEO_
     (F_i, 3, S, S) tensors. A video longer than ``max_length`` tokens is refused.
     """
     if not isinstance(videos, (list, tuple)) or not videos:
-        raise ValueError(f"videos must be a non-empty list of (F, 3, S, S) tensors, got {type(videos).__name__}")
+        raise InvalidArgument(f"videos must be a non-empty list of (F, 3, S, S) tensors, got {type(videos).__name__}")
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise InvalidArgument(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     S = processor.image_size
     head, tail = _prompt_pieces(processor, text)
     seqs = []
     for i, v in enumerate(videos):
         if not isinstance(v, torch.Tensor) or v.dim() != 4 or tuple(v.shape[1:]) != (3, S, S) or v.shape[0] < 1:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"videos[{i}] must be a (frames, 3, {S}, {S}) tensor, got {got}")
+            raise InvalidArgument(f"videos[{i}] must be a (frames, 3, {S}, {S}) tensor, got {got}")
         check_video_length(processor, v.shape[0], max_length, text)
         n = count_video_tokens(v.shape[0], image_size=S, patch_size=processor.patch_size)
         seqs.append(head + [processor.image_token_id] * n + tail)
@@ -247,7 +248,7 @@ def video_features(model, pixel_values: torch.Tensor, num_frames: Sequence[int])
     check_video_config(cfg)
     total = int(sum(num_frames))
     if pixel_values.dim() != 4 or pixel_values.shape[0] != total:
-        raise ValueError(f"pixel_values must stack {total} frames as (frames, 3, S, S), got {tuple(pixel_values.shape)}")
+        raise InvalidArgument(f"pixel_values must stack {total} frames as (frames, 3, S, S), got {tuple(pixel_values.shape)}")
     ph, pw = pooled_grid(cfg.vision_config.image_size, cfg.vision_config.patch_size)
     # transformers' video path: vision tower per frame, the feature layer, projector, 2x2 bilinear pooling
     out = model.get_video_features(
@@ -259,7 +260,7 @@ def video_features(model, pixel_values: torch.Tensor, num_frames: Sequence[int])
     if feats.shape[0] == total * ph * pw + 1:  # transformers' one image_newline after the whole video: not LLaVE's
         feats = feats[:-1]
     if feats.shape[0] != total * ph * pw:
-        raise ValueError(f"the vision side gave {feats.shape[0]} features for {total} frames, expected "
+        raise InvalidArgument(f"the vision side gave {feats.shape[0]} features for {total} frames, expected "
                          f"{total} x {ph} x {pw} (transformers' get_video_features changed?)")
     dim = feats.shape[-1]
     grid = feats.reshape(total, ph, pw, dim)
@@ -283,7 +284,7 @@ def embed_video_batch(embedder, batch: dict) -> torch.Tensor:
     mask = batch["attention_mask"].to(device=device, dtype=torch.long)
     B, L = input_ids.shape
     if len(videos) != B:
-        raise ValueError(f"batch['pixel_values_videos'] has {len(videos)} videos but input_ids has {B} rows")
+        raise InvalidArgument(f"batch['pixel_values_videos'] has {len(videos)} videos but input_ids has {B} rows")
     num_frames = [int(v.shape[0]) for v in videos]
     is_image = input_ids == cfg.image_token_index
     have = is_image.sum(dim=1).tolist()
@@ -293,7 +294,7 @@ def embed_video_batch(embedder, batch: dict) -> torch.Tensor:
         feats = video_features(m, pixel, num_frames)
         for i, (f, n) in enumerate(zip(feats, have)):
             if f.shape[0] != n:
-                raise ValueError(f"video {i} has {n} image tokens but its {num_frames[i]} frames give {f.shape[0]} "
+                raise InvalidArgument(f"video {i} has {n} image tokens but its {num_frames[i]} frames give {f.shape[0]} "
                                  "features")
         embeds = m.get_input_embeddings()(input_ids)
         feats = torch.cat(feats)

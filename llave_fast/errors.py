@@ -1,0 +1,32 @@
+"""The errors llave-fast raises on purpose, by type.
+
+Every check in the library that rejects what a user passed (an argument, a config field, a
+data row, a checkpoint, a run folder) raises a subclass of :class:`LlaveFastError`. The
+command line prints those as one line without a traceback and treats everything else as a
+bug; a library user can catch them all with ``except LlaveFastError``.
+
+Each class also derives from the built-in type the check raised before the hierarchy
+existed (``ValueError`` for a bad value, ``TypeError`` for a wrong type, ``ImportError`` for
+a missing optional package), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LlaveFastError(Exception):
+    """Base class: an input or action llave-fast refused, with a message naming what and why."""
+
+
+class InvalidArgument(LlaveFastError, ValueError):
+    """An argument, config field or option has a value llave-fast does not accept."""
+
+
+class InvalidArgumentType(LlaveFastError, TypeError):
+    """An argument has a type llave-fast does not accept."""
+
+
+class MissingDependency(LlaveFastError, ImportError):
+    """An optional package a feature needs is not installed (the message says which extra)."""
+
+
+__all__ = ["InvalidArgument", "InvalidArgumentType", "LlaveFastError", "MissingDependency"]
