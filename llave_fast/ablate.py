@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -35,6 +36,8 @@ import shutil
 import statistics
 import time
 from .errors import InvalidArgument, MissingDependency
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "tiny_cpu.json"
 DEFAULT_ALPHAS = (0.0, 9.0)
@@ -402,12 +405,12 @@ def plot(runs: list[dict], path: str, setting: dict | None = None) -> None:
 
 
 # -------------------------------------------------------------------------- the whole ablation
-def run_ablation(output_dir: str = DEFAULT_OUTPUT, *, progress: bool = True, runner=None, echo=print,
-                 **plan_kw) -> dict:
+def run_ablation(output_dir: str = DEFAULT_OUTPUT, *, progress: bool = True, runner=None, **plan_kw) -> dict:
     """Run every (alpha, batch, seed) of the grid not yet in ``output_dir/ablation.json``,
-    writing the file after each run; then the plot and the table. Returns
-    ``{"plan", "runs", "ran", "skipped", "table", "json", "png"}``. ``runner`` (tests) replaces
-    :func:`run_one`."""
+    writing the file after each run; then the plot and the table. The plan and a failed run are
+    logged (``llave_fast.ablate``); the table is returned, for the caller to show
+    (:func:`format_report`). Returns ``{"plan", "runs", "ran", "skipped", "table", "json", "png"}``.
+    ``runner`` (tests) replaces :func:`run_one`."""
     p = plan(**plan_kw)
     _require_matplotlib()  # before an hour of training, not after
     runner = run_one if runner is None else runner
@@ -418,9 +421,9 @@ def run_ablation(output_dir: str = DEFAULT_OUTPUT, *, progress: bool = True, run
     done = {_key(r) for r in runs}
     todo = [g for g in grid(p) if g not in done]
     skipped = len(grid(p)) - len(todo)
-    echo(f"ablation: {len(p['alphas'])} alphas x {len(p['batches'])} batches x {len(p['seeds'])} seeds = "
-         f"{len(grid(p))} runs of {p['steps']} steps x {p['global_batch']} pairs ({p['family_size']}-scene "
-         f"families, {p['num_eval']} eval queries); {skipped} already in {path}, {len(todo)} to run")
+    logger.info(f"ablation: {len(p['alphas'])} alphas x {len(p['batches'])} batches x {len(p['seeds'])} seeds = "
+                f"{len(grid(p))} runs of {p['steps']} steps x {p['global_batch']} pairs ({p['family_size']}-scene "
+                f"families, {p['num_eval']} eval queries); {skipped} already in {path}, {len(todo)} to run")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(grid(p)), initial=skipped, desc="ablation", unit="run", disable=not progress)
@@ -432,8 +435,8 @@ def run_ablation(output_dir: str = DEFAULT_OUTPUT, *, progress: bool = True, run
             try:
                 rec = runner(p, alpha, batch, seed, run_dir)
             except Exception:
-                bar.write(f"ablation: run {name} failed (its log: {os.path.join(run_dir, 'train.log')}); the runs "
-                          f"done so far are in {path}, a rerun goes on from there")
+                logger.error(f"ablation: run {name} failed (its log: {os.path.join(run_dir, 'train.log')}); the "
+                             f"runs done so far are in {path}, a rerun goes on from there")
                 raise
             # the run's folder relative to OUT: ablation.json stays valid when OUT moves (and names no machine path)
             rec["run_dir"] = os.path.relpath(rec.get("run_dir", run_dir), output_dir)
@@ -446,6 +449,10 @@ def run_ablation(output_dir: str = DEFAULT_OUTPUT, *, progress: bool = True, run
     png = os.path.join(output_dir, PLOT_FILE)
     plot(runs, png, setting)
     text = table(runs)
-    echo(f"held-out precision@1, mean ± std over seeds ({p['num_eval']} queries per run):\n{text}")
-    echo(f"results: {path}\nplot:    {png}")
     return {"plan": p, "runs": runs, "ran": len(todo), "skipped": skipped, "table": text, "json": path, "png": png}
+
+
+def format_report(result: dict) -> str:
+    """What ``llave-fast ablate`` prints at the end: the table of :func:`run_ablation`'s result and its files."""
+    return (f"held-out precision@1, mean ± std over seeds ({result['plan']['num_eval']} queries per run):\n"
+            f"{result['table']}\nresults: {result['json']}\nplot:    {result['png']}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import traceback
@@ -53,6 +54,36 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
+# -------------------------------------------------------------------------- logging
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (as logging's own last-resort
+    handler does), so a redirected stderr (ablate's per-run train.log, pytest's capture) gets it."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler's __init__ sets it; the property always answers sys.stderr
+        pass
+
+
+def configure_logging() -> None:
+    """What the library logs (``logging.getLogger("llave_fast....")``: progress, notes, warnings)
+    shown to a command-line user: INFO and up, the message alone, on stderr. Done once per process;
+    stdout stays for the results a command prints."""
+    root = logging.getLogger("llave_fast")
+    if any(isinstance(h, _StderrHandler) for h in root.handlers):
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 # -------------------------------------------------------------------------- which errors are the user's
@@ -366,11 +397,12 @@ def _positive_int(s: str) -> int:
 
 
 def _ablate(args) -> int:
-    from .ablate import run_ablation
+    from .ablate import format_report, run_ablation
 
-    run_ablation(args.output_dir, config=args.config, alphas=args.alphas, batches=args.batches, seeds=args.seeds,
-                 steps=args.steps, global_batch=args.global_batch, num_eval=args.num_eval,
-                 family_size=args.family_size, quick=args.quick)
+    result = run_ablation(args.output_dir, config=args.config, alphas=args.alphas, batches=args.batches,
+                          seeds=args.seeds, steps=args.steps, global_batch=args.global_batch, num_eval=args.num_eval,
+                          family_size=args.family_size, quick=args.quick)
+    print(format_report(result))
     return 0
 
 
@@ -432,7 +464,7 @@ def _positive_float(s: str) -> float:
 
 
 def _eval_video(args) -> int:
-    from .video import eval_video, format_metrics_table
+    from .eval_video import eval_video, format_metrics_table
 
     if _looks_local(args.model):
         _existing("--model", args.model)
@@ -461,15 +493,36 @@ def _text_cut(s: str):
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'saved', got {s!r}") from None
 
 
+def _dtype_spelling(s: str) -> str:
+    """A precision's other spellings (bfloat16, torch.float16, half, ...) as its short name; anything
+    else as it is, for argparse's choices to refuse."""
+    from .dtypes import DTYPE_ALIASES
+
+    key = s[len("torch."):] if s.startswith("torch.") else s
+    return DTYPE_ALIASES.get(key, s)
+
+
+def add_dtype_flag(p: argparse.ArgumentParser, *, choices, default: str, help: str) -> None:
+    """The one ``--dtype`` flag of export, eval and eval-video: the short names (bf16, fp16, fp32,
+    plus a command's own choices), the long ones (bfloat16, float16 / half, float32) accepted too."""
+    from .dtypes import DTYPE_ALIASES
+
+    also = ", ".join(f"{alias} = {short}" for alias, short in DTYPE_ALIASES.items() if short in choices)
+    p.add_argument("--dtype", default=default, type=_dtype_spelling, choices=list(choices),
+                   help=f"{help} (also accepted: {also}). Default: {default}")
+
+
 def _add_precision_flags(p: argparse.ArgumentParser) -> None:
     """--device, --dtype and --max-text-tokens of the evaluation commands (see
     llave_fast.evaluate.eval_precision and apply_eval_protocol)."""
+    from .evaluate import EVAL_PRECISIONS
+
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "llave"],
+    add_dtype_flag(p, choices=EVAL_PRECISIONS, default="auto",
                    help="precision: auto = bf16 weights on CUDA, fp32 on CPU; llave = LLaVE's own evaluation "
                         "precision, fp16 weights with every forward under bf16 autocast (CUDA only): the one that "
-                        "reproduces LLaVE's numbers. Default: auto")
+                        "reproduces LLaVE's numbers")
     p.add_argument("--max-text-tokens", type=_text_cut, default=None, metavar="N|saved",
                    help="cut each text alone to N tokens, or 'saved': to the cut the model was trained with "
                         "(train's --max-text-tokens, saved with it). Default: no such cut, as LLaVE evaluates "
@@ -478,6 +531,8 @@ def _add_precision_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; ``argv`` (the arguments) picks the preset whose defaults train's help shows."""
+    from .dtypes import DTYPES
+
     argv = [] if argv is None else argv
     parser = _Parser(
         prog=PROG, description="Train and evaluate LLaVE-style multimodal embedding models at large batch.",
@@ -497,8 +552,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                               help="consolidate a run's newest complete checkpoint into a 16-bit model folder")
     p_export.add_argument("--run", required=True, metavar="DIR", help="the training run's folder (its --output-dir)")
     p_export.add_argument("--output", default=None, metavar="DIR", help="destination folder. Default: RUN/export")
-    p_export.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                          help="precision of the saved weights. Default: bf16")
+    add_dtype_flag(p_export, choices=tuple(DTYPES), default="bf16", help="precision of the saved weights")
     p_export.add_argument("--tag", default=None, metavar="TAG",
                           help="checkpoint folder name under RUN/checkpoints, e.g. step-00000050. "
                                "Default: the newest complete one")
@@ -624,6 +678,7 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_logging()
     parser = build_parser(argv)
     if not argv:
         parser.print_help()

@@ -34,17 +34,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
 
 import torch
+
+from .dtypes import DTYPES, dtype_label, dtype_name
 from .errors import InvalidArgument, InvalidArgumentType, MissingDependency
 
-EVAL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+logger = logging.getLogger(__name__)
+
 #: LLaVE's evaluation precision: fp16 weights under bf16 autocast (see :func:`eval_precision`)
 LLAVE_PRECISION = "llave"
-EVAL_PRECISIONS = ("auto", *EVAL_DTYPES, LLAVE_PRECISION)
+#: the choices of an evaluation's ``dtype`` (``--dtype`` of eval and eval-video); bf16 / fp16 / fp32
+#: may also be spelled as :mod:`llave_fast.dtypes` accepts (bfloat16, float16 / half, float32)
+EVAL_PRECISIONS = ("auto", *DTYPES, LLAVE_PRECISION)
 
 
 def eval_precision(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -72,18 +78,17 @@ def eval_precision(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
             raise InvalidArgument(f"device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {device!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InvalidArgument(f"device={device!r} but CUDA is not available here (use --device cpu or auto)")
+    dtype = dtype_name(dtype, name="dtype", choices=EVAL_PRECISIONS)
     if dtype == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elif dtype in EVAL_DTYPES:
-        dt = EVAL_DTYPES[dtype]
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
     elif dtype == LLAVE_PRECISION:
         if dev.type != "cuda":
             raise InvalidArgument(f"dtype={dtype!r} (LLaVE's precision: fp16 weights under bf16 autocast) runs on CUDA "
                              f"only, as LLaVE's evaluation does; device is {str(dev)!r}. CPU autocast keeps fp16 "
                              "weights in layer_norm, which the CPU cannot run: use dtype fp32 on the CPU")
         dt = torch.float16
-    else:
-        raise InvalidArgument(f"dtype must be one of {list(EVAL_PRECISIONS)}, got {dtype!r}")
     return dev, dt
 
 
@@ -95,9 +100,9 @@ def eval_autocast(dtype: str = "auto") -> torch.dtype | None:
 
 def precision_label(dt: torch.dtype, dtype: str = "auto") -> str:
     """The ``dtype`` field of a result: the weights' dtype, and the autocast when there is one."""
-    name = str(dt).replace("torch.", "")
+    name = dtype_label(dt)
     ac = eval_autocast(dtype)
-    return name if ac is None else f"{name}+autocast-{str(ac).replace('torch.', '')}"
+    return name if ac is None else f"{name}+autocast-{dtype_label(ac)}"
 
 
 def check_max_text_tokens(max_text_tokens) -> None:
@@ -289,10 +294,6 @@ _TOKENIZE_CHUNK = 4096
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
     """What identifies a model evaluation in the resume cache: the path as given and resolved,
     the weight files' names, sizes and modification times (a re-saved model is not reused),
@@ -300,7 +301,7 @@ def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
     from . import checkpoint as ckpt
     from .export import is_run_dir
 
-    key = {"model": model_path, "device": dev.type, "dtype": str(dt).replace("torch.", "")}
+    key = {"model": model_path, "device": dev.type, "dtype": dtype_label(dt)}
     if not os.path.exists(model_path):  # a hub id
         return key
     key["model_abspath"] = os.path.abspath(model_path)
@@ -344,12 +345,12 @@ def _cached_result(path: str, key: dict) -> dict | None:
             cached = json.load(f)
         old, result = cached["key"], cached["result"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        _log(f"{path}: unreadable cache ({type(exc).__name__}: {exc}); recomputing")
+        logger.info("%s: unreadable cache (%s: %s); recomputing", path, type(exc).__name__, exc)
         return None
     if old != key:
         diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
         what = "; ".join(f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in diff)
-        _log(f"{path}: cached with other settings ({what}); recomputing")
+        logger.info("%s: cached with other settings (%s); recomputing", path, what)
         return None
     return result
 
@@ -537,13 +538,14 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
         result = None if cache is None else _cached_result(cache, ds_key)
         tag = f"[{n_done + 1}/{len(datasets)}] {ds.name}"
         if result is not None:
-            _log(f"{tag}: P@1 {100 * result['p_at_1']:.1f}% ({result['num_queries']} queries), from {cache}")
+            logger.info("%s: P@1 %.1f%% (%d queries), from %s", tag, 100 * result["p_at_1"], result["num_queries"],
+                        cache)
         else:
             es = read_eval_set(ds, image_dir, max_queries)
             m = get_model()
             dropped = sum(1 for t, img in es.pairs if img is not None and drops_image(m.processor, t))
             if dropped:
-                _log(f"{tag}: {dropped} of {len(es.pairs)} distinct inputs have an image but no image placeholder "
+                logger.info(f"{tag}: {dropped} of {len(es.pairs)} distinct inputs have an image but no image placeholder "
                      "(<|image_1|>) in their text: LLaVE drops such an image and embeds the text alone "
                      "(llava/model/llava_arch.py, prepare_inputs_labels_for_multimodal), and so does this evaluation")
             t0 = time.perf_counter()
@@ -564,7 +566,7 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
             if cache is not None:
                 _write_json_atomic(cache, {"key": ds_key, "result": result})
             slots = result["num_queries"] + result["num_candidates"]
-            _log(f"{tag}: P@1 {100 * result['p_at_1']:.1f}% ({result['num_queries']} queries, "
+            logger.info(f"{tag}: P@1 {100 * result['p_at_1']:.1f}% ({result['num_queries']} queries, "
                  f"{result['num_encoded']} distinct inputs encoded for {slots} query and candidate slots, "
                  f"{result['seconds']:.1f} s)")
         per_dataset[ds.name] = result

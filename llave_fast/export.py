@@ -14,9 +14,8 @@ import shutil
 import torch
 
 from . import checkpoint as ckpt
+from .dtypes import DTYPES, dtype_name
 from .errors import InvalidArgument, MissingDependency
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def is_run_dir(path: str) -> bool:
@@ -94,8 +93,10 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
 
 
 def export_run(run_dir: str, output: str | None = None, *, dtype: str = "bf16", tag: str | None = None) -> str:
-    if dtype not in DTYPES:
-        raise InvalidArgument(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    """Write checkpoint ``tag`` (None: the newest complete one) of a run as one model folder in
+    ``dtype`` (bf16, fp16 or fp32; also spelled bfloat16, float16 / half, float32) at ``output``
+    (default ``RUN/export``); returns the folder."""
+    dtype = dtype_name(dtype, name="dtype")
     output = output or os.path.join(run_dir, "export")
     _check_replaceable(output)
     model, tag = load_run_model(run_dir, dtype=DTYPES[dtype], tag=tag)

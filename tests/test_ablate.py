@@ -186,7 +186,7 @@ def _fake_runner(calls):
 
 def test_resume_skips_recorded_runs_and_refuses_another_setting(tmp_path):
     out = str(tmp_path / "abl")
-    kw = dict(alphas="0,9", batches="8,16", seeds=2, steps=3, num_eval=16, progress=False, echo=lambda s: None)
+    kw = dict(alphas="0,9", batches="8,16", seeds=2, steps=3, num_eval=16, progress=False)
     calls = []
     r = A.run_ablation(out, runner=_fake_runner(calls), **kw)
     assert (r["ran"], r["skipped"], len(calls)) == (8, 0, 8)
@@ -232,7 +232,7 @@ def _cli(*args, timeout=240):
                           timeout=timeout, cwd=REPO, env=env)
 
 
-def test_ablate_command_trains_the_grid_writes_results_plot_table_and_resumes(tmp_path):
+def test_ablate_command_trains_the_grid_writes_results_plot_table_and_resumes(tmp_path, caplog):
     out = str(tmp_path / "abl")
     args = ("ablate", "--output-dir", out, "--alphas", "0,9", "--batches", "8,16", "--seeds", "1", "--steps", "2",
             "--num-eval", "16")
@@ -260,13 +260,20 @@ def test_ablate_command_trains_the_grid_writes_results_plot_table_and_resumes(tm
     rows = [ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] in (["0"], ["9"])]
     assert [r[:3] for r in rows] == [["0", "8", "1"], ["0", "16", "1"], ["9", "8", "1"], ["9", "16", "1"]], p.stdout
     assert "run folder:" not in p.stdout, "train()'s own output goes to each run's train.log"
+    assert f"results: {os.path.join(out, 'ablation.json')}" in p.stdout
+    # the plan is logged: a command-line user reads it on stderr, apart from the table on stdout
+    assert "ablation: 2 alphas x 2 batches x 1 seeds = 4 runs of 2 steps" in p.stderr and "0 already in" in p.stderr
+    assert "ablation: 2 alphas" not in p.stdout
     # the rerun (same options, as the command passes them) trains nothing
     def must_not_run(*a):
         raise AssertionError(f"run {a[1:4]} was already recorded")
 
-    said = []
-    r = A.run_ablation(out, runner=must_not_run, echo=said.append, progress=False, alphas="0,9", batches="8,16",
-                       seeds=1, steps=2, num_eval=16)
+    with caplog.at_level("INFO", logger="llave_fast.ablate"):
+        r = A.run_ablation(out, runner=must_not_run, progress=False, alphas="0,9", batches="8,16", seeds=1, steps=2,
+                           num_eval=16)
+    said = [m.getMessage() for m in caplog.records if m.name == "llave_fast.ablate"]
     assert (r["ran"], r["skipped"]) == (0, 4) and "4 already in" in said[0] and "0 to run" in said[0], said
+    assert A.format_report(r).splitlines()[1:] == r["table"].splitlines() + [
+        f"results: {os.path.join(out, 'ablation.json')}", f"plot:    {os.path.join(out, 'ablation.png')}"]
     with open(os.path.join(out, "ablation.json")) as f:
         assert json.load(f)["runs"] == runs

@@ -133,6 +133,9 @@ def test_a_short_run_on_the_command_line_cuts_the_presets_warmup_with_a_note(cap
     (["train", "--bf16", "maybe"], "argument --bf16: expected true or false, got 'maybe'"),
     (["train", "--epochs", "1x"], "argument --epochs: invalid float or 'none' value: '1x'"),
     (["eval", "--model", "m", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["export", "--run", "r", "--dtype", "llave"], "argument --dtype: invalid choice: 'llave'"),
+    (["eval-video", "--model", "m", "--videos", "v", "--annotations", "a", "--output-dir", "o", "--dtype", "bf"],
+     "argument --dtype: invalid choice: 'bf'"),
     (["eval", "--model", "m", "--num-eval", "0"], "argument --num-eval: expected a positive integer, got '0'"),
     (["export"], "the following arguments are required: --run"),
     (["bogus"], "invalid choice: 'bogus'"),
@@ -142,6 +145,36 @@ def test_bad_flag_values_print_one_error_and_exit_2(capsys, argv, needle):
     assert rc == 2
     assert needle in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err  # the error and where to read more
+
+
+def test_dtype_is_one_flag_with_every_spelling_in_export_eval_and_eval_video():
+    video = ["eval-video", "--model", "m", "--videos", "v", "--annotations", "a", "--output-dir", "o"]
+    commands = {"export": (["export", "--run", "r"], "bf16"), "eval": (["eval", "--model", "m"], "auto"),
+                "eval-video": (video, "auto")}
+    for name, (argv, default) in commands.items():
+        parser = build_parser(argv)
+        assert parser.parse_args(argv).dtype == default, name
+        for spelling, short in (("bf16", "bf16"), ("bfloat16", "bf16"), ("torch.bfloat16", "bf16"), ("half", "fp16"),
+                                ("float16", "fp16"), ("fp32", "fp32"), ("float32", "fp32")):
+            assert parser.parse_args([*argv, "--dtype", spelling]).dtype == short, (name, spelling)
+        sub = next(a for a in parser._actions if a.dest == "command").choices[name]
+        flag = next(a for a in sub._actions if "--dtype" in a.option_strings)
+        assert flag.choices == (["bf16", "fp16", "fp32"] if name == "export" else
+                                ["auto", "bf16", "fp16", "fp32", "llave"]), name
+
+
+def test_the_command_shows_the_librarys_log_on_stderr_once(capsys):
+    import logging
+
+    from llave_fast.cli import configure_logging
+
+    log = logging.getLogger("llave_fast.some_module")
+    configure_logging()
+    configure_logging()  # a second call (a second main() in one process) adds no second handler
+    log.info("a note for the user")
+    log.debug("not shown")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "a note for the user\n"
 
 
 # ------------------------------------------------------------------------------ user errors vs bugs

@@ -77,12 +77,33 @@ def test_eval_ignores_the_training_text_cut_unless_asked(trained_cut):
                                rtol=0, atol=1e-6)
     assert (got - plain.encode([LONG])).abs().max() > 1e-3  # the cut does change the embedding
     assert load_eval_model(str(trained_cut), dev, dt, max_text_tokens=7)[0].processor.max_text_tokens == 7
-    from llave_fast import video
-
-    # eval-video's captions: the same protocol
-    assert video._load_model(str(trained_cut), dev, dt)[0].processor.max_text_tokens is None
     with pytest.raises(ValueError, match="max_text_tokens must be None .* got 0"):
         load_eval_model(str(trained_cut), dev, dt, max_text_tokens=0)
+
+
+def test_eval_video_loads_its_model_under_the_same_protocol(trained_cut, tmp_path, monkeypatch):
+    """eval-video's captions: the text cut as eval applies it (None unless asked; 'saved' gives the training cut)."""
+    from llave_fast import eval_video as ev
+
+    class Loaded(Exception):
+        pass
+
+    def stop(model, paths, **kw):  # the model eval-video would encode with, before any video is decoded
+        raise Loaded(model)
+
+    monkeypatch.setattr(ev, "encode_videos", stop)
+    monkeypatch.setattr(ev, "_require_av", lambda: None)  # the file below is never decoded
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "v0.mp4").write_bytes(b"")
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video_id,sentence\nv0,a caption\n")
+    for asked, want in ((None, None), ("saved", 4), (7, 7)):
+        with pytest.raises(Loaded) as got:
+            ev.eval_video(str(trained_cut), str(tmp_path / "videos"), str(ann), str(tmp_path / "out"), device="cpu",
+                          max_text_tokens=asked)
+        model = got.value.args[0]
+        assert model.processor.max_text_tokens == want and model.processor.image_without_placeholder == "drop"
+        assert not model.training and model.dtype == torch.float32
 
 
 def test_eval_cli_text_cut_flag_and_cache_key(trained_cut, tmp_path, capsys):

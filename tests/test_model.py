@@ -731,3 +731,37 @@ def test_max_length_cuts_the_whole_sequence_after_the_image_tokens():
     assert int((cut == proc.image_token_id).sum()) == n_image  # the image is whole, the text after it is cut
     proc.max_length = None
     assert torch.equal(proc([long_text], [img])["input_ids"][0], full)
+
+
+# ------------------------------------------------------------------------------ precision names
+@pytest.mark.parametrize("spelling, dtype", [
+    ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("torch.bfloat16", torch.bfloat16),
+    ("fp16", torch.float16), ("float16", torch.float16), ("half", torch.float16),
+    ("fp32", torch.float32), ("float32", torch.float32), (torch.float16, torch.float16),
+])
+def test_one_precision_map_for_the_loader_export_and_evaluation(spelling, dtype):
+    from llave_fast.dtypes import parse_dtype
+    from llave_fast.evaluate import eval_precision
+
+    assert parse_dtype(spelling) == dtype
+    assert build_tiny_model(torch_dtype=spelling).dtype == dtype
+    if isinstance(spelling, str):
+        assert eval_precision("cpu", spelling) == (torch.device("cpu"), dtype)
+
+
+def test_a_bad_precision_names_the_argument_and_the_choices(tmp_path):
+    from llave_fast.errors import InvalidArgument, InvalidArgumentType
+    from llave_fast.evaluate import eval_precision
+    from llave_fast.export import export_run
+
+    with pytest.raises(InvalidArgument, match=r"torch_dtype must be one of \['bf16', 'fp16', 'fp32'\], got 'int8' "
+                                              r"\(also accepted: bfloat16 \(bf16\)"):
+        build_tiny_model(torch_dtype="int8")
+    with pytest.raises(InvalidArgumentType, match="torch_dtype must be None, 'auto', a torch.dtype or a name"):
+        build_tiny_model(torch_dtype=16)
+    # export has no evaluation precision; refused before the run folder is looked at
+    with pytest.raises(InvalidArgument, match=r"dtype must be one of \['bf16', 'fp16', 'fp32'\], got 'llave'"):
+        export_run(str(tmp_path / "no_run"), dtype="llave")
+    with pytest.raises(InvalidArgument, match=r"dtype must be one of \['auto', 'bf16', 'fp16', 'fp32', 'llave'\], "
+                                              r"got 'float64'"):
+        eval_precision("cpu", "float64")

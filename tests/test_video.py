@@ -22,7 +22,7 @@ av = pytest.importorskip("av")
 from _helpers import run_cli as _main  # noqa: E402
 from llave_fast.model import build_tiny_model  # noqa: E402
 from llave_fast.model import video as mv  # noqa: E402
-from llave_fast.video import (  # noqa: E402
+from llave_fast.eval_video import (  # noqa: E402
     VideoDataError,
     decode_video,
     encode_videos,
@@ -367,44 +367,112 @@ def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")
     specs = [("video0", "mp4", 12, 6, (255, 40, 0)), ("video1", "avi", 16, 25, (0, 255, 60)),
              ("video2", "mp4", 9, 10, (40, 80, 255)), ("video3", "mkv", 14, 15, (250, 250, 250))]
+    # eight more, so that R@5 and R@10 of the end-to-end test are not 100 % whatever the scores
+    specs += [(f"video{k}", "mp4", 6 + k % 4, 6, colour) for k, colour in enumerate(EXTRA_COLOURS, start=4)]
     for vid, ext, n, fps, colour in specs:
         make_video(root / f"{vid}.{ext}", n, fps, colour)
     return str(root)
 
 
+EXTRA_COLOURS = [(255, 255, 0), (255, 0, 255), (0, 255, 255), (128, 64, 0), (90, 90, 90), (255, 128, 128),
+                 (0, 100, 0), (160, 0, 255)]
+COLOUR_NAMES = ["red", "green", "blue", "white", "yellow", "magenta", "cyan", "brown", "grey", "pink", "dark green",
+                "violet"]
+
+
+
+
+def _ranks_by_hand(sim, caption_to_video):
+    """(t2v, v2t) 1-based ranks of a (captions x videos) score list, written out with loops (not the
+    library's code): t2v ranks a caption's own video among the videos, v2t a video's own caption set
+    among the sets, a set scoring as its best caption; ties count against the query. Also the
+    smallest gap between the right score and another: near zero, two computations could disagree."""
+    C, V = len(sim), len(sim[0])
+    t2v, gaps = [], []
+    for i in range(C):
+        right = sim[i][caption_to_video[i]]
+        others = [sim[i][j] for j in range(V) if j != caption_to_video[i]]
+        t2v.append(1 + sum(x >= right for x in others))
+        gaps += [abs(x - right) for x in others]
+    v2t = []
+    for v in range(V):
+        sets = [max(sim[i][v] for i in range(C) if caption_to_video[i] == g) for g in range(V)]
+        v2t.append(1 + sum(sets[g] >= sets[v] for g in range(V) if g != v))
+        gaps += [abs(sets[g] - sets[v]) for g in range(V) if g != v]
+    return t2v, v2t, min(gaps)
+
+
+def _summary_by_hand(ranks):
+    import statistics
+
+    n = len(ranks)
+    return {"R@1": 100.0 * sum(r <= 1 for r in ranks) / n, "R@5": 100.0 * sum(r <= 5 for r in ranks) / n,
+            "R@10": 100.0 * sum(r <= 10 for r in ranks) / n, "median_rank": float(statistics.median(ranks)),
+            "mean_rank": sum(ranks) / n, "num_queries": n}
+
+
+def _direct_scores(folder, paths, captions, max_frames=32):
+    """Cosine scores (captions x videos) from the model's own entry points (Python API, not eval-video's
+    pipeline): LLaVEEmbedder.encode_videos on decoded frames, encode with the caption prompt."""
+    from llave_fast.model import LLaVEEmbedder
+
+    model = LLaVEEmbedder.from_pretrained(folder).eval()
+    v = model.encode_videos([decode_video(p, max_frames=max_frames)[0] for p in paths], batch_size=5)
+    c = model.encode([mv.CAPTION_PROMPT + cap for cap in captions], batch_size=5)
+    return (c.double() @ v.double().t()).tolist()
+
+
+def _check_against_direct(res, folder, paths, captions, caption_to_video, max_frames=32):
+    sim = _direct_scores(folder, paths, captions, max_frames)
+    t2v, v2t, gap = _ranks_by_hand(sim, caption_to_video)
+    # the two computations' scores differ by about 3e-7 (fp32, other batches): a gap well above that decides
+    assert gap > 1e-5, f"a near-tie ({gap:.2e}): the direct computation cannot decide the ranks"
+    for key, ranks in (("t2v", t2v), ("v2t", v2t)):
+        # equal up to float rounding (100 * mean vs 100 * count / n); one query more or less is 100 / n apart
+        assert res[key] == pytest.approx(_summary_by_hand(ranks), rel=1e-12, abs=1e-12), (key, ranks)
+    return t2v, v2t
 
 
 def test_eval_video_cli_end_to_end(tiny_folder, clips, tmp_path, capsys):
+    V = len(COLOUR_NAMES)
+    ids = [f"video{i}" for i in range(V)]
+    captions = [f"a {c} square moves right" for c in COLOUR_NAMES]
     csv_path = tmp_path / "MSRVTT_JSFUSION_test.csv"
     csv_path.write_text("key,vid_key,video_id,sentence\n" + "".join(
-        f"ret{i},msr{i},video{i},a {c} square moves right\n" for i, c in enumerate(["red", "green", "blue", "white"])))
+        f"ret{i},msr{i},{vid},{cap}\n" for i, (vid, cap) in enumerate(zip(ids, captions))))
     out = tmp_path / "msrvtt"
     rc, stdout, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", clips, "--annotations",
                             str(csv_path), "--output-dir", str(out), "--batch", "3", "--device", "cpu")
     assert rc == 0, err
     res = json.loads((out / "video_eval.json").read_text())
-    assert {"t2v", "v2t", "num_videos", "num_captions", "model", "device", "dtype"} <= set(res)
-    assert res["num_videos"] == 4 and res["num_captions"] == 4 and res["device"] == "cpu" and res["dtype"] == "float32"
-    for key in ("t2v", "v2t"):
-        m = res[key]
-        assert set(m) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank", "num_queries"}
-        assert 0 <= m["R@1"] <= m["R@5"] == 100.0 and 1 <= m["median_rank"] <= 4 and m["num_queries"] == 4
+    assert res["num_videos"] == V and res["num_captions"] == V and res["device"] == "cpu" and res["dtype"] == "float32"
+    # every metric equals the one computed here from the model's own embeddings, ranked by hand
+    t2v, v2t = _check_against_direct(res, tiny_folder, find_videos(ids, clips), captions, list(range(V)))
+    assert max(t2v) > 5 and max(v2t) > 5, "R@5 would be 100 % whatever the code computed: add videos"
     # the frames each clip gave (3 fps; clip 1 at 25 fps: every 8th of 16 frames -> 2)
     assert res["frames"]["min_frames"] == 2 and res["frames"]["max_frames_used"] == 6
     assert res["frames"]["tokens_per_frame"] == 6 and res["frames"]["max_video_tokens"] == 32 * 6
-    assert "text->video" in stdout and "video->text" in stdout and "R@1 %" in stdout
+    table = stdout.splitlines()
+    row = next(ln for ln in table if ln.startswith("text->video")).split()
+    assert [float(x) for x in row[1:6]] == [round(res["t2v"][k], 1) for k in ("R@1", "R@5", "R@10", "median_rank",
+                                                                             "mean_rank")]
+    assert any(ln.startswith("video->text") for ln in table) and "R@1 %" in stdout
 
-    # MSVD style: several captions a video, a json mapping; v2t ranks the 3 videos
+    # MSVD style: several captions a video, a json mapping; v2t ranks each video's caption set
+    msvd = {"video0": ["a red square", "red moving"], "video2": ["blue"], "video3": ["white", "a", "b"],
+            "video5": ["magenta"], "video6": ["cyan", "a cyan square"], "video8": ["grey"], "video9": ["pink"],
+            "video11": ["violet", "moves right"]}
     js = tmp_path / "msvd.json"
-    js.write_text(json.dumps({"video0": ["a red square", "red moving"], "video2": ["blue"], "video3": ["white", "a",
-                                                                                                        "b"]}))
+    js.write_text(json.dumps(msvd))
     out2 = tmp_path / "msvd"
     rc, stdout, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", clips, "--annotations", str(js),
                             "--output-dir", str(out2), "--batch", "2", "--device", "cpu", "--max-frames", "4")
     assert rc == 0, err
     res2 = json.loads((out2 / "video_eval.json").read_text())
-    assert res2["num_videos"] == 3 and res2["num_captions"] == 6
-    assert res2["t2v"]["num_queries"] == 6 and res2["v2t"]["num_queries"] == 3
+    caps = [c for cs in msvd.values() for c in cs]
+    c2v = [k for k, cs in enumerate(msvd.values()) for _ in cs]
+    assert res2["num_videos"] == len(msvd) and res2["num_captions"] == len(caps)
+    _check_against_direct(res2, tiny_folder, find_videos(list(msvd), clips), caps, c2v, max_frames=4)
     assert res2["frames"]["max_frames_used"] == 4
 
 
@@ -421,11 +489,11 @@ def test_video_embeddings_do_not_depend_on_the_batch(tiny_folder, clips):
 
 def test_eval_video_cli_errors_are_one_line(tiny_folder, clips, tmp_path, capsys):
     csv_path = tmp_path / "ann.csv"
-    csv_path.write_text("video_id,sentence\nvideo0,a\nvideo7,b\nvideo8,c\n")
+    csv_path.write_text("video_id,sentence\nvideo0,a\nvideo70,b\nvideo80,c\n")
     base = ["eval-video", "--model", tiny_folder, "--videos", clips, "--output-dir", str(tmp_path / "o"),
             "--device", "cpu"]
     rc, _, err = _main(capsys, *base, "--annotations", str(csv_path))
-    assert rc == 1 and "error: 2 of 3 videos have no file in" in err and "'video7', 'video8'" in err
+    assert rc == 1 and "error: 2 of 3 videos have no file in" in err and "'video70', 'video80'" in err
     assert "Traceback" not in err
     good = tmp_path / "good.csv"
     good.write_text("video_id,sentence\nvideo0,a\n")
@@ -485,3 +553,19 @@ def test_a_bad_video_stops_the_evaluation_naming_it(tiny_folder, clips, tmp_path
     paths = find_videos(["video0"], clips) + [str(bad)] + find_videos(["video2", "video3"], clips)
     with pytest.raises(VideoDataError, match=r"video9.mp4: cannot be decoded as a video"):
         encode_videos(model, paths, batch=1, progress=False)
+
+
+def test_the_old_module_name_is_a_deprecated_alias():
+    import importlib
+
+    import llave_fast.eval_video as new
+
+    old = importlib.import_module("llave_fast.video")
+    with pytest.warns(DeprecationWarning, match="llave_fast.video.encode_videos is deprecated: import it from "
+                                                "llave_fast.eval_video"):
+        assert old.encode_videos is new.encode_videos
+    with pytest.warns(DeprecationWarning):
+        from llave_fast.video import retrieval_metrics as old_metrics  # noqa: F401 - the import under test
+    assert old_metrics is new.retrieval_metrics
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018

@@ -55,13 +55,12 @@ from .processor import (
     shrunk_shape,
     unpadded_shape,
 )
+from ..dtypes import DTYPES, dtype_name
 from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["LLaVEEmbedder", "import_modeling_modules", "LLaVEOnevisionModel", "default_attn_implementation", "BATCH_KEYS"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def default_attn_implementation(dtype: torch.dtype) -> str:
@@ -85,9 +84,10 @@ def _resolve_dtype(torch_dtype, raw: dict | None = None) -> torch.dtype:
     if torch_dtype == "auto":
         stored = (raw or {}).get("torch_dtype") or (raw or {}).get("dtype") or "float32"
         return _resolve_dtype(stored)
-    if isinstance(torch_dtype, str) and torch_dtype.replace("torch.", "") in _DTYPES:
-        return _DTYPES[torch_dtype.replace("torch.", "")]
-    raise InvalidArgument(f"torch_dtype must be None, 'auto', a torch.dtype or one of {sorted(_DTYPES)}; got {torch_dtype!r}")
+    if not isinstance(torch_dtype, str):
+        raise InvalidArgumentType(f"torch_dtype must be None, 'auto', a torch.dtype or a name such as 'bf16', got "
+                                  f"{type(torch_dtype).__name__}")
+    return DTYPES[dtype_name(torch_dtype, name="torch_dtype")]
 
 
 def _resolve_path(path: str) -> str:
@@ -634,7 +634,7 @@ class LLaVEEmbedder(nn.Module):
     def encode_videos(self, videos: Sequence[Any], batch_size: int = 4, max_length: int = 8192) -> torch.Tensor:
         """Embed videos as LLaVE's zero-shot video retrieval does (see :mod:`llave_fast.model.video`):
         each video is its sampled frames, a uint8 (F, H, W, 3) array or a list of PIL images
-        (:func:`llave_fast.video.decode_video` gives them). Returns a (V, d) float32 CPU tensor
+        (:func:`llave_fast.eval_video.decode_video` gives them). Returns a (V, d) float32 CPU tensor
         of unit rows; captions go through :meth:`encode` with
         :data:`~llave_fast.model.video.CAPTION_PROMPT` in front. A video longer than ``max_length``
         tokens (capped by the model's ``max_position_embeddings``) is refused, not cut."""

@@ -3,7 +3,7 @@
 What LLaVE's zero-shot text-video evaluation (``CLIP4Clip/main_task_retrieval.py`` with the
 LLaVA-NeXT ``llava_qwen`` model) does with a video, reproduced here:
 
-* Frames (sampled by :func:`llave_fast.video.sample_frame_indices`) are each resized to the
+* Frames (sampled by :func:`llave_fast.eval_video.sample_frame_indices`) are each resized to the
   vision tower's tile (``image_size`` x ``image_size``, bicubic, aspect ignored; no anyres
   tiling) and normalised like images.
 * Each frame goes through the vision tower and the projector on its own: an n x n map of
@@ -173,12 +173,6 @@ def video_prompt_tokens(processor, text: str = VIDEO_PROMPT) -> int:
     """Tokens of the video prompt other than the visual ones (template, system turn, text)."""
     head, tail = _prompt_pieces(processor, text)
     return len(head) + len(tail)
-
-
-def max_frames_that_fit(processor, max_length: int, text: str = VIDEO_PROMPT) -> int:
-    """The most frames whose tokens, with the prompt's, fit in ``max_length`` (0 if none does)."""
-    per = tokens_per_frame(processor.image_size, processor.patch_size)
-    return max(0, (int(max_length) - video_prompt_tokens(processor, text)) // per)
 
 
 def check_video_length(processor, num_frames: int, max_length: int, text: str = VIDEO_PROMPT) -> int:
