@@ -1,15 +1,15 @@
-"""Backward, strip variant: write dS for a block of rows, leave dq and dT to two GEMMs.
+"""Backward: write dS for a block of rows, leave dq and dT to two library GEMMs.
 
-The tile backward (``hardness_bwd``) keeps the whole backward in one kernel, but with a
-wide embedding (d = 1536: a 64-row dq block is 384 KiB of fp32) nothing fits in
-registers: every tile re-reads and re-writes its dq rows and adds BN x d atomics, about
-24 FLOP per byte moved, far below the ~200 FLOP/byte at which a Hopper GPU stops being
-memory-bound.
+The one backward of the Triton backend. (A single-kernel "tile" backward, with dq read,
+modified and written per tile and dT by atomics, was removed: with a wide embedding, d = 1536,
+a 64-row dq block is 384 KiB of fp32, nothing fits in registers and it moved ~20 FLOP per
+byte; measured on an H200 it was 10x slower at d = 1536 and 3x slower at d = 256,
+benchmarks/NOTES.md.)
 
 With CACHED, S is not recomputed: the tile is read from an fp32 S the library GEMM wrote in
 the forward (S-cache path) or just before this launch (stream path); everything else is the same.
 
-This kernel instead recomputes one tile of S per program (a plain GEMM tile with the
+This kernel recomputes one tile of S per program (a plain GEMM tile with the
 K loop over d), forms
 
     dS_ij = s * (P_row_ij * g_row_i + P_col_ij * g_col_j) - [j = p_i] * s * (g_row_i + g_col_i)

@@ -1,8 +1,10 @@
 """Shared tile arithmetic of the hardness-weighted loss kernels.
 
 Every kernel works on tiles of the similarity strip ``S = q @ T^T`` (BM rows of the
-local queries ``q``, BN candidate columns of ``T``). A tile is recomputed from the
-embeddings whenever it is needed; S itself is never written to memory.
+local queries ``q``, BN candidate columns of ``T``): recomputed from the embeddings
+(``sim_tile``, the "fused" path) or read from an fp32 S the library GEMM wrote (the cache and
+stream paths). ``tile_logits`` masks a tile's logits and ``ds_of_tile`` forms its dS: the one
+copy of the formula every kernel uses.
 
 Logits (see README, "The loss"):
     z_ij = (s + alpha) * S_ij   off the positive     # s*S + alpha*sg(S): the hardness weight

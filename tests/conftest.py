@@ -60,3 +60,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def seed(request):
+    """The test's own seed (``_helpers.seed_for`` of its node id): fresh inputs per test,
+    reproducible, and printed in every mismatch report."""
+    from _helpers import seed_for
+
+    return seed_for(request.node.nodeid)
+
+
+@pytest.fixture
+def gen(seed):
+    """A CPU ``torch.Generator`` seeded with ``seed``: the loss tests draw every input from it
+    (``make_case`` moves a case to another device after drawing, so GPU tests use it too)."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)

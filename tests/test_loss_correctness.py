@@ -36,7 +36,6 @@ from _helpers import (
     rel_err,
     run,
     run_truth,
-    seed_for,
     upstream_grad,
 )
 
@@ -44,23 +43,13 @@ BACKENDS = ("torch", "triton")
 
 
 @pytest.fixture
-def seed(request):
-    return seed_for(request.node.nodeid)
-
-
-@pytest.fixture
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture
 def small_chunks(monkeypatch):
-    """Make the torch backend walk the strip in many row chunks (it reads the env var at import)."""
-    import llave_fast.backends.torch_backend as tb
+    """Make the torch backend walk the strip in many row chunks (LLAVE_FAST_TORCH_CHUNK_ELEMS,
+    read at every call)."""
 
     def set_chunk(elems):
         if elems is not None:
-            monkeypatch.setattr(tb, "_CHUNK_ELEMS", elems)
+            monkeypatch.setenv("LLAVE_FAST_TORCH_CHUNK_ELEMS", str(elems))
 
     return set_chunk
 
@@ -181,7 +170,7 @@ def test_triton_many_groups(B, d, M, gen, seed):
 
 # ============================================================ strip backward (hardness_ds + two GEMMs)
 # 24-row strips of 16-row tiles: a full strip of two tiles, then a partial strip (17 rows of 41)
-STRIP_TILES = dict(BWD="strip", BK=16, DS_BM=16, DS_BN=16, DS_GROUP_M=2, DS_STRIP_ROWS=24, S_MODE="fused")
+STRIP_TILES = dict(BK=16, DS_BM=16, DS_BN=16, DS_GROUP_M=2, DS_STRIP_ROWS=24, S_MODE="fused")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -210,18 +199,21 @@ def test_triton_strip_backward_shapes(B, d, M, rows, gen, seed):
         check_backend(case, "triton", MARGIN[torch.float32], gen)
 
 
-def test_triton_strip_backward_is_bitwise_and_matches_tiles(gen, seed):
+@pytest.mark.parametrize("path", ["cache", "stream"])
+def test_triton_strip_backward_is_bitwise_and_paths_agree(path, gen, seed):
+    """The fused strip backward (S recomputed) reruns bitwise, and the strip backward reading a
+    kept (cache) or rewritten (stream) fp32 S gives the same gradients to fp32 rounding."""
     case = make_case(gen, 45, 40, 6, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed)
     g = upstream_grad(gen, case)
     with kernel_config(**STRIP_TILES):
         a = run(case, torch.float32, g, backend="triton")
         b = run(case, torch.float32, g, backend="triton")
-    with tiles("small"):
-        t = run(case, torch.float32, g, backend="triton", deterministic=True)
+    with tiles("small", path):
+        t = run(case, torch.float32, g, backend="triton")
     assert torch.equal(a.out, b.out), mismatch_report("loss (run 2 vs run 1)", b.out, a.out)
     for n in a.grads:
         assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs run 1)", b.grads[n], a.grads[n])
-        assert rel_err(a.grads[n], t.grads[n]) < 1e-5, mismatch_report(f"{n} strip vs tiles", a.grads[n], t.grads[n])
+        assert rel_err(a.grads[n], t.grads[n]) < 1e-5, mismatch_report(f"{n} fused vs {path}", a.grads[n], t.grads[n])
 
 
 @pytest.mark.parametrize("B,d,M,rows,dtype", [(41, 33, 6, 24, torch.float32), (37, 31, 0, None, torch.float32),
@@ -268,14 +260,15 @@ def test_strip_gemm_into_fp32(monkeypatch, accumulate):
     form this torch offers (on the CPU: the 16-bit product cast and added)."""
     from llave_fast.backends import triton_backend as tb
 
-    monkeypatch.setattr(tb, "_ACC_MM", None)
+    monkeypatch.setattr(tb, "_ACC_MM", {})
     g = torch.Generator().manual_seed(3)
     a = torch.randn(9, 17, generator=g).to(torch.bfloat16)
     b = torch.randn(17, 5, generator=g).to(torch.bfloat16)
     dst = torch.randn(9, 5, generator=g)
     want = (dst.double() if accumulate else 0) + a.double() @ b.double()
     tb._mm_into(dst, a, b, accumulate=accumulate)
-    assert tb._ACC_MM in ("addmm", "mm", "cast")
+    assert list(tb._ACC_MM) == [("cpu", None, torch.bfloat16)], tb._ACC_MM
+    assert tb._ACC_MM[("cpu", None, torch.bfloat16)] in ("addmm", "mm", "cast")
     assert dst.dtype == torch.float32
     assert rel_err(dst, want) < 1e-2, rel_err(dst, want)
 
@@ -291,43 +284,219 @@ def test_strip_rows_rule():
     assert strip_rows(cfg, 65536, 65536, 2) == 4096  # 8 GiB: strips of 256 MiB = 2048 rows, raised to DS_MIN_ROWS
     assert strip_rows(cfg, 262144, 262144, 2) == 4096  # DS_MIN_ROWS beats the byte budget at huge N
     assert strip_rows(cfg, 300, 16384, 2) == 300  # never more than B
-    assert strip_rows({**cfg, "DS_STRIP_ROWS": 77}, 1000, 10, 2) == 77
-    multi = {**cfg, "DS_ONE_STRIP_BYTES": 0, "DS_MIN_ROWS": 0}
+    assert strip_rows(cfg.replace(DS_STRIP_ROWS=77), 1000, 10, 2) == 77
+    multi = cfg.replace(DS_ONE_STRIP_BYTES=0, DS_MIN_ROWS=0)
     assert strip_rows(multi, 16384, 16384, 2) == 8192  # 256 MiB strips when one strip is refused
-    assert strip_rows({**multi, "DS_STRIP_BYTES": 1}, 1000, 10, 2) == cfg["DS_BM"]  # at least one row tile
+    assert strip_rows(multi.replace(DS_STRIP_BYTES=1), 1000, 10, 2) == cfg.DS_BM  # at least one row tile
 
 
-def test_default_backward_by_width(monkeypatch):
-    """On CUDA the tile backward is the default up to d = TILES_MAX_D, the strip backward above
-    (and when d is not given). Measured on an H200, the strip won at d = 256 too (1.5 ms against
-    5.0 ms), so TILES_MAX_D is 0: the strip everywhere; LLAVE_FAST_BWD and
-    kernel_config(BWD=...) still override. The device is faked (only its SM count is read): the
-    rule is host-side."""
+# ============================================================ launch configuration (KernelConfig)
+#: the fields the interpreter's default may set differently from the GPU's: tile sizes, warps,
+#: stages and grid sizes, nothing that decides a path, a backward or a precision
+TILE_FIELDS = {"BM", "BN", "BK", "GR_MAX", "GC_MAX", "num_warps", "num_stages", "DS_BM", "DS_BN", "DS_GROUP_M",
+               "DS_WARPS", "DS_STAGES", "DSC_WARPS", "STATS_BM", "STATS_BN", "STATS_WARPS", "STATS_PROGRAMS",
+               "STATS_GC_MAX"}
+
+
+def _fake_cuda(monkeypatch, sms=132, memory=80 << 30):
+    """A CUDA device as the host-side rules see it (SM count, total memory): the rules only."""
     import types
 
-    from llave_fast.backends import triton_backend as tb
-    from llave_fast.backends.triton_backend import TILES_MAX_D, gpu_config, launch_config
-
-    assert TILES_MAX_D == 0
-    assert gpu_config(torch.bfloat16)["BWD"] == "strip"  # one argument: still callable (bench scripts)
-    for d in (64, 128, 256, 257, 1536):
-        assert gpu_config(torch.bfloat16, 132, D=d)["BWD"] == "strip", d
-    # the rule itself, with a threshold
-    monkeypatch.setattr(tb, "TILES_MAX_D", 256)
-    assert gpu_config(torch.bfloat16, 132, D=256)["BWD"] == "tiles"
-    assert gpu_config(torch.float16, D=257)["BWD"] == "strip"
-    props = types.SimpleNamespace(multi_processor_count=132)
+    props = types.SimpleNamespace(multi_processor_count=sms, total_memory=memory)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
-    monkeypatch.delenv("LLAVE_FAST_BWD", raising=False)
-    cuda = torch.device("cuda", 0)
-    assert launch_config(cuda, 128, torch.bfloat16)["BWD"] == "tiles"
-    assert launch_config(cuda, 1536, torch.bfloat16)["BWD"] == "strip"
-    with kernel_config(BWD="strip"):
-        assert launch_config(cuda, 128, torch.bfloat16)["BWD"] == "strip"
-    monkeypatch.setenv("LLAVE_FAST_BWD", "tiles")
-    assert launch_config(cuda, 1536, torch.bfloat16)["BWD"] == "tiles"
-    monkeypatch.delenv("LLAVE_FAST_BWD")
-    assert launch_config(torch.device("cpu"), 1536, torch.bfloat16)["BWD"] == "tiles"  # interpreter
+    return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("memory,reached", [(80 << 30, "cache"), (256 << 20, "stream"), (8 << 20, "fused")],
+                         ids=["80G", "256M", "8M"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_interpreter_default_takes_the_gpu_choices(dtype, memory, reached, monkeypatch):
+    """The CPU suite's default configuration (the interpreter's) makes the GPU default's choices:
+    the same backward, the same plan of where S lives (auto, the same budget rule and S_MIN_ROWS)
+    and the same strips, for shapes on every side of the thresholds; only tile sizes, warps,
+    stages and grid caps differ. (Both devices are given the same total memory here: the
+    budget is a fraction of the device's own memory.)"""
+    from dataclasses import fields
+
+    from llave_fast.backends import common
+    from llave_fast.backends.launch import PATH_FIELDS, KernelConfig
+    from llave_fast.backends.triton_backend import launch_config, s_plan_for, strip_rows
+
+    cuda, cpu = _fake_cuda(monkeypatch, memory=memory), torch.device("cpu")
+    monkeypatch.setattr(common, "total_memory", lambda dev: memory)
+    for name in ("LLAVE_FAST_S_MODE", "LLAVE_FAST_S_CACHE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    on_cpu, on_gpu = launch_config(cpu, dtype), launch_config(cuda, dtype)
+    assert on_cpu.BWD == on_gpu.BWD == "strip"
+    differ = {f.name for f in fields(KernelConfig) if getattr(on_cpu, f.name) != getattr(on_gpu, f.name)}
+    assert differ <= TILE_FIELDS and not differ & set(PATH_FIELDS), differ
+    modes = set()
+    for B, NT in ((1, 6), (37, 42), (600, 600), (4096, 4160), (20000, 20000)):
+        for keep in (True, False):
+            a, b = s_plan_for(on_cpu, B, NT, cpu, keep), s_plan_for(on_gpu, B, NT, cuda, keep)
+            assert a == b, (B, NT, keep, a, b)
+            modes.add(a.mode)
+        for ds_bytes in (2, 4):
+            assert strip_rows(on_cpu, B, NT, ds_bytes) == strip_rows(on_gpu, B, NT, ds_bytes), (B, NT, ds_bytes)
+    assert reached in modes, modes  # the shapes reach this memory's largest-shape path
+
+
+@pytest.mark.parametrize("env_mode,want", [("", "cache"), ("stream", "stream"), ("fused", "fused")])
+def test_interpreter_default_runs_the_strip_backward(env_mode, want, monkeypatch, gen, seed):
+    """A triton loss with no kernel_config on CPU tensors runs the strip backward
+    (``_strip_backward_ds``) on the path the default plan picks, as on the GPU."""
+    from llave_fast.backends import triton_backend as tb
+
+    seen = []
+    real = tb._strip_backward_ds
+
+    def spy(*a, **k):
+        plan = k.get("s_plan")
+        seen.append("fused" if plan is None else plan.mode)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tb, "_strip_backward_ds", spy)
+    monkeypatch.setenv("LLAVE_FAST_S_MODE", env_mode)
+    monkeypatch.delenv("LLAVE_FAST_S_CACHE_BYTES", raising=False)
+    case = make_case(gen, 37, 33, 5, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed,
+                     label=f"interpreter default, LLAVE_FAST_S_MODE={env_mode!r}")
+    check_backend(case, "triton", MARGIN[torch.float32], gen)
+    assert seen and set(seen) == {want}, seen
+
+
+@pytest.mark.parametrize("name,value", [
+    ("BM", 24), ("BK", 8), ("DS_BN", 0), ("STATS_BM", 48), ("num_warps", 3), ("DS_WARPS", 64), ("GR_MAX", 0),
+    ("num_stages", 0), ("DS_MIN_ROWS", -1), ("DS_STRIP_ROWS", 0), ("TORCH_CHUNK_ELEMS", 0),
+    ("S_MODE", "sometimes"), ("S_CACHE_BYTES", "lots"), ("S_CACHE_BYTES", -1), ("BWD", "tiles"),
+    ("BM", 16.0), ("GC_MAX", True), ("DS_LOWP", 1), ("autotune", "yes"),
+])
+def test_kernel_config_rejects_a_bad_value_by_name(name, value):
+    """Every field is checked when kernel_config is called: the error names the field and the value."""
+    import re
+
+    from llave_fast.backends.launch import KernelConfig
+    from llave_fast.errors import InvalidArgument, InvalidArgumentType
+
+    with pytest.raises((InvalidArgument, InvalidArgumentType), match=f"{name}.*{re.escape(repr(value))}"):
+        kernel_config(**{name: value})
+    with pytest.raises((InvalidArgument, InvalidArgumentType), match=name):
+        KernelConfig(**{name: value})
+
+
+def test_kernel_config_rejects_unknown_names_and_lists_the_valid_ones():
+    from llave_fast.backends.launch import FIELD_NAMES
+    from llave_fast.errors import InvalidArgument
+
+    for bad in (dict(bm=16), dict(BWD_BM=64, BWD_BN=64), dict(DS_STRIDE=64, BM=32)):
+        with pytest.raises(InvalidArgument, match=r"unknown keyword") as info:
+            kernel_config(**bad)
+        msg = str(info.value)
+        assert all(repr(k) in msg for k in bad if k not in FIELD_NAMES), msg
+        assert all(n in msg for n in FIELD_NAMES), msg
+    with kernel_config(BM=16, S_MODE="fused", DS_STRIP_ROWS=8, autotune=False):  # valid names pass
+        pass
+
+
+def test_every_field_and_environment_variable_is_documented():
+    """KernelConfig's docstring has a row per field, and the launch module's docstring names every
+    LLAVE_FAST_* variable the backends read."""
+    import pathlib
+    import re
+
+    from llave_fast.backends import launch
+
+    for name in launch.FIELD_NAMES:
+        assert re.search(rf"^    ``{name}``", launch.KernelConfig.__doc__, flags=re.M), name
+    read = set()
+    for path in pathlib.Path(launch.__file__).parent.glob("*.py"):
+        read |= set(re.findall(r"LLAVE_FAST_[A-Z_]+", path.read_text()))
+    assert read >= {"LLAVE_FAST_S_MODE", "LLAVE_FAST_AUTOTUNE", "LLAVE_FAST_TORCH_CHUNK_ELEMS"}, read
+    for var in read:
+        assert f"``{var}``" in launch.__doc__, var
+
+
+def test_kernel_config_overrides_and_restores(monkeypatch):
+    from llave_fast.backends import triton_backend as tb
+    from llave_fast.backends.launch import interpreter_config
+
+    cpu = torch.device("cpu")
+    assert tb.launch_config(cpu, torch.float32) == interpreter_config()
+    with kernel_config(BM=16, S_MODE="stream"):
+        cfg = tb.launch_config(cpu, torch.float32)
+        assert (cfg.BM, cfg.S_MODE, cfg.BN) == (16, "stream", interpreter_config().BN)
+        with kernel_config(DS_BM=16):  # a nested override replaces the enclosing one
+            assert tb.launch_config(cpu, torch.float32) == interpreter_config().replace(DS_BM=16)
+        assert tb.launch_config(cpu, torch.float32).BM == 16
+    assert tb._CONFIG_OVERRIDE is None and tb.launch_config(cpu, torch.float32) == interpreter_config()
+
+
+def test_environment_is_read_at_call_time(monkeypatch):
+    """LLAVE_FAST_* variables are read when a value is needed, not at import: setenv suffices."""
+    from llave_fast.backends import triton_backend as tb
+    from llave_fast.backends.torch_backend import chunk_rows
+
+    monkeypatch.delenv("LLAVE_FAST_TORCH_CHUNK_ELEMS", raising=False)
+    monkeypatch.delenv("LLAVE_FAST_TORCH_CHUNK_ELEMS_CUDA", raising=False)
+    assert chunk_rows(10**6, 1024) == (1 << 21) // 1024
+    assert chunk_rows(10**6, 1024, "cuda") == (1 << 26) // 1024
+    monkeypatch.setenv("LLAVE_FAST_TORCH_CHUNK_ELEMS", "5120")
+    monkeypatch.setenv("LLAVE_FAST_TORCH_CHUNK_ELEMS_CUDA", "3072")
+    assert chunk_rows(10**6, 1024) == 5 and chunk_rows(10**6, 1024, "cuda") == 3
+    with kernel_config(TORCH_CHUNK_ELEMS=2048):
+        assert chunk_rows(10**6, 1024) == 2  # the override wins
+    monkeypatch.setenv("LLAVE_FAST_TORCH_CHUNK_ELEMS", "many")
+    with pytest.raises(ValueError, match="LLAVE_FAST_TORCH_CHUNK_ELEMS.*'many'"):
+        chunk_rows(10, 10)
+    cpu = torch.device("cpu")
+    cfg = tb.launch_config(cpu, torch.float32)
+    for mode in ("stream", "fused", "cache"):
+        monkeypatch.setenv("LLAVE_FAST_S_MODE", mode)
+        assert tb.s_plan_for(cfg, 64, 64, cpu, True).mode == mode
+    monkeypatch.setenv("LLAVE_FAST_S_MODE", "auto")
+    monkeypatch.setenv("LLAVE_FAST_S_CACHE_BYTES", "0")
+    assert tb.s_plan_for(cfg, 64, 64, cpu, True).mode == "fused"
+    monkeypatch.setenv("LLAVE_FAST_S_CACHE_BYTES", "1M")
+    assert tb.s_plan_for(cfg, 64, 64, cpu, True).mode == "cache"
+    # autotuning: the environment without an override; an override's own autotune otherwise
+    monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "1")
+    assert tb._autotune_requested()
+    with kernel_config(BM=16):
+        assert not tb._autotune_requested()
+    monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "0")
+    assert not tb._autotune_requested()
+    with kernel_config(autotune=True):
+        assert tb._autotune_requested()
+
+
+def test_acc_mm_probe_is_per_device_and_dtype(monkeypatch):
+    """The fp32-accumulating GEMM form is probed once per (device, dtype): a second dtype in the
+    same process gets its own answer, not the first one's."""
+    from llave_fast.backends import triton_backend as tb
+
+    calls = []
+    answers = {torch.bfloat16: "cast", torch.float16: "mm"}
+
+    def probe(device, dtype):
+        calls.append((device.type, dtype))
+        return answers[dtype]
+
+    monkeypatch.setattr(tb, "_probe_acc_mm", probe)
+    monkeypatch.setattr(tb, "_ACC_MM", {})
+    cpu = torch.device("cpu")
+    assert tb.acc_mm_form(cpu, torch.bfloat16) == "cast"
+    assert tb.acc_mm_form(cpu, torch.float16) == "mm"
+    assert tb.acc_mm_form(cpu, torch.bfloat16) == "cast"
+    assert calls == [("cpu", torch.bfloat16), ("cpu", torch.float16)], calls
+    # _mm_into asks for its own operands' dtype
+    answers[torch.float16] = "cast"
+    monkeypatch.setattr(tb, "_ACC_MM", {})
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float16, torch.bfloat16):
+        a, b = torch.randn(4, 8, generator=g).to(dtype), torch.randn(8, 3, generator=g).to(dtype)
+        dst = torch.zeros(4, 3)
+        tb._mm_into(dst, a, b, accumulate=False)
+        assert rel_err(dst, a.double() @ b.double()) < 1e-2
+    assert sorted(k[2] is torch.float16 for k in tb._ACC_MM) == [False, True], tb._ACC_MM
 
 
 def test_strip_dtype_rule():
@@ -340,8 +509,8 @@ def test_strip_dtype_rule():
     assert ds_dtype(cfg, torch.float32, cuda) == torch.float32
     assert ds_dtype(cfg, torch.float16, cpu) == torch.float16  # fp16 is exact under the interpreter
     assert ds_dtype(cfg, torch.bfloat16, cpu) == torch.float32  # the interpreter truncates to bf16
-    assert ds_dtype({**cfg, "DS_LOWP": True}, torch.bfloat16, cpu) == torch.bfloat16
-    assert ds_dtype({**cfg, "DS_LOWP": False}, torch.float16, cuda) == torch.float32
+    assert ds_dtype(cfg.replace(DS_LOWP=True), torch.bfloat16, cpu) == torch.bfloat16
+    assert ds_dtype(cfg.replace(DS_LOWP=False), torch.float16, cuda) == torch.float32
 
 
 def test_strip_fp16_scale_is_an_exact_power_of_two():
@@ -368,7 +537,7 @@ def test_strip_fp16_scale_is_an_exact_power_of_two():
 
 # ---- padded strip stride, fp16 scaled strip, bf16 strip with dq in bf16
 # NT = B + M = 37 + 5 = 42: not a multiple of 16; the strip's rows are 64 elements apart
-PAD_STRIP = dict(BWD="strip", BK=16, DS_BM=16, DS_BN=16, DS_GROUP_M=2, DS_STRIP_ROWS=16)
+PAD_STRIP = dict(BK=16, DS_BM=16, DS_BN=16, DS_GROUP_M=2, DS_STRIP_ROWS=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -505,23 +674,13 @@ def test_strip_bf16_one_strip_writes_dq_in_bf16(gen, seed):
         assert dq.dtype == want and dTc.dtype == torch.float32, (rows, dq.dtype, dTc.dtype)
 
 
-def test_bwd_variant_from_environment(monkeypatch, gen):
-    from llave_fast.backends.triton_backend import launch_config
+def test_bad_strip_rows_fails_before_any_launch(gen):
+    from llave_fast.errors import InvalidArgument
 
-    monkeypatch.setenv("LLAVE_FAST_BWD", "strip")
-    assert launch_config(torch.device("cpu"), 8)["BWD"] == "strip"
-    monkeypatch.setenv("LLAVE_FAST_BWD", "Tiles")
-    assert launch_config(torch.device("cpu"), 8)["BWD"] == "tiles"
-    monkeypatch.setenv("LLAVE_FAST_BWD", "fast")
-    with pytest.raises(ValueError, match="LLAVE_FAST_BWD.*'fast'"):
-        launch_config(torch.device("cpu"), 8)
-    monkeypatch.delenv("LLAVE_FAST_BWD")
-    with kernel_config(BWD="rows"), pytest.raises(ValueError, match="BWD.*'rows'"):
-        launch_config(torch.device("cpu"), 8)
-    with kernel_config(BWD="strip", DS_STRIP_ROWS=0), pytest.raises(ValueError, match="DS_STRIP_ROWS"):
-        case = make_case(gen, 9, 16, 0, torch.float32)
-        q = case.q.clone().requires_grad_(True)
-        hardness_weighted_loss(q, case.t, backend="triton").backward()
+    case = make_case(gen, 9, 16, 0, torch.float32)
+    with pytest.raises(InvalidArgument, match="DS_STRIP_ROWS.*0"):
+        with kernel_config(DS_STRIP_ROWS=0):
+            hardness_weighted_loss(case.q.clone().requires_grad_(True), case.t, backend="triton").backward()
 
 
 # ============================================================ alpha variants, scale, numerics
@@ -732,16 +891,20 @@ def test_triton_deterministic_is_bitwise_reproducible(dtype, gen, seed):
         assert torch.equal(a.grads[n], b.grads[n]), mismatch_report(f"{n} (run 2 vs run 1)", b.grads[n], a.grads[n])
 
 
-@pytest.mark.parametrize("B,M,bm", [(41, 30, 16), (40, 0, 8)], ids=["3-row-5-col-blocks", "5-row-3-col-blocks"])
-def test_triton_tiles_staggered_walk(B, M, bm, gen, seed):
-    """The tile backward's staggered walk (program p starts at block p mod the count) and
-    relaxed dT atomics, with more column blocks than row blocks and fewer (every program
-    of MODE 0/1 and of MODE 2 wraps around at some point): the atomic mode and the
-    deterministic pair match the truth, and the pair is bitwise reproducible."""
-    case = make_case(gen, B, 24, M, torch.float32, masks="tid_neg" if M else "both", learnable_scale=True,
-                     reduction="none", seed=seed, label="staggered tile backward")
+@pytest.mark.parametrize("path", list(S_PATHS))
+@pytest.mark.parametrize("B,M,bn", [(41, 30, 16), (40, 0, 32)], ids=["3-row-5-col-blocks", "3-row-2-col-blocks"])
+def test_triton_uneven_block_grids(B, M, bn, path, gen, seed):
+    """More column blocks than row blocks and fewer, in the forward's program groups and the dS
+    kernel's grouped grid (partial row groups), on every path where S lives: both deterministic
+    settings match the truth and rerun bitwise. (These shapes first covered the removed tile
+    backward's staggered walk.) Per-row upstream gradients; a fixed scale: the scale's gradient,
+    a sum of per-row terms of both signs here, cancels to fp32 noise on these shapes, and the
+    grid and pairwise tests check it on every path."""
+    case = make_case(gen, B, 24, M, torch.float32, masks="tid_neg" if M else "both", learnable_scale=False,
+                     reduction="none", seed=seed, label=f"uneven block grids, {path}")
     g = upstream_grad(gen, case)
-    with kernel_config(BWD="tiles", BM=16, BN=16, BK=16, GR_MAX=2, GC_MAX=3, BWD_BM=bm, BWD_BN=16):
+    with kernel_config(BM=16, BN=bn, BK=16, GR_MAX=2, GC_MAX=3, DS_BM=16, DS_BN=bn, DS_GROUP_M=2,
+                       STATS_BM=16, STATS_BN=bn, STATS_GC_MAX=3, **S_PATHS[path]):
         check_backend(case, "triton", MARGIN[torch.float32], gen, upstream=g)
         check_backend(case, "triton", MARGIN[torch.float32], gen, upstream=g, deterministic=True)
         a = run(case, torch.float32, g, backend="triton", deterministic=True)
@@ -751,18 +914,20 @@ def test_triton_tiles_staggered_walk(B, M, bm, gen, seed):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_triton_deterministic_matches_atomic_and_truth(reduction, gen, seed):
+def test_triton_deterministic_option_changes_nothing(reduction, gen, seed):
+    """``deterministic=`` is accepted and changes nothing: the strip backward has no atomics, so
+    True and False give bitwise the same loss and gradients, and both match the truth."""
     case = make_case(gen, 37, 130, 5, torch.float32, masks="both", learnable_scale=True, reduction=reduction,
                      seed=seed)
     g = upstream_grad(gen, case)
-    with tiles("small"):
+    with tiles("small", "fused"):
         det = run(case, torch.float32, g, backend="triton", deterministic=True)
         fast = run(case, torch.float32, g, backend="triton", deterministic=False)
         check_backend(case, "triton", MARGIN[torch.float32], gen, deterministic=True, upstream=g)
-    assert rel_err(det.out, fast.out) < 1e-6, mismatch_report("loss det vs atomic", det.out, fast.out)
+    assert torch.equal(det.out, fast.out), mismatch_report("loss det vs not", det.out, fast.out)
     for n in det.grads:
-        assert rel_err(det.grads[n], fast.grads[n]) < 1e-5, mismatch_report(f"{n} det vs atomic", det.grads[n],
-                                                                            fast.grads[n])
+        assert torch.equal(det.grads[n], fast.grads[n]), mismatch_report(f"{n} det vs not", det.grads[n],
+                                                                         fast.grads[n])
 
 
 def test_torch_backend_is_deterministic(gen, small_chunks):
@@ -1021,27 +1186,38 @@ def test_tolerance_rule_catches_real_bugs(dtype, margin, shape, gen, seed):
 
 # ============================================================ autotuning (LLAVE_FAST_AUTOTUNE=1)
 def test_autotune_picks_a_candidate_once_and_stays_correct(monkeypatch, gen, seed):
-    from llave_fast.backends import triton_backend as tb
+    from llave_fast.backends import launch
 
     monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "1")
     monkeypatch.setenv("LLAVE_FAST_S_MODE", "fused")  # the tuner chooses the one-pass kernels' tiles
-    monkeypatch.setattr(tb, "_TUNED", {})
-    monkeypatch.setattr(tb, "TUNE_LOG", [])
+    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(launch, "TUNE_LOG", [])
     case = make_case(gen, 40, 33, 5, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed,
                      label="autotuned")
     check_backend(case, "triton", MARGIN[torch.float32], gen)
-    kinds = [r["key"][0] for r in tb.TUNE_LOG]
+    kinds = [r["key"][0] for r in launch.TUNE_LOG]
     assert sorted(kinds) == ["bwd", "fwd"], kinds
-    for r in tb.TUNE_LOG:
-        cands = tb.FWD_CANDIDATES_CPU if r["key"][0] == "fwd" else tb.BWD_CANDIDATES_CPU
+    for r in launch.TUNE_LOG:
+        cands = launch.FWD_CANDIDATES_CPU if r["key"][0] == "fwd" else launch.BWD_CANDIDATES_CPU
         assert r["choice"] in cands and r["ms"] > 0, r
         assert len(r["candidates"]) == len(cands) and all("ms" in c for c in r["candidates"]), r
+        assert r["key"][1:4] == ("cpu", None, torch.float32), r["key"]  # device type, index, dtype
     # a second problem of the same class is not tuned again; an explicit config bypasses tuning
     check_backend(make_case(gen, 37, 33, 5, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed + 1),
                   "triton", MARGIN[torch.float32], gen)
     with tiles("small"):
         check_backend(make_case(gen, 300, 33, 5, torch.float32, seed=seed + 2), "triton", MARGIN[torch.float32], gen)
-    assert len(tb.TUNE_LOG) == 2, [r["key"] for r in tb.TUNE_LOG]
+    assert len(launch.TUNE_LOG) == 2, [r["key"] for r in launch.TUNE_LOG]
+    # kernel_config(autotune=True): tuned on request, on top of the override (its S_MODE kept),
+    # with LLAVE_FAST_AUTOTUNE off; another dtype is another problem class
+    monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "0")
+    monkeypatch.delenv("LLAVE_FAST_S_MODE")
+    with kernel_config(autotune=True, S_MODE="fused"):
+        check_backend(make_case(gen, 40, 33, 5, torch.float16, masks="tid_neg", seed=seed + 3), "triton",
+                      MARGIN[torch.float16], gen)
+    new = launch.TUNE_LOG[2:]
+    assert sorted(r["key"][0] for r in new) == ["bwd", "fwd"], [r["key"] for r in new]
+    assert all(r["key"][3] == torch.float16 and r["key"][-1].S_MODE == "fused" for r in new), [r["key"] for r in new]
 
 
 def test_autotune_env_value_is_checked(monkeypatch, gen):

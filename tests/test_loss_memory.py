@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from llave_fast import hardness_weighted_loss
 from llave_fast.backends.triton_backend import kernel_config
 
-from _helpers import _cpu_test_env, make_case, seed_for  # noqa: F401  (autouse fixture)
+from _helpers import _cpu_test_env, make_case  # noqa: F401  (autouse fixture)
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -62,11 +62,6 @@ def record_forward_backward(q, t, neg, *, backend, gen, **kw):
     return rec
 
 
-@pytest.fixture
-def gen(request):
-    return torch.Generator().manual_seed(seed_for(request.node.nodeid))
-
-
 def _check(rec: AllocationRecorder, B: int, N: int, what: str):
     assert any(r[0] == "backward" for r in rec.records), "the recorder saw no backward op"
     for phase in ("forward", "backward"):
@@ -79,10 +74,7 @@ def _check(rec: AllocationRecorder, B: int, N: int, what: str):
 
 @pytest.mark.parametrize("M,masks,reduction", [(0, "both", "mean"), (64, "tid_neg", "none")])
 def test_torch_backend_never_allocates_b_by_n(M, masks, reduction, monkeypatch, gen):
-    import llave_fast.backends.torch_backend as tb
-
-    monkeypatch.setenv("LLAVE_FAST_TORCH_CHUNK_ELEMS", "8192")
-    monkeypatch.setattr(tb, "_CHUNK_ELEMS", 8192)  # read at import time: patch the module global
+    monkeypatch.setenv("LLAVE_FAST_TORCH_CHUNK_ELEMS", "8192")  # read at every call
     B, d = 512, 64
     case = make_case(gen, B, d, M, torch.float32, masks=masks, min_loss=None)
     with kernel_config(S_MODE="fused"):
@@ -94,12 +86,10 @@ def test_torch_backend_never_allocates_b_by_n(M, masks, reduction, monkeypatch, 
 def test_torch_backend_check_is_sensitive(monkeypatch, gen):
     """With one chunk as large as the whole strip the torch backend does hold B x N: the
     recorder catches it (so the passing check above means the chunking works)."""
-    import llave_fast.backends.torch_backend as tb
-
     B, d = 256, 32
-    monkeypatch.setattr(tb, "_CHUNK_ELEMS", B * B)
+    monkeypatch.setenv("LLAVE_FAST_TORCH_CHUNK_ELEMS", "1")  # the override below wins over it
     case = make_case(gen, B, d, 0, torch.float32, min_loss=None)
-    with kernel_config(S_MODE="fused"):
+    with kernel_config(S_MODE="fused", TORCH_CHUNK_ELEMS=B * B):
         rec = record_forward_backward(case.q, case.t, None, backend="torch", gen=gen)
     with pytest.raises(AssertionError, match="allocated a tensor"):
         _check(rec, B, B, "torch backend, one chunk")
@@ -107,10 +97,17 @@ def test_torch_backend_check_is_sensitive(monkeypatch, gen):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_triton_backend_never_allocates_b_by_n(deterministic, gen):
-    # d small against N: the interpreter copies each input as raw bytes (d * 4 "elements" a row)
-    B, d, M = 192, 8, 8
+    """The default fused path (one-pass forward, strip backward) with the dS strip bounded by
+    bytes as on the GPU (the one-strip rule off, strips of 16 rows' bytes): nothing scales with B x N."""
+    from llave_fast.backends.triton_backend import ds_row_stride
+
+    # d small against N: the interpreter copies each input as raw bytes (d * 4 "elements" a row),
+    # and the dS strip too (a 16-row strip, one tile, shows as 16 * stride * 4 "elements")
+    B, d, M = 384, 8, 8
     case = make_case(gen, B, d, M, torch.float32, masks="tid_neg", min_loss=None)
-    with kernel_config(S_MODE="fused"):
+    strip = 16 * ds_row_stride(B + M) * 4
+    with kernel_config(S_MODE="fused", DS_ONE_STRIP_BYTES=0, DS_STRIP_BYTES=strip, DS_MIN_ROWS=0, DS_BM=16,
+                       DS_BN=16, BK=16):
         rec = record_forward_backward(case.q, case.t, case.neg, backend="triton", gen=gen, reduction="mean",
                                       target_ids=case.target_ids, query_ids=case.query_ids,
                                       deterministic=deterministic)
@@ -166,7 +163,7 @@ def test_triton_strip_backward_holds_one_strip(gen):
 
     B, d, M, R = 192, 8, 8, 8
     case = make_case(gen, B, d, M, torch.float32, masks="tid_neg", min_loss=None)
-    with kernel_config(BWD="strip", DS_STRIP_ROWS=R, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32, S_MODE="fused"):
+    with kernel_config(DS_STRIP_ROWS=R, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32, S_MODE="fused"):
         rec = record_forward_backward(case.q, case.t, case.neg, backend="triton", gen=gen, reduction="mean",
                                       target_ids=case.target_ids, query_ids=case.query_ids)
     _check(rec, B, B + M, f"triton strip backward B={B} R={R}")
@@ -178,7 +175,7 @@ def test_triton_strip_check_is_sensitive(gen):
 
     B, d = 128, 8
     case = make_case(gen, B, d, 0, torch.float32, min_loss=None)
-    with kernel_config(BWD="strip", DS_STRIP_ROWS=B, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32, S_MODE="fused"):
+    with kernel_config(DS_STRIP_ROWS=B, BM=32, BN=32, BK=16, DS_BM=32, DS_BN=32, S_MODE="fused"):
         rec = record_forward_backward(case.q, case.t, None, backend="triton", gen=gen)
     with pytest.raises(AssertionError, match="allocated a tensor"):
         _check(rec, B, B, "triton strip backward, one strip")

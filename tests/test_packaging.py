@@ -86,7 +86,7 @@ def test_wheel_holds_every_package_and_the_configs(wheel_venv):
         assert f"{pkg}/__init__.py" in names, f"{pkg} is missing from the wheel"
     # kernels/ and configs/ have no __init__.py (a top-level `kernels` package would shadow Hugging Face's):
     # namespace subpackages of llave_fast, their files copied in (never links)
-    for mod in ("tile.py", "hardness_fwd.py", "hardness_bwd.py", "hardness_ds.py"):
+    for mod in ("tile.py", "hardness_fwd.py", "hardness_ds.py", "hardness_stats.py"):
         assert f"llave_fast/kernels/{mod}" in names, f"llave_fast/kernels/{mod} is missing from the wheel"
     for cfg in ("tiny_cpu.json", "llave_0.5b.json", "zero3.json", "zero2.json"):
         assert f"llave_fast/configs/{cfg}" in names, f"the preset {cfg} is missing from the wheel"

@@ -30,13 +30,7 @@ from _helpers import (
     _cpu_test_env,  # noqa: F401  (autouse fixture)
     check_backend,
     make_case,
-    seed_for,
 )
-
-
-@pytest.fixture
-def gen(request):
-    return torch.Generator().manual_seed(seed_for(request.node.nodeid))
 
 
 # ------------------------------------------------------------------ the plan (pure function)
@@ -98,10 +92,15 @@ def test_budget_and_mode_settings(monkeypatch):
     assert s_mode_setting() == "stream"
 
 
-def test_bad_mode_reaches_the_caller_torch_and_triton(gen):
+def test_bad_mode_reaches_the_caller_torch_and_triton(gen, monkeypatch):
+    """A bad mode is refused: by kernel_config itself (before any launch), and, from
+    LLAVE_FAST_S_MODE, by either backend's loss call."""
+    with pytest.raises(ValueError, match="S_MODE must be None or one of.*'sometimes'"):
+        kernel_config(S_MODE="sometimes")
     case = make_case(gen, 9, 16, 0, torch.float32)
+    monkeypatch.setenv("LLAVE_FAST_S_MODE", "sometimes")
     for backend in ("torch", "triton"):
-        with kernel_config(S_MODE="sometimes"), pytest.raises(ValueError, match="S_MODE must be one of"):
+        with pytest.raises(ValueError, match="LLAVE_FAST_S_MODE must be one of.*'sometimes'"):
             hardness_weighted_loss(case.q.requires_grad_(), case.t, backend=backend)
 
 

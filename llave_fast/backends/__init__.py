@@ -1,9 +1,19 @@
-"""Backend dispatch: "auto", "triton" (fused kernels), "torch" (chunked), "reference" (eager)."""
+"""Backend dispatch: "auto", "triton" (fused kernels), "torch" (chunked), "reference" (eager).
+
+Public here: ``resolve_backend`` and ``get_backend_function`` (what ``llave_fast.loss`` calls),
+``kernel_config`` (the launch-configuration override, a context manager) and ``KernelConfig``
+(its fields). Everything else lives in the submodules and may change.
+"""
 
 from __future__ import annotations
 
 import torch
+
 from ..errors import InvalidArgument, InvalidArgumentType
+from .launch import KernelConfig
+from .triton_backend import kernel_config
+
+__all__ = ["KernelConfig", "get_backend_function", "kernel_config", "resolve_backend"]
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:

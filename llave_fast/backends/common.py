@@ -65,6 +65,8 @@ class LossConfig:
     alpha: float
     symmetric: bool
     reduction: str
+    # accepted and passed to the backends, which ignore it: every backward is bitwise
+    # reproducible already (no atomics; fixed strip, chunk and GEMM order)
     deterministic: bool
     # across ranks: False = LLaVE's per-rank local loss; True = open_clip's global loss (the
     # loss over the whole gathered batch, the same value on every rank)
@@ -155,9 +157,14 @@ def s_mode_setting(setting=None) -> str:
 ROW_ALIGN = 64
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (grid sizes, tile counts); the kernels use ``tl.cdiv``."""
+    return -(-a // b)
+
+
 def round_up(n: int, m: int) -> int:
     """``n`` (at least 1) rounded up to a multiple of ``m``."""
-    return -(-max(1, n) // m) * m
+    return cdiv(max(1, n), m) * m
 
 
 def s_row_stride(NT: int) -> int:

@@ -40,14 +40,13 @@ def _compile(fn, types, constexprs, target, num_warps, num_stages):
 
 
 def compile_all(arch: int = 90) -> list[str]:
-    """Compile the forward, tile-backward and strip-backward (dS) kernels for every dtype,
-    flag set and mode (and exact fp32); returns a report, one line per variant."""
+    """Compile the forward, the dS (backward) and the statistics kernels for every dtype and
+    flag set (and exact fp32); returns a report, one line per variant."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     from triton.backends.compiler import GPUTarget
 
     from llave_fast.backends.triton_backend import ds_dtype, gpu_config
-    from llave_fast.kernels.hardness_bwd import hardness_bwd_kernel
     from llave_fast.kernels.hardness_ds import hardness_ds_kernel
     from llave_fast.kernels.hardness_fwd import hardness_fwd_kernel
     from llave_fast.kernels.hardness_stats import hardness_stats_kernel
@@ -64,19 +63,9 @@ def compile_all(arch: int = 90) -> list[str]:
                 continue
             types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["i32"] * 2
             k = _compile(hardness_fwd_kernel, types, dict(
-                BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], HAS_TID=has_tid, HAS_QID=has_qid,
-                NEED_COL=need_col, NEED_E=need_e, UPCAST=False, PREC=prec), target, cfg["num_warps"], cfg["num_stages"])
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_TID=has_tid, HAS_QID=has_qid,
+                NEED_COL=need_col, NEED_E=need_e, UPCAST=False, PREC=prec), target, cfg.num_warps, cfg.num_stages)
             _check_smem(k, limit, f"fwd {ptr} tid={has_tid} qid={has_qid} col={need_col} e={need_e}", report)
-            if need_e:
-                continue  # the backward has no NEED_E switch
-            for mode in (0, 1, 2):
-                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 7
-                k = _compile(hardness_bwd_kernel, types, dict(
-                    MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=has_tid,
-                    HAS_QID=has_qid, HAS_COL=need_col, UPCAST=False, DS_LOWP=dtype == torch.bfloat16,
-                    PREC="ieee" if dtype == torch.bfloat16 else "tf32"), target, cfg["num_warps"], cfg["num_stages"])
-                _check_smem(k, limit, f"bwd {ptr} mode={mode} tid={has_tid} qid={has_qid} col={need_col}", report,
-                            _check_atomics(k, mode))
         # the strip backward's dS kernel, strip in ds_dtype's default (bf16 for bf16 inputs,
         # fp16 scaled by sigma for fp16, fp32 for fp32); fp32 inputs also in exact fp32
         # (PREC="ieee", torch's default with TF32 off)
@@ -102,18 +91,12 @@ def compile_all(arch: int = 90) -> list[str]:
             _check_smem(k, limit, f"ds {ptr} strip=*fp32 (DS_LOWP=False) prec={prec} all options", report,
                         _check_ds_stores(k))
         if dtype == torch.float32:
-            # the exact-fp32 forward and backward, every option on
+            # the exact-fp32 forward, every option on
             types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["i32"] * 2
             k = _compile(hardness_fwd_kernel, types, dict(
-                BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], HAS_TID=True, HAS_QID=True, NEED_COL=True, NEED_E=True,
-                UPCAST=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_TID=True, HAS_QID=True, NEED_COL=True, NEED_E=True,
+                UPCAST=False, PREC="ieee"), target, cfg.num_warps, cfg.num_stages)
             _check_smem(k, limit, f"fwd {ptr} prec=ieee all options", report)
-            for mode in (0, 1, 2):
-                types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 7
-                k = _compile(hardness_bwd_kernel, types, dict(
-                    MODE=mode, BM=cfg["BWD_BM"], BN=cfg["BWD_BN"], BK=cfg["BK"], HAS_TID=True, HAS_QID=True,
-                    HAS_COL=True, UPCAST=False, DS_LOWP=False, PREC="ieee"), target, cfg["num_warps"], cfg["num_stages"])
-                _check_smem(k, limit, f"bwd {ptr} prec=ieee mode={mode} all options", report, _check_atomics(k, mode))
     # the S-cache / stream forward's statistics pass (S is fp32 whatever the inputs)
     cfg = gpu_config(torch.bfloat16)
     for has_tid, has_qid, need_col, need_e in itertools.product([False, True], repeat=4):
@@ -121,8 +104,8 @@ def compile_all(arch: int = 90) -> list[str]:
             continue
         types = (["*fp32"] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 3 + ["i32"] + ["*fp32"] * 3 + ["i32"])
         k = _compile(hardness_stats_kernel, types, dict(
-            BM=cfg["STATS_BM"], BN=cfg["STATS_BN"], HAS_TID=has_tid, HAS_QID=has_qid, NEED_COL=need_col,
-            NEED_E=need_e), target, cfg["STATS_WARPS"], 1)
+            BM=cfg.STATS_BM, BN=cfg.STATS_BN, HAS_TID=has_tid, HAS_QID=has_qid, NEED_COL=need_col,
+            NEED_E=need_e), target, cfg.STATS_WARPS, 1)
         what = f"stats tid={has_tid} qid={has_qid} col={need_col} e={need_e}"
         _check_smem(k, limit, what, report, _check_s_loads(k, what) + _check_no_spill(k, what))
     return report
@@ -134,9 +117,9 @@ def _compile_ds(fn, ptr, ds_ptr, cfg, has_tid, has_qid, has_col, prec, scaled, t
     ids = ["*i64"] * 2 + ["i32"] + ["*i64"] * 2
     types = [ptr, ptr, ds_ptr, "i32"] + ["i32"] * 6 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["*fp32", "i32", "i32"]
     return _compile(fn, types, dict(
-        BM=cfg["DS_BM"], BN=cfg["DS_BN"], BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"], HAS_TID=has_tid,
+        BM=cfg.DS_BM, BN=cfg.DS_BN, BK=cfg.BK, GROUP_M=cfg.DS_GROUP_M, HAS_TID=has_tid,
         HAS_QID=has_qid, HAS_COL=has_col, UPCAST=False, PREC=prec, SCALED=scaled, CACHED=cached), target,
-        cfg["DSC_WARPS"] if cached else cfg["DS_WARPS"], 1 if cached else cfg["DS_STAGES"])
+        cfg.DSC_WARPS if cached else cfg.DS_WARPS, 1 if cached else cfg.DS_STAGES)
 
 
 def _check_s_loads(kernel, what) -> str:
@@ -165,20 +148,6 @@ def _ptx_ops(kernel, pattern: str) -> list[str]:
 
     ptx = kernel.asm.get("ptx", "") if hasattr(kernel, "asm") else ""
     return re.findall(r"^\s*(?:@!?%p\d+\s+)?(" + pattern + r"[\w.:]*)", ptx, flags=re.M)
-
-
-def _check_atomics(kernel, mode) -> str:
-    """MODE 0 adds dT with relaxed atomics (no acquire/release ordering per tile); the other
-    modes have none. Read from the PTX: an atom/red without .relaxed (Triton's default is
-    acq_rel) fails. Returns the atomic instructions for the report."""
-    ops = sorted(set(_ptx_ops(kernel, r"(?:atom|red)\.")))
-    if mode != 0:
-        if ops:
-            raise RuntimeError(f"bwd mode={mode}: unexpected atomics in the PTX: {ops}")
-        return ""
-    if not ops or any(".relaxed" not in op for op in ops):
-        raise RuntimeError(f"bwd mode=0: dT atomics must be relaxed, the PTX has {ops}")
-    return ", " + " ".join(ops)
 
 
 def _check_ds_stores(kernel) -> str:

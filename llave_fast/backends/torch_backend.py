@@ -12,8 +12,6 @@ S is never rounded to 16 bits (``similarity_into``). Runs on any device, any flo
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .common import (
@@ -33,16 +31,20 @@ from .common import (
     sim_operand_dtype,
     similarity_into,
 )
+from .launch import torch_chunk_elems
 
-# elements of one chunk x NT fp32 temporary; a few of them live at once. On the CPU a chunk
-# stays near the caches (8 MiB); on CUDA it is large enough that the GEMMs fill the GPU and
-# the chunk loop's launches do not dominate (256 MiB per temporary).
-_CHUNK_ELEMS = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS", 1 << 21))
-_CHUNK_ELEMS_CUDA = int(os.environ.get("LLAVE_FAST_TORCH_CHUNK_ELEMS_CUDA", 1 << 26))
+
+def _overrides() -> dict:
+    """The ``kernel_config`` override in force (shared with the Triton backend), or {}."""
+    from . import triton_backend
+
+    return triton_backend._CONFIG_OVERRIDE or {}
 
 
 def chunk_rows(B: int, NT: int, device: torch.device | str = "cpu") -> int:
-    elems = _CHUNK_ELEMS_CUDA if torch.device(device).type == "cuda" else _CHUNK_ELEMS
+    """Rows per chunk: one chunk x NT temporary holds ``launch.torch_chunk_elems`` elements
+    (kernel_config's TORCH_CHUNK_ELEMS, else LLAVE_FAST_TORCH_CHUNK_ELEMS[_CUDA], read now)."""
+    elems = torch_chunk_elems(torch.device(device), _overrides().get("TORCH_CHUNK_ELEMS"))
     return max(1, min(B, elems // max(NT, 1)))
 
 
@@ -87,9 +89,7 @@ def _merge(m_run, l_run, e_run, m_new, l_new, e_new):
 def s_plan_for(B: int, NT: int, device, dtype: torch.dtype, keep: bool) -> SPlan:
     """The path of this strip: kernel_config's S_MODE / S_CACHE_BYTES (shared with the Triton
     backend), else the environment, else "auto" under an eighth of the device's memory."""
-    from . import triton_backend
-
-    over = triton_backend._CONFIG_OVERRIDE or {}
+    over = _overrides()
     plan = plan_s(B, NT, keep=keep, mode=s_mode_setting(over.get("S_MODE")),
                   budget=s_cache_budget(device, over.get("S_CACHE_BYTES")), min_rows=1,
                   elem_bytes=torch.empty((), dtype=acc_dtype(dtype)).element_size())
@@ -155,7 +155,7 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
 
 def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
                    pos_coef, deterministic, s_cache=None, s_plan=None):
-    # deterministic either way: fixed chunk order, no atomics
+    # ``deterministic`` changes nothing: bitwise reproducible either way (fixed chunk order, no atomics)
     B, NT = q.shape[0], Tc.shape[0]
     acc = acc_dtype(q.dtype)
     mm = _mm_dtype(q)

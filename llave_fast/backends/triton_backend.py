@@ -3,6 +3,10 @@
 Runs compiled on CUDA, or on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is first imported). Nothing here touches CUDA
 at import time; triton itself is imported on first use.
+
+A loss call reaches a kernel in three hops: ``TritonHardnessLoss`` (autograd) ->
+``strip_forward`` / ``strip_backward`` (the path: ``launch_config`` and ``plan_s``) ->
+``_fused_forward``, ``_strip_forward_s`` or ``_strip_backward_ds`` (the launches).
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import torch
 
 from .common import (
     PATH_COUNTS,
-    S_MIN_ROWS,
     LossConfig,
     SPlan,
     StripIds,
     StripOps,
     StripStats,
+    cdiv,
     checked_backward,
     combine_lse,
     hardness_forward,
@@ -32,9 +36,25 @@ from .common import (
     sim_operand_dtype,
     similarity_into,
 )
-from ..errors import InvalidArgument, InvalidArgumentType
+from . import launch
+from .launch import (
+    BWD_CANDIDATES_CPU,
+    BWD_CANDIDATES_GPU,
+    FWD_CANDIDATES_CPU,
+    FWD_CANDIDATES_GPU,
+    TUNE_LOG,
+    KernelConfig,
+    autotune_enabled,
+    default_config,
+    gpu_config,
+    interpreter_config,
+    with_overrides,
+)
+from ..errors import InvalidArgumentType
 
 _KERNELS = None
+#: the overrides of the innermost ``kernel_config`` in force (a dict of KernelConfig field names),
+#: or None. Process-wide on purpose: the backward may run on autograd's device thread.
 _CONFIG_OVERRIDE: dict | None = None
 
 
@@ -43,13 +63,12 @@ def _kernels():
     if _KERNELS is None:
         from types import SimpleNamespace
 
-        from llave_fast.kernels.hardness_bwd import hardness_bwd_kernel
         from llave_fast.kernels.hardness_ds import hardness_ds_kernel
         from llave_fast.kernels.hardness_fwd import hardness_fwd_kernel
         from llave_fast.kernels.hardness_stats import hardness_stats_kernel
 
-        _KERNELS = SimpleNamespace(hardness_fwd_kernel=hardness_fwd_kernel, hardness_bwd_kernel=hardness_bwd_kernel,
-                                   hardness_ds_kernel=hardness_ds_kernel, hardness_stats_kernel=hardness_stats_kernel)
+        _KERNELS = SimpleNamespace(hardness_fwd_kernel=hardness_fwd_kernel, hardness_ds_kernel=hardness_ds_kernel,
+                                   hardness_stats_kernel=hardness_stats_kernel)
     return _KERNELS
 
 
@@ -73,209 +92,55 @@ def available_on(device: torch.device) -> tuple[bool, str]:
     )
 
 
+def kernel_config(**overrides):
+    """Override fields of the launch configuration inside a ``with`` block::
+
+        with kernel_config(S_MODE="stream", DS_STRIP_ROWS=1024):
+            loss = hardness_weighted_loss(q, t, backend="triton")
+
+    The keywords are ``KernelConfig`` field names (tiles, grid caps, strip sizing, where S
+    lives, the torch backend's chunk, ``autotune``), checked here: an unknown name raises
+    InvalidArgument listing the valid ones, a bad value one naming the field and the value.
+    The fields not given keep the device's default. A nested ``kernel_config`` replaces the
+    enclosing one while it is open. An override turns autotuning off unless it says
+    ``autotune=True`` (then the candidates are timed on top of it)."""
+    with_overrides(interpreter_config(), overrides)  # checked now, not at the first launch
+    return _override(dict(overrides))
+
+
 @contextlib.contextmanager
-def kernel_config(**cfg):
-    """Force block sizes / grid caps (tests use it to cover multi-block and multi-group paths)."""
+def _override(overrides: dict):
     global _CONFIG_OVERRIDE
     old = _CONFIG_OVERRIDE
-    _CONFIG_OVERRIDE = dict(cfg)
+    _CONFIG_OVERRIDE = overrides
     try:
         yield
     finally:
         _CONFIG_OVERRIDE = old
 
 
-BWD_VARIANTS = ("tiles", "strip")
+def launch_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    """The configuration a launch on ``device`` with inputs of ``dtype`` uses now: the device's
+    default (``launch.default_config``) with the ``kernel_config`` override in force applied."""
+    return with_overrides(default_config(device, dtype), _CONFIG_OVERRIDE)
 
 
-def _bwd_variant_from_env() -> str | None:
-    v = os.environ.get("LLAVE_FAST_BWD", "").strip().lower()
-    if not v:
-        return None
-    if v not in BWD_VARIANTS:
-        raise InvalidArgument(f"LLAVE_FAST_BWD must be one of {BWD_VARIANTS}, got {v!r}")
-    return v
+def _autotune_requested() -> bool:
+    """An override's ``autotune`` if it sets one; no tuning under any other override (its tiles
+    are what was asked for); else ``LLAVE_FAST_AUTOTUNE``."""
+    over = _CONFIG_OVERRIDE
+    if over is not None and over.get("autotune") is not None:
+        return bool(over["autotune"])
+    return over is None and autotune_enabled()
 
 
-#: the tile backward is the CUDA default up to this embedding width, the strip backward above.
-#: 0: the strip everywhere. Measured on an H200 (benchmarks/results/nvidia-h200/2026-11-29-variants.json,
-#: bf16, B = N = 16384): at d = 256 the tile backward took 5.0 ms, the strip 1.5 ms; at d = 1536
-#: 47 ms against 4.5 ms (NOTES.md, prediction 10: refuted). d = 128 was not measured.
-TILES_MAX_D = 0
-
-
-def gpu_config(dtype: torch.dtype, sm_count: int = 132, D: int | None = None) -> dict:
-    """The fixed default tiles on CUDA (untuned until measured on a GPU: benchmarks/NOTES.md).
-
-    fp32 tiles take twice the shared memory of 16-bit ones: half the K step keeps the
-    3-stage forward pipeline at 96 KiB instead of 192 KiB.
-
-    BWD picks the backward: "tiles" (one kernel: recompute, dq read-modify-write, dT
-    atomics or the deterministic pair) or "strip" (``hardness_ds``: dS of a strip of rows,
-    then dq and dT as two library GEMMs; always deterministic). The CUDA default depends on
-    the width D: "tiles" for D <= TILES_MAX_D, where a row block's dq fits on chip and the
-    one kernel saves the dS round trip; "strip" above (and when D is not given), where the
-    tile backward moves ~20 bytes per FLOP (benchmarks/NOTES.md, predictions 1, 2 and 10).
-    A prediction, not yet a measurement. Under the interpreter the default stays "tiles"
-    (the CPU suite covers both explicitly).
-
-    Strip sizing (``strip_rows``): the whole B x NT dS in one strip when it fits
-    DS_ONE_STRIP_BYTES; else strips of DS_STRIP_BYTES, but at least DS_MIN_ROWS rows (each
-    strip re-reads and re-writes the fp32 dT). DS_LOWP: None picks the strip's precision
-    from the inputs (``ds_dtype``); True/False force a 16-bit / an fp32 strip.
-    """
-    bwd = "tiles" if D is not None and D <= TILES_MAX_D else "strip"
-    # forward 64 x 128 x 64, 4 warps, 4 stages and the dS kernel's 64 x 128, 4 warps, 4 stages: the
-    # fastest of the tuning sweep on an H200 at B = N = 16384, d = 1536, bf16 (two runs agree:
-    # forward 2.78 ms against 3.15 ms for the first default 128 x 128 w8 s3, dS + GEMMs 4.28-4.36 ms
-    # against 4.80 ms; benchmarks/results/nvidia-h200/2026-11-29-tune*.json)
-    return dict(BM=64, BN=128, BK=32 if dtype == torch.float32 else 64, GR_MAX=16,
-                GC_MAX=max(1, (4 * sm_count) // 16), num_warps=4, num_stages=4, BWD_BM=64, BWD_BN=64,
-                BWD=bwd, DS_BM=64, DS_BN=128, DS_GROUP_M=8, DS_ONE_STRIP_BYTES=1 << 30,
-                DS_STRIP_BYTES=256 << 20, DS_MIN_ROWS=4096, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=4,
-                DS_STAGES=4, **_S_PATH_DEFAULTS, DSC_WARPS=8, STATS_BM=64, STATS_BN=64, STATS_WARPS=8,
-                STATS_PROGRAMS=8 * sm_count, STATS_GC_MAX=64)
-
-
-# Where S lives (backends.common.S_MODES): S_MODE None reads LLAVE_FAST_S_MODE (default "auto"),
-# S_CACHE_BYTES None reads LLAVE_FAST_S_CACHE_BYTES (default: total device memory / 8).
-# The S-cache and stream paths: a library GEMM writes S in fp32, ``hardness_stats`` reduces it
-# (STATS_* tiles), the backward's ``hardness_ds`` reads it instead of recomputing (CACHED).
-_S_PATH_DEFAULTS = dict(S_MODE=None, S_CACHE_BYTES=None, S_MIN_ROWS=S_MIN_ROWS)
-
-
-def launch_config(device: torch.device, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Tile sizes and the forward's program grid caps for embeddings of width ``D`` and ``dtype``."""
-    if device.type == "cpu":
-        # interpreter: every op is a numpy call, so tiles are moderate and grids small
-        cfg = dict(BM=32, BN=32, BK=32, GR_MAX=2, GC_MAX=2, num_warps=4, num_stages=1,
-                   BWD="tiles", DS_BM=32, DS_BN=32, DS_GROUP_M=2, DS_ONE_STRIP_BYTES=1 << 20,
-                   DS_STRIP_BYTES=1 << 20, DS_STRIP_ROWS=None, DS_LOWP=None, DS_WARPS=4, DS_STAGES=1,
-                   **_S_PATH_DEFAULTS, DSC_WARPS=4, STATS_BM=32, STATS_BN=32, STATS_WARPS=4, STATS_PROGRAMS=4,
-                   STATS_GC_MAX=2)
-    else:
-        cfg = gpu_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count, D=D)
-    env_bwd = _bwd_variant_from_env()
-    if env_bwd is not None:
-        cfg["BWD"] = env_bwd
-    if _CONFIG_OVERRIDE:
-        cfg.update(_CONFIG_OVERRIDE)
-    if cfg["BWD"] not in BWD_VARIANTS:
-        raise InvalidArgument(f"kernel config BWD must be one of {BWD_VARIANTS}, got {cfg['BWD']!r}")
-    return cfg
-
-
-# --------------------------------------------------------------------------- autotuning
-# LLAVE_FAST_AUTOTUNE=1: the first call of each problem class times the candidate configs
-# below and keeps the fastest (in this process). Off by default: the fixed configuration
-# above is used. An explicit ``kernel_config(...)`` always wins over autotuning.
-
-FWD_CANDIDATES_GPU = [
-    dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-    # half the tile per thread: the default spills registers (ptxas, triton 3.6 and 3.9, sm_90)
-    dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
-    dict(BM=64, BN=128, BK=64, num_warps=8, num_stages=3),
-    dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
-    dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4),
-    dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),
-    dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
-    dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=2),
-]
-BWD_CANDIDATES_GPU = [
-    dict(BWD="tiles", BWD_BM=64, BWD_BN=64, BK=64, num_warps=8, num_stages=3),
-    dict(BWD="tiles", BWD_BM=64, BWD_BN=64, BK=64, num_warps=4, num_stages=3),
-    dict(BWD="tiles", BWD_BM=128, BWD_BN=64, BK=32, num_warps=8, num_stages=2),
-    dict(BWD="strip", DS_BM=128, DS_BN=128, BK=64, DS_WARPS=8, DS_STAGES=3),
-    dict(BWD="strip", DS_BM=128, DS_BN=128, BK=64, DS_WARPS=4, DS_STAGES=4),
-    dict(BWD="strip", DS_BM=128, DS_BN=256, BK=64, DS_WARPS=8, DS_STAGES=3),
-    dict(BWD="strip", DS_BM=64, DS_BN=128, BK=64, DS_WARPS=4, DS_STAGES=4),
-]
-# under the interpreter (tests of the mechanism): small tiles only
-FWD_CANDIDATES_CPU = [dict(BM=16, BN=16, BK=16), dict(BM=32, BN=16, BK=32)]
-BWD_CANDIDATES_CPU = [dict(BWD="tiles", BWD_BM=16, BWD_BN=16, BK=16),
-                      dict(BWD="strip", DS_BM=16, DS_BN=32, BK=16, DS_STRIP_ROWS=32)]
-
-_TUNED: dict = {}
-TUNE_LOG: list = []  # one record per tuning: key, every candidate's time or error, the choice
-
-
-def autotune_enabled() -> bool:
-    v = os.environ.get("LLAVE_FAST_AUTOTUNE", "0").strip().lower()
-    if v in ("", "0", "false", "no", "off"):
-        return False
-    if v in ("1", "true", "yes", "on"):
-        return True
-    raise InvalidArgument(f"LLAVE_FAST_AUTOTUNE must be 0 or 1, got {v!r}")
-
-
-def _bucket(n: int) -> int:
-    """Problems are tuned per power-of-two size class."""
-    return 1 << max(4, (max(1, n) - 1).bit_length())
-
-
-def _candidates(kind: str, dtype: torch.dtype, device: torch.device) -> list[dict]:
-    if device.type == "cpu":
-        return FWD_CANDIDATES_CPU if kind == "fwd" else BWD_CANDIDATES_CPU
-    cands = FWD_CANDIDATES_GPU if kind == "fwd" else BWD_CANDIDATES_GPU
-    if dtype == torch.float32:  # fp32 tiles need twice the shared memory: halve the K step
-        cands = [{**c, "BK": min(c.get("BK", 64), 32)} for c in cands]
-    return cands
-
-
-def _time_call(fn, device: torch.device, repeats: int = 5) -> float:
-    """Median milliseconds of ``fn()`` after one untimed call (which compiles)."""
-    import statistics
-    import time
-
-    fn()
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
-
-
-def _tuned_override(kind: str, q: torch.Tensor, NT: int, flags: tuple, run) -> dict | None:
-    """The fastest candidate for this problem class (tuning it on first sight), or None when
-    autotuning is off or an explicit kernel_config is in force."""
-    if _CONFIG_OVERRIDE is not None or not autotune_enabled():
-        return None
-    dev = q.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "interpreter"
-    key = (kind, name, str(q.dtype), q.shape[1], _bucket(q.shape[0]), _bucket(NT), flags)
-    if key in _TUNED:
-        return _TUNED[key]
-    import sys
-
-    record = {"key": key, "candidates": []}
-    best, best_ms = None, float("inf")
-    for cand in _candidates(kind, q.dtype, dev):
-        try:
-            with kernel_config(**cand):
-                ms = _time_call(run, dev)
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is skipped
-            record["candidates"].append({"config": cand, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            continue
-        record["candidates"].append({"config": cand, "ms": ms})
-        if ms < best_ms:
-            best, best_ms = cand, ms
-    if best is None:
-        raise RuntimeError(f"llave-fast autotune: no {kind} candidate ran for {key}: {record['candidates']}")
-    record.update(choice=best, ms=best_ms)
-    TUNE_LOG.append(record)
-    _TUNED[key] = best
-    print(f"llave-fast autotune: {kind} {q.dtype} B~{key[4]} N~{key[5]} d={key[3]}: {best} ({best_ms:.3f} ms, "
-          f"{len(record['candidates'])} candidates)", file=sys.stderr)
-    return best
+def _tuned(kind: str, cfg: KernelConfig, q: torch.Tensor, NT: int, flags: tuple, run) -> KernelConfig:
+    """``cfg``, or the fastest candidate on top of it when autotuning was asked for. The key:
+    the device, dtype, width, power-of-two size classes of B and NT and the kernels' flags."""
+    if not _autotune_requested():
+        return cfg
+    key = (q.shape[1], launch.size_class(q.shape[0]), launch.size_class(NT), flags)
+    return launch.tuned(kind, cfg, key, q.device, q.dtype, run)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -306,11 +171,10 @@ def _check_dtype(q):
         )
 
 
-def s_plan_for(cfg: dict, B: int, NT: int, device: torch.device, keep: bool) -> SPlan:
+def s_plan_for(cfg: KernelConfig, B: int, NT: int, device: torch.device, keep: bool) -> SPlan:
     """The path of this strip under launch config ``cfg`` (see ``backends.common.plan_s``)."""
-    return plan_s(B, NT, keep=keep, mode=s_mode_setting(cfg.get("S_MODE")),
-                  budget=s_cache_budget(device, cfg.get("S_CACHE_BYTES")),
-                  min_rows=int(cfg.get("S_MIN_ROWS", S_MIN_ROWS)))
+    return plan_s(B, NT, keep=keep, mode=s_mode_setting(cfg.S_MODE),
+                  budget=s_cache_budget(device, cfg.S_CACHE_BYTES), min_rows=cfg.S_MIN_ROWS)
 
 
 def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col, need_e,
@@ -319,26 +183,33 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
     that fits the budget is kept for it (the S-cache path)."""
     _check_dtype(q)
     q, Tc = q.contiguous(), Tc.contiguous()
+    B = q.shape[0]
+    NT = Tc.shape[0]
+    dev = q.device
+    cfg = launch_config(dev, q.dtype)
+    autotune_enabled()  # a bad LLAVE_FAST_AUTOTUNE is an error on every path, not only where it is read
+    plan = s_plan_for(cfg, B, NT, dev, keep_s)
+    kw = dict(n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids, need_col=need_col, need_e=need_e)
+    PATH_COUNTS[plan.mode] += 1
+    if plan.mode != "fused":
+        return _strip_forward_s(q, Tc, cfg, plan, **kw)
+    cfg = _tuned("fwd", cfg, q, NT, (ids.has_tid, ids.has_qid, need_col, need_e),
+                 lambda c: _fused_forward(q, Tc, c, **kw))
+    stats = _fused_forward(q, Tc, cfg, **kw)
+    stats.plan = plan
+    return stats
+
+
+def _fused_forward(q, Tc, cfg: KernelConfig, *, n_col, offset, scale, alpha, ids: StripIds, need_col,
+                   need_e) -> StripStats:
+    """The "fused" forward: ``hardness_fwd_kernel`` over a (GR, GC) grid of program groups,
+    then the partial statistics merged on the host."""
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
-    cfg = launch_config(dev, D, q.dtype)
-    autotune_enabled()  # a bad LLAVE_FAST_AUTOTUNE is an error on every path, not only where it is read
-    plan = s_plan_for(cfg, B, NT, dev, keep_s)
-    if plan.mode != "fused":
-        PATH_COUNTS[plan.mode] += 1
-        return _strip_forward_s(q, Tc, cfg, plan, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
-                                need_col=need_col, need_e=need_e)
-    PATH_COUNTS["fused"] += 1
-    tuned = _tuned_override(
-        "fwd", q, NT, (ids.has_tid, ids.has_qid, need_col, need_e),
-        lambda: strip_forward(q, Tc, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
-                              need_col=need_col, need_e=need_e))
-    if tuned:
-        cfg.update(tuned)
-    BM, BN = cfg["BM"], cfg["BN"]
-    GR = max(1, min(triton_cdiv(B, BM), cfg["GR_MAX"]))
-    GC = max(1, min(triton_cdiv(NT, BN), cfg["GC_MAX"]))
+    BM, BN = cfg.BM, cfg.BN
+    GR = max(1, min(cdiv(B, BM), cfg.GR_MAX))
+    GC = max(1, min(cdiv(NT, BN), cfg.GC_MAX))
     row_m = new_output((GC, B), dev)
     row_l = new_output((GC, B), dev)
     row_e = new_output((GC, B), dev) if need_e else row_l
@@ -355,16 +226,16 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
             q, Tc, B, NT, n_col, D, offset, float(scale), float(alpha),
             tid_pos, tid_cand, n_tid, qid_row, qid_cand,
             row_m, row_l, row_e, col_m, col_l, col_e, GR, GC,
-            BM=BM, BN=BN, BK=cfg["BK"],
+            BM=BM, BN=BN, BK=cfg.BK,
             HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and need_col, NEED_COL=need_col, NEED_E=need_e,
             UPCAST=_upcast(q), PREC=_precision(q),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     row_lse, row_es = combine_lse(row_m + torch.log(row_l), (row_e / row_l) if need_e else None, dim=0)
     col_lse = col_es = None
     if need_col:
         col_lse, col_es = combine_lse(col_m + torch.log(col_l), (col_e / col_l) if need_e else None, dim=0)
-    return StripStats(row_lse, row_es, col_lse, col_es, plan=plan)
+    return StripStats(row_lse, row_es, col_lse, col_es)
 
 
 def _strip_forward_s(q, Tc, cfg, plan: SPlan, *, n_col, offset, scale, alpha, ids: StripIds, need_col, need_e):
@@ -378,8 +249,8 @@ def _strip_forward_s(q, Tc, cfg, plan: SPlan, *, n_col, offset, scale, alpha, id
     T_op = gemm_operand(Tc, stride, D, sim_operand_dtype(q))  # zero rows past NT: S = 0 there (masked)
     R = plan.rows
     S_all = new_output((R, stride), dev)  # poisoned under LLAVE_FAST_POISON=1: the GEMM writes it all
-    BM, BN = cfg["STATS_BM"], cfg["STATS_BN"]
-    n_cb = triton_cdiv(NT, BN)
+    BM, BN = cfg.STATS_BM, cfg.STATS_BN
+    n_cb = cdiv(NT, BN)
     row_lse = new_output((B,), dev)
     row_es = new_output((B,), dev) if need_e else None
     col_lse = col_es = None
@@ -390,8 +261,8 @@ def _strip_forward_s(q, Tc, cfg, plan: SPlan, *, n_col, offset, scale, alpha, id
             r1 = min(B, r0 + R)
             S = S_all[: r1 - r0]
             similarity_into(S, q[r0:r1], T_op)
-            n_rt = triton_cdiv(r1 - r0, BM)
-            GC = max(1, min(n_cb, int(cfg["STATS_GC_MAX"]), triton_cdiv(int(cfg["STATS_PROGRAMS"]), n_rt)))
+            n_rt = cdiv(r1 - r0, BM)
+            GC = max(1, min(n_cb, cfg.STATS_GC_MAX, cdiv(cfg.STATS_PROGRAMS, n_rt)))
             rows = r1 - r0
             row_m, row_l = new_output((GC, rows), dev), new_output((GC, rows), dev)
             row_e = new_output((GC, rows), dev) if need_e else row_l
@@ -405,7 +276,7 @@ def _strip_forward_s(q, Tc, cfg, plan: SPlan, *, n_col, offset, scale, alpha, id
                 tid_pos, tid_cand, n_tid, qid_row, qid_cand,
                 row_m, row_l, row_e, rows, col_m, col_l, col_e, GC,
                 BM=BM, BN=BN, HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and need_col, NEED_COL=need_col,
-                NEED_E=need_e, num_warps=cfg["STATS_WARPS"],
+                NEED_E=need_e, num_warps=cfg.STATS_WARPS,
             )
             lse, es = combine_lse(row_m + torch.log(row_l), (row_e / row_l) if need_e else None, dim=0)
             row_lse[r0:r1] = lse
@@ -425,66 +296,27 @@ def _upcast(q) -> bool:
     return q.dtype == torch.bfloat16 and q.device.type == "cpu"
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,
                    pos_coef, deterministic, s_cache=None, s_plan: SPlan | None = None):
-    """dq and dTc of the strip. The path is the forward's (``s_plan``): the kept S
-    (``s_cache``), fp32 blocks recomputed by the library GEMM ("stream"), or the fused kernels
-    ("fused", or no plan: the tile or the strip backward, cfg["BWD"])."""
+    """dq and dTc of the strip: the strip backward (``_strip_backward_ds``) on the forward's path
+    (``s_plan``): the kept S (``s_cache``), fp32 blocks recomputed by the library GEMM ("stream"),
+    or S recomputed tile by tile in the dS kernel ("fused", or no plan).
+
+    ``deterministic`` changes nothing here: every path is bitwise reproducible from run to run
+    (no atomics; fixed strip, tile and GEMM order). It is accepted for the loss's option."""
     _check_dtype(q)
     q, Tc = q.contiguous(), Tc.contiguous()
-    B, D = q.shape
     NT = Tc.shape[0]
-    dev = q.device
-    cfg = launch_config(dev, D, q.dtype)
+    cfg = launch_config(q.device, q.dtype)
+    kw = dict(n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids, row_lse=row_lse, col_lse=col_lse,
+              g_row=g_row, g_col=g_col, pos_coef=pos_coef)
     if s_plan is not None and s_plan.mode != "fused":
         if s_plan.mode == "cache" and s_cache is None:
             raise RuntimeError("the S-cache forward kept no S for this backward (internal error)")
-        return _strip_backward_ds(q, Tc, cfg, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
-                                  row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=pos_coef,
-                                  s_cache=s_cache, s_plan=s_plan)
-    tuned = _tuned_override(
-        "bwd", q, NT, (ids.has_tid, ids.has_qid, g_col is not None, bool(deterministic)),
-        lambda: strip_backward(q, Tc, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
-                               row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col,
-                               pos_coef=pos_coef, deterministic=deterministic))
-    if tuned:
-        cfg.update(tuned)
-    if cfg["BWD"] == "strip":
-        return _strip_backward_ds(q, Tc, cfg, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
-                                  row_lse=row_lse, col_lse=col_lse, g_row=g_row, g_col=g_col, pos_coef=pos_coef)
-    BM, BN = cfg.get("BWD_BM", cfg["BM"]), cfg.get("BWD_BN", cfg["BN"])
-    dq = torch.zeros((B, D), device=dev, dtype=torch.float32)
-    dTc = torch.zeros((NT, D), device=dev, dtype=torch.float32)
-    dummy = torch.zeros(1, dtype=torch.int64, device=dev)
-    tid_pos, tid_cand, n_tid, qid_row, qid_cand = _id_args(ids, dummy)
-    has_col = g_col is not None
-    col_lse_arg = col_lse.float().contiguous() if has_col else row_lse
-    g_col_arg = g_col.float().contiguous() if has_col else g_row
-    n_rb, n_cb = triton_cdiv(B, BM), triton_cdiv(NT, BN)
-    # fp16's range is too small for dS (s * P * g can be ~1e-9): keep it fp32 (tf32 GEMMs)
-    ds_lowp = q.dtype == torch.bfloat16 and dev.type == "cuda"
-    prec = "tf32" if (q.dtype == torch.float16 and dev.type == "cuda") else _precision(q)
-    # deterministic: row owners for dq, column owners for dT; else row owners + atomic dT
-    modes = [(1, n_rb), (2, n_cb)] if deterministic else [(0, n_rb)]
-    with _enter(dev):
-        for mode, grid in modes:
-            _kernels().hardness_bwd_kernel[(grid,)](
-                q, Tc, B, NT, n_col, D, offset, float(scale), float(alpha),
-                tid_pos, tid_cand, n_tid, qid_row, qid_cand,
-                row_lse.float().contiguous(), col_lse_arg, g_row.float().contiguous(), g_col_arg,
-                pos_coef.float().contiguous(), dq, dTc,
-                MODE=mode, BM=BM, BN=BN, BK=cfg["BK"],
-                HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and has_col, HAS_COL=has_col,
-                UPCAST=_upcast(q), DS_LOWP=ds_lowp, PREC=prec,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
-    return dq, dTc
-
-
+        return _strip_backward_ds(q, Tc, cfg, **kw, s_cache=s_cache, s_plan=s_plan)
+    cfg = _tuned("bwd", cfg, q, NT, (ids.has_tid, ids.has_qid, g_col is not None),
+                 lambda c: _strip_backward_ds(q, Tc, c, **kw))
+    return _strip_backward_ds(q, Tc, cfg, **kw)
 
 
 def ds_row_stride(NT: int) -> int:
@@ -522,7 +354,7 @@ def gemm_operand(x: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> t
     return out
 
 
-def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
+def strip_rows(cfg: KernelConfig, B: int, NT: int, ds_bytes: int) -> int:
     """Rows per dS strip (each row takes ``ds_row_stride(NT) * ds_bytes`` bytes):
 
     * DS_STRIP_ROWS if set;
@@ -532,21 +364,18 @@ def strip_rows(cfg: dict, B: int, NT: int, ds_bytes: int) -> int:
       strips at huge N would spend more time there than in the GEMMs);
 
     never more than B."""
-    if cfg.get("DS_STRIP_ROWS") is not None:
-        r = int(cfg["DS_STRIP_ROWS"])
-        if r < 1:
-            raise InvalidArgument(f"kernel config DS_STRIP_ROWS must be >= 1, got {r}")
-        return min(B, r)
+    if cfg.DS_STRIP_ROWS is not None:
+        return min(B, cfg.DS_STRIP_ROWS)
     row_bytes = ds_row_stride(NT) * ds_bytes
-    if B * row_bytes <= int(cfg.get("DS_ONE_STRIP_BYTES", 0)):
+    if B * row_bytes <= cfg.DS_ONE_STRIP_BYTES:
         return B
-    bm = cfg["DS_BM"]
-    r = int(cfg["DS_STRIP_BYTES"]) // row_bytes
-    r = max(bm, int(cfg.get("DS_MIN_ROWS", 0)), (r // bm) * bm)
+    bm = cfg.DS_BM
+    r = cfg.DS_STRIP_BYTES // row_bytes
+    r = max(bm, cfg.DS_MIN_ROWS, (r // bm) * bm)
     return min(B, r)
 
 
-def ds_dtype(cfg: dict, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def ds_dtype(cfg: KernelConfig, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dS strip's precision: the inputs' 16-bit type (fp16 scaled by sigma, see
     ``hardness_ds``), fp32 for fp32 inputs. DS_LOWP True/False forces a 16-bit/fp32 strip.
 
@@ -554,7 +383,7 @@ def ds_dtype(cfg: dict, dtype: torch.dtype, device: torch.device) -> torch.dtype
     rounds fp32 to bf16 by truncation, not to nearest as the GPU does, so a bf16 strip there
     would not test the GPU's numerics (tests force it with DS_LOWP=True to cover the path).
     fp16 conversion and fp16 values are exact under the interpreter: fp16 runs its real path."""
-    lowp = cfg.get("DS_LOWP")
+    lowp = cfg.DS_LOWP
     if dtype == torch.float32 or lowp is False:
         return torch.float32
     if lowp is None and dtype == torch.bfloat16 and device.type != "cuda":
@@ -584,8 +413,17 @@ def ds_scale(g_row: torch.Tensor, g_col: torch.Tensor | None, scale: float) -> t
     return sigma, inv_sigma
 
 
-# How to add a 16-bit GEMM into an fp32 accumulator on this torch: decided on first use.
-_ACC_MM = None
+# How to add a 16-bit GEMM into an fp32 accumulator on this torch: decided on first use, per
+# (device type, device index, dtype)
+_ACC_MM: dict = {}
+
+
+def acc_mm_form(device: torch.device, dtype: torch.dtype) -> str:
+    """``_probe_acc_mm``'s answer for ``device`` and ``dtype``, probed once per pair."""
+    key = (device.type, device.index, dtype)
+    if key not in _ACC_MM:
+        _ACC_MM[key] = _probe_acc_mm(device, dtype)
+    return _ACC_MM[key]
 
 
 def _probe_acc_mm(device: torch.device, dtype: torch.dtype) -> str:
@@ -623,19 +461,17 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
     """dst = a @ b  or  dst += a @ b, with 16-bit operands kept on the tensor cores and the
     product never rounded to 16 bits where torch allows (see ``_probe_acc_mm``). dst is
     fp32, or (``accumulate=False``) of the operands' dtype: one GEMM, rounded once."""
-    global _ACC_MM
     if a.dtype == dst.dtype:
         if accumulate:
             dst.addmm_(a, b)
         else:
             torch.mm(a, b, out=dst)
         return
-    if _ACC_MM is None:
-        _ACC_MM = _probe_acc_mm(a.device, a.dtype)
-    if _ACC_MM == "addmm":
+    form = acc_mm_form(a.device, a.dtype)
+    if form == "addmm":
         torch.addmm(dst, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=dst)
         return
-    if _ACC_MM == "mm":
+    if form == "mm":
         prod = torch.mm(a, b, out_dtype=torch.float32)
     elif a.dtype == torch.float16:
         # no fp32-output GEMM on this torch/device (the CPU, torch < 2.8): an fp16 product
@@ -705,12 +541,12 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
         # the operand of the S GEMM: T_op itself where it has the same dtype and no padding columns
         sim_dtype = sim_operand_dtype(q)
         T_sim = T_op if (Dp == D and dsd == sim_dtype) else gemm_operand(Tc, stride, D, sim_dtype)
-    BM, BN = cfg["DS_BM"], cfg["DS_BN"]
-    n_ct = triton_cdiv(stride, BN)  # every column of the row stride is written (0 past NT)
+    BM, BN = cfg.DS_BM, cfg.DS_BN
+    n_ct = cdiv(stride, BN)  # every column of the row stride is written (0 past NT)
     with _enter(dev):
         for r0 in range(0, B, R):
             r1 = min(B, r0 + R)
-            grid = (triton_cdiv(r1 - r0, BM) * n_ct,)
+            grid = (cdiv(r1 - r0, BM) * n_ct,)
             if mode == "stream":
                 s_arg, s_row0 = s_buf, r0
                 similarity_into(s_buf[: r1 - r0], q[r0:r1], T_sim)
@@ -723,12 +559,12 @@ def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds
                 tid_pos, tid_cand, n_tid, qid_row, qid_cand,
                 row_lse_arg, col_lse_arg, g_row_arg, g_col_arg, pos_arg, sigma if scaled else pos_arg,
                 s_arg, stride, s_row0,
-                BM=BM, BN=BN, BK=cfg["BK"], GROUP_M=cfg["DS_GROUP_M"],
+                BM=BM, BN=BN, BK=cfg.BK, GROUP_M=cfg.DS_GROUP_M,
                 HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and has_col, HAS_COL=has_col,
                 UPCAST=_upcast(q), PREC=prec, SCALED=scaled, CACHED=mode != "fused",
                 # reading S (no K loop): more warps keep the fp32 tile and its epilogue in registers
-                num_warps=cfg["DS_WARPS"] if mode == "fused" else cfg["DSC_WARPS"],
-                num_stages=cfg["DS_STAGES"] if mode == "fused" else 1,
+                num_warps=cfg.DS_WARPS if mode == "fused" else cfg.DSC_WARPS,
+                num_stages=cfg.DS_STAGES if mode == "fused" else 1,
             )
             rows = r1 - r0
             Kr = gemm_k(rows)
@@ -764,5 +600,7 @@ class TritonHardnessLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         return checked_backward(ctx, grad_out, "TritonHardnessLoss")
 
-__all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "available_on",
-           "autotune_enabled", "TUNE_LOG", "gpu_config", "launch_config", "strip_rows", "ds_row_stride", "ds_dtype"]
+__all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "launch_config", "available_on",
+           "interpreter_active", "KernelConfig", "gpu_config", "autotune_enabled", "TUNE_LOG", "strip_rows",
+           "ds_row_stride", "ds_dtype", "FWD_CANDIDATES_GPU", "BWD_CANDIDATES_GPU", "FWD_CANDIDATES_CPU",
+           "BWD_CANDIDATES_CPU"]
