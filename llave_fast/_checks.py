@@ -65,15 +65,28 @@ def check_ids(name: str, ids, lengths: tuple[int, ...], device: torch.device, wh
     return ids.to(torch.int64).contiguous()
 
 
+def ids_cover_negatives(target_ids, B: int, M: int) -> bool:
+    """Whether ``target_ids`` (checked by :func:`check_ids`) holds one id per hard negative too,
+    after the B ids of the target rows: the one place this is decided (a candidate with the
+    positive's id is masked; negatives given without ids are never masked)."""
+    return target_ids is not None and M > 0 and target_ids.shape[0] == B + M
+
+
 def check_scale(logit_scale, device: torch.device | None = None):
-    """Returns (value as float, tensor or None). A tensor scale may require grad.
+    """Returns (value as float or None, tensor or None). A tensor scale may require grad.
 
     ``device``: the embeddings' device; a scale tensor that requires grad must live there.
+    A Python number or a CPU tensor is read and checked (finite, > 0) here. A tensor on any
+    other device (a learnable CUDA scale) is checked for shape, dtype and device only, with no
+    host sync: its value is None, and a caller that needs the number reads it with
+    :func:`read_scale` (the fused kernels take the scale as an argument; the reference
+    computes with the tensor itself).
     """
     if isinstance(logit_scale, bool) or logit_scale is None:
         raise InvalidArgumentType(
             f"logit_scale must be a positive float or a 0-d tensor, got {_desc(logit_scale)} "
-            "(LLaVE's WeightedClipLoss options such as local_loss must be passed by keyword)"
+            "(LLaVE's WeightedClipLoss options such as local_loss must be passed by keyword, or use "
+            "llave_fast.llave_compat.WeightedClipLoss)"
         )
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1 or logit_scale.dim() > 1:
@@ -84,16 +97,25 @@ def check_scale(logit_scale, device: torch.device | None = None):
             logit_scale.requires_grad or logit_scale.device.type == "meta"
         ):
             raise InvalidArgument(f"logit_scale is on {logit_scale.device} but the embeddings are on {device}")
-        value = float(logit_scale.detach().reshape(()).item())
-        tensor = logit_scale
-    elif isinstance(logit_scale, numbers.Real):
-        value = float(logit_scale)
-        tensor = None
-    else:
-        raise InvalidArgumentType(f"logit_scale must be a positive float or a 0-d tensor, got {_desc(logit_scale)}")
+        if logit_scale.device.type != "cpu":
+            return None, logit_scale
+        return read_scale(logit_scale), logit_scale
+    if isinstance(logit_scale, numbers.Real):
+        return _positive_scale(float(logit_scale)), None
+    raise InvalidArgumentType(f"logit_scale must be a positive float or a 0-d tensor, got {_desc(logit_scale)}")
+
+
+def read_scale(logit_scale: torch.Tensor) -> float:
+    """The value of a scale tensor (already checked by :func:`check_scale`), checked finite and
+    > 0. On a device other than the CPU this is a host sync: call it only where the number is
+    needed."""
+    return _positive_scale(float(logit_scale.detach().reshape(()).item()))
+
+
+def _positive_scale(value: float) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise InvalidArgument(f"logit_scale must be finite and > 0, got {value}")
-    return value, tensor
+    return value
 
 
 def check_alpha(alpha) -> float:

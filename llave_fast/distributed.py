@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from ._checks import ids_cover_negatives
 from .errors import InvalidArgument
 
 
@@ -35,13 +36,23 @@ class RankComm:
         self.rank = dist.get_rank(self.group)
         self.backend = dist.get_backend(self.group)
 
+    # -- the collectives every exchange below goes through (a single-process test replaces these
+    #    two to run several ranks as threads; see tests/test_api.py) -----------------------
+    def all_gather(self, out: list[torch.Tensor], x: torch.Tensor) -> None:
+        """``out[r]`` = rank r's ``x`` (same shape on every rank)."""
+        dist.all_gather(out, x, group=self.group)
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> None:
+        """In place: the sum (``op="sum"``) or max (``op="max"``) of ``x`` over the ranks."""
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+
     # -- small exchanges ---------------------------------------------------------------
     def exchange_ints(self, values: list[int], device) -> torch.Tensor:
         """All ranks' ``values``, shape (world, len(values)), int64 on the CPU."""
         dev = device if self.backend == "nccl" else torch.device("cpu")
         mine = torch.tensor(values, dtype=torch.int64, device=dev)
         out = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(out, mine, group=self.group)
+        self.all_gather(out, mine)
         return torch.stack(out).cpu()
 
     def exchange_layout(self, B: int, M: int, target_ids, query_ids, device):
@@ -51,7 +62,7 @@ class RankComm:
         its target_ids also cover its negatives. All ranks raise the same error together
         (they see the same table), so a bad option cannot leave one rank in a collective.
         """
-        neg_ids = target_ids is not None and M > 0 and target_ids.shape[0] == B + M
+        neg_ids = ids_cover_negatives(target_ids, B, M)
         table = self.exchange_ints([B, M, target_ids is not None, query_ids is not None, int(neg_ids)], device)
         for col, name in ((2, "target_ids"), (3, "query_ids")):
             if table[:, col].min() != table[:, col].max():
@@ -65,6 +76,21 @@ class RankComm:
             )
         return b_sizes, m_sizes, neg_with_ids
 
+    def gather_ids(self, target_ids, query_ids, b_sizes, m_sizes, neg_with_ids):
+        """Every rank's ids in the gathered candidates' order (``exchange_layout``'s result):
+        target ids of all target rows, then of all negatives when any rank's ids cover its
+        negatives; query ids of all query rows. Each is None when not given."""
+        B = b_sizes[self.rank]
+        tid = qid = None
+        if target_ids is not None:
+            tid = self.gather_rows(target_ids[:B], b_sizes)
+            if any(neg_with_ids):
+                local = target_ids[B:] if neg_with_ids[self.rank] else target_ids.new_empty((0,))
+                tid = torch.cat([tid, self.gather_rows(local, m_sizes)])
+        if query_ids is not None:
+            qid = self.gather_rows(query_ids, b_sizes)
+        return tid, qid
+
     # -- rows ---------------------------------------------------------------------------
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate every rank's ``x`` (rank r has ``sizes[r]`` rows) in rank order."""
@@ -74,7 +100,7 @@ class RankComm:
         pad = x.new_zeros((n_max,) + tuple(x.shape[1:]))
         pad[: x.shape[0]] = x
         out = [torch.empty_like(pad) for _ in range(self.world)]
-        dist.all_gather(out, pad.contiguous(), group=self.group)
+        self.all_gather(out, pad.contiguous())
         return torch.cat([o[:n] for o, n in zip(out, sizes)], dim=0)
 
     def reduce_scatter_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -92,25 +118,25 @@ class RankComm:
             dist.reduce_scatter_tensor(out, padded, group=self.group)
             return out[: hi - lo]
         total = x.contiguous().clone()
-        dist.all_reduce(total, group=self.group)
+        self.all_reduce(total)
         return total[lo:hi]
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """In place: the sum of ``x`` over the ranks (a few scalars)."""
-        dist.all_reduce(x, group=self.group)
+        self.all_reduce(x)
         return x
 
     # -- statistics ---------------------------------------------------------------------
     def combine_lse(self, lse: torch.Tensor, es: torch.Tensor | None):
         """Merge per-rank partial (log-sum-exp, softmax-mean of S) of the same columns."""
         m = lse.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        self.all_reduce(m, "max")
         shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         w = torch.exp(lse - shift)
         # NaN (a non-finite embedding anywhere) must survive the sum, not be dropped
         parts = [w] if es is None else [w, torch.where(torch.isneginf(lse), torch.zeros_like(w), w * es)]
         buf = torch.stack(parts)
-        dist.all_reduce(buf, group=self.group)
+        self.all_reduce(buf)
         total = shift + torch.log(buf[0])
         total = torch.where(torch.isnan(m), m, total)
         es_total = None if es is None else buf[1] / buf[0]

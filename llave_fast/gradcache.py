@@ -477,17 +477,8 @@ class _AttachCachedGrads(torch.autograd.Function):
         return (None, None, *[(g * grad_out.to(g.dtype)) for g in ctx.grads])
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
+    """A tqdm bar over the chunks; with ``enabled`` False, tqdm's own silent bar (``disable=True``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="gradcache chunks", unit="chunk", leave=False)
+    return tqdm(total=total, desc="gradcache chunks", unit="chunk", leave=False, disable=not enabled)

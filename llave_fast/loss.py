@@ -7,6 +7,8 @@ backend) -> <Backend>HardnessLoss.apply (autograd) -> strip_forward / strip_back
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ def hardness_weighted_loss(
     deterministic: bool = False,
     distributed: bool = False,
     process_group=None,
-    local_loss: bool = True,
+    local_loss: bool = False,
 ) -> torch.Tensor:
     """LLaVE's hardness-weighted symmetric InfoNCE, without a B x N matrix.
 
@@ -61,11 +63,15 @@ def hardness_weighted_loss(
         ``llave_fast.distributed``); "reference" gathers with grad and computes both strips.
         A rank may hold an empty batch: it takes part in the collectives and contributes
         nothing (its local loss is 0).
-    local_loss: across ranks, True (LLaVE) as above; False: open_clip's global loss, the
-        loss over the whole gathered batch (mean over all N pairs, or sum), the same value
-        on every rank, with gradients through the gather (each rank's embeddings get the
-        sum over ranks of their upstream gradient times d(global loss)); the fused backends
-        compute it from the same one strip per rank. reduction="none" is refused there.
+    local_loss: across ranks, True: LLaVE's per-rank local loss as above (mean over this
+        rank's B pairs); False (default, as in ``FusedHardnessLoss`` and LLaVE's
+        ``WeightedClipLoss``): open_clip's global loss, the loss over the whole gathered batch
+        (mean over all N pairs, or sum), the same value on every rank, with gradients through
+        the gather (each rank's embeddings get the sum over ranks of their upstream gradient
+        times d(global loss)); the fused backends compute it from the same one strip per rank.
+        reduction="none" is refused there. LLaVE's own training passes local_loss=True
+        (``llava/model/language_model/llava_qwen.py`` in DeepLearnXMU/LLaVE): pass it with
+        ``distributed=True`` for LLaVE's loss. On one process both settings are the same loss.
 
     Returns a float32 loss for 16/32-bit inputs (float64 for float64), whatever the backend.
     """
@@ -87,7 +93,7 @@ def hardness_weighted_loss(
         raise InvalidArgumentType(f"deterministic must be a bool, got {deterministic!r}")
     if not isinstance(local_loss, bool):
         raise InvalidArgumentType(f"local_loss must be a bool, got {local_loss!r}")
-    if not local_loss and reduction == "none":
+    if across and not local_loss and reduction == "none":
         raise InvalidArgument("local_loss=False (the global loss over every rank's pairs) takes reduction 'mean' or "
                          "'sum'; got reduction='none' (per-pair losses are this rank's: use local_loss=True)")
     B = query.shape[0]
@@ -121,6 +127,9 @@ def hardness_weighted_loss(
             query, target, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
             negatives=negatives, target_ids=target_ids, query_ids=query_ids,
         ))
+    if scale_value is None:
+        # the fused kernels take the scale as a number: the one host read of a device scale
+        scale_value = _checks.read_scale(scale_t)
     grad_scale = scale_t if (scale_t is not None and scale_t.requires_grad) else None
     # S is kept for a backward only when one can follow (inside the autograd function grad mode
     # is always off, so it is decided here)
@@ -145,7 +154,6 @@ def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, n
     B, d = query.shape
     M = 0 if negatives is None else negatives.shape[0]
     b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, query.device)
-    has_neg_ids = neg_with_ids[comm.rank]
     Q = gather_with_grad(query, comm, b_sizes)
     T = gather_with_grad(target, comm, b_sizes)
     neg_all = None
@@ -153,14 +161,7 @@ def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, n
         # a rank without negatives still joins the gather's backward collective
         local = negatives if negatives is not None else query.new_empty((0, d)).requires_grad_()
         neg_all = gather_with_grad(local, comm, m_sizes)
-    tid = qid = None
-    if target_ids is not None:
-        tid = comm.gather_rows(target_ids[:B], b_sizes)
-        if any(neg_with_ids):
-            local = target_ids[B:] if has_neg_ids else target_ids.new_empty((0,))
-            tid = torch.cat([tid, comm.gather_rows(local, m_sizes)])
-    if query_ids is not None:
-        qid = comm.gather_rows(query_ids, b_sizes)
+    tid, qid = comm.gather_ids(target_ids, query_ids, b_sizes, m_sizes, neg_with_ids)
     if not local_loss:
         return reference_loss(Q, T, logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction=reduction,
                               negatives=neg_all, target_ids=tid, query_ids=qid)
@@ -173,13 +174,55 @@ def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, n
     )
 
 
-class FusedHardnessLoss(nn.Module):
-    """Drop-in replacement for LLaVE's ``WeightedClipLoss``.
+# LLaVE's constructor keywords that FusedHardnessLoss still takes, deprecated: they live in
+# ``llave_fast.llave_compat.WeightedClipLoss`` (LLaVE's class name and argument order)
+_LLAVE_KEYWORDS = ("gather_with_grad", "cache_labels", "rank", "world_size", "use_horovod")
 
-    ``FusedHardnessLoss(logit_scale=50.0, alpha=9.0)`` then ``loss_fn(query, target)``, or
-    LLaVE's way ``loss_fn(query, target, logit_scale=50.0, alpha=9.0)``. LLaVE's constructor
-    arguments (local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod) are
-    accepted, so swapping the class name is the only change in LLaVE's model file.
+
+class FusedHardnessLoss(nn.Module):
+    """LLaVE's hardness-weighted loss as a module: ``FusedHardnessLoss(logit_scale=50.0, alpha=9.0)``
+    then ``loss_fn(query, target)``, or LLaVE's way ``loss_fn(query, target, logit_scale, alpha)``.
+
+    To swap LLaVE's ``WeightedClipLoss`` by name (its keywords and argument order), use
+    ``llave_fast.llave_compat.WeightedClipLoss``, a subclass of this one.
+
+    The cross-rank knobs. ``distributed``, ``process_group`` and ``local_loss`` are this class's;
+    the others are LLaVE's, taken by ``WeightedClipLoss`` only: ``rank`` and ``world_size``
+    restate what ``torch.distributed`` knows and ``gather_with_grad`` has one accepted value, so
+    here they reduce to ``distributed`` (passing them to this class still works, with a
+    DeprecationWarning).
+
+    ================  ==========================================  ===================  =========
+    knob              what it does                                LLaVE's value        default
+    ================  ==========================================  ===================  =========
+    distributed       the loss across the ranks of                world_size > 1       False
+                      torch.distributed (every rank's targets
+                      and queries are candidates)
+    process_group     those ranks (a sub-group); implies          (the world)          None
+                      distributed
+    local_loss        across ranks: True, this rank's pairs       True in LLaVE's      False
+                      against every rank's candidates, mean over  training; the
+                      this rank's B pairs (LLaVE's per-rank       class's own default
+                      loss); False, the loss over the whole       is False
+                      gathered batch, mean over all N pairs, the
+                      same on every rank (open_clip's global
+                      loss). One process: no effect
+    gather_with_grad  gradients through the gather: always so     True in training,    False
+                      here; False is refused across ranks         default False
+    rank, world_size  world_size > 1 turns on distributed; both   the process's rank   0, 1
+                      are checked against torch.distributed at    and the world size
+                      each call
+    cache_labels      no effect (no label tensor is built)        False                False
+    use_horovod       only False (gathers use torch.distributed)  False                False
+    ================  ==========================================  ===================  =========
+
+    ``local_loss`` defaults to False, as in LLaVE's ``WeightedClipLoss``
+    (``llava/model/language_model/loss.py`` in DeepLearnXMU/LLaVE), and so does
+    ``hardness_weighted_loss``'s; LLaVE's own training builds the loss with
+    ``local_loss=True, gather_with_grad=True`` (``llava/model/language_model/llava_qwen.py``,
+    ``forward`` of the embedding model): pass ``local_loss=True, distributed=True`` for that.
+    Backward, both settings follow LLaVE's gather-with-grad: each rank's embeddings get the sum
+    over ranks of the gradients of their losses.
     """
 
     def __init__(
@@ -192,46 +235,46 @@ class FusedHardnessLoss(nn.Module):
         backend: str = "auto",
         deterministic: bool = False,
         local_loss: bool = False,
-        gather_with_grad: bool = False,
-        cache_labels: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        use_horovod: bool = False,
+        distributed: bool = False,
         process_group=None,
+        **llave_keywords,
     ):
         super().__init__()
         _checks.check_scale(logit_scale)
         self.logit_scale = logit_scale
         self.alpha = _checks.check_alpha(alpha)
+        for name, value in (("symmetric", symmetric), ("deterministic", deterministic), ("local_loss", local_loss),
+                            ("distributed", distributed)):
+            if not isinstance(value, bool):
+                raise InvalidArgumentType(f"{name} must be a bool, got {value!r}")
         self.symmetric = symmetric
         self.reduction = _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
         self.backend = _checks.check_choice("backend", backend, _checks.BACKENDS)
         self.deterministic = deterministic
-        if use_horovod:
-            raise InvalidArgument("use_horovod=True is not supported: llave-fast gathers with torch.distributed")
-        if not isinstance(world_size, int) or world_size < 1:
-            raise InvalidArgument(f"world_size must be a positive int, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise InvalidArgument(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-        # LLaVE's flags. One process: they change nothing (labels are never materialised).
-        # Several: gather_with_grad=True, with local_loss=True (LLaVE's per-rank loss) or
-        # False (open_clip's global loss), both from one strip per rank (llave_fast.distributed).
         self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.process_group = process_group
-        self.distributed = world_size > 1 or process_group is not None
-        if self.distributed and not gather_with_grad:
-            raise NotImplementedError(
-                "across ranks llave-fast computes the loss with gradients through the gather: pass "
-                f"gather_with_grad=True, with local_loss=True (LLaVE) or False (the global loss); got "
-                f"local_loss={local_loss}, gather_with_grad={gather_with_grad} (without gradients through the "
-                "gather, each rank's embeddings would miss the other ranks' terms)"
+        # (rank, world_size) a LLaVE-style construction promised; checked against torch.distributed
+        self._llave_world = None
+        if llave_keywords:
+            unknown = sorted(set(llave_keywords) - set(_LLAVE_KEYWORDS))
+            if unknown:
+                raise InvalidArgumentType(
+                    f"FusedHardnessLoss got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                    f"logit_scale, alpha, symmetric, reduction, backend, deterministic, local_loss, distributed, "
+                    f"process_group (LLaVE's {', '.join(_LLAVE_KEYWORDS)}: llave_fast.llave_compat.WeightedClipLoss)"
+                )
+            warnings.warn(
+                f"FusedHardnessLoss({', '.join(f'{k}=' for k in llave_keywords)}...): LLaVE's keywords are deprecated "
+                "here; pass distributed=True (with local_loss=True for LLaVE's per-rank loss), or build "
+                "llave_fast.llave_compat.WeightedClipLoss, which takes LLaVE's keywords",
+                DeprecationWarning, stacklevel=2,
             )
-        if not isinstance(local_loss, bool):
-            raise InvalidArgumentType(f"local_loss must be a bool, got {local_loss!r}")
+            from .llave_compat import cross_rank_options
+
+            llave_distributed, self._llave_world = cross_rank_options(
+                local_loss=local_loss, process_group=process_group, **llave_keywords)
+            distributed = distributed or llave_distributed
+        self.distributed = distributed or process_group is not None
 
     def forward(
         self,
@@ -245,8 +288,8 @@ class FusedHardnessLoss(nn.Module):
         query_ids: torch.Tensor | None = None,
         output_dict: bool = False,
     ):
-        if self.distributed and self.process_group is None:
-            self._check_world()
+        if self._llave_world is not None and self.process_group is None:
+            self._check_world(*self._llave_world)
         loss = hardness_weighted_loss(
             query,
             target,
@@ -261,21 +304,26 @@ class FusedHardnessLoss(nn.Module):
             deterministic=self.deterministic,
             distributed=self.distributed,
             process_group=self.process_group,
-            local_loss=self.local_loss or not self.distributed,
+            local_loss=self.local_loss,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _check_world(self):
+    @staticmethod
+    def _check_world(rank: int, world_size: int):
         import torch.distributed as dist
 
-        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+        if not (dist.is_available() and dist.is_initialized()):
+            return  # the loss's own check says torch.distributed must be initialised
+        got = (dist.get_rank(), dist.get_world_size())
+        if got != (rank, world_size):
             raise InvalidArgument(
-                f"FusedHardnessLoss was built with rank={self.rank}, world_size={self.world_size} but "
-                f"torch.distributed reports rank {dist.get_rank()} of {dist.get_world_size()}"
+                f"the loss was built with rank={rank}, world_size={world_size} but torch.distributed reports "
+                f"rank {got[0]} of {got[1]}"
             )
 
     def extra_repr(self) -> str:
+        across = f", distributed=True, local_loss={self.local_loss}" if self.distributed else ""
         return (
             f"logit_scale={self.logit_scale}, alpha={self.alpha}, symmetric={self.symmetric}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}, deterministic={self.deterministic}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, deterministic={self.deterministic}{across}"
         )

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llave_fast import FusedHardnessLoss, hardness_weighted_loss
+from llave_fast.llave_compat import WeightedClipLoss
 from llave_fast.reference import reference_per_row
 
 
@@ -78,8 +79,9 @@ def check_global_cases(rank, world, cases):
         lq, lt, lneg, ltid, lqid = rank_inputs(case, rank, q, t, neg, tid, qid, torch.float32)
         scale = torch.tensor(50.0, requires_grad=True)
         if case.get("module"):
-            fn = FusedHardnessLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world,
-                                   backend=case["backend"], symmetric=case["sym"], reduction=red)
+            # LLaVE's class by name, with LLaVE's constructor arguments (the global loss here)
+            fn = WeightedClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world,
+                                  backend=case["backend"], symmetric=case["sym"], reduction=red)
             loss = fn(lq, lt, scale, 9.0, negatives=lneg, target_ids=ltid, query_ids=lqid)
         else:
             loss = hardness_weighted_loss(lq, lt, logit_scale=scale, alpha=9.0, symmetric=case["sym"],
@@ -131,12 +133,11 @@ def _rel(a, b):
 
 def _case_loss(case, rank, world, lq, lt, lneg, ltid, lqid):
     if case.get("module"):
-        fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
-                               backend=case["backend"], symmetric=case["sym"])
+        fn = FusedHardnessLoss(local_loss=True, distributed=True, backend=case["backend"], symmetric=case["sym"])
         return fn(lq, lt, 50.0, 9.0, negatives=lneg, target_ids=ltid, query_ids=lqid)
     return hardness_weighted_loss(
         lq, lt, logit_scale=50.0, alpha=9.0, symmetric=case["sym"], negatives=lneg,
-        target_ids=ltid, query_ids=lqid, backend=case["backend"], distributed=True,
+        target_ids=ltid, query_ids=lqid, backend=case["backend"], distributed=True, local_loss=True,
     )
 
 
@@ -181,9 +182,10 @@ def inconsistent_ids(rank, world):
     for backend in ("torch", "reference"):
         tid = torch.arange(3) if rank == 0 else None
         with pytest.raises(ValueError, match=r"target_ids must be given on every rank or on none; per rank: \[1, 0\]"):
-            hardness_weighted_loss(q, t, target_ids=tid, backend=backend, distributed=True)
+            hardness_weighted_loss(q, t, target_ids=tid, backend=backend, distributed=True, local_loss=True)
         neg = F.normalize(torch.randn(2, 8), dim=-1)
         tid = torch.arange(5) if rank == 0 else torch.arange(3)
         with pytest.raises(ValueError, match="must cover the negatives on every rank"):
-            hardness_weighted_loss(q, t, negatives=neg, target_ids=tid, backend=backend, distributed=True)
+            hardness_weighted_loss(q, t, negatives=neg, target_ids=tid, backend=backend, distributed=True,
+                                   local_loss=True)
         dist.barrier()

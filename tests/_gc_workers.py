@@ -58,8 +58,7 @@ def ddp_rank(rank, world, chunk):
     q_all, t_all = make_batch(5 * world + sum(range(world)), seed=1)
     lo = sum(5 + r for r in range(rank))
     q, t = q_all[lo : lo + n_local], t_all[lo : lo + n_local]
-    loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
-                                backend="torch")
+    loss_fn = FusedHardnessLoss(local_loss=True, distributed=world > 1, backend="torch")
     results = []
     for use_gc in (False, True):
         model = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
@@ -108,8 +107,7 @@ def deepspeed_rank(rank, world, stage, chunk, sizes=None, expect_calls=None):
     q_all, t_all = make_batch(sum(sizes), seed=2)
     lo = sum(sizes[:rank])
     q, t = q_all[lo : lo + n_local], t_all[lo : lo + n_local]
-    loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
-                                backend="torch")
+    loss_fn = FusedHardnessLoss(local_loss=True, distributed=world > 1, backend="torch")
     config = {
         "train_micro_batch_size_per_gpu": n_local,
         "gradient_accumulation_steps": 1,
@@ -153,8 +151,7 @@ def separate_encoders_rank(rank, world):
     qe0, te0 = Encoder(), Encoder()
     q_all, t_all = make_batch(6 * world, seed=4)
     q, t = q_all[rank * 6 : (rank + 1) * 6], t_all[rank * 6 : (rank + 1) * 6]
-    loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
-                                backend="torch")
+    loss_fn = FusedHardnessLoss(local_loss=True, distributed=world > 1, backend="torch")
     grads = []
     for use_gc in (False, True):
         qe = nn.parallel.DistributedDataParallel(copy.deepcopy(qe0))

@@ -24,18 +24,20 @@ def run_recipe(rank, world, out):
 
 
 def micro_loss_rank(rank, world, steps):
-    """MicroStepLoss across ranks: micro-batch i of every rank meets only micro-batch i of the others."""
-    from llave_fast.loss import FusedHardnessLoss
+    """MicroStepLoss across ranks, built as the training loop builds its loss: micro-batch i of every
+    rank meets only micro-batch i of the others, and each rank's loss is over its own rows."""
     from llave_fast.reference import reference_loss
     from llave_fast.train import MicroStepLoss
+    from llave_fast.training.step import build_loss
 
     g = torch.Generator().manual_seed(0)
     B, d = 8, 16
     q_all = torch.nn.functional.normalize(torch.randn(world, B, d, generator=g, dtype=torch.float64), dim=-1)
     t_all = torch.nn.functional.normalize(torch.randn(world, B, d, generator=g, dtype=torch.float64), dim=-1)
-    loss_fn = FusedHardnessLoss(50.0, 9.0, backend="torch", local_loss=True, gather_with_grad=True,
-                                rank=rank, world_size=world)
-    got = MicroStepLoss(loss_fn, steps)(q_all[rank], t_all[rank])
+    cfg = TrainConfig(loss_backend="torch", logit_scale=50.0, alpha=9.0, accumulation_steps=steps)
+    probe = build_loss(cfg, world)
+    assert isinstance(probe.loss_fn, MicroStepLoss) and probe.loss_fn.steps == steps
+    got = probe(q_all[rank], t_all[rank])
     m = B // steps
     want = []
     for i in range(steps):

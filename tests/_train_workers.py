@@ -39,7 +39,7 @@ def agree_and_hold(rank, world, kw):
 
     if rank == 1:
         real = time.strftime
-        T.time.strftime = lambda fmt, *a: real(fmt, time.localtime(time.time() + 1))
+        time.strftime = lambda fmt, *a: real(fmt, time.localtime(time.time() + 1))  # this rank's process only
     name = T.agreed_output_dir(rank, world)
     try:
         T.hold_run_folder(kw["busy"], rank, world)

@@ -85,7 +85,7 @@ def fill(path: str) -> None:
 def train_filling_disk_after_log_cut(rank, world, kw):
     """``run_train``; once the resumed run has rewritten its log (on resume), the disk is filled to
     the last byte (``kw["filler"]``): the next log line meets a real ENOSPC part-way."""
-    from llave_fast import train as T
+    from llave_fast.training import loop as T  # the loop calls _truncate_log on resume
 
     kw = dict(kw)
     filler = kw.pop("filler")

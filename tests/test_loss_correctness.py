@@ -1026,13 +1026,16 @@ def test_only_some_inputs_require_grad(backend, gen):
 # ============================================================ module API and dispatch
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton", "reference"])
 def test_module_matches_functional(backend, gen):
+    from llave_fast.llave_compat import WeightedClipLoss
+
     case = make_case(gen, 21, 33, 0, torch.float32, masks="both")
     q, t = case.q, case.t
     with tiles("small"):
         plain = FusedHardnessLoss(backend=backend)(q, t)
         fn_default = hardness_weighted_loss(q, t, backend=backend)
-        llave = FusedHardnessLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1,
-                                  backend=backend)(q, t, logit_scale=50.0, alpha=9.0)
+        # LLaVE's class by name, built as LLaVE's training builds it (on one process)
+        llave = WeightedClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1,
+                                 backend=backend)(q, t, logit_scale=50.0, alpha=9.0)
         d = FusedHardnessLoss(logit_scale=20.0, alpha=3.0, backend=backend, reduction="none")(
             q, t, output_dict=True, target_ids=case.target_ids, query_ids=case.query_ids)
         fn_d = hardness_weighted_loss(q, t, logit_scale=20.0, alpha=3.0, reduction="none", backend=backend,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llave_fast import FusedHardnessLoss, hardness_weighted_loss
+from llave_fast.llave_compat import WeightedClipLoss
 
 from _helpers import _cpu_test_env  # noqa: F401  (autouse fixture)
 
@@ -167,10 +168,24 @@ MODULE_BAD = {
     "scale-zero": (dict(logit_scale=0.0), ValueError, r"logit_scale.*got 0\.0"),
     "scale-shape": (dict(logit_scale=torch.ones(3)), ValueError, r"logit_scale.*shape \(3,\)"),
     "alpha-nan": (dict(alpha=float("nan")), ValueError, r"alpha.*got nan"),
+    "local-loss-int": (dict(local_loss=1), TypeError, r"local_loss.*got 1"),
+    "distributed-string": (dict(distributed="yes"), TypeError, r"distributed.*got 'yes'"),
+    "deterministic-int": (dict(deterministic=0), TypeError, r"deterministic.*got 0"),
+    "unknown-keyword": (dict(cache_label=True), TypeError, r"unexpected keyword.*cache_label\b.*WeightedClipLoss"),
+}
+
+# LLaVE's constructor keywords: WeightedClipLoss (llave_compat) checks them, and FusedHardnessLoss
+# (which still takes them, deprecated) with the same messages
+LLAVE_BAD = {
     "world-size-zero": (dict(world_size=0), ValueError, r"world_size.*got 0"),
+    "world-size-float": (dict(world_size=2.0), TypeError, r"world_size must be an int.*2\.0"),
     "rank-out-of-range": (dict(rank=1), ValueError, r"rank.*got 1"),
     "rank-negative": (dict(rank=-1), ValueError, r"rank.*got -1"),
     "horovod": (dict(use_horovod=True), ValueError, r"use_horovod"),
+    "cache-labels-not-bool": (dict(cache_labels="yes"), TypeError, r"cache_labels must be a bool.*'yes'"),
+    "gather-with-grad-not-bool": (dict(gather_with_grad=1), TypeError, r"gather_with_grad must be a bool.*1"),
+    "no-grad-through-gather": (dict(world_size=2, rank=1, local_loss=True), ValueError,
+                               r"gather_with_grad=True.*got local_loss=True, gather_with_grad=False"),
 }
 
 
@@ -181,9 +196,18 @@ def test_module_constructor_rejects(case_id):
         FusedHardnessLoss(**kw)
 
 
+@pytest.mark.parametrize("case_id", list(LLAVE_BAD))
+def test_llave_keywords_are_checked(case_id):
+    kw, exc, pattern = LLAVE_BAD[case_id]
+    with pytest.raises(exc, match=pattern):
+        WeightedClipLoss(**kw)
+    with pytest.warns(DeprecationWarning, match=r"WeightedClipLoss"), pytest.raises(exc, match=pattern):
+        FusedHardnessLoss(**kw)
+
+
 def test_module_llave_positional_flag_is_caught():
     """LLaVE's WeightedClipLoss(local_loss, ...) positionally would land in logit_scale."""
-    with pytest.raises(TypeError, match=r"logit_scale.*bool False.*keyword"):
+    with pytest.raises(TypeError, match=r"logit_scale.*bool False.*keyword.*llave_compat"):
         FusedHardnessLoss(False)
 
 

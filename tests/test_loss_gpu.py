@@ -237,7 +237,9 @@ def test_compiled_matches_reference_llave_shape(cuda, gen):
     case = type(case)(**{**case.__dict__, "q": case.q.to(cuda), "t": case.t.to(cuda)})
     q = case.q.clone().requires_grad_(True)
     t = case.t.clone().requires_grad_(True)
-    out = FusedHardnessLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1)(
+    from llave_fast.llave_compat import WeightedClipLoss
+
+    out = WeightedClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1)(
         q, t, logit_scale=50.0, alpha=9.0)
     out.backward()
     q64, t64 = case.q.double().requires_grad_(True), case.t.double().requires_grad_(True)

@@ -155,8 +155,7 @@ def deferred_ddp_rank(rank, world):
     base = W.Encoder()
     q_all, t_all = W.make_batch(6 * world, seed=1)
     q, t = q_all[6 * rank: 6 * rank + 6], t_all[6 * rank: 6 * rank + 6]
-    loss_fn = FusedHardnessLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
-                                backend="torch")
+    loss_fn = FusedHardnessLoss(local_loss=True, distributed=True, backend="torch")
     out = []
     for deferred in (False, True):
         model = nn.parallel.DistributedDataParallel(copy.deepcopy(base))

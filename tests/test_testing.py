@@ -66,20 +66,22 @@ def test_several_cpu_ranks_of_a_training_run_build_the_op_in_turn(monkeypatch, c
     DeepSpeed's op (a file lock: one builds, the others wait and load it) before
     ``deepspeed.init_distributed``, where every rank would otherwise build it at once."""
     import deepspeed
+    import torch
 
-    from llave_fast import train as train_mod
+    from llave_fast.training import deepspeed_setup
 
     calls = []
-    monkeypatch.setattr(train_mod.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(train_mod.torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(train_mod.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
-    monkeypatch.setattr(testing, "warm_deepspeed_ops", lambda force=False: calls.append("warm") or "built")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    # where init_distributed looks it up (llave_fast.testing re-exports it from there)
+    monkeypatch.setattr(deepspeed_setup, "warm_deepspeed_ops", lambda force=False: calls.append("warm") or "built")
     monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: calls.append(("init", dist_backend)))
-    monkeypatch.setattr(train_mod.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(train_mod.dist, "get_world_size", lambda: int(local_world))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: int(local_world))
     for k, v in dict(RANK="0", WORLD_SIZE=local_world, LOCAL_RANK="0", LOCAL_WORLD_SIZE=local_world).items():
         monkeypatch.setenv(k, v)
-    assert train_mod.init_distributed() == (0, int(local_world))
+    assert deepspeed_setup.init_distributed() == (0, int(local_world))
     backend = "nccl" if cuda else "gloo"
     assert ("warm" in calls) is warmed
     assert calls[-1] == ("init", backend)  # the op is warm before the group (and DeepSpeed) starts
@@ -107,3 +109,27 @@ def test_a_failing_rank_still_fails_the_caller():
 
     with pytest.raises(mp.ProcessRaisedException, match=r"rank [01] of 2: a check fails"):
         testing.spawn_ranks(_every_rank_fails, 2)
+
+
+def test_the_op_warm_up_lives_in_production_code_and_testing_re_exports_it():
+    """Production code never imports llave_fast.testing (testing may import production): the warm-up
+    is the training package's, and testing's names are the same objects."""
+    import ast
+    import pathlib
+
+    from llave_fast.training import deepspeed_setup
+
+    for name in ("warm_deepspeed_ops", "extension_dir", "_remove_stale_lock", "_warmed_dirs", "WARM_ENV"):
+        assert getattr(testing, name) is getattr(deepspeed_setup, name), name
+    package = pathlib.Path(testing.__file__).parent
+    importers = []
+    for path in package.rglob("*.py"):
+        if path.name == "testing.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1] == "testing" \
+                    and (node.level or node.module.startswith("llave_fast")):
+                importers.append(f"{path.relative_to(package)}:{node.lineno}")
+            if isinstance(node, ast.Import) and any(a.name == "llave_fast.testing" for a in node.names):
+                importers.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not importers, f"production modules importing llave_fast.testing: {importers}"

@@ -177,3 +177,109 @@ def test_eval_runs_in_the_requested_precision(reference_run, tmp_path):
                                         "float32" if not torch.cuda.is_available() else "bfloat16")
     b = evaluate_model(path, "synthetic", num_eval=16, seed=3, device="cpu", dtype="bf16")
     assert (b["device"], b["dtype"]) == ("cpu", "bfloat16")
+
+
+# ---------------------------------------------------------------- the package's shape (issue 24)
+def _training_modules():
+    import pathlib
+
+    import llave_fast.training as pkg
+
+    return {p.stem: p for p in pathlib.Path(pkg.__file__).parent.glob("*.py") if p.stem != "__init__"}
+
+
+def _listed_order():
+    """The modules as llave_fast.train's docstring lists them, bottom (config) to top (loop)."""
+    import re
+
+    import llave_fast.train as T
+
+    return re.findall(r"^    (\w+)  +\S", T.__doc__, re.M)
+
+
+def test_training_modules_import_one_way_and_never_upward():
+    """Each module of llave_fast.training imports only modules listed before it in llave_fast.train's
+    docstring (config at the bottom, loop at the top), and none imports llave_fast.train, cli, ablate
+    or testing, at module level or inside a function."""
+    import ast
+
+    modules = _training_modules()
+    order = _listed_order()
+    assert sorted(order) == sorted(modules), (order, sorted(modules))
+    assert order[0] == "config" and order[-1] == "loop"
+    for name, path in modules.items():
+        below = set(order[: order.index(name)])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                if node.level == 1:
+                    assert target[1:].split(".")[0] in below, f"{name} imports {target} (line {node.lineno})"
+                else:
+                    top = target.lstrip(".").split(".")
+                    if node.level == 2 or top[0] == "llave_fast":
+                        parts = top[1:] if top[0] == "llave_fast" else top
+                        assert parts[:1] not in (["train"], ["cli"], ["ablate"], ["testing"], ["training"]), \
+                            f"{name} imports {target} (line {node.lineno})"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[:2] not in (["llave_fast", m] for m in
+                                                            ("train", "cli", "ablate", "testing")), (name, alias.name)
+
+
+def test_training_modules_are_small_and_the_loop_fits_a_screen():
+    import inspect
+
+    from llave_fast.training import loop
+
+    sizes = {name: len(path.read_text().splitlines()) for name, path in _training_modules().items()}
+    assert max(sizes.values()) <= 300, sizes
+    assert len(inspect.getsource(loop._train).splitlines()) <= 60
+
+
+def test_without_a_bar_the_loop_prints_only_its_lines(capsys):
+    """No progress bar (--progress false, or ranks other than 0): updates print nothing, the lines the
+    loop writes above the bar (skipped rows) are still printed, one each."""
+    from llave_fast.training.console import progress_bar, say
+
+    for rank, enabled in ((0, False), (1, True)):
+        bar = progress_bar(rank, total=5, initial=1, enabled=enabled)
+        bar.set_postfix_str("loss 1.0000")
+        bar.update(1)
+        say(bar, f"step 2: skipped bad row (rank {rank})")
+        bar.close()
+        captured = capsys.readouterr()
+        assert captured.out == f"step 2: skipped bad row (rank {rank})\n" and captured.err == ""
+    bar = progress_bar(0, total=5, initial=1, enabled=True)  # rank 0 with a bar: the bar goes to stderr
+    bar.update(1)
+    bar.close()
+    captured = capsys.readouterr()
+    assert captured.out == "" and "train" in captured.err and "2/5" in captured.err
+
+
+def test_the_step_loss_states_every_choice_that_matters():
+    """The run's loss passes local_loss, symmetric, reduction, backend and determinism itself (a
+    change of a default in llave_fast.loss must not change what training computes); the probe's
+    per-direction diagnosis is the single-rank loss of each direction."""
+    from llave_fast.loss import FusedHardnessLoss
+    from llave_fast.reference import reference_loss
+    from llave_fast.train import MicroStepLoss, TrainConfig
+    from llave_fast.training.step import build_loss
+
+    probe = build_loss(TrainConfig(loss_backend="torch", logit_scale=20.0, alpha=3.0), world=1)
+    loss = probe.loss_fn
+    assert isinstance(loss, FusedHardnessLoss)
+    assert (loss.local_loss, loss.distributed, loss.symmetric, loss.reduction, loss.backend,
+            loss.deterministic, loss.logit_scale, loss.alpha) == (True, False, True, "mean", "torch", False, 20.0, 3.0)
+    micro = build_loss(TrainConfig(accumulation_steps=2), world=2).loss_fn  # across ranks: the gathered batch
+    assert isinstance(micro, MicroStepLoss) and micro.steps == 2
+    assert (micro.loss_fn.local_loss, micro.loss_fn.distributed) == (True, True)
+
+    g = torch.Generator().manual_seed(1)
+    q, t = torch.nn.functional.normalize(torch.randn(2, 6, 8, generator=g), dim=-1)
+    probe(q, t)
+    got = probe.directions(20.0, 3.0)
+    want = {"query->target": reference_loss(q.double(), t.double(), logit_scale=20.0, alpha=3.0, symmetric=False),
+            "target->query": reference_loss(t.double(), q.double(), logit_scale=20.0, alpha=3.0, symmetric=False)}
+    assert got.keys() == want.keys()
+    for k in want:
+        assert abs(got[k] - want[k].item()) < 1e-4, (k, got[k], want[k].item())

@@ -255,8 +255,8 @@ class _OsWithFullDisk:
 
 def test_a_log_line_cut_by_a_full_disk_is_taken_back_and_named(tmp_path, monkeypatch):
     """Simulated (a write that stores 10 bytes, then ENOSPC); the real one is the tmpfs test below."""
-    from llave_fast import train as T
     from llave_fast.checkpoint import DiskFull
+    from llave_fast.training import runlog as T  # the module that writes train_log.jsonl
 
     root = tmp_path / "checkpoints"
     (root / "step-00000001").mkdir(parents=True)

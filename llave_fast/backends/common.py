@@ -315,7 +315,6 @@ def _layout(q, t, negatives, target_ids, query_ids, comm):
     """
     B = q.shape[0]
     M = 0 if negatives is None else negatives.shape[0]
-    neg_ids = target_ids is not None and target_ids.shape[0] == B + M and M > 0
     if comm is None:
         Tc = t if negatives is None else torch.cat([t, negatives], dim=0)
         tid_all, qid_all, offset, sizes = target_ids, query_ids, 0, None
@@ -330,14 +329,7 @@ def _layout(q, t, negatives, target_ids, query_ids, comm):
             local_neg = negatives.detach() if negatives is not None else t.new_empty((0, t.shape[1]))
             parts.append(comm.gather_rows(local_neg, m_sizes))
         Tc = torch.cat(parts, dim=0) if len(parts) > 1 else T_all
-        tid_all = qid_all = None
-        if target_ids is not None:
-            tid_all = comm.gather_rows(target_ids[:B], b_sizes)
-            if any(neg_with_ids):
-                local = target_ids[B:] if neg_ids else target_ids.new_empty((0,))
-                tid_all = torch.cat([tid_all, comm.gather_rows(local, m_sizes)])
-        if query_ids is not None:
-            qid_all = comm.gather_rows(query_ids, b_sizes)
+        tid_all, qid_all = comm.gather_ids(target_ids, query_ids, b_sizes, m_sizes, neg_with_ids)
         sizes = (b_sizes, m_sizes)
     ids = StripIds(
         tid_pos=None if target_ids is None else target_ids[:B].contiguous(),

@@ -18,8 +18,8 @@
 
 ``FusedContrastiveTrainer.compute_loss`` encodes the queries, targets (and hard negatives) of
 the batch and returns ``FusedHardnessLoss`` of them. Across ranks (``torchrun``; the Trainer
-wraps the model in DDP) the loss is built with ``local_loss=True, gather_with_grad=True`` and
-the rank and world size of ``torch.distributed``: every rank's queries are scored against the
+wraps the model in DDP) the loss is built with ``local_loss=True, distributed=True`` over the
+ranks of ``torch.distributed``: every rank's queries are scored against the
 targets of the whole global batch, each rank gets LLaVE's per-rank local loss, gradients flow
 through the gather, and DDP's average makes the step the global batch's.
 """
@@ -169,14 +169,13 @@ class FusedContrastiveTrainer(Trainer):
         FusedHardnessLoss(**self._loss_settings)  # checks the settings now, with the loss's own messages
 
     def fused_loss(self) -> FusedHardnessLoss:
-        """The loss of this run (built once: across ranks, from torch.distributed's rank and world size)."""
+        """The loss of this run (built once: across ranks, over the ranks of torch.distributed)."""
         if self.loss_fn is None:
             import torch.distributed as dist
 
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             if world > 1:
-                self.loss_fn = FusedHardnessLoss(**self._loss_settings, local_loss=True, gather_with_grad=True,
-                                                 rank=dist.get_rank(), world_size=world)
+                self.loss_fn = FusedHardnessLoss(**self._loss_settings, local_loss=True, distributed=True)
             else:
                 self.loss_fn = FusedHardnessLoss(**self._loss_settings)
         return self.loss_fn

@@ -275,7 +275,8 @@ def fused_mnrl_loss(
     distributed = gather_across_devices and world > 1
     q, d = _unit(anchor), _unit(positive)
     neg = None if negatives is None else _unit(negatives)
-    common = dict(logit_scale=scale, backend=backend, distributed=distributed)
+    # LLaVE's per-rank local loss across ranks (the loss's default is the global loss)
+    common = dict(logit_scale=scale, backend=backend, distributed=distributed, local_loss=True)
     split_own = neg is not None and a_own != a_in
     both = "doc_to_query" in directions
 

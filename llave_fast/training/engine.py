@@ -1,0 +1,87 @@
+"""The model and its DeepSpeed engine: the tiny demo model, a real-size architecture or a checkpoint
+(partitioned at load under ZeRO-3), AdamW's parameter groups at LLaVE's three learning rates, the
+warm-up/cosine schedule, and ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import TrainConfig
+from .schedule import warmup_cosine
+
+
+_HF_DS_CONFIG = None  # transformers reads the ZeRO-3 config through this object while it lives
+
+
+def tiny_model_kwargs(cfg: TrainConfig) -> dict:
+    """The tiny model's shape for a run: one tile of the run's image size in 4 x 4 patches."""
+    return dict(image_size=cfg.image_size, patch_size=max(4, cfg.image_size // 4), max_grid=1)
+
+
+def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
+    """The tiny demo model from scratch, or a checkpoint (partitioned at load under ZeRO-3)."""
+    global _HF_DS_CONFIG
+    from ..model import LLaVEEmbedder, build_tiny_model
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
+    if cfg.model == "tiny":
+        model = build_tiny_model(cfg.seed, torch_dtype=dtype, **tiny_model_kwargs(cfg))
+    elif cfg.model.startswith("arch:"):  # a real-size architecture, random weights (llave_fast.model.arch)
+        from ..model.arch import build_arch_model
+
+        model = build_arch_model(cfg.model, cfg.seed, torch_dtype=dtype)
+    else:
+        model = LLaVEEmbedder.from_pretrained(cfg.model, torch_dtype=dtype)
+    if cfg.image_grid is not None:
+        model.set_image_grid(cfg.image_grid)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.processor.max_text_tokens = cfg.max_text_tokens
+    if cfg.max_length is not None:
+        model.processor.max_length = cfg.max_length
+    return model
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: vision tower, projector, language model (LLaVE trains them at different rates)."""
+    groups = {"vision": [], "projector": [], "language": []}
+    for name, p in model.named_parameters():
+        if "vision_tower" in name:
+            part = "vision"
+        elif "multi_modal_projector" in name or "image_newline" in name:
+            part = "projector"
+        else:
+            part = "language"
+        if part == "vision" and cfg.lr_vision == 0:
+            p.requires_grad_(False)
+            continue
+        if p.requires_grad:
+            groups[part].append(p)
+    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "language": cfg.lr}
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def build_engine(model, cfg: TrainConfig, ds_config: dict):
+    """``(engine, scheduler)``: AdamW over :func:`param_groups`, the warm-up/cosine schedule, both
+    handed to ``deepspeed.initialize`` with the run's DeepSpeed config."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler
+
+
+def save_base(model, out: str) -> None:
+    """The architecture and processor, without weights, in ``out/base``: export rebuilds from it."""
+    base = os.path.join(out, "base")
+    model.config.save_pretrained(base)
+    model.processor.save_pretrained(base)

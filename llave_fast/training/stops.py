@@ -1,0 +1,72 @@
+"""Stopping a run before its last step: bad data or a non-finite loss stops every rank at the same
+step, naming the step, what went wrong on each rank and the newest complete checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt
+from ..errors import LlaveFastError
+
+
+class RunStopped(LlaveFastError, RuntimeError, ValueError):
+    """The run stopped before its last step (a non-finite loss, bad data); ``step`` is the step
+    that failed (1-based), ``checkpoint`` the newest complete checkpoint (None if none). Also a
+    ValueError: the command reports it as a problem of the run's options or data, not a bug."""
+
+    def __init__(self, msg: str, step: int, checkpoint: str | None):
+        super().__init__(msg)
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _last_checkpoint(root: str) -> str | None:
+    tag = ckpt.latest_complete(root)
+    return None if tag is None else os.path.abspath(os.path.join(root, tag))  # absolute, as run_dir and eval_json
+
+
+def _non_finite_message(step: int, stats: torch.Tensor, directions: list, lr: float, root: str) -> str:
+    """stats: (world, 5) float64: loss, then non-finite query / target / negative embedding
+    values, and the embeddings' element count, per rank; directions: each rank's two
+    directions over its own pairs (``_LossProbe.directions``)."""
+    parts = []
+    for r, (loss, nq, nt, nn, numel) in enumerate(stats.tolist()):
+        emb = f"non-finite embedding values: query {int(nq)}, target {int(nt)}"
+        emb += f", negatives {int(nn)}" if nn else ""
+        dirs = ", ".join(f"{k} {v}" for k, v in directions[r].items())
+        parts.append(f"  rank {r}: loss {loss} ({emb}, of {int(numel)} per side); over its own pairs: {dirs}")
+    last = _last_checkpoint(root)
+    where = (f"the last complete checkpoint is {last}: a rerun with the same options resumes from it and meets "
+             "the same batch; a lower --lr or --grad-clip is a new run (--output-dir), as resuming refuses them"
+             if last else "no complete checkpoint was saved yet (--save-every N saves every N steps)")
+    return (f"non-finite loss at step {step} (learning rate {lr:.3g}); the step was not applied. The loss's parts "
+            f"(each rank's loss over its queries against the whole batch):\n" + "\n".join(parts) + f"\n{where}")
+
+
+def _gather_objects(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, save) -> None:
+    """``bad_images="fail"``: when any rank's batch for this step hit bad data, every rank
+    checkpoints the steps done (unless that checkpoint exists) and stops with the message."""
+    flag = torch.tensor([0.0 if error is None else 1.0])
+    if world > 1:
+        dist.all_reduce(flag)
+    if flag.item() == 0:
+        return
+    errors = [e for e in _gather_objects(error, world) if e is not None]
+    last = ckpt.latest_complete(ckpt_root)
+    if step > 0 and last != ckpt.tag_for(step):
+        save(step)
+    saved = _last_checkpoint(ckpt_root)
+    where = (f"checkpoint of the {step} steps done: {saved}; fix or remove the image and rerun with the same "
+             "--output-dir to resume, or rerun with --bad-images skip" if saved
+             else "no step was done, nothing to checkpoint")
+    raise RunStopped(f"bad data in the batch of step {step + 1}: {errors[0]}\n{where}", step + 1, saved)
