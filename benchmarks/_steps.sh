@@ -1,20 +1,14 @@
-# Shell helpers of the prepared GPU run (sourced by gpu_check.sh and by tests/test_benchmarks.py).
+# Shell helpers of the prepared GPU run (sourced by gpu_check.sh and tests/test_benchmarks.py).
 #
-# run_step LIMIT_S CMD...   runs CMD under a time limit. At the limit it gets SIGINT, not
-#     SIGTERM: Python raises KeyboardInterrupt, and the scripts here write what they measured
-#     ("interrupted" in their JSON); pytest, xdist included, writes its junit file and summary.
-#     (On SIGTERM pytest-xdist writes neither.) GRACE_S (default 20) seconds later a command
-#     still running gets SIGKILL. `timeout` also gives the command a default SIGINT disposition
-#     even where the caller's shell ignores it (a background job of a non-interactive shell).
-#     Prints the outcome with its wall time; returns the command's status (124: stopped at the
-#     limit, 137: killed after the grace period).
-#
-# install_package PY   makes `import llave_fast.kernels` work for PY from this source tree:
-#     an offline editable install (no index, no build isolation, no dependencies), checked by
-#     its exit status and by importing; where that fails, a copy of the package with its links
-#     (llave_fast/kernels, llave_fast/configs) resolved into folders under $SHIM_DIR, first on
-#     PYTHONPATH (PYTHONSAFEPATH=1 so that the tree's own llave_fast/ is not found first). Returns 1 with a clear message
-#     when neither works; the caller stops there.
+# run_step LIMIT_S CMD...  CMD under a time limit: SIGINT at the limit (Python raises KeyboardInterrupt
+#     and the scripts write what they measured; pytest, xdist included, writes its junit file, which
+#     it does not on SIGTERM), SIGKILL GRACE_S (default 20) seconds later. `timeout` also restores a
+#     default SIGINT where the caller's shell ignores it. Prints the outcome and wall time; returns
+#     the command's status (124: stopped at the limit, 137: killed after the grace period).
+# install_package PY  makes `import llave_fast.kernels` work for PY from this tree: an offline
+#     editable install (no index, no build isolation, no dependencies) checked by importing; where
+#     that fails, a copy of the package with its links resolved under $SHIM_DIR, first on PYTHONPATH
+#     (PYTHONSAFEPATH=1). Returns 1 with a clear message when neither works.
 
 run_step() {
     local limit=$1

@@ -1,19 +1,17 @@
 """MMEB-eval: the encode-once path of ``llave-fast eval`` against the old per-query re-encoding.
 
-One generated MMEB-eval-style set (``llave_fast.data.mmeb_eval.write_mmeb_eval``: synthetic
-i2t and t2i datasets, each query with its own list of ``--candidates`` candidates drawn from
-a shared pool of ``--pool`` targets, as MMEB's lists share candidates), one model (the tiny
-LLaVE, or ``--model``), both paths in the same process, alternating, ``--repeats`` times:
+One generated MMEB-eval-style set (``write_mmeb_eval``: synthetic i2t and t2i datasets, each query
+with ``--candidates`` candidates drawn from a shared pool of ``--pool`` targets), one model (the
+tiny LLaVE, or ``--model``), both paths in one process, alternating, ``--repeats`` times:
 
-* old: a faithful copy of ``candidate_list_eval`` as it was before the encode-once path
-  (``OLD_candidate_list_eval`` below): queries encoded in batches, then every query's
-  candidate list encoded again, query by query, and scored with ``argmax == 0``;
-* new: ``llave_fast.evaluate.mmeb_eval`` (every distinct input encoded once, batches sorted
-  by length, each distinct candidate scored once).
+* old: ``OLD_candidate_list_eval`` below, ``candidate_list_eval`` as it was before the encode-once
+  path: queries encoded in batches, then every query's candidate list encoded again and scored;
+* new: ``llave_fast.evaluate.mmeb_eval`` (each distinct input encoded once, batches sorted by length).
 
-Prints the median wall time of each and their ratio, the encodings each made, and both
-P@1s; writes ``benchmarks/results/<device>/<date>-eval-encode-once.json`` (the folder named
-after the CPU or GPU, as the other benchmarks do).
+Prints the median wall time of each, their ratio, the encodings each made and both P@1s; writes
+``benchmarks/results/<device>/<date>-eval-encode-once.json``. A run is one call of seconds timed with
+perf_counter after the explicit warm-up (``torch.utils.benchmark.Timer.timeit`` would add two
+untimed calls to each).
 
     python benchmarks/bench_eval.py                      # CPU, tiny model, ~2 min on 2 cores
     python benchmarks/bench_eval.py --queries 64 --candidates 20 --repeats 5
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,11 +36,10 @@ from llave_fast.data.mmeb_eval import find_eval_datasets, read_eval_file, write_
 from llave_fast.evaluate import encode_all, eval_precision, mmeb_eval  # noqa: E402
 
 
-# ----------------------------------------------------------------------- the old loop (kept for comparison)
 @torch.no_grad()
 def OLD_candidate_list_eval(model, paths, *, image_dir=None, limit=None, batch: int = 64) -> dict:
-    """The pre-encode-once MMEB-eval loop of llave_fast.evaluate (commit 597eb65), unchanged in
-    what it computes: each query's whole candidate list is encoded again for that query."""
+    """The pre-encode-once MMEB-eval loop of llave_fast.evaluate (commit 597eb65), unchanged in what it
+    computes: each query's whole candidate list is encoded again for that query."""
     from PIL import Image
 
     def load(path):
@@ -85,7 +81,6 @@ def main() -> int:
     C.start_script()
     if args.threads:
         torch.set_num_threads(args.threads)
-
     dev, dt = eval_precision(args.device, args.dtype)
     if args.model:
         from llave_fast.model import LLaVEEmbedder
@@ -104,63 +99,48 @@ def main() -> int:
             paths += write_mmeb_eval(tmp, f"Synth_{task}", args.queries, num_candidates=args.candidates,
                                      pool=args.pool, task=task, seed=k)[0]
         datasets = find_eval_datasets(paths)
-        # warm-up, untimed: the first forward passes of a process pay one-off costs
-        OLD_candidate_list_eval(model, paths[:1], image_dir=tmp, limit=2, batch=args.batch)
-        mmeb_eval(model, datasets[:1], image_dir=tmp, max_queries=2, batch=args.batch, progress=False)
-        old_s, new_s, old_res, new_res = [], [], None, None
+        runs = {"old": lambda **kw: OLD_candidate_list_eval(model, paths, image_dir=tmp, batch=args.batch, **kw),
+                "new": lambda **kw: mmeb_eval(model, datasets, image_dir=tmp, batch=args.batch, progress=False, **kw)}
+        runs["old"](limit=2)  # warm-up, untimed: a process's first forward passes pay one-off costs
+        runs["new"](max_queries=2)
+        secs, res = {"old": [], "new": []}, {}
         for r in range(args.repeats):
-            order = ("old", "new") if r % 2 == 0 else ("new", "old")
-            for which in order:
+            for which in ("old", "new") if r % 2 == 0 else ("new", "old"):
                 C.sync(dev)
                 t0 = time.perf_counter()
-                if which == "old":
-                    old_res = OLD_candidate_list_eval(model, paths, image_dir=tmp, batch=args.batch)
-                else:
-                    new_res = mmeb_eval(model, datasets, image_dir=tmp, batch=args.batch, progress=False)
+                res[which] = runs[which]()
                 C.sync(dev)
-                (old_s if which == "old" else new_s).append(time.perf_counter() - t0)
-            print(f"repeat {r + 1}/{args.repeats}: old {old_s[-1]:.2f} s, new {new_s[-1]:.2f} s", file=sys.stderr)
+                secs[which].append(time.perf_counter() - t0)
+            print(f"repeat {r + 1}/{args.repeats}: old {secs['old'][-1]:.2f} s, new {secs['new'][-1]:.2f} s",
+                  file=sys.stderr)
 
     names = [d.name for d in datasets]
-    old_p = {n: old_res["per_file"][p]["p_at_1"] for n, p in zip(names, paths)}
-    new_p = {n: new_res["datasets"][n]["p_at_1"] for n in names}
-    new_enc = sum(new_res["datasets"][n]["num_encoded"] for n in names)
-    ratio = statistics.median(old_s) / statistics.median(new_s)
-    result = {
-        "benchmark": "eval-encode-once",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        **C.now_stamps(),
-        "machine": {"processor": platform.processor(), "cpu_model": C.cpu_model(), "cores": C.usable_cores(),
-                    "device": C.device_name(dev), "torch": torch.__version__, **C.device_info(dev)},
-        "versions": C.versions(),
-        "git": C.git_info(),
-        "settings": {"queries_per_dataset": args.queries, "candidates_per_query": args.candidates,
-                     "pool": args.pool, "datasets": names, "batch": args.batch, "repeats": args.repeats,
-                     "torch_threads": torch.get_num_threads(),
-                     "model": args.model or "tiny (build_tiny_model, seed 0)", "device": str(dev),
-                     "dtype": str(dt).replace("torch.", "")},
-        "old_per_query_reencode": {"seconds": old_s, "median_s": statistics.median(old_s),
-                                   "encodings": old_res["encodings"], "p_at_1": old_p},
-        "new_encode_once": {"seconds": new_s, "median_s": statistics.median(new_s), "encodings": new_enc,
-                            "p_at_1": new_p},
-        "speedup_median": ratio,
-        "encodings_ratio": old_res["encodings"] / new_enc,
-        "same_p_at_1": old_p == new_p,
-    }
-    if args.out:
-        out = Path(args.out)
-    else:
-        folder = C.REPO_ROOT / "benchmarks" / "results" / C.slugify(C.device_name(dev))
-        out = folder / f"{result['date']}-eval-encode-once.json"
+    old_p = {n: res["old"]["per_file"][p]["p_at_1"] for n, p in zip(names, paths)}
+    new_p = {n: res["new"]["datasets"][n]["p_at_1"] for n in names}
+    enc = {"old": res["old"]["encodings"], "new": sum(res["new"]["datasets"][n]["num_encoded"] for n in names)}
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    result = {"benchmark": "eval-encode-once", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              **C.run_meta(dev),
+              "settings": {"queries_per_dataset": args.queries, "candidates_per_query": args.candidates,
+                           "pool": args.pool, "datasets": names, "batch": args.batch, "repeats": args.repeats,
+                           "torch_threads": torch.get_num_threads(), "device": str(dev),
+                           "model": args.model or "tiny (build_tiny_model, seed 0)", "dtype": str(dt)[6:]},
+              "old_per_query_reencode": {"seconds": secs["old"], "median_s": med["old"], "encodings": enc["old"],
+                                         "p_at_1": old_p},
+              "new_encode_once": {"seconds": secs["new"], "median_s": med["new"], "encodings": enc["new"],
+                                  "p_at_1": new_p},
+              "speedup_median": med["old"] / med["new"], "encodings_ratio": enc["old"] / enc["new"],
+              "same_p_at_1": old_p == new_p}
+    out = Path(args.out or C.REPO_ROOT / "benchmarks" / "results" / C.slugify(C.device_name(dev))
+               / f"{result['date']}-eval-encode-once.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{len(names)} datasets x {args.queries} queries x {args.candidates} candidates (pool {args.pool}), "
-          f"batch {args.batch}, {C.device_name(dev)}, {result['settings']['dtype']}:")
-    print(f"  old per-query re-encoding: median {statistics.median(old_s):.2f} s, {old_res['encodings']} encodings")
-    print(f"  new encode-once:           median {statistics.median(new_s):.2f} s, {new_enc} encodings")
-    print(f"  speed-up {ratio:.1f}x (median of {args.repeats}); encodings {result['encodings_ratio']:.1f}x fewer; "
-          f"P@1 old {old_p} new {new_p}")
-    print(f"wrote {out}")
+          f"batch {args.batch}, {C.device_name(dev)}, {result['settings']['dtype']}:\n"
+          f"  old per-query re-encoding: median {med['old']:.2f} s, {enc['old']} encodings\n"
+          f"  new encode-once:           median {med['new']:.2f} s, {enc['new']} encodings\n"
+          f"  speed-up {result['speedup_median']:.1f}x (median of {args.repeats}); encodings "
+          f"{result['encodings_ratio']:.1f}x fewer; P@1 old {old_p} new {new_p}\nwrote {out}")
     return 0
 
 

@@ -1,27 +1,20 @@
 """GradCache's single pass against its cached path, on the default job's model and batch.
 
-One training step's forward and backward (``GradCache.__call__``) of the tiny LLaVE on a
-global batch of the default job's synthetic pairs (``tiny_cpu.json``: image size, task mix,
-batch), the loss with LLaVE's settings, at a chunk size that holds the whole batch:
-
-* cached: ``GradCache(..., single_pass=False)``: every chunk encoded without grad, the loss,
-  then every chunk encoded again with grad and the cached gradient backpropagated;
-* single: ``GradCache(..., single_pass=True)`` (the default): one forward with grad, the same
-  backward.
-
-Both in the same process on the same batch, alternating, ``--repeats`` times; prints the
-median time of each, their ratio and the largest relative difference between the two paths'
-parameter gradients; writes ``benchmarks/results/<device>/<date>-gradcache-single-pass.json``.
+One training step's forward and backward (``GradCache.__call__``) of the tiny LLaVE on the default
+job's synthetic pairs (``tiny_cpu.json``), the loss with LLaVE's settings, one chunk holding the
+whole batch: cached (``single_pass=False``: encode without grad, the loss, encode again with grad
+and backpropagate the cached gradient) against single (``single_pass=True``, the default: one
+forward with grad). Same process, same batch, alternating, ``--repeats`` times; prints the medians,
+their ratio and the largest relative difference between the two paths' parameter gradients;
+writes ``benchmarks/results/<device>/<date>-gradcache-single-pass.json``.
 
     python benchmarks/bench_single_pass.py                 # CPU, ~1 min on 2 cores
-    python benchmarks/bench_single_pass.py --repeats 9 --batch 64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -88,13 +81,8 @@ def main() -> int:
     max_rel = max(C.rel_err(g1[k], g0[k]) for k in g0)
     med1, med0 = statistics.median(times[True]), statistics.median(times[False])
     result = {
-        "benchmark": "gradcache-single-pass",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        **C.now_stamps(),
-        "machine": {"processor": platform.processor(), "cpu_model": C.cpu_model(), "cores": C.usable_cores(),
-                    "device": C.device_name(dev), "torch": torch.__version__, "load": C.machine_load()},
-        "versions": C.versions(),
-        "git": C.git_info(),
+        "benchmark": "gradcache-single-pass", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **C.run_meta(dev), "machine_load": C.machine_load(),
         "settings": {"batch_pairs": args.batch, "chunk_size": chunk, "repeats": args.repeats,
                      "torch_threads": torch.get_num_threads(), "model": f"tiny (build_tiny_model, seed 0, {tiny_model_kwargs(preset)})",
                      "image_size": preset.image_size, "tasks": list(tasks), "loss_backend": "torch",
@@ -102,8 +90,7 @@ def main() -> int:
                      "what": "GradCache.__call__ only (forward + backward of one step), plain module, fp32"},
         "single_pass": {"seconds": times[True], "median_s": med1, "loss": results[True][0]},
         "cached_path": {"seconds": times[False], "median_s": med0, "loss": results[False][0]},
-        "speedup_median": med0 / med1,
-        "max_rel_grad_diff": max_rel,
+        "speedup_median": med0 / med1, "max_rel_grad_diff": max_rel,
     }
     out = Path(args.out) if args.out else (C.REPO_ROOT / "benchmarks" / "results" / C.slugify(C.device_name(dev))
                                            / f"{result['date']}-gradcache-single-pass.json")

@@ -1,23 +1,14 @@
 #!/usr/bin/env bash
-# Fetch the wheels the GPU run needs and the lent machines lack (they reach no package index), for
-# Python 3.12 on manylinux x86_64, into the git-ignored .whl/. Run here, then name .whl in the device
-# call's carry.
-#
-#   .whl/*.whl        Inf-CL 1.2.1, pure Python (its needs, numpy and triton, are on those machines);
-#                     benchmarks/gpu_check.sh's set-up installs every .whl/*.whl (stages A, B, C).
-#   .whl/train/*.whl  stage T (the training step): DeepSpeed at constraints.txt's version, built here
-#                     with `pip wheel --no-deps` and DS_BUILD_OPS=0 (pure Python: no prebuilt op; the
-#                     step's optimizer is torch's AdamW, which needs none), the requirements of
-#                     DeepSpeed and pydantic the machines lack (hjson, pydantic, pydantic-core,
-#                     annotated-types, typing-inspection, typing-extensions >= 4.16), PyAV (`av`, for
-#                     eval-video), and, in case an image lacks them, DeepSpeed's other small requirements
-#                     (py-cpuinfo, msgpack, psutil, einops, ninja: the machines have them today, and pip
-#                     keeps an installed version that satisfies DeepSpeed). Stage T installs this folder
-#                     with `pip install --no-index --find-links .whl/train` (dependencies resolved against
-#                     what is installed plus this folder, never an index).
-#
-# Versions are constraints.txt's. The total is printed, with the working tree that travels beside it:
-# the device call carries at most 64 MiB in all (tree + carried folders); over that this script fails.
+# The wheels the GPU run needs and the lent machines lack (they reach no package index), for CPython
+# 3.12 on manylinux x86_64, at constraints.txt's versions, into the git-ignored .whl/; then name .whl
+# in the device call's carry.
+#   .whl/*.whl        Inf-CL 1.2.1 (pure Python); gpu_check.sh's set-up installs it (stages A, B, C).
+#   .whl/train/*.whl  stage T: DeepSpeed built here without ops (DS_BUILD_OPS=0: pure Python; the step's
+#                     optimizer is torch's AdamW), the requirements of DeepSpeed and pydantic the machines
+#                     lack, PyAV (eval-video) and DeepSpeed's other small requirements in case an image
+#                     lacks them; stage T installs them with `pip install --no-index --find-links`.
+# The total is printed with the working tree that travels beside it: over the 64 MiB a device call
+# carries, this script fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -69,21 +60,9 @@ for name in "${NEEDED[@]}" "${FALLBACK[@]}"; do
     specs+=("$name==$v")
 done
 echo "== ${specs[*]} -> .whl/train/"
+# one version of each distribution (two stop the offline install): only the pinned ones stay
+find .whl/train -name '*.whl' ! -name "deepspeed-$DS_VERSION-*" -delete
 download .whl/train "${specs[@]}"
-
-# one version of each distribution (two stop the whole offline install): drop wheels of other versions
-keep=("deepspeed==$DS_VERSION" "${specs[@]}")
-for f in .whl/train/*.whl; do
-    base=$(basename "$f")
-    dist=$(echo "${base%%-*}" | tr 'A-Z_.' 'a-z--')
-    ver=$(echo "$base" | cut -d- -f2)
-    ok=0
-    for s in "${keep[@]}"; do
-        n=$(echo "${s%%==*}" | tr 'A-Z_.' 'a-z--')
-        [ "$n" = "$dist" ] && [ "${s##*==}" = "$ver" ] && ok=1
-    done
-    if [ $ok = 0 ]; then echo "removing $base (not a pinned version)"; rm -f "$f"; fi
-done
 
 echo
 ls -la .whl .whl/train

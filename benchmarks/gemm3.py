@@ -1,20 +1,11 @@
 """The GEMM floor of the loss: the three cuBLAS products any implementation must do.
 
-forward  S  = q @ T^T          (B x N, K = d)
-backward dq = dS @ T           (B x d, K = N)
-         dT = dS^T @ q         (N x d, K = B)
-
-``gemm3_fn()`` returns a callable ``(q, t) -> scalar`` with an autograd backward, so the
-benchmark times it exactly like a loss (fwd, bwd, fwd+bwd columns). It is not a loss: dS
-is a fixed random matrix made once per shape, and the value returned is one element of S.
-When B x N is larger than ``MAX_ELEMS`` the products run in row blocks of ``gemm3_rows``
-rows (same FLOPs; dT is then accumulated block by block, which adds a read and a write of
-dT per block), so the floor exists at sizes where a B x N matrix does not fit.
-
-Every inner dimension is padded as the fused loss pads its own library GEMMs (K to a multiple
-of 64 with zero rows, leading dimensions to a multiple of 8: ``GEMM_K_ALIGN``/``GEMM_LD_ALIGN``
-of the Triton backend), copies included: at an odd N the floor is then the padded floor, and
-the loss's ratio to it means the same as at an even N.
+forward S = q T^T (B x N, K = d); backward dq = dS T (K = N) and dT = dS^T q (K = B).
+``gemm3_fn()`` returns ``(q, t) -> scalar`` with an autograd backward, timed exactly like a loss;
+dS is a fixed random matrix per shape, the value one element of S. Where B x N exceeds
+``MAX_ELEMS`` the products run in row blocks of ``gemm3_rows`` (same FLOPs; dT accumulated per
+block). Inner dimensions are padded as the fused loss pads its library GEMMs (K to a multiple of
+64, leading dimensions to 8), copies included: at an odd N this is the padded floor.
 """
 
 from __future__ import annotations

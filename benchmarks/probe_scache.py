@@ -7,8 +7,8 @@ P2  the statistics pass (``hardness_stats``) and the dS pass reading S (``hardne
 P5  the one-pass fused forward with the column direction off and on, at d = 256 and 1536.
 
 The loss itself, every path side by side with the floor (P3, P4), is ``bench_loss.py``'s run in
-``gpu_check.sh`` (B1 to B3). Timing: ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed,
-median), ``time.perf_counter`` medians on the CPU. The JSON is rewritten after every step, so a
+``gpu_check.sh`` (B1 to B3). Timing: ``_common.bench_ms`` (``triton.testing.do_bench`` on CUDA,
+``torch.utils.benchmark`` on the CPU). The JSON is rewritten after every step, so a
 stopped run keeps what it measured. ``--dry`` runs every step at tiny sizes on the CPU (the Triton
 interpreter): the plumbing, not the numbers.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,21 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-
-
-def bench_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn()``: do_bench on CUDA, perf_counter on the CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=5, rep=max(20, repeats * 5), return_mode="median"))
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
+from _common import bench_ms  # noqa: E402
 
 
 def unit_rows(n: int, d: int, dtype, device, seed: int) -> torch.Tensor:
@@ -100,7 +85,7 @@ def p2_passes(B: int, d: int, dtype, device, repeats: int, copy_tb_s: float | No
     ids = StripIds()
     out = {"B": B, "N": B, "d": d}
     plan = plan_s(B, B, keep=True, mode="cache", budget=0)
-    cfg = tb.launch_config(device, d, dtype)
+    cfg = tb.launch_config(device, dtype)
     kw = dict(n_col=B, offset=0, scale=50.0, alpha=9.0, ids=ids, need_col=True, need_e=False)
     stride = s_row_stride(B)
     # the whole cached forward, then the statistics pass alone on its S
@@ -163,43 +148,33 @@ def main(argv=None):
     p.add_argument("--dry", action="store_true", help="tiny sizes on the CPU (needs TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
     C.start_script()
-    if args.dry:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            p.error("--dry runs the kernels under the Triton interpreter: set TRITON_INTERPRET=1")
-        device, dtype, B, ds_p5, reps = torch.device("cpu"), torch.float16, 96, [16, 32], 2
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("probe_scache.py needs CUDA (or --dry on the CPU)")
-        device, dtype, B, ds_p5, reps = torch.device("cuda"), torch.bfloat16, args.B, [256, 1536], args.repeats
-    d = 16 if args.dry else args.d
-    report = {"script": "probe_scache.py", "device": C.device_info(device), "versions": C.versions(),
-              "git": C.git_info(), **C.now_stamps(), "dtype": str(dtype), "steps": {}}
+    if args.dry and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--dry runs the kernels under the Triton interpreter: set TRITON_INTERPRET=1")
+    if not args.dry and not torch.cuda.is_available():
+        raise SystemExit("probe_scache.py needs CUDA (or --dry on the CPU)")
+    device, dtype, B, d, ds_p5, reps = ((torch.device("cpu"), torch.float16, 96, 16, [16, 32], 2) if args.dry else
+                                        (torch.device("cuda"), torch.bfloat16, args.B, args.d, [256, 1536], args.repeats))
+    report = {"script": "probe_scache.py", **C.run_meta(device), "dtype": str(dtype), "steps": {}}
     out = Path(args.out)
-
-    def write():
-        out.write_text(json.dumps(report, indent=1, default=str))
-
-    write()
-    for step in args.steps:
+    out.write_text(json.dumps(report, indent=1, default=str))
+    for step in args.steps:  # the JSON rewritten after each step; a failed step is reported, the next runs
         t0 = time.perf_counter()
         try:
             if step == "P1":
                 res = p1_gemms(B, d, dtype, device, reps)
             elif step == "P2":
-                copy = report["steps"].get("P1", {}).get("copy", {}).get("tb_per_s")
-                res = p2_passes(B, d, dtype, device, reps, copy)
+                res = p2_passes(B, d, dtype, device, reps, report["steps"].get("P1", {}).get("copy", {}).get("tb_per_s"))
             else:
                 res = p5_fused_forward(B, ds_p5, dtype, device, reps)
             res["status"] = "ok"
         except KeyboardInterrupt:
-            report["steps"][step] = {"status": "stopped (SIGINT: the step's limit)"}
-            write()
+            res = {"status": "stopped (SIGINT: the step's limit)"}
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed step is reported, the next one runs
+        except Exception as exc:  # noqa: BLE001
             res = {"status": f"error: {type(exc).__name__}: {str(exc)[:500]}"}
-        res["wall_s"] = time.perf_counter() - t0
-        report["steps"][step] = res
-        write()
+        finally:
+            report["steps"][step] = {**res, "wall_s": time.perf_counter() - t0}
+            out.write_text(json.dumps(report, indent=1, default=str))
         print(f"{step}: {json.dumps(res, default=str)[:1500]}", flush=True)
     print(f"results written to {out}")
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Markdown tables (for the README) from the JSON files the benchmarks write.
 
-    python benchmarks/report.py benchmarks/results/<gpu>/<date>.json [more loss JSONs] \
+    python benchmarks/report.py benchmarks/results/<gpu>/<date>.json [more JSON files] \
         [--maxb maxb.json] [--tune tune.json] [--junit tests.xml]
+
+A positional file is read by its content: a loss file (bench_loss.py: ``results``), a tuning file
+(bench_tune.py: ``fwd`` and ``bwd``), a maxb file (bench_maxb.py: ``backends``); any other JSON gets
+one line saying which benchmark wrote it is not rendered here.
 
 Loss table: per (dtype, d, B) the fwd+bwd median of every backend that ran, its peak extra
 memory, and for the fused rows the speed-up over the eager reference and the ratio to the
@@ -17,6 +21,9 @@ import sys
 from pathlib import Path
 
 MiB = 1024 * 1024
+# the fused rows over which "fused / reference" and "fused / 3 GEMMs" take the fastest (old files
+# may hold a "triton_tiles" row: the backward removed since)
+FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tiles", "torch")
 
 
 def _fmt_ms(x):
@@ -55,7 +62,7 @@ def loss_table(payloads) -> list[str]:
                                  f"({r['memory']['peak_bytes'] / MiB:.0f})")
                 else:
                     cells.append(r.get("status", "?"))
-            fused = [row[x] for x in ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tiles", "torch") if x in row and row[x] in ok]
+            fused = [row[x] for x in FUSED if x in row and row[x] in ok]
             best = min(fused, key=lambda r: r["timing"]["median_ms"]["fwd_bwd"]) if fused else None
 
             def ratio(den):
@@ -130,12 +137,23 @@ def junit_lines(path: Path) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py")
+    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py (or bench_tune.py, bench_maxb.py)")
     p.add_argument("--maxb", type=Path, default=None)
     p.add_argument("--tune", type=Path, default=None)
     p.add_argument("--junit", type=Path, default=None, help="a pytest junit XML file: counts and failures")
     args = p.parse_args(argv)
-    lines = loss_table([json.loads(f.read_text()) for f in args.loss])
+    lines, losses = [], []
+    for f in args.loss:
+        pl = json.loads(f.read_text())
+        if isinstance(pl, dict) and isinstance(pl.get("results"), list) and all("label" in r for r in pl["results"]):
+            losses.append(pl)
+        elif isinstance(pl, dict) and "fwd" in pl and "bwd" in pl:
+            lines += tune_lines(pl)
+        elif isinstance(pl, dict) and isinstance(pl.get("backends"), list):
+            lines += maxb_table(pl)
+        else:
+            lines += [f"{f.name}: not a loss, tuning or maxb file (written by another benchmark): not rendered here", ""]
+    lines = loss_table(losses) + lines
     if args.tune:
         lines += tune_lines(json.loads(args.tune.read_text()))
     if args.maxb:

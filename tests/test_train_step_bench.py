@@ -342,3 +342,40 @@ def test_fetch_wheels_pins_every_wheel_from_constraints():
     assert "deepspeed" in pins and "DS_BUILD_OPS=0" in script and "pip wheel" in script
     missing = [n for n in names if re.sub(r"[_.]", "-", n.lower()) not in pins]
     assert not missing, f"not pinned in constraints.txt: {missing}"
+
+
+# ------------------------------------------------------------------------------ the other training benchmarks
+@pytest.mark.slow
+def test_distributed_bench_checks_each_variant_then_times_it(tmp_path):
+    """bench_distributed.py on 2 gloo ranks at tiny sizes: every loss variant passes its float64 check
+    against the per-rank (local) loss, GradCache's gradients equal the plain step's, and the JSON holds
+    the timings, peaks and ratios the README's table is made from."""
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_distributed.py"), "--N", "96", "--d", "16", "--batches",
+                        "16", "32", "--chunk", "4", "--hidden", "16", "--in-dim", "8", "--emb-dim", "8", "--repeats",
+                        "1", "--warmup", "0", "--threads", "1", "--out", str(out)],
+                       capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["correctness"]["loss"]["passed"] == {"strip": True, "two-strip": True, "eager": True}, r.stdout[-3000:]
+    assert res["correctness"]["gradcache"]["passed"] is True and len(res["correctness"]["gradcache"]["runs"]) == 2
+    for kind, size, variants in (("loss", "96", ("strip", "two-strip", "eager")),
+                                 ("gradcache", "32", ("plain", "gradcache"))):
+        for v in variants:
+            assert res[kind]["timing"][size]["variants"][v]["median_step_ms"] > 0
+            assert res[kind]["memory"][size][v]["status"] == "ok", res[kind]["memory"][size][v]
+    (ratios,) = res["ratios"]["loss"]
+    assert ratios["N"] == 96 and ratios["strip_over_two_strip_time"] > 0 and ratios["strip_over_eager_time"] > 0
+    assert [x["batch"] for x in res["ratios"]["gradcache"]] == [16, 32]
+
+
+def test_st_bench_ratios_leave_out_what_was_not_measured():
+    import bench_st
+
+    rows = {"st_per_direction": {"median_fwd_bwd_ms": 10.0, "peak_mib": 0.0},
+            "fused_per_direction": {"median_fwd_bwd_ms": 5.0, "peak_mib": 2.0},
+            "st_joint": {"median_fwd_bwd_ms": 8.0}, "fused_joint": {"median_fwd_bwd_ms": 2.0}}
+    r = bench_st.ratios_of(rows)
+    assert set(r) == {"fused_per_direction / st_per_direction", "fused_joint / st_joint"}
+    assert r["fused_per_direction / st_per_direction"] == {"time": 0.5, "memory": None}  # a zero peak: no ratio
+    assert r["fused_joint / st_joint"] == {"time": 0.25, "memory": None}  # not measured (--no-memory)
