@@ -82,6 +82,7 @@ def test_backward_config_runs_the_strip_backward(monkeypatch):
     torch.testing.assert_close(t.grad, ref_t.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tune_script_dry_run(tmp_path):
     out = tmp_path / "tune.json"
     r = subprocess.run([sys.executable, str(BENCH / "bench_tune.py"), "--dry-run-cpu", "--B", "40", "--d", "24",
@@ -99,6 +100,7 @@ def test_tune_script_dry_run(tmp_path):
     assert s["best_fwd_bwd_ms"] <= s["default_fwd_bwd_ms"] and s["best_over_floor"] > 0
 
 
+@pytest.mark.slow
 def test_maxb_script_dry_run(tmp_path):
     out = tmp_path / "maxb.json"
     r = subprocess.run([sys.executable, str(BENCH / "bench_maxb.py"), "--device", "cpu", "--backends", "torch",
@@ -157,6 +159,7 @@ def test_maxb_search_stops_by_time(monkeypatch):
     assert r["largest_ok_B"] == 4096 and r["smallest_oom_B"] is None and r["limited_by"].startswith("time"), r
 
 
+@pytest.mark.slow
 def test_loss_bench_deadline_and_caps(tmp_path):
     out = tmp_path / "loss.json"
     r = subprocess.run([sys.executable, str(BENCH / "bench_loss.py"), "--device", "cpu", "--backends", "torch",
@@ -187,6 +190,7 @@ def test_bench_ms_times_in_milliseconds_on_the_cpu():
     assert 20 <= C.bench_ms(lambda: time.sleep(0.02), torch.device("cpu"), 3) < 200
 
 
+@pytest.mark.slow
 def test_report_renders_every_result_file():
     """Every file under benchmarks/results/ goes through report.py: the loss and tuning files as
     tables (old ones included: a partial run, a removed backend's row), the others named as not
@@ -388,6 +392,7 @@ def _sigint_ignored():
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
     """Stopped by a signal in the middle of a sweep, bench_loss still writes its JSON with the
     sizes it finished, marked "interrupted", and exits 130 (SIGINT: gpu_check.sh's limits;
@@ -443,6 +448,7 @@ def test_run_step_stops_with_sigint_and_reports():
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_pytest_stopped_by_run_step_writes_its_junit(tmp_path, workers):
     """What SIGTERM loses (pytest-xdist writes no junit file on SIGTERM), SIGINT keeps."""
     if workers:
@@ -475,6 +481,7 @@ def test_install_falls_back_to_a_copy_when_pip_fails(tmp_path):
     assert f"KERNELS {shim}/llave_fast/kernels/tile.py" in r.stdout and "rc=0" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """The prepared run's plumbing, stages A and B in one call, with tiny CPU arguments: the
     install and its check, every step under its limit, the files the device call brings back
@@ -500,6 +507,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         "torch": "ok", "reference": "ok"}
 
 
+@pytest.mark.slow
 def test_maxb_writes_its_tries_when_stopped(tmp_path):
     import signal
 

@@ -431,6 +431,7 @@ def test_a_start_that_fails_leaves_no_half_made_run_folder(tmp_path):
     assert r.returncode == 1 and "never trained" in r.stderr and "no config.json" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_deepspeed_op_probe_stays_off_the_terminal_when_stderr_is_redirected(tmp_path):
     """ablate sends each run's output to a log (sys.stderr redirected, fd 2 not): DeepSpeed's probe of
     its ops (async_io links -laio) must not reach fd 2. Without the quiet probe it does on a machine

@@ -10,6 +10,8 @@ from llave_fast.testing import spawn_ranks
 
 import _dist_workers as W
 
+pytestmark = pytest.mark.slow  # processes, ranks, wheel builds or compiles: -m 'not slow' skips them
+
 
 def _cases(world):
     unequal = [3 + 2 * r for r in range(world)]

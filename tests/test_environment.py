@@ -108,6 +108,7 @@ _KERNELS_CHECK = textwrap.dedent("""
 
 
 @pytest.mark.env
+@pytest.mark.slow
 def test_hugging_face_kernels_is_the_one_imported_from_the_repository_root():
     """From the repository root, ``import kernels`` gives Hugging Face's package where it is installed
     (transformers >= 5.2x depends on it) and transformers imports cleanly; where it is not installed
@@ -135,6 +136,7 @@ def test_hugging_face_kernels_is_the_one_imported_from_the_repository_root():
         assert set(ours_loaded) <= {"kernels"} and not got["available"], got
 
 
+@pytest.mark.slow
 def test_two_models_build_and_train_in_one_process(tmp_path):
     """Two runs of train() in one fresh interpreter (as ablate, notebooks and tests do): the second
     model keeps transformers' hub-kernel layer attributes (the modeling modules are imported before
@@ -200,6 +202,7 @@ def test_installed_dependencies_are_the_tested_set():
                           "after the tests pass on the new versions")
 
 
+@pytest.mark.slow
 def test_a_broken_transformers_stops_the_session_with_one_message(tmp_path):
     """The session guard (conftest.py): when an installed transformers cannot be imported, no test runs
     and one message names the error and the versions (instead of dozens of unrelated errors)."""

@@ -151,11 +151,13 @@ def test_activation_memory_flat_with_batch():
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_ddp_gradients_and_step_equal_plain_ddp(world):
     spawn_ranks(W.ddp_rank, world, 3)
 
 
 @pytest.mark.parametrize("stage", [3, 2, 0])
+@pytest.mark.slow
 def test_deepspeed_step_equals_full_batch_step(stage):
     """ZeRO-3 (and 2, and no ZeRO) with 2 gloo ranks: chunks reduced once, one optimizer step."""
     pytest.importorskip("deepspeed")
@@ -163,6 +165,7 @@ def test_deepspeed_step_equals_full_batch_step(stage):
 
 
 @pytest.mark.parametrize("stage,chunk,calls", [(3, 12, 4), (3, 14, 2), (2, 14, 2), (0, 14, 2)])
+@pytest.mark.slow
 def test_deepspeed_single_pass_only_when_every_rank_fits(stage, chunk, calls):
     """Per-rank batches of 5 and 7 pairs: at chunk 12 rank 0's 10 samples fit one chunk but rank
     1's 14 do not, so both ranks take the cached path (2 x (1 + 1) calls each; a single pass on
@@ -173,6 +176,7 @@ def test_deepspeed_single_pass_only_when_every_rank_fits(stage, chunk, calls):
     spawn_ranks(W.deepspeed_rank, 2, stage, chunk, [5, 7], calls)
 
 
+@pytest.mark.slow
 def test_zero3_uneven_batches_make_equal_encoder_calls():
     """Per-rank batches of 5 and 7 at chunk 2 (3 and 4 chunks): under ZeRO-3 every forward
     gathers parameters, so the ranks must make the same number of encoder calls (without the
@@ -231,6 +235,7 @@ def test_hard_negatives_are_encoded_and_match_full_batch():
         _assert_rel(model.get_parameter(k).grad, g_full[k], k)
 
 
+@pytest.mark.slow
 def test_separate_query_and_target_encoders_under_ddp():
     spawn_ranks(W.separate_encoders_rank, 2)
 

@@ -196,6 +196,7 @@ def test_train_config_option_and_flag(tree):
     assert train_config_from_args(build_parser(argv).parse_args(argv)).allow_outside_image_dir is True
 
 
+@pytest.mark.slow
 def test_train_command_stops_on_a_row_outside_naming_file_line_and_the_flag(tree):
     """The whole command, in a subprocess: one error line before the model is built."""
     tmp, img, out = tree

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # processes, ranks, wheel builds or compiles: -m 'not slow' skips them
+
 
 @pytest.mark.parametrize("arch", [90])  # the lent machines are H100/H200; `python -m llave_fast.backends.compile_check 80` for A100
 def test_kernels_compile_for_gpu(arch):

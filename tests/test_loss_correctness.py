@@ -199,6 +199,35 @@ def test_triton_strip_backward_shapes(B, d, M, rows, gen, seed):
         check_backend(case, "triton", MARGIN[torch.float32], gen)
 
 
+@pytest.mark.parametrize("path", ["cache", "stream", "fused"])
+def test_every_triton_launch_runs_under_the_inputs_device(path, monkeypatch, gen, seed):
+    """Each launch (forward, backward) enters the device of the tensors it gets, not the current
+    one: on a machine with several GPUs, tensors on cuda:1 run there. (No lent machine has two
+    GPUs, so this is checked where it is decided: the device every launch enters.)"""
+    import contextlib
+
+    from llave_fast.backends import triton_backend as tb
+
+    entered = []
+    real = tb._enter
+
+    def recording(device):
+        entered.append(device)
+        return real(device)
+
+    monkeypatch.setattr(tb, "_enter", recording)
+    case = make_case(gen, 45, 40, 6, torch.float32, masks="tid_neg", learnable_scale=True, seed=seed)
+    g = upstream_grad(gen, case)
+    with tiles("small", path):
+        run(case, torch.float32, g, backend="triton")
+    assert len(entered) >= 2, f"forward and backward launches entered {entered}"  # at least one each
+    assert all(d == case.q.device for d in entered), entered
+    # and the guard itself selects a CUDA tensor's device
+    assert isinstance(real(torch.device("cpu")), contextlib.nullcontext)
+    if torch.cuda.is_available():
+        assert isinstance(real(torch.device("cuda", 0)), torch.cuda.device)
+
+
 @pytest.mark.parametrize("path", ["cache", "stream"])
 def test_triton_strip_backward_is_bitwise_and_paths_agree(path, gen, seed):
     """The fused strip backward (S recomputed) reruns bitwise, and the strip backward reading a

@@ -182,19 +182,6 @@ def test_auto_is_triton_on_cuda(cuda, gen):
     assert "TritonHardnessLoss" in type(out.grad_fn).__name__, type(out.grad_fn).__name__
 
 
-def test_non_default_device(cuda, gen):
-    """Tensors on cuda:1 run there (the launch must not go to the current device)."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA devices")
-    dev = torch.device("cuda", 1)
-    assert torch.cuda.current_device() != 1
-    case = make_case(gen, 300, 896, 12, torch.bfloat16, masks="tid_neg", learnable_scale=True, device=dev)
-    check_backend(case, "triton", MARGIN[torch.bfloat16], gen)
-    g = upstream_grad(gen, case)
-    res = run(case, torch.bfloat16, g, backend="triton")
-    assert res.out.device == dev and all(x.device == dev for x in res.grads.values())
-
-
 @pytest.mark.parametrize("bwd", ["strip", "stream"])
 def test_compiled_never_allocates_b_by_n(cuda, bwd, gen):
     """Peak CUDA memory above the inputs stays below a quarter of one fp32 B x N matrix

@@ -651,6 +651,7 @@ def _zero3_load_rank(rank, world, folder):
     del keep
 
 
+@pytest.mark.slow
 def test_zero3_partitions_at_load_and_every_weight_lands(ckpt):
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")

@@ -17,6 +17,8 @@ from llave_fast.train import BatchOrder, MicroStepLoss, TrainConfig, batch_indic
 
 import _recipe_workers as W
 
+pytestmark = pytest.mark.slow  # processes, ranks, wheel builds or compiles: -m 'not slow' skips them
+
 
 def test_preset_is_llaves_recipe():
     c = TrainConfig.from_json("llave_0.5b_recipe.json")

@@ -351,6 +351,7 @@ def check_gather_across_devices(rank, world, cases):
             torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gather_across_devices_two_ranks():
     from llave_fast.testing import spawn_ranks
 

@@ -172,6 +172,7 @@ def deferred_ddp_rank(rank, world):
         assert ((b - a).norm() / a.norm()).item() < 2e-5
 
 
+@pytest.mark.slow
 def test_deferred_under_ddp():
     import test_st_gradcache_deferred as this
 

@@ -34,6 +34,7 @@ def _ds_init_rank(rank, world):
     assert x.tolist() == [3.0, 3.0, 3.0]
 
 
+@pytest.mark.slow
 def test_cold_extension_cache_is_built_once_before_the_ranks_start(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.delenv(testing.WARM_ENV, raising=False)  # restored afterwards
@@ -103,6 +104,7 @@ def _every_rank_fails(rank, world):
     raise ValueError(f"rank {rank} of {world}: a check fails")
 
 
+@pytest.mark.slow
 def test_a_failing_rank_still_fails_the_caller():
     """Ranks that pass leave by os._exit(0); a rank's exception must still reach the caller."""
     import torch.multiprocessing as mp

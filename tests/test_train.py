@@ -27,6 +27,7 @@ def reference_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_zero3_match_one_rank(reference_run, tmp_path):
     out = str(tmp_path / "two")
     spawn_ranks(W.run_train, 2, dict(out=out))
@@ -37,6 +38,7 @@ def test_two_ranks_zero3_match_one_rank(reference_run, tmp_path):
         assert abs(a - b) <= 1e-4 * abs(a), f"1 rank {one} vs 2 ranks {two}"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_trajectory(reference_run, tmp_path):
     out = str(tmp_path / "resumed")
     # dies after 3 steps: the last complete checkpoint is step 2, step 3 is lost
@@ -60,6 +62,7 @@ def test_kill_and_resume_gives_the_same_trajectory(reference_run, tmp_path):
         assert json.load(f)["p_at_1_after"] == json.load(g)["p_at_1_after"]
 
 
+@pytest.mark.slow
 def test_eval_json_scores_each_task_against_its_own_targets(reference_run):
     from llave_fast.train import TrainConfig, summary_text
 
@@ -82,6 +85,7 @@ def test_eval_json_scores_each_task_against_its_own_targets(reference_run):
                                                                                        str(v["num_candidates"])]
 
 
+@pytest.mark.slow
 def test_export_reloads_with_the_same_embeddings(reference_run, tmp_path):
     from llave_fast.data import SyntheticDataset
     from llave_fast.evaluate import evaluate_model
@@ -114,6 +118,7 @@ def test_export_reloads_with_the_same_embeddings(reference_run, tmp_path):
     assert (c - a).norm() / a.norm() < 3e-2
 
 
+@pytest.mark.slow
 def test_eval_on_mmeb_candidate_lists(reference_run, tmp_path):
     """`llave-fast eval` on MMEB-eval style files: each query against its own candidates."""
     from llave_fast.cli import main
@@ -167,6 +172,7 @@ def test_eval_precision_follows_the_device(monkeypatch):
     assert eval_precision("auto", "fp32") == (torch.device("cuda"), torch.float32)
 
 
+@pytest.mark.slow
 def test_eval_runs_in_the_requested_precision(reference_run, tmp_path):
     from llave_fast.evaluate import evaluate_model
     from llave_fast.export import export_run

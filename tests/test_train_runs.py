@@ -29,6 +29,8 @@ from llave_fast.train import (
 
 import _train_workers as W  # noqa: E402
 
+pytestmark = pytest.mark.slow  # processes, ranks, wheel builds or compiles: -m 'not slow' skips them
+
 
 # ---------------------------------------------------------------- misconfigurations
 def test_check_config_refuses_bad_values_naming_option_and_value():

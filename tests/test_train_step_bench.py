@@ -28,6 +28,8 @@ sys.path.insert(0, str(BENCH))
 
 import bench_train_step as B  # noqa: E402
 
+pytestmark = pytest.mark.slow  # processes, ranks, wheel builds or compiles: -m 'not slow' skips them
+
 
 def _env(tmp_path: Path) -> dict:
     env = dict(os.environ)
@@ -345,7 +347,6 @@ def test_fetch_wheels_pins_every_wheel_from_constraints():
 
 
 # ------------------------------------------------------------------------------ the other training benchmarks
-@pytest.mark.slow
 def test_distributed_bench_checks_each_variant_then_times_it(tmp_path):
     """bench_distributed.py on 2 gloo ranks at tiny sizes: every loss variant passes its float64 check
     against the per-rank (local) loss, GradCache's gradients equal the plain step's, and the JSON holds

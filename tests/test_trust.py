@@ -96,6 +96,7 @@ def test_allowed_globals_are_exactly_what_deepspeeds_files_hold(run):
     assert set(map(str, torch.serialization.get_safe_globals())) == before  # scoped: nothing left allowed after
 
 
+@pytest.mark.slow
 def test_a_zero2_run_resumes_and_exports_through_weights_only_loads(tmp_path):
     """ZeRO-2's files differ (mp_rank_00_model_states.pt; its optimizer states hold fragment_address)."""
     pytest.importorskip("deepspeed")
@@ -162,6 +163,7 @@ def test_a_planted_pickle_is_refused_by_eval_and_export_naming_the_file(run, tmp
 
 @pytest.mark.parametrize("name,precheck", [(MODEL_STATES, False), (OPTIM_STATES, False), (OPTIM_STATES, True)],
                          ids=["model-states-loads-alone", "optim-states-loads-alone", "optim-states-checked-first"])
+@pytest.mark.slow
 def test_a_resumed_run_refuses_a_planted_pickle_naming_the_file(run, tmp_path, name, precheck):
     out = _copy(run, tmp_path)
     marker = str(tmp_path / "pwned")
@@ -181,6 +183,7 @@ def test_a_resumed_run_refuses_a_planted_pickle_naming_the_file(run, tmp_path, n
         assert planted in [p for p, _ in loads], loads
 
 
+@pytest.mark.slow
 def test_two_ranks_refuse_together_when_one_ranks_file_is_planted(tmp_path):
     """Only rank 1 loads its optimizer states; both ranks check every file first and refuse at once,
     with the same message, instead of rank 0 going on into DeepSpeed's collectives alone."""
@@ -378,6 +381,7 @@ def _private_tmpfs_works(tmp_path) -> str | None:
     return None if r.returncode == 0 else f"unshare -m / mount refused: {r.stderr.strip()}"
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_in_a_checkpoint_and_in_the_log_is_named_and_the_run_resumes(tmp_path):
     pytest.importorskip("deepspeed")
     why = _private_tmpfs_works(tmp_path)
