@@ -41,6 +41,7 @@ test suite, ``scripts/setup.sh`` and ``llave_fast.testing``; they change no kern
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields, replace
 
@@ -48,6 +49,8 @@ import torch
 
 from ..errors import InvalidArgument, InvalidArgumentType
 from .common import S_MIN_ROWS, S_MODES, parse_bytes
+
+log = logging.getLogger(__name__)
 
 #: the one backward of the Triton backend (``hardness_ds`` + two library GEMMs)
 BWD_VARIANTS = ("strip",)
@@ -343,8 +346,6 @@ def tuned(kind: str, base: KernelConfig, key: tuple, device: torch.device, dtype
     full = (kind, device.type, device.index, dtype) + tuple(key) + (base,)
     if full in TUNED:
         return TUNED[full]
-    import sys
-
     record = {"key": full, "candidates": []}
     best, best_ms = None, float("inf")
     for cand in candidates(kind, device, dtype):
@@ -362,8 +363,8 @@ def tuned(kind: str, base: KernelConfig, key: tuple, device: torch.device, dtype
     record.update(choice=best, ms=best_ms)
     TUNE_LOG.append(record)
     TUNED[full] = base.replace(**best)
-    print(f"llave-fast autotune: {kind} {dtype} on {device} {key}: {best} ({best_ms:.3f} ms, "
-          f"{len(record['candidates'])} candidates)", file=sys.stderr)
+    log.info("llave-fast autotune: %s %s on %s %s: %s (%.3f ms, %d candidates)", kind, dtype, device, key, best,
+             best_ms, len(record["candidates"]))
     return TUNED[full]
 
 
