@@ -17,373 +17,30 @@ Errors: a user error (a bad flag value, a missing file, bad data: an exception o
 checks raise, or a missing file wherever it is found) prints one line,
 ``llave-fast: error: ...``, and exits 1; anything else is an internal error and keeps its
 traceback. ``--debug`` shows the traceback of every error.
+
+The command is built from named pieces: :mod:`llave_fast.cli_console` (logging on stderr,
+which errors are the user's), :mod:`llave_fast.cli_train_flags` (train's flags from TrainConfig),
+:mod:`llave_fast.cli_commands` (each command's handler); this module builds the parser and runs
+:func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import logging
-import os
 import sys
 import traceback
-import types
-import typing
 
 from . import __version__
-from ._checks import BACKENDS
-from .errors import InvalidArgumentType, LlaveFastError
-
-PROG = "llave-fast"
-DEFAULT_CONFIG = "tiny_cpu.json"
-# TrainConfig fields that only tests set: no flag in --help (they still parse). A field marks
-# itself with metadata {"hidden": True} (stop_after does); more names can be listed here.
-HIDDEN_FIELDS = frozenset({"stop_after"})
-# choices of str fields, when the field's metadata does not give them ("choices")
-FIELD_CHOICES = {"loss_backend": BACKENDS, "bad_images": ("skip", "fail")}
-
-
-class UsageError(LlaveFastError):
-    """A user error found by the command itself (printed without a traceback)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line prints one error line and where to read more, not the
-    whole usage (train's has some fifty flags)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
-
-
-# -------------------------------------------------------------------------- logging
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a record comes (as logging's own last-resort
-    handler does), so a redirected stderr (ablate's per-run train.log, pytest's capture) gets it."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):  # StreamHandler's __init__ sets it; the property always answers sys.stderr
-        pass
-
-
-def configure_logging() -> None:
-    """What the library logs (``logging.getLogger("llave_fast....")``: progress, notes, warnings)
-    shown to a command-line user: INFO and up, the message alone, on stderr. Done once per process;
-    stdout stays for the results a command prints."""
-    root = logging.getLogger("llave_fast")
-    if any(isinstance(h, _StderrHandler) for h in root.handlers):
-        return
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
-# -------------------------------------------------------------------------- which errors are the user's
-_FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """True for an error the user can fix: one of llave-fast's own checks (every one raises a
-    :class:`~llave_fast.errors.LlaveFastError`) or a file that is missing or unreadable. Any
-    other exception, a ValueError from inside torch included, is a bug and gets a traceback."""
-    return isinstance(exc, (LlaveFastError,) + _FILE_ERRORS)
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        return f"{exc.strerror}: {exc.filename!r}"
-    return str(exc) or type(exc).__name__
-
-
-# -------------------------------------------------------------------------- train flags
-def _optional_inner(tp):
-    """(the type inside ``X | None``, True) or (tp, False)."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or origin is getattr(types, "UnionType", None):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _bool(s: str) -> bool:
-    low = s.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def _str_list(s: str) -> list[str]:
-    items = [x.strip() for x in s.split(",")]
-    if not all(items):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {s!r}")
-    return items
-
-
-def _named(fn, name):
-    fn.__name__ = name  # argparse says "invalid <name> value: ..."
-    return fn
-
-
-def _flag_parser(tp, optional: bool):
-    """The argparse ``type`` for a field of type ``tp``; 'none' unsets an optional field."""
-    if typing.get_origin(tp) is list:
-        base, name = _str_list, "comma-separated list"
-    elif tp is bool:
-        base, name = _bool, "true/false"
-    elif tp in (int, float, str):
-        base, name = tp, tp.__name__
-    else:
-        raise InvalidArgumentType(f"TrainConfig field type {tp!r} has no command-line form")
-    if not optional:
-        return _named(lambda s: base(s), name)
-    return _named(lambda s: None if s.lower() == "none" else base(s), name + " or 'none'")
-
-
-def _show(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def _syntax(name: str, tp, optional: bool, choices) -> tuple[str, str]:
-    """(metavar, a sentence on how to write the value)."""
-    if choices:
-        metavar, how = "{" + ",".join(choices) + "}", f"one of {', '.join(choices)}"
-    elif typing.get_origin(tp) is list:
-        metavar, how = "A,B,...", "a comma-separated list, e.g. A,B"
-    elif tp is bool:
-        metavar, how = "BOOL", "true or false (the flag alone means true)"
-    else:
-        metavar = {int: "INT", float: "FLOAT", str: "STR"}[tp]
-        how = {int: "an integer", float: "a number", str: "text"}[tp]
-    if optional:
-        how += "; 'none' unsets it"
-    return metavar, how
-
-
-def _preset_for_help(argv: list[str]):
-    """(config name, TrainConfig loaded from it or None, why not) for the train parser's help."""
-    from .train import TrainConfig
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=DEFAULT_CONFIG)
-    known, _ = pre.parse_known_args(argv)
-    try:
-        return known.config, TrainConfig.from_json(known.config), None
-    except Exception as e:  # noqa: BLE001 - help still works; the run itself reports the error
-        return known.config, None, _message(e)
-
-
-def _add_train_flags(p: argparse.ArgumentParser, argv: list[str]) -> None:
-    from .train import TrainConfig
-
-    config_name, preset, why = _preset_for_help(argv)
-    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="JSON",
-                   help="training config JSON, a path or a shipped preset: tiny_cpu.json (the CPU demo), "
-                        "llave_0.5b.json (ours: fine-tune LLaVE-0.5B, every pair of the global batch a negative), "
-                        "llave_0.5b_recipe.json (LLaVE's published recipe for the 0.5B model). Its values replace "
-                        f"the built-in defaults; flags replace both. Default: {DEFAULT_CONFIG}")
-    if preset is None:
-        p.description = (f"Defaults below are the built-in ones: the config {config_name!r} could not be read "
-                         f"({why}).")
-    else:
-        p.description = (f"Each default below is the one that applies with --config {config_name}: the config's "
-                         "value where it sets one, else the built-in one.")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp, optional = _optional_inner(hints[f.name])
-        choices = f.metadata.get("choices") or FIELD_CHOICES.get(f.name)
-        metavar, how = _syntax(f.name, tp, optional, choices)
-        kind = _flag_parser(tp, optional)
-        extra = {"nargs": "?", "const": True} if tp is bool else {}
-        if f.metadata.get("hidden") or f.name in HIDDEN_FIELDS:
-            text = argparse.SUPPRESS
-        else:
-            what = f.metadata.get("help", "").rstrip(".")
-            applies = f.default if preset is None else getattr(preset, f.name)
-            where = ""
-            if preset is not None and applies != f.default:
-                where = f" (from {config_name}; built-in {_show(f.default)})"
-            text = f"{what}. Value: {how}. Default: {_show(applies)}{where}".replace("%", "%%")
-        if choices:  # argparse checks the converted value: None is a choice of an optional field
-            extra["choices"] = list(choices) + ([None] if optional else [])
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                       metavar=metavar, help=text, **extra)
-
-
-def _check_types(cfg, source: str) -> None:
-    """Refuse a config value of the wrong type (a preset file is not checked by argparse)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        tp, optional = _optional_inner(hints[f.name])
-        v = getattr(cfg, f.name)
-        if v is None:
-            ok = optional
-        elif typing.get_origin(tp) is list:
-            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-        elif tp is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        elif tp is int:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        else:
-            ok = isinstance(v, tp)
-        if not ok:
-            want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, "a list of strings")
-            raise UsageError(f"{source}: {f.name} must be {want}{' or null' if optional else ''}, got {v!r}")
-
-
-def train_config_from_args(args):
-    """The TrainConfig a ``train`` command line asks for: built-in < --config file < flags."""
-    from .train import TrainConfig
-
-    try:
-        cfg = TrainConfig.from_json(args.config)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--config {args.config!r}: not valid JSON ({e})") from e
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise UsageError(f"--config {args.config!r}: {_message(e)}") from e
-    _check_types(cfg, f"--config {args.config!r}")
-    for f in dataclasses.fields(TrainConfig):
-        if hasattr(args, f.name):
-            setattr(cfg, f.name, getattr(args, f.name))
-    _drop_synthetic_only(cfg, args)
-    _fit_preset_warmup(cfg, args)
-    return cfg
-
-
-def _drop_synthetic_only(cfg, args) -> None:
-    """Real data (``--data FILES``) with a preset made for the synthetic data (the default
-    tiny_cpu.json sets synthetic_tasks): the preset's synthetic-only options go back to their
-    defaults, with a note naming them. Given as flags they stay, and check_config refuses them."""
-    from .train import synthetic_only_options
-
-    if cfg.data == "synthetic":
-        return
-    dropped = []
-    for name, (value, default) in synthetic_only_options(cfg).items():
-        if not hasattr(args, name):
-            dropped.append(f"{name}={value!r}")
-            setattr(cfg, name, default)
-    if dropped:
-        print(f"{PROG} train: note: --data is not synthetic; the config's synthetic-data options do not apply and "
-              f"are left out: {', '.join(dropped)}", file=sys.stderr)
-
-
-def _fit_preset_warmup(cfg, args) -> None:
-    """A shorter run asked for on the command line (``--steps 2``) keeps working with a preset
-    whose warm-up is longer than it: the preset's warm-up is cut to a tenth of the run, with a
-    note. A warm-up the user gave as a flag is never changed (``check_config`` refuses it)."""
-    if not hasattr(args, "steps") or hasattr(args, "warmup_steps") or hasattr(args, "warmup_ratio"):
-        return
-    if cfg.epochs is not None or cfg.warmup_ratio is not None or not isinstance(cfg.steps, int) or cfg.steps < 1:
-        return
-    if isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= cfg.steps:
-        new = cfg.steps // 10
-        print(f"{PROG} train: note: the config's warm-up ({cfg.warmup_steps} steps) is not shorter than --steps "
-              f"{cfg.steps}; using --warmup-steps {new} (a tenth of the run). Give --warmup-steps to choose.",
-              file=sys.stderr)
-        cfg.warmup_steps = new
-
-
-def _train(args) -> int:
-    from .train import train
-
-    train(train_config_from_args(args))
-    return 0
-
-
-def _existing(flag: str, path: str | None, kind: str = "folder") -> None:
-    """Refuse a path flag that names nothing, naming the flag and what it got."""
-    if path is None:
-        return
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path!r}: no such {kind}")
-    if kind == "folder" and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r}: not a folder")
-
-
-def _looks_local(path: str) -> bool:
-    """A path, not a hub id (owner/name): absolute, relative with ./ or ../, or existing."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") != 1
-
-
-def _export(args) -> int:
-    from .export import export_run, is_run_dir
-
-    _existing("--run", args.run)
-    if not is_run_dir(args.run):
-        raise UsageError(f"--run {args.run!r}: not a llave-fast training run folder (no train_config.json, base/ "
-                         "or checkpoints/ inside; give the --output-dir of a training run)")
-
-    path = export_run(args.run, args.output, dtype=args.dtype, tag=args.tag)
-    print(f"exported to {path}")
-    return 0
-
-
-def _eval(args) -> int:
-    from .data.mmeb import outside_image_dir_allowed
-    from .data.mmeb_eval import find_eval_datasets
-    from .evaluate import data_paths, evaluate_model, format_mmeb_table
-
-    if _looks_local(args.model):
-        _existing("--model", args.model)
-    try:
-        paths = data_paths(args.data)
-    except ValueError as e:
-        raise UsageError(f"--data: {e}") from e
-    for path in paths:
-        _existing("--data", path, kind="file or folder")
-    _existing("--image-dir", args.image_dir)
-
-    mmeb_eval_files = bool(paths) and find_eval_datasets(paths) is not None
-    num_eval, max_queries = args.num_eval, args.max_queries
-    if mmeb_eval_files:
-        if num_eval is not None:
-            if max_queries is not None:
-                raise UsageError(f"--num-eval {num_eval} and --max-queries {max_queries}: with MMEB-eval files both "
-                                 "cap the queries per dataset; give --max-queries alone")
-            print(f"{PROG} eval: note: --num-eval {num_eval} with MMEB-eval files caps the queries of each dataset, "
-                  f"as --max-queries {num_eval} does", file=sys.stderr)
-            max_queries = num_eval
-        if args.output_dir is None:
-            print(f"{PROG} eval: note: no --output-dir, so no mmeb_eval.json and no per-dataset resume cache are "
-                  "written (an interrupted evaluation starts over)", file=sys.stderr)
-    else:
-        if max_queries is not None:
-            raise UsageError(f"--max-queries {max_queries} applies to MMEB-eval files (each query's own candidate "
-                             "list); for the synthetic split and MMEB-train files use --num-eval")
-        if args.output_dir is not None:
-            raise UsageError(f"--output-dir {args.output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its "
-                             "resume cache); for the synthetic split and MMEB-train files use --output FILE")
-    with outside_image_dir_allowed(args.allow_outside_image_dir):  # the readers' default, for this call
-        result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
-                                num_eval=256 if num_eval is None else num_eval, seed=args.seed,
-                                image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,
-                                max_queries=max_queries, output_dir=args.output_dir,
-                                max_text_tokens=args.max_text_tokens)
-    print(json.dumps(result, indent=2))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
-    if mmeb_eval_files:  # the table for people, after the JSON (stdout stays parseable: `> metrics.json`)
-        where = f" (also in {os.path.join(args.output_dir, 'mmeb_eval.json')})" if args.output_dir else ""
-        print(f"\nMMEB precision@1{where}:\n{format_mmeb_table(result)}", file=sys.stderr)
-    return 0
+from .cli_commands import COMMANDS
+from .cli_console import PROG, CommandParser, configure_logging, error_message, is_user_error
+from .cli_console import UsageError  # noqa: F401 - re-exported: the command's own error, importable from here
+from .cli_train_flags import (  # noqa: F401 - re-exported: tests import them from here
+    DEFAULT_CONFIG,
+    FIELD_CHOICES,
+    HIDDEN_FIELDS,
+    add_train_flags,
+    train_config_from_args,
+)
 
 
 def _positive_int(s: str) -> int:
@@ -396,14 +53,59 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _ablate(args) -> int:
-    from .ablate import format_report, run_ablation
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
 
-    result = run_ablation(args.output_dir, config=args.config, alphas=args.alphas, batches=args.batches,
-                          seeds=args.seeds, steps=args.steps, global_batch=args.global_batch, num_eval=args.num_eval,
-                          family_size=args.family_size, quick=args.quick)
-    print(format_report(result))
-    return 0
+
+def _text_cut(s: str):
+    if s == "saved":
+        return s
+    try:
+        return _positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'saved', got {s!r}") from None
+
+
+def _dtype_spelling(s: str) -> str:
+    """A precision's other spellings (bfloat16, torch.float16, half, ...) as its short name; anything
+    else as it is, for argparse's choices to refuse."""
+    from .dtypes import DTYPE_ALIASES
+
+    key = s[len("torch."):] if s.startswith("torch.") else s
+    return DTYPE_ALIASES.get(key, s)
+
+
+def add_dtype_flag(p: argparse.ArgumentParser, *, choices, default: str, help: str) -> None:
+    """The one ``--dtype`` flag of export, eval and eval-video: the short names (bf16, fp16, fp32,
+    plus a command's own choices), the long ones (bfloat16, float16 / half, float32) accepted too."""
+    from .dtypes import DTYPE_ALIASES
+
+    also = ", ".join(f"{alias} = {short}" for alias, short in DTYPE_ALIASES.items() if short in choices)
+    p.add_argument("--dtype", default=default, type=_dtype_spelling, choices=list(choices),
+                   help=f"{help} (also accepted: {also}). Default: {default}")
+
+
+def _add_precision_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --max-text-tokens of the evaluation commands (see
+    llave_fast.evaluate.eval_precision and apply_eval_protocol)."""
+    from .evaluate import EVAL_PRECISIONS
+
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
+    add_dtype_flag(p, choices=EVAL_PRECISIONS, default="auto",
+                   help="precision: auto = bf16 weights on CUDA, fp32 on CPU; llave = LLaVE's own evaluation "
+                        "precision, fp16 weights with every forward under bf16 autocast (CUDA only): the one that "
+                        "reproduces LLaVE's numbers")
+    p.add_argument("--max-text-tokens", type=_text_cut, default=None, metavar="N|saved",
+                   help="cut each text alone to N tokens, or 'saved': to the cut the model was trained with "
+                        "(train's --max-text-tokens, saved with it). Default: no such cut, as LLaVE evaluates "
+                        "(only the whole sequence is cut, at the model's max_length, e.g. 4096)")
 
 
 def _add_ablate_flags(p: argparse.ArgumentParser) -> None:
@@ -453,100 +155,25 @@ def _add_ablate_flags(p: argparse.ArgumentParser) -> None:
                    help="the training preset each run starts from (tiny model, synthetic data). Default: %(default)s")
 
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def _eval_video(args) -> int:
-    from .eval_video import eval_video, format_metrics_table
-
-    if _looks_local(args.model):
-        _existing("--model", args.model)
-    _existing("--videos", args.videos)
-    _existing("--annotations", args.annotations, kind="file or folder")
-    _existing("--video-list", args.video_list, kind="file")
-    result = eval_video(args.model, args.videos, args.annotations, args.output_dir, max_frames=args.max_frames,
-                        fps=args.fps, batch=args.batch, device=args.device, dtype=args.dtype,
-                        max_length=args.max_length, video_list=args.video_list, limit=args.limit,
-                        workers=args.workers, max_text_tokens=args.max_text_tokens)
-    out = os.path.join(args.output_dir, "video_eval.json")
-    print(f"zero-shot text-video retrieval: {result['num_videos']} videos, {result['num_captions']} captions, "
-          f"{result['frames']['mean_frames']:.1f} frames a video on average ({result['device']}, {result['dtype']}; "
-          f"videos {result['seconds']['videos']:.1f} s, captions {result['seconds']['captions']:.1f} s)")
-    print(format_metrics_table(result))
-    print(f"(R@k in % of queries, ranks 1-based; written to {out})")
-    return 0
-
-
-def _text_cut(s: str):
-    if s == "saved":
-        return s
-    try:
-        return _positive_int(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'saved', got {s!r}") from None
-
-
-def _dtype_spelling(s: str) -> str:
-    """A precision's other spellings (bfloat16, torch.float16, half, ...) as its short name; anything
-    else as it is, for argparse's choices to refuse."""
-    from .dtypes import DTYPE_ALIASES
-
-    key = s[len("torch."):] if s.startswith("torch.") else s
-    return DTYPE_ALIASES.get(key, s)
-
-
-def add_dtype_flag(p: argparse.ArgumentParser, *, choices, default: str, help: str) -> None:
-    """The one ``--dtype`` flag of export, eval and eval-video: the short names (bf16, fp16, fp32,
-    plus a command's own choices), the long ones (bfloat16, float16 / half, float32) accepted too."""
-    from .dtypes import DTYPE_ALIASES
-
-    also = ", ".join(f"{alias} = {short}" for alias, short in DTYPE_ALIASES.items() if short in choices)
-    p.add_argument("--dtype", default=default, type=_dtype_spelling, choices=list(choices),
-                   help=f"{help} (also accepted: {also}). Default: {default}")
-
-
-def _add_precision_flags(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --max-text-tokens of the evaluation commands (see
-    llave_fast.evaluate.eval_precision and apply_eval_protocol)."""
-    from .evaluate import EVAL_PRECISIONS
-
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu. Default: auto")
-    add_dtype_flag(p, choices=EVAL_PRECISIONS, default="auto",
-                   help="precision: auto = bf16 weights on CUDA, fp32 on CPU; llave = LLaVE's own evaluation "
-                        "precision, fp16 weights with every forward under bf16 autocast (CUDA only): the one that "
-                        "reproduces LLaVE's numbers")
-    p.add_argument("--max-text-tokens", type=_text_cut, default=None, metavar="N|saved",
-                   help="cut each text alone to N tokens, or 'saved': to the cut the model was trained with "
-                        "(train's --max-text-tokens, saved with it). Default: no such cut, as LLaVE evaluates "
-                        "(only the whole sequence is cut, at the model's max_length, e.g. 4096)")
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; ``argv`` (the arguments) picks the preset whose defaults train's help shows."""
     from .dtypes import DTYPES
 
     argv = [] if argv is None else argv
-    parser = _Parser(
+    parser = CommandParser(
         prog=PROG, description="Train and evaluate LLaVE-style multimodal embedding models at large batch.",
         epilog=f"'{PROG} COMMAND --help' describes each command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
-    sub = parser.add_subparsers(dest="command", metavar="{train,export,eval,eval-video,ablate}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,export,eval,eval-video,ablate}",
+                                parser_class=CommandParser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the Python traceback of any error")
 
     train_argv = argv[argv.index("train") + 1:] if "train" in argv else []
     p_train = sub.add_parser("train", parents=[common], help="train (default job: tiny LLaVE on synthetic data, CPU)")
-    _add_train_flags(p_train, train_argv)
+    add_train_flags(p_train, train_argv)
 
     p_export = sub.add_parser("export", parents=[common],
                               help="consolidate a run's newest complete checkpoint into a 16-bit model folder")
@@ -689,8 +316,7 @@ def main(argv=None) -> int:
     if args.command is None:  # only --debug
         parser.print_help()
         return 0
-    run = {"train": _train, "export": _export, "eval": _eval, "eval-video": _eval_video,
-           "ablate": _ablate}[args.command]
+    run = COMMANDS[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -700,11 +326,11 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         if is_user_error(exc):
-            print(f"{PROG} {args.command}: error: {_message(exc)}", file=sys.stderr)
+            print(f"{PROG} {args.command}: error: {error_message(exc)}", file=sys.stderr)
             print("(run with --debug for the traceback)", file=sys.stderr)
             return 1
         traceback.print_exc()
-        print(f"{PROG} {args.command}: internal error ({type(exc).__name__}: {_message(exc)}); this is a bug, "
+        print(f"{PROG} {args.command}: internal error ({type(exc).__name__}: {error_message(exc)}); this is a bug, "
               "please report it with the traceback above", file=sys.stderr)
         return 1
 

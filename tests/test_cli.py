@@ -65,7 +65,7 @@ def test_train_help_describes_every_option_and_hides_test_only_ones(capsys):
 @pytest.mark.parametrize("config", ["tiny_cpu.json", "llave_0.5b.json", "llave_0.5b_recipe.json"])
 def test_train_help_shows_the_default_that_applies(config):
     """The default shown for every flag is the value the run would use: the preset's, else the built-in one."""
-    from llave_fast.cli import _show
+    from llave_fast.cli_train_flags import _show
 
     argv = ["train"] if config == "tiny_cpu.json" else ["train", "--config", config]
     actions = _train_actions(argv)

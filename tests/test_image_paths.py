@@ -140,7 +140,7 @@ def test_train_never_looks_at_a_path_outside(tree, monkeypatch):
     f = _train_file(tmp / "d.jsonl", ["sub/ok.png"] + lexical)
     monkeypatch.setattr(os, "stat", spy(real_stat))
     monkeypatch.setattr(os, "lstat", spy(real_lstat))
-    monkeypatch.setattr(M.Image, "open", spy(real_open))
+    monkeypatch.setattr(Image, "open", spy(real_open))  # PIL.Image: what data.images opens with
     for check in ("exists", "decode"):
         ds = MMEBDataset(f, str(img), skip_bad_rows=True, check_images=check)
         assert len(ds) == 1 and len(ds.skipped) == 3

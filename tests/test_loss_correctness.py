@@ -287,17 +287,17 @@ def test_strip_backward_hands_the_library_gemms_aligned_shapes(monkeypatch, B, d
 def test_strip_gemm_into_fp32(monkeypatch, accumulate):
     """The strip backward's GEMM into an fp32 accumulator with 16-bit operands: whichever
     form this torch offers (on the CPU: the 16-bit product cast and added)."""
-    from llave_fast.backends import triton_backend as tb
+    from llave_fast.backends import gemm  # the strip backward's GEMMs and their probe live here
 
-    monkeypatch.setattr(tb, "_ACC_MM", {})
+    monkeypatch.setattr(gemm, "_ACC_MM", {})
     g = torch.Generator().manual_seed(3)
     a = torch.randn(9, 17, generator=g).to(torch.bfloat16)
     b = torch.randn(17, 5, generator=g).to(torch.bfloat16)
     dst = torch.randn(9, 5, generator=g)
     want = (dst.double() if accumulate else 0) + a.double() @ b.double()
-    tb._mm_into(dst, a, b, accumulate=accumulate)
-    assert list(tb._ACC_MM) == [("cpu", None, torch.bfloat16)], tb._ACC_MM
-    assert tb._ACC_MM[("cpu", None, torch.bfloat16)] in ("addmm", "mm", "cast")
+    gemm.mm_into(dst, a, b, accumulate=accumulate)
+    assert list(gemm._ACC_MM) == [("cpu", None, torch.bfloat16)], gemm._ACC_MM
+    assert gemm._ACC_MM[("cpu", None, torch.bfloat16)] in ("addmm", "mm", "cast")
     assert dst.dtype == torch.float32
     assert rel_err(dst, want) < 1e-2, rel_err(dst, want)
 
@@ -500,7 +500,7 @@ def test_environment_is_read_at_call_time(monkeypatch):
 def test_acc_mm_probe_is_per_device_and_dtype(monkeypatch):
     """The fp32-accumulating GEMM form is probed once per (device, dtype): a second dtype in the
     same process gets its own answer, not the first one's."""
-    from llave_fast.backends import triton_backend as tb
+    from llave_fast.backends import gemm  # the strip backward's GEMMs and their probe live here
 
     calls = []
     answers = {torch.bfloat16: "cast", torch.float16: "mm"}
@@ -509,23 +509,23 @@ def test_acc_mm_probe_is_per_device_and_dtype(monkeypatch):
         calls.append((device.type, dtype))
         return answers[dtype]
 
-    monkeypatch.setattr(tb, "_probe_acc_mm", probe)
-    monkeypatch.setattr(tb, "_ACC_MM", {})
+    monkeypatch.setattr(gemm, "_probe_acc_mm", probe)
+    monkeypatch.setattr(gemm, "_ACC_MM", {})
     cpu = torch.device("cpu")
-    assert tb.acc_mm_form(cpu, torch.bfloat16) == "cast"
-    assert tb.acc_mm_form(cpu, torch.float16) == "mm"
-    assert tb.acc_mm_form(cpu, torch.bfloat16) == "cast"
+    assert gemm.acc_mm_form(cpu, torch.bfloat16) == "cast"
+    assert gemm.acc_mm_form(cpu, torch.float16) == "mm"
+    assert gemm.acc_mm_form(cpu, torch.bfloat16) == "cast"
     assert calls == [("cpu", torch.bfloat16), ("cpu", torch.float16)], calls
-    # _mm_into asks for its own operands' dtype
+    # mm_into asks for its own operands' dtype
     answers[torch.float16] = "cast"
-    monkeypatch.setattr(tb, "_ACC_MM", {})
+    monkeypatch.setattr(gemm, "_ACC_MM", {})
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float16, torch.bfloat16):
         a, b = torch.randn(4, 8, generator=g).to(dtype), torch.randn(8, 3, generator=g).to(dtype)
         dst = torch.zeros(4, 3)
-        tb._mm_into(dst, a, b, accumulate=False)
+        gemm.mm_into(dst, a, b, accumulate=False)
         assert rel_err(dst, a.double() @ b.double()) < 1e-2
-    assert sorted(k[2] is torch.float16 for k in tb._ACC_MM) == [False, True], tb._ACC_MM
+    assert sorted(k[2] is torch.float16 for k in gemm._ACC_MM) == [False, True], gemm._ACC_MM
 
 
 def test_strip_dtype_rule():

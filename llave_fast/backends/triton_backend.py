@@ -7,6 +7,9 @@ at import time; triton itself is imported on first use.
 A loss call reaches a kernel in three hops: ``TritonHardnessLoss`` (autograd) ->
 ``strip_forward`` / ``strip_backward`` (the path: ``launch_config`` and ``plan_s``) ->
 ``_fused_forward``, ``_strip_forward_s`` or ``_strip_backward_ds`` (the launches).
+
+The strip backward's dS buffer (rows, stride, precision, fp16 scale) is sized in
+:mod:`.ds_strip` and its library GEMMs are in :mod:`.gemm`; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from .common import (
     round_up,
     s_cache_budget,
     s_mode_setting,
-    s_row_stride,
     sim_operand_dtype,
     similarity_into,
 )
 from . import launch
+from .ds_strip import SIGMA_MAX_EXP, ds_dtype, ds_row_stride, ds_scale, strip_rows  # noqa: F401 - re-exported
+from .gemm import GEMM_K_ALIGN, GEMM_LD_ALIGN, _probe_acc_mm, acc_mm_form, gemm_k, gemm_operand  # noqa: F401
+from .gemm import mm_into as _mm_into  # looked up here by the strip backward (tests patch it here)
 from .launch import (
     BWD_CANDIDATES_CPU,
     BWD_CANDIDATES_GPU,
@@ -317,173 +322,6 @@ def strip_backward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, row_lse
     cfg = _tuned("bwd", cfg, q, NT, (ids.has_tid, ids.has_qid, g_col is not None),
                  lambda c: _strip_backward_ds(q, Tc, c, **kw))
     return _strip_backward_ds(q, Tc, cfg, **kw)
-
-
-def ds_row_stride(NT: int) -> int:
-    """Elements between consecutive rows of the dS strip buffer: NT rounded up to a multiple
-    of common.ROW_ALIGN (64). Every row then starts 128-byte aligned (16-bit), so the kernel's
-    stores vectorise and the library GEMMs get an aligned leading dimension for any NT
-    (hard negatives, uneven ranks); they read the ``[:rows, :stride]`` view (the kernel writes
-    exact zeros past NT), so their K is a multiple of 64 too. The kept / streamed fp32 S has the
-    same stride (``common.s_row_stride``)."""
-    return s_row_stride(NT)
-
-
-# The library GEMMs of the strip backward get their inner dimension (K: NT for dq, the strip's rows
-# for dT) padded with exact zeros to a multiple of GEMM_K_ALIGN (of GEMM_LD_ALIGN when K < 64), and
-# every leading dimension to a multiple of GEMM_LD_ALIGN: cuBLAS was 2-6x slower with an odd K
-# (H200, NT = 16383; NOTES.md).
-GEMM_K_ALIGN = 64
-GEMM_LD_ALIGN = 8
-
-
-def gemm_k(n: int) -> int:
-    """An inner dimension of ``n`` as the library GEMMs get it: a multiple of GEMM_K_ALIGN, or of
-    GEMM_LD_ALIGN below that (a thin strip would otherwise take several times its own memory)."""
-    return round_up(n, GEMM_K_ALIGN if n >= GEMM_K_ALIGN else GEMM_LD_ALIGN)
-
-
-def gemm_operand(x: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as a ``rows`` x ``cols`` GEMM operand of ``dtype``: zero rows below and zero columns to
-    the right (they add exact zeros to every product), or ``x`` itself (cast) when it has that shape."""
-    r, c = x.shape
-    if (r, c) == (rows, cols):
-        return x if x.dtype == dtype else x.to(dtype)
-    out = torch.zeros((rows, cols), dtype=dtype, device=x.device)
-    out[:r, :c] = x
-    return out
-
-
-def strip_rows(cfg: KernelConfig, B: int, NT: int, ds_bytes: int) -> int:
-    """Rows per dS strip (each row takes ``ds_row_stride(NT) * ds_bytes`` bytes):
-
-    * DS_STRIP_ROWS if set;
-    * else all B rows (one strip) when the whole padded B x NT dS fits DS_ONE_STRIP_BYTES;
-    * else as many as DS_STRIP_BYTES holds, a multiple of the row tile, but at least one
-      tile and DS_MIN_ROWS rows (each strip re-reads and re-writes the fp32 dT: very thin
-      strips at huge N would spend more time there than in the GEMMs);
-
-    never more than B."""
-    if cfg.DS_STRIP_ROWS is not None:
-        return min(B, cfg.DS_STRIP_ROWS)
-    row_bytes = ds_row_stride(NT) * ds_bytes
-    if B * row_bytes <= cfg.DS_ONE_STRIP_BYTES:
-        return B
-    bm = cfg.DS_BM
-    r = cfg.DS_STRIP_BYTES // row_bytes
-    r = max(bm, cfg.DS_MIN_ROWS, (r // bm) * bm)
-    return min(B, r)
-
-
-def ds_dtype(cfg: KernelConfig, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dS strip's precision: the inputs' 16-bit type (fp16 scaled by sigma, see
-    ``hardness_ds``), fp32 for fp32 inputs. DS_LOWP True/False forces a 16-bit/fp32 strip.
-
-    Under the interpreter (CPU) the default for bf16 is an fp32 strip: the interpreter
-    rounds fp32 to bf16 by truncation, not to nearest as the GPU does, so a bf16 strip there
-    would not test the GPU's numerics (tests force it with DS_LOWP=True to cover the path).
-    fp16 conversion and fp16 values are exact under the interpreter: fp16 runs its real path."""
-    lowp = cfg.DS_LOWP
-    if dtype == torch.float32 or lowp is False:
-        return torch.float32
-    if lowp is None and dtype == torch.bfloat16 and device.type != "cuda":
-        return torch.float32
-    return dtype
-
-
-# fp16 strip: sigma * max|dS| in [2^14, 2^15); sigma clamped to 2^+-SIGMA_MAX_EXP (1/sigma stays a
-# normal fp32 and s * sigma finite for any s < 2^27)
-SIGMA_MAX_EXP = 100
-
-
-def ds_scale(g_row: torch.Tensor, g_col: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma, 1/sigma) of the fp16 strip as one-element fp32 tensors, computed on the device
-    (no host sync). |dS_ij| <= M = |s| (max|g_row| + max|g_col|) (``hardness_ds``); with
-    M = m 2^e, m in [0.5, 1): sigma = 2^(15 - e), so sigma * M in [2^14, 2^15). Both are
-    built from their exponent bits: exact powers of two. M = 0 (g all zero) gives e = 0; a
-    NaN/inf in g gives e = 0 too, and the kernel's own arithmetic carries the NaN/inf."""
-    m = g_row.abs().amax()
-    if g_col is not None:
-        m = m + g_col.abs().amax()
-    m = (m * abs(float(scale))).reshape(1)
-    _, e = torch.frexp(m)
-    e = torch.clamp(15 - e.to(torch.int32), -SIGMA_MAX_EXP, SIGMA_MAX_EXP)
-    sigma = torch.bitwise_left_shift(e + 127, 23).view(torch.float32)
-    inv_sigma = torch.bitwise_left_shift(127 - e, 23).view(torch.float32)
-    return sigma, inv_sigma
-
-
-# How to add a 16-bit GEMM into an fp32 accumulator on this torch: decided on first use, per
-# (device type, device index, dtype)
-_ACC_MM: dict = {}
-
-
-def acc_mm_form(device: torch.device, dtype: torch.dtype) -> str:
-    """``_probe_acc_mm``'s answer for ``device`` and ``dtype``, probed once per pair."""
-    key = (device.type, device.index, dtype)
-    if key not in _ACC_MM:
-        _ACC_MM[key] = _probe_acc_mm(device, dtype)
-    return _ACC_MM[key]
-
-
-def _probe_acc_mm(device: torch.device, dtype: torch.dtype) -> str:
-    """The fastest form this torch accepts: "addmm" (cuBLAS C = A B + beta C with fp32 C in one
-    pass, torch >= 2.8 on CUDA), "mm" (fp32 product, then added), or "cast" (16-bit product,
-    cast, added). Checked numerically on 16 x 16 operands as they are used: a transposed first
-    operand, beta = 1 accumulating, and beta = 0 over a NaN-filled output (which must not be
-    read)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(16, 16, generator=g, device=device).to(dtype)
-    b = torch.randn(16, 16, generator=g, device=device).to(dtype)
-    want = a.t().double() @ b.double()
-
-    def close(x, ref):
-        return x.dtype == torch.float32 and bool(torch.allclose(x.double(), ref, rtol=1e-3, atol=1e-3))
-
-    try:
-        c = torch.ones(16, 16, device=device)
-        torch.addmm(c, a.t(), b, beta=1, out_dtype=torch.float32, out=c)
-        z = torch.full((16, 16), float("nan"), device=device)
-        torch.addmm(z, a.t(), b, beta=0, out_dtype=torch.float32, out=z)
-        if close(c, want + 1) and close(z, want):
-            return "addmm"
-    except (TypeError, RuntimeError, NotImplementedError):
-        pass
-    try:
-        if close(torch.mm(a.t(), b, out_dtype=torch.float32), want):
-            return "mm"
-    except (TypeError, RuntimeError, NotImplementedError):
-        pass
-    return "cast"
-
-
-def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
-    """dst = a @ b  or  dst += a @ b, with 16-bit operands kept on the tensor cores and the
-    product never rounded to 16 bits where torch allows (see ``_probe_acc_mm``). dst is
-    fp32, or (``accumulate=False``) of the operands' dtype: one GEMM, rounded once."""
-    if a.dtype == dst.dtype:
-        if accumulate:
-            dst.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=dst)
-        return
-    form = acc_mm_form(a.device, a.dtype)
-    if form == "addmm":
-        torch.addmm(dst, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=dst)
-        return
-    if form == "mm":
-        prod = torch.mm(a, b, out_dtype=torch.float32)
-    elif a.dtype == torch.float16:
-        # no fp32-output GEMM on this torch/device (the CPU, torch < 2.8): an fp16 product
-        # of the scaled strip could overflow fp16 (a row of dS sums to more than its max),
-        # so multiply in fp32 (exact products, fp32 sums: what the tensor cores do)
-        prod = torch.mm(a.float(), b.float())
-    else:
-        prod = torch.mm(a, b).float()
-    if accumulate:
-        dst += prod
-    else:
-        dst.copy_(prod)
 
 
 def _strip_backward_ds(q, Tc, cfg, *, n_col, offset, scale, alpha, ids: StripIds, row_lse, col_lse, g_row, g_col,

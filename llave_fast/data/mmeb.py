@@ -28,398 +28,62 @@ elsewhere, ``..`` that climbs out, or a symbolic link inside the folder that lea
 is a bad row (``skip_bad_rows`` decides), refused before the file is looked at, so the
 message is the same whether such a file exists or not; ``allow_outside_image_dir=True``
 (``--allow-outside-image-dir``) reads them.
+
+This module holds the dataset (:class:`MMEBDataset`: row checks, skipping, records); what it
+builds on lives beside it and stays importable from here: the table readers in
+:mod:`.mmeb_tables`, :class:`BadDataError` in :mod:`.bad_data`, :class:`ImageRoot` in
+:mod:`.image_root`, the pixel limit and :func:`open_rgb` in :mod:`.images`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import json
 import logging
 import os
-import re
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .bad_data import BadDataError, data_location
 from .collate import IMAGE_PLACEHOLDER, Record, make_id
-from ..errors import InvalidArgument, MissingDependency
+from .image_root import (  # noqa: F401 - re-exported: mmeb_eval, the CLI and tests import them from here
+    _ALLOW_OUTSIDE,
+    ALLOW_OUTSIDE_FLAG,
+    ImageRoot,
+    allow_outside_default,
+    outside_image_dir_allowed,
+)
+# re-exported: evaluate imports open_rgb from here, tests MAX_IMAGE_PIXELS
+from .images import MAX_IMAGE_PIXELS, ImageTooLarge, image_problem, open_rgb  # noqa: F401
+from .mmeb_tables import (  # noqa: F401 - re-exported: mmeb_eval and tests import them from here
+    _SHARD_RE,
+    DATA_SUFFIXES,
+    MAX_LINE_BYTES,
+    MMEB_COLUMNS,
+    MMEB_NEG_COLUMNS,
+    MMEB_REQUIRED_COLUMNS,
+    _discover,
+    _load_hub,
+    _read_jsonl,
+    _read_parquet,
+    _Source,
+    _subset_and_split,
+    data_files,
+    jsonl_lines,
+    parse_json_line,
+)
+from ..errors import InvalidArgument
 
 __all__ = ["BadDataError", "ImageRoot", "MMEBDataset", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
            "outside_image_dir_allowed"]
 
 logger = logging.getLogger(__name__)
 
-MMEB_REQUIRED_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
-MMEB_NEG_COLUMNS = ("neg_text", "neg_image_path")
-MMEB_COLUMNS = MMEB_REQUIRED_COLUMNS + MMEB_NEG_COLUMNS
-DATA_SUFFIXES = (".parquet", ".jsonl")
-_SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # hub shard names: original-00000-of-00001
-_HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason at the end
-
-
-class BadDataError(InvalidArgument):
-    """A row (or a whole file) of the training data that cannot be used; says where and why."""
-
-    def __init__(self, source: str, row: int | None, reason: str, line: int | None = None,
-                 hint: bool | str = True):
-        self.source, self.row, self.reason, self.line, self.hint = source, row, reason, line, hint
-        msg = f"{data_location(source, row, line)}: {reason}"
-        if isinstance(hint, str):
-            msg += hint
-        elif hint and row is not None:
-            msg += " (pass skip_bad_rows=True / --skip-bad-rows to skip and log such rows)"
-        super().__init__(msg)
-
-    def at_line(self, line: int | None) -> "BadDataError":
-        """The same error, located at ``line`` of its file (when it was raised without one)."""
-        if line is None or self.line is not None:
-            return self
-        return BadDataError(self.source, self.row, self.reason, line, hint=self.hint)
-
-
-def data_location(source: str, row: int | None = None, line: int | None = None) -> str:
-    """Where a data problem is, one convention for every reader: ``FILE:LINE`` where the file has
-    lines (.jsonl, .csv, .txt; LINE 1-based, blank lines counted, as an editor shows it),
-    ``FILE: row N`` where it has none (.parquet, .json; N 1-based; ``row`` is given 0-based), and
-    ``FILE`` for a problem of the whole file."""
-    if line is not None:
-        return f"{source}:{line}"
-    if row is not None:
-        return f"{source}: row {row + 1}"
-    return source
-
-
-# ---------------------------------------------------------------- where image paths may lead
-ALLOW_OUTSIDE_FLAG = "allow_outside_image_dir=True / --allow-outside-image-dir"
-_ALLOW_OUTSIDE = contextvars.ContextVar("llave_fast_allow_outside_image_dir", default=False)
-
-
-@contextlib.contextmanager
-def outside_image_dir_allowed(allow: bool = True):
-    """Within the block, readers given ``allow_outside_image_dir=None`` (their default) take
-    ``allow`` (outside any such block: False). ``llave-fast eval --allow-outside-image-dir``
-    uses it; a library caller can pass ``allow_outside_image_dir=True`` to the reader instead."""
-    token = _ALLOW_OUTSIDE.set(bool(allow))
-    try:
-        yield
-    finally:
-        _ALLOW_OUTSIDE.reset(token)
-
-
-def allow_outside_default(allow: bool | None) -> bool:
-    """``allow``, or when None the default in force (:func:`outside_image_dir_allowed`)."""
-    if allow is None:
-        return _ALLOW_OUTSIDE.get()
-    if not isinstance(allow, bool):
-        raise InvalidArgument(f"allow_outside_image_dir must be True, False or None, got {allow!r}")
-    return allow
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-class ImageRoot:
-    """The folder a data row's image paths are relative to, and the rule that they stay in it.
-
-    :meth:`path` joins a row's path to the folder and says why it may not be read (None when it
-    may): the joined path, normalised (``..`` folded, no file system access), must lie inside
-    the folder, so an absolute path elsewhere or a ``..`` that climbs out is refused without
-    the target ever being looked at; then its real path (symbolic links resolved,
-    ``os.path.realpath``) must lie inside the folder's real path, so a link inside the folder
-    that leads out of it is refused too (the folder itself may be a link). The reason never
-    depends on whether the target exists. ``allow_outside=True`` accepts every path as joined
-    (the behaviour before this check). Real paths of folders are cached; files are not (one
-    ``lstat`` each, to see whether the file itself is a link).
-    """
-
-    def __init__(self, root: str, allow_outside: bool = False):
-        self.root = str(root)
-        self.allow_outside = bool(allow_outside)
-        self._abs = os.path.abspath(self.root)
-        self._real: str | None = None
-        self._real_dirs: dict[str, str] = {}
-
-    def __repr__(self) -> str:
-        return f"ImageRoot({self.root!r}, allow_outside={self.allow_outside})"
-
-    def _realdir(self, d: str) -> str:
-        r = self._real_dirs.get(d)
-        if r is None:
-            r = self._real_dirs[d] = os.path.realpath(d)
-        return r
-
-    def path(self, rel: str, what: str) -> tuple[str, str | None]:
-        """``(the joined path, why it may not be read or None)``; ``what`` names the column
-        (or candidate) in the reason."""
-        full = os.path.join(self.root, rel)
-        if self.allow_outside:
-            return full, None
-        how = f"pass {ALLOW_OUTSIDE_FLAG} to read paths outside it"
-        if "\0" in rel:
-            return full, f"image path holds a NUL character: {rel!r} ({what})"
-        if not _within(os.path.normpath(os.path.join(self._abs, rel)), self._abs):
-            return full, f"image path outside the image folder: {rel!r} ({what}) is not under {self.root!r}; {how}"
-        if self._real is None:
-            self._real = os.path.realpath(self._abs)
-        joined = os.path.join(self._abs, rel)  # not normalised: the kernel applies '..' after links
-        head, base = os.path.split(joined)
-        real = self._realdir(head)  # a folder that leads out: refused before its entry is looked at
-        if _within(real, self._real):
-            if base in ("", ".", ".."):
-                real = os.path.realpath(joined)
-            else:
-                real = os.path.join(real, base)
-                if os.path.islink(real):  # the file itself a link
-                    real = os.path.realpath(real)
-        if not _within(real, self._real):
-            return full, (f"image path outside the image folder: {rel!r} ({what}) leads out of {self.root!r} "
-                          f"through a symbolic link; {how}")
-        return full, None
-
 
 IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
               "every image before training)")
-
-
-@dataclass
-class _Source:
-    """One table: a data file or one hub subset, its columns as lists of str."""
-
-    name: str  # the file path, or hub "name/subset[split]"
-    subset: str
-    image_root: str  # folder image paths are relative to
-    cols: dict[str, list[str]]
-    lines: list[int] | None = None  # jsonl line number of each row
-    has_neg: bool = False
-    problems: dict[int, str] = field(default_factory=dict)  # rows found bad while reading
-    n: int = field(init=False)
-
-    def __post_init__(self):
-        self.n = len(self.cols["qry"])
-        for c in MMEB_NEG_COLUMNS:  # a table without negatives reads as empty negatives
-            self.cols.setdefault(c, [""] * self.n)
-
-    def line(self, row: int) -> int | None:
-        return None if self.lines is None else self.lines[row]
-
-
-class _Cell(Exception):
-    """A value that is not text; becomes a row problem."""
-
-
-def _as_text(value, column: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)) and column in MMEB_NEG_COLUMNS and len(value) <= 1:
-        # some releases store one negative as a one-element list
-        return _as_text(value[0] if value else None, column)
-    kind = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else type(value).__name__
-    raise _Cell(f"column {column!r} holds {kind}, expected a string")
-
-
-def _texts(values, column: str, problems: dict[int, str]) -> list[str]:
-    out = []
-    for row, v in enumerate(values):
-        try:
-            out.append(_as_text(v, column))
-        except _Cell as exc:
-            problems.setdefault(row, str(exc))
-            out.append("")
-    return out
-
-
-# ---------------------------------------------------------------- reading tables
-def _column_problem(names: Iterable[str], allow_extra: bool) -> str | None:
-    names = list(names)
-    missing = [c for c in MMEB_REQUIRED_COLUMNS if c not in names]
-    if missing:
-        return f"missing required column(s) {missing}; an MMEB table has {list(MMEB_COLUMNS)}"
-    unknown = [c for c in names if c not in MMEB_COLUMNS]
-    if unknown and not allow_extra:
-        return f"unknown column(s) {unknown}; an MMEB table has {list(MMEB_COLUMNS)} (allow_extra_columns=True ignores others)"
-    return None
-
-
-MAX_LINE_BYTES = 16 << 20  # a data line longer than this (16 MiB; MMEB rows are a few hundred bytes) is a bad row
-
-
-def jsonl_lines(f, max_bytes: int = MAX_LINE_BYTES):
-    """``(line number, text or None, problem or None)`` for each non-blank line of a binary file:
-    a line that is not UTF-8, or longer than ``max_bytes`` (never held whole in memory), is a
-    problem of that line, not of the file."""
-    lineno = 0
-    while True:
-        raw = f.readline(max_bytes + 1)
-        if not raw:
-            return
-        lineno += 1
-        if len(raw) > max_bytes and not raw.endswith(b"\n"):
-            n = len(raw)
-            while raw and not raw.endswith(b"\n"):  # the rest of the long line, in bounded pieces
-                raw = f.readline(max_bytes + 1)
-                n += len(raw)
-            yield lineno, None, f"a line of {n} bytes, over the limit of {max_bytes} bytes (MAX_LINE_BYTES)"
-            continue
-        try:
-            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            yield lineno, None, f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
-            continue
-        if text.strip():
-            yield lineno, text.rstrip("\r\n"), None  # the newline would move a truncated line's error to "line 2"
-
-
-def parse_json_line(text: str):
-    """(object, problem): json.loads, with its errors as a row's problem (RecursionError included:
-    a deeply nested line is bad data, not a crash)."""
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as exc:
-        return None, f"invalid JSON: {exc.msg} at column {exc.colno}"
-    except RecursionError:
-        return None, "invalid JSON: nested too deeply to parse"
-
-
-def _read_jsonl(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
-    """Rows of a .jsonl file; a line that is not a valid MMEB row is a row problem."""
-    rows, lines, problems = [], [], {}
-    with open(path, "rb") as f:
-        for lineno, text, problem in jsonl_lines(f):
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            row = len(rows)
-            lines.append(lineno)
-            obj = {}
-            if problem is None:
-                obj, problem = parse_json_line(text)
-            if problem is not None:
-                problems[row] = problem
-                obj = {}
-            if not isinstance(obj, dict):
-                problems[row] = f"expected a JSON object, got {type(obj).__name__}"
-                obj = {}
-            if row not in problems and (why := _column_problem(obj.keys(), allow_extra)):
-                problems[row] = why
-            rows.append(obj)
-    has_neg = any(c in r for r in rows for c in MMEB_NEG_COLUMNS)
-    names = MMEB_COLUMNS if has_neg else MMEB_REQUIRED_COLUMNS
-    cols = {c: _texts((r.get(c) for r in rows), c, problems) for c in names}
-    return _Source(str(path), "", "", cols, lines, has_neg, problems)
-
-
-def _import_pyarrow_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise MissingDependency(
-            "reading .parquet MMEB files needs pyarrow: `pip install pyarrow` (or convert the files to .jsonl)"
-        ) from exc
-    return pq
-
-
-def _read_parquet(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
-    """Rows of a .parquet file; its schema is checked once (a bad column is a file problem)."""
-    pq = _import_pyarrow_parquet()
-    src = str(path)
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:
-        raise BadDataError(src, None, f"not a readable parquet file: {exc}", hint=False) from exc
-    keep = _schema_columns(schema.names, src, allow_extra)
-    table = pq.read_table(path, columns=keep)
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
-    return _from_columns({c: table.column(c).to_pylist() for c in keep}, src, None)
-
-
-def _schema_columns(names, src: str, allow_extra: bool) -> list[str]:
-    why = _column_problem(names, allow_extra)
-    if why:
-        raise BadDataError(src, None, why, hint=False)
-    return [c for c in MMEB_COLUMNS if c in names]
-
-
-def _from_columns(columns: dict, src: str, max_rows: int | None) -> _Source:
-    """A table given as {column name: values}."""
-    problems: dict[int, str] = {}
-    cols = {}
-    for c, values in columns.items():
-        values = list(values)
-        cols[c] = _texts(values if max_rows is None else values[:max_rows], c, problems)
-    return _Source(src, "", "", cols, None, any(c in columns for c in MMEB_NEG_COLUMNS), problems)
-
-
-def _subset_and_split(path: Path) -> tuple[str, str | None]:
-    m = _SHARD_RE.match(path.stem)
-    if m:  # hub layout: <subset>/<split>-00000-of-00001.parquet
-        return path.parent.name, m.group("split")
-    return path.stem, None
-
-
-def _discover(paths) -> list[Path] | str:
-    """Data files named by ``paths`` (files and folders), or a hub dataset name."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = list(paths)
-    if len(paths) == 1 and isinstance(paths[0], str) and not os.path.exists(paths[0]) and _HUB_NAME_RE.match(paths[0]):
-        return paths[0]
-    return data_files(paths, missing_hint=" (a hub dataset is named 'owner/name' and needs the `datasets` package)")
-
-
-def data_files(paths, missing_hint: str = "") -> list[Path]:
-    """The data files (``DATA_SUFFIXES``) named by ``paths``: files as given, folders searched
-    recursively (sorted); a folder without any, a file of another type or a missing path is an
-    error naming it (``missing_hint`` is added to the last)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files under {p}")
-            files += found
-        elif p.is_file():
-            if p.suffix not in DATA_SUFFIXES:
-                raise InvalidArgument(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder{missing_hint}")
-    return files
-
-
-def _load_hub(name: str, subsets, split: str, allow_extra: bool, max_rows, image_dir) -> list[_Source]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise MissingDependency(
-            f"{name!r} is not a local path, so it is read as a hub dataset, which needs the `datasets` package "
-            "(`pip install datasets`) and network access; or download the parquet files and pass their folder"
-        ) from exc
-    try:
-        names = list(subsets) if subsets is not None else list(datasets.get_dataset_config_names(name))
-    except Exception as exc:
-        raise RuntimeError(f"could not list the subsets of hub dataset {name!r} (network?): {exc}") from exc
-    sources = []
-    for subset in names:
-        src = f"{name}/{subset}[{split}]"
-        try:
-            ds = datasets.load_dataset(name, subset, split=split)
-        except Exception as exc:
-            raise RuntimeError(f"could not load hub dataset {src} (network? subset name?): {exc}") from exc
-        keep = _schema_columns(ds.column_names, src, allow_extra)
-        source = _from_columns({c: ds[c] for c in keep}, src, max_rows)
-        source.subset, source.image_root = subset, str(image_dir or ".")
-        sources.append(source)
-    return sources
 
 
 # ---------------------------------------------------------------- the dataset
@@ -595,7 +259,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                     continue
                 path = os.path.join(src.image_root, rel)
                 if path not in exists_cache:  # one check per distinct image (targets repeat a lot)
-                    exists_cache[path] = _image_problem(path, decode=self.check_images == "decode",
+                    exists_cache[path] = image_problem(path, decode=self.check_images == "decode",
                                                         max_pixels=self.max_image_pixels)
                 if exists_cache[path] is not None:
                     self._image_problem_found = True
@@ -629,7 +293,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         bar = tqdm(total=len(paths), desc="checking images", unit="image", disable=not self.progress)
         # PIL decodes outside the GIL: a few threads keep the disk and the cores busy
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for path, why in zip(paths, pool.map(lambda p: _image_problem(p, True, self.max_image_pixels), paths)):
+            for path, why in zip(paths, pool.map(lambda p: image_problem(p, True, self.max_image_pixels), paths)):
                 exists_cache[path] = why
                 bar.update(1)
         bar.close()
@@ -773,45 +437,3 @@ class MMEBDataset(torch.utils.data.Dataset):
             f"skipped={len(self.skipped)})"
         )
 
-
-# The pixel limit of every image we open (width x height, from the header, before decoding): far
-# above what the model looks at (LLaVE's largest anyres canvas, 2 x 2 tiles of 384 px, is 0.6 Mpx; a
-# 12 Mpx photo passes), far below Pillow's own warning (89 Mpx) and error (179 Mpx). A 97 kB PNG can
-# hold 10000 x 10000 pixels, ~480 MiB decoded: refused here as a bad image. --max-image-pixels changes it.
-MAX_IMAGE_PIXELS = 40_000_000
-
-
-class ImageTooLarge(InvalidArgument):
-    """An image whose header promises more pixels than the limit (a decompression bomb, or a scan)."""
-
-
-def _check_pixels(im, max_pixels: int | None) -> None:
-    """Refuse an opened (not yet decoded) image whose header promises more than ``max_pixels``
-    (default :data:`MAX_IMAGE_PIXELS`; 0: no limit of ours)."""
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    w, h = im.size
-    if limit and w * h > limit:
-        raise ImageTooLarge(f"{w} x {h} = {w * h} pixels, over the limit of {limit} (--max-image-pixels; "
-                            "llave_fast.data.mmeb.MAX_IMAGE_PIXELS)")
-
-
-def open_rgb(path: str, max_pixels: int | None = None):
-    """The image at ``path`` as RGB, refused before decoding when it is over the pixel limit."""
-    with Image.open(path) as im:
-        _check_pixels(im, max_pixels)
-        return im.convert("RGB")
-
-
-def _image_problem(path: str, decode: bool, max_pixels: int | None = None) -> str | None:
-    """Why the image at ``path`` cannot be used (None if it can): missing, or (decode=True) unreadable
-    or over the pixel limit."""
-    if not os.path.isfile(path):
-        return "image file not found"
-    if decode:
-        try:
-            with Image.open(path) as im:
-                _check_pixels(im, max_pixels)
-                im.load()
-        except Exception as exc:
-            return f"unreadable image ({exc or type(exc).__name__})"
-    return None

@@ -36,21 +36,60 @@ with ``hard_family_size > 1`` it has no effect (a family already shares its ques
 
 ``target_id`` (``query_id``) is canonical: text targets are keyed by their text, image
 targets by the scene's caption, so equal answers ("red") and equal scenes share an id.
+
+The scenes themselves (vocabulary, drawing, captions, questions) are in :mod:`.scenes`; the
+retrieval evaluation is in :mod:`.retrieval`; both stay importable from here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import random
-import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
-from .collate import IMAGE_PLACEHOLDER, Record, make_id
+from .collate import Record, make_id
+from .retrieval import RetrievalSet, retrieval_candidates, task_name  # noqa: F401 - re-exported
+from .scenes import (  # noqa: F401 - re-exported: llave_fast.data and tests import them from here
+    ANSWERS,
+    BACKGROUND_LEVELS,
+    BACKGROUNDS,
+    COLOUR_RGB,
+    COLOURS,
+    COUNT_WORDS,
+    FUNCTION_WORDS,
+    I2T_QUERY,
+    MAX_FAMILY_SIZE,
+    MAX_QUESTIONS_PER_SCENE,
+    PLAIN_BACKGROUND,
+    POSITIONS,
+    PUNCTUATION,
+    RADIUS,
+    SHAPE_PLURALS,
+    SHAPES,
+    SIZES,
+    SLOT_CENTERS,
+    SLOT_ORDER,
+    SLOT_PHRASE,
+    SYNTHETIC_TASKS,
+    SYNTHETIC_VOCAB,
+    T2I_TARGET,
+    VQA_PREFIX,
+    Scene,
+    SceneObject,
+    describe_scene,
+    distinct_questions,
+    draw_question,
+    draw_scene,
+    family_question,
+    family_variation,
+    item_rng,
+    perturb_scene,
+    render_scene,
+    sorted_objects,
+    synthetic_words,
+)
 from ..errors import InvalidArgument
 
 __all__ = [
@@ -75,270 +114,6 @@ __all__ = [
     "synthetic_words",
     "task_name",
 ]
-
-# ---------------------------------------------------------------- the closed vocabulary
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white")
-SHAPES = ("circle", "square", "triangle", "star")
-SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
-COUNT_WORDS = ("one", "two", "three", "four", "five")
-POSITIONS = ("left", "right", "top", "bottom", "center")
-SIZES = ("small", "large")
-FUNCTION_WORDS = (
-    "a", "an", "the", "of", "and", "in", "on", "at", "is", "are", "what", "which", "how",
-    "many", "where", "colour", "color", "shape", "shapes", "size", "image", "picture",
-    "there", "with", "represent", "given", "following", "question", "answer",
-)  # fmt: skip
-PUNCTUATION = (",", ".", ":", "?")
-
-#: Every token a synthetic text can contain (besides ``IMAGE_PLACEHOLDER``), in a fixed order.
-SYNTHETIC_VOCAB: tuple[str, ...] = tuple(
-    dict.fromkeys(
-        COLOURS + SHAPES + tuple(SHAPE_PLURALS.values()) + COUNT_WORDS + POSITIONS + SIZES + FUNCTION_WORDS
-        + PUNCTUATION
-    )
-)  # fmt: skip
-
-_WORD_RE = re.compile(r"[A-Za-z0-9_]+|[^\w\s]")
-
-
-def synthetic_words(text: str) -> list[str]:
-    """Split a text into the tokens ``SYNTHETIC_VOCAB`` is made of (the image placeholder dropped)."""
-    return _WORD_RE.findall(text.replace(IMAGE_PLACEHOLDER, " "))
-
-
-# ---------------------------------------------------------------- scenes
-# Pure, saturated colours far from the grey background (128, or 100..156 when varied) and from each other.
-COLOUR_RGB = {
-    "red": (230, 25, 25),
-    "green": (20, 170, 40),
-    "blue": (30, 60, 230),
-    "yellow": (245, 225, 20),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 0),
-    "black": (10, 10, 10),
-    "white": (245, 245, 245),
-}
-BACKGROUND_LEVELS = (100, 156)  # grey, R = G = B, drawn per image with background="varied"
-PLAIN_BACKGROUND = 128  # the grey of every image with background="plain" (the default)
-BACKGROUNDS = ("plain", "varied")
-
-# Slot centres as fractions of the image side (x, y). Neighbouring slots are 0.34 apart; a
-# large object's radius is at most 0.13 * 1.04 and jitter moves a centre by at most 0.01
-# per axis, so objects stay at least 0.04 of the side (2.5 px at 64 px) apart.
-SLOT_CENTERS = {
-    "top": (0.5, 0.16),
-    "left": (0.16, 0.5),
-    "center": (0.5, 0.5),
-    "right": (0.84, 0.5),
-    "bottom": (0.5, 0.84),
-}
-SLOT_ORDER = ("top", "left", "center", "right", "bottom")  # reading order of captions
-SLOT_PHRASE = {
-    "top": "at the top",
-    "bottom": "at the bottom",
-    "left": "on the left",
-    "right": "on the right",
-    "center": "in the center",
-}
-RADIUS = {"small": 0.07, "large": 0.13}  # circumradius, fraction of the image side
-_JITTER = 0.01
-_SCALE_JITTER = 0.04
-
-SYNTHETIC_TASKS = ("i2t", "t2i", "vqa")
-I2T_QUERY = f"{IMAGE_PLACEHOLDER}\nrepresent the given image with the following question: what is in the image?"
-VQA_PREFIX = f"{IMAGE_PLACEHOLDER}\nrepresent the given image with the following question: "
-T2I_TARGET = f"{IMAGE_PLACEHOLDER}\nrepresent the given image."
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    colour: str
-    size: str
-    slot: str
-    dx: float = 0.0  # centre jitter, fraction of the side
-    dy: float = 0.0
-    scale: float = 1.0  # radius jitter factor
-
-
-@dataclass(frozen=True)
-class Scene:
-    objects: tuple[SceneObject, ...]  # in SLOT_ORDER
-    background: int  # grey level
-
-    @property
-    def caption(self) -> str:
-        return describe_scene(self)
-
-
-def _sorted(objects) -> tuple[SceneObject, ...]:
-    return tuple(sorted(objects, key=lambda o: SLOT_ORDER.index(o.slot)))
-
-
-def describe_scene(scene: Scene) -> str:
-    """The canonical caption: every object as "a <size> <colour> <shape> <position>", in reading order."""
-    parts = [f"a {o.size} {o.colour} {o.shape} {SLOT_PHRASE[o.slot]}" for o in scene.objects]
-    if len(parts) == 1:
-        return parts[0] + "."
-    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
-
-
-# Unit polygons (circumradius 1, centred on (0, 0), y down).
-def _polygon(n: int, inner: float | None) -> list[tuple[float, float]]:
-    import math
-
-    pts = []
-    steps = n if inner is None else 2 * n
-    for k in range(steps):
-        a = -math.pi / 2 + 2 * math.pi * k / steps
-        rad = 1.0 if inner is None or k % 2 == 0 else inner
-        pts.append((rad * math.cos(a), rad * math.sin(a)))
-    return pts
-
-
-_TRIANGLE = _polygon(3, None)
-_STAR = _polygon(5, 0.45)
-_SQUARE_HALF = 0.85  # half side of the square, in radii (its area is close to the circle's)
-
-
-def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
-    """Draw ``scene`` on an ``image_size`` square RGB image (no antialiasing: exact colours)."""
-    S = image_size
-    g = scene.background
-    img = Image.new("RGB", (S, S), (g, g, g))
-    draw = ImageDraw.Draw(img)
-    for o in scene.objects:
-        fx, fy = SLOT_CENTERS[o.slot]
-        cx, cy = (fx + o.dx) * S, (fy + o.dy) * S
-        r = RADIUS[o.size] * o.scale * S
-        fill = COLOUR_RGB[o.colour]
-        if o.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif o.shape == "square":
-            h = _SQUARE_HALF * r
-            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        else:
-            unit = _TRIANGLE if o.shape == "triangle" else _STAR
-            draw.polygon([(cx + r * x, cy + r * y) for x, y in unit], fill=fill)
-    return img
-
-
-def _rng(seed: int, split: str, index: int, stream: str = "item") -> random.Random:
-    # BLAKE2b of the full key: independent of Python's salted hash and of access order
-    key = f"llave-fast/synthetic/v1/{seed}/{split}/{index}/{stream}".encode()
-    return random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little"))
-
-
-def _draw_scene(rng: random.Random, min_shapes: int, max_shapes: int, background: str = "plain") -> Scene:
-    n = rng.randint(min_shapes, max_shapes)
-    slots = rng.sample(POSITIONS, n)
-    objects = [
-        SceneObject(
-            shape=rng.choice(SHAPES),
-            colour=rng.choice(COLOURS),
-            size=rng.choice(SIZES),
-            slot=slot,
-            dx=rng.uniform(-_JITTER, _JITTER),
-            dy=rng.uniform(-_JITTER, _JITTER),
-            scale=rng.uniform(1 - _SCALE_JITTER, 1 + _SCALE_JITTER),
-        )
-        for slot in slots
-    ]
-    level = rng.randint(*BACKGROUND_LEVELS)  # drawn either way: a plain scene differs from its varied twin only here
-    return Scene(_sorted(objects), level if background == "varied" else PLAIN_BACKGROUND)
-
-
-def _perturb(rng: random.Random, scene: Scene) -> Scene:
-    """The same scene with one attribute of one object changed: a hard negative."""
-    k = rng.randrange(len(scene.objects))
-    o = scene.objects[k]
-    free = [s for s in POSITIONS if s not in {x.slot for x in scene.objects}]
-    attr = rng.choice(["shape", "colour", "size"] + (["slot"] if free else []))
-    if attr == "slot":
-        new = replace(o, slot=rng.choice(free))
-    else:
-        values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}[attr]
-        new = replace(o, **{attr: rng.choice([v for v in values if v != getattr(o, attr)])})
-    objects = list(scene.objects)
-    objects[k] = new
-    return Scene(_sorted(objects), scene.background)
-
-
-#: largest hard_family_size: a family needs k distinct values of one attribute (8 colours)
-MAX_FAMILY_SIZE = len(COLOURS)
-_FAMILY_VALUES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}
-
-
-def _family_variation(rng: random.Random, base: Scene, k: int, vqa: bool) -> tuple[int, str, list]:
-    """(object index, attribute, k distinct values, the base's own first) a family of ``k``
-    varies: any attribute of any object with ``k`` values available (position: the free slots
-    and its own; not for VQA, whose question names the object by its position)."""
-    taken = {o.slot for o in base.objects}
-    options = []
-    for j, o in enumerate(base.objects):
-        options += [(j, a) for a, values in _FAMILY_VALUES.items() if len(values) >= k]
-        if not vqa and len(POSITIONS) - len(taken) + 1 >= k:
-            options.append((j, "slot"))
-    j, attr = rng.choice(options)
-    current = getattr(base.objects[j], attr)
-    pool = [s for s in POSITIONS if s not in taken] if attr == "slot" else [
-        v for v in _FAMILY_VALUES[attr] if v != current]
-    return j, attr, [current] + rng.sample(pool, k - 1)
-
-
-def _family_question(rng: random.Random, o: SceneObject, attr: str) -> tuple[str, str, str]:
-    """(question, answer, kind) about attribute ``attr`` of object ``o``: a family's shared question."""
-    if attr == "colour":
-        return f"what {rng.choice(('colour', 'color'))} is the shape {SLOT_PHRASE[o.slot]}?", o.colour, "colour"
-    if attr == "shape":
-        return f"what shape is {SLOT_PHRASE[o.slot]}?", o.shape, "shape"
-    return f"what is the size of the shape {SLOT_PHRASE[o.slot]}?", o.size, "size"
-
-
-def _question(rng: random.Random, scene: Scene) -> tuple[str, str, str]:
-    """(question, answer, kind) about ``scene``; kind is what the answer names."""
-    objs = scene.objects
-    colour_word = rng.choice(("colour", "color"))
-    unique = [o for o in objs if sum((x.colour, x.shape) == (o.colour, o.shape) for x in objs) == 1]
-    kinds = ["count_all", "count_colour", "count_shape", "colour_at", "shape_at", "size_at"]
-    kinds += ["where"] if unique else []
-    kind = rng.choice(kinds)
-    o = rng.choice(objs)
-    if kind == "count_all":
-        return "how many shapes are there?", COUNT_WORDS[len(objs) - 1], "count"
-    if kind == "count_colour":
-        c = o.colour
-        return f"how many {c} shapes are there?", COUNT_WORDS[sum(x.colour == c for x in objs) - 1], "count"
-    if kind == "count_shape":
-        s = o.shape
-        return f"how many {SHAPE_PLURALS[s]} are there?", COUNT_WORDS[sum(x.shape == s for x in objs) - 1], "count"
-    if kind == "colour_at":
-        return f"what {colour_word} is the shape {SLOT_PHRASE[o.slot]}?", o.colour, "colour"
-    if kind == "shape_at":
-        return f"what shape is {SLOT_PHRASE[o.slot]}?", o.shape, "shape"
-    if kind == "size_at":
-        return f"what is the size of the shape {SLOT_PHRASE[o.slot]}?", o.size, "size"
-    o = rng.choice(unique)
-    return f"where is the {o.colour} {o.shape}?", o.slot, "position"
-
-
-_ANSWERS = {"count": COUNT_WORDS[:3], "colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
-
-#: largest vqa_questions_per_scene: a one-object scene has 5 distinct answers (count, colour,
-#: shape, size, position), so 4 leaves the question draw room to avoid repeats
-MAX_QUESTIONS_PER_SCENE = 4
-
-
-def _distinct_questions(rng: random.Random, scene: Scene, q: int) -> list[tuple[str, str, str]]:
-    """``q`` questions about ``scene`` with pairwise different answers (and texts), drawn in turn."""
-    out: list[tuple[str, str, str]] = []
-    for _ in range(1000):
-        question = _question(rng, scene)
-        if all(question[0] != x[0] and question[1] != x[1] for x in out):
-            out.append(question)
-            if len(out) == q:
-                return out
-    raise RuntimeError(f"could not draw {q} questions with different answers about {describe_scene(scene)!r}")
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -442,8 +217,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         draws its own), and its own question, one of the group's ``q`` with different answers."""
         q = self.vqa_questions_per_scene
         first = i - i % q
-        scene = _draw_scene(_rng(self.seed, self.split, first), self.min_shapes, self.max_shapes, self.background)
-        return scene, _distinct_questions(_rng(self.seed, self.split, first, "questions"), scene, q)[i % q]
+        scene = draw_scene(item_rng(self.seed, self.split, first), self.min_shapes, self.max_shapes, self.background)
+        return scene, distinct_questions(item_rng(self.seed, self.split, first, "questions"), scene, q)[i % q]
 
     def _grouped_vqa(self, i: int) -> bool:
         return self.hard_family_size == 1 and self.vqa_questions_per_scene > 1 and self.task(i) == "vqa"
@@ -453,14 +228,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
         unless the task is VQA): the base scene is drawn as item ``i - i % k`` draws its own."""
         k = self.hard_family_size
         first = i - i % k
-        base = _draw_scene(_rng(self.seed, self.split, first), self.min_shapes, self.max_shapes, self.background)
-        frng = _rng(self.seed, self.split, first, "family")
+        base = draw_scene(item_rng(self.seed, self.split, first), self.min_shapes, self.max_shapes, self.background)
+        frng = item_rng(self.seed, self.split, first, "family")
         vqa = self.task(i) == "vqa"
-        j, attr, values = _family_variation(frng, base, k, vqa)
+        j, attr, values = family_variation(frng, base, k, vqa)
         member = replace(base.objects[j], **{attr: values[i % k]})
         objects = list(base.objects)
         objects[j] = member
-        return Scene(_sorted(objects), base.background), (_family_question(frng, member, attr) if vqa else None)
+        return Scene(sorted_objects(objects), base.background), (family_question(frng, member, attr) if vqa else None)
 
     def query_has_image(self) -> np.ndarray:
         """(len,) bool: which queries carry an image (i2t and vqa do, t2i does not), without
@@ -474,13 +249,13 @@ class SyntheticDataset(torch.utils.data.Dataset):
             return self._family_member(self._index(i))[0]
         if self._grouped_vqa(i):
             return self._question_group(self._index(i))[0]
-        return _draw_scene(_rng(self.seed, self.split, self._index(i)), self.min_shapes, self.max_shapes,
+        return draw_scene(item_rng(self.seed, self.split, self._index(i)), self.min_shapes, self.max_shapes,
                            self.background)
 
     def __getitem__(self, i: int) -> Record:
         i = self._index(i)
-        rng = _rng(self.seed, self.split, i)
-        scene = _draw_scene(rng, self.min_shapes, self.max_shapes, self.background)
+        rng = item_rng(self.seed, self.split, i)
+        scene = draw_scene(rng, self.min_shapes, self.max_shapes, self.background)
         family_question = None
         if self.hard_family_size > 1:
             scene, family_question = self._family_member(i)
@@ -491,27 +266,27 @@ class SyntheticDataset(torch.utils.data.Dataset):
         image = render_scene(scene, self.image_size)
         scene_key = "scene:" + caption  # image targets are keyed by what they show
         # negatives draw from their own stream: switching them on changes no positive
-        neg_rng = _rng(self.seed, self.split, i, "negative") if self.hard_negatives else None
+        neg_rng = item_rng(self.seed, self.split, i, "negative") if self.hard_negatives else None
         neg_text = neg_image = neg_id = None
         if task == "i2t":
             qry, qry_image, pos_text, pos_image = I2T_QUERY, image, caption, None
             query_id, target_id = make_id(qry, scene_key), make_id(caption, None)
             if neg_rng is not None:
-                neg_text = describe_scene(_perturb(neg_rng, scene))
+                neg_text = describe_scene(perturb_scene(neg_rng, scene))
                 neg_id = make_id(neg_text, None)
         elif task == "t2i":
             qry, qry_image, pos_text, pos_image = caption, None, T2I_TARGET, image
             query_id, target_id = make_id(caption, None), make_id(T2I_TARGET, scene_key)
             if neg_rng is not None:
-                neg_scene = _perturb(neg_rng, scene)
+                neg_scene = perturb_scene(neg_rng, scene)
                 neg_text, neg_image = T2I_TARGET, render_scene(neg_scene, self.image_size)
                 neg_id = make_id(T2I_TARGET, "scene:" + describe_scene(neg_scene))
         else:
-            question, answer, kind = _question(rng, scene) if family_question is None else family_question
+            question, answer, kind = draw_question(rng, scene) if family_question is None else family_question
             qry, qry_image, pos_text, pos_image = VQA_PREFIX + question, image, answer, None
             query_id, target_id = make_id(qry, scene_key), make_id(answer, None)
             if neg_rng is not None:
-                neg_text = neg_rng.choice([a for a in _ANSWERS[kind] if a != answer])
+                neg_text = neg_rng.choice([a for a in ANSWERS[kind] if a != answer])
                 neg_id = make_id(neg_text, None)
         return {
             "qry": qry,
@@ -537,104 +312,6 @@ class SyntheticDataset(torch.utils.data.Dataset):
                else "")
             + ")"
         )
-
-
-# ---------------------------------------------------------------- retrieval evaluation
-@dataclass
-class RetrievalSet:
-    """Every query of a split against every distinct target of that split.
-
-    Candidates are the split's targets deduplicated by ``target_id``, so each query has
-    exactly one correct candidate (``positive[q]``) and a retrieved candidate is correct
-    exactly when it has the query's ``target_id``. Chance precision@1 is ``1 / C``.
-    """
-
-    query_texts: list[str]
-    query_images: list  # PIL.Image.Image | None
-    query_subsets: list[str]
-    cand_texts: list[str]
-    cand_images: list  # PIL.Image.Image | None
-    cand_ids: list[str]  # target_id of each candidate (unique)
-    positive: torch.Tensor  # (Q,) int64 index into the candidates
-
-    @property
-    def num_queries(self) -> int:
-        return len(self.query_texts)
-
-    @property
-    def num_candidates(self) -> int:
-        return len(self.cand_texts)
-
-    @property
-    def chance(self) -> float:
-        return 1.0 / max(self.num_candidates, 1)
-
-    def _hits(self, scores: torch.Tensor) -> torch.Tensor:
-        if tuple(scores.shape) != (self.num_queries, self.num_candidates):
-            raise InvalidArgument(
-                f"scores must be (num_queries, num_candidates) = ({self.num_queries}, {self.num_candidates}), "
-                f"got {tuple(scores.shape)}"
-            )
-        return scores.argmax(dim=1).cpu() == self.positive
-
-    def precision_at_1(self, scores: torch.Tensor) -> float:
-        """Fraction of queries whose top-scored candidate is their target; ``scores`` is (Q, C)."""
-        return self._hits(scores).float().mean().item() if self.num_queries else 0.0
-
-    def precision_at_1_by_subset(self, scores: torch.Tensor) -> dict[str, float]:
-        hits = self._hits(scores)
-        out = {}
-        for subset in sorted(set(self.query_subsets)):
-            mask = torch.tensor([s == subset for s in self.query_subsets])
-            out[subset] = hits[mask].float().mean().item()
-        return out
-
-    def precision_at_1_by_task(self, scores: torch.Tensor) -> dict[str, dict]:
-        """Per task, as MMEB scores each dataset on its own: a task's queries against only the
-        distinct targets of that task's queries (an image->text query never competes with
-        VQA answers or t2i images). Returns ``{task: {"p_at_1", "chance", "num_queries",
-        "num_candidates"}}``, chance being ``1 / num_candidates`` of that task; the task of
-        a query is its subset (``synthetic_i2t`` -> ``i2t``; an MMEB-train subset keeps its name)."""
-        self._hits(scores)  # checks the shape
-        out = {}
-        tasks = [task_name(s) for s in self.query_subsets]
-        for task in sorted(set(tasks)):
-            rows = torch.tensor([q for q, t in enumerate(tasks) if t == task], dtype=torch.int64)
-            cols = torch.unique(self.positive[rows])  # sorted candidate indices of this task's targets
-            sub = scores.cpu()[rows][:, cols]
-            hit = cols[sub.argmax(dim=1)] == self.positive[rows]
-            out[task] = {"p_at_1": hit.float().mean().item(), "chance": 1.0 / len(cols),
-                         "num_queries": len(rows), "num_candidates": len(cols)}
-        return out
-
-    def precision_at_1_from_embeddings(self, query_emb: torch.Tensor, cand_emb: torch.Tensor) -> float:
-        """Precision@1 of embeddings (Q, d) against (C, d) by dot product (cosine if normalised)."""
-        return self.precision_at_1(query_emb.float() @ cand_emb.float().t())
-
-
-def task_name(subset: str) -> str:
-    """The task a query's subset names: ``synthetic_vqa`` -> ``vqa``; other subsets (MMEB-train's) as they are."""
-    return subset[len("synthetic_"):] if subset.startswith("synthetic_") else subset
-
-
-def retrieval_candidates(dataset, limit: int | None = None) -> RetrievalSet:
-    """Build the retrieval evaluation of any record dataset (its first ``limit`` items)."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    q_texts, q_images, q_subsets, c_texts, c_images, c_ids, positive = [], [], [], [], [], [], []
-    index: dict[str, int] = {}
-    for i in range(n):
-        r = dataset[i]
-        q_texts.append(r["qry"])
-        q_images.append(r["qry_image"])
-        q_subsets.append(r["subset"])
-        tid = r["target_id"]
-        if tid not in index:
-            index[tid] = len(c_ids)
-            c_texts.append(r["pos_text"])
-            c_images.append(r["pos_image"])
-            c_ids.append(tid)
-        positive.append(index[tid])
-    return RetrievalSet(q_texts, q_images, q_subsets, c_texts, c_images, c_ids, torch.tensor(positive, dtype=torch.int64))
 
 
 def synthetic_eval_candidates(dataset: SyntheticDataset, limit: int | None = None) -> RetrievalSet:

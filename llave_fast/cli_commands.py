@@ -1,0 +1,136 @@
+"""Each ``llave-fast`` command's handler (``args`` -> exit status): train, export, eval, eval-video,
+ablate. A handler checks the paths it is given, calls the library, and prints the results on
+stdout (notes go to stderr); its errors go up to :func:`llave_fast.cli.main`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .cli_console import PROG, UsageError
+from .cli_train_flags import train_config_from_args
+
+__all__ = ["COMMANDS"]
+
+
+def _train(args) -> int:
+    from .train import train
+
+    train(train_config_from_args(args))
+    return 0
+
+
+def _existing(flag: str, path: str | None, kind: str = "folder") -> None:
+    """Refuse a path flag that names nothing, naming the flag and what it got."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path!r}: no such {kind}")
+    if kind == "folder" and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r}: not a folder")
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id (owner/name): absolute, relative with ./ or ../, or existing."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") != 1
+
+
+def _export(args) -> int:
+    from .export import export_run, is_run_dir
+
+    _existing("--run", args.run)
+    if not is_run_dir(args.run):
+        raise UsageError(f"--run {args.run!r}: not a llave-fast training run folder (no train_config.json, base/ "
+                         "or checkpoints/ inside; give the --output-dir of a training run)")
+
+    path = export_run(args.run, args.output, dtype=args.dtype, tag=args.tag)
+    print(f"exported to {path}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .data.image_root import outside_image_dir_allowed
+    from .data.mmeb_eval import find_eval_datasets
+    from .evaluate import data_paths, evaluate_model, format_mmeb_table
+
+    if _looks_local(args.model):
+        _existing("--model", args.model)
+    try:
+        paths = data_paths(args.data)
+    except ValueError as e:
+        raise UsageError(f"--data: {e}") from e
+    for path in paths:
+        _existing("--data", path, kind="file or folder")
+    _existing("--image-dir", args.image_dir)
+
+    mmeb_eval_files = bool(paths) and find_eval_datasets(paths) is not None
+    num_eval, max_queries = args.num_eval, args.max_queries
+    if mmeb_eval_files:
+        if num_eval is not None:
+            if max_queries is not None:
+                raise UsageError(f"--num-eval {num_eval} and --max-queries {max_queries}: with MMEB-eval files both "
+                                 "cap the queries per dataset; give --max-queries alone")
+            print(f"{PROG} eval: note: --num-eval {num_eval} with MMEB-eval files caps the queries of each dataset, "
+                  f"as --max-queries {num_eval} does", file=sys.stderr)
+            max_queries = num_eval
+        if args.output_dir is None:
+            print(f"{PROG} eval: note: no --output-dir, so no mmeb_eval.json and no per-dataset resume cache are "
+                  "written (an interrupted evaluation starts over)", file=sys.stderr)
+    else:
+        if max_queries is not None:
+            raise UsageError(f"--max-queries {max_queries} applies to MMEB-eval files (each query's own candidate "
+                             "list); for the synthetic split and MMEB-train files use --num-eval")
+        if args.output_dir is not None:
+            raise UsageError(f"--output-dir {args.output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its "
+                             "resume cache); for the synthetic split and MMEB-train files use --output FILE")
+    with outside_image_dir_allowed(args.allow_outside_image_dir):  # the readers' default, for this call
+        result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
+                                num_eval=256 if num_eval is None else num_eval, seed=args.seed,
+                                image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,
+                                max_queries=max_queries, output_dir=args.output_dir,
+                                max_text_tokens=args.max_text_tokens)
+    print(json.dumps(result, indent=2))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    if mmeb_eval_files:  # the table for people, after the JSON (stdout stays parseable: `> metrics.json`)
+        where = f" (also in {os.path.join(args.output_dir, 'mmeb_eval.json')})" if args.output_dir else ""
+        print(f"\nMMEB precision@1{where}:\n{format_mmeb_table(result)}", file=sys.stderr)
+    return 0
+
+
+
+def _ablate(args) -> int:
+    from .ablate import format_report, run_ablation
+
+    result = run_ablation(args.output_dir, config=args.config, alphas=args.alphas, batches=args.batches,
+                          seeds=args.seeds, steps=args.steps, global_batch=args.global_batch, num_eval=args.num_eval,
+                          family_size=args.family_size, quick=args.quick)
+    print(format_report(result))
+    return 0
+
+
+def _eval_video(args) -> int:
+    from .eval_video import eval_video, format_metrics_table
+
+    if _looks_local(args.model):
+        _existing("--model", args.model)
+    _existing("--videos", args.videos)
+    _existing("--annotations", args.annotations, kind="file or folder")
+    _existing("--video-list", args.video_list, kind="file")
+    result = eval_video(args.model, args.videos, args.annotations, args.output_dir, max_frames=args.max_frames,
+                        fps=args.fps, batch=args.batch, device=args.device, dtype=args.dtype,
+                        max_length=args.max_length, video_list=args.video_list, limit=args.limit,
+                        workers=args.workers, max_text_tokens=args.max_text_tokens)
+    out = os.path.join(args.output_dir, "video_eval.json")
+    print(f"zero-shot text-video retrieval: {result['num_videos']} videos, {result['num_captions']} captions, "
+          f"{result['frames']['mean_frames']:.1f} frames a video on average ({result['device']}, {result['dtype']}; "
+          f"videos {result['seconds']['videos']:.1f} s, captions {result['seconds']['captions']:.1f} s)")
+    print(format_metrics_table(result))
+    print(f"(R@k in % of queries, ranks 1-based; written to {out})")
+    return 0
+
+
+# what each command runs
+COMMANDS = {"train": _train, "export": _export, "eval": _eval, "eval-video": _eval_video, "ablate": _ablate}

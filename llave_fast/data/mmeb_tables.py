@@ -1,0 +1,258 @@
+"""MMEB-train tables read into columns of text: the MMEB columns, .jsonl and .parquet files (one
+row's problem kept as that row's problem, a file's as a :class:`BadDataError`), a hub dataset, and
+which data files a list of files and folders names (subset and split from the file's name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .bad_data import BadDataError
+from ..errors import InvalidArgument, MissingDependency
+
+__all__ = ["DATA_SUFFIXES", "MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
+           "data_files", "jsonl_lines", "parse_json_line"]
+
+MMEB_REQUIRED_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+MMEB_NEG_COLUMNS = ("neg_text", "neg_image_path")
+MMEB_COLUMNS = MMEB_REQUIRED_COLUMNS + MMEB_NEG_COLUMNS
+DATA_SUFFIXES = (".parquet", ".jsonl")
+_SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # hub shard names: original-00000-of-00001
+_HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class _Source:
+    """One table: a data file or one hub subset, its columns as lists of str."""
+
+    name: str  # the file path, or hub "name/subset[split]"
+    subset: str
+    image_root: str  # folder image paths are relative to
+    cols: dict[str, list[str]]
+    lines: list[int] | None = None  # jsonl line number of each row
+    has_neg: bool = False
+    problems: dict[int, str] = field(default_factory=dict)  # rows found bad while reading
+    n: int = field(init=False)
+
+    def __post_init__(self):
+        self.n = len(self.cols["qry"])
+        for c in MMEB_NEG_COLUMNS:  # a table without negatives reads as empty negatives
+            self.cols.setdefault(c, [""] * self.n)
+
+    def line(self, row: int) -> int | None:
+        return None if self.lines is None else self.lines[row]
+
+
+class _Cell(Exception):
+    """A value that is not text; becomes a row problem."""
+
+
+def _as_text(value, column: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and column in MMEB_NEG_COLUMNS and len(value) <= 1:
+        # some releases store one negative as a one-element list
+        return _as_text(value[0] if value else None, column)
+    kind = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else type(value).__name__
+    raise _Cell(f"column {column!r} holds {kind}, expected a string")
+
+
+def _texts(values, column: str, problems: dict[int, str]) -> list[str]:
+    out = []
+    for row, v in enumerate(values):
+        try:
+            out.append(_as_text(v, column))
+        except _Cell as exc:
+            problems.setdefault(row, str(exc))
+            out.append("")
+    return out
+
+
+# ---------------------------------------------------------------- reading tables
+def _column_problem(names: Iterable[str], allow_extra: bool) -> str | None:
+    names = list(names)
+    missing = [c for c in MMEB_REQUIRED_COLUMNS if c not in names]
+    if missing:
+        return f"missing required column(s) {missing}; an MMEB table has {list(MMEB_COLUMNS)}"
+    unknown = [c for c in names if c not in MMEB_COLUMNS]
+    if unknown and not allow_extra:
+        return f"unknown column(s) {unknown}; an MMEB table has {list(MMEB_COLUMNS)} (allow_extra_columns=True ignores others)"
+    return None
+
+
+MAX_LINE_BYTES = 16 << 20  # a data line longer than this (16 MiB; MMEB rows are a few hundred bytes) is a bad row
+
+
+def jsonl_lines(f, max_bytes: int = MAX_LINE_BYTES):
+    """``(line number, text or None, problem or None)`` for each non-blank line of a binary file:
+    a line that is not UTF-8, or longer than ``max_bytes`` (never held whole in memory), is a
+    problem of that line, not of the file."""
+    lineno = 0
+    while True:
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            n = len(raw)
+            while raw and not raw.endswith(b"\n"):  # the rest of the long line, in bounded pieces
+                raw = f.readline(max_bytes + 1)
+                n += len(raw)
+            yield lineno, None, f"a line of {n} bytes, over the limit of {max_bytes} bytes (MAX_LINE_BYTES)"
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, None, f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+            continue
+        if text.strip():
+            yield lineno, text.rstrip("\r\n"), None  # the newline would move a truncated line's error to "line 2"
+
+
+def parse_json_line(text: str):
+    """(object, problem): json.loads, with its errors as a row's problem (RecursionError included:
+    a deeply nested line is bad data, not a crash)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply to parse"
+
+
+def _read_jsonl(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
+    """Rows of a .jsonl file; a line that is not a valid MMEB row is a row problem."""
+    rows, lines, problems = [], [], {}
+    with open(path, "rb") as f:
+        for lineno, text, problem in jsonl_lines(f):
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            row = len(rows)
+            lines.append(lineno)
+            obj = {}
+            if problem is None:
+                obj, problem = parse_json_line(text)
+            if problem is not None:
+                problems[row] = problem
+                obj = {}
+            if not isinstance(obj, dict):
+                problems[row] = f"expected a JSON object, got {type(obj).__name__}"
+                obj = {}
+            if row not in problems and (why := _column_problem(obj.keys(), allow_extra)):
+                problems[row] = why
+            rows.append(obj)
+    has_neg = any(c in r for r in rows for c in MMEB_NEG_COLUMNS)
+    names = MMEB_COLUMNS if has_neg else MMEB_REQUIRED_COLUMNS
+    cols = {c: _texts((r.get(c) for r in rows), c, problems) for c in names}
+    return _Source(str(path), "", "", cols, lines, has_neg, problems)
+
+
+def _import_pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise MissingDependency(
+            "reading .parquet MMEB files needs pyarrow: `pip install pyarrow` (or convert the files to .jsonl)"
+        ) from exc
+    return pq
+
+
+def _read_parquet(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
+    """Rows of a .parquet file; its schema is checked once (a bad column is a file problem)."""
+    pq = _import_pyarrow_parquet()
+    src = str(path)
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise BadDataError(src, None, f"not a readable parquet file: {exc}", hint=False) from exc
+    keep = _schema_columns(schema.names, src, allow_extra)
+    table = pq.read_table(path, columns=keep)
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    return _from_columns({c: table.column(c).to_pylist() for c in keep}, src, None)
+
+
+def _schema_columns(names, src: str, allow_extra: bool) -> list[str]:
+    why = _column_problem(names, allow_extra)
+    if why:
+        raise BadDataError(src, None, why, hint=False)
+    return [c for c in MMEB_COLUMNS if c in names]
+
+
+def _from_columns(columns: dict, src: str, max_rows: int | None) -> _Source:
+    """A table given as {column name: values}."""
+    problems: dict[int, str] = {}
+    cols = {}
+    for c, values in columns.items():
+        values = list(values)
+        cols[c] = _texts(values if max_rows is None else values[:max_rows], c, problems)
+    return _Source(src, "", "", cols, None, any(c in columns for c in MMEB_NEG_COLUMNS), problems)
+
+
+def _subset_and_split(path: Path) -> tuple[str, str | None]:
+    m = _SHARD_RE.match(path.stem)
+    if m:  # hub layout: <subset>/<split>-00000-of-00001.parquet
+        return path.parent.name, m.group("split")
+    return path.stem, None
+
+
+def _discover(paths) -> list[Path] | str:
+    """Data files named by ``paths`` (files and folders), or a hub dataset name."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if len(paths) == 1 and isinstance(paths[0], str) and not os.path.exists(paths[0]) and _HUB_NAME_RE.match(paths[0]):
+        return paths[0]
+    return data_files(paths, missing_hint=" (a hub dataset is named 'owner/name' and needs the `datasets` package)")
+
+
+def data_files(paths, missing_hint: str = "") -> list[Path]:
+    """The data files (``DATA_SUFFIXES``) named by ``paths``: files as given, folders searched
+    recursively (sorted); a folder without any, a file of another type or a missing path is an
+    error naming it (``missing_hint`` is added to the last)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files under {p}")
+            files += found
+        elif p.is_file():
+            if p.suffix not in DATA_SUFFIXES:
+                raise InvalidArgument(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder{missing_hint}")
+    return files
+
+
+def _load_hub(name: str, subsets, split: str, allow_extra: bool, max_rows, image_dir) -> list[_Source]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise MissingDependency(
+            f"{name!r} is not a local path, so it is read as a hub dataset, which needs the `datasets` package "
+            "(`pip install datasets`) and network access; or download the parquet files and pass their folder"
+        ) from exc
+    try:
+        names = list(subsets) if subsets is not None else list(datasets.get_dataset_config_names(name))
+    except Exception as exc:
+        raise RuntimeError(f"could not list the subsets of hub dataset {name!r} (network?): {exc}") from exc
+    sources = []
+    for subset in names:
+        src = f"{name}/{subset}[{split}]"
+        try:
+            ds = datasets.load_dataset(name, subset, split=split)
+        except Exception as exc:
+            raise RuntimeError(f"could not load hub dataset {src} (network? subset name?): {exc}") from exc
+        keep = _schema_columns(ds.column_names, src, allow_extra)
+        source = _from_columns({c: ds[c] for c in keep}, src, max_rows)
+        source.subset, source.image_root = subset, str(image_dir or ".")
+        sources.append(source)
+    return sources
