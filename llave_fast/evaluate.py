@@ -126,14 +126,30 @@ def apply_eval_protocol(model, *, max_text_tokens=None, autocast: torch.dtype | 
       :mod:`llave_fast.model.processor`).
     * ``autocast``: :attr:`~llave_fast.model.LLaVEEmbedder.autocast_dtype` (:func:`eval_autocast`).
     """
-    check_max_text_tokens(max_text_tokens)
     proc = model.processor
     saved = proc.max_text_tokens
-    proc.max_text_tokens = saved if max_text_tokens == "saved" else max_text_tokens
-    proc.image_without_placeholder = "drop"
+    _protocol_cut(proc, max_text_tokens)
     model.autocast_dtype = autocast
     return {"max_text_tokens": proc.max_text_tokens, "max_length": proc.max_length,
             "max_text_tokens_saved": saved}
+
+
+def _protocol_cut(proc, max_text_tokens) -> None:
+    """The processor's side of :func:`apply_eval_protocol`, in place."""
+    check_max_text_tokens(max_text_tokens)
+    proc.max_text_tokens = proc.max_text_tokens if max_text_tokens == "saved" else max_text_tokens
+    proc.image_without_placeholder = "drop"
+
+
+def eval_processor(processor, *, max_text_tokens=None):
+    """A copy of ``processor`` under :func:`apply_eval_protocol`'s processor settings (no cut of the
+    text alone unless asked; an image without a placeholder dropped); ``processor`` is left as it
+    is, so a training run can score with the eval command's inputs and go on training with its own."""
+    import copy
+
+    proc = copy.copy(processor)
+    _protocol_cut(proc, max_text_tokens)
+    return proc
 
 
 @torch.no_grad()

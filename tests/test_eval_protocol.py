@@ -438,3 +438,42 @@ def test_llave_precision_end_to_end_on_cuda(tmp_path, capsys):
     got = m.encode(texts, imgs)
     assert seen["norm"] == torch.float32
     assert torch.nn.functional.cosine_similarity(got, ref.encode(texts, imgs)).min() > 0.99
+
+
+def test_in_run_heldout_score_uses_the_eval_commands_inputs(monkeypatch):
+    """Training's held-out precision@1 (training/heldout.py) is scored with the inputs ``llave-fast
+    eval`` builds (no cut of the text alone), while training keeps its own cut."""
+    import copy
+    import types
+
+    from llave_fast.data import SyntheticDataset, retrieval_candidates
+    from llave_fast.evaluate import apply_eval_protocol, encode_all, retrieval_eval
+    from llave_fast.training import heldout
+    from llave_fast.training.config import TrainConfig
+
+    model = build_tiny_model(0).eval()
+    model.processor.max_text_tokens = 3  # the run's training cut: short enough to cut every query
+    full = LLaVEEmbedder(copy.deepcopy(model.model), copy.deepcopy(model.processor)).eval()
+    apply_eval_protocol(full)  # what `llave-fast eval` does to a loaded model
+    assert full.processor.max_text_tokens is None
+    rset = retrieval_candidates(SyntheticDataset(12, seed=3, split="eval"))
+    seen = []
+
+    def spy(embed, processor, rset, batch):
+        seen.append(processor)
+        return retrieval_eval(embed, processor, rset, batch)
+
+    monkeypatch.setattr(heldout, "retrieval_eval", spy)
+    engine = types.SimpleNamespace(module=model)
+    with torch.no_grad():
+        before = heldout.evaluate_before(engine, model, model.processor, rset, TrainConfig(eval_batch=5), rank=1)
+        want = retrieval_eval(full, full.processor, rset, 5)
+    (proc,) = seen
+    assert proc is not model.processor and model.processor.max_text_tokens == 3  # training's cut untouched
+    assert proc.max_text_tokens is None and proc.image_without_placeholder == "drop"
+    assert len(proc([LONG])["input_ids"][0]) == len(full.processor([LONG])["input_ids"][0])
+    assert before == want
+    # and the cut matters here: the queries embed differently under it
+    q_cut = encode_all(model, model.processor, rset.query_texts, rset.query_images, 5)
+    q_full = encode_all(model, proc, rset.query_texts, rset.query_images, 5)
+    assert (q_cut - q_full).abs().max() > 1e-3

@@ -766,3 +766,39 @@ def test_a_bad_precision_names_the_argument_and_the_choices(tmp_path):
     with pytest.raises(InvalidArgument, match=r"dtype must be one of \['auto', 'bf16', 'fp16', 'fp32', 'llave'\], "
                                               r"got 'float64'"):
         eval_precision("cpu", "float64")
+
+
+def test_uniform_modules_run_the_vision_side_without_lengthening_a_text_batch():
+    """Multi-rank ZeRO-3 (uniform_modules): a text-only batch runs the vision tower and projector on a
+    blank image, in the image path's order, with zero gradients; the embeddings are unchanged and the
+    language model sees the batch's own rows and length, not an image-long dummy row."""
+    from llave_fast.model import build_tiny_model
+
+    m = build_tiny_model(0).eval()
+    batch = m.processor(["a red circle", "three blue stars at the top left"])
+    with torch.no_grad():
+        plain = m(batch)
+    order, shapes = [], []
+    hooks = [mod.register_forward_pre_hook(lambda mod, a, k, name=name: order.append(name), with_kwargs=True)
+             for name, mod in (("embed", m.model.get_input_embeddings()), ("vision", m.model.vision_tower),
+                               ("projector", m.model.multi_modal_projector), ("lm", m.model.language_model))]
+    hooks.append(m.model.language_model.register_forward_pre_hook(
+        lambda mod, a, k: shapes.append(tuple(k["inputs_embeds"].shape[:2])), with_kwargs=True))
+    m.uniform_modules = True
+    m.zero_grad(set_to_none=True)
+    out = m(batch)
+    for h in hooks:
+        h.remove()
+    assert order == ["embed", "vision", "projector", "lm"], order  # the image path's order
+    assert shapes == [tuple(batch["input_ids"].shape)], shapes
+    torch.testing.assert_close(out, plain, rtol=0, atol=ATOL)
+    out.sum().backward()
+    vision = [p.grad for p in m.model.multi_modal_projector.parameters()]
+    assert all(g is not None and not g.any() for g in vision), "the vision side must get zero gradients"
+    # an image batch is left as it is
+    with torch.no_grad():
+        imgs = m.processor(["<image> x", "y"], [Image.new("RGB", (40, 30)), None])
+        m.uniform_modules = False
+        a = m(imgs)
+        m.uniform_modules = True
+        torch.testing.assert_close(m(imgs), a, rtol=0, atol=0)

@@ -118,6 +118,25 @@ def test_export_reloads_with_the_same_embeddings(reference_run, tmp_path):
     assert (c - a).norm() / a.norm() < 3e-2
 
 
+def test_a_trained_model_carries_llaves_video_layout(reference_run, tmp_path):
+    """LLaVE's training writes mm_newline_position "grid" (and bilinear pooling) into the model it
+    trains; ours does too, in the run's base/config.json and in every export, and the exported model
+    embeds videos with no key missing."""
+    from llave_fast.export import export_run
+    from llave_fast.model import LLaVEEmbedder
+    from llave_fast.model.video import check_video_config
+
+    want = {"mm_newline_position": "grid", "mm_spatial_pool_mode": "bilinear", "add_faster_video": False}
+    path = export_run(reference_run, str(tmp_path / "e"), dtype="fp32")
+    for folder in (os.path.join(reference_run, "base"), path):
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+        assert {k: saved.get(k) for k in want} == want, folder
+    reloaded = LLaVEEmbedder.from_pretrained(path)
+    check_video_config(reloaded.config)
+    assert {k: getattr(reloaded.config, k) for k in want} == want
+
+
 @pytest.mark.slow
 def test_eval_on_mmeb_candidate_lists(reference_run, tmp_path):
     """`llave-fast eval` on MMEB-eval style files: each query against its own candidates."""
@@ -289,3 +308,75 @@ def test_the_step_loss_states_every_choice_that_matters():
     assert got.keys() == want.keys()
     for k in want:
         assert abs(got[k] - want[k].item()) < 1e-4, (k, got[k], want[k].item())
+
+
+# ---------------------------------------------------------------- GradCache chunks padded to their own rows
+def _mixed_pairs(n=10):
+    from PIL import Image
+
+    texts = ["a red circle", "three blue stars at the top left of the picture in a row", "x"]
+    q_txt, q_img, t_txt, t_img = [], [], [], []
+    for i in range(n):
+        img = Image.new("RGB", (40 + 9 * i, 30 + 5 * (i % 3)), (20 * i, 200 - 15 * i, 90))
+        q_txt.append(("<image> " if i % 2 else "") + texts[i % 3] + f" {i}")
+        q_img.append(img if i % 2 else None)
+        t_txt.append(("<image>" if i % 3 == 0 else texts[(i + 1) % 3]))
+        t_img.append(img if i % 3 == 0 else None)
+    return q_txt, q_img, t_txt, t_img
+
+
+def test_chunks_drop_only_columns_no_row_of_the_chunk_uses():
+    from llave_fast.model import build_tiny_model
+    from llave_fast.training.step import by_length, chunks
+
+    proc = build_tiny_model(0).processor
+    q_txt, q_img, _, _ = _mixed_pairs()
+    for side in ("right", "left"):
+        batch = proc(q_txt, q_img, padding_side=side)
+        s, order = by_length(batch)
+        lengths = batch["attention_mask"].sum(dim=1)
+        assert torch.equal(s["attention_mask"].sum(dim=1), lengths.sort(stable=True).values)
+        assert [x is None for x in s["pixel_values"]] == [batch["pixel_values"][i] is None for i in order.tolist()]
+        for c in chunks(s, 3):
+            mask = c["attention_mask"]
+            assert mask.shape[1] == int(mask.sum(dim=1).max())  # padded to its own longest row only
+            ids = c["input_ids"][mask.bool()]
+            assert ids.numel() == int(mask.sum())
+        whole = torch.cat([c["input_ids"][c["attention_mask"].bool()] for c in chunks(s, 3)])
+        assert torch.equal(whole, s["input_ids"][s["attention_mask"].bool()])  # no real token lost
+
+
+@pytest.mark.parametrize("negatives", [False, True])
+def test_sorted_trimmed_chunks_give_the_plain_steps_loss_and_gradients(negatives):
+    """Rows sorted by length and chunks cut to their own longest row (the training step) give the
+    loss and gradients of GradCache on the batch as collated (both within float rounding)."""
+    from llave_fast.gradcache import GradCache
+    from llave_fast.model import build_tiny_model
+    from llave_fast.training.config import TrainConfig
+    from llave_fast.training.step import build_loss, by_length, chunks
+
+    model = build_tiny_model(0)
+    model.train()
+    proc = model.processor
+    q_txt, q_img, t_txt, t_img = _mixed_pairs()
+    q, t = proc(q_txt, q_img), proc(t_txt, t_img)
+    n = proc(list(reversed(t_txt)), list(reversed(t_img))) if negatives else None
+    ids = torch.arange(10)
+    kw = dict(target_ids=torch.cat([ids, 100 + ids]) if negatives else ids, query_ids=ids)
+    cfg = TrainConfig(loss_backend="torch")
+    results = []
+    for sort in (False, True):
+        model.zero_grad(set_to_none=True)
+        probe = build_loss(cfg, 1)
+        if sort:
+            (qs, qo), (ts, to), (ns, no) = by_length(q), by_length(t), by_length(n)
+            assert not torch.equal(qo, torch.arange(10))  # the order really changes
+            loss = GradCache(model, probe, 3, split=chunks)(qs, ts, ns, orders=(qo, to, no), **kw)
+        else:
+            loss = GradCache(model, probe, 3)(q, t, n, **kw)
+        results.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0 - l1) <= 1e-5 * abs(l0), (l0, l1)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-3, atol=1e-6, msg=k)

@@ -569,3 +569,64 @@ def test_the_old_module_name_is_a_deprecated_alias():
     assert old_metrics is new.retrieval_metrics
     with pytest.raises(AttributeError):
         old.no_such_name  # noqa: B018
+
+
+# ------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3: image_newline is partitioned; the video path must gather it as the image path does
+# ------------------------------------------------------------------------------------------
+
+
+def _zero3_video_rank(rank, world):
+    import copy
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ref = build_tiny_model(0).eval()
+    rng = np.random.RandomState(5)
+    frames = [rng.randint(0, 256, (n, 48, 80, 3), dtype=np.uint8) for n in (3, 2)]
+    pixels = [mv.frames_to_pixels(ref.processor, f) for f in frames]
+    batch = mv.video_batch(ref.processor, pixels)
+    with torch.no_grad():
+        want = ref.encode_videos(frames, batch_size=2)
+        want_feats = mv.video_features(ref.model, torch.cat(pixels), [3, 2])
+    weights = torch.randn(want.shape[1], generator=torch.Generator().manual_seed(1))
+    (mv.embed_video_batch(ref, batch) @ weights).sum().backward()
+    want_grad = ref.model.image_newline.grad.clone()
+
+    model = copy.deepcopy(ref)
+    model.zero_grad(set_to_none=True)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+              # threshold 0: image_newline (D elements) is partitioned, as a real model's always is
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=config)
+    newline = engine.module.model.image_newline
+    assert newline.numel() == 0 and newline.ds_numel == want_feats[0].shape[1], "image_newline not partitioned"
+    # the embedder's own video entry point (eval-video's) runs inside the root module's forward
+    torch.testing.assert_close(engine.module.encode_videos(frames, batch_size=2), want, rtol=1e-5, atol=1e-6)
+    # the layout function called directly, outside any forward: gathered for reading, then partitioned again
+    with torch.no_grad():
+        got_feats = mv.video_features(engine.module.model, torch.cat(pixels), [3, 2])
+    for g, w in zip(got_feats, want_feats):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert newline.numel() == 0
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3"):
+        mv.video_features(engine.module.model, torch.cat(pixels), [3, 2])  # gradients on: would be lost
+    # with gradients: image_newline's gradient arrives whole through ZeRO-3's reduction
+    engine.module.train()
+    loss = (mv.embed_video_batch(engine.module, batch) @ weights).sum()
+    engine.backward(loss)
+    grad = safe_get_full_grad(newline)
+    assert grad is not None, "image_newline got no gradient under ZeRO-3"
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_model_embeds_videos_like_the_whole_one():
+    pytest.importorskip("deepspeed")
+    from llave_fast.testing import spawn_ranks
+
+    spawn_ranks(_zero3_video_rank, 2)

@@ -81,6 +81,11 @@ class PairCollator:
     ``negative_ids``, so ``torch.cat([target_ids, negative_ids])`` is the loss's full
     ``target_ids``. Without it, negatives in the records are ignored and ``"negatives"``
     and ``"negative_ids"`` are None.
+
+    Each side is padded to its longest row. The training step does not run it so: it sorts each
+    side's rows by length and pads each GradCache chunk to its own longest row
+    (:func:`llave_fast.training.step.by_length`, :func:`~llave_fast.training.step.chunks`), which
+    leaves the loss as it is (padding is masked) and most of the padding out.
     """
 
     def __init__(self, processor: Processor, *, use_negatives: bool = False, image_without_placeholder: str = "drop"):

@@ -234,8 +234,8 @@ class LLaVEEmbedder(nn.Module):
         # ZeRO-3 gathers each module's weights with collectives as the module runs, so every
         # rank must run the same modules in the same order. A text-only chunk on one rank and
         # an image chunk on another would skip the vision tower on one side only (a hang).
-        # When set (the trainer does so under multi-rank ZeRO-3), a chunk without images gets
-        # one extra dummy image row whose output enters the result with weight 0.
+        # When set (the trainer does so under multi-rank ZeRO-3), a chunk without images runs the
+        # vision side on a blank image whose features enter the result with weight 0 (_forward).
         self.uniform_modules = False
         self._dummy = None
         # Evaluation in LLaVE's precision (llave_fast.evaluate, dtype "llave"): fp16 weights, every
@@ -487,7 +487,15 @@ class LLaVEEmbedder(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """The batch dict of :mod:`llave_fast.model.processor` -> (B, d) float32, unit rows."""
+        """The batch dict of :mod:`llave_fast.model.processor` -> (B, d) float32, unit rows.
+
+        A video batch (:func:`~llave_fast.model.video.video_batch`, with ``pixel_values_videos``)
+        is embedded here too, so that DeepSpeed ZeRO-3 gathers what the video path reads
+        (``image_newline``) as it does for images: inside the root module's forward."""
+        if isinstance(batch, dict) and "pixel_values_videos" in batch:
+            from .video import video_forward
+
+            return video_forward(self, batch)
         if self.autocast_dtype is not None:
             with self.autocast():
                 return self._forward(batch)
@@ -517,16 +525,18 @@ class LLaVEEmbedder(nn.Module):
         if bool((lengths == 0).any()):
             raise InvalidArgument(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} have no real token (all padding)")
         pixel_values, image_sizes, kept = self._gather_images(batch, input_ids, mask)
-        n_dummy = 0
-        if pixel_values is None and self.uniform_modules:
-            input_ids, mask, pixel_values, image_sizes = self._append_dummy_image(input_ids, mask)
-            kept = [int((input_ids[-1] == self.model.config.image_token_index).sum())]
-            n_dummy = 1
-            L = input_ids.shape[1]
 
         # positions count real tokens only: left and right padding give the same positions
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         embeds = self._input_embeddings(input_ids, pixel_values, image_sizes, kept)
+        tie = None
+        if pixel_values is None and self.uniform_modules:
+            # the vision side runs on a blank image here, where an image batch runs it (after the token
+            # embeddings, before the language model), and joins the result with weight 0: its modules
+            # run (and get zero gradients) on this rank as on the others. Its features never enter the
+            # language model, so a text-only batch keeps its own length (no image-long dummy row).
+            pixel, sizes = self._dummy_image(device)
+            tie = 0.0 * self.model.get_image_features(pixel_values=pixel, image_sizes=sizes).pooler_output[0].sum()
         out = self.model.language_model(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -536,11 +546,9 @@ class LLaVEEmbedder(nn.Module):
         hidden = out.last_hidden_state  # (B, L, D), after the final RMSNorm
         # last real token of each row, whichever side the padding is on
         last = (L - 1) - mask.flip(dims=[1]).argmax(dim=1)
-        pooled = hidden[torch.arange(B + n_dummy, device=device), last]
-        if n_dummy:
-            # the dummy row joins the graph with weight 0: its modules run (and get zero
-            # gradients) on this rank like on the others, and the result is unchanged
-            pooled = pooled[:B] + 0.0 * pooled[B:].sum()
+        pooled = hidden[torch.arange(B, device=device), last]
+        if tie is not None:
+            pooled = pooled + tie.to(pooled.dtype)
         return F.normalize(pooled.float(), dim=-1)
 
     def _input_embeddings(self, input_ids, pixel_values, image_sizes, kept):
@@ -566,29 +574,19 @@ class LLaVEEmbedder(nn.Module):
         where = (input_ids == m.config.image_token_index).unsqueeze(-1)
         return embeds.masked_scatter(where.expand_as(embeds), feats)
 
-    def _append_dummy_image(self, input_ids, mask):
-        """(input_ids, mask) plus one row holding a blank image; padded on the right to one length."""
+    def _dummy_image(self, device):
+        """(tiles, image sizes) of one blank image of one tile's size, for :attr:`uniform_modules`."""
         from PIL import Image
 
         if self._processor is None:
-            raise InvalidArgument("uniform_modules needs the processor (to build the dummy image row)")
-        device = input_ids.device
+            raise InvalidArgument("uniform_modules needs the processor (to build the dummy image)")
         if self._dummy is None:
             size = self.model.config.vision_config.image_size
             d = self._processor(["<image>"], [Image.new("RGB", (size, size))])
-            self._dummy = (d["input_ids"], d["attention_mask"], d["pixel_values"][0], d["image_sizes"][0])
-        ids_d, mask_d, pix_d, size_d = self._dummy
-        L = max(input_ids.shape[1], ids_d.shape[1])
-        pad = self._processor.pad_token_id
-
-        def right_pad(x, value):
-            return F.pad(x.to(device), (0, L - x.shape[1]), value=value)
-
-        input_ids = torch.cat([right_pad(input_ids, pad), right_pad(ids_d, pad)])
-        mask = torch.cat([right_pad(mask, 0), right_pad(mask_d.long(), 0)])
-        pixel = pix_d.to(device=device, dtype=self.model.dtype)
-        sizes = torch.tensor([tuple(size_d)], dtype=torch.long, device=device)
-        return input_ids, mask, pixel, sizes
+            self._dummy = (d["pixel_values"][0], d["image_sizes"][0])
+        pix, size = self._dummy
+        return (pix.to(device=device, dtype=self.model.dtype),
+                torch.tensor([tuple(size)], dtype=torch.long, device=device))
 
     @torch.no_grad()
     def encode(

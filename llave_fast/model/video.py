@@ -21,9 +21,9 @@ LLaVA-NeXT ``llava_qwen`` model) does with a video, reproduced here:
   those is implemented here), ``add_faster_video`` false (LLaVE's code cannot run it: the
   features it needs are computed in a commented-out line). A ``llava_qwen`` config without
   ``mm_newline_position`` means "one_token" to LLaVE's code and is refused; LLaVE's training
-  (``llava/train/train.py: train``) always writes "grid". A transformers-format config without
-  these keys (llave-fast's own exports before they were carried, tiny models) is taken as
-  "grid" / "bilinear".
+  (``llava/train/train.py: train``) always writes "grid", and so does llave-fast's
+  (:func:`set_trained_layout`). A transformers-format config without these keys (llave-fast's
+  own exports before they were carried, tiny models) is taken as "grid" / "bilinear".
 * The prompt is the qwen_1_5 template around ``<image>\\nRepresent the given video.``;
   captions are plain texts ``Find me an video that matches the given caption: <caption>``
   (LLaVE's wording, its "an video" included). Pooling is the image path's: the final
@@ -66,7 +66,9 @@ __all__ = [
     "video_length_limit",
     "video_features",
     "embed_video_batch",
+    "video_forward",
     "check_video_config",
+    "set_trained_layout",
     "VIDEO_LAYOUT",
 ]
 
@@ -105,6 +107,18 @@ def check_video_config(config) -> None:
     if getattr(config, "add_faster_video", False):
         raise InvalidArgument(f"add_faster_video = {config.add_faster_video!r}: not implemented here (and LLaVE's own "
                          "video path cannot run it); set it to false in the model's config.json")
+
+
+def set_trained_layout(config) -> None:
+    """Write the video layout implemented here into a model config, as LLaVE's training writes it
+    into the config of the model it trains (``llava/train/train.py: train``: ``mm_newline_position``
+    "grid", ``mm_spatial_pool_mode`` "bilinear"), and ``add_faster_video`` false: a model saved by
+    llave-fast's training then carries the layout it is embedded with (:func:`check_video_config`),
+    whatever the checkpoint it started from said (a ``llava_qwen`` config without the key reads as
+    "one_token")."""
+    for key, (want, _) in VIDEO_LAYOUT.items():
+        setattr(config, key, want)
+    config.add_faster_video = False
 
 
 def pooled_grid(image_size: int, patch_size: int) -> tuple[int, int]:
@@ -244,13 +258,20 @@ def video_features(model, pixel_values: torch.Tensor, num_frames: Sequence[int])
     if pixel_values.dim() != 4 or pixel_values.shape[0] != total:
         raise InvalidArgument(f"pixel_values must stack {total} frames as (frames, 3, S, S), got {tuple(pixel_values.shape)}")
     ph, pw = pooled_grid(cfg.vision_config.image_size, cfg.vision_config.patch_size)
-    # transformers' video path: vision tower per frame, the feature layer, projector, 2x2 bilinear pooling
-    out = model.get_video_features(
-        pixel_values_videos=pixel_values[None],
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-    )
-    feats = getattr(out, "pooler_output", out)[0]
+    with _whole(model.image_newline):  # get_video_features reads image_newline too
+        # transformers' video path: vision tower per frame, the feature layer, projector, 2x2 bilinear pooling
+        out = model.get_video_features(
+            pixel_values_videos=pixel_values[None],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+        feats = getattr(out, "pooler_output", out)[0]
+        newline = model.image_newline
+        return _grid_rows(feats, newline, total, ph, pw, num_frames)
+
+
+def _grid_rows(feats, image_newline, total, ph, pw, num_frames):
+    """Pooled features (total * ph * pw (+ 1), D) -> LLaVE's "grid" layout, one tensor per video."""
     if feats.shape[0] == total * ph * pw + 1:  # transformers' one image_newline after the whole video: not LLaVE's
         feats = feats[:-1]
     if feats.shape[0] != total * ph * pw:
@@ -260,16 +281,51 @@ def video_features(model, pixel_values: torch.Tensor, num_frames: Sequence[int])
     grid = feats.reshape(total, ph, pw, dim)
     # torch.cat's promotion, as LLaVE's add_token_per_grid: one dtype when nothing autocasts; bf16 features
     # and an fp16 image_newline meet in fp32 under LLaVE's evaluation precision
-    dt = torch.promote_types(grid.dtype, model.image_newline.dtype)
+    dt = torch.promote_types(grid.dtype, image_newline.dtype)
     grid = grid.to(dt)
-    newline = model.image_newline.to(device=grid.device, dtype=dt)
+    newline = image_newline.to(device=grid.device, dtype=dt)
     # LLaVE's "grid" layout: frame by frame, row by row, each row closed by image_newline
     grid = torch.cat([grid, newline.expand(total, ph, 1, dim)], dim=2)
     return [v.reshape(-1, dim) for v in grid.split(list(num_frames))]
 
 
+def _whole(param):
+    """A context in which ``param`` is whole.
+
+    DeepSpeed ZeRO-3 keeps a parameter partitioned (an empty placeholder on each rank) and gathers
+    it only when its module's forward runs, or when it is read inside the forward of the engine's
+    root module; ``image_newline`` belongs to no sub-module that runs, so read outside the root's
+    forward (:func:`video_features` called directly) it is gathered here, for reading only.
+    """
+    status = getattr(param, "ds_status", None)
+    if status is None or status.name != "NOT_AVAILABLE":  # not partitioned, or gathered already
+        return contextlib.nullcontext()
+    if torch.is_grad_enabled():
+        raise InvalidArgument(
+            f"image_newline (ds_numel {getattr(param, 'ds_numel', '?')}) is partitioned by DeepSpeed ZeRO-3 and was read "
+            "outside the model's forward with gradients on, where its gradient would be lost: embed videos through "
+            "the embedder (embed_video_batch / LLaVEEmbedder.forward) or under torch.no_grad()")
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
+
 def embed_video_batch(embedder, batch: dict) -> torch.Tensor:
-    """The :func:`video_batch` dict -> (B, d) float32 unit rows (LLaVEEmbedder's pooling)."""
+    """The :func:`video_batch` dict -> (B, d) float32 unit rows (LLaVEEmbedder's pooling).
+
+    Runs as ``embedder``'s forward (``LLaVEEmbedder.forward`` hands a batch holding
+    ``pixel_values_videos`` to :func:`video_forward`): under DeepSpeed ZeRO-3 the engine gathers
+    every parameter its root module's forward reads, ``image_newline`` included (read outside
+    that forward it is an empty placeholder), and keeps its gradient, as on the image path.
+    """
+    if not isinstance(batch, dict) or "pixel_values_videos" not in batch:
+        raise InvalidArgument(f"batch must be video_batch's dict (with 'pixel_values_videos'), got "
+                              f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
+    return embedder(batch)
+
+
+def video_forward(embedder, batch: dict) -> torch.Tensor:
+    """:func:`embed_video_batch`'s computation; ``LLaVEEmbedder.forward`` calls it."""
     m = embedder.model
     cfg = m.config
     videos = batch["pixel_values_videos"]

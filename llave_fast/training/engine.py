@@ -24,6 +24,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
     """The tiny demo model from scratch, or a checkpoint (partitioned at load under ZeRO-3)."""
     global _HF_DS_CONFIG
     from ..model import LLaVEEmbedder, build_tiny_model
+    from ..model.video import set_trained_layout
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
@@ -38,6 +39,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
         model = build_arch_model(cfg.model, cfg.seed, torch_dtype=dtype)
     else:
         model = LLaVEEmbedder.from_pretrained(cfg.model, torch_dtype=dtype)
+    set_trained_layout(model.config)  # saved with the run (base/config.json) and every export, as LLaVE does
     if cfg.image_grid is not None:
         model.set_image_grid(cfg.image_grid)
     if cfg.gradient_checkpointing:

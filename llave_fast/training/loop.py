@@ -47,7 +47,7 @@ from .run_folder import (
 )
 from .runlog import _append_log, _tensorboard, _truncate_log
 from .schedule import resolve_length
-from .step import _to_device, build_loss, duplicate_ids
+from .step import _to_device, build_loss, by_length, chunks, duplicate_ids
 from .stops import RunStopped, _gather_objects, _last_checkpoint, _non_finite_message, _stop_on_bad_data
 
 
@@ -83,7 +83,7 @@ def _train(cfg: TrainConfig) -> dict:
     model, collator, rset = prepare_model(run)
     engine, scheduler = build_engine(model, cfg, run.ds_config)
     probe = build_loss(cfg, world)
-    gc = GradCache(engine, probe, cfg.chunk_size)
+    gc = GradCache(engine, probe, cfg.chunk_size, split=chunks)  # each chunk padded to its own longest row
     start, before = restore(engine, run.ckpt_root, run.tag, rank)
     if rank == 0:
         _truncate_log(run.log_path, start)
@@ -235,8 +235,8 @@ def train_step(run: Run, engine, scheduler, gc, probe, batch, step: int) -> tupl
     learning rate the step applied)``. A non-finite loss on any rank stops every rank before the step."""
     cfg, rank, world = run.cfg, run.rank, run.world
     batch = _to_device(batch, engine.device)
-    local_loss = gc(batch["query"], batch["target"], batch.get("negatives"),
-                    **duplicate_ids(batch, cfg.mask_duplicates))
+    (q, q_order), (t, t_order), (n, n_order) = (by_length(batch.get(k)) for k in ("query", "target", "negatives"))
+    local_loss = gc(q, t, n, orders=(q_order, t_order, n_order), **duplicate_ids(batch, cfg.mask_duplicates))
     lr_used = scheduler.get_last_lr()[-1]  # the rate this step applies
     # every rank's loss and its embeddings' health, known to all ranks before the step
     stats = torch.zeros(world, 5, dtype=torch.float64)

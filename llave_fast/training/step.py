@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgument
+from ..gradcache import split_batch
 from ..loss import FusedHardnessLoss, hardness_weighted_loss
 from .config import TrainConfig
 
@@ -78,15 +79,65 @@ class MicroStepLoss(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
+def by_length(side: dict | None) -> tuple[dict | None, torch.Tensor | None]:
+    """(one side of the batch with its rows in order of real length, stable; that order).
+
+    The collator pads a side to its longest row, so with anyres images beside short texts most of a
+    GradCache chunk is padding. Sorted, a chunk holds rows of like length, and :func:`chunks` pads
+    each to its own longest row. Every row embeds the same whatever its padding (positions count
+    real tokens, the last real token is pooled), and the loss puts the embeddings back in the
+    batch's order first (``orders`` of :class:`_LossProbe`): the loss is the unsorted batch's."""
+    if side is None:
+        return None, None
+    order = torch.sort(side["attention_mask"].sum(dim=1), stable=True).indices
+    return _rows(side, order), order
+
+
+def _rows(x, order: torch.Tensor):
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return x[order.to(x.device)]
+    if isinstance(x, dict):
+        return {k: _rows(v, order) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(x[i] for i in order.tolist())
+    return x
+
+
+def chunks(inputs: dict, chunk_size: int) -> list[dict]:
+    """GradCache's ``split``: chunks of ``chunk_size`` rows (``split_batch``), each cut to the columns
+    its own rows need (all-padding columns dropped, on either padding side)."""
+    out = []
+    for c in split_batch(inputs, chunk_size):
+        used = torch.nonzero(c["attention_mask"].bool().any(dim=0)).flatten()
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        if (lo, hi) != (0, c["attention_mask"].shape[1]):
+            c = dict(c, input_ids=c["input_ids"][:, lo:hi], attention_mask=c["attention_mask"][:, lo:hi])
+        out.append(c)
+    return out
+
+
+def _unsort(x, order):
+    if x is None or order is None:
+        return x
+    return x[torch.argsort(order.to(x.device))]
+
+
 class _LossProbe(torch.nn.Module):
-    """The loss, keeping a look at this step's embeddings for the report a non-finite loss needs."""
+    """The loss, keeping a look at this step's embeddings for the report a non-finite loss needs.
+
+    ``orders``: (query, target, negative) row orders of :func:`by_length` (None: as batched); the
+    embeddings are put back in the batch's order before anything else."""
 
     def __init__(self, loss_fn):
         super().__init__()
         self.loss_fn = loss_fn
         self._seen = self._embs = None
 
-    def forward(self, query, target, **kw):
+    def forward(self, query, target, *, orders=None, **kw):
+        if orders is not None:
+            query, target = _unsort(query, orders[0]), _unsort(target, orders[1])
+            if kw.get("negatives") is not None:
+                kw["negatives"] = _unsort(kw["negatives"], orders[2])
         neg = kw.get("negatives")
         self._seen = [(~torch.isfinite(x.detach())).sum().item() if x is not None else 0
                       for x in (query, target, neg)] + [query.numel()]
