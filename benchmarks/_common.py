@@ -1,20 +1,17 @@
-"""What the benchmark scripts share: metadata, inputs, timing, memory, error measures.
+"""What the benchmark scripts share: metadata, result files, inputs, timing, memory, errors.
 
-Timing of one callable is ``bench_ms``: ``triton.testing.do_bench`` on CUDA (CUDA events, L2
-flushed, median), ``torch.utils.benchmark.Timer`` on the CPU. ``time_interleaved`` is ours: it
-splits one loss call into forward and backward, interleaves backends (ABBA) and fits a deadline.
-Nothing here touches CUDA at import time; the loss formula is never copied here (the truth is
-``llave_fast.reference.reference_loss``).
+``bench_ms`` times one callable with the standard tools; ``time_interleaved`` splits a loss call
+into forward and backward, interleaves backends (ABBA) and fits a deadline. No CUDA at import time.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import gc
+import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,19 +93,45 @@ def run_meta(device: torch.device) -> dict:
                     "changed_paths": len(status.splitlines()) if status else None}}
 
 
-def default_out_path(device: torch.device) -> Path:
-    """benchmarks/results/<device-slug>/<YYYY-MM-DD>.json; a second run the same day gets _2, _3..."""
+def result_path(device: torch.device, out=None, suffix: str = "") -> Path:
+    """``out``, else benchmarks/results/<device-slug>/<YYYY-MM-DD><suffix>.json (then _2, _3... that day)."""
+    if out:
+        return Path(out)
     folder = REPO_ROOT / "benchmarks" / "results" / slugify(device_name(device))
     date = now_stamps()["date"]
-    path, n = folder / f"{date}.json", 2
+    path, n = folder / f"{date}{suffix}.json", 2
     while path.exists():
-        path, n = folder / f"{date}_{n}.json", n + 1
+        path, n = folder / f"{date}{suffix}_{n}.json", n + 1
     return path
 
 
+def write_json(path, obj, indent: int = 1) -> Path:
+    """``obj`` as JSON at ``path``, replaced whole (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def peak_in_fresh_process(script, spec: dict, timeout: float = 1800) -> dict:
+    """``script --_mem-worker SPEC`` in a fresh process; its ``MEMRESULT`` line (``print_peak``) parsed."""
+    r = subprocess.run([sys.executable, str(script), "--_mem-worker", json.dumps(spec)], capture_output=True,
+                       text=True, timeout=timeout)
+    for line in r.stdout.splitlines():
+        if line.startswith("MEMRESULT "):
+            return json.loads(line[len("MEMRESULT "):])
+    raise RuntimeError(f"memory worker failed (rc {r.returncode}): {r.stderr.strip()[-800:]}")
+
+
+def print_peak(fn, q, t) -> None:
+    """The memory worker's answer: ``cpu_peak_rss_of_call`` as one MEMRESULT line."""
+    print("MEMRESULT " + json.dumps(cpu_peak_rss_of_call(fn, q, t)), flush=True)
+
+
 def machine_load(seconds: float = 1.0) -> dict:
-    """/proc/loadavg and the busy fraction of all CPUs over ``seconds`` while this process sleeps
-    (so: other processes' load), from psutil."""
+    """/proc/loadavg and the CPUs' busy fraction over ``seconds`` while we sleep (others' load)."""
     import psutil
 
     return {"loadavg": [round(x, 2) for x in os.getloadavg()],
@@ -120,8 +143,8 @@ def machine_load(seconds: float = 1.0) -> dict:
 
 def normalized_rows(B: int, d: int, *, dtype: torch.dtype, device, generator: torch.Generator,
                     like: torch.Tensor | None = None, noise: float = 1.0) -> torch.Tensor:
-    """Fresh random L2-normalised rows (never zeros), made in fp32 then cast; with ``like``,
-    normalise(like + noise * randn): correlated positives. Normalised in place."""
+    """Random L2-normalised rows (never zeros), made in fp32 then cast; with ``like``,
+    normalise(like + noise * randn): correlated positives."""
     x = torch.randn(B, d, generator=generator, dtype=torch.float32, device=generator.device)
     if like is not None:
         x.mul_(noise).add_(like.detach().to(x.device, torch.float32))
@@ -143,11 +166,9 @@ def make_pairs(n: int, B: int, d: int, *, dtype, device, seed: int) -> list[tupl
 
 
 def start_script() -> None:
-    """Once per script, after its imports: SIGTERM and SIGINT raise KeyboardInterrupt (SIGINT even
-    when the process started with it ignored, as a background job of a script does), so a run
-    stopped at its limit goes through the script's ``except KeyboardInterrupt`` and writes what it
-    measured; ``gc.freeze()`` moves the imports' objects out of the collector's way, so the
-    ``gc.collect()`` before each timed run is cheap."""
+    """Once per script, after its imports: SIGTERM and SIGINT (even if inherited as ignored) raise
+    KeyboardInterrupt, so a stopped run writes what it measured; ``gc.freeze()`` makes the
+    ``gc.collect()`` before each timed run cheap."""
     import atexit
     import signal
 
@@ -183,58 +204,73 @@ def bench_ms(fn, device: torch.device, repeats: int = 10) -> float:
     return statistics.median(m.timeit(1).times[0] for _ in range(repeats)) * 1e3
 
 
+def stamp(device: torch.device):
+    """A time point: a recorded CUDA event on the GPU (its own timeline), perf_counter on the CPU."""
+    if device.type == "cuda":
+        (e := torch.cuda.Event(enable_timing=True)).record()
+        return e
+    return time.perf_counter()
+
+
+def elapsed_ms(a, b) -> float:
+    """Milliseconds between two ``stamp``s (CUDA events: after a synchronize)."""
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
 def _one_run(fn, q, t, device: torch.device, memory: dict | None = None):
-    """One forward + backward: (fwd ms, bwd ms, fwd+bwd ms, loss). With ``memory`` (CUDA) the same
-    run also measures its peak memory into it (the allocator's counters add no synchronisation)."""
+    """One forward + backward: (fwd ms, bwd ms, fwd+bwd ms, loss); with ``memory`` (CUDA) its peak too."""
     q.grad = t.grad = None
     gc.collect()
     sync(device)
-    cuda = device.type == "cuda"
-    if memory is not None and cuda:
+    measure = memory is not None and device.type == "cuda"
+    if measure:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        if cuda:
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            e0.record()
-            loss = fn(q, t)
-            e1.record()
-            if memory is not None:
-                memory["peak_fwd_bytes"] = torch.cuda.max_memory_allocated(device) - base
-                memory["retained_after_fwd_bytes"] = torch.cuda.memory_allocated(device) - base
-            loss.backward()
-            e2.record()
-            torch.cuda.synchronize(device)
-            f, b, fb = e0.elapsed_time(e1), e1.elapsed_time(e2), e0.elapsed_time(e2)
-            if memory is not None:
-                memory.update(method="torch.cuda.max_memory_allocated delta (measured in the last warm-up run)",
-                              baseline_clean=True, peak_bytes=torch.cuda.max_memory_allocated(device) - base)
-        else:
-            t0 = time.perf_counter()
-            loss = fn(q, t)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            f, b, fb = (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3
+        p0 = stamp(device)
+        loss = fn(q, t)
+        p1 = stamp(device)
+        if measure:  # the allocator's counters add no synchronisation
+            memory.update(peak_fwd_bytes=torch.cuda.max_memory_allocated(device) - base,
+                          retained_after_fwd_bytes=torch.cuda.memory_allocated(device) - base)
+        loss.backward()
+        p2 = stamp(device)
+        sync(device)
+        times = elapsed_ms(p0, p1), elapsed_ms(p1, p2), elapsed_ms(p0, p2)
     finally:
         if gc_was:
             gc.enable()
     value = float(loss.detach())
     del loss
-    if memory is not None and cuda:
-        memory.update(retained_after_bytes=torch.cuda.memory_allocated(device) - base, loss=value)
+    if measure:
+        memory.update(method="torch.cuda.max_memory_allocated delta (measured in the last warm-up run)",
+                      baseline_clean=True, peak_bytes=torch.cuda.max_memory_allocated(device) - base,
+                      retained_after_bytes=torch.cuda.memory_allocated(device) - base, loss=value)
     q.grad = t.grad = None
-    return f, b, fb, value
+    return (*times, value)
+
+
+def alternate(runs: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
+    """Whole calls of each of ``runs`` ({name: fn()}), ABBA, ``repeats`` rounds: ({name: [s]}, {name: last result})."""
+    secs, last, names = {k: [] for k in runs}, {}, list(runs)
+    for r in range(repeats):
+        for k in names if r % 2 == 0 else names[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            last[k] = runs[k]()
+            sync(device)
+            secs[k].append(time.perf_counter() - t0)
+        print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in secs.items()), file=sys.stderr)
+    return secs, last
 
 
 def planned_repeats(per_round_ms: float, repeats: int, budget_s: float | None = None, min_repeats: int = 3,
                     time_left_s: float | None = None) -> int:
-    """Timed rounds to run given one round's time (ms): ``budget_s`` lowers the count to about that
-    many seconds (not below ``min(min_repeats, repeats)``); ``time_left_s`` (a deadline) lowers it
-    to what fits, not below 1."""
+    """Timed rounds given one round's ms: ``budget_s`` lowers the count to about that many seconds (not
+    below ``min(min_repeats, repeats)``), ``time_left_s`` to what fits (not below 1)."""
     n = repeats
     if budget_s is not None and per_round_ms > 0:
         n = max(min(min_repeats, repeats), min(repeats, int(budget_s * 1e3 / per_round_ms)))
@@ -246,15 +282,11 @@ def planned_repeats(per_round_ms: float, repeats: int, budget_s: float | None = 
 def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats,
                      budget_s: float | None = None, min_repeats: int = 3, deadline_at: float | None = None,
                      memory_from_warmup: bool = False) -> dict:
-    """Forward, backward and forward+backward times (ms) of several ``fn(q, t) -> scalar loss``.
-
-    Each run takes three timestamps (perf_counter on CPU; CUDA events, then a synchronize).
-    ``warmup``/``repeats``: an int or {label: int}. Every function gets its warm-up runs first,
-    then the timed runs are interleaved ABBA, each run on the next input pair; a function that
-    raises is dropped and its error recorded. ``budget_s`` and ``deadline_at`` (a perf_counter
-    value) lower the repeat counts via ``planned_repeats`` from the last warm-up's time.
-    ``memory_from_warmup`` (CUDA): the last warm-up also measures peak memory (entry ``memory``).
-    """
+    """Forward, backward and fwd+bwd ms of several ``fn(q, t) -> loss``: warm-ups first, then timed
+    runs interleaved ABBA on rotating input pairs (benchmarks/README.md, "Time"). ``warmup`` and
+    ``repeats``: an int or {label: int}; a function that raises is dropped with its error;
+    ``budget_s``/``deadline_at`` lower the repeats (``planned_repeats``); ``memory_from_warmup``
+    (CUDA): the last warm-up measures the peak memory too."""
     labels = list(fns)
     out = {lab: {"raw_ms": {"fwd": [], "bwd": [], "fwd_bwd": []}, "warmup_ms": {"fwd": [], "bwd": [], "fwd_bwd": []},
                  "losses": [], "error": None, "exception": None} for lab in labels}
@@ -311,32 +343,25 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats,
 
 
 def _proc_status_kib() -> dict:
-    """VmRSS and VmHWM (KiB) from /proc/self/status, plus getrusage's ru_maxrss (KiB on Linux)."""
+    """VmRSS and VmHWM (KiB) from /proc/self/status."""
     with open("/proc/self/status") as f:
-        out = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith(("VmRSS:", "VmHWM:"))}
-    return {**out, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+        return {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith(("VmRSS:", "VmHWM:"))}
 
 
 def cpu_peak_rss_of_call(fn, q, t, *, tolerance_kib: int = 1024) -> dict:
-    """Peak RSS during ``fn(q, t).backward()`` minus the RSS just before the call (bytes).
-
-    The peak is the kernel's high-water mark VmHWM; it is reset (clear_refs) when it is above the
-    RSS before the call, and ``baseline_clean`` says whether the two then agree. getrusage's
-    ru_maxrss is kept as a cross-check only when it also equals that RSS: in a child process it
-    starts at the parent's peak, which nothing resets."""
+    """Peak RSS during ``fn(q, t).backward()`` minus the RSS just before (bytes): the high-water mark
+    VmHWM, reset first (clear_refs) where it is above the RSS; ``baseline_clean`` says they agree."""
     gc.collect()
     before = _proc_status_kib()
     reset = False
     if before["VmHWM"] - before["VmRSS"] > tolerance_kib:
-        try:  # reset the peak mark (VmHWM, ru_maxrss) to the current RSS: Linux clear_refs 5
+        try:  # reset the peak mark to the current RSS: Linux clear_refs 5
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             reset = True
         except OSError:
             pass
         before = _proc_status_kib()
-    clean = abs(before["VmHWM"] - before["VmRSS"]) <= tolerance_kib
-    ru_ok = abs(before["ru_maxrss"] - before["VmRSS"]) <= tolerance_kib
     loss = fn(q, t)
     after_fwd = _proc_status_kib()
     loss.backward()
@@ -344,20 +369,13 @@ def cpu_peak_rss_of_call(fn, q, t, *, tolerance_kib: int = 1024) -> dict:
     value = float(loss.detach())
     del loss
     gc.collect()
-    end = _proc_status_kib()
-    base = before["VmRSS"]
-    return {
-        "method": "VmHWM after - VmRSS before (/proc/self/status), fresh process",
-        "baseline_clean": clean, "peak_mark_reset": reset, "rss_before_kib": base,
-        "peak_fwd_bytes": (after_fwd["VmHWM"] - base) * 1024,
-        "retained_after_fwd_bytes": (after_fwd["VmRSS"] - base) * 1024,
-        "peak_bytes": (after_bwd["VmHWM"] - base) * 1024,
-        "peak_bytes_ru_maxrss": (after_bwd["ru_maxrss"] - base) * 1024 if ru_ok else None,
-        "ru_maxrss_note": None if ru_ok else ("ru_maxrss before the call exceeded the RSS (inherited from the "
-                                              "parent): not used"),
-        "retained_after_bytes": (end["VmRSS"] - base) * 1024, "loss": value,
-        "raw_kib": {"before": before, "after_fwd": after_fwd, "after_bwd": after_bwd, "end": end},
-    }
+    end, base = _proc_status_kib(), before["VmRSS"]
+    return {"method": "VmHWM after - VmRSS before (/proc/self/status), fresh process",
+            "baseline_clean": abs(before["VmHWM"] - base) <= tolerance_kib, "peak_mark_reset": reset,
+            "rss_before_kib": base, "peak_fwd_bytes": (after_fwd["VmHWM"] - base) * 1024,
+            "retained_after_fwd_bytes": (after_fwd["VmRSS"] - base) * 1024,
+            "peak_bytes": (after_bwd["VmHWM"] - base) * 1024, "retained_after_bytes": (end["VmRSS"] - base) * 1024,
+            "loss": value, "raw_kib": {"before": before, "after_fwd": after_fwd, "after_bwd": after_bwd, "end": end}}
 
 
 def cuda_peak_of_call(fn, q, t, device: torch.device) -> dict:

@@ -1,22 +1,5 @@
-"""Inf-CL (PyPI ``inf-cl`` 1.2.1, import name ``inf_cl``) as a loss benchmark backend.
-
-Inf-CL computes plain InfoNCE (no hardness weights), so it is compared with
-``reference_loss(q, t, logit_scale=scale, alpha=0.0, ...)``; bench_loss checks it against the
-float64 truth like every backend before timing it. What 1.2.1 computes (its ``ring.py`` and
-``flash.py``):
-
-* ``cal_inf_loss(q, k, scale=s, head_dim=h)`` is the mean over rows of
-  ``logsumexp_j(<s*q_i, k_j>) - <s*q_i, k_i>``: one-way q->k InfoNCE, positives on the diagonal.
-  The symmetric loss is the mean of the q->k and k->q calls, as its own ``ring.py`` does.
-* Without a ``torch.distributed`` group it runs its single-GPU path (``FlashProb``: one forward
-  kernel for the row logsumexp, two backward kernels that each recompute the logits); with a
-  group it would run the ring path, so this adapter refuses to run under one.
-* Inputs are viewed ``(B, -1, head_dim)`` and computed in fp32 with TF32 matmuls; ``head_dim``
-  must be a power of two in [16, 256] dividing d. CUDA only (``assert q.is_cuda``, inline PTX).
-* Its dK kernel masks the dLSE loads with ``offs_m < seqlen_q`` instead of
-  ``start_m + offs_m < seqlen_q``: for B not a multiple of 64 it reads past dLSE, so bench_loss
-  uses multiples of 64 (a warning is issued otherwise).
-"""
+"""Inf-CL (``inf-cl`` 1.2.1) as a bench_loss backend: plain InfoNCE (alpha = 0), CUDA only, its
+single-GPU path; what it computes and its B % 64 caveat: benchmarks/README.md, "Inf-CL"."""
 
 from __future__ import annotations
 

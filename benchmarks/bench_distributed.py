@@ -1,25 +1,10 @@
 #!/usr/bin/env python3
 """Distributed benchmark: the cross-rank loss (strip algorithm) and GradCache, ranks on one machine.
 
-    python benchmarks/bench_distributed.py              # defaults (CPU: gloo, 2 ranks)
-    python benchmarks/bench_distributed.py --quick      # smoke run at tiny sizes (< 60 s on 2 cores)
-    python benchmarks/bench_distributed.py --world 2 --N 2048 8192 --d 512 --skip-gradcache
+    python benchmarks/bench_distributed.py [--quick] [--world 2 --N 2048 8192 --d 512 --skip-gradcache]
 
-Two sweeps on ``--world`` processes (``llave_fast.testing.spawn_ranks``: gloo on CPU, NCCL with a GPU
-per rank), each checked before it is timed:
-
-1. Loss: LLaVE's per-rank local loss over the global batch (N = world x B), three ways: ``strip``
-   (``hardness_weighted_loss(distributed=True)``, fused: one row strip per rank, 1 + 3 GEMMs),
-   ``two-strip`` (the fused backend as two one-way strips averaged, 2 x (1 + 3)) and ``eager``
-   (``backend="reference"``: gather with grad, two materialised B x N strips, 2 + 4). Checked in
-   float64 against a one-process truth of the per-rank loss and gradients.
-2. GradCache: an MLP encoder under DistributedDataParallel with ``FusedHardnessLoss(local_loss=True,
-   distributed=True)``, a plain step against a GradCache step as the global batch grows
-   (parameter gradients checked equal first).
-
-Step time: forward + backward after a barrier, the max over ranks, median of interleaved (ABBA)
-runs. Peak memory: one step in fresh processes, max over ranks (CPU: the RSS high-water mark minus
-the RSS before, ``_common.cpu_peak_rss_of_call``; CUDA: ``torch.cuda.max_memory_allocated``).
+Each sweep is checked (float64 or parameter gradients) before it is timed; the method, the variants
+and the output: benchmarks/README.md, "Distributed sweep".
 """
 
 from __future__ import annotations
@@ -55,7 +40,6 @@ GC_CHECK_TOL = 1e-4
 
 # --------------------------------------------------------------------------- inside the ranks
 def _all(x) -> list:
-    """Every rank's ``x``, in rank order."""
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, x)
     return out
@@ -72,9 +56,7 @@ def _say(msg: str) -> None:
 
 def _write(path: str, obj) -> None:
     if dist.get_rank() == 0:
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(obj, f, default=str)
-        os.replace(f"{path}.tmp", path)
+        C.write_json(path, obj, indent=None)
 
 
 def rank_sizes(total: int, world: int) -> list[int]:
@@ -93,7 +75,6 @@ def loss_fn_of(variant: str, spec: dict):
 
 
 class MLPEncoder(nn.Module):
-    """Linear(in, hidden) + GELU + Linear(hidden, hidden) + GELU + Linear(hidden, emb), L2-normalised."""
 
     def __init__(self, d_in=256, hidden=2048, d_emb=256):
         super().__init__()
@@ -105,8 +86,7 @@ class MLPEncoder(nn.Module):
 
 
 class Sweep:
-    """One sweep's pieces inside a rank: ``fns`` {variant: fn(q, t) -> loss, whose .backward() ends the
-    step}, ``reset(q, t)`` (gradients to None), ``inputs(global_size, k)`` and ``check()``."""
+    """One sweep inside a rank: ``fns`` {variant: fn(q, t) -> loss}, ``reset``, ``inputs``, ``check``."""
 
     def __init__(self, rank: int, world: int, spec: dict):
         torch.set_num_threads(spec["threads"])
@@ -146,8 +126,6 @@ class Sweep:
         return self._check_loss() if self.spec["kind"] == "loss" else self._check_gradcache()
 
     def _check_loss(self) -> dict:
-        """Each variant's per-rank loss and gradients (float64, unequal per-rank batches) against one
-        process's truth: d(sum over ranks of reference_loss of rank r)/d(inputs)."""
         B, d, tol = LOSS_CHECK["B"], LOSS_CHECK["d"], LOSS_CHECK["tol"]
         spec, sizes = self.spec, [LOSS_CHECK["B"] + r for r in range(self.world)]
         lo, n = sum(sizes[:self.rank]), sizes[self.rank]
@@ -183,8 +161,6 @@ class Sweep:
                 "checks": checks, "passed": {v: c["passed"] for v, c in checks.items()}}
 
     def _check_gradcache(self) -> dict:
-        """Parameter gradients (DDP-reduced) of the GradCache step against the plain step's, at the
-        sweep's chunk and at a quarter of the smallest per-rank batch (several chunks: no_sync)."""
         spec, model = self.spec, self.model
         sizes = rank_sizes(spec["sizes"][0], self.world)
         q, t = self.inputs(spec["sizes"][0], 99)
@@ -211,7 +187,6 @@ class Sweep:
         return {"per_rank_batch": sizes, "runs": runs, "tol": GC_CHECK_TOL, "passed": all(r["passed"] for r in runs)}
 
     def timed_step(self, variant: str, q, t) -> tuple[float, float]:
-        """(ms, loss) of one step after a barrier (gradients reset untimed, the collector off)."""
         self.reset(q, t)
         gc.collect()
         C.sync(self.device)
@@ -233,7 +208,6 @@ def passed(check: dict | None, variant: str) -> bool:
 
 
 def sweep_rank(rank: int, world: int, spec: dict, out_path: str) -> None:
-    """The check, then every size's variants timed interleaved (one process group; rank 0 writes)."""
     sw = Sweep(rank, world, spec)
     _say(f"  correctness ({spec['kind']}):")
     try:
@@ -269,7 +243,6 @@ def sweep_rank(rank: int, world: int, spec: dict, out_path: str) -> None:
 
 
 def memory_rank(rank: int, world: int, spec: dict, out_path: str) -> None:
-    """Peak memory of one step of one variant at one size, in these fresh processes."""
     sw = Sweep(rank, world, spec)
     fn = sw.fns[spec["variant"]]
     q, t = sw.inputs(min(spec["size"], 64 * world), 5)  # warm-up: libraries, autograd, collectives, DDP
@@ -287,7 +260,6 @@ def memory_rank(rank: int, world: int, spec: dict, out_path: str) -> None:
 
 # --------------------------------------------------------------------------- the parent
 def run_ranks(fn, world: int, spec: dict) -> tuple[dict | None, str | None]:
-    """spawn_ranks(fn, world, spec, out) in fresh processes: (rank 0's JSON or None, error)."""
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "result.json"), None
         try:
@@ -301,7 +273,6 @@ def run_ranks(fn, world: int, spec: dict) -> tuple[dict | None, str | None]:
 
 
 def sweep(spec: dict, world: int) -> dict:
-    """Check and timing in one process group, then each (size, variant)'s memory in fresh ones."""
     t0 = time.perf_counter()
     payload, err = run_ranks(sweep_rank, world, spec)
     if err:
@@ -334,7 +305,6 @@ def _ratio(a, b):
 
 
 def report(res: dict, world: int) -> dict:
-    """The sweep's table and ratios (printed), and its expected check."""
     spec, kind = res["spec"], res["spec"]["kind"]
     cells = {}
     cols = ("size", "per rank", "variant", "status", "step ms", "min..max ms", "peak MiB")
@@ -391,28 +361,27 @@ def report(res: dict, world: int) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", type=int, default=2, help="ranks (processes on this machine); default 2")
-    p.add_argument("--N", nargs="+", type=int, help="global loss batch sizes; default CPU 2048 4096 8192")
-    p.add_argument("--d", type=int, help="loss embedding width; default 512")
-    p.add_argument("--batches", nargs="+", type=int, help="global GradCache batch sizes; default CPU 512 2048 8192")
-    p.add_argument("--chunk", type=int, help="GradCache chunk size; default 256")
-    p.add_argument("--repeats", type=int, help="timed runs per point (median); default 3")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first; default 1")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test (< 60 s on 2 cores)")
-    p.add_argument("--out", type=Path, help="JSON path; default benchmarks/results/<device>/<date>-distributed.json")
-    p.add_argument("--skip-loss", action="store_true", help="skip the loss sweep")
-    p.add_argument("--skip-gradcache", action="store_true", help="skip the GradCache sweep")
-    p.add_argument("--comm", choices=("auto", "gloo", "nccl"), default="auto",
-                   help="auto: NCCL when CUDA has a GPU per rank, else gloo on CPU")
-    p.add_argument("--threads", type=int, help="torch threads per rank; default max(1, cores // world)")
-    p.add_argument("--in-dim", type=int, default=256, help="MLP input width")
-    p.add_argument("--hidden", type=int, help="MLP hidden width; default 2048")
-    p.add_argument("--emb-dim", type=int, default=256, help="MLP output (embedding) width")
-    p.add_argument("--alpha", type=float, default=9.0)
-    p.add_argument("--logit-scale", type=float, default=50.0)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--world", type=int, default=2, help="ranks (processes on this machine); default 2")
+    add("--N", nargs="+", type=int, help="global loss batch sizes; default CPU 2048 4096 8192")
+    add("--d", type=int, help="loss embedding width; default 512")
+    add("--batches", nargs="+", type=int, help="global GradCache batch sizes; default CPU 512 2048 8192")
+    add("--chunk", type=int, help="GradCache chunk size; default 256")
+    add("--repeats", type=int, help="timed runs per point (median); default 3")
+    add("--warmup", type=int, default=1, help="untimed runs per variant first; default 1")
+    add("--quick", action="store_true", help="tiny sizes, a smoke test (< 60 s on 2 cores)")
+    add("--out", type=Path, help="JSON path; default benchmarks/results/<device>/<date>-distributed.json")
+    add("--skip-loss", action="store_true")
+    add("--skip-gradcache", action="store_true")
+    add("--comm", choices=("auto", "gloo", "nccl"), default="auto", help="auto: NCCL with a GPU per rank, else gloo")
+    add("--threads", type=int, help="torch threads per rank; default max(1, cores // world)")
+    add("--in-dim", type=int, default=256, help="MLP input width")
+    add("--hidden", type=int, help="MLP hidden width; default 2048")
+    add("--emb-dim", type=int, default=256, help="MLP output (embedding) width")
+    add("--alpha", type=float, default=9.0)
+    add("--logit-scale", type=float, default=50.0)
+    add("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -460,11 +429,7 @@ def main(argv=None) -> int:
         res[kind] = sweep(spec, args.world)
         rep[kind] = report(res[kind], args.world)
     meta["machine_load_after"] = C.machine_load()
-    folder, n = C.REPO_ROOT / "benchmarks" / "results" / C.slugify(C.device_name(device)), 1
-    out = args.out or folder / f"{meta['date']}-distributed.json"
-    while not args.out and out.exists():  # a second run the same day: _2, _3 ...
-        out, n = folder / f"{meta['date']}-distributed_{n + 1}.json", n + 1
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = C.result_path(device, args.out, "-distributed")
     payload = {"schema": 2, "kind": "distributed", "meta": meta,
                "config": dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                               comm_resolved=comm, threads_per_rank=threads, loss_gemms=LOSS_GEMMS,
@@ -475,7 +440,7 @@ def main(argv=None) -> int:
                "total_wall_s": time.perf_counter() - t_begin}
     if "gradcache" in rep:
         payload["ratios"]["gradcache_memory_growth"] = rep["gradcache"]["memory_growth"]
-    out.write_text(json.dumps(payload, indent=1, default=str))
+    C.write_json(out, payload)
     print(f"\nresults written to {out}; total wall time {payload['total_wall_s']:.0f} s; load after "
           f"{meta['machine_load_after']}")
     return 0

@@ -1,30 +1,16 @@
 """MMEB-eval: the encode-once path of ``llave-fast eval`` against the old per-query re-encoding.
 
-One generated MMEB-eval-style set (``write_mmeb_eval``: synthetic i2t and t2i datasets, each query
-with ``--candidates`` candidates drawn from a shared pool of ``--pool`` targets), one model (the
-tiny LLaVE, or ``--model``), both paths in one process, alternating, ``--repeats`` times:
+    python benchmarks/bench_eval.py [--queries 64 --candidates 20 --repeats 5]
 
-* old: ``OLD_candidate_list_eval`` below, ``candidate_list_eval`` as it was before the encode-once
-  path: queries encoded in batches, then every query's candidate list encoded again and scored;
-* new: ``llave_fast.evaluate.mmeb_eval`` (each distinct input encoded once, batches sorted by length).
-
-Prints the median wall time of each, their ratio, the encodings each made and both P@1s; writes
-``benchmarks/results/<device>/<date>-eval-encode-once.json``. A run is one call of seconds timed with
-perf_counter after the explicit warm-up (``torch.utils.benchmark.Timer.timeit`` would add two
-untimed calls to each).
-
-    python benchmarks/bench_eval.py                      # CPU, tiny model, ~2 min on 2 cores
-    python benchmarks/bench_eval.py --queries 64 --candidates 20 --repeats 5
+Both paths alternate in one process on generated data; benchmarks/README.md, "Evaluation".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,8 +24,7 @@ from llave_fast.evaluate import encode_all, eval_precision, mmeb_eval  # noqa: E
 
 @torch.no_grad()
 def OLD_candidate_list_eval(model, paths, *, image_dir=None, limit=None, batch: int = 64) -> dict:
-    """The pre-encode-once MMEB-eval loop of llave_fast.evaluate (commit 597eb65), unchanged in what it
-    computes: each query's whole candidate list is encoded again for that query."""
+    """llave_fast.evaluate's loop before encode-once (commit 597eb65): each query's candidates encoded again."""
     from PIL import Image
 
     def load(path):
@@ -73,10 +58,8 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a model folder; default: the tiny LLaVE (seed 0)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda. Default: auto")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 steadies timings on a shared machine). Default: torch's own")
-    ap.add_argument("--out", default=None,
-                    help="result JSON. Default: benchmarks/results/<device>/<date>-eval-encode-once.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads. Default: torch's own")
+    ap.add_argument("--out", default=None, help="Default: benchmarks/results/<device>/<date>-eval-encode-once.json")
     args = ap.parse_args()
     C.start_script()
     if args.threads:
@@ -103,16 +86,7 @@ def main() -> int:
                 "new": lambda **kw: mmeb_eval(model, datasets, image_dir=tmp, batch=args.batch, progress=False, **kw)}
         runs["old"](limit=2)  # warm-up, untimed: a process's first forward passes pay one-off costs
         runs["new"](max_queries=2)
-        secs, res = {"old": [], "new": []}, {}
-        for r in range(args.repeats):
-            for which in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                C.sync(dev)
-                t0 = time.perf_counter()
-                res[which] = runs[which]()
-                C.sync(dev)
-                secs[which].append(time.perf_counter() - t0)
-            print(f"repeat {r + 1}/{args.repeats}: old {secs['old'][-1]:.2f} s, new {secs['new'][-1]:.2f} s",
-                  file=sys.stderr)
+        secs, res = C.alternate(runs, args.repeats, dev)
 
     names = [d.name for d in datasets]
     old_p = {n: res["old"]["per_file"][p]["p_at_1"] for n, p in zip(names, paths)}
@@ -131,10 +105,7 @@ def main() -> int:
                                   "p_at_1": new_p},
               "speedup_median": med["old"] / med["new"], "encodings_ratio": enc["old"] / enc["new"],
               "same_p_at_1": old_p == new_p}
-    out = Path(args.out or C.REPO_ROOT / "benchmarks" / "results" / C.slugify(C.device_name(dev))
-               / f"{result['date']}-eval-encode-once.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = C.write_json(C.result_path(dev, args.out, "-eval-encode-once"), result, indent=2)
     print(f"{len(names)} datasets x {args.queries} queries x {args.candidates} candidates (pool {args.pool}), "
           f"batch {args.batch}, {C.device_name(dev)}, {result['settings']['dtype']}:\n"
           f"  old per-query re-encoding: median {med['old']:.2f} s, {enc['old']} encodings\n"

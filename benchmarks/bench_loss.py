@@ -1,17 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark of the fused hardness-weighted contrastive loss against the eager LLaVE formula.
 
-    python benchmarks/bench_loss.py                 # defaults for this machine (CPU or CUDA)
-    python benchmarks/bench_loss.py --quick         # a smoke run at small sizes
-    python benchmarks/bench_loss.py --backends torch reference --B 2048 8192 --d 1024 --dtype fp32
+    python benchmarks/bench_loss.py [--quick] [--backends torch reference --B 2048 8192 --d 1024]
 
-(1) Every backend is checked against ``llave_fast.reference.reference_loss`` (float64 truth) at
-each benchmark dtype; a backend that fails gets no timing and no ratio. (2) Forward, backward and
-forward+backward are timed (``_common.time_interleaved``: median of ``--repeats`` runs after warm-up, backends interleaved, inputs rotated). (3) Peak memory
-of one forward+backward (CPU: a fresh subprocess's peak RSS; CUDA: the allocator's peak). (4) The
-table, the ratios and, on CPU, the acceptance ratios at B = N = 8192, d = 1024, fp32 are printed;
-everything goes to JSON (rewritten after every size, so a stopped run keeps its figures) and a PNG.
-See benchmarks/README.md.
+Each backend is checked against the float64 truth first (a failure gets no timing), then timed
+interleaved (``_common.time_interleaved``) with its peak memory; JSON rewritten after every size,
+and a PNG. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -70,8 +63,7 @@ def log(msg: str) -> None:
 
 
 def s_kept(backend: str, B: int, N: int, device="cpu") -> bool:
-    """Whether a fused row keeps the fp32 S (the "cache" path) at B x N: forced by the row, else the
-    default configuration's choice."""
+    """Whether a fused row keeps the fp32 S (the "cache" path) at B x N."""
     if backend == "torch":
         from llave_fast.backends.torch_backend import s_plan_for
 
@@ -122,9 +114,8 @@ def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
 
 
 def backward_config(loss: torch.Tensor, **cfg) -> torch.Tensor:
-    """Make the triton backend's backward of ``loss`` run under ``kernel_config(**cfg)`` (the backward
-    runs after the forward's ``with`` has closed, maybe on autograd's thread): hooks on the loss's
-    node set the override and restore it."""
+    """Run the triton backward of ``loss`` under ``kernel_config(**cfg)`` too (it runs after the
+    forward's ``with`` has closed): hooks on the loss's node set the override and restore it."""
     from llave_fast.backends import triton_backend as tb
 
     todo, seen, node = [loss.grad_fn], set(), None
@@ -192,12 +183,9 @@ def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, determinist
 
 
 def check_all(backends, args, device, report: dict | None = None) -> dict:
-    """{backend: {"passed": bool, "checks": [...]}}: every backend against the float64 truth, at each
-    benchmark dtype, on B = 2560 (CPU) or 4096 (CUDA), d = 256, correlated positives (a peaked
-    softmax). Filled into ``report`` as it goes (an interrupted caller keeps the checks done). The
-    wall time of torch.compile's check (mostly the compile) is its ``check_wall_s``: the deadline's
-    allowance for compiling at a new size. The small cases (float64, a tensor scale, several torch
-    chunks) are the test suite's (tests/test_loss_correctness.py)."""
+    """{backend: {"passed", "checks"}}: every backend against the float64 truth at each benchmark
+    dtype (benchmarks/README.md, "Correctness first"), filled into ``report`` as it goes; torch.compile's
+    check time (mostly the compile) is its ``check_wall_s``, the deadline's allowance per new size."""
     report = {} if report is None else report
     report.update({b: {"passed": True, "checks": []} for b in backends})
     B = 2560 if device.type == "cpu" else 4096
@@ -252,7 +240,6 @@ def dtype_passed(report, backend, dn) -> bool:
 
 
 def mem_worker(spec: dict) -> None:
-    """Hidden entry point: one fwd+bwd in this fresh process, peak RSS delta printed as JSON."""
     torch.manual_seed(0)
     dtype, device = C.DTYPES[spec["dtype"]], torch.device("cpu")
     fn = make_loss_fn(spec["backend"], alpha=spec["alpha"], scale=spec["scale"], symmetric=spec["symmetric"],
@@ -264,32 +251,13 @@ def mem_worker(spec: dict) -> None:
     if spec["backend"] == "compile":  # compiled per shape: compile here first (the peak mark is reset below)
         fn(q, t).backward()
         q.grad = t.grad = None
-    gc.collect()
-    print("MEMRESULT " + json.dumps(C.cpu_peak_rss_of_call(fn, q, t)), flush=True)
-
-
-# glibc malloc serves blocks >= 128 KiB by mmap but raises that threshold (up to 32 MiB) each time
-# such a block is freed; later blocks then stay in the RSS once freed. With a fixed 64 KiB threshold
-# every large block is unmapped when freed: the RSS follows the live tensors.
-LIVE_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def cpu_memory_in_subprocess(spec: dict, env_extra: dict | None = None, timeout: float = 1800) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LIVE_MALLOC_ENV}
-    env.update(env_extra or {})
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_mem-worker", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=timeout, env=env)
-    for line in r.stdout.splitlines():
-        if line.startswith("MEMRESULT "):
-            return json.loads(line[len("MEMRESULT "):])
-    raise RuntimeError(f"memory worker failed (rc {r.returncode}): {r.stderr.strip()[-800:]}")
+    C.print_peak(fn, q, t)
 
 
 # --------------------------------------------------------------------------- benchmark
 
 
 def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
-    """Adds the status, memory, the analytic model and FLOP rates to a timed record."""
     name = rec["backend"]
     rec["timing"] = {k: v for k, v in tm.items() if k not in ("exception", "memory")}
     if tm["error"] is not None:
@@ -306,11 +274,7 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
     else:
         spec = dict(backend=name, B=B, d=d, dtype=dn, alpha=rec["alpha"], scale=args.logit_scale,
                     symmetric=args.symmetric, deterministic=args.deterministic, seed=args.seed + 7)
-        rec["memory"] = {**cpu_memory_in_subprocess(spec), "malloc": "glibc defaults"}
-        if args.live_memory:
-            live = {**cpu_memory_in_subprocess(spec, LIVE_MALLOC_ENV),
-                    "malloc": " ".join(f"{k}={v}" for k, v in LIVE_MALLOC_ENV.items())}
-            rec["memory"].update(live=live, peak_live_bytes=live["peak_bytes"])
+        rec["memory"] = C.peak_in_fresh_process(Path(__file__).resolve(), spec)
     gf, gb = gemm_counts(name, args.symmetric, B, B, device)
     uf, ub = (gf, gb) if name in FLOOR else USEFUL_GEMMS  # the floor's own count is its useful work
     one, med = 2.0 * B * B * d, tm["median_ms"]
@@ -372,13 +336,9 @@ def repeats_of(backend: str, args) -> int:
 
 
 def predict_rows(rows, hist: dict, B: int, d: int, args, device, compile_s: float = 0.0) -> dict | None:
-    """Predicted seconds of each row of a (dtype, d, B) group, {label: seconds}; None before anything
-    was timed. The basis is each label's median fwd+bwd per timed run at the last size it ran
-    (``hist[label] = (B, d, ms)``: no warm-ups or compiles, so fixed costs do not grow with B^2),
-    scaled as B^2 d, times the runs planned here: warm-ups, timed runs (lowered by --point-budget-s
-    with the timing's own rule) and the memory run (none on CUDA, where a warm-up measures it; a
-    fresh process on CPU). A label never timed gets the largest scaled figure of the others;
-    torch.compile adds its compile time (from its correctness check)."""
+    """{label: predicted seconds} of a (dtype, d, B) group (None before anything was timed): each
+    label's median ms per timed run at its last size (``hist[label] = (B, d, ms)``) scaled as B^2 d,
+    times its planned runs (benchmarks/README.md, ``--deadline-s``); never timed: the dearest."""
     if not hist:
         return None
     per_run = {lab: ms * (B / B0) ** 2 * (d / d0) for lab, (B0, d0, ms) in hist.items()}
@@ -391,15 +351,14 @@ def predict_rows(rows, hist: dict, B: int, d: int, args, device, compile_s: floa
         warm = warmup_of(b, args)
         sec = per_run[label] * (warm + reps + (0 if (device.type == "cuda" and warm > 0) else 1)) / 1e3
         if device.type != "cuda":
-            sec += CPU_MEMORY_WORKER_S * (2 if args.live_memory else 1) + (per_run[label] / 1e3 if args.live_memory else 0)
+            sec += CPU_MEMORY_WORKER_S
         out[label] = sec + (compile_s if b == "compile" else 0.0)
     return out
 
 
 def fit_deadline(rows, pred: dict | None, time_left_s: float) -> tuple[list, list]:
-    """(rows kept, rows dropped) so that the kept rows' predicted time fits ``time_left_s``. The first
-    row (the package's default) is kept as long as it fits alone; the dearest others go first, so a
-    size that does not fit whole still brings back its cheap rows."""
+    """(kept, dropped) rows so that the kept ones' predicted time fits: the first row (the package's
+    default) is kept while it fits alone, the dearest others go first."""
     if pred is None:
         return (list(rows), []) if time_left_s > 0 else ([], list(rows))
 
@@ -417,9 +376,8 @@ def fit_deadline(rows, pred: dict | None, time_left_s: float) -> tuple[list, lis
 
 
 def run_benchmarks(backends, report, args, device, on_progress=None, results: list | None = None) -> list[dict]:
-    """Times every (dtype, d, B) group into ``results`` (the caller keeps what was measured if the run
-    is interrupted); ``on_progress(results)`` runs after each group, and after each backend with
-    --sequential, so that the caller can write partial results."""
+    """Times every (dtype, d, B) group into ``results``; ``on_progress(results)`` after each group (and
+    each backend with --sequential) writes what was measured."""
     results = [] if results is None else results
     mem_avail = psutil.virtual_memory().available
     hist = {}  # label -> (B, d, median fwd+bwd ms of its timed runs) at the last size it ran
@@ -473,8 +431,6 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
             continue
         free_device_memory(device)
         pairs = C.make_pairs(args.n_inputs, B, d, dtype=dtype, device=device, seed=args.seed + B + d)
-        # interleaved: the whole group in one rotation; sequential: one backend at a time, each
-        # written as soon as it is done (the slow peers at the largest size go last)
         for batch in ([[x] for x in todo] if args.sequential else [todo]):
             t0 = time.perf_counter()
             timings = C.time_interleaved(
@@ -514,7 +470,6 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
 
 
 def compute_ratios(results, backends, device, args) -> list[dict]:
-    """Every fused row over every baseline (and the alpha = 0 fused row over Inf-CL), same run."""
     ok = {(r["label"], r["dtype"], r["B"], r["d"]): r for r in results if r.get("status") == "ok"}
     if args.alpha == 0:  # the fused row is its own alpha = 0 row
         ok.update({(f"{k[0]}@alpha=0", *k[1:]): r for k, r in list(ok.items()) if k[0] in FUSED})
@@ -534,68 +489,51 @@ def compute_ratios(results, backends, device, args) -> list[dict]:
                     else:
                         ma, mb = a["timing"]["median_ms"], b["timing"]["median_ms"]
                         pa, pb = a["memory"]["peak_bytes"], b["memory"]["peak_bytes"]
-                        la, lb = a["memory"].get("peak_live_bytes"), b["memory"].get("peak_live_bytes")
                         rec.update(status="ok", time_ratio={k: ma[k] / mb[k] for k in ("fwd", "bwd", "fwd_bwd")},
-                                   mem_ratio=pa / pb if pb > 0 else None,
-                                   live_mem_ratio=la / lb if (la is not None and lb) else None)
+                                   mem_ratio=pa / pb if pb > 0 else None)
                     out.append(rec)
     return out
 
 
 def print_ratios(ratios):
     if ratios:
-        log("\nRatios, measured side by side in this run (time: medians; < 1: the numerator is faster / leaner)")
-        log(f"{'dtype':>5} {'B=N':>6} {'d':>5}  {'numerator / denominator':<30} {'fwd':>6} {'bwd':>6} {'fwd+bwd':>7} "
-            f"{'peak mem':>8} {'live mem':>8}")
+        log("\nRatios, measured side by side in this run (time: medians; < 1: the numerator is faster / leaner)\n"
+            f"{'dtype':>5} {'B=N':>6} {'d':>5}  {'numerator / denominator':<30} {'fwd':>6} {'bwd':>6} {'fwd+bwd':>7} "
+            f"{'peak mem':>8}")
     for r in ratios:
-        name = f"{r['numerator']} / {r['denominator']}"
-        if r["status"] != "ok":
-            log(f"{r['dtype']:>5} {r['B']:>6} {r['d']:>5}  {name:<30} {r['status']}")
-            continue
-        tr = r["time_ratio"]
-        log(f"{r['dtype']:>5} {r['B']:>6} {r['d']:>5}  {name:<30} {tr['fwd']:6.3f} {tr['bwd']:6.3f} {tr['fwd_bwd']:7.3f} "
-            f"{C.fmt(r['mem_ratio'], '.3f'):>8} {C.fmt(r.get('live_mem_ratio'), '.3f'):>8}")
+        head = f"{r['dtype']:>5} {r['B']:>6} {r['d']:>5}  {r['numerator'] + ' / ' + r['denominator']:<30}"
+        tr = r.get("time_ratio") or {}
+        log(f"{head} {r['status']}" if r["status"] != "ok" else f"{head} {tr['fwd']:6.3f} {tr['bwd']:6.3f} "
+            f"{tr['fwd_bwd']:7.3f} {C.fmt(r['mem_ratio'], '.3f'):>8}")
 
 
-def acceptance(results, args, device) -> dict | None:
-    """CPU: torch / reference at the acceptance point, time and peak memory, against the targets."""
+def acceptance(ratios, args, device) -> dict | None:
+    """CPU: torch / reference at the acceptance point (fwd+bwd medians, peak memory) against the targets."""
     if device.type != "cpu":
         return None
-
-    def find(label):
-        return next((r for r in results if r["label"] == label and r["dtype"] == ACCEPT["dtype"]
-                     and r["B"] == ACCEPT["B"] and r["d"] == ACCEPT["d"]), None)
-
+    point = ("torch", "reference", ACCEPT["dtype"], ACCEPT["B"], ACCEPT["d"])
+    r = next((r for r in ratios if (r["numerator"], r["denominator"], r["dtype"], r["B"], r["d"]) == point), None)
     out = {"point": dict(B=ACCEPT["B"], N=ACCEPT["B"], d=ACCEPT["d"], dtype=ACCEPT["dtype"]),
            "at_acceptance_config": args.symmetric and args.alpha == 9.0 and args.logit_scale == 50.0,
            "targets": {"time_ratio_max": ACCEPT["time_ratio_max"], "mem_ratio_max": ACCEPT["mem_ratio_max"]}}
-    log(f"\nAcceptance (CPU, {ACCEPT['dtype']}, B=N={ACCEPT['B']}, d={ACCEPT['d']}, "
-        f"{'symmetric' if args.symmetric else 'one-way'}, alpha={args.alpha:g}, logit_scale={args.logit_scale:g}):")
-    if not out["at_acceptance_config"]:
-        log("  note: not the acceptance configuration (symmetric, alpha 9, logit_scale 50)")
-    t, ref = find("torch"), find("reference")
-    if t is None or ref is None or t.get("status") != "ok" or ref.get("status") != "ok":
-        why = "not in this run" if (t is None or ref is None) else f"torch {t.get('status')}, reference {ref.get('status')}"
-        log(f"  not measured ({why})")
-        out["status"] = f"not measured ({why})"
+    log(f"\nAcceptance (CPU, {ACCEPT['dtype']}, B=N={ACCEPT['B']}, d={ACCEPT['d']}"
+        + ("" if out["at_acceptance_config"] else "; NOT the acceptance configuration: symmetric, alpha 9, scale 50")
+        + "):")
+    if r is None or r["status"] != "ok":
+        out["status"] = f"not measured ({r['status'] if r else 'not in this run'})"
+        log(f"  {out['status']}")
         return out
-    tr = t["timing"]["median_ms"]["fwd_bwd"] / ref["timing"]["median_ms"]["fwd_bwd"]
-    mr = t["memory"]["peak_bytes"] / ref["memory"]["peak_bytes"]
-    tp, mp = tr <= ACCEPT["time_ratio_max"], mr <= ACCEPT["mem_ratio_max"]
-    log(f"  torch time / reference time (fwd+bwd medians)  = {tr:.3f}  (target <= {ACCEPT['time_ratio_max']})  "
-        f"{'PASS' if tp else 'FAIL'}")
-    log(f"  torch peak memory / reference peak memory      = {mr:.3f}  (target <= {ACCEPT['mem_ratio_max']})  "
-        f"{'PASS' if mp else 'FAIL'}")
-    out.update(status="measured", time_ratio=tr, mem_ratio=mr, time_pass=tp, mem_pass=mp)
-    lt, lr = t["memory"].get("peak_live_bytes"), ref["memory"].get("peak_live_bytes")
-    if lt is not None and lr:
-        out["live_mem_ratio"] = lt / lr
-        log(f"  (for information: the same memory ratio with RSS following live tensors = {lt / lr:.3f})")
+    tr, mr = r["time_ratio"]["fwd_bwd"], r["mem_ratio"]
+    out.update(status="measured", time_ratio=tr, mem_ratio=mr, time_pass=tr <= ACCEPT["time_ratio_max"],
+               mem_pass=mr is not None and mr <= ACCEPT["mem_ratio_max"])
+    for what, x, ok, key in (("time (fwd+bwd medians)", tr, out["time_pass"], "time_ratio_max"),
+                             ("peak memory", mr, out["mem_pass"], "mem_ratio_max")):
+        log(f"  torch / reference {what:<22} = {C.fmt(x, '.3f')}  (target <= {ACCEPT[key]})  "
+            f"{'PASS' if ok else 'FAIL'}")
     return out
 
 
 def write_plot(results, json_path: Path) -> str | None:
-    """fwd+bwd time and peak memory against B, one row of two panels per (dtype, d)."""
     try:
         import matplotlib
 
@@ -614,10 +552,7 @@ def write_plot(results, json_path: Path) -> str | None:
             rs = sorted((r for r in ok if (r["label"], r["dtype"], r["d"]) == (label, dn, d)), key=lambda r: r["B"])
             Bs = [r["B"] for r in rs]
             axes[row][0].plot(Bs, [r["timing"]["median_ms"]["fwd_bwd"] for r in rs], "o-", label=label)
-            line, = axes[row][1].plot(Bs, [r["memory"]["peak_bytes"] / C.MiB for r in rs], "o-", label=label)
-            if all("peak_live_bytes" in r["memory"] for r in rs):
-                axes[row][1].plot(Bs, [r["memory"]["peak_live_bytes"] / C.MiB for r in rs], "s--",
-                                  color=line.get_color(), label=f"{label} (live)")
+            axes[row][1].plot(Bs, [r["memory"]["peak_bytes"] / C.MiB for r in rs], "o-", label=label)
         for ax, ylab in zip(axes[row], ("fwd+bwd time (ms, median)", "peak extra memory (MiB)")):
             ax.set(xscale="log", yscale="log", xlabel="B = N", ylabel=ylab, title=f"{dn}, d={d}")
             ax.set_xscale("log", base=2)
@@ -638,9 +573,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--backends", nargs="+", choices=ALL_BACKENDS, default=None,
-        help=f"default: {' '.join(DEFAULT_BACKENDS['cpu'])} on CPU; {' '.join(DEFAULT_BACKENDS['cuda'])} on CUDA "
-             "(compile also runs on CPU when named; triton and inf_cl need CUDA)")
+    add("--backends", nargs="+", choices=ALL_BACKENDS, default=None, help=f"default: {DEFAULT_BACKENDS}")
     add("--B", nargs="+", type=int, default=None, help="batch sizes (N = B); default CPU: 2048 4096 8192")
     add("--d", nargs="+", type=int, default=None, help="embedding widths; default 1024")
     add("--dtype", nargs="+", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 (CPU), fp32 bf16 (CUDA)")
@@ -655,24 +588,15 @@ def parse_args(argv=None):
     add("--deterministic", action="store_true", help="triton backward without atomics")
     add("--tf32", action="store_true", help="CUDA: allow TF32 matmuls (default: left as torch has it)")
     add("--n-inputs", type=int, default=3, help="input pairs rotated among runs")
-    add("--no-live-memory", dest="live_memory", action="store_false",
-        help="CPU: skip the second memory worker run with a fixed 64 KiB malloc mmap threshold")
     add("--seed", type=int, default=0)
-    add("--point-budget-s", type=float, default=None,
-        help="about this many seconds of timed runs per (dtype, d, B) group: fewer repeats (at least 3)")
-    add("--deadline-s", type=float, default=None,
-        help="start no backend at a size predicted to end after this many seconds from the start (each "
-             "backend's median per timed run at the last size it ran, scaled as B^2 d, times its planned runs); "
-             "the dearest backends are dropped first and reported SKIPPED")
+    add("--point-budget-s", type=float, default=None, help="~seconds of timed runs per size (at least 3 runs)")
+    add("--deadline-s", type=float, default=None, help="start no backend predicted to end after this (SKIPPED)")
     add("--repeats-for", nargs="+", default=None, metavar="BACKEND=N", help="timed runs for one backend, e.g. inf_cl=1")
     add("--warmup-for", nargs="+", default=None, metavar="BACKEND=N", help="untimed runs for one backend")
-    add("--sequential", action="store_true",
-        help="time one backend at a time instead of interleaved, and write the JSON after each")
+    add("--sequential", action="store_true", help="one backend at a time, the JSON written after each")
     add("--max-B", nargs="+", default=None, metavar="BACKEND=B", help="largest B for a backend, e.g. reference=65536")
-    add("--only-B", nargs="+", default=None, metavar="BACKEND=B[,B...]",
-        help="run a backend at these B only, e.g. compile=16384 (torch.compile recompiles per shape)")
-    add("--alpha0-fused", choices=FUSED, default=None,
-        help="with inf_cl: the fused backend also timed at alpha = 0 (default: the first fused one that runs)")
+    add("--only-B", nargs="+", default=None, metavar="BACKEND=B[,B...]", help="a backend at these B only")
+    add("--alpha0-fused", choices=FUSED, default=None, help="with inf_cl: the fused backend timed at alpha = 0")
     add("--no-plot", action="store_true", help="write no PNG beside the JSON")
     add("--no-ceilings", action="store_true", help="CUDA: skip measuring the copy and bf16 GEMM ceilings first")
     add("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
@@ -726,30 +650,24 @@ def main(argv=None):
     log(f"config: backends {args.backends}, B=N {args.B}, d {args.d}, dtype {args.dtype}, "
         f"{'symmetric' if args.symmetric else 'one-way'}, alpha {args.alpha:g}, logit_scale {args.logit_scale:g}, "
         f"warmup {args.warmup}, repeats {args.repeats}, {args.n_inputs} rotating input pairs")
-    backends, skipped = [], {}
-    for b in args.backends:
-        ok, why = backend_available(b, device)
-        if ok:
-            backends.append(b)
-        else:
-            skipped[b] = why
-            log(f"note: backend {b} skipped: {why}")
+    avail = {b: backend_available(b, device) for b in args.backends}
+    backends, skipped = [b for b in avail if avail[b][0]], {b: why for b, (ok, why) in avail.items() if not ok}
+    for b, why in skipped.items():
+        log(f"note: backend {b} skipped: {why}")
     if not backends:
         log("no backend can run here")
         return 1
     busy = meta["machine_load_before"].get("busy_fraction_others")
     if busy is not None and busy > 0.1:
         log(f"WARNING: other processes keep {busy:.0%} of the CPUs busy: timings will be noisy and slower")
-    out = Path(args.out or C.default_out_path(device))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = C.result_path(device, args.out)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("mem_worker", "t_begin")}
     report, results, payload = {}, [], {"schema": 1, "partial": True, "meta": meta, "config": config}
 
-    def write(res=None):
-        out.write_text(json.dumps({**payload, "correctness": report, "results": results}, indent=1, default=str))
+    def write(_=None):
+        C.write_json(out, {**payload, "correctness": report, "results": results})
 
-    # SIGINT (gpu_check.sh's limits) and SIGTERM (C.start_script) end the measuring, not the run:
-    # what was measured is written below, marked "interrupted"
+    # SIGINT or SIGTERM end the measuring, not the run: what was measured is written, marked "interrupted"
     try:
         if device.type == "cuda" and not args.no_ceilings:
             from gpu_ceilings import measure_ceilings
@@ -758,9 +676,6 @@ def main(argv=None):
             log(f"ceilings measured here: copy {ceil['copy']['tb_per_s']:.2f} TB/s (read + write), "
                 f"bf16 mm {ceil['mm_bf16']['tflop_per_s']:.0f} TFLOP/s")
         check_all(backends, args, device, report)
-        for b in backends:
-            if not report[b]["passed"]:
-                log(f"backend {b}: FAILED a correctness check: it gets no timing and no ratio")
         C.start_script()  # the checks' objects out of the collector's way too
         write()
         run_benchmarks(backends, report, args, device, on_progress=write, results=results)
@@ -774,12 +689,9 @@ def main(argv=None):
     log("\n" + "\n".join(loss_table([{"meta": meta, "results": results}])))
     payload["ratios"] = compute_ratios(results, backends, device, args)
     print_ratios(payload["ratios"])
-    payload["acceptance"] = acceptance(results, args, device)
+    payload["acceptance"] = acceptance(payload["ratios"], args, device)
     config.update(device_used=str(device), backends_run=backends, backends_skipped=skipped,
-                  tolerances=TOLERANCES, useful_gemms=USEFUL_GEMMS,
-                  timing="median of repeats; per run: timestamps before fwd, between fwd and bwd, after bwd "
-                         "(perf_counter on CPU, CUDA events + synchronize on GPU); warm-up runs excluded; "
-                         f"{args.n_inputs} input pairs rotated")
+                  tolerances=TOLERANCES, useful_gemms=USEFUL_GEMMS)
     meta["machine_load_after"] = C.machine_load()
     la = meta["machine_load_after"].get("busy_fraction_others")
     if la is not None and busy is not None:

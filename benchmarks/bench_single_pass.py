@@ -1,20 +1,13 @@
 """GradCache's single pass against its cached path, on the default job's model and batch.
 
-One training step's forward and backward (``GradCache.__call__``) of the tiny LLaVE on the default
-job's synthetic pairs (``tiny_cpu.json``), the loss with LLaVE's settings, one chunk holding the
-whole batch: cached (``single_pass=False``: encode without grad, the loss, encode again with grad
-and backpropagate the cached gradient) against single (``single_pass=True``, the default: one
-forward with grad). Same process, same batch, alternating, ``--repeats`` times; prints the medians,
-their ratio and the largest relative difference between the two paths' parameter gradients;
-writes ``benchmarks/results/<device>/<date>-gradcache-single-pass.json``.
-
     python benchmarks/bench_single_pass.py                 # CPU, ~1 min on 2 cores
+
+benchmarks/README.md, "GradCache's single pass".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -92,13 +85,9 @@ def main() -> int:
         "cached_path": {"seconds": times[False], "median_s": med0, "loss": results[False][0]},
         "speedup_median": med0 / med1, "max_rel_grad_diff": max_rel,
     }
-    out = Path(args.out) if args.out else (C.REPO_ROOT / "benchmarks" / "results" / C.slugify(C.device_name(dev))
-                                           / f"{result['date']}-gradcache-single-pass.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = C.write_json(C.result_path(dev, args.out, "-gradcache-single-pass"), result, indent=2)
     print(f"one step of {args.batch} pairs, tiny LLaVE, {C.device_name(dev)}, {torch.get_num_threads()} threads:")
-    print(f"  cached path: median {med0:.3f} s")
-    print(f"  single pass: median {med1:.3f} s")
+    print(f"  cached path: median {med0:.3f} s\n  single pass: median {med1:.3f} s")
     print(f"  speed-up {med0 / med1:.2f}x (median of {args.repeats}); largest relative gradient difference "
           f"{max_rel:.1e}; loss {results[True][0]:.6f} vs {results[False][0]:.6f}")
     print(f"wrote {out}")

@@ -1,23 +1,7 @@
-"""sentence-transformers' ranking loss: its eager computation against llave-fast's fused one.
-
-Both parts interleave the implementations in one run (``_common.time_interleaved``: ABBA, medians):
-
-1. **The loss on embeddings** (B x d fp32, every pair of the batch a candidate, both directions,
-   in_batch_negatives, hardness_strength 9, scale 20), forward + backward: ``st_*`` is
-   ``MultipleNegativesRankingLoss(...).compute_loss_from_embeddings`` (eager B x N matrices) for
-   partition_mode "per_direction" and "joint"; ``fused_*`` is
-   ``llave_fast.integrations.fused_mnrl_loss`` with the same arguments (the same numbers: two
-   one-way fused calls); ``fused_symmetric_hardness`` is LLaVE's loss (the hardness term in both
-   directions, one call), against ``st_per_direction``. Peak memory: the RSS high-water mark of one
-   forward + backward in a fresh process minus the RSS before it (``_common.cpu_peak_rss_of_call``).
-2. **The cached step** of a tiny random BERT (built here) on (anchor, positive, negative) triplets:
-   ``CachedMultipleNegativesRankingLoss`` against ``FusedCachedMultipleNegativesRankingLoss`` at the
-   same mini_batch_size (the loss call and its backward, as the trainer runs them).
+"""sentence-transformers' ranking losses against llave-fast's fused ones (benchmarks/README.md).
 
     python benchmarks/bench_st.py                     # CPU, B = 4096 and 8192, d = 768 (~10 min on 2 cores)
     python benchmarks/bench_st.py --sizes 1024 --repeats 2 --cached-batch 256   # a quick look
-
-Writes ``benchmarks/results/<device>/<date>-st.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -26,7 +10,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -108,7 +91,6 @@ def cached_step_fn(variant: str, model, mini_batch_size: int):
 
 
 def mem_worker(spec: dict) -> None:
-    """Hidden entry point: one forward + backward in this fresh process; prints the peak RSS delta."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     if spec["kind"] == "loss":
@@ -122,18 +104,12 @@ def mem_worker(spec: dict) -> None:
         fn = cached_step_fn(spec["variant"], model, spec["mini_batch"])
         fn(SimpleNamespace(value=triplet_features(model, 2 * spec["mini_batch"], seed=4)), None).backward()  # warm-up
         q, t = SimpleNamespace(value=triplet_features(model, spec["batch"], seed=3)), None
-    print("MEMRESULT " + json.dumps(C.cpu_peak_rss_of_call(fn, q, t)), flush=True)
+    C.print_peak(fn, q, t)
 
 
 def peak_mib(**spec) -> dict:
-    """mem_worker's record in a fresh process, with ``peak_mib``."""
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_mem-worker", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=1200)
-    for line in r.stdout.splitlines():
-        if line.startswith("MEMRESULT "):
-            rec = json.loads(line[len("MEMRESULT "):])
-            return {"memory": rec, "peak_mib": rec["peak_bytes"] / C.MiB}
-    raise RuntimeError(f"memory worker failed (rc {r.returncode}): {r.stderr.strip()[-1500:]}")
+    rec = C.peak_in_fresh_process(Path(__file__).resolve(), spec, timeout=1200)
+    return {"memory": rec, "peak_mib": rec["peak_bytes"] / C.MiB}
 
 
 def rows_of(timing: dict) -> dict:
@@ -157,22 +133,21 @@ def main() -> int:
         mem_worker(json.loads(sys.argv[2]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192], help="batch sizes B. Default: 4096 8192")
-    ap.add_argument("--d", type=int, default=768, help="embedding width. Default: 768")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each loss variant. Default: 3")
-    ap.add_argument("--cached-batch", type=int, default=1024, help="triplets per cached step. Default: 1024")
-    ap.add_argument("--mini-batch", type=int, default=64, help="mini_batch_size of both cached losses. Default: 64")
-    ap.add_argument("--hidden", type=int, default=64, help="the tiny BERT's width. Default: 64")
-    ap.add_argument("--cached-repeats", type=int, default=5, help="timed cached steps of each. Default: 5")
-    ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads. Default: torch's own")
-    ap.add_argument("--out", default=None, help="result JSON. Default: benchmarks/results/<device>/<date>-st.json")
+    add = ap.add_argument
+    add("--sizes", type=int, nargs="+", default=[4096, 8192], help="batch sizes B. Default: 4096 8192")
+    add("--d", type=int, default=768, help="embedding width. Default: 768")
+    add("--repeats", type=int, default=3, help="timed runs of each loss variant. Default: 3")
+    add("--cached-batch", type=int, default=1024, help="triplets per cached step. Default: 1024")
+    add("--mini-batch", type=int, default=64, help="mini_batch_size of both cached losses. Default: 64")
+    add("--hidden", type=int, default=64, help="the tiny BERT's width. Default: 64")
+    add("--cached-repeats", type=int, default=5, help="timed cached steps of each. Default: 5")
+    add("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    add("--threads", type=int, default=None, help="torch CPU threads. Default: torch's own")
+    add("--out", default=None, help="result JSON. Default: benchmarks/results/<device>/<date>-st.json")
     args = ap.parse_args()
-    for name in ("d", "repeats", "cached_batch", "mini_batch", "hidden", "cached_repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if any(b < 2 for b in args.sizes):
-        ap.error(f"--sizes must be >= 2, got {args.sizes}")
+    if min(args.sizes) < 2 or min(args.d, args.repeats, args.cached_batch, args.mini_batch, args.hidden,
+                                   args.cached_repeats) < 1:
+        ap.error("--sizes must be >= 2, the other sizes and counts >= 1")
     C.start_script()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,14 +177,13 @@ def main() -> int:
         for v in () if args.no_memory else LOSS_VARIANTS:
             rows[v].update(peak_mib(kind="loss", variant=v, B=B, d=args.d, seed=B + 1, threads=args.threads))
         out["loss"][str(B)] = {"variants": rows, "ratios": ratios_of(rows), "same_loss_as_st": same}
-        print(f"B = N = {B}, d = {args.d}:", flush=True)
-        for v, r in rows.items():
-            print(f"  {v:26s} {r['median_fwd_bwd_ms']:9.0f} ms" + (f", peak {r['peak_mib']:.0f} MiB" if "peak_mib" in r
-                                                                     else ""), flush=True)
-        for k, r in out["loss"][str(B)]["ratios"].items():
-            print(f"  {k}: time {C.fmt(r['time'], '.3f')}, memory {C.fmt(r['memory'], '.3f')}", flush=True)
-        print("  loss vs sentence-transformers' (relative): "
-              + ", ".join(f"{v} {r['rel_diff']:.1e}" for v, r in same.items()), flush=True)
+        lines = [f"  {v:26s} {r['median_fwd_bwd_ms']:9.0f} ms, peak {C.fmt(r.get('peak_mib'), '.0f')} MiB"
+                 for v, r in rows.items()]
+        lines += [f"  {k}: time {C.fmt(r['time'], '.3f')}, memory {C.fmt(r['memory'], '.3f')}"
+                  for k, r in out["loss"][str(B)]["ratios"].items()]
+        lines.append("  loss vs sentence-transformers' (relative): "
+                     + ", ".join(f"{v} {r['rel_diff']:.1e}" for v, r in same.items()))
+        print(f"B = N = {B}, d = {args.d}:\n" + "\n".join(lines), flush=True)
 
     # part 2: the cached step
     model = tiny_model(args.hidden)
@@ -237,10 +211,7 @@ def main() -> int:
           f"{st['median_s']:.2f} s, fused {fused['median_s']:.2f} s (ratio {C.fmt(cached['time_ratio'], '.3f')}; "
           f"losses differ by {cached['loss_rel_diff']:.1e} relative){peaks}", flush=True)
     out.update(machine_load_after=C.machine_load(), total_wall_s=time.perf_counter() - t_start)
-    folder = C.REPO_ROOT / "benchmarks" / "results" / C.slugify(C.device_name(dev))
-    path = Path(args.out or folder / f"{out['date']}-st.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    path = C.write_json(C.result_path(dev, args.out, "-st"), out)
     print(f"machine load after: {out['machine_load_after']}; wall {out['total_wall_s']:.0f} s; wrote {path}")
     return 0
 

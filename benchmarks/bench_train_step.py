@@ -1,26 +1,10 @@
 #!/usr/bin/env python3
-"""The training loop on a GPU: the tiny default job, the LLaVE-0.5B-size step, memory, evaluation.
+"""The training loop on a GPU (stage T of gpu_check.sh): parts env, step, tiny, eval, report.
 
-Stage T of ``benchmarks/gpu_check.sh`` runs each part in its own process under its own limit; the
-parts merge their results into one JSON file (``--out``), rewritten after every sub-step, so a part
-stopped at its limit (SIGINT) keeps what it measured, marked "interrupted". ``--dry``: tiny sizes, CPU.
-
-* ``env``: DeepSpeed's version and prebuilt ops; whether its config needs a JIT-built optimizer op.
-* ``step``: ``arch:llave-0.5b`` under ZeRO-3, bf16, GradCache chunk 16 and torch's AdamW, built by
-  ``llave_fast.train``: (b) 256 pairs at 1x1 (warm-up + 3 timed steps) and 64 at 2x2: pairs/s,
-  tokens/s, peak memory, MFU and the step's phases (CUDA events around the encoder and the loss,
-  outside GradCache), 1024 pairs extrapolated; (d) encode throughput without gradients (image+text,
-  text, video); (c) GradCache's peak at chunk 16 and 32 against the largest batch without it.
-* ``tiny``: ``python3 -m llave_fast train`` on CUDA, bf16, ZeRO-3 + GradCache: P@1 before and after.
-* ``eval``: ``llave-fast eval`` (generated MMEB-eval files) and ``eval-video`` (generated clips) with
-  ``tiny``'s model, side by side.  ``report``: the results file as Markdown.
-
-FLOPs (multiply-add = 2) of one forward (:class:`Flops`): a vision tile of n patches
-``2 n (3 p^2 h_v + L_v (4 h_v^2 + 2 h_v i_v)) + 4 n^2 h_v L_v``; the projector ``2 (h_v h + h^2)`` a
-patch; the language model ``2 T L (h (h + 2 kv d) + h^2 + 3 h i) + 2 T^2 h L`` over T real tokens
-(causal half). Useful step = 3 forwards over real tokens, ``with_gradcache_forward`` 4 (GradCache's
-no-grad pass), ``executed`` adds padding and the checkpointing recompute. MFU = useful FLOPs /
-(step s x peak); peak 989 TFLOP/s dense bf16 (H100 SXM, H200), or ``--peak-tflops``.
+Each part runs in its own process and adds to one JSON file (``--out``), rewritten after every
+sub-step: a part stopped at its limit (SIGINT) keeps what it measured, marked "interrupted".
+``--dry``: tiny sizes on the CPU. What each part measures, and the FLOP model behind MFU (peak 989
+TFLOP/s dense bf16 on an H100 or H200, or ``--peak-tflops``): benchmarks/README.md, "Training step".
 """
 
 from __future__ import annotations
@@ -31,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -64,10 +47,6 @@ def gib(x) -> float | None:
     return None if x is None else round(x / 2 ** 30, 3)
 
 
-def median(xs):
-    return statistics.median(xs) if xs else None
-
-
 class Results:
     """The JSON file every part adds to, rewritten whole (atomically) on each ``put``."""
 
@@ -86,15 +65,12 @@ class Results:
         if key:
             self.data[key] = value
         self.data["updated"] = C.now_stamps()["local_time"]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        C.write_json(self.path, self.data, indent=2)
 
 
 class Flops:
-    """One forward's FLOPs per sequence from the model config (the docstring's formulas); ``side``
-    counts a collated batch side: real and executed (padded) tokens, tiles."""
+    """One forward's FLOPs from the model config (benchmarks/README.md's formulas); ``side`` counts a
+    collated batch side: real and executed (padded) tokens, tiles."""
 
     def __init__(self, config):
         v, t = config.vision_config, config.text_config
@@ -130,39 +106,31 @@ class Flops:
 
 
 class Clock:
-    """Time points of one step: CUDA events on the GPU (its own timeline), perf_counter on the CPU.
-    ``enter`` opens a phase (until the next), ``start``/``stop`` time a re-encode forward or backward."""
+    """A step's time points (``C.stamp``): ``enter`` opens a phase until the next, ``start``/``stop``
+    time a re-encode forward or backward."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device
         self.reset()
 
     def reset(self):
         self.marks, self.phase, self.sub, self._open = [], None, {"fwd": [], "bwd": []}, {}
 
-    def _point(self):
-        if self.cuda:
-            (e := torch.cuda.Event(enable_timing=True)).record()
-            return e
-        return time.perf_counter()
-
     def enter(self, phase: str):
         self.phase = phase
-        self.marks.append((phase, self._point()))
+        self.marks.append((phase, C.stamp(self.device)))
 
     def start(self, kind: str):
-        self._open[kind] = self._point()
+        self._open[kind] = C.stamp(self.device)
 
     def stop(self, kind: str):
-        self.sub[kind].append((self._open.pop(kind), self._point()))
+        self.sub[kind].append((self._open.pop(kind), C.stamp(self.device)))
 
     def result(self) -> dict:
-        """{phase: s}, "total" (first to last mark), "reencode_fwd" and "reencode_bwd" (sums)."""
-        if self.cuda:
-            torch.cuda.synchronize()
+        C.sync(self.device)
 
         def dt(a, b):
-            return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+            return C.elapsed_ms(a, b) / 1e3
 
         out = {}
         for (name, a), (_, b) in zip(self.marks, self.marks[1:]):
@@ -182,9 +150,8 @@ class _Wrapper:
 
 
 class TimedEngine(_Wrapper):
-    """The DeepSpeed engine as GradCache's encoder, marking phases: the first no-grad call opens
-    "encode", a call with grad "reencode" (each forward and backward timed inside); in the single
-    pass a backward after the loss opens "backward". Everything else is the engine's."""
+    """The engine as GradCache's encoder: a no-grad call opens "encode", a call with grad "reencode"
+    (each forward and backward timed); in the single pass a backward after the loss opens "backward"."""
 
     def __call__(self, chunk):
         clock = self._clock
@@ -218,10 +185,9 @@ class TimedLoss(_Wrapper):
 
 def search_largest(try_fn, *, start: int, b_max: int, max_try_s: float, deadline: float | None,
                    bisect: int = 1, grain: int = 8, clock=time.perf_counter) -> dict:
-    """The largest batch ``try_fn(B) -> {"ok", "oom", "s", ...}`` runs: B doubles from ``start`` until a
-    try runs out of memory, would take over ``max_try_s`` (linear in B from the last good try), passes
-    ``b_max`` or would end past ``deadline`` (a ``clock()`` time); then up to ``bisect`` halvings of the
-    gap (multiples of ``grain``). Another failure stops it (after an OOM the engine may be unusable)."""
+    """The largest B that ``try_fn(B) -> {"ok", "oom", "s", ...}`` runs: doubling from ``start`` until an
+    OOM, ``max_try_s`` (predicted linear in B), ``b_max`` or ``deadline``; then ``bisect`` halvings of
+    the gap (multiples of ``grain``). Any other failure stops it (after an OOM the engine may be unusable)."""
     out = {"tries": [], "largest_ok": None, "smallest_oom": None, "limited_by": None}
 
     def no_time(B) -> str | None:
@@ -266,8 +232,7 @@ COLOURS = {"red": (255, 40, 0), "green": (0, 220, 60), "blue": (40, 80, 255), "y
 
 
 def make_clips(folder: Path, count: int, frames: int, fps: int, size: int = 64) -> tuple[list[str], Path]:
-    """``count`` mpeg4 clips (a 16-px square of one colour moving right or left over black) and an
-    MSR-VTT-style caption file: (video paths, annotations path)."""
+    """``count`` mpeg4 clips (a coloured square moving right or left) and MSR-VTT-style captions."""
     import av
     import numpy as np
 
@@ -294,7 +259,7 @@ def make_clips(folder: Path, count: int, frames: int, fps: int, size: int = 64) 
 
 
 def torch_extension_builds() -> list[str]:
-    """Folders of JIT-built extensions (torch.utils.cpp_extension, where DeepSpeed builds its ops)."""
+    """Folders of JIT-built extensions (where DeepSpeed builds its ops)."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions"))
     return sorted(str(p.relative_to(root)) for p in root.glob("*/*") if p.is_dir())
 
@@ -330,7 +295,7 @@ def part_env(args, res: Results, sizes: dict) -> None:
 
 
 class StepRun:
-    """Part ``step``'s model, engine, loss and data (one process, one engine, several batch shapes)."""
+    """Part ``step``'s model, engine, loss and data."""
 
     def __init__(self, args, sizes: dict, device: torch.device):
         from llave_fast import train as T
@@ -354,7 +319,6 @@ class StepRun:
         self.collator, self.flops = PairCollator(self.processor), Flops(self.model.config)
 
     def initialize(self) -> None:
-        """deepspeed.initialize with torch's AdamW over the training loop's parameter groups."""
         import deepspeed
 
         from llave_fast import FusedHardnessLoss
@@ -442,9 +406,8 @@ class StepRun:
 
 
 class Batches:
-    """(batch, data wait s) of ``steps`` steps of ``pairs`` synthetic pairs through the training loop's
-    loader, whose workers start at once (they prepare batches while the engine is built). If a worker
-    dies (e.g. too small a /dev/shm), the remaining batches are made by threads in this process."""
+    """(batch, data wait s) of ``steps`` steps of synthetic pairs through the training loop's loader,
+    started at once; if a worker dies (too small a /dev/shm) threads make the remaining batches."""
 
     def __init__(self, T, collator, image_size: int, pairs: int, steps: int, seed: int, workers: int):
         from llave_fast.data import SyntheticDataset
@@ -490,27 +453,25 @@ class Batches:
 def summarize_steps(recs: list[dict]) -> dict:
     keys = ("step_s", "pairs_per_s", "lm_tokens_per_s", "vision_tokens_per_s", "mfu", "mfu_with_gradcache_forward",
             "hfu_executed", "peak_allocated_gib", "data_wait_s")
-    out = {f"median_{k}": median([r[k] for r in recs if r.get(k) is not None]) for k in keys}
-    out["median_phases_s"] = {k: median([r["phases_s"][k] for r in recs]) for k in recs[0]["phases_s"]}
+    out = {f"median_{k}": C.median([r[k] for r in recs if r.get(k) is not None]) for k in keys}
+    out["median_phases_s"] = {k: C.median([r["phases_s"][k] for r in recs]) for k in recs[0]["phases_s"]}
     out["median_shares"] = {k: v / out["median_step_s"] for k, v in out["median_phases_s"].items()}
     return out
 
 
 def extrapolate(summary: dict, recs: list[dict], pairs: int, target: int, peak: float | None) -> dict:
-    """A step of ``target`` pairs, not run: encode and re-encode per pair (linear), the loss quadratic
-    (B x N), the optimizer step and the reduction fixed."""
     ph, k = summary["median_phases_s"], target / pairs
     per_pair = (ph.get("encode", 0.0) + ph.get("reencode_fwd", 0.0) + ph.get("reencode_bwd", 0.0)) / pairs
     fixed, loss = ph.get("optimizer", 0.0) + ph.get("reencode_other", 0.0), ph.get("loss", 0.0) * k ** 2
     t = per_pair * target + fixed + loss
     out = {"pairs": target, "measured_from_pairs": pairs, "step_s": t, "pairs_per_s": target / t,
-           "lm_tokens_per_s": median([r["lm_tokens"] for r in recs]) * k / t, "encode_reencode_s_per_pair": per_pair,
+           "lm_tokens_per_s": C.median([r["lm_tokens"] for r in recs]) * k / t, "encode_reencode_s_per_pair": per_pair,
            "fixed_s": fixed, "loss_s": loss,
            "shares": {"encode_reencode": per_pair * target / t, "loss": loss / t, "fixed": fixed / t},
            "method": "not run: encode + re-encode x pairs, loss x (pairs ratio)^2, optimizer and reduction fixed; "
                      "peak = measured + the larger batch's inputs on the device (GradCache's activations: one chunk's)"}
     if peak:
-        useful = median([r["tflop_useful"] for r in recs]) * k
+        useful = C.median([r["tflop_useful"] for r in recs]) * k
         out.update(mfu=useful / t / peak, mfu_with_gradcache_forward=useful * 4 / 3 / t / peak)
     if (last := recs[-1]).get("peak_allocated_gib") is not None:
         out["peak_allocated_gib"] = last["peak_allocated_gib"] + (last.get("batch_on_device_gib") or 0) * (k - 1)
@@ -575,8 +536,7 @@ def part_step(args, res: Results, sizes: dict, device: torch.device, t_start: fl
 
 
 def tile_batch(cpu_batch: dict, rows: int) -> dict:
-    """``rows`` pairs of a collated batch: its first rows, or the batch repeated (no masking ids: the
-    repeated pairs are plain negatives)."""
+    """``rows`` pairs of a collated batch: its first rows, or it repeated (no masking ids)."""
     reps = -(-rows // cpu_batch["query"]["input_ids"].shape[0])
 
     def take(v):
@@ -634,8 +594,7 @@ def memory_search(run: StepRun, base: dict, sizes: dict, deadline: float | None,
 
 
 def encode_throughput(run: StepRun, sizes: dict, work: Path) -> dict:
-    """Samples/s and tokens/s without gradients (eval mode): image+text queries and text alone at the eval
-    command's batch, processor and model timed apart; videos end to end through eval-video's path."""
+    """No-grad samples/s and tokens/s: image+text and text (processor and model apart); videos end to end."""
     import deepspeed
 
     from llave_fast.data import SyntheticDataset
@@ -697,8 +656,7 @@ def encode_throughput(run: StepRun, sizes: dict, work: Path) -> dict:
 
 
 def run_clis(jobs: list[tuple[str, list[str]]], quiet_bars: bool = False) -> list[dict]:
-    """``llave-fast`` commands side by side (their output goes to ours): {cmd, rc, wall_s} each; stopped
-    with us when we are interrupted."""
+    """Commands side by side: {cmd, rc, wall_s} each; stopped with us when we are interrupted."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"TQDM_DISABLE": "1"} if quiet_bars else {}))
     t0 = time.perf_counter()
     procs, done = [], {}
@@ -797,7 +755,6 @@ def part_eval(args, res: Results, sizes: dict) -> None:
 
 
 def _brief(d: dict, keys: str) -> str:
-    """``key=value`` of the dotted ``keys`` of ``d`` (floats rounded)."""
     out = []
     for key in keys.split():
         v = d
@@ -808,7 +765,6 @@ def _brief(d: dict, keys: str) -> str:
 
 
 def part_report(res: Results) -> None:
-    """The results file as Markdown: what a README table is made from."""
     d = res.data
     print(f"Training step (issue 21) on {d['device']['name']}"
           + (" -- DRY RUN on the CPU: plumbing only, no figure means anything" if d.get("dry_run") else "")

@@ -1,21 +1,12 @@
 #!/usr/bin/env python3
-"""Tuning sweep of the Triton kernels at one problem size (CUDA).
+"""Tuning sweep of the Triton kernels at one problem size (CUDA; benchmarks/README.md, "Tuning").
 
     python benchmarks/bench_tune.py --B 16384 --d 1536 --dtype bf16 --out tune.json
-
-Times the forward kernel under every forward candidate and the backward under every backward
-candidate (the strip backward with several strip sizes, tiles, warps and stages; the default in
-both its atomic and deterministic form), and the GEMM floor (the three cuBLAS products), all at
-the same inputs, with ``triton.testing.do_bench``. Every candidate's outputs are compared with
-the default configuration's first: a fast wrong config is reported WRONG, not chosen. The JSON
-is rewritten after each candidate; ``--deadline-s`` stops starting new ones, and SIGINT (the
-step's limit) ends the sweep with a summary of what was timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -49,9 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--logit-scale", type=float, default=50.0)
     p.add_argument("--deadline-s", type=float, default=None, help="stop starting new candidates after this")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dry-run-cpu", action="store_true",
-                   help="CPU tensors under TRITON_INTERPRET=1 with the interpreter's small candidate lists "
-                        "(checks the logic, measures nothing useful)")
+    p.add_argument("--dry-run-cpu", action="store_true", help="the interpreter's candidates on the CPU (logic only)")
     args = p.parse_args(argv)
     C.start_script()
     cpu = args.dry_run_cpu
@@ -78,8 +67,7 @@ def main(argv=None) -> int:
 
     def write():
         out["total_wall_s"] = time.perf_counter() - t_begin
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1, default=str))
+        C.write_json(args.out, out)
 
     # reference outputs: the default configuration
     stats = tb.strip_forward(q, t, need_col=True, need_e=False, **kw)
@@ -146,7 +134,6 @@ def main(argv=None) -> int:
 
 
 def summarise(out):
-    """Best forward and backward against the default and the floor (printed and in ``out``)."""
     ok_f = [r for r in out["fwd"] if r.get("status") == "ok"]
     ok_b = [r for r in out["bwd"] if r.get("status") == "ok"]
     if not (ok_f and ok_b):

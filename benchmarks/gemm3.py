@@ -1,12 +1,5 @@
-"""The GEMM floor of the loss: the three cuBLAS products any implementation must do.
-
-forward S = q T^T (B x N, K = d); backward dq = dS T (K = N) and dT = dS^T q (K = B).
-``gemm3_fn()`` returns ``(q, t) -> scalar`` with an autograd backward, timed exactly like a loss;
-dS is a fixed random matrix per shape, the value one element of S. Where B x N exceeds
-``MAX_ELEMS`` the products run in row blocks of ``gemm3_rows`` (same FLOPs; dT accumulated per
-block). Inner dimensions are padded as the fused loss pads its library GEMMs (K to a multiple of
-64, leading dimensions to 8), copies included: at an odd N this is the padded floor.
-"""
+"""The GEMM floor of the loss: S = q T^T, dq = dS T and dT = dS^T q with cuBLAS, timed like a loss
+(padded as the fused loss pads its GEMMs; row blocks beyond ``MAX_ELEMS``). benchmarks/README.md."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@
 #       B1 loss sweep, d = 1536, bf16, B = 4096 16384 65536, every backend, ceilings, the floor  165 s
 #       B2 B = N = 262144: the default (stream) and fused paths, the floor, then Inf-CL         100 s
 #       B3 odd N = 16383 vs 16384, default and fused paths, d = 256 and 1536, bf16 and fp16      70 s
-#   C   C1 the sweep at d = 896 and 3584; C2 the largest B per backend (bench_maxb.py)      300 s
 #   T   the training loop (benchmarks/bench_train_step.py, train_step.json): T0 DeepSpeed and PyAV
 #       from .whl/train (offline) and the optimizer check 20 + 15 s; T1 the tiny default job 50 s;
 #       T2 the LLaVE-0.5B-size step, its encode throughput, memory without GradCache 125 s; T3 eval
@@ -17,7 +16,7 @@
 # AB is ~30 s of set-up + 530 s of steps; a 1-2 minute machine start leaves ~3 of the 15 minutes.
 # Files under $OUT (default ./gpu_out; a device call brings back at most 8):
 #   A: log_A.txt tests.xml tune.json   B: log_B.txt probe.json loss.json loss_262k.json loss_variants.json
-#   C: log_C.txt loss_wide.json loss_wide.png maxb.json   T: log_T.txt train_step.json
+#   T: log_T.txt train_step.json
 # Each step runs under run_step (benchmarks/_steps.sh): SIGINT at its limit, so the scripts and pytest
 # write what they have (the JSON files are also rewritten as results come in). Without CUDA every
 # stage says so and exits 0; GPU_CHECK_DRY=1 runs every step with tiny CPU arguments instead (the
@@ -25,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-AB}
-case "$STAGE" in A|B|C|AB|T|BT) ;; *) echo "usage: $0 A|B|C|AB|T|BT"; exit 2 ;; esac
+case "$STAGE" in A|B|AB|T|BT) ;; *) echo "usage: $0 A|B|AB|T|BT"; exit 2 ;; esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -34,7 +33,6 @@ export PYTHONUNBUFFERED=1
 source benchmarks/_steps.sh
 LIMIT_A1=${LIMIT_A1:-110}; LIMIT_A2=${LIMIT_A2:-85}; LIMIT_B1=${LIMIT_B1:-165}; LIMIT_B2=${LIMIT_B2:-100}
 LIMIT_B3=${LIMIT_B3:-70}; LIMIT_B0=${LIMIT_B0:-60}
-LIMIT_C1=${LIMIT_C1:-170}; LIMIT_C2=${LIMIT_C2:-130}
 LIMIT_T0=${LIMIT_T0:-20}; LIMIT_T0_ENV=${LIMIT_T0_ENV:-15}; LIMIT_T1=${LIMIT_T1:-50}; LIMIT_T2=${LIMIT_T2:-125}
 LIMIT_T3=${LIMIT_T3:-25}
 T0=$(date +%s)
@@ -76,7 +74,7 @@ setup() {
 # pick DRY_ARGS... -- GPU_ARGS...: ARGS=(the tiny CPU arguments) in a dry run, else the GPU ones
 pick() { local dry=() gpu=() seen=0; for a in "$@"; do if [ "$a" = -- ]; then seen=1; elif [ $seen = 0 ]; then dry+=("$a"); else gpu+=("$a"); fi; done
          if [ "$DRY" = 1 ]; then ARGS=("${dry[@]}"); else ARGS=("${gpu[@]}"); fi; }
-LOSS_CPU=(--device cpu --dtype fp32 --backends torch reference --repeats 2 --no-live-memory --no-plot)
+LOSS_CPU=(--device cpu --dtype fp32 --backends torch reference --repeats 2 --no-plot)
 
 stage_A() {
     if want A1; then
@@ -131,26 +129,6 @@ stage_B() {
     local files=()
     for f in loss.json loss_262k.json loss_variants.json; do [ -f "$OUT/$f" ] && files+=("$OUT/$f"); done
     [ ${#files[@]} -gt 0 ] && "$PY" benchmarks/report.py "${files[@]}"
-    return 0
-}
-
-stage_C() {
-    if want C1; then
-        step "C1. loss sweep at d = 896 and 3584, bf16 (no torch.compile: one compile per shape costs ~1 min)"
-        pick "${LOSS_CPU[@]}" --d 16 32 --B 64 -- --device cuda --dtype bf16 --d 896 3584 --B 4096 16384 65536 --backends \
-            triton triton_strip torch reference inf_cl gemm3 --alpha0-fused triton --warmup 1 --repeats 10 --point-budget-s 2 \
-            --deadline-s $(( LIMIT_C1 - 20 )) --no-ceilings
-        run_step "$LIMIT_C1" "$PY" benchmarks/bench_loss.py "${ARGS[@]}" --out "$OUT/loss_wide.json"
-    fi
-    if want C2; then
-        step "C2. largest B = N per backend at d = 1536, bf16"
-        pick --device cpu --backends torch --d 32 --start 64 --B-max 128 --warmup-B 32 -- --d 1536 --dtype bf16 --start 65536 \
-            --max-try-s 12 --backends triton triton_strip reference torch inf_cl --deadline-s $(( LIMIT_C2 - 20 ))
-        run_step "$LIMIT_C2" "$PY" benchmarks/bench_maxb.py "${ARGS[@]}" --out "$OUT/maxb.json"
-    fi
-    step "C summary"
-    [ -f "$OUT/loss_wide.json" ] && "$PY" benchmarks/report.py "$OUT/loss_wide.json"
-    [ -f "$OUT/maxb.json" ] && "$PY" benchmarks/report.py --maxb "$OUT/maxb.json"
     return 0
 }
 

@@ -1,16 +1,7 @@
-"""Kernel probe of the S-cache path (issue 20, item 6): the parts of it, each timed alone.
+"""Kernel probe of the S-cache path (stage B0; NOTES.md, Prediction 13): its parts timed alone.
 
-P1  cuBLAS S = q Tᵀ with bf16 and with fp32 output, the backward's dq and dT GEMMs at N = 16384,
-    16383 unpadded and 16383 padded to a multiple of 64, and the copy bandwidth;
-P2  the statistics pass (``hardness_stats``) and the dS pass reading S (``hardness_ds``, CACHED)
-    alone, as a fraction of the copy bandwidth (bytes they must move / time);
-P5  the one-pass fused forward with the column direction off and on, at d = 256 and 1536.
-
-The loss itself, every path side by side with the floor (P3, P4), is ``bench_loss.py``'s run in
-``gpu_check.sh`` (B1 to B3). Timing: ``_common.bench_ms`` (``triton.testing.do_bench`` on CUDA,
-``torch.utils.benchmark`` on the CPU). The JSON is rewritten after every step, so a
-stopped run keeps what it measured. ``--dry`` runs every step at tiny sizes on the CPU (the Triton
-interpreter): the plumbing, not the numbers.
+P1 the S GEMM (16-bit and fp32 output), dq and dT at N and N - 1, the copy bandwidth; P2 the stats
+and dS passes against it; P5 the fused forward. ``--dry``: tiny sizes on the CPU (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -155,8 +146,7 @@ def main(argv=None):
     device, dtype, B, d, ds_p5, reps = ((torch.device("cpu"), torch.float16, 96, 16, [16, 32], 2) if args.dry else
                                         (torch.device("cuda"), torch.bfloat16, args.B, args.d, [256, 1536], args.repeats))
     report = {"script": "probe_scache.py", **C.run_meta(device), "dtype": str(dtype), "steps": {}}
-    out = Path(args.out)
-    out.write_text(json.dumps(report, indent=1, default=str))
+    out = C.write_json(args.out, report)
     for step in args.steps:  # the JSON rewritten after each step; a failed step is reported, the next runs
         t0 = time.perf_counter()
         try:
@@ -174,7 +164,7 @@ def main(argv=None):
             res = {"status": f"error: {type(exc).__name__}: {str(exc)[:500]}"}
         finally:
             report["steps"][step] = {**res, "wall_s": time.perf_counter() - t0}
-            out.write_text(json.dumps(report, indent=1, default=str))
+            C.write_json(out, report)
         print(f"{step}: {json.dumps(res, default=str)[:1500]}", flush=True)
     print(f"results written to {out}")
 

@@ -1,16 +1,10 @@
 #!/usr/bin/env python3
 """Markdown tables (for the README) from the JSON files the benchmarks write.
 
-    python benchmarks/report.py benchmarks/results/<gpu>/<date>.json [more JSON files] \
-        [--maxb maxb.json] [--tune tune.json] [--junit tests.xml]
+    python benchmarks/report.py FILE.json [...] [--tune tune.json] [--junit tests.xml]
 
-A positional file is read by its content: a loss file (bench_loss.py: ``results``), a tuning file
-(bench_tune.py: ``fwd`` and ``bwd``), a maxb file (bench_maxb.py: ``backends``); any other JSON gets
-one line saying which benchmark wrote it is not rendered here.
-
-Loss table: per (dtype, d, B) the fwd+bwd median of every backend that ran, its peak extra
-memory, and for the fused rows the speed-up over the eager reference and the ratio to the
-three cuBLAS GEMMs (``gemm3``) measured in the same run. Prints nothing it did not read.
+A file is read by its content: loss (bench_loss.py), tuning (bench_tune.py); any other JSON gets a
+line saying it is not rendered here. Prints nothing it did not read (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -81,18 +75,6 @@ def loss_table(payloads) -> list[str]:
     return lines
 
 
-def maxb_table(res) -> list[str]:
-    lines = [f"Largest B = N, one fwd+bwd at d = {res['config']['d']} {res['config']['dtype']} on "
-             f"**{res['meta']['device']['name']}**:", "", "| backend | largest B that ran | first B out of memory | "
-             "limited by |", "| --- | --- | --- | --- |"]
-    for r in res["backends"]:
-        if r.get("status") == "SKIPPED":
-            lines.append(f"| {r['backend']} | - | - | skipped: {r['why']} |")
-        else:
-            lines.append(f"| {r['backend']} | {r['largest_ok_B']} | {r['smallest_oom_B'] or '-'} | {r['limited_by']} |")
-    return lines + [""]
-
-
 def tune_lines(res) -> list[str]:
     s = res.get("summary")
     if not s:
@@ -137,8 +119,7 @@ def junit_lines(path: Path) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py (or bench_tune.py, bench_maxb.py)")
-    p.add_argument("--maxb", type=Path, default=None)
+    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py (or bench_tune.py)")
     p.add_argument("--tune", type=Path, default=None)
     p.add_argument("--junit", type=Path, default=None, help="a pytest junit XML file: counts and failures")
     args = p.parse_args(argv)
@@ -149,15 +130,11 @@ def main(argv=None) -> int:
             losses.append(pl)
         elif isinstance(pl, dict) and "fwd" in pl and "bwd" in pl:
             lines += tune_lines(pl)
-        elif isinstance(pl, dict) and isinstance(pl.get("backends"), list):
-            lines += maxb_table(pl)
         else:
-            lines += [f"{f.name}: not a loss, tuning or maxb file (written by another benchmark): not rendered here", ""]
+            lines += [f"{f.name}: not a loss or tuning file (written by another benchmark): not rendered here", ""]
     lines = loss_table(losses) + lines
     if args.tune:
         lines += tune_lines(json.loads(args.tune.read_text()))
-    if args.maxb:
-        lines += maxb_table(json.loads(args.maxb.read_text()))
     if args.junit:
         lines += junit_lines(args.junit)
     print("\n".join(lines))

@@ -1,13 +1,6 @@
-"""pytest-benchmark microbenchmarks of the loss backends, CPU and (where there is one) CUDA.
+"""pytest-benchmark microbenchmarks of the loss backends (benchmarks/README.md, "Microbenchmarks").
 
-    python -m pytest benchmarks --benchmark-only                       # the one-line microbenchmark
-    python -m pytest benchmarks --benchmark-only --benchmark-json=out.json   # + machine and commit info
-
-Not part of the default test run (testpaths = tests). CPU: "torch" and "reference" in fp32; CUDA
-(skipped without one): "triton", "torch" and "reference" in bf16, each call synchronised. Each
-benchmark first checks its backend against the float64 reference (``reference_loss``) on its own
-inputs, then times one phase: the forward (autograd recording, as in training), the backward alone
-(the forward runs, untimed, in pedantic's setup) or forward + backward. Inputs rotate among pairs.
+    python -m pytest benchmarks --benchmark-only [--benchmark-json=out.json]
 """
 
 from __future__ import annotations
@@ -69,36 +62,27 @@ def test_loss_microbench(benchmark, device, dtype, backend, B, phase):
     fn, pairs, rotation = loss_fn(backend), pairs_for(device, dtype, B), itertools.count()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def next_pair():
+    def setup():
         q, t = pairs[next(rotation) % len(pairs)]
         q.grad = t.grad = None
         sync()
-        return q, t
-
-    def run(q, t):
-        loss = fn(q, t)
-        if phase == "fwd_bwd":
-            loss.backward()
-        sync()
-
-    def run_bwd(loss):
-        loss.backward()
-        sync()
-
-    def setup_bwd():
-        q, t = next_pair()
+        if phase != "bwd":
+            return (q, t), {}
         loss = fn(q, t)  # the forward, untimed
         sync()
         return (loss,), {}
+
+    def run(*args):
+        loss = args[0] if phase == "bwd" else fn(*args)
+        if phase != "fwd":
+            loss.backward()
+        sync()
 
     benchmark.group = f"{device} {str(dtype)[6:]} B=N={B} d={D} {phase}"
     gemm = 2.0 * B * B * D
     benchmark.extra_info.update(B=B, N=B, d=D, phase=phase, backend=backend, device=device,
                                 useful_gemm_flops={"fwd": gemm, "bwd": 3 * gemm, "fwd_bwd": 4 * gemm}[phase],
                                 errors_vs_fp64=errs)
-    if phase == "bwd":
-        benchmark.pedantic(run_bwd, setup=setup_bwd, rounds=ROUNDS[B], iterations=1, warmup_rounds=1)
-    else:
-        benchmark.pedantic(run, setup=lambda: (next_pair(), {}), rounds=ROUNDS[B], iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS[B], iterations=1, warmup_rounds=1)
     for q, t in pairs:
         q.grad = t.grad = None

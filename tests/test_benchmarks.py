@@ -101,69 +101,10 @@ def test_tune_script_dry_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_maxb_script_dry_run(tmp_path):
-    out = tmp_path / "maxb.json"
-    r = subprocess.run([sys.executable, str(BENCH / "bench_maxb.py"), "--device", "cpu", "--backends", "torch",
-                        "reference", "triton", "--d", "32", "--start", "64", "--B-max", "256", "--warmup-B", "32",
-                        "--out", str(out)],
-                       capture_output=True, text=True, env=_env(), timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads(out.read_text())
-    by = {x["backend"]: x for x in res["backends"]}
-    assert by["triton"]["status"] == "SKIPPED"
-    for name in ("torch", "reference"):
-        assert [t["B"] for t in by[name]["tries"]] == [64, 128, 256]
-        assert by[name]["largest_ok_B"] == 256 and by[name]["limited_by"].startswith("--B-max")
-
-
-def test_maxb_search_bisects_after_oom(monkeypatch):
-    """The doubling / bisection logic, with out-of-memory simulated above a threshold."""
-    import argparse
-
-    import bench_maxb
-
-    tried = []
-
-    def fake(name, B, d, dtype, device, args):
-        tried.append(B)
-        if B > 5500:
-            return {"B": B, "ok": False, "oom": True, "error": "OutOfMemoryError"}
-        return {"B": B, "ok": True, "oom": False, "s": 0.01}
-
-    monkeypatch.setattr(bench_maxb, "one_try", fake)
-    args = argparse.Namespace(start=1024, B_max=1 << 20, max_try_s=100.0, deadline_s=None, bisect_steps=3,
-                              warmup_B=0)
-    r = bench_maxb.search("torch", 64, torch.float32, torch.device("cpu"), args, 0.0)
-    # doubling until the first OOM (8192), then halving the gap down to one 1024 grain
-    assert tried == [1024, 2048, 4096, 8192, 6144, 5120], tried
-    assert (r["largest_ok_B"], r["smallest_oom_B"], r["limited_by"]) == (5120, 6144, "memory"), r
-
-
-def test_maxb_search_stops_by_time(monkeypatch):
-    import argparse
-
-    import bench_maxb
-
-    tried = []
-
-    def fake(name, B, d, dtype, device, args):
-        tried.append(B)
-        return {"B": B, "ok": True, "oom": False, "s": (B / 1024) ** 2}
-
-    monkeypatch.setattr(bench_maxb, "one_try", fake)
-    args = argparse.Namespace(start=1024, B_max=1 << 20, max_try_s=20.0, deadline_s=None, bisect_steps=3,
-                              warmup_B=512)
-    r = bench_maxb.search("triton", 64, torch.float32, torch.device("cpu"), args, 0.0)
-    assert tried == [512, 1024, 2048, 4096], tried  # an untimed warm-up, then doubling; 8192 would take ~64 s
-    assert r["warmup"]["B"] == 512
-    assert r["largest_ok_B"] == 4096 and r["smallest_oom_B"] is None and r["limited_by"].startswith("time"), r
-
-
-@pytest.mark.slow
 def test_loss_bench_deadline_and_caps(tmp_path):
     out = tmp_path / "loss.json"
     r = subprocess.run([sys.executable, str(BENCH / "bench_loss.py"), "--device", "cpu", "--backends", "torch",
-                        "reference", "--B", "64", "128", "--d", "32", "--repeats", "2", "--no-live-memory",
+                        "reference", "--B", "64", "128", "--d", "32", "--repeats", "2",
                         "--max-B", "reference=64", "--only-B", "torch=64,128", "--point-budget-s", "0.2",
                         "--no-plot", "--out", str(out)],
                        capture_output=True, text=True, env=_env(), timeout=600)
@@ -227,8 +168,7 @@ def test_deadline_prediction_uses_per_run_medians_not_wall_time():
     and torch.compile its measured compile time on top."""
     import bench_loss
 
-    args = _bench_args(["--device", "cpu", "--B", "64", "--d", "32", "--repeats", "10", "--warmup", "1",
-                        "--no-live-memory"])
+    args = _bench_args(["--device", "cpu", "--B", "64", "--d", "32", "--repeats", "10", "--warmup", "1"])
     hist = {"triton_strip": (16384, 1536, 5.0), "reference": (16384, 1536, 10.0)}
     rows = [("triton_strip", "triton_strip", 9.0), ("reference", "reference", 9.0), ("compile", "compile", 9.0)]
     cuda = torch.device("cuda")  # only its .type is read: no CUDA is touched
@@ -331,7 +271,7 @@ def _fake_loss_fns(monkeypatch, fixed_cost_s, clock=None):
         return fn
 
     monkeypatch.setattr(bench_loss, "make_loss_fn", make)
-    monkeypatch.setattr(bench_loss, "cpu_memory_in_subprocess", lambda spec, env_extra=None: {"peak_bytes": 1 << 20})
+    monkeypatch.setattr(_common, "peak_in_fresh_process", lambda script, spec: {"peak_bytes": 1 << 20})
     monkeypatch.setattr(bench_loss, "CPU_MEMORY_WORKER_S", 0.0)
     ok = [{"case": "small", "passed": True}, {"case": "moderate-fp32", "passed": True}]
     return {b: {"passed": True, "checks": ok} for b in ("torch", "reference")}
@@ -347,7 +287,7 @@ def test_deadline_is_not_fooled_by_fixed_costs(monkeypatch):
     clock = _SlowMotionClock()
     report = _fake_loss_fns(monkeypatch, fixed_cost_s=2.5, clock=clock)
     args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "128", "--d", "16",
-                        "--repeats", "1", "--no-live-memory", "--deadline-s", "14"])
+                        "--repeats", "1", "--deadline-s", "14"])
     args.t_begin = clock.perf_counter()
     res = bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"))
     st = {(r["label"], r["B"]): r["status"] for r in res}
@@ -360,7 +300,7 @@ def test_sequential_mode_writes_after_each_backend(monkeypatch):
     report = _fake_loss_fns(monkeypatch, fixed_cost_s=0.0)
     args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "--d", "16",
                         "--repeats", "3", "--repeats-for", "reference=1", "--warmup-for", "reference=0",
-                        "--no-live-memory", "--sequential"])
+                        "--sequential"])
     snapshots = []
     res = bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"),
                                     on_progress=lambda r: snapshots.append([(x["label"], x["status"]) for x in r]))
@@ -403,7 +343,7 @@ def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
     out = tmp_path / "loss.json"
     proc = subprocess.Popen([sys.executable, str(BENCH / "bench_loss.py"), "--device", "cpu", "--backends", "torch",
                              "--B", "64", "4096", "8192", "16384", "--d", "256", "--repeats", "50",
-                             "--no-live-memory", "--no-plot", "--out", str(out)],
+                             "--no-plot", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             preexec_fn=_sigint_ignored)
 
@@ -505,31 +445,3 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     seq = json.loads((out / "loss_262k.json").read_text())
     assert seq["config"]["sequential"] and {r["label"]: r["status"] for r in seq["results"]} == {
         "torch": "ok", "reference": "ok"}
-
-
-@pytest.mark.slow
-def test_maxb_writes_its_tries_when_stopped(tmp_path):
-    import signal
-
-    out = tmp_path / "maxb.json"
-    proc = subprocess.Popen([sys.executable, str(BENCH / "bench_maxb.py"), "--device", "cpu", "--backends", "torch",
-                             "--d", "256", "--start", "512", "--B-max", str(1 << 20), "--max-try-s", "1000",
-                             "--warmup-B", "0", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            preexec_fn=_sigint_ignored)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if "B=N=1024: ok" in line:
-                proc.send_signal(signal.SIGINT)
-                break
-        rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
-    res = json.loads(out.read_text())
-    (r,) = res["backends"]
-    assert res["interrupted"] and r["limited_by"] == "interrupted" and r["largest_ok_B"] >= 1024
-    assert [t["B"] for t in r["tries"]][:2] == [512, 1024]
