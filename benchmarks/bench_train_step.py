@@ -83,18 +83,23 @@ class Flops:
         self.vision_attn = 4 * self.n ** 2 * hv * v.num_hidden_layers  # a tile, the full square
         self.lm_attn_coeff = 4 * heads * d * t.num_hidden_layers  # x T^2 for the full square (causal: half)
 
-    def side(self, inputs: dict) -> dict:
-        rows, width = inputs["attention_mask"].shape
+    def side(self, inputs: dict, chunk: int) -> dict:
+        """Executed tokens as training runs them: rows sorted by length, each GradCache chunk padded
+        to its own longest row (llave_fast.training.step.by_length / chunks)."""
+        from llave_fast.training.step import by_length, chunks
+
+        width = inputs["attention_mask"].shape[1]
         lengths = inputs["attention_mask"].sum(dim=1).double()
+        shapes = [c["attention_mask"].shape for c in chunks(by_length(inputs)[0], chunk)]
         tiles = sum(int(p.shape[0]) for p in inputs.get("pixel_values") or [] if p is not None)
         vis = tiles * (2 * self.n * (self.vision_params + self.projector_params) + self.vision_attn)
         lm_real = 2 * self.lm_params * float(lengths.sum()) + 0.5 * self.lm_attn_coeff * float((lengths ** 2).sum())
-        lm_exec = rows * (2 * self.lm_params * width + self.lm_attn_coeff * width ** 2)
-        return {"width": width, "lm_tokens": int(lengths.sum()), "lm_tokens_executed": rows * width, "tiles": tiles,
-                "vision_tokens": tiles * self.n, "fwd_real": vis + lm_real, "fwd_executed": vis + lm_exec}
+        lm_exec = sum(r * (2 * self.lm_params * w + self.lm_attn_coeff * w ** 2) for r, w in shapes)
+        return {"width": width, "lm_tokens": int(lengths.sum()), "lm_tokens_executed": sum(r * w for r, w in shapes),
+                "tiles": tiles, "vision_tokens": tiles * self.n, "fwd_real": vis + lm_real, "fwd_executed": vis + lm_exec}
 
-    def batch(self, batch: dict) -> dict:
-        q, t = self.side(batch["query"]), self.side(batch["target"])
+    def batch(self, batch: dict, chunk: int) -> dict:
+        q, t = self.side(batch["query"], chunk), self.side(batch["target"], chunk)
         return dict({k: q[k] + t[k] for k in q if k != "width"}, longest_query_tokens=q["width"],
                     longest_target_tokens=t["width"])
 
@@ -350,9 +355,10 @@ class StepRun:
     def step(self, cpu_batch: dict, chunk: int, *, mask_ids: bool = True) -> dict:
         """One training step (GradCache, engine.step): phases, tokens, FLOPs, MFU, peak memory."""
         from llave_fast import GradCache
+        from llave_fast.training.step import _LossProbe, by_length, chunks
 
         cuda, clock = self.device.type == "cuda", self.clock
-        count = self.flops.batch(cpu_batch)
+        count = self.flops.batch(cpu_batch, chunk)
         pygc.collect()
         if cuda:
             torch.cuda.synchronize()
@@ -361,11 +367,15 @@ class StepRun:
         batch = self.T._to_device(cpu_batch, self.engine.device)
         input_bytes = torch.cuda.memory_allocated() - at_rest if cuda else None
         ids = dict(target_ids=batch["target_ids"], query_ids=batch["target_ids"]) if mask_ids else {}
-        cache = GradCache(TimedEngine(self.engine, clock), TimedLoss(self.loss_fn, clock), chunk)
+        # as training runs a step: rows sorted by length, chunks padded to their own longest row, the
+        # loss seeing the batch's order (llave_fast.training.loop.train_step)
+        cache = GradCache(TimedEngine(self.engine, clock), TimedLoss(_LossProbe(self.loss_fn), clock), chunk,
+                          split=chunks)
+        (q, qo), (t, to), (n, no) = (by_length(batch.get(k)) for k in ("query", "target", "negatives"))
         clock.reset()
         t_wall = time.perf_counter()
         clock.enter("start")
-        loss = cache(batch["query"], batch["target"], batch.get("negatives"), **ids)
+        loss = cache(q, t, n, orders=(qo, to, no), **ids)
         clock.enter("optimizer")
         self.engine.step()
         clock.enter("end")

@@ -206,16 +206,20 @@ def test_flops_count_a_batch_by_hand():
     proj = hv * h + h * h
     lm = t.num_hidden_layers * (h * h + 2 * h * t.num_key_value_heads * d + h * h + 3 * h * i)
     assert (F.vision_params, F.projector_params, F.lm_params) == (vis, proj, lm)
-    side = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+    side = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
             "pixel_values": [torch.zeros(2, 3, v.image_size, v.image_size), None]}
-    c = F.side(side)
+    c = F.side(side, 2)  # one chunk: padded to the longest row, as collated
     assert (c["lm_tokens"], c["lm_tokens_executed"], c["tiles"], c["vision_tokens"]) == (7, 8, 2, 2 * n)
     tile = 2 * n * (vis + proj) + 4 * n * n * hv * v.num_hidden_layers
     attn = 4 * t.num_attention_heads * d * t.num_hidden_layers
     real = 2 * tile + 2 * lm * 7 + 0.5 * attn * (3 ** 2 + 4 ** 2)
     executed = 2 * tile + 2 * (2 * lm * 4 + attn * 4 ** 2)
     assert c["fwd_real"] == pytest.approx(real) and c["fwd_executed"] == pytest.approx(executed)
-    both = F.batch({"query": side, "target": side})
+    # chunks of one row, as training runs them (each chunk cut to its own longest row): 3 + 4 tokens
+    one = F.side(side, 1)
+    assert (one["lm_tokens"], one["lm_tokens_executed"]) == (7, 7) and one["fwd_real"] == pytest.approx(real)
+    assert one["fwd_executed"] == pytest.approx(2 * tile + 2 * lm * 3 + attn * 3 ** 2 + 2 * lm * 4 + attn * 4 ** 2)
+    both = F.batch({"query": side, "target": side}, 2)
     tf = B.Flops.step_tflop(both, cached=True, checkpointing=True)
     assert tf["tflop_useful"] == pytest.approx(3 * 2 * real / 1e12)
     assert tf["tflop_with_gradcache_forward"] == pytest.approx(4 * 2 * real / 1e12)
