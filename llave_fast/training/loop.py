@@ -235,7 +235,8 @@ def train_step(run: Run, engine, scheduler, gc, probe, batch, step: int) -> tupl
     learning rate the step applied)``. A non-finite loss on any rank stops every rank before the step."""
     cfg, rank, world = run.cfg, run.rank, run.world
     batch = _to_device(batch, engine.device)
-    (q, q_order), (t, t_order), (n, n_order) = (by_length(batch.get(k)) for k in ("query", "target", "negatives"))
+    (q, q_order), (t, t_order), (n, n_order) = (by_length(batch.get(k), cfg.chunk_size)
+                                                    for k in ("query", "target", "negatives"))
     local_loss = gc(q, t, n, orders=(q_order, t_order, n_order), **duplicate_ids(batch, cfg.mask_duplicates))
     lr_used = scheduler.get_last_lr()[-1]  # the rate this step applies
     # every rank's loss and its embeddings' health, known to all ranks before the step

@@ -79,8 +79,12 @@ class MicroStepLoss(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
-def by_length(side: dict | None) -> tuple[dict | None, torch.Tensor | None]:
+def by_length(side: dict | None, chunk_size: int | None = None) -> tuple[dict | None, torch.Tensor | None]:
     """(one side of the batch with its rows in order of real length, stable; that order).
+
+    With ``chunk_size``, a side that fits one chunk comes back as it is (order None): one chunk is
+    padded to the longest row whatever the order, so sorting would gain nothing and only change
+    the rounding of a run that takes GradCache's single pass (the default job's numbers).
 
     The collator pads a side to its longest row, so with anyres images beside short texts most of a
     GradCache chunk is padding. Sorted, a chunk holds rows of like length, and :func:`chunks` pads
@@ -89,6 +93,8 @@ def by_length(side: dict | None) -> tuple[dict | None, torch.Tensor | None]:
     batch's order first (``orders`` of :class:`_LossProbe`): the loss is the unsorted batch's."""
     if side is None:
         return None, None
+    if chunk_size is not None and side["attention_mask"].shape[0] <= chunk_size:
+        return side, None
     order = torch.sort(side["attention_mask"].sum(dim=1), stable=True).indices
     return _rows(side, order), order
 
