@@ -371,7 +371,7 @@ class StepRun:
         # loss seeing the batch's order (llave_fast.training.loop.train_step)
         cache = GradCache(TimedEngine(self.engine, clock), TimedLoss(_LossProbe(self.loss_fn), clock), chunk,
                           split=chunks)
-        (q, qo), (t, to), (n, no) = (by_length(batch.get(k)) for k in ("query", "target", "negatives"))
+        (q, qo), (t, to), (n, no) = (by_length(batch.get(k), chunk) for k in ("query", "target", "negatives"))
         clock.reset()
         t_wall = time.perf_counter()
         clock.enter("start")
