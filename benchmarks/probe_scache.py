@@ -120,9 +120,12 @@ def p5_fused_forward(B: int, ds: list[int], dtype, device, repeats: int) -> dict
     for d in ds:
         q, T = unit_rows(B, d, dtype, device, 5), unit_rows(B, d, dtype, device, 6)
         row = {}
-        for need_col in (False, True):
-            with tb.kernel_config(S_MODE="fused"):
-                row[f"col={'on' if need_col else 'off'}_ms"] = bench_ms(
+        # column statistics off; on, read-modified-written per program group (the default); on,
+        # written once per row tile (FWD_COL="tile", NOTES.md Prediction 15)
+        for key, need_col, fwd_col in (("col=off_ms", False, "program"), ("col=on_ms", True, "program"),
+                                       ("col=on_tile_ms", True, "tile")):
+            with tb.kernel_config(S_MODE="fused", FWD_COL=fwd_col):
+                row[key] = bench_ms(
                     lambda: tb.strip_forward(q, T, n_col=B, offset=0, scale=50.0, alpha=9.0, ids=StripIds(),
                                              need_col=need_col, need_e=False), device, repeats)
         out[f"d={d}"] = row

@@ -5,12 +5,18 @@ gc+GC, ...; every tile of S is computed exactly once, by exactly one program, an
 
 * the row (q->t) online statistics, kept in registers across the program's column
   blocks and written once per row block to ``row_*[gc, rows]``;
-* the column (t->q) online statistics, read-modified-written in ``col_*[gr, cols]``,
-  a slot no other program touches (no atomics, deterministic).
+* the column (t->q) statistics, by ``COL_PER_TILE``:
+
+  - False ("program" partials): online statistics read-modified-written in
+    ``col_*[gr, cols]``, a slot no other program touches (no atomics, deterministic), each
+    tile's update behind a barrier before the next row block reads it back;
+  - True ("tile" partials): the tile's own column statistics written once to
+    ``col_*[rb, cols]``, nothing read back and no barrier, at the price of B / BM instead of
+    GR partial rows (O(N * B / BM) floats: 1/BM of a B x N fp32 S per statistic).
 
 Statistics per slot: running max ``m``, sum ``l = sum exp(z - m)`` and, for the gradient
-of a learnable scale, ``e = sum exp(z - m) * S``. The host combines the GC (resp. GR)
-partials into log-sum-exps: O((B + N) * (GR + GC)) floats, never B x N.
+of a learnable scale, ``e = sum exp(z - m) * S``. The host combines the GC (resp. GR, or
+B / BM) partials into log-sum-exps; never a B x N matrix.
 """
 
 import triton
@@ -70,6 +76,7 @@ def hardness_fwd_kernel(
     NEED_E: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
+    COL_PER_TILE: tl.constexpr,
 ):
     gr = tl.program_id(0).to(tl.int64)
     gc = tl.program_id(1).to(tl.int64)
@@ -91,20 +98,27 @@ def hardness_fwd_kernel(
             m_r, l_r, e_r = _online_update(m_r, l_r, e_r, z_row, S, 1, NEED_E)
             if NEED_COL:
                 cmask = cols < N_COL
-                slot = gr * N_COL + cols
-                m_c = tl.load(col_m_ptr + slot, mask=cmask, other=float("-inf"))
-                l_c = tl.load(col_l_ptr + slot, mask=cmask, other=0.0)
-                e_c = tl.zeros((BN,), tl.float32)
-                if NEED_E:
-                    e_c = tl.load(col_e_ptr + slot, mask=cmask, other=0.0)
+                if COL_PER_TILE:  # this tile's partial, written once: nothing to read back
+                    slot = rb * N_COL + cols
+                    m_c = tl.full((BN,), float("-inf"), tl.float32)
+                    l_c = tl.zeros((BN,), tl.float32)
+                    e_c = tl.zeros((BN,), tl.float32)
+                else:
+                    slot = gr * N_COL + cols
+                    m_c = tl.load(col_m_ptr + slot, mask=cmask, other=float("-inf"))
+                    l_c = tl.load(col_l_ptr + slot, mask=cmask, other=0.0)
+                    e_c = tl.zeros((BN,), tl.float32)
+                    if NEED_E:
+                        e_c = tl.load(col_e_ptr + slot, mask=cmask, other=0.0)
                 m_c, l_c, e_c = _online_update(m_c, l_c, e_c, z_col, S, 0, NEED_E)
                 tl.store(col_m_ptr + slot, m_c, mask=cmask)
                 tl.store(col_l_ptr + slot, l_c, mask=cmask)
                 if NEED_E:
                     tl.store(col_e_ptr + slot, e_c, mask=cmask)
-                # the next row block of this program reads these slots back: make the
-                # stores of every thread visible first
-                tl.debug_barrier()
+                if not COL_PER_TILE:
+                    # the next row block of this program reads these slots back: make the
+                    # stores of every thread visible first
+                    tl.debug_barrier()
         rmask = rows < B
         tl.store(row_m_ptr + gc * B + rows, m_r, mask=rmask)
         tl.store(row_l_ptr + gc * B + rows, l_r, mask=rmask)

@@ -159,13 +159,45 @@ def test_pairwise_selection_covers_every_pair():
     assert n_pairs > 100 and len(TRITON_COMBOS) < 40, (n_pairs, len(TRITON_COMBOS))
 
 
+@pytest.mark.parametrize("fwd_col", ["program", "tile"])
 @pytest.mark.parametrize("B,d,M", [(64, 130, 0), (41, 33, 9)])
-def test_triton_many_groups(B, d, M, gen, seed):
-    """More row/column blocks than program groups in both grid dimensions, every option on."""
+def test_triton_many_groups(B, d, M, fwd_col, gen, seed):
+    """More row/column blocks than program groups in both grid dimensions, every option on; the
+    forward's column partials per program group (read back) and per row tile (written once)."""
     case = make_case(gen, B, d, M, torch.float32, masks="tid_neg" if M else "both", learnable_scale=True,
-                     seed=seed, label="triton GR=2 GC=3")
-    with kernel_config(BM=16, BN=16, BK=32, GR_MAX=2, GC_MAX=3, S_MODE="fused"):
+                     seed=seed, label=f"triton GR=2 GC=3 FWD_COL={fwd_col}")
+    with kernel_config(BM=16, BN=16, BK=32, GR_MAX=2, GC_MAX=3, S_MODE="fused", FWD_COL=fwd_col):
         check_backend(case, "triton", MARGIN[torch.float32], gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_column_partials_per_tile_match_per_program(dtype, monkeypatch, gen, seed):
+    """FWD_COL="tile" writes each (row tile, column) partial once into a buffer that starts as
+    NaN (LLAVE_FAST_POISON=1): a slot it forgot would poison the column log-sum-exp. Its
+    statistics equal the read-modify-write variant's to fp32 rounding, on trained-like rows
+    (positives near 0.85) with a partial last row tile, extra negative columns and both masks."""
+    from llave_fast.backends import triton_backend as tb
+    from llave_fast.backends.common import StripIds
+
+    monkeypatch.setenv("LLAVE_FAST_POISON", "1")
+    B, M, d = 41, 7, 48
+    q = torch.nn.functional.normalize(torch.randn(B, d, generator=gen), dim=1)
+    t = torch.nn.functional.normalize(q + 0.35 * torch.randn(B, d, generator=gen), dim=1)
+    neg = torch.nn.functional.normalize(torch.randn(M, d, generator=gen), dim=1)
+    Tc = torch.cat([t, neg]).to(dtype)
+    tid = torch.randint(0, 12, (B,), generator=gen)
+    ids = StripIds(tid_pos=tid, tid_cand=torch.cat([tid, torch.randint(0, 12, (M,), generator=gen)]),
+                   qid_row=tid, qid_cand=tid)
+    stats = {}
+    for mode in ("program", "tile"):
+        with kernel_config(BM=16, BN=16, BK=16, GR_MAX=2, GC_MAX=2, S_MODE="fused", FWD_COL=mode):
+            stats[mode] = tb.strip_forward(q.to(dtype), Tc, n_col=B, offset=0, scale=50.0, alpha=9.0, ids=ids,
+                                           need_col=True, need_e=True)
+    a, b = stats["program"], stats["tile"]
+    for name in ("row_lse", "row_es", "col_lse", "col_es"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert bool(torch.isfinite(y).all()), f"{name}: FWD_COL=tile left NaN or inf: {y}"
+        torch.testing.assert_close(y, x, rtol=2e-6, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
 # ============================================================ strip backward (hardness_ds + two GEMMs)
@@ -397,7 +429,7 @@ def test_interpreter_default_runs_the_strip_backward(env_mode, want, monkeypatch
     ("BM", 24), ("BK", 8), ("DS_BN", 0), ("STATS_BM", 48), ("num_warps", 3), ("DS_WARPS", 64), ("GR_MAX", 0),
     ("num_stages", 0), ("DS_MIN_ROWS", -1), ("DS_STRIP_ROWS", 0), ("TORCH_CHUNK_ELEMS", 0),
     ("S_MODE", "sometimes"), ("S_CACHE_BYTES", "lots"), ("S_CACHE_BYTES", -1), ("BWD", "tiles"),
-    ("BM", 16.0), ("GC_MAX", True), ("DS_LOWP", 1), ("autotune", "yes"),
+    ("FWD_COL", "row"), ("BM", 16.0), ("GC_MAX", True), ("DS_LOWP", 1), ("autotune", "yes"),
 ])
 def test_kernel_config_rejects_a_bad_value_by_name(name, value):
     """Every field is checked when kernel_config is called: the error names the field and the value."""

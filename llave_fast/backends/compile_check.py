@@ -62,10 +62,21 @@ def compile_all(arch: int = 90) -> list[str]:
             if has_qid and not need_col:
                 continue
             types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["i32"] * 2
-            k = _compile(hardness_fwd_kernel, types, dict(
-                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_TID=has_tid, HAS_QID=has_qid,
-                NEED_COL=need_col, NEED_E=need_e, UPCAST=False, PREC=prec), target, cfg.num_warps, cfg.num_stages)
-            _check_smem(k, limit, f"fwd {ptr} tid={has_tid} qid={has_qid} col={need_col} e={need_e}", report)
+            barriers = {}
+            # the column partials per program group (read back behind a barrier) and, where there
+            # are column statistics, per row tile (FWD_COL="tile": written once, nothing read back)
+            for per_tile in ([False, True] if need_col else [False]):
+                k = _compile(hardness_fwd_kernel, types, dict(
+                    BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_TID=has_tid, HAS_QID=has_qid, NEED_COL=need_col,
+                    NEED_E=need_e, UPCAST=False, PREC=prec, COL_PER_TILE=per_tile), target, cfg.num_warps,
+                    cfg.num_stages)
+                barriers[per_tile] = len(_ptx_ops(k, r"bar\.sync|barrier\.sync"))
+                what = (f"fwd {ptr} tid={has_tid} qid={has_qid} col={need_col} e={need_e}"
+                        + (" FWD_COL=tile" if per_tile else ""))
+                _check_smem(k, limit, what, report, f", {barriers[per_tile]} barriers")
+            if need_col and k.asm.get("ptx") and barriers[True] >= barriers[False]:
+                raise RuntimeError(f"{what}: the per-tile column partials must drop the read-back barrier "
+                                   f"({barriers[True]} barriers against {barriers[False]})")
         # the strip backward's dS kernel, strip in ds_dtype's default (bf16 for bf16 inputs,
         # fp16 scaled by sigma for fp16, fp32 for fp32); fp32 inputs also in exact fp32
         # (PREC="ieee", torch's default with TF32 off)
@@ -95,7 +106,7 @@ def compile_all(arch: int = 90) -> list[str]:
             types = [ptr, ptr] + ["i32"] * 5 + ["fp32"] * 2 + ids + ["*fp32"] * 6 + ["i32"] * 2
             k = _compile(hardness_fwd_kernel, types, dict(
                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_TID=True, HAS_QID=True, NEED_COL=True, NEED_E=True,
-                UPCAST=False, PREC="ieee"), target, cfg.num_warps, cfg.num_stages)
+                UPCAST=False, PREC="ieee", COL_PER_TILE=False), target, cfg.num_warps, cfg.num_stages)
             _check_smem(k, limit, f"fwd {ptr} prec=ieee all options", report)
     # the S-cache / stream forward's statistics pass (S is fp32 whatever the inputs)
     cfg = gpu_config(torch.bfloat16)

@@ -208,7 +208,8 @@ def strip_forward(q, Tc, *, n_col, offset, scale, alpha, ids: StripIds, need_col
 def _fused_forward(q, Tc, cfg: KernelConfig, *, n_col, offset, scale, alpha, ids: StripIds, need_col,
                    need_e) -> StripStats:
     """The "fused" forward: ``hardness_fwd_kernel`` over a (GR, GC) grid of program groups,
-    then the partial statistics merged on the host."""
+    then the partial statistics merged on the host (column partials per program group or,
+    with ``FWD_COL="tile"``, per row tile)."""
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
@@ -218,7 +219,12 @@ def _fused_forward(q, Tc, cfg: KernelConfig, *, n_col, offset, scale, alpha, ids
     row_m = new_output((GC, B), dev)
     row_l = new_output((GC, B), dev)
     row_e = new_output((GC, B), dev) if need_e else row_l
-    if need_col:
+    per_tile = cfg.FWD_COL == "tile"
+    if need_col and per_tile:  # every (row tile, column) slot is written once by the kernel
+        n_rb = cdiv(B, BM)
+        col_m, col_l = new_output((n_rb, n_col), dev), new_output((n_rb, n_col), dev)
+        col_e = new_output((n_rb, n_col), dev) if need_e else col_l
+    elif need_col:  # read-modified-written from these starting values
         col_m = torch.full((GR, n_col), float("-inf"), device=dev)
         col_l = torch.zeros((GR, n_col), device=dev)
         col_e = torch.zeros((GR, n_col), device=dev) if need_e else col_l
@@ -233,7 +239,7 @@ def _fused_forward(q, Tc, cfg: KernelConfig, *, n_col, offset, scale, alpha, ids
             row_m, row_l, row_e, col_m, col_l, col_e, GR, GC,
             BM=BM, BN=BN, BK=cfg.BK,
             HAS_TID=ids.has_tid, HAS_QID=ids.has_qid and need_col, NEED_COL=need_col, NEED_E=need_e,
-            UPCAST=_upcast(q), PREC=_precision(q),
+            UPCAST=_upcast(q), PREC=_precision(q), COL_PER_TILE=per_tile,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     row_lse, row_es = combine_lse(row_m + torch.log(row_l), (row_e / row_l) if need_e else None, dim=0)
