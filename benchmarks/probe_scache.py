@@ -121,9 +121,10 @@ def p5_fused_forward(B: int, ds: list[int], dtype, device, repeats: int) -> dict
         q, T = unit_rows(B, d, dtype, device, 5), unit_rows(B, d, dtype, device, 6)
         row = {}
         # column statistics off; on, read-modified-written per program group (the default); on,
-        # written once per row tile (FWD_COL="tile", NOTES.md Prediction 15)
+        # written once per row tile; on, from a second row-only sweep over S^T (FWD_COL "tile" and
+        # "transpose", NOTES.md Prediction 15)
         for key, need_col, fwd_col in (("col=off_ms", False, "program"), ("col=on_ms", True, "program"),
-                                       ("col=on_tile_ms", True, "tile")):
+                                       ("col=on_tile_ms", True, "tile"), ("col=on_transpose_ms", True, "transpose")):
             with tb.kernel_config(S_MODE="fused", FWD_COL=fwd_col):
                 row[key] = bench_ms(
                     lambda: tb.strip_forward(q, T, n_col=B, offset=0, scale=50.0, alpha=9.0, ids=StripIds(),

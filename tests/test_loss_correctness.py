@@ -159,44 +159,52 @@ def test_pairwise_selection_covers_every_pair():
     assert n_pairs > 100 and len(TRITON_COMBOS) < 40, (n_pairs, len(TRITON_COMBOS))
 
 
-@pytest.mark.parametrize("fwd_col", ["program", "tile"])
+@pytest.mark.parametrize("fwd_col", ["program", "tile", "transpose"])
 @pytest.mark.parametrize("B,d,M", [(64, 130, 0), (41, 33, 9)])
 def test_triton_many_groups(B, d, M, fwd_col, gen, seed):
     """More row/column blocks than program groups in both grid dimensions, every option on; the
-    forward's column partials per program group (read back) and per row tile (written once)."""
+    forward's column statistics from partials per program group (read back), per row tile (written
+    once), or a second row-only sweep over S^T."""
     case = make_case(gen, B, d, M, torch.float32, masks="tid_neg" if M else "both", learnable_scale=True,
                      seed=seed, label=f"triton GR=2 GC=3 FWD_COL={fwd_col}")
     with kernel_config(BM=16, BN=16, BK=32, GR_MAX=2, GC_MAX=3, S_MODE="fused", FWD_COL=fwd_col):
         check_backend(case, "triton", MARGIN[torch.float32], gen)
 
 
+@pytest.mark.parametrize("mode", ["tile", "transpose"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_forward_column_partials_per_tile_match_per_program(dtype, monkeypatch, gen, seed):
+def test_forward_column_statistics_match_per_program(mode, dtype, monkeypatch, gen, seed):
     """FWD_COL="tile" writes each (row tile, column) partial once into a buffer that starts as
-    NaN (LLAVE_FAST_POISON=1): a slot it forgot would poison the column log-sum-exp. Its
-    statistics equal the read-modify-write variant's to fp32 rounding, on trained-like rows
-    (positives near 0.85) with a partial last row tile, extra negative columns and both masks."""
+    NaN (LLAVE_FAST_POISON=1): a slot it forgot would poison the column log-sum-exp. "transpose"
+    sweeps S^T for the column statistics (offset negated, query ids as the row mask). Both give
+    the read-modify-write variant's statistics to fp32 rounding, on trained-like rows (positives
+    near 0.85) with a partial last row tile, extra negative columns, both masks and a nonzero
+    offset (this rank's rows start at column 5 of the gathered targets, as on rank > 0)."""
     from llave_fast.backends import triton_backend as tb
     from llave_fast.backends.common import StripIds
 
     monkeypatch.setenv("LLAVE_FAST_POISON", "1")
-    B, M, d = 41, 7, 48
+    B, M, d, off = 41, 7, 48, 5
+    N = B + off + 3  # the gathered targets: 5 of earlier ranks, this rank's 41, 3 of a later rank
     q = torch.nn.functional.normalize(torch.randn(B, d, generator=gen), dim=1)
-    t = torch.nn.functional.normalize(q + 0.35 * torch.randn(B, d, generator=gen), dim=1)
+    t = torch.nn.functional.normalize(torch.randn(N, d, generator=gen), dim=1)
+    t[off:off + B] = torch.nn.functional.normalize(q + 0.35 * torch.randn(B, d, generator=gen), dim=1)
     neg = torch.nn.functional.normalize(torch.randn(M, d, generator=gen), dim=1)
     Tc = torch.cat([t, neg]).to(dtype)
-    tid = torch.randint(0, 12, (B,), generator=gen)
-    ids = StripIds(tid_pos=tid, tid_cand=torch.cat([tid, torch.randint(0, 12, (M,), generator=gen)]),
-                   qid_row=tid, qid_cand=tid)
+    tid = torch.randint(0, 12, (N,), generator=gen)
+    qid = torch.randint(0, 12, (N,), generator=gen)
+    ids = StripIds(tid_pos=tid[off:off + B].clone(), tid_cand=torch.cat([tid, torch.randint(0, 12, (M,),
+                   generator=gen)]), qid_row=qid[off:off + B].clone(), qid_cand=qid)
     stats = {}
-    for mode in ("program", "tile"):
-        with kernel_config(BM=16, BN=16, BK=16, GR_MAX=2, GC_MAX=2, S_MODE="fused", FWD_COL=mode):
-            stats[mode] = tb.strip_forward(q.to(dtype), Tc, n_col=B, offset=0, scale=50.0, alpha=9.0, ids=ids,
-                                           need_col=True, need_e=True)
-    a, b = stats["program"], stats["tile"]
+    for fwd_col in ("program", mode):
+        with kernel_config(BM=16, BN=16, BK=16, GR_MAX=2, GC_MAX=2, S_MODE="fused", FWD_COL=fwd_col):
+            stats[fwd_col] = tb.strip_forward(q.to(dtype), Tc, n_col=N, offset=off, scale=50.0, alpha=9.0,
+                                              ids=ids, need_col=True, need_e=True)
+    a, b = stats["program"], stats[mode]
+    assert a.col_lse.shape == (N,) and a.row_lse.shape == (B,)
     for name in ("row_lse", "row_es", "col_lse", "col_es"):
         x, y = getattr(a, name), getattr(b, name)
-        assert bool(torch.isfinite(y).all()), f"{name}: FWD_COL=tile left NaN or inf: {y}"
+        assert bool(torch.isfinite(y).all()), f"{name}: FWD_COL={mode} left NaN or inf: {y}"
         torch.testing.assert_close(y, x, rtol=2e-6, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 

@@ -64,7 +64,9 @@ PATH_CONFIG = {
     "cache": dict(S_MODE="cache"),
     "stream": dict(S_MODE="stream", S_CACHE_BYTES=1 << 20),
     "strip": dict(S_MODE="fused"),
-    "strip_tile": dict(S_MODE="fused", FWD_COL="tile"),  # the one-pass forward's column partials per row tile
+    # the one-pass forward's column statistics from partials per row tile, or from a sweep over S^T
+    "strip_tile": dict(S_MODE="fused", FWD_COL="tile"),
+    "strip_transpose": dict(S_MODE="fused", FWD_COL="transpose"),
 }
 PATHS = tuple(PATH_CONFIG)
 OPTIONS = [  # cycled over the grid: (masks, symmetric, reduction, learnable scale)
@@ -376,7 +378,7 @@ def test_similarity_gemm_has_fp32_output_on_cuda(cuda):
 
 @pytest.mark.parametrize("dtype,margin", DTYPES)
 @pytest.mark.parametrize("family", ["trained", "late"])
-@pytest.mark.parametrize("path", ["cache", "stream", "strip", "strip_tile"])
+@pytest.mark.parametrize("path", ["cache", "stream", "strip", "strip_tile", "strip_transpose"])
 def test_compiled_trained_like(cuda, dtype, margin, family, path, gen):
     """Trained-like embeddings (positives ~0.85, same-cluster negatives ~0.7; late: loss ~0.03),
     every path, the accumulation rule (tight in bf16); the torch backend (fp32 S on CUDA) too."""

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 #: the one backward of the Triton backend (``hardness_ds`` + two library GEMMs)
 BWD_VARIANTS = ("strip",)
 #: where the fused forward keeps its column partials (``KernelConfig.FWD_COL``)
-FWD_COL_MODES = ("program", "tile")
+FWD_COL_MODES = ("program", "tile", "transpose")
 
 
 def _is_pow2(n: int) -> bool:
@@ -79,8 +79,10 @@ class KernelConfig:
     ``num_stages``            software pipeline stages of the forward kernel (>= 1)
     ``FWD_COL``               its column statistics: "program" (one partial row per row
                               program group, read-modified-written by every tile behind a
-                              barrier) or "tile" (one per row tile, written once, no read
-                              back: B / BM partial rows, N x B / BM floats per statistic)
+                              barrier), "tile" (one per row tile, written once, no read
+                              back: B / BM partial rows, N x B / BM floats per statistic) or
+                              "transpose" (a second, row-only sweep over S^T: no column
+                              reductions, S computed twice)
     backward (``hardness_ds``: dS of a strip of rows, then dq and dT as two library GEMMs)
     ``BWD``                   the backward: "strip", the only one (the former tile backward was
                               slower at every measured width, benchmarks/NOTES.md)
@@ -304,9 +306,12 @@ FWD_CANDIDATES_GPU = [
     dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),
     dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
     dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=2),
-    # the column partials written once per row tile, no read-back barrier (NOTES.md, Prediction 15)
+    # the column statistics from partials written once per row tile (no read-back barrier), or from
+    # a second row-only sweep over S^T (no cross-warp column reductions) (NOTES.md, Prediction 15)
     dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4, FWD_COL="tile"),
     dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3, FWD_COL="tile"),
+    dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4, FWD_COL="transpose"),
+    dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3, FWD_COL="transpose"),
 ]
 BWD_CANDIDATES_GPU = [
     dict(DS_BM=128, DS_BN=128, BK=64, DS_WARPS=8, DS_STAGES=3),
@@ -315,7 +320,8 @@ BWD_CANDIDATES_GPU = [
     dict(DS_BM=64, DS_BN=128, BK=64, DS_WARPS=4, DS_STAGES=4),
 ]
 # under the interpreter (tests of the mechanism): small tiles only
-FWD_CANDIDATES_CPU = [dict(BM=16, BN=16, BK=16), dict(BM=32, BN=16, BK=32), dict(BM=16, BN=16, BK=16, FWD_COL="tile")]
+FWD_CANDIDATES_CPU = [dict(BM=16, BN=16, BK=16), dict(BM=32, BN=16, BK=32), dict(BM=16, BN=16, BK=16, FWD_COL="tile"),
+                      dict(BM=16, BN=16, BK=16, FWD_COL="transpose")]
 BWD_CANDIDATES_CPU = [dict(DS_BM=16, DS_BN=32, BK=16, DS_STRIP_ROWS=32), dict(DS_BM=32, DS_BN=16, BK=16)]
 
 TUNED: dict = {}

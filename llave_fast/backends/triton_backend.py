@@ -209,7 +209,17 @@ def _fused_forward(q, Tc, cfg: KernelConfig, *, n_col, offset, scale, alpha, ids
                    need_e) -> StripStats:
     """The "fused" forward: ``hardness_fwd_kernel`` over a (GR, GC) grid of program groups,
     then the partial statistics merged on the host (column partials per program group or,
-    with ``FWD_COL="tile"``, per row tile)."""
+    with ``FWD_COL="tile"``, per row tile); ``FWD_COL="transpose"``: two row-only sweeps."""
+    if need_col and cfg.FWD_COL == "transpose":
+        # two row-only sweeps: q against Tc, then the first n_col rows of Tc (the targets) against
+        # q, whose row statistics are the column statistics (the same positive at offset' = -offset,
+        # the query-id mask as the row mask of the transposed tile)
+        rows = _fused_forward(q, Tc, cfg, n_col=n_col, offset=offset, scale=scale, alpha=alpha, ids=ids,
+                              need_col=False, need_e=need_e)
+        t_ids = StripIds(tid_pos=ids.qid_cand[:n_col], tid_cand=ids.qid_row) if ids.has_qid else StripIds()
+        cols = _fused_forward(Tc[:n_col], q, cfg, n_col=q.shape[0], offset=-offset, scale=scale, alpha=alpha,
+                              ids=t_ids, need_col=False, need_e=need_e)
+        return StripStats(rows.row_lse, rows.row_es, cols.row_lse, cols.row_es)
     B, D = q.shape
     NT = Tc.shape[0]
     dev = q.device
