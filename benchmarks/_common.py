@@ -1,17 +1,19 @@
-"""What the benchmark scripts share: metadata, result files, inputs, timing, memory, errors.
+"""What the benchmark scripts share: metadata, result files, inputs, timing, memory, errors (benchmarks/README.md).
 
-``bench_ms`` times one callable with the standard tools; ``time_interleaved`` splits a loss call
-into forward and backward, interleaves backends (ABBA) and fits a deadline. No CUDA at import time.
+No CUDA at import time.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as _dt
 import gc
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,10 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 DTYPES = {**{v: k for k, v in DTYPE_NAMES.items()}, **{str(k).replace("torch.", ""): k for k in DTYPE_NAMES}}
 MiB = 1024 * 1024
-GiB = 1024 * MiB
-
-
-# --------------------------------------------------------------------------- metadata
+PARTS = ("fwd", "bwd", "fwd_bwd")  # the three times of one run (time_interleaved)
 
 
 def slugify(text: str) -> str:
@@ -61,7 +60,7 @@ def now_stamps() -> dict:
 
 def run_meta(device: torch.device) -> dict:
     """What every result file carries: the device, the versions, the commit (``git rev-parse``), the date."""
-    import psutil
+    import psutil  # not needed at import time (test_microbench.py)
     from torch.utils.collect_env import get_nvidia_driver_version, run
 
     dev: dict = {"type": device.type, "name": device_name(device)}
@@ -138,20 +137,14 @@ def machine_load(seconds: float = 1.0) -> dict:
             "busy_fraction_others": psutil.cpu_percent(interval=seconds) / 100}
 
 
-# --------------------------------------------------------------------------- inputs
-
-
 def normalized_rows(B: int, d: int, *, dtype: torch.dtype, device, generator: torch.Generator,
                     like: torch.Tensor | None = None, noise: float = 1.0) -> torch.Tensor:
-    """Random L2-normalised rows (never zeros), made in fp32 then cast; with ``like``,
-    normalise(like + noise * randn): correlated positives."""
+    """Random L2-normalised rows, made in fp32 then cast; with ``like``, normalise(like + noise * randn):
+    correlated positives."""
     x = torch.randn(B, d, generator=generator, dtype=torch.float32, device=generator.device)
     if like is not None:
         x.mul_(noise).add_(like.detach().to(x.device, torch.float32))
-    norms = x.norm(dim=1, keepdim=True)
-    if not bool((norms > 0).all()):
-        raise RuntimeError("a random row has zero norm")
-    return x.div_(norms).to(device=device, dtype=dtype)
+    return torch.nn.functional.normalize(x, dim=1).to(device=device, dtype=dtype)
 
 
 def make_pairs(n: int, B: int, d: int, *, dtype, device, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -162,15 +155,9 @@ def make_pairs(n: int, B: int, d: int, *, dtype, device, seed: int) -> list[tupl
             for _ in range(n)]
 
 
-# --------------------------------------------------------------------------- process
-
-
 def start_script() -> None:
     """Once per script, after its imports: SIGTERM and SIGINT (even if inherited as ignored) raise
-    KeyboardInterrupt, so a stopped run writes what it measured; ``gc.freeze()`` makes the
-    ``gc.collect()`` before each timed run cheap."""
-    import atexit
-    import signal
+    KeyboardInterrupt, so a stopped run writes what it measured; ``gc.freeze()`` (benchmarks/README.md)."""
 
     def _raise(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
@@ -182,12 +169,16 @@ def start_script() -> None:
     atexit.register(gc.unfreeze)  # else triton's bindings print "leaked instance" warnings at exit
 
 
-# --------------------------------------------------------------------------- timing
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Garbage collected, and on CUDA the allocator's cached blocks returned."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def bench_ms(fn, device: torch.device, repeats: int = 10) -> float:
@@ -239,7 +230,6 @@ def _one_run(fn, q, t, device: torch.device, memory: dict | None = None):
         loss.backward()
         p2 = stamp(device)
         sync(device)
-        times = elapsed_ms(p0, p1), elapsed_ms(p1, p2), elapsed_ms(p0, p2)
     finally:
         if gc_was:
             gc.enable()
@@ -250,7 +240,7 @@ def _one_run(fn, q, t, device: torch.device, memory: dict | None = None):
                       baseline_clean=True, peak_bytes=torch.cuda.max_memory_allocated(device) - base,
                       retained_after_bytes=torch.cuda.memory_allocated(device) - base, loss=value)
     q.grad = t.grad = None
-    return (*times, value)
+    return elapsed_ms(p0, p1), elapsed_ms(p1, p2), elapsed_ms(p0, p2), value
 
 
 def alternate(runs: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
@@ -282,64 +272,56 @@ def planned_repeats(per_round_ms: float, repeats: int, budget_s: float | None = 
 def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats,
                      budget_s: float | None = None, min_repeats: int = 3, deadline_at: float | None = None,
                      memory_from_warmup: bool = False) -> dict:
-    """Forward, backward and fwd+bwd ms of several ``fn(q, t) -> loss``: warm-ups first, then timed
-    runs interleaved ABBA on rotating input pairs (benchmarks/README.md, "Time"). ``warmup`` and
-    ``repeats``: an int or {label: int}; a function that raises is dropped with its error;
-    ``budget_s``/``deadline_at`` lower the repeats (``planned_repeats``); ``memory_from_warmup``
-    (CUDA): the last warm-up measures the peak memory too."""
+    """Forward, backward and fwd+bwd ms of several ``fn(q, t) -> loss``, warm-ups first, then interleaved ABBA
+    (benchmarks/README.md, "Time"). ``warmup``, ``repeats``: an int or {label: int}; a function that raises is
+    dropped with its error; ``budget_s``/``deadline_at``: ``planned_repeats``; ``memory_from_warmup``: CUDA peak."""
     labels = list(fns)
-    out = {lab: {"raw_ms": {"fwd": [], "bwd": [], "fwd_bwd": []}, "warmup_ms": {"fwd": [], "bwd": [], "fwd_bwd": []},
-                 "losses": [], "error": None, "exception": None} for lab in labels}
-    count = dict.fromkeys(labels, 0)
+    out = {lab: {"raw_ms": {k: [] for k in PARTS}, "warmup_ms": {k: [] for k in PARTS}, "losses": [],
+                 "error": None, "exception": None} for lab in labels}
 
     def run(lab, dest, memory=None):
+        o = out[lab]
         # backend j's n-th run uses pair (n + j) % len(pairs): no two consecutive runs share a pair
-        q, t = pairs[(count[lab] + labels.index(lab)) % len(pairs)]
-        count[lab] += 1
+        q, t = pairs[(len(o["losses"]) + labels.index(lab)) % len(pairs)]
         try:
-            res = _one_run(fns[lab], q, t, device, memory)
+            *ms, loss = _one_run(fns[lab], q, t, device, memory)
         except Exception as exc:  # noqa: BLE001 - recorded, the others go on
-            out[lab]["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            out[lab]["exception"] = exc
+            o["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            o["exception"] = exc
             q.grad = t.grad = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory(device)
             return
-        for k, v in zip(("fwd", "bwd", "fwd_bwd"), res):
-            dest[k].append(v)
-        out[lab]["losses"].append(res[3])
+        for k, v in zip(PARTS, ms):
+            o[dest][k].append(v)
+        o["losses"].append(loss)
+        if memory:
+            o["memory"] = memory
+
+    def per_label(x, lab):
+        return x[lab] if isinstance(x, dict) else x
 
     measure = memory_from_warmup and device.type == "cuda"
     for lab in labels:
-        n_warm = warmup[lab] if isinstance(warmup, dict) else warmup
+        n_warm = per_label(warmup, lab)
         for i in range(n_warm):
             if out[lab]["error"] is None:
-                mem = {} if (measure and i == n_warm - 1) else None
-                run(lab, out[lab]["warmup_ms"], mem)
-                if mem and out[lab]["error"] is None:
-                    out[lab]["memory"] = mem
-    wanted = {lab: (repeats[lab] if isinstance(repeats, dict) else repeats) for lab in labels}
-    per_round = sum(out[lab]["warmup_ms"]["fwd_bwd"][-1] for lab in labels
-                    if out[lab]["error"] is None and out[lab]["warmup_ms"]["fwd_bwd"])
-    top = max(wanted.values()) if wanted else 0
+                run(lab, "warmup_ms", {} if measure and i == n_warm - 1 else None)
+    per_round = sum(o["warmup_ms"]["fwd_bwd"][-1] for o in out.values()
+                    if o["error"] is None and o["warmup_ms"]["fwd_bwd"])
+    wanted = {lab: per_label(repeats, lab) for lab in labels}
     time_left = None if deadline_at is None else deadline_at - time.perf_counter()
-    n_rounds = planned_repeats(per_round, top, budget_s, min_repeats, time_left)
+    n_rounds = planned_repeats(per_round, max(wanted.values(), default=0), budget_s, min_repeats, time_left)
     for lab in labels:
-        out[lab]["repeats"] = min(wanted[lab], n_rounds) if wanted[lab] < top else n_rounds
-    for it in range(max(out[lab]["repeats"] for lab in labels) if labels else 0):
+        out[lab]["repeats"] = min(wanted[lab], n_rounds)
+    for it in range(n_rounds):
         for lab in (labels if it % 2 == 0 else labels[::-1]):
             if out[lab]["error"] is None and it < out[lab]["repeats"]:
-                run(lab, out[lab]["raw_ms"])
-    for lab in labels:
-        raw = out[lab]["raw_ms"]
-        ok = out[lab]["error"] is None and all(raw.values())
+                run(lab, "raw_ms")
+    for o in out.values():
+        ok = o["error"] is None and all(o["raw_ms"].values())
         for key, f in (("median_ms", statistics.median), ("min_ms", min), ("max_ms", max)):
-            out[lab][key] = {k: f(v) for k, v in raw.items()} if ok else {}
+            o[key] = {k: f(v) for k, v in o["raw_ms"].items()} if ok else {}
     return out
-
-
-# --------------------------------------------------------------------------- memory
 
 
 def _proc_status_kib() -> dict:
@@ -355,12 +337,9 @@ def cpu_peak_rss_of_call(fn, q, t, *, tolerance_kib: int = 1024) -> dict:
     before = _proc_status_kib()
     reset = False
     if before["VmHWM"] - before["VmRSS"] > tolerance_kib:
-        try:  # reset the peak mark to the current RSS: Linux clear_refs 5
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+        with contextlib.suppress(OSError):  # reset the peak mark to the current RSS: Linux clear_refs 5
+            Path("/proc/self/clear_refs").write_text("5")
             reset = True
-        except OSError:
-            pass
         before = _proc_status_kib()
     loss = fn(q, t)
     after_fwd = _proc_status_kib()
@@ -382,11 +361,7 @@ def cuda_peak_of_call(fn, q, t, device: torch.device) -> dict:
     """torch.cuda.max_memory_allocated() during fn(q, t).backward() minus memory_allocated() before."""
     mem: dict = {}
     _one_run(fn, q, t, device, mem)
-    mem["method"] = "torch.cuda.max_memory_allocated delta"
-    return mem
-
-
-# --------------------------------------------------------------------------- errors
+    return {**mem, "method": "torch.cuda.max_memory_allocated delta"}
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -3,18 +3,16 @@
 
     python benchmarks/bench_loss.py [--quick] [--backends torch reference --B 2048 8192 --d 1024]
 
-Each backend is checked against the float64 truth first (a failure gets no timing), then timed
-interleaved (``_common.time_interleaved``) with its peak memory; JSON rewritten after every size,
-and a PNG. See benchmarks/README.md.
+Correctness against float64 first, then interleaved timing and peak memory: see benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
+import itertools
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -26,22 +24,24 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
+from _infcl import inf_cl_available, make_inf_cl_loss  # noqa: E402
+from gemm3 import gemm3_fn  # noqa: E402
+from gpu_ceilings import measure_ceilings  # noqa: E402
 from llave_fast import hardness_weighted_loss  # noqa: E402
+from llave_fast.backends import triton_backend as tb  # noqa: E402
+from llave_fast.backends.common import plan_s, s_cache_budget, s_mode_setting  # noqa: E402
 from llave_fast.reference import reference_loss  # noqa: E402
+from report import loss_table  # noqa: E402
 
-ALL_BACKENDS = ("triton", "triton_cache", "triton_stream", "triton_strip", "torch", "torch_chunked",
-                "reference", "compile", "inf_cl", "gemm3")
-# the memory-lean ones (numerators of the ratios); "torch" keeps S where it fits, "torch_chunked"
-# forces the chunked loop; "triton" runs the default path, the others force where S lives
+# the memory-lean ones (numerators of the ratios); "triton" and "torch" run the package's default path
 FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "torch", "torch_chunked")
-TRITON_VARIANTS = {"triton_cache": dict(S_MODE="cache"), "triton_stream": dict(S_MODE="stream"),
-                   "triton_strip": dict(S_MODE="fused")}
-TRITON_ALL = ("triton", *TRITON_VARIANTS)
-BASELINES = ("reference", "compile", "gemm3")
-FLOOR = ("gemm3",)  # not a loss: the three cuBLAS GEMMs the loss needs at least
+ALL_BACKENDS = (*FUSED, "reference", "compile", "inf_cl", "gemm3")
+# the others force where S lives: (the package's backend, its kernel_config)
+FORCED = {"triton_cache": ("triton", dict(S_MODE="cache")), "triton_stream": ("triton", dict(S_MODE="stream")),
+          "triton_strip": ("triton", dict(S_MODE="fused")), "torch_chunked": ("torch", dict(S_MODE="fused"))}
+BASELINES = ("reference", "compile", "gemm3")  # gemm3: not a loss, the three cuBLAS GEMMs the loss needs at least
 DEFAULT_BACKENDS = {"cpu": ["torch", "torch_chunked", "reference"],
-                    "cuda": ["triton", "triton_cache", "triton_stream", "triton_strip", "torch", "reference",
-                             "compile", "inf_cl", "gemm3"]}
+                    "cuda": [b for b in ALL_BACKENDS if b != "torch_chunked"]}
 # acceptance point (CPU): torch backend vs eager reference
 ACCEPT = dict(B=8192, d=1024, dtype="fp32", time_ratio_max=0.8, mem_ratio_max=0.1)
 # (loss relative error, gradient max-abs error / max |grad|) against the float64 truth
@@ -53,85 +53,49 @@ PREDICT_MARGIN = 1.25
 GROUP_OVERHEAD_S = 2.0
 CPU_MEMORY_WORKER_S = 4.0
 USEFUL_GEMMS = (1, 3)  # the three-GEMM floor's count, used for every backend's "useful" TFLOP/s
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-# --------------------------------------------------------------------------- paths, FLOPs, memory
-
-
-def s_kept(backend: str, B: int, N: int, device="cpu") -> bool:
-    """Whether a fused row keeps the fp32 S (the "cache" path) at B x N."""
-    if backend == "torch":
-        from llave_fast.backends.torch_backend import s_plan_for
-
-        return s_plan_for(B, N, torch.device(device), torch.float32, keep=True).mode == "cache"
-    from llave_fast.backends.common import plan_s, s_cache_budget, s_mode_setting
-
-    mode = "fused" if backend == "torch_chunked" else TRITON_VARIANTS.get(backend, {}).get("S_MODE") or s_mode_setting()
-    if mode == "auto":
-        mode = plan_s(B, N, keep=True, mode="auto", budget=s_cache_budget(torch.device(device))).mode
-    return mode == "cache"
+# (symmetric, one-way) GEMM-equivalents (forward, backward) of the others; inf_cl's backward: a dq and a dk kernel
+# per direction, each recomputing the logits
+OTHER_GEMMS = {"gemm3": ((1, 2), (1, 2)), "reference": ((2, 4), (1, 2)), "compile": ((2, 4), (1, 2)),
+               "inf_cl": ((2, 8), (1, 4))}
+log = functools.partial(print, flush=True)
 
 
 def gemm_counts(backend: str, symmetric: bool, B: int = 0, N: int = 0, device="cpu") -> tuple[int, int]:
-    """GEMM-equivalents (2*B*N*d FLOPs each) of (forward, backward) as each backend runs them."""
-    if backend in FUSED:  # S kept: dq and dT only; else S again (cuBLAS or in the dS kernel), dq, dT
-        return (1, 2) if s_kept(backend, B, N, device) else (1, 3)
-    if backend == "gemm3":
-        return 1, 2
-    if backend in ("reference", "compile"):  # q T^T and T q^T are separate products, 2 GEMMs of backward each
-        return (2, 4) if symmetric else (1, 2)
-    if backend == "inf_cl":  # per direction: fwd 1; bwd: a dq and a dk kernel, each recomputing the logits
-        return (2, 8) if symmetric else (1, 4)
-    raise ValueError(backend)
-
-
-def eager_need_bytes(backend: str, B: int, dtype: torch.dtype) -> int:
-    """The B x N matrices the eager baselines hold (about 5, plus a bool mask); 0 for the others."""
-    return (5 * dtype.itemsize + 1) * B * B if backend in ("reference", "compile") else 0
-
-
-# --------------------------------------------------------------------------- backends
+    """GEMM-equivalents (2*B*N*d FLOPs each) of (forward, backward) as each backend runs them
+    (benchmarks/README.md, "FLOP rates"); a fused one keeps S where the backends' own plan does."""
+    if backend in FUSED:
+        mode = s_mode_setting(FORCED[backend][1]["S_MODE"] if backend in FORCED else None)
+        kept = plan_s(B, N, keep=True, mode=mode, budget=s_cache_budget(torch.device(device))).mode == "cache"
+        return (1, 2) if kept else (1, 3)
+    return OTHER_GEMMS[backend][0 if symmetric else 1]
 
 
 def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
-    if name in TRITON_ALL:
+    if name.startswith("triton"):
         if device.type != "cuda":
             return False, f"{name} is benchmarked on CUDA only (on CPU it runs under the interpreter)"
-        from llave_fast.backends.triton_backend import available_on
-
-        return available_on(device)
+        return tb.available_on(device)
     if name == "gemm3" and device.type != "cuda":
         return False, "gemm3 (the three cuBLAS GEMMs) is a GPU floor: CUDA only"
-    if name == "inf_cl":
-        from _infcl import inf_cl_available
-
-        return inf_cl_available(device)
-    return (True, "") if name in ALL_BACKENDS else (False, f"unknown backend {name!r}")
+    return inf_cl_available(device) if name == "inf_cl" else (True, "")
 
 
 def backward_config(loss: torch.Tensor, **cfg) -> torch.Tensor:
     """Run the triton backward of ``loss`` under ``kernel_config(**cfg)`` too (it runs after the
     forward's ``with`` has closed): hooks on the loss's node set the override and restore it."""
-    from llave_fast.backends import triton_backend as tb
-
-    todo, seen, node = [loss.grad_fn], set(), None
-    while todo and node is None:
-        n = todo.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        if "TritonHardnessLoss" in type(n).__name__:
-            node = n
-        todo.extend(f for f, _ in n.next_functions)
-    if node is None:
+    todo, seen = [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            if "TritonHardnessLoss" in type(node).__name__:
+                break
+            seen.add(node)
+            todo.extend(f for f, _ in node.next_functions)
+    else:
         raise RuntimeError("backward_config: no TritonHardnessLoss node in the graph of the loss")
     saved = {}
 
-    def pre(grad_outputs):
+    def pre(grad_outputs):  # the override as a plain assignment: nothing added to the timed backward
         saved["old"], tb._CONFIG_OVERRIDE = tb._CONFIG_OVERRIDE, dict(cfg)
 
     def post(grad_inputs, grad_outputs):
@@ -144,27 +108,18 @@ def backward_config(loss: torch.Tensor, **cfg) -> torch.Tensor:
 
 def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, deterministic: bool, d: int):
     """A callable (q, t) -> scalar mean loss for one backend (gemm3: the GEMM floor, not a loss)."""
-    from llave_fast.backends.triton_backend import kernel_config
-
     kw = dict(logit_scale=scale, alpha=alpha, symmetric=symmetric, reduction="mean")
     if name in ("torch", "reference", "triton"):
         return lambda q, t: hardness_weighted_loss(q, t, **kw, backend=name, deterministic=deterministic)
-    if name == "torch_chunked":
-        def fn(q, t):
-            with kernel_config(S_MODE="fused"):  # the backward follows the forward's path
-                return hardness_weighted_loss(q, t, **kw, backend="torch", deterministic=deterministic)
-        return fn
-    if name in TRITON_VARIANTS:
-        cfg = TRITON_VARIANTS[name]
+    if name in FORCED:
+        backend, cfg = FORCED[name]
 
-        def fn(q, t):  # only the path is forced; every other setting is the default's
-            with kernel_config(**cfg):
-                loss = hardness_weighted_loss(q, t, **kw, backend="triton", deterministic=deterministic)
-            return backward_config(loss, **cfg)
+        def fn(q, t):  # only the path is forced; torch's backward follows its forward's path by itself
+            with tb.kernel_config(**cfg):
+                loss = hardness_weighted_loss(q, t, **kw, backend=backend, deterministic=deterministic)
+            return backward_config(loss, **cfg) if backend == "triton" else loss
         return fn
     if name == "gemm3":
-        from gemm3 import gemm3_fn
-
         return gemm3_fn()
     if name == "compile":
         torch._dynamo.reset()  # fresh graph per shape: no dynamic-shape kernels, no recompile limit
@@ -173,19 +128,13 @@ def make_loss_fn(name: str, *, alpha: float, scale, symmetric: bool, determinist
     if name == "inf_cl":
         if alpha != 0:
             raise ValueError("Inf-CL has no hardness weights: it is compared at alpha = 0 only")
-        from _infcl import make_inf_cl_loss
-
         return make_inf_cl_loss(scale=float(scale), symmetric=symmetric, d=d)
     raise ValueError(name)
 
 
-# --------------------------------------------------------------------------- correctness
-
-
 def check_all(backends, args, device, report: dict | None = None) -> dict:
-    """{backend: {"passed", "checks"}}: every backend against the float64 truth at each benchmark
-    dtype (benchmarks/README.md, "Correctness first"), filled into ``report`` as it goes; torch.compile's
-    check time (mostly the compile) is its ``check_wall_s``, the deadline's allowance per new size."""
+    """{backend: {"passed", "checks"}} against the float64 truth (benchmarks/README.md, "Correctness first"), filled
+    into ``report`` as it goes; torch.compile's ``check_wall_s`` is the deadline's allowance per new size."""
     report = {} if report is None else report
     report.update({b: {"passed": True, "checks": []} for b in backends})
     B = 2560 if device.type == "cpu" else 4096
@@ -196,7 +145,7 @@ def check_all(backends, args, device, report: dict | None = None) -> dict:
         t0 = C.normalized_rows(B, 256, dtype=torch.float32, device=device, generator=g, like=q0, noise=1.0)
         q0, t0 = q0.to(C.DTYPES[dn]), t0.to(C.DTYPES[dn])  # rounded once; the truth uses these values
         for b in backends:
-            if b in FLOOR:
+            if b == "gemm3":
                 report[b]["note"] = "not a loss (the GEMM floor): nothing to check"
                 continue
             alpha, t_check = 0.0 if b == "inf_cl" else args.alpha, time.perf_counter()
@@ -230,16 +179,8 @@ def check_all(backends, args, device, report: dict | None = None) -> dict:
     return report
 
 
-def dtype_passed(report, backend, dn) -> bool:
-    """The check at this benchmark dtype passed (the floor has none)."""
-    checks = [c for c in report[backend]["checks"] if c["case"] == f"moderate-{dn}"]
-    return backend in FLOOR or (bool(checks) and all(c["passed"] for c in checks))
-
-
-# --------------------------------------------------------------------------- memory (CPU worker)
-
-
 def mem_worker(spec: dict) -> None:
+    """The CPU memory figure of one (backend, size), in this fresh process (benchmarks/README.md, "Peak memory")."""
     torch.manual_seed(0)
     dtype, device = C.DTYPES[spec["dtype"]], torch.device("cpu")
     fn = make_loss_fn(spec["backend"], alpha=spec["alpha"], scale=spec["scale"], symmetric=spec["symmetric"],
@@ -254,11 +195,9 @@ def mem_worker(spec: dict) -> None:
     C.print_peak(fn, q, t)
 
 
-# --------------------------------------------------------------------------- benchmark
-
-
-def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
-    name = rec["backend"]
+def finish_record(rec, tm, fn, pairs, args, device) -> dict:
+    """``rec`` completed from its timings ``tm``: status, peak memory (benchmarks/README.md), FLOP rates."""
+    name, B, d = rec["backend"], rec["B"], rec["d"]
     rec["timing"] = {k: v for k, v in tm.items() if k not in ("exception", "memory")}
     if tm["error"] is not None:
         oom = isinstance(tm["exception"], torch.OutOfMemoryError) or "out of memory" in tm["error"].lower()
@@ -267,16 +206,14 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
     if not all(math.isfinite(x) for x in tm["losses"]):
         rec["status"] = "NONFINITE"
         return rec
-    if device.type == "cuda":  # measured in the last warm-up run where there was one
-        if not tm.get("memory"):
-            C._one_run(fn, *pairs[0], device, tm.setdefault("memory", {}))
-        rec["memory"] = dict(tm["memory"])
+    if device.type == "cuda":
+        rec["memory"] = dict(tm.get("memory") or C.cuda_peak_of_call(fn, *pairs[0], device))
     else:
-        spec = dict(backend=name, B=B, d=d, dtype=dn, alpha=rec["alpha"], scale=args.logit_scale,
+        spec = dict(backend=name, B=B, d=d, dtype=rec["dtype"], alpha=rec["alpha"], scale=args.logit_scale,
                     symmetric=args.symmetric, deterministic=args.deterministic, seed=args.seed + 7)
         rec["memory"] = C.peak_in_fresh_process(Path(__file__).resolve(), spec)
     gf, gb = gemm_counts(name, args.symmetric, B, B, device)
-    uf, ub = (gf, gb) if name in FLOOR else USEFUL_GEMMS  # the floor's own count is its useful work
+    uf, ub = (gf, gb) if name == "gemm3" else USEFUL_GEMMS  # the floor's own count is its useful work
     one, med = 2.0 * B * B * d, tm["median_ms"]
     rec["flops"] = {"gemm_flops": one, "gemms_fwd": gf, "gemms_bwd": gb, "useful_gemms_fwd": uf, "useful_gemms_bwd": ub}
     for key, (f, b) in (("tflops_achieved", (gf, gb)), ("tflops_useful", (uf, ub))):
@@ -285,74 +222,32 @@ def finish_record(rec, tm, *, fn, pairs, B, d, dtype, dn, args, device) -> dict:
     return rec
 
 
-def add_ceiling_fractions(results, ceilings) -> None:
-    """Achieved TFLOP/s (the backend's own GEMM count) over the measured bf16 GEMM ceiling."""
-    if ceilings:
-        top = ceilings["mm_bf16"]["tflop_per_s"]
-        for r in results:
-            if r.get("status") == "ok":
-                r["fraction_of_mm_ceiling"] = {k: v / top for k, v in r["tflops_achieved"].items()}
-                r["fraction_of_mm_ceiling_useful"] = {k: v / top for k, v in r["tflops_useful"].items()}
-
-
-def free_device_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def alpha0_fused(backends, args):
     """The fused backend timed at alpha = 0 beside Inf-CL (--alpha0-fused, else the first fused one)."""
-    if getattr(args, "alpha0_fused", None) in backends:
-        return args.alpha0_fused
-    return next((f for f in FUSED if f in backends), None)
+    return args.alpha0_fused if args.alpha0_fused in backends else next((f for f in FUSED if f in backends), None)
 
 
-def plan_groups(args, backends):
-    """{(dtype name, d, B): [(backend, label, alpha), ...]} in run order."""
-    groups = {}
-    for dn in args.dtype:
-        for d in args.d:
-            for B in sorted(args.B):
-                rows = [(b, b, args.alpha) for b in backends if b != "inf_cl"]
-                if "inf_cl" in backends:
-                    fused = alpha0_fused(backends, args)
-                    if fused is not None and args.alpha != 0:
-                        rows.append((fused, f"{fused}@alpha=0", 0.0))
-                    rows.append(("inf_cl", "inf_cl@alpha=0", 0.0))
-                groups[(dn, d, B)] = rows
-    return groups
-
-
-def warmup_of(backend: str, args) -> int:
-    """Untimed runs of a backend: --warmup-for, else --warmup (torch.compile: at least 3)."""
-    own = args.warmup_for or {}
-    return own[backend] if backend in own else max(args.warmup, 3 if backend == "compile" else 0)
-
-
-def repeats_of(backend: str, args) -> int:
-    """Timed runs asked for a backend: --repeats-for, else --repeats."""
-    return (args.repeats_for or {}).get(backend, args.repeats)
+def runs_of(backend: str, args) -> tuple[int, int]:
+    """(untimed, timed) runs: --warmup-for, else --warmup (compile: 3 at least); --repeats-for, else --repeats."""
+    warm = (args.warmup_for or {}).get(backend, max(args.warmup, 3 if backend == "compile" else 0))
+    return warm, (args.repeats_for or {}).get(backend, args.repeats)
 
 
 def predict_rows(rows, hist: dict, B: int, d: int, args, device, compile_s: float = 0.0) -> dict | None:
-    """{label: predicted seconds} of a (dtype, d, B) group (None before anything was timed): each
-    label's median ms per timed run at its last size (``hist[label] = (B, d, ms)``) scaled as B^2 d,
-    times its planned runs (benchmarks/README.md, ``--deadline-s``); never timed: the dearest."""
+    """{label: predicted seconds} of a (dtype, d, B) group from ``hist[label] = (B, d, median ms per timed run)``
+    (benchmarks/README.md, ``--deadline-s``); None before anything was timed."""
     if not hist:
         return None
-    per_run = {lab: ms * (B / B0) ** 2 * (d / d0) for lab, (B0, d0, ms) in hist.items()}
-    fallback = max(per_run.values())
-    per_run = {label: per_run.get(label, fallback) for _, label, _ in rows}
-    out = {}
+    scaled = {lab: ms * (B / B0) ** 2 * (d / d0) for lab, (B0, d0, ms) in hist.items()}
+    per_run = {label: scaled.get(label, max(scaled.values())) for _, label, _ in rows}  # never timed: the dearest
+    cuda, out = device.type == "cuda", {}
     for b, label, _ in rows:
         round_ms = per_run[label] if args.sequential else sum(per_run.values())
-        reps = C.planned_repeats(round_ms, repeats_of(b, args), args.point_budget_s)
-        warm = warmup_of(b, args)
-        sec = per_run[label] * (warm + reps + (0 if (device.type == "cuda" and warm > 0) else 1)) / 1e3
-        if device.type != "cuda":
-            sec += CPU_MEMORY_WORKER_S
-        out[label] = sec + (compile_s if b == "compile" else 0.0)
+        warm, reps = runs_of(b, args)
+        reps = C.planned_repeats(round_ms, reps, args.point_budget_s)
+        runs = warm + reps + (0 if cuda and warm > 0 else 1)  # CUDA measures the memory in the last warm-up
+        out[label] = (per_run[label] * runs / 1e3 + (0.0 if cuda else CPU_MEMORY_WORKER_S)
+                      + (compile_s if b == "compile" else 0.0))
     return out
 
 
@@ -361,17 +256,11 @@ def fit_deadline(rows, pred: dict | None, time_left_s: float) -> tuple[list, lis
     default) is kept while it fits alone, the dearest others go first."""
     if pred is None:
         return (list(rows), []) if time_left_s > 0 else ([], list(rows))
-
-    def cost(keep):
-        return GROUP_OVERHEAD_S + PREDICT_MARGIN * sum(pred[label] for _, label, _ in keep)
-
     keep, dropped = list(rows), []
-    while len(keep) > 1 and cost(keep) > time_left_s:
-        worst = max(keep[1:], key=lambda r: pred[r[1]])
+    while keep and GROUP_OVERHEAD_S + PREDICT_MARGIN * sum(pred[label] for _, label, _ in keep) > time_left_s:
+        worst = max(keep[1:] or keep, key=lambda r: pred[r[1]])
         keep.remove(worst)
         dropped.append(worst)
-    if keep and cost(keep) > time_left_s:
-        dropped, keep = dropped + keep, []
     return keep, dropped
 
 
@@ -379,6 +268,7 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
     """Times every (dtype, d, B) group into ``results``; ``on_progress(results)`` after each group (and
     each backend with --sequential) writes what was measured."""
     results = [] if results is None else results
+    progress = on_progress or (lambda _: None)
     mem_avail = psutil.virtual_memory().available
     hist = {}  # label -> (B, d, median fwd+bwd ms of its timed runs) at the last size it ran
     compile_s = report.get("compile", {}).get("check_wall_s", 0.0)
@@ -389,39 +279,44 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
         results.append(rec)
         log(f"  {rec['label']} {rec['dtype']} B=N={rec['B']} d={rec['d']}: {msg}")
 
-    for (dn, d, B), rows in plan_groups(args, backends).items():
-        dtype, kept = C.DTYPES[dn], []
+    def skip(base, why):
+        done({**base, "status": "SKIPPED", "note": why}, f"SKIPPED ({why})")
+
+    rows = [(b, b, args.alpha) for b in backends if b != "inf_cl"]  # (backend, label, alpha) of every size
+    if "inf_cl" in backends:  # no hardness weights: Inf-CL and a fused backend at alpha = 0
+        fused = alpha0_fused(backends, args)
+        if fused is not None and args.alpha != 0:
+            rows.append((fused, f"{fused}@alpha=0", 0.0))
+        rows.append(("inf_cl", "inf_cl@alpha=0", 0.0))
+    for dn, d, B in itertools.product(args.dtype, args.d, sorted(args.B)):
+        kept = {}  # (backend, label, alpha) -> the record's first fields
         for b, label, alpha in rows:
             base = {"backend": b, "label": label, "dtype": dn, "B": B, "N": B, "d": d, "alpha": alpha,
                     "logit_scale": args.logit_scale, "symmetric": args.symmetric}
-            need, why = eager_need_bytes(b, B, dtype), None
+            need = (5 * C.DTYPES[dn].itemsize + 1) * B * B  # the eager ones' B x N matrices: about 5, a bool mask
+            checks = [c["passed"] for c in report[b]["checks"] if c["case"] == f"moderate-{dn}"]
             if args.max_B and B > args.max_B.get(b, B):
-                why = f"--max-B {b}={args.max_B[b]}"
+                skip(base, f"--max-B {b}={args.max_B[b]}")
             elif args.only_B and b in args.only_B and B not in args.only_B[b]:
-                why = f"--only-B {b}={','.join(map(str, sorted(args.only_B[b])))}"
-            elif device.type == "cpu" and need > 0.6 * mem_avail:
-                why = f"needs ~{need / C.MiB:.0f} MiB, {mem_avail / C.MiB:.0f} MiB available"
-            if why:
-                done({**base, "status": "SKIPPED", "note": why}, f"SKIPPED ({why})")
-            elif not dtype_passed(report, b, dn):
+                skip(base, f"--only-B {b}={','.join(map(str, sorted(args.only_B[b])))}")
+            elif device.type == "cpu" and b in ("reference", "compile") and need > 0.6 * mem_avail:
+                skip(base, f"needs ~{need / C.MiB:.0f} MiB, {mem_avail / C.MiB:.0f} MiB available")
+            elif b != "gemm3" and not (checks and all(checks)):  # the floor has no check
                 done({**base, "status": "FAILED"}, "FAILED correctness, not timed")
             else:
-                kept.append((b, label, alpha, base))
+                kept[(b, label, alpha)] = base
         if args.deadline_s is not None and kept:
             left = deadline_at - time.perf_counter()
-            pred = predict_rows([k[:3] for k in kept], hist, B, d, args, device, compile_s)
-            keep, dropped = fit_deadline([k[:3] for k in kept], pred, left)
-            for b, label, alpha in dropped:
-                p = "" if pred is None else f", this backend predicted ~{pred[label]:.0f} s here"
-                base = next(k[3] for k in kept if k[1] == label)
-                why = f"--deadline-s {args.deadline_s:g}: {left:.0f} s left{p}"
-                done({**base, "status": "SKIPPED", "note": why}, f"SKIPPED ({why})")
-            kept = [k for k in kept if k[:3] in keep]
+            pred = predict_rows(list(kept), hist, B, d, args, device, compile_s)
+            _, dropped = fit_deadline(list(kept), pred, left)
+            for row in dropped:
+                p = "" if pred is None else f", this backend predicted ~{pred[row[1]]:.0f} s here"
+                skip(kept.pop(row), f"--deadline-s {args.deadline_s:g}: {left:.0f} s left{p}")
             if pred is not None and kept:
-                log(f"  {dn} B=N={B} d={d}: predicted {sum(pred[k[1]] for k in kept):.1f} s for {len(kept)} "
+                log(f"  {dn} B=N={B} d={d}: predicted {sum(pred[r[1]] for r in kept):.1f} s for {len(kept)} "
                     f"backends ({left:.0f} s left before the deadline)")
         todo = []
-        for b, label, alpha, base in kept:
+        for (b, label, alpha), base in kept.items():
             try:
                 todo.append((base, make_loss_fn(b, alpha=alpha, scale=args.logit_scale, symmetric=args.symmetric,
                                                 deterministic=args.deterministic, d=d)))
@@ -429,47 +324,42 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
                 done({**base, "status": "ERROR", "error": f"{type(exc).__name__}: {exc}"}, f"ERROR {exc}")
         if not todo:
             continue
-        free_device_memory(device)
-        pairs = C.make_pairs(args.n_inputs, B, d, dtype=dtype, device=device, seed=args.seed + B + d)
+        C.free_memory(device)
+        pairs = C.make_pairs(args.n_inputs, B, d, dtype=C.DTYPES[dn], device=device, seed=args.seed + B + d)
         for batch in ([[x] for x in todo] if args.sequential else [todo]):
             t0 = time.perf_counter()
             timings = C.time_interleaved(
                 {base["label"]: fn for base, fn in batch}, pairs, device=device,
-                warmup={base["label"]: warmup_of(base["backend"], args) for base, _ in batch},
-                repeats={base["label"]: repeats_of(base["backend"], args) for base, _ in batch},
+                warmup={base["label"]: runs_of(base["backend"], args)[0] for base, _ in batch},
+                repeats={base["label"]: runs_of(base["backend"], args)[1] for base, _ in batch},
                 budget_s=args.point_budget_s, deadline_at=deadline_at, memory_from_warmup=True)
             t_time = time.perf_counter() - t0
             for base, fn in batch:
-                t1 = time.perf_counter()
-                rec = dict(base)
+                t1, rec = time.perf_counter(), dict(base)
                 try:
-                    rec = finish_record(rec, timings[base["label"]], fn=fn, pairs=pairs, B=B, d=d, dtype=dtype,
-                                        dn=dn, args=args, device=device)
+                    finish_record(rec, timings[base["label"]], fn, pairs, args, device)
                 except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                     rec.update(status="OOM" if isinstance(exc, torch.OutOfMemoryError) else "ERROR",
                                error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=6))
-                free_device_memory(device)
+                C.free_memory(device)
                 rec.update(wall_s_memory=time.perf_counter() - t1, wall_s_timing_group=t_time)
-                if rec["status"] == "ok":
-                    m = rec["timing"]["median_ms"]
-                    hist[base["label"]] = (B, d, m["fwd_bwd"])
-                    done(rec, f"fwd {m['fwd']:.1f} ms, bwd {m['bwd']:.1f} ms, fwd+bwd {m['fwd_bwd']:.1f} ms, peak "
-                              f"{rec['memory']['peak_bytes'] / C.MiB:.1f} MiB ({rec['timing']['repeats']} timed runs)")
-                else:
+                if rec["status"] != "ok":
                     done(rec, f"{rec['status']} {rec.get('error', '')}")
-            if args.sequential and on_progress is not None:
-                on_progress(results)
+                    continue
+                m = rec["timing"]["median_ms"]
+                hist[base["label"]] = (B, d, m["fwd_bwd"])
+                done(rec, f"fwd {m['fwd']:.1f} ms, bwd {m['bwd']:.1f} ms, fwd+bwd {m['fwd_bwd']:.1f} ms, peak "
+                          f"{rec['memory']['peak_bytes'] / C.MiB:.1f} MiB ({rec['timing']['repeats']} timed runs)")
+            if args.sequential:
+                progress(results)
         del pairs, timings
-        free_device_memory(device)
-        if on_progress is not None:
-            on_progress(results)
+        C.free_memory(device)
+        progress(results)
     return results
 
 
-# --------------------------------------------------------------------------- ratios / report
-
-
-def compute_ratios(results, backends, device, args) -> list[dict]:
+def compute_ratios(results, backends, args) -> list[dict]:
+    """Fused / baseline time (medians) and peak memory at each size, from the same run; printed as a table."""
     ok = {(r["label"], r["dtype"], r["B"], r["d"]): r for r in results if r.get("status") == "ok"}
     if args.alpha == 0:  # the fused row is its own alpha = 0 row
         ok.update({(f"{k[0]}@alpha=0", *k[1:]): r for k, r in list(ok.items()) if k[0] in FUSED})
@@ -477,109 +367,97 @@ def compute_ratios(results, backends, device, args) -> list[dict]:
     fused = alpha0_fused(backends, args) if "inf_cl" in backends else None
     if fused:
         pairs.append((f"{fused}@alpha=0", "inf_cl@alpha=0"))
-    out = []
-    for num, den in pairs:
-        for dn in args.dtype:
-            for d in args.d:
-                for B in sorted(args.B):
-                    a, b = ok.get((num, dn, B, d)), ok.get((den, dn, B, d))
-                    rec = {"numerator": num, "denominator": den, "dtype": dn, "B": B, "d": d}
-                    if a is None or b is None:
-                        rec["status"] = "n/a (a side FAILED, SKIPPED or errored)"
-                    else:
-                        ma, mb = a["timing"]["median_ms"], b["timing"]["median_ms"]
-                        pa, pb = a["memory"]["peak_bytes"], b["memory"]["peak_bytes"]
-                        rec.update(status="ok", time_ratio={k: ma[k] / mb[k] for k in ("fwd", "bwd", "fwd_bwd")},
-                                   mem_ratio=pa / pb if pb > 0 else None)
-                    out.append(rec)
-    return out
-
-
-def print_ratios(ratios):
-    if ratios:
+    if pairs:
         log("\nRatios, measured side by side in this run (time: medians; < 1: the numerator is faster / leaner)\n"
             f"{'dtype':>5} {'B=N':>6} {'d':>5}  {'numerator / denominator':<30} {'fwd':>6} {'bwd':>6} {'fwd+bwd':>7} "
             f"{'peak mem':>8}")
-    for r in ratios:
-        head = f"{r['dtype']:>5} {r['B']:>6} {r['d']:>5}  {r['numerator'] + ' / ' + r['denominator']:<30}"
-        tr = r.get("time_ratio") or {}
-        log(f"{head} {r['status']}" if r["status"] != "ok" else f"{head} {tr['fwd']:6.3f} {tr['bwd']:6.3f} "
-            f"{tr['fwd_bwd']:7.3f} {C.fmt(r['mem_ratio'], '.3f'):>8}")
+    out = []
+    for (num, den), dn, d, B in itertools.product(pairs, args.dtype, args.d, sorted(args.B)):
+        a, b = ok.get((num, dn, B, d)), ok.get((den, dn, B, d))
+        rec = {"numerator": num, "denominator": den, "dtype": dn, "B": B, "d": d}
+        head = f"{dn:>5} {B:>6} {d:>5}  {num + ' / ' + den:<30}"
+        if a is None or b is None:
+            rec["status"] = "n/a (a side FAILED, SKIPPED or errored)"
+            log(f"{head} {rec['status']}")
+        else:
+            ma, mb = a["timing"]["median_ms"], b["timing"]["median_ms"]
+            pa, pb = a["memory"]["peak_bytes"], b["memory"]["peak_bytes"]
+            rec.update(status="ok", time_ratio={k: ma[k] / mb[k] for k in ("fwd", "bwd", "fwd_bwd")},
+                       mem_ratio=pa / pb if pb > 0 else None)
+            tr = rec["time_ratio"]
+            log(f"{head} {tr['fwd']:6.3f} {tr['bwd']:6.3f} {tr['fwd_bwd']:7.3f} {C.fmt(rec['mem_ratio'], '.3f'):>8}")
+        out.append(rec)
+    return out
 
 
 def acceptance(ratios, args, device) -> dict | None:
     """CPU: torch / reference at the acceptance point (fwd+bwd medians, peak memory) against the targets."""
     if device.type != "cpu":
         return None
-    point = ("torch", "reference", ACCEPT["dtype"], ACCEPT["B"], ACCEPT["d"])
-    r = next((r for r in ratios if (r["numerator"], r["denominator"], r["dtype"], r["B"], r["d"]) == point), None)
-    out = {"point": dict(B=ACCEPT["B"], N=ACCEPT["B"], d=ACCEPT["d"], dtype=ACCEPT["dtype"]),
+    a = ACCEPT
+    out = {"point": dict(B=a["B"], N=a["B"], d=a["d"], dtype=a["dtype"]),
            "at_acceptance_config": args.symmetric and args.alpha == 9.0 and args.logit_scale == 50.0,
-           "targets": {"time_ratio_max": ACCEPT["time_ratio_max"], "mem_ratio_max": ACCEPT["mem_ratio_max"]}}
-    log(f"\nAcceptance (CPU, {ACCEPT['dtype']}, B=N={ACCEPT['B']}, d={ACCEPT['d']}"
+           "targets": {k: a[k] for k in ("time_ratio_max", "mem_ratio_max")}}
+    log(f"\nAcceptance (CPU, {a['dtype']}, B=N={a['B']}, d={a['d']}"
         + ("" if out["at_acceptance_config"] else "; NOT the acceptance configuration: symmetric, alpha 9, scale 50")
         + "):")
-    if r is None or r["status"] != "ok":
-        out["status"] = f"not measured ({r['status'] if r else 'not in this run'})"
+    point = ("torch", "reference", a["dtype"], a["B"], a["d"])
+    r = next((r for r in ratios if (r["numerator"], r["denominator"], r["dtype"], r["B"], r["d"]) == point), {})
+    if r.get("status") != "ok":
+        out["status"] = f"not measured ({r.get('status', 'not in this run')})"
         log(f"  {out['status']}")
         return out
     tr, mr = r["time_ratio"]["fwd_bwd"], r["mem_ratio"]
-    out.update(status="measured", time_ratio=tr, mem_ratio=mr, time_pass=tr <= ACCEPT["time_ratio_max"],
-               mem_pass=mr is not None and mr <= ACCEPT["mem_ratio_max"])
+    out.update(status="measured", time_ratio=tr, mem_ratio=mr, time_pass=tr <= a["time_ratio_max"],
+               mem_pass=mr is not None and mr <= a["mem_ratio_max"])
     for what, x, ok, key in (("time (fwd+bwd medians)", tr, out["time_pass"], "time_ratio_max"),
                              ("peak memory", mr, out["mem_pass"], "mem_ratio_max")):
-        log(f"  torch / reference {what:<22} = {C.fmt(x, '.3f')}  (target <= {ACCEPT[key]})  "
-            f"{'PASS' if ok else 'FAIL'}")
+        log(f"  torch / reference {what:<22} = {C.fmt(x, '.3f')}  (target <= {a[key]})  {'PASS' if ok else 'FAIL'}")
     return out
 
 
-def write_plot(results, json_path: Path) -> str | None:
+def write_plot(results, json_path: Path) -> Path | None:
+    """Time and peak memory against B, one row of two plots per (dtype, d), as a PNG beside the JSON."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         log("matplotlib is not importable: plot skipped")
         return None
-    ok = [r for r in results if r.get("status") == "ok"]
-    groups = sorted({(r["dtype"], r["d"]) for r in ok})
-    if not groups:
+    series = {}  # (dtype, d) -> label -> its ok records, by B
+    for r in sorted((r for r in results if r.get("status") == "ok"), key=lambda r: r["B"]):
+        series.setdefault((r["dtype"], r["d"]), {}).setdefault(r["label"], []).append(r)
+    if not series:
         return None
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
-    for row, (dn, d) in enumerate(groups):
-        for label in sorted({r["label"] for r in ok if (r["dtype"], r["d"]) == (dn, d)}):
-            rs = sorted((r for r in ok if (r["label"], r["dtype"], r["d"]) == (label, dn, d)), key=lambda r: r["B"])
+    fig = Figure(figsize=(11, 4 * len(series)))
+    axes = fig.subplots(len(series), 2, squeeze=False)
+    for row, ((dn, d), by_label) in enumerate(sorted(series.items())):
+        for label, rs in sorted(by_label.items()):
             Bs = [r["B"] for r in rs]
             axes[row][0].plot(Bs, [r["timing"]["median_ms"]["fwd_bwd"] for r in rs], "o-", label=label)
             axes[row][1].plot(Bs, [r["memory"]["peak_bytes"] / C.MiB for r in rs], "o-", label=label)
         for ax, ylab in zip(axes[row], ("fwd+bwd time (ms, median)", "peak extra memory (MiB)")):
-            ax.set(xscale="log", yscale="log", xlabel="B = N", ylabel=ylab, title=f"{dn}, d={d}")
+            ax.set(yscale="log", xlabel="B = N", ylabel=ylab, title=f"{dn}, d={d}")
             ax.set_xscale("log", base=2)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
     fig.tight_layout()
     png = json_path.with_suffix(".png")
     fig.savefig(png, dpi=110)
-    plt.close(fig)
     log(f"plot written to {png}")
-    return str(png)
-
-
-# --------------------------------------------------------------------------- main
+    return png
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--backends", nargs="+", choices=ALL_BACKENDS, default=None, help=f"default: {DEFAULT_BACKENDS}")
-    add("--B", nargs="+", type=int, default=None, help="batch sizes (N = B); default CPU: 2048 4096 8192")
-    add("--d", nargs="+", type=int, default=None, help="embedding widths; default 1024")
-    add("--dtype", nargs="+", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 (CPU), fp32 bf16 (CUDA)")
-    add("--repeats", type=int, default=None, help="timed runs per point; default 3 (CPU), 20 (CUDA)")
-    add("--warmup", type=int, default=None, help="untimed runs first; default 1 (CPU), 3 (CUDA)")
-    add("--out", type=Path, default=None, help="JSON path; default benchmarks/results/<device-slug>/<YYYY-MM-DD>.json")
+    add("--backends", nargs="+", choices=ALL_BACKENDS, help=f"default: {DEFAULT_BACKENDS}")
+    add("--B", nargs="+", type=int, help="batch sizes (N = B); default CPU: 2048 4096 8192")
+    add("--d", nargs="+", type=int, help="embedding widths; default 1024")
+    add("--dtype", nargs="+", choices=("fp32", "bf16", "fp16"), help="default: fp32 (CPU), fp32 bf16 (CUDA)")
+    add("--repeats", type=int, help="timed runs per point; default 3 (CPU), 20 (CUDA)")
+    add("--warmup", type=int, help="untimed runs first; default 1 (CPU), 3 (CUDA)")
+    add("--out", type=Path, help="JSON path; default benchmarks/results/<device-slug>/<YYYY-MM-DD>.json")
     add("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add("--alpha", type=float, default=9.0)
@@ -589,19 +467,20 @@ def parse_args(argv=None):
     add("--tf32", action="store_true", help="CUDA: allow TF32 matmuls (default: left as torch has it)")
     add("--n-inputs", type=int, default=3, help="input pairs rotated among runs")
     add("--seed", type=int, default=0)
-    add("--point-budget-s", type=float, default=None, help="~seconds of timed runs per size (at least 3 runs)")
-    add("--deadline-s", type=float, default=None, help="start no backend predicted to end after this (SKIPPED)")
-    add("--repeats-for", nargs="+", default=None, metavar="BACKEND=N", help="timed runs for one backend, e.g. inf_cl=1")
-    add("--warmup-for", nargs="+", default=None, metavar="BACKEND=N", help="untimed runs for one backend")
+    add("--point-budget-s", type=float, help="~seconds of timed runs per size (at least 3 runs)")
+    add("--deadline-s", type=float, help="start no backend predicted to end after this (SKIPPED)")
+    add("--repeats-for", nargs="+", metavar="BACKEND=N", help="timed runs for one backend, e.g. inf_cl=1")
+    add("--warmup-for", nargs="+", metavar="BACKEND=N", help="untimed runs for one backend")
     add("--sequential", action="store_true", help="one backend at a time, the JSON written after each")
-    add("--max-B", nargs="+", default=None, metavar="BACKEND=B", help="largest B for a backend, e.g. reference=65536")
-    add("--only-B", nargs="+", default=None, metavar="BACKEND=B[,B...]", help="a backend at these B only")
-    add("--alpha0-fused", choices=FUSED, default=None, help="with inf_cl: the fused backend timed at alpha = 0")
+    add("--max-B", nargs="+", metavar="BACKEND=B", help="largest B for a backend, e.g. reference=65536")
+    add("--only-B", nargs="+", metavar="BACKEND=B[,B...]", help="a backend at these B only")
+    add("--alpha0-fused", choices=FUSED, help="with inf_cl: the fused backend timed at alpha = 0")
     add("--no-plot", action="store_true", help="write no PNG beside the JSON")
     add("--no-ceilings", action="store_true", help="CUDA: skip measuring the copy and bf16 GEMM ceilings first")
-    add("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
+    add("--_mem-worker", dest="mem_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag, lo, many in (("max_B", 0, False), ("only_B", 0, True), ("repeats_for", 1, False), ("warmup_for", 0, False)):
+    for flag, lo, many in (("max_B", 0, False), ("only_B", 0, True), ("repeats_for", 1, False),
+                           ("warmup_for", 0, False)):
         items, vals = getattr(args, flag), {}
         for item in items or ():
             name, sep, val = item.partition("=")
@@ -639,29 +518,29 @@ def main(argv=None):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 |= args.tf32
     args = apply_defaults(args, device)
     t_begin = args.t_begin = time.perf_counter()
     meta = {**C.run_meta(device), "machine_load_before": C.machine_load()}
-    log(f"llave-fast loss benchmark on {meta['device']['name']}; torch {meta['versions']['torch']}, triton "
-        f"{meta['versions']['triton']}, python {meta['versions']['python']}; commit {str(meta['git']['commit'])[:12]}"
-        f"{' (dirty)' if meta['git'].get('dirty') else ''}")
+    ver, git = meta["versions"], meta["git"]
+    log(f"llave-fast loss benchmark on {meta['device']['name']}; torch {ver['torch']}, triton {ver['triton']}, "
+        f"python {ver['python']}; commit {str(git['commit'])[:12]}{' (dirty)' if git.get('dirty') else ''}")
     log(f"config: backends {args.backends}, B=N {args.B}, d {args.d}, dtype {args.dtype}, "
         f"{'symmetric' if args.symmetric else 'one-way'}, alpha {args.alpha:g}, logit_scale {args.logit_scale:g}, "
         f"warmup {args.warmup}, repeats {args.repeats}, {args.n_inputs} rotating input pairs")
     avail = {b: backend_available(b, device) for b in args.backends}
-    backends, skipped = [b for b in avail if avail[b][0]], {b: why for b, (ok, why) in avail.items() if not ok}
+    backends = [b for b, (ok, _) in avail.items() if ok]
+    skipped = {b: why for b, (ok, why) in avail.items() if not ok}
     for b, why in skipped.items():
         log(f"note: backend {b} skipped: {why}")
     if not backends:
         log("no backend can run here")
         return 1
-    busy = meta["machine_load_before"].get("busy_fraction_others")
-    if busy is not None and busy > 0.1:
+    busy = meta["machine_load_before"]["busy_fraction_others"]
+    if busy > 0.1:
         log(f"WARNING: other processes keep {busy:.0%} of the CPUs busy: timings will be noisy and slower")
     out = C.result_path(device, args.out)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("mem_worker", "t_begin")}
+    config = {k: v for k, v in vars(args).items() if k not in ("mem_worker", "t_begin")}  # JSON: paths as str
     report, results, payload = {}, [], {"schema": 1, "partial": True, "meta": meta, "config": config}
 
     def write(_=None):
@@ -670,8 +549,6 @@ def main(argv=None):
     # SIGINT or SIGTERM end the measuring, not the run: what was measured is written, marked "interrupted"
     try:
         if device.type == "cuda" and not args.no_ceilings:
-            from gpu_ceilings import measure_ceilings
-
             meta["ceilings"] = ceil = measure_ceilings(device)
             log(f"ceilings measured here: copy {ceil['copy']['tb_per_s']:.2f} TB/s (read + write), "
                 f"bf16 mm {ceil['mm_bf16']['tflop_per_s']:.0f} TFLOP/s")
@@ -683,24 +560,24 @@ def main(argv=None):
         payload["interrupted"] = str(exc) or "KeyboardInterrupt (SIGINT)"
         log(f"\nINTERRUPTED ({payload['interrupted']}) after {time.perf_counter() - t_begin:.0f} s: writing the "
             f"{sum(r.get('status') == 'ok' for r in results)} results measured so far")
-    add_ceiling_fractions(results, meta.get("ceilings"))
-    from report import loss_table
-
-    log("\n" + "\n".join(loss_table([{"meta": meta, "results": results}])))
-    payload["ratios"] = compute_ratios(results, backends, device, args)
-    print_ratios(payload["ratios"])
+    if meta.get("ceilings"):  # achieved TFLOP/s over the measured bf16 GEMM ceiling
+        top = meta["ceilings"]["mm_bf16"]["tflop_per_s"]
+        for r in (r for r in results if r.get("status") == "ok"):
+            r["fraction_of_mm_ceiling"] = {k: v / top for k, v in r["tflops_achieved"].items()}
+            r["fraction_of_mm_ceiling_useful"] = {k: v / top for k, v in r["tflops_useful"].items()}
+    log("\n" + "\n".join(loss_table({"meta": meta, "results": results})))
+    payload["ratios"] = compute_ratios(results, backends, args)
     payload["acceptance"] = acceptance(payload["ratios"], args, device)
     config.update(device_used=str(device), backends_run=backends, backends_skipped=skipped,
                   tolerances=TOLERANCES, useful_gemms=USEFUL_GEMMS)
-    meta["machine_load_after"] = C.machine_load()
-    la = meta["machine_load_after"].get("busy_fraction_others")
-    if la is not None and busy is not None:
-        log(f"machine load by other processes: {busy:.0%} before the run, {la:.0%} after (> 10%: timings disturbed)")
+    meta["machine_load_after"] = after = C.machine_load()
+    log(f"machine load by other processes: {busy:.0%} before the run, {after['busy_fraction_others']:.0%} after "
+        "(> 10%: timings disturbed)")
     del payload["partial"]
     payload["total_wall_s"] = time.perf_counter() - t_begin
     png = None if args.no_plot else write_plot(results, out)
     if png:
-        payload["plot"] = os.path.basename(png)  # beside the JSON; no machine paths in results
+        payload["plot"] = png.name  # beside the JSON; no machine paths in results
     write()
     log(f"\nresults written to {out}\ntotal wall time {time.perf_counter() - t_begin:.0f} s")
     return 130 if "interrupted" in payload else 0

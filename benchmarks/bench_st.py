@@ -21,14 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-SCALE, STRENGTH, BOTH = 20.0, 9.0, ("query_to_doc", "doc_to_query")
 LOSS_VARIANTS = ("st_per_direction", "fused_per_direction", "st_joint", "fused_joint", "fused_symmetric_hardness")
 # each fused variant against the sentence-transformers run it replaces
 BASELINE = {"fused_per_direction": "st_per_direction", "fused_joint": "st_joint",
             "fused_symmetric_hardness": "st_per_direction", "fused_cached": "st_cached"}
 WORDS = ("the a one two cat dog bird fish sat ran flew swam on under near mat rug tree pond red blue green big "
          "small old young house car road sky sea").split()
-KW = dict(scale=SCALE, directions=BOTH, hardness_mode="in_batch_negatives", hardness_strength=STRENGTH)
+KW = dict(scale=20.0, directions=("query_to_doc", "doc_to_query"), hardness_mode="in_batch_negatives",
+          hardness_strength=9.0)
 
 
 def loss_fn(variant: str):
@@ -132,18 +132,19 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--_mem-worker":
         mem_worker(json.loads(sys.argv[2]))
         return 0
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
-    add("--sizes", type=int, nargs="+", default=[4096, 8192], help="batch sizes B. Default: 4096 8192")
-    add("--d", type=int, default=768, help="embedding width. Default: 768")
-    add("--repeats", type=int, default=3, help="timed runs of each loss variant. Default: 3")
-    add("--cached-batch", type=int, default=1024, help="triplets per cached step. Default: 1024")
-    add("--mini-batch", type=int, default=64, help="mini_batch_size of both cached losses. Default: 64")
-    add("--hidden", type=int, default=64, help="the tiny BERT's width. Default: 64")
-    add("--cached-repeats", type=int, default=5, help="timed cached steps of each. Default: 5")
+    add("--sizes", type=int, nargs="+", default=[4096, 8192], help="batch sizes B")
+    add("--d", type=int, default=768, help="embedding width")
+    add("--repeats", type=int, default=3, help="timed runs of each loss variant")
+    add("--cached-batch", type=int, default=1024, help="triplets per cached step")
+    add("--mini-batch", type=int, default=64, help="mini_batch_size of both cached losses")
+    add("--hidden", type=int, default=64, help="the tiny BERT's width")
+    add("--cached-repeats", type=int, default=5, help="timed cached steps of each")
     add("--no-memory", action="store_true", help="skip the fresh-process memory runs")
-    add("--threads", type=int, default=None, help="torch CPU threads. Default: torch's own")
-    add("--out", default=None, help="result JSON. Default: benchmarks/results/<device>/<date>-st.json")
+    add("--threads", type=int, default=None, help="torch CPU threads; None: torch's own")
+    add("--out", default=None, help="result JSON; None: benchmarks/results/<device>/<date>-st.json")
     args = ap.parse_args()
     if min(args.sizes) < 2 or min(args.d, args.repeats, args.cached_batch, args.mini_batch, args.hidden,
                                    args.cached_repeats) < 1:
@@ -163,27 +164,29 @@ def main() -> int:
            "loss": {}}
     out["versions"]["sentence_transformers"] = sentence_transformers.__version__
     print(f"machine load before: {out['machine_load_before']}", flush=True)
+    path = C.result_path(dev, args.out, "-st")  # rewritten after each part: a failure keeps what was measured
     for B in args.sizes:
         fns = {v: loss_fn(v) for v in LOSS_VARIANTS}
         pairs = C.make_pairs(2, B, args.d, dtype=torch.float32, device=dev, seed=B)
         rows = rows_of(C.time_interleaved(fns, pairs, device=dev, warmup=1, repeats=args.repeats))
         with torch.no_grad():  # the same numbers: each fused loss against sentence-transformers' on one pair
-            q, t = (x.detach() for x in pairs[0])
-            same = {v: {"st": float(fns[BASELINE[v]](q, t)), "fused": float(fns[v](q, t))}
+            same = {v: {"st": float(fns[BASELINE[v]](*pairs[0])), "fused": float(fns[v](*pairs[0]))}
                     for v in ("fused_per_direction", "fused_joint")}
         for s in same.values():
             s["rel_diff"] = abs(s["fused"] - s["st"]) / abs(s["st"])
-        del pairs, fns, q, t
+        del pairs, fns
         for v in () if args.no_memory else LOSS_VARIANTS:
             rows[v].update(peak_mib(kind="loss", variant=v, B=B, d=args.d, seed=B + 1, threads=args.threads))
         out["loss"][str(B)] = {"variants": rows, "ratios": ratios_of(rows), "same_loss_as_st": same}
-        lines = [f"  {v:26s} {r['median_fwd_bwd_ms']:9.0f} ms, peak {C.fmt(r.get('peak_mib'), '.0f')} MiB"
-                 for v, r in rows.items()]
-        lines += [f"  {k}: time {C.fmt(r['time'], '.3f')}, memory {C.fmt(r['memory'], '.3f')}"
-                  for k, r in out["loss"][str(B)]["ratios"].items()]
-        lines.append("  loss vs sentence-transformers' (relative): "
-                     + ", ".join(f"{v} {r['rel_diff']:.1e}" for v, r in same.items()))
-        print(f"B = N = {B}, d = {args.d}:\n" + "\n".join(lines), flush=True)
+        print(f"B = N = {B}, d = {args.d}:")
+        for v, r in rows.items():
+            print(f"  {v:26s} {C.fmt(r['median_fwd_bwd_ms'], '9.0f')} ms, peak {C.fmt(r.get('peak_mib'), '.0f')} MiB"
+                  + (f"  FAILED: {r['error']}" if r["error"] else ""))
+        for k, r in out["loss"][str(B)]["ratios"].items():
+            print(f"  {k}: time {C.fmt(r['time'], '.3f')}, memory {C.fmt(r['memory'], '.3f')}")
+        print("  loss vs sentence-transformers' (relative): "
+              + ", ".join(f"{v} {r['rel_diff']:.1e}" for v, r in same.items()), flush=True)
+        C.write_json(path, out)
 
     # part 2: the cached step
     model = tiny_model(args.hidden)
@@ -191,11 +194,13 @@ def main() -> int:
     fns = {v: cached_step_fn(v, model, args.mini_batch) for v in ("st_cached", "fused_cached")}
     tm = C.time_interleaved(fns, [(feats, SimpleNamespace(grad=None))], device=dev, warmup=1,
                             repeats=args.cached_repeats)
-    cached = {v: {"seconds": [x / 1e3 for x in r["raw_ms"]["fwd_bwd"]], "median_s": r["median_ms"]["fwd_bwd"] / 1e3,
-                  "loss": r["losses"][0], "error": r["error"]} for v, r in tm.items()}
+    cached = {v: {"seconds": [x / 1e3 for x in r["raw_ms"]["fwd_bwd"]],
+                  "median_s": r["median_ms"]["fwd_bwd"] / 1e3 if r["median_ms"] else None,
+                  "loss": r["losses"][0] if r["losses"] else None, "error": r["error"]} for v, r in tm.items()}
     st, fused = cached["st_cached"], cached["fused_cached"]
+    both = st["loss"] is not None and fused["loss"] is not None and st["loss"] != 0
     cached.update(time_ratio=ratio(fused["median_s"], st["median_s"]),
-                  loss_rel_diff=abs(fused["loss"] - st["loss"]) / abs(st["loss"]))
+                  loss_rel_diff=abs(fused["loss"] - st["loss"]) / abs(st["loss"]) if both else None)
     if not args.no_memory:
         for v in ("st_cached", "fused_cached"):
             cached[v].update(peak_mib(kind="cached", variant=v, batch=args.cached_batch, hidden=args.hidden,
@@ -208,10 +213,12 @@ def main() -> int:
                           **cached}
     peaks = f", peak {st['peak_mib']:.0f} vs {fused['peak_mib']:.0f} MiB" if "memory_ratio" in cached else ""
     print(f"cached step, {args.cached_batch} triplets, mini_batch_size {args.mini_batch}: sentence-transformers "
-          f"{st['median_s']:.2f} s, fused {fused['median_s']:.2f} s (ratio {C.fmt(cached['time_ratio'], '.3f')}; "
-          f"losses differ by {cached['loss_rel_diff']:.1e} relative){peaks}", flush=True)
+          f"{C.fmt(st['median_s'], '.2f')} s, fused {C.fmt(fused['median_s'], '.2f')} s (ratio "
+          f"{C.fmt(cached['time_ratio'], '.3f')}; losses differ by {C.fmt(cached['loss_rel_diff'], '.1e')} "
+          f"relative){peaks}" + "".join(f"; {v} FAILED: {cached[v]['error']}" for v in ("st_cached", "fused_cached")
+                                          if cached[v]["error"]), flush=True)
     out.update(machine_load_after=C.machine_load(), total_wall_s=time.perf_counter() - t_start)
-    path = C.write_json(C.result_path(dev, args.out, "-st"), out)
+    C.write_json(path, out)
     print(f"machine load after: {out['machine_load_after']}; wall {out['total_wall_s']:.0f} s; wrote {path}")
     return 0
 

@@ -4,7 +4,7 @@
 Each part runs in its own process and adds to one JSON file (``--out``), rewritten after every
 sub-step: a part stopped at its limit (SIGINT) keeps what it measured, marked "interrupted".
 ``--dry``: tiny sizes on the CPU. What each part measures, and the FLOP model behind MFU (peak 989
-TFLOP/s dense bf16 on an H100 or H200, or ``--peak-tflops``): benchmarks/README.md, "Training step".
+TFLOP/s dense bf16 on an H100 or H200, or ``--peak-tflops``): benchmarks/README.md, "Stage T".
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,15 +51,15 @@ def gib(x) -> float | None:
 class Results:
     """The JSON file every part adds to, rewritten whole (atomically) on each ``put``."""
 
-    def __init__(self, path: str, dry: bool):
+    def __init__(self, path: str, dry: bool, device: torch.device):
         self.path, self.data = Path(path), {}
         try:
             self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
         except (OSError, ValueError) as exc:
             log(f"WARNING: {self.path} is not readable JSON ({exc}); starting a new file")
         if not self.data:
-            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self.data = {"schema": 1, "script": "benchmarks/bench_train_step.py", "dry_run": dry, **C.run_meta(dev)}
+            self.data = {"schema": 1, "script": "benchmarks/bench_train_step.py", "dry_run": dry,
+                         **C.run_meta(device)}
         self.data.setdefault("parts", {})
 
     def put(self, key: str | None = None, value=None) -> None:
@@ -96,7 +97,8 @@ class Flops:
         lm_real = 2 * self.lm_params * float(lengths.sum()) + 0.5 * self.lm_attn_coeff * float((lengths ** 2).sum())
         lm_exec = sum(r * (2 * self.lm_params * w + self.lm_attn_coeff * w ** 2) for r, w in shapes)
         return {"width": width, "lm_tokens": int(lengths.sum()), "lm_tokens_executed": sum(r * w for r, w in shapes),
-                "tiles": tiles, "vision_tokens": tiles * self.n, "fwd_real": vis + lm_real, "fwd_executed": vis + lm_exec}
+                "tiles": tiles, "vision_tokens": tiles * self.n, "fwd_real": vis + lm_real,
+                "fwd_executed": vis + lm_exec}
 
     def batch(self, batch: dict, chunk: int) -> dict:
         q, t = self.side(batch["query"], chunk), self.side(batch["target"], chunk)
@@ -111,25 +113,25 @@ class Flops:
 
 
 class Clock:
-    """A step's time points (``C.stamp``): ``enter`` opens a phase until the next, ``start``/``stop``
-    time a re-encode forward or backward."""
+    """A step's time points (``C.stamp``): ``enter`` opens a phase until the next; ``sub`` holds the
+    (start, end) of each re-encode forward and backward (``timed``)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.reset()
 
     def reset(self):
-        self.marks, self.phase, self.sub, self._open = [], None, {"fwd": [], "bwd": []}, {}
+        self.marks, self.phase, self.sub = [], None, {"fwd": [], "bwd": []}
 
     def enter(self, phase: str):
         self.phase = phase
         self.marks.append((phase, C.stamp(self.device)))
 
-    def start(self, kind: str):
-        self._open[kind] = C.stamp(self.device)
-
-    def stop(self, kind: str):
-        self.sub[kind].append((self._open.pop(kind), C.stamp(self.device)))
+    def timed(self, kind: str, fn, *args, **kw):
+        t0 = C.stamp(self.device)
+        out = fn(*args, **kw)
+        self.sub[kind].append((t0, C.stamp(self.device)))
+        return out
 
     def result(self) -> dict:
         C.sync(self.device)
@@ -166,18 +168,12 @@ class TimedEngine(_Wrapper):
             return self._inner(chunk)
         if clock.phase != "reencode":
             clock.enter("reencode")
-        clock.start("fwd")
-        out = self._inner(chunk)
-        clock.stop("fwd")
-        return out
+        return clock.timed("fwd", self._inner, chunk)
 
     def backward(self, loss, **kw):
         if self._clock.phase == "loss":
             self._clock.enter("backward")
-        self._clock.start("bwd")
-        out = self._inner.backward(loss, **kw)
-        self._clock.stop("bwd")
-        return out
+        return self._clock.timed("bwd", self._inner.backward, loss, **kw)
 
 
 class TimedLoss(_Wrapper):
@@ -196,9 +192,8 @@ def search_largest(try_fn, *, start: int, b_max: int, max_try_s: float, deadline
     out = {"tries": [], "largest_ok": None, "smallest_oom": None, "limited_by": None}
 
     def no_time(B) -> str | None:
-        last = next((t for t in reversed(out["tries"]) if t.get("ok")), None)
-        if last is not None and out["largest_ok"]:
-            predicted = last["s"] * B / out["largest_ok"]
+        if out["largest_ok"]:  # a try's time grows linearly with B from the last one that ran
+            predicted = next(t["s"] for t in reversed(out["tries"]) if t.get("ok")) * B / out["largest_ok"]
             if predicted > max_try_s:
                 return f"time: a try at B={B} would take ~{predicted:.0f} s (> {max_try_s:g} s a try)"
             if deadline is not None and clock() + predicted > deadline:
@@ -255,10 +250,8 @@ def make_clips(folder: Path, count: int, frames: int, fps: int, size: int = 64) 
                 img, x = np.zeros((size, size, 3), np.uint8), (i * 2) % (size - 16)
                 x = x if right else size - 16 - x
                 img[24:40, x: x + 16] = COLOURS[name]
-                for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                    c.mux(p)
-            for p in s.encode():  # flush
-                c.mux(p)
+                c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            c.mux(s.encode())  # flush
     (ann := folder / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n" + "".join(rows))
     return paths, ann
 
@@ -300,7 +293,7 @@ def part_env(args, res: Results, sizes: dict) -> None:
 
 
 class StepRun:
-    """Part ``step``'s model, engine, loss and data."""
+    """Part ``step``'s model, engine (``llave_fast.train``'s AdamW and schedule), loss and data."""
 
     def __init__(self, args, sizes: dict, device: torch.device):
         from llave_fast import train as T
@@ -316,7 +309,7 @@ class StepRun:
         cfg.chunk_size, cfg.global_batch = sizes["chunk"], sizes["pairs_1x1"]
         self.cfg, self.bf16 = cfg, True if cfg.bf16 is None else cfg.bf16
         T.quiet_known_warnings()
-        self.rank, self.world = T.init_distributed()
+        self.world = T.init_distributed()[1]
         self.ds_config = T.deepspeed_config(cfg, self.world, self.bf16)
         t0 = time.perf_counter()
         self.model = T.build_model(cfg, self.ds_config, self.bf16)
@@ -324,16 +317,12 @@ class StepRun:
         self.collator, self.flops = PairCollator(self.processor), Flops(self.model.config)
 
     def initialize(self) -> None:
-        import deepspeed
+        from llave_fast.training.engine import build_engine
+        from llave_fast.training.step import build_loss
 
-        from llave_fast import FusedHardnessLoss
-
-        T, cfg, model, t0 = self.T, self.cfg, self.model, time.perf_counter()
-        optimizer = torch.optim.AdamW(T.param_groups(model, cfg), weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: T.warmup_cosine(s, cfg))
-        self.engine = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=self.ds_config)[0]
-        inner, m = getattr(self.engine.optimizer, "optimizer", None), model.model
+        cfg, model, m, t0 = self.cfg, self.model, self.model.model, time.perf_counter()
+        self.engine = build_engine(model, cfg, self.ds_config)[0]
+        init_s, inner = time.perf_counter() - t0, getattr(self.engine.optimizer, "optimizer", None)
         self.info = {
             "model": cfg.model, "preset": self.sizes["preset"], "bf16": self.bf16, "world_size": self.world,
             "zero_stage": self.engine.zero_optimization_stage(), "chunk_size": cfg.chunk_size,
@@ -344,21 +333,22 @@ class StepRun:
             "params": {k: sum(getattr(p, "ds_numel", p.numel()) for p in mod.parameters()) for k, mod in (
                 ("vision_tower", m.vision_tower), ("projector", m.multi_modal_projector),
                 ("language_model", m.language_model), ("total", model))},
-            "build_model_s": round(self.build_s, 2), "deepspeed_initialize_s": round(time.perf_counter() - t0, 2),
+            "build_model_s": round(self.build_s, 2), "deepspeed_initialize_s": round(init_s, 2),
             "grid_pinpoints_hw": [list(p) for p in m.config.image_grid_pinpoints],
             "flops_params": {k: getattr(self.flops, k) for k in ("n", "vision_params", "projector_params",
                                                                   "lm_params")}}
-        self.loss_fn = FusedHardnessLoss(cfg.logit_scale, cfg.alpha, backend=cfg.loss_backend, local_loss=True,
-                                         distributed=self.world > 1)
-        self.clock = Clock(self.device)
+        self.probe, self.clock = build_loss(cfg, self.world), Clock(self.device)  # the training loop's loss
 
     def step(self, cpu_batch: dict, chunk: int, *, mask_ids: bool = True) -> dict:
-        """One training step (GradCache, engine.step): phases, tokens, FLOPs, MFU, peak memory."""
+        """One training step as ``llave_fast.training.loop`` runs it (rows sorted by length, GradCache
+        chunks padded to their own longest row, the loss in the batch's order), then ``engine.step``:
+        phases, tokens, FLOPs, MFU, peak memory."""
         from llave_fast import GradCache
-        from llave_fast.training.step import _LossProbe, by_length, chunks
+        from llave_fast.training.step import by_length, chunks, duplicate_ids
 
-        cuda, clock = self.device.type == "cuda", self.clock
+        cuda, clock, peak = self.device.type == "cuda", self.clock, self.args.peak
         count = self.flops.batch(cpu_batch, chunk)
+        self.probe.clear()
         pygc.collect()
         if cuda:
             torch.cuda.synchronize()
@@ -366,16 +356,12 @@ class StepRun:
             at_rest = torch.cuda.memory_allocated()
         batch = self.T._to_device(cpu_batch, self.engine.device)
         input_bytes = torch.cuda.memory_allocated() - at_rest if cuda else None
-        ids = dict(target_ids=batch["target_ids"], query_ids=batch["target_ids"]) if mask_ids else {}
-        # as training runs a step: rows sorted by length, chunks padded to their own longest row, the
-        # loss seeing the batch's order (llave_fast.training.loop.train_step)
-        cache = GradCache(TimedEngine(self.engine, clock), TimedLoss(_LossProbe(self.loss_fn), clock), chunk,
-                          split=chunks)
+        cache = GradCache(TimedEngine(self.engine, clock), TimedLoss(self.probe, clock), chunk, split=chunks)
         (q, qo), (t, to), (n, no) = (by_length(batch.get(k), chunk) for k in ("query", "target", "negatives"))
         clock.reset()
         t_wall = time.perf_counter()
         clock.enter("start")
-        loss = cache(q, t, n, orders=(qo, to, no), **ids)
+        loss = cache(q, t, n, orders=(qo, to, no), **duplicate_ids(batch, mask_ids))
         clock.enter("optimizer")
         self.engine.step()
         clock.enter("end")
@@ -402,62 +388,50 @@ class StepRun:
         if cuda:
             rec.update(peak_allocated_gib=gib(torch.cuda.max_memory_allocated()), at_rest_gib=gib(at_rest),
                        peak_reserved_gib=gib(torch.cuda.max_memory_reserved()), batch_on_device_gib=gib(input_bytes))
-        for key, flop in (("mfu", "tflop_useful"), ("mfu_with_gradcache_forward", "tflop_with_gradcache_forward"),
-                          ("hfu_executed", "tflop_executed")):
-            if self.args.peak:
-                rec[key] = count[flop] / total / self.args.peak
+        if peak:
+            rec.update(mfu=count["tflop_useful"] / total / peak, hfu_executed=count["tflop_executed"] / total / peak,
+                       mfu_with_gradcache_forward=count["tflop_with_gradcache_forward"] / total / peak)
         if not math.isfinite(rec["loss"]):
             rec["warning"] = "non-finite loss"
         return rec
 
-    def batches(self, image_size: int, pairs: int, steps: int, seed: int = 0) -> "Batches":
-        workers = self.args.workers if self.args.workers is not None else self.sizes["workers"]
-        return Batches(self.T, self.collator, image_size, pairs, steps, seed, workers)
+    def batches(self, image_size: int, pairs: int, steps: int, seed: int = 0):
+        return batch_stream(self.T, self.collator, image_size, pairs, steps, seed, self.args.workers)
 
 
-class Batches:
+def batch_stream(T, collator, image_size: int, pairs: int, steps: int, seed: int, workers: int):
     """(batch, data wait s) of ``steps`` steps of synthetic pairs through the training loop's loader,
-    started at once; if a worker dies (too small a /dev/shm) threads make the remaining batches."""
+    its workers started at once; if one dies (too small a /dev/shm) threads make the remaining batches."""
+    from llave_fast.data import SyntheticDataset
 
-    def __init__(self, T, collator, image_size: int, pairs: int, steps: int, seed: int, workers: int):
-        from llave_fast.data import SyntheticDataset
+    dataset = SyntheticDataset(pairs * steps, seed=seed, split="train", image_size=image_size)
+    order = T.BatchOrder(len(dataset), pairs, seed)
+    loader = iter(T.step_loader(dataset, collator, order, 0, pairs, 0, steps, workers, 1, seed))
 
-        self.T, self.collator, self.pairs, self.steps, self.seed = T, collator, pairs, steps, seed
-        self.workers = workers
-        self.dataset = SyntheticDataset(pairs * steps, seed=seed, split="train", image_size=image_size)
-        self.order, self.done, self.workers_failed = T.BatchOrder(len(self.dataset), pairs, seed), 0, False
-        self._it = self._loader() if workers > 0 else None
+    def threads(start: int):
+        make = T.StepBatches(dataset, collator)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            yield from pool.map(make.__getitem__, [(s, order(s)[:pairs]) for s in range(start, steps)])
 
-    def _loader(self):
-        return iter(self.T.step_loader(self.dataset, self.collator, self.order, 0, self.pairs, 0, self.steps,
-                                       self.workers, 1, self.seed))
-
-    def _threads(self, start: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        make = self.T.StepBatches(self.dataset, self.collator)
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            futures = [pool.submit(make.__getitem__, (s, self.order(s)[: self.pairs]))
-                       for s in range(start, self.steps)]
-            yield from (f.result() for f in futures)
-
-    def __iter__(self):
-        it = self._it if self._it is not None else self._loader()
-        while self.done < self.steps:
+    def stream():
+        it, done, can_fall_back = loader, 0, workers > 0
+        while done < steps:
             t0 = time.perf_counter()
             try:
                 item = next(it)
             except (RuntimeError, OSError) as exc:
-                if self.workers == 0 or self.workers_failed:
+                if not can_fall_back:
                     raise
                 log(f"WARNING: the data loader's workers failed ({type(exc).__name__}: {str(exc)[:200]}); making the "
-                    f"remaining batches with {self.workers} threads in this process")
-                it, self.workers_failed = self._threads(self.done), True
+                    f"remaining batches with {workers} threads in this process")
+                it, can_fall_back = threads(done), False
                 continue
             if item.get("error"):
-                raise RuntimeError(f"bad synthetic batch at step {self.done}: {item['error']}")
+                raise RuntimeError(f"bad synthetic batch at step {done}: {item['error']}")
             yield item["batch"], time.perf_counter() - t0
-            self.done += 1
+            done += 1
+
+    return stream()
 
 
 def summarize_steps(recs: list[dict]) -> dict:
@@ -495,19 +469,21 @@ def show(tag: str, r: dict) -> None:
         + ", ".join(f"{k} {100 * v:.0f} %" for k, v in r["shares"].items()))
 
 
-def part_step(args, res: Results, sizes: dict, device: torch.device, t_start: float) -> None:
+def part_step(args, res: Results, sizes: dict) -> None:
+    deadline = args.t_start + args.deadline_s if args.deadline_s else None
+
     def left() -> float:
-        return math.inf if not args.deadline_s else t_start + args.deadline_s - time.perf_counter()
+        return math.inf if deadline is None else deadline - time.perf_counter()
 
     jit_before, out = torch_extension_builds(), {"status": "running", "sizes": dict(sizes)}
     res.put("step", out)
-    log(f"building {sizes['preset'] or 'the tiny model'} under ZeRO-3 on {device.type} ...")
-    run = StepRun(args, sizes, device)
+    log(f"building {sizes['preset'] or 'the tiny model'} under ZeRO-3 on {args.device.type} ...")
+    run = StepRun(args, sizes, args.device)
     n1, warm, chunk = sizes["pairs_1x1"], sizes["warmup_1x1"], sizes["chunk"]
     stream_1x1 = run.batches(sizes["image_1x1"], n1, warm + sizes["timed_1x1"])  # workers start before the engine
     run.initialize()
     out.update(run.info, peak_tflops_bf16=args.peak)
-    res.put("step", out)
+    res.put()
     log(f"built: {run.info['params']['total'] / 1e9:.3f} B parameters, optimizer {run.info['optimizer']['inner']}")
     # (b) 1x1: warm-up, then timed steps while the deadline allows
     g1 = out["grid_1x1"] = {"image_px": sizes["image_1x1"], "pairs": n1, "chunk": chunk, "warmup": [], "timed": []}
@@ -537,8 +513,7 @@ def part_step(args, res: Results, sizes: dict, device: torch.device, t_start: fl
     out["encode"] = encode_throughput(run, sizes, Path(args.work)) if left() > 20 else {"skipped": "deadline"}
     res.put()
     if last_1x1 is not None and left() > 15:
-        out["memory"] = memory_search(run, last_1x1, sizes, t_start + args.deadline_s if args.deadline_s else None,
-                                      res.put)
+        out["memory"] = memory_search(run, last_1x1, sizes, deadline, res.put)
     else:
         out["memory"] = {"skipped": "deadline" if last_1x1 is not None else "no 1x1 batch"}
     out.update(jit_builds_during_part=sorted(set(torch_extension_builds()) - set(jit_before)), status="ok")
@@ -547,15 +522,11 @@ def part_step(args, res: Results, sizes: dict, device: torch.device, t_start: fl
 
 def tile_batch(cpu_batch: dict, rows: int) -> dict:
     """``rows`` pairs of a collated batch: its first rows, or it repeated (no masking ids)."""
-    reps = -(-rows // cpu_batch["query"]["input_ids"].shape[0])
+    from llave_fast.training.step import _rows
 
-    def take(v):
-        if isinstance(v, torch.Tensor):
-            return torch.cat([v] * reps)[:rows]
-        return (list(v) * reps)[:rows] if isinstance(v, (list, tuple)) else v
-
-    return {"query": {k: take(v) for k, v in cpu_batch["query"].items()},
-            "target": {k: take(v) for k, v in cpu_batch["target"].items()}, "negatives": None, "target_ids": None}
+    idx = torch.arange(rows) % cpu_batch["query"]["input_ids"].shape[0]
+    return {"query": _rows(cpu_batch["query"], idx), "target": _rows(cpu_batch["target"], idx), "negatives": None,
+            "target_ids": None}
 
 
 def memory_search(run: StepRun, base: dict, sizes: dict, deadline: float | None, save) -> dict:
@@ -582,8 +553,7 @@ def memory_search(run: StepRun, base: dict, sizes: dict, deadline: float | None,
             rec.update(ok=False, oom=oom, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         if not rec["ok"]:  # outside the except block: the exception's frames (batch, activations) are gone
             pygc.collect()
-            if run.device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # nothing without CUDA
             try:
                 run.engine.zero_grad()
             except Exception as exc2:  # noqa: BLE001
@@ -608,8 +578,8 @@ def encode_throughput(run: StepRun, sizes: dict, work: Path) -> dict:
     import deepspeed
 
     from llave_fast.data import SyntheticDataset
-    from llave_fast.model.video import video_length_limit
     from llave_fast.eval_video import encode_videos
+    from llave_fast.model.video import video_length_limit
 
     dev, module, b = run.device, run.engine.module, sizes["enc_batch"]
     ds = SyntheticDataset(3 * max(sizes["enc_images"], sizes["enc_texts"]) + 3 * sizes["enc_warmup"], seed=2,
@@ -637,58 +607,60 @@ def encode_throughput(run: StepRun, sizes: dict, work: Path) -> dict:
                 "end_to_end_samples_per_s": samples / (prep + model_s)} if samples else {"samples": 0}
 
     out = {"batch": b}
-    module.eval()
-    try:
-        with torch.no_grad():
-            timed(imgs[:sizes["enc_warmup"]])
-            for key, items in (("image_text", imgs[:sizes["enc_images"]]), ("text", txts[:sizes["enc_texts"]])):
-                out[key] = timed(items)
-                log(f"encode {key}: {out[key]}")
-            try:
-                paths, _ = make_clips(work / "clips", sizes["clips"], sizes["clip_frames"], sizes["clip_fps"])
-                C.sync(dev)
-                t0 = time.perf_counter()
-                # the video path reads image_newline outside any forward, where ZeRO-3 does not gather it itself
-                with deepspeed.zero.GatheredParameters([module.model.image_newline], modifier_rank=None):
-                    infos = encode_videos(module, paths, fps=3, max_frames=32, batch=sizes["video_batch"], workers=2,
-                                          max_length=video_length_limit(module.config, 8192), progress=False)[1]
-                C.sync(dev)
-                dt, frames = time.perf_counter() - t0, sum(len(i["indices"]) for i in infos)
-                out["video"] = {"videos": len(paths), "frames": frames, "seconds": round(dt, 3),
-                                "videos_per_s": len(paths) / dt, "frames_per_s": frames / dt,
-                                "note": "end to end: decoding (2 threads ahead) + processor + model"}
-            except Exception as exc:  # noqa: BLE001 - PyAV missing, a codec: reported, the rest goes on
-                out["video"] = {"error": f"{type(exc).__name__}: {exc}"}
-            log(f"encode video: {out['video']}")
-    finally:
-        module.train()
+    module.eval()  # back to train() at the end; a failure here ends the part
+    with torch.no_grad():
+        timed(imgs[:sizes["enc_warmup"]])
+        for key, items in (("image_text", imgs[:sizes["enc_images"]]), ("text", txts[:sizes["enc_texts"]])):
+            out[key] = timed(items)
+            log(f"encode {key}: {out[key]}")
+        try:
+            paths, _ = make_clips(work / "clips", sizes["clips"], sizes["clip_frames"], sizes["clip_fps"])
+            C.sync(dev)
+            t0 = time.perf_counter()
+            # the video path reads image_newline outside any forward, where ZeRO-3 does not gather it itself
+            with deepspeed.zero.GatheredParameters([module.model.image_newline], modifier_rank=None):
+                infos = encode_videos(module, paths, fps=3, max_frames=32, batch=sizes["video_batch"], workers=2,
+                                      max_length=video_length_limit(module.config, 8192), progress=False)[1]
+            C.sync(dev)
+            dt, frames = time.perf_counter() - t0, sum(len(i["indices"]) for i in infos)
+            out["video"] = {"videos": len(paths), "frames": frames, "seconds": round(dt, 3),
+                            "videos_per_s": len(paths) / dt, "frames_per_s": frames / dt,
+                            "note": "end to end: decoding (2 threads ahead) + processor + model"}
+        except Exception as exc:  # noqa: BLE001 - PyAV missing, a codec: reported, the rest goes on
+            out["video"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"encode video: {out['video']}")
+    module.train()
     return out
 
 
 def run_clis(jobs: list[tuple[str, list[str]]], quiet_bars: bool = False) -> list[dict]:
-    """Commands side by side: {cmd, rc, wall_s} each; stopped with us when we are interrupted."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"TQDM_DISABLE": "1"} if quiet_bars else {}))
+    """Commands side by side (a thread waits for each): {cmd, rc, wall_s} each; stopped with us when we
+    are interrupted. Each is a 1-process run of its own, outside part step's torch.distributed group."""
+    group = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in group}
+    env.update(PYTHONUNBUFFERED="1", **({"TQDM_DISABLE": "1"} if quiet_bars else {}))
     t0 = time.perf_counter()
-    procs, done = [], {}
+    procs = []
     for tag, cmd in jobs:
         log(f"{tag}: {' '.join(cmd)}")
-        procs.append((tag, cmd, subprocess.Popen(cmd, cwd=str(C.REPO_ROOT), env=env)))
-    try:
-        while len(done) < len(procs):
-            time.sleep(0.2)
-            for k, (tag, cmd, proc) in enumerate(procs):
-                if k not in done and proc.poll() is not None:
-                    done[k] = {"cmd": cmd, "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 2)}
-                    log(f"{tag}: exit {proc.returncode} after {done[k]['wall_s']} s")
-        return [done[k] for k in range(len(procs))]
-    finally:
-        for _, _, proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        procs.append(subprocess.Popen(cmd, cwd=str(C.REPO_ROOT), env=env))
+
+    def wait(k: int) -> dict:
+        done = {"cmd": jobs[k][1], "rc": procs[k].wait(), "wall_s": round(time.perf_counter() - t0, 2)}
+        log(f"{jobs[k][0]}: exit {done['rc']} after {done['wall_s']} s")
+        return done
+
+    with ThreadPoolExecutor(len(procs)) as pool:
+        try:
+            return list(pool.map(wait, range(len(procs))))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
 
 
 def _pick(d: dict, keys: str) -> dict:
@@ -704,7 +676,7 @@ def part_tiny(args, res: Results, sizes: dict) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "llave_fast", "train", "--output-dir", str(run_dir), "--bf16", "true", "--progress",
-           "false", "--num-workers", str(args.workers if args.workers is not None else sizes["workers"])]
+           "false", "--num-workers", str(args.workers)]
     if args.dry:
         cmd += ["--steps", "3", "--num-train", "192", "--num-eval", "32", "--global-batch", "32", "--chunk-size", "64",
                 "--warmup-steps", "1", "--save-every", "0"]
@@ -774,6 +746,20 @@ def _brief(d: dict, keys: str) -> str:
     return ", ".join(out)
 
 
+def _row(name: str, r: dict, shares: dict) -> str:
+    def get(key):  # a step's own figure, or the median over the timed steps
+        return r.get(key) if r.get(key) is not None else r.get("median_" + key)
+
+    def f(x, spec=".1f", scale=1):
+        return "-" if x is None else format(scale * x, spec)
+
+    cells = [name, r.get("pairs"), f(get("step_s"), ".2f"), f(get("pairs_per_s")), f(get("lm_tokens_per_s"), ".0f"),
+             f(get("peak_allocated_gib")), f(get("mfu"), scale=100), f(get("mfu_with_gradcache_forward"), scale=100)]
+    cells += [f(shares.get(k), scale=100) + " %" for k in ("encode", "loss", "reencode_fwd", "reencode_bwd",
+                                                            "reencode_other", "optimizer")]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def part_report(res: Results) -> None:
     d = res.data
     print(f"Training step (issue 21) on {d['device']['name']}"
@@ -784,32 +770,19 @@ def part_report(res: Results) -> None:
         print(f"- (b) {_brief(s, 'model params.total zero_stage bf16 chunk_size gradient_checkpointing')}"
               "\n\n| step | pairs | s/step | pairs/s | tokens/s | peak GiB | MFU % | MFU+GC fwd % | encode | loss "
               "| re-encode fwd | re-encode bwd | reduction etc. | optimizer |\n|---|" + "---:|" * 13)
-
-        def row(name, r, shares):
-            def get(key):  # a step's own figure, or the median over the timed steps
-                return r.get(key) if r.get(key) is not None else r.get("median_" + key)
-
-            def f(x, spec=".1f", scale=1):
-                return "-" if x is None else format(scale * x, spec)
-
-            cells = [name, r.get("pairs"), f(get("step_s"), ".2f"), f(get("pairs_per_s")),
-                     f(get("lm_tokens_per_s"), ".0f"), f(get("peak_allocated_gib")), f(get("mfu"), scale=100),
-                     f(get("mfu_with_gradcache_forward"), scale=100)]
-            cells += [f(shares.get(k), scale=100) + " %" for k in ("encode", "loss", "reencode_fwd", "reencode_bwd",
-                                                                    "reencode_other", "optimizer")]
-            print("| " + " | ".join(str(c) for c in cells) + " |")
-
-        if (g1 := s["grid_1x1"]).get("summary"):
-            row(f"1x1 ({g1['image_px']} px), median of {len(g1['timed'])}", dict(g1["summary"], pairs=g1["pairs"]),
-                g1["summary"]["median_shares"])
-        if g2 := (s.get("grid_2x2") or {}).get("step"):
-            row(f"2x2 ({s['grid_2x2']['image_px']} px)", g2, g2["shares"])
-        if e := s.get("extrapolated"):
-            row(f"{e['pairs']} pairs, extrapolated (not run)", e, {"loss": e["shares"]["loss"]})
+        g1, g2, e = s["grid_1x1"], (s.get("grid_2x2") or {}).get("step"), s.get("extrapolated")
+        if g1.get("summary"):
+            print(_row(f"1x1 ({g1['image_px']} px), median of {len(g1['timed'])}",
+                       dict(g1["summary"], pairs=g1["pairs"]), g1["summary"]["median_shares"]))
+        if g2:
+            print(_row(f"2x2 ({s['grid_2x2']['image_px']} px)", g2, g2["shares"]))
+        if e:
+            print(_row(f"{e['pairs']} pairs, extrapolated (not run)", e, {"loss": e["shares"]["loss"]}))
         print()
-        for chunk, r in (s.get("memory") or {}).get("gradcache", {}).items():
+        mem = s.get("memory") or {}
+        for chunk, r in mem.get("gradcache", {}).items():
             print(f"- (c) GradCache chunk {chunk}: {_brief(r, 'pairs peak_allocated_gib step_s')}")
-        if w := (s.get("memory") or {}).get("without_gradcache"):
+        if w := mem.get("without_gradcache"):
             top = max((t for t in w["tries"] if t.get("ok")), key=lambda t: t["B"], default={})
             print(f"- (c) without GradCache (one pass with grad): {_brief(w, 'largest_ok smallest_oom limited_by')}, "
                   f"largest's {_brief(top, 'peak_allocated_gib pairs_per_s')}")
@@ -824,6 +797,10 @@ def part_report(res: Results) -> None:
             ("eval_tiny", "(d) eval with the tiny model", "status mmeb.p_at_1 video.t2v.R@1 video.v2t.R@1")):
         if d.get(key):
             print(f"- {title}: {_brief(d[key], keys)}")
+
+
+PARTS = {"env": part_env, "step": part_step, "tiny": part_tiny, "eval": part_eval}
+RECORDS = {"env": "env", "step": "step", "tiny": "tiny_job", "eval": "eval_tiny"}  # each part's key in the file
 
 
 def main(argv=None) -> int:
@@ -843,22 +820,20 @@ def main(argv=None) -> int:
     if args.deadline_s is not None and args.deadline_s <= 0 or args.workers is not None and args.workers < 0:
         ap.error("--deadline-s must be positive and --workers >= 0")
     C.start_script()
-    t_start = time.perf_counter()
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.t_start = time.perf_counter()
+    args.device = dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.dry and set(args.parts) != {"report"}:
         ap.error("no CUDA device here: --dry runs the tiny CPU sizes")
     sizes = DRY if args.dry else REAL
+    args.workers = sizes["workers"] if args.workers is None else args.workers
     args.peak = args.peak_tflops or (dev.type == "cuda" and next(
         (v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(dev)), None)) or None
-    res = Results(args.out, args.dry)
-    run = {"env": lambda: part_env(args, res, sizes), "step": lambda: part_step(args, res, sizes, dev, t_start),
-           "tiny": lambda: part_tiny(args, res, sizes), "eval": lambda: part_eval(args, res, sizes)}
+    res = Results(args.out, args.dry, dev)
 
-    def mark(part, status, keys=()):
+    def mark(part, status):
         res.data["parts"][part] = status
-        for key in keys:  # a part's own record, if it was still running
-            if (res.data.get(key) or {}).get("status") == "running":
-                res.data[key]["status"] = status
+        if (record := res.data.get(RECORDS[part]) or {}).get("status") == "running":  # the part's own record
+            record["status"] = status
         res.put()
 
     for part in args.parts:
@@ -868,10 +843,10 @@ def main(argv=None) -> int:
         log(f"part {part} ({'dry run, CPU' if args.dry else dev.type})")
         mark(part, "running")
         try:
-            run[part]()
+            PARTS[part](args, res, sizes)
             mark(part, "ok")
         except KeyboardInterrupt:
-            mark(part, "interrupted", ("step", "tiny_job", "eval_tiny"))
+            mark(part, "interrupted")
             log(f"part {part} interrupted: what it measured is in {args.out}")
             return 130
         except SystemExit as exc:
@@ -879,9 +854,9 @@ def main(argv=None) -> int:
             log(f"part {part} failed: {exc}")
             return 1
         except Exception as exc:
-            mark(part, f"error: {type(exc).__name__}: {exc}", ("step",))
+            mark(part, f"error: {type(exc).__name__}: {exc}")
             raise
-    log(f"done in {time.perf_counter() - t_start:.1f} s: {args.out}")
+    log(f"done in {time.perf_counter() - args.t_start:.1f} s: {args.out}")
     return 0
 
 

@@ -55,13 +55,13 @@ def main(argv=None) -> int:
     bwd_list = tb.BWD_CANDIDATES_CPU if cpu else tb.BWD_CANDIDATES_GPU + EXTRA_BWD
     sms = 1 if cpu else torch.cuda.get_device_properties(dev).multi_processor_count
     dtype, B, d = C.DTYPES[args.dtype], args.B, args.d
-    (q, t), = [(a.detach(), b.detach()) for a, b in C.make_pairs(1, B, d, dtype=dtype, device=dev, seed=11)]
+    q, t = (x.detach() for x in C.make_pairs(1, B, d, dtype=dtype, device=dev, seed=11)[0])
     kw = dict(n_col=B, offset=0, scale=args.logit_scale, alpha=args.alpha, ids=StripIds())
     meta = C.run_meta(dev)
     print(f"tuning on {meta['device']['name']}: B=N={B} d={d} {args.dtype}, torch {meta['versions']['torch']}, "
           f"triton {meta['versions']['triton']}")
     one = 2.0 * B * B * d
-    out = {"meta": meta, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    out = {"meta": meta, "config": vars(args),  # write_json writes the Path as a string
            "default": asdict(tb.launch_config(dev, dtype)), "gpu_default": asdict(tb.gpu_config(dtype, sms)),
            "fwd": [], "bwd": []}
 
@@ -69,37 +69,33 @@ def main(argv=None) -> int:
         out["total_wall_s"] = time.perf_counter() - t_begin
         C.write_json(args.out, out)
 
+    def fwd():
+        return tb.strip_forward(q, t, need_col=True, need_e=False, **kw)
+
     # reference outputs: the default configuration
-    stats = tb.strip_forward(q, t, need_col=True, need_e=False, **kw)
+    stats = fwd()
     gen = torch.Generator(device=dev).manual_seed(5)
     g_row, g_col = (torch.rand(B, device=dev, generator=gen) / B for _ in range(2))
     bkw = dict(kw, row_lse=stats.row_lse, col_lse=stats.col_lse, g_row=g_row, g_col=g_col,
                pos_coef=(g_row + g_col) * args.logit_scale)  # the positive's coefficient, as the loss passes it
     dq_ref, dt_ref = tb.strip_backward(q, t, deterministic=True, **bkw)
 
-    def fwd():
-        return tb.strip_forward(q, t, need_col=True, need_e=False, **kw)
-
-    def fwd_err():
-        s = fwd()
-        return max(float((s.row_lse - stats.row_lse).abs().max()), float((s.col_lse - stats.col_lse).abs().max()))
+    def error(kind, res) -> float:
+        if kind == "fwd":
+            return max(float((res.row_lse - stats.row_lse).abs().max()),
+                       float((res.col_lse - stats.col_lse).abs().max()))
+        return max(C.rel_err(res[0], dq_ref), C.rel_err(res[1], dt_ref))
 
     def candidate(kind, cand, det=False):
         rec = {"config": cand} if kind == "fwd" else {"config": cand, "deterministic": det}
-        what = f"{kind} {cand or 'default'}{' deterministic' if det else ''}"
         if args.deadline_s is not None and time.perf_counter() - t_begin > args.deadline_s:
             out[kind].append({**rec, "status": "SKIPPED (deadline)"})
             return
+        fn = fwd if kind == "fwd" else (lambda: tb.strip_backward(q, t, deterministic=det, **bkw))
+        tol, flops = (5e-2, one) if kind == "fwd" else (2e-2, 3 * one)  # backward: S again (in dS), dq, dT
         try:
             with tb.kernel_config(**cand):
-                if kind == "fwd":
-                    err, tol, fn, flops = fwd_err(), 5e-2, fwd, one
-                else:
-                    def fn():
-                        return tb.strip_backward(q, t, deterministic=det, **bkw)
-                    dq, dt = fn()
-                    err = max(C.rel_err(dq.float(), dq_ref.float()), C.rel_err(dt.float(), dt_ref.float()))
-                    tol, flops = 2e-2, 3 * one  # S again (in the dS kernel), dq, dT
+                err = error(kind, fn())
                 ms = C.bench_ms(fn, dev, args.repeats)
             rec.update(status="ok" if err < tol else "WRONG", err=err, ms=ms, tflops=flops / ms / 1e9)
             if kind == "bwd":
@@ -108,8 +104,9 @@ def main(argv=None) -> int:
             rec.update(status="ERROR", error=f"{type(exc).__name__}: {str(exc)[:300]}")
         out[kind].append(rec)
         write()
-        print(f"{what}: {rec['status']} " + (f"{rec['ms']:.3f} ms, {rec['tflops']:.0f} TFLOP/s, err {rec['err']:.1e}"
-                                             if "ms" in rec else rec.get("error", "")), flush=True)
+        print(f"{kind} {cand or 'default'}{' deterministic' if det else ''}: {rec['status']} "
+              + (f"{rec['ms']:.3f} ms, {rec['tflops']:.0f} TFLOP/s, err {rec['err']:.1e}" if "ms" in rec
+                 else rec.get("error", "")), flush=True)
 
     # the default forward, every backward (which backward is the decision that matters most), then
     # the other forwards: a deadline cuts the least useful
@@ -134,26 +131,22 @@ def main(argv=None) -> int:
 
 
 def summarise(out):
-    ok_f = [r for r in out["fwd"] if r.get("status") == "ok"]
-    ok_b = [r for r in out["bwd"] if r.get("status") == "ok"]
+    ok_f, ok_b = ([r for r in out[kind] if r.get("status") == "ok"] for kind in ("fwd", "bwd"))
     if not (ok_f and ok_b):
         print("no summary: no forward or no backward candidate was timed")
         return
     bf, bb = min(ok_f, key=lambda r: r["ms"]), min(ok_b, key=lambda r: r["ms"])
-    nan = float("nan")
-    s = {"best_fwd": bf, "best_bwd": bb,
-         "best_bwd_deterministic": bb,  # the strip backward, the only one, uses no atomics
-         "default_fwd_bwd_ms": out["fwd"][0].get("ms", nan) + out["bwd"][0].get("ms", nan),
-         "best_fwd_bwd_ms": bf["ms"] + bb["ms"]}
-    if "floor" in out:
-        s["best_over_floor"] = s["best_fwd_bwd_ms"] / out["floor"]["three_gemms_ms"]
-        s["default_over_floor"] = s["default_fwd_bwd_ms"] / out["floor"]["three_gemms_ms"]
-    out["summary"] = s
+    s = out["summary"] = {
+        "best_fwd": bf, "best_bwd": bb, "best_bwd_deterministic": bb,  # the strip backward uses no atomics
+        "default_fwd_bwd_ms": out["fwd"][0].get("ms", float("nan")) + out["bwd"][0].get("ms", float("nan")),
+        "best_fwd_bwd_ms": bf["ms"] + bb["ms"]}
     print(f"\ndefault fwd+bwd {s['default_fwd_bwd_ms']:.3f} ms; best {s['best_fwd_bwd_ms']:.3f} ms "
           f"(fwd {bf['config'] or 'default'}, bwd {bb['config'] or 'default'}"
           f"{' deterministic' if bb['deterministic'] else ''})")
     if "floor" in out:
-        print(f"three cuBLAS GEMMs {out['floor']['three_gemms_ms']:.3f} ms: best / floor = {s['best_over_floor']:.2f} "
+        floor = out["floor"]["three_gemms_ms"]
+        s.update(best_over_floor=s["best_fwd_bwd_ms"] / floor, default_over_floor=s["default_fwd_bwd_ms"] / floor)
+        print(f"three cuBLAS GEMMs {floor:.3f} ms: best / floor = {s['best_over_floor']:.2f} "
               f"(target <= 1.6), default / floor = {s['default_over_floor']:.2f}")
 
 

@@ -442,6 +442,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     probe = json.loads((out / "probe.json").read_text())
     assert {k: v["status"] for k, v in probe["steps"].items()} == {"P1": "ok", "P2": "ok", "P5": "ok"}, probe
     assert probe["steps"]["P1"]["N=95"]["dq_padded_ms"] > 0 and probe["steps"]["P2"]["stats_pass_bytes"] > 0
+    p5 = probe["steps"]["P5"]  # the fused forward's column statistics every way (NOTES.md, Prediction 15)
+    assert all(row[k] > 0 for row in (p5["d=16"], p5["d=32"]) for k in ("col=off_ms", "col=on_ms", "col=on_tile_ms",
+                                                                         "col=on_transpose_ms")), p5
     seq = json.loads((out / "loss_262k.json").read_text())
     assert seq["config"]["sequential"] and {r["label"]: r["status"] for r in seq["results"]} == {
         "torch": "ok", "reference": "ok"}

@@ -321,8 +321,8 @@ def test_batches_fall_back_to_threads_when_the_workers_die():
             raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error.")
 
     fake = SimpleNamespace(step_loader=lambda *a, **k: Dying(), StepBatches=T.StepBatches, BatchOrder=T.BatchOrder)
-    stream = B.Batches(fake, lambda records: {"rows": [r["row"] for r in records]}, image_size=32, pairs=4, steps=3,
-                       seed=0, workers=2)
+    stream = B.batch_stream(fake, lambda records: {"rows": [r["row"] for r in records]}, image_size=32, pairs=4,
+                            steps=3, seed=0, workers=2)
     got = [b["rows"] for b, wait in stream]
     order = T.BatchOrder(12, 4, 0)
     assert got == [[int(i) for i in order(s)] for s in range(3)]
