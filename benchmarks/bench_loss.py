@@ -495,6 +495,8 @@ def parse_args(argv=None):
 
 def apply_defaults(args, device):
     cpu = device.type == "cpu"
+    if args.repeats is not None and args.repeats < 1:  # before the defaults, which would replace a 0
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     args.backends = args.backends or list(DEFAULT_BACKENDS[device.type])
     if args.quick:
         args.B, args.d = args.B or ([512, 1024] if cpu else [2048, 4096]), args.d or ([256] if cpu else [1024])
