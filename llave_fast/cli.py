@@ -73,12 +73,16 @@ def _text_cut(s: str):
 
 
 def _dtype_spelling(s: str) -> str:
-    """A precision's other spellings (bfloat16, torch.float16, half, ...) as its short name; anything
-    else as it is, for argparse's choices to refuse."""
-    from .dtypes import DTYPE_ALIASES
+    """A precision's other spellings (bfloat16, torch.float16, half, ...) as its short name
+    (``dtypes.dtype_name``, the library's one rule); anything else as it is, for argparse's
+    choices to accept (a command's own, e.g. ``auto``) or refuse."""
+    from .dtypes import dtype_name
+    from .errors import InvalidArgument
 
-    key = s[len("torch."):] if s.startswith("torch.") else s
-    return DTYPE_ALIASES.get(key, s)
+    try:
+        return dtype_name(s)
+    except InvalidArgument:
+        return s
 
 
 def add_dtype_flag(p: argparse.ArgumentParser, *, choices, default: str, help: str) -> None:
