@@ -1292,6 +1292,39 @@ def test_autotune_picks_a_candidate_once_and_stays_correct(monkeypatch, gen, see
     assert all(r["key"][3] == torch.float16 and r["key"][-1].S_MODE == "fused" for r in new), [r["key"] for r in new]
 
 
+def test_autotune_never_chooses_a_fast_wrong_candidate(monkeypatch):
+    """Each candidate's outputs are compared with the base configuration's before it is timed: a
+    candidate off by more than AGREE_REL, or with a NaN, is refused and recorded, even when it is
+    the fastest; the slower right one is chosen."""
+    import time
+
+    from llave_fast.backends import launch
+
+    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(launch, "TUNE_LOG", [])
+    monkeypatch.setattr(launch, "FWD_CANDIDATES_CPU", [dict(BM=16), dict(BM=64), dict(BN=64)])
+    truth = torch.linspace(-3.0, 5.0, 97, dtype=torch.float64)
+
+    def run(cfg):  # BM=16: fast and 5 % off; BN=64: fast and NaN in one place; BM=64: right and slow
+        if cfg.BM == 16:
+            return (truth * 1.05,)
+        if cfg.BN == 64:
+            return (torch.where(truth > 4.9, float("nan"), truth),)
+        time.sleep(0.002)
+        return (truth + 1e-7,)
+
+    base = launch.interpreter_config()
+    chosen = launch.tuned("fwd", base, ("planted",), torch.device("cpu"), torch.float32, run)
+    assert chosen.BM == 64, chosen
+    rec = launch.TUNE_LOG[-1]
+    assert rec["choice"] == dict(BM=64), rec
+    errors = {str(c["config"]): c.get("error", "") for c in rec["candidates"]}
+    assert errors["{'BM': 16}"].startswith("wrong: outputs differ") and "5.00e-02" in errors["{'BM': 16}"], errors
+    assert errors["{'BN': 64}"].startswith("wrong: outputs differ") and "inf" in errors["{'BN': 64}"], errors
+    assert launch.disagreement((truth,), (truth,)) == 0.0
+    assert launch.disagreement((truth, truth), (truth,)) == float("inf")
+
+
 def test_autotune_env_value_is_checked(monkeypatch, gen):
     monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "maybe")
     case = make_case(gen, 9, 16, 0, torch.float32)

@@ -357,23 +357,60 @@ def time_ms(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+#: how far a candidate's outputs may lie from ``base``'s (max |x - x_base| / max |x_base| over every
+#: output) before it is refused: the candidates change tile shapes, summation order and (DS_LOWP)
+#: the dS strip's precision, each a rounding-level change; a wrong kernel is off by far more
+AGREE_REL = 2e-2
+
+
+def _outputs(res) -> list[torch.Tensor]:
+    """The tensors of a launch's result (the forward's statistics, the backward's dq and dT)."""
+    if isinstance(res, (tuple, list)):
+        return [x for x in res if isinstance(x, torch.Tensor)]
+    return [x for x in (getattr(res, f, None) for f in ("row_lse", "row_es", "col_lse", "col_es"))
+            if isinstance(x, torch.Tensor)]
+
+
+def disagreement(res, ref) -> float:
+    """The largest relative difference of ``res``'s outputs from ``ref``'s (inf for a non-finite
+    output, or for a different set of outputs)."""
+    got, want = _outputs(res), _outputs(ref)
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(got, want):
+        x, y = x.detach().double(), y.detach().double()
+        if x.shape != y.shape or not bool(torch.isfinite(x).all()):
+            return float("inf")
+        worst = max(worst, float((x - y).abs().max()) / max(float(y.abs().max()), 1e-30))
+    return worst
+
+
 def tuned(kind: str, base: KernelConfig, key: tuple, device: torch.device, dtype: torch.dtype, run) -> KernelConfig:
     """``base`` with the fastest of ``candidates(kind, ...)`` applied, tuning on first sight of
     ``(kind, device type, device index, dtype) + key + (base,)``. ``run(cfg)`` launches the
-    kernels under ``cfg``; a candidate that fails to compile or fit is recorded and skipped."""
+    kernels under ``cfg`` and returns their outputs; a candidate that fails to compile or fit, or
+    whose outputs differ from ``base``'s by more than ``AGREE_REL``, is recorded and skipped (a
+    fast wrong configuration is never chosen)."""
     full = (kind, device.type, device.index, dtype) + tuple(key) + (base,)
     if full in TUNED:
         return TUNED[full]
     record = {"key": full, "candidates": []}
     best, best_ms = None, float("inf")
+    ref = run(base)
     for cand in candidates(kind, device, dtype):
         try:
             cfg = base.replace(**cand)
+            err = disagreement(run(cfg), ref)
+            if not err <= AGREE_REL:
+                record["candidates"].append({"config": cand, "error": f"wrong: outputs differ from the base "
+                                             f"configuration's by {err:.2e} relative (> {AGREE_REL:g})"})
+                continue
             ms = time_ms(lambda: run(cfg), device)
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is skipped
             record["candidates"].append({"config": cand, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
-        record["candidates"].append({"config": cand, "ms": ms})
+        record["candidates"].append({"config": cand, "ms": ms, "disagreement": err})
         if ms < best_ms:
             best, best_ms = cand, ms
     if best is None:
