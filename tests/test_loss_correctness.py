@@ -1323,6 +1323,12 @@ def test_autotune_never_chooses_a_fast_wrong_candidate(monkeypatch):
     assert errors["{'BN': 64}"].startswith("wrong: outputs differ") and "inf" in errors["{'BN': 64}"], errors
     assert launch.disagreement((truth,), (truth,)) == 0.0
     assert launch.disagreement((truth, truth), (truth,)) == float("inf")
+    # a column every row masks: -inf in both agrees; -inf against a finite value, or a finite
+    # value against -inf, does not
+    masked = torch.where(truth > 4.5, float("-inf"), truth)
+    assert launch.disagreement((masked + 1e-9,), (masked,)) < 1e-8
+    assert launch.disagreement((masked,), (truth,)) == float("inf")
+    assert launch.disagreement((truth,), (masked,)) == float("inf")
 
 
 def test_autotune_env_value_is_checked(monkeypatch, gen):

@@ -372,17 +372,22 @@ def _outputs(res) -> list[torch.Tensor]:
 
 
 def disagreement(res, ref) -> float:
-    """The largest relative difference of ``res``'s outputs from ``ref``'s (inf for a non-finite
-    output, or for a different set of outputs)."""
+    """The largest relative difference of ``res``'s outputs from ``ref``'s over the elements where
+    ``ref`` is finite; inf for a NaN, for an infinity where ``ref`` has none (a column every row
+    masks has a log-sum-exp of -inf in both), or for a different set of outputs."""
     got, want = _outputs(res), _outputs(ref)
     if len(got) != len(want):
         return float("inf")
     worst = 0.0
     for x, y in zip(got, want):
         x, y = x.detach().double(), y.detach().double()
-        if x.shape != y.shape or not bool(torch.isfinite(x).all()):
+        if x.shape != y.shape or bool(torch.isnan(x).any()):
             return float("inf")
-        worst = max(worst, float((x - y).abs().max()) / max(float(y.abs().max()), 1e-30))
+        fin = torch.isfinite(y)
+        if not bool(torch.equal(x[~fin], y[~fin])) or not bool(torch.isfinite(x[fin]).all()):
+            return float("inf")
+        if bool(fin.any()):
+            worst = max(worst, float((x[fin] - y[fin]).abs().max()) / max(float(y[fin].abs().max()), 1e-30))
     return worst
 
 
