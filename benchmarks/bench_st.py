@@ -171,11 +171,12 @@ def main() -> int:
         rows = rows_of(C.time_interleaved(fns, pairs, device=dev, warmup=1, repeats=args.repeats))
         with torch.no_grad():  # the same numbers: each fused loss against sentence-transformers' on one pair
             same = {v: {"st": float(fns[BASELINE[v]](*pairs[0])), "fused": float(fns[v](*pairs[0]))}
-                    for v in ("fused_per_direction", "fused_joint")}
+                    for v in ("fused_per_direction", "fused_joint") if not (rows[v]["error"] or
+                                                                            rows[BASELINE[v]]["error"])}
         for s in same.values():
-            s["rel_diff"] = abs(s["fused"] - s["st"]) / abs(s["st"])
+            s["rel_diff"] = abs(s["fused"] - s["st"]) / abs(s["st"]) if s["st"] else float("inf")
         del pairs, fns
-        for v in () if args.no_memory else LOSS_VARIANTS:
+        for v in () if args.no_memory else [v for v in LOSS_VARIANTS if not rows[v]["error"]]:
             rows[v].update(peak_mib(kind="loss", variant=v, B=B, d=args.d, seed=B + 1, threads=args.threads))
         out["loss"][str(B)] = {"variants": rows, "ratios": ratios_of(rows), "same_loss_as_st": same}
         print(f"B = N = {B}, d = {args.d}:")
@@ -202,16 +203,17 @@ def main() -> int:
     cached.update(time_ratio=ratio(fused["median_s"], st["median_s"]),
                   loss_rel_diff=abs(fused["loss"] - st["loss"]) / abs(st["loss"]) if both else None)
     if not args.no_memory:
-        for v in ("st_cached", "fused_cached"):
+        for v in [v for v in ("st_cached", "fused_cached") if not cached[v]["error"]]:
             cached[v].update(peak_mib(kind="cached", variant=v, batch=args.cached_batch, hidden=args.hidden,
                                       mini_batch=args.mini_batch, threads=args.threads))
-        cached["memory_ratio"] = ratio(fused["peak_mib"], st["peak_mib"])
+        cached["memory_ratio"] = ratio(fused.get("peak_mib"), st.get("peak_mib"))
     out["cached_step"] = {"settings": {"model": f"BERT, 2 layers, hidden {args.hidden}, random init (built here)",
                                        "triplets": args.cached_batch, "mini_batch_size": args.mini_batch,
                                        "partition_mode": "per_direction", "repeats": args.cached_repeats,
                                        "what": "loss(features) + loss.backward() of one step (the re-encode included)"},
                           **cached}
-    peaks = f", peak {st['peak_mib']:.0f} vs {fused['peak_mib']:.0f} MiB" if "memory_ratio" in cached else ""
+    peaks = (f", peak {C.fmt(st.get('peak_mib'), '.0f')} vs {C.fmt(fused.get('peak_mib'), '.0f')} MiB"
+             if "memory_ratio" in cached else "")
     print(f"cached step, {args.cached_batch} triplets, mini_batch_size {args.mini_batch}: sentence-transformers "
           f"{C.fmt(st['median_s'], '.2f')} s, fused {C.fmt(fused['median_s'], '.2f')} s (ratio "
           f"{C.fmt(cached['time_ratio'], '.3f')}; losses differ by {C.fmt(cached['loss_rel_diff'], '.1e')} "

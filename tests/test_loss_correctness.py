@@ -1294,8 +1294,9 @@ def test_autotune_picks_a_candidate_once_and_stays_correct(monkeypatch, gen, see
 
 def test_autotune_never_chooses_a_fast_wrong_candidate(monkeypatch):
     """Each candidate's outputs are compared with the base configuration's before it is timed: a
-    candidate off by more than AGREE_REL, or with a NaN, is refused and recorded, even when it is
-    the fastest; the slower right one is chosen."""
+    candidate off beyond the tolerance (AGREE), or with a NaN, is refused and recorded, even when
+    it is the fastest; the slower right one is chosen. Where the base itself fails, the first
+    candidate that runs is the reference."""
     import time
 
     from llave_fast.backends import launch
@@ -1311,7 +1312,7 @@ def test_autotune_never_chooses_a_fast_wrong_candidate(monkeypatch):
         if cfg.BN == 64:
             return (torch.where(truth > 4.9, float("nan"), truth),)
         time.sleep(0.002)
-        return (truth + 1e-7,)
+        return (truth * (1 + 1e-6),)
 
     base = launch.interpreter_config()
     chosen = launch.tuned("fwd", base, ("planted",), torch.device("cpu"), torch.float32, run)
@@ -1319,16 +1320,54 @@ def test_autotune_never_chooses_a_fast_wrong_candidate(monkeypatch):
     rec = launch.TUNE_LOG[-1]
     assert rec["choice"] == dict(BM=64), rec
     errors = {str(c["config"]): c.get("error", "") for c in rec["candidates"]}
-    assert errors["{'BM': 16}"].startswith("wrong: outputs differ") and "5.00e-02" in errors["{'BM': 16}"], errors
-    assert errors["{'BN': 64}"].startswith("wrong: outputs differ") and "inf" in errors["{'BN': 64}"], errors
-    assert launch.disagreement((truth,), (truth,)) == 0.0
-    assert launch.disagreement((truth, truth), (truth,)) == float("inf")
-    # a column every row masks: -inf in both agrees; -inf against a finite value, or a finite
-    # value against -inf, does not
-    masked = torch.where(truth > 4.5, float("-inf"), truth)
-    assert launch.disagreement((masked + 1e-9,), (masked,)) < 1e-8
-    assert launch.disagreement((masked,), (truth,)) == float("inf")
-    assert launch.disagreement((truth,), (masked,)) == float("inf")
+    assert errors["{'BM': 16}"].startswith("wrong: outputs differ"), errors
+    assert errors["{'BN': 64}"].startswith("wrong: outputs differ") and "infx" in errors["{'BN': 64}"], errors
+
+    # a base configuration that fails (an override that does not fit): the first candidate that
+    # runs (BM=16 here) is the reference, and the others are held to it
+    def failing_base(cfg):
+        if cfg == base:
+            raise RuntimeError("out of resources: shared memory")
+        return run(cfg)
+
+    chosen = launch.tuned("fwd", base, ("base fails",), torch.device("cpu"), torch.float32, failing_base)
+    rec = launch.TUNE_LOG[-1]
+    assert rec["reference"] == dict(BM=16) and "shared memory" in rec["base_error"] and chosen.BM == 16, rec
+
+
+def test_autotune_agreement_rule_by_output_kind():
+    """Log-sum-exps in nats (a 0.5-nat error at lse ~45 is refused though it is 1 % relative),
+    softmax means absolutely, gradients relatively; -inf (a column every row masks) and NaN (NaN
+    inputs) agree only with themselves."""
+    from llave_fast.backends import launch
+    from llave_fast.backends.common import StripStats
+
+    g = torch.Generator().manual_seed(0)
+    lse = 45.0 + torch.rand(256, generator=g, dtype=torch.float64)
+    es = 0.8 + 0.1 * torch.rand(256, generator=g, dtype=torch.float64)
+    ref = StripStats(lse, es, lse.flip(0), es.flip(0))
+
+    def stats(**change):
+        d = dict(row_lse=lse, row_es=es, col_lse=lse.flip(0), col_es=es.flip(0))
+        d.update(change)
+        return StripStats(**d)
+
+    assert launch.disagreement(stats(row_lse=lse + 1e-4), ref) < 0.1  # rounding-level: agrees
+    off = lse.flip(0).clone()
+    off[64:128] += 0.5
+    assert launch.disagreement(stats(col_lse=off), ref) > 10  # half a nat on one column block
+    assert launch.disagreement(stats(row_es=es + 0.01), ref) > 5
+    assert launch.disagreement(stats(row_es=None), ref) == float("inf")  # a different set of outputs
+    masked = torch.where(lse > 45.9, float("-inf"), lse)
+    assert launch.disagreement(stats(row_lse=masked + 1e-5), stats(row_lse=masked)) < 0.01
+    assert launch.disagreement(stats(row_lse=masked), ref) == float("inf")
+    assert launch.disagreement(ref, stats(row_lse=masked)) == float("inf")
+    nan = torch.where(lse > 45.9, float("nan"), lse)
+    assert launch.disagreement(stats(row_lse=nan), stats(row_lse=nan)) == 0.0  # NaN inputs: NaN in both
+    assert launch.disagreement(ref, stats(row_lse=nan)) == float("inf")
+    grad = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    assert launch.disagreement((grad * (1 + 1e-3), grad), (grad, grad)) < 0.1
+    assert launch.disagreement((grad * 1.05, grad), (grad, grad)) > 1  # a 5 % error (alpha, a lost term)
 
 
 def test_autotune_env_value_is_checked(monkeypatch, gen):
