@@ -28,6 +28,7 @@ from _infcl import inf_cl_available, make_inf_cl_loss  # noqa: E402
 from gemm3 import gemm3_fn  # noqa: E402
 from gpu_ceilings import measure_ceilings  # noqa: E402
 from llave_fast import hardness_weighted_loss  # noqa: E402
+from llave_fast.backends import launch  # noqa: E402
 from llave_fast.backends import triton_backend as tb  # noqa: E402
 from llave_fast.backends.common import plan_s, s_cache_budget, s_mode_setting  # noqa: E402
 from llave_fast.reference import reference_loss  # noqa: E402
@@ -220,6 +221,12 @@ def finish_record(rec, tm, fn, pairs, args, device) -> dict:
         rec[key] = {k: n * one / (med[k] * 1e-3) / 1e12 for k, n in (("fwd", f), ("bwd", b), ("fwd_bwd", f + b))}
     rec["status"] = "ok"
     return rec
+
+
+def autotune_records() -> list[dict]:
+    """LLAVE_FAST_AUTOTUNE=1: the library autotuner's sweeps in this process (``launch.TUNE_LOG``: each
+    candidate's median ms, or why it was refused), its keys as strings for the JSON file."""
+    return [dict(r, key=[str(k) for k in r["key"]]) for r in launch.TUNE_LOG]
 
 
 def alpha0_fused(backends, args):
@@ -567,7 +574,9 @@ def main(argv=None):
         for r in (r for r in results if r.get("status") == "ok"):
             r["fraction_of_mm_ceiling"] = {k: v / top for k, v in r["tflops_achieved"].items()}
             r["fraction_of_mm_ceiling_useful"] = {k: v / top for k, v in r["tflops_useful"].items()}
-    log("\n" + "\n".join(loss_table({"meta": meta, "results": results})))
+    if tuned := autotune_records():
+        payload["autotune"] = tuned
+    log("\n" + "\n".join(loss_table({"meta": meta, "results": results, "autotune": payload.get("autotune")})))
     payload["ratios"] = compute_ratios(results, backends, args)
     payload["acceptance"] = acceptance(payload["ratios"], args, device)
     config.update(device_used=str(device), backends_run=backends, backends_skipped=skipped,

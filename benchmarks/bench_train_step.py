@@ -231,27 +231,17 @@ COLOURS = {"red": (255, 40, 0), "green": (0, 220, 60), "blue": (40, 80, 255), "y
            "purple": (150, 40, 200), "orange": (255, 140, 0), "white": (250, 250, 250), "pink": (255, 120, 200)}
 
 
-def make_clips(folder: Path, count: int, frames: int, fps: int, size: int = 64) -> tuple[list[str], Path]:
+def make_clips(folder: Path, count: int, frames: int, fps: int) -> tuple[list[str], Path]:
     """``count`` mpeg4 clips (a coloured square moving right or left) and MSR-VTT-style captions."""
-    import av
-    import numpy as np
+    from llave_fast.testing import write_clip
 
     folder.mkdir(parents=True, exist_ok=True)
     paths, rows = [str(folder / f"video{k}.mp4") for k in range(count)], []
     for k, path in enumerate(paths):
         name, right = list(COLOURS)[k % len(COLOURS)], (k // len(COLOURS)) % 2 == 0
         rows.append(f"ret{k},msr{k},video{k},a {name} square moves {'right' if right else 'left'}\n")
-        if os.path.exists(path):
-            continue
-        with av.open(path, "w") as c:
-            s = c.add_stream("mpeg4", rate=fps)
-            s.width, s.height, s.pix_fmt = size, size, "yuv420p"
-            for i in range(frames):
-                img, x = np.zeros((size, size, 3), np.uint8), (i * 2) % (size - 16)
-                x = x if right else size - 16 - x
-                img[24:40, x: x + 16] = COLOURS[name]
-                c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-            c.mux(s.encode())  # flush
+        if not os.path.exists(path):
+            write_clip(path, frames, fps, COLOURS[name], step=2 if right else -2)
     (ann := folder / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n" + "".join(rows))
     return paths, ann
 

@@ -3,7 +3,6 @@
 # (bash benchmarks/fetch_wheels.sh here first), timeout_s 590. Stages and step limits (LIMIT_<step>=...
 # overrides one; STEPS="A1 B0 ..." runs only the steps named):
 #   A   A1 compiled-kernel and environment tests (pytest -m 'gpu or env', 8 workers)         110 s
-#       A2 tuning sweep, B = N = 16384, d = 1536, bf16 (bench_tune.py: backward candidates first) 85 s
 #   B   B0 S-cache kernel probe (probe_scache.py: S GEMM with fp32 output, dq/dT at odd N, the
 #          stats and dS passes against the copy bandwidth, the fused forward)                  60 s
 #       B1 loss sweep, d = 1536, bf16, B = 4096 16384 65536, every backend, ceilings, the floor  165 s
@@ -13,9 +12,9 @@
 #       from .whl/train (offline) and the optimizer check 20 + 15 s; T1 the tiny default job 50 s;
 #       T2 the LLaVE-0.5B-size step, its encode throughput, memory without GradCache 125 s; T3 eval
 #       and eval-video with T1's model 25 s. "bash benchmarks/gpu_check.sh T", timeout_s 320.
-# AB is ~30 s of set-up + 530 s of steps; a 1-2 minute machine start leaves ~3 of the 15 minutes.
+# AB is ~30 s of set-up + 505 s of steps; a 1-2 minute machine start leaves ~3 of the 15 minutes.
 # Files under $OUT (default ./gpu_out; a device call brings back at most 8):
-#   A: log_A.txt tests.xml tune.json   B: log_B.txt probe.json loss.json loss_262k.json loss_variants.json
+#   A: log_A.txt tests.xml   B: log_B.txt probe.json loss.json loss_262k.json loss_variants.json
 #   T: log_T.txt train_step.json
 # Each step runs under run_step (benchmarks/_steps.sh): SIGINT at its limit, so the scripts and pytest
 # write what they have (the JSON files are also rewritten as results come in). Without CUDA every
@@ -31,7 +30,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # shellcheck source=benchmarks/_steps.sh
 source benchmarks/_steps.sh
-LIMIT_A1=${LIMIT_A1:-110}; LIMIT_A2=${LIMIT_A2:-85}; LIMIT_B1=${LIMIT_B1:-165}; LIMIT_B2=${LIMIT_B2:-100}
+LIMIT_A1=${LIMIT_A1:-110}; LIMIT_B1=${LIMIT_B1:-165}; LIMIT_B2=${LIMIT_B2:-100}
 LIMIT_B3=${LIMIT_B3:-70}; LIMIT_B0=${LIMIT_B0:-60}
 LIMIT_T0=${LIMIT_T0:-20}; LIMIT_T0_ENV=${LIMIT_T0_ENV:-15}; LIMIT_T1=${LIMIT_T1:-50}; LIMIT_T2=${LIMIT_T2:-125}
 LIMIT_T3=${LIMIT_T3:-25}
@@ -86,14 +85,7 @@ stage_A() {
             tests/test_environment.py "${extra[@]}" -p no:cacheprovider -p no:benchmark -o addopts="" -rfE --tb=short \
             --junitxml="$OUT/tests.xml"
     fi
-    if want A2; then
-        step "A2. tuning sweep, B = N = 16384, d = 1536, bf16 (every candidate checked against the default)"
-        pick --dry-run-cpu --B 40 --d 24 --dtype fp32 --repeats 1 -- --B 16384 --d 1536 --dtype bf16 --repeats 10 \
-            --deadline-s $(( LIMIT_A2 - 25 ))
-        run_step "$LIMIT_A2" "$PY" benchmarks/bench_tune.py "${ARGS[@]}" --out "$OUT/tune.json"
-    fi
     step "A summary"
-    [ -f "$OUT/tune.json" ] && "$PY" benchmarks/report.py --tune "$OUT/tune.json"
     [ -f "$OUT/tests.xml" ] && "$PY" benchmarks/report.py --junit "$OUT/tests.xml"
     return 0
 }

@@ -3,7 +3,7 @@
 
     python benchmarks/report.py FILE.json [...] [--tune tune.json] [--junit tests.xml]
 
-A file is read by its content: loss (bench_loss.py), tuning (bench_tune.py); any other JSON gets a
+A file is read by its content: loss (bench_loss.py), tuning (the retired bench_tune.py's files); any other JSON gets a
 line saying it is not rendered here. Prints nothing it did not read (benchmarks/README.md).
 """
 
@@ -53,6 +53,10 @@ def loss_table(pl) -> list[str]:
         cells += [f"{_ms(best) / _ms(ok[den]):.2f} ({best['label']})" if best is not None and den in ok else "-"
                   for den in ("reference", "gemm3")]
         lines.append(f"| {dn} | {d} | {B} | " + " | ".join(cells) + " |")
+    for t in pl.get("autotune") or []:  # key: kind, device type and index, dtype, then the shape class
+        ok = [c for c in t["candidates"] if "ms" in c]
+        lines.append(f"Autotune {t['key'][0]} {t['key'][3]} {t['key'][4:-1]}: {t['choice'] or 'the base'} in "
+                     f"{t['ms']:.3f} ms; {len(ok)} candidates timed, {len(t['candidates']) - len(ok)} refused.")
     if ceil := meta.get("ceilings"):
         lines += ["", f"Ceilings measured in the same run: copy {ceil['copy']['tb_per_s']:.2f} TB/s (read + write), "
                       f"bf16 GEMM {ceil['mm_bf16']['tflop_per_s']:.0f} TFLOP/s."]
@@ -94,7 +98,7 @@ def junit_lines(path: Path) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py (or bench_tune.py)")
+    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py (or the retired bench_tune.py)")
     p.add_argument("--tune", type=Path, default=None)
     p.add_argument("--junit", type=Path, default=None, help="a pytest junit XML file: counts and failures")
     args = p.parse_args(argv)

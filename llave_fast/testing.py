@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: run a function on several local ranks.
+"""Helpers for tests and benchmarks: run a function on several local ranks; write a test clip.
 
 ``spawn_ranks(fn, world, *args)`` starts ``world`` processes (spawn), initialises a
 process group in each (gloo on CPU, NCCL when asked), calls ``fn(rank, world, *args)``
@@ -65,3 +65,29 @@ def spawn_ranks(fn, world: int, *args, backend: str = "gloo") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         mp.spawn(_entry, args=(fn, world, store, backend, args), nprocs=world, join=True)
+
+
+def write_clip(path, frames: int, fps, colour=(255, 40, 0), *, step: int = 3, size: int = 64,
+               codec: str = "mpeg4") -> str:
+    """A clip for tests and benchmarks (PyAV): a 16-px square of ``colour`` on black, ``size`` x ``size`` px,
+    ``frames`` frames at ``fps``; frame i has the square's left edge at ``i * step`` (from the right edge
+    when ``step`` is negative), wrapping at the far edge."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    span, top = size - 16, size // 2 - 8
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img, x = np.zeros((size, size, 3), np.uint8), (i * abs(step)) % span
+            x = x if step >= 0 else span - x
+            img[top: top + 16, x: x + 16] = colour
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():  # flush
+            c.mux(packet)
+    return str(path)

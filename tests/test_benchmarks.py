@@ -82,22 +82,33 @@ def test_backward_config_runs_the_strip_backward(monkeypatch):
     torch.testing.assert_close(t.grad, ref_t.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_tune_script_dry_run(tmp_path):
-    out = tmp_path / "tune.json"
-    r = subprocess.run([sys.executable, str(BENCH / "bench_tune.py"), "--dry-run-cpu", "--B", "40", "--d", "24",
-                        "--dtype", "fp32", "--repeats", "1", "--out", str(out)],
-                       capture_output=True, text=True, env=_env(), timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads(out.read_text())
-    assert res["fwd"] and res["bwd"]
-    assert all(x["status"] == "ok" for x in res["fwd"] + res["bwd"]), [x.get("error") for x in res["fwd"] + res["bwd"]]
-    assert {x["deterministic"] for x in res["bwd"]} == {False, True}  # the default, atomic and deterministic
-    from llave_fast.backends.triton_backend import BWD_CANDIDATES_CPU, FWD_CANDIDATES_CPU
+def test_loss_bench_records_and_renders_the_autotuners_sweeps(monkeypatch):
+    """LLAVE_FAST_AUTOTUNE=1 (the retired bench_tune.py's job): bench_loss writes the library autotuner's
+    sweep of each kernel into its file, and report.py prints each choice with its candidate counts."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("needs the interpreter (CPU tensors)")
+    import bench_loss
+    import report
+    from llave_fast.backends import launch
 
-    assert len(res["bwd"]) == 2 + len(BWD_CANDIDATES_CPU) and len(res["fwd"]) == 1 + len(FWD_CANDIDATES_CPU)
-    s = res["summary"]
-    assert s["best_fwd_bwd_ms"] <= s["default_fwd_bwd_ms"] and s["best_over_floor"] > 0
+    monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "1")
+    monkeypatch.setenv("LLAVE_FAST_S_MODE", "fused")  # the one-pass kernels: the ones the tuner sweeps
+    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(launch, "TUNE_LOG", [])
+    assert bench_loss.autotune_records() == []
+    g = torch.Generator().manual_seed(3)
+    q, t = (torch.nn.functional.normalize(torch.randn(40, 24, generator=g), dim=1).requires_grad_() for _ in "qt")
+    bench_loss.hardness_weighted_loss(q, t, backend="triton").backward()
+    recs = json.loads(json.dumps(bench_loss.autotune_records()))  # as the file holds them
+    assert sorted(r["key"][0] for r in recs) == ["bwd", "fwd"] and all(r["key"][3] == "torch.float32" for r in recs)
+    for r in recs:
+        n = len(launch.FWD_CANDIDATES_CPU if r["key"][0] == "fwd" else launch.BWD_CANDIDATES_CPU)
+        assert len(r["candidates"]) == n and r["ms"] > 0, r
+    meta = {"device": {"name": "cpu"}, "versions": {}}
+    lines = [ln for ln in report.loss_table({"meta": meta, "results": [], "autotune": recs})
+             if ln.startswith("Autotune")]
+    assert [ln.split()[1] for ln in lines] == [r["key"][0] for r in recs], lines
+    assert all(f"{len(r['candidates'])} candidates timed, 0 refused" in ln for r, ln in zip(recs, lines)), lines
 
 
 @pytest.mark.slow
@@ -434,10 +445,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["log_A.txt", "log_B.txt", "loss.json", "loss_262k.json", "loss_variants.json", "probe.json",
-                     "tests.xml", "tune.json"], files
+                     "tests.xml"], files
     log_a, log_b = (out / "log_A.txt").read_text(), (out / "log_B.txt").read_text()
     assert "DRY RUN" in log_a and "llave_fast from" in log_a and "Compiled-kernel tests" in log_a
-    assert "Tuning at B = N = 40" in log_a
     assert log_b.count("--- step done") == 4 and "| fp32 | 32 | 64 |" in log_b and "| fp32 | 16 | 63 |" in log_b
     probe = json.loads((out / "probe.json").read_text())
     assert {k: v["status"] for k, v in probe["steps"].items()} == {"P1": "ok", "P2": "ok", "P5": "ok"}, probe

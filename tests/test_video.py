@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import sys
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ av = pytest.importorskip("av")
 
 from _helpers import run_cli as _main  # noqa: E402
 from llave_fast.model import build_tiny_model  # noqa: E402
+from llave_fast.testing import write_clip  # noqa: E402
 from llave_fast.model import video as mv  # noqa: E402
 from llave_fast.eval_video import (  # noqa: E402
     VideoDataError,
@@ -36,21 +36,9 @@ SIZE = 64
 STEP = 3  # px the square moves a frame
 
 
-def make_video(path, num_frames: int, fps, colour=(255, 40, 0), codec: str = "mpeg4") -> str:
+def make_video(path, num_frames: int, fps, colour=(255, 40, 0)) -> str:
     """A clip of ``num_frames`` frames at ``fps``: a 16-px square moving STEP px right a frame."""
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        s.width = s.height = SIZE
-        s.pix_fmt = "yuv420p"
-        for i in range(num_frames):
-            img = np.zeros((SIZE, SIZE, 3), np.uint8)
-            x = i * STEP
-            img[24:40, x: x + 16] = colour
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return str(path)
+    return write_clip(path, num_frames, fps, colour, step=STEP, size=SIZE)
 
 
 def square_x(frame: np.ndarray) -> int:
