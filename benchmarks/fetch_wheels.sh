@@ -5,8 +5,9 @@
 #   .whl/*.whl        Inf-CL 1.2.1 (pure Python); gpu_check.sh's set-up installs it (stages A, B, C).
 #   .whl/train/*.whl  stage T: DeepSpeed built here without ops (DS_BUILD_OPS=0: pure Python; the step's
 #                     optimizer is torch's AdamW), the requirements of DeepSpeed and pydantic the machines
-#                     lack, PyAV (eval-video) and DeepSpeed's other small requirements in case an image
-#                     lacks them; stage T installs them with `pip install --no-index --find-links`.
+#                     lack, PyAV (eval-video), transformers at ZERO3_MIN_TRANSFORMERS (theirs is older) and
+#                     DeepSpeed's other small requirements in case an image lacks them; stage T installs
+#                     them with `pip install --no-index --find-links`.
 # The total is printed with the working tree that travels beside it: over the 64 MiB a device call
 # carries, this script fails.
 set -euo pipefail
@@ -52,7 +53,11 @@ ls .whl/train/deepspeed-"$DS_VERSION"-py3-none-any.whl >/dev/null 2>&1 || {
 
 # what the lent machines lack (../shared/DESIGN.md, the device tool's KINDS.md), then what they have today
 NEEDED=(hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions av)
-FALLBACK=(py-cpuinfo msgpack psutil einops ninja)
+FALLBACK=(py-cpuinfo msgpack psutil einops ninja regex)
+# their transformers (5.17) cannot build a model from its config under ZeRO-3: the oldest release that can
+# (its other requirements are met there; regex above in case theirs is older than it asks)
+TF_VERSION=$(grep -oP '^ZERO3_MIN_TRANSFORMERS = "\K[^"]+' llave_fast/training/engine.py)
+[ -n "$TF_VERSION" ] || { echo "FATAL: no ZERO3_MIN_TRANSFORMERS in llave_fast/training/engine.py"; exit 1; }
 specs=()
 for name in "${NEEDED[@]}" "${FALLBACK[@]}"; do
     v=$(pin "$name")
@@ -62,7 +67,7 @@ done
 echo "== ${specs[*]} -> .whl/train/"
 # one version of each distribution (two stop the offline install): only the pinned ones stay
 find .whl/train -name '*.whl' ! -name "deepspeed-$DS_VERSION-*" -delete
-download .whl/train "${specs[@]}"
+download .whl/train "${specs[@]}" "transformers==$TF_VERSION"
 
 echo
 ls -la .whl .whl/train

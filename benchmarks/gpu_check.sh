@@ -12,7 +12,11 @@
 #       from .whl/train (offline) and the optimizer check 20 + 15 s; T1 the tiny default job 50 s;
 #       T2 the LLaVE-0.5B-size step, its encode throughput, memory without GradCache 125 s; T3 eval
 #       and eval-video with T1's model 25 s. "bash benchmarks/gpu_check.sh T", timeout_s 320.
-# AB is ~30 s of set-up + 505 s of steps; a 1-2 minute machine start leaves ~3 of the 15 minutes.
+# The stages run in the order named (AB, TB, TBA...), after one set-up (~30 s). A lease of 15 minutes,
+# the machine's start (1-2 minutes) included, takes two calls, what has never run first:
+#   1. STEPS="T0 T1 T2 T3 B0 B1 B3" bash benchmarks/gpu_check.sh TB   timeout_s 590 (30 + 235 + 295 s)
+#   2. on the warm machine, with what is left (status): STEPS="A1 B2" bash benchmarks/gpu_check.sh AB,
+#      timeout_s 240 (30 + 110 + 100 s); below that, STEPS=A1 (timeout_s 150).
 # Files under $OUT (default ./gpu_out; a device call brings back at most 8):
 #   A: log_A.txt tests.xml   B: log_B.txt probe.json loss.json loss_262k.json loss_variants.json
 #   T: log_T.txt train_step.json
@@ -23,7 +27,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-AB}
-case "$STAGE" in A|B|AB|T|BT) ;; *) echo "usage: $0 A|B|AB|T|BT"; exit 2 ;; esac
+# the stages to run, in the order given: one to three of A, B, T, each once (e.g. AB, TB, TBA)
+if ! [[ "$STAGE" =~ ^[ABT]{1,3}$ ]] || [ "$(echo "$STAGE" | fold -w1 | sort -u | wc -l)" != ${#STAGE} ]; then
+    echo "usage: $0 STAGES: one to three of A, B, T in the order to run them, each once (A, AB, T, TB, TBA...)"
+    exit 2
+fi
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -38,7 +46,7 @@ T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 # STEPS="A1 B1 ..." runs only the steps named (a short lease); default: every step of the stage
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
-STAGES=$STAGE; [ "$STAGE" = AB ] && STAGES="A B"; [ "$STAGE" = BT ] && STAGES="B T"
+STAGES=$(echo "$STAGE" | fold -w1 | paste -sd' ')
 FIRST=${STAGES%% *}
 
 setup() {
@@ -131,18 +139,22 @@ stage_T() {
     # scratch (the tiny run, generated eval files and clips): not under $OUT, which brings back 8 files at most
     export TRAIN_STEP_WORK=${TRAIN_STEP_WORK:-/tmp/llave_fast_train_step}
     if want T0; then
-        step "T0. DeepSpeed and PyAV from the carried wheels (.whl/train, offline), then import deepspeed and the optimizer check"
+        # the image's transformers (5.17) cannot build a model from its config under ZeRO-3: the carried one can
+        local TF_MIN
+        TF_MIN=$(grep -oP '^ZERO3_MIN_TRANSFORMERS = "\K[^"]+' llave_fast/training/engine.py)
+        step "T0. DeepSpeed, PyAV and transformers >= $TF_MIN from the carried wheels (.whl/train, offline), then import deepspeed and the optimizer check"
         if ls .whl/train/*.whl >/dev/null 2>&1; then
             # dependencies resolved against what is installed plus .whl/train, never an index; in a dry run pip
             # only resolves (--dry-run): this machine's environment is left as it is
             local pipdry=()
             [ "$DRY" = 1 ] && pipdry=(--dry-run)
             if ! run_step $(( LIMIT_T0 * k )) "$PY" -m pip install -q --no-index --find-links .whl/train --no-cache-dir \
-                    --no-compile "${pipdry[@]}" deepspeed hjson pydantic av; then
+                    --no-compile "${pipdry[@]}" deepspeed hjson pydantic av "transformers>=$TF_MIN"; then
                 echo "WARNING: pip could not install into this Python's environment; trying --target /tmp/site_train"
                 echo "         (the missing packages only, no dependency check)"
                 local whl=()
-                for n in deepspeed hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions av; do
+                for n in deepspeed hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions av \
+                         transformers regex; do
                     whl+=(.whl/train/"$n"-*.whl)
                 done
                 if [ "$DRY" != 1 ] && run_step "$LIMIT_T0" "$PY" -m pip install -q --no-index --no-deps --no-compile \

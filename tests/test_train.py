@@ -386,3 +386,61 @@ def test_sorted_trimmed_chunks_give_the_plain_steps_loss_and_gradients(negatives
     assert g0.keys() == g1.keys() and len(g0) > 10
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-3, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------ transformers under ZeRO-3
+@pytest.mark.parametrize("version, ok", [("5.17.0", False), ("5.22.2", False), ("5.23.0", True), ("5.25.0", True),
+                                         ("6.0.0.dev0", True)])
+def test_zero3_from_config_needs_a_transformers_that_gathers_what_it_initialises(version, ok):
+    """transformers 5.3-5.22 (5.17 on the lent GPU machines) fail to build a model from its config
+    under ZeRO-3 ("Fan in and fan out can not be computed"): refused first, naming the version and the fix."""
+    from llave_fast.errors import MissingDependency
+    from llave_fast.training.engine import ZERO3_MIN_TRANSFORMERS, check_zero3_transformers
+
+    if ok:
+        check_zero3_transformers(version)
+        return
+    with pytest.raises(MissingDependency) as err:
+        check_zero3_transformers(version)
+    msg = str(err.value)
+    assert f"transformers {version} cannot build" in msg and f"transformers>={ZERO3_MIN_TRANSFORMERS}" in msg, msg
+    assert "--deepspeed-config" in msg, msg
+
+
+def test_build_model_checks_transformers_only_where_it_builds_from_a_config_under_zero3(monkeypatch):
+    import transformers
+
+    from llave_fast.errors import MissingDependency
+    from llave_fast.training import engine
+    from llave_fast.training.config import TrainConfig
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    built = []
+    monkeypatch.setattr("llave_fast.model.build_tiny_model", lambda *a, **k: built.append("tiny") or 1 / 0)
+    zero3, zero2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
+    with pytest.raises(MissingDependency, match="transformers 5.17.0 cannot build"):
+        engine.build_model(TrainConfig(model="tiny"), zero3, False)
+    assert built == []  # refused before anything was built
+    with pytest.raises(ZeroDivisionError):  # stage 2: no check, the (stubbed) build runs
+        engine.build_model(TrainConfig(model="tiny"), zero2, False)
+    assert built == ["tiny"]
+
+
+def test_the_transformers_floor_is_one_number_everywhere():
+    """pyproject's [train] extra, and the wheel that fetch_wheels.sh carries to the GPU machine and
+    gpu_check.sh's stage T installs (both read the constant with the same grep)."""
+    import re
+    import subprocess
+
+    from llave_fast.training.engine import ZERO3_MIN_TRANSFORMERS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra = re.search(r'"transformers>=([0-9.]+)"', open(os.path.join(root, "pyproject.toml")).read())
+    assert extra and extra.group(1) == ZERO3_MIN_TRANSFORMERS.removesuffix(".0"), extra
+    for script in ("fetch_wheels.sh", "gpu_check.sh"):
+        text = open(os.path.join(root, "benchmarks", script)).read()
+        pattern = re.search(r"grep -oP '([^']+)' llave_fast/training/engine\.py", text)
+        assert pattern, script
+        got = subprocess.run(["grep", "-oP", pattern.group(1), "llave_fast/training/engine.py"], cwd=root,
+                             capture_output=True, text=True)
+        assert got.stdout.strip() == ZERO3_MIN_TRANSFORMERS, (script, got)

@@ -13,6 +13,30 @@ from .schedule import warmup_cosine
 
 
 _HF_DS_CONFIG = None  # transformers reads the ZeRO-3 config through this object while it lives
+#: the first transformers release that builds a model from its config under ZeRO-3: from 5.3 to 5.22
+#: its ZeRO-3 weight initialisation (``initialize_weights_zero3``) gathers each module's own parameters
+#: but not its children's, which SigLIP's ``_init_weights`` sets (``q_proj.weight``): an empty shard,
+#: "Fan in and fan out can not be computed". The [train] extra asks for it; fetch_wheels.sh carries it.
+ZERO3_MIN_TRANSFORMERS = "5.23.0"
+
+
+def check_zero3_transformers(version: str | None = None) -> None:
+    """Refuse to build a model from its config under ZeRO-3 with a transformers older than
+    :data:`ZERO3_MIN_TRANSFORMERS` (``version``: the installed one by default), naming the fix."""
+    from packaging.version import Version
+
+    from ..errors import MissingDependency
+
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if Version(version) < Version(ZERO3_MIN_TRANSFORMERS):
+        raise MissingDependency(
+            f"transformers {version} cannot build a model from its config under DeepSpeed ZeRO-3 (its ZeRO-3 "
+            f"weight initialisation leaves SigLIP's attention weights partitioned; fixed in "
+            f"{ZERO3_MIN_TRANSFORMERS}): pip install 'transformers>={ZERO3_MIN_TRANSFORMERS}' (the [train] extra "
+            "asks for it), or train with a ZeRO stage 0-2 config (--deepspeed-config)")
 
 
 def tiny_model_kwargs(cfg: TrainConfig) -> dict:
@@ -29,6 +53,9 @@ def build_model(cfg: TrainConfig, ds_config: dict, bf16: bool):
     dtype = torch.bfloat16 if bf16 else torch.float32
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
+
+        if cfg.model == "tiny" or cfg.model.startswith("arch:"):  # from a config: transformers' ZeRO-3 init
+            check_zero3_transformers()
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
     if cfg.model == "tiny":
