@@ -35,14 +35,16 @@ from llave_fast.reference import reference_loss  # noqa: E402
 from report import loss_table  # noqa: E402
 
 # the memory-lean ones (numerators of the ratios); "triton" and "torch" run the package's default path
-FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "torch", "torch_chunked")
+FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tuned", "torch", "torch_chunked")
 ALL_BACKENDS = (*FUSED, "reference", "compile", "inf_cl", "gemm3")
-# the others force where S lives: (the package's backend, its kernel_config)
+# the others force where S lives: (the package's backend, its kernel_config); triton_tuned: the one-pass
+# path with the library autotuner's tiles (chosen in its first warm-up run; the sweep is in "autotune")
 FORCED = {"triton_cache": ("triton", dict(S_MODE="cache")), "triton_stream": ("triton", dict(S_MODE="stream")),
-          "triton_strip": ("triton", dict(S_MODE="fused")), "torch_chunked": ("torch", dict(S_MODE="fused"))}
+          "triton_strip": ("triton", dict(S_MODE="fused")), "torch_chunked": ("torch", dict(S_MODE="fused")),
+          "triton_tuned": ("triton", dict(S_MODE="fused", autotune=True))}
 BASELINES = ("reference", "compile", "gemm3")  # gemm3: not a loss, the three cuBLAS GEMMs the loss needs at least
 DEFAULT_BACKENDS = {"cpu": ["torch", "torch_chunked", "reference"],
-                    "cuda": [b for b in ALL_BACKENDS if b != "torch_chunked"]}
+                    "cuda": [b for b in ALL_BACKENDS if b not in ("torch_chunked", "triton_tuned")]}
 # acceptance point (CPU): torch backend vs eager reference
 ACCEPT = dict(B=8192, d=1024, dtype="fp32", time_ratio_max=0.8, mem_ratio_max=0.1)
 # (loss relative error, gradient max-abs error / max |grad|) against the float64 truth
@@ -224,8 +226,8 @@ def finish_record(rec, tm, fn, pairs, args, device) -> dict:
 
 
 def autotune_records() -> list[dict]:
-    """LLAVE_FAST_AUTOTUNE=1: the library autotuner's sweeps in this process (``launch.TUNE_LOG``: each
-    candidate's median ms, or why it was refused), its keys as strings for the JSON file."""
+    """The library autotuner's sweeps in this process (``launch.TUNE_LOG``: triton_tuned's, or any backend's
+    under LLAVE_FAST_AUTOTUNE=1; each candidate's median ms, or why it was refused), keys as strings."""
     return [dict(r, key=[str(k) for k in r["key"]]) for r in launch.TUNE_LOG]
 
 

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# The prepared GPU run: one device call, command "bash benchmarks/gpu_check.sh AB", carry [".whl"]
-# (bash benchmarks/fetch_wheels.sh here first), timeout_s 590. Stages and step limits (LIMIT_<step>=...
-# overrides one; STEPS="A1 B0 ..." runs only the steps named):
+# The prepared GPU run (bash benchmarks/fetch_wheels.sh here first, then the two device calls below).
+# Stages and step limits (LIMIT_<step>=... overrides one; STEPS="A1 B0 ..." runs only the steps named):
 #   A   A1 compiled-kernel and environment tests (pytest -m 'gpu or env', 8 workers)         110 s
 #   B   B0 S-cache kernel probe (probe_scache.py: S GEMM with fp32 output, dq/dT at odd N, the
 #          stats and dS passes against the copy bandwidth, the fused forward)                  60 s
 #       B1 loss sweep, d = 1536, bf16, B = 4096 16384 65536, every backend, ceilings, the floor  165 s
 #       B2 B = N = 262144: the default (stream) and fused paths, the floor, then Inf-CL         100 s
 #       B3 odd N = 16383 vs 16384, default and fused paths, d = 256 and 1536, bf16 and fp16      70 s
-#   T   the training loop (benchmarks/bench_train_step.py, train_step.json): T0 DeepSpeed and PyAV
-#       from .whl/train (offline) and the optimizer check 20 + 15 s; T1 the tiny default job 50 s;
-#       T2 the LLaVE-0.5B-size step, its encode throughput, memory without GradCache 125 s; T3 eval
-#       and eval-video with T1's model 25 s. "bash benchmarks/gpu_check.sh T", timeout_s 320.
+#   T   the training loop (benchmarks/bench_train_step.py, train_step.json): T0 DeepSpeed, PyAV and
+#       transformers >= 5.23 from .whl/train (offline) and the optimizer check 20 + 15 s; T1 the tiny
+#       default job 50 s; T2 the LLaVE-0.5B-size step, its encode throughput, memory without GradCache
+#       125 s; T3 eval and eval-video with T1's model 25 s. "bash benchmarks/gpu_check.sh T", timeout_s 320.
 # The stages run in the order named (AB, TB, TBA...), after one set-up (~30 s). A lease of 15 minutes,
 # the machine's start (1-2 minutes) included, takes two calls, what has never run first:
-#   1. STEPS="T0 T1 T2 T3 B0 B1 B3" bash benchmarks/gpu_check.sh TB   timeout_s 590 (30 + 235 + 295 s)
-#   2. on the warm machine, with what is left (status): STEPS="A1 B2" bash benchmarks/gpu_check.sh AB,
-#      timeout_s 240 (30 + 110 + 100 s); below that, STEPS=A1 (timeout_s 150).
+#   1. STEPS="T0 T1 T2 T3 B0 B1 B3" bash benchmarks/gpu_check.sh TB, carry [".whl"], timeout_s 590
+#      (30 + 235 + 295 s of limits);
+#   2. on the warm machine, carry [".whl/inf_cl-1.2.1-py3-none-any.whl"] (B2's Inf-CL only), with status's
+#      budget_left_s: >= 260 s: STEPS="A1 B2" bash benchmarks/gpu_check.sh AB, timeout_s 240 (30 + 110 + 100 s);
+#      else STEPS=A1 with LIMIT_A1 = left - 70 and timeout_s = left - 20. Its log_B.txt is B2's alone.
 # Files under $OUT (default ./gpu_out; a device call brings back at most 8):
 #   A: log_A.txt tests.xml   B: log_B.txt probe.json loss.json loss_262k.json loss_variants.json
 #   T: log_T.txt train_step.json
@@ -142,6 +143,7 @@ stage_T() {
         # the image's transformers (5.17) cannot build a model from its config under ZeRO-3: the carried one can
         local TF_MIN
         TF_MIN=$(grep -oP '^ZERO3_MIN_TRANSFORMERS = "\K[^"]+' llave_fast/training/engine.py)
+        [ -n "$TF_MIN" ] || { echo "FATAL: no ZERO3_MIN_TRANSFORMERS in llave_fast/training/engine.py"; return 1; }
         step "T0. DeepSpeed, PyAV and transformers >= $TF_MIN from the carried wheels (.whl/train, offline), then import deepspeed and the optimizer check"
         if ls .whl/train/*.whl >/dev/null 2>&1; then
             # dependencies resolved against what is installed plus .whl/train, never an index; in a dry run pip

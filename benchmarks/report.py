@@ -18,7 +18,7 @@ from pathlib import Path
 MiB = 1024 * 1024
 # the fused rows over which "fused / reference" and "fused / 3 GEMMs" take the fastest (old files
 # may hold a "triton_tiles" row: the backward removed since)
-FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tiles", "torch")
+FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tuned", "triton_tiles", "torch")
 
 
 def _ms(r) -> float:
@@ -55,8 +55,9 @@ def loss_table(pl) -> list[str]:
         lines.append(f"| {dn} | {d} | {B} | " + " | ".join(cells) + " |")
     for t in pl.get("autotune") or []:  # key: kind, device type and index, dtype, then the shape class
         ok = [c for c in t["candidates"] if "ms" in c]
-        lines.append(f"Autotune {t['key'][0]} {t['key'][3]} {t['key'][4:-1]}: {t['choice'] or 'the base'} in "
-                     f"{t['ms']:.3f} ms; {len(ok)} candidates timed, {len(t['candidates']) - len(ok)} refused.")
+        choice = ", ".join(f"{k}={v}" for k, v in t["choice"].items()) or "the base configuration"
+        lines.append(f"Autotune {t['key'][0]} {t['key'][3]} {t['key'][4:-1]}: {choice} in {t['ms']:.3f} ms; "
+                     f"{len(ok)} candidates timed, {len(t['candidates']) - len(ok)} refused.")
     if ceil := meta.get("ceilings"):
         lines += ["", f"Ceilings measured in the same run: copy {ceil['copy']['tb_per_s']:.2f} TB/s (read + write), "
                       f"bf16 GEMM {ceil['mm_bf16']['tflop_per_s']:.0f} TFLOP/s."]
@@ -98,7 +99,8 @@ def junit_lines(path: Path) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("loss", nargs="*", type=Path, help="JSON files written by bench_loss.py (or the retired bench_tune.py)")
+    p.add_argument("loss", nargs="*", type=Path,
+                   help="JSON files written by bench_loss.py (or the retired bench_tune.py)")
     p.add_argument("--tune", type=Path, default=None)
     p.add_argument("--junit", type=Path, default=None, help="a pytest junit XML file: counts and failures")
     args = p.parse_args(argv)

@@ -82,23 +82,33 @@ def test_backward_config_runs_the_strip_backward(monkeypatch):
     torch.testing.assert_close(t.grad, ref_t.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_bench_records_and_renders_the_autotuners_sweeps(monkeypatch):
-    """LLAVE_FAST_AUTOTUNE=1 (the retired bench_tune.py's job): bench_loss writes the library autotuner's
-    sweep of each kernel into its file, and report.py prints each choice with its candidate counts."""
+def test_triton_tuned_row_tunes_records_and_renders_the_sweeps(monkeypatch):
+    """bench_loss's triton_tuned row (the retired bench_tune.py's job): the one-pass path under the library
+    autotuner, its forward and backward both swept, right against float64; the sweeps go into the file
+    ("autotune") and report.py prints each choice. The default path tunes nothing unless asked."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("needs the interpreter (CPU tensors)")
     import bench_loss
     import report
     from llave_fast.backends import launch
 
-    monkeypatch.setenv("LLAVE_FAST_AUTOTUNE", "1")
-    monkeypatch.setenv("LLAVE_FAST_S_MODE", "fused")  # the one-pass kernels: the ones the tuner sweeps
+    monkeypatch.delenv("LLAVE_FAST_AUTOTUNE", raising=False)
     monkeypatch.setattr(launch, "TUNED", {})
     monkeypatch.setattr(launch, "TUNE_LOG", [])
-    assert bench_loss.autotune_records() == []
     g = torch.Generator().manual_seed(3)
     q, t = (torch.nn.functional.normalize(torch.randn(40, 24, generator=g), dim=1).requires_grad_() for _ in "qt")
-    bench_loss.hardness_weighted_loss(q, t, backend="triton").backward()
+    kw = dict(alpha=9.0, scale=50.0, symmetric=True, deterministic=False, d=24)
+    bench_loss.make_loss_fn("triton", **kw)(q, t).backward()
+    assert bench_loss.autotune_records() == []
+    q.grad = t.grad = None
+    loss = bench_loss.make_loss_fn("triton_tuned", **kw)(q, t)
+    loss.backward()
+    x64 = [x.detach().double().requires_grad_() for x in (q, t)]
+    ref = bench_loss.reference_loss(*x64, logit_scale=50.0, alpha=9.0)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
+    for got, want in ((q.grad, x64[0].grad), (t.grad, x64[1].grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-5)
     recs = json.loads(json.dumps(bench_loss.autotune_records()))  # as the file holds them
     assert sorted(r["key"][0] for r in recs) == ["bwd", "fwd"] and all(r["key"][3] == "torch.float32" for r in recs)
     for r in recs:
@@ -108,7 +118,9 @@ def test_loss_bench_records_and_renders_the_autotuners_sweeps(monkeypatch):
     lines = [ln for ln in report.loss_table({"meta": meta, "results": [], "autotune": recs})
              if ln.startswith("Autotune")]
     assert [ln.split()[1] for ln in lines] == [r["key"][0] for r in recs], lines
-    assert all(f"{len(r['candidates'])} candidates timed, 0 refused" in ln for r, ln in zip(recs, lines)), lines
+    for r, ln in zip(recs, lines):
+        assert f"{len(r['candidates'])} candidates timed, 0 refused" in ln, ln
+        assert all(f"{k}={v}" in ln for k, v in r["choice"].items()) and "{" not in ln, ln
 
 
 @pytest.mark.slow

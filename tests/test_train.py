@@ -416,14 +416,24 @@ def test_build_model_checks_transformers_only_where_it_builds_from_a_config_unde
 
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     built = []
-    monkeypatch.setattr("llave_fast.model.build_tiny_model", lambda *a, **k: built.append("tiny") or 1 / 0)
+
+    def stub(name):
+        return lambda *a, **k: built.append(name) or 1 / 0
+
+    monkeypatch.setattr("llave_fast.model.build_tiny_model", stub("tiny"))
+    monkeypatch.setattr("llave_fast.model.arch.build_arch_model", stub("arch"))
+    monkeypatch.setattr("llave_fast.model.LLaVEEmbedder.from_pretrained", stub("checkpoint"))
     zero3, zero2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
-    with pytest.raises(MissingDependency, match="transformers 5.17.0 cannot build"):
-        engine.build_model(TrainConfig(model="tiny"), zero3, False)
-    assert built == []  # refused before anything was built
-    with pytest.raises(ZeroDivisionError):  # stage 2: no check, the (stubbed) build runs
-        engine.build_model(TrainConfig(model="tiny"), zero2, False)
-    assert built == ["tiny"]
+    for model in ("tiny", "arch:llave-0.5b"):  # from a config: refused before anything is built
+        with pytest.raises(MissingDependency, match="transformers 5.17.0 cannot build"):
+            engine.build_model(TrainConfig(model=model), zero3, False)
+    assert built == []
+    # a checkpoint under ZeRO-3 (transformers' from_pretrained, not its from-config init), and stage 2:
+    # no check, the (stubbed) build runs
+    for model, ds in (("some/checkpoint", zero3), ("tiny", zero2)):
+        with pytest.raises(ZeroDivisionError):
+            engine.build_model(TrainConfig(model=model), ds, False)
+    assert built == ["checkpoint", "tiny"]
 
 
 def test_the_transformers_floor_is_one_number_everywhere():
@@ -436,7 +446,9 @@ def test_the_transformers_floor_is_one_number_everywhere():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     extra = re.search(r'"transformers>=([0-9.]+)"', open(os.path.join(root, "pyproject.toml")).read())
-    assert extra and extra.group(1) == ZERO3_MIN_TRANSFORMERS.removesuffix(".0"), extra
+    from packaging.version import Version
+
+    assert extra and Version(extra.group(1)) == Version(ZERO3_MIN_TRANSFORMERS), extra
     for script in ("fetch_wheels.sh", "gpu_check.sh"):
         text = open(os.path.join(root, "benchmarks", script)).read()
         pattern = re.search(r"grep -oP '([^']+)' llave_fast/training/engine\.py", text)
