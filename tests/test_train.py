@@ -416,6 +416,9 @@ def test_build_model_checks_transformers_only_where_it_builds_from_a_config_unde
 
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     built = []
+    # no real HfDeepSpeedConfig: it would switch transformers' ZeRO-3 mode on for the rest of the session
+    monkeypatch.setattr(transformers.integrations, "HfDeepSpeedConfig", lambda ds: built.append("zero3 mode"))
+    monkeypatch.setattr(engine, "_HF_DS_CONFIG", None)
 
     def stub(name):
         return lambda *a, **k: built.append(name) or 1 / 0
@@ -433,7 +436,10 @@ def test_build_model_checks_transformers_only_where_it_builds_from_a_config_unde
     for model, ds in (("some/checkpoint", zero3), ("tiny", zero2)):
         with pytest.raises(ZeroDivisionError):
             engine.build_model(TrainConfig(model=model), ds, False)
-    assert built == ["checkpoint", "tiny"]
+    assert built == ["zero3 mode", "checkpoint", "tiny"]
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    assert not is_deepspeed_zero3_enabled()
 
 
 def test_the_transformers_floor_is_one_number_everywhere():
