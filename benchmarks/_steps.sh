@@ -1,4 +1,4 @@
-# Shell helpers of the prepared GPU run (sourced by gpu_check.sh and tests/test_benchmarks.py).
+# Shell helpers of the prepared GPU run (sourced by gpu_check.sh, fetch_wheels.sh and the tests).
 #
 # run_step LIMIT_S CMD...  CMD under a time limit: SIGINT at the limit (Python raises KeyboardInterrupt
 #     and the scripts write what they measured; pytest, xdist included, writes its junit file, which
@@ -9,6 +9,16 @@
 #     editable install (no index, no build isolation, no dependencies) checked by importing; where
 #     that fails, a copy of the package with its links resolved under $SHIM_DIR, first on PYTHONPATH
 #     (PYTHONSAFEPATH=1). Returns 1 with a clear message when neither works.
+# transformers_floor  prints the transformers release stage T needs (ZERO3_MIN_TRANSFORMERS in
+#     llave_fast/training/engine.py, read from the repository root; fetch_wheels.sh carries it, stage
+#     T0 installs it); returns 1 with a message on stderr when the constant is not found.
+
+transformers_floor() {
+    local v
+    v=$(grep -oP '^ZERO3_MIN_TRANSFORMERS = "\K[^"]+' llave_fast/training/engine.py) || true
+    [ -n "$v" ] || { echo "FATAL: no ZERO3_MIN_TRANSFORMERS in llave_fast/training/engine.py" >&2; return 1; }
+    echo "$v"
+}
 
 run_step() {
     local limit=$1

@@ -56,8 +56,9 @@ NEEDED=(hjson pydantic pydantic_core annotated-types typing-inspection typing_ex
 FALLBACK=(py-cpuinfo msgpack psutil einops ninja regex)
 # their transformers (5.17) cannot build a model from its config under ZeRO-3: the oldest release that can
 # (its other requirements are met there; regex above in case theirs is older than it asks)
-TF_VERSION=$(grep -oP '^ZERO3_MIN_TRANSFORMERS = "\K[^"]+' llave_fast/training/engine.py || true)
-[ -n "$TF_VERSION" ] || { echo "FATAL: no ZERO3_MIN_TRANSFORMERS in llave_fast/training/engine.py"; exit 1; }
+# shellcheck source=benchmarks/_steps.sh
+source benchmarks/_steps.sh
+TF_VERSION=$(transformers_floor)
 specs=()
 for name in "${NEEDED[@]}" "${FALLBACK[@]}"; do
     v=$(pin "$name")

@@ -142,8 +142,7 @@ stage_T() {
     if want T0; then
         # the image's transformers (5.17) cannot build a model from its config under ZeRO-3: the carried one can
         local TF_MIN
-        TF_MIN=$(grep -oP '^ZERO3_MIN_TRANSFORMERS = "\K[^"]+' llave_fast/training/engine.py)
-        [ -n "$TF_MIN" ] || { echo "FATAL: no ZERO3_MIN_TRANSFORMERS in llave_fast/training/engine.py"; return 1; }
+        TF_MIN=$(transformers_floor) || return 1
         step "T0. DeepSpeed, PyAV and transformers >= $TF_MIN from the carried wheels (.whl/train, offline), then import deepspeed and the optimizer check"
         if ls .whl/train/*.whl >/dev/null 2>&1; then
             # dependencies resolved against what is installed plus .whl/train, never an index; in a dry run pip

@@ -444,7 +444,7 @@ def test_build_model_checks_transformers_only_where_it_builds_from_a_config_unde
 
 def test_the_transformers_floor_is_one_number_everywhere():
     """pyproject's [train] extra, and the wheel that fetch_wheels.sh carries to the GPU machine and
-    gpu_check.sh's stage T installs (both read the constant with the same grep)."""
+    gpu_check.sh's stage T installs (both read the constant through _steps.sh's transformers_floor)."""
     import re
     import subprocess
 
@@ -455,10 +455,8 @@ def test_the_transformers_floor_is_one_number_everywhere():
     from packaging.version import Version
 
     assert extra and Version(extra.group(1)) == Version(ZERO3_MIN_TRANSFORMERS), extra
+    got = subprocess.run(["bash", "-c", "source benchmarks/_steps.sh && transformers_floor"], cwd=root,
+                         capture_output=True, text=True)
+    assert got.returncode == 0 and got.stdout.strip() == ZERO3_MIN_TRANSFORMERS, got
     for script in ("fetch_wheels.sh", "gpu_check.sh"):
-        text = open(os.path.join(root, "benchmarks", script)).read()
-        pattern = re.search(r"grep -oP '([^']+)' llave_fast/training/engine\.py", text)
-        assert pattern, script
-        got = subprocess.run(["grep", "-oP", pattern.group(1), "llave_fast/training/engine.py"], cwd=root,
-                             capture_output=True, text=True)
-        assert got.stdout.strip() == ZERO3_MIN_TRANSFORMERS, (script, got)
+        assert "$(transformers_floor)" in open(os.path.join(root, "benchmarks", script)).read(), script
