@@ -242,7 +242,14 @@ def runs_of(backend: str, args) -> tuple[int, int]:
     return warm, (args.repeats_for or {}).get(backend, args.repeats)
 
 
-def predict_rows(rows, hist: dict, B: int, d: int, args, device, compile_s: float = 0.0) -> dict | None:
+def tune_allowance_s() -> float:
+    """triton_tuned's allowance per new size: the wall time of the autotuner's latest forward and backward
+    sweeps in this process (each new size class sweeps both again); 0 before any sweep."""
+    return sum(r.get("wall_s", 0.0) for r in launch.TUNE_LOG[-2:])
+
+
+def predict_rows(rows, hist: dict, B: int, d: int, args, device, compile_s: float = 0.0,
+                 tune_s: float = 0.0) -> dict | None:
     """{label: predicted seconds} of a (dtype, d, B) group from ``hist[label] = (B, d, median ms per timed run)``
     (benchmarks/README.md, ``--deadline-s``); None before anything was timed."""
     if not hist:
@@ -256,7 +263,7 @@ def predict_rows(rows, hist: dict, B: int, d: int, args, device, compile_s: floa
         reps = C.planned_repeats(round_ms, reps, args.point_budget_s)
         runs = warm + reps + (0 if cuda and warm > 0 else 1)  # CUDA measures the memory in the last warm-up
         out[label] = (per_run[label] * runs / 1e3 + (0.0 if cuda else CPU_MEMORY_WORKER_S)
-                      + (compile_s if b == "compile" else 0.0))
+                      + (compile_s if b == "compile" else 0.0) + (tune_s if b == "triton_tuned" else 0.0))
     return out
 
 
@@ -316,7 +323,7 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
                 kept[(b, label, alpha)] = base
         if args.deadline_s is not None and kept:
             left = deadline_at - time.perf_counter()
-            pred = predict_rows(list(kept), hist, B, d, args, device, compile_s)
+            pred = predict_rows(list(kept), hist, B, d, args, device, compile_s, tune_allowance_s())
             _, dropped = fit_deadline(list(kept), pred, left)
             for row in dropped:
                 p = "" if pred is None else f", this backend predicted ~{pred[row[1]]:.0f} s here"

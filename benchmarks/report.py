@@ -56,8 +56,11 @@ def loss_table(pl) -> list[str]:
     for t in pl.get("autotune") or []:  # key: kind, device type and index, dtype, then the shape class
         ok = [c for c in t["candidates"] if "ms" in c]
         choice = ", ".join(f"{k}={v}" for k, v in t["choice"].items()) or "the base configuration"
-        lines.append(f"Autotune {t['key'][0]} {t['key'][3]} {t['key'][4:-1]}: {choice} in {t['ms']:.3f} ms; "
-                     f"{len(ok)} candidates timed, {len(t['candidates']) - len(ok)} refused.")
+        base = (f" (base configuration {t['base_ms']:.3f} ms: {t['base_ms'] / t['ms']:.2f}x)" if t.get("base_ms")
+                else "")
+        sweep = f" in a {t['wall_s']:.1f} s sweep" if "wall_s" in t else ""
+        lines.append(f"Autotune {t['key'][0]} {t['key'][3]} {t['key'][4:-1]}: {choice} in {t['ms']:.3f} ms{base}; "
+                     f"{len(ok)} candidates timed, {len(t['candidates']) - len(ok)} refused{sweep}.")
     if ceil := meta.get("ceilings"):
         lines += ["", f"Ceilings measured in the same run: copy {ceil['copy']['tb_per_s']:.2f} TB/s (read + write), "
                       f"bf16 GEMM {ceil['mm_bf16']['tflop_per_s']:.0f} TFLOP/s."]

@@ -40,12 +40,22 @@ def _import_guard() -> str | None:
     return None
 
 
+def _interpreter_guard() -> str | None:
+    """Why the kernels cannot run under the Triton interpreter here (None when they can, or when the
+    interpreter is off: compiled runs on a GPU), e.g. triton < 3.7 with numpy >= 2.4."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return None
+    from llave_fast.backends.triton_backend import interpreter_clash
+
+    return interpreter_clash() or None
+
+
 def pytest_sessionstart(session):
     import pytest
 
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller checked already
         return
-    why = _import_guard()
+    why = _import_guard() or _interpreter_guard()
     if why is not None:
         pytest.exit("the test environment is broken, no test was run:\n" + why, returncode=3)
 

@@ -113,13 +113,15 @@ def test_triton_tuned_row_tunes_records_and_renders_the_sweeps(monkeypatch):
     assert sorted(r["key"][0] for r in recs) == ["bwd", "fwd"] and all(r["key"][3] == "torch.float32" for r in recs)
     for r in recs:
         n = len(launch.FWD_CANDIDATES_CPU if r["key"][0] == "fwd" else launch.BWD_CANDIDATES_CPU)
-        assert len(r["candidates"]) == n and r["ms"] > 0, r
+        assert len(r["candidates"]) == n and r["ms"] > 0 and r["base_ms"] > 0, r
+        assert r["wall_s"] * 1e3 > r["base_ms"] + sum(c["ms"] for c in r["candidates"]), r  # the sweep holds them
     meta = {"device": {"name": "cpu"}, "versions": {}}
     lines = [ln for ln in report.loss_table({"meta": meta, "results": [], "autotune": recs})
              if ln.startswith("Autotune")]
     assert [ln.split()[1] for ln in lines] == [r["key"][0] for r in recs], lines
     for r, ln in zip(recs, lines):
-        assert f"{len(r['candidates'])} candidates timed, 0 refused" in ln, ln
+        assert f"{len(r['candidates'])} candidates timed, 0 refused in a {r['wall_s']:.1f} s sweep" in ln, ln
+        assert f"(base configuration {r['base_ms']:.3f} ms: {r['base_ms'] / r['ms']:.2f}x)" in ln, ln
         assert all(f"{k}={v}" in ln for k, v in r["choice"].items()) and "{" not in ln, ln
 
 
@@ -215,6 +217,24 @@ def test_deadline_prediction_uses_per_run_medians_not_wall_time():
     pred_c = bench_loss.predict_rows(rows[:2], hist, 16384, 1536, args, torch.device("cpu"))
     assert pred_c["reference"] == pytest.approx(10.0 * (0 + 1 + 1) / 1e3 + bench_loss.CPU_MEMORY_WORKER_S)
     assert bench_loss.predict_rows(rows, {}, 64, 32, args, cuda) is None
+    # triton_tuned: the autotuner's latest forward and backward sweeps on top, for that row only
+    args.repeats_for = args.warmup_for = None
+    tuned = rows[:2] + [("triton_tuned", "triton_tuned", 9.0)]
+    pred_t = bench_loss.predict_rows(tuned, hist, 65536, 1536, args, cuda, compile_s=30.0, tune_s=7.0)
+    assert pred_t["triton_tuned"] == pytest.approx(10.0 * 16 * 11 / 1e3 + 7.0)  # never timed: the dearest
+    assert pred_t["triton_strip"] == pytest.approx(5.0 * 16 * 11 / 1e3)
+
+
+def test_tune_allowance_is_the_latest_forward_and_backward_sweeps(monkeypatch):
+    import bench_loss
+    from llave_fast.backends import launch
+
+    monkeypatch.setattr(launch, "TUNE_LOG", [])
+    assert bench_loss.tune_allowance_s() == 0.0
+    launch.TUNE_LOG.extend([{"wall_s": 40.0}, {"wall_s": 20.0}, {"wall_s": 3.0}, {"wall_s": 2.0}, {}])
+    assert bench_loss.tune_allowance_s() == pytest.approx(2.0)  # the last two; a record without wall_s adds 0
+    launch.TUNE_LOG.pop()
+    assert bench_loss.tune_allowance_s() == pytest.approx(5.0)
 
 
 def test_deadline_drops_the_dearest_backends_first():

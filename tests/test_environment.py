@@ -217,3 +217,22 @@ def test_a_broken_transformers_stops_the_session_with_one_message(tmp_path):
     assert r.returncode == 3, out[-3000:]
     assert "`import transformers` fails in this environment" in out and "CUDAProperties" in out, out[-3000:]
     assert f"transformers {md.version('transformers')}" in out and "no test was run" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_clashing_triton_interpreter_stops_the_session_with_one_message(tmp_path):
+    """The session guard: under the interpreter (the CPU suite), triton < 3.7 with numpy >= 2.4 stops the
+    session with one message naming both versions and the fix, instead of every kernel test failing
+    inside the interpreter with a numpy TypeError. The versions are faked at start-up (sitecustomize)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import numpy, triton\nnumpy.__version__ = '2.4.6'\n"
+                                           "triton.__version__ = '3.6.0'\n")
+    env = dict(_env(), PYTHONPATH=str(site), TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_environment.py::test_constraints_pin_the_training_stack"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out[-3000:]
+    assert "no test was run" in out and "triton 3.6.0" in out and "numpy 2.4.6" in out, out[-3000:]
+    assert "numpy<2.4 or triton>=3.7" in out, out[-3000:]

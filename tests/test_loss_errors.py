@@ -155,6 +155,36 @@ def test_triton_rejects_float64(with_negatives):
         hardness_weighted_loss(_q(torch.float64), _t(torch.float64), backend="triton", **kw)
 
 
+@pytest.mark.parametrize("triton_v, numpy_v, clash", [
+    ("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0+git1a2b", "2.4.0rc1", True),
+    ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False), ("3.10.0", "2.5.2", False), ("4.0", "3.0", False),
+])
+def test_interpreter_clash_names_both_versions_and_the_fix(triton_v, numpy_v, clash):
+    """triton < 3.7 under numpy >= 2.4: the interpreter cannot run (seen with 3.5.1 and 3.6.0)."""
+    from llave_fast.backends.triton_backend import interpreter_clash
+
+    why = interpreter_clash(triton_v, numpy_v)
+    assert bool(why) == clash, why
+    if clash:
+        assert f"triton {triton_v}" in why and f"numpy {numpy_v}" in why and "numpy<2.4 or triton>=3.7" in why
+
+
+def test_triton_on_cpu_refuses_a_clashing_interpreter_in_one_line(monkeypatch):
+    """backend='triton' on CPU tensors says why the interpreter cannot run, before any kernel is
+    launched (otherwise every launch fails inside the interpreter with a numpy TypeError)."""
+    import numpy
+    import triton
+
+    from llave_fast.errors import InvalidArgument
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(InvalidArgument, match=r"backend='triton' cannot run here: .*triton 3\.6\.0.*numpy 2\.4\.6"):
+        hardness_weighted_loss(_q(), _t(), backend="triton")
+    assert torch.isfinite(hardness_weighted_loss(_q(), _t(), backend="auto"))  # auto takes torch on CPU
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
 def test_float64_is_accepted_by_torch_and_reference(backend):
     out = hardness_weighted_loss(_q(torch.float64), _t(torch.float64), backend=backend)

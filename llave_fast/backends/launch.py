@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -325,7 +326,7 @@ FWD_CANDIDATES_CPU = [dict(BM=16, BN=16, BK=16), dict(BM=32, BN=16, BK=32), dict
 BWD_CANDIDATES_CPU = [dict(DS_BM=16, DS_BN=32, BK=16, DS_STRIP_ROWS=32), dict(DS_BM=32, DS_BN=16, BK=16)]
 
 TUNED: dict = {}
-TUNE_LOG: list = []  # one record per tuning: key, every candidate's time or error, the choice
+TUNE_LOG: list = []  # one record per tuning: key, the base's time, every candidate's time or error, the choice, wall_s
 
 
 def candidates(kind: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -410,10 +411,11 @@ def tuned(kind: str, base: KernelConfig, key: tuple, device: torch.device, dtype
     full = (kind, device.type, device.index, dtype) + tuple(key) + (base,)
     if full in TUNED:
         return TUNED[full]
-    record = {"key": full, "candidates": []}
+    record, t_sweep = {"key": full, "candidates": []}, time.perf_counter()
     best, best_ms = None, float("inf")
     try:
         ref = run(base)
+        record["base_ms"] = time_ms(lambda: run(base), device)  # what the choice is measured against
     except Exception as exc:  # noqa: BLE001 - an override that does not fit: the candidates may
         ref, record["base_error"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
     for cand in candidates(kind, device, dtype):
@@ -437,7 +439,7 @@ def tuned(kind: str, base: KernelConfig, key: tuple, device: torch.device, dtype
             best, best_ms = cand, ms
     if best is None:
         raise RuntimeError(f"llave-fast autotune: no {kind} candidate ran for {full}: {record['candidates']}")
-    record.update(choice=best, ms=best_ms)
+    record.update(choice=best, ms=best_ms, wall_s=time.perf_counter() - t_sweep)
     TUNE_LOG.append(record)
     TUNED[full] = base.replace(**best)
     log.info("llave-fast autotune: %s %s on %s %s: %s (%.3f ms, %d candidates)", kind, dtype, device, key, best,

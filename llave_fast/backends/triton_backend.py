@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
+import numpy as np
 import torch
 
 from .common import (
@@ -81,6 +83,30 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = re.findall(r"\d+", version)[:2]
+    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
+
+
+def interpreter_clash(triton_version: str | None = None, numpy_version: str | None = None) -> str:
+    """Why the Triton interpreter cannot run the kernels with these versions, or ``""``.
+
+    Triton's interpreter before 3.7 turns one-element arrays into Python scalars, which numpy 2.4
+    made an error: every launch then fails deep inside the interpreter with "only 0-dimensional
+    arrays can be converted to Python scalars". Seen on 2026-12-07 with triton 3.5.1 and 3.6.0
+    (the GPU machines' release) under numpy 2.4.0 and 2.4.6; triton 3.7.1 and 3.8.0 ran."""
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    if numpy_version is None:
+        numpy_version = np.__version__
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} fails under numpy {numpy_version} (numpy 2.4 "
+                f"refuses to turn a 1-D array into a Python scalar, which interpreters before triton 3.7 do): install numpy<2.4 or triton>=3.7")
+    return ""
+
+
 def available_on(device: torch.device) -> tuple[bool, str]:
     """Whether the kernels can run on ``device``, and why not."""
     try:
@@ -90,7 +116,8 @@ def available_on(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, ""
     if device.type == "cpu" and interpreter_active():
-        return True, ""
+        clash = interpreter_clash()
+        return (not clash), clash
     return False, (
         f"the triton backend runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
         f"before triton is imported; got tensors on {device}"
@@ -455,6 +482,6 @@ class TritonHardnessLoss(torch.autograd.Function):
         return checked_backward(ctx, grad_out, "TritonHardnessLoss")
 
 __all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "launch_config", "available_on",
-           "interpreter_active", "KernelConfig", "gpu_config", "autotune_enabled", "TUNE_LOG", "strip_rows",
+           "interpreter_clash", "interpreter_active", "KernelConfig", "gpu_config", "autotune_enabled", "TUNE_LOG", "strip_rows",
            "ds_row_stride", "ds_dtype", "FWD_CANDIDATES_GPU", "BWD_CANDIDATES_GPU", "FWD_CANDIDATES_CPU",
            "BWD_CANDIDATES_CPU"]
