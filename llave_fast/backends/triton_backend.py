@@ -103,7 +103,8 @@ def interpreter_clash(triton_version: str | None = None, numpy_version: str | No
         numpy_version = np.__version__
     if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
         return (f"the Triton interpreter of triton {triton_version} fails under numpy {numpy_version} (numpy 2.4 "
-                f"refuses to turn a 1-D array into a Python scalar, which interpreters before triton 3.7 do): install numpy<2.4 or triton>=3.7")
+                "refuses to turn a 1-D array into a Python scalar, which interpreters before triton 3.7 do): "
+                "install numpy<2.4 or triton>=3.7")
     return ""
 
 
@@ -482,6 +483,6 @@ class TritonHardnessLoss(torch.autograd.Function):
         return checked_backward(ctx, grad_out, "TritonHardnessLoss")
 
 __all__ = ["TritonHardnessLoss", "strip_forward", "strip_backward", "kernel_config", "launch_config", "available_on",
-           "interpreter_clash", "interpreter_active", "KernelConfig", "gpu_config", "autotune_enabled", "TUNE_LOG", "strip_rows",
-           "ds_row_stride", "ds_dtype", "FWD_CANDIDATES_GPU", "BWD_CANDIDATES_GPU", "FWD_CANDIDATES_CPU",
+           "interpreter_clash", "interpreter_active", "KernelConfig", "gpu_config", "autotune_enabled", "TUNE_LOG",
+           "strip_rows", "ds_row_stride", "ds_dtype", "FWD_CANDIDATES_GPU", "BWD_CANDIDATES_GPU", "FWD_CANDIDATES_CPU",
            "BWD_CANDIDATES_CPU"]
