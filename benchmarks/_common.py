@@ -287,7 +287,10 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats,
             *ms, loss = _one_run(fns[lab], q, t, device, memory)
         except Exception as exc:  # noqa: BLE001 - recorded, the others go on
             o["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-            o["exception"] = exc
+            # without its traceback: the frames would keep the failed run's tensors (an OOM's ~40 GiB) alive
+            # through every later run of the group
+            o["exception"] = exc.with_traceback(None)
+            exc.__context__ = exc.__cause__ = None
             q.grad = t.grad = None
             free_memory(device)
             return

@@ -27,12 +27,21 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 (SXM), NVIDIA's data sheets
+# dense bf16 TFLOP/s, NVIDIA's data sheets; the first name found in the device's name counts (SXM last)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a device by its name (None: not in PEAK_BF16_TFLOPS; --peak-tflops gives one)."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
 REAL = dict(
     preset="llave_0.5b_arch.json", chunk=16, pairs_1x1=256, warmup_1x1=1, timed_1x1=3, image_1x1=384,
     pairs_2x2=64, image_2x2=768, extrapolate_pairs=1024, mem_pairs=64, mem_chunks=(16, 32), plain_start=32,
     plain_max=2048, max_try_s=25.0, enc_images=128, enc_texts=256, enc_batch=64, enc_warmup=16, clips=16,
     clip_frames=40, clip_fps=3, video_batch=8, mmeb_queries=200, mmeb_candidates=10, workers=6,
+    tiny_steps=80,  # of the default job's 240: at the H200's 0.32-0.38 s a step (ZeRO-2) 240 would not fit T1
 )
 DRY = dict(REAL, preset=None, chunk=4, pairs_1x1=16, timed_1x1=2, image_1x1=32, pairs_2x2=8, image_2x2=64,
            extrapolate_pairs=64, mem_pairs=8, mem_chunks=(4, 8), plain_start=4, plain_max=32, max_try_s=20.0,
@@ -389,14 +398,32 @@ class StepRun:
         return batch_stream(self.T, self.collator, image_size, pairs, steps, seed, self.args.workers)
 
 
+def shm_shortfall(workers: int, steps: int, pairs: int, image_size: int, free: int | None) -> str:
+    """Why the loader's workers must not be used here, or "": the batches in flight (one step ahead per
+    worker) go through /dev/shm, and a worker that cannot write its batch there drops it while the
+    loader waits forever (the error stays in the worker's queue thread; only a dead worker is seen).
+    Bound: fp32 pixels, a base view and the crops at most twice the image's area, one image a pair, x2."""
+    if workers <= 0 or free is None:
+        return ""
+    need = 2 * min(steps, workers) * pairs * 2 * 3 * image_size ** 2 * 4
+    if free >= need:
+        return ""
+    return (f"/dev/shm has {free / 2 ** 30:.2f} GiB free, {min(steps, workers)} batches of {pairs} pairs at "
+            f"{image_size} px in flight need up to {need / 2 ** 30:.2f} GiB")
+
+
 def batch_stream(T, collator, image_size: int, pairs: int, steps: int, seed: int, workers: int):
     """(batch, data wait s) of ``steps`` steps of synthetic pairs through the training loop's loader,
-    its workers started at once; if one dies (too small a /dev/shm) threads make the remaining batches."""
+    its workers started at once; threads in this process instead where /dev/shm is too small for the
+    workers' batches (``shm_shortfall``), or for the remaining batches if a worker dies."""
     from llave_fast.data import SyntheticDataset
 
     dataset = SyntheticDataset(pairs * steps, seed=seed, split="train", image_size=image_size)
     order = T.BatchOrder(len(dataset), pairs, seed)
-    loader = iter(T.step_loader(dataset, collator, order, 0, pairs, 0, steps, workers, 1, seed))
+    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
+    if why := shm_shortfall(workers, steps, pairs, image_size, free):
+        log(f"WARNING: {why}: making the batches with {workers} threads in this process")
+    loader = None if why else iter(T.step_loader(dataset, collator, order, 0, pairs, 0, steps, workers, 1, seed))
 
     def threads(start: int):
         make = T.StepBatches(dataset, collator)
@@ -404,7 +431,7 @@ def batch_stream(T, collator, image_size: int, pairs: int, steps: int, seed: int
             yield from pool.map(make.__getitem__, [(s, order(s)[:pairs]) for s in range(start, steps)])
 
     def stream():
-        it, done, can_fall_back = loader, 0, workers > 0
+        it, done, can_fall_back = (loader, 0, workers > 0) if loader is not None else (threads(0), 0, False)
         while done < steps:
             t0 = time.perf_counter()
             try:
@@ -670,7 +697,8 @@ def part_tiny(args, res: Results, sizes: dict) -> None:
     if args.dry:
         cmd += ["--steps", "3", "--num-train", "192", "--num-eval", "32", "--global-batch", "32", "--chunk-size", "64",
                 "--warmup-steps", "1", "--save-every", "0"]
-    # else the default job as shipped, more loader workers (the data order depends on (seed, step) alone)
+    else:  # the default job as shipped but shorter, more loader workers (the data order depends on (seed, step))
+        cmd += ["--steps", str(sizes["tiny_steps"])]
     out = {"status": "running", "run_dir": str(run_dir)}
     res.put("tiny_job", out)
     out.update(run_clis([("tiny default job", cmd)])[0])
@@ -816,8 +844,7 @@ def main(argv=None) -> int:
         ap.error("no CUDA device here: --dry runs the tiny CPU sizes")
     sizes = DRY if args.dry else REAL
     args.workers = sizes["workers"] if args.workers is None else args.workers
-    args.peak = args.peak_tflops or (dev.type == "cuda" and next(
-        (v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(dev)), None)) or None
+    args.peak = args.peak_tflops or (dev.type == "cuda" and peak_tflops(torch.cuda.get_device_name(dev))) or None
     res = Results(args.out, args.dry, dev)
 
     def mark(part, status):

@@ -4,20 +4,22 @@
 #   A   A1 compiled-kernel and environment tests (pytest -m 'gpu or env', 8 workers)         110 s
 #   B   B0 S-cache kernel probe (probe_scache.py: S GEMM with fp32 output, dq/dT at odd N, the
 #          stats and dS passes against the copy bandwidth, the fused forward)                  60 s
-#       B1 loss sweep, d = 1536, bf16, B = 4096 16384 65536, every backend, ceilings, the floor  165 s
-#       B2 B = N = 262144: the default (stream) and fused paths, the floor, then Inf-CL         100 s
+#       B1 loss sweep, d = 1536, bf16, B = 4096 16384 65536, every backend, ceilings, the floor  135 s
+#       B2 B = N = 262144: the default (stream) and fused paths, the floor (no Inf-CL: on the H200
+#          one run of it took > 57 s, and B1 compares it up to 65536)                          70 s
 #       B3 odd N = 16383 vs 16384, default and fused paths, d = 256 and 1536, bf16 and fp16      70 s
 #   T   the training loop (benchmarks/bench_train_step.py, train_step.json): T0 DeepSpeed, PyAV and
 #       transformers >= 5.23 from .whl/train (offline) and the optimizer check 20 + 15 s; T1 the tiny
-#       default job 50 s; T2 the LLaVE-0.5B-size step, its encode throughput, memory without GradCache
-#       125 s; T3 eval and eval-video with T1's model 25 s. "bash benchmarks/gpu_check.sh T", timeout_s 320.
+#       default job cut to 80 steps (its 240 would not fit) 80 s; T2 the LLaVE-0.5B-size step, its encode
+#       throughput, memory without GradCache 125 s; T3 eval and eval-video with T1's model 25 s.
+#       "bash benchmarks/gpu_check.sh T", timeout_s 350.
 # The stages run in the order named (AB, TB, TBA...), after one set-up (~30 s). A lease of 15 minutes,
 # the machine's start (1-2 minutes) included, takes two calls, what has never run first:
 #   1. STEPS="T0 T1 T2 T3 B0 B1 B3" bash benchmarks/gpu_check.sh TB, carry [".whl"], timeout_s 590
-#      (30 + 235 + 295 s of limits);
-#   2. on the warm machine, carry [".whl/inf_cl-1.2.1-py3-none-any.whl"] (B2's Inf-CL only), with status's
-#      budget_left_s: >= 260 s: STEPS="A1 B2" bash benchmarks/gpu_check.sh AB, timeout_s 240 (30 + 110 + 100 s);
-#      else STEPS=A1 with LIMIT_A1 = left - 70 and timeout_s = left - 20. Its log_B.txt is B2's alone.
+#      (30 + 265 + 265 s of limits);
+#   2. on the warm machine, no carry, with status's budget_left_s: >= 230 s: STEPS="A1 B2" bash
+#      benchmarks/gpu_check.sh AB, timeout_s 210 (30 + 110 + 70 s); else STEPS=A1 with LIMIT_A1 = left - 70
+#      and timeout_s = left - 20. Its log_B.txt is B2's alone.
 # Files under $OUT (default ./gpu_out; a device call brings back at most 8):
 #   A: log_A.txt tests.xml   B: log_B.txt probe.json loss.json loss_262k.json loss_variants.json
 #   T: log_T.txt train_step.json
@@ -39,9 +41,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # shellcheck source=benchmarks/_steps.sh
 source benchmarks/_steps.sh
-LIMIT_A1=${LIMIT_A1:-110}; LIMIT_B1=${LIMIT_B1:-165}; LIMIT_B2=${LIMIT_B2:-100}
+LIMIT_A1=${LIMIT_A1:-110}; LIMIT_B1=${LIMIT_B1:-135}; LIMIT_B2=${LIMIT_B2:-70}
 LIMIT_B3=${LIMIT_B3:-70}; LIMIT_B0=${LIMIT_B0:-60}
-LIMIT_T0=${LIMIT_T0:-20}; LIMIT_T0_ENV=${LIMIT_T0_ENV:-15}; LIMIT_T1=${LIMIT_T1:-50}; LIMIT_T2=${LIMIT_T2:-125}
+LIMIT_T0=${LIMIT_T0:-20}; LIMIT_T0_ENV=${LIMIT_T0_ENV:-15}; LIMIT_T1=${LIMIT_T1:-80}; LIMIT_T2=${LIMIT_T2:-125}
 LIMIT_T3=${LIMIT_T3:-25}
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -109,14 +111,14 @@ stage_B() {
         step "B1. loss sweep at d = 1536, bf16: ceilings, every backend, B = 4096..65536 (compile at 16384 only)"
         pick "${LOSS_CPU[@]}" --d 32 --B 64 128 --only-B reference=64 --point-budget-s 0.2 -- --device cuda --dtype bf16 \
             --d 1536 --B 4096 16384 65536 --backends triton triton_cache triton_stream triton_strip torch reference \
-            compile inf_cl gemm3 --alpha0-fused triton --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 --no-plot
+            compile inf_cl gemm3 --alpha0-fused triton --only-B compile=16384 --warmup 1 --repeats 10 --point-budget-s 3 \
+            --no-plot
         run_step "$LIMIT_B1" "$PY" benchmarks/bench_loss.py "${ARGS[@]}" --deadline-s $(( LIMIT_B1 - 20 )) --out "$OUT/loss.json"
     fi
     if want B2; then
-        step "B2. B = N = 262144, d = 1536, bf16: the default path (stream), the fused strip, the floor, then Inf-CL"
+        step "B2. B = N = 262144, d = 1536, bf16: the default path (stream), the fused strip, the floor"
         pick "${LOSS_CPU[@]}" --d 32 --B 256 --repeats-for reference=1 -- --device cuda --dtype bf16 --d 1536 --B 262144 \
-            --backends triton triton_strip gemm3 inf_cl --alpha0-fused triton --warmup 1 --repeats 2 --warmup-for inf_cl=1 \
-            --repeats-for inf_cl=1 --no-ceilings --no-plot
+            --backends triton triton_strip gemm3 --warmup 1 --repeats 2 --no-ceilings --no-plot
         run_step "$LIMIT_B2" "$PY" benchmarks/bench_loss.py "${ARGS[@]}" --sequential --n-inputs 2 \
             --deadline-s $(( LIMIT_B2 - 15 )) --out "$OUT/loss_262k.json"
     fi
@@ -169,7 +171,7 @@ stage_T() {
         run_step $(( LIMIT_T0_ENV * k )) "$PY" benchmarks/bench_train_step.py env "${dry[@]}" --out "$json"
     fi
     if want T1; then
-        step "T1. (a) the tiny default job (python3 -m llave_fast train): bf16, ZeRO-3, GradCache, P@1 before and after"
+        step "T1. (a) the tiny default job (python3 -m llave_fast train, 80 steps): bf16, ZeRO-3, GradCache, P@1 before and after"
         run_step $(( LIMIT_T1 * k )) "$PY" benchmarks/bench_train_step.py tiny "${dry[@]}" --out "$json"
     fi
     if want T2; then

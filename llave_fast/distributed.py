@@ -20,6 +20,14 @@ from ._checks import ids_cover_negatives
 from .errors import InvalidArgument
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor handed to a collective of ``group`` must live: NCCL takes CUDA tensors only (the
+    current device), gloo (and a "cpu:gloo,cuda:nccl" group) CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass
 class RankComm:
     """A process group seen from one rank."""

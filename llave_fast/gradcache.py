@@ -223,10 +223,10 @@ class GradCache:
             return counts, fits
         if on is False:  # the ranks are not to be coordinated: a single pass could unbalance the calls
             return counts, False
+        from .distributed import collective_device
+
         group = self.process_group
-        dev = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            dev = torch.device("cuda", torch.cuda.current_device())
+        dev = collective_device(group)
         # max of the counts, max of their negatives (-min), and whether any rank does not fit
         t = torch.tensor(counts + [-c for c in counts] + [0 if fits else 1], dtype=torch.int64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)

@@ -490,3 +490,32 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     seq = json.loads((out / "loss_262k.json").read_text())
     assert seq["config"]["sequential"] and {r["label"]: r["status"] for r in seq["results"]} == {
         "torch": "ok", "reference": "ok"}
+
+
+def test_a_failed_backend_does_not_keep_its_tensors_alive():
+    """time_interleaved records a backend's error and goes on; the recorded exception must not hold the
+    failed run's frames (on a GPU an OOM's tensors would then stay allocated through the group's later
+    runs, turning them into OOMs too)."""
+    import gc
+    import weakref
+
+    import _common as C
+
+    held = []
+
+    def fails(q, t):
+        big = torch.empty(1 << 16)
+        held.append(weakref.ref(big))
+        raise torch.OutOfMemoryError("planted: out of memory")
+
+    def works(q, t):
+        return (q * t).sum()
+
+    q, t = (torch.randn(8, 4, requires_grad=True) for _ in "qt")
+    out = C.time_interleaved({"fails": fails, "works": works}, [(q, t)], device=torch.device("cpu"), warmup=1,
+                             repeats=2)
+    gc.collect()
+    assert held and held[0]() is None, "the failed run's tensor is still alive"
+    assert isinstance(out["fails"]["exception"], torch.OutOfMemoryError)
+    assert out["fails"]["error"].startswith("OutOfMemoryError: planted") and out["works"]["error"] is None
+    assert len(out["works"]["raw_ms"]["fwd_bwd"]) == 2

@@ -77,3 +77,42 @@ def test_global_loss_across_ranks_matches_float64_truth(world):
 
 def test_inconsistent_ids_across_ranks_raise_everywhere():
     spawn_ranks(W.inconsistent_ids, 2)
+
+
+def test_collective_device_follows_the_backend(monkeypatch):
+    """NCCL takes CUDA tensors only ("No backend type associated with device type cpu" otherwise);
+    gloo, and a group with a CPU backend beside NCCL, CPU tensors."""
+    import torch
+    import torch.distributed as dist
+
+    from llave_fast.distributed import collective_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend, want in (("nccl", torch.device("cuda", 3)), ("gloo", torch.device("cpu")),
+                          ("cpu:gloo,cuda:nccl", torch.device("cpu"))):
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert collective_device() == want, backend
+
+
+def test_the_training_loop_s_all_reduces_go_to_the_backend_s_device(monkeypatch, tmp_path):
+    """The loop's per-step loss/health table and the bad-data flag were all-reduced as CPU tensors, which
+    the 2-rank gloo tests accept and NCCL (every multi-GPU run) refuses at step 1. Both now move to
+    ``collective_device()`` first: each all-reduce here checks that it was asked, and where."""
+    import torch
+
+    from llave_fast.training import stops
+
+    asked, seen = [], []
+    monkeypatch.setattr(stops, "collective_device", lambda group=None: asked.append(1) or torch.device("cpu"))
+
+    def all_reduce(t, *a, **k):  # as if the other rank held the same values
+        seen.append(len(asked))
+        t.mul_(2)
+
+    monkeypatch.setattr(stops.dist, "all_reduce", all_reduce)
+    got = stops.all_ranks_stats([1.5, 0.0, 2.0, 0.0, 10.0], rank=1, world=2)
+    assert got.device.type == "cpu" and got.dtype == torch.float64
+    assert got.tolist() == [[0.0] * 5, [3.0, 0.0, 4.0, 0.0, 20.0]] and seen == [1]
+    assert stops.all_ranks_stats([7.0], rank=0, world=1).tolist() == [[7.0]] and seen == [1]  # one rank: none
+    stops._stop_on_bad_data(None, 3, 0, 2, str(tmp_path), save=lambda step: None)
+    assert seen == [1, 2]

@@ -345,6 +345,39 @@ def test_batches_fall_back_to_threads_when_the_workers_die():
     assert got == [[int(i) for i in order(s)] for s in range(3)]
 
 
+def test_a_small_dev_shm_takes_threads_before_any_worker_starts(monkeypatch, capsys):
+    """A worker that cannot write its batch to /dev/shm drops it and the loader waits forever (no worker
+    died, so the fallback above never fires): where the batches in flight would not fit, threads make
+    them from the start and the loader is never created."""
+    from llave_fast import train as T
+
+    # LLaVE-0.5B step: 256 pairs at 384 px, 6 workers, 4 steps -> 4 batches of <= 0.84 GiB, x2
+    assert B.shm_shortfall(6, 4, 256, 384, free=64 << 20).startswith("/dev/shm has 0.06 GiB free, 4 batches")
+    assert "6.75 GiB" in B.shm_shortfall(6, 4, 256, 384, free=64 << 20)
+    assert B.shm_shortfall(6, 4, 256, 384, free=7 << 30) == ""
+    assert B.shm_shortfall(0, 4, 256, 384, free=0) == "" and B.shm_shortfall(6, 4, 256, 384, free=None) == ""
+
+    def no_loader(*a, **k):
+        raise AssertionError("the loader's workers were started")
+
+    monkeypatch.setattr(B.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024, total=1024, used=0))
+    monkeypatch.setattr(B.os.path, "isdir", lambda path: True)
+    fake = SimpleNamespace(step_loader=no_loader, StepBatches=T.StepBatches, BatchOrder=T.BatchOrder)
+    stream = B.batch_stream(fake, lambda records: {"rows": [r["row"] for r in records]}, image_size=32, pairs=4,
+                            steps=3, seed=0, workers=2)
+    got = [b["rows"] for b, wait in stream]
+    order = T.BatchOrder(12, 4, 0)
+    assert got == [[int(i) for i in order(s)] for s in range(3)]
+    assert "WARNING: /dev/shm has 0.00 GiB free" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                                        ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", None)])
+def test_mfu_peak_by_device_name(name, peak):
+    assert B.peak_tflops(name) == peak
+
+
 def test_fetch_wheels_pins_every_wheel_from_constraints():
     """The wheel script is valid bash and every package it fetches has a version in constraints.txt
     (it reads them from there; a missing pin would stop it on the machine that runs it)."""

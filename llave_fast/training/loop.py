@@ -48,7 +48,14 @@ from .run_folder import (
 from .runlog import _append_log, _tensorboard, _truncate_log
 from .schedule import resolve_length
 from .step import _to_device, build_loss, by_length, chunks, duplicate_ids
-from .stops import RunStopped, _gather_objects, _last_checkpoint, _non_finite_message, _stop_on_bad_data
+from .stops import (
+    RunStopped,
+    _gather_objects,
+    _last_checkpoint,
+    _non_finite_message,
+    _stop_on_bad_data,
+    all_ranks_stats,
+)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -240,10 +247,7 @@ def train_step(run: Run, engine, scheduler, gc, probe, batch, step: int) -> tupl
     local_loss = gc(q, t, n, orders=(q_order, t_order, n_order), **duplicate_ids(batch, cfg.mask_duplicates))
     lr_used = scheduler.get_last_lr()[-1]  # the rate this step applies
     # every rank's loss and its embeddings' health, known to all ranks before the step
-    stats = torch.zeros(world, 5, dtype=torch.float64)
-    stats[rank] = torch.tensor([local_loss.item(), *probe.non_finite()], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(stats)
+    stats = all_ranks_stats([local_loss.item(), *probe.non_finite()], rank, world)
     loss = stats[:, 0].mean().item()
     if not math.isfinite(loss):  # every rank sees it: all stop here, before the step
         directions = _gather_objects(probe.directions(cfg.logit_scale, cfg.alpha), world)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as ckpt
+from ..distributed import collective_device
 from ..errors import LlaveFastError
 
 
@@ -45,6 +46,18 @@ def _non_finite_message(step: int, stats: torch.Tensor, directions: list, lr: fl
             f"(each rank's loss over its queries against the whole batch):\n" + "\n".join(parts) + f"\n{where}")
 
 
+def all_ranks_stats(values: list[float], rank: int, world: int) -> torch.Tensor:
+    """(world, len(values)) float64 on the CPU, on every rank: row r holds rank r's ``values`` (one
+    all-reduce, on the device the process group's backend takes)."""
+    stats = torch.zeros(world, len(values), dtype=torch.float64)
+    stats[rank] = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        stats = stats.to(collective_device())
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    return stats
+
+
 def _gather_objects(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -58,6 +71,7 @@ def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, 
     checkpoints the steps done (unless that checkpoint exists) and stops with the message."""
     flag = torch.tensor([0.0 if error is None else 1.0])
     if world > 1:
+        flag = flag.to(collective_device())  # NCCL takes CUDA tensors only
         dist.all_reduce(flag)
     if flag.item() == 0:
         return
