@@ -212,28 +212,29 @@ class GradCache:
                 bar.update(1)
         return embs, states
 
-    def _chunk_targets(self, counts: list[int], fits: bool = False) -> tuple[list[int], bool]:
+    def _chunk_targets(self, counts: list[int], fits: bool = False,
+                       empty: bool = False) -> tuple[list[int], bool, bool]:
         """(the chunk counts every rank uses: the max over ranks, where that is needed; whether
-        every rank takes the single pass: ``fits`` on every rank and equal counts everywhere).
-        One all-reduce carries both."""
+        every rank takes the single pass: ``fits`` on every rank and equal counts everywhere;
+        whether any rank is ``empty``: no query or no target chunk). One all-reduce carries all three."""
         import torch.distributed as dist
 
         on = self.equalize_chunks
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
-            return counts, fits
+            return counts, fits, empty
         if on is False:  # the ranks are not to be coordinated: a single pass could unbalance the calls
-            return counts, False
+            return counts, False, empty
         from .distributed import collective_device
 
         group = self.process_group
         dev = collective_device(group)
-        # max of the counts, max of their negatives (-min), and whether any rank does not fit
-        t = torch.tensor(counts + [-c for c in counts] + [0 if fits else 1], dtype=torch.int64, device=dev)
+        # max of the counts, max of their negatives (-min), whether any rank does not fit, whether any is empty
+        t = torch.tensor(counts + [-c for c in counts] + [0 if fits else 1, int(empty)], dtype=torch.int64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         t = [int(x) for x in t.tolist()]
         k = len(counts)
         high, low = t[:k], [-x for x in t[k : 2 * k]]
-        return high, t[-1] == 0 and high == low
+        return high, t[2 * k] == 0 and high == low, bool(t[2 * k + 1])
 
     def _fits_one_pass(self, sizes: list[int]) -> bool:
         """Whether this rank's whole batch can take the single pass (see the module docstring)."""
@@ -278,15 +279,17 @@ class GradCache:
             raise InvalidArgument(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
         n_n = sum(self._count(c, "negative chunk") for c in n_chunks)
         grad_wanted = torch.is_grad_enabled() or not self.defer_backward
-        want, single = self._chunk_targets([len(q_chunks), len(t_chunks), len(n_chunks)],
-                                           grad_wanted and self._fits_one_pass([n_q, n_t, n_n]))
+        empty = not (q_chunks and t_chunks)
+        want, single, any_empty = self._chunk_targets([len(q_chunks), len(t_chunks), len(n_chunks)],
+                                                      grad_wanted and self._fits_one_pass([n_q, n_t, n_n]), empty)
         if single:
             return self._single_pass(q_chunks, t_chunks, n_chunks, loss_kwargs)
         pads = [w - len(c) for w, c in zip(want, (q_chunks, t_chunks, n_chunks))]
-        if any(pads) and not (q_chunks and t_chunks):
+        if any_empty and any(want[:2]):  # every rank raises (one alone would leave the others in a collective)
             raise InvalidArgument(
-                "GradCache: this rank has an empty batch while other ranks have chunks to encode; every rank "
-                "needs at least one query and one target (its encoder calls join the other ranks' collectives)"
+                f"GradCache: {'this rank' if empty else 'another rank'} has an empty batch while other ranks have "
+                "chunks to encode; every rank needs at least one query and one target (its encoder calls join the "
+                "other ranks' collectives)"
             )
         # a rank without negatives pads its negative calls with a target chunk (same encoder)
         pad_with = [q_chunks[:1], t_chunks[:1], (n_chunks or t_chunks)[:1]]

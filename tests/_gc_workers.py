@@ -86,6 +86,21 @@ def ddp_rank(rank, world, chunk):
     torch.testing.assert_close(flat, other, rtol=0, atol=0)
 
 
+def empty_rank(rank, world):
+    """Rank 1 has no pairs: every rank raises the same InvalidArgument, naming whose batch is empty."""
+    import pytest
+
+    from llave_fast.errors import InvalidArgument
+
+    torch.manual_seed(0)
+    q, t = make_batch(0 if rank == 1 else 4, seed=rank)
+    loss_fn = FusedHardnessLoss(local_loss=True, distributed=True, backend="torch")
+    who = "this rank" if rank == 1 else "another rank"
+    with pytest.raises(InvalidArgument, match=f"GradCache: {who} has an empty batch"):
+        GradCache(Encoder(), loss_fn, 2)(q, t)
+    dist.barrier()  # every rank got here: none is left in a collective
+
+
 def deepspeed_rank(rank, world, stage, chunk, sizes=None, expect_calls=None):
     """Under a DeepSpeed engine: one GradCache step equals one full-batch engine step.
 

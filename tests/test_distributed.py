@@ -5,6 +5,7 @@ LLaVE's per-rank semantics (its local loss; gradients summed over ranks' losses)
 """
 
 import pytest
+import torch
 
 from llave_fast.testing import spawn_ranks
 
@@ -48,6 +49,10 @@ def _empty_rank_cases(world):
     # an empty rank with hard negatives elsewhere, masks on, and the strip backward
     cases.append(dict(backend="triton", b=b, m=[2] + [0] * (world - 1), d=16, tid=True, qid=True, neg_ids=True,
                       sym=True, seed=7, kernel_config=dict(BWD="strip", DS_STRIP_ROWS=2, DS_BM=16, DS_BN=16)))
+    # float64 inputs: the empty rank's column partials must be float64 like the others' (a float32
+    # buffer met float64 ones in the all-reduce: gloo aborted on the size mismatch, NCCL would not notice)
+    cases.append(dict(backend="torch", b=b, m=[0] * world, d=16, tid=True, qid=False, neg_ids=False, sym=True,
+                      seed=11, dtype=torch.float64, tol=1e-9))
     return cases
 
 

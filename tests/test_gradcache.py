@@ -150,6 +150,13 @@ def test_activation_memory_flat_with_batch():
     assert big <= 1.5 * small + 128 * 32 * 4 * 2
 
 
+@pytest.mark.slow
+def test_an_empty_rank_stops_every_rank_with_one_message():
+    """A rank with no pairs while others have chunks: every rank raises (the empty one alone used to, which
+    left the others in their encoders' and the loss's collectives: gloo aborts, NCCL waits for its timeout)."""
+    spawn_ranks(W.empty_rank, 3)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.slow
 def test_ddp_gradients_and_step_equal_plain_ddp(world):
@@ -201,8 +208,8 @@ def test_padding_calls_add_nothing_and_keep_the_rng(monkeypatch):
         calls.clear()
         gc = GradCache(model, loss_fn, 2)
         if pad:
-            monkeypatch.setattr(gc, "_chunk_targets",
-                                lambda counts, fits: ([counts[0] + 1, counts[1] + 1, counts[2] + 2], False))
+            monkeypatch.setattr(gc, "_chunk_targets", lambda counts, fits, empty: (
+                [counts[0] + 1, counts[1] + 1, counts[2] + 2], False, empty))
         torch.manual_seed(7)
         loss = gc(q, t)
         rng = torch.rand(3)

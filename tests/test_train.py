@@ -460,3 +460,26 @@ def test_the_transformers_floor_is_one_number_everywhere():
     assert got.returncode == 0 and got.stdout.strip() == ZERO3_MIN_TRANSFORMERS, got
     for script in ("fetch_wheels.sh", "gpu_check.sh"):
         assert "$(transformers_floor)" in open(os.path.join(root, "benchmarks", script)).read(), script
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_a_caller_s_group_keeps_the_caller_s_device(monkeypatch, cuda):
+    """init_distributed joining a group the caller made: LOCAL_RANK (which DeepSpeed's engine moves to)
+    defaults to the CUDA device the caller chose, not to the global rank (no device index on a second
+    node: "invalid device ordinal"); without CUDA to the rank, as before."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from llave_fast.training import deepspeed_setup as S
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 9)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 16)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if cuda else "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    assert S.init_distributed() == (9, 16)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1" if cuda else "9")

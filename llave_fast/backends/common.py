@@ -340,12 +340,15 @@ def _layout(q, t, negatives, target_ids, query_ids, comm):
     return Tc, N, offset, ids, sizes
 
 
-def _empty_strip_stats(N: int, device, need_col: bool, need_e: bool) -> StripStats:
+def _empty_strip_stats(N: int, device, dtype: torch.dtype, need_col: bool, need_e: bool) -> StripStats:
     """The statistics of a strip with no rows (a rank with an empty batch): no row terms,
-    and column partials that contribute nothing to the cross-rank combination."""
-    row = torch.empty(0, device=device)
-    col_lse = torch.full((N,), float("-inf"), device=device) if need_col else None
-    col_es = torch.zeros(N, device=device) if (need_col and need_e) else None
+    and column partials that contribute nothing to the cross-rank combination, in the
+    accumulation dtype the other ranks' partials have (``acc_dtype``: float64 for float64
+    inputs; a float32 buffer there would meet float64 ones in the all-reduce)."""
+    acc = acc_dtype(dtype)
+    row = torch.empty(0, device=device, dtype=acc)
+    col_lse = torch.full((N,), float("-inf"), device=device, dtype=acc) if need_col else None
+    col_es = torch.zeros(N, device=device, dtype=acc) if (need_col and need_e) else None
     return StripStats(row, row if need_e else None, col_lse, col_es)
 
 
@@ -367,7 +370,7 @@ def hardness_forward(ctx, ops, q, t, negatives, scale_t, target_ids, query_ids, 
     # S is kept for a backward only when one can follow (never under no_grad)
     keep_s = cfg.keep_s and any(ctx.needs_input_grad[:4])
     if B == 0:
-        stats = _empty_strip_stats(N, q.device, cfg.symmetric, need_e)
+        stats = _empty_strip_stats(N, q.device, q.dtype, cfg.symmetric, need_e)
     else:
         stats = ops.strip_forward(
             q, Tc, n_col=N, offset=offset, scale=cfg.scale, alpha=cfg.alpha, ids=ids,

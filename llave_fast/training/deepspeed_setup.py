@@ -132,7 +132,10 @@ def init_distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():  # a caller already joined a group
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-        os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
+        # DeepSpeed's engine moves to cuda:LOCAL_RANK: without one, the device the caller chose (the global
+        # rank is no device index on a second node)
+        local = torch.cuda.current_device() if torch.cuda.is_available() else dist.get_rank()
+        os.environ.setdefault("LOCAL_RANK", str(local))
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
