@@ -17,9 +17,9 @@
 # the machine's start (1-2 minutes) included, takes two calls, what has never run first:
 #   1. STEPS="T0 T1 T2 T3 B0 B1 B3" bash benchmarks/gpu_check.sh TB, carry [".whl"], timeout_s 590
 #      (30 + 265 + 265 s of limits);
-#   2. on the warm machine, no carry, with status's budget_left_s: >= 230 s: STEPS="A1 B2" bash
-#      benchmarks/gpu_check.sh AB, timeout_s 210 (30 + 110 + 70 s); else STEPS=A1 with LIMIT_A1 = left - 70
-#      and timeout_s = left - 20. Its log_B.txt is B2's alone.
+#   2. on the warm machine, no carry, with status's budget_left_s: >= 240 s: STEPS="A1 B2" bash
+#      benchmarks/gpu_check.sh AB, timeout_s 230 (30 + 110 + 70 s + 20 s of one step's grace); else STEPS=A1
+#      with LIMIT_A1 = left - 70 and timeout_s = left - 20. Its log_B.txt is B2's alone.
 # Files under $OUT (default ./gpu_out; a device call brings back at most 8):
 #   A: log_A.txt tests.xml   B: log_B.txt probe.json loss.json loss_262k.json loss_variants.json
 #   T: log_T.txt train_step.json

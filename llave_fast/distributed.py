@@ -22,8 +22,10 @@ from .errors import InvalidArgument
 
 def collective_device(group=None) -> torch.device:
     """Where a tensor handed to a collective of ``group`` must live: NCCL takes CUDA tensors only (the
-    current device), gloo (and a "cpu:gloo,cuda:nccl" group) CPU tensors."""
-    if dist.get_backend(group) == "nccl":
+    current device; "nccl" or "cuda:nccl"), gloo and a group with a CPU backend ("cpu:gloo,cuda:nccl") CPU
+    tensors."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "cpu:" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -93,8 +93,8 @@ def test_collective_device_follows_the_backend(monkeypatch):
     from llave_fast.distributed import collective_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    for backend, want in (("nccl", torch.device("cuda", 3)), ("gloo", torch.device("cpu")),
-                          ("cpu:gloo,cuda:nccl", torch.device("cpu"))):
+    for backend, want in (("nccl", torch.device("cuda", 3)), ("cuda:nccl", torch.device("cuda", 3)),
+                          ("gloo", torch.device("cpu")), ("cpu:gloo,cuda:nccl", torch.device("cpu"))):
         monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
         assert collective_device() == want, backend
 
@@ -102,22 +102,28 @@ def test_collective_device_follows_the_backend(monkeypatch):
 def test_the_training_loop_s_all_reduces_go_to_the_backend_s_device(monkeypatch, tmp_path):
     """The loop's per-step loss/health table and the bad-data flag were all-reduced as CPU tensors, which
     the 2-rank gloo tests accept and NCCL (every multi-GPU run) refuses at step 1. Both now move to
-    ``collective_device()`` first: each all-reduce here checks that it was asked, and where."""
+    ``collective_device()`` first. Here it names the meta device (no CUDA on this machine): each all-reduce
+    must receive a tensor there (reading it back then fails, which the test expects)."""
     import torch
 
     from llave_fast.training import stops
 
-    asked, seen = [], []
-    monkeypatch.setattr(stops, "collective_device", lambda group=None: asked.append(1) or torch.device("cpu"))
+    seen = []
 
-    def all_reduce(t, *a, **k):  # as if the other rank held the same values
-        seen.append(len(asked))
-        t.mul_(2)
+    def all_reduce(t, *a, **k):
+        seen.append(t.device.type)
+        if t.device.type == "cpu":  # as if the other rank held the same values
+            t.mul_(2)
 
     monkeypatch.setattr(stops.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(stops, "collective_device", lambda group=None: torch.device("cpu"))  # gloo's
     got = stops.all_ranks_stats([1.5, 0.0, 2.0, 0.0, 10.0], rank=1, world=2)
-    assert got.device.type == "cpu" and got.dtype == torch.float64
-    assert got.tolist() == [[0.0] * 5, [3.0, 0.0, 4.0, 0.0, 20.0]] and seen == [1]
-    assert stops.all_ranks_stats([7.0], rank=0, world=1).tolist() == [[7.0]] and seen == [1]  # one rank: none
-    stops._stop_on_bad_data(None, 3, 0, 2, str(tmp_path), save=lambda step: None)
-    assert seen == [1, 2]
+    assert got.device.type == "cpu" and got.dtype == torch.float64 and seen == ["cpu"]
+    assert got.tolist() == [[0.0] * 5, [3.0, 0.0, 4.0, 0.0, 20.0]]
+    assert stops.all_ranks_stats([7.0], rank=0, world=1).tolist() == [[7.0]] and seen == ["cpu"]  # one rank: none
+    monkeypatch.setattr(stops, "collective_device", lambda group=None: torch.device("meta"))
+    for call in (lambda: stops.all_ranks_stats([1.0, 2.0], rank=0, world=2),
+                 lambda: stops._stop_on_bad_data(None, 3, 0, 2, str(tmp_path), save=lambda step: None)):
+        with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+            call()
+    assert seen == ["cpu", "meta", "meta"]

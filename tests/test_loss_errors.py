@@ -158,6 +158,7 @@ def test_triton_rejects_float64(with_negatives):
 @pytest.mark.parametrize("triton_v, numpy_v, clash", [
     ("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0+git1a2b", "2.4.0rc1", True),
     ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False), ("3.10.0", "2.5.2", False), ("4.0", "3.0", False),
+    ("unknown", "2.4.6", False),  # a source build without a version: no claim
 ])
 def test_interpreter_clash_names_both_versions_and_the_fix(triton_v, numpy_v, clash):
     """triton < 3.7 under numpy >= 2.4: the interpreter cannot run (seen with 3.5.1 and 3.6.0)."""

@@ -462,11 +462,12 @@ def test_the_transformers_floor_is_one_number_everywhere():
         assert "$(transformers_floor)" in open(os.path.join(root, "benchmarks", script)).read(), script
 
 
-@pytest.mark.parametrize("cuda", [True, False])
-def test_a_caller_s_group_keeps_the_caller_s_device(monkeypatch, cuda):
+@pytest.mark.parametrize("cuda, current, local", [(True, 1, "1"), (True, 0, "1"), (False, 0, "9")])
+def test_a_caller_s_group_keeps_the_caller_s_device(monkeypatch, cuda, current, local):
     """init_distributed joining a group the caller made: LOCAL_RANK (which DeepSpeed's engine moves to)
-    defaults to the CUDA device the caller chose, not to the global rank (no device index on a second
-    node: "invalid device ordinal"); without CUDA to the rank, as before."""
+    defaults to the CUDA device the caller chose, and where that is still device 0 (maybe never chosen)
+    to the rank modulo the node's 8 devices, never to the global rank (no device index on a second node:
+    "invalid device ordinal"); without CUDA to the rank, as before."""
     import deepspeed
     import torch.distributed as dist
 
@@ -479,7 +480,8 @@ def test_a_caller_s_group_keeps_the_caller_s_device(monkeypatch, cuda):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 16)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if cuda else "gloo")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
     assert S.init_distributed() == (9, 16)
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1" if cuda else "9")
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", local)

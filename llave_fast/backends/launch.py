@@ -415,9 +415,13 @@ def tuned(kind: str, base: KernelConfig, key: tuple, device: torch.device, dtype
     best, best_ms = None, float("inf")
     try:
         ref = run(base)
-        record["base_ms"] = time_ms(lambda: run(base), device)  # what the choice is measured against
     except Exception as exc:  # noqa: BLE001 - an override that does not fit: the candidates may
         ref, record["base_error"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    if ref is not None:
+        try:
+            record["base_ms"] = time_ms(lambda: run(base), device)  # what the choice is measured against
+        except Exception as exc:  # noqa: BLE001 - the reference stands; only its time is missing
+            record["base_time_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for cand in candidates(kind, device, dtype):
         try:
             cfg = base.replace(**cand)

@@ -83,9 +83,9 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _major_minor(version: str) -> tuple[int, int]:
+def _major_minor(version: str) -> tuple[int, int] | None:
     parts = re.findall(r"\d+", version)[:2]
-    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
+    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else None
 
 
 def interpreter_clash(triton_version: str | None = None, numpy_version: str | None = None) -> str:
@@ -101,7 +101,8 @@ def interpreter_clash(triton_version: str | None = None, numpy_version: str | No
         triton_version = triton.__version__
     if numpy_version is None:
         numpy_version = np.__version__
-    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+    tv, nv = _major_minor(triton_version), _major_minor(numpy_version)
+    if tv is not None and nv is not None and tv < (3, 7) and nv >= (2, 4):  # an unreadable version: no claim
         return (f"the Triton interpreter of triton {triton_version} fails under numpy {numpy_version} (numpy 2.4 "
                 "refuses to turn a 1-D array into a Python scalar, which interpreters before triton 3.7 do): "
                 "install numpy<2.4 or triton>=3.7")

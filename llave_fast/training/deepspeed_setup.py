@@ -132,9 +132,12 @@ def init_distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():  # a caller already joined a group
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-        # DeepSpeed's engine moves to cuda:LOCAL_RANK: without one, the device the caller chose (the global
-        # rank is no device index on a second node)
-        local = torch.cuda.current_device() if torch.cuda.is_available() else dist.get_rank()
+        # DeepSpeed's engine moves to cuda:LOCAL_RANK: without one, the device the caller chose, else (still
+        # on device 0: maybe never chosen) the rank modulo the node's devices (the global rank is no device
+        # index on a second node)
+        local = dist.get_rank()
+        if torch.cuda.is_available():
+            local = torch.cuda.current_device() or local % max(1, torch.cuda.device_count())
         os.environ.setdefault("LOCAL_RANK", str(local))
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         return dist.get_rank(), dist.get_world_size()

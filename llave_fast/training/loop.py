@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ..gradcache import GradCache
 from .batches import BatchOrder, check_data_fit
