@@ -462,6 +462,9 @@ def test_the_transformers_floor_is_one_number_everywhere():
         assert "$(transformers_floor)" in open(os.path.join(root, "benchmarks", script)).read(), script
 
 
+_LAUNCHER_ENV = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}  # as this module found them
+
+
 @pytest.mark.parametrize("cuda, current, local", [(True, 1, "1"), (True, 0, "1"), (False, 0, "9")])
 def test_a_caller_s_group_keeps_the_caller_s_device(monkeypatch, cuda, current, local):
     """init_distributed joining a group the caller made: LOCAL_RANK (which DeepSpeed's engine moves to)
@@ -473,8 +476,9 @@ def test_a_caller_s_group_keeps_the_caller_s_device(monkeypatch, cuda, current, 
 
     from llave_fast.training import deepspeed_setup as S
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # absent now, and again after the test (setenv records)
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 9)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 16)
@@ -485,3 +489,10 @@ def test_a_caller_s_group_keeps_the_caller_s_device(monkeypatch, cuda, current, 
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
     assert S.init_distributed() == (9, 16)
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", local)
+
+
+def test_the_caller_s_group_test_leaves_no_launcher_variables():
+    """The test above sets RANK and WORLD_SIZE through init_distributed: left behind, every later DeepSpeed
+    run in the process would believe it is one rank of 16 (zero.Init refuses; a fresh-clone CI run saw it)."""
+    now = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    assert now == _LAUNCHER_ENV, now
