@@ -280,7 +280,7 @@ def part_env(args, res: Results, sizes: dict) -> None:
                            "client_optimizer": "torch.optim.AdamW (llave_fast.train hands it to deepspeed.initialize)",
                            "needs_jit_op": bool(ds.get("optimizer") or offload)},
                 torch_extension_builds=torch_extension_builds(),
-                dev_shm_free_gib=gib(shutil.disk_usage("/dev/shm").free) if os.path.isdir("/dev/shm") else None)
+                dev_shm_free_gib=None if (free := dev_shm_free()) is None else gib(free))
     for mod in ("av", "pydantic", "pydantic_core", "hjson", "transformers", "accelerate", "triton", "numpy"):
         try:
             info[mod] = getattr(__import__(mod), "__version__", "installed")
@@ -398,6 +398,11 @@ class StepRun:
         return batch_stream(self.T, self.collator, image_size, pairs, steps, seed, self.args.workers)
 
 
+def dev_shm_free() -> int | None:
+    """Bytes free in /dev/shm, where the loader's workers hand their batches over (None: no such folder)."""
+    return shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
+
+
 def shm_shortfall(workers: int, steps: int, pairs: int, image_size: int, free: int | None) -> str:
     """Why the loader's workers must not be used here, or "": the batches in flight (one step ahead per
     worker) go through /dev/shm, and a worker that cannot write its batch there drops it while the
@@ -420,8 +425,7 @@ def batch_stream(T, collator, image_size: int, pairs: int, steps: int, seed: int
 
     dataset = SyntheticDataset(pairs * steps, seed=seed, split="train", image_size=image_size)
     order = T.BatchOrder(len(dataset), pairs, seed)
-    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
-    if why := shm_shortfall(workers, steps, pairs, image_size, free):
+    if why := shm_shortfall(workers, steps, pairs, image_size, dev_shm_free()):
         log(f"WARNING: {why}: making the batches with {workers} threads in this process")
     loader = None if why else iter(T.step_loader(dataset, collator, order, 0, pairs, 0, steps, workers, 1, seed))
 
@@ -431,7 +435,7 @@ def batch_stream(T, collator, image_size: int, pairs: int, steps: int, seed: int
             yield from pool.map(make.__getitem__, [(s, order(s)[:pairs]) for s in range(start, steps)])
 
     def stream():
-        it, done, can_fall_back = (loader, 0, workers > 0) if loader is not None else (threads(0), 0, False)
+        it, done, can_fall_back = (threads(0), 0, False) if loader is None else (loader, 0, workers > 0)
         while done < steps:
             t0 = time.perf_counter()
             try:

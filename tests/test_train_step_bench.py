@@ -325,10 +325,21 @@ def test_tile_batch_takes_or_repeats_rows():
     assert five["query"]["image_sizes"] == [(4, 4), None, (4, 4), None, (4, 4)]
 
 
+def _stream_rows(step_loader, workers=2):
+    """(the rows of each batch batch_stream yields with this step_loader, the rows the order gives): 3 steps
+    of 4 pairs at 32 px."""
+    from llave_fast import train as T
+
+    fake = SimpleNamespace(step_loader=step_loader, StepBatches=T.StepBatches, BatchOrder=T.BatchOrder)
+    stream = B.batch_stream(fake, lambda records: {"rows": [r["row"] for r in records]}, image_size=32, pairs=4,
+                            steps=3, seed=0, workers=workers)
+    order = T.BatchOrder(12, 4, 0)
+    return [b["rows"] for b, wait in stream], [[int(i) for i in order(s)] for s in range(3)]
+
+
 def test_batches_fall_back_to_threads_when_the_workers_die():
     """A dead DataLoader worker (e.g. a bus error on a small /dev/shm) does not end the run: the
     remaining batches are made by threads, in order."""
-    from llave_fast import train as T
 
     class Dying:
         def __iter__(self):
@@ -337,20 +348,14 @@ def test_batches_fall_back_to_threads_when_the_workers_die():
         def __next__(self):
             raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error.")
 
-    fake = SimpleNamespace(step_loader=lambda *a, **k: Dying(), StepBatches=T.StepBatches, BatchOrder=T.BatchOrder)
-    stream = B.batch_stream(fake, lambda records: {"rows": [r["row"] for r in records]}, image_size=32, pairs=4,
-                            steps=3, seed=0, workers=2)
-    got = [b["rows"] for b, wait in stream]
-    order = T.BatchOrder(12, 4, 0)
-    assert got == [[int(i) for i in order(s)] for s in range(3)]
+    got, want = _stream_rows(lambda *a, **k: Dying())
+    assert got == want
 
 
 def test_a_small_dev_shm_takes_threads_before_any_worker_starts(monkeypatch, capsys):
     """A worker that cannot write its batch to /dev/shm drops it and the loader waits forever (no worker
     died, so the fallback above never fires): where the batches in flight would not fit, threads make
     them from the start and the loader is never created."""
-    from llave_fast import train as T
-
     # LLaVE-0.5B step: 256 pairs at 384 px, 6 workers, 4 steps -> 4 batches of <= 0.84 GiB, x2
     assert B.shm_shortfall(6, 4, 256, 384, free=64 << 20).startswith("/dev/shm has 0.06 GiB free, 4 batches")
     assert "6.75 GiB" in B.shm_shortfall(6, 4, 256, 384, free=64 << 20)
@@ -360,14 +365,9 @@ def test_a_small_dev_shm_takes_threads_before_any_worker_starts(monkeypatch, cap
     def no_loader(*a, **k):
         raise AssertionError("the loader's workers were started")
 
-    monkeypatch.setattr(B.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024, total=1024, used=0))
-    monkeypatch.setattr(B.os.path, "isdir", lambda path: True)
-    fake = SimpleNamespace(step_loader=no_loader, StepBatches=T.StepBatches, BatchOrder=T.BatchOrder)
-    stream = B.batch_stream(fake, lambda records: {"rows": [r["row"] for r in records]}, image_size=32, pairs=4,
-                            steps=3, seed=0, workers=2)
-    got = [b["rows"] for b, wait in stream]
-    order = T.BatchOrder(12, 4, 0)
-    assert got == [[int(i) for i in order(s)] for s in range(3)]
+    monkeypatch.setattr(B, "dev_shm_free", lambda: 1024)
+    got, want = _stream_rows(no_loader)
+    assert got == want
     assert "WARNING: /dev/shm has 0.00 GiB free" in capsys.readouterr().out
 
 
