@@ -62,7 +62,9 @@ def check_ids(name: str, ids, lengths: tuple[int, ...], device: torch.device, wh
         raise InvalidArgument(f"{name} must be 1-D with {want} entries ({what}), got shape {tuple(ids.shape)}")
     if ids.device != device:
         raise InvalidArgument(f"{name} is on {ids.device} but the embeddings are on {device}")
-    return ids.to(torch.int64).contiguous()
+    # always a private copy: the backward rebuilds its masks from the ids, so a caller who refills
+    # the buffer between forward and backward must not change the gradients
+    return ids.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
 
 
 def ids_cover_negatives(target_ids, B: int, M: int) -> bool:
@@ -108,7 +110,10 @@ def check_scale(logit_scale, device: torch.device | None = None):
 def read_scale(logit_scale: torch.Tensor) -> float:
     """The value of a scale tensor (already checked by :func:`check_scale`), checked finite and
     > 0. On a device other than the CPU this is a host sync: call it only where the number is
-    needed."""
+    needed. A meta scale (beside meta embeddings: shapes only, nothing is computed) has no value
+    to read or check; the kernels get 1.0, which no output depends on."""
+    if logit_scale.device.type == "meta":
+        return 1.0
     return _positive_scale(float(logit_scale.detach().reshape(()).item()))
 
 
@@ -125,8 +130,13 @@ def check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.Tensor)):
         raise InvalidArgumentType(f"alpha must be a finite float, got {_desc(alpha)}")
     if isinstance(alpha, torch.Tensor):
-        if alpha.numel() != 1:
-            raise InvalidArgument(f"alpha must be a scalar, got a tensor of shape {tuple(alpha.shape)}")
+        if alpha.numel() != 1 or alpha.dim() > 1:
+            raise InvalidArgument(f"alpha must be a 0-d (or 1-element) tensor, got shape {tuple(alpha.shape)}")
+        if alpha.dtype == torch.bool or alpha.dtype.is_complex:
+            raise InvalidArgumentType(f"alpha must be a real number, got a tensor of dtype {alpha.dtype}")
+        if alpha.device.type == "meta":
+            raise InvalidArgument("alpha is a meta tensor, which has no value; pass a float (alpha sets the "
+                                  "hardness weight exp(alpha * S) and is read as a number)")
         if alpha.requires_grad:
             raise InvalidArgument(
                 "alpha is a tensor that requires grad, but the hardness weight exp(alpha * S) is detached by "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from ._checks import ids_cover_negatives
-from .errors import InvalidArgument
+from .errors import DistributedNotReady, InvalidArgument
 
 
 def collective_device(group=None) -> torch.device:
@@ -38,7 +38,7 @@ class RankComm:
 
     def __post_init__(self):
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
+            raise DistributedNotReady(
                 "cross-rank loss needs torch.distributed to be initialised (init_process_group) "
                 "before the loss is called"
             )

@@ -25,8 +25,12 @@ class InvalidArgumentType(LlaveFastError, TypeError):
     """An argument has a type llave-fast does not accept."""
 
 
+class DistributedNotReady(LlaveFastError, RuntimeError):
+    """A cross-rank call was made before ``torch.distributed`` was initialised."""
+
+
 class MissingDependency(LlaveFastError, ImportError):
     """An optional package a feature needs is not installed (the message says which extra)."""
 
 
-__all__ = ["InvalidArgument", "InvalidArgumentType", "LlaveFastError", "MissingDependency"]
+__all__ = ["DistributedNotReady", "InvalidArgument", "InvalidArgumentType", "LlaveFastError", "MissingDependency"]

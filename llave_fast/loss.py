@@ -75,6 +75,8 @@ def hardness_weighted_loss(
 
     Returns a float32 loss for 16/32-bit inputs (float64 for float64), whatever the backend.
     """
+    if not isinstance(distributed, bool):
+        raise InvalidArgumentType(f"distributed must be a bool, got {distributed!r}")
     across = distributed or process_group is not None
     _checks.check_embeddings("query", query, allow_empty=across)
     _checks.check_embeddings("target", target, like=query)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import llave_fast
-from llave_fast import FusedHardnessLoss, hardness_weighted_loss
+from llave_fast import FusedHardnessLoss, LlaveFastError, hardness_weighted_loss
 from llave_fast import _checks
 from llave_fast import loss as loss_module
 from llave_fast.distributed import RankComm
@@ -86,8 +86,9 @@ def test_llave_world_size_turns_on_the_cross_rank_loss():
     """world_size > 1 means distributed=True; calling it without torch.distributed says so."""
     m = WeightedClipLoss(local_loss=True, gather_with_grad=True, rank=1, world_size=2, backend="torch")
     assert m.distributed and m.local_loss
-    with pytest.raises(RuntimeError, match=r"torch\.distributed.*init_process_group"):
+    with pytest.raises(RuntimeError, match=r"torch\.distributed.*init_process_group") as info:
         m(_unit(3, 8, 0, torch.float32), _unit(3, 8, 1, torch.float32))
+    assert isinstance(info.value, LlaveFastError), type(info.value)
 
 
 def test_knob_table_lists_every_cross_rank_knob():

@@ -912,6 +912,29 @@ def test_query_ids_ignored_one_way(backend, gen):
         assert torch.equal(a.grads[n], b.grads[n]), n
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_ids_refilled_between_forward_and_backward(backend, gen):
+    """The backward rebuilds its masks from the ids: a caller who refills the id buffers after the
+    forward (a reused buffer for the next batch) must not change the gradients. The fused backends
+    once kept a view of int64 ids, and zeroing them changed dq by 5.9."""
+    B, d, M = 23, 16, 5
+    case = make_case(gen, B, d, M, torch.float32, masks="tid_neg", id_range=6)
+    g = upstream_grad(gen, case)
+    grads = []
+    for refill in (False, True):
+        tid, qid = case.target_ids.clone(), case.query_ids.clone()
+        q, t, n = (x.clone().requires_grad_() for x in (case.q, case.t, case.neg))
+        with tiles("small"):
+            loss = hardness_weighted_loss(q, t, negatives=n, target_ids=tid, query_ids=qid, backend=backend,
+                                          reduction="none")
+        if refill:
+            tid.copy_(torch.arange(B + M)), qid.zero_()
+        (loss * g).sum().backward()
+        grads.append((q.grad, t.grad, n.grad))
+    for name, a, b in zip("qtn", *grads):
+        assert torch.equal(a, b), f"d{name} changed when the ids were refilled after the forward ({backend})"
+
+
 # ============================================================ NaN-poisoned outputs
 @pytest.mark.parametrize("setup", ["triton-small", "triton-default", "triton-det", "torch"])
 def test_poisoned_outputs_are_all_written(setup, monkeypatch, gen, seed, small_chunks):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llave_fast import FusedHardnessLoss, hardness_weighted_loss
+from llave_fast import FusedHardnessLoss, LlaveFastError, hardness_weighted_loss
 from llave_fast.llave_compat import WeightedClipLoss
 
 from _helpers import _cpu_test_env  # noqa: F401  (autouse fixture)
@@ -112,6 +112,13 @@ BAD_INPUTS = {
     "alpha-string": (lambda: (_q(), _t(), dict(alpha="9")), TypeError, r"alpha.*str '9'"),
     "alpha-none": (lambda: (_q(), _t(), dict(alpha=None)), TypeError, r"alpha.*None"),
     "alpha-vector": (lambda: (_q(), _t(), dict(alpha=torch.ones(2))), ValueError, r"alpha.*shape \(2,\)"),
+    "alpha-tensor-shape-1x1": (lambda: (_q(), _t(), dict(alpha=torch.ones(1, 1))), ValueError,
+                               r"alpha.*shape \(1, 1\)"),
+    "alpha-bool-tensor": (lambda: (_q(), _t(), dict(alpha=torch.tensor(True))), TypeError, r"alpha.*torch\.bool"),
+    "alpha-complex-tensor": (lambda: (_q(), _t(), dict(alpha=torch.tensor(1 + 0j))), TypeError,
+                             r"alpha.*torch\.complex64"),
+    "alpha-meta-tensor": (lambda: (_q(), _t(), dict(alpha=torch.tensor(9.0, device="meta"))), ValueError,
+                          r"alpha is a meta tensor"),
     "alpha-requires-grad": (lambda: (_q(), _t(), dict(alpha=torch.tensor(9.0, requires_grad=True))), ValueError,
                             r"alpha is a tensor that requires grad.*detached"),
     # options
@@ -120,6 +127,7 @@ BAD_INPUTS = {
     "reduction-mean-uppercase": (lambda: (_q(), _t(), dict(reduction="MEAN")), ValueError, r"reduction.*got 'MEAN'"),
     "symmetric-int": (lambda: (_q(), _t(), dict(symmetric=1)), TypeError, r"symmetric.*got 1"),
     "symmetric-string": (lambda: (_q(), _t(), dict(symmetric="yes")), TypeError, r"symmetric.*got 'yes'"),
+    "distributed-string": (lambda: (_q(), _t(), dict(distributed="no")), TypeError, r"distributed.*got 'no'"),
 }
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton", "reference"])
@@ -127,8 +135,9 @@ BAD_INPUTS = {
 def test_bad_input_raises_naming_the_argument(case_id, backend):
     make, exc, pattern = BAD_INPUTS[case_id]
     q, t, kw = make()
-    with pytest.raises(exc, match=pattern):
+    with pytest.raises(exc, match=pattern) as info:
         hardness_weighted_loss(q, t, backend=backend, **kw)
+    assert isinstance(info.value, LlaveFastError), f"{type(info.value).__name__} is no LlaveFastError: {info.value}"
 
 
 def test_learnable_logit_scale_on_another_device():
@@ -138,6 +147,17 @@ def test_learnable_logit_scale_on_another_device():
     scale = torch.tensor(50.0, device="meta", requires_grad=True)
     with pytest.raises(ValueError, match=r"logit_scale.*meta"):
         hardness_weighted_loss(_q(), _t(), logit_scale=scale, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_meta_scale_beside_meta_embeddings_traces_shapes(backend):
+    """Meta embeddings with a meta learnable scale: shapes only, as the reference always allowed
+    (the fused backends read the scale's number, which a meta tensor does not have)."""
+    q, t = (torch.empty(5, D, device="meta", requires_grad=True) for _ in range(2))
+    scale = torch.tensor(50.0, device="meta", requires_grad=True)
+    loss = hardness_weighted_loss(q, t, logit_scale=scale, backend=backend)
+    loss.backward()
+    assert loss.device.type == "meta" and loss.shape == () and q.grad.shape == (5, D) and scale.grad.shape == ()
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
