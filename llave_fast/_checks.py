@@ -16,7 +16,10 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 def _desc(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
-    return f"{type(x).__name__} {x!r}"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # a numpy (or other) array: its kind, not its values
+        return f"a {type(x).__module__.split('.')[0]}.{type(x).__name__} of dtype {x.dtype} and shape {tuple(x.shape)}"
+    text = repr(x)
+    return f"{type(x).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def check_embeddings(name: str, x, *, like: torch.Tensor | None = None, like_name: str = "query",

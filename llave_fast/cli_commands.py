@@ -4,6 +4,7 @@ stdout (notes go to stderr); its errors go up to :func:`llave_fast.cli.main`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,8 +18,29 @@ __all__ = ["COMMANDS"]
 def _train(args) -> int:
     from .train import train
 
-    train(train_config_from_args(args))
+    cfg = train_config_from_args(args)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        _say_where_to_resume(cfg.output_dir)
+        raise
     return 0
+
+
+def _say_where_to_resume(out: str | None) -> None:
+    """After an interrupt (rank 0): the newest complete checkpoint, and the command that resumes it."""
+    from . import checkpoint as ckpt
+
+    if out is None or os.environ.get("RANK", "0") != "0" or not os.path.isdir(out):
+        return
+    tag = ckpt.latest_complete(os.path.join(out, "checkpoints"))
+    if tag is None:
+        print(f"{PROG} train: no complete checkpoint in {out} yet: a rerun starts from step 0", file=sys.stderr)
+        return
+    with open(os.path.join(out, "checkpoints", tag, ckpt.MARKER)) as f:
+        step = json.load(f).get("step", "?")
+    print(f"{PROG} train: the newest complete checkpoint is {os.path.join(out, 'checkpoints', tag)} (step {step}); "
+          f"rerun the same command with --output-dir {out} to resume from it", file=sys.stderr)
 
 
 def _existing(flag: str, path: str | None, kind: str = "folder") -> None:
@@ -29,6 +51,33 @@ def _existing(flag: str, path: str | None, kind: str = "folder") -> None:
         raise UsageError(f"{flag} {path!r}: no such {kind}")
     if kind == "folder" and not os.path.isdir(path):
         raise UsageError(f"{flag} {path!r}: not a folder")
+
+
+def _writable_file(flag: str, path: str | None) -> None:
+    """Refuse, before any work, a file flag the result could not be written to (a folder, a missing
+    or read-only parent folder): the evaluation would run to its end and lose the file."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r}: a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path!r}: its folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path!r}: not writable")
+
+
+def _output_folder(flag: str, path: str | None) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be made or written."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r}: a file, not a folder")
+    probe = path
+    while not os.path.exists(probe):  # the nearest folder that exists must be writable
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise UsageError(f"{flag} {path!r}: cannot be written ({probe} is not a writable folder)")
 
 
 def _looks_local(path: str) -> bool:
@@ -63,6 +112,8 @@ def _eval(args) -> int:
     for path in paths:
         _existing("--data", path, kind="file or folder")
     _existing("--image-dir", args.image_dir)
+    _writable_file("--output", args.output)
+    _output_folder("--output-dir", args.output_dir)
 
     mmeb_eval_files = bool(paths) and find_eval_datasets(paths) is not None
     num_eval, max_queries = args.num_eval, args.max_queries
@@ -84,7 +135,7 @@ def _eval(args) -> int:
         if args.output_dir is not None:
             raise UsageError(f"--output-dir {args.output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its "
                              "resume cache); for the synthetic split and MMEB-train files use --output FILE")
-    with outside_image_dir_allowed(args.allow_outside_image_dir):  # the readers' default, for this call
+    with outside_image_dir_allowed(args.allow_outside_image_dir), _no_training_hints():
         result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
                                 num_eval=256 if num_eval is None else num_eval, seed=args.seed,
                                 image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,
@@ -99,6 +150,20 @@ def _eval(args) -> int:
         print(f"\nMMEB precision@1{where}:\n{format_mmeb_table(result)}", file=sys.stderr)
     return 0
 
+
+
+@contextlib.contextmanager
+def _no_training_hints():
+    """A data error met by ``eval``, without the training reader's advice (--skip-bad-rows,
+    --bad-images, --check-images are training flags: eval skips no row)."""
+    from .data.bad_data import BadDataError
+
+    try:
+        yield
+    except BadDataError as e:
+        if e.hint is False:
+            raise
+        raise BadDataError(e.source, e.row, e.reason, e.line, hint=False) from e
 
 
 def _ablate(args) -> int:
@@ -119,6 +184,7 @@ def _eval_video(args) -> int:
     _existing("--videos", args.videos)
     _existing("--annotations", args.annotations, kind="file or folder")
     _existing("--video-list", args.video_list, kind="file")
+    _output_folder("--output-dir", args.output_dir)
     result = eval_video(args.model, args.videos, args.annotations, args.output_dir, max_frames=args.max_frames,
                         fps=args.fps, batch=args.batch, device=args.device, dtype=args.dtype,
                         max_length=args.max_length, video_list=args.video_list, limit=args.limit,

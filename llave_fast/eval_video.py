@@ -356,7 +356,7 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     check_video_config(model.config)  # before any video is decoded
     proc = model.processor
     limit_len = video_length_limit(model.config, max_length)
-    longest = check_video_length(proc, max_frames, limit_len)
+    longest = check_video_length(proc, max_frames, limit_len, model_cap=limit_len < max_length)
 
     t0 = time.perf_counter()
     v_emb, infos = encode_videos(model, paths, fps=fps, max_frames=max_frames, batch=batch, max_length=limit_len,

@@ -485,19 +485,27 @@ def candidate_list_hits(emb: torch.Tensor, queries, candidates) -> torch.Tensor:
     ``numpy.argmax`` in VLM2Vec's scorer). ``emb``: (P, d) embeddings of the distinct inputs;
     ``queries[q]``: query q's row of ``emb``; ``candidates[q]``: its candidates' rows.
 
-    Each distinct candidate of a list is scored once and the scores are indexed back, so
-    copies of one candidate get bit-identical scores (a matrix-vector product over the
-    copies could round them differently in the last bits and break a tie).
+    Each distinct candidate embedding of a list is scored once and the scores are indexed back,
+    so candidates with bit-identical embeddings (one input listed twice, the same image under two
+    paths, images dropped under LLaVE's rule leaving the same text) get bit-identical scores: a
+    matrix-vector product over the copies rounds them differently in the last bits, which
+    decided such ties by the copies' positions in the batch.
     """
     emb = emb.float()
     hits = torch.zeros(len(queries), dtype=torch.bool)
+    if emb.shape[0] == 0:
+        return hits
+    # one id per distinct embedding (by value), and a row holding each
+    _, content = torch.unique(emb, dim=0, return_inverse=True)
+    rep = torch.empty(int(content.max()) + 1, dtype=torch.long)
+    rep[content.flip(0)] = torch.arange(emb.shape[0] - 1, -1, -1)  # the first row of each value
     for q, (qi, cands) in enumerate(zip(queries, candidates)):
         idx = torch.as_tensor(cands, dtype=torch.long)
         if idx.numel() == 1:
             hits[q] = True
             continue
-        distinct, inverse = torch.unique(idx, return_inverse=True)
-        scores = (emb[distinct] @ emb[qi])[inverse]
+        distinct, inverse = torch.unique(content[idx], return_inverse=True)
+        scores = (emb[rep[distinct]] @ emb[qi])[inverse]
         hits[q] = bool(scores[0] >= scores[1:].max())
     return hits
 

@@ -60,7 +60,12 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
         raise MissingDependency(f"merging the ZeRO shards of {os.path.join(root, tag)} needs deepspeed "
                           "(pip install 'llave-fast[train]')") from e
     if not os.path.exists(os.path.join(root, tag, ckpt.MARKER)):
-        raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete (no {ckpt.MARKER} marker)")
+        done = ckpt.complete_tags(root)
+        have = f"the complete ones are {', '.join(done)}" if done else "there is no complete one"
+        what = "is not complete (no {} marker)".format(ckpt.MARKER) if os.path.isdir(os.path.join(root, tag)) else \
+            "does not exist"
+        raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} {what}; {have} (tags are written "
+                                f"{ckpt.tag_for(1)!r}, {ckpt.tag_for(200)!r}, ...)")
     ckpt.check_files(os.path.join(root, tag))
     # zero_to_fp32 loads with weights_only=False: within this block its loads are weights_only
     with ckpt.safe_zero_to_fp32():

@@ -47,6 +47,7 @@ DeepSpeed engines are refused in this mode (each chunk's backward must go throug
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Callable
 
 import torch
@@ -76,14 +77,14 @@ def _is_batched(v) -> bool:
     return (isinstance(v, torch.Tensor) and v.dim() > 0) or isinstance(v, (list, tuple, dict))
 
 
-def split_batch(inputs, chunk_size: int) -> list:
-    """Split batch-first inputs into chunks of ``chunk_size`` samples.
+def split_batch(inputs, chunk_size: int, name: str = "inputs") -> list:
+    """Split batch-first inputs into chunks of ``chunk_size`` samples (``name``: what errors call them).
 
     Tensors are split along dim 0; lists/tuples by sample (so a list of per-image tile
     tensors with different tile counts splits too); dicts entry by entry; anything else
     (None, strings, numbers, 0-d tensors) is repeated in every chunk.
     """
-    n = _batch_size(inputs, "inputs")
+    n = _batch_size(inputs, name)
     return [_take(inputs, i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
 
 
@@ -112,6 +113,71 @@ class _RngState:
             if self.cuda is not None:
                 torch.cuda.set_rng_state_all(self.cuda)
             yield
+
+
+class _AutocastState:
+    """Whether autocast is on, and in which dtype, for the CPU and CUDA, as at the first pass: the
+    deferred re-encode runs in the caller's backward, which AMP recipes run outside autocast."""
+
+    def __init__(self):
+        self.state = {dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda")}
+
+    @contextlib.contextmanager
+    def replay(self):
+        with contextlib.ExitStack() as stack:
+            for dev, (on, dtype) in self.state.items():
+                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=on))
+            yield
+
+
+def _norm_layers(encoders) -> list:
+    """The layers with running statistics (BatchNorm, InstanceNorm with track_running_stats) of the
+    encoders that are modules (a DeepSpeed engine's or DDP's module included)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    seen, out = set(), []
+    for enc in encoders:
+        if not isinstance(enc, torch.nn.Module):
+            continue
+        for m in enc.modules():
+            if isinstance(m, _NormBase) and m.track_running_stats and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def _running_stats_kept(layers):
+    """Calls that repeat a forward already counted (the re-encode, a padding call) leave the running
+    statistics as they were: each sample updates them once, as in one full-batch forward."""
+    saved = [[(b, b.detach().clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+              if b is not None] for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for pairs in saved:
+                for buf, old in pairs:
+                    buf.copy_(old)
+
+
+def _graph_leaves(loss: torch.Tensor, exclude) -> list:
+    """The tensors that require grad and that ``loss``'s graph ends in (a learnable logit scale, the
+    loss's own parameters), other than ``exclude`` (the embeddings)."""
+    excluded = {id(x) for x in exclude}
+    seen, out, stack = set(), [], [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf
+        if var is not None:
+            if id(var) not in excluded and all(var is not x for x in out):
+                out.append(var)
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
 
 
 def _is_deepspeed_engine(model) -> bool:
@@ -163,6 +229,14 @@ class GradCache:
             raise InvalidArgumentType(f"defer_backward must be True or False, got {defer_backward!r}")
         if count is not None and not callable(count):
             raise InvalidArgumentType(f"count must be a callable count(chunk) -> int or None, got {type(count).__name__}")
+        for name, fn in (("encoder", encoder), ("loss_fn", loss_fn), ("target_encoder", target_encoder),
+                         ("split", split)):
+            if fn is not None and not callable(fn) or fn is None and name in ("encoder", "loss_fn"):
+                raise InvalidArgumentType(f"{name} must be callable, got {type(fn).__name__} {fn!r:.60}")
+        if not isinstance(progress, bool):
+            raise InvalidArgumentType(f"progress must be True or False, got {progress!r}")
+        if hasattr(chunk_size, "__index__") and not isinstance(chunk_size, bool):
+            chunk_size = operator.index(chunk_size)  # numpy integers too
         self.single_pass = single_pass
         self.defer_backward = defer_backward
         self._count_fn = count
@@ -198,16 +272,16 @@ class GradCache:
                 )
 
     # ------------------------------------------------------------------------------
-    def _embed_no_grad(self, encoder, chunks, bar, n_pad=0, pad_chunk=None):
+    def _embed_no_grad(self, encoder, chunks, bar, n_pad=0, pad_chunk=None, side="query"):
         embs, states = [], []
         with torch.no_grad():
             for chunk in chunks:
                 states.append(_RngState())
-                embs.append(self._check_emb(encoder(chunk), len(embs)))
+                embs.append(self._check_emb(encoder(chunk), len(embs), self._count(chunk, f"{side} chunk"), side))
                 bar.update(1)
             for _ in range(n_pad):
-                # another rank has more chunks: join its collectives, keep nothing
-                with _RngState().replay():
+                # another rank has more chunks: join its collectives, keep nothing (not even running statistics)
+                with _RngState().replay(), _running_stats_kept(_norm_layers([encoder])):
                     encoder(pad_chunk)
                 bar.update(1)
         return embs, states
@@ -244,11 +318,54 @@ class GradCache:
                 and sizes[0] > 0 and sum(sizes) <= self.chunk_size)
 
     @staticmethod
-    def _check_emb(e, i):
+    def _check_emb(e, i, n: int | None = None, side: str = "query"):
         if not isinstance(e, torch.Tensor) or e.dim() != 2:
             got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
-            raise InvalidArgument(f"encoder must return (n, d) embeddings; chunk {i} gave {got}")
+            raise InvalidArgument(f"encoder must return (n, d) embeddings; {side} chunk {i} gave {got}")
+        if n is not None and e.shape[0] != n:
+            raise InvalidArgument(f"encoder must return one embedding per sample: {side} chunk {i} holds {n} "
+                                  f"samples but gave {e.shape[0]} rows (shape {tuple(e.shape)})")
         return e
+
+    def _split(self, inputs, name: str) -> list:
+        if self.split is split_batch:
+            return split_batch(inputs, self.chunk_size, name)
+        return self.split(inputs, self.chunk_size)
+
+    def _call_loss(self, leaves, loss_kwargs) -> torch.Tensor:
+        """The loss on the whole batch's embeddings, checked to be a scalar with a graph."""
+        if leaves[2] is not None:
+            loss_kwargs["negatives"] = leaves[2]
+        loss = self.loss_fn(leaves[0], leaves[1], **loss_kwargs)
+        if isinstance(loss, dict):
+            loss = loss["contrastive_loss"]
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise InvalidArgument(f"loss_fn must return the loss as a one-element tensor (or a dict with "
+                                  f"'contrastive_loss'), got {got}")
+        if not loss.requires_grad and torch.is_grad_enabled():
+            raise InvalidArgument("loss_fn returned a loss without a graph to the embeddings (detached?): "
+                                  "GradCache needs its gradient with respect to them")
+        return loss
+
+    def _loss_grads(self, leaves, loss_kwargs):
+        """(the loss, its gradient for each given embedding leaf, the loss's own leaves that require
+        grad, their gradients). The call's backward: the loss's own leaves (a learnable logit scale)
+        get their gradient at once. Deferred: nothing is accumulated here; the returned tensor's
+        backward hands them theirs, scaled by the gradient that reaches the loss."""
+        loss = self._call_loss(leaves, loss_kwargs)
+        used = [x for x in leaves if x is not None]
+        own = _graph_leaves(loss, used) if self.defer_backward else []
+        if self.defer_backward:
+            grads = torch.autograd.grad(loss, used + own, allow_unused=True)
+        else:
+            loss.backward()
+            grads = [x.grad for x in used]
+        # a loss that ignores a side (no gradient): its chunks backpropagate zeros
+        emb_grads = [torch.zeros_like(x) if g is None else g for x, g in zip(used, grads[:len(used)])]
+        own_grads = [torch.zeros_like(x) if g is None else g for x, g in zip(own, grads[len(used):])]
+        it = iter(emb_grads)
+        return loss, [next(it) if x is not None else None for x in leaves], own, own_grads
 
     def _count(self, chunk, name: str) -> int:
         if self._count_fn is None:
@@ -270,22 +387,29 @@ class GradCache:
         negative_inputs: optional hard-negative target inputs (any count), encoded with the
             target encoder and passed to the loss as ``negatives=``.
         """
-        q_chunks = self.split(query_inputs, self.chunk_size)
-        t_chunks = self.split(target_inputs, self.chunk_size)
-        n_chunks = [] if negative_inputs is None else self.split(negative_inputs, self.chunk_size)
+        if not torch.is_grad_enabled() and not self.defer_backward:
+            raise InvalidArgument(
+                "GradCache(defer_backward=False) runs the step's backward, which needs grad mode, but it was called "
+                "under torch.no_grad() or torch.inference_mode(): call it with grad enabled, or build it with "
+                "defer_backward=True, which only encodes and returns the loss there")
+        q_chunks = self._split(query_inputs, "query_inputs")
+        t_chunks = self._split(target_inputs, "target_inputs")
+        n_chunks = [] if negative_inputs is None else self._split(negative_inputs, "negative_inputs")
         n_q = sum(self._count(c, "query chunk") for c in q_chunks)
         n_t = sum(self._count(c, "target chunk") for c in t_chunks)
         if n_q != n_t:
             raise InvalidArgument(f"query_inputs has {n_q} samples but target_inputs has {n_t}: they must pair up")
         n_n = sum(self._count(c, "negative chunk") for c in n_chunks)
-        grad_wanted = torch.is_grad_enabled() or not self.defer_backward
+        grad_wanted = torch.is_grad_enabled()
         empty = not (q_chunks and t_chunks)
         want, single, any_empty = self._chunk_targets([len(q_chunks), len(t_chunks), len(n_chunks)],
                                                       grad_wanted and self._fits_one_pass([n_q, n_t, n_n]), empty)
+        if not any(want[:2]):
+            raise InvalidArgument("GradCache: query_inputs and target_inputs are empty on every rank: nothing to encode")
         if single:
             return self._single_pass(q_chunks, t_chunks, n_chunks, loss_kwargs)
         pads = [w - len(c) for w, c in zip(want, (q_chunks, t_chunks, n_chunks))]
-        if any_empty and any(want[:2]):  # every rank raises (one alone would leave the others in a collective)
+        if any_empty:  # every rank raises (one alone would leave the others in a collective)
             raise InvalidArgument(
                 f"GradCache: {'this rank' if empty else 'another rank'} has an empty batch while other ranks have "
                 "chunks to encode; every rank needs at least one query and one target (its encoder calls join the "
@@ -297,26 +421,21 @@ class GradCache:
             return self._loss_only(q_chunks, t_chunks, n_chunks, pads, pad_with, loss_kwargs)
         total = sum(want) if self.defer_backward else 2 * sum(want)
         bar = _progress(total, self.progress)
+        autocast = _AutocastState()
         try:
-            q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0])
+            q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0],
+                                                   "query")
             t_embs, t_states = self._embed_no_grad(self.target_encoder, t_chunks, bar, pads[1],
-                                                   (pad_with[1] or [None])[0])
+                                                   (pad_with[1] or [None])[0], "target")
             n_embs, n_states = self._embed_no_grad(self.target_encoder, n_chunks, bar, pads[2],
-                                                   (pad_with[2] or [None])[0])
-            rng_after_first_pass = _RngState()
-
-            q = torch.cat(q_embs).detach().requires_grad_()
-            t = torch.cat(t_embs).detach().requires_grad_()
-            neg = torch.cat(n_embs).detach().requires_grad_() if n_embs else None
-            if neg is not None:
-                loss_kwargs["negatives"] = neg
-            loss = self.loss_fn(q, t, **loss_kwargs)
-            if isinstance(loss, dict):
-                loss = loss["contrastive_loss"]
-            loss.backward()
-            q_grads = q.grad.split([e.shape[0] for e in q_embs])
-            t_grads = t.grad.split([e.shape[0] for e in t_embs])
-            n_grads = neg.grad.split([e.shape[0] for e in n_embs]) if neg is not None else []
+                                                   (pad_with[2] or [None])[0], "negative")
+            leaves = [torch.cat(e).detach().requires_grad_() if e else None for e in (q_embs, t_embs, n_embs)]
+            loss, (q_grad, t_grad, n_grad), own, own_grads = self._loss_grads(leaves, loss_kwargs)
+            # the RNG as after one full-batch forward and the loss (whose own draws are not rewound)
+            rng_after_loss = _RngState()
+            q_grads = q_grad.split([e.shape[0] for e in q_embs])
+            t_grads = t_grad.split([e.shape[0] for e in t_embs])
+            n_grads = n_grad.split([e.shape[0] for e in n_embs]) if n_grad is not None else []
 
             jobs = []
             streams = [(self.encoder, q_chunks, q_states, q_grads), (self.target_encoder, t_chunks, t_states, t_grads),
@@ -326,23 +445,22 @@ class GradCache:
                 # padding calls (zero cached gradient): the same count and order on every rank
                 jobs += [(enc, pad[0], None, None)] * n_pad
             if self.defer_backward:
-                # step 3 runs in the caller's backward; every replay runs under a forked RNG, so
-                # the RNG already continues as after one full-batch forward
+                # step 3 runs in the caller's backward, under the first pass's autocast; every replay runs
+                # under a forked RNG, so the RNG already continues as after one full-batch forward
                 def second_pass(grad_out):
                     second_bar = _progress(len(jobs), self.progress)
                     try:
-                        with torch.enable_grad():
+                        with torch.enable_grad(), autocast.replay():
                             self._second_pass(jobs, second_bar, grad_out)
                     finally:
                         second_bar.close()
 
                 anchor = torch.zeros((), device=loss.device, requires_grad=True)
-                return _DeferredSecondPass.apply(loss.detach(), anchor, second_pass)
+                return _DeferredSecondPass.apply(loss.detach(), second_pass, tuple(own_grads), anchor, *own)
             self._second_pass(jobs, bar)
-            # the RNG continues as after one full-batch forward
-            torch.set_rng_state(rng_after_first_pass.cpu)
-            if rng_after_first_pass.cuda is not None:
-                torch.cuda.set_rng_state_all(rng_after_first_pass.cuda)
+            torch.set_rng_state(rng_after_loss.cpu)
+            if rng_after_loss.cuda is not None:
+                torch.cuda.set_rng_state_all(rng_after_loss.cuda)
         finally:
             bar.close()
         return loss.detach()
@@ -350,9 +468,12 @@ class GradCache:
     def _second_pass(self, jobs, bar, grad_out=None):
         """Re-encode every chunk with grad under its recorded RNG state and backpropagate its
         cached embedding gradient (times ``grad_out``, the loss's own gradient, when deferred)."""
+        # an encoder without a trainable parameter (a frozen target encoder) is not re-encoded
+        jobs = [job for job in jobs if _may_train(job[0])]
         # each encoder's gradients are reduced once, on its own last chunk
         last_of = {id(enc): k for k, (enc, *_rest) in enumerate(jobs)}
-        with self._one_reduction():
+        # the first pass counted every sample in the running statistics (BatchNorm) already
+        with self._one_reduction(), _running_stats_kept(_norm_layers({id(j[0]): j[0] for j in jobs}.values())):
             for k, (encoder, chunk, state, grad) in enumerate(jobs):
                 last = k == last_of[id(encoder)]
                 replay = (state or _RngState()).replay()
@@ -365,7 +486,8 @@ class GradCache:
                             grad = grad * grad_out.to(grad.dtype)
                         # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
                         surrogate = (emb * grad.to(emb.dtype)).sum()
-                    self._backward(encoder, surrogate, last)
+                    if surrogate.requires_grad or _is_deepspeed_engine(encoder):
+                        self._backward(encoder, surrogate, last)
                 bar.update(1)
 
     def _loss_only(self, q_chunks, t_chunks, n_chunks, pads, pad_with, loss_kwargs) -> torch.Tensor:
@@ -373,9 +495,11 @@ class GradCache:
         (with the same padding calls as a training step) and return the loss."""
         bar = _progress(len(q_chunks) + len(t_chunks) + len(n_chunks) + sum(pads), self.progress)
         try:
-            q_embs, _ = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0])
-            t_embs, _ = self._embed_no_grad(self.target_encoder, t_chunks, bar, pads[1], (pad_with[1] or [None])[0])
-            n_embs, _ = self._embed_no_grad(self.target_encoder, n_chunks, bar, pads[2], (pad_with[2] or [None])[0])
+            q_embs, _ = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0], "query")
+            t_embs, _ = self._embed_no_grad(self.target_encoder, t_chunks, bar, pads[1], (pad_with[1] or [None])[0],
+                                            "target")
+            n_embs, _ = self._embed_no_grad(self.target_encoder, n_chunks, bar, pads[2], (pad_with[2] or [None])[0],
+                                            "negative")
             if n_embs:
                 loss_kwargs["negatives"] = torch.cat(n_embs)
             loss = self.loss_fn(torch.cat(q_embs), torch.cat(t_embs), **loss_kwargs)
@@ -396,31 +520,30 @@ class GradCache:
         bar = _progress(len(q_chunks) + len(t_chunks) + len(n_chunks), self.progress)
         try:
             with self._one_reduction():
-                sides, k = [], 0
-                for chunks in (q_chunks, t_chunks, n_chunks):
+                sides = []
+                for chunks, side in zip((q_chunks, t_chunks, n_chunks), ("query", "target", "negative")):
                     embs = []
                     for chunk in chunks:
-                        embs.append(self._check_emb(encoder(chunk), k))
-                        k += 1
+                        embs.append(self._check_emb(encoder(chunk), len(embs), self._count(chunk, f"{side} chunk"),
+                                                    side))
                         bar.update(1)
                     sides.append(embs)
                 leaves = [(e[0].detach() if len(e) == 1 else torch.cat([x.detach() for x in e])).requires_grad_()
                           if e else None for e in sides]
-                if leaves[2] is not None:
-                    loss_kwargs["negatives"] = leaves[2]
-                loss = self.loss_fn(leaves[0], leaves[1], **loss_kwargs)
-                if isinstance(loss, dict):
-                    loss = loss["contrastive_loss"]
-                loss.backward()
+                loss, leaf_grads, own, own_grads = self._loss_grads(leaves, loss_kwargs)
                 embs, grads = [], []
-                for side, leaf in zip(sides, leaves):
-                    if leaf is not None:
+                for side, grad in zip(sides, leaf_grads):
+                    if grad is not None:
                         embs += side
-                        grads += list(leaf.grad.split([e.shape[0] for e in side]))
+                        grads += list(grad.split([e.shape[0] for e in side]))
+                # a frozen encoder's embeddings have no graph: nothing to backpropagate into
+                kept = [(e, g) for e, g in zip(embs, grads) if e.requires_grad]
                 if self.defer_backward:
-                    return _AttachCachedGrads.apply(loss.detach(), tuple(grads), *embs)
-                surrogate = sum((e * g.to(e.dtype)).sum() for e, g in zip(embs, grads))
-                self._backward(encoder, surrogate, True)
+                    return _ScaledGrads.apply(loss.detach(), tuple(g for _, g in kept) + tuple(own_grads),
+                                              *(e for e, _ in kept), *own)
+                if kept or _is_deepspeed_engine(encoder):
+                    surrogate = sum((e * g.to(e.dtype)).sum() for e, g in kept) if kept else (embs[0] * 0).sum()
+                    self._backward(encoder, surrogate, True)
         finally:
             bar.close()
         return loss.detach()
@@ -451,33 +574,42 @@ class GradCache:
 
 
 class _DeferredSecondPass(torch.autograd.Function):
-    """The loss value, tied to the graph by a leaf of its own: its backward runs GradCache's
-    second pass (the cached re-encode), scaled by the loss's incoming gradient."""
+    """The loss value, tied to the graph by a leaf of its own (``anchor``) and by the loss's own
+    leaves (a learnable logit scale): its backward runs GradCache's second pass (the cached
+    re-encode) and hands each own leaf its gradient, all scaled by the loss's incoming gradient."""
 
     @staticmethod
-    def forward(ctx, value, anchor, second_pass):  # noqa: ARG004 - anchor only ties the output to the graph
-        ctx.second_pass = second_pass
+    def forward(ctx, value, second_pass, own_grads, anchor, *own):  # noqa: ARG004 - anchor and own tie the output
+        ctx.second_pass, ctx.own_grads = second_pass, own_grads
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         ctx.second_pass(grad_out)
-        return None, None, None
+        return (None, None, None, None, *[g * grad_out.to(g.dtype) for g in ctx.own_grads])
 
 
-class _AttachCachedGrads(torch.autograd.Function):
-    """The loss value, tied to the single pass's kept embedding graphs: its backward hands each
-    embedding its cached gradient times the loss's incoming gradient, and autograd carries on
-    into the encoder."""
+class _ScaledGrads(torch.autograd.Function):
+    """The loss value, tied to its inputs (the single pass's kept embedding graphs, the loss's own
+    leaves): its backward hands each input its gradient from the loss times the loss's incoming
+    gradient, and autograd carries on into the encoder."""
 
     @staticmethod
-    def forward(ctx, value, grads, *embs):  # noqa: ARG004 - embs are the graph's inputs
+    def forward(ctx, value, grads, *inputs):  # noqa: ARG004 - inputs are the graph's
         ctx.grads = grads
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         return (None, None, *[(g * grad_out.to(g.dtype)) for g in ctx.grads])
+
+
+def _may_train(encoder) -> bool:
+    """False only for a module none of whose parameters requires grad (a frozen encoder)."""
+    if not isinstance(encoder, torch.nn.Module) or _is_deepspeed_engine(encoder):
+        return True
+    params = list(encoder.parameters())
+    return not params or any(p.requires_grad for p in params)
 
 
 def _progress(total: int, enabled: bool):

@@ -196,6 +196,8 @@ def test_user_errors_print_one_line_naming_the_argument_and_exit_1(tmp_path, cap
     bad_json, bad_type, unknown = _bad_configs(tmp_path)
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
+    (array := tmp_path / "array.json").write_text("[1, 2]")
+    (null := tmp_path / "null.json").write_text("null")
     cases = [
         (["train", "--config", "nope.json"], ["--config 'nope.json'", "not found"]),
         (["train", "--config", str(bad_json)], ["--config", "broken.json", "not valid JSON"]),
@@ -206,6 +208,12 @@ def test_user_errors_print_one_line_naming_the_argument_and_exit_1(tmp_path, cap
         (["eval", "--model", str(not_a_run), "--image-dir", str(bad_json)], ["--image-dir", "not a folder"]),
         (["eval", "--model", str(not_a_run), "--device", "tpu"], ["device must be", "'tpu'"]),
         (["export", "--run", str(not_a_run)], ["--run", "empty'", "not a llave-fast training run folder"]),
+        (["train", "--config", str(array)], ["--config", "a training config is a JSON object", "got an array"]),
+        (["train", "--config", str(null)], ["--config", "a training config is a JSON object", "got null"]),
+        (["eval", "--model", str(not_a_run), "--output", str(tmp_path)], ["--output", "a folder; give a file name"]),
+        (["eval", "--model", str(not_a_run), "--output-dir", str(bad_json)], ["--output-dir", "a file, not a folder"]),
+        (["eval", "--model", str(not_a_run), "--output", str(tmp_path / "no" / "m.json")],
+         ["--output", "does not exist"]),
     ]
     for argv, needles in cases:
         rc, out, err = _main(capsys, *argv)
@@ -214,6 +222,42 @@ def test_user_errors_print_one_line_naming_the_argument_and_exit_1(tmp_path, cap
         assert lines[0].startswith(f"llave-fast {argv[0]}: error: "), (argv, err)
         assert all(n in lines[0] for n in needles), (argv, lines[0])
         assert "Traceback" not in err and len(lines) == 2, (argv, err)
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_an_interrupted_run_says_where_to_resume(tmp_path, capsys, monkeypatch, saved):
+    import llave_fast.train as train_module
+    from llave_fast import checkpoint as ckpt
+
+    out = tmp_path / "run"
+
+    def interrupted(cfg):
+        os.makedirs(os.path.join(cfg.output_dir, "checkpoints", ckpt.tag_for(20)))
+        if saved:
+            (out / "checkpoints" / ckpt.tag_for(20) / ckpt.MARKER).write_text(json.dumps({"step": 20}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    rc, _, err = _main(capsys, "train", "--output-dir", str(out), "--steps", "30")
+    assert rc == 130 and err.strip().splitlines()[-1] == "llave-fast: interrupted", err
+    if saved:
+        assert f"newest complete checkpoint is {out / 'checkpoints' / ckpt.tag_for(20)} (step 20)" in err, err
+        assert f"--output-dir {out} to resume" in err, err
+    else:
+        assert "no complete checkpoint" in err and "starts from step 0" in err, err
+
+
+def test_a_misspelled_option_of_the_python_api_is_refused():
+    """``cfg.global_bach = 8`` used to train with the default batch, silently."""
+    from llave_fast.errors import InvalidArgument
+
+    cfg = TrainConfig()
+    with pytest.raises(InvalidArgument, match=r"TrainConfig has no option 'global_bach'; did you mean 'global_batch'"):
+        cfg.global_bach = 8
+    with pytest.raises(InvalidArgument, match=r"no option 'zzz' \(see llave-fast train --help\)"):
+        cfg.zzz = 1
+    cfg.global_batch = 8  # a real option still is one
+    assert cfg.global_batch == 8 and not hasattr(cfg, "global_bach")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -236,6 +280,13 @@ def test_bad_data_is_a_user_error(tmp_path, capsys):
     assert rc == 1
     assert "eval.jsonl:1: candidate 1 image not found" in err and "missing.png" in err
     assert "Traceback" not in err
+    # MMEB-train rows read by eval: the reader's advice names training flags, which eval does not have
+    train_rows = tmp_path / "train_rows.jsonl"
+    train_rows.write_text(json.dumps({"qry": "a cat", "pos_text": "cat", "qry_image_path": "missing.png",
+                                      "pos_image_path": ""}) + "\n")
+    rc, out, err = _main(capsys, "eval", "--model", str(folder), "--data", str(train_rows), "--num-eval", "4")
+    assert rc == 1 and "train_rows.jsonl:1" in err and "missing.png" in err, err
+    assert not any(flag in err for flag in ("--skip-bad-rows", "--bad-images", "--check-images")), err
 
 
 def test_only_our_own_checks_count_as_user_errors():
@@ -297,14 +348,21 @@ def test_internal_errors_keep_the_traceback_and_say_so(monkeypatch, capsys):
     assert "internal error" in err.strip().splitlines()[-1]
 
 
-def test_train_option_check_is_one_line(tmp_path):
-    """A value the training loop refuses (its check_config) stops the command in one line."""
-    r = _run("train", "--accumulation-steps", "0", "--output-dir", str(tmp_path / "run"), "--num-workers", "0",
-             timeout=300)
+@pytest.mark.parametrize("flags, needles", [
+    (["--accumulation-steps", "0"], ["accumulation_steps", "0"]),
+    (["--max-text-tokens", "0"], ["max_text_tokens must be a positive int or None, got 0"]),
+    (["--deepspeed-config", "nothere.json"], ["deepspeed_config (--deepspeed-config) 'nothere.json' not found"]),
+], ids=["accumulation-steps", "max-text-tokens", "deepspeed-config"])
+def test_train_option_check_is_one_line(tmp_path, flags, needles):
+    """A value the training loop refuses (its check_config, the DeepSpeed config it reads) stops the
+    command in one line, before the run folder is made. (A process of its own: the run joins a
+    process group first, which would stay in this one.)"""
+    r = _run("train", *flags, "--output-dir", str(tmp_path / "run"), "--num-workers", "0", timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     err = [ln for ln in r.stderr.strip().splitlines() if "[WARNING]" not in ln and "[INFO]" not in ln]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert err[-2].startswith("llave-fast train: error: ") and "accumulation_steps" in err[-2] and "0" in err[-2]
+    assert err[-2].startswith("llave-fast train: error: ") and all(n in err[-2] for n in needles), err
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------ eval of a training run folder
@@ -348,6 +406,13 @@ def test_eval_of_a_run_folder_without_a_complete_checkpoint_says_what_to_do(run_
     assert "llave-fast export" not in line and f"llave-fast train --output-dir {torn}" in line, line
     rc, out, err = _main(capsys, "export", "--run", str(torn))
     assert rc == 1 and "training run folder without a complete checkpoint" in err, err
+
+
+def test_export_of_a_tag_that_does_not_exist_lists_the_complete_ones(run_dir, capsys):
+    rc, out, err = _main(capsys, "export", "--run", str(run_dir), "--tag", "step-99", "--output", str(run_dir / "x"))
+    line = err.strip().splitlines()[0]
+    assert rc == 1 and "step-99 does not exist" in line and "step-00000001, step-00000002" in line, err
+    assert not (run_dir / "x").exists()
 
 
 def test_eval_json_has_the_keys_the_readme_names_and_one_path_convention(run_dir):

@@ -293,3 +293,136 @@ def test_single_pass_is_not_taken_for_ddp_or_separate_encoders():
     assert not GradCache(NoSync(), FusedHardnessLoss(), 8)._fits_one_pass([4, 4, 0])
     with pytest.raises(TypeError, match="single_pass must be True or False, got 1"):
         GradCache(model, FusedHardnessLoss(), 8, single_pass=1)
+
+
+# ------------------------------------------------------------------ edge cases a helper's hunt found
+def _nce(a, b):
+    return torch.nn.functional.cross_entropy(10 * torch.nn.functional.normalize(a, dim=-1)
+                                             @ torch.nn.functional.normalize(b, dim=-1).T, torch.arange(a.shape[0]))
+
+
+def _data(n=8, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [3, 100])  # the cached path and the single pass
+def test_deferred_loss_parameters_get_the_scaled_gradient_once(chunk):
+    """defer_backward=True: a learnable logit scale got its gradient in the forward, unscaled by what
+    reached the loss (a trainer's 1/accumulation steps), and never again in the backward."""
+    q, t = _data()
+    enc = torch.nn.Linear(16, 8).double()
+    scale = torch.nn.Parameter(torch.tensor(20.0, dtype=torch.float64))
+    loss_fn = FusedHardnessLoss(alpha=0.0, backend="torch")
+    (0.5 * loss_fn(enc(q), enc(t), logit_scale=scale)).backward()
+    want_s, want_w = scale.grad.clone(), enc.weight.grad.clone()
+    enc.zero_grad()
+    scale.grad = None
+    loss = GradCache(enc, loss_fn, chunk, defer_backward=True)(q, t, logit_scale=scale)
+    assert scale.grad is None, "the loss's own parameter got a gradient before any backward"
+    (0.5 * loss).backward()
+    torch.testing.assert_close(scale.grad, want_s, rtol=1e-10, atol=0)
+    torch.testing.assert_close(enc.weight.grad, want_w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("chunk", [2, 100])
+def test_a_frozen_target_encoder_is_not_backpropagated_into(defer, chunk):
+    q, t = _data(6, 4)
+    enc = torch.nn.Linear(4, 3).double()
+    frozen = torch.nn.Linear(4, 3).double().requires_grad_(False)
+    (_nce(enc(q), frozen(t))).backward()
+    want = enc.weight.grad.clone()
+    enc.zero_grad()
+    loss = GradCache(enc, _nce, chunk, target_encoder=frozen, defer_backward=defer)(q, t)
+    if defer:
+        loss.backward()
+    torch.testing.assert_close(enc.weight.grad, want, rtol=1e-10, atol=1e-14)
+    assert frozen.weight.grad is None
+
+
+def test_deferred_re_encode_runs_under_the_first_pass_autocast():
+    """The caller's backward runs outside autocast (AMP's recipe): the re-encode must not run in fp32
+    when the first pass ran in bf16, or the cached gradients belong to another function."""
+    q, t = (x.float() for x in _data(8, 16))
+    seen = {}
+    for defer in (False, True):
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+        dtypes = []
+
+        def enc(x, m=m, dtypes=dtypes):
+            e = m(x)
+            dtypes.append((torch.is_grad_enabled(), e.dtype))
+            return e
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = GradCache(enc, lambda a, b: _nce(a.float(), b.float()), 3, defer_backward=defer)(q, t)
+        if defer:
+            loss.backward()
+        seen[defer] = (sorted(set(dtypes), key=str), m[0].weight.grad.clone())
+    assert seen[True][0] == seen[False][0] == [(False, torch.bfloat16), (True, torch.bfloat16)], seen
+    torch.testing.assert_close(seen[True][1], seen[False][1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_the_loss_own_random_draws_are_not_rewound(defer):
+    """The RNG continues as after a plain chunked step: the loss's own draws are not replayed."""
+    q, t = (x.float() for x in _data(8, 16))
+    enc = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Dropout(0.2))
+
+    def noisy_loss(a, b):
+        return _nce(a, b) * (1 + torch.rand(()))
+
+    torch.manual_seed(7)
+    _ = [enc(c) for c in (*q.split(3), *t.split(3))]
+    noisy_loss(torch.zeros(8, 8), torch.ones(8, 8))
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    loss = GradCache(enc, noisy_loss, 3, defer_backward=defer)(q, t)
+    if defer:
+        loss.backward()
+    torch.testing.assert_close(torch.rand(3), want)
+
+
+def test_batchnorm_running_statistics_count_each_sample_once():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+    ref = copy.deepcopy(m)
+    q, t = torch.randn(8, 6), torch.randn(8, 6)
+    GradCache(m, lambda a, b: (a @ b.T).logsumexp(1).mean(), 4)(q, t)
+    for c in (*q.split(4), *t.split(4)):
+        ref(c)
+    assert m[1].num_batches_tracked.item() == ref[1].num_batches_tracked.item() == 4
+    torch.testing.assert_close(m[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(m[1].running_var, ref[1].running_var)
+
+
+def test_bad_encoders_losses_and_arguments_are_named():
+    from llave_fast.errors import LlaveFastError
+
+    q, t = (x.float() for x in _data(6, 4))
+    enc = torch.nn.Linear(4, 3)
+    cases = [
+        (lambda: GradCache(lambda x: enc(x)[:1], _nce, 2)(q, t), r"query chunk 0 holds 2 samples but gave 1 rows"),
+        (lambda: GradCache(enc, _nce, 2)(q, "oops"), r"target_inputs must be a tensor.*got str"),
+        (lambda: GradCache(enc, _nce, 2)(q, t, {"a": torch.zeros(3, 4), "b": torch.zeros(2, 4)}),
+         r"negative_inputs holds batch-first entries of different lengths"),
+        (lambda: GradCache(enc, lambda a, b: (_nce(a, b), 0), 2)(q, t), r"loss_fn must return the loss as a one-"),
+        (lambda: GradCache(enc, lambda a, b: _nce(a, b).detach(), 2)(q, t), r"loss without a graph"),
+        (lambda: GradCache(enc, _nce, 2)(q[:0], t[:0]), r"empty on every rank"),
+        (lambda: GradCache("x", _nce, 2), r"encoder must be callable, got str"),
+        (lambda: GradCache(enc, None, 2), r"loss_fn must be callable, got NoneType"),
+        (lambda: GradCache(enc, _nce, 2, progress="yes"), r"progress must be True or False, got 'yes'"),
+    ]
+    for make, pattern in cases:
+        with pytest.raises(LlaveFastError, match=pattern):
+            make()
+    with torch.no_grad(), pytest.raises(LlaveFastError, match=r"needs grad mode.*torch\.no_grad"):
+        GradCache(enc, _nce, 2)(q, t)
+    import numpy as np
+
+    assert GradCache(enc, _nce, np.int64(2)).chunk_size == 2  # a numpy integer is an integer
+    # a loss that ignores the targets: their chunks get a zero gradient, no AttributeError
+    loss = GradCache(enc, lambda a, b: a.pow(2).mean(), 2)(q, t)
+    assert torch.isfinite(loss)

@@ -47,6 +47,8 @@ BAD_INPUTS = {
     "query-bool": (lambda: (torch.ones(B, D, dtype=torch.bool), _t(), {}), TypeError, r"query.*torch\.bool"),
     "query-complex": (lambda: (_q().to(torch.complex64), _t(), {}), TypeError, r"query.*torch\.complex64"),
     "query-not-a-tensor": (lambda: (_q().tolist(), _t(), {}), TypeError, r"query must be a torch\.Tensor.*list"),
+    "query-numpy": (lambda: (_q().numpy(), _t(), {}), TypeError,
+                    r"query must be a torch\.Tensor.*a numpy\.ndarray of dtype float32 and shape \(4, 8\)$"),
     "negatives-not-a-tensor": (lambda: (_q(), _t(), dict(negatives=[[0.5] * D])), TypeError,
                                r"negatives must be a torch\.Tensor.*list"),
     "mixed-dtypes": (lambda: (_q(), _t(torch.bfloat16), {}), TypeError,

@@ -88,6 +88,24 @@ def test_ties_go_to_the_positive_and_a_strictly_better_candidate_wins():
     assert hits.tolist() == [True, True, False, True, True]
 
 
+def test_distinct_inputs_with_bit_identical_embeddings_tie_whatever_their_positions():
+    """Six distinct inputs with one embedding (the same image under six paths): every list of them is
+    a tie, so a hit. Scored by input index, a matrix-vector product over the six rows rounded them
+    differently and 104 of 200 such lists were misses."""
+    misses = []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        q, c = (torch.nn.functional.normalize(torch.randn(128, generator=g), dim=0) for _ in range(2))
+        emb = torch.stack([q] + [c] * 6)
+        if not candidate_list_hits(emb, [0], [[1, 2, 3, 4, 5, 6]]).item():
+            misses.append(seed)
+    assert not misses, f"{len(misses)} of 200 ties scored as misses (seeds {misses[:5]}...)"
+    # a candidate that truly scores higher still wins
+    g = torch.Generator().manual_seed(0)
+    q, c = (torch.nn.functional.normalize(torch.randn(128, generator=g), dim=0) for _ in range(2))
+    assert not candidate_list_hits(torch.stack([q, c, c, q]), [0], [[1, 2, 3]]).item()
+
+
 def test_five_copies_of_the_positive_are_a_hit_and_a_better_distinct_candidate_a_miss(tiny, tmp_path, capsys):
     from PIL import Image
 
@@ -133,6 +151,27 @@ def test_datasets_are_named_by_file_or_shard_folder(sets, tmp_path):
     with pytest.raises(ValueError, match="mixes MMEB-eval files"):
         find_eval_datasets([files["MySet"][0], str(train)])
     assert find_eval_datasets([str(train)]) is None
+    # shards of two splits in one folder are not one dataset (they used to be merged, rows counted twice)
+    import shutil
+
+    mixed = tmp_path / "mixed" / "ImageNet-1K"
+    mixed.mkdir(parents=True)
+    for name in ("test-00000-of-00001.parquet", "validation-00000-of-00001.parquet"):
+        shutil.copy(shards.files[0], mixed / name)
+    with pytest.raises(ValueError, match=r"shards of 'ImageNet-1K' .* different splits \(test-00000-of-00001\.parquet "
+                                         r"and validation-00000-of-00001\.parquet\)"):
+        find_eval_datasets([str(mixed)])
+    assert [d.files for d in find_eval_datasets([str(mixed / "test-00000-of-00001.parquet")])] == \
+        [[str(mixed / "test-00000-of-00001.parquet")]]
+    # one file under two spellings is one file; a byte-order mark does not hide the eval columns
+    viz = files["VizWiz"][0]
+    again = os.path.join(os.path.dirname(viz), "..", os.path.basename(os.path.dirname(viz)), os.path.basename(viz))
+    (found,) = find_eval_datasets([viz, again])
+    assert found.files == [viz]
+    bom = tmp_path / "Bom.jsonl"
+    bom.write_text(json.dumps({"qry_text": "q", "tgt_text": ["a", "b"]}) + "\n", encoding="utf-8-sig")
+    assert [d.name for d in find_eval_datasets([str(bom)])] == ["Bom"]
+    assert read_eval_set(find_eval_datasets([str(bom)])[0]).num_queries == 1
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -318,3 +357,35 @@ def test_a_non_utf8_or_deeply_nested_eval_line_is_bad_data_at_file_line(tmp_path
     f.write_bytes(good + b"\n\n" + b"[" * 100000 + b"]" * 100000 + b"\n")
     with pytest.raises(BadDataError, match=r"Odd\.jsonl:3: invalid JSON: nested too deeply"):
         read_eval_file(str(f))
+
+
+def test_queries_with_a_single_candidate_are_counted_in_a_warning(tmp_path, caplog):
+    """One candidate is a hit whatever the model (a tgt_text string is read as one candidate): the
+    reader says how many queries are such, so a perfect score on them is not mistaken for skill."""
+    import logging
+
+    from llave_fast.data.mmeb_eval import read_eval_file
+
+    f = tmp_path / "Single.jsonl"
+    rows = [{"qry_text": "x", "tgt_text": "a cow"},
+            {"qry_text": "y", "tgt_text": ["a cow", "a dog"], "tgt_img_path": ["", ""]},
+            {"qry_text": "z", "tgt_text": ["a hen"], "tgt_img_path": [""]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_eval"):
+        got = read_eval_file(str(f))
+    assert [len(r.cand_texts) for r in got] == [1, 2, 1]
+    assert "Single.jsonl: 2 of 3 queries have a single candidate" in caplog.text, caplog.text
+    caplog.clear()
+    from llave_fast.data.mmeb_eval import find_eval_datasets as find, read_eval_set as read_set
+
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_eval"):
+        read_set(find([str(f)])[0])  # the reader the eval command takes
+    assert "Single: 2 of 3 queries have a single candidate" in caplog.text, caplog.text
+    f.write_text(json.dumps({"qry_text": "x", "tgt_text": '["a cow", "a cat"]'}) + "\n")
+    with pytest.raises(BadDataError, match=r"Single\.jsonl:1: tgt_text holds the string .*a list written as text"):
+        read_eval_file(str(f))
+    caplog.clear()
+    f.write_text(json.dumps(rows[1]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_eval"):
+        read_eval_file(str(f))
+    assert "single candidate" not in caplog.text

@@ -734,6 +734,23 @@ def test_max_length_cuts_the_whole_sequence_after_the_image_tokens():
     assert torch.equal(proc([long_text], [img])["input_ids"][0], full)
 
 
+def test_a_max_length_that_cuts_before_the_image_names_max_length():
+    """The cut lands before the image placeholder: no image token is left for its features, and the
+    error says which setting did it (it used to name only the token counts)."""
+    from llave_fast.errors import InvalidArgument
+
+    model = build_tiny_model(0)
+    proc = model.processor
+    proc.max_length = 10
+    batch = proc(["<|image_1|>\nred circle"], [Image.new("RGB", (64, 64))])
+    assert int((batch["input_ids"] == proc.image_token_id).sum()) == 0
+    with pytest.raises(InvalidArgument, match=r"0 image tokens.*max_length=10 \(--max-length\) cut the sequence "
+                                              r"before its image"):
+        model(batch)
+    with pytest.raises(InvalidArgument, match="max_text_tokens must be a positive int or None, got 0"):
+        proc.max_text_tokens = 0  # checked on assignment too, not only in the constructor
+
+
 # ------------------------------------------------------------------------------ precision names
 @pytest.mark.parametrize("spelling, dtype", [
     ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("torch.bfloat16", torch.bfloat16),

@@ -199,6 +199,48 @@ def test_fused_cached_defers_the_reencode_to_backward_and_scales_by_the_upstream
     assert not value.requires_grad and abs(value.item() - loss.item()) < 1e-12
 
 
+def test_fused_cached_refuses_a_deepspeed_engine_the_trainer_puts_in_loss_model(model64):
+    """The trainer's override_model_in_loss puts its engine in loss.model; GradCache's own refusal hid
+    behind the integration's encoder wrapper, and DeepSpeed failed later inside the backward."""
+    from llave_fast.errors import LlaveFastError
+
+    class StandInEngine(torch.nn.Module):  # the attributes GradCache recognises an engine by
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+        def backward(self, loss, **_):
+            loss.backward()
+
+        def step(self):
+            pass
+
+        def zero_optimization_stage(self):
+            return 3
+
+    loss_fn = FusedCachedMultipleNegativesRankingLoss(model64, mini_batch_size=2)
+    loss_fn.model = StandInEngine(model64)
+    with pytest.raises(LlaveFastError, match=r"DeepSpeed engine needs engine\.backward.*got model StandInEngine"):
+        loss_fn(columns(model64, 6, 0), None)
+
+
+def test_without_sentence_transformers_the_integration_says_how_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    from llave_fast.errors import MissingDependency
+
+    for name in [m for m in sys.modules if m == "sentence_transformers" or m.startswith("sentence_transformers.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    monkeypatch.delitem(sys.modules, "llave_fast.integrations.sentence_transformers")
+    with pytest.raises(MissingDependency, match=r'pip install "llave-fast\[st\]"'):
+        importlib.import_module("llave_fast.integrations.sentence_transformers")
+
+
 def test_fused_and_fused_cached_agree_in_float32(model_dir):
     """float32 model, dropout off: the two fused classes against each other and against
     sentence-transformers at float32 tolerance."""

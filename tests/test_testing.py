@@ -88,6 +88,33 @@ def test_several_cpu_ranks_of_a_training_run_build_the_op_in_turn(monkeypatch, c
     assert calls[-1] == ("init", backend)  # the op is warm before the group (and DeepSpeed) starts
 
 
+@pytest.mark.parametrize("built", [False, True])
+def test_one_cpu_rank_says_when_deepspeed_builds_its_op(tmp_path, monkeypatch, capsys, built):
+    """One CPU rank: DeepSpeed builds its op inside init_distributed, silently (1-2 min on a fresh
+    machine); the run says so first, and says nothing once the op is built."""
+    import deepspeed
+    import torch
+
+    from llave_fast.training import deepspeed_setup
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    build_dir = testing.extension_dir()
+    if built:
+        open(os.path.join(build_dir, testing.SHM_OP + ".so"), "w").close()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    assert deepspeed_setup.init_distributed() == (0, 1)
+    out = capsys.readouterr().out
+    assert ("DeepSpeed builds its CPU communication op" in out) is (not built), out
+    if not built:
+        assert build_dir in out and "once" in out, out
+
+
 def test_a_fresh_build_lock_is_left_alone(tmp_path, monkeypatch):
     """A lock younger than STALE_LOCK_S may belong to a build in progress elsewhere: not removed."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))

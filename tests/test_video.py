@@ -255,7 +255,11 @@ class _Evil:
     ("a.csv", "key,vid,text_\n1,2,3\n", r"a.csv:1: the header row has columns \['key', 'vid', 'text_'\]; "
                                         r"expected a video id column"),
     ("b.csv", "video_id,sentence\nvideo1,hello\nvideo2\n", r"b.csv:3: has 1 cells"),
+    ("b2.csv", 'video_id,sentence\nvideo1,"a square, left"\nvideo2,a green square, moving left, fast\n',
+     r"b2.csv:3: has 4 cells, more than the 2 columns .*\[' moving left', ' fast'\].*quote a caption"),
     ("c.csv", "video_id,sentence\nvideo1,   \n", r"c.csv:2: the caption of video 'video1' is empty"),
+    ("c2.csv", "video_id,sentence\nvideo1,red\nvideo4,yellow <|image_1|> square\n",
+     r"c2.csv:3: the caption of video 'video4' holds an image placeholder"),
     ("d.json", json.dumps([{"video_id": "v1", "caption": "x"}, {"video_id": "v2"}]),
      r"d.json: row 2: expected a caption field \(one of sentence, caption"),
     ("e.json", json.dumps({"v1": 3}), r"e.json: row 1: expected a caption \(a string\) or a list of captions, got 3"),
@@ -487,7 +491,13 @@ def test_eval_video_cli_errors_are_one_line(tiny_folder, clips, tmp_path, capsys
     good.write_text("video_id,sentence\nvideo0,a\n")
     rc, _, err = _main(capsys, *base, "--annotations", str(good), "--max-length", "60")
     assert rc == 1 and "tokens, more than the maximum length 60: lower --max-frames to" in err
-    assert "Traceback" not in err
+    assert "raise --max-length" in err and "Traceback" not in err
+    # the tiny model's max_position_embeddings (4096) caps the default 8192: no flag raises that
+    rc, _, err = _main(capsys, *base, "--annotations", str(good), "--max-frames", "100000")
+    assert rc == 1 and "maximum length 4096" in err and "no flag raises it" in err and "raise --max-length" not in err
+    (a_file := tmp_path / "afile").write_text("")
+    rc, _, err = _main(capsys, *base[:-4], "--output-dir", str(a_file), "--device", "cpu", "--annotations", str(good))
+    assert rc == 1 and "--output-dir" in err and "a file, not a folder" in err and "Traceback" not in err, err
     rc, _, err = _main(capsys, *base, "--annotations", str(tmp_path / "none.csv"))
     assert rc == 1 and "--annotations" in err and "none.csv" in err
     rc, _, err = _main(capsys, *base, "--annotations", str(good), "--fps", "0")
@@ -506,6 +516,8 @@ def test_embedder_encode_videos_matches_the_eval_path(tiny_folder, clips):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(TypeError, match="videos must be a list"):
         model.encode_videos(frames[0])
+    with pytest.raises(ValueError, match=r"videos\[0\]: got a \(frames, info\) pair.*frames, info = decode_video"):
+        model.encode_videos([decode_video(paths[0])])
 
 
 def test_eval_video_without_pyav_says_how_to_install(tiny_folder, clips, tmp_path, capsys, monkeypatch):

@@ -20,6 +20,7 @@ share it (MMEB's lists of 1000 candidates share almost all of them).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 
 from .mmeb import _SHARD_RE, BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
 from ..errors import InvalidArgument, MissingDependency
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EVAL_COLUMNS", "EvalDataset", "EvalRow", "EvalSet", "find_eval_datasets", "is_eval_file",
            "read_eval_file", "read_eval_set", "write_mmeb_eval"]
@@ -50,7 +53,7 @@ def is_eval_file(path: str) -> bool:
     """True when the file's first row (or schema) has MMEB eval columns."""
     p = Path(path)
     if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8-sig") as f:  # a byte-order mark (some editors write one) is no JSON
             for line in f:
                 if line.strip():
                     try:
@@ -161,6 +164,9 @@ def _parse_row_at(r: dict, source: str, i: int, images: _Images):
                            hint=False)
     cands = r["tgt_text"]
     if isinstance(cands, str):
+        if cands.lstrip().startswith("["):  # a list written out as text (a CSV round trip): not one candidate
+            raise BadDataError(source, i, f"tgt_text holds the string {cands[:60]!r}, a list written as text; "
+                               "expected a JSON list of candidate texts", hint=False)
         cands = [cands]
     if not isinstance(cands, (list, tuple)):
         raise BadDataError(source, i, f"tgt_text holds {type(cands).__name__}, expected a list of candidate texts",
@@ -203,7 +209,18 @@ def read_eval_file(path: str, image_dir: str | None = None, limit: int | None = 
             break
         q_text, q_img, c_texts, c_imgs = _parse_row(r, str(p), i, images, line)
         out.append(EvalRow(str(p), i, q_text, q_img, c_texts, c_imgs))
+    _warn_single_candidates(str(p), [len(row.cand_texts) for row in out])
     return out
+
+
+def _warn_single_candidates(where: str, counts) -> None:
+    """MMEB's rows hold 1000 candidates (retrieval) or a class list: a query with one candidate is a
+    hit whatever the model, so a perfect score on it says nothing. Counted, never silent."""
+    counts = list(counts)
+    single = sum(n == 1 for n in counts)
+    if single:
+        logger.warning("%s: %d of %d queries have a single candidate (tgt_text): each counts as a hit whatever the "
+                       "model, and precision@1 includes them", where, single, len(counts))
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -236,9 +253,22 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
                          f"{train}, no tgt_text column): evaluate them in separate runs")
     by_name: dict[str, EvalDataset] = {}
     folder_of: dict[str, Path] = {}
-    for f in dict.fromkeys(files):  # a file named twice counts once
+    seen: set[Path] = set()
+    split_of: dict[Path, dict[str, Path]] = {}
+    for f in files:
+        if f.resolve() in seen:  # a file named twice (e/x.jsonl and ./e/../e/x.jsonl, a link) counts once
+            continue
+        seen.add(f.resolve())
         name = _dataset_name(f)
-        where = f.parent.resolve() if _SHARD_RE.match(f.stem) else f.resolve()
+        shard = _SHARD_RE.match(f.stem)
+        where = f.parent.resolve() if shard else f.resolve()
+        if shard:
+            split_of.setdefault(where, {}).setdefault(shard.group("split"), f)
+            if len(split_of[where]) > 1:
+                a, b = list(split_of[where].values())[:2]
+                raise InvalidArgument(f"the shards of {name!r} in {f.parent} belong to different splits ({a.name} and "
+                                      f"{b.name}): a folder's shards are one dataset; keep one split there (MMEB-eval's "
+                                      "is 'test'), or name the split's files in --data")
         if name in by_name:
             if where != folder_of[name]:
                 raise InvalidArgument(f"two datasets are named {name!r}: {by_name[name].files[0]} and {f} (a dataset is "
@@ -309,6 +339,7 @@ def read_eval_set(dataset: EvalDataset, image_dir: str | None = None, max_querie
             n_file += 1
         if n_file == 0 and (max_queries is None or out.num_queries < max_queries):
             raise BadDataError(str(p), None, "no rows (an MMEB-eval file has one query per row)", hint=False)
+    _warn_single_candidates(dataset.name, [len(c) for c in out.candidates])
     return out
 
 

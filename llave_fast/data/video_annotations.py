@@ -66,6 +66,11 @@ class VideoAnnotations:
         vid = _clean_id(video_id, self.source, row)
         if not isinstance(caption, str) or not caption.strip():
             raise VideoDataError(self.source, row, f"the caption of video {vid!r} is empty or not text: {caption!r}")
+        from ..model.processor import has_placeholder  # here: the package's models import this module's package
+
+        if has_placeholder(caption):  # found here, before any video is decoded, naming the row
+            raise VideoDataError(self.source, row, f"the caption of video {vid!r} holds an image placeholder "
+                                 f"(<image> or <|image_N|>), but a caption is text alone: {caption[:80]!r}")
         index = self._index.get(vid)
         if index is None:
             index = self._index[vid] = len(self.video_ids)
@@ -161,6 +166,11 @@ def _read_csv(path: str, ann: VideoAnnotations) -> None:
                 raise VideoDataError(path, row, f"has {len([v for v in rec.values() if v is not None])} cells, "
                                    f"expected the {len(fields)} columns of the header {fields}",
                                    line=reader.line_num)
+            extra = rec.get(None)  # cells past the header's columns: a caption with unquoted commas, cut silently
+            if extra:
+                raise VideoDataError(path, row, f"has {len(fields) + len(extra)} cells, more than the {len(fields)} "
+                                   f"columns of the header {fields} (extra: {extra!r}); quote a caption that holds "
+                                   'commas ("a square, moving left")', line=reader.line_num)
             try:
                 ann.add(rec[id_col], rec[cap_col], row)
             except VideoDataError as e:

@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InvalidArgument, InvalidArgumentType, MissingDependency
+
 try:
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
@@ -72,7 +74,6 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
 from .._checks import BACKENDS
 from ..gradcache import GradCache
 from ..loss import hardness_weighted_loss
-from ..errors import InvalidArgument, InvalidArgumentType, MissingDependency
 
 __all__ = [
     "FusedMultipleNegativesRankingLoss",
@@ -472,6 +473,13 @@ class _Encoder:
     (GradCache then skips the gradient reduction on all chunks but the last)."""
 
     def __init__(self, model):
+        from ..gradcache import _is_deepspeed_engine
+
+        if _is_deepspeed_engine(model):  # the trainer put its engine in loss.model: GradCache's own refusal
+            raise InvalidArgument(
+                "FusedCachedMultipleNegativesRankingLoss runs its re-encode inside the trainer's backward, but a "
+                "DeepSpeed engine needs engine.backward for every mini-batch: train this loss without DeepSpeed, "
+                f"or use FusedMultipleNegativesRankingLoss (got model {type(model).__name__})")
         self.model = model
         if hasattr(model, "no_sync"):
             self.no_sync = model.no_sync

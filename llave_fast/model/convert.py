@@ -247,7 +247,11 @@ def parse_grid_pinpoints(value, image_size: int) -> list[list[int]]:
             (w0, h0), (w1, h1) = (tuple(map(int, m[0])), tuple(map(int, m[-1])))
             pairs = [(w * image_size, h * image_size) for w in range(w0, w1 + 1) for h in range(h0, h1 + 1)]
         else:
-            pairs = ast.literal_eval(value)
+            try:
+                pairs = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as e:
+                raise InvalidArgument(f"cannot read image_grid_pinpoints {value!r}: give '(1x1),...,(2x2)' (tile "
+                                      "counts) or a list of [width, height] pairs in pixels") from e
     else:
         pairs = value
     if not isinstance(pairs, (list, tuple)) or not pairs:

@@ -454,9 +454,14 @@ class LLaVEEmbedder(nn.Module):
             )
             cut = 0 < n_img_tokens[i] < want_tokens and ends_in_image[i]  # the sequence was cut inside the image
             if n_img_tokens[i] != want_tokens and not cut:
+                limit = getattr(getattr(self, "processor", None), "max_length", None)
+                hint = ""
+                if limit is not None and int(mask[i].sum()) >= limit:  # the processor's cut ended the row
+                    hint = (f": max_length={limit} (--max-length) cut the sequence before its image; LLaVE's "
+                            f"prompt and this image need at least {int(mask[i].sum()) + want_tokens} tokens")
                 raise InvalidArgument(
                     f"sample {i} has {n_img_tokens[i]} image tokens but its image of (height, width) = {(h, w)} "
-                    f"gives {want_tokens} visual features"
+                    f"gives {want_tokens} visual features" + hint
                 )
             tiles.append(pv)
             sizes.append((h, w))

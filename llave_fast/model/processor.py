@@ -210,6 +210,12 @@ def _check_pinpoints(grid_pinpoints, image_size: int) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_or_none(name: str, value):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise InvalidArgument(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
 class LLaVEProcessor:
     """Texts and images -> the batch dict :class:`LLaVEEmbedder` takes (see module docstring).
 
@@ -257,12 +263,8 @@ class LLaVEProcessor:
         self.rescale_factor = float(rescale_factor)
         self.image_token = image_token
         self.system_prompt = system_prompt
-        if max_text_tokens is not None and (not isinstance(max_text_tokens, int) or max_text_tokens < 1):
-            raise InvalidArgument(f"max_text_tokens must be a positive int or None, got {max_text_tokens!r}")
         # the user text (not the template, not the image tokens) is cut to this many tokens
         self.max_text_tokens = max_text_tokens
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
-            raise InvalidArgument(f"max_length must be a positive int or None, got {max_length!r}")
         # LLaVE's rule (``tokenizer_model_max_length``): the whole sequence, image tokens inserted,
         # is cut to this many tokens; the pooled token is then the last one kept
         self.max_length = max_length
@@ -292,6 +294,24 @@ class LLaVEProcessor:
             raise InvalidArgument(f"image_without_placeholder must be one of {IMAGE_WITHOUT_PLACEHOLDER} ('drop': "
                              f"LLaVE's rule, the text alone is embedded), got {value!r}")
         self._image_without_placeholder = value
+
+    # both are checked on every assignment (the constructor, a training run, an evaluation's
+    # --max-text-tokens): a value that is no positive int fails here, not in a data worker
+    @property
+    def max_text_tokens(self) -> int | None:
+        return self._max_text_tokens
+
+    @max_text_tokens.setter
+    def max_text_tokens(self, value: int | None) -> None:
+        self._max_text_tokens = _positive_or_none("max_text_tokens", value)
+
+    @property
+    def max_length(self) -> int | None:
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, value: int | None) -> None:
+        self._max_length = _positive_or_none("max_length", value)
 
     # ---- construction -----------------------------------------------------------------------
 

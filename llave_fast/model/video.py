@@ -153,6 +153,9 @@ def frames_to_pixels(processor, frames, index: int = 0) -> torch.Tensor:
     """
     from PIL import Image
 
+    if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], dict):
+        raise InvalidArgument(f"videos[{index}]: got a (frames, info) pair, as decode_video returns; pass its "
+                              "first item: frames, info = decode_video(path)")
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise InvalidArgument(f"videos[{index}]: frames must be a uint8 (F, H, W, 3) array, got "
@@ -189,8 +192,10 @@ def video_prompt_tokens(processor, text: str = VIDEO_PROMPT) -> int:
     return len(head) + len(tail)
 
 
-def check_video_length(processor, num_frames: int, max_length: int, text: str = VIDEO_PROMPT) -> int:
-    """The sequence length of a ``num_frames`` video; a clear error when it exceeds ``max_length``."""
+def check_video_length(processor, num_frames: int, max_length: int, text: str = VIDEO_PROMPT, *,
+                       model_cap: bool = False) -> int:
+    """The sequence length of a ``num_frames`` video; a clear error when it exceeds ``max_length``
+    (``model_cap``: that length is the language model's ``max_position_embeddings``, which no flag raises)."""
     per = tokens_per_frame(processor.image_size, processor.patch_size)
     prompt = video_prompt_tokens(processor, text)
     total = int(num_frames) * per + prompt
@@ -198,8 +203,10 @@ def check_video_length(processor, num_frames: int, max_length: int, text: str = 
         fit = max(0, (int(max_length) - prompt) // per)
         raise InvalidArgument(
             f"a video of {num_frames} frames is {num_frames} x {per} visual tokens per frame + {prompt} prompt tokens "
-            f"= {total} tokens, more than the maximum length {max_length}: lower --max-frames to {fit} or less "
-            f"(or raise --max-length, up to the language model's max_position_embeddings). LLaVE would cut the "
+            f"= {total} tokens, more than the maximum length {max_length}: lower --max-frames to {fit} or less"
+            + (" (the language model's max_position_embeddings; no flag raises it)" if model_cap else
+               " (or raise --max-length, up to the language model's max_position_embeddings)")
+            + ". LLaVE would cut the "
             f"sequence there and pool a visual token instead of the prompt's end."
         )
     return total

@@ -141,10 +141,23 @@ class TrainConfig:
     stop_after: int | None = field(default=None, metadata={
         "help": "stop (as if killed) after this many steps of this run; tests", "hidden": True})
 
+    def __setattr__(self, name: str, value) -> None:
+        # ``cfg.global_bach = 8`` would otherwise train with the default batch, silently
+        if name not in type(self).__dataclass_fields__:
+            import difflib
+
+            near = difflib.get_close_matches(name, list(type(self).__dataclass_fields__), n=1)
+            raise InvalidArgument(f"TrainConfig has no option {name!r}"
+                                  + (f"; did you mean {near[0]!r}?" if near else " (see llave-fast train --help)"))
+        object.__setattr__(self, name, value)
+
     @classmethod
     def from_json(cls, path: str) -> "TrainConfig":
         with open(_config_path(path)) as f:
             raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise InvalidArgument(f"{path}: a training config is a JSON object of options ({{\"steps\": 100, ...}}), "
+                                  f"got {_json_kind(raw)}")
         for key in [k for k in raw if k.startswith("_")]:  # _comment; a run's _history and _data
             raw.pop(key)
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
@@ -153,10 +166,16 @@ class TrainConfig:
         return cls(**raw)
 
 
-def _config_path(name: str) -> str:
+def _json_kind(value) -> str:
+    """How JSON calls a parsed value's type (for errors about a file that is not a JSON object)."""
+    kinds = {list: "an array", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _config_path(name: str, what: str = "config") -> str:
     if os.path.exists(name):
         return name
     shipped = os.path.join(CONFIG_DIR, name)
     if os.path.exists(shipped):
         return shipped
-    raise FileNotFoundError(f"config {name!r} not found (looked in the working directory and {CONFIG_DIR})")
+    raise FileNotFoundError(f"{what} {name!r} not found (looked in the working directory and {CONFIG_DIR})")

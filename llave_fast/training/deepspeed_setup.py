@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InvalidArgument
-from .config import TrainConfig, _config_path
+from .config import TrainConfig, _config_path, _json_kind
 from .console import _log
 
 SHM_OP = "deepspeed_shm_comm"
@@ -54,6 +54,13 @@ def extension_dir(name: str = SHM_OP) -> str:
     from torch.utils import cpp_extension
 
     return cpp_extension._get_build_directory(name, verbose=False)
+
+
+def _shm_op_built() -> bool:
+    """Whether the CPU communication op DeepSpeed loads is built already (or DeepSpeed is absent)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return True
+    return os.path.isfile(os.path.join(extension_dir(), SHM_OP + ".so"))
 
 
 @contextlib.contextmanager
@@ -153,6 +160,10 @@ def init_distributed() -> tuple[int, int]:
         # ranks taking turns under a file lock, instead of every rank JIT-building it at once
         # into one folder on a cold machine (see warm_deepspeed_ops)
         _log(int(os.environ.get("RANK", "0")), "DeepSpeed CPU op: " + warm_deepspeed_ops())
+    elif not _shm_op_built():
+        # one CPU rank: DeepSpeed builds the op inside init_distributed, its compiler output hidden
+        _log(int(os.environ.get("RANK", "0")), f"DeepSpeed builds its CPU communication op ({SHM_OP}) on this "
+             f"machine's first run, into {extension_dir()}: about 1-2 minutes, once (later runs load it)")
     quiet_deepspeed_op_probe()
     deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
@@ -186,8 +197,15 @@ def quiet_deepspeed_op_probe() -> None:
 
 
 def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
-    with open(_config_path(cfg.deepspeed_config)) as f:
-        ds = json.load(f)
+    what = "deepspeed_config (--deepspeed-config)"
+    path = _config_path(cfg.deepspeed_config, what)
+    with open(path) as f:
+        try:
+            ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"{what} {path!r}: not valid JSON ({e})") from e
+    if not isinstance(ds, dict):
+        raise InvalidArgument(f"{what} {path!r}: a DeepSpeed config is a JSON object, got {_json_kind(ds)}")
     if cfg.global_batch % world:
         raise InvalidArgument(f"global_batch={cfg.global_batch} must be divisible by the number of ranks ({world})")
     # GradCache is the accumulation: one engine step per global batch

@@ -163,8 +163,8 @@ def start_run(cfg: TrainConfig, rank: int, world: int) -> Run:
     _log(rank, f"run folder: {os.path.abspath(out)}")
     bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
     check_config(cfg, world)
+    ds_config = deepspeed_config(cfg, world, bf16)  # a missing or broken file: refused before the folder is made
     hold_run_folder(out, rank, world)
-    ds_config = deepspeed_config(cfg, world, bf16)
     train_set, eval_set = _datasets(cfg, progress=cfg.progress and rank == 0)
     if cfg.check_images and cfg.data == "synthetic":
         _log(rank, "check_images: synthetic images are drawn in memory, nothing to check")
