@@ -307,13 +307,13 @@ MMEB_CACHE_DIR = "mmeb_eval_cache"
 MMEB_RESULT_FILE = "mmeb_eval.json"
 _CACHE_VERSION = 2  # bump when a cached result would no longer mean the same thing (2: LLaVE's placeholder rule)
 _TOKENIZE_CHUNK = 4096
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
     """What identifies a model evaluation in the resume cache: the path as given and resolved,
-    the weight files' names, sizes and modification times (a re-saved model is not reused),
-    a run folder's newest complete checkpoint, and the device type and dtype."""
+    the names, sizes and modification times of the model folder's files (weights, config,
+    preprocessor and tokenizer files: a re-saved or edited model is not reused), a run folder's
+    newest complete checkpoint, and the device type and dtype."""
     from . import checkpoint as ckpt
     from .export import is_run_dir
 
@@ -324,13 +324,13 @@ def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
     if is_run_dir(model_path):
         key["checkpoint"] = ckpt.latest_complete(os.path.join(model_path, "checkpoints"))
         return key
-    weights = []
+    files = []
     for name in sorted(os.listdir(model_path)):
         full = os.path.join(model_path, name)
-        if name.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(full):
+        if os.path.isfile(full):
             st = os.stat(full)
-            weights.append([name, st.st_size, st.st_mtime_ns])
-    key["weights"] = weights
+            files.append([name, st.st_size, st.st_mtime_ns])
+    key["model_files"] = files  # ("files" are the dataset's, in the cache key)
     return key
 
 
@@ -532,6 +532,24 @@ def summarize_mmeb(per_dataset: dict) -> dict:
     }
 
 
+def _warn_near_mmeb_names(names) -> None:
+    """A dataset named almost like one of MMEB's (``MSCOCO-i2t`` for ``MSCOCO_i2t``) counts as "other":
+    outside the meta-task, IND and OOD means. Say so, with the name it was probably meant to be."""
+    import difflib
+
+    from .data.mmeb_tasks import MMEB_TASKS
+
+    known = {n.lower().replace("-", "_"): n for n in MMEB_TASKS}
+    for name in names:
+        if name in MMEB_TASKS:
+            continue
+        near = known.get(name.lower().replace("-", "_")) or next(
+            iter(difflib.get_close_matches(name, list(MMEB_TASKS), n=1, cutoff=0.85)), None)
+        if near is not None:
+            logger.warning("dataset %r is not one of MMEB's 36 (did you mean %r?): it is scored, but left out of the "
+                           "meta-task, IND and OOD means; rename its file or folder to count it there", name, near)
+
+
 def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int | None = None, batch: int = 64,
               output_dir: str | None = None, key: dict | None = None, info: dict | None = None,
               progress: bool = True) -> dict:
@@ -554,6 +572,7 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
     if output_dir is not None:
         os.makedirs(os.path.join(output_dir, MMEB_CACHE_DIR), exist_ok=True)
     per_dataset = {}
+    _warn_near_mmeb_names([ds.name for ds in datasets])
     for n_done, ds in enumerate(datasets):
         ds_key = json.loads(json.dumps({
             "version": _CACHE_VERSION, **(key or {}), "dataset": ds.name, "files": [_file_key(f) for f in ds.files],

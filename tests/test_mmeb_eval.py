@@ -297,6 +297,13 @@ def test_an_interrupted_evaluation_resumes_and_a_changed_setting_recomputes(sets
     encoded.clear()
     rc, out, err = _main(capsys, *args, "--max-queries", "2")
     assert rc == 0 and encoded == ["VizWiz"] and "unreadable cache" in err
+    # a model folder whose config (not only its weights) changed is another model: recomputed
+    config = os.path.join(tiny, "config.json")
+    st = os.stat(config)
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    encoded.clear()
+    rc, out, err = _main(capsys, *args, "--max-queries", "2")
+    assert rc == 0 and encoded == ["MSCOCO_i2t", "VizWiz"] and "cached with other settings (model_files:" in err, err
 
 
 def test_bad_rows_name_the_file_and_the_row(tiny, tmp_path, capsys):
@@ -389,3 +396,15 @@ def test_queries_with_a_single_candidate_are_counted_in_a_warning(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_eval"):
         read_eval_file(str(f))
     assert "single candidate" not in caplog.text
+
+
+def test_a_name_close_to_an_mmeb_dataset_is_pointed_out(caplog):
+    import logging
+
+    from llave_fast.evaluate import _warn_near_mmeb_names
+
+    with caplog.at_level(logging.WARNING, logger="llave_fast.evaluate"):
+        _warn_near_mmeb_names(["MSCOCO-i2t", "ImageNet1K", "VizWiz", "MySet"])
+    assert "'MSCOCO-i2t' is not one of MMEB's 36 (did you mean 'MSCOCO_i2t'?)" in caplog.text
+    assert "'ImageNet1K' is not one of MMEB's 36 (did you mean 'ImageNet-1K'?)" in caplog.text
+    assert "'VizWiz'" not in caplog.text and "MySet" not in caplog.text  # MMEB's own, and a name of its own

@@ -244,6 +244,10 @@ def test_msvd_layouts(tmp_path):
     vl.write_text("-7KMZQEsJW4_205_208\nnot_there\n")
     with pytest.raises(VideoDataError, match=r"test_list.txt: 1 of its 2 videos have no caption.*'not_there'"):
         read_annotations(str(js), str(vl))
+    vl.write_text("-7KMZQEsJW4_205_208\n\n-7KMZQEsJW4_205_208\n")  # was dropped silently: 2 ids gave 1 video
+    with pytest.raises(VideoDataError, match=r"test_list.txt:3: names video '-7KMZQEsJW4_205_208' twice \(lines 1 "
+                                             r"and 3\)"):
+        read_annotations(str(js), str(vl))
 
 
 class _Evil:

@@ -254,10 +254,15 @@ def _read_pickle(path: str, ann: VideoAnnotations) -> None:
 def read_video_list(path: str) -> list[str]:
     """One video id a line (MSVD's test_list.txt); blank lines skipped."""
     with open(path, encoding="utf-8-sig") as f:
-        ids = [_clean_id(s, path, None, line=i) for i, s in enumerate(f, start=1) if s.strip()]
-    if not ids:
+        lines = [(i, _clean_id(s, path, None, line=i)) for i, s in enumerate(f, start=1) if s.strip()]
+    if not lines:
         raise VideoDataError(path, None, "names no video (expected one video id a line)")
-    return ids
+    first: dict[str, int] = {}
+    for i, vid in lines:
+        if vid in first:  # counted twice, a video would weigh twice in every recall: refused, not dropped
+            raise VideoDataError(path, None, f"names video {vid!r} twice (lines {first[vid]} and {i})", line=i)
+        first[vid] = i
+    return [vid for _, vid in lines]
 
 
 def read_annotations(path: str, video_list: str | None = None) -> VideoAnnotations:
