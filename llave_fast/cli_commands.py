@@ -60,11 +60,15 @@ def _writable_file(flag: str, path: str | None) -> None:
         return
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r}: a folder; give a file name")
+    if os.path.exists(path):  # an existing file (or /dev/stdout) is opened for writing: it alone must allow it
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path!r}: not writable")
+        return
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{flag} {path!r}: its folder {parent!r} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path!r}: not writable")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path!r}: its folder {parent!r} is not writable")
 
 
 def _output_folder(flag: str, path: str | None) -> None:

@@ -305,6 +305,9 @@ MMEB_PROTOCOL = ("per-query candidate lists (MMEB eval, as VLM2Vec/LLaVE score i
                  "candidate scores highest, ties to the first")
 MMEB_CACHE_DIR = "mmeb_eval_cache"
 MMEB_RESULT_FILE = "mmeb_eval.json"
+# what identifies a model folder's contents in the resume cache: weights, configs, tokenizer files
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken", ".jinja")
+_RESULT_FILES = frozenset({MMEB_RESULT_FILE, "video_eval.json", "eval.json"})
 _CACHE_VERSION = 2  # bump when a cached result would no longer mean the same thing (2: LLaVE's placeholder rule)
 _TOKENIZE_CHUNK = 4096
 
@@ -327,7 +330,9 @@ def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
     files = []
     for name in sorted(os.listdir(model_path)):
         full = os.path.join(model_path, name)
-        if os.path.isfile(full):
+        # the model's own files; not what an evaluation may have written there, nor hidden files
+        if os.path.isfile(full) and name.endswith(_MODEL_FILE_SUFFIXES) and name not in _RESULT_FILES \
+                and not name.startswith("."):
             st = os.stat(full)
             files.append([name, st.st_size, st.st_mtime_ns])
     key["model_files"] = files  # ("files" are the dataset's, in the cache key)

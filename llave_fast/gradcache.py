@@ -277,7 +277,7 @@ class GradCache:
         with torch.no_grad():
             for chunk in chunks:
                 states.append(_RngState())
-                embs.append(self._check_emb(encoder(chunk), len(embs), self._count(chunk, f"{side} chunk"), side))
+                embs.append(self._check_emb(encoder(chunk), len(embs), self._rows(chunk, side), side))
                 bar.update(1)
             for _ in range(n_pad):
                 # another rank has more chunks: join its collectives, keep nothing (not even running statistics)
@@ -326,6 +326,13 @@ class GradCache:
             raise InvalidArgument(f"encoder must return one embedding per sample: {side} chunk {i} holds {n} "
                                   f"samples but gave {e.shape[0]} rows (shape {tuple(e.shape)})")
         return e
+
+    def _rows(self, chunk, side: str) -> int | None:
+        """The rows the encoder must return for ``chunk``: known for the default split or a given
+        ``count`` (a custom split's chunks, tuples say, may have a length that is no sample count)."""
+        if self.split is split_batch or self._count_fn is not None:
+            return self._count(chunk, f"{side} chunk")
+        return None
 
     def _split(self, inputs, name: str) -> list:
         if self.split is split_batch:
@@ -468,8 +475,6 @@ class GradCache:
     def _second_pass(self, jobs, bar, grad_out=None):
         """Re-encode every chunk with grad under its recorded RNG state and backpropagate its
         cached embedding gradient (times ``grad_out``, the loss's own gradient, when deferred)."""
-        # an encoder without a trainable parameter (a frozen target encoder) is not re-encoded
-        jobs = [job for job in jobs if _may_train(job[0])]
         # each encoder's gradients are reduced once, on its own last chunk
         last_of = {id(enc): k for k, (enc, *_rest) in enumerate(jobs)}
         # the first pass counted every sample in the running statistics (BatchNorm) already
@@ -486,6 +491,7 @@ class GradCache:
                             grad = grad * grad_out.to(grad.dtype)
                         # d(sum(emb * cached_grad))/d(emb) = cached_grad: backprop the cached gradient
                         surrogate = (emb * grad.to(emb.dtype)).sum()
+                    # an encoder with nothing trainable behind it (frozen, inputs without grad): no graph
                     if surrogate.requires_grad or _is_deepspeed_engine(encoder):
                         self._backward(encoder, surrogate, last)
                 bar.update(1)
@@ -524,8 +530,7 @@ class GradCache:
                 for chunks, side in zip((q_chunks, t_chunks, n_chunks), ("query", "target", "negative")):
                     embs = []
                     for chunk in chunks:
-                        embs.append(self._check_emb(encoder(chunk), len(embs), self._count(chunk, f"{side} chunk"),
-                                                    side))
+                        embs.append(self._check_emb(encoder(chunk), len(embs), self._rows(chunk, side), side))
                         bar.update(1)
                     sides.append(embs)
                 leaves = [(e[0].detach() if len(e) == 1 else torch.cat([x.detach() for x in e])).requires_grad_()
@@ -602,14 +607,6 @@ class _ScaledGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         return (None, None, *[(g * grad_out.to(g.dtype)) for g in ctx.grads])
-
-
-def _may_train(encoder) -> bool:
-    """False only for a module none of whose parameters requires grad (a frozen encoder)."""
-    if not isinstance(encoder, torch.nn.Module) or _is_deepspeed_engine(encoder):
-        return True
-    params = list(encoder.parameters())
-    return not params or any(p.requires_grad for p in params)
 
 
 def _progress(total: int, enabled: bool):

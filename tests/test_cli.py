@@ -247,6 +247,12 @@ def test_an_interrupted_run_says_where_to_resume(tmp_path, capsys, monkeypatch, 
         assert "no complete checkpoint" in err and "starts from step 0" in err, err
 
 
+def test_an_existing_writable_output_file_is_accepted_whatever_its_folder():
+    from llave_fast.cli_commands import _writable_file
+
+    _writable_file("--output", os.devnull)  # /dev is not writable by a user; /dev/null is
+
+
 def test_a_misspelled_option_of_the_python_api_is_refused():
     """``cfg.global_bach = 8`` used to train with the default batch, silently."""
     from llave_fast.errors import InvalidArgument

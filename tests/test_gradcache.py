@@ -426,3 +426,33 @@ def test_bad_encoders_losses_and_arguments_are_named():
     # a loss that ignores the targets: their chunks get a zero gradient, no AttributeError
     loss = GradCache(enc, lambda a, b: a.pow(2).mean(), 2)(q, t)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("chunk", [2, 100])
+def test_a_frozen_encoder_still_passes_gradients_to_its_inputs(chunk):
+    """A frozen encoder over trainable inputs (soft prompts): the re-encode still runs and the inputs
+    get their gradient, the same on the cached path and the single pass."""
+    frozen = torch.nn.Linear(4, 3).double().requires_grad_(False)
+    q, t = _data(6, 4)
+    want = []
+    for x in (q, t):
+        x.requires_grad_()
+    _nce(frozen(q), frozen(t)).backward()
+    want = [q.grad.clone(), t.grad.clone()]
+    q.grad = t.grad = None
+    GradCache(frozen, _nce, chunk)(q, t)
+    torch.testing.assert_close(q.grad, want[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(t.grad, want[1], rtol=1e-10, atol=1e-14)
+
+
+def test_a_custom_split_of_tuples_needs_no_count():
+    """Chunks that are (features, mask) tuples: their length is no sample count, so rows are not
+    checked against it (they are with the default split or a given count)."""
+    enc_lin = torch.nn.Linear(4, 3).double()
+    q, t = _data(6, 4)
+
+    def split(x, n):
+        return list(zip(x.split(n), torch.ones(x.shape[0]).split(n)))
+
+    loss = GradCache(lambda chunk: enc_lin(chunk[0]) * chunk[1][:, None], _nce, 3, split=split)(q, t)
+    assert torch.isfinite(loss)

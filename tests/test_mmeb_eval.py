@@ -168,6 +168,11 @@ def test_datasets_are_named_by_file_or_shard_folder(sets, tmp_path):
     again = os.path.join(os.path.dirname(viz), "..", os.path.basename(os.path.dirname(viz)), os.path.basename(viz))
     (found,) = find_eval_datasets([viz, again])
     assert found.files == [viz]
+    # two datasets whose files are links to one file stay two datasets
+    (shared := tmp_path / "shared.jsonl").write_text(json.dumps({"qry_text": "q", "tgt_text": ["a", "b"]}) + "\n")
+    (tmp_path / "A.jsonl").symlink_to(shared)
+    (tmp_path / "B.jsonl").symlink_to(shared)
+    assert [d.name for d in find_eval_datasets([str(tmp_path / "A.jsonl"), str(tmp_path / "B.jsonl")])] == ["A", "B"]
     bom = tmp_path / "Bom.jsonl"
     bom.write_text(json.dumps({"qry_text": "q", "tgt_text": ["a", "b"]}) + "\n", encoding="utf-8-sig")
     assert [d.name for d in find_eval_datasets([str(bom)])] == ["Bom"]
@@ -297,6 +302,13 @@ def test_an_interrupted_evaluation_resumes_and_a_changed_setting_recomputes(sets
     encoded.clear()
     rc, out, err = _main(capsys, *args, "--max-queries", "2")
     assert rc == 0 and encoded == ["VizWiz"] and "unreadable cache" in err
+    # what an evaluation writes into the model folder is not part of the model
+    from llave_fast.evaluate import model_key
+
+    before = model_key(str(tiny), torch.device("cpu"), torch.float32)
+    (tiny / "mmeb_eval.json").write_text("{}")
+    (tiny / ".DS_Store").write_text("")
+    assert model_key(str(tiny), torch.device("cpu"), torch.float32) == before
     # a model folder whose config (not only its weights) changed is another model: recomputed
     config = os.path.join(tiny, "config.json")
     st = os.stat(config)

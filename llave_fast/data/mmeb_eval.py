@@ -253,13 +253,13 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
                          f"{train}, no tgt_text column): evaluate them in separate runs")
     by_name: dict[str, EvalDataset] = {}
     folder_of: dict[str, Path] = {}
-    seen: set[Path] = set()
+    seen: set[tuple[str, Path]] = set()
     split_of: dict[Path, dict[str, Path]] = {}
     for f in files:
-        if f.resolve() in seen:  # a file named twice (e/x.jsonl and ./e/../e/x.jsonl, a link) counts once
-            continue
-        seen.add(f.resolve())
         name = _dataset_name(f)
+        if (name, f.resolve()) in seen:  # a file named twice (e/x.jsonl and ./e/../e/x.jsonl) counts once
+            continue
+        seen.add((name, f.resolve()))
         shard = _SHARD_RE.match(f.stem)
         where = f.parent.resolve() if shard else f.resolve()
         if shard:

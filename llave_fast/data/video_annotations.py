@@ -167,7 +167,7 @@ def _read_csv(path: str, ann: VideoAnnotations) -> None:
                                    f"expected the {len(fields)} columns of the header {fields}",
                                    line=reader.line_num)
             extra = rec.get(None)  # cells past the header's columns: a caption with unquoted commas, cut silently
-            if extra:
+            if extra and any(cell.strip() for cell in extra):  # (a trailing comma's empty cell is no caption)
                 raise VideoDataError(path, row, f"has {len(fields) + len(extra)} cells, more than the {len(fields)} "
                                    f"columns of the header {fields} (extra: {extra!r}); quote a caption that holds "
                                    'commas ("a square, moving left")', line=reader.line_num)
