@@ -415,6 +415,42 @@ def run_ablation(output_dir: str = DEFAULT_OUTPUT, *, progress: bool = True, run
     _require_matplotlib()  # before an hour of training, not after
     runner = run_one if runner is None else runner
     os.makedirs(output_dir, exist_ok=True)
+    with _held_ablation(output_dir):
+        return _run_ablation(output_dir, p, runner, progress)
+
+
+ABLATION_LOCK = ".llave_fast_ablation.lock"
+
+
+@contextlib.contextmanager
+def _held_ablation(output_dir: str):
+    """One ablation per folder: a second one would rerun the same cells in the same run folders (and
+    remove the first one's live run folder). An flock, dropped by the kernel when its holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: nothing to hold
+        yield
+        return
+    lock = os.path.join(output_dir, ABLATION_LOCK)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InvalidArgument(f"the ablation folder {output_dir} is in use by another ablation ({holder}; lock file "
+                                  f"{lock}): give this one another --output-dir, or wait for that one to end") from None
+        f.seek(0)
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def _run_ablation(output_dir: str, p: dict, runner, progress: bool) -> dict:
     path = os.path.join(output_dir, RESULT_FILE)
     setting = setting_of(p)
     runs = load_results(path, setting)

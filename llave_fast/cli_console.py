@@ -6,6 +6,7 @@ file, a bad command line) as one line, anything else as an internal error (the h
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -59,14 +60,18 @@ def configure_logging() -> None:
 
 
 # -------------------------------------------------------------------------- which errors are the user's
-_FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+# what the machine's file system refuses, whatever the exception class: a read-only mount, no space
+_FILE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+                          errno.ENOTDIR, errno.EISDIR, errno.ENOENT})
 
 
 def is_user_error(exc: BaseException) -> bool:
     """True for an error the user can fix: one of llave-fast's own checks (every one raises a
     :class:`~llave_fast.errors.LlaveFastError`) or a file that is missing or unreadable. Any
     other exception, a ValueError from inside torch included, is a bug and gets a traceback."""
-    return isinstance(exc, (LlaveFastError,) + _FILE_ERRORS)
+    return isinstance(exc, (LlaveFastError,) + _FILE_ERRORS) or (
+        isinstance(exc, OSError) and exc.errno in _FILE_ERRNOS and exc.filename is not None)
 
 
 def error_message(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from the files (deepspeed's zero_to_fp32), then cast.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -16,6 +17,8 @@ import torch
 from . import checkpoint as ckpt
 from .dtypes import DTYPES, dtype_name
 from .errors import InvalidArgument, MissingDependency
+
+log = logging.getLogger(__name__)
 
 
 def is_run_dir(path: str) -> bool:
@@ -36,6 +39,11 @@ def no_checkpoint_message(run_dir: str) -> str:
         with open(log) as f:
             steps = sum(1 for line in f if line.strip())
     again = f"llave-fast train --output-dir {run_dir} with the run's options (it starts over there)"
+    holder = _live_holder(run_dir)
+    if holder is not None:
+        return (f"{run_dir!r} is a training run folder whose run is still running ({holder}) and has saved no "
+                f"complete checkpoint yet ({steps} step(s) logged): evaluate or export it once it has saved one "
+                "(every --save-every steps and at its end)")
     if not os.path.isdir(root) and steps == 0:
         return (f"{run_dir!r} is a training run folder whose run never trained (no step logged, no checkpoint: it "
                 f"stopped while starting); there is nothing to evaluate or export. Fix what stopped it and run "
@@ -44,6 +52,25 @@ def no_checkpoint_message(run_dir: str) -> str:
             f"{ckpt.MARKER} marker; {steps} step(s) logged). A run saves one every --save-every steps and at its end: "
             f"if it is still running, evaluate or export it once it has saved; if it stopped before its first "
             f"save, nothing can be evaluated or exported: run {again}")
+
+
+def _live_holder(run_dir: str) -> str | None:
+    """Who holds the run folder's lock (a run still running), or None (no lock file, or its run ended)."""
+    from .training.run_folder import LOCK_FILE
+
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        import fcntl
+
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "a run starting"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except (ImportError, OSError):
+        return None
+    return None
 
 
 def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict, str]:
@@ -79,17 +106,33 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
     from .model import LLaVEEmbedder, LLaVEProcessor, load_config
 
     base = os.path.join(run_dir, "base")
-    tag = tag or ckpt.latest_complete(os.path.join(run_dir, "checkpoints"))
+    root = os.path.join(run_dir, "checkpoints")
+    newest = tag is None
+    tag = tag or ckpt.latest_complete(root)
     if tag is None:
         raise FileNotFoundError(no_checkpoint_message(run_dir))
     if not os.path.isdir(base):
         raise FileNotFoundError(f"{base} is missing: {run_dir!r} is not a llave-fast training run folder (training "
                                 "writes base/ when it starts)")
-    ckpt.check_files(os.path.join(run_dir, "checkpoints", tag))  # before the model is built
+    ckpt.check_files(os.path.join(root, tag))  # before the model is built
     config = load_config(base)
     processor = LLaVEProcessor.from_pretrained(base, config=config)
     model = LLaVEEmbedder.from_config(config, processor, torch_dtype=torch.float32)
-    state, tag = consolidated_state_dict(run_dir, tag)
+    for _ in range(3):
+        try:
+            state, tag = consolidated_state_dict(run_dir, tag)
+            break
+        except (OSError, ValueError):
+            # the newest checkpoint, removed meanwhile by the run still training (it keeps --keep-checkpoints):
+            # the newest again; a tag the user named, or a checkpoint still there, fails as it is
+            later = ckpt.latest_complete(root)
+            if not newest or os.path.isdir(os.path.join(root, tag)) or later is None or later == tag:
+                raise
+            log.info("checkpoint %s was removed by the run still training while it was read: taking %s", tag, later)
+            tag = later
+    else:
+        raise InvalidArgument(f"{run_dir}: the run still training removed three checkpoints in a row while they "
+                              "were read; export once it has ended, or pass --tag of a checkpoint it keeps")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {tag} of {run_dir} does not match the model: missing {missing}, "

@@ -184,6 +184,23 @@ def _fake_runner(calls):
     return run
 
 
+def test_a_second_ablation_on_one_folder_is_refused_while_the_first_runs(tmp_path):
+    """Both used to run every cell in the same run folders, each removing the other's live one."""
+    out = str(tmp_path / "abl")
+    kw = dict(alphas="0", batches="8", seeds=1, steps=3, num_eval=16, progress=False)
+    seen = []
+
+    def nested(p, alpha, batch, seed, run_dir):  # while the first holds the folder, a second starts
+        with pytest.raises(ValueError, match=r"ablation folder .*abl is in use by another ablation \(pid \d+"):
+            A.run_ablation(out, runner=_fake_runner([]), **kw)
+        seen.append(run_dir)
+        return _fake_runner([])(p, alpha, batch, seed, run_dir)
+
+    A.run_ablation(out, runner=nested, **kw)
+    assert len(seen) == 1
+    assert A.run_ablation(out, runner=_fake_runner([]), **kw)["skipped"] == 1  # free again once it ended
+
+
 def test_resume_skips_recorded_runs_and_refuses_another_setting(tmp_path):
     out = str(tmp_path / "abl")
     kw = dict(alphas="0,9", batches="8,16", seeds=2, steps=3, num_eval=16, progress=False)

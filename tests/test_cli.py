@@ -421,6 +421,77 @@ def test_export_of_a_tag_that_does_not_exist_lists_the_complete_ones(run_dir, ca
     assert not (run_dir / "x").exists()
 
 
+def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_results(run_dir, tmp_path):
+    import shutil
+
+    done = tmp_path / "done"
+    shutil.copytree(run_dir, done)
+    before = (done / "eval.json").read_bytes()
+    r = _run("train", "--steps", "2", "--save-every", "1", "--num-train", "128", "--num-eval", "16",
+             "--global-batch", "32", "--chunk-size", "16", "--warmup-steps", "1", "--eval-before", "false",
+             "--progress", "false", "--num-workers", "0", "--seed", "3", "--output-dir", str(done), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"the run in {done} is complete (2 of 2 steps): nothing to train" in r.stdout, r.stdout
+    assert (done / "eval.json").read_bytes() == before  # its timing and scores were overwritten before
+
+
+def test_a_resumed_run_does_not_score_its_trained_weights_as_before_training(run_dir, tmp_path):
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(run_dir, part)
+    shutil.rmtree(part / "checkpoints" / "step-00000002")
+    (part / "eval.json").unlink()
+    r = _run("train", "--steps", "2", "--save-every", "1", "--num-train", "128", "--num-eval", "16",
+             "--global-batch", "32", "--chunk-size", "16", "--warmup-steps", "1", "--eval-before", "true",
+             "--progress", "false", "--num-workers", "0", "--seed", "3", "--output-dir", str(part), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "eval_before: not measured" in r.stdout, r.stdout
+    assert "before training: precision@1" not in r.stdout, r.stdout
+    assert json.loads((part / "eval.json").read_text()).get("p_at_1_before") is None
+
+
+def test_export_takes_the_newest_checkpoint_again_when_a_running_run_removes_it(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from llave_fast import export
+
+    live = tmp_path / "live"
+    shutil.copytree(run_dir, live)
+    real = export.consolidated_state_dict
+    calls = []
+
+    def pruned_meanwhile(rd, tag):  # the run removes step 2 while export reads it (a later one is complete)
+        calls.append(tag)
+        if tag == "step-00000002":
+            os.rename(live / "checkpoints" / "step-00000001", live / "checkpoints" / "step-00000003")
+            (live / "checkpoints" / "step-00000003" / "COMPLETE").write_text(json.dumps({"step": 3}))
+            shutil.rmtree(live / "checkpoints" / tag)
+            raise FileNotFoundError(f"checkpoint {tag} does not exist")
+        return real(rd, tag)
+
+    monkeypatch.setattr(export, "consolidated_state_dict", pruned_meanwhile)
+    model, tag = export.load_run_model(str(live))
+    assert calls == ["step-00000002", "step-00000003"] and tag == "step-00000003"
+    with pytest.raises(FileNotFoundError):  # a tag the user named is not replaced by another
+        export.load_run_model(str(live), tag="step-00000009")
+
+
+def test_a_run_still_starting_is_not_called_stopped(tmp_path):
+    import fcntl
+
+    from llave_fast.export import no_checkpoint_message
+
+    (tmp_path / "base").mkdir()
+    with open(tmp_path / ".llave_fast.lock", "a+") as f:
+        f.write("pid 123 on host, started now\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = no_checkpoint_message(str(tmp_path))
+    assert "is still running (pid 123 on host, started now)" in held and "stopped" not in held, held
+    assert "stopped while starting" in no_checkpoint_message(str(tmp_path))  # its run gone: the lock is free
+
+
 def test_eval_json_has_the_keys_the_readme_names_and_one_path_convention(run_dir):
     """The README's sentence on eval.json names its precision keys; every path in it is absolute."""
     import re

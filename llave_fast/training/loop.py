@@ -85,6 +85,9 @@ def _train(cfg: TrainConfig) -> dict:
     quiet_known_warnings()
     rank, world = init_distributed()
     run = start_run(cfg, rank, world)  # options, run folder, data, length, resume: all before the model
+    done = finished_result(run)
+    if done is not None:  # a rerun of a finished run: nothing to train, and its eval.json is left as it was
+        return done
     torch.manual_seed(cfg.seed)
     model, collator, rset = prepare_model(run)
     engine, scheduler = build_engine(model, cfg, run.ds_config)
@@ -98,7 +101,11 @@ def _train(cfg: TrainConfig) -> dict:
         return engine.module(_to_device(batch, engine.device))
 
     if rset is not None and cfg.eval_before and before is None:
-        before = evaluate_before(engine, embed, model.processor, rset, cfg, rank)
+        if start == 0:
+            before = evaluate_before(engine, embed, model.processor, rset, cfg, rank)
+        else:  # the weights restored are no longer the starting ones: no "before" score from them
+            _log(rank, f"eval_before: not measured (the run started without it, and its weights at step {start} are "
+                       "no longer the starting ones)")
     save = functools.partial(save_checkpoint, engine, run.ckpt_root, before=before, keep=cfg.keep_checkpoints)
     writer = _tensorboard(run.out) if (cfg.tensorboard and rank == 0) else None
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
@@ -118,6 +125,27 @@ def _train(cfg: TrainConfig) -> dict:
         evaluate_after(engine, embed, model.processor, rset, cfg, rank, result, before, run.metrics_path,
                        run.ckpt_root)
     _log(rank, summary_text(result, cfg))
+    return result
+
+
+def finished_result(run) -> dict | None:
+    """The metrics of a run whose final checkpoint and eval.json exist (rank 0 decides, for every
+    rank), said in one line; None when there is training or evaluation left to do."""
+    import json
+
+    from .. import checkpoint as ckpt
+
+    result = None
+    if run.rank == 0 and run.tag is not None and os.path.isfile(run.metrics_path):
+        with open(os.path.join(run.ckpt_root, run.tag, ckpt.MARKER)) as f:
+            step = json.load(f).get("step", -1)
+        if step >= run.cfg.steps:
+            with open(run.metrics_path) as f:
+                result = json.load(f)
+    result = _gather_objects(result, run.world)[0]
+    if result is not None:
+        _log(run.rank, f"the run in {run.out} is complete ({run.cfg.steps} of {run.cfg.steps} steps): nothing to train; "
+                       f"its results stay in {run.metrics_path} (another --output-dir starts a new run)")
     return result
 
 
