@@ -385,8 +385,12 @@ def save(engine, root: str, step: int, client_state: dict, keep: int = 2) -> str
     folder = os.path.join(root, tag)
     if _is_rank0():
         os.makedirs(root, exist_ok=True)
-        if os.path.isdir(folder):  # a torn earlier attempt at this step
-            shutil.rmtree(folder)
+        # torn earlier attempts (a save killed midway, at this step or, before a resume with another
+        # --save-every, at any other): no marker, and no save but this one runs in the folder
+        for name in os.listdir(root):
+            torn = os.path.join(root, name)
+            if _TAG.match(name) and os.path.isdir(torn) and not os.path.exists(os.path.join(torn, MARKER)):
+                shutil.rmtree(torn)
     _barrier()
     with trusted_loads(engine) as guard:
         try:

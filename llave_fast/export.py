@@ -149,6 +149,7 @@ def export_run(run_dir: str, output: str | None = None, *, dtype: str = "bf16", 
     _check_replaceable(output)
     model, tag = load_run_model(run_dir, dtype=DTYPES[dtype], tag=tag)
     new = f"{output.rstrip(os.sep)}.new-{os.getpid()}"
+    _remove_dead_exports(output)
     try:
         if os.path.isdir(new):  # left by an earlier export of this process id
             shutil.rmtree(new)
@@ -164,6 +165,29 @@ def export_run(run_dir: str, output: str | None = None, *, dtype: str = "bf16", 
 
 
 EXPORT_NOTE = "llave_fast_export.txt"
+
+
+def _remove_dead_exports(output: str) -> None:
+    """Remove ``OUTPUT.new-PID`` / ``OUTPUT.old-PID`` folders left by an export that was killed (its
+    process is gone); one of a live export (another process) is left alone."""
+    import re
+
+    base = output.rstrip(os.sep) or output
+    folder, name = os.path.split(os.path.abspath(base))
+    pattern = re.compile(re.escape(name) + r"\.(new|old)-(\d+)$")
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = pattern.match(entry)
+        if m is None or int(m.group(2)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+            continue  # its export is still running
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's process: alive
+            continue
+        shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+        log.info("removed %s, left by an export that was stopped", os.path.join(folder, entry))
 
 
 def _check_replaceable(output: str) -> None:

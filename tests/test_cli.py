@@ -477,6 +477,22 @@ def test_export_takes_the_newest_checkpoint_again_when_a_running_run_removes_it(
         export.load_run_model(str(live), tag="step-00000009")
 
 
+def test_a_killed_exports_half_folder_is_removed_by_the_next_export(tmp_path):
+    import subprocess
+    import sys
+
+    from llave_fast.export import _remove_dead_exports
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process id that has exited
+    out = tmp_path / "export"
+    (tmp_path / f"export.new-{dead}").mkdir()
+    (tmp_path / f"export.new-{os.getppid()}").mkdir()  # a live process's: left alone
+    (tmp_path / "export.new-other").mkdir()  # not an export's name
+    _remove_dead_exports(str(out))
+    assert sorted(os.listdir(tmp_path)) == sorted([f"export.new-{os.getppid()}", "export.new-other"])
+
+
 def test_a_run_still_starting_is_not_called_stopped(tmp_path):
     import fcntl
 

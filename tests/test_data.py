@@ -894,3 +894,58 @@ def test_mmeb_images_over_the_pixel_limit_are_bad_images_refused_before_decoding
     assert mmeb.MMEBDataset(str(f), str(img), max_image_pixels=0)[0]["qry_image"].size == (300, 200)  # 0: no limit
     with pytest.raises(ValueError, match=r"max_image_pixels must be an int >= 0"):
         mmeb.MMEBDataset(str(f), str(img), max_image_pixels=-1)
+
+
+def test_placeholders_the_processor_refuses_are_bad_rows_when_read(tmp_path):
+    """<image>, <|image_2|> without an image, or two placeholders with one: the processor refuses
+    them in a DataLoader worker mid-run (no FILE:LINE, not skippable); the reader finds them first."""
+    from llave_fast.data.mmeb import BadDataError
+
+    img = tmp_path / "images"
+    _write_images(img, 6)
+    rows = _rows(6)
+    rows[1].update(qry="<image> what is shown", qry_image_path="")
+    rows[2].update(qry="<|image_2|> what is shown", qry_image_path="")
+    rows[4].update(qry=f"{IMAGE_PLACEHOLDER} a {IMAGE_PLACEHOLDER} b")
+    f = _jsonl(tmp_path / "S.jsonl", rows)
+    with pytest.raises(BadDataError, match=r"S\.jsonl:2: qry has an image placeholder \(<image> or <\|image_N\|>\) "
+                                           r"but qry_image_path is empty"):
+        MMEBDataset(f, img)
+    ds = MMEBDataset(f, img, skip_bad_rows=True)
+    assert [r for _, r, _ in ds.skipped] == [1, 2, 4] and len(ds) == 3
+    assert "qry has 2 image placeholders, but a side holds one image" in ds.skipped[2][2]
+
+
+def test_one_file_named_twice_is_read_once_and_mixed_splits_are_said(tmp_path, caplog):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    f = _jsonl(tmp_path / "d" / "S.jsonl", _rows(4))
+    again = str(tmp_path / "d" / ".." / "d" / "S.jsonl")
+    assert len(MMEBDataset([f, again, str(tmp_path / "d")], img)) == 4  # was 12, silently
+    hub = tmp_path / "hub" / "A"
+    for split in ("original", "diverse_instruction"):
+        _jsonl(hub / f"{split}-00000-of-00001.jsonl", _rows(4))
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb"):
+        assert len(MMEBDataset(str(hub), img)) == 8
+    assert "shards of 2 splits (diverse_instruction, original) and all are read" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb"):
+        assert len(MMEBDataset(str(hub), img, split="original")) == 4
+    assert "splits" not in caplog.text
+
+
+def test_a_parquet_with_corrupt_pages_is_bad_data_naming_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llave_fast.data.mmeb import BadDataError
+
+    rows = [dict(r, qry_image_path="", qry=r["qry"].split("\n", 1)[1]) for r in _rows(200)]
+    path = tmp_path / "S.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, compression="snappy")
+    raw = bytearray(path.read_bytes())
+    for k in range(100, 400):  # the data pages, past the magic bytes, before the footer
+        raw[k] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BadDataError, match=r"S\.parquet: not a readable parquet file: "):
+        MMEBDataset(str(path), str(tmp_path))

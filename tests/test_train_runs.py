@@ -114,6 +114,24 @@ def test_resume_applies_and_records_harmless_options(tmp_path):
     assert TrainConfig.from_json(os.path.join(out, "train_config.json")).save_every == 1  # still a valid config
 
 
+def test_resume_compares_the_precision_and_config_file_as_resolved(tmp_path):
+    """bf16 unset resolved to fp32 on a machine without CUDA: --bf16 false is the same run, and the
+    same unset bf16 on a CUDA machine (bf16) is another one; a DeepSpeed config named by its path is
+    the shipped name's file. Raw values were compared: the first refused, the second let through."""
+    from llave_fast.training.config import CONFIG_DIR
+
+    cfg = W.tiny_cfg(str(tmp_path / "run"))
+    os.makedirs(os.path.join(cfg.output_dir, "checkpoints", "step-00000004"))
+    with open(os.path.join(cfg.output_dir, "checkpoints", "step-00000004", "COMPLETE"), "w") as f:
+        f.write('{"step": 4}')
+    write_run_config(cfg, [{"started": "then", "at_step": 0}], {"train_rows": 64, "bf16": False})
+    out = cfg.output_dir
+    assert plan_resume(W.tiny_cfg(out, bf16=False), 64, bf16=False)[0] == "step-00000004"
+    assert plan_resume(W.tiny_cfg(out, deepspeed_config=os.path.join(CONFIG_DIR, "zero3.json")), 64, bf16=False)[0]
+    with pytest.raises(ResumeRefused, match=r"bf16 \(resolved precision\): 'fp32' in the run, 'bf16' now"):
+        plan_resume(W.tiny_cfg(out), 64, bf16=True)
+
+
 def test_resume_choice_and_changed_data_are_explicit(tmp_path):
     out = _saved_run(tmp_path)
     with pytest.raises(ResumeRefused, match=r"resume=false but the run folder .* holds checkpoints \(newest "
@@ -214,7 +232,7 @@ def test_corrupt_image_fails_with_a_checkpoint_then_resumes_skipping_it(tmp_path
     assert "skipping bad row" not in cap.err  # reported once, above the bar, not by the worker's log too
     assert "run folder: " + out in cap.out
     summary = cap.out[cap.out.index("run summary:"):]
-    for want in ("steps:       3 of 3 (2 in this run, resumed at step 1)", "rows:        48 used, 1 skipped",
+    for want in ("steps:       3 of 3 (2 in this run, resumed at step 1)", "rows:        47 used, 1 skipped",
                  "1 found unreadable during training", f"checkpoint:  {out}/checkpoints/step-00000003"):
         assert want in summary, summary
     # the progress line: units, and no deprecation warning cutting it

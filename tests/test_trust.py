@@ -170,6 +170,7 @@ def test_a_resumed_run_refuses_a_planted_pickle_naming_the_file(run, tmp_path, n
     planted = os.path.join(out, "checkpoints", "step-00000002", name)
     TW.plant(planted, marker)
     os.remove(os.path.join(out, "result.json"))
+    os.remove(os.path.join(out, "eval.json"))  # with it, a rerun of the finished run loads nothing: it is done
     with pytest.raises(Exception) as info:
         _spawn(TW.train_spying, dict(out=out, steps=2, save_every=1, eval_before=True, num_workers=0,
                                      report=str(tmp_path / "loads"), no_precheck=not precheck))
@@ -315,6 +316,35 @@ def test_a_full_disk_while_checkpointing_names_the_file_and_the_last_checkpoint(
     with pytest.raises(RuntimeError, match="inline_container") as info:
         ckpt.save(engine, str(root), 2, {})
     assert not isinstance(info.value, ckpt.DiskFull)
+
+
+def test_a_save_removes_torn_checkpoints_of_other_steps(tmp_path):
+    """A save killed midway leaves a folder without its marker; after a resume with another
+    --save-every no later save lands on that step, so it stayed forever. Every save removes them."""
+    from llave_fast import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    (root / "step-00000001").mkdir(parents=True)
+    (root / "step-00000001" / "COMPLETE").write_text('{"step": 1}')
+    (root / "step-00000003").mkdir()  # torn: no marker
+    (root / "step-00000003" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (root / "notes").mkdir()  # not a checkpoint's name: left alone
+
+    class Inner:
+        def save(self, state, path):
+            with open(path, "wb") as f:
+                f.write(b"state")
+
+    class Engine:
+        checkpoint_engine = Inner()
+
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            os.makedirs(os.path.join(save_dir, tag))
+            self.checkpoint_engine.save({}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+    ckpt.save(Engine(), str(root), 4, {})
+    assert sorted(p for p in os.listdir(root) if p.startswith("step-")) == ["step-00000001", "step-00000004"]
+    assert (root / "notes").is_dir()
 
 
 def test_rewrites_are_atomic_and_a_failed_one_keeps_the_file(tmp_path, monkeypatch):

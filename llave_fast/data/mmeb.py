@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .bad_data import BadDataError, data_location
-from .collate import IMAGE_PLACEHOLDER, Record, make_id
+from .collate import Record, make_id
 from .image_root import (  # noqa: F401 - re-exported: mmeb_eval, the CLI and tests import them from here
     _ALLOW_OUTSIDE,
     ALLOW_OUTSIDE_FLAG,
@@ -84,6 +84,13 @@ _LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason 
 
 IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
               "every image before training)")
+
+
+def _placeholders(text: str) -> int:
+    """How many image placeholders the processor finds in ``text`` (``<image>``, ``<|image_N|>``)."""
+    from ..model.processor import IMAGE_PLACEHOLDER as LLAVA, MMEB_IMAGE_PLACEHOLDER
+
+    return text.count(LLAVA) + len(MMEB_IMAGE_PLACEHOLDER.findall(text))
 
 
 # ---------------------------------------------------------------- the dataset
@@ -180,12 +187,20 @@ class MMEBDataset(torch.utils.data.Dataset):
 
     # -------------------------------------------------------------- construction
     def _load_files(self, files, subsets, split, allow_extra, max_rows) -> list[_Source]:
-        picked = []
+        picked, seen = [], set()
         for f in files:
             subset, file_split = _subset_and_split(f)
             if split is not None and file_split is not None and file_split != split:
                 continue
-            picked.append((f, subset))
+            if (subset, os.path.realpath(f)) in seen:  # one file named twice (two spellings, a folder and a file in it)
+                continue
+            seen.add((subset, os.path.realpath(f)))
+            picked.append((f, subset, file_split))
+        splits = sorted({sp for _, _, sp in picked if sp is not None})
+        if split is None and len(splits) > 1:
+            logger.warning("the data holds shards of %d splits (%s) and all are read; LLaVE trains on 'original' "
+                           "alone (--mmeb-split original)", len(splits), ", ".join(splits))
+        picked = [(f, s) for f, s, _ in picked]
         available = sorted({s for _, s in picked})
         if subsets is not None:
             unknown = [s for s in subsets if s not in available]
@@ -246,8 +261,12 @@ class MMEBDataset(torch.utils.data.Dataset):
                 return "no hard negative (neg_text and neg_image_path are empty) but use_negatives=True"
             sides.append(("neg_text", n, "neg_image_path", ni))
         for text_col, text, img_col, img in sides:
-            if IMAGE_PLACEHOLDER in text and not img:
-                return f"{text_col} has the image placeholder {IMAGE_PLACEHOLDER} but {img_col} is empty"
+            # the processor's rule (<image> and every <|image_N|>), here where the row can be named and skipped
+            n = _placeholders(text)
+            if n and not img:
+                return f"{text_col} has an image placeholder (<image> or <|image_N|>) but {img_col} is empty"
+            if n > 1:
+                return f"{text_col} has {n} image placeholders, but a side holds one image ({img_col})"
         for img_col in self._image_columns(src):  # before anything looks at the file (ImageRoot)
             rel = c[img_col][row]
             if rel and (why := self._outside(src, rel, img_col)) is not None:

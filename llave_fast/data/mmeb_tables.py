@@ -172,7 +172,10 @@ def _read_parquet(path: Path, allow_extra: bool, max_rows: int | None) -> _Sourc
     except Exception as exc:
         raise BadDataError(src, None, f"not a readable parquet file: {exc}", hint=False) from exc
     keep = _schema_columns(schema.names, src, allow_extra)
-    table = pq.read_table(path, columns=keep)
+    try:
+        table = pq.read_table(path, columns=keep)
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors vary (corrupt pages, duplicate columns)
+        raise BadDataError(src, None, f"not a readable parquet file: {type(exc).__name__}: {exc}", hint=False) from exc
     if max_rows is not None:
         table = table.slice(0, max_rows)
     return _from_columns({c: table.column(c).to_pylist() for c in keep}, src, None)

@@ -44,7 +44,8 @@ def summary_text(r: dict, cfg: TrainConfig) -> str:
         f"  steps:       {r['steps']} of {cfg.steps} ({r['steps_this_run']} in this run{resumed}){stopped}, "
         f"{r['global_batch']} pairs per step",
         f"  time:        {timing}",
-        f"  rows:        {r['train_rows']} used, {skipped} skipped ({r['skipped_rows_at_build']} when the data was "
+        f"  rows:        {r['train_rows'] - r['skipped_rows_in_training']} used, {skipped} skipped "
+        f"({r['skipped_rows_at_build']} when the data was "
         f"read, {r['skipped_rows_in_training']} found unreadable during training)",
         f"  run folder:  {r['run_dir']}",
         f"  checkpoint:  {r['checkpoint'] or 'none saved'}",

@@ -44,25 +44,46 @@ def _jsonable(v):
     return json.loads(json.dumps(v))
 
 
-def resume_changes(saved: dict, cfg: TrainConfig) -> tuple[dict, dict]:
+def resume_changes(saved: dict, cfg: TrainConfig, bf16: bool | None = None) -> tuple[dict, dict]:
     """``(refused, applied)``: ``{option: (the run's value, the new value)}`` for every option of
-    ``cfg`` (steps and warm-up resolved) that differs from the run's saved config."""
+    ``cfg`` (steps and warm-up resolved) that differs from the run's saved config.
+
+    Compared as resolved where the run recorded it: the precision (``bf16``, this start's
+    resolved value: ``--bf16 false`` is the fp32 an unset bf16 gave on a machine without CUDA,
+    and an unset bf16 on a CUDA machine is not the fp32 the run trained in on a CPU one), and a
+    DeepSpeed config named by another path to the same file."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     refused, applied = {}, {}
+    ran_bf16 = saved.get("_data", {}).get("bf16")
     for name, new in dataclasses.asdict(cfg).items():
         if name in RESUME_NOT_COMPARED:
             continue
         old = saved.get(name, defaults[name])  # an option newer than the run: it ran with the default
         new = _jsonable(new)
-        if old == new:
+        if name == "bf16" and ran_bf16 is not None and bf16 is not None:
+            if ran_bf16 != bf16:
+                refused["bf16 (resolved precision)"] = ("bf16" if ran_bf16 else "fp32", "bf16" if bf16 else "fp32")
+            continue
+        if old == new or name == "deepspeed_config" and _same_file(old, new):
             continue
         (applied if name in RESUME_MAY_CHANGE else refused)[name] = (old, new)
     return refused, applied
 
 
-def plan_resume(cfg: TrainConfig, train_rows: int) -> tuple[str | None, list]:
+def _same_file(a, b) -> bool:
+    """Whether two config names (a shipped name, a path) are one file."""
+    from .config import _config_path
+
+    try:
+        return os.path.samefile(_config_path(a), _config_path(b))
+    except (OSError, TypeError):
+        return False
+
+
+def plan_resume(cfg: TrainConfig, train_rows: int, bf16: bool | None = None) -> tuple[str | None, list]:
     """Decide between a fresh start and a resume of ``cfg.output_dir``, before the model is built.
 
+    ``bf16``: this start's resolved precision, compared with the one the run recorded.
     Returns ``(tag, history)``: the complete checkpoint to resume from (None: fresh start) and
     the run's ``_history`` with this start appended. Raises ``ResumeRefused`` naming each
     option that would change a resumed run (with both values), or when ``cfg.resume`` cannot
@@ -85,7 +106,7 @@ def plan_resume(cfg: TrainConfig, train_rows: int) -> tuple[str | None, list]:
         with open(path) as f:
             saved = json.load(f)
     step = int(tag.split("-")[1])
-    refused, applied = resume_changes(saved, cfg) if saved else ({}, {})
+    refused, applied = resume_changes(saved, cfg, bf16) if saved else ({}, {})
     if refused:
         lines = "\n".join(f"  {k}: {old!r} in the run, {new!r} now" for k, (old, new) in sorted(refused.items()))
         raise ResumeRefused(
