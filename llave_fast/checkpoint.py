@@ -40,6 +40,14 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The step a checkpoint tag names (:func:`tag_for`'s inverse)."""
+    m = _TAG.match(tag)
+    if m is None:
+        raise InvalidArgument(f"{tag!r} is not a checkpoint tag (step-NNNNNNNN)")
+    return int(m.group(1))
+
+
 # -- writes that are whole or absent ---------------------------------------------------------
 
 

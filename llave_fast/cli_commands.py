@@ -37,9 +37,8 @@ def _say_where_to_resume(out: str | None) -> None:
     if tag is None:
         print(f"{PROG} train: no complete checkpoint in {out} yet: a rerun starts from step 0", file=sys.stderr)
         return
-    with open(os.path.join(out, "checkpoints", tag, ckpt.MARKER)) as f:
-        step = json.load(f).get("step", "?")
-    print(f"{PROG} train: the newest complete checkpoint is {os.path.join(out, 'checkpoints', tag)} (step {step}); "
+    print(f"{PROG} train: the newest complete checkpoint is {os.path.join(out, 'checkpoints', tag)} "
+          f"(step {ckpt.step_of(tag)}); "
           f"rerun the same command with --output-dir {out} to resume from it", file=sys.stderr)
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .bad_data import BadDataError, data_location
+from ..model.processor import count_placeholders
 from .collate import Record, make_id
 from .image_root import (  # noqa: F401 - re-exported: mmeb_eval, the CLI and tests import them from here
     _ALLOW_OUTSIDE,
@@ -84,13 +85,6 @@ _LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason 
 
 IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
               "every image before training)")
-
-
-def _placeholders(text: str) -> int:
-    """How many image placeholders the processor finds in ``text`` (``<image>``, ``<|image_N|>``)."""
-    from ..model.processor import IMAGE_PLACEHOLDER as LLAVA, MMEB_IMAGE_PLACEHOLDER
-
-    return text.count(LLAVA) + len(MMEB_IMAGE_PLACEHOLDER.findall(text))
 
 
 # ---------------------------------------------------------------- the dataset
@@ -262,7 +256,7 @@ class MMEBDataset(torch.utils.data.Dataset):
             sides.append(("neg_text", n, "neg_image_path", ni))
         for text_col, text, img_col, img in sides:
             # the processor's rule (<image> and every <|image_N|>), here where the row can be named and skipped
-            n = _placeholders(text)
+            n = count_placeholders(text)
             if n and not img:
                 return f"{text_col} has an image placeholder (<image> or <|image_N|>) but {img_col} is empty"
             if n > 1:

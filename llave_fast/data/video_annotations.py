@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..model.processor import has_placeholder
 from .mmeb import BadDataError
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoDataError", "VideoAnnotations", "read_annotations", "read_video_list"]
@@ -66,8 +67,6 @@ class VideoAnnotations:
         vid = _clean_id(video_id, self.source, row)
         if not isinstance(caption, str) or not caption.strip():
             raise VideoDataError(self.source, row, f"the caption of video {vid!r} is empty or not text: {caption!r}")
-        from ..model.processor import has_placeholder  # here: the package's models import this module's package
-
         if has_placeholder(caption):  # found here, before any video is decoded, naming the row
             raise VideoDataError(self.source, row, f"the caption of video {vid!r} holds an image placeholder "
                                  f"(<image> or <|image_N|>), but a caption is text alone: {caption[:80]!r}")

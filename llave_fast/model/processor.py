@@ -77,6 +77,7 @@ __all__ = [
     "SYSTEM_PROMPT",
     "IMAGE_WITHOUT_PLACEHOLDER",
     "move_placeholder",
+    "count_placeholders",
     "has_placeholder",
 ]
 
@@ -95,6 +96,11 @@ IMAGE_WITHOUT_PLACEHOLDER = ("drop", "prepend")
 def has_placeholder(text: str) -> bool:
     """Whether ``text`` holds an image placeholder (``<image>`` or MMEB's ``<|image_N|>``)."""
     return IMAGE_PLACEHOLDER in text or MMEB_IMAGE_PLACEHOLDER.search(text) is not None
+
+
+def count_placeholders(text: str) -> int:
+    """How many image placeholders ``text`` holds, as :meth:`LLaVEProcessor.__call__` counts them."""
+    return MMEB_IMAGE_PLACEHOLDER.sub(IMAGE_PLACEHOLDER, text).count(IMAGE_PLACEHOLDER)
 
 
 def move_placeholder(text: str) -> str:

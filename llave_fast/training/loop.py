@@ -136,12 +136,10 @@ def finished_result(run) -> dict | None:
     from .. import checkpoint as ckpt
 
     result = None
-    if run.rank == 0 and run.tag is not None and os.path.isfile(run.metrics_path):
-        with open(os.path.join(run.ckpt_root, run.tag, ckpt.MARKER)) as f:
-            step = json.load(f).get("step", -1)
-        if step >= run.cfg.steps:
-            with open(run.metrics_path) as f:
-                result = json.load(f)
+    if run.rank == 0 and run.tag is not None and ckpt.step_of(run.tag) >= run.cfg.steps \
+            and os.path.isfile(run.metrics_path):
+        with open(run.metrics_path) as f:
+            result = json.load(f)
     result = _gather_objects(result, run.world)[0]
     if result is not None:
         _log(run.rank, f"the run in {run.out} is complete ({run.cfg.steps} of {run.cfg.steps} steps): nothing to train; "

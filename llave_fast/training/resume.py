@@ -105,7 +105,7 @@ def plan_resume(cfg: TrainConfig, train_rows: int, bf16: bool | None = None) -> 
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-    step = int(tag.split("-")[1])
+    step = ckpt.step_of(tag)
     refused, applied = resume_changes(saved, cfg, bf16) if saved else ({}, {})
     if refused:
         lines = "\n".join(f"  {k}: {old!r} in the run, {new!r} now" for k, (old, new) in sorted(refused.items()))
