@@ -35,6 +35,7 @@ import platform
 import shutil
 import statistics
 import time
+from . import _locks
 from .errors import InvalidArgument, MissingDependency
 
 logger = logging.getLogger(__name__)
@@ -426,28 +427,16 @@ ABLATION_LOCK = ".llave_fast_ablation.lock"
 def _held_ablation(output_dir: str):
     """One ablation per folder: a second one would rerun the same cells in the same run folders (and
     remove the first one's live run folder). An flock, dropped by the kernel when its holder dies."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: nothing to hold
-        yield
-        return
     lock = os.path.join(output_dir, ABLATION_LOCK)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise InvalidArgument(f"the ablation folder {output_dir} is in use by another ablation ({holder}; lock file "
-                                  f"{lock}): give this one another --output-dir, or wait for that one to end") from None
-        f.seek(0)
-        f.truncate(0)
-        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
+    f, said = _locks.take(lock)
+    if f is None and said is not None:
+        raise InvalidArgument(f"the ablation folder {output_dir} is in use by another ablation ({said}; lock file "
+                              f"{lock}): give this one another --output-dir, or wait for that one to end")
+    try:
+        yield
+    finally:
+        if f is not None:
+            _locks.release(f)
 
 
 def _run_ablation(output_dir: str, p: dict, runner, progress: bool) -> dict:

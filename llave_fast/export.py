@@ -14,6 +14,7 @@ import shutil
 
 import torch
 
+from . import _locks
 from . import checkpoint as ckpt
 from .dtypes import DTYPES, dtype_name
 from .errors import InvalidArgument, MissingDependency
@@ -58,19 +59,7 @@ def _live_holder(run_dir: str) -> str | None:
     """Who holds the run folder's lock (a run still running), or None (no lock file, or its run ended)."""
     from .training.run_folder import LOCK_FILE
 
-    path = os.path.join(run_dir, LOCK_FILE)
-    try:
-        import fcntl
-
-        with open(path) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return f.read().strip() or "a run starting"
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except (ImportError, OSError):
-        return None
-    return None
+    return _locks.holder(os.path.join(run_dir, LOCK_FILE))
 
 
 def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict, str]:

@@ -286,6 +286,13 @@ class GradCache:
                 bar.update(1)
         return embs, states
 
+    def _embed_sides(self, chunks, bar, pads, pad_with):
+        """The first pass over the three sides (query, target, negatives): each side's
+        ``(embeddings, RNG states)``, with that side's padding calls."""
+        encoders = (self.encoder, self.target_encoder, self.target_encoder)
+        return [self._embed_no_grad(enc, c, bar, n_pad, (pad or [None])[0], side)
+                for enc, c, n_pad, pad, side in zip(encoders, chunks, pads, pad_with, ("query", "target", "negative"))]
+
     def _chunk_targets(self, counts: list[int], fits: bool = False,
                        empty: bool = False) -> tuple[list[int], bool, bool]:
         """(the chunk counts every rank uses: the max over ranks, where that is needed; whether
@@ -430,12 +437,8 @@ class GradCache:
         bar = _progress(total, self.progress)
         autocast = _AutocastState()
         try:
-            q_embs, q_states = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0],
-                                                   "query")
-            t_embs, t_states = self._embed_no_grad(self.target_encoder, t_chunks, bar, pads[1],
-                                                   (pad_with[1] or [None])[0], "target")
-            n_embs, n_states = self._embed_no_grad(self.target_encoder, n_chunks, bar, pads[2],
-                                                   (pad_with[2] or [None])[0], "negative")
+            (q_embs, q_states), (t_embs, t_states), (n_embs, n_states) = self._embed_sides(
+                (q_chunks, t_chunks, n_chunks), bar, pads, pad_with)
             leaves = [torch.cat(e).detach().requires_grad_() if e else None for e in (q_embs, t_embs, n_embs)]
             loss, (q_grad, t_grad, n_grad), own, own_grads = self._loss_grads(leaves, loss_kwargs)
             # the RNG as after one full-batch forward and the loss (whose own draws are not rewound)
@@ -501,16 +504,8 @@ class GradCache:
         (with the same padding calls as a training step) and return the loss."""
         bar = _progress(len(q_chunks) + len(t_chunks) + len(n_chunks) + sum(pads), self.progress)
         try:
-            q_embs, _ = self._embed_no_grad(self.encoder, q_chunks, bar, pads[0], (pad_with[0] or [None])[0], "query")
-            t_embs, _ = self._embed_no_grad(self.target_encoder, t_chunks, bar, pads[1], (pad_with[1] or [None])[0],
-                                            "target")
-            n_embs, _ = self._embed_no_grad(self.target_encoder, n_chunks, bar, pads[2], (pad_with[2] or [None])[0],
-                                            "negative")
-            if n_embs:
-                loss_kwargs["negatives"] = torch.cat(n_embs)
-            loss = self.loss_fn(torch.cat(q_embs), torch.cat(t_embs), **loss_kwargs)
-            if isinstance(loss, dict):
-                loss = loss["contrastive_loss"]
+            embs = [e for e, _ in self._embed_sides((q_chunks, t_chunks, n_chunks), bar, pads, pad_with)]
+            loss = self._call_loss([torch.cat(e) if e else None for e in embs], loss_kwargs)
         finally:
             bar.close()
         return loss.detach()

@@ -4,11 +4,11 @@ every rank, and what a start that failed before its first step made there, remov
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import torch.distributed as dist
 
+from .. import _locks
 from ..errors import InvalidArgument
 from .console import _log, log
 
@@ -48,41 +48,24 @@ def hold_run_folder(out: str, rank: int, world: int) -> None:
 
 def _take_run_folder(out: str) -> tuple[str | None, str | None]:
     """(refusal message or None, note or None); on success the lock stays held in ``_HELD``."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None, f"note: no file locks on this system; nothing stops a second run in {out}"
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, LOCK_FILE)
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "a run that has not written its name yet"
-        f.close()
-        return (f"the run folder {out} is in use by another run ({holder}; lock file {path}): two runs in one "
+    f, said = _locks.take(path)
+    if f is None and said is None:  # not POSIX
+        return None, f"note: no file locks on this system; nothing stops a second run in {out}"
+    if f is None:
+        return (f"the run folder {out} is in use by another run ({said}; lock file {path}): two runs in one "
                 "folder would mix their checkpoints, logs and train_config.json. Give this run another "
                 "--output-dir, or wait for that run to end"), None
-    f.seek(0)
-    previous = f.read().strip()
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    f.flush()
     _HELD.append(f)
-    note = f"cleared a stale lock of {out} (its run is no longer running: {previous})" if previous else None
+    note = f"cleared a stale lock of {out} (its run is no longer running: {said})" if said else None
     return None, note
 
 
 def _release_run_folder() -> None:
     """Empty the lock file (a run that ended, not a killed one) and let go of the lock."""
     while _HELD:
-        f = _HELD.pop()
-        try:
-            f.truncate(0)
-            f.close()
-        except OSError:
-            pass
+        _locks.release(_HELD.pop())
 
 
 def agreed_output_dir(rank: int, world: int) -> str:
