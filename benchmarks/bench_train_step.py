@@ -41,6 +41,7 @@ REAL = dict(
     pairs_2x2=64, image_2x2=768, extrapolate_pairs=1024, mem_pairs=64, mem_chunks=(16, 32), plain_start=32,
     plain_max=2048, max_try_s=25.0, enc_images=128, enc_texts=256, enc_batch=64, enc_warmup=16, clips=16,
     clip_frames=40, clip_fps=3, video_batch=8, mmeb_queries=200, mmeb_candidates=10, workers=6,
+    tiny_save_every=20,  # steps between T1's checkpoints (a tiny ZeRO-3 save takes about a second)
     tiny_steps=80,  # of the default job's 240: at the H200's 0.32-0.38 s a step (ZeRO-2) 240 would not fit T1
 )
 DRY = dict(REAL, preset=None, chunk=4, pairs_1x1=16, timed_1x1=2, image_1x1=32, pairs_2x2=8, image_2x2=64,
@@ -696,25 +697,37 @@ def part_tiny(args, res: Results, sizes: dict) -> None:
     run_dir = Path(args.work) / "tiny_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    workers = args.workers
+    # the default job's 64 pairs of 64-px images a step: its loader's workers hand them over in /dev/shm
+    if why := shm_shortfall(workers, sizes["tiny_steps"], 64, 64, dev_shm_free()):
+        log(f"WARNING: {why}: the tiny job loads its data in the main process (--num-workers 0)")
+        workers = 0
     cmd = [sys.executable, "-m", "llave_fast", "train", "--output-dir", str(run_dir), "--bf16", "true", "--progress",
-           "false", "--num-workers", str(args.workers)]
+           "false", "--num-workers", str(workers)]
     if args.dry:
         cmd += ["--steps", "3", "--num-train", "192", "--num-eval", "32", "--global-batch", "32", "--chunk-size", "64",
                 "--warmup-steps", "1", "--save-every", "0"]
     else:  # the default job as shipped but shorter, more loader workers (the data order depends on (seed, step))
-        cmd += ["--steps", str(sizes["tiny_steps"])]
+        # a checkpoint every 20 steps: a run stopped at the step's limit still leaves T3 a model to evaluate
+        cmd += ["--steps", str(sizes["tiny_steps"]), "--save-every", str(sizes["tiny_save_every"])]
     out = {"status": "running", "run_dir": str(run_dir)}
     res.put("tiny_job", out)
-    out.update(run_clis([("tiny default job", cmd)])[0])
-    if e := _read(run_dir / "eval.json"):
-        out.update(_pick(e, "steps global_batch seconds median_step_s median_data_wait_s p_at_1_before p_at_1_after "
-                            "chance num_candidates by_task"))
-        out["pairs_per_s"] = e["global_batch"] / e["median_step_s"] if e.get("median_step_s") else None
-    if (log_path := run_dir / "train_log.jsonl").exists():
-        rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
-        out["loss_first_last"] = [rows[0]["loss"], rows[-1]["loss"]] if rows else None
-    out["status"] = "ok" if out["rc"] == 0 else f"failed (exit {out['rc']})"
-    res.put()
+    try:
+        out.update(run_clis([("tiny default job", cmd)])[0])
+    finally:  # stopped at the limit too: what the run logged and saved is kept
+        if e := _read(run_dir / "eval.json"):
+            out.update(_pick(e, "steps global_batch seconds median_step_s median_data_wait_s p_at_1_before "
+                                "p_at_1_after chance num_candidates by_task"))
+            out["pairs_per_s"] = e["global_batch"] / e["median_step_s"] if e.get("median_step_s") else None
+        if (log_path := run_dir / "train_log.jsonl").exists():
+            rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+            out["steps_logged"] = len(rows)
+            out["loss_first_last"] = [rows[0]["loss"], rows[-1]["loss"]] if rows else None
+        if "rc" not in out:
+            out["status"] = "stopped at the step's limit"
+        else:
+            out["status"] = "ok" if out["rc"] == 0 else f"failed (exit {out['rc']})"
+        res.put()
     log(f"tiny default job: {_pick(out, 'status p_at_1_before p_at_1_after chance median_step_s')}")
     if out["rc"] != 0:
         raise SystemExit(f"the tiny default job failed (exit {out['rc']}): see its output above")

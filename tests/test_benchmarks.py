@@ -470,7 +470,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     install and its check, every step under its limit, the files the device call brings back
     (at most 8) and the summaries."""
     out = tmp_path / "out"
-    env = dict(_env(), OUT=str(out), GPU_CHECK_DRY="1")
+    env = dict(_env(), OUT=str(out), GPU_CHECK_DRY="1", SETUP_MARKER=str(tmp_path / "setup"))
     env.pop("TRITON_INTERPRET")  # the script sets it itself in a dry run
     r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "AB"], capture_output=True, text=True, env=env,
                        timeout=900)

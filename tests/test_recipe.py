@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -71,6 +72,19 @@ def test_warmup_ratio_and_cosine_to_zero():
     assert warmup_cosine(0, c) == pytest.approx(1 / 78)
     assert warmup_cosine(77, c) == pytest.approx(1.0)
     assert warmup_cosine(c.steps, c) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_decay_has_its_shape_and_stops_at_the_floor():
+    """Between the warm-up and the end: half-cosine from 1 to min_lr_ratio (the presets' 5 % floor),
+    never below it, never rising; a linear decay or a dropped floor fails here."""
+    c = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.05)
+    assert [warmup_cosine(s, c) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert warmup_cosine(10, c) == pytest.approx(1.0)
+    assert warmup_cosine(60, c) == pytest.approx(0.05 + 0.95 * 0.5)  # half-way: half the span
+    assert warmup_cosine(35, c) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi / 4)))  # a quarter
+    assert warmup_cosine(110, c) == pytest.approx(0.05) and warmup_cosine(500, c) == pytest.approx(0.05)
+    decay = [warmup_cosine(s, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:])) and min(decay) == pytest.approx(0.05)
 
 
 def test_batches_grouped_by_modality():

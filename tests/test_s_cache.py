@@ -283,3 +283,42 @@ def test_triton_and_torch_paths_agree_on_trained_like_bf16(gen):
         for name, a, b in zip(("loss", "dq", "dt", "dneg"), res, base):
             err = ((a - b).norm() / b.norm()).item()
             assert err < (1e-6 if name == "loss" else 2 * 2.0**-8), (key, name, err)
+
+
+def _emulated_loss_grad(q, t, s_dtype):
+    """dq of the symmetric hardness-weighted loss computed as the kernels do in 16 bits: fp32
+    arithmetic, S kept in ``s_dtype`` (None: fp32) between forward and backward, dS rounded to
+    bf16 before the dq GEMM, dq returned in the inputs' dtype."""
+    qq, tt = q.float().requires_grad_(), t.float()
+    S = qq @ tt.t()
+    S.register_hook(lambda g: g.to(torch.bfloat16).float())  # the kernels hand the GEMM a bf16 dS
+    if s_dtype is not None:  # S stored in 16 bits: forward and backward read the rounded values
+        S = S + (S.to(s_dtype).float() - S).detach()
+    eye = torch.eye(S.shape[0], dtype=torch.bool)
+
+    def one_way(s):
+        logits = 50.0 * s + torch.where(eye, torch.zeros_like(s), 9.0 * s.detach())
+        return torch.logsumexp(logits, 1) - 50.0 * s.diagonal()
+
+    ((one_way(S) + one_way(S.t())) / 2).mean().backward()
+    return qq.grad.to(q.dtype).double()
+
+
+@pytest.mark.parametrize("late,least", [(False, 6.0), (True, 15.0)], ids=["trained-like", "late-training"])
+def test_a_16_bit_S_costs_about_ten_times_the_gradient_error(gen, late, least):
+    """Why S is fp32 on every path (README, "Where S lives"): on trained-like bf16 embeddings,
+    keeping S in bf16 multiplies dq's error against float64 (of the same rounded inputs) by about
+    10 (early) to 26 (late in training) over an fp32 S, the rest of the arithmetic alike."""
+    from llave_fast.reference import reference_loss
+
+    case = trained_like_case(gen, 1024, 256, 0, torch.bfloat16, late=late, masks="none")
+    q64 = case.q.double().requires_grad_()
+    reference_loss(q64, case.t.double(), logit_scale=50.0, alpha=9.0).backward()
+    truth = q64.grad
+
+    def err(s_dtype):
+        return ((_emulated_loss_grad(case.q, case.t, s_dtype) - truth).norm() / truth.norm()).item()
+
+    fp32_s, bf16_s = err(None), err(torch.bfloat16)
+    assert fp32_s < 5e-3, fp32_s  # the bf16 dS and dq roundings alone
+    assert bf16_s > least * fp32_s, (bf16_s, fp32_s)

@@ -496,3 +496,41 @@ def test_the_caller_s_group_test_leaves_no_launcher_variables():
     run in the process would believe it is one rank of 16 (zero.Init refuses; a fresh-clone CI run saw it)."""
     now = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
     assert now == _LAUNCHER_ENV, now
+
+
+def test_the_step_hands_the_loss_the_duplicate_ids_only_when_asked():
+    """mask_duplicates: the batch's target ids (then the negatives' ids, which may repeat a positive's)
+    go to the loss as target_ids, and the queries are labelled with their targets' ids (t->q masks a
+    query whose target is the positive's duplicate). Off: no ids at all. Checked where the training
+    step calls GradCache, so a loop that stopped passing them would fail here."""
+    import types
+
+    from llave_fast.training import loop
+    from llave_fast.training.config import TrainConfig
+    from llave_fast.training.step import duplicate_ids
+
+    ids, neg_ids = torch.tensor([5, 7, 5, 9]), torch.tensor([7, 11, 12, 13])
+    side = {"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long)}
+    batch = {"query": side, "target": side, "negatives": side, "target_ids": ids, "negative_ids": neg_ids}
+    got = duplicate_ids(batch, True)
+    assert torch.equal(got["target_ids"], torch.cat([ids, neg_ids])) and torch.equal(got["query_ids"], ids)
+    assert duplicate_ids(batch, False) == {}
+    no_neg_ids = duplicate_ids(dict(batch, negative_ids=None), True)  # negatives without ids: never masked
+    assert torch.equal(no_neg_ids["target_ids"], ids)
+
+    seen = []
+
+    def gc(q, t, n, orders=None, **kw):
+        seen.append(kw)
+        return torch.tensor(1.0)
+
+    engine = types.SimpleNamespace(device=torch.device("cpu"), step=lambda: None)
+    scheduler = types.SimpleNamespace(get_last_lr=lambda: [1e-4])
+    probe = types.SimpleNamespace(non_finite=lambda: [0.0, 0.0], clear=lambda: None)
+    for mask in (True, False):
+        run = types.SimpleNamespace(cfg=TrainConfig(mask_duplicates=mask, chunk_size=8), rank=0, world=1,
+                                    ckpt_root="unused")
+        loss, lr = loop.train_step(run, engine, scheduler, gc, probe, dict(batch), 0)
+        assert (loss, lr) == (1.0, 1e-4)
+    assert set(seen[0]) == {"target_ids", "query_ids"} and torch.equal(seen[0]["target_ids"], torch.cat([ids, neg_ids]))
+    assert torch.equal(seen[0]["query_ids"], ids) and seen[1] == {}

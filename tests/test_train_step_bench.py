@@ -44,7 +44,7 @@ def test_gpu_check_stage_T_dry_run(tmp_path):
     """`GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh T`: every step done under its limit, two files
     back (log and results), and the results hold (a)-(d) with the step's phases adding up."""
     out = tmp_path / "out"
-    env = dict(_env(tmp_path), OUT=str(out), GPU_CHECK_DRY="1")
+    env = dict(_env(tmp_path), OUT=str(out), GPU_CHECK_DRY="1", SETUP_MARKER=str(tmp_path / "setup"))
     t0 = time.time()
     r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "T"], capture_output=True, text=True, env=env,
                        timeout=900, cwd=ROOT)
@@ -117,7 +117,8 @@ def test_gpu_check_refuses_a_bad_stage_list(stages):
 def test_gpu_check_runs_the_stages_in_the_order_given(tmp_path):
     """'TB' (the training step first, on a short lease): one set-up, logged at the top of T's log, then
     stage T, then stage B (a dry run with no step named: each stage only says it is done)."""
-    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY="1", STEPS="none", TRAIN_STEP_WORK=str(tmp_path / "w"))
+    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY="1", STEPS="none", TRAIN_STEP_WORK=str(tmp_path / "w"),
+               SETUP_MARKER=str(tmp_path / "setup"))
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself in a dry run
     r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "TB"], capture_output=True, text=True, timeout=600,
                        cwd=ROOT, env=env)
@@ -126,6 +127,21 @@ def test_gpu_check_runs_the_stages_in_the_order_given(tmp_path):
     assert out.count("] environment\n") == 1, out  # one set-up for both stages
     assert 0 < out.index("stage T done") < out.index("stage B done"), out
     assert "DRY RUN" in (tmp_path / "log_T.txt").read_text() and "DRY RUN" not in (tmp_path / "log_B.txt").read_text()
+
+    # call 2 on the warm machine: the set-up of the call before is kept (no collect_env, no install)
+    again = dict(env, OUT=str(tmp_path / "call2"))
+    r2 = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "A"], capture_output=True, text=True, timeout=600,
+                        cwd=ROOT, env=again)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-2000:]
+    assert "warm machine, the set-up of the call before is kept" in r2.stdout and "llave_fast from" in r2.stdout
+    assert "] environment\n" not in r2.stdout and "installing llave-fast" not in r2.stdout, r2.stdout
+    # a marker for another tree (or Python) is not reused
+    marker = tmp_path / "setup"
+    lines = marker.read_text().splitlines()
+    marker.write_text("\n".join(["/elsewhere|" + lines[0].split("|", 1)[1]] + lines[1:]) + "\n")
+    r3 = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "A"], capture_output=True, text=True, timeout=600,
+                        cwd=ROOT, env=dict(again, OUT=str(tmp_path / "call3")))
+    assert r3.returncode == 0 and "] environment\n" in r3.stdout and "warm machine" not in r3.stdout, r3.stdout[-3000:]
 
 
 def test_step_part_keeps_what_it_measured_when_stopped(tmp_path):

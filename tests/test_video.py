@@ -346,6 +346,7 @@ def test_metrics_recall_thresholds_constant_scores_and_errors():
         assert m[key]["mean_rank"] == 6.5
     flat = retrieval_metrics(np.zeros((4, 4)), [0, 1, 2, 3])  # everything alike: the worst rank, not the best
     assert flat["t2v"]["R@1"] == 0.0 and flat["t2v"]["median_rank"] == 4.0
+    assert flat["v2t"]["R@1"] == 0.0 and flat["v2t"]["median_rank"] == 4.0  # both directions
     with pytest.raises(ValueError, match=r"videos \[1\] have no caption"):
         retrieval_metrics(np.zeros((2, 2)), [0, 0])
     with pytest.raises(ValueError, match="NaN"):
