@@ -32,7 +32,8 @@ ATOL = 2e-5  # fp32: same maths, different padding / batch layout
 # LLaVE stores pinpoints as (width, height): wide grids (1x1, 2x1, 3x1 tiles wide) and one tall (1x2)
 PINPOINTS_WH = [[32, 32], [64, 32], [96, 32], [32, 64]]
 PINPOINTS_HW = [[32, 32], [32, 64], [32, 96], [64, 32]]
-VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+# the tower before LLaVA-NeXT deletes its last layer: 3 layers, of which the checkpoints keep 2
+VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,8 +233,10 @@ def test_missing_or_unexpected_key_fails_loudly(tmp_path, kind, kwargs, needle):
     with pytest.raises(CheckpointKeyError) as err:
         LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=VISION)
     msg = str(err.value)
-    if "encoder.layers.2" in needle:  # a vision layer more than the tower has: caught when counting the layers
-        assert "keeps 3 vision-tower layers (encoder.layers.0..2)" in msg and "has 2" in msg
+    if "encoder.layers.2" in needle:
+        # every layer of the 3-layer tower: LLaVE deletes the last and would ignore its weights (refused, said)
+        assert "keeps all 3 layers of its SigLIP tower" in msg and "runs 2" in msg
+        assert "encoder.layers.2.*" in msg and "num_hidden_layers=4" in msg
         return
     assert needle in msg
     assert ("missing from the checkpoint" if kind == "missing" else "in the checkpoint but not in the model") in msg
@@ -683,6 +686,96 @@ def test_max_text_tokens_cuts_only_the_user_text():
     assert (b["input_ids"] == proc.image_token_id).sum() > 0
     with pytest.raises(ValueError, match="max_text_tokens"):
         type(proc)(proc.tokenizer, image_size=32, patch_size=8, image_grid_pinpoints=[[32, 32]], max_text_tokens=0)
+
+
+def _byte_level_bpe():
+    """A small byte-level BPE (Qwen2's kind of tokenizer), trained here, offline: a character outside
+    its merges is several byte tokens sharing one character span."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["what is in the image? a red circle on the left"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def test_max_text_tokens_is_a_bound_with_multi_byte_characters():
+    """Cut at a token's end, a character split over byte tokens kept its other bytes: 25 gave 27 tokens."""
+    tok = _byte_level_bpe()
+    texts = ["😀😀😀 漢字テスト 🎉 what is in the image?", "日本語の文章です。とても長い。", "a red circle 😀 on the left"]
+    over = []
+    for limit in range(1, 30):
+        proc = LLaVEProcessor(tok, image_size=32, patch_size=8, image_grid_pinpoints=[[32, 32]], max_text_tokens=limit)
+        for text in texts:
+            cut = proc.truncate(text)
+            n = len(tok(cut, add_special_tokens=False)["input_ids"])
+            full = len(tok(text, add_special_tokens=False)["input_ids"])
+            if n > limit or not text.startswith(cut) or (full <= limit and cut != text):
+                over.append((limit, text[:12], n))
+            assert n >= limit - 4 or full <= limit, (limit, text, cut)  # no more than a character's bytes lost
+    assert not over, over
+
+
+def test_processor_from_a_llava_qwen_folder_cuts_at_its_max_length_and_takes_the_loaders_options(tmp_path):
+    """Loaded alone, the processor of an official-layout folder cuts as the embedder's does
+    (tokenizer_model_max_length), and vision_config / ignore_config_keys reach the config reader."""
+    write_llava_qwen(tmp_path)
+    proc = LLaVEProcessor.from_pretrained(str(tmp_path), vision_config=VISION)
+    assert proc.max_length == 4096
+    assert proc.max_length == LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=VISION).processor.max_length
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(raw, some_new_switch=True)))
+    with pytest.raises(ValueError, match="some_new_switch"):
+        LLaVEProcessor.from_pretrained(str(tmp_path), vision_config=VISION)
+    proc = LLaVEProcessor.from_pretrained(str(tmp_path), vision_config=VISION, ignore_config_keys=["some_new_switch"])
+    assert proc.max_length == 4096
+
+
+def test_a_two_tower_siglip_config_gives_its_vision_half(tmp_path):
+    """Most hub towers' config.json is a SiglipConfig / CLIPConfig with the vision tower nested."""
+    write_llava_qwen(tmp_path)
+    two_tower = {"model_type": "siglip", "text_config": {"hidden_size": 16}, "vision_config": dict(VISION)}
+    m = LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=two_tower)
+    assert m.config.vision_config.num_hidden_layers == 2 and m.config.vision_config.hidden_size == 64
+
+
+def test_a_llava_next_checkpoint_with_another_language_model_is_refused_naming_it(tmp_path):
+    write_llava_qwen(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(raw, model_type="llava",
+                                                          architectures=["LlavaLlamaForCausalLM"])))
+    with pytest.raises(ValueError, match=r"not Qwen2 \(architectures \['LlavaLlamaForCausalLM'\]\)"):
+        LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=VISION)
+
+
+def test_an_image_of_more_than_8_bits_a_channel_is_said_to_lose_its_range(model, tmp_path):
+    """LLaVE converts a 16-bit or float image to RGB as it is (values clipped to 0..255); so do we,
+    with a warning, in the processor and when a data file's image is opened."""
+    import warnings
+
+    import numpy as np
+
+    from llave_fast.data.images import open_rgb
+
+    wide = Image.fromarray((np.random.default_rng(0).random((40, 40)) * 65535).astype(np.uint16))
+    assert wide.mode == "I;16"
+    wide.save(tmp_path / "wide.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "plain.png")
+    for run in (lambda: model.processor(["<image>\nx"], [wide]), lambda: open_rgb(str(tmp_path / "wide.png"))):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            run()
+        assert any("'I;16'" in str(w.message) and "clips values to 0..255" in str(w.message) for w in seen), seen
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.processor(["<image>\nx"], [Image.new("RGB", (40, 40))])
+        open_rgb(str(tmp_path / "plain.png"))
+    assert not [w for w in seen if "8 bits" in str(w.message)], seen
 
 
 def test_processor_takes_so400m_geometry_and_rejects_a_patch_larger_than_the_tile():

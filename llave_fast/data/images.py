@@ -35,8 +35,11 @@ def _check_pixels(im, max_pixels: int | None) -> None:
 
 def open_rgb(path: str, max_pixels: int | None = None):
     """The image at ``path`` as RGB, refused before decoding when it is over the pixel limit."""
+    from ..model.processor import warn_wide_range
+
     with Image.open(path) as im:
         _check_pixels(im, max_pixels)
+        warn_wide_range(im, path)
         return im.convert("RGB")
 
 

@@ -152,10 +152,17 @@ class CheckpointKeyError(InvalidArgument):
 
 def is_llava_qwen_config(raw: dict) -> bool:
     """LLaVA-NeXT's layout: ``llava_qwen`` (LLaVE), or ``llava`` / ``qwen2`` with ``mm_*`` keys
-    (LLaVA-OneVision's own releases say ``llava``)."""
-    return raw.get("model_type") == "llava_qwen" or (
+    (LLaVA-OneVision's own releases say ``llava``). A LLaVA-NeXT checkpoint whose language model is
+    not Qwen2 (``LlavaLlamaForCausalLM``, ``LlavaMistralForCausalLM``...) is refused, naming it."""
+    found = raw.get("model_type") == "llava_qwen" or (
         "mm_vision_tower" in raw and raw.get("model_type") in (None, "qwen2", "llava_qwen", "llava")
     )
+    archs = raw.get("architectures") or []
+    if found and isinstance(archs, list) and archs and not any("qwen" in str(a).lower() for a in archs):
+        raise InvalidArgument(
+            f"this LLaVA-NeXT checkpoint's language model is not Qwen2 (architectures {archs}): llave-fast converts "
+            "LLaVA-NeXT checkpoints with a Qwen2 language model (LLaVE, LLaVA-OneVision: LlavaQwenForCausalLM) only")
+    return found
 
 
 def rope_theta_of(raw: dict) -> float:
@@ -270,9 +277,18 @@ def _vision_config_for(raw: dict, vision_config, vision_layers: int | None) -> d
     tower_layers = vc.get("num_hidden_layers")
     if not isinstance(tower_layers, int) or tower_layers < 1:
         raise InvalidArgument(f"the vision tower's config needs num_hidden_layers (a positive int), got {tower_layers!r}")
+    siglip = "siglip" in vc["model_type"]
     if vision_layers is None:
         # LLaVA-NeXT's SigLIP tower deletes its last layer
-        vision_layers = tower_layers - 1 if "siglip" in vc["model_type"] else tower_layers
+        vision_layers = tower_layers - 1 if siglip else tower_layers
+    elif siglip and vision_layers == tower_layers:
+        raise CheckpointKeyError(
+            f"the checkpoint keeps all {tower_layers} layers of its SigLIP tower, but LLaVA-NeXT's SigLIP tower (LLaVE's) "
+            f"deletes the last one and runs {tower_layers - 1}: LLaVE would ignore the weights of layer "
+            f"{tower_layers - 1}, and running them would give other embeddings. Remove "
+            f"model.vision_tower.vision_tower.vision_model.encoder.layers.{tower_layers - 1}.* from the checkpoint; if "
+            f"your model really runs {tower_layers} layers, pass vision_config with num_hidden_layers={tower_layers + 1} "
+            "(the tower before LLaVA-NeXT deletes its last layer)")
     if not isinstance(vision_layers, int) or not 1 <= vision_layers <= tower_layers:
         raise CheckpointKeyError(
             f"the checkpoint keeps {vision_layers!r} vision-tower layers (encoder.layers.0..{vision_layers - 1}) but "
@@ -287,6 +303,11 @@ def _tower_config(raw: dict, vision_config) -> dict:
         if hasattr(vision_config, "to_dict"):
             vision_config = vision_config.to_dict()
         vc = dict(vision_config)
+        if vc.get("model_type") in ("siglip", "clip") and isinstance(vc.get("vision_config"), dict):
+            # a two-tower SiglipConfig / CLIPConfig (the config.json of most hub towers): its vision half
+            outer = vc["model_type"]
+            vc = dict(vc["vision_config"])
+            vc.setdefault("model_type", f"{outer}_vision_model")
         vc.setdefault("model_type", "siglip_vision_model")
         if "siglip" in vc["model_type"]:
             vc.setdefault("vision_use_head", False)  # LLaVA-NeXT replaces SigLIP's head with Identity

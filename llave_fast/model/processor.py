@@ -222,6 +222,20 @@ def _positive_or_none(name: str, value):
     return value
 
 
+WIDE_RANGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def warn_wide_range(image, name: str) -> None:
+    """Warn (once per call site) that an image of more than 8 bits a channel (PIL modes I, I;16, F)
+    loses its range in the conversion to RGB that LLaVE (and so this processor) does: values are
+    clipped to 0..255, so a 16-bit photo comes out nearly white and a float one nearly black."""
+    mode = getattr(image, "mode", None)
+    if mode in WIDE_RANGE_MODES:
+        warnings.warn(f"{name} has PIL mode {mode!r} (more than 8 bits a channel): its conversion to RGB, as LLaVE "
+                      "converts, clips values to 0..255 (16-bit images come out nearly white, float ones nearly "
+                      "black); scale it to 8 bits first for a meaningful embedding", stacklevel=3)
+
+
 class LLaVEProcessor:
     """Texts and images -> the batch dict :class:`LLaVEEmbedder` takes (see module docstring).
 
@@ -344,18 +358,26 @@ class LLaVEProcessor:
         return proc
 
     @classmethod
-    def from_pretrained(cls, path: str, config=None, tokenizer=None, **kwargs) -> "LLaVEProcessor":
+    def from_pretrained(cls, path: str, config=None, tokenizer=None, *, vision_config=None, ignore_config_keys=(),
+                        **kwargs) -> "LLaVEProcessor":
         """From a local folder: its tokenizer files (unless ``tokenizer`` is given), its model
-        config (either checkpoint format, unless ``config`` is given) and, when present,
-        ``preprocessor_config.json`` (image mean/std)."""
-        from .convert import load_config, load_tokenizer
+        config (either checkpoint format, unless ``config`` is given; ``vision_config`` and
+        ``ignore_config_keys`` as in :meth:`LLaVEEmbedder.from_pretrained`) and, when present,
+        ``preprocessor_config.json`` (image mean/std). A ``llava_qwen`` folder's
+        ``tokenizer_model_max_length`` becomes ``max_length`` (LLaVE cuts every sequence there),
+        as when the embedder loads it."""
+        from .convert import is_llava_qwen_config, llava_qwen_max_length, load_config, load_tokenizer, read_raw_config
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path!r} is not a folder (LLaVEProcessor.from_pretrained reads local files only)")
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
         if config is None:
-            config = load_config(path, tokenizer=tokenizer)
+            config = load_config(path, tokenizer=tokenizer, vision_config=vision_config,
+                                 ignore_config_keys=ignore_config_keys)
+            raw = read_raw_config(path)
+            if is_llava_qwen_config(raw) and "max_length" not in kwargs:
+                kwargs["max_length"] = llava_qwen_max_length(raw)
         pre = read_preprocessor_config(path)
         for key in ("image_mean", "image_std", "rescale_factor"):
             if key in pre and key not in kwargs:
@@ -441,7 +463,16 @@ class LLaVEProcessor:
         offsets = enc["offset_mapping"]
         if len(offsets) <= limit:
             return head + text
-        return head + text[: offsets[limit - 1][1]]
+        # a character split over several byte-level tokens (CJK, emoji with Qwen's BPE) shares one
+        # span: a cut at a token's end can keep a whole character past the limit; step back until
+        # the cut text is at most ``limit`` tokens again
+        for k in range(limit, 0, -1):
+            cut = text[: offsets[k - 1][1]]
+            if k < limit and offsets[k - 1][1] == offsets[k][1]:
+                continue  # the same cut as the one just refused
+            if len(self.tokenizer(cut, add_special_tokens=False)["input_ids"]) <= limit:
+                return head + cut
+        return head
 
     # ---- images -----------------------------------------------------------------------------
 
@@ -487,6 +518,7 @@ class LLaVEProcessor:
         width, height = image.size
         if width <= 0 or height <= 0:
             raise InvalidArgument(f"images[{index}] is empty (size {image.size})")
+        warn_wide_range(image, f"images[{index}]")
         image = image.convert("RGB")
         S = self.image_size
         best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints)
