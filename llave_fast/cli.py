@@ -27,6 +27,7 @@ which errors are the user's), :mod:`llave_fast.cli_train_flags` (train's flags f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -307,8 +308,34 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
     return msg + (f" ({'; '.join(hints)})" if hints else "")
 
 
+def _launcher_local_rank(argv: list[str]) -> list[str]:
+    """The arguments without the ``--local_rank=N`` DeepSpeed's launcher appends (``--local-rank=N``
+    from torch.distributed.launch): the rank's device comes from LOCAL_RANK, which both launchers
+    also set; the flag's value is checked against it (or stands in for it)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--local_rank", "--local-rank"):
+            out.append(arg)
+            i += 1
+            continue
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            i += 1
+        i += 1
+        if not value.isdigit():
+            raise SystemExit(f"{PROG}: error: {flag} must be a device index (an int >= 0), got {value!r}")
+        env = os.environ.get("LOCAL_RANK")
+        if env is None:
+            os.environ["LOCAL_RANK"] = value
+        elif env != value:
+            raise SystemExit(f"{PROG}: error: {flag}={value} disagrees with LOCAL_RANK={env} in the environment")
+    return out
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _launcher_local_rank(list(sys.argv[1:] if argv is None else argv))
     configure_logging()
     parser = build_parser(argv)
     if not argv:

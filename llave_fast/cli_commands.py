@@ -88,9 +88,21 @@ def _looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") != 1
 
 
+def _one_process(command: str) -> None:
+    """eval, eval-video, export and ablate run in one process: under torchrun or the deepspeed launcher
+    every rank would do all of the work and write the same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise UsageError(f"{command} runs in one process (one device); it was started as one of {world} ranks "
+                         f"(WORLD_SIZE={world}): every rank would do all of it and write the same files. Run "
+                         f"'{PROG} {command} ...' without torchrun or the deepspeed launcher (train is the command "
+                         "that runs across ranks)")
+
+
 def _export(args) -> int:
     from .export import export_run, is_run_dir
 
+    _one_process("export")
     _existing("--run", args.run)
     if not is_run_dir(args.run):
         raise UsageError(f"--run {args.run!r}: not a llave-fast training run folder (no train_config.json, base/ "
@@ -106,6 +118,7 @@ def _eval(args) -> int:
     from .data.mmeb_eval import find_eval_datasets
     from .evaluate import data_paths, evaluate_model, format_mmeb_table
 
+    _one_process("eval")
     if _looks_local(args.model):
         _existing("--model", args.model)
     try:
@@ -172,6 +185,7 @@ def _no_training_hints():
 def _ablate(args) -> int:
     from .ablate import format_report, run_ablation
 
+    _one_process("ablate")
     result = run_ablation(args.output_dir, config=args.config, alphas=args.alphas, batches=args.batches,
                           seeds=args.seeds, steps=args.steps, global_batch=args.global_batch, num_eval=args.num_eval,
                           family_size=args.family_size, quick=args.quick)
@@ -182,6 +196,7 @@ def _ablate(args) -> int:
 def _eval_video(args) -> int:
     from .eval_video import eval_video, format_metrics_table
 
+    _one_process("eval-video")
     if _looks_local(args.model):
         _existing("--model", args.model)
     _existing("--videos", args.videos)

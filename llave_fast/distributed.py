@@ -30,6 +30,14 @@ def collective_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
+# dtypes exchanged as small ints (exchange_layout compares them across ranks)
+_DTYPE_CODES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPE_CODES[code]).replace("torch.", "") if 0 <= code < len(_DTYPE_CODES) else "other"
+
+
 @dataclass
 class RankComm:
     """A process group seen from one rank."""
@@ -57,27 +65,46 @@ class RankComm:
         dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
 
     # -- small exchanges ---------------------------------------------------------------
+    @property
+    def nccl_only(self) -> bool:
+        """Whether the group takes CUDA tensors only ("nccl", "cuda:nccl"; not a group with a CPU backend)."""
+        backend = str(self.backend)
+        return "nccl" in backend and "cpu:" not in backend
+
     def exchange_ints(self, values: list[int], device) -> torch.Tensor:
         """All ranks' ``values``, shape (world, len(values)), int64 on the CPU."""
-        dev = device if self.backend == "nccl" else torch.device("cpu")
+        dev = device if self.nccl_only else torch.device("cpu")
         mine = torch.tensor(values, dtype=torch.int64, device=dev)
         out = [torch.empty_like(mine) for _ in range(self.world)]
         self.all_gather(out, mine)
         return torch.stack(out).cpu()
 
-    def exchange_layout(self, B: int, M: int, target_ids, query_ids, device):
-        """Every rank's batch and negative counts, checked for consistent id options.
+    def exchange_layout(self, B: int, M: int, target_ids, query_ids, device, d: int = -1, dtype=None):
+        """Every rank's batch and negative counts, checked for consistent id options, embedding
+        width ``d`` and ``dtype`` (ranks with rows compared), and for a batch on some rank.
 
         Returns (b_sizes, m_sizes, neg_with_ids): per rank, query rows, negatives, and whether
         its target_ids also cover its negatives. All ranks raise the same error together
         (they see the same table), so a bad option cannot leave one rank in a collective.
         """
         neg_ids = ids_cover_negatives(target_ids, B, M)
-        table = self.exchange_ints([B, M, target_ids is not None, query_ids is not None, int(neg_ids)], device)
+        code = _DTYPE_CODES.index(dtype) if dtype in _DTYPE_CODES else -1
+        table = self.exchange_ints([B, M, target_ids is not None, query_ids is not None, int(neg_ids), d, code],
+                                   device)
         for col, name in ((2, "target_ids"), (3, "query_ids")):
             if table[:, col].min() != table[:, col].max():
                 raise InvalidArgument(f"{name} must be given on every rank or on none; per rank: {table[:, col].tolist()}")
         b_sizes, m_sizes = table[:, 0].tolist(), table[:, 1].tolist()
+        if sum(b_sizes) == 0:
+            raise InvalidArgument(f"query is an empty batch on every one of the {self.world} ranks: the loss needs at "
+                                  "least one pair somewhere")
+        busy = [r for r in range(self.world) if b_sizes[r] + m_sizes[r] > 0]
+        widths = {int(table[r, 5]) for r in busy}
+        kinds = {int(table[r, 6]) for r in busy}
+        if len(widths) > 1 or len(kinds) > 1:
+            per_rank = [(int(table[r, 5]), _dtype_name(int(table[r, 6]))) for r in range(self.world)]
+            raise InvalidArgument("the embeddings must have one width and one dtype on every rank (the ranks exchange "
+                                  f"rows of them); per rank (d, dtype): {per_rank}")
         neg_with_ids = [bool(x) for x in table[:, 4].tolist()]
         if any(neg_with_ids) and any(m > 0 and not w for m, w in zip(m_sizes, neg_with_ids)):
             raise InvalidArgument(
@@ -119,7 +146,7 @@ class RankComm:
         for n in sizes:
             starts.append(starts[-1] + n)
         lo, hi = starts[self.rank], starts[self.rank + 1]
-        if self.backend == "nccl":
+        if self.nccl_only:
             n_max = max(sizes)
             padded = x.new_zeros((self.world * n_max,) + tuple(x.shape[1:]))
             for r, n in enumerate(sizes):

@@ -155,7 +155,7 @@ def _reference_across_ranks(query, target, scale, alpha, symmetric, reduction, n
     with ``local_loss=False``, open_clip's: the whole gathered batch on every rank."""
     B, d = query.shape
     M = 0 if negatives is None else negatives.shape[0]
-    b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, query.device)
+    b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, query.device, d, query.dtype)
     Q = gather_with_grad(query, comm, b_sizes)
     T = gather_with_grad(target, comm, b_sizes)
     neg_all = None

@@ -238,6 +238,39 @@ def _run_ranks(monkeypatch, world, fn):
     return results
 
 
+def _errors_per_rank(monkeypatch, world, fn) -> list:
+    """Each rank's exception (None where it returned): a bad layout must stop every rank alike."""
+    out = [None] * world
+
+    def body(rank):
+        try:
+            fn(rank)
+        except Exception as exc:  # noqa: BLE001 - the test looks at every rank's
+            out[rank] = exc
+
+    _run_ranks(monkeypatch, world, body)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("case", ["width", "dtype", "all-empty"])
+def test_ranks_that_disagree_on_width_or_dtype_or_are_all_empty_are_refused_on_every_rank(monkeypatch, backend, case):
+    """Under gloo a width or dtype mismatch aborted the process (gloo::EnforceNotMet), under NCCL it would
+    hang or mix bytes; a batch empty on every rank returned 0 or NaN. Each is now one error, on every rank."""
+    def rank_fn(rank):
+        d = 8 if case != "width" or rank == 0 else 16
+        dtype = torch.float64 if case == "dtype" and rank == 1 else torch.float32
+        n = 0 if case == "all-empty" else 3
+        q, t = _unit(n, d, 30 + rank).to(dtype), _unit(n, d, 40 + rank).to(dtype)
+        return hardness_weighted_loss(q.requires_grad_(), t, backend=backend, distributed=True)
+
+    errors = _errors_per_rank(monkeypatch, 2, rank_fn)
+    want = "empty batch on every one of the 2 ranks" if case == "all-empty" else "one width and one dtype on every rank"
+    assert all(isinstance(e, LlaveFastError) and want in str(e) for e in errors), errors
+    if case == "width":
+        assert "[(8, 'float32'), (16, 'float32')]" in str(errors[0])
+
+
 SIZES = [2, 5]  # unequal: a mean over the wrong count (B_r against N = 7) cannot pass
 
 

@@ -645,3 +645,46 @@ def test_eval_of_a_run_still_training_loads_the_checkpoint_it_names(run_dir, tmp
     result = evaluate_model(str(run_dir), files, image_dir=image_dir, device="cpu", dtype="fp32",
                             output_dir=str(tmp_path / "out"), progress=False)
     assert loaded == [tags[-2]] and result["checkpoint"] == tags[-2], (loaded, result.get("checkpoint"))
+
+
+def test_the_deepspeed_launchers_local_rank_flag_is_taken(monkeypatch):
+    """DeepSpeed's launcher appends --local_rank=N (torch.distributed.launch --local-rank=N): every rank
+    stopped with 'unrecognized arguments' before. Taken out, checked against LOCAL_RANK or standing in."""
+    from llave_fast.cli import _launcher_local_rank
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _launcher_local_rank(["train", "--steps", "2", "--local_rank=1"]) == ["train", "--steps", "2"]
+    assert _launcher_local_rank(["--local-rank", "1", "train"]) == ["train"]
+    with pytest.raises(SystemExit, match="--local_rank=0 disagrees with LOCAL_RANK=1"):
+        _launcher_local_rank(["train", "--local_rank=0"])
+    with pytest.raises(SystemExit, match="must be a device index"):
+        _launcher_local_rank(["train", "--local_rank=x"])
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _launcher_local_rank(["train", "--local_rank=3"]) == ["train"] and os.environ["LOCAL_RANK"] == "3"
+
+
+def test_rank_without_the_launchers_other_variables_is_a_clear_error(monkeypatch):
+    """RANK alone sent DeepSpeed into MPI discovery: 'internal error (No module named mpi4py)'."""
+    import torch.distributed as dist
+
+    from llave_fast.training import deepspeed_setup
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="RANK=0 is set but MASTER_ADDR, MASTER_PORT are not: start several ranks with"):
+        deepspeed_setup.init_distributed()
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-video", "export", "ablate"])
+def test_one_process_commands_refuse_to_run_as_one_of_several_ranks(monkeypatch, command):
+    from llave_fast.cli_commands import _one_process
+    from llave_fast.cli_console import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=f"{command} runs in one process.*WORLD_SIZE=2"):
+        _one_process(command)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _one_process(command)

@@ -534,3 +534,59 @@ def test_the_step_hands_the_loss_the_duplicate_ids_only_when_asked():
         assert (loss, lr) == (1.0, 1e-4)
     assert set(seen[0]) == {"target_ids", "query_ids"} and torch.equal(seen[0]["target_ids"], torch.cat([ids, neg_ids]))
     assert torch.equal(seen[0]["query_ids"], ids) and seen[1] == {}
+
+
+def test_ranks_that_resolved_other_options_or_data_are_refused_naming_each_difference(monkeypatch):
+    """Each rank builds the batch order from its own row count and options: a rank started with another
+    --num-train (or seed, or copy of the data) trained on other rows, silently. Paths may differ."""
+    from llave_fast.training import stops
+    from llave_fast.training.config import TrainConfig
+
+    cfg = TrainConfig(num_train=64, seed=3, data="synthetic")
+    data = {"train_rows": 64, "skipped_rows_at_build": 0, "bf16": False}
+
+    def two_ranks(change, data_change=None):
+        def gather(mine, world):
+            other = dict(mine, **change)
+            other.update({f"(data) {k}": v for k, v in (data_change or {}).items()})
+            return [mine, other]
+        monkeypatch.setattr(stops, "_gather_objects", gather)
+
+    two_ranks({})
+    stops.check_ranks_agree(cfg, 2, data)  # alike: nothing said
+    stops.check_ranks_agree(cfg, 1, data)  # one rank: nothing to compare
+    two_ranks({"num_train": 80, "seed": 4}, {"train_rows": 80})
+    with pytest.raises(ValueError, match="the 2 ranks disagree") as info:
+        stops.check_ranks_agree(cfg, 2, data)
+    msg = str(info.value)
+    assert "num_train: rank 0 64, rank 1 80" in msg and "seed: rank 0 3, rank 1 4" in msg
+    assert "(data) train_rows: rank 0 64, rank 1 80" in msg
+    # paths are per node: rank 1 reading its own copy of the data under another folder is fine
+    seen = []
+    monkeypatch.setattr(stops, "_gather_objects", lambda mine, world: seen.append(mine) or [mine, dict(mine)])
+    stops.check_ranks_agree(TrainConfig(num_train=64, data="/node1/mmeb", output_dir="/node1/run"), 2, data)
+    stops.check_ranks_agree(TrainConfig(num_train=64, data="/node2/mmeb", output_dir="/node2/run"), 2, data)
+    assert seen[0] == seen[1] and "data" not in seen[0] and "num_train" in seen[0]
+
+
+def test_a_resume_with_another_rank_count_is_refused_before_the_model_is_built(tmp_path):
+    """ZeRO checkpoints are per rank: DeepSpeed failed deep in its loader (a tensor size mismatch, a bare
+    AssertionError), after minutes of model building, and train_config.json had recorded the resume."""
+    from llave_fast.train import ResumeRefused, plan_resume
+    from llave_fast.training.config import TrainConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "COMPLETE").write_text("")
+    cfg = TrainConfig(output_dir=str(run))
+    import dataclasses
+
+    saved = dict(dataclasses.asdict(cfg), _data={"train_rows": 100, "bf16": False, "world_size": 2})
+    (run / "train_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ResumeRefused, match=r"trained on 2 rank\(s\); 1 now"):
+        plan_resume(cfg, 100, False, 1)
+    tag, _history = plan_resume(cfg, 100, False, 2)
+    assert tag == "step-00000002"
+    del saved["_data"]["world_size"]  # a run from before the rank count was recorded: not compared
+    (run / "train_config.json").write_text(json.dumps(saved))
+    assert plan_resume(cfg, 100, False, 1)[0] == "step-00000002"

@@ -320,7 +320,8 @@ def _layout(q, t, negatives, target_ids, query_ids, comm):
         tid_all, qid_all, offset, sizes = target_ids, query_ids, 0, None
         N = B
     else:
-        b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, q.device)
+        b_sizes, m_sizes, neg_with_ids = comm.exchange_layout(B, M, target_ids, query_ids, q.device, q.shape[1],
+                                                              q.dtype)
         offset = sum(b_sizes[: comm.rank])
         N = sum(b_sizes)
         T_all = comm.gather_rows(t.detach(), b_sizes)

@@ -152,6 +152,12 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:  # DeepSpeed would fall back to MPI discovery (mpi4py) and fail far from the cause
+        raise InvalidArgument(
+            f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "start several ranks with torchrun or the deepspeed launcher (they set RANK, WORLD_SIZE, LOCAL_RANK, "
+            "MASTER_ADDR and MASTER_PORT), or unset RANK for one process")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -54,6 +54,7 @@ from .stops import (
     _non_finite_message,
     _stop_on_bad_data,
     all_ranks_stats,
+    check_ranks_agree,
 )
 
 
@@ -197,11 +198,14 @@ def start_run(cfg: TrainConfig, rank: int, world: int) -> Run:
     skipped_at_build = len(getattr(train_set, "skipped", []))
     order = check_data_fit(cfg, len(train_set), train_set.query_has_image() if cfg.group_by_modality else None)
     resolve_length(cfg, order, rank)
-    tag, history = plan_resume(cfg, len(train_set), bf16)
+    check_ranks_agree(cfg, world, {"train_rows": len(train_set), "skipped_rows_at_build": skipped_at_build,
+                                   "bf16": bool(bf16)})
+    tag, history = plan_resume(cfg, len(train_set), bf16, world)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         write_run_config(cfg, history, {"train_rows": len(train_set), "skipped_rows_at_build": skipped_at_build,
-                                        "bf16": bool(bf16)})  # the precision resolved (bf16 None: by the machine)
+                                        "bf16": bool(bf16),  # the precision resolved (bf16 None: by the machine)
+                                        "world_size": world})
     if tag is not None and history[-1]["changed"]:
         _log(rank, "resuming with changed options (recorded in train_config.json): " + ", ".join(
             f"{k} {old!r} -> {new!r}" for k, (old, new) in history[-1]["changed"].items()))

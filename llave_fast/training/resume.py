@@ -80,7 +80,8 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def plan_resume(cfg: TrainConfig, train_rows: int, bf16: bool | None = None) -> tuple[str | None, list]:
+def plan_resume(cfg: TrainConfig, train_rows: int, bf16: bool | None = None,
+                world: int | None = None) -> tuple[str | None, list]:
     """Decide between a fresh start and a resume of ``cfg.output_dir``, before the model is built.
 
     ``bf16``: this start's resolved precision, compared with the one the run recorded.
@@ -113,6 +114,13 @@ def plan_resume(cfg: TrainConfig, train_rows: int, bf16: bool | None = None) -> 
             f"{out} holds a run (complete checkpoint {tag}) made with other values of options that cannot change "
             f"mid-run:\n{lines}\nRun it again without them to resume it as it was, or give a new --output-dir to "
             f"start a new run with them. Options a resumed run may change: {_may_change_flags()}.")
+    world_then = saved.get("_data", {}).get("world_size")
+    if world is not None and world_then is not None and world_then != world:
+        raise ResumeRefused(
+            f"{out} was trained on {world_then} rank(s); {world} now. Its ZeRO checkpoints hold each rank's "
+            f"partition of the weights and optimizer state, and each rank's share of a global batch changes with "
+            f"the rank count: resume it with {world_then} rank(s) (torchrun --nproc_per_node / the deepspeed "
+            "launcher's --num_gpus), or give a new --output-dir to start a new run")
     rows_then = saved.get("_data", {}).get("train_rows")
     if rows_then is not None and rows_then != train_rows:
         raise ResumeRefused(

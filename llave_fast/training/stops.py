@@ -3,6 +3,7 @@ step, naming the step, what went wrong on each rank and the newest complete chec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -10,7 +11,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt
 from ..distributed import collective_device
-from ..errors import LlaveFastError
+from ..errors import InvalidArgument, LlaveFastError
 
 
 class RunStopped(LlaveFastError, RuntimeError, ValueError):
@@ -84,3 +85,27 @@ def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, 
              "--output-dir to resume, or rerun with --bad-images skip" if saved
              else "no step was done, nothing to checkpoint")
     raise RunStopped(f"bad data in the batch of step {step + 1}: {errors[0]}\n{where}", step + 1, saved)
+
+
+# options that may differ between ranks: where things are on each node, and how each shows or loads them
+RANK_LOCAL_OPTIONS = frozenset({"output_dir", "model", "data", "image_dir", "deepspeed_config", "tensorboard",
+                                "progress", "num_workers", "prefetch_batches"})
+
+
+def check_ranks_agree(cfg, world: int, data: dict) -> None:
+    """Every rank refuses the run, naming each difference, when the ranks resolved other options or read
+    other data: each rank takes its slice of a batch order built from its own row count and options, so
+    a rank with another --num-train, --seed or copy of the data would train on other rows, silently."""
+    if world == 1:
+        return
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RANK_LOCAL_OPTIONS}
+    mine.update({f"(data) {k}": v for k, v in data.items()})
+    everyone = _gather_objects(mine, world)
+    differ = sorted(k for k in mine if any(other.get(k) != everyone[0].get(k) for other in everyone))
+    if differ:
+        lines = "\n".join(f"  {k}: " + ", ".join(f"rank {r} {o.get(k)!r}" for r, o in enumerate(everyone))
+                          for k in differ[:12])
+        raise InvalidArgument(
+            f"the {world} ranks disagree on options or data that every rank must share:\n{lines}\nStart every rank "
+            "with the same options and the same data (what differs per node may be paths only: "
+            f"{', '.join(sorted(RANK_LOCAL_OPTIONS))})")
