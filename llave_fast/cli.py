@@ -357,7 +357,13 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         if is_user_error(exc):
-            print(f"{PROG} {args.command}: error: {error_message(exc)}", file=sys.stderr)
+            message = error_message(exc)
+            rank = os.environ.get("RANK", "0")
+            if rank.isdigit() and int(rank) > 0 and message.count("\n"):
+                # the ranks mostly raise the same error together: rank 0 prints it whole, the others its first line
+                message = message.splitlines()[0] + " [...] (the whole message: rank 0's, or --debug)"
+            prefix = f"[rank {rank}] " if rank.isdigit() and int(rank) > 0 else ""
+            print(f"{prefix}{PROG} {args.command}: error: {message}", file=sys.stderr)
             print("(run with --debug for the traceback)", file=sys.stderr)
             return 1
         traceback.print_exc()

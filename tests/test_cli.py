@@ -688,3 +688,20 @@ def test_one_process_commands_refuse_to_run_as_one_of_several_ranks(monkeypatch,
         _one_process(command)
     monkeypatch.setenv("WORLD_SIZE", "1")
     _one_process(command)
+
+
+def test_a_multi_line_error_is_printed_whole_by_rank_0_only(monkeypatch, capsys):
+    """Every rank refuses a resume together: 8 ranks printed the whole option list 8 times."""
+    from llave_fast import cli
+    from llave_fast.errors import InvalidArgument
+
+    def refuse(args):
+        raise InvalidArgument("a run made with other options:\n  lr: 0.5 in the run, 0.001 now")
+
+    monkeypatch.setitem(cli.COMMANDS, "export", refuse)
+    for rank, whole in (("0", True), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["export", "--run", "x"]) == 1
+        err = capsys.readouterr().err
+        assert ("lr: 0.5 in the run" in err) == whole, err
+        assert err.startswith("[rank 3] " if rank == "3" else "llave-fast export: error: a run made with"), err
