@@ -339,6 +339,19 @@ def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
     return key
 
 
+def _images_key(pairs) -> list:
+    """The images a dataset's rows name, as the cache key sees them: their count and a digest of
+    each distinct file's path, size and modification time (a replaced image is not reused)."""
+    import hashlib
+
+    h, n = hashlib.sha256(), 0
+    for path in sorted({img for _text, img in pairs if img is not None}):
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        n += 1
+    return [n, h.hexdigest()[:16]]
+
+
 def _file_key(path: str) -> list:
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
@@ -579,9 +592,12 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
     per_dataset = {}
     _warn_near_mmeb_names([ds.name for ds in datasets])
     for n_done, ds in enumerate(datasets):
+        # read first (seconds, no model): the key covers the images the rows name, not only the files
+        es = read_eval_set(ds, image_dir, max_queries)
         ds_key = json.loads(json.dumps({
             "version": _CACHE_VERSION, **(key or {}), "dataset": ds.name, "files": [_file_key(f) for f in ds.files],
-            "image_dir": None if image_dir is None else os.path.abspath(image_dir), "max_queries": max_queries}))
+            "image_dir": None if image_dir is None else os.path.abspath(image_dir), "max_queries": max_queries,
+            "images": _images_key(es.pairs)}))
         cache = None if output_dir is None else _cache_file(output_dir, ds.name)
         result = None if cache is None else _cached_result(cache, ds_key)
         tag = f"[{n_done + 1}/{len(datasets)}] {ds.name}"
@@ -589,7 +605,6 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
             logger.info("%s: P@1 %.1f%% (%d queries), from %s", tag, 100 * result["p_at_1"], result["num_queries"],
                         cache)
         else:
-            es = read_eval_set(ds, image_dir, max_queries)
             m = get_model()
             dropped = sum(1 for t, img in es.pairs if img is not None and drops_image(m.processor, t))
             if dropped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,7 +296,8 @@ def test_an_interrupted_evaluation_resumes_and_a_changed_setting_recomputes(sets
     rc, out, err = _main(capsys, *args, "--max-queries", "2")
     assert rc == 0, err
     assert encoded == ["MSCOCO_i2t", "VizWiz"]
-    assert "cached with other settings (max_queries: None -> 2); recomputing" in err
+    # (the images key changes too: it covers the images of the rows read)
+    assert "cached with other settings (" in err and "max_queries: None -> 2); recomputing" in err
     assert json.loads(out)["datasets"]["VizWiz"]["num_queries"] == 2
     # a corrupt cache file is recomputed, saying so
     (cache / "VizWiz.json").write_text("{not json")
@@ -316,6 +318,15 @@ def test_an_interrupted_evaluation_resumes_and_a_changed_setting_recomputes(sets
     encoded.clear()
     rc, out, err = _main(capsys, *args, "--max-queries", "2")
     assert rc == 0 and encoded == ["MSCOCO_i2t", "VizWiz"] and "cached with other settings (model_files:" in err, err
+    # an image the rows name was replaced (same path, new contents): recomputed, the images named as the reason
+    images = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    assert images
+    for img in images:
+        st = os.stat(img)
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    encoded.clear()
+    rc, out, err = _main(capsys, *args, "--max-queries", "2")
+    assert rc == 0 and encoded == ["MSCOCO_i2t", "VizWiz"] and "cached with other settings (images:" in err, err
 
 
 def test_bad_rows_name_the_file_and_the_row(tiny, tmp_path, capsys):
