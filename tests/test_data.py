@@ -523,7 +523,7 @@ def test_mmeb_parquet_bad_data(tmp_path, kind):
         pattern = r"'neg_text' holds a list of 2"
     f = _parquet(tmp_path / "BadSet.parquet", rows)
     with pytest.raises(BadDataError, match=pattern) as info:
-        MMEBDataset(f, img)
+        MMEBDataset(f, img, use_negatives=kind == "wrong type")  # a negative is looked at only when used
     assert str(f) in str(info.value)
     # a file problem names the file alone; a row of a parquet table is "row N", 1-based (row 2 from 0)
     assert (f"{f}: " if kind == "unknown column" else f"{f}: row 3: ") in str(info.value)
@@ -949,3 +949,157 @@ def test_a_parquet_with_corrupt_pages_is_bad_data_naming_the_file(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(BadDataError, match=r"S\.parquet: not a readable parquet file: "):
         MMEBDataset(str(path), str(tmp_path))
+
+
+def _t2i(image_path, text="a cat"):
+    return {"qry": text, "qry_image_path": "", "pos_text": f"{IMAGE_PLACEHOLDER}\nRepresent the given image.",
+            "pos_image_path": image_path}
+
+
+def test_ids_follow_the_image_file_not_how_the_row_writes_it(tmp_path):
+    # two tables, each with its own folder as image folder, both write "a.png": two images
+    for d in ("d1", "d2"):
+        _image(tmp_path / d / "a.png")
+        _jsonl(tmp_path / d / f"S_{d}.jsonl", [_t2i("a.png")])
+    ds = MMEBDataset([tmp_path / "d1", tmp_path / "d2"])
+    target = f"{IMAGE_PLACEHOLDER}\nRepresent the given image.\x00"
+    assert sorted(r["target_id"] for r in ds) == [target + "d1/a.png", target + "d2/a.png"]  # was a.png twice
+    # one image written three ways (./, a folded .., absolute) is one image; its query likewise
+    _image(tmp_path / "img" / "sub" / "b.png")
+    rows = [_t2i("sub/b.png"), _t2i("./sub/b.png"), _t2i("sub/../sub/b.png"), _t2i(str(tmp_path / "img/sub/b.png"))]
+    rows += [dict(qry=f"{IMAGE_PLACEHOLDER}\nq", qry_image_path=p, pos_text="t", pos_image_path="")
+             for p in ("sub/b.png", "./sub//b.png")]
+    ds = MMEBDataset(_jsonl(tmp_path / "S.jsonl", rows), tmp_path / "img")
+    assert [r["target_id"] for r in ds][:4] == [target + "sub/b.png"] * 4
+    assert [r["query_id"] for r in ds][4:] == [f"{IMAGE_PLACEHOLDER}\nq\x00sub/b.png"] * 2
+    ids = PairCollator(lambda texts, images: None)(list(ds))["target_ids"]
+    assert ids[:4].unique().numel() == 1  # the loss masks them as one target
+
+
+def test_hub_layouts_name_subsets_by_folder_or_file_or_are_refused(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    # data/<subset>-<split>-00000-of-00001: subset and split in the file name (was: subset "data" for all)
+    for subset, split, n in (("A-OKVQA", "original", 3), ("MSCOCO", "original", 2),
+                             ("MSCOCO", "diverse_instruction", 4)):
+        _jsonl(tmp_path / "flat" / "data" / f"{subset}-{split}-00000-of-00001.jsonl", _rows(n))
+    ds = MMEBDataset(tmp_path / "flat", img, split="original")
+    assert ds.subsets == ["A-OKVQA", "MSCOCO"] and len(ds) == 5
+    assert Counter(r["subset"] for r in ds) == {"A-OKVQA": 3, "MSCOCO": 2}
+    # the parquet converter's <subset>/<split>/0000.parquet (was: subset "0000" for all)
+    _parquet(tmp_path / "conv" / "A" / "original" / "0000.parquet", _rows(3))
+    _parquet(tmp_path / "conv" / "A" / "original" / "0001.parquet", _rows(2))
+    _parquet(tmp_path / "conv" / "B" / "original" / "0000.parquet", _rows(1))
+    _parquet(tmp_path / "conv" / "B" / "diverse_instruction" / "0000.parquet", _rows(4))
+    ds = MMEBDataset(tmp_path / "conv", img, split="original", max_rows_per_subset=4)
+    assert Counter(r["subset"] for r in ds) == {"A": 4, "B": 1}  # 4 of A's 5: the cap is per subset
+    # a shard name no layout explains is refused, naming the file and the layouts
+    odd = _jsonl(tmp_path / "odd" / "MSCOCO" / "diverse-instruction-00000-of-00001.jsonl", _rows(1))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(odd))}: a shard named .* in folder 'MSCOCO' fits none of "
+                                         r"the layouts read \(<subset>\.jsonl"):
+        MMEBDataset(tmp_path / "odd", img)
+    # the same shard of one subset twice (two copies, or two subsets named alike) is never merged
+    for copy in ("c1", "c2"):
+        _jsonl(tmp_path / "two" / copy / "MSCOCO" / "original-00000-of-00001.jsonl", _rows(1))
+    with pytest.raises(ValueError, match=r"c1/MSCOCO/original-00000-of-00001\.jsonl and .*c2/MSCOCO/original-00000-of-"
+                                         r"00001\.jsonl are both read as the same shard of subset 'MSCOCO'"):
+        MMEBDataset(tmp_path / "two", img)
+
+
+def test_hidden_folders_are_not_searched_and_endings_are_read_in_any_case_or_refused(tmp_path, caplog):
+    import gzip
+
+    from llave_fast.data.mmeb_eval import find_eval_datasets
+
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    d = tmp_path / "d"
+    _jsonl(d / "UPPER.JSONL", _rows(2))
+    (d / "Z.jsonl.gz").write_bytes(gzip.compress(_jsonl(tmp_path / "z.jsonl", _rows(3)).read_bytes()))
+    for hidden in (".ipynb_checkpoints/UPPER-checkpoint.jsonl", ".git/x/S.jsonl", ".cache/S.parquet", ".S.jsonl"):
+        _jsonl(d / hidden, _rows(1))
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_tables"):
+        ds = MMEBDataset(d, img)
+    assert Counter(r["subset"] for r in ds) == {"UPPER": 2, "Z": 3}  # .JSONL and .jsonl.gz were passed over
+    assert f"4 data file(s) under {d} are in hidden folders or have hidden names and are not read" in caplog.text
+    assert len(MMEBDataset(d / ".git", img)) == 1  # a hidden folder named is read
+    # compressed data that is not read is refused, naming the file, in a folder and named alike
+    for name, why in (("W.parquet.gz", "a parquet file compresses its own pages"), ("V.json.gz", "gunzip it and name "
+                      "it .jsonl"), ("X.JSONL.BZ2", "only .jsonl.gz is read compressed")):
+        f = d / "more" / name
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"x")
+        for given in (d, f):
+            refused = rf"{re.escape(str(f))}: files ending \.\w+\.\w+ are not read: .*{why}"
+            with pytest.raises(ValueError, match=refused):
+                MMEBDataset(given, img)
+        f.unlink()
+    # a cut gzip stream names the file
+    cut = d / "more" / "Cut.jsonl.gz"
+    cut.write_bytes((d / "Z.jsonl.gz").read_bytes()[:-12])
+    with pytest.raises(BadDataError, match=rf"{re.escape(str(cut))}: not a readable gzip file"):
+        MMEBDataset(cut, img)
+    # the evaluation reader finds and reads the same files
+    e = tmp_path / "e"
+    e.mkdir()
+    row = {"qry_text": "q", "tgt_text": ["a", "b"]}
+    (e / "EV.jsonl.gz").write_bytes(gzip.compress((json.dumps(row) + "\n").encode()))
+    _jsonl(e / ".ipynb_checkpoints" / "EV-checkpoint.jsonl", [row])
+    assert [(x.name, x.files) for x in find_eval_datasets(e)] == [("EV", [str(e / "EV.jsonl.gz")])]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "2", None])
+def test_max_rows_per_subset_is_checked(tmp_path, bad):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    f = _jsonl(tmp_path / "S.jsonl", _rows(4))
+    if bad is None:  # the good values: None, an int, a numpy int
+        assert [len(MMEBDataset(f, img, max_rows_per_subset=n)) for n in (None, 3, np.int64(2))] == [4, 3, 2]
+        return
+    with pytest.raises(ValueError, match=rf"max_rows_per_subset must be a positive int \(the first N rows of each "
+                                         rf"subset\) or None \(every row\), got {re.escape(repr(bad))}$"):
+        MMEBDataset(f, img, max_rows_per_subset=bad)
+
+
+def test_rows_whose_image_llave_drops_are_counted_and_said_in_the_summary(tmp_path):
+    from llave_fast.train import TrainConfig, summary_text
+    from llave_fast.training.report import run_result
+
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    rows = _rows(4)
+    rows[0]["qry"] = "no placeholder here"  # qry_image_path sub/q0.png: LLaVE drops it
+    rows[1]["pos_image_path"] = "sub/q1.png"  # pos_text "yes" has no placeholder: dropped
+    rows[2].update(qry="still none", qry_image_path="sub/missing.png")  # bad (missing image): skipped, not counted
+    ds = MMEBDataset(_jsonl(tmp_path / "S.jsonl", rows), img, skip_bad_rows=True)
+    assert (len(ds), len(ds.skipped), ds.rows_with_image_dropped) == (3, 1, 2)
+    cfg = TrainConfig(steps=2, output_dir=str(tmp_path / "run"))
+    r = run_result(cfg, steps=2, start=0, resumed=False, seconds=1.0, world=1, step_times=[0.5],
+                   waits=[0.0], train_rows=len(ds), skipped_at_build=1, skipped_in_training=0, ckpt_root=str(tmp_path),
+                   rows_with_image_dropped=ds.rows_with_image_dropped)
+    assert ("  images:      2 of the rows read have an image on a side whose text has no image placeholder: LLaVE's "
+            "rule drops it and embeds the text alone") in summary_text(r, cfg).splitlines()
+    r["rows_with_image_dropped"] = None  # data that does not count them (synthetic): no line
+    assert "images:" not in summary_text(r, cfg)
+
+
+def test_negatives_not_used_are_never_checked_nor_opened(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 5, neg=True)
+    rows = _rows(5, neg=True)
+    rows[0]["neg_text"] = ["two", "negatives"]  # not a string
+    rows[1]["neg_text"] = 5
+    rows[2]["neg_image_path"] = "../outside.png"  # leads out of the image folder
+    (img / "sub" / "n3.png").write_bytes(b"\x89PNG truncated")  # does not decode
+    f = _jsonl(tmp_path / "S.jsonl", rows)
+    for check in ("exists", "decode"):
+        ds = MMEBDataset(f, img, check_images=check)
+        assert (len(ds), ds.skipped) == (5, [])  # was: rows 1 and 2 refused for their negatives
+        assert [r["neg_id"] for r in ds] == [None] * 5
+    ds = MMEBDataset(f, img, use_negatives=True, skip_bad_rows=True, check_images="decode")
+    assert [row for _, row, _ in ds.skipped] == [0, 1, 2, 3] and len(ds) == 1
+    for (_, _, why), want in zip(ds.skipped, ("column 'neg_text' holds a list of 2, expected a string",
+                                              "column 'neg_text' holds int, expected a string",
+                                              "image path outside the image folder: '../outside.png' (neg_image_path)",
+                                              "unreadable image (cannot identify image file")):
+        assert why.startswith(want), why

@@ -45,6 +45,8 @@ def test_check_config_refuses_bad_values_naming_option_and_value():
         "steps must be a positive int (or set epochs), got 0": dict(steps=0),
         "warmup_steps=10 is not shorter than the run (steps=10)": dict(steps=10, warmup_steps=10),
         "image_dir='/nonexistent-llave' is not a folder": dict(data="x.jsonl", image_dir="/nonexistent-llave"),
+        "max_rows_per_subset must be a positive int or None, got 2.5": dict(max_rows_per_subset=2.5),
+        "max_rows_per_subset must be a positive int or None, got '2'": dict(max_rows_per_subset="2"),
     }
     for msg, kw in cases.items():
         with pytest.raises(ValueError) as info:
@@ -228,12 +230,14 @@ def test_corrupt_image_fails_with_a_checkpoint_then_resumes_skipping_it(tmp_path
     cap = capfd.readouterr()
     assert (r["steps"], r["steps_this_run"], r["resumed_at_step"]) == (3, 2, 1)
     assert (r["train_rows"], r["skipped_rows_at_build"], r["skipped_rows_in_training"]) == (48, 0, 1)
+    assert r["rows_with_image_dropped"] == 0  # every image of these rows has its placeholder
     assert cap.out.count(f"step 2: skipped bad row: {data}:{bad + 1}: ") == 1  # FILE:LINE
     assert "skipping bad row" not in cap.err  # reported once, above the bar, not by the worker's log too
     assert "run folder: " + out in cap.out
     summary = cap.out[cap.out.index("run summary:"):]
     for want in ("steps:       3 of 3 (2 in this run, resumed at step 1)", "rows:        47 used, 1 skipped",
-                 "1 found unreadable during training", f"checkpoint:  {out}/checkpoints/step-00000003"):
+                 "1 found unreadable during training", f"checkpoint:  {out}/checkpoints/step-00000003",
+                 "images:      0 of the rows read have an image on a side whose text has no image placeholder"):
         assert want in summary, summary
     # the progress line: units, and no deprecation warning cutting it
     assert "s/step | " in cap.err and "pairs/s" in cap.err and "data wait" in cap.err

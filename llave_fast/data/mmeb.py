@@ -7,7 +7,8 @@ MMEB-train (and LLaVE's training data) has one table per subset with the columns
 Texts carry MMEB's image placeholder ``<|image_1|>`` where the image goes; image paths
 are relative to an image folder, and an empty path means "no image". A subset is one file
 (``MSCOCO.jsonl``, subset ``MSCOCO``) or a folder of hub-style shards
-(``MSCOCO/original-00000-of-00001.parquet``, subset ``MSCOCO``, split ``original``).
+(``MSCOCO/original-00000-of-00001.parquet``, subset ``MSCOCO``, split ``original``; the hub's
+other layouts, and the shard names refused, in :func:`.mmeb_tables._name_file`).
 
 Bad data stops the run with a ``BadDataError`` naming where it is (``FILE:LINE`` for jsonl,
 ``FILE: row N`` for parquet, both 1-based: :func:`data_location`): a missing or unreadable image, a query or target with
@@ -38,6 +39,7 @@ builds on lives beside it and stays importable from here: the table readers in
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections import Counter
 from typing import Sequence
@@ -66,11 +68,13 @@ from .mmeb_tables import (  # noqa: F401 - re-exported: mmeb_eval and tests impo
     MMEB_REQUIRED_COLUMNS,
     _discover,
     _load_hub,
+    _name_file,
     _read_jsonl,
     _read_parquet,
     _Source,
     _subset_and_split,
     data_files,
+    data_kind,
     jsonl_lines,
     parse_json_line,
 )
@@ -92,8 +96,9 @@ class MMEBDataset(torch.utils.data.Dataset):
     """MMEB-train pairs as records (see ``llave_fast.data.collate.Record``).
 
     Args:
-        paths: a data file, a folder (searched recursively for .parquet/.jsonl), a list of
-            these, or a hub dataset name such as ``"TIGER-Lab/MMEB-train"`` (needs
+        paths: a data file, a folder (searched recursively for .parquet/.jsonl/.jsonl.gz in any
+            case, hidden folders and files left out: :func:`data_files`), a list of these, or a
+            hub dataset name such as ``"TIGER-Lab/MMEB-train"`` (needs
             ``datasets`` and the network).
         image_dir: the folder image paths are relative to (MMEB's image root); None means
             each data file's own folder.
@@ -106,7 +111,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         split: hub-style shard split to keep (``original`` or ``diverse_instruction``);
             None keeps every file (local) or reads ``original`` (hub).
         max_rows_per_subset: keep the first N rows of each subset (VLM2Vec's
-            ``num_sample_per_subset``).
+            ``num_sample_per_subset``), a positive int; None keeps every row.
         check_images: ``"exists"`` (default: every image path must name a file),
             ``"decode"`` (also open every distinct image now) or ``"none"``.
         allow_extra_columns: ignore columns besides MMEB's instead of raising.
@@ -122,6 +127,14 @@ class MMEBDataset(torch.utils.data.Dataset):
             paths elsewhere, ``..``, symbolic links out of it: :class:`ImageRoot`); off, such a
             row is bad (``skip_bad_rows`` decides). None: False, unless inside
             :func:`outside_image_dir_allowed`.
+
+    Ids (``target_id``, ``query_id``, ``neg_id``) name an image by its file: its path joined to
+    its image folder and normalised (``./a.png`` and ``a.png`` are one image), relative to the
+    folder above every table's image folder (``d1/a.png`` and ``d2/a.png`` are two, also when
+    two tables in ``d1`` and ``d2`` both write ``a.png``), so ranks agree on them wherever the
+    data lies. ``rows_with_image_dropped`` counts the rows kept with an image on a side whose
+    text has no placeholder: LLaVE drops such an image and embeds the text alone (the
+    processor's ``image_without_placeholder="drop"``, what training uses).
     """
 
     def __init__(
@@ -142,6 +155,12 @@ class MMEBDataset(torch.utils.data.Dataset):
         allow_outside_image_dir: bool | None = None,
     ):
         self.allow_outside_image_dir = allow_outside_default(allow_outside_image_dir)
+        if max_rows_per_subset is not None:
+            if not isinstance(max_rows_per_subset, numbers.Integral) or isinstance(max_rows_per_subset, bool) \
+                    or max_rows_per_subset < 1:
+                raise InvalidArgument(f"max_rows_per_subset must be a positive int (the first N rows of each subset) "
+                                      f"or None (every row), got {max_rows_per_subset!r}")
+            max_rows_per_subset = int(max_rows_per_subset)
         max_image_pixels = MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
         if not isinstance(max_image_pixels, int) or isinstance(max_image_pixels, bool) or max_image_pixels < 0:
             raise InvalidArgument(f"max_image_pixels must be an int >= 0 (0: no limit), got {max_image_pixels!r}")
@@ -177,18 +196,29 @@ class MMEBDataset(torch.utils.data.Dataset):
                 raise BadDataError(
                     ", ".join(lacking), None, "use_negatives=True but no neg_text/neg_image_path columns", hint=False
                 )
+        # ids name an image by its path from the folder above every image folder (the class docstring)
+        roots = {src.image_root: os.path.abspath(src.image_root) for src in self.sources}
+        self._id_base = os.path.commonpath(list(roots.values()))
+        self._id_roots = {root: os.path.relpath(full, self._id_base) for root, full in roots.items()}
         self._index_rows()
 
     # -------------------------------------------------------------- construction
     def _load_files(self, files, subsets, split, allow_extra, max_rows) -> list[_Source]:
-        picked, seen = [], set()
+        picked, seen, shards = [], set(), {}
         for f in files:
-            subset, file_split = _subset_and_split(f)
+            subset, file_split, shard = _name_file(f)
             if split is not None and file_split is not None and file_split != split:
                 continue
             if (subset, os.path.realpath(f)) in seen:  # one file named twice (two spellings, a folder and a file in it)
                 continue
             seen.add((subset, os.path.realpath(f)))
+            if shard is not None:  # one shard twice: two copies of a subset, or two subsets given one name
+                first = shards.setdefault((subset, file_split, shard), f)
+                if first is not f:
+                    raise InvalidArgument(
+                        f"{first} and {f} are both read as the same shard of subset {subset!r} (split "
+                        f"{file_split!r}): two copies of one subset, or two subsets named alike; name one of them "
+                        f"in --data (paths=)")
             picked.append((f, subset, file_split))
         splits = sorted({sp for _, _, sp in picked if sp is not None})
         if split is None and len(splits) > 1:
@@ -206,7 +236,7 @@ class MMEBDataset(torch.utils.data.Dataset):
             left = None if max_rows is None else max_rows - taken[subset]
             if left is not None and left <= 0:
                 continue
-            reader = _read_parquet if f.suffix == ".parquet" else _read_jsonl
+            reader = _read_parquet if data_kind(f) == "parquet" else _read_jsonl
             src = reader(f, allow_extra, left)
             src.subset = subset
             src.image_root = self.image_dir if self.image_dir is not None else str(f.parent)
@@ -238,10 +268,13 @@ class MMEBDataset(torch.utils.data.Dataset):
 
     def _row_problem(self, src: _Source, row: int, exists_cache: dict[str, str | None]) -> str | None:
         """Why the row cannot be used, or None; ``self._image_problem_found`` says whether the
-        reason is an image (``bad_images`` decides) or the row itself (``skip_bad_rows``)."""
-        self._image_problem_found = False
+        reason is an image (``bad_images`` decides) or the row itself (``skip_bad_rows``), and
+        ``self._image_dropped_found`` whether a side's image has no placeholder (LLaVE drops it)."""
+        self._image_problem_found = self._image_dropped_found = False
         if row in src.problems:
             return src.problems[row]
+        if self.use_negatives and row in src.neg_problems:  # a negative not used is never looked at
+            return src.neg_problems[row]
         c = src.cols
         q, qi, p, pi = c["qry"][row], c["qry_image_path"][row], c["pos_text"][row], c["pos_image_path"][row]
         if not q.strip() and not qi:
@@ -261,6 +294,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                 return f"{text_col} has an image placeholder (<image> or <|image_N|>) but {img_col} is empty"
             if n > 1:
                 return f"{text_col} has {n} image placeholders, but a side holds one image ({img_col})"
+            self._image_dropped_found |= bool(img) and not n
         for img_col in self._image_columns(src):  # before anything looks at the file (ImageRoot)
             rel = c[img_col][row]
             if rel and (why := self._outside(src, rel, img_col)) is not None:
@@ -295,8 +329,9 @@ class MMEBDataset(torch.utils.data.Dataset):
         paths = {}
         for src in self.sources:
             for img_col in self._image_columns(src):
+                bad = src.problems.keys() | (src.neg_problems.keys() if img_col == "neg_image_path" else set())
                 for row, rel in enumerate(src.cols[img_col]):
-                    if rel and row not in src.problems:
+                    if rel and row not in bad:
                         if self._outside(src, rel, img_col) is None:  # one outside is never opened
                             paths.setdefault(os.path.join(src.image_root, rel), None)
         from concurrent.futures import ThreadPoolExecutor
@@ -328,12 +363,14 @@ class MMEBDataset(torch.utils.data.Dataset):
             self._decode_all(exists_cache)
         src_idx, row_idx = [], []
         reasons: Counter = Counter()
+        self.rows_with_image_dropped = 0
         for s, src in enumerate(self.sources):
             for row in range(src.n):
                 problem = self._row_problem(src, row, exists_cache)
                 if problem is None:
                     src_idx.append(s)
                     row_idx.append(row)
+                    self.rows_with_image_dropped += self._image_dropped_found
                     continue
                 image = self._image_problem_found
                 if not (self.skip_bad_images if image else self.skip_bad_rows):
@@ -401,6 +438,14 @@ class MMEBDataset(torch.utils.data.Dataset):
             raise BadDataError(src.name, row, f"unreadable image ({why}): {path!r} ({column})", src.line(row),
                                hint=IMAGE_HINT) from exc
 
+    def _image_key(self, src: _Source, rel: str) -> str:
+        """The image's part of an id: the file's path from ``self._id_base``, normalised ('' for none)."""
+        if not rel:
+            return ""
+        if os.path.isabs(rel):
+            return os.path.relpath(os.path.normpath(rel), self._id_base)
+        return os.path.normpath(os.path.join(self._id_roots[src.image_root], rel))
+
     def _record(self, pos: int) -> Record:
         src = self.sources[self._src_idx[pos]]
         row = int(self._row_idx[pos])
@@ -411,7 +456,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         if self.use_negatives:
             neg_text = c["neg_text"][row]
             neg_image = self._load_image(src, row, "neg_image_path")
-            neg_id = make_id(neg_text, c["neg_image_path"][row])
+            neg_id = make_id(neg_text, self._image_key(src, c["neg_image_path"][row]))
         return {
             "qry": c["qry"][row],
             "qry_image": qry_image,
@@ -419,8 +464,8 @@ class MMEBDataset(torch.utils.data.Dataset):
             "pos_image": pos_image,
             "neg_text": neg_text,
             "neg_image": neg_image,
-            "target_id": make_id(c["pos_text"][row], c["pos_image_path"][row]),
-            "query_id": make_id(c["qry"][row], c["qry_image_path"][row]),
+            "target_id": make_id(c["pos_text"][row], self._image_key(src, c["pos_image_path"][row])),
+            "query_id": make_id(c["qry"][row], self._image_key(src, c["qry_image_path"][row])),
             "neg_id": neg_id,
             "subset": src.subset,
             "row": row,

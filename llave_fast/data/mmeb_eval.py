@@ -19,6 +19,7 @@ share it (MMEB's lists of 1000 candidates share almost all of them).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .mmeb import _SHARD_RE, BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
+from .mmeb_tables import data_kind, data_stem, open_jsonl
 from ..errors import InvalidArgument, MissingDependency
 
 logger = logging.getLogger(__name__)
@@ -52,8 +54,9 @@ class EvalRow:
 def is_eval_file(path: str) -> bool:
     """True when the file's first row (or schema) has MMEB eval columns."""
     p = Path(path)
-    if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8-sig") as f:  # a byte-order mark (some editors write one) is no JSON
+    kind = data_kind(p)
+    if kind == "jsonl":  # a byte-order mark (some editors write one) is no JSON
+        with open_jsonl(p) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig") as f:
             for line in f:
                 if line.strip():
                     try:
@@ -61,7 +64,7 @@ def is_eval_file(path: str) -> bool:
                     except json.JSONDecodeError:
                         return False
         return False
-    if p.suffix == ".parquet":
+    if kind == "parquet":
         pq = _pyarrow_parquet()
         try:
             return "tgt_text" in pq.read_schema(p).names
@@ -81,8 +84,9 @@ def _pyarrow_parquet():
 
 def _rows(path: Path):
     """(row index from 0, dict, line number from 1 or None) of every row of one file."""
-    if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
+    kind = data_kind(path)
+    if kind == "jsonl":
+        with open_jsonl(path) as f:
             for i, (lineno, text, problem) in enumerate(jsonl_lines(f)):
                 row = None
                 if problem is None:
@@ -93,7 +97,7 @@ def _rows(path: Path):
                     raise BadDataError(str(path), i, f"a JSON {type(row).__name__}, expected an object", lineno,
                                        hint=False)
                 yield i, row, lineno
-    elif path.suffix == ".parquet":
+    elif kind == "parquet":
         pq = _pyarrow_parquet()
         try:
             pf = pq.ParquetFile(path)
@@ -233,7 +237,8 @@ class EvalDataset:
 
 
 def _dataset_name(path: Path) -> str:
-    return path.parent.name if _SHARD_RE.match(path.stem) else path.stem
+    stem = data_stem(path)
+    return path.parent.name if _SHARD_RE.match(stem) else stem
 
 
 def find_eval_datasets(paths) -> list[EvalDataset] | None:
@@ -260,7 +265,7 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
         if (name, f.resolve()) in seen:  # a file named twice (e/x.jsonl and ./e/../e/x.jsonl) counts once
             continue
         seen.add((name, f.resolve()))
-        shard = _SHARD_RE.match(f.stem)
+        shard = _SHARD_RE.match(data_stem(f))
         where = f.parent.resolve() if shard else f.resolve()
         if shard:
             split_of.setdefault(where, {}).setdefault(shard.group("split"), f)

@@ -4,9 +4,13 @@ which data files a list of files and folders names (subset and split from the fi
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
+import logging
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -15,13 +19,27 @@ from .bad_data import BadDataError
 from ..errors import InvalidArgument, MissingDependency
 
 __all__ = ["DATA_SUFFIXES", "MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
-           "data_files", "jsonl_lines", "parse_json_line"]
+           "data_files", "data_kind", "data_stem", "jsonl_lines", "open_jsonl", "parse_json_line"]
+
+logger = logging.getLogger(__name__)
 
 MMEB_REQUIRED_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 MMEB_NEG_COLUMNS = ("neg_text", "neg_image_path")
 MMEB_COLUMNS = MMEB_REQUIRED_COLUMNS + MMEB_NEG_COLUMNS
 DATA_SUFFIXES = (".parquet", ".jsonl")
+# what each data file name ending reads as, in any case (.JSONL): gzip is read for jsonl alone
+_KINDS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
+# endings that look like data but are not read: a named or found file with one is refused, never passed over
+_REFUSED = {
+    ".parquet.gz": "a parquet file compresses its own pages: gunzip it and pass the .parquet",
+    ".json.gz": "MMEB data is JSON lines: gunzip it and name it .jsonl (one JSON object a line)",
+    **{f".{kind}.{comp}": "only .jsonl.gz is read compressed: decompress it"
+       for kind in ("jsonl", "json", "parquet") for comp in ("bz2", "xz", "zst", "zip")},
+}
 _SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # hub shard names: original-00000-of-00001
+_SHARD_TAIL_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d+)-of-(?P<count>\d+)$")
+_SPLIT_NAME_RE = re.compile(r"^\w+(\.\w+)*$")  # the hub's split names (datasets.Split): never a '-'
+_CONVERTER_RE = re.compile(r"^\d{4}$")  # the hub's parquet converter: <subset>/<split>/0000.parquet
 _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -36,6 +54,8 @@ class _Source:
     lines: list[int] | None = None  # jsonl line number of each row
     has_neg: bool = False
     problems: dict[int, str] = field(default_factory=dict)  # rows found bad while reading
+    # rows whose hard negative alone is bad: a problem only with use_negatives
+    neg_problems: dict[int, str] = field(default_factory=dict)
     n: int = field(init=False)
 
     def __post_init__(self):
@@ -129,7 +149,7 @@ def parse_json_line(text: str):
 def _read_jsonl(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
     """Rows of a .jsonl file; a line that is not a valid MMEB row is a row problem."""
     rows, lines, problems = [], [], {}
-    with open(path, "rb") as f:
+    with open_jsonl(path) as f:
         for lineno, text, problem in jsonl_lines(f):
             if max_rows is not None and len(rows) >= max_rows:
                 break
@@ -149,8 +169,26 @@ def _read_jsonl(path: Path, allow_extra: bool, max_rows: int | None) -> _Source:
             rows.append(obj)
     has_neg = any(c in r for r in rows for c in MMEB_NEG_COLUMNS)
     names = MMEB_COLUMNS if has_neg else MMEB_REQUIRED_COLUMNS
-    cols = {c: _texts((r.get(c) for r in rows), c, problems) for c in names}
-    return _Source(str(path), "", "", cols, lines, has_neg, problems)
+    neg_problems: dict[int, str] = {}
+    cols = {c: _texts((r.get(c) for r in rows), c, neg_problems if c in MMEB_NEG_COLUMNS else problems) for c in names}
+    return _Source(str(path), "", "", cols, lines, has_neg, problems, neg_problems)
+
+
+@contextlib.contextmanager
+def open_jsonl(path):
+    """A jsonl data file opened for :func:`jsonl_lines` (binary; ``.jsonl.gz`` decompressed as it is
+    read); a gzip stream that is cut or corrupt is a :class:`BadDataError` naming the file, not an
+    internal error from the middle of a read."""
+    path = Path(path)
+    gz = data_suffix(path) == ".jsonl.gz"
+    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+        try:
+            yield f
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            if not gz:
+                raise
+            raise BadDataError(str(path), None, f"not a readable gzip file: {type(exc).__name__}: {exc}",
+                               hint=False) from exc
 
 
 def _import_pyarrow_parquet():
@@ -191,18 +229,78 @@ def _schema_columns(names, src: str, allow_extra: bool) -> list[str]:
 def _from_columns(columns: dict, src: str, max_rows: int | None) -> _Source:
     """A table given as {column name: values}."""
     problems: dict[int, str] = {}
+    neg_problems: dict[int, str] = {}
     cols = {}
     for c, values in columns.items():
         values = list(values)
-        cols[c] = _texts(values if max_rows is None else values[:max_rows], c, problems)
-    return _Source(src, "", "", cols, None, any(c in columns for c in MMEB_NEG_COLUMNS), problems)
+        cols[c] = _texts(values if max_rows is None else values[:max_rows], c,
+                         neg_problems if c in MMEB_NEG_COLUMNS else problems)
+    return _Source(src, "", "", cols, None, any(c in columns for c in MMEB_NEG_COLUMNS), problems, neg_problems)
+
+
+_LAYOUTS = ("<subset>.jsonl / <subset>.parquet, <subset>/<split>-00000-of-00001.parquet, "
+            "data/<subset>-<split>-00000-of-00001.parquet or <subset>/<split>/0000.parquet")
+
+
+def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
+    """``(subset, split, shard)`` of a data file from its name and folders; ``shard`` (None for a
+    one-file subset) tells two shards of one subset and split apart. The hub's layouts:
+    ``<subset>/<split>-00000-of-00001.parquet`` (``push_to_hub``),
+    ``data/<subset>-<split>-00000-of-00001.parquet`` (subset and split in the file name: the
+    split is what follows its last '-', since the hub's split names never hold one) and
+    ``<subset>/<split>/0000.parquet`` (the hub's parquet converter); any other file is a subset
+    of its own, named by the file. A shard name that fits none of these is refused: the old
+    reading (the folder names the subset, the rest of the name the split) named every subset
+    of ``data/`` "data", and every converter shard a subset "0000"."""
+    stem = data_stem(path)
+    folder = Path(os.path.abspath(path)).parent  # "A/../A/x" and a bare "x" in the current folder alike
+    m = _SHARD_TAIL_RE.match(stem)
+    if m:
+        prefix, shard = m["prefix"], (int(m["index"]), int(m["count"]))
+        if _SPLIT_NAME_RE.match(prefix):  # <subset>/<split>-00000-of-00001
+            return folder.name, prefix, shard
+        subset, _, split = prefix.rpartition("-")
+        # data/<subset>-<split>-...; a split of its own with a '-' (diverse-instruction) is not the hub's
+        if subset and _SPLIT_NAME_RE.match(split) and folder.name in ("data", subset):
+            return subset, split, shard
+        raise InvalidArgument(
+            f"{path}: a shard named {path.name!r} in folder {folder.name!r} fits none of the layouts read "
+            f"({_LAYOUTS}; a split name has no '-'): cannot tell its subset and split apart; rename it or its folder")
+    if _CONVERTER_RE.match(stem) and data_kind(path) == "parquet":  # <subset>/<split>/0000.parquet
+        split, subset = folder.name, folder.parent.name
+        if not subset:
+            raise InvalidArgument(f"{path}: a parquet-converter shard ({path.name!r}) is named by its folders "
+                                  f"<subset>/<split>/{path.name}, but it has no subset folder above {split!r}: "
+                                  f"name the folder above the subset folders instead")
+        return subset, split, (int(stem),)
+    return stem, None, None
 
 
 def _subset_and_split(path: Path) -> tuple[str, str | None]:
-    m = _SHARD_RE.match(path.stem)
-    if m:  # hub layout: <subset>/<split>-00000-of-00001.parquet
-        return path.parent.name, m.group("split")
-    return path.stem, None
+    return _name_file(path)[:2]
+
+
+def data_suffix(path) -> str | None:
+    """The data-file ending of ``path``, lower-cased (``.jsonl``, ``.jsonl.gz``, ``.parquet``, or one
+    that is refused, ``.parquet.gz`` ...), or None for a file that is no data file."""
+    name = Path(path).name.lower()
+    return next((end for end in (*_KINDS, *_REFUSED) if name.endswith(end) and len(name) > len(end)), None)
+
+
+def data_kind(path) -> str | None:
+    """``"jsonl"`` or ``"parquet"``: how a data file is read (None: not a data file); a file whose
+    ending looks like data but is not read (``.parquet.gz``) is refused, naming it."""
+    end = data_suffix(path)
+    if end in _REFUSED:
+        raise InvalidArgument(f"{path}: files ending {end} are not read: {_REFUSED[end]}")
+    return _KINDS.get(end)
+
+
+def data_stem(path) -> str:
+    """The file's name without its data ending (``MSCOCO.jsonl.gz``: ``MSCOCO``)."""
+    path = Path(path)
+    end = data_suffix(path)
+    return path.name[: -len(end)] if end else path.stem
 
 
 def _discover(paths) -> list[Path] | str:
@@ -216,23 +314,48 @@ def _discover(paths) -> list[Path] | str:
 
 
 def data_files(paths, missing_hint: str = "") -> list[Path]:
-    """The data files (``DATA_SUFFIXES``) named by ``paths``: files as given, folders searched
-    recursively (sorted); a folder without any, a file of another type or a missing path is an
-    error naming it (``missing_hint`` is added to the last)."""
+    """The data files named by ``paths``: files as given, folders searched recursively (sorted).
+    Endings are matched in any case (``.JSONL``); ``.jsonl.gz`` is read, and other compressed data
+    (``.parquet.gz``, ``.json.gz`` ...) is refused naming the file, never passed over. Hidden
+    folders and files (``.git``, ``.cache``, ``.ipynb_checkpoints``: copies and caches, never the
+    data) are not searched: data files there are counted and said (a warning), and read only
+    when named (or their folder is). A folder without any data file, a file of another type or a
+    missing path is an error naming it (``missing_hint`` is added to the last)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
+            found, hidden = _search(p)
+            if hidden:
+                logger.warning("%d data file(s) under %s are in hidden folders or have hidden names and are not read "
+                               "(e.g. %s); name them (or their folder) to read them", len(hidden), p, hidden[0])
             if not found:
-                raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files under {p}")
+                raise FileNotFoundError(f"no {'/'.join(_KINDS)} files under {p}"
+                                        + (f" ({len(hidden)} in hidden folders, not searched)" if hidden else ""))
             files += found
         elif p.is_file():
-            if p.suffix not in DATA_SUFFIXES:
-                raise InvalidArgument(f"{p}: unsupported data file type {p.suffix!r}; expected one of {DATA_SUFFIXES}")
+            if data_kind(p) is None:
+                raise InvalidArgument(f"{p}: unsupported data file type {p.suffix!r}; expected one of {tuple(_KINDS)}")
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder{missing_hint}")
     return files
+
+
+def _search(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the data files under ``folder``, sorted; the data files left out as hidden)."""
+    found, hidden = [], []
+    for root, dirs, names in os.walk(folder):  # links to folders are not followed, as rglob did not
+        dirs.sort()
+        in_hidden = any(part.startswith(".") for part in Path(root).relative_to(folder).parts)
+        for name in sorted(names):
+            f = Path(root, name)
+            if data_suffix(f) is None:
+                continue
+            if in_hidden or name.startswith("."):
+                hidden.append(f)
+            elif data_kind(f) is not None and f.is_file():  # data_kind refuses .parquet.gz and the like
+                found.append(f)
+    return sorted(found), hidden
 
 
 def _load_hub(name: str, subsets, split: str, allow_extra: bool, max_rows, image_dir) -> list[_Source]:

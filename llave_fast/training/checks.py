@@ -105,11 +105,9 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     if cfg.epochs is None and cfg.warmup_ratio is None and cfg.warmup_steps >= cfg.steps:
         raise InvalidArgument(f"warmup_steps={cfg.warmup_steps} is not shorter than the run (steps={cfg.steps}): the "
                          "learning rate would never reach its peak and the cosine decay would never start")
-    for name in ("max_length", "max_text_tokens"):
+    for name in ("max_length", "max_text_tokens", "max_rows_per_subset"):
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise InvalidArgument(f"{name} must be a positive int or None, got {v!r}")
-    if cfg.max_rows_per_subset is not None and cfg.max_rows_per_subset < 1:
-        raise InvalidArgument(f"max_rows_per_subset must be a positive int or None, got {cfg.max_rows_per_subset!r}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise InvalidArgument(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")

@@ -121,7 +121,8 @@ def _train(cfg: TrainConfig) -> dict:
     result = run_result(cfg, steps=step, start=start, resumed=run.tag is not None, seconds=seconds, world=world,
                         step_times=step_times, waits=waits, train_rows=len(run.train_set),
                         skipped_at_build=run.skipped_at_build, skipped_in_training=len(skipped_all),
-                        ckpt_root=run.ckpt_root)
+                        ckpt_root=run.ckpt_root,
+                        rows_with_image_dropped=getattr(run.train_set, "rows_with_image_dropped", None))
     if step >= cfg.steps and rset is not None:
         evaluate_after(engine, embed, model.processor, rset, cfg, rank, result, before, run.metrics_path,
                        run.ckpt_root)

@@ -19,14 +19,16 @@ def _median(xs):
 
 def run_result(cfg: TrainConfig, *, steps: int, start: int, resumed: bool, seconds: float, world: int,
                step_times: list, waits: list, train_rows: int, skipped_at_build: int, skipped_in_training: int,
-               ckpt_root: str) -> dict:
+               ckpt_root: str, rows_with_image_dropped: int | None = None) -> dict:
     """What the run did: steps, time, rows used and skipped, where its folder and newest checkpoint are
-    (``eval_json`` stays None until the held-out evaluation writes it)."""
+    (``eval_json`` stays None until the held-out evaluation writes it). ``rows_with_image_dropped``:
+    the training rows with an image LLaVE's rule drops (no placeholder in its text; the data's
+    ``rows_with_image_dropped``, counted when it was read; None when the data does not say)."""
     return {"steps": steps, "global_batch": cfg.global_batch, "seconds": seconds, "world_size": world,
             "steps_this_run": steps - start, "resumed_at_step": start if resumed else None,
             "median_step_s": _median(step_times), "median_data_wait_s": _median(waits),
             "train_rows": train_rows, "skipped_rows_at_build": skipped_at_build,
-            "skipped_rows_in_training": skipped_in_training,
+            "skipped_rows_in_training": skipped_in_training, "rows_with_image_dropped": rows_with_image_dropped,
             "run_dir": os.path.abspath(cfg.output_dir), "checkpoint": _last_checkpoint(ckpt_root), "eval_json": None}
 
 
@@ -47,6 +49,9 @@ def summary_text(r: dict, cfg: TrainConfig) -> str:
         f"  rows:        {r['train_rows'] - r['skipped_rows_in_training']} used, {skipped} skipped "
         f"({r['skipped_rows_at_build']} when the data was "
         f"read, {r['skipped_rows_in_training']} found unreadable during training)",
+        *([] if r.get("rows_with_image_dropped") is None else [
+            f"  images:      {r['rows_with_image_dropped']} of the rows read have an image on a side whose text has no "
+            "image placeholder: LLaVE's rule drops it and embeds the text alone"]),
         f"  run folder:  {r['run_dir']}",
         f"  checkpoint:  {r['checkpoint'] or 'none saved'}",
         f"  eval.json:   {r['eval_json'] or 'not written (no held-out set, or the run stopped early)'}",
