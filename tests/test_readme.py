@@ -97,3 +97,93 @@ def test_readme_python_api_snippet_runs(monkeypatch):
 @pytest.mark.parametrize("name", ["mmeb-train", "mmeb-eval"])
 def test_readme_examples_have_three_rows(name):
     assert len([ln for ln in _example(name).splitlines() if ln.strip()]) == 3
+
+
+# ------------------------------------------------------------------ the result tables, against their files
+RESULTS = os.path.join(os.path.dirname(README), "benchmarks", "results")
+MiB = 2**20
+
+
+def _table_after(header: str) -> list[list[str]]:
+    """The cells of each data row of the README table whose header line starts with ``header``."""
+    with open(README, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip().replace("**", "") for c in ln.strip().strip("|").split("|")])
+    return rows
+
+
+def _shown(number: str, value: float) -> bool:
+    """Whether ``number`` as printed is ``value`` rounded to the digits printed."""
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return abs(float(number) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def _records(*files) -> dict:
+    out = {}
+    for name in files:
+        with open(os.path.join(RESULTS, name)) as f:
+            for r in json.load(f)["results"]:
+                if r.get("status", "ok") == "ok" and r.get("timing", {}).get("median_ms"):
+                    out[(r["label"], r["B"])] = (r["timing"]["median_ms"]["fwd_bwd"], r["memory"]["peak_bytes"] / MiB)
+    return out
+
+
+def test_the_h200_loss_table_is_what_its_result_files_hold():
+    """Every time and memory figure of the README's H200 loss table, against 2026-11-29.json and -262k.json
+    (the tables are written by hand from report.py's output: a slip in a digit fails here)."""
+    rec = _records("nvidia-h200/2026-11-29.json", "nvidia-h200/2026-11-29-262k.json")
+    labels = ["triton_strip", "reference", "compile", "torch", "triton_tiles", "gemm3", "triton_strip@alpha=0",
+              "inf_cl@alpha=0"]
+    rows = _table_after("| B = N | fused | eager LLaVE |")
+    assert [r[0] for r in rows] == ["4096", "16384", "65536", "262144"], rows
+    checked = 0
+    for row in rows:
+        B = int(row[0])
+        for label, cell in zip(labels, row[1:]):
+            m = re.fullmatch(r"([\d.]+) ms(?: \((\d+)\))?", cell)
+            if m is None:  # "–" (not run) or a note (not finished)
+                assert (label, B) not in rec or label == "compile", (label, B, cell)
+                continue
+            ms, mib = rec[(label, B)]
+            assert _shown(m.group(1), ms), (label, B, cell, ms)
+            assert m.group(2) is None or int(m.group(2)) == round(mib), (label, B, cell, mib)
+            checked += 1
+    assert checked >= 25, checked
+
+
+def test_the_cpu_loss_table_is_what_its_result_file_holds():
+    """The README's CPU loss table (2026-12-06-loss.json): times, memory and both ratio columns."""
+    rec = _records("amd-epyc-2-cores/2026-12-06-loss.json")
+    rows = _table_after("| B = N, d = 1024 | torch (cache) |")
+    assert [r[0] for r in rows] == ["2048", "4096", "8192"], rows
+    for row in rows:
+        B = int(row[0])
+        for label, cell in zip(("torch", "torch_chunked", "reference"), row[1:4]):
+            ms, mib = rec[(label, B)]
+            m = re.fullmatch(r"([\d.]+) ms, (\d+) MiB", cell)
+            assert m and _shown(m.group(1), ms) and int(m.group(2)) == round(mib), (label, B, cell, ms, mib)
+        ref_ms, ref_mib = rec[("reference", B)]
+        for label, cell in zip(("torch", "torch_chunked"), row[4:6]):
+            time_r, mem_r = re.findall(r"\d+\.\d+", re.sub(r"\(target[^)]*\)", "", cell))
+            ms, mib = rec[(label, B)]
+            assert _shown(time_r, ms / ref_ms) and _shown(mem_r, mib / ref_mib), (label, B, cell)
+
+
+def test_the_default_job_table_is_what_its_result_file_holds():
+    """The README's by-task table of the default job, against 2026-11-30-default-job.json (seed 0)."""
+    with open(os.path.join(RESULTS, "amd-epyc-2-cores", "2026-11-30-default-job.json")) as f:
+        run = json.load(f)["default_job"][0]
+    assert run["seed"] == 0
+    rows = _table_after("| task | P@1 | chance | × chance |")
+    assert len(rows) == 3, rows
+    for row in rows:
+        task = re.search(r"`(\w+)`", row[0]).group(1)
+        got = run["by_task"][task]
+        assert _shown(row[1], got["p_at_1"]) and _shown(row[2], got["chance"]), (task, row, got)
+        assert _shown(row[3].rstrip("×"), got["p_at_1"] / got["chance"]), (task, row, got)
+        assert (int(row[4]), int(row[5])) == (got["num_queries"], got["num_candidates"]), (task, row, got)
