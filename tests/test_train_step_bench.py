@@ -450,3 +450,29 @@ def test_st_bench_ratios_leave_out_what_was_not_measured():
     assert set(r) == {"fused_per_direction / st_per_direction", "fused_joint / st_joint"}
     assert r["fused_per_direction / st_per_direction"] == {"time": 0.5, "memory": None}  # a zero peak: no ratio
     assert r["fused_joint / st_joint"] == {"time": 0.25, "memory": None}  # not measured (--no-memory)
+
+
+def test_a_tiny_job_stopped_at_its_limit_keeps_what_it_logged_and_saves_checkpoints(tmp_path, monkeypatch):
+    """T1 on the GPU: the tiny job gets --save-every (a run stopped at the step's limit still leaves T3 a
+    checkpoint), and when the step's SIGINT stops it the results file says so with the steps it logged."""
+    cmds = []
+
+    def stopped(jobs, quiet_bars=False):
+        cmds.append(jobs[0][1])
+        run_dir = tmp_path / "tiny_run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0 - s}) + "\n"
+                                                         for s in range(1, 31)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "run_clis", stopped)
+    res = B.Results(str(tmp_path / "r.json"), False, torch.device("cpu"))
+    args = SimpleNamespace(work=str(tmp_path), dry=False, workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        B.part_tiny(args, res, B.REAL)
+    cmd = cmds[0]
+    assert cmd[cmd.index("--save-every") + 1] == str(B.REAL["tiny_save_every"]) == "20"
+    assert cmd[cmd.index("--steps") + 1] == "80"
+    saved = json.loads((tmp_path / "r.json").read_text())["tiny_job"]
+    assert saved["status"] == "stopped at the step's limit" and saved["steps_logged"] == 30
+    assert saved["loss_first_last"] == [8.0, -21.0]
