@@ -80,7 +80,8 @@ def test_several_cpu_ranks_of_a_training_run_build_the_op_in_turn(monkeypatch, c
     monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: calls.append(("init", dist_backend)))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: int(local_world))
-    for k, v in dict(RANK="0", WORLD_SIZE=local_world, LOCAL_RANK="0", LOCAL_WORLD_SIZE=local_world).items():
+    for k, v in dict(RANK="0", WORLD_SIZE=local_world, LOCAL_RANK="0", LOCAL_WORLD_SIZE=local_world, MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29500").items():
         monkeypatch.setenv(k, v)
     assert deepspeed_setup.init_distributed() == (0, int(local_world))
     backend = "nccl" if cuda else "gloo"
@@ -106,7 +107,8 @@ def test_one_cpu_rank_says_when_deepspeed_builds_its_op(tmp_path, monkeypatch, c
     monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: None)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29500").items():
         monkeypatch.setenv(k, v)
     assert deepspeed_setup.init_distributed() == (0, 1)
     out = capsys.readouterr().out
