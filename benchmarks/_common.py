@@ -27,6 +27,11 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 DTYPES = {**{v: k for k, v in DTYPE_NAMES.items()}, **{str(k).replace("torch.", ""): k for k in DTYPE_NAMES}}
 MiB = 1024 * 1024
 PARTS = ("fwd", "bwd", "fwd_bwd")  # the three times of one run (time_interleaved)
+# (loss relative error, gradient max-abs error / max |grad|) against the float64 truth (benchmarks/README.md)
+TOLERANCES = {"fp64": (1e-10, 1e-8), "fp32": (1e-4, 2e-3), "tf32": (5e-3, 5e-2), "fp16": (5e-3, 3e-2),
+              "bf16": (1e-2, 6e-2)}
+# a CPU peak (VmHWM - VmRSS) is trusted to cpu_peak_rss_of_call's tolerance: no memory ratio from a smaller one
+RSS_NOISE_BYTES = 1024 * 1024
 
 
 def slugify(text: str) -> str:
@@ -243,14 +248,26 @@ def _one_run(fn, q, t, device: torch.device, memory: dict | None = None):
     return elapsed_ms(p0, p1), elapsed_ms(p1, p2), elapsed_ms(p0, p2), value
 
 
-def alternate(runs: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
-    """Whole calls of each of ``runs`` ({name: fn()}), ABBA, ``repeats`` rounds: ({name: [s]}, {name: last result})."""
-    secs, last, names = {k: [] for k in runs}, {}, list(runs)
+def alternate(runs: dict, repeats: int, device: torch.device, secs: dict | None = None,
+              errors: dict | None = None) -> tuple[dict, dict]:
+    """Whole calls of each of ``runs`` ({name: fn()}), ABBA, ``repeats`` rounds: ({name: [s]}, {name: last result});
+    ``secs`` is filled in place (a stopped run keeps its rounds); with ``errors``, a call that raises is recorded
+    there ({name: "Type: message"}) and its name not run again, the others go on."""
+    secs, last, names = {k: [] for k in runs} if secs is None else secs, {}, list(runs)
+    secs.update({k: [] for k in runs if k not in secs})
     for r in range(repeats):
         for k in names if r % 2 == 0 else names[::-1]:
+            if errors is not None and k in errors:
+                continue
             sync(device)
             t0 = time.perf_counter()
-            last[k] = runs[k]()
+            try:
+                last[k] = runs[k]()
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors[k] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                continue
             sync(device)
             secs[k].append(time.perf_counter() - t0)
         print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in secs.items()), file=sys.stderr)
@@ -333,7 +350,7 @@ def _proc_status_kib() -> dict:
         return {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith(("VmRSS:", "VmHWM:"))}
 
 
-def cpu_peak_rss_of_call(fn, q, t, *, tolerance_kib: int = 1024) -> dict:
+def cpu_peak_rss_of_call(fn, q, t, *, tolerance_kib: int = RSS_NOISE_BYTES // 1024) -> dict:
     """Peak RSS during ``fn(q, t).backward()`` minus the RSS just before (bytes): the high-water mark
     VmHWM, reset first (clear_refs) where it is above the RSS; ``baseline_clean`` says they agree."""
     gc.collect()

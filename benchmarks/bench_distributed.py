@@ -12,6 +12,7 @@ import argparse
 import gc
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ STRIP_VS_TWO_STRIP_MAX = 0.8  # expected strip / two-strip time at the largest N
 GC_VS_PLAIN_MAX = 1.5  # expected gradcache / plain step time (where the plain step fits in memory)
 LOSS_CHECK = dict(B=48, d=64, tol=1e-10)  # per-rank rows, width, float64 tolerance
 GC_CHECK_TOL = 1e-4
+POSITIVE = ("d", "chunk", "repeats", "threads", "hidden", "in_dim", "emb_dim")  # options that must be >= 1
 
 
 # --------------------------------------------------------------------------- inside the ranks
@@ -59,6 +61,16 @@ def _write(path: str, obj) -> None:
 
 def rank_sizes(total: int, world: int) -> list[int]:
     return [total // world + (1 if r < total % world else 0) for r in range(world)]
+
+
+def check_tolerance(variant: str, fused: str) -> tuple[torch.dtype, str, float, float]:
+    """The float64 check's input dtype, tolerance kind and (loss, gradient) tolerances of a loss variant: float64
+    inputs and LOSS_CHECK's tolerance, except the triton variants (16/32-bit inputs): bench_loss's rule, fp32,
+    or TF32 where torch allows TF32 matmuls (the kernels' dots follow that setting)."""
+    if variant == "eager" or fused != "triton":
+        return torch.float64, "fp64", LOSS_CHECK["tol"], LOSS_CHECK["tol"]
+    kind = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return torch.float32, kind, *C.TOLERANCES[kind]
 
 
 def loss_fns(spec: dict) -> dict:
@@ -133,9 +145,7 @@ class Sweep:
         truth = (losses[self.rank].detach(), Qt.grad[lo:lo + n], Tt.grad[lo:lo + n])
         checks = {}
         for v, fn in self.fns.items():
-            # triton takes 16/32-bit inputs (TF32 dots): bench_loss's TF32 tolerance
-            dtype = torch.float32 if v != "eager" and spec["fused"] == "triton" else torch.float64
-            tol = LOSS_CHECK["tol"] if dtype == torch.float64 else 5e-2
+            dtype, kind, tol_loss, tol_grad = check_tolerance(v, spec["fused"])
             q, t = (x[lo:lo + n].to(self.device, dtype).clone().requires_grad_() for x in (Q, T))
             err = None
             try:
@@ -145,11 +155,11 @@ class Sweep:
             except Exception as exc:  # noqa: BLE001 - recorded; the ranks stay in step when all raise
                 err, errs = f"{type(exc).__name__}: {exc}".splitlines()[0], [math.inf] * 3
             *errs, failed = _max_over_ranks(errs + [err is not None])
-            ok = not failed and all(e <= tol for e in errs)
+            ok = not failed and errs[0] <= tol_loss and max(errs[1:]) <= tol_grad
             checks[v] = {"dtype": str(dtype)[6:], "errors_max_over_ranks": dict(zip(("loss", "dq", "dt"), errs)),
-                         "tol": tol, "passed": ok, "error": err}
+                         "tolerance_kind": kind, "tol_loss": tol_loss, "tol_grad": tol_grad, "passed": ok, "error": err}
             _say(f"    {v:<10} {'ok' if ok else 'FAILED'}: loss {errs[0]:.1e}, dq {errs[1]:.1e}, dt {errs[2]:.1e} "
-                 f"(tol {tol:.0e})" + (f"  [{err}]" if err else ""))
+                 f"(tol {tol_loss:.0e}/{tol_grad:.0e})" + (f"  [{err}]" if err else ""))
         return {"case": {"per_rank_B": sizes, "d": d, "dtype": "float64", "truth": "one process, float64"},
                 "checks": checks, "passed": {v: c["passed"] for v, c in checks.items()}}
 
@@ -246,24 +256,44 @@ def memory_rank(rank: int, world: int, spec: dict, out_path: str) -> None:
 
 
 # --------------------------------------------------------------------------- the parent
-def run_ranks(fn, world: int, spec: dict) -> tuple[dict | None, str | None]:
-    """``fn(rank, world, spec, path)`` on ``world`` fresh ranks: (what rank 0 wrote to path or None, error)."""
+def run_ranks(fn, world: int, spec: dict, kept: dict | None = None) -> tuple[dict | None, str | None]:
+    """``fn(rank, world, spec, path)`` on ``world`` fresh ranks: (what rank 0 wrote to path or None, error). Stopped
+    (KeyboardInterrupt: SIGINT, SIGTERM), the ranks are ended, what rank 0 had written goes into ``kept``, and it
+    is raised on."""
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "result.json", None
         try:
             spawn_ranks(fn, world, spec, str(out), backend=spec["comm"])
+        except KeyboardInterrupt:
+            for child in multiprocessing.active_children():  # the ranks: else the exit would wait for them
+                child.terminate()
+                child.join(10)
+            if kept is not None and out.exists():
+                kept.update(json.loads(out.read_text()))
+            raise
         except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
             err = f"{type(exc).__name__}: {' | '.join([m for m in str(exc).splitlines() if m.strip()][-3:])}"
         return (json.loads(out.read_text()), err) if out.exists() else (None, err or "no result")
 
 
-def sweep(spec: dict, world: int) -> dict:
-    t0 = time.perf_counter()
-    payload, err = run_ranks(sweep_rank, world, spec)
+def sweep(spec: dict, world: int, out: dict | None = None, on_progress=None) -> dict:
+    """The checks and timings of ``spec`` on ``world`` ranks, then each (size, variant)'s memory, filled into ``out``
+    as they come; ``on_progress()`` after the timings and after each memory figure. Stopped, ``out`` keeps what
+    was measured (the timings rank 0 had written included) and KeyboardInterrupt is raised on."""
+    out = {} if out is None else out
+    progress, t0, kept = on_progress or (lambda: None), time.perf_counter(), {}
+    out.update(spec=spec, error=None, correctness=None, timing={}, memory={})
+    try:
+        payload, err = run_ranks(sweep_rank, world, spec, kept)
+    except KeyboardInterrupt:
+        out.update(correctness=kept.get("correctness"), timing=kept.get("timing", {}),
+                   wall_s_timing=time.perf_counter() - t0)
+        raise
     if err:
         print(f"  ERROR in the check/timing processes: {err}", flush=True)
-    out = {"spec": spec, "error": err, "correctness": (payload or {}).get("correctness"),
-           "timing": (payload or {}).get("timing", {}), "memory": {}, "wall_s_timing": time.perf_counter() - t0}
+    out.update(error=err, correctness=(payload or {}).get("correctness"), timing=(payload or {}).get("timing", {}),
+               wall_s_timing=time.perf_counter() - t0)
+    progress()
     if payload is None:
         return out
     for size in spec["sizes"]:
@@ -276,12 +306,13 @@ def sweep(spec: dict, world: int) -> dict:
             if mp is None or merr is not None:
                 mem[v] = {"status": "ERROR", "error": merr}
                 print(f"  memory {size} {v}: ERROR {merr}", flush=True)
-                continue
-            peaks = [r["peak_bytes"] for r in mp["per_rank"]]
-            mem[v] = {"status": "ok", "peak_bytes_max_over_ranks": max(peaks), "peak_bytes_per_rank": peaks,
-                      "baseline_clean_all_ranks": all(r.get("baseline_clean", True) for r in mp["per_rank"]),
-                      "per_rank": mp["per_rank"]}
-            print(f"  memory {size} {v}: peak {max(peaks) / C.MiB:.1f} MiB (max over ranks)", flush=True)
+            else:
+                peaks = [r["peak_bytes"] for r in mp["per_rank"]]
+                mem[v] = {"status": "ok", "peak_bytes_max_over_ranks": max(peaks), "peak_bytes_per_rank": peaks,
+                          "baseline_clean_all_ranks": all(r.get("baseline_clean", True) for r in mp["per_rank"]),
+                          "per_rank": mp["per_rank"]}
+                print(f"  memory {size} {v}: peak {max(peaks) / C.MiB:.1f} MiB (max over ranks)", flush=True)
+            progress()
     out["wall_s_memory"] = time.perf_counter() - t0 - out["wall_s_timing"]
     return out
 
@@ -290,9 +321,15 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _pass_word(ok) -> str:
+    return "n/a (not measured)" if ok is None else "PASS" if ok else "FAIL"
+
+
 def report(res: dict, world: int) -> dict:
     spec, kind = res["spec"], res["spec"]["kind"]
     ms, peak = {}, {}  # median step ms and peak bytes (max over ranks) of each (size, variant)
+    # the ratios' peaks: a CPU peak below the RSS readings' noise gives no ratio (CUDA's counters are exact)
+    trusted = {}
     print(f"\n{'size':>8} {'per rank':>10} {'variant':>10} {'status':>9} {'step ms':>9} {'min..max ms':>17} "
           f"{'peak MiB':>9}")
     for size in spec["sizes"]:
@@ -301,8 +338,10 @@ def report(res: dict, world: int) -> dict:
             tm = res["timing"].get(str(size), {}).get("variants", {}).get(v) or {}
             mem = res["memory"].get(str(size), {}).get(v, {})
             ms[size, v], peak[size, v] = tm.get("median_step_ms"), mem.get("peak_bytes_max_over_ranks")
-            status = ("FAILED" if not passed(res["correctness"], v) else "n/a" if ms[size, v] is None
-                      else "ok" if tm["finite"] else "NONFINITE")
+            p = peak[size, v]
+            trusted[size, v] = p if p is None or spec["comm"] == "nccl" or p >= C.RSS_NOISE_BYTES else None
+            status = ("n/a" if res["correctness"] is None else "FAILED" if not passed(res["correctness"], v)
+                      else "n/a" if ms[size, v] is None else "ok" if tm["finite"] else "NONFINITE")
             clean = mem.get("baseline_clean_all_ranks", True)
             mib = "-" if peak[size, v] is None else C.fmt(peak[size, v] / C.MiB) + ("" if clean else "*")
             span = C.fmt(tm.get("min_step_ms")) + ".." + C.fmt(tm.get("max_step_ms"))
@@ -313,7 +352,7 @@ def report(res: dict, world: int) -> dict:
     for size in spec["sizes"]:
         r = {"N" if kind == "loss" else "batch": size}
         for a, b in pairs:
-            for what, of in (("time", ms), ("mem", peak)):
+            for what, of in (("time", ms), ("mem", trusted)):
                 r[f"{a}_over_{b}_{what}".replace("-", "_")] = _ratio(of[size, a], of[size, b])
         ratios.append(r)
         print(f"  {size}: " + ", ".join(f"{k} {C.fmt(v, '.3f')}" for k, v in r.items() if k not in ("N", "batch")))
@@ -321,7 +360,7 @@ def report(res: dict, world: int) -> dict:
         x, top = ratios[-1]["strip_over_two_strip_time"], STRIP_VS_TWO_STRIP_MAX
         check = {"N": spec["sizes"][-1], "ratio": x, "expected_max": top, "pass": None if x is None else x <= top}
         print(f"strip / two-strip time at N={spec['sizes'][-1]}: {C.fmt(x, '.3f')} (expected <= {top}) "
-              f"{'PASS' if check['pass'] else 'FAIL'}")
+              f"{_pass_word(check['pass'])}")
         return {"ratios": ratios, "expected_check": check}
     for r in ratios:
         x = r["gradcache_over_plain_time"]
@@ -329,10 +368,10 @@ def report(res: dict, world: int) -> dict:
     x = max((r["gradcache_over_plain_time"] for r in ratios if r["time_pass"] is not None), default=None)
     check = {"expected_max": GC_VS_PLAIN_MAX, "max_ratio": x, "all_pass": None if x is None else x <= GC_VS_PLAIN_MAX}
     print(f"gradcache / plain time <= {GC_VS_PLAIN_MAX} at every batch: "
-          f"{'PASS' if check['all_pass'] else 'FAIL'} (max {C.fmt(x, '.3f')})")
+          f"{_pass_word(check['all_pass'])} (max {C.fmt(x, '.3f')})")
     lo, hi = spec["sizes"][0], spec["sizes"][-1]
     growth = {v: {"from": lo, "to": hi, "batch_factor": hi / lo, "peak_from_bytes": peak[lo, v],
-                  "peak_to_bytes": peak[hi, v], "growth_factor": _ratio(peak[hi, v], peak[lo, v])}
+                  "peak_to_bytes": peak[hi, v], "growth_factor": _ratio(trusted[hi, v], trusted[lo, v])}
               for v in VARIANTS[kind]} if lo != hi else {}
     for v, gr in growth.items():
         print(f"  peak memory of {v}, batch {lo} -> {hi}: x{C.fmt(gr['growth_factor'], '.2f')}")
@@ -350,7 +389,7 @@ def main(argv=None) -> int:
     add("--batches", nargs="+", type=int, help="global GradCache batch sizes; default CPU 512 2048 8192")
     add("--chunk", type=int, help="GradCache chunk size; default 256")
     add("--repeats", type=int, help="timed runs per point (median); default 3")
-    add("--warmup", type=int, default=1, help="untimed runs per variant first; default 1")
+    add("--warmup", type=int, default=1, help="untimed runs per variant first (>= 0); default 1")
     add("--quick", action="store_true", help="tiny sizes, a smoke test (< 60 s on 2 cores)")
     add("--out", type=Path, help="JSON path; default benchmarks/results/<device>/<date>-distributed.json")
     add("--skip-loss", action="store_true")
@@ -364,21 +403,28 @@ def main(argv=None) -> int:
     add("--logit-scale", type=float, default=50.0)
     add("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # before the defaults: a value given is never replaced (a 0 used to become the default)
+    for flag in ("world", *POSITIVE):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("N", "batches"):
+        if any(x < args.world for x in getattr(args, flag) or ()):
+            p.error(f"--{flag} must give each of the {args.world} ranks at least one row, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    C.start_script()
     gpus = torch.cuda.device_count()
     comm = args.comm if args.comm != "auto" else ("nccl" if gpus >= args.world else "gloo")
-    if args.world < 1 or (comm == "nccl" and gpus < args.world):
-        raise SystemExit(f"--world must be >= 1; --comm nccl needs a GPU per rank ({args.world} ranks, {gpus} GPUs)")
+    if comm == "nccl" and gpus < args.world:
+        p.error(f"--comm nccl needs a GPU per rank ({args.world} ranks, {gpus} GPUs)")
     cuda = comm == "nccl"
     quick = dict(N=[8192 if cuda else 1024], d=512 if cuda else 64, batches=[64, 128], chunk=32, hidden=128, repeats=2)
     full = dict(N=[8192, 16384, 32768] if cuda else [2048, 4096, 8192], d=512,
                 batches=[2048, 8192, 32768] if cuda else [512, 2048, 8192], chunk=256, hidden=2048,
                 repeats=10 if cuda else 3)
     for k, v in (quick if args.quick else full).items():
-        setattr(args, k, getattr(args, k) or v)
-    if min(args.N + args.batches) < args.world:
-        raise SystemExit("every N and batch must give each rank at least one row")
-    if args.repeats < 1 or args.warmup < 0 or args.chunk < 1:
-        raise SystemExit("--repeats and --chunk must be >= 1, --warmup >= 0")
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     threads = args.threads or max(1, C.usable_cores() // args.world)
     t_begin = time.perf_counter()
@@ -391,35 +437,47 @@ def main(argv=None) -> int:
     specs = {"loss": dict(common, kind="loss", sizes=sorted(args.N), d=args.d),
              "gradcache": dict(common, kind="gradcache", sizes=sorted(args.batches), chunk=args.chunk,
                                in_dim=args.in_dim, hidden=args.hidden, emb_dim=args.emb_dim)}
-    res, rep = {}, {}
-    for kind, spec in specs.items():
-        if getattr(args, f"skip_{kind}"):
-            continue
-        if kind == "loss":
-            print(f"\n[loss] fp32, d={args.d}, global N {spec['sizes']}, symmetric, alpha {args.alpha:g}, "
-                  f"logit_scale {args.logit_scale:g}, fused backend {spec['fused']!r}; GEMMs (fwd, bwd) {LOSS_GEMMS}")
-        else:
-            n_params = sum(p.numel() for p in MLPEncoder(args.in_dim, args.hidden, args.emb_dim).parameters())
-            print(f"\n[gradcache] DDP MLP {args.in_dim}-{args.hidden}-{args.hidden}-{args.emb_dim} "
-                  f"({n_params / 1e6:.2f} M parameters), global batch {spec['sizes']}, chunk {args.chunk}, "
-                  f"FusedHardnessLoss(local_loss=True, distributed=True, backend={spec['fused']!r})")
-        res[kind] = sweep(spec, args.world)
-        rep[kind] = report(res[kind], args.world)
-    meta["machine_load_after"] = C.machine_load()
     out = C.result_path(device, args.out, "-distributed")
-    payload = {"schema": 2, "kind": "distributed", "meta": meta,  # write_json writes the --out Path as a string
+    res, rep = {}, {}
+    payload = {"schema": 2, "kind": "distributed", "partial": True, "meta": meta,  # --out: written as a string
                "config": dict(vars(args), comm_resolved=comm, threads_per_rank=threads, loss_gemms=LOSS_GEMMS,
-                              loss_check_case=LOSS_CHECK, gradcache_check_tol=GC_CHECK_TOL),
-               "correctness": {k: r.get("correctness") for k, r in res.items()}, **res,
-               "ratios": {k: r["ratios"] for k, r in rep.items()},
-               "expected_checks": {k: r["expected_check"] for k, r in rep.items()},
-               "total_wall_s": time.perf_counter() - t_begin}
+                              loss_check_case=LOSS_CHECK, gradcache_check_tol=GC_CHECK_TOL)}
+
+    def write():  # after every timing sweep and memory figure, "partial": true until the run ends
+        C.write_json(out, {**payload, "correctness": {k: r.get("correctness") for k, r in res.items()}, **res})
+
+    # SIGINT or SIGTERM end the measuring, not the run: what was measured is written, marked "interrupted"
+    try:
+        for kind, spec in specs.items():
+            if getattr(args, f"skip_{kind}"):
+                continue
+            if kind == "loss":
+                print(f"\n[loss] fp32, d={args.d}, global N {spec['sizes']}, symmetric, alpha {args.alpha:g}, "
+                      f"logit_scale {args.logit_scale:g}, fused backend {spec['fused']!r}; GEMMs (fwd, bwd) "
+                      f"{LOSS_GEMMS}")
+            else:
+                n_params = sum(p.numel() for p in MLPEncoder(args.in_dim, args.hidden, args.emb_dim).parameters())
+                print(f"\n[gradcache] DDP MLP {args.in_dim}-{args.hidden}-{args.hidden}-{args.emb_dim} "
+                      f"({n_params / 1e6:.2f} M parameters), global batch {spec['sizes']}, chunk {args.chunk}, "
+                      f"FusedHardnessLoss(local_loss=True, distributed=True, backend={spec['fused']!r})")
+            sweep(spec, args.world, res.setdefault(kind, {}), on_progress=write)
+            rep[kind] = report(res[kind], args.world)
+    except KeyboardInterrupt as exc:
+        payload["interrupted"] = str(exc) or "KeyboardInterrupt (SIGINT)"
+        print(f"\nINTERRUPTED ({payload['interrupted']}) after {time.perf_counter() - t_begin:.0f} s: writing what "
+              "was measured so far", flush=True)
+        rep.update({k: report(r, args.world) for k, r in res.items() if k not in rep})
+    meta["machine_load_after"] = C.machine_load()
+    del payload["partial"]
+    payload.update(ratios={k: r["ratios"] for k, r in rep.items()},
+                   expected_checks={k: r["expected_check"] for k, r in rep.items()},
+                   total_wall_s=time.perf_counter() - t_begin)
     if "gradcache" in rep:
         payload["ratios"]["gradcache_memory_growth"] = rep["gradcache"]["memory_growth"]
-    C.write_json(out, payload)
+    write()
     print(f"\nresults written to {out}; total wall time {payload['total_wall_s']:.0f} s; load after "
           f"{meta['machine_load_after']}")
-    return 0
+    return 130 if "interrupted" in payload else 0
 
 
 if __name__ == "__main__":

@@ -47,9 +47,7 @@ DEFAULT_BACKENDS = {"cpu": ["torch", "torch_chunked", "reference"],
                     "cuda": [b for b in ALL_BACKENDS if b not in ("torch_chunked", "triton_tuned")]}
 # acceptance point (CPU): torch backend vs eager reference
 ACCEPT = dict(B=8192, d=1024, dtype="fp32", time_ratio_max=0.8, mem_ratio_max=0.1)
-# (loss relative error, gradient max-abs error / max |grad|) against the float64 truth
-TOLERANCES = {"fp64": (1e-10, 1e-8), "fp32": (1e-4, 2e-3), "tf32": (5e-3, 5e-2), "fp16": (5e-3, 3e-2),
-              "bf16": (1e-2, 6e-2)}
+TOLERANCES = C.TOLERANCES  # (loss, gradients) against the float64 truth
 # the deadline's prediction of a (dtype, d, B) group: predicted seconds x margin + a fixed allowance;
 # on CPU each memory figure is a fresh process, about this much beyond the run itself
 PREDICT_MARGIN = 1.25
@@ -198,8 +196,9 @@ def mem_worker(spec: dict) -> None:
     C.print_peak(fn, q, t)
 
 
-def finish_record(rec, tm, fn, pairs, args, device) -> dict:
-    """``rec`` completed from its timings ``tm``: status, peak memory (benchmarks/README.md), FLOP rates."""
+def finish_record(rec, tm, fn, pairs, args, device, measure_memory: bool = True) -> dict:
+    """``rec`` completed from its timings ``tm``: status, peak memory (benchmarks/README.md), FLOP rates; without
+    ``measure_memory`` (the run was stopped) a memory figure not taken yet is marked not measured."""
     name, B, d = rec["backend"], rec["B"], rec["d"]
     rec["timing"] = {k: v for k, v in tm.items() if k not in ("exception", "memory")}
     if tm["error"] is not None:
@@ -209,8 +208,12 @@ def finish_record(rec, tm, fn, pairs, args, device) -> dict:
     if not all(math.isfinite(x) for x in tm["losses"]):
         rec["status"] = "NONFINITE"
         return rec
-    if device.type == "cuda":
-        rec["memory"] = dict(tm.get("memory") or C.cuda_peak_of_call(fn, *pairs[0], device))
+    if device.type == "cuda" and tm.get("memory"):
+        rec["memory"] = dict(tm["memory"])
+    elif not measure_memory:
+        rec["memory"] = {"peak_bytes": None, "not_measured": "the run was stopped before this figure was taken"}
+    elif device.type == "cuda":
+        rec["memory"] = C.cuda_peak_of_call(fn, *pairs[0], device)
     else:
         spec = dict(backend=name, B=B, d=d, dtype=rec["dtype"], alpha=rec["alpha"], scale=args.logit_scale,
                     symmetric=args.symmetric, deterministic=args.deterministic, seed=args.seed + 7)
@@ -341,7 +344,19 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
         if not todo:
             continue
         C.free_memory(device)
-        pairs = C.make_pairs(args.n_inputs, B, d, dtype=C.DTYPES[dn], device=device, seed=args.seed + B + d)
+        try:
+            why, pairs = None, C.make_pairs(args.n_inputs, B, d, dtype=C.DTYPES[dn], device=device,
+                                            seed=args.seed + B + d)
+        except Exception as exc:  # noqa: BLE001 - this size's error (an OOM at a large B), the run goes on
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            why = f"building the inputs: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        if why is not None:  # out of the except block: its frames no longer hold what was allocated
+            for base, _ in todo:
+                done({**base, "status": "OOM" if oom else "ERROR", "error": why}, f"{'OOM' if oom else 'ERROR'} {why}")
+            C.free_memory(device)
+            progress(results)
+            continue
+        stopped = None  # SIGINT/SIGTERM while a memory figure is taken: the timed rows are kept, then it is raised
         for batch in ([[x] for x in todo] if args.sequential else [todo]):
             t0 = time.perf_counter()
             timings = C.time_interleaved(
@@ -353,7 +368,10 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
             for base, fn in batch:
                 t1, rec = time.perf_counter(), dict(base)
                 try:
-                    finish_record(rec, timings[base["label"]], fn, pairs, args, device)
+                    finish_record(rec, timings[base["label"]], fn, pairs, args, device, stopped is None)
+                except KeyboardInterrupt as exc:
+                    stopped, rec = exc, dict(base)
+                    finish_record(rec, timings[base["label"]], fn, pairs, args, device, measure_memory=False)
                 except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                     rec.update(status="OOM" if isinstance(exc, torch.OutOfMemoryError) else "ERROR",
                                error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=6))
@@ -362,10 +380,14 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
                 if rec["status"] != "ok":
                     done(rec, f"{rec['status']} {rec.get('error', '')}")
                     continue
-                m = rec["timing"]["median_ms"]
+                m, peak = rec["timing"]["median_ms"], rec["memory"]["peak_bytes"]
                 hist[base["label"]] = (B, d, m["fwd_bwd"])
                 done(rec, f"fwd {m['fwd']:.1f} ms, bwd {m['bwd']:.1f} ms, fwd+bwd {m['fwd_bwd']:.1f} ms, peak "
-                          f"{rec['memory']['peak_bytes'] / C.MiB:.1f} MiB ({rec['timing']['repeats']} timed runs)")
+                          + ("not measured (stopped)" if peak is None else f"{peak / C.MiB:.1f} MiB")
+                          + f" ({rec['timing']['repeats']} timed runs)")
+            if stopped is not None:
+                progress(results)
+                raise stopped
             if args.sequential:
                 progress(results)
         del pairs, timings
@@ -399,7 +421,7 @@ def compute_ratios(results, backends, args) -> list[dict]:
             ma, mb = a["timing"]["median_ms"], b["timing"]["median_ms"]
             pa, pb = a["memory"]["peak_bytes"], b["memory"]["peak_bytes"]
             rec.update(status="ok", time_ratio={k: ma[k] / mb[k] for k in ("fwd", "bwd", "fwd_bwd")},
-                       mem_ratio=pa / pb if pb > 0 else None)
+                       mem_ratio=pa / pb if pa is not None and pb else None)  # None: not measured, or a zero peak
             tr = rec["time_ratio"]
             log(f"{head} {tr['fwd']:6.3f} {tr['bwd']:6.3f} {tr['fwd_bwd']:7.3f} {C.fmt(rec['mem_ratio'], '.3f'):>8}")
         out.append(rec)
@@ -425,10 +447,11 @@ def acceptance(ratios, args, device) -> dict | None:
         return out
     tr, mr = r["time_ratio"]["fwd_bwd"], r["mem_ratio"]
     out.update(status="measured", time_ratio=tr, mem_ratio=mr, time_pass=tr <= a["time_ratio_max"],
-               mem_pass=mr is not None and mr <= a["mem_ratio_max"])
+               mem_pass=None if mr is None else mr <= a["mem_ratio_max"])
     for what, x, ok, key in (("time (fwd+bwd medians)", tr, out["time_pass"], "time_ratio_max"),
                              ("peak memory", mr, out["mem_pass"], "mem_ratio_max")):
-        log(f"  torch / reference {what:<22} = {C.fmt(x, '.3f')}  (target <= {a[key]})  {'PASS' if ok else 'FAIL'}")
+        word = "n/a (not measured)" if ok is None else "PASS" if ok else "FAIL"
+        log(f"  torch / reference {what:<22} = {C.fmt(x, '.3f')}  (target <= {a[key]})  {word}")
     return out
 
 
@@ -448,9 +471,10 @@ def write_plot(results, json_path: Path) -> Path | None:
     axes = fig.subplots(len(series), 2, squeeze=False)
     for row, ((dn, d), by_label) in enumerate(sorted(series.items())):
         for label, rs in sorted(by_label.items()):
-            Bs = [r["B"] for r in rs]
-            axes[row][0].plot(Bs, [r["timing"]["median_ms"]["fwd_bwd"] for r in rs], "o-", label=label)
-            axes[row][1].plot(Bs, [r["memory"]["peak_bytes"] / C.MiB for r in rs], "o-", label=label)
+            axes[row][0].plot([r["B"] for r in rs], [r["timing"]["median_ms"]["fwd_bwd"] for r in rs], "o-",
+                              label=label)
+            rs = [r for r in rs if r["memory"]["peak_bytes"] is not None]  # a run stopped before its memory figure
+            axes[row][1].plot([r["B"] for r in rs], [r["memory"]["peak_bytes"] / C.MiB for r in rs], "o-", label=label)
         for ax, ylab in zip(axes[row], ("fwd+bwd time (ms, median)", "peak extra memory (MiB)")):
             ax.set(yscale="log", xlabel="B = N", ylabel=ylab, title=f"{dn}, d={d}")
             ax.set_xscale("log", base=2)
@@ -504,8 +528,33 @@ def parse_args(argv=None):
             if not sep or name not in ALL_BACKENDS or not all(v.isdigit() and int(v) >= lo for v in nums):
                 p.error(f"--{flag.replace('_', '-')} takes BACKEND={'N[,N...]' if many else 'N'} with BACKEND in "
                         f"{ALL_BACKENDS} and N an integer >= {lo}, got {item!r}")
-            vals[name] = {int(v) for v in nums} if many else int(val)
+            vals[name] = sorted({int(v) for v in nums}) if many else int(val)  # a list: the file holds JSON
         setattr(args, flag, vals if items is not None else None)
+    if args.mem_worker is not None:
+        return args
+    for flag in ("B", "d", "dtype", "backends"):
+        given = getattr(args, flag)
+        if flag in ("B", "d") and any(x < 1 for x in given or ()):
+            p.error(f"--{flag} takes integers >= 1, got {given}")
+        if given is not None and len(set(given)) < len(given):
+            p.error(f"--{flag} names {sorted({x for x in given if given.count(x) > 1})} more than once, got {given}")
+    for flag in ("deadline_s", "point_budget_s"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0 seconds, got {getattr(args, flag):g}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    backends = args.backends or DEFAULT_BACKENDS["cuda" if cuda else "cpu"]
+    for flag in ("max_B", "only_B", "repeats_for", "warmup_for"):
+        if extra := sorted(set(getattr(args, flag) or ()) - set(backends)):
+            p.error(f"--{flag.replace('_', '-')} names {extra}, not in the backends run {backends}")
+    if args.alpha0_fused is not None and args.alpha0_fused not in backends:
+        p.error(f"--alpha0-fused {args.alpha0_fused} is not in the backends run {backends}")
+    for b in ("compile", "triton_tuned"):  # their first run compiles or autotunes: never a timed one
+        if b in backends and (args.warmup_for or {}).get(b, 1 if args.warmup is None else args.warmup) < 1:
+            flag = f"--warmup-for {b}=0" if b in (args.warmup_for or {}) else "--warmup 0"
+            p.error(f"{flag}: {b}'s first run {'compiles' if b == 'compile' else 'autotunes'}, it would be timed; "
+                    f"give it at least one warm-up run (--warmup-for {b}=1)")
     return args
 
 

@@ -29,6 +29,7 @@ WORDS = ("the a one two cat dog bird fish sat ran flew swam on under near mat ru
          "small old young house car road sky sea").split()
 KW = dict(scale=20.0, directions=("query_to_doc", "doc_to_query"), hardness_mode="in_batch_negatives",
           hardness_strength=9.0)
+CHECK_B = 512  # rows of the float64 check of each part-1 variant (at most the smallest size), at --d
 
 
 def loss_fn(variant: str):
@@ -42,6 +43,49 @@ def loss_fn(variant: str):
     from llave_fast.integrations.sentence_transformers import fused_mnrl_loss
 
     return lambda q, t: fused_mnrl_loss(q, t, symmetric_hardness=variant == "fused_symmetric_hardness", **kw)
+
+
+def truth_loss(variant: str, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a part-1 variant computes, by ``llave_fast.reference`` on the unit rows (KW: both directions, in-batch
+    hardness on query_to_doc only, on doc_to_query too for fused_symmetric_hardness; per_direction averages the
+    two directions' losses, joint takes one softmax over both rows)."""
+    from llave_fast.reference import reference_per_row
+
+    q, t = (torch.nn.functional.normalize(x, dim=-1) for x in (q, t))
+    a = KW["hardness_strength"]
+    kw = dict(logit_scale=KW["scale"], symmetric=False)
+    q2d = reference_per_row(q, t, alpha=a, **kw)
+    d2q = reference_per_row(t, q, alpha=a if variant == "fused_symmetric_hardness" else 0.0, **kw)
+    return (torch.logaddexp(q2d, d2q) if variant.endswith("joint") else (q2d + d2q) / 2).mean()
+
+
+def check_variants(B: int, d: int, seed: int = 0) -> dict:
+    """{variant: record} of each part-1 variant against its float64 truth on the same (fp32, correlated) inputs:
+    the loss and both gradients, bench_loss's fp32 tolerances; ``passed`` decides whether it is timed."""
+    g = torch.Generator().manual_seed(seed + 4242)
+    q0 = C.normalized_rows(B, d, dtype=torch.float32, device="cpu", generator=g)
+    t0 = C.normalized_rows(B, d, dtype=torch.float32, device="cpu", generator=g, like=q0)
+    tol_loss, tol_grad = C.TOLERANCES["fp32"]
+    out = {}
+    for v in LOSS_VARIANTS:
+        rec = {"B": B, "d": d, "dtype": "fp32", "truth": "llave_fast.reference, float64, same inputs",
+               "tol_loss": tol_loss, "tol_grad": tol_grad}
+        try:
+            x64 = [x.detach().double().requires_grad_() for x in (q0, t0)]
+            x = [x.detach().clone().requires_grad_() for x in (q0, t0)]
+            losses = [truth_loss(v, *x64), loss_fn(v)(*x)]
+            for loss in losses:
+                loss.backward()
+            errs = {"loss": C.rel_err(losses[1], losses[0]), "dq": C.rel_err(x[0].grad, x64[0].grad),
+                    "dt": C.rel_err(x[1].grad, x64[1].grad)}
+            rec.update(errors=errs, passed=errs["loss"] <= tol_loss and max(errs["dq"], errs["dt"]) <= tol_grad)
+            msg = ", ".join(f"{k} {e:.1e}" for k, e in errs.items()) + f"; tol {tol_loss:.0e}/{tol_grad:.0e}"
+        except Exception as exc:  # noqa: BLE001 - a crash is a failure, reported
+            rec.update(passed=False, error=f"{type(exc).__name__}: {exc}")
+            msg = rec["error"]
+        out[v] = rec
+        print(f"  {v:26s} {'ok' if rec['passed'] else 'FAILED'} ({msg})", flush=True)
+    return out
 
 
 def tiny_model(hidden: int, seed: int = 0):
@@ -112,10 +156,15 @@ def peak_mib(**spec) -> dict:
     return {"memory": rec, "peak_mib": rec["peak_bytes"] / C.MiB}
 
 
-def rows_of(timing: dict) -> dict:
-    return {v: {"fwd_bwd_ms": r["raw_ms"]["fwd_bwd"], "median_fwd_bwd_ms": C.median(r["raw_ms"]["fwd_bwd"]),
-                "median_fwd_ms": C.median(r["raw_ms"]["fwd"]), "median_bwd_ms": C.median(r["raw_ms"]["bwd"]),
-                "losses": r["losses"], "error": r["error"]} for v, r in timing.items()}
+def rows_of(timing: dict, failed: dict | None = None) -> dict:
+    """The rows of part 1: ``timing`` (time_interleaved's) and the ``failed`` ones ({variant: why}, not timed); a
+    variant that errored keeps its raw times but gets no median, so no ratio."""
+    rows = {v: {"fwd_bwd_ms": r["raw_ms"]["fwd_bwd"], "losses": r["losses"], "error": r["error"],
+                **{f"median_{k}_ms": None if r["error"] else C.median(r["raw_ms"][k]) for k in C.PARTS}}
+            for v, r in timing.items()}
+    rows.update({v: {"fwd_bwd_ms": [], "losses": [], "error": why, "status": "FAILED",
+                     **{f"median_{k}_ms": None for k in C.PARTS}} for v, why in (failed or {}).items()})
+    return rows
 
 
 def ratio(a, b):
@@ -128,9 +177,10 @@ def ratios_of(rows: dict) -> dict:
             for v, b in BASELINE.items() if v in rows}
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--_mem-worker":
-        mem_worker(json.loads(sys.argv[2]))
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--_mem-worker":
+        mem_worker(json.loads(argv[1]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -145,7 +195,7 @@ def main() -> int:
     add("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     add("--threads", type=int, default=None, help="torch CPU threads; None: torch's own")
     add("--out", default=None, help="result JSON; None: benchmarks/results/<device>/<date>-st.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if min(args.sizes) < 2 or min(args.d, args.repeats, args.cached_batch, args.mini_batch, args.hidden,
                                    args.cached_repeats) < 1:
         ap.error("--sizes must be >= 2, the other sizes and counts >= 1")
@@ -155,7 +205,7 @@ def main() -> int:
     import sentence_transformers
 
     dev, t_start = torch.device("cpu"), time.perf_counter()
-    out = {"benchmark": "sentence-transformers-mnrl", "command": "bench_st.py " + " ".join(sys.argv[1:]),
+    out = {"benchmark": "sentence-transformers-mnrl", "command": "bench_st.py " + " ".join(argv),
            **C.run_meta(dev), "machine_load_before": C.machine_load(),
            "settings": {"d": args.d, "sizes": args.sizes, "dtype": "fp32", **KW, "repeats": args.repeats,
                         "torch_threads": torch.get_num_threads(),
@@ -165,10 +215,29 @@ def main() -> int:
     out["versions"]["sentence_transformers"] = sentence_transformers.__version__
     print(f"machine load before: {out['machine_load_before']}", flush=True)
     path = C.result_path(dev, args.out, "-st")  # rewritten after each part: a failure keeps what was measured
+    try:
+        run_parts(args, out, path, dev)
+    except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (start_script): what was measured is written
+        out["interrupted"] = str(exc) or "KeyboardInterrupt (SIGINT)"
+        print(f"\nINTERRUPTED ({out['interrupted']}): writing what was measured so far", flush=True)
+    out.update(machine_load_after=C.machine_load(), total_wall_s=time.perf_counter() - t_start)
+    C.write_json(path, out)
+    print(f"machine load after: {out['machine_load_after']}; wall {out['total_wall_s']:.0f} s; wrote {path}")
+    return 130 if "interrupted" in out else 0
+
+
+def run_parts(args, out: dict, path, dev) -> None:
+    """The float64 checks, part 1 at each size and part 2 into ``out``, written to ``path`` after each."""
+    check_B = min(CHECK_B, *args.sizes)
+    print(f"correctness vs llave_fast.reference (float64 truth), B = {check_B}, d = {args.d}:", flush=True)
+    out["correctness"] = checks = check_variants(check_B, args.d)
+    C.write_json(path, out)
+    failed = {v: f"FAILED correctness, not timed: {c.get('error') or c['errors']}" for v, c in checks.items()
+              if not c["passed"]}
     for B in args.sizes:
-        fns = {v: loss_fn(v) for v in LOSS_VARIANTS}
+        fns = {v: loss_fn(v) for v in LOSS_VARIANTS if v not in failed}
         pairs = C.make_pairs(2, B, args.d, dtype=torch.float32, device=dev, seed=B)
-        rows = rows_of(C.time_interleaved(fns, pairs, device=dev, warmup=1, repeats=args.repeats))
+        rows = rows_of(C.time_interleaved(fns, pairs, device=dev, warmup=1, repeats=args.repeats), failed)
         with torch.no_grad():  # the same numbers: each fused loss against sentence-transformers' on one pair
             same = {v: {"st": float(fns[BASELINE[v]](*pairs[0])), "fused": float(fns[v](*pairs[0]))}
                     for v in ("fused_per_direction", "fused_joint") if not (rows[v]["error"] or
@@ -219,10 +288,7 @@ def main() -> int:
           f"{C.fmt(cached['time_ratio'], '.3f')}; losses differ by {C.fmt(cached['loss_rel_diff'], '.1e')} "
           f"relative){peaks}" + "".join(f"; {v} FAILED: {cached[v]['error']}" for v in ("st_cached", "fused_cached")
                                           if cached[v]["error"]), flush=True)
-    out.update(machine_load_after=C.machine_load(), total_wall_s=time.perf_counter() - t_start)
     C.write_json(path, out)
-    print(f"machine load after: {out['machine_load_after']}; wall {out['total_wall_s']:.0f} s; wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

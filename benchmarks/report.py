@@ -18,7 +18,8 @@ from pathlib import Path
 MiB = 1024 * 1024
 # the fused rows over which "fused / reference" and "fused / 3 GEMMs" take the fastest (old files
 # may hold a "triton_tiles" row: the backward removed since)
-FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tuned", "triton_tiles", "torch")
+FUSED = ("triton", "triton_cache", "triton_stream", "triton_strip", "triton_tuned", "triton_tiles", "torch",
+         "torch_chunked")
 
 
 def _ms(r) -> float:
@@ -31,7 +32,9 @@ def _cell(r) -> str:
         return ""
     if r.get("status") != "ok":
         return r.get("status", "?")
-    return (f"{_ms(r):.1f}" if _ms(r) >= 10 else f"{_ms(r):.2f}") + f" ({r['memory']['peak_bytes'] / MiB:.0f})"
+    peak = r["memory"]["peak_bytes"]  # None: the run was stopped before its memory figure
+    mib = "-" if peak is None else f"{peak / MiB:.0f}"
+    return (f"{_ms(r):.1f}" if _ms(r) >= 10 else f"{_ms(r):.2f}") + f" ({mib})"
 
 
 def loss_table(pl) -> list[str]:
@@ -43,8 +46,11 @@ def loss_table(pl) -> list[str]:
     elif pl.get("partial"):
         lines.append("(partial file: the run did not finish; the rows below are what it had written)")
     labels = list(dict.fromkeys(r["label"] for r in pl["results"]))
-    lines += ["", "| dtype | d | B = N | " + " | ".join(labels) + " | fused / reference | fused / 3 GEMMs |",
-              "|" + " --- |" * (len(labels) + 5)]
+    if not labels:  # a header of no columns is no table
+        lines += ["", "(no results in this file)"]
+    else:
+        lines += ["", "| dtype | d | B = N | " + " | ".join(labels) + " | fused / reference | fused / 3 GEMMs |",
+                  "|" + " --- |" * (len(labels) + 5)]
     for dn, d, B in sorted({(r["dtype"], r["d"], r["B"]) for r in pl["results"]}):
         row = {r["label"]: r for r in pl["results"] if (r["dtype"], r["d"], r["B"]) == (dn, d, B)}
         ok = {lab: r for lab, r in row.items() if r.get("status") == "ok"}

@@ -519,3 +519,450 @@ def test_a_failed_backend_does_not_keep_its_tensors_alive():
     assert isinstance(out["fails"]["exception"], torch.OutOfMemoryError)
     assert out["fails"]["error"].startswith("OutOfMemoryError: planted") and out["works"]["error"] is None
     assert len(out["works"]["raw_ms"]["fwd_bwd"]) == 2
+
+
+# --------------------------------------------------------------------------- bench_distributed's bookkeeping
+
+
+def _fake_distributed(monkeypatch, stop_at):
+    """bench_distributed with its ranks replaced: the timing "ranks" write what rank 0 writes after each size (1.0 ms
+    a step, 8 MiB a peak), and the call numbered ``stop_at`` (0: the timing, then one per memory figure) is
+    stopped by SIGTERM (KeyboardInterrupt, as start_script makes it) once it has written its first size. Returns
+    the list of what the result file held at each call's start."""
+    import _common as C
+    import bench_distributed as bd
+
+    seen, calls = [], []
+    monkeypatch.setattr(C, "start_script", lambda: calls.append("start_script"))
+    monkeypatch.setattr(C, "machine_load", lambda seconds=1.0: {"loadavg": [0.0] * 3, "busy_fraction_others": 0.0})
+
+    def spawn(fn, world, spec, path, backend):
+        seen.append(json.loads(_OUT[0].read_text()) if _OUT[0].exists() else None)
+        n = len(seen) - 1
+        if fn is bd.sweep_rank:
+            passed = {v: True for v in bd.VARIANTS[spec["kind"]]}
+            payload = {"correctness": {"passed": passed}, "timing": {}}
+            for size in spec["sizes"]:
+                payload["timing"][str(size)] = {"per_rank": bd.rank_sizes(size, world), "variants": {
+                    v: {"step_ms": [1.0], "median_step_ms": 1.0, "min_step_ms": 1.0, "max_step_ms": 1.0,
+                        "finite": True} for v in passed}}
+                C.write_json(path, payload)
+                if n == stop_at:
+                    raise KeyboardInterrupt("signal SIGTERM")
+            return
+        if n == stop_at:
+            raise KeyboardInterrupt("signal SIGTERM")
+        C.write_json(path, {"per_rank": [{"peak_bytes": 8 * C.MiB, "baseline_clean": True}] * world})
+
+    monkeypatch.setattr(bd, "spawn_ranks", spawn)
+    return seen, calls
+
+
+_OUT = [Path("/nonexistent")]
+
+
+@pytest.mark.parametrize("stop_at", [0, 2])
+def test_distributed_bench_writes_as_it_goes_and_keeps_what_it_had_when_stopped(tmp_path, monkeypatch, stop_at):
+    """bench_distributed writes its file after the timing sweep and after each memory figure ("partial": true), and
+    stopped (SIGINT/SIGTERM) it writes what it measured, the timings rank 0 had written included, marked
+    "interrupted", exit status 130. It used to write once, at the end: a stopped run kept nothing."""
+    import bench_distributed as bd
+
+    _OUT[0] = out = tmp_path / "d.json"
+    seen, calls = _fake_distributed(monkeypatch, stop_at)
+    rc = bd.main(["--world", "1", "--N", "64", "128", "--d", "16", "--repeats", "1", "--skip-gradcache",
+                  "--out", str(out)])
+    assert rc == 130 and calls == ["start_script"]
+    res = json.loads(out.read_text())
+    assert res["interrupted"] == "signal SIGTERM" and "partial" not in res
+    loss = res["loss"]
+    if stop_at == 0:  # stopped in the timing ranks after their first size: that size is kept
+        assert list(loss["timing"]) == ["64"] and loss["memory"] == {}
+        assert loss["timing"]["64"]["variants"]["strip"]["median_step_ms"] == 1.0
+        assert res["correctness"]["loss"]["passed"] == {"strip": True, "two-strip": True, "eager": True}
+        assert res["ratios"]["loss"][0]["strip_over_two_strip_time"] == 1.0
+        assert res["ratios"]["loss"][1]["strip_over_two_strip_time"] is None
+        assert res["expected_checks"]["loss"]["pass"] is None
+    else:  # stopped in the third process group: the timings and the first memory figure are kept
+        assert list(loss["timing"]) == ["64", "128"]
+        assert loss["memory"] == {"64": {"strip": {"status": "ok", "peak_bytes_max_over_ranks": 8 << 20,
+                                                   "peak_bytes_per_rank": [8 << 20], "baseline_clean_all_ranks": True,
+                                                   "per_rank": [{"peak_bytes": 8 << 20, "baseline_clean": True}]}}}
+        # the file as it stood when the memory runs started: the timings, then the first figure, marked partial
+        assert seen[1]["partial"] is True and list(seen[1]["loss"]["timing"]) == ["64", "128"]
+        assert seen[1]["loss"]["memory"] == {}
+        assert seen[2]["loss"]["memory"]["64"]["strip"]["peak_bytes_max_over_ranks"] == 8 << 20
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"), (["--d", "0"], "--d must be >= 1, got 0"),
+    (["--chunk", "-4"], "--chunk must be >= 1, got -4"), (["--hidden", "0"], "--hidden must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"), (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--world", "2", "--N", "64", "1"], "--N must give each of the 2 ranks at least one row, got [64, 1]")])
+def test_distributed_bench_refuses_bad_values_naming_them(tmp_path, monkeypatch, capsys, argv, message):
+    """A 0 given for --repeats, --d, --chunk, --hidden or --threads was silently replaced by the default, and
+    negatives were taken: each is refused up front, by argparse, naming the flag and the value."""
+    import bench_distributed as bd
+
+    def spawn(*a, **k):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bd, "spawn_ranks", spawn)
+    with pytest.raises(SystemExit) as e:
+        bd.main(["--out", str(tmp_path / "d.json"),
+                 *(["--skip-loss"] if "--chunk" in argv or "--hidden" in argv else ["--skip-gradcache"]), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _distributed_result(comm, peaks, top_ms=None):
+    """A bench_distributed loss sweep's result at N = 64, 128: 2.0 / 4.0 / 8.0 ms a step (strip, two-strip,
+    eager; ``top_ms`` replaces N = 128's), each variant's peak from ``peaks``."""
+    ms = {"strip": 2.0, "two-strip": 4.0, "eager": 8.0}
+    timing = {str(n): {"variants": {v: {"median_step_ms": x, "min_step_ms": x, "max_step_ms": x, "finite": True}
+                                    for v, x in ((top_ms or ms) if n == 128 else ms).items()}} for n in (64, 128)}
+    return {"spec": {"kind": "loss", "sizes": [64, 128], "comm": comm},
+            "correctness": {"passed": dict.fromkeys(ms, True)}, "timing": timing,
+            "memory": {str(n): {v: {"peak_bytes_max_over_ranks": p} for v, p in peaks.items()} for n in (64, 128)}}
+
+
+def test_distributed_bench_report_says_na_and_leaves_noise_out_of_the_ratios(capsys):
+    """An expected check whose ratio was not measured prints "n/a", not FAIL; a memory ratio of CPU peaks below
+    the RSS readings' noise (cpu_peak_rss_of_call's 1 MiB) is null and printed "-", CUDA's exact counters keep
+    theirs; the time ratios are the medians' ratios."""
+    import _common as C
+    import bench_distributed as bd
+
+    kib = {"strip": 4096, "two-strip": 8192, "eager": 16 * C.MiB}
+    rep = bd.report(_distributed_result("gloo", kib), 1)
+    r64 = rep["ratios"][0]
+    assert r64["strip_over_two_strip_time"] == 0.5 and r64["strip_over_eager_time"] == 0.25
+    assert r64["strip_over_two_strip_mem"] is None and r64["strip_over_eager_mem"] is None
+    assert rep["expected_check"] == {"N": 128, "ratio": 0.5, "expected_max": 0.8, "pass": True}
+    assert "strip_over_two_strip_mem -" in capsys.readouterr().out
+    mib = {"strip": 2 * C.MiB, "two-strip": 8 * C.MiB, "eager": 16 * C.MiB}
+    assert bd.report(_distributed_result("gloo", mib), 1)["ratios"][0]["strip_over_two_strip_mem"] == 0.25
+    assert bd.report(_distributed_result("nccl", kib), 1)["ratios"][0]["strip_over_two_strip_mem"] == 0.5
+    capsys.readouterr()
+    rep = bd.report(_distributed_result("gloo", mib, top_ms={"strip": None, "two-strip": 4.0, "eager": 8.0}), 1)
+    assert rep["expected_check"]["pass"] is None
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("strip / two-strip time")]
+    assert line == ["strip / two-strip time at N=128: - (expected <= 0.8) n/a (not measured)"], line
+
+
+def test_distributed_bench_checks_triton_fp32_at_bench_loss_fp32_tolerances():
+    """The triton variants' float64 check (fp32 inputs) used 5e-2 for everything, 10x looser than bench_loss's TF32
+    rule and 25x its fp32 one: it now takes bench_loss's tolerances, fp32 unless torch allows TF32 matmuls."""
+    import bench_distributed as bd
+
+    matmul, was = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32  # a flag module: no monkeypatch
+    try:
+        matmul.allow_tf32 = False
+        assert bd.check_tolerance("strip", "triton") == (torch.float32, "fp32", 1e-4, 2e-3)
+        assert bd.check_tolerance("two-strip", "triton") == (torch.float32, "fp32", 1e-4, 2e-3)
+        assert bd.check_tolerance("eager", "triton") == (torch.float64, "fp64", 1e-10, 1e-10)
+        assert bd.check_tolerance("strip", "torch") == (torch.float64, "fp64", 1e-10, 1e-10)
+        matmul.allow_tf32 = True
+        assert bd.check_tolerance("strip", "triton") == (torch.float32, "tf32", 5e-3, 5e-2)
+    finally:
+        matmul.allow_tf32 = was
+
+
+# --------------------------------------------------------------------------- bench_st
+
+
+def _quiet_st(monkeypatch):
+    import _common as C
+
+    monkeypatch.setattr(C, "start_script", lambda: None)
+    monkeypatch.setattr(C, "machine_load", lambda seconds=1.0: {"loadavg": [0.0] * 3, "busy_fraction_others": 0.0})
+
+
+def test_st_bench_checks_every_variant_against_float64_and_times_only_those_that_pass(tmp_path, monkeypatch):
+    """Each part-1 variant (loss and both gradients) is checked against llave_fast.reference in float64 on the same
+    inputs before anything is timed; a variant that fails is not timed and gets no ratio (one is planted here:
+    fused_joint off by 1 %)."""
+    import bench_st
+
+    _quiet_st(monkeypatch)
+    real = bench_st.loss_fn
+    monkeypatch.setattr(bench_st, "loss_fn", lambda v: (lambda q, t: 1.01 * real(v)(q, t)) if v == "fused_joint"
+                        else real(v))
+    out = tmp_path / "st.json"
+    rc = bench_st.main(["--sizes", "64", "--d", "16", "--repeats", "1", "--cached-batch", "8", "--mini-batch", "4",
+                        "--hidden", "16", "--cached-repeats", "1", "--no-memory", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    checks = res["correctness"]
+    assert {v: c["passed"] for v, c in checks.items()} == {**dict.fromkeys(bench_st.LOSS_VARIANTS, True),
+                                                           "fused_joint": False}
+    assert checks["fused_joint"]["errors"]["loss"] == pytest.approx(0.01, rel=1e-3)
+    assert all(max(c["errors"].values()) < 1e-5 and c["B"] == 64 and c["d"] == 16 for v, c in checks.items()
+               if v != "fused_joint")
+    rows = res["loss"]["64"]["variants"]
+    assert rows["fused_joint"]["status"] == "FAILED" and rows["fused_joint"]["fwd_bwd_ms"] == []
+    assert rows["fused_joint"]["median_fwd_bwd_ms"] is None and rows["fused_joint"]["error"].startswith("FAILED")
+    assert all(len(r["fwd_bwd_ms"]) == 1 and r["median_fwd_bwd_ms"] > 0 for v, r in rows.items() if v != "fused_joint")
+    ratios = res["loss"]["64"]["ratios"]
+    assert ratios["fused_joint / st_joint"]["time"] is None
+    assert ratios["fused_per_direction / st_per_direction"]["time"] > 0
+    assert "fused_joint" not in res["loss"]["64"]["same_loss_as_st"]
+
+
+def test_st_bench_stopped_writes_what_it_measured(tmp_path, monkeypatch):
+    """SIGINT or SIGTERM (KeyboardInterrupt) in the second size: the file keeps the first, is marked
+    "interrupted" with the machine load after, and the exit status is 130 (it was a traceback and no mark)."""
+    import _common as C
+    import bench_st
+
+    _quiet_st(monkeypatch)
+    real, calls = C.time_interleaved, []
+
+    def stop_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("signal SIGTERM")
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "time_interleaved", stop_second)
+    out = tmp_path / "st.json"
+    rc = bench_st.main(["--sizes", "32", "64", "--d", "16", "--repeats", "1", "--no-memory", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 130 and res["interrupted"] == "signal SIGTERM" and list(res["loss"]) == ["32"]
+    assert res["machine_load_after"]["busy_fraction_others"] == 0.0 and "cached_step" not in res
+
+
+def test_st_bench_gives_no_time_ratio_to_a_variant_that_errored():
+    """A variant that raised after some timed runs keeps its raw times but gets no median, hence no ratio."""
+    import bench_st
+
+    def timing(ms, error=None):
+        return {"raw_ms": {"fwd": [1.0] * len(ms), "bwd": [1.0] * len(ms), "fwd_bwd": ms}, "losses": [0.5] * len(ms),
+                "error": error}
+
+    rows = bench_st.rows_of({"st_per_direction": timing([10.0, 12.0]),
+                             "fused_per_direction": timing([5.0], "RuntimeError: planted")})
+    fused = rows["fused_per_direction"]
+    assert fused["fwd_bwd_ms"] == [5.0] and fused["median_fwd_bwd_ms"] is None
+    assert rows["st_per_direction"]["median_fwd_bwd_ms"] == 11.0
+    assert bench_st.ratios_of(rows)["fused_per_direction / st_per_direction"]["time"] is None
+
+
+# --------------------------------------------------------------------------- bench_loss: arguments, inputs, a stop
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--B", "64", "0"], "--B takes integers >= 1, got [64, 0]"),
+    (["--d", "-16"], "--d takes integers >= 1, got [-16]"),
+    (["--B", "64", "128", "64"], "--B names [64] more than once, got [64, 128, 64]"),
+    (["--d", "16", "16"], "--d names [16] more than once, got [16, 16]"),
+    (["--dtype", "fp32", "bf16", "fp32"], "--dtype names ['fp32'] more than once"),
+    (["--backends", "torch", "reference", "torch"], "--backends names ['torch'] more than once"),
+    (["--backends", "torch", "--only-B", "reference=64"], "--only-B names ['reference'], not in the backends run"),
+    (["--backends", "torch", "--max-B", "compile=64"], "--max-B names ['compile'], not in the backends run"),
+    (["--backends", "torch", "--repeats-for", "inf_cl=1"], "--repeats-for names ['inf_cl'], not in the backends run"),
+    (["--backends", "torch", "--warmup-for", "gemm3=1"], "--warmup-for names ['gemm3'], not in the backends run"),
+    (["--backends", "torch", "inf_cl", "--alpha0-fused", "torch_chunked"],
+     "--alpha0-fused torch_chunked is not in the backends run ['torch', 'inf_cl']"),
+    (["--deadline-s", "-5"], "--deadline-s must be >= 0 seconds, got -5"),
+    (["--point-budget-s", "-0.5"], "--point-budget-s must be >= 0 seconds, got -0.5"),
+    (["--backends", "torch", "compile", "--warmup-for", "compile=0"], "--warmup-for compile=0: compile's first run"),
+    (["--backends", "torch", "compile", "--warmup", "0"], "--warmup 0: compile's first run compiles"),
+    (["--device", "cpu", "--backends", "triton_tuned", "--warmup", "0"],
+     "--warmup 0: triton_tuned's first run autotunes")])
+def test_loss_bench_refuses_bad_arguments_naming_them(capsys, argv, message):
+    """Sizes below 1, duplicates (a size timed twice), per-backend options naming a backend that is not run (silently
+    ignored), negative seconds, and a compile or autotune that would land in a timed run: refused by argparse."""
+    import bench_loss
+
+    with pytest.raises(SystemExit) as e:
+        bench_loss.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_loss_bench_device_cuda_without_cuda_is_one_line(capsys):
+    import bench_loss
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as e:
+        bench_loss.main(["--device", "cuda", "--out", "/nonexistent/never-written.json"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--device cuda: CUDA is not available here" in err and "Traceback" not in err
+
+
+def test_loss_bench_saves_only_b_as_json_and_takes_a_good_command_line():
+    import bench_loss
+
+    args = bench_loss.parse_args(["--backends", "torch", "compile", "--only-B", "torch=128,64", "--warmup-for",
+                                  "compile=1", "--max-B", "compile=64"])
+    assert json.loads(json.dumps(args.only_B, default=str)) == {"torch": [64, 128]}  # was the string "{64, 128}"
+    assert args.max_B == {"compile": 64} and args.warmup_for == {"compile": 1}
+
+
+def test_loss_bench_records_a_failure_to_build_a_sizes_inputs_and_goes_on(monkeypatch):
+    """An OOM while building a size's inputs (make_pairs) was a bare traceback; it is that size's error (OOM) in the
+    file, written, and the next size runs."""
+    import _common
+    import bench_loss
+
+    report = _fake_loss_fns(monkeypatch, fixed_cost_s=0.0)
+    real = _common.make_pairs
+
+    def make_pairs(n, B, d, **kw):
+        if B == 128:
+            raise torch.OutOfMemoryError("planted: out of memory\nmore")
+        return real(n, B, d, **kw)
+
+    monkeypatch.setattr(_common, "make_pairs", make_pairs)
+    args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "128", "256", "--d", "16",
+                        "--repeats", "1"])
+    writes = []
+    res = bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"),
+                                    on_progress=lambda r: writes.append({(x["label"], x["B"]): x["status"] for x in r}))
+    st = {(r["label"], r["B"]): (r["status"], r.get("error")) for r in res}
+    why = "building the inputs: OutOfMemoryError: planted: out of memory"
+    assert st == {("torch", 64): ("ok", None), ("reference", 64): ("ok", None), ("torch", 128): ("OOM", why),
+                  ("reference", 128): ("OOM", why), ("torch", 256): ("ok", None), ("reference", 256): ("ok", None)}
+    assert writes[1] == {("torch", 64): "ok", ("reference", 64): "ok", ("torch", 128): "OOM", ("reference", 128): "OOM"}
+
+
+def test_loss_bench_stopped_in_a_memory_figure_keeps_the_timed_rows(monkeypatch):
+    """CPU: stopped (SIGINT/SIGTERM) while the fresh-process memory figure of a timed row is taken, the size's timed
+    rows were dropped; they are kept, written, their memory marked not measured, and the stop is raised on. The
+    ratios keep their times and give no memory ratio; the README table shows "-" for the peak."""
+    import _common
+    import bench_loss
+    import report as rp
+
+    report = _fake_loss_fns(monkeypatch, fixed_cost_s=0.0)
+
+    def stopped(script, spec):
+        raise KeyboardInterrupt("signal SIGTERM")
+
+    monkeypatch.setattr(_common, "peak_in_fresh_process", stopped)
+    args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "128", "--d", "16",
+                        "--repeats", "2"])
+    results, writes = [], []
+    with pytest.raises(KeyboardInterrupt):
+        bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"), results=results,
+                                  on_progress=lambda r: writes.append(len(r)))
+    assert [(r["label"], r["B"], r["status"]) for r in results] == [("torch", 64, "ok"), ("reference", 64, "ok")]
+    assert writes == [2]
+    for r in results:
+        assert r["memory"] == {"peak_bytes": None, "not_measured": "the run was stopped before this figure was taken"}
+        assert len(r["timing"]["raw_ms"]["fwd_bwd"]) == 2 and r["tflops_useful"]["fwd_bwd"] > 0
+    ratio, not_run = bench_loss.compute_ratios(results, ["torch", "reference"], args)
+    assert ratio["status"] == "ok" and ratio["mem_ratio"] is None and not_run["status"].startswith("n/a")
+    assert ratio["time_ratio"]["fwd_bwd"] == pytest.approx(results[0]["timing"]["median_ms"]["fwd_bwd"]
+                                                           / results[1]["timing"]["median_ms"]["fwd_bwd"])
+    meta = {"device": {"name": "cpu"}, "versions": {}}
+    (row,) = [ln for ln in rp.loss_table({"meta": meta, "results": results}) if ln.startswith("| fp32")]
+    assert row.count(" (-)") == 2, row
+
+
+# --------------------------------------------------------------------------- report.py
+
+
+def test_report_renders_an_empty_file_and_counts_torch_chunked_as_fused():
+    """A file with no results said nothing valid (a table header with an empty column); torch_chunked was left out
+    of "fused / reference"."""
+    import report as rp
+
+    meta = {"device": {"name": "cpu"}, "versions": {}}
+    lines = rp.loss_table({"meta": meta, "results": [], "partial": True})
+    assert "(no results in this file)" in lines and not any(ln.startswith("|") for ln in lines), lines
+
+    def row(label, ms):
+        return {"label": label, "dtype": "fp32", "d": 16, "B": 64, "status": "ok",
+                "timing": {"median_ms": {"fwd_bwd": ms}}, "memory": {"peak_bytes": 2 * rp.MiB}}
+
+    lines = rp.loss_table({"meta": meta, "results": [row("torch_chunked", 5.0), row("reference", 20.0)]})
+    assert "| fp32 | 16 | 64 | 5.00 (2) | 20.0 (2) | 0.25 (torch_chunked) | - |" in lines, lines
+
+
+# --------------------------------------------------------------------------- bench_single_pass, bench_data_loading
+
+
+def _quiet_load(monkeypatch):
+    import _common as C
+
+    monkeypatch.setattr(C, "start_script", lambda: None)
+    monkeypatch.setattr(C, "machine_load", lambda seconds=1.0: {"loadavg": [0.0] * 3, "busy_fraction_others": 0.0})
+
+
+def test_single_pass_bench_keeps_one_path_when_the_other_fails(tmp_path, monkeypatch):
+    """The cached path failing lost the single pass's figures (one write, at the end): each path is recorded with
+    its own error, the other is timed and written, with the commit and the machine load before and after; exit 1."""
+    import bench_single_pass as bsp
+
+    _quiet_load(monkeypatch)
+
+    def build_step(preset, batch, settings):
+        model = torch.nn.Linear(2, 1)
+
+        def step(single):
+            if not single:
+                raise RuntimeError("planted: the cached path broke")
+            model.zero_grad(set_to_none=True)
+            model(torch.ones(1, 2)).sum().backward()
+            return 0.5
+        step.model = model
+        return step
+
+    monkeypatch.setattr(bsp, "build_step", build_step)
+    out = tmp_path / "sp.json"
+    assert bsp.main(["--batch", "4", "--repeats", "3", "--out", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert len(res["single_pass"]["seconds"]) == 3 and res["single_pass"]["median_s"] > 0
+    assert res["single_pass"]["loss"] == 0.5 and res["single_pass"]["error"] is None
+    assert res["cached_path"] == {"seconds": [], "median_s": None, "loss": None,
+                                  "error": "RuntimeError: planted: the cached path broke"}
+    assert res["speedup_median"] is None and "max_rel_grad_diff" not in res and "partial" not in res
+    assert res["git"]["commit"] and res["machine_load_before"]["busy_fraction_others"] == 0.0
+    assert res["machine_load_after"]["busy_fraction_others"] == 0.0
+
+
+def _data_loading_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_data_loading", ROOT / "scripts" / "bench_data_loading.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_data_loading_bench_writes_each_run_and_the_real_global_batch(tmp_path, monkeypatch):
+    """A failed second setting lost the first (one write at the end, a SystemExit in between); the file said
+    global batch 64 whatever the runs used. Each run is written as it ends, a failure recorded with its error and
+    the others run; the global batch is the run's own (train_config.json); the commit and machine load are in."""
+    bdl = _data_loading_module()
+    _quiet_load(monkeypatch)
+    monkeypatch.setattr(bdl, "write_mmeb_jpeg", lambda folder, n: ("rows.jsonl", "images"))
+    written, real_run = [], subprocess.run
+
+    def fake_train(cmd, **kw):  # the one subprocess module: git (run_meta) runs for real
+        if "--output-dir" not in cmd:
+            return real_run(cmd, **kw)
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        written.append(json.loads((tmp_path / "dl.json").read_text())["results"] if (tmp_path / "dl.json").exists()
+                       else None)
+        if "--data" in cmd and cmd[cmd.index("--num-workers") + 1] == "2":
+            return subprocess.CompletedProcess(cmd, 3, "", "planted: the image set broke")
+        out.mkdir(parents=True)
+        (out / "train_log.jsonl").write_text("".join(json.dumps({"step_time_s": s, "data_wait_s": s / 10}) + "\n"
+                                                     for s in (9.0, 0.2, 0.4, 0.3)))
+        (out / "train_config.json").write_text(json.dumps({"global_batch": 32}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bdl.subprocess, "run", fake_train)
+    assert bdl.main(["--steps", "4", "--workers", "0,2", "--out", str(tmp_path / "dl.json")]) == 1
+    res = json.loads((tmp_path / "dl.json").read_text())
+    got = [(r["dataset"], r["workers"], r.get("global_batch"), r.get("median_step_ms"), r.get("error", "")[:13])
+           for r in res["results"]]
+    assert got == [("default", 0, 32, pytest.approx(300.0), ""), ("default", 2, 32, pytest.approx(300.0), ""),
+                   ("mmeb-jpeg", 0, 32, pytest.approx(300.0), ""),
+                   ("mmeb-jpeg", 2, None, None, "RuntimeError:")], got
+    failed = res["results"][3]["error"]
+    assert "exit status 3" in failed and "planted: the image set broke" in failed
+    assert [len(w or []) for w in written] == [0, 1, 2, 3]  # each run found the ones before it written
+    assert res["git"]["commit"] and res["machine_load_after"]["busy_fraction_others"] == 0.0 and "partial" not in res
