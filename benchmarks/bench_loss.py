@@ -551,7 +551,9 @@ def parse_args(argv=None):
     if args.alpha0_fused is not None and args.alpha0_fused not in backends:
         p.error(f"--alpha0-fused {args.alpha0_fused} is not in the backends run {backends}")
     for b in ("compile", "triton_tuned"):  # their first run compiles or autotunes: never a timed one
-        if b in backends and (args.warmup_for or {}).get(b, 1 if args.warmup is None else args.warmup) < 1:
+        # (compile's default warm-up is 3 at least whatever --warmup says: runs_of)
+        default = 3 if b == "compile" else (1 if args.warmup is None else args.warmup)
+        if b in backends and (args.warmup_for or {}).get(b, default) < 1:
             flag = f"--warmup-for {b}=0" if b in (args.warmup_for or {}) else "--warmup 0"
             p.error(f"{flag}: {b}'s first run {'compiles' if b == 'compile' else 'autotunes'}, it would be timed; "
                     f"give it at least one warm-up run (--warmup-for {b}=1)")

@@ -720,7 +720,12 @@ def part_tiny(args, res: Results, sizes: dict) -> None:
                                 "p_at_1_after chance num_candidates by_task"))
             out["pairs_per_s"] = e["global_batch"] / e["median_step_s"] if e.get("median_step_s") else None
         if (log_path := run_dir / "train_log.jsonl").exists():
-            rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+            rows = []
+            for line in log_path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # blank, or the last line half written when the step's SIGINT came
+                    continue
             out["steps_logged"] = len(rows)
             out["loss_first_last"] = [rows[0]["loss"], rows[-1]["loss"]] if rows else None
         if "rc" not in out:

@@ -59,11 +59,12 @@ FIRST=${STAGES%% *}
 SETUP_MARKER=${SETUP_MARKER:-/tmp/llave_fast_gpu_setup}
 warm_setup() {
     [ -f "$SETUP_MARKER" ] && [ "$(sed -n 1p "$SETUP_MARKER")" = "$PWD|$PY" ] || return 1
-    local pp
+    local pp here=$PWD
     pp=$(sed -n 3p "$SETUP_MARKER")
-    PYTHONPATH="$pp" "$PY" -c "import llave_fast.kernels, llave_fast, os, sys
-here = os.path.realpath(os.getcwd()) + os.sep
-sys.exit(0 if os.path.realpath(llave_fast.__file__).startswith(here) else 1)" 2>/dev/null || return 1
+    # run from / (not this tree, which python -c would put first on sys.path): the editable install must find it
+    (cd / && PYTHONPATH="$pp" "$PY" -c "import llave_fast.kernels, llave_fast, os, sys
+sys.exit(0 if os.path.realpath(llave_fast.__file__).startswith(os.path.realpath('$here') + os.sep) else 1)") \
+        2>/dev/null || return 1
     step "environment: warm machine, the set-up of the call before is kept ($SETUP_MARKER)"
     DRY=$(sed -n 2p "$SETUP_MARKER")
     [ -n "$pp" ] && export PYTHONPATH="$pp"
@@ -101,7 +102,9 @@ setup() {
     else
         echo "WARNING: installing the carried wheels failed: Inf-CL rows will be skipped"
     fi
-    printf '%s\n%s\n%s\n' "$PWD|$PY" "$DRY" "${PYTHONPATH:-}" > "$SETUP_MARKER" 2>/dev/null || true
+    # not after the fallback to a copy of the package (PYTHONSAFEPATH): the next call sets up again
+    [ -n "${PYTHONSAFEPATH:-}" ] || printf '%s\n%s\n%s\n' "$PWD|$PY" "$DRY" "${PYTHONPATH:-}" > "$SETUP_MARKER" 2>/dev/null \
+        || true
     return 0
 }
 

@@ -339,17 +339,30 @@ def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
     return key
 
 
-def _images_key(pairs) -> list:
+def _images_key(paths) -> list:
     """The images a dataset's rows name, as the cache key sees them: their count and a digest of
-    each distinct file's path, size and modification time (a replaced image is not reused)."""
+    each file's path, size and modification time (a replaced image is not reused; a missing one
+    gives a key no cache holds)."""
     import hashlib
 
-    h, n = hashlib.sha256(), 0
-    for path in sorted({img for _text, img in pairs if img is not None}):
-        st = os.stat(path)
+    h = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return [len(paths), f"missing: {path}"]
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        n += 1
-    return [n, h.hexdigest()[:16]]
+    return [len(paths), h.hexdigest()[:16]]
+
+
+def _cached_image_paths(path: str) -> list | None:
+    """The image paths a cache file lists (None: no cache file, or one that lists none: recomputed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            paths = json.load(f).get("image_paths")
+    except (OSError, ValueError, AttributeError):
+        return None if not os.path.exists(path) else []
+    return paths if isinstance(paths, list) else []
 
 
 def _file_key(path: str) -> list:
@@ -592,19 +605,21 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
     per_dataset = {}
     _warn_near_mmeb_names([ds.name for ds in datasets])
     for n_done, ds in enumerate(datasets):
-        # read first (seconds, no model): the key covers the images the rows name, not only the files
-        es = read_eval_set(ds, image_dir, max_queries)
         ds_key = json.loads(json.dumps({
             "version": _CACHE_VERSION, **(key or {}), "dataset": ds.name, "files": [_file_key(f) for f in ds.files],
-            "image_dir": None if image_dir is None else os.path.abspath(image_dir), "max_queries": max_queries,
-            "images": _images_key(es.pairs)}))
+            "image_dir": None if image_dir is None else os.path.abspath(image_dir), "max_queries": max_queries}))
         cache = None if output_dir is None else _cache_file(output_dir, ds.name)
-        result = None if cache is None else _cached_result(cache, ds_key)
+        # the key also covers the images the rows name: checked from the paths the cache lists (no table read)
+        stored = None if cache is None else _cached_image_paths(cache)
+        result = None if stored is None else _cached_result(cache, dict(ds_key, images=_images_key(stored)))
         tag = f"[{n_done + 1}/{len(datasets)}] {ds.name}"
         if result is not None:
             logger.info("%s: P@1 %.1f%% (%d queries), from %s", tag, 100 * result["p_at_1"], result["num_queries"],
                         cache)
         else:
+            es = read_eval_set(ds, image_dir, max_queries)
+            image_paths = sorted({img for _text, img in es.pairs if img is not None})
+            ds_key["images"] = _images_key(image_paths)
             m = get_model()
             dropped = sum(1 for t, img in es.pairs if img is not None and drops_image(m.processor, t))
             if dropped:
@@ -627,7 +642,7 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             if cache is not None:
-                _write_json_atomic(cache, {"key": ds_key, "result": result})
+                _write_json_atomic(cache, {"key": ds_key, "result": result, "image_paths": image_paths})
             slots = result["num_queries"] + result["num_candidates"]
             logger.info(f"{tag}: P@1 {100 * result['p_at_1']:.1f}% ({result['num_queries']} queries, "
                  f"{result['num_encoded']} distinct inputs encoded for {slots} query and candidate slots, "

@@ -1021,19 +1021,29 @@ def test_hidden_folders_are_not_searched_and_endings_are_read_in_any_case_or_ref
     with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_tables"):
         ds = MMEBDataset(d, img)
     assert Counter(r["subset"] for r in ds) == {"UPPER": 2, "Z": 3}  # .JSONL and .jsonl.gz were passed over
-    assert f"4 data file(s) under {d} are in hidden folders or have hidden names and are not read" in caplog.text
+    assert f"4 data-like file(s) under {d} are not read: 4 in hidden folders or with hidden names" in caplog.text
     assert len(MMEBDataset(d / ".git", img)) == 1  # a hidden folder named is read
-    # compressed data that is not read is refused, naming the file, in a folder and named alike
+    # compressed data that is not read: refused, naming the file, when named; found in a folder beside the
+    # tables (metadata.json.gz, say), left out and counted in the warning, the tables still read
     for name, why in (("W.parquet.gz", "a parquet file compresses its own pages"), ("V.json.gz", "gunzip it and name "
                       "it .jsonl"), ("X.JSONL.BZ2", "only .jsonl.gz is read compressed")):
         f = d / "more" / name
         f.parent.mkdir(exist_ok=True)
         f.write_bytes(b"x")
-        for given in (d, f):
-            refused = rf"{re.escape(str(f))}: files ending \.\w+\.\w+ are not read: .*{why}"
-            with pytest.raises(ValueError, match=refused):
-                MMEBDataset(given, img)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(f))}: files ending \.\w+\.\w+ are not read: .*{why}"):
+            MMEBDataset(f, img)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_tables"):
+            assert Counter(r["subset"] for r in MMEBDataset(d, img)) == {"UPPER": 2, "Z": 3}
+        assert "5 data-like file(s)" in caplog.text and "1 in a compressed form that is not read" in caplog.text
         f.unlink()
+    # one folder holding a one-file subset twice (MSCOCO.jsonl beside its .jsonl.gz) was read twice: refused
+    both = tmp_path / "both"
+    _jsonl(both / "MSCOCO.jsonl", _rows(2))
+    (both / "MSCOCO.jsonl.gz").write_bytes(gzip.compress((both / "MSCOCO.jsonl").read_bytes()))
+    with pytest.raises(ValueError, match=r"MSCOCO\.jsonl and .*MSCOCO\.jsonl\.gz are both read as one folder's copies "
+                                         r"of subset 'MSCOCO'"):
+        MMEBDataset(both, img)
     # a cut gzip stream names the file
     cut = d / "more" / "Cut.jsonl.gz"
     cut.write_bytes((d / "Z.jsonl.gz").read_bytes()[:-12])

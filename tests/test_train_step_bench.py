@@ -462,7 +462,7 @@ def test_a_tiny_job_stopped_at_its_limit_keeps_what_it_logged_and_saves_checkpoi
         run_dir = tmp_path / "tiny_run"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0 - s}) + "\n"
-                                                         for s in range(1, 31)))
+                                                         for s in range(1, 31)) + '{"step": 31, "lo')  # half written
         raise KeyboardInterrupt
 
     monkeypatch.setattr(B, "run_clis", stopped)

@@ -61,7 +61,6 @@ from .image_root import (  # noqa: F401 - re-exported: mmeb_eval, the CLI and te
 from .images import MAX_IMAGE_PIXELS, ImageTooLarge, image_problem, open_rgb  # noqa: F401
 from .mmeb_tables import (  # noqa: F401 - re-exported: mmeb_eval and tests import them from here
     _SHARD_RE,
-    DATA_SUFFIXES,
     MAX_LINE_BYTES,
     MMEB_COLUMNS,
     MMEB_NEG_COLUMNS,
@@ -72,7 +71,6 @@ from .mmeb_tables import (  # noqa: F401 - re-exported: mmeb_eval and tests impo
     _read_jsonl,
     _read_parquet,
     _Source,
-    _subset_and_split,
     data_files,
     data_kind,
     jsonl_lines,
@@ -212,13 +210,15 @@ class MMEBDataset(torch.utils.data.Dataset):
             if (subset, os.path.realpath(f)) in seen:  # one file named twice (two spellings, a folder and a file in it)
                 continue
             seen.add((subset, os.path.realpath(f)))
-            if shard is not None:  # one shard twice: two copies of a subset, or two subsets given one name
-                first = shards.setdefault((subset, file_split, shard), f)
-                if first is not f:
-                    raise InvalidArgument(
-                        f"{first} and {f} are both read as the same shard of subset {subset!r} (split "
-                        f"{file_split!r}): two copies of one subset, or two subsets named alike; name one of them "
-                        f"in --data (paths=)")
+            # one shard twice (two copies of a subset, or two subsets given one name), or one folder holding a
+            # one-file subset twice (MSCOCO.jsonl beside MSCOCO.jsonl.gz: read twice, silently, before)
+            where = (subset, file_split, shard if shard is not None else os.path.dirname(os.path.realpath(f)))
+            first = shards.setdefault(where, f)
+            if first is not f:
+                what = "the same shard of" if shard is not None else "one folder's copies of"
+                raise InvalidArgument(
+                    f"{first} and {f} are both read as {what} subset {subset!r} (split {file_split!r}): two copies "
+                    f"of one subset, or two subsets named alike; name one of them in --data (paths=)")
             picked.append((f, subset, file_split))
         splits = sorted({sp for _, _, sp in picked if sp is not None})
         if split is None and len(splits) > 1:

@@ -18,7 +18,7 @@ from typing import Iterable
 from .bad_data import BadDataError
 from ..errors import InvalidArgument, MissingDependency
 
-__all__ = ["DATA_SUFFIXES", "MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
+__all__ = ["MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
            "data_files", "data_kind", "data_stem", "jsonl_lines", "open_jsonl", "parse_json_line"]
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 MMEB_REQUIRED_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 MMEB_NEG_COLUMNS = ("neg_text", "neg_image_path")
 MMEB_COLUMNS = MMEB_REQUIRED_COLUMNS + MMEB_NEG_COLUMNS
-DATA_SUFFIXES = (".parquet", ".jsonl")
 # what each data file name ending reads as, in any case (.JSONL): gzip is read for jsonl alone
 _KINDS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 # endings that look like data but are not read: a named or found file with one is refused, never passed over
@@ -276,10 +275,6 @@ def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
     return stem, None, None
 
 
-def _subset_and_split(path: Path) -> tuple[str, str | None]:
-    return _name_file(path)[:2]
-
-
 def data_suffix(path) -> str | None:
     """The data-file ending of ``path``, lower-cased (``.jsonl``, ``.jsonl.gz``, ``.parquet``, or one
     that is refused, ``.parquet.gz`` ...), or None for a file that is no data file."""
@@ -324,13 +319,17 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found, hidden = _search(p)
-            if hidden:
-                logger.warning("%d data file(s) under %s are in hidden folders or have hidden names and are not read "
-                               "(e.g. %s); name them (or their folder) to read them", len(hidden), p, hidden[0])
+            found, left_out = _search(p)
+            if left_out:
+                packed = [f for f in left_out if data_suffix(f) in _REFUSED]
+                logger.warning("%d data-like file(s) under %s are not read: %d in hidden folders or with hidden "
+                               "names (name them, or their folder, to read them), %d in a compressed form that is "
+                               "not read (%s; e.g. %s)", len(left_out), p, len(left_out) - len(packed), len(packed),
+                               ", ".join(sorted({data_suffix(f) for f in packed})) or "none", left_out[0])
             if not found:
                 raise FileNotFoundError(f"no {'/'.join(_KINDS)} files under {p}"
-                                        + (f" ({len(hidden)} in hidden folders, not searched)" if hidden else ""))
+                                        + (f" ({len(left_out)} hidden or compressed as not read: {left_out[0]})"
+                                           if left_out else ""))
             files += found
         elif p.is_file():
             if data_kind(p) is None:
@@ -342,20 +341,22 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
 
 
 def _search(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(the data files under ``folder``, sorted; the data files left out as hidden)."""
-    found, hidden = [], []
+    """(the data files under ``folder``, sorted; the data files left out: hidden, or in a compressed
+    form that is not read, ``.json.gz`` metadata beside the tables say; a file named itself is refused)."""
+    found, left_out = [], []
     for root, dirs, names in os.walk(folder):  # links to folders are not followed, as rglob did not
         dirs.sort()
         in_hidden = any(part.startswith(".") for part in Path(root).relative_to(folder).parts)
         for name in sorted(names):
             f = Path(root, name)
-            if data_suffix(f) is None:
+            end = data_suffix(f)
+            if end is None:
                 continue
-            if in_hidden or name.startswith("."):
-                hidden.append(f)
-            elif data_kind(f) is not None and f.is_file():  # data_kind refuses .parquet.gz and the like
+            if in_hidden or name.startswith(".") or end in _REFUSED:
+                left_out.append(f)
+            elif f.is_file():
                 found.append(f)
-    return sorted(found), hidden
+    return sorted(found), left_out
 
 
 def _load_hub(name: str, subsets, split: str, allow_extra: bool, max_rows, image_dir) -> list[_Source]:

@@ -287,8 +287,9 @@ def _vision_config_for(raw: dict, vision_config, vision_layers: int | None) -> d
             f"deletes the last one and runs {tower_layers - 1}: LLaVE would ignore the weights of layer "
             f"{tower_layers - 1}, and running them would give other embeddings. Remove "
             f"model.vision_tower.vision_tower.vision_model.encoder.layers.{tower_layers - 1}.* from the checkpoint; if "
-            f"your model really runs {tower_layers} layers, pass vision_config with num_hidden_layers={tower_layers + 1} "
-            "(the tower before LLaVA-NeXT deletes its last layer)")
+            f"your model really runs {tower_layers} layers (or the vision_config given already has its last layer "
+            f"removed), pass vision_config as the tower's own config, before LLaVA-NeXT deletes its last layer: "
+            f"num_hidden_layers={tower_layers + 1}")
     if not isinstance(vision_layers, int) or not 1 <= vision_layers <= tower_layers:
         raise CheckpointKeyError(
             f"the checkpoint keeps {vision_layers!r} vision-tower layers (encoder.layers.0..{vision_layers - 1}) but "
@@ -452,6 +453,9 @@ def load_config(path: str, *, tokenizer=None, vision_config=None, ignore_config_
         )
     if vision_config is not None:
         raise InvalidArgument("vision_config applies to llava_qwen checkpoints only; this one is in transformers format")
+    if ignore_config_keys:
+        raise InvalidArgument("ignore_config_keys applies to llava_qwen checkpoints only; this one is in transformers "
+                              "format")
     from transformers import LlavaOnevisionConfig
 
     return LlavaOnevisionConfig.from_pretrained(path)

@@ -107,5 +107,5 @@ def check_ranks_agree(cfg, world: int, data: dict) -> None:
                           for k in differ[:12])
         raise InvalidArgument(
             f"the {world} ranks disagree on options or data that every rank must share:\n{lines}\nStart every rank "
-            "with the same options and the same data (what differs per node may be paths only: "
+            "with the same options and the same data (what may differ per node: paths, display and loader options, "
             f"{', '.join(sorted(RANK_LOCAL_OPTIONS))})")
