@@ -50,6 +50,8 @@ def _existing(flag: str, path: str | None, kind: str = "folder") -> None:
         raise UsageError(f"{flag} {path!r}: no such {kind}")
     if kind == "folder" and not os.path.isdir(path):
         raise UsageError(f"{flag} {path!r}: not a folder")
+    if kind == "file" and not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r}: not a file")
 
 
 def _writable_file(flag: str, path: str | None) -> None:

@@ -167,6 +167,27 @@ def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.nd
     raise VideoDataError(path, None, f"cannot be decoded as a video ({n} frames decoded)")
 
 
+def check_video_files(paths: Sequence[str]) -> None:
+    """Open every video's container before the model is loaded (milliseconds each, nothing decoded):
+    a file that is no video, has no video stream or no frame rate is found now, all of them in one
+    error, instead of stopping the run when its turn comes, hours of encoding later."""
+    av = _require_av()
+    errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError, UnicodeDecodeError)
+    bad = []
+    for path in paths:
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    bad.append(f"{path}: has no video stream")
+                elif _native_fps(container.streams.video[0]) is None:
+                    bad.append(f"{path}: has no frame rate in its video stream")
+        except errors as e:
+            bad.append(f"{path}: cannot be opened as a video ({type(e).__name__}: {e})")
+    if bad:
+        raise VideoDataError(bad[0].split(": ")[0], None, f"is one of {len(bad)} of {len(paths)} video files that "
+                             "cannot be used: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+
+
 def find_videos(video_ids: Sequence[str], videos_dir: str) -> list[str]:
     """The file of every video id: ``videos_dir/<id>.<ext>`` for a video extension (mp4, avi, ...),
     also in sub-folders (as LLaVE's MSVD reader walks the folder). Missing files are one error
@@ -350,6 +371,7 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     if limit is not None:
         ann = ann.head(limit)
     paths = find_videos(ann.video_ids, videos_dir)
+    check_video_files(paths)  # before the model: a bad file found now, not when its turn comes
 
     model, extra = load_eval_model(model_path, dev, dt, max_text_tokens=max_text_tokens,
                                    autocast=eval_autocast(dtype))

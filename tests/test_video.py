@@ -639,3 +639,48 @@ def test_zero3_partitioned_model_embeds_videos_like_the_whole_one():
     from llave_fast.testing import spawn_ranks
 
     spawn_ranks(_zero3_video_rank, 2)
+
+
+def test_bad_video_files_are_found_before_the_model_loads(tiny_folder, clips, tmp_path, capsys, monkeypatch):
+    """A text file, an empty file or an audio-only file among the videos stopped the run when its turn came
+    (hours of encoding lost at scale): every one is found by opening the containers, before the model."""
+    import shutil
+
+    import llave_fast.evaluate as ev
+
+    videos = tmp_path / "videos"
+    shutil.copytree(clips, videos)
+    (videos / "video90.mp4").write_text("not a video")
+    (videos / "video91.mp4").write_bytes(b"")
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video_id,sentence\nvideo0,a red square\nvideo90,b\nvideo91,c\n")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the video files were checked")
+
+    monkeypatch.setattr(ev, "load_eval_model", no_load)
+    rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", str(videos), "--annotations", str(ann),
+                       "--output-dir", str(tmp_path / "o"), "--device", "cpu")
+    assert rc == 1 and "2 of 3 video files that cannot be used" in err and "Traceback" not in err, err
+    assert "video90.mp4: cannot be opened as a video" in err and "video91.mp4" in err
+    # --video-list given a folder names the flag
+    rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", clips, "--annotations", str(ann),
+                       "--video-list", str(tmp_path), "--output-dir", str(tmp_path / "o"))
+    assert rc == 1 and f"--video-list {str(tmp_path)!r}: not a file" in err, err
+
+
+def test_a_caption_repeated_for_one_video_is_said(tmp_path, caplog):
+    """Each caption row is a query (CLIP4Clip counts MSVD's repeated captions): kept, but a copied row is said."""
+    import logging
+
+    ann = tmp_path / "dup.csv"
+    ann.write_text("video_id,sentence\nv1,a dog\nv2,a cat\nv1,a dog\n")
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.video_annotations"):
+        got = read_annotations(str(ann))
+    assert got.num_captions == 3 and got.num_videos == 2
+    assert "1 caption row(s) repeat a caption of the same video" in caplog.text and "'v1', 'a dog'" in caplog.text
+    caplog.clear()
+    ann.write_text("video_id,sentence\nv1,a dog\nv2,a dog\n")  # one caption for two videos: no repeat
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.video_annotations"):
+        read_annotations(str(ann))
+    assert "repeat" not in caplog.text

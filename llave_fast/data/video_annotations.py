@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import numpy as np
 
 from ..model.processor import has_placeholder
 from .mmeb import BadDataError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoDataError", "VideoAnnotations", "read_annotations", "read_video_list"]
 
@@ -312,4 +315,22 @@ def read_annotations(path: str, video_list: str | None = None) -> VideoAnnotatio
         raise VideoDataError(path, None, "holds no caption")
     if video_list is not None:
         ann = ann.select(read_video_list(video_list), video_list)
+    _say_repeated_captions(ann)
     return ann
+
+
+def _say_repeated_captions(ann: "VideoAnnotations") -> None:
+    """Warn when a video holds one caption twice: each row is a text->video query (as CLIP4Clip counts
+    MSR-VTT's and MSVD's repeated captions), so a copied row weighs twice; said, not refused."""
+    pairs = list(zip(ann.caption_to_video, ann.captions))
+    repeated = len(pairs) - len(set(pairs))
+    if repeated:
+        seen, first = set(), None
+        for v, c in pairs:
+            if (v, c) in seen:
+                first = (ann.video_ids[v], c)
+                break
+            seen.add((v, c))
+        logger.warning("%s: %d caption row(s) repeat a caption of the same video (each is a query, as in CLIP4Clip's "
+                       "protocol; a copied row weighs twice in the text->video recalls); first: video %r, %r",
+                       ann.source, repeated, first[0], first[1][:60])
