@@ -20,6 +20,7 @@ LLaVE (trained on images and texts only) reports zero-shot text-video retrieval 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -38,6 +39,8 @@ from .data.video_annotations import (  # noqa: F401 - re-exported: the readers' 
     read_video_list,
 )
 from .errors import InvalidArgument, MissingDependency
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -121,17 +124,23 @@ def _decode_indices(av, path: str, indices: set[int]) -> tuple[dict[int, np.ndar
     return kept, n, fps
 
 
-def _frame_count(av, path: str) -> tuple[int, float | None]:
-    """The stream's frame count from the container (its index), else by demuxing (no decoding)."""
+def _frame_count(av, path: str) -> tuple[int, float | None, int | None]:
+    """The stream's frame count from the container (its index), else by demuxing (no decoding), its
+    frame rate, and the frames its stated duration holds (None: no duration stated)."""
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoDataError(path, None, "has no video stream")
         stream = container.streams.video[0]
         fps = _native_fps(stream)
+        seconds = None
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / 1e6
         n = int(stream.frames or 0)
         if n <= 0:
             n = sum(1 for p in container.demux(stream) if p.size)
-    return n, fps
+    return n, fps, (round(seconds * fps) if seconds and fps else None)
 
 
 def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.ndarray, dict]:
@@ -149,7 +158,7 @@ def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.nd
         raise FileNotFoundError(f"no video file {path!r}")
     errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError, UnicodeDecodeError)
     try:
-        n, native = _frame_count(av, path)
+        n, native, stated = _frame_count(av, path)
         if native is None:
             raise VideoDataError(path, None, "has no frame rate in its video stream")
         for _ in range(2):
@@ -158,7 +167,8 @@ def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.nd
             idx = sample_frame_indices(n, native, fps, max_frames)
             kept, decoded, native = _decode_indices(av, path, set(idx))
             if decoded == n:
-                return np.stack([kept[i] for i in idx]), {"num_frames": n, "native_fps": native, "indices": idx}
+                return np.stack([kept[i] for i in idx]), {"num_frames": n, "native_fps": native, "indices": idx,
+                                                          "stated_frames": stated}
             n = decoded  # the container's count was off: sample again from the decoded count
     except VideoDataError:
         raise
@@ -388,6 +398,14 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     t2 = time.perf_counter()
     metrics = retrieval_metrics(c_emb @ v_emb.t(), ann.caption_to_video)
     frames = [len(i["indices"]) for i in infos]
+    per_video = [{"id": v, "file": p, "num_frames": i["num_frames"], "stated_frames": i.get("stated_frames")}
+                 for v, p, i in zip(ann.video_ids, paths, infos)]
+    # a damaged mkv/webm decodes up to the damage without an error: far fewer frames than its duration says
+    short = [r for r in per_video if r["stated_frames"] and r["num_frames"] < 0.9 * r["stated_frames"] - 1]
+    if short:
+        logger.warning("%d of %d videos decoded to far fewer frames than their containers' duration states (damaged "
+                       "or cut files?); they are scored on what decoded: %s", len(short), len(per_video),
+                       ", ".join(f"{r['file']} ({r['num_frames']} of {r['stated_frames']})" for r in short[:5]))
     result = {
         **metrics,
         "num_videos": ann.num_videos,
@@ -409,6 +427,8 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
                                                           patch_size=proc.patch_size),
                    "max_sequence_length": longest, "max_length": limit_len},
         "seconds": {"videos": round(t1 - t0, 3), "captions": round(t2 - t1, 3)},
+        "short_videos": [r["id"] for r in short],
+        "per_video": per_video,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},

@@ -684,3 +684,32 @@ def test_a_caption_repeated_for_one_video_is_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="llave_fast.data.video_annotations"):
         read_annotations(str(ann))
     assert "repeat" not in caplog.text
+
+
+def test_a_cut_mkv_that_decodes_short_is_said_and_listed(tiny_folder, clips, tmp_path, capsys, caplog):
+    """A damaged or cut mkv/webm decodes up to the damage without an error (18 of 60 frames here): the
+    run says so and video_eval.json lists it, with every video's decoded and stated frame counts."""
+    import logging
+    import shutil
+
+    from llave_fast.testing import write_clip
+
+    videos = tmp_path / "videos"
+    shutil.copytree(clips, videos)
+    whole = write_clip(tmp_path / "whole.mkv", 60, 10)
+    data = open(whole, "rb").read()
+    (videos / "video95.mkv").write_bytes(data[: len(data) // 2])
+    assert decode_video(str(videos / "video95.mkv"))[1]["stated_frames"] == 60
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video_id,sentence\nvideo0,a red square\nvideo95,a red square moving\n")
+    out = tmp_path / "o"
+    with caplog.at_level(logging.WARNING, logger="llave_fast.eval_video"):
+        rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", str(videos), "--annotations",
+                           str(ann), "--output-dir", str(out), "--device", "cpu")
+    assert rc == 0, err
+    assert "1 of 2 videos decoded to far fewer frames than their containers' duration states" in caplog.text
+    res = json.loads((out / "video_eval.json").read_text())
+    assert res["short_videos"] == ["video95"]
+    rows = {r["id"]: r for r in res["per_video"]}
+    assert rows["video95"]["stated_frames"] == 60 and rows["video95"]["num_frames"] < 30
+    assert rows["video0"]["num_frames"] == rows["video0"]["stated_frames"] == 12
