@@ -178,7 +178,7 @@ def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.nd
 
 
 def check_video_files(paths: Sequence[str]) -> None:
-    """Open every video's container before the model is loaded (milliseconds each, nothing decoded):
+    """Open every video's container before any video is encoded (milliseconds each, nothing decoded):
     a file that is no video, has no video stream or no frame rate is found now, all of them in one
     error, instead of stopping the run when its turn comes, hours of encoding later."""
     av = _require_av()
@@ -381,7 +381,6 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     if limit is not None:
         ann = ann.head(limit)
     paths = find_videos(ann.video_ids, videos_dir)
-    check_video_files(paths)  # before the model: a bad file found now, not when its turn comes
 
     model, extra = load_eval_model(model_path, dev, dt, max_text_tokens=max_text_tokens,
                                    autocast=eval_autocast(dtype))
@@ -389,6 +388,7 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     proc = model.processor
     limit_len = video_length_limit(model.config, max_length)
     longest = check_video_length(proc, max_frames, limit_len, model_cap=limit_len < max_length)
+    check_video_files(paths)  # before any video is encoded: a bad file found now, not when its turn comes
 
     t0 = time.perf_counter()
     v_emb, infos = encode_videos(model, paths, fps=fps, max_frames=max_frames, batch=batch, max_length=limit_len,

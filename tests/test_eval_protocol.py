@@ -93,6 +93,7 @@ def test_eval_video_loads_its_model_under_the_same_protocol(trained_cut, tmp_pat
 
     monkeypatch.setattr(ev, "encode_videos", stop)
     monkeypatch.setattr(ev, "_require_av", lambda: None)  # the file below is never decoded
+    monkeypatch.setattr(ev, "check_video_files", lambda paths: None)  # nor opened
     (tmp_path / "videos").mkdir()
     (tmp_path / "videos" / "v0.mp4").write_bytes(b"")
     ann = tmp_path / "ann.csv"

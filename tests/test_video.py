@@ -641,12 +641,12 @@ def test_zero3_partitioned_model_embeds_videos_like_the_whole_one():
     spawn_ranks(_zero3_video_rank, 2)
 
 
-def test_bad_video_files_are_found_before_the_model_loads(tiny_folder, clips, tmp_path, capsys, monkeypatch):
+def test_bad_video_files_are_found_before_any_video_is_encoded(tiny_folder, clips, tmp_path, capsys, monkeypatch):
     """A text file, an empty file or an audio-only file among the videos stopped the run when its turn came
-    (hours of encoding lost at scale): every one is found by opening the containers, before the model."""
+    (hours of encoding lost at scale): every one is found by opening the containers, before any encoding."""
     import shutil
 
-    import llave_fast.evaluate as ev
+    import llave_fast.eval_video as ev
 
     videos = tmp_path / "videos"
     shutil.copytree(clips, videos)
@@ -655,10 +655,10 @@ def test_bad_video_files_are_found_before_the_model_loads(tiny_folder, clips, tm
     ann = tmp_path / "ann.csv"
     ann.write_text("video_id,sentence\nvideo0,a red square\nvideo90,b\nvideo91,c\n")
 
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded before the video files were checked")
+    def no_encoding(*a, **k):
+        raise AssertionError("a video was encoded before the video files were checked")
 
-    monkeypatch.setattr(ev, "load_eval_model", no_load)
+    monkeypatch.setattr(ev, "encode_videos", no_encoding)
     rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", str(videos), "--annotations", str(ann),
                        "--output-dir", str(tmp_path / "o"), "--device", "cpu")
     assert rc == 1 and "2 of 3 video files that cannot be used" in err and "Traceback" not in err, err
@@ -713,3 +713,20 @@ def test_a_cut_mkv_that_decodes_short_is_said_and_listed(tiny_folder, clips, tmp
     rows = {r["id"]: r for r in res["per_video"]}
     assert rows["video95"]["stated_frames"] == 60 and rows["video95"]["num_frames"] < 30
     assert rows["video0"]["num_frames"] == rows["video0"]["stated_frames"] == 12
+
+
+def test_an_msrvtt_file_of_several_splits_is_refused_naming_them(tmp_path):
+    """CLIP4Clip's MSRVTT_data.json holds train, validate and test: all 10k videos would have been scored."""
+    f = tmp_path / "MSRVTT_data.json"
+    f.write_text(json.dumps({"videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "test"},
+                                        {"video_id": "video2", "split": "test"}],
+                             "sentences": [{"video_id": "video0", "caption": "a"}, {"video_id": "video1", "caption": "b"},
+                                           {"video_id": "video2", "caption": "c"}]}))
+    with pytest.raises(ValueError, match=r"several splits \(test 2, train 1\).*--video-list"):
+        read_annotations(str(f))
+    (tmp_path / "test_list.txt").write_text("video1\nvideo2\n")  # the remedy the message gives
+    assert read_annotations(str(f), str(tmp_path / "test_list.txt")).video_ids == ["video1", "video2"]
+    one = tmp_path / "test_videodatainfo.json"
+    one.write_text(json.dumps({"videos": [{"video_id": "video1", "split": "test"}],
+                               "sentences": [{"video_id": "video1", "caption": "b"}]}))
+    assert read_annotations(str(one)).num_captions == 1

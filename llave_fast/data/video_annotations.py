@@ -53,6 +53,7 @@ class VideoAnnotations:
     captions: list[str] = field(default_factory=list)
     caption_to_video: list[int] = field(default_factory=list)
     layout: str = ""
+    splits: dict = field(default_factory=dict)  # split -> videos, where the file says (MSR-VTT's json)
 
     @property
     def num_videos(self) -> int:
@@ -187,6 +188,12 @@ def _read_json(path: str, ann: VideoAnnotations) -> None:
             raise VideoDataError(path, None, f"is not valid JSON ({e})") from e
     if isinstance(data, dict) and isinstance(data.get("sentences"), list):
         ann.layout = "json: {'sentences': [{'video_id', 'caption'}, ...]} (MSR-VTT videodatainfo)"
+        videos = data.get("videos") if isinstance(data.get("videos"), list) else []
+        splits = {}
+        for v in videos:
+            if isinstance(v, dict) and v.get("split") is not None:
+                splits[str(v["split"])] = splits.get(str(v["split"]), 0) + 1
+        ann.splits = splits
         _read_records(data["sentences"], ann)
     elif isinstance(data, list):
         ann.layout = "json: [{'video_id', 'caption'}, ...]"
@@ -313,6 +320,10 @@ def read_annotations(path: str, video_list: str | None = None) -> VideoAnnotatio
         raise VideoDataError(path, None, f"is not UTF-8 text ({e})") from e
     if ann.num_captions == 0:
         raise VideoDataError(path, None, "holds no caption")
+    if len(ann.splits) > 1 and video_list is None:  # CLIP4Clip's MSRVTT_data.json: every split in one file
+        raise VideoDataError(path, None, "holds the videos of several splits (" + ", ".join(
+            f"{k} {n}" for k, n in sorted(ann.splits.items())) + "): every split's sentences would be scored; give "
+            "--video-list with the ids of the split to evaluate (MSR-VTT's test list), or a file of that split")
     if video_list is not None:
         ann = ann.select(read_video_list(video_list), video_list)
     _say_repeated_captions(ann)
