@@ -198,13 +198,16 @@ def check_video_files(paths: Sequence[str]) -> None:
                              "cannot be used: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
 
 
-def find_videos(video_ids: Sequence[str], videos_dir: str) -> list[str]:
+def find_videos(video_ids: Sequence[str], videos_dir: str, extensions: dict | None = None) -> list[str]:
     """The file of every video id: ``videos_dir/<id>.<ext>`` for a video extension (mp4, avi, ...),
-    also in sub-folders (as LLaVE's MSVD reader walks the folder). Missing files are one error
-    that counts them and names the first few."""
+    also in sub-folders (as LLaVE's MSVD reader walks the folder); the extension an annotation
+    wrote on the id (``extensions``: id -> ".mp4") is taken where such a file exists. Missing
+    files are one error that counts them and names the first few."""
     if not os.path.isdir(videos_dir):
         raise NotADirectoryError(f"--videos {videos_dir!r} is not a folder")
     found: dict[str, str] = {}
+    written: dict[str, str] = {}
+    extensions = extensions or {}
     for root, dirs, files in os.walk(videos_dir):
         dirs.sort()
         for name in sorted(files):
@@ -212,6 +215,9 @@ def find_videos(video_ids: Sequence[str], videos_dir: str) -> list[str]:
             if ext.lower() in VIDEO_EXTENSIONS:
                 # a file at the top of the folder wins over one in a sub-folder; the first extension in sort order
                 found.setdefault(stem, os.path.join(root, name))
+                if extensions.get(stem) == ext.lower():
+                    written.setdefault(stem, os.path.join(root, name))
+    found.update(written)
     missing = [v for v in video_ids if v not in found]
     if missing:
         raise FileNotFoundError(
@@ -380,7 +386,7 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     ann = read_annotations(annotations, video_list)
     if limit is not None:
         ann = ann.head(limit)
-    paths = find_videos(ann.video_ids, videos_dir)
+    paths = find_videos(ann.video_ids, videos_dir, ann.extensions)
 
     model, extra = load_eval_model(model_path, dev, dt, max_text_tokens=max_text_tokens,
                                    autocast=eval_autocast(dtype))

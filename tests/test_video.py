@@ -730,3 +730,24 @@ def test_an_msrvtt_file_of_several_splits_is_refused_naming_them(tmp_path):
     one.write_text(json.dumps({"videos": [{"video_id": "video1", "split": "test"}],
                                "sentences": [{"video_id": "video1", "caption": "b"}]}))
     assert read_annotations(str(one)).num_captions == 1
+
+
+def test_the_extension_written_on_an_id_picks_the_file_and_two_extensions_are_refused(tmp_path):
+    """Ids are matched without their extension: 'a.mp4' resolved to a.avi when both existed (the first in
+    sort order), and ids 'a.mp4' and 'a.avi' were merged into one video holding both captions."""
+    videos = tmp_path / "v"
+    videos.mkdir()
+    for name in ("a.avi", "a.mp4", "b.mkv"):
+        (videos / name).write_bytes(b"")
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video_id,sentence\na.mp4,x\nb,y\n")
+    got = read_annotations(str(ann))
+    assert got.video_ids == ["a", "b"] and got.extensions == {"a": ".mp4"}
+    assert find_videos(got.video_ids, str(videos), got.extensions) == [str(videos / "a.mp4"), str(videos / "b.mkv")]
+    assert find_videos(got.video_ids, str(videos)) == [str(videos / "a.avi"), str(videos / "b.mkv")]  # no extension
+    ann.write_text("video_id,sentence\na.mp4,x\na.avi,y\n")
+    with pytest.raises(ValueError, match=r"video ids 'a\.mp4' and 'a\.avi' name two files but one video 'a'"):
+        read_annotations(str(ann))
+    (tmp_path / "list.txt").write_text("a\n")  # a --video-list keeps the extension of the ids it keeps
+    ann.write_text("video_id,sentence\na.mp4,x\nb,y\n")
+    assert read_annotations(str(ann), str(tmp_path / "list.txt")).extensions == {"a": ".mp4"}

@@ -54,6 +54,7 @@ class VideoAnnotations:
     caption_to_video: list[int] = field(default_factory=list)
     layout: str = ""
     splits: dict = field(default_factory=dict)  # split -> videos, where the file says (MSR-VTT's json)
+    extensions: dict = field(default_factory=dict)  # video id -> the extension its rows wrote (".mp4"), if any
 
     @property
     def num_videos(self) -> int:
@@ -69,6 +70,12 @@ class VideoAnnotations:
 
     def add(self, video_id: str, caption: str, row: int | None) -> None:
         vid = _clean_id(video_id, self.source, row)
+        ext = _written_extension(video_id)
+        if ext is not None:
+            other = self.extensions.setdefault(vid, ext)
+            if other != ext:  # a.mp4 and a.avi: two files, one id once the extensions are taken off
+                raise VideoDataError(self.source, row, f"video ids {vid + other!r} and {vid + ext!r} name two files "
+                                     f"but one video {vid!r} (ids are matched without their extension); rename one")
         if not isinstance(caption, str) or not caption.strip():
             raise VideoDataError(self.source, row, f"the caption of video {vid!r} is empty or not text: {caption!r}")
         if has_placeholder(caption):  # found here, before any video is decoded, naming the row
@@ -97,11 +104,20 @@ class VideoAnnotations:
         for v in dict.fromkeys(video_ids):
             for cap in by_video[v]:
                 out.add(v, cap, None)
+        out.extensions = {v: e for v, e in self.extensions.items() if v in out._index}
         return out
 
     def head(self, num_videos: int) -> "VideoAnnotations":
         """The first ``num_videos`` videos with their captions."""
         return self.select(self.video_ids[:num_videos], self.source) if num_videos < self.num_videos else self
+
+
+def _written_extension(video_id) -> str | None:
+    """The video extension a row wrote on its id (``".mp4"`` of ``"video9770.mp4"``), or None."""
+    if not isinstance(video_id, str):
+        return None
+    ext = os.path.splitext(video_id.strip())[1].lower()
+    return ext if ext in VIDEO_EXTENSIONS else None
 
 
 def _clean_id(video_id, source: str, row: int | None, line: int | None = None) -> str:
