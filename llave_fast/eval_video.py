@@ -208,7 +208,13 @@ def find_videos(video_ids: Sequence[str], videos_dir: str, extensions: dict | No
     found: dict[str, str] = {}
     written: dict[str, str] = {}
     extensions = extensions or {}
-    for root, dirs, files in os.walk(videos_dir):
+    seen_dirs = set()
+    for root, dirs, files in os.walk(videos_dir, followlinks=True):  # linked dataset parts are searched too
+        real = os.path.realpath(root)
+        if real in seen_dirs:  # a link back up the tree (or two links to one folder): once
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
         dirs.sort()
         for name in sorted(files):
             stem, ext = os.path.splitext(name)

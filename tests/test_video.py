@@ -751,3 +751,21 @@ def test_the_extension_written_on_an_id_picks_the_file_and_two_extensions_are_re
     (tmp_path / "list.txt").write_text("a\n")  # a --video-list keeps the extension of the ids it keeps
     ann.write_text("video_id,sentence\na.mp4,x\nb,y\n")
     assert read_annotations(str(ann), str(tmp_path / "list.txt")).extensions == {"a": ".mp4"}
+
+
+def test_a_json_video_id_written_twice_is_refused_and_linked_folders_are_searched(tmp_path):
+    """json kept the last of two equal keys ({"v1": [...], "v1": [...]} lost the first captions), and a
+    symbolic-link sub-folder of --videos (dataset parts linked in) was not searched."""
+    f = tmp_path / "ann.json"
+    f.write_text('{"v1": ["a dog"], "v2": ["a cat"], "v1": ["a puppy"]}')
+    with pytest.raises(ValueError, match=r"ann\.json: the key 'v1' is written twice in one object"):
+        read_annotations(str(f))
+    part = tmp_path / "part2"
+    part.mkdir()
+    (part / "c.mp4").write_bytes(b"")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"")
+    os.symlink(part, videos / "linked")
+    os.symlink(videos, part / "loop")  # a cycle (part2/loop -> videos -> linked -> part2): each folder searched once
+    assert find_videos(["a", "c"], str(videos)) == [str(videos / "a.mp4"), str(videos / "linked" / "c.mp4")]
