@@ -196,13 +196,17 @@ def _read_csv(path: str, ann: VideoAnnotations) -> None:
                 raise e.at_line(reader.line_num) from None
 
 
+class _KeyTwice(Exception):
+    """A JSON object writing one key twice (turned into a VideoDataError naming the file)."""
+
+
 def _unique_keys(pairs):
     """A JSON object's members, refusing a key written twice (json keeps the last, silently: a video
     id repeated in MSVD-style ``{id: [captions]}`` lost its first captions)."""
     out = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"the key {k!r} is written twice in one object (the first one's value would be lost)")
+            raise _KeyTwice(f"the key {k!r} is written twice in one object (the first one's value would be lost)")
         out[k] = v
     return out
 
@@ -213,7 +217,7 @@ def _read_json(path: str, ann: VideoAnnotations) -> None:
             data = json.load(f, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise VideoDataError(path, None, f"is not valid JSON ({e})") from e
-        except ValueError as e:
+        except _KeyTwice as e:
             raise VideoDataError(path, None, str(e)) from e
     if isinstance(data, dict) and isinstance(data.get("sentences"), list):
         ann.layout = "json: {'sentences': [{'video_id', 'caption'}, ...]} (MSR-VTT videodatainfo)"
