@@ -341,28 +341,38 @@ def model_key(model_path: str, dev: torch.device, dt: torch.dtype) -> dict:
 
 def _images_key(paths) -> list:
     """The images a dataset's rows name, as the cache key sees them: their count and a digest of
-    each file's path, size and modification time (a replaced image is not reused; a missing one
-    gives a key no cache holds)."""
+    each file's :func:`_file_key` (path, size, modification time: a replaced image is not reused; a
+    missing one gives a key no cache holds)."""
     import hashlib
 
     h = hashlib.sha256()
     for path in paths:
         try:
-            st = os.stat(path)
+            h.update(json.dumps(_file_key(path)).encode() + b"\n")
         except OSError:
             return [len(paths), f"missing: {path}"]
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return [len(paths), h.hexdigest()[:16]]
 
 
-def _cached_image_paths(path: str) -> list | None:
-    """The image paths a cache file lists (None: no cache file, or one that lists none: recomputed)."""
+def _read_cache(path: str) -> dict | None:
+    """A dataset's cache file, read once: ``{"key", "result", "image_paths"}`` (None: no file, or one
+    that cannot be read as such, said in the log; either way the dataset is recomputed). A file that
+    lists no image paths gets an empty list: its key then matches only a dataset without images."""
+    if not os.path.exists(path):
+        return None
     try:
         with open(path, encoding="utf-8") as f:
-            paths = json.load(f).get("image_paths")
-    except (OSError, ValueError, AttributeError):
-        return None if not os.path.exists(path) else []
-    return paths if isinstance(paths, list) else []
+            cached = json.load(f)
+        entry = {"key": cached["key"], "result": cached["result"], "image_paths": cached.get("image_paths")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.info("%s: unreadable cache (%s: %s); recomputing", path, type(exc).__name__, exc)
+        return None
+    if not isinstance(entry["key"], dict):
+        logger.info("%s: unreadable cache (its key is a %s); recomputing", path, type(entry["key"]).__name__)
+        return None
+    if not isinstance(entry["image_paths"], list):
+        entry["image_paths"] = []
+    return entry
 
 
 def _file_key(path: str) -> list:
@@ -383,23 +393,18 @@ def _cache_file(output_dir: str, name: str) -> str:
     return os.path.join(output_dir, MMEB_CACHE_DIR, f"{safe}.json")
 
 
-def _cached_result(path: str, key: dict) -> dict | None:
-    """The cached result at ``path`` if it was computed with ``key``; else None, saying why."""
-    if not os.path.exists(path):
+def _cached_result(entry: dict | None, key: dict, path: str) -> dict | None:
+    """The cached result of a :func:`_read_cache` entry if it was computed with ``key``; else None,
+    saying why."""
+    if entry is None:
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            cached = json.load(f)
-        old, result = cached["key"], cached["result"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.info("%s: unreadable cache (%s: %s); recomputing", path, type(exc).__name__, exc)
-        return None
+    old = entry["key"]
     if old != key:
         diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
         what = "; ".join(f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in diff)
         logger.info("%s: cached with other settings (%s); recomputing", path, what)
         return None
-    return result
+    return entry["result"]
 
 
 def _image_size(path: str, origin) -> tuple[int, int]:
@@ -610,8 +615,9 @@ def mmeb_eval(model, datasets, *, image_dir: str | None = None, max_queries: int
             "image_dir": None if image_dir is None else os.path.abspath(image_dir), "max_queries": max_queries}))
         cache = None if output_dir is None else _cache_file(output_dir, ds.name)
         # the key also covers the images the rows name: checked from the paths the cache lists (no table read)
-        stored = None if cache is None else _cached_image_paths(cache)
-        result = None if stored is None else _cached_result(cache, dict(ds_key, images=_images_key(stored)))
+        entry = None if cache is None else _read_cache(cache)
+        result = None if entry is None else _cached_result(entry, dict(ds_key, images=_images_key(entry["image_paths"])),
+                                                          cache)
         tag = f"[{n_done + 1}/{len(datasets)}] {ds.name}"
         if result is not None:
             logger.info("%s: P@1 %.1f%% (%d queries), from %s", tag, 100 * result["p_at_1"], result["num_queries"],

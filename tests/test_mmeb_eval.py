@@ -304,6 +304,24 @@ def test_an_interrupted_evaluation_resumes_and_a_changed_setting_recomputes(sets
     encoded.clear()
     rc, out, err = _main(capsys, *args, "--max-queries", "2")
     assert rc == 0 and encoded == ["VizWiz"] and "unreadable cache" in err
+    # valid JSON of another shape (a key that is no mapping, a missing result) too, and each cache file is read once
+    opened = []
+    real_open = open
+
+    def counting_open(path, *a, **k):
+        if str(path).startswith(str(cache)):
+            opened.append(os.path.basename(str(path)))
+        return real_open(path, *a, **k)
+
+    for bad in ({"key": [1], "result": {}}, {"key": {}}, [1, 2]):
+        (cache / "VizWiz.json").write_text(json.dumps(bad))
+        encoded.clear()
+        opened.clear()
+        monkeypatch.setattr("builtins.open", counting_open)
+        rc, out, err = _main(capsys, *args, "--max-queries", "2")
+        monkeypatch.setattr("builtins.open", real_open)
+        assert rc == 0 and encoded == ["VizWiz"] and "unreadable cache" in err, (bad, err)
+        assert opened.count("MSCOCO_i2t.json") == 1, opened
     # what an evaluation writes into the model folder is not part of the model
     from llave_fast.evaluate import model_key
 

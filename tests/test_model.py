@@ -753,7 +753,7 @@ def test_a_llava_next_checkpoint_with_another_language_model_is_refused_naming_i
         LLaVEEmbedder.from_pretrained(str(tmp_path), vision_config=VISION)
 
 
-def test_an_image_of_more_than_8_bits_a_channel_is_said_to_lose_its_range(model, tmp_path):
+def test_an_image_of_more_than_8_bits_a_channel_is_said_to_lose_its_range(model, tmp_path, monkeypatch):
     """LLaVE converts a 16-bit or float image to RGB as it is (values clipped to 0..255); so do we,
     with a warning, in the processor and when a data file's image is opened."""
     import warnings
@@ -769,14 +769,14 @@ def test_an_image_of_more_than_8_bits_a_channel_is_said_to_lose_its_range(model,
     from llave_fast.model import processor as processor_module
 
     for run in (lambda: model.processor(["<image>\nx"], [wide]), lambda: open_rgb(str(tmp_path / "wide.png"))):
-        processor_module._WIDE_RANGE_SEEN.clear()
+        monkeypatch.setattr(processor_module, "_wide_range_said", False)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             run()
             run()  # said once per process, not per image
         said = [w for w in seen if "'I;16'" in str(w.message) and "clips values to 0..255" in str(w.message)]
         assert len(said) == 1, seen
-    processor_module._WIDE_RANGE_SEEN.clear()
+    monkeypatch.setattr(processor_module, "_wide_range_said", False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model.processor(["<image>\nx"], [Image.new("RGB", (40, 40))])

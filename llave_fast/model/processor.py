@@ -225,7 +225,7 @@ def _positive_or_none(name: str, value):
 WIDE_RANGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-_WIDE_RANGE_SEEN: list = []  # said once per process (a data set of 16-bit images would say it per image)
+_wide_range_said = False  # said once per process (a data set of 16-bit images would say it per image)
 
 
 def warn_wide_range(image, name: str) -> None:
@@ -233,9 +233,10 @@ def warn_wide_range(image, name: str) -> None:
     modes I, I;16, F) loses its range in the conversion to RGB that LLaVE (and so this processor)
     does: values are clipped to 0..255, so a 16-bit photo comes out nearly white and a float one
     nearly black."""
+    global _wide_range_said
     mode = getattr(image, "mode", None)
-    if mode in WIDE_RANGE_MODES and not _WIDE_RANGE_SEEN:
-        _WIDE_RANGE_SEEN.append(name)
+    if mode in WIDE_RANGE_MODES and not _wide_range_said:
+        _wide_range_said = True
         warnings.warn(f"{name} has PIL mode {mode!r} (more than 8 bits a channel): its conversion to RGB, as LLaVE "
                       "converts, clips values to 0..255 (16-bit images come out nearly white, float ones nearly "
                       "black); scale such images to 8 bits first for meaningful embeddings (said once)", stacklevel=3)
