@@ -976,6 +976,30 @@ def test_ids_follow_the_image_file_not_how_the_row_writes_it(tmp_path):
     assert ids[:4].unique().numel() == 1  # the loss masks them as one target
 
 
+def test_a_symbolic_link_and_its_file_are_one_image(tmp_path):
+    # a file, a relative and an absolute link to it, and the file through a linked folder: one image, one id
+    img = tmp_path / "img"
+    _image(img / "sub" / "b.png")
+    (img / "rel.png").symlink_to(os.path.join("sub", "b.png"))
+    (img / "abs.png").symlink_to(img / "sub" / "b.png")
+    (img / "alias").symlink_to(img / "sub", target_is_directory=True)
+    _image(img / "sub" / "c.png")  # another image stays another
+    rows = [_t2i(p) for p in ("sub/b.png", "rel.png", "abs.png", "alias/b.png", "sub/c.png")]
+    ds = MMEBDataset(_jsonl(tmp_path / "S.jsonl", rows), img)
+    target = f"{IMAGE_PLACEHOLDER}\nRepresent the given image.\x00"
+    assert [r["target_id"] for r in ds] == [target + "sub/b.png"] * 4 + [target + "sub/c.png"]  # was 4 ids
+    ids = PairCollator(lambda texts, images: None)(list(ds))["target_ids"]
+    assert ids[:4].unique().numel() == 1 and ids[4] != ids[0]  # the loss masks them as one target
+    # two tables with their own image folders: a link in d1 to d2's file is d2's image
+    for d in ("d1", "d2"):
+        _image(tmp_path / "two" / d / "a.png")
+        _jsonl(tmp_path / "two" / d / f"S_{d}.jsonl", [_t2i("a.png")])
+    (tmp_path / "two" / "d2" / "b.png").symlink_to(tmp_path / "two" / "d1" / "a.png")
+    _jsonl(tmp_path / "two" / "d2" / "S_d2b.jsonl", [_t2i("b.png")])
+    ds = MMEBDataset([tmp_path / "two" / "d1", tmp_path / "two" / "d2"], allow_outside_image_dir=True)
+    assert Counter(r["target_id"] for r in ds) == {target + "d1/a.png": 2, target + "d2/a.png": 1}
+
+
 def test_hub_layouts_name_subsets_by_folder_or_file_or_are_refused(tmp_path):
     img = tmp_path / "images"
     _write_images(img, 4)

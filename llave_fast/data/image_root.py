@@ -71,6 +71,24 @@ class ImageRoot:
             r = self._real_dirs[d] = os.path.realpath(d)
         return r
 
+    @property
+    def real_root(self) -> str:
+        """The folder's real path (symbolic links resolved), found once."""
+        if self._real is None:
+            self._real = os.path.realpath(self._abs)
+        return self._real
+
+    def real(self, rel: str) -> str:
+        """The real path of the file ``rel`` names (as ``os.path.realpath``: every symbolic link on the
+        way, the file's own included, resolved), with the real paths of folders cached: a file and a
+        link to it, or two links to one file, give one path."""
+        joined = os.path.join(self._abs, rel)
+        head, base = os.path.split(joined)
+        if base in ("", ".", ".."):
+            return os.path.realpath(joined)
+        real = os.path.join(self._realdir(head), base)
+        return os.path.realpath(real) if os.path.islink(real) else real
+
     def path(self, rel: str, what: str) -> tuple[str, str | None]:
         """``(the joined path, why it may not be read or None)``; ``what`` names the column
         (or candidate) in the reason."""
@@ -82,19 +100,18 @@ class ImageRoot:
             return full, f"image path holds a NUL character: {rel!r} ({what})"
         if not _within(os.path.normpath(os.path.join(self._abs, rel)), self._abs):
             return full, f"image path outside the image folder: {rel!r} ({what}) is not under {self.root!r}; {how}"
-        if self._real is None:
-            self._real = os.path.realpath(self._abs)
+        inside = self.real_root
         joined = os.path.join(self._abs, rel)  # not normalised: the kernel applies '..' after links
         head, base = os.path.split(joined)
         real = self._realdir(head)  # a folder that leads out: refused before its entry is looked at
-        if _within(real, self._real):
+        if _within(real, inside):
             if base in ("", ".", ".."):
                 real = os.path.realpath(joined)
             else:
                 real = os.path.join(real, base)
                 if os.path.islink(real):  # the file itself a link
                     real = os.path.realpath(real)
-        if not _within(real, self._real):
+        if not _within(real, inside):
             return full, (f"image path outside the image folder: {rel!r} ({what}) leads out of {self.root!r} "
                           f"through a symbolic link; {how}")
         return full, None

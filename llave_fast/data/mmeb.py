@@ -245,9 +245,12 @@ class MMEBDataset(torch.utils.data.Dataset):
         return sources
 
     def _root(self, src: _Source) -> ImageRoot:
-        root = self._roots.get(src.image_root)
+        return self._root_at(src.image_root)
+
+    def _root_at(self, folder: str) -> ImageRoot:
+        root = self._roots.get(folder)
         if root is None:
-            root = self._roots[src.image_root] = ImageRoot(src.image_root, self.allow_outside_image_dir)
+            root = self._roots[folder] = ImageRoot(folder, self.allow_outside_image_dir)
         return root
 
     def _outside(self, src: _Source, rel: str, column: str) -> str | None:
@@ -439,12 +442,18 @@ class MMEBDataset(torch.utils.data.Dataset):
                                hint=IMAGE_HINT) from exc
 
     def _image_key(self, src: _Source, rel: str) -> str:
-        """The image's part of an id: the file's path from ``self._id_base``, normalised ('' for none)."""
+        """The image's part of an id ('' for none): the file's real path (symbolic links resolved:
+        a file and a link to it are one image) from its image folder's real path, after that
+        folder's path from ``self._id_base``; a file outside every image folder (read with
+        ``allow_outside_image_dir``) by its real path from the real ``self._id_base``."""
         if not rel:
             return ""
-        if os.path.isabs(rel):
-            return os.path.relpath(os.path.normpath(rel), self._id_base)
-        return os.path.normpath(os.path.join(self._id_roots[src.image_root], rel))
+        real = self._root_at(src.image_root).real(rel)
+        for folder in (src.image_root, *self._id_roots):  # its own folder first
+            inside = self._root_at(folder).real_root
+            if real == inside or real.startswith(inside.rstrip(os.sep) + os.sep):
+                return os.path.normpath(os.path.join(self._id_roots[folder], os.path.relpath(real, inside)))
+        return os.path.relpath(real, os.path.realpath(self._id_base))
 
     def _record(self, pos: int) -> Record:
         src = self.sources[self._src_idx[pos]]
