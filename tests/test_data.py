@@ -35,6 +35,7 @@ from llave_fast.data import (
     synthetic_words,
 )
 from llave_fast.data.synthetic import COLOUR_RGB, SLOT_CENTERS, VQA_PREFIX
+from llave_fast.errors import InvalidArgument
 
 S = 64
 PHRASE_SLOT = {
@@ -1028,6 +1029,40 @@ def test_hub_layouts_name_subsets_by_folder_or_file_or_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"c1/MSCOCO/original-00000-of-00001\.jsonl and .*c2/MSCOCO/original-00000-of-"
                                          r"00001\.jsonl are both read as the same shard of subset 'MSCOCO'"):
         MMEBDataset(tmp_path / "two", img)
+
+
+def test_same_named_tables_in_two_folders_are_refused_not_merged(tmp_path):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    # a/MSCOCO.jsonl and b/MSCOCO.jsonl were one subset: max_rows_per_subset=3 read a's 3 rows and none of b's
+    a = _jsonl(tmp_path / "a" / "MSCOCO.jsonl", _rows(3))
+    b = _jsonl(tmp_path / "b" / "MSCOCO.jsonl", _rows(3))
+    for kw in ({}, {"max_rows_per_subset": 3}, {"subsets": ["MSCOCO"]}):
+        with pytest.raises(InvalidArgument, match=rf"{re.escape(str(a))} and {re.escape(str(b))} would both be read "
+                                                  r"as subset 'MSCOCO' \(split None\), in two folders: .* not merged"):
+            MMEBDataset([tmp_path / "a", tmp_path / "b"], img, **kw)
+    assert len(MMEBDataset([tmp_path / "a", tmp_path / "a" / "MSCOCO.jsonl"], img)) == 3  # one file twice: once
+    (tmp_path / "alias").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert len(MMEBDataset([tmp_path / "a", tmp_path / "alias"], img)) == 3  # one folder by two names: once
+    # shards of one subset and split in two folders, or of two shard counts, or beside a one-file table
+    for k, folder in enumerate(("s1", "s2")):
+        _jsonl(tmp_path / "sh" / folder / "MSCOCO" / f"original-0000{k}-of-00002.jsonl", _rows(1))
+    with pytest.raises(InvalidArgument, match=r"s1/MSCOCO/original-00000-of-00002\.jsonl and .*s2/MSCOCO/original-00001"
+                                              r"-of-00002\.jsonl would both be read as subset 'MSCOCO' \(split "
+                                              r"'original'\), in two folders"):
+        MMEBDataset(tmp_path / "sh", img)
+    _jsonl(tmp_path / "cnt" / "MSCOCO" / "original-00000-of-00002.jsonl", _rows(1))
+    _jsonl(tmp_path / "cnt" / "MSCOCO" / "original-00001-of-00003.jsonl", _rows(1))
+    with pytest.raises(InvalidArgument, match=r"shards of 2 and of 3"):
+        MMEBDataset(tmp_path / "cnt", img)
+    with pytest.raises(InvalidArgument, match=rf"subset 'MSCOCO' is both a one-file table \({re.escape(str(a))}\) "
+                                              r"and shards \(.*original-00000-of-00002\.jsonl\)"):
+        MMEBDataset([a, tmp_path / "sh" / "s1"], img)
+    # the layouts the hub writes still read: one subset's splits in their own folders
+    _jsonl(tmp_path / "ok" / "MSCOCO" / "original-00000-of-00001.jsonl", _rows(2))
+    _jsonl(tmp_path / "ok" / "MSCOCO" / "diverse_instruction-00000-of-00001.jsonl", _rows(1))
+    _jsonl(tmp_path / "ok" / "N24News" / "original-00000-of-00001.jsonl", _rows(1))
+    assert Counter(r["subset"] for r in MMEBDataset(tmp_path / "ok", img)) == {"MSCOCO": 3, "N24News": 1}
 
 
 def test_hidden_folders_are_not_searched_and_endings_are_read_in_any_case_or_refused(tmp_path, caplog):

@@ -42,6 +42,7 @@ import logging
 import numbers
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -87,6 +88,33 @@ _LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason 
 
 IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
               "every image before training)")
+
+
+def _refuse_merged(picked) -> None:
+    """Refuse tables that would be read as one subset but are not one table: a subset and split
+    is one file, or the shards of one folder (every hub layout keeps them there) that agree on
+    their count; and a subset is not both a one-file table and shards. ``a/MSCOCO.jsonl`` and
+    ``b/MSCOCO.jsonl`` were read as one subset MSCOCO: ``max_rows_per_subset`` took its rows
+    from the first alone, ``subsets=`` picked both."""
+    first: dict[tuple, tuple] = {}
+    kinds: dict[str, dict[bool, Path]] = {}
+    for f, subset, file_split in picked:
+        folder = os.path.dirname(os.path.realpath(f))
+        count = _name_file(f)[2]
+        count = None if count is None or len(count) < 2 else count[1]
+        a_folder, a_count, a = first.setdefault((subset, file_split), (folder, count, f))
+        if a_folder != folder or a_count != count:
+            why = "in two folders" if a_folder != folder else f"shards of {a_count} and of {count}"
+            raise InvalidArgument(
+                f"{a} and {f} would both be read as subset {subset!r} (split {file_split!r}), {why}: two copies "
+                f"of one subset, or two subsets named alike, are not merged; name one of them in --data (paths=), "
+                f"or rename one")
+        kinds.setdefault(subset, {}).setdefault(file_split is None, f)
+        if len(kinds[subset]) > 1:
+            one, shard = kinds[subset][True], kinds[subset][False]
+            raise InvalidArgument(
+                f"subset {subset!r} is both a one-file table ({one}) and shards ({shard}): two copies of one subset "
+                f"are not merged; name one of them in --data (paths=), or rename one")
 
 
 # ---------------------------------------------------------------- the dataset
@@ -220,6 +248,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                     f"{first} and {f} are both read as {what} subset {subset!r} (split {file_split!r}): two copies "
                     f"of one subset, or two subsets named alike; name one of them in --data (paths=)")
             picked.append((f, subset, file_split))
+        _refuse_merged(picked)
         splits = sorted({sp for _, _, sp in picked if sp is not None})
         if split is None and len(splits) > 1:
             logger.warning("the data holds shards of %d splits (%s) and all are read; LLaVE trains on 'original' "
