@@ -1065,6 +1065,27 @@ def test_same_named_tables_in_two_folders_are_refused_not_merged(tmp_path):
     assert Counter(r["subset"] for r in MMEBDataset(tmp_path / "ok", img)) == {"MSCOCO": 3, "N24News": 1}
 
 
+def test_a_plain_json_table_is_said_when_found_and_refused_with_a_hint_when_named(tmp_path, caplog):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    d = tmp_path / "d"
+    _jsonl(d / "MSCOCO.jsonl", _rows(2))
+    saved = d / "sub" / "N24News.json"  # a table saved as JSON instead of JSON lines: was passed over silently
+    saved.parent.mkdir()
+    saved.write_text(json.dumps(_rows(3)))
+    _jsonl(d / ".cache" / "x.json", ["{}"])  # hidden: searched as before (not at all)
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb_tables"):
+        ds = MMEBDataset(d, img)
+    assert Counter(r["subset"] for r in ds) == {"MSCOCO": 2}
+    assert f"1 .json file(s) under {d} are not read (e.g. {saved}): MMEB data is JSON lines" in caplog.text
+    with pytest.raises(InvalidArgument, match=rf"{re.escape(str(saved))}: unsupported data file type '\.json'; .*"
+                                              r"MMEB data is JSON lines \(\.jsonl: one JSON object a line\)"):
+        MMEBDataset(saved, img)
+    with pytest.raises(FileNotFoundError, match=rf"no .* files under .*sub \(1 \.json file\(s\), e\.g\. "
+                                                rf"{re.escape(str(saved))}: MMEB data is JSON lines"):
+        MMEBDataset(d / "sub", img)
+
+
 def test_hidden_folders_are_not_searched_and_endings_are_read_in_any_case_or_refused(tmp_path, caplog):
     import gzip
 

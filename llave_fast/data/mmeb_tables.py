@@ -35,6 +35,8 @@ _REFUSED = {
     **{f".{kind}.{comp}": "only .jsonl.gz is read compressed: decompress it"
        for kind in ("jsonl", "json", "parquet") for comp in ("bz2", "xz", "zst", "zip")},
 }
+_JSON_HINT = ("MMEB data is JSON lines (.jsonl: one JSON object a line) and .json is not read; a table written as "
+              "JSON lines is read once named .jsonl, one written as a JSON array must be converted (one object a line)")
 _SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # hub shard names: original-00000-of-00001
 _SHARD_TAIL_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d+)-of-(?P<count>\d+)$")
 _SPLIT_NAME_RE = re.compile(r"^\w+(\.\w+)*$")  # the hub's split names (datasets.Split): never a '-'
@@ -320,6 +322,11 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found, left_out = _search(p)
+            plain = [f for f in left_out if f.name.lower().endswith(".json")]
+            left_out = [f for f in left_out if f not in plain]
+            if plain:
+                logger.warning("%d .json file(s) under %s are not read (e.g. %s): %s; metadata beside the tables "
+                               "may be left as it is", len(plain), p, plain[0], _JSON_HINT)
             if left_out:
                 packed = [f for f in left_out if data_suffix(f) in _REFUSED]
                 logger.warning("%d data-like file(s) under %s are not read: %d in hidden folders or with hidden "
@@ -329,11 +336,15 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
             if not found:
                 raise FileNotFoundError(f"no {'/'.join(_KINDS)} files under {p}"
                                         + (f" ({len(left_out)} hidden or compressed as not read: {left_out[0]})"
-                                           if left_out else ""))
+                                           if left_out else "")
+                                        + (f" ({len(plain)} .json file(s), e.g. {plain[0]}: {_JSON_HINT})"
+                                           if plain else ""))
             files += found
         elif p.is_file():
             if data_kind(p) is None:
-                raise InvalidArgument(f"{p}: unsupported data file type {p.suffix!r}; expected one of {tuple(_KINDS)}")
+                json_hint = f" ({_JSON_HINT})" if p.name.lower().endswith(".json") else ""
+                raise InvalidArgument(f"{p}: unsupported data file type {p.suffix!r}; expected one of {tuple(_KINDS)}"
+                                      f"{json_hint}")
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder{missing_hint}")
@@ -342,7 +353,8 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
 
 def _search(folder: Path) -> tuple[list[Path], list[Path]]:
     """(the data files under ``folder``, sorted; the data files left out: hidden, or in a compressed
-    form that is not read, ``.json.gz`` metadata beside the tables say; a file named itself is refused)."""
+    form that is not read, ``.json.gz`` metadata beside the tables say, or plain ``.json``, which
+    :func:`data_files` says apart; a file named itself is refused)."""
     found, left_out = [], []
     for root, dirs, names in os.walk(folder):  # links to folders are not followed, as rglob did not
         dirs.sort()
@@ -351,6 +363,8 @@ def _search(folder: Path) -> tuple[list[Path], list[Path]]:
             f = Path(root, name)
             end = data_suffix(f)
             if end is None:
+                if name.lower().endswith(".json") and not in_hidden and not name.startswith(".") and f.is_file():
+                    left_out.append(f)
                 continue
             if in_hidden or name.startswith(".") or end in _REFUSED:
                 left_out.append(f)
