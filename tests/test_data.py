@@ -1031,6 +1031,26 @@ def test_hub_layouts_name_subsets_by_folder_or_file_or_are_refused(tmp_path):
         MMEBDataset(tmp_path / "two", img)
 
 
+def test_converter_shards_without_their_split_folder_are_read_as_subsets(tmp_path, caplog):
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    # c/<subset>/0000.parquet (the converter's layout, split level left out) was read as splits of a subset "c"
+    _parquet(tmp_path / "c" / "MSCOCO" / "0000.parquet", _rows(3))
+    _parquet(tmp_path / "c" / "MSCOCO" / "0001.parquet", _rows(1))
+    _parquet(tmp_path / "c" / "N24News" / "0000.parquet", _rows(2))
+    with caplog.at_level(logging.WARNING, logger="llave_fast.data.mmeb"):
+        ds = MMEBDataset(tmp_path / "c", img, split="original")
+    assert ds.subsets == ["MSCOCO", "N24News"] and "shards of 2 splits" not in caplog.text
+    assert Counter(r["subset"] for r in ds) == {"MSCOCO": 4, "N24News": 2}
+    assert MMEBDataset(tmp_path / "c" / "MSCOCO", img).subsets == ["MSCOCO"]  # the subset folder itself
+    # with the split level, from the root, the subset folder or the split folder: subset MSCOCO, split original
+    _parquet(tmp_path / "conv" / "MSCOCO" / "original" / "0000.parquet", _rows(2))
+    _parquet(tmp_path / "conv" / "MSCOCO" / "diverse_instruction" / "0000.parquet", _rows(1))
+    for d in ("conv", "conv/MSCOCO", "conv/MSCOCO/original"):
+        ds = MMEBDataset(tmp_path / d, img, split="original")
+        assert ds.subsets == ["MSCOCO"] and len(ds) == 2
+
+
 def test_same_named_tables_in_two_folders_are_refused_not_merged(tmp_path):
     img = tmp_path / "images"
     _write_images(img, 4)

@@ -100,8 +100,8 @@ def _refuse_merged(picked) -> None:
     kinds: dict[str, dict[bool, Path]] = {}
     for f, subset, file_split in picked:
         folder = os.path.dirname(os.path.realpath(f))
-        count = _name_file(f)[2]
-        count = None if count is None or len(count) < 2 else count[1]
+        shard = _name_file(f)[2]
+        count = None if shard is None or len(shard) < 2 else shard[1]
         a_folder, a_count, a = first.setdefault((subset, file_split), (folder, count, f))
         if a_folder != folder or a_count != count:
             why = "in two folders" if a_folder != folder else f"shards of {a_count} and of {count}"
@@ -109,7 +109,7 @@ def _refuse_merged(picked) -> None:
                 f"{a} and {f} would both be read as subset {subset!r} (split {file_split!r}), {why}: two copies "
                 f"of one subset, or two subsets named alike, are not merged; name one of them in --data (paths=), "
                 f"or rename one")
-        kinds.setdefault(subset, {}).setdefault(file_split is None, f)
+        kinds.setdefault(subset, {}).setdefault(shard is None, f)
         if len(kinds[subset]) > 1:
             one, shard = kinds[subset][True], kinds[subset][False]
             raise InvalidArgument(

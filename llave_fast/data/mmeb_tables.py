@@ -19,7 +19,7 @@ from .bad_data import BadDataError
 from ..errors import InvalidArgument, MissingDependency
 
 __all__ = ["MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
-           "data_files", "data_kind", "data_stem", "jsonl_lines", "open_jsonl", "parse_json_line"]
+           "HUB_SPLITS", "data_files", "data_kind", "data_stem", "jsonl_lines", "open_jsonl", "parse_json_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ _SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")  # hub shard names: origi
 _SHARD_TAIL_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d+)-of-(?P<count>\d+)$")
 _SPLIT_NAME_RE = re.compile(r"^\w+(\.\w+)*$")  # the hub's split names (datasets.Split): never a '-'
 _CONVERTER_RE = re.compile(r"^\d{4}$")  # the hub's parquet converter: <subset>/<split>/0000.parquet
+# the split names MMEB's hub datasets use (and the usual ones): what the folder of a parquet-converter shard
+# must be named to be read as <subset>/<split>/0000.parquet; any other folder is the subset (split level left out)
+HUB_SPLITS = frozenset({"original", "diverse_instruction", "train", "test", "validation", "dev", "val"})
 _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -240,7 +243,7 @@ def _from_columns(columns: dict, src: str, max_rows: int | None) -> _Source:
 
 
 _LAYOUTS = ("<subset>.jsonl / <subset>.parquet, <subset>/<split>-00000-of-00001.parquet, "
-            "data/<subset>-<split>-00000-of-00001.parquet or <subset>/<split>/0000.parquet")
+            "data/<subset>-<split>-00000-of-00001.parquet, <subset>/<split>/0000.parquet or <subset>/0000.parquet")
 
 
 def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
@@ -249,8 +252,10 @@ def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
     ``<subset>/<split>-00000-of-00001.parquet`` (``push_to_hub``),
     ``data/<subset>-<split>-00000-of-00001.parquet`` (subset and split in the file name: the
     split is what follows its last '-', since the hub's split names never hold one) and
-    ``<subset>/<split>/0000.parquet`` (the hub's parquet converter); any other file is a subset
-    of its own, named by the file. A shard name that fits none of these is refused: the old
+    ``<subset>/<split>/0000.parquet`` (the hub's parquet converter; the folder is read as the split
+    when it has a split's name, :data:`HUB_SPLITS`, and as the subset otherwise: ``c/MSCOCO/0000.parquet``
+    is subset MSCOCO, not split MSCOCO of a subset "c"); any other file is a subset of its own,
+    named by the file. A shard name that fits none of these is refused: the old
     reading (the folder names the subset, the rest of the name the split) named every subset
     of ``data/`` "data", and every converter shard a subset "0000"."""
     stem = data_stem(path)
@@ -268,6 +273,8 @@ def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
             f"{path}: a shard named {path.name!r} in folder {folder.name!r} fits none of the layouts read "
             f"({_LAYOUTS}; a split name has no '-'): cannot tell its subset and split apart; rename it or its folder")
     if _CONVERTER_RE.match(stem) and data_kind(path) == "parquet":  # <subset>/<split>/0000.parquet
+        if folder.name.lower() not in HUB_SPLITS:  # <subset>/0000.parquet: the split level left out
+            return folder.name, None, (int(stem),)
         split, subset = folder.name, folder.parent.name
         if not subset:
             raise InvalidArgument(f"{path}: a parquet-converter shard ({path.name!r}) is named by its folders "
