@@ -131,6 +131,46 @@ def test_five_copies_of_the_positive_are_a_hit_and_a_better_distinct_candidate_a
 
 
 # ------------------------------------------------------------------------------ reading
+def test_every_hub_layout_of_mmeb_eval_names_its_datasets(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    def write(rel, n=1):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([{"qry_text": f"q{i}", "qry_img_path": "", "tgt_text": ["a", "b"],
+                                              "tgt_img_path": ["", ""]} for i in range(n)]), path)
+        return str(path)
+
+    names = ("ImageNet-1K", "N24News")
+    layouts = {  # TIGER-Lab/MMEB-eval as stored (push_to_hub), flat data/, the hub's parquet converter, its subset level
+        "hub": "{}/test-00000-of-00001.parquet", "flat": "data/{}-test-00000-of-00001.parquet",
+        "conv": "{}/test/0000.parquet", "nosplit": "{}/0000.parquet"}
+    for layout, pattern in layouts.items():
+        made = {n: write(f"{layout}/" + pattern.format(n), n=k + 1) for k, n in enumerate(names)}
+        found = find_eval_datasets([str(tmp_path / layout)])  # conv: datasets named '0000' (refused as two of one name)
+        assert [(d.name, d.files) for d in found] == [(n, [made[n]]) for n in names], layout  # flat: refused
+        assert [read_eval_set(d).num_queries for d in found] == [1, 2]
+    (one,) = find_eval_datasets([str(tmp_path / "conv" / "N24News")])  # the converter's subset folder: was '0000'
+    assert one.name == "N24News"
+    # a converter's two shards are one dataset; one in another split, shard counts that differ, or a copy are refused
+    second = write("conv/N24News/test/0001.parquet")
+    assert find_eval_datasets([str(tmp_path / "conv" / "N24News")])[0].files == [one.files[0], second]
+    write("conv/N24News/validation/0000.parquet")
+    with pytest.raises(ValueError, match=r"shards of 'N24News' .* belong to different splits \(.*test/0000\.parquet and "
+                                         r".*validation/0000\.parquet\)"):
+        find_eval_datasets([str(tmp_path / "conv")])
+    write("flat/data/N24News-test-00001-of-00002.parquet")
+    with pytest.raises(ValueError, match=r"N24News-test-00000-of-00001\.parquet and .*N24News-test-00001-of-00002\."
+                                         r"parquet are shards of 1 and of 2 of dataset 'N24News'"):
+        find_eval_datasets([str(tmp_path / "flat")])
+    write("hub2/N24News/test-00000-of-00001.parquet")
+    (tmp_path / "hub2" / "N24News" / "test-00000-of-00001.jsonl").write_text(
+        json.dumps({"qry_text": "q", "tgt_text": ["a", "b"]}) + "\n")
+    with pytest.raises(ValueError, match=r"are both shard 0 of dataset 'N24News'"):
+        find_eval_datasets([str(tmp_path / "hub2")])
+
+
 def test_datasets_are_named_by_file_or_shard_folder(sets, tmp_path):
     root, files = sets
     found = find_eval_datasets([str(root)])

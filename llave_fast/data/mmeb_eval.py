@@ -9,9 +9,11 @@ of it is a bad row, refused before the file is looked at; ``allow_outside_image_
 ``--allow-outside-image-dir`` reads them). Bad rows raise a ``BadDataError`` naming the file and
 the row; nothing is dropped silently.
 
-Datasets: a file is one dataset named by its stem (``ImageNet-1K.jsonl``); hub-style shards
-(``ImageNet-1K/test-00000-of-00001.parquet``) are named by their folder, and every shard of
-one folder is one dataset (:func:`find_eval_datasets`). :func:`read_eval_set` reads one
+Datasets: a file is one dataset named by its stem (``ImageNet-1K.jsonl``); hub-style shards are
+named as the hub lays them out (``ImageNet-1K/test-00000-of-00001.parquet``, how
+TIGER-Lab/MMEB-eval is stored; ``data/ImageNet-1K-test-00000-of-00001.parquet``; the parquet
+converter's ``ImageNet-1K/test/0000.parquet``), and the shards of one name are one dataset
+(:func:`find_eval_datasets`). :func:`read_eval_set` reads one
 dataset into a table of its *distinct* (text, image path) pairs and, per query, indices
 into that table, so each distinct input is encoded once however many candidate lists
 share it (MMEB's lists of 1000 candidates share almost all of them).
@@ -28,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .mmeb import _SHARD_RE, BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
-from .mmeb_tables import data_kind, data_stem, open_jsonl
+from .mmeb import BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
+from .mmeb_tables import _name_file, data_kind, open_jsonl
 from ..errors import InvalidArgument, MissingDependency
 
 logger = logging.getLogger(__name__)
@@ -236,15 +238,16 @@ class EvalDataset:
     files: list[str]
 
 
-def _dataset_name(path: Path) -> str:
-    stem = data_stem(path)
-    return path.parent.name if _SHARD_RE.match(stem) else stem
-
-
 def find_eval_datasets(paths) -> list[EvalDataset] | None:
     """The MMEB-eval datasets that ``paths`` (files and folders, folders searched recursively)
     name, in the order given; None when none of the files is an MMEB-eval file (they are
-    MMEB-train files). A mix of both kinds, or two datasets of one name, is refused."""
+    MMEB-train files). A mix of both kinds, or two datasets of one name, is refused.
+
+    A dataset is named as an MMEB-train subset is (:func:`llave_fast.data.mmeb_tables._name_file`),
+    in every layout the hub writes: ``<name>.jsonl``/``.parquet``; ``<name>/test-00000-of-00001.parquet``
+    (``push_to_hub``: how TIGER-Lab/MMEB-eval is stored); ``data/<name>-test-00000-of-00001.parquet``;
+    and the parquet converter's ``<name>/test/0000.parquet`` (or ``<name>/0000.parquet``). The
+    files of one dataset lie in one folder and belong to one split, each shard once."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files = data_files(paths)
@@ -257,31 +260,39 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
         raise InvalidArgument(f"--data mixes MMEB-eval files (e.g. {evals}, rows with tgt_text) and other files (e.g. "
                          f"{train}, no tgt_text column): evaluate them in separate runs")
     by_name: dict[str, EvalDataset] = {}
-    folder_of: dict[str, Path] = {}
+    first: dict[str, tuple[Path, str | None, Path]] = {}  # name: (folder, split, its first file)
+    shards: dict[tuple[str, tuple], Path] = {}
+    counts: dict[str, int | None] = {}
     seen: set[tuple[str, Path]] = set()
-    split_of: dict[Path, dict[str, Path]] = {}
     for f in files:
-        name = _dataset_name(f)
+        name, split, shard = _name_file(f)
         if (name, f.resolve()) in seen:  # a file named twice (e/x.jsonl and ./e/../e/x.jsonl) counts once
             continue
         seen.add((name, f.resolve()))
-        shard = _SHARD_RE.match(data_stem(f))
-        where = f.parent.resolve() if shard else f.resolve()
-        if shard:
-            split_of.setdefault(where, {}).setdefault(shard.group("split"), f)
-            if len(split_of[where]) > 1:
-                a, b = list(split_of[where].values())[:2]
-                raise InvalidArgument(f"the shards of {name!r} in {f.parent} belong to different splits ({a.name} and "
-                                      f"{b.name}): a folder's shards are one dataset; keep one split there (MMEB-eval's "
-                                      "is 'test'), or name the split's files in --data")
+        where = f.parent.resolve() if shard is not None else f.resolve()
+        folder, first_split, a = first.setdefault(name, (where, split, f))
+        if split != first_split and None not in (split, first_split):
+            one, two = (a.name, f.name) if a.parent == f.parent else (a, f)
+            raise InvalidArgument(f"the shards of {name!r} in {f.parent} belong to different splits ({one} and "
+                                  f"{two}): a dataset's shards are one split; keep one split there (MMEB-eval's is "
+                                  "'test'), or name the split's files in --data")
+        if split != first_split or where != folder:
+            raise InvalidArgument(f"two datasets are named {name!r}: {a} and {f} (a dataset is named by its file's "
+                                  "stem, or by its folders for hub-style shards: <name>/test-00000-of-00001.parquet, "
+                                  "data/<name>-test-00000-of-00001.parquet, <name>/test/0000.parquet); rename one, "
+                                  "or name one in --data")
+        if shard is not None:
+            other = shards.setdefault((name, shard), f)
+            count = shard[1] if len(shard) > 1 else None
+            first_count = counts.setdefault(name, count)
+            if other is not f or count != first_count:
+                why = f"both shard {shard[0]} of" if other is not f else f"shards of {first_count} and of {count} of"
+                raise InvalidArgument(f"{other if other is not f else a} and {f} are {why} dataset {name!r}: two "
+                                      "copies of one dataset are not merged; keep one")
         if name in by_name:
-            if where != folder_of[name]:
-                raise InvalidArgument(f"two datasets are named {name!r}: {by_name[name].files[0]} and {f} (a dataset is "
-                                 "named by its file's stem, or by its folder for hub-style shards); rename one")
             by_name[name].files.append(str(f))
         else:
             by_name[name] = EvalDataset(name, [str(f)])
-            folder_of[name] = where
     return list(by_name.values())
 
 
