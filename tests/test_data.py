@@ -1213,3 +1213,33 @@ def test_negatives_not_used_are_never_checked_nor_opened(tmp_path):
                                               "image path outside the image folder: '../outside.png' (neg_image_path)",
                                               "unreadable image (cannot identify image file")):
         assert why.startswith(want), why
+
+
+@pytest.mark.slow  # two gloo ranks
+def test_check_images_decodes_a_share_on_each_rank_and_every_rank_drops_the_same_rows(tmp_path):
+    from llave_fast.testing import spawn_ranks
+
+    import _data_workers as W
+
+    img = tmp_path / "img"
+    rows = []
+    for i in range(10):
+        (img / f"i{i}.png").parent.mkdir(parents=True, exist_ok=True)
+        if i in (3, 8):
+            (img / f"i{i}.png").write_bytes(b"not a png")  # unreadable: found by one rank alone
+        else:
+            _image(img / f"i{i}.png")
+        rows.append(_t2i(f"i{i}.png", text=f"text {i}"))
+        rows.append(_t2i(f"i{i}.png", text=f"again {i}"))  # one image named twice is decoded once
+    data = _jsonl(tmp_path / "S.jsonl", rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    spawn_ranks(W.decode_share, 2, str(data), str(img), str(out))
+    got = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    opened = [set(g["opened"]) for g in got]
+    assert [len(g["opened"]) for g in got] == [g["here"] for g in got] == [5, 5]  # each rank half (was 10 each)
+    assert opened[0].isdisjoint(opened[1]) and opened[0] | opened[1] == {f"i{i}.png" for i in range(10)}
+    assert [g["checked"] for g in got] == [10, 10]
+    assert got[0]["skipped"] == got[1]["skipped"] and got[0]["rows"] == got[1]["rows"]
+    assert sorted(r for _, r, _ in got[0]["skipped"]) == [6, 7, 16, 17]  # both rows of i3 and of i8, on both ranks
+    assert all("unreadable image" in why for _, _, why in got[0]["skipped"])

@@ -90,6 +90,18 @@ IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count su
               "every image before training)")
 
 
+def _decode_share(across_ranks: bool) -> tuple[int, int]:
+    """(rank, world) whose share of the images this process decodes: (0, 1) unless asked to
+    share and a process group of several ranks is running."""
+    if not across_ranks:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _refuse_merged(picked) -> None:
     """Refuse tables that would be read as one subset but are not one table: a subset and split
     is one file, or the shards of one folder (every hub layout keeps them there) that agree on
@@ -153,6 +165,10 @@ class MMEBDataset(torch.utils.data.Dataset):
             paths elsewhere, ``..``, symbolic links out of it: :class:`ImageRoot`); off, such a
             row is bad (``skip_bad_rows`` decides). None: False, unless inside
             :func:`outside_image_dir_allowed`.
+        decode_across_ranks: with ``check_images="decode"`` in a running process group of several
+            ranks (``torch.distributed``), each rank decodes a 1/world share of the distinct images
+            and the problems are gathered, so every rank drops the same rows (a collective: every
+            rank must build the dataset). ``images_decoded_here`` counts this rank's share.
 
     Ids (``target_id``, ``query_id``, ``neg_id``) name an image by its file: its path joined to
     its image folder and normalised (``./a.png`` and ``a.png`` are one image), relative to the
@@ -179,6 +195,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         progress: bool = False,
         max_image_pixels: int | None = None,
         allow_outside_image_dir: bool | None = None,
+        decode_across_ranks: bool = False,
     ):
         self.allow_outside_image_dir = allow_outside_default(allow_outside_image_dir)
         if max_rows_per_subset is not None:
@@ -203,6 +220,7 @@ class MMEBDataset(torch.utils.data.Dataset):
         self.skip_bad_images = self.skip_bad_rows if bad_images is None else bad_images == "skip"
         self.check_images = check_images
         self.progress = bool(progress)
+        self.decode_across_ranks = bool(decode_across_ranks)
         self.skipped: list[tuple[str, int, str]] = []
         self._bad_positions: set[int] = set()
         self._roots: dict[str, ImageRoot] = {}
@@ -357,33 +375,65 @@ class MMEBDataset(torch.utils.data.Dataset):
         return f"; image paths are relative to --image-dir {self.image_dir!r}: is that the folder they are relative to?"
 
     def _decode_all(self, exists_cache: dict[str, str | None]) -> None:
-        """``check_images="decode"``: open every distinct image once, with a progress bar."""
-        paths = {}
-        for src in self.sources:
+        """``check_images="decode"``: open every distinct image once, with a progress bar; with
+        ``decode_across_ranks`` in a process group of several ranks, each rank opens its share (the
+        distinct images in the order the rows name them, every ``world``-th from its rank) and the
+        problems found are exchanged, so every rank knows every image and drops the same rows."""
+        paths: dict[str, tuple[int, str]] = {}  # the joined path: where it is first named (source, its path)
+        for s, src in enumerate(self.sources):
             for img_col in self._image_columns(src):
                 bad = src.problems.keys() | (src.neg_problems.keys() if img_col == "neg_image_path" else set())
                 for row, rel in enumerate(src.cols[img_col]):
                     if rel and row not in bad:
                         if self._outside(src, rel, img_col) is None:  # one outside is never opened
-                            paths.setdefault(os.path.join(src.image_root, rel), None)
+                            paths.setdefault(os.path.join(src.image_root, rel), (s, rel))
+        rank, world = _decode_share(self.decode_across_ranks)
+        mine = [p for k, p in enumerate(paths) if k % world == rank]
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(paths), desc="checking images", unit="image", disable=not self.progress)
+        found: dict[str, str | None] = {}
+        bar = tqdm(total=len(mine), desc="checking images", unit="image", disable=not self.progress)
         # PIL decodes outside the GIL: a few threads keep the disk and the cores busy
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for path, why in zip(paths, pool.map(lambda p: image_problem(p, True, self.max_image_pixels), paths)):
-                exists_cache[path] = why
+            for path, why in zip(mine, pool.map(lambda p: image_problem(p, True, self.max_image_pixels), mine)):
+                found[path] = why
                 bar.update(1)
         bar.close()
+        self.images_decoded_here = len(mine)
+        if world > 1:
+            found = self._exchange_problems(paths, found)
+        for path in paths:
+            exists_cache[path] = found.get(path)
         self.images_checked = len(paths)
         bad = sum(why is not None for why in exists_cache.values())
-        logger.info("checked %d distinct images: %d unusable", len(paths), bad)
+        logger.info("checked %d distinct images (%d here, of %d ranks): %d unusable", len(paths), len(mine), world, bad)
+
+    @staticmethod
+    def _exchange_problems(paths: dict[str, tuple[int, str]], found: dict[str, str | None]) -> dict[str, str | None]:
+        """Every rank's problems, on every rank: each sends ``(source index, image path as written,
+        problem)`` for its bad images (where its data lies may differ from another rank's) and the
+        number of distinct images it found, which must agree (otherwise the ranks read other data)."""
+        import torch.distributed as dist
+
+        mine = [(*paths[p], why) for p, why in found.items() if why is not None]
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (len(paths), mine))
+        counts = [n for n, _ in gathered]
+        if len(set(counts)) > 1:
+            raise InvalidArgument(f"check_images='decode' across ranks: the ranks found {counts} distinct images "
+                                  "(by rank): they read other data; give every rank the same data")
+        where = {key: p for p, key in paths.items()}
+        out: dict[str, str | None] = {}
+        for _, problems in gathered:
+            for s, rel, why in problems:
+                out[where[(s, rel)]] = why
+        return out
 
     def _index_rows(self):
         exists_cache: dict[str, str | None] = {}
-        self.images_checked = None
+        self.images_checked = self.images_decoded_here = None
         self._outside_memo: dict[tuple[str, str, str], str | None] = {}
         try:
             self._index_checked_rows(exists_cache)

@@ -30,7 +30,8 @@ def _datasets(cfg: TrainConfig, progress: bool = False):
                         max_rows_per_subset=cfg.max_rows_per_subset,
                         check_images="decode" if cfg.check_images else "exists", bad_images=cfg.bad_images,
                         progress=progress, max_image_pixels=cfg.max_image_pixels,
-                        allow_outside_image_dir=cfg.allow_outside_image_dir)
+                        allow_outside_image_dir=cfg.allow_outside_image_dir,
+                        decode_across_ranks=True)  # --check-images: each rank decodes its share, all drop the same rows
     return train, None
 
 
