@@ -6,7 +6,9 @@ LLaVE (trained on images and texts only) reports zero-shot text-video retrieval 
 * Frames: :func:`sample_frame_indices` (LLaVE's rule: every ``round(native_fps / fps)``-th
   frame, 3 fps by default; more than ``max_frames`` (32) of those -> ``max_frames`` indices
   spread evenly over the whole clip), decoded with PyAV (:func:`decode_video`, the optional
-  ``video`` extra).
+  ``video`` extra). Every frame is decoded (LLaVE samples from the true frame count); each
+  sampled one becomes the model's pixels as soon as it is decoded, so a decoding thread holds one
+  full-size frame, not 32.
 * Videos and captions are embedded as :mod:`llave_fast.model.video` describes (per-frame
   vision tower and projector, 2x2 bilinear pooling, ``image_newline`` after every row, the
   prompt ``<image>\\nRepresent the given video.``; captions ``Find me an video that matches
@@ -24,6 +26,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -107,10 +110,20 @@ def _native_fps(stream) -> float | None:
     return None
 
 
-def _decode_indices(av, path: str, indices: set[int]) -> tuple[dict[int, np.ndarray], int, float | None]:
-    """Decode every frame of the first video stream; keep the RGB arrays at ``indices``."""
-    kept: dict[int, np.ndarray] = {}
-    n = 0
+class _Stopped(Exception):
+    """A decode given up because the run it decodes for has stopped (:func:`encode_videos`'s stop event)."""
+
+
+def _decode_indices(av, path: str, indices: Sequence[int], keep=None, stop=None) -> tuple[list, int, float | None]:
+    """Decode every frame of the first video stream; ``keep(rgb)`` (default: the array itself) of the RGB array
+    of each frame at ``indices``, in their order, made as soon as the frame is decoded: only what ``keep``
+    returns is held. ``stop`` (a threading.Event), checked every frame, gives up the decode (:class:`_Stopped`).
+    Returns the kept items, the frames decoded and the frame rate."""
+    where: dict[int, list[int]] = {}
+    for j, i in enumerate(indices):
+        where.setdefault(i, []).append(j)
+    kept: list = [None] * len(indices)
+    n, size = 0, None
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoDataError(path, None, "has no video stream")
@@ -118,13 +131,24 @@ def _decode_indices(av, path: str, indices: set[int]) -> tuple[dict[int, np.ndar
         stream.thread_type = "AUTO"
         fps = _native_fps(stream)
         for frame in container.decode(stream):
-            if n in indices:
-                kept[n] = frame.to_ndarray(format="rgb24")
+            if stop is not None and stop.is_set():
+                raise _Stopped(path)
+            if n in where:
+                rgb = frame.to_ndarray(format="rgb24")
+                if size is None:
+                    size = rgb.shape
+                elif rgb.shape != size:  # the frames were stacked into one array: this was refused before too
+                    raise VideoDataError(path, None, f"changes its frame size from {size[1]}x{size[0]} to "
+                                         f"{rgb.shape[1]}x{rgb.shape[0]} at frame {n}")
+                item = rgb if keep is None else keep(rgb)
+                del rgb  # the full-size frame is not held past its item
+                for j in where[n]:
+                    kept[j] = item
             n += 1
     return kept, n, fps
 
 
-def _frame_count(av, path: str) -> tuple[int, float | None, int | None]:
+def _frame_count(av, path: str, stop=None) -> tuple[int, float | None, int | None]:
     """The stream's frame count from the container (its index), else by demuxing (no decoding), its
     frame rate, and the frames its stated duration holds (None: no duration stated)."""
     with av.open(path) as container:
@@ -139,42 +163,51 @@ def _frame_count(av, path: str) -> tuple[int, float | None, int | None]:
             seconds = container.duration / 1e6
         n = int(stream.frames or 0)
         if n <= 0:
-            n = sum(1 for p in container.demux(stream) if p.size)
+            for packet in container.demux(stream):
+                if stop is not None and stop.is_set():
+                    raise _Stopped(path)
+                n += 1 if packet.size else 0
     return n, fps, (round(seconds * fps) if seconds and fps else None)
 
 
-def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.ndarray, dict]:
-    """The frames LLaVE's harness takes from a video file, as a uint8 (F, H, W, 3) RGB array, and
-    ``{"num_frames", "native_fps", "indices"}``.
-
-    Indices come from :func:`sample_frame_indices` over the decoded frames. The frame count is
-    read from the container first; when decoding finds another count, the indices are
-    recomputed from the true count and the clip decoded again. Raises ImportError without
-    PyAV and :class:`VideoDataError` (a ``BadDataError``) naming the file when it cannot be decoded.
-    """
+def _decode(path: str, fps: float, max_frames: int, keep=None, stop=None) -> tuple[list, dict]:
+    """:func:`decode_video`'s work: ``keep`` of each sampled frame (:func:`_decode_indices`) and the info."""
     sample_frame_indices(1, 1.0, fps, max_frames)  # check the arguments before blaming the file
     av = _require_av()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no video file {path!r}")
     errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError, UnicodeDecodeError)
     try:
-        n, native, stated = _frame_count(av, path)
+        n, native, stated = _frame_count(av, path, stop)
         if native is None:
             raise VideoDataError(path, None, "has no frame rate in its video stream")
         for _ in range(2):
             if n < 1:
                 break
             idx = sample_frame_indices(n, native, fps, max_frames)
-            kept, decoded, native = _decode_indices(av, path, set(idx))
+            kept, decoded, native = _decode_indices(av, path, idx, keep, stop)
             if decoded == n:
-                return np.stack([kept[i] for i in idx]), {"num_frames": n, "native_fps": native, "indices": idx,
-                                                          "stated_frames": stated}
+                return kept, {"num_frames": n, "native_fps": native, "indices": idx, "stated_frames": stated}
+            del kept  # not held through the second pass
             n = decoded  # the container's count was off: sample again from the decoded count
-    except VideoDataError:
+    except (VideoDataError, _Stopped):
         raise
     except errors as e:
         raise VideoDataError(path, None, f"cannot be decoded as a video ({type(e).__name__}: {e})") from e
     raise VideoDataError(path, None, f"cannot be decoded as a video ({n} frames decoded)")
+
+
+def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.ndarray, dict]:
+    """The frames LLaVE's harness takes from a video file, as a uint8 (F, H, W, 3) RGB array, and
+    ``{"num_frames", "native_fps", "indices", "stated_frames"}``.
+
+    Indices come from :func:`sample_frame_indices` over the decoded frames. The frame count is
+    read from the container first; when decoding finds another count, the indices are
+    recomputed from the true count and the clip decoded again. Raises ImportError without PyAV and
+    :class:`VideoDataError` (a ``BadDataError``) naming the file when it cannot be decoded.
+    """
+    frames, info = _decode(path, fps, max_frames)
+    return np.stack(frames), info
 
 
 def check_video_files(paths: Sequence[str]) -> None:
@@ -310,38 +343,44 @@ def format_metrics_table(metrics: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare(processor, path: str, fps: float, max_frames: int):
+def _prepare(processor, path: str, fps: float, max_frames: int, stop=None):
+    """One video's (F, 3, S, S) pixels and decode info: each sampled frame becomes its pixels as soon as it is
+    decoded (the pixels ``frames_to_pixels`` makes of the whole clip, bit for bit), so a worker holds one
+    full-size frame at a time instead of all of them (32 4K frames: 0.8 GB)."""
     from .model.video import frames_to_pixels
 
-    frames, info = decode_video(path, fps=fps, max_frames=max_frames)
-    return frames_to_pixels(processor, frames), info
+    pixels, info = _decode(path, fps, max_frames, keep=lambda rgb: frames_to_pixels(processor, [rgb])[0], stop=stop)
+    return torch.stack(pixels), info
 
 
 @torch.no_grad()
 def encode_videos(model, paths: Sequence[str], *, fps: float = 3, max_frames: int = 32, batch: int = 8,
                   max_length: int = 8192, workers: int = 2, progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
     """(V, d) embeddings of video files and each one's decode info; decoding runs ``workers``
-    threads ahead of the model, at most two batches ahead (bounded memory)."""
+    threads ahead of the model, at most two batches ahead (bounded memory). When anything stops it (a bad
+    video, Ctrl-C), the decodes still running give up within a frame instead of reading their clips to the end."""
     from tqdm import tqdm
 
     from .model.video import embed_video_batch, video_batch
 
     processor = model.processor
+    stop = threading.Event()  # set when the run stops: the decodes under way give up (checked every frame)
     out, infos = [], []
     chunks = [list(paths[i: i + batch]) for i in range(0, len(paths), batch)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=len(paths), desc="videos", unit="video", disable=not progress, file=sys.stderr) as bar:
-        pending = [[pool.submit(_prepare, processor, p, fps, max_frames) for p in c] for c in chunks[:2]]
+        pending = [[pool.submit(_prepare, processor, p, fps, max_frames, stop) for p in c] for c in chunks[:2]]
         try:
             for k in range(len(chunks)):
                 done = [f.result() for f in pending.pop(0)]
                 if k + 2 < len(chunks):
-                    pending.append([pool.submit(_prepare, processor, p, fps, max_frames) for p in chunks[k + 2]])
+                    pending.append([pool.submit(_prepare, processor, p, fps, max_frames, stop) for p in chunks[k + 2]])
                 pixels = [d[0] for d in done]
                 infos += [d[1] for d in done]
                 out.append(embed_video_batch(model, video_batch(processor, pixels, max_length=max_length)).cpu())
                 bar.update(len(done))
         except BaseException:
+            stop.set()  # the pool's exit waits for the running decodes: they stop at their next frame
             for f in (f for c in pending for f in c):  # a bad video stops the run: no decoding after it
                 f.cancel()
             raise

@@ -769,3 +769,159 @@ def test_a_json_video_id_written_twice_is_refused_and_linked_folders_are_searche
     os.symlink(part, videos / "linked")
     os.symlink(videos, part / "loop")  # a cycle (part2/loop -> videos -> linked -> part2): each folder searched once
     assert find_videos(["a", "c"], str(videos)) == [str(videos / "a.mp4"), str(videos / "linked" / "c.mp4")]
+
+
+# ------------------------------------------------------------------------------------------
+# decoding: memory held, stopping, display rotation
+# ------------------------------------------------------------------------------------------
+
+
+def _stub_processor(size=32):
+    """What frames_to_pixels reads of a processor (the tile size, LLaVEProcessor's normalisation)."""
+    import types
+
+    from llave_fast.model.processor import LLaVEProcessor
+
+    proc = types.SimpleNamespace(image_size=size, rescale_factor=1 / 255, image_mean=(0.5, 0.4, 0.3),
+                                 image_std=(0.2, 0.3, 0.4))
+    proc._normalise = lambda img: LLaVEProcessor._normalise(proc, img)
+    return proc
+
+
+def _traced_peak(fn):
+    """(fn(), the peak bytes numpy and Python allocated during the call; PyAV's frame buffers are not counted:
+    :class:`_WatchedAV` counts those)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+class _WatchedAV:
+    """PyAV as eval_video uses it (``_require_av``), watched: every decoded frame is counted (``frames``) and
+    slowed by ``delay`` seconds, and the RGB arrays ``to_ndarray`` made that are still alive are counted (a
+    full-size frame each: PyAV's buffer, which tracemalloc does not see), their most at once in ``most_alive``.
+    Files named ``fail*`` open only once a decode is under way, then fail (``failbad.mp4``: not a video;
+    ``failint.mp4``: Ctrl-C)."""
+
+    def __init__(self, delay=0.0):
+        import threading
+
+        self.error, self.delay = av.error, delay
+        self.started = threading.Event()
+        self.frames = self.alive = self.most_alive = 0
+
+    def open(self, path, *args, **kwargs):
+        name = os.path.basename(path)
+        if name.startswith("fail"):
+            assert self.started.wait(5), "no decode started"
+            if name == "failint.mp4":
+                raise KeyboardInterrupt
+        return _WatchedContainer(av.open(path, *args, **kwargs), self)
+
+    def made(self, array):
+        import weakref
+
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(array, self._freed)
+        return array
+
+    def _freed(self):
+        self.alive -= 1
+
+
+class _WatchedContainer:
+    def __init__(self, container, owner):
+        self.container, self.owner = container, owner
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+    def decode(self, stream):
+        import time
+
+        for frame in self.container.decode(stream):
+            self.owner.frames += 1
+            self.owner.started.set()
+            if self.owner.delay:
+                time.sleep(self.owner.delay)
+            yield _WatchedFrame(frame, self.owner)
+
+
+class _WatchedFrame:
+    def __init__(self, frame, owner):
+        self.frame, self.owner = frame, owner
+
+    def __getattr__(self, name):
+        return getattr(self.frame, name)
+
+    def to_ndarray(self, *args, **kwargs):
+        return self.owner.made(self.frame.to_ndarray(*args, **kwargs))
+
+
+@pytest.mark.parametrize("count_off", [False, True], ids=["count-right", "container-count-off"])
+def test_decoding_holds_one_full_size_frame_not_all_of_them(tmp_path, monkeypatch, count_off):
+    """eval-video's worker held every kept full-resolution frame of a video (32 x 3840 x 2160 x 3 = 0.8 GB for
+    4K) and a stacked copy of them before making the model's 384-px pixels: now each kept frame becomes its
+    pixels as soon as it is decoded (one full-size frame held at a time), bit for bit the same pixels. When the
+    container's frame count is off (the clip is decoded twice), the first pass's frames are no longer held
+    through the second."""
+    import llave_fast.eval_video as ev
+
+    path = write_clip(tmp_path / "clip.mp4", 40, 30, size=384)  # at --fps 30: 32 of the 40 frames
+    frame_bytes = 384 * 384 * 3
+    if count_off:
+        real = ev._frame_count
+        monkeypatch.setattr(ev, "_frame_count", lambda *a, **k: (real(*a, **k)[0] + 3,) + real(*a, **k)[1:])
+    watched = _WatchedAV()
+    monkeypatch.setattr(ev, "_require_av", lambda: watched)
+    proc = _stub_processor()
+    (pixels, info), traced = _traced_peak(lambda: ev._prepare(proc, path, 30, 32))
+    assert len(info["indices"]) == 32 and info["num_frames"] == 40
+    assert watched.most_alive <= 2, f"{watched.most_alive} decoded full-size frames alive at once"
+    assert traced < pixels.nbytes + 2 * frame_bytes, f"{traced / frame_bytes:.1f} frames' bytes allocated at once"
+    # the pixels the model receives are those of the whole-clip path, bit for bit
+    watched.most_alive = 0
+    frames, info2 = decode_video(path, fps=30, max_frames=32)
+    assert info2 == info and frames.shape == (32, 384, 384, 3)
+    assert watched.most_alive <= 33, f"{watched.most_alive} frames alive at once (the first pass's kept?)"
+    want = mv.frames_to_pixels(proc, frames)
+    assert pixels.dtype == want.dtype == torch.float32 and torch.equal(pixels, want)
+
+
+@pytest.mark.parametrize("stopper, error", [("failbad.mp4", VideoDataError), ("failint.mp4", KeyboardInterrupt)],
+                         ids=["bad-video", "ctrl-c"])
+def test_a_stopped_run_stops_the_decode_running_beside_it(tmp_path, monkeypatch, stopper, error):
+    """A bad video or Ctrl-C stopped encode_videos, which then waited for the decode running in the other worker
+    thread to reach the end of its clip (every frame is decoded, to count them: minutes for an hour-long
+    video): now that decode gives up within a frame."""
+    import time
+    import types
+
+    import llave_fast.eval_video as ev
+
+    long_clip = write_clip(tmp_path / "long.mp4", 400, 30)  # 400 frames x 5 ms: 2 s to decode to the end
+    (tmp_path / stopper).write_bytes(b"\x00" * 300)
+    watched = _WatchedAV(delay=0.005)
+    monkeypatch.setattr(ev, "_require_av", lambda: watched)
+    model = types.SimpleNamespace(processor=_stub_processor())
+    t0 = time.perf_counter()
+    with pytest.raises(error):
+        encode_videos(model, [str(tmp_path / stopper), long_clip], batch=1, workers=2, progress=False)
+    seconds = time.perf_counter() - t0
+    assert watched.started.is_set()  # the long clip was being decoded when the run stopped
+    assert watched.frames < 40, f"the running decode went on for {watched.frames} of 400 frames after the stop"
+    assert seconds < 1.5  # to the end: 400 x 5 ms = 2 s at least
