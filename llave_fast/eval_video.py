@@ -8,7 +8,9 @@ LLaVE (trained on images and texts only) reports zero-shot text-video retrieval 
   spread evenly over the whole clip), decoded with PyAV (:func:`decode_video`, the optional
   ``video`` extra). Every frame is decoded (LLaVE samples from the true frame count); each
   sampled one becomes the model's pixels as soon as it is decoded, so a decoding thread holds one
-  full-size frame, not 32.
+  full-size frame, not 32. A phone video's display rotation (its container's display matrix) is
+  applied as LLaVE's decord applies it: turned upright when it is 90, 180 or 270 degrees, flips
+  ignored, other angles left as stored; ``video_eval.json``'s ``per_video`` records each rotation.
 * Videos and captions are embedded as :mod:`llave_fast.model.video` describes (per-frame
   vision tower and projector, 2x2 bilinear pooling, ``image_newline`` after every row, the
   prompt ``<image>\\nRepresent the given video.``; captions ``Find me an video that matches
@@ -114,16 +116,27 @@ class _Stopped(Exception):
     """A decode given up because the run it decodes for has stopped (:func:`encode_videos`'s stop event)."""
 
 
-def _decode_indices(av, path: str, indices: Sequence[int], keep=None, stop=None) -> tuple[list, int, float | None]:
+def _turns(frame) -> int | None:
+    """Degrees clockwise the frame is to be turned to be shown upright, as decord reads its stream's display
+    matrix (phone videos are stored sideways with one): ``-av_display_rotation_get``, truncated to an int,
+    in [0, 360); None when this PyAV cannot read it (no ``VideoFrame.rotation``)."""
+    ccw = getattr(frame, "rotation", None)  # av_display_rotation_get, truncated; 0 without a display matrix
+    return None if ccw is None else (-int(ccw)) % 360
+
+
+def _decode_indices(av, path: str, indices: Sequence[int], keep=None, stop=None) -> tuple[list, int, float | None,
+                                                                                           int | None]:
     """Decode every frame of the first video stream; ``keep(rgb)`` (default: the array itself) of the RGB array
     of each frame at ``indices``, in their order, made as soon as the frame is decoded: only what ``keep``
-    returns is held. ``stop`` (a threading.Event), checked every frame, gives up the decode (:class:`_Stopped`).
-    Returns the kept items, the frames decoded and the frame rate."""
+    returns is held. The frames are turned upright as decord turns them: by the first frame's display
+    rotation (:func:`_turns`) when it is 90, 180 or 270 degrees; another angle is left as stored, as decord
+    leaves it. ``stop`` (a threading.Event), checked every frame, gives up the decode (:class:`_Stopped`).
+    Returns the kept items, the frames decoded, the frame rate and the rotation."""
     where: dict[int, list[int]] = {}
     for j, i in enumerate(indices):
         where.setdefault(i, []).append(j)
     kept: list = [None] * len(indices)
-    n, size = 0, None
+    n, size, turns = 0, None, 0
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoDataError(path, None, "has no video stream")
@@ -133,6 +146,8 @@ def _decode_indices(av, path: str, indices: Sequence[int], keep=None, stop=None)
         for frame in container.decode(stream):
             if stop is not None and stop.is_set():
                 raise _Stopped(path)
+            if n == 0:
+                turns = _turns(frame)
             if n in where:
                 rgb = frame.to_ndarray(format="rgb24")
                 if size is None:
@@ -140,12 +155,14 @@ def _decode_indices(av, path: str, indices: Sequence[int], keep=None, stop=None)
                 elif rgb.shape != size:  # the frames were stacked into one array: this was refused before too
                     raise VideoDataError(path, None, f"changes its frame size from {size[1]}x{size[0]} to "
                                          f"{rgb.shape[1]}x{rgb.shape[0]} at frame {n}")
+                if turns in (90, 180, 270):
+                    rgb = np.ascontiguousarray(np.rot90(rgb, -(turns // 90)))  # rot90 turns counter-clockwise
                 item = rgb if keep is None else keep(rgb)
                 del rgb  # the full-size frame is not held past its item
                 for j in where[n]:
                     kept[j] = item
             n += 1
-    return kept, n, fps
+    return kept, n, fps, turns
 
 
 def _frame_count(av, path: str, stop=None) -> tuple[int, float | None, int | None]:
@@ -185,9 +202,10 @@ def _decode(path: str, fps: float, max_frames: int, keep=None, stop=None) -> tup
             if n < 1:
                 break
             idx = sample_frame_indices(n, native, fps, max_frames)
-            kept, decoded, native = _decode_indices(av, path, idx, keep, stop)
+            kept, decoded, native, turns = _decode_indices(av, path, idx, keep, stop)
             if decoded == n:
-                return kept, {"num_frames": n, "native_fps": native, "indices": idx, "stated_frames": stated}
+                return kept, {"num_frames": n, "native_fps": native, "indices": idx, "stated_frames": stated,
+                              "rotation": turns}
             del kept  # not held through the second pass
             n = decoded  # the container's count was off: sample again from the decoded count
     except (VideoDataError, _Stopped):
@@ -199,11 +217,13 @@ def _decode(path: str, fps: float, max_frames: int, keep=None, stop=None) -> tup
 
 def decode_video(path: str, fps: float = 3, max_frames: int = 32) -> tuple[np.ndarray, dict]:
     """The frames LLaVE's harness takes from a video file, as a uint8 (F, H, W, 3) RGB array, and
-    ``{"num_frames", "native_fps", "indices", "stated_frames"}``.
+    ``{"num_frames", "native_fps", "indices", "stated_frames", "rotation"}``.
 
     Indices come from :func:`sample_frame_indices` over the decoded frames. The frame count is
     read from the container first; when decoding finds another count, the indices are
-    recomputed from the true count and the clip decoded again. Raises ImportError without PyAV and
+    recomputed from the true count and the clip decoded again. A video whose container says to show it
+    turned (``rotation``: degrees clockwise, a phone video's display matrix) is turned upright when that
+    is 90, 180 or 270 degrees, as LLaVE's decord turns it. Raises ImportError without PyAV and
     :class:`VideoDataError` (a ``BadDataError``) naming the file when it cannot be decoded.
     """
     frames, info = _decode(path, fps, max_frames)
@@ -401,6 +421,28 @@ def encode_captions(model, captions: Sequence[str], *, batch: int = 8, progress:
     return torch.cat(out)
 
 
+def _say_rotations(per_video: list[dict]) -> None:
+    """Say how many videos were turned upright (their display rotation, as LLaVE's decord turns them), and
+    warn about those left as stored: an angle decord does not turn either, or a PyAV that cannot read it."""
+    turned = [r for r in per_video if r["rotation"] in (90, 180, 270)]
+    odd = [r for r in per_video if r["rotation"] not in (None, 0, 90, 180, 270)]
+    unread = [r for r in per_video if r["rotation"] is None]
+    if turned:
+        logger.info("%d of %d videos carry a display rotation (phone videos) and were turned upright, as LLaVE's "
+                    "decord turns them: %s", len(turned), len(per_video),
+                    ", ".join(f"{r['file']} ({r['rotation']} degrees)" for r in turned[:5]))
+    if odd:
+        logger.warning("%d of %d videos carry a display rotation that is no multiple of 90 degrees; they are scored as "
+                       "stored, as LLaVE's decord leaves them: %s", len(odd), len(per_video),
+                       ", ".join(f"{r['file']} ({r['rotation']} degrees)" for r in odd[:5]))
+    if unread:
+        import av
+
+        logger.warning("PyAV %s cannot read a video's display rotation (no VideoFrame.rotation): %d videos are scored "
+                       "as stored, where LLaVE's decord turns a phone video upright; upgrade PyAV (pip install -U av)",
+                       getattr(av, "__version__", "?"), len(unread))
+
+
 def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: str, *, max_frames: int = 32,
                fps: float = 3, batch: int = 8, device: str = "auto", dtype: str = "auto", max_length: int = 8192,
                video_list: str | None = None, limit: int | None = None, workers: int = 2,
@@ -449,8 +491,9 @@ def eval_video(model_path: str, videos_dir: str, annotations: str, output_dir: s
     t2 = time.perf_counter()
     metrics = retrieval_metrics(c_emb @ v_emb.t(), ann.caption_to_video)
     frames = [len(i["indices"]) for i in infos]
-    per_video = [{"id": v, "file": p, "num_frames": i["num_frames"], "stated_frames": i.get("stated_frames")}
-                 for v, p, i in zip(ann.video_ids, paths, infos)]
+    per_video = [{"id": v, "file": p, "num_frames": i["num_frames"], "stated_frames": i.get("stated_frames"),
+                  "rotation": i.get("rotation")} for v, p, i in zip(ann.video_ids, paths, infos)]
+    _say_rotations(per_video)
     # a damaged mkv/webm decodes up to the damage without an error: far fewer frames than its duration says
     short = [r for r in per_video if r["stated_frames"] and r["num_frames"] < 0.9 * r["stated_frames"] - 1]
     if short:

@@ -713,6 +713,7 @@ def test_a_cut_mkv_that_decodes_short_is_said_and_listed(tiny_folder, clips, tmp
     rows = {r["id"]: r for r in res["per_video"]}
     assert rows["video95"]["stated_frames"] == 60 and rows["video95"]["num_frames"] < 30
     assert rows["video0"]["num_frames"] == rows["video0"]["stated_frames"] == 12
+    assert rows["video0"]["rotation"] == 0  # no display matrix: shown as stored
 
 
 def test_an_msrvtt_file_of_several_splits_is_refused_naming_them(tmp_path):
@@ -925,3 +926,61 @@ def test_a_stopped_run_stops_the_decode_running_beside_it(tmp_path, monkeypatch,
     assert watched.started.is_set()  # the long clip was being decoded when the run stopped
     assert watched.frames < 40, f"the running decode went on for {watched.frames} of 400 frames after the stop"
     assert seconds < 1.5  # to the end: 400 x 5 ms = 2 s at least
+
+
+@pytest.mark.skipif(not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
+                    reason="this PyAV cannot write a display rotation")
+@pytest.mark.parametrize("ccw, turned", [(-90, 90), (180, 180), (90, 270), (45, 315)])
+def test_a_display_rotation_is_applied_as_decord_applies_it(tmp_path, ccw, turned):
+    """Phone videos are stored sideways with a display matrix saying how to show them. LLaVE decodes with
+    decord, which turns the frames by the matrix's rotation (-av_display_rotation_get, when it is 90, 180 or
+    270 degrees clockwise; transpose filters, flips ignored): so does decode_video. Any other angle is left
+    as stored (decord's filter does the same) and recorded."""
+    from fractions import Fraction
+
+    def write(path, rotation):
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("mpeg4", rate=Fraction(6))
+            s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+            if rotation is not None:
+                s.set_display_rotation(rotation)
+            for _ in range(4):
+                img = np.zeros((32, 48, 3), np.uint8)
+                img[:12, :12] = 255  # a white block in the stored frame's top-left corner
+                for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        return str(path)
+
+    plain, plain_info = decode_video(write(tmp_path / "plain.mp4", None))
+    got, info = decode_video(write(tmp_path / "turned.mp4", ccw))
+    assert plain_info["rotation"] == 0 and info["rotation"] == turned
+    k = {90: -1, 180: 2, 270: 1}.get(turned, 0)  # np.rot90 turns counter-clockwise
+    assert np.array_equal(got, np.rot90(plain, k, axes=(1, 2)))
+    # where the stored top-left corner is shown: turned 90 degrees clockwise, at the top right
+    corner = {90: (0, -1), 180: (-1, -1), 270: (-1, 0), 315: (0, 0)}[turned]
+    rows, cols = got.shape[1:3]
+    y, x = (0 if corner[0] == 0 else rows - 6), (0 if corner[1] == 0 else cols - 6)
+    assert got[0, y: y + 6, x: x + 6].min() > 200, (turned, got.shape)
+
+
+def test_rotations_are_said_and_those_left_as_stored_warned(caplog):
+    """eval-video says how many videos it turned upright, and warns about those scored as stored: an angle
+    decord does not turn either, or a PyAV that cannot read the rotation."""
+    import logging
+
+    from llave_fast.eval_video import _say_rotations
+
+    rows = [{"file": f"v{i}.mp4", "rotation": r} for i, r in enumerate([0, 90, 270, 315, None, 0])]
+    with caplog.at_level(logging.INFO, logger="llave_fast.eval_video"):
+        _say_rotations(rows)
+    text = caplog.text
+    assert "2 of 6 videos carry a display rotation (phone videos) and were turned upright" in text
+    assert "v1.mp4 (90 degrees), v2.mp4 (270 degrees)" in text
+    assert "1 of 6 videos carry a display rotation that is no multiple of 90 degrees" in text and "v3.mp4" in text
+    assert "cannot read a video's display rotation (no VideoFrame.rotation): 1 videos" in text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llave_fast.eval_video"):
+        _say_rotations(rows[:1])
+    assert caplog.text == ""
