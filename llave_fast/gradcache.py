@@ -2,7 +2,8 @@
 
 One ``GradCache.__call__`` is one training step's backward:
 
-1. forward every chunk of the local batch without grad (RNG state recorded per chunk);
+1. forward every chunk of the local batch without grad (RNG state recorded per chunk: the CPU's
+   and CUDA's, MPS's or XPU's where in use; another accelerator with dropout active is refused);
 2. the loss on the full local batch of embeddings (the loss itself gathers across ranks),
    and its gradient with respect to the embeddings;
 3. per chunk, re-forward with grad under the recorded RNG state (so dropout replays) and
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -98,21 +100,101 @@ def _take(x, lo, hi):
     return x
 
 
+def _mps_ready() -> bool:
+    return torch.backends.mps.is_available()
+
+
+def _xpu_ready() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return xpu is not None and xpu.is_available() and xpu.is_initialized()
+
+
+#: the accelerators whose generators the re-encode replays (besides the CPU's): device type ->
+#: (whether its generators are in use, get every device's state, set them). CUDA and XPU only once
+#: initialised (reading them would initialise them); MPS (one device) whenever it is available.
+_DEVICE_RNGS = {
+    "cuda": (lambda: torch.cuda.is_initialized(), lambda: torch.cuda.get_rng_state_all(),
+             lambda s: torch.cuda.set_rng_state_all(s)),
+    "mps": (_mps_ready, lambda: torch.mps.get_rng_state(), lambda s: torch.mps.set_rng_state(s)),
+    "xpu": (_xpu_ready, lambda: torch.xpu.get_rng_state_all(), lambda s: torch.xpu.set_rng_state_all(s)),
+}
+#: devices that draw no random numbers of their own
+_NO_RNG_DEVICES = {"cpu", "meta"}
+
+
 class _RngState:
-    """CPU and every initialised CUDA device's generator state."""
+    """The CPU's generator state and every accelerator's of :data:`_DEVICE_RNGS` in use."""
 
     def __init__(self):
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.devices = {dev: get() for dev, (ready, get, _set) in _DEVICE_RNGS.items() if ready()}
+
+    def restore(self):
+        torch.set_rng_state(self.cpu)
+        for dev, state in self.devices.items():
+            _DEVICE_RNGS[dev][2](state)
 
     @contextlib.contextmanager
     def replay(self):
-        devices = list(range(len(self.cuda))) if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state_all(self.cuda)
+        """Run the block under the recorded states, then put back the states found on entry."""
+        now = _RngState()
+        self.restore()
+        try:
             yield
+        finally:
+            now.restore()
+
+
+def _device_types(x, out: set) -> set:
+    """The device types of the tensors in ``x`` (nested dicts, lists and tuples)."""
+    if isinstance(x, torch.Tensor):
+        out.add(x.device.type)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _device_types(v, out)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _device_types(v, out)
+    return out
+
+
+def _active_dropout(encoder) -> list[str]:
+    """The names of the encoder's dropout layers that draw random numbers now (training mode, p > 0)."""
+    if not isinstance(encoder, torch.nn.Module):
+        return []
+    return [name or type(m).__name__ for name, m in encoder.named_modules()
+            if isinstance(m, (torch.nn.modules.dropout._DropoutNd, torch.nn.AlphaDropout)) and m.training
+            and m.p > 0]
+
+
+def _check_replayable(encoder, chunks, side: str) -> None:
+    """Refuse a re-encode whose random draws cannot be replayed: the encoder's parameters or the
+    inputs on a device whose generator :class:`_RngState` does not record, with dropout active
+    (its masks would differ between the two passes, and the gradients with them, silently). Without
+    a dropout layer found, only a warning (an encoder may draw random numbers by other means)."""
+    devices = set()
+    for chunk in chunks:
+        _device_types(chunk, devices)
+    if isinstance(encoder, torch.nn.Module):
+        devices.update(p.device.type for p in encoder.parameters())
+    unknown = sorted(devices - _NO_RNG_DEVICES - set(_DEVICE_RNGS))
+    if not unknown:
+        return
+    dropout = _active_dropout(encoder)
+    if dropout:
+        raise InvalidArgument(
+            f"GradCache cannot replay the random number generator of device {', '.join(unknown)} (the {side} "
+            f"encoder's parameters or inputs are there): the re-encode would draw other dropout masks than the "
+            f"first pass in {', '.join(dropout[:3])}{' ...' if len(dropout) > 3 else ''}, and the gradients "
+            "would be wrong. Put the encoder in eval mode or set the dropout to 0, take the single pass "
+            "(chunk_size holding the whole batch), or train on cpu, cuda, mps or xpu")
+    if isinstance(encoder, torch.nn.Module) and not encoder.training:
+        return
+    warnings.warn(
+        f"GradCache cannot replay the random number generator of device {', '.join(unknown)} (the {side} "
+        "encoder's parameters or inputs are there); no active dropout layer was found, but any other random "
+        "draw in the encoder's forward would differ between the two passes and make the gradients wrong",
+        stacklevel=3)
 
 
 class _AutocastState:
@@ -433,6 +515,9 @@ class GradCache:
         pad_with = [q_chunks[:1], t_chunks[:1], (n_chunks or t_chunks)[:1]]
         if not grad_wanted:
             return self._loss_only(q_chunks, t_chunks, n_chunks, pads, pad_with, loss_kwargs)
+        # the re-encode replays the first pass's random draws: refused where it cannot
+        _check_replayable(self.encoder, q_chunks, "query")
+        _check_replayable(self.target_encoder, t_chunks + n_chunks, "target")
         total = sum(want) if self.defer_backward else 2 * sum(want)
         bar = _progress(total, self.progress)
         autocast = _AutocastState()
@@ -468,9 +553,7 @@ class GradCache:
                 anchor = torch.zeros((), device=loss.device, requires_grad=True)
                 return _DeferredSecondPass.apply(loss.detach(), second_pass, tuple(own_grads), anchor, *own)
             self._second_pass(jobs, bar)
-            torch.set_rng_state(rng_after_loss.cpu)
-            if rng_after_loss.cuda is not None:
-                torch.cuda.set_rng_state_all(rng_after_loss.cuda)
+            rng_after_loss.restore()
         finally:
             bar.close()
         return loss.detach()

@@ -86,6 +86,95 @@ def test_dropout_replays_bitwise():
     assert not torch.equal(model(q[:4]), seen[False][0])
 
 
+class _FakeDeviceRng:
+    """An accelerator's generator on the CPU: a torch.Generator behind the get/set hooks GradCache calls
+    (``torch.mps.get_rng_state``, ``torch.xpu.get_rng_state_all``, ...), patched in by the test."""
+
+    def __init__(self, monkeypatch, device: str):
+        self.gen = torch.Generator().manual_seed(11)
+        mod = getattr(torch, device)
+        if device == "mps":
+            monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+            monkeypatch.setattr(mod, "get_rng_state", lambda device="mps": self.gen.get_state())
+            monkeypatch.setattr(mod, "set_rng_state", lambda state, device="mps": self.gen.set_state(state))
+        else:
+            monkeypatch.setattr(mod, "is_available", lambda: True)
+            monkeypatch.setattr(mod, "is_initialized", lambda: True)
+            monkeypatch.setattr(mod, "get_rng_state_all", lambda: [self.gen.get_state()])
+            monkeypatch.setattr(mod, "set_rng_state_all", lambda states: self.gen.set_state(states[0]))
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_dropout_drawn_on_an_accelerator_replays(monkeypatch, device):
+    """Dropout whose masks come from the accelerator's generator (MPS, XPU; faked on the CPU): the
+    re-encode draws the first pass's masks, and the generator ends as after one full-batch forward."""
+    rng = _FakeDeviceRng(monkeypatch, device)
+    torch.manual_seed(0)
+    model = W.Encoder()
+    seen = {True: [], False: []}
+
+    def enc(x):
+        keep = (torch.rand(x.shape, generator=rng.gen) > 0.5).to(x.dtype)  # the device's dropout mask
+        out = model(x * keep * 2)
+        seen[torch.is_grad_enabled()].append(out.detach().clone())
+        return out
+
+    q, t = W.make_batch(10, seed=7)
+    GradCache(enc, FusedHardnessLoss(backend="torch"), 4)(q, t)
+    after_step = torch.rand(4, generator=rng.gen)
+    assert len(seen[False]) == len(seen[True]) == 6
+    for k, (a, b) in enumerate(zip(seen[False], seen[True])):
+        assert torch.equal(a, b), f"chunk {k}: the re-encode drew other {device} dropout masks than the first pass"
+    rng.gen.manual_seed(11)
+    for x in (q[:4], q[4:8], q[8:], t[:4], t[4:8], t[8:]):  # the first pass's draws, in order
+        torch.rand(x.shape, generator=rng.gen)
+    assert torch.equal(after_step, torch.rand(4, generator=rng.gen))
+
+
+class _OtherDeviceTensor(torch.Tensor):
+    """A CPU tensor that says it lives on an accelerator whose generator GradCache cannot replay."""
+
+    @property
+    def device(self):
+        return torch.device("hpu")
+
+
+class _Unwrapping(torch.nn.Module):
+    """The encoder reading such a tensor as the CPU tensor it is (its embeddings are plain CPU tensors)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("p_drop,mode", [(0.3, "train"), (0.0, "train"), (0.3, "eval")])
+def test_inputs_on_a_device_whose_rng_cannot_be_replayed(p_drop, mode):
+    """Dropout active there: refused, naming the device and the layer (its masks would differ between the
+    passes, the gradients silently wrong); no dropout layer in training mode: a warning; eval: nothing."""
+    import warnings
+
+    from llave_fast.errors import LlaveFastError
+
+    torch.manual_seed(0)
+    model = _Unwrapping(W.Encoder(p_drop=p_drop)).train(mode == "train")
+    q, t = W.make_batch(6, seed=2)
+    q = q.as_subclass(_OtherDeviceTensor)
+    gc = GradCache(model, FusedHardnessLoss(backend="torch"), 4)
+    if p_drop and mode == "train":
+        with pytest.raises(LlaveFastError, match=r"device hpu .*net\.2"):
+            gc(q, t)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc(q, t)
+    said = [str(w.message) for w in caught if "cannot replay" in str(w.message)]
+    assert len(said) == (1 if mode == "train" else 0), said
+    assert all("device hpu" in m for m in said)
+
+
 def test_bad_inputs():
     model = W.Encoder()
     with pytest.raises(ValueError, match="chunk_size"):
