@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -48,3 +49,41 @@ def agree_and_hold(rank, world, kw):
         refused = str(exc)
     with open(os.path.join(kw["report"], f"rank{rank}.json"), "w") as f:
         json.dump({"name": name, "refused": refused}, f)
+
+
+def initial_weights_by_stage(rank, world, kw):
+    """The tiny model (``kw["seed"]``) built as training builds it under ZeRO-2 and ZeRO-3, then handed to
+    ``deepspeed.initialize``; saved from the ZeRO-2 build, the same checkpoint loaded under both stages.
+    Rank 0 writes, per build, the parameter names whose gathered full weights differ from ZeRO-2's."""
+    import deepspeed
+    import torch
+
+    from llave_fast.training import engine as E
+    from llave_fast.training.deepspeed_setup import init_distributed
+
+    init_distributed()
+    ckpt = os.path.join(kw["out"], "ckpt")
+    report = {}
+    for model in ("tiny", ckpt):
+        weights = {}
+        for stage in (2, 3):
+            ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1,
+                  "zero_allow_untested_optimizer": True}
+            cfg = TrainConfig(model=model, seed=kw["seed"], image_size=64)
+            torch.manual_seed(cfg.seed)  # as the training loop does before building
+            built = E.build_model(cfg, ds, False)
+            engine, _ = E.build_engine(built, cfg, ds)
+            params = dict(engine.module.named_parameters())
+            with deepspeed.zero.GatheredParameters(list(params.values())) if stage == 3 else contextlib.nullcontext():
+                weights[stage] = {n: p.detach().clone() for n, p in params.items()}
+            if model == "tiny" and stage == 2 and rank == 0:
+                built.save_pretrained(ckpt)
+            E._HF_DS_CONFIG = None  # ZeRO-3 mode off for the next build
+            torch.distributed.barrier()
+        a, b = weights[2], weights[3]
+        report["tiny" if model == "tiny" else "checkpoint"] = {
+            "params": len(a), "differ": sorted(n for n in a if not torch.equal(a[n], b[n])),
+            "partitioned": any(p.ds_numel > p.numel() for p in engine.module.parameters() if hasattr(p, "ds_numel"))}
+    if rank == 0:
+        with open(os.path.join(kw["out"], "report.json"), "w") as f:
+            json.dump(report, f)

@@ -590,3 +590,20 @@ def test_a_resume_with_another_rank_count_is_refused_before_the_model_is_built(t
     del saved["_data"]["world_size"]  # a run from before the rank count was recorded: not compared
     (run / "train_config.json").write_text(json.dumps(saved))
     assert plan_resume(cfg, 100, False, 1)[0] == "step-00000002"
+
+
+@pytest.mark.slow
+def test_zero3_starts_from_other_weights_than_zero2_for_one_seed_but_loads_the_same_checkpoint(tmp_path):
+    """Pins what README's Training section says: a model trained from scratch under ZeRO-3 is built under
+    deepspeed.zero.Init, whose draws differ from a ZeRO-2 build of the same seed (the randomly initialised
+    weights differ; norms and zero biases agree); a checkpoint loads the same weights under both stages.
+    Two ranks, so ZeRO-3 really partitions."""
+    spawn_ranks(W.initial_weights_by_stage, 2, dict(out=str(tmp_path), seed=3))
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
+    for build in ("tiny", "checkpoint"):
+        assert report[build]["params"] == 68 and report[build]["partitioned"], report
+    differ = report["tiny"]["differ"]
+    assert "model.language_model.embed_tokens.weight" in differ and len(differ) > 20, report
+    assert not any("norm" in n for n in differ), differ
+    assert report["checkpoint"]["differ"] == [], report

@@ -133,7 +133,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "activation checkpointing of every vision and language layer")
     save_every: int = _opt(0, "checkpoint every N steps; 0: only at the end")
     keep_checkpoints: int = _opt(2, "complete checkpoints kept")
-    seed: int = _opt(0, "data order and initialisation seed")
+    seed: int = _opt(0, "data order and initialisation seed (a model from scratch starts from other weights "
+                    "under ZeRO-3 than under stages 0-2, README Training)")
     eval_before: bool = _opt(True, "precision@1 before training too (synthetic data)")
     eval_batch: int = _opt(64, "samples per evaluation forward")
     tensorboard: bool = _opt(False, "write TensorBoard logs under the run folder")
