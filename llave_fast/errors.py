@@ -7,7 +7,9 @@ bug; a library user can catch them all with ``except LlaveFastError``.
 
 Each class also derives from the built-in type the check raised before the hierarchy
 existed (``ValueError`` for a bad value, ``TypeError`` for a wrong type, ``ImportError`` for
-a missing optional package), so ``except ValueError`` keeps working.
+a missing optional package, ``FileNotFoundError`` for a missing file, ``NotADirectoryError``
+for a file where a folder belongs, ``KeyError`` for a missing key), so ``except ValueError``
+keeps working.
 """
 
 from __future__ import annotations
@@ -33,4 +35,20 @@ class MissingDependency(LlaveFastError, ImportError):
     """An optional package a feature needs is not installed (the message says which extra)."""
 
 
-__all__ = ["DistributedNotReady", "InvalidArgument", "InvalidArgumentType", "LlaveFastError", "MissingDependency"]
+class MissingFile(LlaveFastError, FileNotFoundError):
+    """A file or folder llave-fast was asked to read does not exist (the message names it and the option)."""
+
+
+class NotAFolder(LlaveFastError, NotADirectoryError):
+    """A path that must name a folder names a file."""
+
+
+class MissingKey(LlaveFastError, KeyError):
+    """A mapping (a batch, a data row) lacks a key llave-fast needs."""
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message as a key
+        return str(self.args[0]) if self.args else ""
+
+
+__all__ = ["DistributedNotReady", "InvalidArgument", "InvalidArgumentType", "LlaveFastError", "MissingDependency",
+           "MissingFile", "MissingKey", "NotAFolder"]

@@ -43,7 +43,7 @@ from .data.video_annotations import (  # noqa: F401 - re-exported: the readers' 
     read_annotations,
     read_video_list,
 )
-from .errors import InvalidArgument, MissingDependency
+from .errors import InvalidArgument, MissingDependency, MissingFile, NotAFolder
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _decode(path: str, fps: float, max_frames: int, keep=None, stop=None) -> tup
     sample_frame_indices(1, 1.0, fps, max_frames)  # check the arguments before blaming the file
     av = _require_av()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no video file {path!r}")
+        raise MissingFile(f"no video file {path!r}")
     errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError, UnicodeDecodeError)
     try:
         n, native, stated = _frame_count(av, path, stop)
@@ -236,19 +236,21 @@ def check_video_files(paths: Sequence[str]) -> None:
     error, instead of stopping the run when its turn comes, hours of encoding later."""
     av = _require_av()
     errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError, UnicodeDecodeError)
-    bad = []
+    bad = []  # (path, reason)
     for path in paths:
         try:
             with av.open(path) as container:
                 if not container.streams.video:
-                    bad.append(f"{path}: has no video stream")
+                    bad.append((path, "has no video stream"))
                 elif _native_fps(container.streams.video[0]) is None:
-                    bad.append(f"{path}: has no frame rate in its video stream")
+                    bad.append((path, "has no frame rate in its video stream"))
         except errors as e:
-            bad.append(f"{path}: cannot be opened as a video ({type(e).__name__}: {e})")
+            why = getattr(e, "strerror", None) or str(e)  # FFmpeg's errors repeat the path in str()
+            bad.append((path, f"cannot be opened as a video ({type(e).__name__}: {why})"))
     if bad:
-        raise VideoDataError(bad[0].split(": ")[0], None, f"is one of {len(bad)} of {len(paths)} video files that "
-                             "cannot be used: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+        others = "".join(f"; {p}: {why}" for p, why in bad[1:5]) + ("; ..." if len(bad) > 5 else "")
+        count = "" if len(bad) == 1 else f" ({len(bad)} of the {len(paths)} videos cannot be used{others})"
+        raise VideoDataError(bad[0][0], None, bad[0][1] + count)
 
 
 def find_videos(video_ids: Sequence[str], videos_dir: str, extensions: dict | None = None) -> list[str]:
@@ -257,7 +259,7 @@ def find_videos(video_ids: Sequence[str], videos_dir: str, extensions: dict | No
     wrote on the id (``extensions``: id -> ".mp4") is taken where such a file exists. Missing
     files are one error that counts them and names the first few."""
     if not os.path.isdir(videos_dir):
-        raise NotADirectoryError(f"--videos {videos_dir!r} is not a folder")
+        raise NotAFolder(f"--videos {videos_dir!r} is not a folder")
     found: dict[str, str] = {}
     written: dict[str, str] = {}
     extensions = extensions or {}
@@ -279,7 +281,7 @@ def find_videos(video_ids: Sequence[str], videos_dir: str, extensions: dict | No
     found.update(written)
     missing = [v for v in video_ids if v not in found]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"{len(missing)} of {len(video_ids)} videos have no file in {videos_dir!r} (looked for <id> with any of "
             f"{', '.join(VIDEO_EXTENSIONS)}, sub-folders included); first missing: "
             f"{', '.join(repr(v) for v in missing[:5])}")

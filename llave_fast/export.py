@@ -17,7 +17,7 @@ import torch
 from . import _locks
 from . import checkpoint as ckpt
 from .dtypes import DTYPES, dtype_name
-from .errors import InvalidArgument, MissingDependency
+from .errors import InvalidArgument, MissingDependency, MissingFile
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
     root = os.path.join(run_dir, "checkpoints")
     tag = tag or ckpt.latest_complete(root)
     if tag is None:
-        raise FileNotFoundError(no_checkpoint_message(run_dir))
+        raise MissingFile(no_checkpoint_message(run_dir))
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:
@@ -80,7 +80,7 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
         have = f"the complete ones are {', '.join(done)}" if done else "there is no complete one"
         what = "is not complete (no {} marker)".format(ckpt.MARKER) if os.path.isdir(os.path.join(root, tag)) else \
             "does not exist"
-        raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} {what}; {have} (tags are written "
+        raise MissingFile(f"checkpoint {os.path.join(root, tag)} {what}; {have} (tags are written "
                                 f"{ckpt.tag_for(1)!r}, {ckpt.tag_for(200)!r}, ...)")
     ckpt.check_files(os.path.join(root, tag))
     # zero_to_fp32 loads with weights_only=False: within this block its loads are weights_only
@@ -99,9 +99,9 @@ def load_run_model(run_dir: str, *, dtype: torch.dtype = torch.float32, tag: str
     newest = tag is None
     tag = tag or ckpt.latest_complete(root)
     if tag is None:
-        raise FileNotFoundError(no_checkpoint_message(run_dir))
+        raise MissingFile(no_checkpoint_message(run_dir))
     if not os.path.isdir(base):
-        raise FileNotFoundError(f"{base} is missing: {run_dir!r} is not a llave-fast training run folder (training "
+        raise MissingFile(f"{base} is missing: {run_dir!r} is not a llave-fast training run folder (training "
                                 "writes base/ when it starts)")
     ckpt.check_files(os.path.join(root, tag))  # before the model is built
     config = load_config(base)

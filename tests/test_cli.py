@@ -336,7 +336,7 @@ def test_every_check_in_the_package_raises_a_typed_error():
     bare = []
     for path in sorted(root.rglob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(r"\braise (ValueError|TypeError|ImportError)\b", line):
+            if re.search(r"\braise (ValueError|TypeError|ImportError|FileNotFoundError|NotADirectoryError|KeyError)\b", line):
                 bare.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert not bare, "bare built-in errors raised by llave-fast's checks:\n" + "\n".join(bare)
 

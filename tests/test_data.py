@@ -337,6 +337,15 @@ def test_synthetic_eval_candidates():
     assert rs.precision_at_1(wrong) == 0.0
     assert set(rs.precision_at_1_by_subset(oracle).values()) == {1.0}
     assert rs.precision_at_1_from_embeddings(torch.eye(rs.num_candidates)[rs.positive], torch.eye(rs.num_candidates)) == 1.0
+    # every score is the exact ratio hits / queries (a float32 mean wrote 0.3333333432674408 for 1/3)
+    right = torch.arange(120) % 3 == 0
+    mixed = torch.where(right[:, None], oracle, wrong)
+    assert rs.precision_at_1(mixed) == 40 / 120
+    for subset, v in rs.precision_at_1_by_subset(mixed).items():
+        ix = [q for q, r in enumerate(recs) if r["subset"] == subset] if "subset" in recs[0] else None
+        assert ix is None or v == int(right[ix].sum()) / len(ix), subset
+    for task, v in rs.precision_at_1_by_task(mixed).items():
+        assert v["p_at_1"] == int(v["p_at_1"] * v["num_queries"] + 0.5) / v["num_queries"], (task, v)
     # two queries with the same answer are both right when that one candidate is retrieved
     vqa = [q for q, r in enumerate(recs) if r["pos_text"] == "one"]
     assert len(vqa) >= 2 and len({int(rs.positive[q]) for q in vqa}) == 1

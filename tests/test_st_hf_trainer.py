@@ -21,6 +21,7 @@ pytest.importorskip("accelerate")
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, TrainingArguments  # noqa: E402
 
 from llave_fast import FusedHardnessLoss  # noqa: E402
+from llave_fast.errors import LlaveFastError  # noqa: E402
 from llave_fast.integrations.hf_trainer import DualEncoder, FusedContrastiveTrainer, TextPairCollator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,14 @@ def test_trainer_recipe_refusals():
         DualEncoder("bert")
     with pytest.raises(KeyError, match=r"rows \[0\] have no 'target'"):
         TextPairCollator(tiny_tokenizer())([{"query": "a cat"}])
+    # a misspelt negative key is refused, not taken for a batch without negatives (which holds the key)
+    rows = [{"query": "a cat", "target": "a photo of a cat", "negative": "a dog"},
+            {"query": "a car", "target": "a red car", "negative": ["a bus", "a van"]}]
+    with pytest.raises(LlaveFastError, match=r"negative_key='neg' is in none of the 2 rows .*'negative'"):
+        TextPairCollator(tiny_tokenizer(), negative_key="neg")(rows)
+    assert TextPairCollator(tiny_tokenizer(), negative_key="negative")(rows)["negatives"]["input_ids"].shape[0] == 3
+    none = TextPairCollator(tiny_tokenizer(), negative_key="negative")([dict(r, negative=None) for r in rows])
+    assert sorted(none) == ["query", "target"]
     with pytest.raises(ValueError, match=r"alpha"):
         FusedContrastiveTrainer(model=model, args=TrainingArguments(output_dir="unused", use_cpu=True,
                                                                     report_to="none"),

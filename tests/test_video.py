@@ -661,8 +661,17 @@ def test_bad_video_files_are_found_before_any_video_is_encoded(tiny_folder, clip
     monkeypatch.setattr(ev, "encode_videos", no_encoding)
     rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", str(videos), "--annotations", str(ann),
                        "--output-dir", str(tmp_path / "o"), "--device", "cpu")
-    assert rc == 1 and "2 of 3 video files that cannot be used" in err and "Traceback" not in err, err
-    assert "video90.mp4: cannot be opened as a video" in err and "video91.mp4" in err
+    assert rc == 1 and "(2 of the 3 videos cannot be used; " in err and "Traceback" not in err, err
+    assert "video90.mp4: cannot be opened as a video" in err and "video91.mp4: cannot be opened" in err
+    assert err.count("video90.mp4") == 1, err  # each path once
+    # one bad file: its own reason alone, said once
+    os.remove(videos / "video91.mp4")
+    ann.write_text("video_id,sentence\nvideo0,a red square\nvideo90,b\n")
+    rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", str(videos), "--annotations", str(ann),
+                       "--output-dir", str(tmp_path / "o"), "--device", "cpu")
+    line = [ln for ln in err.splitlines() if "video90.mp4" in ln]
+    assert rc == 1 and len(line) == 1 and line[0].count("video90.mp4") == 1, err
+    assert line[0].endswith(")") and "cannot be used" not in line[0], err
     # --video-list given a folder names the flag
     rc, _, err = _main(capsys, "eval-video", "--model", tiny_folder, "--videos", clips, "--annotations", str(ann),
                        "--video-list", str(tmp_path), "--output-dir", str(tmp_path / "o"))

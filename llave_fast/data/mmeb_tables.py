@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .bad_data import BadDataError
-from ..errors import InvalidArgument, MissingDependency
+from ..errors import InvalidArgument, MissingDependency, MissingFile
 
 __all__ = ["MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
            "HUB_SPLITS", "data_files", "data_kind", "data_stem", "jsonl_lines", "open_jsonl", "parse_json_line"]
@@ -341,7 +341,7 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
                                "not read (%s; e.g. %s)", len(left_out), p, len(left_out) - len(packed), len(packed),
                                ", ".join(sorted({data_suffix(f) for f in packed})) or "none", left_out[0])
             if not found:
-                raise FileNotFoundError(f"no {'/'.join(_KINDS)} files under {p}"
+                raise MissingFile(f"no {'/'.join(_KINDS)} files under {p}"
                                         + (f" ({len(left_out)} hidden or compressed as not read: {left_out[0]})"
                                            if left_out else "")
                                         + (f" ({len(plain)} .json file(s), e.g. {plain[0]}: {_JSON_HINT})"
@@ -354,7 +354,7 @@ def data_files(paths, missing_hint: str = "") -> list[Path]:
                                       f"{json_hint}")
             files.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder{missing_hint}")
+            raise MissingFile(f"{p}: no such file or folder{missing_hint}")
     return files
 
 

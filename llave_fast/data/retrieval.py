@@ -52,14 +52,14 @@ class RetrievalSet:
 
     def precision_at_1(self, scores: torch.Tensor) -> float:
         """Fraction of queries whose top-scored candidate is their target; ``scores`` is (Q, C)."""
-        return self._hits(scores).float().mean().item() if self.num_queries else 0.0
+        return _fraction(self._hits(scores)) if self.num_queries else 0.0
 
     def precision_at_1_by_subset(self, scores: torch.Tensor) -> dict[str, float]:
         hits = self._hits(scores)
         out = {}
         for subset in sorted(set(self.query_subsets)):
             mask = torch.tensor([s == subset for s in self.query_subsets])
-            out[subset] = hits[mask].float().mean().item()
+            out[subset] = _fraction(hits[mask])
         return out
 
     def precision_at_1_by_task(self, scores: torch.Tensor) -> dict[str, dict]:
@@ -76,13 +76,18 @@ class RetrievalSet:
             cols = torch.unique(self.positive[rows])  # sorted candidate indices of this task's targets
             sub = scores.cpu()[rows][:, cols]
             hit = cols[sub.argmax(dim=1)] == self.positive[rows]
-            out[task] = {"p_at_1": hit.float().mean().item(), "chance": 1.0 / len(cols),
+            out[task] = {"p_at_1": _fraction(hit), "chance": 1.0 / len(cols),
                          "num_queries": len(rows), "num_candidates": len(cols)}
         return out
 
     def precision_at_1_from_embeddings(self, query_emb: torch.Tensor, cand_emb: torch.Tensor) -> float:
         """Precision@1 of embeddings (Q, d) against (C, d) by dot product (cosine if normalised)."""
         return self.precision_at_1(query_emb.float() @ cand_emb.float().t())
+
+
+def _fraction(hits: torch.Tensor) -> float:
+    """The share of true entries, as the exact ratio of two ints (a float32 mean wrote 0.3333333432674408)."""
+    return int(hits.sum()) / hits.numel()
 
 
 def task_name(subset: str) -> str:

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from ..model.processor import has_placeholder
+from ..errors import MissingFile
 from .mmeb import BadDataError
 
 logger = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ def read_annotations(path: str, video_list: str | None = None) -> VideoAnnotatio
         ann.layout = "folder: raw-captions.pkl + test_list.txt (CLIP4Clip's msvd_data)"
         return ann
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no annotation file {path!r}")
+        raise MissingFile(f"no annotation file {path!r}")
     ext = os.path.splitext(path)[1].lower()
     readers = {".csv": _read_csv, ".json": _read_json, ".jsonl": _read_jsonl, ".txt": _read_txt, ".pkl": _read_pickle,
                ".pickle": _read_pickle}

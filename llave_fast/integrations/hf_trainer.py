@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..loss import FusedHardnessLoss
-from ..errors import InvalidArgument, InvalidArgumentType, MissingDependency
+from ..errors import InvalidArgument, InvalidArgumentType, MissingDependency, MissingKey
 
 __all__ = ["DualEncoder", "FusedContrastiveTrainer", "TextPairCollator"]
 
@@ -118,7 +118,9 @@ class DualEncoder(nn.Module):
 class TextPairCollator:
     """Rows ``{query_key: str, target_key: str[, negative_key: str or list of str]}`` -> tokenised
     ``{"query": ..., "target": ...[, "negatives": ...]}`` for ``DualEncoder`` (a row's hard
-    negatives, one or several, all go into one "negatives" batch)."""
+    negatives, one or several, all go into one "negatives" batch). With ``negative_key`` set, a
+    batch none of whose rows holds that key is refused (a misspelt key is not taken for a batch
+    without negatives); a row without negatives holds the key with None or []."""
 
     def __init__(self, tokenizer, *, query_key: str = "query", target_key: str = "target",
                  negative_key: str | None = None, max_length: int | None = None):
@@ -134,11 +136,15 @@ class TextPairCollator:
         for key in (self.query_key, self.target_key):
             missing = [i for i, r in enumerate(rows) if key not in r]
             if missing:
-                raise KeyError(f"TextPairCollator: rows {missing[:5]} have no {key!r} (keys of row "
+                raise MissingKey(f"TextPairCollator: rows {missing[:5]} have no {key!r} (keys of row "
                                f"{missing[0]}: {sorted(rows[missing[0]])})")
         batch = {"query": self._tok([r[self.query_key] for r in rows]),
                  "target": self._tok([r[self.target_key] for r in rows])}
         if self.negative_key is not None:
+            if not any(self.negative_key in r for r in rows):  # a misspelt key would train without negatives
+                raise MissingKey(f"TextPairCollator: negative_key={self.negative_key!r} is in none of the {len(rows)} "
+                                 f"rows (keys of row 0: {sorted(rows[0]) if rows else []}); a row without hard "
+                                 "negatives holds the key with None or []")
             negs = []
             for r in rows:
                 v = r.get(self.negative_key)
@@ -184,7 +190,7 @@ class FusedContrastiveTrainer(Trainer):
                      num_items_in_batch=None):
         for key in ("query", "target"):
             if key not in inputs:
-                raise KeyError(f"FusedContrastiveTrainer: a batch needs 'query' and 'target' inputs, got keys "
+                raise MissingKey(f"FusedContrastiveTrainer: a batch needs 'query' and 'target' inputs, got keys "
                                f"{sorted(inputs)} (see TextPairCollator)")
         out = model(query=inputs["query"], target=inputs["target"], negatives=inputs.get("negatives"))
         loss = self.fused_loss()(out["query"], out["target"], negatives=out.get("negatives"))

@@ -30,7 +30,7 @@ import json
 import os
 import re
 from typing import Any
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, MissingFile
 
 __all__ = [
     "LLAVA_QWEN_KEY_MAPPING",
@@ -426,7 +426,7 @@ def convert_llava_qwen_config(
 def read_raw_config(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no config.json in {path!r}")
+        raise MissingFile(f"no config.json in {path!r}")
     with open(file) as f:
         return json.load(f)
 

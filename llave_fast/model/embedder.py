@@ -56,7 +56,7 @@ from .processor import (
     unpadded_shape,
 )
 from ..dtypes import DTYPES, dtype_name
-from ..errors import InvalidArgument, InvalidArgumentType
+from ..errors import InvalidArgument, InvalidArgumentType, MissingFile, MissingKey, NotAFolder
 
 __all__ = ["LLaVEEmbedder", "import_modeling_modules", "LLaVEOnevisionModel", "default_attn_implementation", "BATCH_KEYS"]
 
@@ -94,9 +94,9 @@ def _resolve_path(path: str) -> str:
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise NotADirectoryError(f"{path!r} is a file: give the checkpoint folder")
+        raise NotAFolder(f"{path!r} is a file: give the checkpoint folder")
     if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"no checkpoint folder {path!r} (and it is not a hub id of the form owner/name)")
+        raise MissingFile(f"no checkpoint folder {path!r} (and it is not a hub id of the form owner/name)")
     try:  # a hub id, when the network allows
         from huggingface_hub import snapshot_download
 
@@ -104,7 +104,7 @@ def _resolve_path(path: str) -> str:
             path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin", "*.tiktoken"]
         )
     except Exception as e:  # noqa: BLE001 - report why, whatever the hub client raised
-        raise FileNotFoundError(
+        raise MissingFile(
             f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub ({type(e).__name__}: "
             f"{e}). Download it where the network allows and pass the folder."
         ) from e
@@ -511,7 +511,7 @@ class LLaVEEmbedder(nn.Module):
             raise InvalidArgumentType(f"batch must be a dict with keys {BATCH_KEYS}, got {type(batch).__name__}")
         for key in ("input_ids", "attention_mask"):
             if key not in batch:
-                raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}; expected {BATCH_KEYS})")
+                raise MissingKey(f"batch has no {key!r} (keys: {sorted(batch)}; expected {BATCH_KEYS})")
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise InvalidArgument(f"input_ids must be an integer (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from .convert import ensure_image_token
-from ..errors import InvalidArgument, InvalidArgumentType
+from ..errors import InvalidArgument, InvalidArgumentType, MissingFile
 
 __all__ = [
     "LLaVEProcessor",
@@ -375,7 +375,7 @@ class LLaVEProcessor:
         from .convert import is_llava_qwen_config, llava_qwen_max_length, load_config, load_tokenizer, read_raw_config
 
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path!r} is not a folder (LLaVEProcessor.from_pretrained reads local files only)")
+            raise MissingFile(f"{path!r} is not a folder (LLaVEProcessor.from_pretrained reads local files only)")
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
         if config is None:

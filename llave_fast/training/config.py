@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, MissingFile
 
 
 def _config_dir() -> str:
@@ -179,4 +179,4 @@ def _config_path(name: str, what: str = "config") -> str:
     shipped = os.path.join(CONFIG_DIR, name)
     if os.path.exists(shipped):
         return shipped
-    raise FileNotFoundError(f"{what} {name!r} not found (looked in the working directory and {CONFIG_DIR})")
+    raise MissingFile(f"{what} {name!r} not found (looked in the working directory and {CONFIG_DIR})")
