@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -132,6 +133,62 @@ def cached_step_fn(variant: str, model, mini_batch_size: int):
         return loss(feats.value, None)
 
     return step
+
+
+def check_cached(model, feats, mini_batch_size: int) -> dict:
+    """{variant: record} of each cached step against the same loss uncached in float64 on the same batch: a float64
+    copy of ``model`` encodes every column in one forward, sentence-transformers' MultipleNegativesRankingLoss on those
+    embeddings; the loss and the gradients of every parameter (one vector; the worst parameter named), at the
+    tolerances of the parameters' dtype. Dropout is off in both (eval mode, then train mode again): the uncached
+    forward cannot replay the mini-batches' dropout masks. ``passed`` decides whether the variant is timed."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    was_training, dtype = model.training, next(model.parameters()).dtype
+    kind = C.DTYPE_NAMES.get(dtype, "fp32")
+    tol_loss, tol_grad = C.TOLERANCES[kind]
+    truth_model = copy.deepcopy(model).double().eval()
+    truth_model.zero_grad(set_to_none=True)
+    truth = MultipleNegativesRankingLoss(truth_model, partition_mode="per_direction", **KW)
+    truth_loss_value = truth([dict(f) for f in feats], None)
+    truth_loss_value.backward()
+    truth_grads = {n: p.grad for n, p in truth_model.named_parameters() if p.grad is not None}
+    out = {}
+    model.eval()
+    try:
+        for v in ("st_cached", "fused_cached"):
+            rec = {"triplets": len(feats[0]["input_ids"]), "mini_batch_size": mini_batch_size, "dtype": kind,
+                   "truth": "the same loss uncached (sentence-transformers' MultipleNegativesRankingLoss), float64 "
+                            "copy of the model, same batch, dropout off", "tol_loss": tol_loss, "tol_grad": tol_grad}
+            try:
+                loss = cached_step_fn(v, model, mini_batch_size)(SimpleNamespace(value=feats), None)
+                loss.backward()
+                grads = {n: p.grad for n, p in model.named_parameters() if n in truth_grads}
+                if missing := [n for n, g in grads.items() if g is None]:  # an infinite error, named
+                    rec["missing_gradients"] = missing
+                    grads.update({n: torch.full_like(truth_grads[n], float("inf")) for n in missing})
+                # one vector of every gradient: a parameter whose true gradient is zero (the attention keys'
+                # biases: softmax ignores a shift) has only rounding, scaled by the largest gradient
+                scale = max(g.abs().max().item() for g in truth_grads.values())
+                per_param = {n: (grads[n].double() - g).abs().max().item() / scale for n, g in truth_grads.items()}
+                worst = max(per_param, key=per_param.get)
+                errs = {"loss": C.rel_err(loss, truth_loss_value),
+                        "grad": C.rel_err(torch.cat([grads[n].flatten() for n in truth_grads]),
+                                          torch.cat([g.flatten() for g in truth_grads.values()]))}
+                rec.update(errors=errs, worst_param=worst, worst_param_error=per_param[worst],
+                           params_checked=len(truth_grads),
+                           loss=float(loss.detach()), truth_loss=float(truth_loss_value.detach()),
+                           passed=errs["loss"] <= tol_loss and errs["grad"] <= tol_grad)
+                msg = (f"loss {errs['loss']:.1e}, gradients {errs['grad']:.1e} (worst {worst}, of "
+                       f"{len(truth_grads)} parameters); tol {tol_loss:.0e}/{tol_grad:.0e}")
+            except Exception as exc:  # noqa: BLE001 - a crash is a failure, reported
+                rec.update(passed=False, error=f"{type(exc).__name__}: {exc}")
+                msg = rec["error"]
+            out[v] = rec
+            print(f"  {v:26s} {'ok' if rec['passed'] else 'FAILED'} ({msg})", flush=True)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return out
 
 
 def mem_worker(spec: dict) -> None:
@@ -261,12 +318,19 @@ def run_parts(args, out: dict, path, dev) -> None:
     # part 2: the cached step
     model = tiny_model(args.hidden)
     feats = SimpleNamespace(value=triplet_features(model, args.cached_batch, seed=3), grad=None)
-    fns = {v: cached_step_fn(v, model, args.mini_batch) for v in ("st_cached", "fused_cached")}
+    print(f"cached step vs the same loss uncached in float64, {args.cached_batch} triplets:", flush=True)
+    checks = check_cached(model, feats.value, args.mini_batch)
+    out["cached_step"] = {"correctness": checks}
+    C.write_json(path, out)
+    fns = {v: cached_step_fn(v, model, args.mini_batch) for v in ("st_cached", "fused_cached") if checks[v]["passed"]}
     tm = C.time_interleaved(fns, [(feats, SimpleNamespace(grad=None))], device=dev, warmup=1,
                             repeats=args.cached_repeats)
     cached = {v: {"seconds": [x / 1e3 for x in r["raw_ms"]["fwd_bwd"]],
                   "median_s": r["median_ms"]["fwd_bwd"] / 1e3 if r["median_ms"] else None,
                   "loss": r["losses"][0] if r["losses"] else None, "error": r["error"]} for v, r in tm.items()}
+    cached.update({v: {"seconds": [], "median_s": None, "loss": None, "status": "FAILED",
+                       "error": f"FAILED correctness, not timed: {c.get('error') or c['errors']}"}
+                   for v, c in checks.items() if not c["passed"]})
     st, fused = cached["st_cached"], cached["fused_cached"]
     both = st["loss"] is not None and fused["loss"] is not None and st["loss"] != 0
     cached.update(time_ratio=ratio(fused["median_s"], st["median_s"]),
@@ -280,7 +344,7 @@ def run_parts(args, out: dict, path, dev) -> None:
                                        "triplets": args.cached_batch, "mini_batch_size": args.mini_batch,
                                        "partition_mode": "per_direction", "repeats": args.cached_repeats,
                                        "what": "loss(features) + loss.backward() of one step (the re-encode included)"},
-                          **cached}
+                          "correctness": checks, **cached}
     peaks = (f", peak {C.fmt(st.get('peak_mib'), '.0f')} vs {C.fmt(fused.get('peak_mib'), '.0f')} MiB"
              if "memory_ratio" in cached else "")
     print(f"cached step, {args.cached_batch} triplets, mini_batch_size {args.mini_batch}: sentence-transformers "

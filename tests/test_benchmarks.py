@@ -706,6 +706,44 @@ def test_st_bench_checks_every_variant_against_float64_and_times_only_those_that
     assert ratios["fused_joint / st_joint"]["time"] is None
     assert ratios["fused_per_direction / st_per_direction"]["time"] > 0
     assert "fused_joint" not in res["loss"]["64"]["same_loss_as_st"]
+    cached = res["cached_step"]  # the cached BERT step, each variant checked before it is timed
+    for v in ("st_cached", "fused_cached"):
+        c = cached["correctness"][v]
+        assert c["passed"] and c["dtype"] == "fp32" and c["triplets"] == 8 and c["params_checked"] > 30, c
+        assert c["errors"]["loss"] < 1e-5 and c["errors"]["grad"] < 1e-4
+        assert (c["tol_loss"], c["tol_grad"]) == (1e-4, 2e-3)
+        assert len(cached[v]["seconds"]) == 1 and cached[v]["error"] is None
+    assert cached["time_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_st_bench_checks_the_cached_step_against_float64_and_gives_a_failed_one_no_ratio(tmp_path, monkeypatch):
+    """The cached BERT step (part 2) was timed and compared with no check of its result: each variant's loss and
+    parameter gradients are now checked against the same loss uncached in float64 on the same batch and recorded; one
+    that fails (a 1 % wrong scale planted in the fused cached path) is FAILED, not timed, and gets no time ratio."""
+    import bench_st
+    from llave_fast.integrations import sentence_transformers as lst
+
+    _quiet_st(monkeypatch)
+
+    def wrong_scale(self, anchor, positive, negatives=None):
+        return lst.fused_mnrl_loss(anchor, positive, negatives, **{**self._loss_kwargs(), "scale": 1.01 * self.scale})
+
+    monkeypatch.setattr(lst.FusedCachedMultipleNegativesRankingLoss, "_loss_on_grad_cache", wrong_scale)
+    out = tmp_path / "st.json"
+    rc = bench_st.main(["--sizes", "8", "--d", "8", "--repeats", "1", "--cached-batch", "8", "--mini-batch", "4",
+                        "--hidden", "16", "--cached-repeats", "1", "--no-memory", "--out", str(out)])
+    assert rc == 0
+    cached = json.loads(out.read_text())["cached_step"]
+    st, fused = cached["correctness"]["st_cached"], cached["correctness"]["fused_cached"]
+    assert st["passed"] and st["errors"]["loss"] < 1e-5 and st["errors"]["grad"] < 1e-4, st
+    assert not fused["passed"] and fused["errors"]["loss"] > fused["tol_loss"], fused
+    assert fused["errors"]["grad"] > fused["tol_grad"], fused
+    assert fused["truth_loss"] == pytest.approx(st["truth_loss"]) and fused["loss"] != pytest.approx(st["loss"])
+    assert len(cached["st_cached"]["seconds"]) == 1 and cached["st_cached"]["median_s"] > 0
+    assert cached["fused_cached"]["seconds"] == [] and cached["fused_cached"]["median_s"] is None
+    assert cached["fused_cached"]["status"] == "FAILED" and cached["fused_cached"]["error"].startswith("FAILED")
+    assert cached["time_ratio"] is None and cached["loss_rel_diff"] is None
 
 
 def test_st_bench_stopped_writes_what_it_measured(tmp_path, monkeypatch):
