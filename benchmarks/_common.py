@@ -288,13 +288,17 @@ def planned_repeats(per_round_ms: float, repeats: int, budget_s: float | None = 
 
 def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats,
                      budget_s: float | None = None, min_repeats: int = 3, deadline_at: float | None = None,
-                     memory_from_warmup: bool = False) -> dict:
+                     memory_from_warmup: bool = False, into: dict | None = None) -> dict:
     """Forward, backward and fwd+bwd ms of several ``fn(q, t) -> loss``, warm-ups first, then interleaved ABBA
     (benchmarks/README.md, "Time"). ``warmup``, ``repeats``: an int or {label: int}; a function that raises is
-    dropped with its error; ``budget_s``/``deadline_at``: ``planned_repeats``; ``memory_from_warmup``: CUDA peak."""
+    dropped with its error; ``budget_s``/``deadline_at``: ``planned_repeats``; ``memory_from_warmup``: CUDA peak.
+    ``into``: the result dict, filled in place: stopped (KeyboardInterrupt: SIGINT, or SIGTERM after
+    ``start_script``), it holds every run taken, a label whose timed runs were not all taken marked ``partial``
+    with ``repeats_done`` and ``partial_median_ms`` (no ``median_ms``), and the stop is raised on."""
     labels = list(fns)
-    out = {lab: {"raw_ms": {k: [] for k in PARTS}, "warmup_ms": {k: [] for k in PARTS}, "losses": [],
-                 "error": None, "exception": None} for lab in labels}
+    out = {} if into is None else into
+    out.update({lab: {"raw_ms": {k: [] for k in PARTS}, "warmup_ms": {k: [] for k in PARTS}, "losses": [],
+                      "error": None, "exception": None} for lab in labels})
 
     def run(lab, dest, memory=None):
         o = out[lab]
@@ -321,26 +325,35 @@ def time_interleaved(fns: dict, pairs, *, device: torch.device, warmup, repeats,
         return x[lab] if isinstance(x, dict) else x
 
     measure = memory_from_warmup and device.type == "cuda"
-    for lab in labels:
-        n_warm = per_label(warmup, lab)
-        for i in range(n_warm):
-            if out[lab]["error"] is None:
-                run(lab, "warmup_ms", {} if measure and i == n_warm - 1 else None)
-    per_round = sum(o["warmup_ms"]["fwd_bwd"][-1] for o in out.values()
-                    if o["error"] is None and o["warmup_ms"]["fwd_bwd"])
     wanted = {lab: per_label(repeats, lab) for lab in labels}
-    time_left = None if deadline_at is None else deadline_at - time.perf_counter()
-    n_rounds = planned_repeats(per_round, max(wanted.values(), default=0), budget_s, min_repeats, time_left)
-    for lab in labels:
-        out[lab]["repeats"] = min(wanted[lab], n_rounds)
-    for it in range(n_rounds):
-        for lab in (labels if it % 2 == 0 else labels[::-1]):
-            if out[lab]["error"] is None and it < out[lab]["repeats"]:
-                run(lab, "raw_ms")
-    for o in out.values():
-        ok = o["error"] is None and all(o["raw_ms"].values())
-        for key, f in (("median_ms", statistics.median), ("min_ms", min), ("max_ms", max)):
-            o[key] = {k: f(v) for k, v in o["raw_ms"].items()} if ok else {}
+    try:
+        for lab in labels:
+            n_warm = per_label(warmup, lab)
+            for i in range(n_warm):
+                if out[lab]["error"] is None:
+                    run(lab, "warmup_ms", {} if measure and i == n_warm - 1 else None)
+        per_round = sum(o["warmup_ms"]["fwd_bwd"][-1] for o in out.values()
+                        if o["error"] is None and o["warmup_ms"]["fwd_bwd"])
+        time_left = None if deadline_at is None else deadline_at - time.perf_counter()
+        n_rounds = planned_repeats(per_round, max(wanted.values(), default=0), budget_s, min_repeats, time_left)
+        for lab in labels:
+            out[lab]["repeats"] = min(wanted[lab], n_rounds)
+        for it in range(n_rounds):
+            for lab in (labels if it % 2 == 0 else labels[::-1]):
+                if out[lab]["error"] is None and it < out[lab]["repeats"]:
+                    run(lab, "raw_ms")
+    except KeyboardInterrupt:  # stopped: what ran is kept, each unfinished label marked partial
+        for o in (out[lab] for lab in labels):
+            done = len(o["raw_ms"]["fwd_bwd"])
+            if o["error"] is None and done < o.get("repeats", 1):  # no "repeats" yet: stopped in the warm-ups
+                o.update(partial=True, repeats_done=done,
+                         partial_median_ms={k: statistics.median(v) for k, v in o["raw_ms"].items() if v})
+        raise
+    finally:
+        for o in (out[lab] for lab in labels):
+            ok = o["error"] is None and not o.get("partial") and all(o["raw_ms"].values())
+            for key, f in (("median_ms", statistics.median), ("min_ms", min), ("max_ms", max)):
+                o[key] = {k: f(v) for k, v in o["raw_ms"].items()} if ok else {}
     return out
 
 

@@ -198,7 +198,8 @@ def mem_worker(spec: dict) -> None:
 
 def finish_record(rec, tm, fn, pairs, args, device, measure_memory: bool = True) -> dict:
     """``rec`` completed from its timings ``tm``: status, peak memory (benchmarks/README.md), FLOP rates; without
-    ``measure_memory`` (the run was stopped) a memory figure not taken yet is marked not measured."""
+    ``measure_memory`` (the run was stopped) a memory figure not taken yet is marked not measured; ``tm`` stopped
+    before its timed runs were all taken (``partial``): status PARTIAL with the count of runs taken, no median."""
     name, B, d = rec["backend"], rec["B"], rec["d"]
     rec["timing"] = {k: v for k, v in tm.items() if k not in ("exception", "memory")}
     if tm["error"] is not None:
@@ -208,10 +209,16 @@ def finish_record(rec, tm, fn, pairs, args, device, measure_memory: bool = True)
     if not all(math.isfinite(x) for x in tm["losses"]):
         rec["status"] = "NONFINITE"
         return rec
+    not_measured = {"peak_bytes": None, "not_measured": "the run was stopped before this figure was taken"}
+    if tm.get("partial"):  # stopped in its timing loop: no median, no FLOP rate, no ratio (benchmarks/README.md)
+        rec.update(status="PARTIAL", partial=True, repeats_done=tm["repeats_done"],
+                   repeats_planned=tm.get("repeats", runs_of(name, args)[1]),
+                   memory=dict(tm["memory"]) if device.type == "cuda" and tm.get("memory") else not_measured)
+        return rec
     if device.type == "cuda" and tm.get("memory"):
         rec["memory"] = dict(tm["memory"])
     elif not measure_memory:
-        rec["memory"] = {"peak_bytes": None, "not_measured": "the run was stopped before this figure was taken"}
+        rec["memory"] = not_measured
     elif device.type == "cuda":
         rec["memory"] = C.cuda_peak_of_call(fn, *pairs[0], device)
     else:
@@ -356,27 +363,41 @@ def run_benchmarks(backends, report, args, device, on_progress=None, results: li
             C.free_memory(device)
             progress(results)
             continue
-        stopped = None  # SIGINT/SIGTERM while a memory figure is taken: the timed rows are kept, then it is raised
+        # SIGINT/SIGTERM (KeyboardInterrupt) in the timing loop or a memory figure: the runs taken are kept (a row
+        # whose timed runs were not all taken is PARTIAL), written, then the stop is raised on
+        stopped = None
         for batch in ([[x] for x in todo] if args.sequential else [todo]):
-            t0 = time.perf_counter()
-            timings = C.time_interleaved(
-                {base["label"]: fn for base, fn in batch}, pairs, device=device,
-                warmup={base["label"]: runs_of(base["backend"], args)[0] for base, _ in batch},
-                repeats={base["label"]: runs_of(base["backend"], args)[1] for base, _ in batch},
-                budget_s=args.point_budget_s, deadline_at=deadline_at, memory_from_warmup=True)
+            t0, timings = time.perf_counter(), {}
+            try:
+                C.time_interleaved(
+                    {base["label"]: fn for base, fn in batch}, pairs, device=device,
+                    warmup={base["label"]: runs_of(base["backend"], args)[0] for base, _ in batch},
+                    repeats={base["label"]: runs_of(base["backend"], args)[1] for base, _ in batch},
+                    budget_s=args.point_budget_s, deadline_at=deadline_at, memory_from_warmup=True, into=timings)
+            except KeyboardInterrupt as exc:
+                stopped = exc
+                log(f"  stopped ({str(exc) or 'KeyboardInterrupt'}) while timing {dn} B=N={B} d={d}: the runs "
+                    "taken are kept")
             t_time = time.perf_counter() - t0
             for base, fn in batch:
                 t1, rec = time.perf_counter(), dict(base)
+                tm = timings.get(base["label"]) or {"raw_ms": {k: [] for k in C.PARTS}, "losses": [], "error": None,
+                                                    "exception": None, "partial": True, "repeats_done": 0}
                 try:
-                    finish_record(rec, timings[base["label"]], fn, pairs, args, device, stopped is None)
+                    finish_record(rec, tm, fn, pairs, args, device, stopped is None)
                 except KeyboardInterrupt as exc:
                     stopped, rec = exc, dict(base)
-                    finish_record(rec, timings[base["label"]], fn, pairs, args, device, measure_memory=False)
+                    finish_record(rec, tm, fn, pairs, args, device, measure_memory=False)
                 except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                     rec.update(status="OOM" if isinstance(exc, torch.OutOfMemoryError) else "ERROR",
                                error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=6))
                 C.free_memory(device)
                 rec.update(wall_s_memory=time.perf_counter() - t1, wall_s_timing_group=t_time)
+                if rec["status"] == "PARTIAL":
+                    done(rec, f"PARTIAL: stopped after {rec['repeats_done']} of {rec['repeats_planned']} timed runs"
+                              + ("" if not rec["repeats_done"] else
+                                 f" (median of those {rec['timing']['partial_median_ms']['fwd_bwd']:.1f} ms)"))
+                    continue
                 if rec["status"] != "ok":
                     done(rec, f"{rec['status']} {rec.get('error', '')}")
                     continue
@@ -415,7 +436,7 @@ def compute_ratios(results, backends, args) -> list[dict]:
         rec = {"numerator": num, "denominator": den, "dtype": dn, "B": B, "d": d}
         head = f"{dn:>5} {B:>6} {d:>5}  {num + ' / ' + den:<30}"
         if a is None or b is None:
-            rec["status"] = "n/a (a side FAILED, SKIPPED or errored)"
+            rec["status"] = "n/a (a side FAILED, SKIPPED, PARTIAL or errored)"
             log(f"{head} {rec['status']}")
         else:
             ma, mb = a["timing"]["median_ms"], b["timing"]["median_ms"]
@@ -627,8 +648,10 @@ def main(argv=None):
         run_benchmarks(backends, report, args, device, on_progress=write, results=results)
     except KeyboardInterrupt as exc:
         payload["interrupted"] = str(exc) or "KeyboardInterrupt (SIGINT)"
+        n_partial = sum(r.get("status") == "PARTIAL" for r in results)
         log(f"\nINTERRUPTED ({payload['interrupted']}) after {time.perf_counter() - t_begin:.0f} s: writing the "
-            f"{sum(r.get('status') == 'ok' for r in results)} results measured so far")
+            f"{sum(r.get('status') == 'ok' for r in results)} results measured so far"
+            + (f" and {n_partial} PARTIAL (stopped in their timing loop)" if n_partial else ""))
     if meta.get("ceilings"):  # achieved TFLOP/s over the measured bf16 GEMM ceiling
         top = meta["ceilings"]["mm_bf16"]["tflop_per_s"]
         for r in (r for r in results if r.get("status") == "ok"):

@@ -30,6 +30,10 @@ def _cell(r) -> str:
     """A loss table cell: median ms (peak MiB), or the status of a row that was not timed."""
     if r is None:
         return ""
+    if r.get("status") == "PARTIAL":  # stopped in its timing loop: the runs it took, never as a full median
+        med = r["timing"].get("partial_median_ms", {}).get("fwd_bwd")
+        return (f"PARTIAL ({r['repeats_done']} of {r['repeats_planned']} runs"
+                + ("" if med is None else f": {med:.1f} ms") + ")")
     if r.get("status") != "ok":
         return r.get("status", "?")
     peak = r["memory"]["peak_bytes"]  # None: the run was stopped before its memory figure
@@ -42,7 +46,9 @@ def loss_table(pl) -> list[str]:
     lines = [f"Loss, fwd+bwd median ms (peak extra memory MiB) on **{meta['device']['name']}**, torch "
              f"{ver.get('torch')}, triton {ver.get('triton')}, {meta.get('date_utc', meta.get('date', ''))}:"]
     if pl.get("interrupted"):
-        lines.append(f"(run interrupted: {pl['interrupted']}; the rows below are what it finished)")
+        cut = any(r.get("status") == "PARTIAL" for r in pl["results"])
+        lines.append(f"(run interrupted: {pl['interrupted']}; the rows below are what it finished"
+                     + ("; PARTIAL: stopped in its timing loop, the runs it took" if cut else "") + ")")
     elif pl.get("partial"):
         lines.append("(partial file: the run did not finish; the rows below are what it had written)")
     labels = list(dict.fromkeys(r["label"] for r in pl["results"]))

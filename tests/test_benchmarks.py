@@ -380,7 +380,7 @@ def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
     """Stopped by a signal in the middle of a sweep, bench_loss still writes its JSON with the
     sizes it finished, marked "interrupted", and exits 130 (SIGINT: gpu_check.sh's limits;
     SIGTERM: a plain `timeout`), also when started with SIGINT ignored (as `cmd &` in a
-    script starts it)."""
+    script starts it); the size stopped in its timing loop is written PARTIAL with the runs it took."""
     import signal
 
     out = tmp_path / "loss.json"
@@ -399,6 +399,7 @@ def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
 
     try:
         assert _wait_for(first_size_written, 300), "the first size was never written"
+        __import__("time").sleep(2)  # into the next size's timing loop (50 runs of B = 4096: ~10 s at least)
         proc.send_signal(getattr(signal, sig))
         stdout, _ = proc.communicate(timeout=120)
     finally:
@@ -409,6 +410,13 @@ def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
     assert res["interrupted"] == ("signal SIGTERM" if sig == "SIGTERM" else "KeyboardInterrupt (SIGINT)"), res["interrupted"]
     ok = [r for r in res["results"] if r["status"] == "ok"]
     assert ok and ok[0]["B"] == 64 and "ratios" in res and "INTERRUPTED" in stdout
+    # the size stopped in its timing loop is kept, PARTIAL, with the runs it took (it was lost)
+    (cut,) = [r for r in res["results"] if r["B"] == 4096]
+    assert cut["status"] == "PARTIAL" and cut["partial"] and cut["repeats_planned"] == 50, cut
+    assert len(cut["timing"]["raw_ms"]["fwd_bwd"]) == cut["repeats_done"] < 50 and cut["timing"]["median_ms"] == {}
+    rep = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)], capture_output=True, text=True,
+                         timeout=60)
+    assert f"PARTIAL ({cut['repeats_done']} of 50 runs" in rep.stdout, rep.stdout
 
 
 def _bash(script, cwd=ROOT, timeout=300, env=None):
@@ -898,6 +906,61 @@ def test_loss_bench_stopped_in_a_memory_figure_keeps_the_timed_rows(monkeypatch)
     meta = {"device": {"name": "cpu"}, "versions": {}}
     (row,) = [ln for ln in rp.loss_table({"meta": meta, "results": results}) if ln.startswith("| fp32")]
     assert row.count(" (-)") == 2, row
+
+
+def test_loss_bench_stopped_in_a_timing_loop_keeps_the_runs_taken_as_partial(monkeypatch):
+    """SIGINT (run_step's limit in gpu_check.sh; SIGTERM raises the same KeyboardInterrupt after start_script) in the
+    middle of a size's timing loop lost every run of that size (the records were made after the loop). They are kept
+    and written before the stop is raised on: a row whose timed runs were not all taken is PARTIAL with the count
+    taken, the median of those apart ("partial_median_ms", no "median_ms"), no memory figure, no ratio, and the README
+    table says PARTIAL with the count; a row that had taken all its runs (reference, 2 here) stays ok."""
+    import signal
+
+    import bench_loss
+    import report as rp
+
+    report = _fake_loss_fns(monkeypatch, fixed_cost_s=0.0)
+    fake, calls = bench_loss.make_loss_fn, []
+
+    def make(name, **kw):
+        fn = fake(name, **kw)
+
+        def run(q, t):
+            calls.append((name, q.shape[0]))
+            if calls.count(("torch", 64)) == 4:  # its warm-up and two timed runs done: the limit fires
+                signal.raise_signal(signal.SIGINT)  # in this thread: the handler raises KeyboardInterrupt now
+            return fn(q, t)
+        return run
+
+    monkeypatch.setattr(bench_loss, "make_loss_fn", make)
+    args = _bench_args(["--device", "cpu", "--backends", "torch", "reference", "--B", "64", "--d", "16",
+                        "--repeats", "4", "--repeats-for", "reference=2"])
+    results, writes = [], []
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as start_script leaves it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench_loss.run_benchmarks(["torch", "reference"], report, args, torch.device("cpu"), results=results,
+                                      on_progress=lambda r: writes.append(json.loads(json.dumps(r, default=str))))
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert [(r["label"], r["B"], r["status"]) for r in results] == [("torch", 64, "PARTIAL"), ("reference", 64, "ok")]
+    assert writes[-1] == json.loads(json.dumps(results, default=str))  # written before the stop went on
+    cut, ref = results
+    assert cut["partial"] is True and (cut["repeats_done"], cut["repeats_planned"]) == (2, 4)
+    assert len(cut["timing"]["raw_ms"]["fwd_bwd"]) == 2 and len(cut["timing"]["losses"]) == 3  # the warm-up too
+    assert cut["timing"]["median_ms"] == {} and "tflops_useful" not in cut
+    assert cut["timing"]["partial_median_ms"]["fwd_bwd"] == pytest.approx(
+        sum(cut["timing"]["raw_ms"]["fwd_bwd"]) / 2)
+    assert cut["memory"]["peak_bytes"] is None and ref["memory"]["peak_bytes"] is None
+    assert len(ref["timing"]["raw_ms"]["fwd_bwd"]) == 2 and ref["timing"]["median_ms"]["fwd_bwd"] > 0
+    (ratio,) = bench_loss.compute_ratios(results, ["torch", "reference"], args)
+    assert ratio["status"].startswith("n/a") and "time_ratio" not in ratio
+    meta = {"device": {"name": "cpu"}, "versions": {}}
+    lines = rp.loss_table({"meta": meta, "results": results, "interrupted": "KeyboardInterrupt (SIGINT)"})
+    (row,) = [ln for ln in lines if ln.startswith("| fp32 | 16 | 64 |")]
+    med = cut["timing"]["partial_median_ms"]["fwd_bwd"]
+    assert row.split(" | ")[3] == f"PARTIAL (2 of 4 runs: {med:.1f} ms)" and row.endswith("| - | - |"), row
+    assert any("PARTIAL: stopped in its timing loop" in ln for ln in lines), lines
 
 
 # --------------------------------------------------------------------------- report.py
