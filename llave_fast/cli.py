@@ -180,8 +180,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", parents=[common], help="train (default job: tiny LLaVE on synthetic data, CPU)")
     add_train_flags(p_train, train_argv)
 
-    p_export = sub.add_parser("export", parents=[common],
-                              help="consolidate a run's newest complete checkpoint into a 16-bit model folder")
+    p_export = sub.add_parser("export", parents=[common], help="consolidate a run's newest complete checkpoint "
+                              "into one model folder (bf16 unless --dtype)")
     p_export.add_argument("--run", required=True, metavar="DIR", help="the training run's folder (its --output-dir)")
     p_export.add_argument("--output", default=None, metavar="DIR", help="destination folder. Default: RUN/export")
     add_dtype_flag(p_export, choices=tuple(DTYPES), default="bf16", help="precision of the saved weights")

@@ -1,4 +1,4 @@
-"""``llave-fast export``: a run's sharded DeepSpeed checkpoint -> one 16-bit model folder.
+"""``llave-fast export``: a run's sharded DeepSpeed checkpoint -> one model folder (bf16 by default, or fp32/fp16).
 
 The folder is in transformers' format with the tokenizer and processor beside the
 weights, so ``LLaVEEmbedder.from_pretrained(folder)`` loads it on any machine. Works on
@@ -8,9 +8,11 @@ from the files (deepspeed's zero_to_fp32), then cast.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 
 import torch
 
@@ -83,8 +85,9 @@ def consolidated_state_dict(run_dir: str, tag: str | None = None) -> tuple[dict,
         raise MissingFile(f"checkpoint {os.path.join(root, tag)} {what}; {have} (tags are written "
                                 f"{ckpt.tag_for(1)!r}, {ckpt.tag_for(200)!r}, ...)")
     ckpt.check_files(os.path.join(root, tag))
-    # zero_to_fp32 loads with weights_only=False: within this block its loads are weights_only
-    with ckpt.safe_zero_to_fp32():
+    # zero_to_fp32 loads with weights_only=False: within this block its loads are weights_only. It prints its
+    # progress: to stderr, so that `export ... | head` or a caller parsing stdout sees only what llave-fast writes
+    with ckpt.safe_zero_to_fp32(), contextlib.redirect_stdout(sys.stderr):
         return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag), tag
 
 

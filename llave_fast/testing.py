@@ -71,13 +71,14 @@ def write_clip(path, frames: int, fps, colour=(255, 40, 0), *, step: int = 3, si
                codec: str = "mpeg4") -> str:
     """A clip for tests and benchmarks (PyAV): a 16-px square of ``colour`` on black, ``size`` x ``size`` px,
     ``frames`` frames at ``fps``; frame i has the square's left edge at ``i * step`` (from the right edge
-    when ``step`` is negative), wrapping at the far edge."""
+    when ``step`` is negative), wrapping at the far edge. Its folder is made if missing."""
     from fractions import Fraction
 
     import av
     import numpy as np
 
     span, top = size - 16, size // 2 - 8
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         s.width = s.height = size

@@ -421,6 +421,15 @@ def test_export_of_a_tag_that_does_not_exist_lists_the_complete_ones(run_dir, ca
     assert not (run_dir / "x").exists()
 
 
+def test_export_keeps_deepspeeds_merge_progress_off_stdout(run_dir, tmp_path, capsys):
+    """zero_to_fp32 prints its progress: on stdout it broke `export ... | head` and callers parsing the output."""
+    rc, out, err = _main(capsys, "export", "--run", str(run_dir), "--output", str(tmp_path / "x"))
+    assert rc == 0, err
+    said = ("Processing zero checkpoint", "Detected checkpoint of type", "Reconstructed")
+    assert not [ln for ln in out.splitlines() if any(s in ln for s in said)], out
+    assert any(s in err for s in said), err  # said, on stderr
+
+
 def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_results(run_dir, tmp_path):
     import shutil
 

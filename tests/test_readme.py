@@ -187,3 +187,25 @@ def test_the_default_job_table_is_what_its_result_file_holds():
         assert _shown(row[1], got["p_at_1"]) and _shown(row[2], got["chance"]), (task, row, got)
         assert _shown(row[3].rstrip("×"), got["p_at_1"] / got["chance"]), (task, row, got)
         assert (int(row[4]), int(row[5])) == (got["num_queries"], got["num_candidates"]), (task, row, got)
+
+
+def test_readme_demo_data_snippet_writes_files_every_command_reads(tmp_path, monkeypatch):
+    """The README's "every command without real data" block, run as written: each file it writes is read
+    by the reader of the command the README sends it to (train, eval, eval-video)."""
+    pytest.importorskip("av")
+    from llave_fast.data.mmeb import MMEBDataset
+    from llave_fast.data.mmeb_eval import find_eval_datasets, read_eval_set
+    from llave_fast.data.video_annotations import read_annotations
+    from llave_fast.eval_video import decode_video, find_videos
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_example("demo-data"), "README.md:demo-data", "exec"), scope)
+    assert len(MMEBDataset(["demo/train/Synth.jsonl"], image_dir="demo/train/images")) == 256
+    (ds,) = find_eval_datasets(["demo/eval/MSCOCO_i2t.jsonl"])
+    assert ds.name == "MSCOCO_i2t" and read_eval_set(ds, "demo/eval").num_queries == 20
+    ann = read_annotations("demo/captions.csv")
+    paths = find_videos(ann.video_ids, "demo/videos")
+    assert [os.path.basename(p) for p in paths] == ["video0.mp4", "video1.mp4"]
+    frames, info = decode_video(paths[0])
+    assert info["num_frames"] == 30 and frames.shape[-1] == 3

@@ -324,7 +324,7 @@ def write_mmeb_train(folder: str, n: int, *, seed: int = 0, image_size: int = 64
     """Write ``n`` synthetic pairs as an MMEB-train file: ``folder/<name>.jsonl`` (columns
     ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``; image paths relative) and
     the images under ``folder/images`` ("png", or "jpg" at quality 90). Returns (data file,
-    image folder), ready for ``MMEBDataset`` / ``--data-files ... --image-dir``."""
+    image folder), ready for ``MMEBDataset`` / ``llave-fast train --data FILE --image-dir FOLDER``."""
     import json
     import os
 
