@@ -119,9 +119,18 @@ def main(argv=None) -> int:
     p.add_argument("--tune", type=Path, default=None)
     p.add_argument("--junit", type=Path, default=None, help="a pytest junit XML file: counts and failures")
     args = p.parse_args(argv)
+
+    def read(path: Path):
+        try:
+            return json.loads(path.read_text())
+        except OSError as e:
+            p.error(f"{path}: cannot be read ({e.strerror or e})")
+        except ValueError as e:  # JSONDecodeError, or bytes that are no text
+            p.error(f"{path}: not a JSON file ({e})")
+
     tables, lines = [], []
     for f in args.loss:
-        pl = json.loads(f.read_text())
+        pl = read(f)
         if isinstance(pl, dict) and isinstance(pl.get("results"), list) and all("label" in r for r in pl["results"]):
             tables += loss_table(pl)
         elif isinstance(pl, dict) and "fwd" in pl and "bwd" in pl:
@@ -129,7 +138,7 @@ def main(argv=None) -> int:
         else:
             lines += [f"{f.name}: not a loss or tuning file (written by another benchmark): not rendered here", ""]
     if args.tune:
-        lines += tune_lines(json.loads(args.tune.read_text()))
+        lines += tune_lines(read(args.tune))
     if args.junit:
         lines += junit_lines(args.junit)
     print("\n".join(tables + lines))

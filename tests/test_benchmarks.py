@@ -176,6 +176,15 @@ def test_report_renders_every_result_file():
     assert "| bf16 | 1536 | 16384 |" in rep.stdout and "| fp32 | 1024 | 8192 |" in rep.stdout
 
 
+def test_report_names_a_file_it_cannot_read(tmp_path):
+    """A missing file or one that is no JSON is named in one line (exit 2), not a traceback."""
+    (tmp_path / "half.json").write_text('{"results": [')
+    for bad, says in ((tmp_path / "none.json", "cannot be read"), (tmp_path / "half.json", "not a JSON file")):
+        rep = subprocess.run([sys.executable, str(BENCH / "report.py"), str(bad)], capture_output=True, text=True,
+                             timeout=120)
+        assert rep.returncode == 2 and f"{bad}: {says}" in rep.stderr and "Traceback" not in rep.stderr, rep.stderr
+
+
 # --------------------------------------------------------------------------- the GPU run's own rules
 
 

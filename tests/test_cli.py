@@ -286,6 +286,12 @@ def test_bad_data_is_a_user_error(tmp_path, capsys):
     assert rc == 1
     assert "eval.jsonl:1: candidate 1 image not found" in err and "missing.png" in err
     assert "Traceback" not in err
+    # where a relative path was looked up, and what to pass (as the MMEB-train reader says it)
+    assert f"looked up under the data file's folder {str(tmp_path)!r}: pass --image-dir" in err, err
+    (tmp_path / "imgs").mkdir()
+    rc, out, err = _main(capsys, "eval", "--model", str(folder), "--data", str(data), "--num-eval", "4",
+                         "--image-dir", str(tmp_path / "imgs"))
+    assert rc == 1 and f"relative to --image-dir {str(tmp_path / 'imgs')!r}: is that the folder" in err, err
     # MMEB-train rows read by eval: the reader's advice names training flags, which eval does not have
     train_rows = tmp_path / "train_rows.jsonl"
     train_rows.write_text(json.dumps({"qry": "a cat", "pos_text": "cat", "qry_image_path": "missing.png",

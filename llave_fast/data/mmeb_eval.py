@@ -123,10 +123,14 @@ class _Images:
     """Image paths joined to the image folder, each checked to stay inside it (``ImageRoot``)
     and then to exist, once."""
 
-    def __init__(self, root: str, allow_outside: bool = False):
+    def __init__(self, root: str, allow_outside: bool = False, given: bool = True):
         self.root = root
         self.where = ImageRoot(root, allow_outside)
         self.seen: dict[str, bool] = {}
+        # where a relative path was looked up, said with a missing image (as the MMEB-train reader says it)
+        self.hint = (f" (image paths are relative to --image-dir {root!r}: is that the folder they are relative to?)"
+                     if given else f" (image paths are relative and were looked up under the data file's folder "
+                     f"{root!r}: pass --image-dir naming the folder they are relative to)")
 
     def __call__(self, rel, source: str, row: int, what: str) -> str | None:
         if rel is None or rel == "":
@@ -141,7 +145,8 @@ class _Images:
         if ok is None:
             ok = self.seen[full] = os.path.isfile(full)
         if not ok:
-            raise BadDataError(source, row, f"{what} image not found: {full}", hint=False)
+            hint = "" if os.path.isabs(rel) else self.hint
+            raise BadDataError(source, row, f"{what} image not found: {full}{hint}", hint=False)
         return full
 
 
@@ -208,7 +213,7 @@ def read_eval_file(path: str, image_dir: str | None = None, limit: int | None = 
     folder and checked (to stay inside it unless ``allow_outside_image_dir``; None: False unless
     inside ``llave_fast.data.mmeb.outside_image_dir_allowed``)."""
     p = Path(path)
-    images = _Images(image_dir or str(p.parent), allow_outside_default(allow_outside_image_dir))
+    images = _Images(image_dir or str(p.parent), allow_outside_default(allow_outside_image_dir), image_dir is not None)
     out = []
     for i, r, line in _rows(p):
         if limit is not None and len(out) >= limit:
@@ -343,7 +348,7 @@ def read_eval_set(dataset: EvalDataset, image_dir: str | None = None, max_querie
 
     for path in dataset.files:
         p = Path(path)
-        images = _Images(image_dir or str(p.parent), allow)
+        images = _Images(image_dir or str(p.parent), allow, image_dir is not None)
         n_file = 0
         for i, r, line in _rows(p):
             if max_queries is not None and out.num_queries >= max_queries:
