@@ -1094,6 +1094,26 @@ def test_same_named_tables_in_two_folders_are_refused_not_merged(tmp_path):
     assert Counter(r["subset"] for r in MMEBDataset(tmp_path / "ok", img)) == {"MSCOCO": 3, "N24News": 1}
 
 
+def test_a_subset_missing_some_of_its_hub_shards_is_said(tmp_path, caplog):
+    """original-00000-of-00003 and 00002 without 00001 (a partial download) read as a smaller subset, silently."""
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    for k in (0, 2):
+        _jsonl(tmp_path / "d" / "MSCOCO" / f"original-0000{k}-of-00003.jsonl", _rows(1))
+    _jsonl(tmp_path / "d" / "N24News" / "original-00000-of-00001.jsonl", _rows(1))
+    with caplog.at_level(logging.WARNING, logger="llave_fast"):
+        ds = MMEBDataset(tmp_path / "d", img)
+    assert Counter(r["subset"] for r in ds) == {"MSCOCO": 2, "N24News": 1}  # trained on what is there
+    said = [r.getMessage() for r in caplog.records if "shards" in r.getMessage()]
+    assert len(said) == 1 and "MSCOCO (split original): 1 of its 3 shards missing (00001)" in said[0], said
+    assert "N24News" not in said[0]
+    caplog.clear()
+    _jsonl(tmp_path / "d" / "MSCOCO" / "original-00001-of-00003.jsonl", _rows(1))
+    with caplog.at_level(logging.WARNING, logger="llave_fast"):
+        assert len(MMEBDataset(tmp_path / "d", img)) == 4
+    assert not [r for r in caplog.records if "shards" in r.getMessage()]
+
+
 def test_a_plain_json_table_is_said_when_found_and_refused_with_a_hint_when_named(tmp_path, caplog):
     img = tmp_path / "images"
     _write_images(img, 4)

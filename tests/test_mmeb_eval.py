@@ -169,6 +169,14 @@ def test_every_hub_layout_of_mmeb_eval_names_its_datasets(tmp_path):
         json.dumps({"qry_text": "q", "tgt_text": ["a", "b"]}) + "\n")
     with pytest.raises(ValueError, match=r"are both shard 0 of dataset 'N24News'"):
         find_eval_datasets([str(tmp_path / "hub2")])
+    # a dataset without some of its shards is refused (its score would pass for the whole dataset's)
+    write("part/N24News/test-00000-of-00003.parquet")
+    write("part/N24News/test-00002-of-00003.parquet")
+    with pytest.raises(ValueError, match=r"1 dataset\(s\) lack some of their hub shards .*N24News \(split test\): 1 of "
+                                         r"its 3 shards missing \(00001\)"):
+        find_eval_datasets([str(tmp_path / "part")])
+    write("part/N24News/test-00001-of-00003.parquet")
+    assert len(find_eval_datasets([str(tmp_path / "part")])[0].files) == 3
 
 
 def test_datasets_are_named_by_file_or_shard_folder(sets, tmp_path):

@@ -75,6 +75,7 @@ from .mmeb_tables import (  # noqa: F401 - re-exported: mmeb_eval and tests impo
     data_files,
     data_kind,
     jsonl_lines,
+    missing_shards,
     parse_json_line,
 )
 from ..errors import InvalidArgument
@@ -267,6 +268,11 @@ class MMEBDataset(torch.utils.data.Dataset):
                     f"of one subset, or two subsets named alike; name one of them in --data (paths=)")
             picked.append((f, subset, file_split))
         _refuse_merged(picked)
+        gone = missing_shards(_name_file(f) for f, _, _ in picked)
+        if gone:
+            logger.warning("%d subset(s) are read without some of their hub shards (a partial download or copy?); "
+                           "each is trained on what is there: %s", len(gone), "; ".join(gone[:5])
+                           + ("; ..." if len(gone) > 5 else ""))
         splits = sorted({sp for _, _, sp in picked if sp is not None})
         if split is None and len(splits) > 1:
             logger.warning("the data holds shards of %d splits (%s) and all are read; LLaVE trains on 'original' "

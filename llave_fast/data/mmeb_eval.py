@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .mmeb import BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
-from .mmeb_tables import _name_file, data_kind, open_jsonl
+from .mmeb_tables import _name_file, data_kind, missing_shards, open_jsonl
 from ..errors import InvalidArgument, MissingDependency
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,11 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
             by_name[name].files.append(str(f))
         else:
             by_name[name] = EvalDataset(name, [str(f)])
+    gone = missing_shards(_name_file(Path(f)) for ds in by_name.values() for f in ds.files)
+    if gone:  # a score under MMEB's name is of the whole dataset; --max-queries evaluates part of one
+        raise InvalidArgument(f"{len(gone)} dataset(s) lack some of their hub shards (a partial download or copy?): "
+                              + "; ".join(gone[:5]) + ("; ..." if len(gone) > 5 else "")
+                              + ": fetch the missing files (--max-queries evaluates part of a dataset)")
     return list(by_name.values())
 
 

@@ -19,7 +19,8 @@ from .bad_data import BadDataError
 from ..errors import InvalidArgument, MissingDependency, MissingFile
 
 __all__ = ["MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
-           "HUB_SPLITS", "data_files", "data_kind", "data_stem", "jsonl_lines", "open_jsonl", "parse_json_line"]
+           "HUB_SPLITS", "data_files", "data_kind", "data_stem", "jsonl_lines", "missing_shards", "open_jsonl",
+           "parse_json_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +283,27 @@ def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
                                   f"name the folder above the subset folders instead")
         return subset, split, (int(stem),)
     return stem, None, None
+
+
+def missing_shards(named) -> list[str]:
+    """What is missing of each subset (dataset) and split whose hub shards say how many there are:
+    ``named`` is ``(subset, split, shard)`` per file (:func:`_name_file`); one line per incomplete set,
+    e.g. ``"MSCOCO (split original): shards 00001 of 00000-00002 missing"`` (a partial download
+    otherwise reads as a smaller subset, silently)."""
+    have: dict[tuple, set[int]] = {}
+    count_of: dict[tuple, int] = {}
+    for subset, split, shard in named:
+        if shard is not None and len(shard) == 2:
+            have.setdefault((subset, split), set()).add(shard[0])
+            count_of[(subset, split)] = shard[1]
+    out = []
+    for key, idx in sorted(have.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        gone = [i for i in range(count_of[key]) if i not in idx]
+        if gone:
+            shown = ", ".join(f"{i:05d}" for i in gone[:5]) + (", ..." if len(gone) > 5 else "")
+            out.append(f"{key[0]}" + (f" (split {key[1]})" if key[1] else "") + f": {len(gone)} of its "
+                       f"{count_of[key]} shards missing ({shown})")
+    return out
 
 
 def data_suffix(path) -> str | None:
