@@ -710,6 +710,11 @@ def test_mmeb_check_images_decodes_all_with_progress_and_bad_images_decides(tmp_
     assert "checking images" in capsys.readouterr().err  # the progress bar
     ds = MMEBDataset(f, img, check_images="decode", bad_images="skip")
     assert len(ds) == 5 and ds.images_checked == 6
+    # one image by two spellings (sub/./q0.png, sub/../sub/q0.png) is decoded once
+    spelled = _rows(6)
+    spelled[1]["qry_image_path"], spelled[2]["qry_image_path"] = "sub/./q0.png", "sub/../sub/q0.png"
+    assert MMEBDataset(_jsonl(tmp_path / "T.jsonl", spelled), img, check_images="decode",
+                       bad_images="skip").images_checked == 4
     assert [(s, r) for s, r, _ in ds.skipped] == [(str(f), 4)] and "unreadable image" in ds.skipped[0][2]
     # bad_images governs images only: a bad row still follows skip_bad_rows
     rows = _rows(6)

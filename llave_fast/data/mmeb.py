@@ -360,7 +360,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                 rel = c[img_col][row]
                 if not rel:
                     continue
-                path = os.path.join(src.image_root, rel)
+                path = os.path.normpath(os.path.join(src.image_root, rel))  # img/./a.png is img/a.png
                 if path not in exists_cache:  # one check per distinct image (targets repeat a lot)
                     exists_cache[path] = image_problem(path, decode=self.check_images == "decode",
                                                         max_pixels=self.max_image_pixels)
@@ -392,7 +392,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                 for row, rel in enumerate(src.cols[img_col]):
                     if rel and row not in bad:
                         if self._outside(src, rel, img_col) is None:  # one outside is never opened
-                            paths.setdefault(os.path.join(src.image_root, rel), (s, rel))
+                            paths.setdefault(os.path.normpath(os.path.join(src.image_root, rel)), (s, rel))
         rank, world = _decode_share(self.decode_across_ranks)
         mine = [p for k, p in enumerate(paths) if k % world == rank]
         from concurrent.futures import ThreadPoolExecutor
