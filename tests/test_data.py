@@ -705,8 +705,9 @@ def test_mmeb_check_images_decodes_all_with_progress_and_bad_images_decides(tmp_
     _write_images(img, 6)
     (img / "sub" / "q4.png").write_bytes(b"\x89PNG broken")  # exists: only decoding finds it
     f = _jsonl(tmp_path / "S.jsonl", _rows(6))
-    with pytest.raises(BadDataError, match=r"S\.jsonl:5: .*unreadable image.*--bad-images skip"):
+    with pytest.raises(BadDataError, match=r"S\.jsonl:5: .*unreadable image.*--bad-images skip") as info:
         MMEBDataset(f, img, check_images="decode", progress=True)
+    assert "--check-images" not in str(info.value)  # it is on: not suggested again
     assert "checking images" in capsys.readouterr().err  # the progress bar
     ds = MMEBDataset(f, img, check_images="decode", bad_images="skip")
     assert len(ds) == 5 and ds.images_checked == 6

@@ -89,6 +89,8 @@ _LOG_EACH = 50  # skipped rows logged one by one; past that, a count per reason 
 
 IMAGE_HINT = (" (pass bad_images='skip' / --bad-images skip to skip and count such rows; --check-images decodes "
               "every image before training)")
+# the hint when every image was decoded before training already (check_images="decode")
+IMAGE_HINT_DECODED = " (pass bad_images='skip' / --bad-images skip to skip and count such rows)"
 
 
 def _decode_share(across_ranks: bool) -> tuple[int, int]:
@@ -462,7 +464,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                     continue
                 image = self._image_problem_found
                 if not (self.skip_bad_images if image else self.skip_bad_rows):
-                    raise BadDataError(src.name, row, problem, src.line(row), hint=IMAGE_HINT if image else True)
+                    raise BadDataError(src.name, row, problem, src.line(row), hint=self._image_hint() if image else True)
                 self._record_skip(src, row, problem, log=len(self.skipped) < _LOG_EACH)
                 reasons[problem.split(":")[0]] += 1
         if len(self.skipped) > _LOG_EACH:
@@ -478,6 +480,9 @@ class MMEBDataset(torch.utils.data.Dataset):
                 raise InvalidArgument(f"no rows: {names} {'is' if len(self.sources) == 1 else 'are'} empty")
             raise InvalidArgument(f"no usable rows in {names}: all {len(self.skipped)} rows were bad; by reason: "
                              f"{dict(reasons)} (the first, {self.where(*self.skipped[0][:2])}: {self.skipped[0][2]})")
+
+    def _image_hint(self) -> str:
+        return IMAGE_HINT_DECODED if self.check_images == "decode" else IMAGE_HINT
 
     def where(self, source: str, row: int) -> str:
         """Where row ``row`` (0-based) of the table ``source`` is, as error messages say it
@@ -520,11 +525,11 @@ class MMEBDataset(torch.utils.data.Dataset):
             return open_rgb(path, self.max_image_pixels)  # convert() loads the pixels: decode errors surface here
         except FileNotFoundError as exc:
             raise BadDataError(src.name, row, f"image file not found: {path!r} ({column}){self._missing_hint(src, rel)}",
-                               src.line(row), hint=IMAGE_HINT) from exc
+                               src.line(row), hint=self._image_hint()) from exc
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
             why = str(exc) or type(exc).__name__
             raise BadDataError(src.name, row, f"unreadable image ({why}): {path!r} ({column})", src.line(row),
-                               hint=IMAGE_HINT) from exc
+                               hint=self._image_hint()) from exc
 
     def _image_key(self, src: _Source, rel: str) -> str:
         """The image's part of an id ('' for none): the file's real path (symbolic links resolved:
