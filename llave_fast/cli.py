@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 
@@ -113,8 +114,53 @@ def _add_precision_flags(p: argparse.ArgumentParser) -> None:
                         "(only the whole sequence is cut, at the model's max_length, e.g. 4096)")
 
 
+def _checked_by(parse, flag: str):
+    """An argparse type that checks a value with the library's own ``parse`` (its InvalidArgument said by
+    argparse: exit status 2, naming the flag) and keeps the value as written."""
+    from .errors import InvalidArgument
+
+    def check(s: str) -> str:
+        try:
+            parse(s)
+        except InvalidArgument as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag}: ")) from None
+        return s
+    check.__name__ = flag.lstrip("-")
+    return check
+
+
+def _int_in(low: int, high: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {s!r}")
+        return v
+    return parse
+
+
+# a comma-separated list of numbers whose first is negative: argparse would read "-1,9" as a flag
+_NUMBER_LIST = re.compile(r"-[0-9.]+([eE][-+]?[0-9]+)?(,\s*[-+]?[0-9.]+([eE][-+]?[0-9]+)?)*")
+
+
+def _negative_list_values(argv: list[str]) -> list[str]:
+    """``ablate --alphas -1,9`` as ``--alphas=-1,9`` (what argparse reads without help)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--alphas" and i + 1 < len(argv) and _NUMBER_LIST.fullmatch(argv[i + 1]):
+            out.append(f"--alphas={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def _add_ablate_flags(p: argparse.ArgumentParser) -> None:
     from . import ablate as A
+    from .data.synthetic import MAX_FAMILY_SIZE
 
     p.description = (
         "Train the tiny setting (--config, in this process, one rank) over alpha x pairs per loss x seeds and "
@@ -137,23 +183,26 @@ def _add_ablate_flags(p: argparse.ArgumentParser) -> None:
                    help=f"the small grid: {A.QUICK_SEEDS} seed per cell, half the preset's training pairs per run, "
                         f"{A.QUICK_NUM_EVAL} held-out queries{now}. Explicit flags still override")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in A.DEFAULT_ALPHAS), metavar="A,B,...",
-                   help="hardness weights of the loss, comma-separated numbers (0: plain InfoNCE; LLaVE: 9). "
+                   type=_checked_by(A.parse_alphas, "--alphas"),
+                   help="hardness weights of the loss, comma-separated numbers (0: plain InfoNCE; LLaVE: 9); a list "
+                        "starting with a negative number is read too (--alphas -1,9, also written --alphas=-1,9). "
                         "Default: %(default)s")
     p.add_argument("--batches", default=",".join(map(str, A.DEFAULT_BATCHES)), metavar="B,C,...",
+                   type=_checked_by(A.parse_batches, "--batches"),
                    help="pairs per loss (each query's negatives: the other pairs of its loss batch), comma-separated "
                         "integers, each dividing the global batch and a multiple of --family-size. Default: "
                         "%(default)s")
-    p.add_argument("--seeds", type=int, default=None, metavar="N",
+    p.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
                    help=f"seeds per cell (0..N-1: initialisation, data and data order). Default: {A.DEFAULT_SEEDS} "
                         f"({A.QUICK_SEEDS} with --quick)")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                    help="optimizer steps per run. Default: as many training pairs as the preset's run "
                         "(steps x global_batch of --config; half with --quick); warm-up scales with it")
-    p.add_argument("--global-batch", type=int, default=None, metavar="N",
+    p.add_argument("--global-batch", type=_positive_int, default=None, metavar="N",
                    help="pairs per optimizer step, every run. Default: the largest of --batches")
-    p.add_argument("--num-eval", type=int, default=None, metavar="N",
+    p.add_argument("--num-eval", type=_positive_int, default=None, metavar="N",
                    help=f"held-out queries per run. Default: the preset's ({A.QUICK_NUM_EVAL} with --quick)")
-    p.add_argument("--family-size", type=int, default=A.DEFAULT_FAMILY_SIZE, metavar="K",
+    p.add_argument("--family-size", type=_int_in(1, MAX_FAMILY_SIZE), default=A.DEFAULT_FAMILY_SIZE, metavar="K",
                    help="scenes per hard-negative family (hard_family_size; 1: independent scenes). "
                         "Default: %(default)s")
     p.add_argument("--config", default=A.DEFAULT_CONFIG, metavar="JSON",
@@ -335,7 +384,7 @@ def _launcher_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    argv = _launcher_local_rank(list(sys.argv[1:] if argv is None else argv))
+    argv = _negative_list_values(_launcher_local_rank(list(sys.argv[1:] if argv is None else argv)))
     configure_logging()
     parser = build_parser(argv)
     if not argv:
@@ -350,7 +399,12 @@ def main(argv=None) -> int:
     run = COMMANDS[args.command]
     try:
         return run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM during a training start comes as Terminated
+        from .training.run_folder import Terminated
+
+        if isinstance(exc, Terminated):
+            print(f"{PROG}: terminated", file=sys.stderr)
+            return 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and internal errors below

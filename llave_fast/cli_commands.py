@@ -19,6 +19,8 @@ def _train(args) -> int:
     from .train import train
 
     cfg = train_config_from_args(args)
+    if cfg.output_dir is not None and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise UsageError(f"--output-dir {cfg.output_dir!r} is a file, not a folder")
     try:
         train(cfg)
     except KeyboardInterrupt:
@@ -85,6 +87,25 @@ def _output_folder(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} {path!r}: cannot be written ({probe} is not a writable folder)")
 
 
+def _model_folder(flag: str, path: str) -> None:
+    """Refuse, naming the flag, a run's checkpoints folder or one of its step folders given as a model
+    (the loader would say "no config.json"), saying which run folder to give."""
+    from .export import is_run_dir
+
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")) or is_run_dir(path):
+        return
+    here = os.path.abspath(path).rstrip(os.sep)
+    parent, name = os.path.dirname(here), os.path.basename(here)
+    if name == "checkpoints" and is_run_dir(parent):
+        raise UsageError(f"{flag} {path!r} is a run's checkpoints folder, not a model: give the run folder "
+                         f"{flag} {parent} (its newest complete checkpoint is used)")
+    if os.path.basename(parent) == "checkpoints" and is_run_dir(os.path.dirname(parent)):
+        run = os.path.dirname(parent)
+        raise UsageError(f"{flag} {path!r} is a checkpoint of a training run, not a model: give the run folder "
+                         f"{flag} {run} (its newest complete checkpoint is used), or make this step a model folder "
+                         f"with '{PROG} export --run {run} --tag {name}' and give its output")
+
+
 def _looks_local(path: str) -> bool:
     """A path, not a hub id (owner/name): absolute, relative with ./ or ../, or existing."""
     return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") != 1
@@ -123,6 +144,7 @@ def _eval(args) -> int:
     _one_process("eval")
     if _looks_local(args.model):
         _existing("--model", args.model)
+        _model_folder("--model", args.model)
     try:
         paths = data_paths(args.data)
     except ValueError as e:
@@ -201,6 +223,7 @@ def _eval_video(args) -> int:
     _one_process("eval-video")
     if _looks_local(args.model):
         _existing("--model", args.model)
+        _model_folder("--model", args.model)
     _existing("--videos", args.videos)
     _existing("--annotations", args.annotations, kind="file or folder")
     _existing("--video-list", args.video_list, kind="file")

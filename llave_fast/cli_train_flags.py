@@ -12,6 +12,7 @@ import types
 import typing
 
 from ._checks import BACKENDS
+from .training.checks import NON_NEGATIVE_INTS, POSITIVE_INTS
 from .cli_console import PROG, UsageError, error_message
 from .errors import InvalidArgumentType
 
@@ -49,6 +50,25 @@ def _str_list(s: str) -> list[str]:
     if not all(items):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {s!r}")
     return items
+
+
+class _StoreNone(argparse.Action):
+    """Stores the spelling 'none' (one of the listed choices) as None."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, None if values == "none" else values)
+
+
+def _bounded_int(kind, low: int):
+    """``kind`` (an int field's type) refusing a number below ``low`` as argparse refuses any bad value
+    (exit status 2, naming the flag): the same bounds check_config applies to a config file."""
+    def parse(s):
+        v = kind(s)
+        if v is not None and v < low:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a positive integer' if low == 1 else 'an integer >= 0'}, got {s!r}")
+        return v
+    return _named(parse, kind.__name__)
 
 
 def _named(fn, name):
@@ -141,8 +161,12 @@ def add_train_flags(p: argparse.ArgumentParser, argv: list[str]) -> None:
             if preset is not None and applies != f.default:
                 where = f" (from {config_name}; built-in {_show(f.default)})"
             text = f"{what}. Value: {how}. Default: {_show(applies)}{where}".replace("%", "%%")
-        if choices:  # argparse checks the converted value: None is a choice of an optional field
-            extra["choices"] = list(choices) + ([None] if optional else [])
+        if choices:  # argparse checks the spelling; an optional field's 'none' is stored as None
+            extra["choices"] = list(choices) + (["none"] if optional else [])
+            if optional:
+                kind, extra["action"] = _named(lambda s: "none" if s.lower() == "none" else s, "str"), _StoreNone
+        elif f.name in POSITIVE_INTS or f.name in NON_NEGATIVE_INTS:  # check_config's bounds, said by argparse
+            kind = _bounded_int(kind, 1 if f.name in POSITIVE_INTS else 0)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
                        metavar=metavar, help=text, **extra)
 

@@ -150,10 +150,16 @@ def test_bad_grid_values_name_the_flag(kw, match):
 
 
 def test_bad_grid_value_is_one_line_from_the_command(tmp_path, capsys):
-    rc = main(["ablate", "--output-dir", str(tmp_path / "out"), "--batches", "16,x"])
+    """A value of the wrong form is a bad command line (argparse's error, exit status 2); one the grid cannot
+    use (a batch that does not divide the global batch) is found by the plan (exit status 1)."""
+    with pytest.raises(SystemExit) as info:
+        main(["ablate", "--output-dir", str(tmp_path / "out"), "--batches", "16,x"])
     out, err = capsys.readouterr()
-    assert rc == 1 and err.splitlines()[0] == ("llave-fast ablate: error: --batches: 'x' is not a positive integer "
-                                               "(got '16,x')"), err
+    assert info.value.code == 2 and err.splitlines()[0] == (
+        "llave-fast ablate: error: argument --batches: 'x' is not a positive integer (got '16,x')"), err
+    rc = main(["ablate", "--output-dir", str(tmp_path / "out"), "--batches", "16,6"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.splitlines()[0].startswith("llave-fast ablate: error: ") and "6 does not divide" in err, err
     assert not os.path.exists(tmp_path / "out" / "ablation.json")
 
 

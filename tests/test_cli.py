@@ -139,12 +139,35 @@ def test_a_short_run_on_the_command_line_cuts_the_presets_warmup_with_a_note(cap
     (["eval", "--model", "m", "--num-eval", "0"], "argument --num-eval: expected a positive integer, got '0'"),
     (["export"], "the following arguments are required: --run"),
     (["bogus"], "invalid choice: 'bogus'"),
+    (["train", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["train", "--save-every", "-1"], "argument --save-every: expected an integer >= 0, got '-1'"),
+    (["train", "--bad-images", "ignore"], "argument --bad-images: invalid choice: 'ignore' (choose from 'skip', "
+                                          "'fail', 'none')"),
+    (["ablate", "--alphas", "a,b"], "argument --alphas: 'a' is not a number (got 'a,b')"),
+    (["ablate", "--batches", "16,0"], "argument --batches: '0' is not a positive integer"),
+    (["ablate", "--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
+    (["ablate", "--family-size", "9"], "argument --family-size: expected an integer in 1..8, got '9'"),
 ])
 def test_bad_flag_values_print_one_error_and_exit_2(capsys, argv, needle):
     rc, out, err = _main(capsys, *argv)
     assert rc == 2
     assert needle in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err  # the error and where to read more
+
+
+def test_optional_choices_take_none_and_ablate_takes_a_list_starting_with_a_negative_number(monkeypatch, capsys):
+    """--bad-images none unsets the option; ``ablate --alphas -1,9`` used to be argparse's "expected one
+    argument" (a leading minus read as a flag)."""
+    import llave_fast.cli as cli
+
+    args = build_parser(["train"]).parse_args(["train", "--bad-images", "none", "--loss-backend", "torch"])
+    assert args.bad_images is None and args.loss_backend == "torch"
+    seen = {}
+    monkeypatch.setitem(cli.COMMANDS, "ablate", lambda a: seen.setdefault("alphas", a.alphas) and 0)
+    for argv in (["--alphas", "-1,9"], ["--alphas=-1,9"], ["--alphas", "-0.5"]):
+        seen.clear()
+        rc, _, err = _main(capsys, "ablate", *argv)
+        assert rc == 0 and seen["alphas"] == argv[-1].removeprefix("--alphas="), (argv, err)
 
 
 def test_dtype_is_one_flag_with_every_spelling_in_export_eval_and_eval_video():
@@ -222,6 +245,29 @@ def test_user_errors_print_one_line_naming_the_argument_and_exit_1(tmp_path, cap
         assert lines[0].startswith(f"llave-fast {argv[0]}: error: "), (argv, err)
         assert all(n in lines[0] for n in needles), (argv, lines[0])
         assert "Traceback" not in err and len(lines) == 2, (argv, err)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_anything(tmp_path, capsys, monkeypatch):
+    """It used to print "run folder: PATH", join a process group, then fail with "File exists"."""
+    import llave_fast.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: pytest.fail("train() must not start"))
+    (f := tmp_path / "afile").write_text("x")
+    rc, out, err = _main(capsys, "train", "--output-dir", str(f), "--steps", "2", "--warmup-steps", "1")
+    assert rc == 1 and out == "", (out, err)
+    assert err.splitlines()[0] == f"llave-fast train: error: --output-dir {str(f)!r} is a file, not a folder", err
+
+
+def test_eval_of_a_runs_checkpoints_or_step_folder_names_the_run_folder(tmp_path, capsys):
+    """It used to say "no config.json in '...'", naming neither --model nor what to give."""
+    run = tmp_path / "run"
+    (step := run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    rc, _, err = _main(capsys, "eval", "--model", str(run / "checkpoints"))
+    assert rc == 1 and "--model" in err and f"give the run folder --model {run} " in err, err
+    rc, _, err = _main(capsys, "eval", "--model", str(step))
+    assert rc == 1 and f"give the run folder --model {run} " in err, err
+    assert f"export --run {run} --tag step-00000002" in err, err
 
 
 @pytest.mark.parametrize("saved", [True, False])
@@ -361,7 +407,7 @@ def test_internal_errors_keep_the_traceback_and_say_so(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flags, needles", [
-    (["--accumulation-steps", "0"], ["accumulation_steps", "0"]),
+    (["--accumulation-steps", "3"], ["not divisible into accumulation_steps=3"]),
     (["--max-text-tokens", "0"], ["max_text_tokens must be a positive int or None, got 0"]),
     (["--deepspeed-config", "nothere.json"], ["deepspeed_config (--deepspeed-config) 'nothere.json' not found"]),
 ], ids=["accumulation-steps", "max-text-tokens", "deepspeed-config"])
@@ -375,6 +421,8 @@ def test_train_option_check_is_one_line(tmp_path, flags, needles):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert err[-2].startswith("llave-fast train: error: ") and all(n in err[-2] for n in needles), err
     assert not (tmp_path / "run").exists()
+    # stdout stays for the run's report: no "run folder:" for a start refused, no DeepSpeed chatter
+    assert r.stdout == "", r.stdout
 
 
 # ------------------------------------------------------------------------------ eval of a training run folder
@@ -581,6 +629,57 @@ def test_resume_refusal_lists_only_options_a_user_can_give(tmp_path):
     msg = str(info.value)
     assert "lr: 0.5 in the run, 0.001 now" in msg and "--save-every" in msg, msg
     assert "stop_after" not in msg and "stop-after" not in msg, msg
+
+
+_STOP_BEFORE_THE_MODEL = """
+import sys
+import llave_fast.training.loop as loop
+
+def stop_here(run):  # the start is done up to the model: say so, then wait to be signalled
+    print("READY", flush=True)
+    sys.stdin.readline()
+    raise SystemExit("not signalled")
+
+loop.prepare_model = stop_here
+from llave_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_step_cleans_up_as_ctrl_c_does(tmp_path):
+    """SIGTERM (kill, a scheduler) at the start used to kill the process and leave .llave_fast.lock and
+    train_config.json; now the start cleans up and exits 143. The real-size preset on a machine without
+    CUDA also warns, once, that a step takes very long there (it used to sit at 0 steps without a word)."""
+    import signal
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-c", _STOP_BEFORE_THE_MODEL, "train", "--config", "llave_0.5b_arch.json",
+                          "--num-train", "64", "--global-batch", "16", "--chunk-size", "16", "--steps", "2",
+                          "--warmup-steps", "1", "--num-workers", "0", "--output-dir", str(out)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env=env)
+    try:
+        lines = []
+        for line in p.stdout:  # blocks until the child is parked just before the model would be built
+            lines.append(line)
+            if line.strip() == "READY":
+                break
+        assert lines and lines[-1].strip() == "READY", lines
+        assert sorted(os.listdir(out)) == [".llave_fast.lock", "train_config.json"]
+        p.send_signal(signal.SIGTERM)
+        rest, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143 and err.strip().splitlines()[-1] == "llave-fast: terminated", (p.returncode, err)
+    assert not out.exists(), sorted(os.listdir(out))
+    import torch
+
+    if not torch.cuda.is_available():
+        assert err.count("meant for a GPU") == 1 and "'arch:llave-0.5b'" in err, err
 
 
 def test_a_start_that_fails_leaves_no_half_made_run_folder(tmp_path):

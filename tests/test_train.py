@@ -607,3 +607,59 @@ def test_zero3_starts_from_other_weights_than_zero2_for_one_seed_but_loads_the_s
     assert "model.language_model.embed_tokens.weight" in differ and len(differ) > 20, report
     assert not any("norm" in n for n in differ), differ
     assert report["checkpoint"]["differ"] == [], report
+
+
+def test_a_loss_backend_that_cannot_run_here_is_refused_before_the_model_is_built(monkeypatch):
+    """--loss-backend triton where triton cannot run (a CPU without TRITON_INTERPRET) used to pass the
+    checks, build the model, evaluate, and fail at step 1: check_config now asks the loss's own rule
+    (backends.resolve_backend) and refuses with its message."""
+    from llave_fast.backends import triton_backend
+    from llave_fast.errors import InvalidArgument
+    from llave_fast.train import TrainConfig, check_config
+
+    monkeypatch.setattr(triton_backend, "available_on", lambda device: (False, f"no kernels on {device.type}"))
+    with pytest.raises(InvalidArgument, match=r"backend='triton' cannot run here: no kernels on (cpu|cuda)"):
+        check_config(TrainConfig(loss_backend="triton"), 1)
+    for backend in ("auto", "torch", "reference"):
+        check_config(TrainConfig(loss_backend=backend), 1)
+
+
+def test_the_summary_says_what_was_trained_on_beside_the_data_size():
+    """2 steps of 64 pairs over 15360 rows used to read "rows: 15360 used": the data's size."""
+    from llave_fast.training.report import run_result, summary_text
+    from llave_fast.train import TrainConfig
+
+    cfg = TrainConfig(steps=2, global_batch=64, output_dir="run")
+    r = run_result(cfg, steps=2, start=0, resumed=False, seconds=1.0, world=1, step_times=[0.5, 0.5], waits=[0, 0],
+                   train_rows=15360, skipped_at_build=3, skipped_in_training=1, ckpt_root="run/checkpoints")
+    text = summary_text(r, cfg)
+    assert "used" not in text, text
+    assert "15359 training rows usable, 4 skipped" in text, text
+    assert "trained on:  128 pairs (2 steps x 64;" in text, text
+
+
+def test_sigterm_raises_in_the_main_thread_only_while_a_start_runs():
+    """SIGTERM is Terminated (a KeyboardInterrupt: the start cleans up as after Ctrl-C) from the start
+    of train() to its first step; afterwards, and when someone else set a handler, it is left alone."""
+    import signal
+
+    from llave_fast.training.run_folder import Terminated, end_sigterm_as_interrupt, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        sigterm_as_interrupt()
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        end_sigterm_as_interrupt()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        def theirs(signum, frame):
+            pass
+        signal.signal(signal.SIGTERM, theirs)
+        sigterm_as_interrupt()
+        assert signal.getsignal(signal.SIGTERM) is theirs
+        end_sigterm_as_interrupt()
+        assert signal.getsignal(signal.SIGTERM) is theirs
+    finally:
+        signal.signal(signal.SIGTERM, before)

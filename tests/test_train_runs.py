@@ -235,7 +235,8 @@ def test_corrupt_image_fails_with_a_checkpoint_then_resumes_skipping_it(tmp_path
     assert "skipping bad row" not in cap.err  # reported once, above the bar, not by the worker's log too
     assert "run folder: " + out in cap.out
     summary = cap.out[cap.out.index("run summary:"):]
-    for want in ("steps:       3 of 3 (2 in this run, resumed at step 1)", "rows:        47 used, 1 skipped",
+    for want in ("steps:       3 of 3 (2 in this run, resumed at step 1)", "data:        47 training rows usable, 1 skipped",
+                 "trained on:  48 pairs (3 steps x 16;",
                  "1 found unreadable during training", f"checkpoint:  {out}/checkpoints/step-00000003",
                  "images:      0 of the rows read have an image on a side whose text has no image placeholder"):
         assert want in summary, summary

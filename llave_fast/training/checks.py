@@ -13,6 +13,10 @@ from .config import TrainConfig
 # options that describe the synthetic data: a preset's values do not apply to real data (the CLI drops
 # them with a note when --data names files; given as flags, check_config refuses them)
 SYNTHETIC_ONLY = ("synthetic_tasks", "synthetic_background", "hard_family_size", "vqa_questions_per_scene")
+# int options that must be >= 1 and >= 0 (the command line refuses the same values as argparse errors)
+POSITIVE_INTS = ("accumulation_steps", "global_batch", "chunk_size", "eval_batch", "keep_checkpoints",
+                 "prefetch_batches", "steps")
+NON_NEGATIVE_INTS = ("save_every", "warmup_steps", "num_workers", "num_eval", "max_image_pixels")
 
 
 def synthetic_only_options(cfg: TrainConfig) -> dict:
@@ -30,11 +34,11 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     data is read or any model built)."""
     if not isinstance(cfg.accumulation_steps, int) or cfg.accumulation_steps < 1:
         raise InvalidArgument(f"accumulation_steps must be a positive int, got {cfg.accumulation_steps!r}")
-    for name in ("global_batch", "chunk_size", "eval_batch", "keep_checkpoints", "prefetch_batches"):
+    for name in POSITIVE_INTS[1:-1]:  # accumulation_steps above; steps below (epochs may set it)
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InvalidArgument(f"{name} must be a positive int, got {v!r}")
-    for name in ("save_every", "warmup_steps", "num_workers", "num_eval", "max_image_pixels"):
+    for name in NON_NEGATIVE_INTS:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise InvalidArgument(f"{name} must be an int >= 0, got {v!r}")
@@ -58,6 +62,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
 
     if cfg.loss_backend not in BACKENDS:
         raise InvalidArgument(f"loss_backend must be one of {list(BACKENDS)}, got {cfg.loss_backend!r}")
+    _check_backend_runs_here(cfg.loss_backend)
     if isinstance(cfg.model, str) and cfg.model.startswith("arch:"):
         from ..model.arch import ARCHITECTURES
 
@@ -111,3 +116,32 @@ def check_config(cfg: TrainConfig, world: int) -> None:
             raise InvalidArgument(f"{name} must be a positive int or None, got {v!r}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise InvalidArgument(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
+
+
+def training_device():
+    """The device this rank trains on: its CUDA device when there is one (set by init_distributed),
+    else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_backend_runs_here(name: str) -> None:
+    """A loss backend that cannot run on this rank's device (triton on a CPU without TRITON_INTERPRET)
+    is refused now, with the loss's own message (``backends.resolve_backend`` decides), not at step 1."""
+    import torch
+
+    from ..backends import resolve_backend
+
+    if name != "auto":  # the embeddings are never float64 in training: only the device can refuse
+        resolve_backend(name, training_device(), torch.float32)
+
+
+def cpu_size_warning(cfg: TrainConfig) -> str | None:
+    """The warning for a real-size model (anything but the tiny one) trained without a CUDA device:
+    allowed (to debug), but a step takes very long and the progress bar stays at 0 meanwhile."""
+    if cfg.model == "tiny" or training_device().type == "cuda":
+        return None
+    return (f"warning: model {cfg.model!r} is a real-size model, meant for a GPU, and no CUDA device is seen here: "
+            f"on the CPU one step of {cfg.global_batch} pairs takes very long (the progress bar stays at 0 "
+            "until it ends). For a CPU run use --config tiny_cpu.json")

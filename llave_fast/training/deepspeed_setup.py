@@ -132,9 +132,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _deepspeed_chatter_to_stderr():
+    """DeepSpeed prints on stdout while it is imported (its logger's handler is made then, on the
+    stdout of that moment: "Setting accelerator to CPU") and while it joins a process group ("...
+    built successfully"): both go to stderr, where the run's notes go, so stdout keeps the run's report."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the launcher's process group (torchrun / deepspeed), or make a 1-process one."""
-    import deepspeed
+    with _deepspeed_chatter_to_stderr():
+        import deepspeed
 
     if dist.is_available() and dist.is_initialized():  # a caller already joined a group
         os.environ.setdefault("RANK", str(dist.get_rank()))
@@ -146,7 +154,8 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():
             local = torch.cuda.current_device() or local % max(1, torch.cuda.device_count())
         os.environ.setdefault("LOCAL_RANK", str(local))
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        with _deepspeed_chatter_to_stderr():
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -171,7 +180,8 @@ def init_distributed() -> tuple[int, int]:
         _log(int(os.environ.get("RANK", "0")), f"DeepSpeed builds its CPU communication op ({SHM_OP}) on this "
              f"machine's first run, into {extension_dir()}: about 1-2 minutes, once (later runs load it)")
     quiet_deepspeed_op_probe()
-    deepspeed.init_distributed(dist_backend=backend)
+    with _deepspeed_chatter_to_stderr():
+        deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
 

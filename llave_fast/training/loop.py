@@ -27,7 +27,7 @@ import torch
 
 from ..gradcache import GradCache
 from .batches import BatchOrder, check_data_fit
-from .checks import check_config
+from .checks import check_config, cpu_size_warning
 from .config import TrainConfig
 from .console import _log, log, progress_bar, progress_line, quiet_known_warnings, say
 from .deepspeed_setup import deepspeed_config, init_distributed
@@ -42,7 +42,9 @@ from .run_folder import (
     _forget_failed_start,
     _release_run_folder,
     agreed_output_dir,
+    end_sigterm_as_interrupt,
     hold_run_folder,
+    sigterm_as_interrupt,
 )
 from .runlog import _append_log, _tensorboard, _truncate_log
 from .schedule import resolve_length
@@ -68,6 +70,7 @@ def train(cfg: TrainConfig) -> dict:
     # what was there before this start: only what the start itself made is ever removed
     existed = set() if out is None else {name for name in ("", *_START_FILES) if os.path.exists(os.path.join(out, name))}
     try:
+        sigterm_as_interrupt()  # SIGTERM before the first step cleans up as Ctrl-C does
         return _train(cfg)
     except RunFolderInUse:
         raise  # the folder is another run's: nothing of it is touched
@@ -79,6 +82,7 @@ def train(cfg: TrainConfig) -> dict:
             log.warning("could not clean up after the failed start in %s: %s", cfg.output_dir, exc)
         raise
     finally:
+        end_sigterm_as_interrupt()
         _release_run_folder()
 
 
@@ -109,6 +113,7 @@ def _train(cfg: TrainConfig) -> dict:
                        "no longer the starting ones)")
     save = functools.partial(save_checkpoint, engine, run.ckpt_root, before=before, keep=cfg.keep_checkpoints)
     writer = _tensorboard(run.out) if (cfg.tensorboard and rank == 0) else None
+    end_sigterm_as_interrupt()  # training starts (its loader's workers too): SIGTERM acts as it always did
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     loader = step_loader(run.train_set, collator, run.order, rank, cfg.global_batch // world, start, end,
                          cfg.num_workers, cfg.prefetch_batches, cfg.seed)
@@ -188,11 +193,13 @@ def start_run(cfg: TrainConfig, rank: int, world: int) -> Run:
     if cfg.output_dir is None:
         cfg.output_dir = agreed_output_dir(rank, world)
     out = cfg.output_dir
-    _log(rank, f"run folder: {os.path.abspath(out)}")
     bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
     check_config(cfg, world)
     ds_config = deepspeed_config(cfg, world, bf16)  # a missing or broken file: refused before the folder is made
     hold_run_folder(out, rank, world)
+    _log(rank, f"run folder: {os.path.abspath(out)}")  # said once the start is accepted
+    if rank == 0 and (warning := cpu_size_warning(cfg)):
+        log.warning(warning)
     train_set, eval_set = _datasets(cfg, progress=cfg.progress and rank == 0)
     if cfg.check_images and cfg.data == "synthetic":
         _log(rank, "check_images: synthetic images are drawn in memory, nothing to check")

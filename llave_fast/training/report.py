@@ -33,7 +33,8 @@ def run_result(cfg: TrainConfig, *, steps: int, start: int, resumed: bool, secon
 
 
 def summary_text(r: dict, cfg: TrainConfig) -> str:
-    """The end-of-run summary: rows used and skipped, steps, time, where everything is."""
+    """The end-of-run summary: rows read and skipped, pairs trained on (steps x pairs per step: a row
+    drawn in several steps counts each time), steps, time, where everything is."""
     med = r["median_step_s"]
     wait = r["median_data_wait_s"]
     resumed = "" if r["resumed_at_step"] is None else f", resumed at step {r['resumed_at_step']}"
@@ -46,9 +47,11 @@ def summary_text(r: dict, cfg: TrainConfig) -> str:
         f"  steps:       {r['steps']} of {cfg.steps} ({r['steps_this_run']} in this run{resumed}){stopped}, "
         f"{r['global_batch']} pairs per step",
         f"  time:        {timing}",
-        f"  rows:        {r['train_rows'] - r['skipped_rows_in_training']} used, {skipped} skipped "
+        f"  data:        {r['train_rows'] - r['skipped_rows_in_training']} training rows usable, {skipped} skipped "
         f"({r['skipped_rows_at_build']} when the data was "
         f"read, {r['skipped_rows_in_training']} found unreadable during training)",
+        f"  trained on:  {r['steps'] * r['global_batch']} pairs ({r['steps']} steps x {r['global_batch']}; "
+        f"{r['steps'] * r['global_batch'] / max(1, r['train_rows']):.3g} passes over the training rows)",
         *([] if r.get("rows_with_image_dropped") is None else [
             f"  images:      {r['rows_with_image_dropped']} of the rows read have an image on a side whose text has no "
             "image placeholder: LLaVE's rule drops it and embeds the text alone"]),

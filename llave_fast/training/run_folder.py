@@ -4,6 +4,8 @@ every rank, and what a start that failed before its first step made there, remov
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import torch.distributed as dist
@@ -25,6 +27,34 @@ _HELD: list = []  # the open lock file of the run folder this process holds (ran
 
 class RunFolderInUse(InvalidArgument):
     """Another run (a live process) holds the run folder."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a start: raised like Ctrl-C's KeyboardInterrupt, so the start cleans up alike."""
+
+
+_SIGTERM_SAVED: list = []  # the SIGTERM handler to put back when the start is over
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"terminated (signal {signum})")
+
+
+def sigterm_as_interrupt() -> None:
+    """Until :func:`end_sigterm_as_interrupt` (training's first step): SIGTERM raises
+    :class:`Terminated` in the main thread, so a start stopped by ``kill`` or a scheduler removes what
+    it made, as Ctrl-C does. Only where SIGTERM has Python's default (a handler someone installed is
+    kept) and in the main thread (the only one that may set a handler)."""
+    if threading.current_thread() is not threading.main_thread() or _SIGTERM_SAVED:
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        _SIGTERM_SAVED.append(signal.signal(signal.SIGTERM, _raise_terminated))
+
+
+def end_sigterm_as_interrupt() -> None:
+    """Put SIGTERM's handler back: once training steps, SIGTERM ends the process as it did before."""
+    while _SIGTERM_SAVED:
+        signal.signal(signal.SIGTERM, _SIGTERM_SAVED.pop())
 
 
 def hold_run_folder(out: str, rank: int, world: int) -> None:
