@@ -679,7 +679,7 @@ def test_sigterm_before_the_first_step_cleans_up_as_ctrl_c_does(tmp_path):
     import torch
 
     if not torch.cuda.is_available():
-        assert err.count("meant for a GPU") == 1 and "'arch:llave-0.5b'" in err, err
+        assert err.count("is not the built-in tiny one") == 1 and "'arch:llave-0.5b'" in err, err
 
 
 def test_a_start_that_fails_leaves_no_half_made_run_folder(tmp_path):

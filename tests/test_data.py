@@ -1014,6 +1014,25 @@ def test_a_symbolic_link_and_its_file_are_one_image(tmp_path):
     _jsonl(tmp_path / "two" / "d2" / "S_d2b.jsonl", [_t2i("b.png")])
     ds = MMEBDataset([tmp_path / "two" / "d1", tmp_path / "two" / "d2"], allow_outside_image_dir=True)
     assert Counter(r["target_id"] for r in ds) == {target + "d1/a.png": 2, target + "d2/a.png": 1}
+    # one real folder named by two paths (the second through a link), each holding a table: one id per image
+    _image(tmp_path / "real" / "a.png")
+    _jsonl(tmp_path / "real" / "S1.jsonl", [_t2i("a.png")])
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    ds = MMEBDataset([tmp_path / "real" / "S1.jsonl", _jsonl(tmp_path / "link" / "S2.jsonl", [_t2i("a.png")])])
+    assert len({r["target_id"] for r in ds}) == 1, [r["target_id"] for r in ds]
+
+
+def test_check_images_checks_the_file_the_loader_opens(tmp_path):
+    """'..' after a symbolic link is applied by the kernel after the link: a textual normalisation checked
+    img/x.png where the loader opens img/deep/x.png (unreadable), and the row passed the check."""
+    img = tmp_path / "img"
+    _image(img / "x.png")
+    (img / "deep" / "d").mkdir(parents=True)
+    (img / "deep" / "x.png").write_bytes(b"not a png")
+    (img / "sub").symlink_to(img / "deep" / "d", target_is_directory=True)
+    ds = MMEBDataset(_jsonl(tmp_path / "S.jsonl", [_t2i("sub/../x.png"), _t2i("x.png")]), img,
+                     check_images="decode", bad_images="skip")
+    assert len(ds) == 1 and ds.skipped[0][1] == 0, ds.skipped
 
 
 def test_hub_layouts_name_subsets_by_folder_or_file_or_are_refused(tmp_path):
@@ -1098,6 +1117,9 @@ def test_same_named_tables_in_two_folders_are_refused_not_merged(tmp_path):
     _jsonl(tmp_path / "ok" / "MSCOCO" / "diverse_instruction-00000-of-00001.jsonl", _rows(1))
     _jsonl(tmp_path / "ok" / "N24News" / "original-00000-of-00001.jsonl", _rows(1))
     assert Counter(r["subset"] for r in MMEBDataset(tmp_path / "ok", img)) == {"MSCOCO": 3, "N24News": 1}
+    # a subset not picked (subsets=) is neither refused nor warned about: only what is read is checked
+    _jsonl(tmp_path / "c" / "VOC.jsonl", _rows(2))
+    assert len(MMEBDataset([tmp_path / "a", tmp_path / "b", tmp_path / "c"], img, subsets=["VOC"])) == 2
 
 
 def test_a_subset_missing_some_of_its_hub_shards_is_said(tmp_path, caplog):
@@ -1113,6 +1135,10 @@ def test_a_subset_missing_some_of_its_hub_shards_is_said(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if "shards" in r.getMessage()]
     assert len(said) == 1 and "MSCOCO (split original): 1 of its 3 shards missing (00001)" in said[0], said
     assert "N24News" not in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llave_fast"):
+        assert len(MMEBDataset(tmp_path / "d", img, subsets=["N24News"])) == 1  # MSCOCO not read: not said
+    assert not [r for r in caplog.records if "shards" in r.getMessage()]
     caplog.clear()
     _jsonl(tmp_path / "d" / "MSCOCO" / "original-00001-of-00003.jsonl", _rows(1))
     with caplog.at_level(logging.WARNING, logger="llave_fast"):
@@ -1278,3 +1304,22 @@ def test_check_images_decodes_a_share_on_each_rank_and_every_rank_drops_the_same
     assert got[0]["skipped"] == got[1]["skipped"] and got[0]["rows"] == got[1]["rows"]
     assert sorted(r for _, r, _ in got[0]["skipped"]) == [6, 7, 16, 17]  # both rows of i3 and of i8, on both ranks
     assert all("unreadable image" in why for _, _, why in got[0]["skipped"])
+
+
+def test_ranks_that_checked_other_images_are_refused_not_crashed(monkeypatch):
+    """As many distinct images on every rank but other ones (other data): refused naming the image, not a bare
+    KeyError from the lookup."""
+    import torch.distributed as dist
+
+    other = (2, [(0, "b.png", "unreadable image")])  # rank 1: two images too, one of them not named here
+
+    def gather(box, mine):
+        box[0], box[1] = mine, other
+
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    paths = {"/d/a.png": (0, "a.png"), "/d/c.png": (0, "c.png")}
+    with pytest.raises(InvalidArgument, match=r"rank 1 checked image 'b\.png' of table 0.*read other data"):
+        MMEBDataset._exchange_problems(paths, {"/d/a.png": None})
+    other = (2, [(0, "c.png", "unreadable image")])
+    assert MMEBDataset._exchange_problems(paths, {"/d/a.png": None}) == {"/d/c.png": "unreadable image"}

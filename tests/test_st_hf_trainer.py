@@ -99,6 +99,10 @@ def test_trainer_recipe_refusals():
     assert TextPairCollator(tiny_tokenizer(), negative_key="negative")(rows)["negatives"]["input_ids"].shape[0] == 3
     none = TextPairCollator(tiny_tokenizer(), negative_key="negative")([dict(r, negative=None) for r in rows])
     assert sorted(none) == ["query", "target"]
+    # once a batch held the key, a later batch whose rows all leave it out is a batch without negatives
+    collate = TextPairCollator(tiny_tokenizer(), negative_key="negative")
+    collate(rows)
+    assert sorted(collate([{k: v for k, v in r.items() if k != "negative"} for r in rows])) == ["query", "target"]
     with pytest.raises(ValueError, match=r"alpha"):
         FusedContrastiveTrainer(model=model, args=TrainingArguments(output_dir="unused", use_cpu=True,
                                                                     report_to="none"),

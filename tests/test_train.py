@@ -618,7 +618,8 @@ def test_a_loss_backend_that_cannot_run_here_is_refused_before_the_model_is_buil
     from llave_fast.train import TrainConfig, check_config
 
     monkeypatch.setattr(triton_backend, "available_on", lambda device: (False, f"no kernels on {device.type}"))
-    with pytest.raises(InvalidArgument, match=r"backend='triton' cannot run here: no kernels on (cpu|cuda)"):
+    with pytest.raises(InvalidArgument, match=r"loss_backend \(--loss-backend\) 'triton': backend='triton' cannot run here: "
+                                              r"no kernels on (cpu|cuda)"):
         check_config(TrainConfig(loss_backend="triton"), 1)
     for backend in ("auto", "torch", "reference"):
         check_config(TrainConfig(loss_backend=backend), 1)
@@ -638,21 +639,34 @@ def test_the_summary_says_what_was_trained_on_beside_the_data_size():
     assert "trained on:  128 pairs (2 steps x 64;" in text, text
 
 
-def test_sigterm_raises_in_the_main_thread_only_while_a_start_runs():
+def test_sigterm_raises_in_the_main_thread_only_while_a_start_runs(monkeypatch):
     """SIGTERM is Terminated (a KeyboardInterrupt: the start cleans up as after Ctrl-C) from the start
-    of train() to its first step; afterwards, and when someone else set a handler, it is left alone."""
+    of train() to its first step, and ignored while the clean-up runs (a launcher's second SIGTERM);
+    afterwards, when someone else set a handler, and in one of several ranks (a handler would wait for
+    a blocked collective), it is left alone."""
     import signal
 
-    from llave_fast.training.run_folder import Terminated, end_sigterm_as_interrupt, sigterm_as_interrupt
+    from llave_fast.training.run_folder import (Terminated, end_sigterm_as_interrupt, sigterm_as_interrupt,
+                                                sigterm_ignored_while_cleaning_up)
 
     before = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     try:
         sigterm_as_interrupt()
         with pytest.raises(Terminated):
             signal.raise_signal(signal.SIGTERM)
+        sigterm_ignored_while_cleaning_up()
+        signal.raise_signal(signal.SIGTERM)  # ignored: the clean-up goes on
         end_sigterm_as_interrupt()
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        sigterm_ignored_while_cleaning_up()  # nothing installed: nothing changes
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        sigterm_as_interrupt()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        end_sigterm_as_interrupt()
+        monkeypatch.delenv("WORLD_SIZE")
 
         def theirs(signum, frame):
             pass

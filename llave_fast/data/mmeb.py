@@ -246,7 +246,12 @@ class MMEBDataset(torch.utils.data.Dataset):
         # ids name an image by its path from the folder above every image folder (the class docstring)
         roots = {src.image_root: os.path.abspath(src.image_root) for src in self.sources}
         self._id_base = os.path.commonpath(list(roots.values()))
-        self._id_roots = {root: os.path.relpath(full, self._id_base) for root, full in roots.items()}
+        rel_of = {root: os.path.relpath(full, self._id_base) for root, full in roots.items()}
+        # one real folder named by two paths (one through a link) is one prefix: its images one id each
+        canon: dict[str, str] = {}
+        for root in sorted(rel_of, key=lambda r: rel_of[r]):
+            canon.setdefault(os.path.realpath(root), rel_of[root])
+        self._id_roots = {root: canon[os.path.realpath(root)] for root in rel_of}
         self._index_rows()
 
     # -------------------------------------------------------------- construction
@@ -269,6 +274,12 @@ class MMEBDataset(torch.utils.data.Dataset):
                     f"{first} and {f} are both read as {what} subset {subset!r} (split {file_split!r}): two copies "
                     f"of one subset, or two subsets named alike; name one of them in --data (paths=)")
             picked.append((f, subset, file_split))
+        available = sorted({s for _, s, _ in picked})
+        if subsets is not None:  # before the checks below: a subset not read is not refused nor warned about
+            unknown = [s for s in subsets if s not in available]
+            if unknown:
+                raise InvalidArgument(f"subset(s) {unknown} not found; available: {available}")
+            picked = [(f, s, sp) for f, s, sp in picked if s in set(subsets)]
         _refuse_merged(picked)
         gone = missing_shards(_name_file(f) for f, _, _ in picked)
         if gone:
@@ -280,12 +291,6 @@ class MMEBDataset(torch.utils.data.Dataset):
             logger.warning("the data holds shards of %d splits (%s) and all are read; LLaVE trains on 'original' "
                            "alone (--mmeb-split original)", len(splits), ", ".join(splits))
         picked = [(f, s) for f, s, _ in picked]
-        available = sorted({s for _, s in picked})
-        if subsets is not None:
-            unknown = [s for s in subsets if s not in available]
-            if unknown:
-                raise InvalidArgument(f"subset(s) {unknown} not found; available: {available}")
-            picked = [(f, s) for f, s in picked if s in set(subsets)]
         sources, taken = [], Counter()
         for f, subset in picked:
             left = None if max_rows is None else max_rows - taken[subset]
@@ -362,13 +367,16 @@ class MMEBDataset(torch.utils.data.Dataset):
                 rel = c[img_col][row]
                 if not rel:
                     continue
-                path = os.path.normpath(os.path.join(src.image_root, rel))  # img/./a.png is img/a.png
-                if path not in exists_cache:  # one check per distinct image (targets repeat a lot)
-                    exists_cache[path] = image_problem(path, decode=self.check_images == "decode",
-                                                        max_pixels=self.max_image_pixels)
-                if exists_cache[path] is not None:
+                path = os.path.join(src.image_root, rel)
+                # keyed by the file the path reaches (img/./a.png is img/a.png; '..' after a link as the kernel
+                # applies it): one check per distinct image (targets repeat a lot), the one the loader opens
+                key = self._root_at(src.image_root).real(rel)
+                if key not in exists_cache:
+                    exists_cache[key] = image_problem(path, decode=self.check_images == "decode",
+                                                       max_pixels=self.max_image_pixels)
+                if exists_cache[key] is not None:
                     self._image_problem_found = True
-                    why = exists_cache[path]
+                    why = exists_cache[key]
                     hint = self._missing_hint(src, rel) if why == "image file not found" else ""
                     return f"{why}: {path!r} ({img_col}){hint}"
         return None
@@ -394,7 +402,7 @@ class MMEBDataset(torch.utils.data.Dataset):
                 for row, rel in enumerate(src.cols[img_col]):
                     if rel and row not in bad:
                         if self._outside(src, rel, img_col) is None:  # one outside is never opened
-                            paths.setdefault(os.path.normpath(os.path.join(src.image_root, rel)), (s, rel))
+                            paths.setdefault(self._root_at(src.image_root).real(rel), (s, rel))
         rank, world = _decode_share(self.decode_across_ranks)
         mine = [p for k, p in enumerate(paths) if k % world == rank]
         from concurrent.futures import ThreadPoolExecutor
@@ -434,8 +442,12 @@ class MMEBDataset(torch.utils.data.Dataset):
                                   "(by rank): they read other data; give every rank the same data")
         where = {key: p for p, key in paths.items()}
         out: dict[str, str | None] = {}
-        for _, problems in gathered:
+        for rank, (_, problems) in enumerate(gathered):
             for s, rel, why in problems:
+                if (s, rel) not in where:  # as many images, other ones: other data
+                    raise InvalidArgument(f"check_images='decode' across ranks: rank {rank} checked image {rel!r} "
+                                          f"of table {s}, which this rank's data does not name first there: the ranks "
+                                          "read other data; give every rank the same data")
                 out[where[(s, rel)]] = why
         return out
 

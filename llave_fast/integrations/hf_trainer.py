@@ -119,8 +119,9 @@ class TextPairCollator:
     """Rows ``{query_key: str, target_key: str[, negative_key: str or list of str]}`` -> tokenised
     ``{"query": ..., "target": ...[, "negatives": ...]}`` for ``DualEncoder`` (a row's hard
     negatives, one or several, all go into one "negatives" batch). With ``negative_key`` set, a
-    batch none of whose rows holds that key is refused (a misspelt key is not taken for a batch
-    without negatives); a row without negatives holds the key with None or []."""
+    first batch none of whose rows holds that key is refused (a misspelt key is not taken for a batch
+    without negatives); once a batch has held it, rows may leave it out. A row without negatives
+    holds the key with None or [] (or, after the first batch, leaves it out)."""
 
     def __init__(self, tokenizer, *, query_key: str = "query", target_key: str = "target",
                  negative_key: str | None = None, max_length: int | None = None):
@@ -141,7 +142,9 @@ class TextPairCollator:
         batch = {"query": self._tok([r[self.query_key] for r in rows]),
                  "target": self._tok([r[self.target_key] for r in rows])}
         if self.negative_key is not None:
-            if not any(self.negative_key in r for r in rows):  # a misspelt key would train without negatives
+            if any(self.negative_key in r for r in rows):
+                self._negative_key_seen = True
+            elif not getattr(self, "_negative_key_seen", False):  # a misspelt key would train without negatives
                 raise MissingKey(f"TextPairCollator: negative_key={self.negative_key!r} is in none of the {len(rows)} "
                                  f"rows (keys of row 0: {sorted(rows[0]) if rows else []}); a row without hard "
                                  "negatives holds the key with None or []")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, LlaveFastError
 from .config import TrainConfig
 
 
@@ -134,14 +134,18 @@ def _check_backend_runs_here(name: str) -> None:
     from ..backends import resolve_backend
 
     if name != "auto":  # the embeddings are never float64 in training: only the device can refuse
-        resolve_backend(name, training_device(), torch.float32)
+        try:
+            resolve_backend(name, training_device(), torch.float32)
+        except LlaveFastError as exc:  # the loss's message, named by the option that chose the backend
+            raise InvalidArgument(f"loss_backend (--loss-backend) {name!r}: {exc}") from exc
 
 
 def cpu_size_warning(cfg: TrainConfig) -> str | None:
-    """The warning for a real-size model (anything but the tiny one) trained without a CUDA device:
-    allowed (to debug), but a step takes very long and the progress bar stays at 0 meanwhile."""
+    """The warning for a model other than the built-in tiny one (a real-size architecture or checkpoint,
+    though a small checkpoint of one's own fits the CPU) trained without a CUDA device: allowed (to debug),
+    but at real size a step takes very long and the progress bar stays at 0 meanwhile."""
     if cfg.model == "tiny" or training_device().type == "cuda":
         return None
-    return (f"warning: model {cfg.model!r} is a real-size model, meant for a GPU, and no CUDA device is seen here: "
-            f"on the CPU one step of {cfg.global_batch} pairs takes very long (the progress bar stays at 0 "
-            "until it ends). For a CPU run use --config tiny_cpu.json")
+    return (f"warning: model {cfg.model!r} is not the built-in tiny one and no CUDA device is seen here: at real size "
+            f"(LLaVE-0.5B and up) one step of {cfg.global_batch} pairs takes very long on the CPU (the progress bar "
+            "stays at 0 until it ends); the tiny default job is --config tiny_cpu.json with --model tiny")

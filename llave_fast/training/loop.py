@@ -43,6 +43,7 @@ from .run_folder import (
     _release_run_folder,
     agreed_output_dir,
     end_sigterm_as_interrupt,
+    sigterm_ignored_while_cleaning_up,
     hold_run_folder,
     sigterm_as_interrupt,
 )
@@ -75,6 +76,7 @@ def train(cfg: TrainConfig) -> dict:
     except RunFolderInUse:
         raise  # the folder is another run's: nothing of it is touched
     except BaseException:
+        sigterm_ignored_while_cleaning_up()
         _release_run_folder()
         try:
             _forget_failed_start(cfg.output_dir, existed)

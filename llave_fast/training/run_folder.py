@@ -44,11 +44,23 @@ def sigterm_as_interrupt() -> None:
     """Until :func:`end_sigterm_as_interrupt` (training's first step): SIGTERM raises
     :class:`Terminated` in the main thread, so a start stopped by ``kill`` or a scheduler removes what
     it made, as Ctrl-C does. Only where SIGTERM has Python's default (a handler someone installed is
-    kept) and in the main thread (the only one that may set a handler)."""
+    kept), in the main thread (the only one that may set a handler), and in a process that is not one
+    of several ranks: a Python handler runs only between bytecodes, so a rank blocked in a collective
+    or the rendezvous (another rank dead) would ignore ``kill`` until the collective timed out; a rank
+    keeps the default (it ends at once, its start files left for the next start, which takes them over)."""
     if threading.current_thread() is not threading.main_thread() or _SIGTERM_SAVED:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         _SIGTERM_SAVED.append(signal.signal(signal.SIGTERM, _raise_terminated))
+
+
+def sigterm_ignored_while_cleaning_up() -> None:
+    """A second SIGTERM (a scheduler's, then its launcher's) must not stop the clean-up of a start halfway:
+    ignored from here until :func:`end_sigterm_as_interrupt` (only where the start's handler is in place)."""
+    if _SIGTERM_SAVED:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def end_sigterm_as_interrupt() -> None:
