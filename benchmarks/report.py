@@ -32,6 +32,8 @@ def _cell(r) -> str:
         return ""
     if r.get("status") == "PARTIAL":  # stopped in its timing loop: the runs it took, never as a full median
         med = r["timing"].get("partial_median_ms", {}).get("fwd_bwd")
+        if not r["repeats_done"]:  # stopped in its warm-ups: it was never timed
+            return f"PARTIAL (stopped before its first of {r['repeats_planned']} timed runs)"
         return (f"PARTIAL ({r['repeats_done']} of {r['repeats_planned']} runs"
                 + ("" if med is None else f": {med:.1f} ms") + ")")
     if r.get("status") != "ok":
