@@ -10,10 +10,22 @@ import os
 
 from ..errors import InvalidArgument
 
-__all__ = ["ALLOW_OUTSIDE_FLAG", "ImageRoot", "allow_outside_default", "outside_image_dir_allowed"]
+__all__ = ["ALLOW_OUTSIDE_FLAG", "ImageRoot", "allow_outside_default", "missing_image_hint", "outside_image_dir_allowed"]
 
 ALLOW_OUTSIDE_FLAG = "allow_outside_image_dir=True / --allow-outside-image-dir"
 _ALLOW_OUTSIDE = contextvars.ContextVar("llave_fast_allow_outside_image_dir", default=False)
+
+
+def missing_image_hint(rel: str, root: str, image_dir_given: bool) -> str:
+    """What to try when the image a row names by ``rel`` is not where ``root`` puts it ('' for an absolute
+    path): the folder a relative path was looked up in, and ``--image-dir``. One wording for the MMEB-train
+    and MMEB-eval readers."""
+    if os.path.isabs(rel):
+        return ""
+    if image_dir_given:
+        return f"image paths are relative to --image-dir {root!r}: is that the folder they are relative to?"
+    return (f"image paths are relative and were looked up under the data file's folder {root!r}: pass --image-dir "
+            "(image_dir=) naming the folder they are relative to")
 
 
 @contextlib.contextmanager

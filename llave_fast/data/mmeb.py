@@ -56,6 +56,7 @@ from .image_root import (  # noqa: F401 - re-exported: mmeb_eval, the CLI and te
     ALLOW_OUTSIDE_FLAG,
     ImageRoot,
     allow_outside_default,
+    missing_image_hint,
     outside_image_dir_allowed,
 )
 # re-exported: evaluate imports open_rgb from here, tests MAX_IMAGE_PIXELS
@@ -383,12 +384,9 @@ class MMEBDataset(torch.utils.data.Dataset):
 
     def _missing_hint(self, src: _Source, rel: str) -> str:
         """What to try when an image file is not where the row says."""
-        if os.path.isabs(rel):
-            return ""
-        if self.image_dir is None:
-            return (f"; image paths are relative and were looked up under the data file's folder "
-                    f"{src.image_root!r}: pass --image-dir (image_dir=) naming the folder they are relative to")
-        return f"; image paths are relative to --image-dir {self.image_dir!r}: is that the folder they are relative to?"
+        hint = missing_image_hint(rel, src.image_root if self.image_dir is None else self.image_dir,
+                                  self.image_dir is not None)
+        return f"; {hint}" if hint else ""
 
     def _decode_all(self, exists_cache: dict[str, str | None]) -> None:
         """``check_images="decode"``: open every distinct image once, with a progress bar; with

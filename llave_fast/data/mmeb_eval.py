@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .image_root import missing_image_hint
 from .mmeb import BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
 from .mmeb_tables import _name_file, data_kind, missing_shards, open_jsonl
 from ..errors import InvalidArgument, MissingDependency
@@ -127,10 +128,7 @@ class _Images:
         self.root = root
         self.where = ImageRoot(root, allow_outside)
         self.seen: dict[str, bool] = {}
-        # where a relative path was looked up, said with a missing image (as the MMEB-train reader says it)
-        self.hint = (f" (image paths are relative to --image-dir {root!r}: is that the folder they are relative to?)"
-                     if given else f" (image paths are relative and were looked up under the data file's folder "
-                     f"{root!r}: pass --image-dir naming the folder they are relative to)")
+        self.given = given  # whether root is --image-dir (else the data file's folder): said with a missing image
 
     def __call__(self, rel, source: str, row: int, what: str) -> str | None:
         if rel is None or rel == "":
@@ -145,8 +143,9 @@ class _Images:
         if ok is None:
             ok = self.seen[full] = os.path.isfile(full)
         if not ok:
-            hint = "" if os.path.isabs(rel) else self.hint
-            raise BadDataError(source, row, f"{what} image not found: {full}{hint}", hint=False)
+            hint = missing_image_hint(rel, self.root, self.given)
+            raise BadDataError(source, row, f"{what} image not found: {full}" + (f" ({hint})" if hint else ""),
+                               hint=False)
         return full
 
 
