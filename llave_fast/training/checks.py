@@ -34,7 +34,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     data is read or any model built)."""
     if not isinstance(cfg.accumulation_steps, int) or cfg.accumulation_steps < 1:
         raise InvalidArgument(f"accumulation_steps must be a positive int, got {cfg.accumulation_steps!r}")
-    for name in POSITIVE_INTS[1:-1]:  # accumulation_steps above; steps below (epochs may set it)
+    for name in (n for n in POSITIVE_INTS if n not in ("accumulation_steps", "steps")):  # above; below (epochs)
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InvalidArgument(f"{name} must be a positive int, got {v!r}")
