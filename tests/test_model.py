@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -290,6 +291,63 @@ def test_export_from_a_prefixed_16bit_state_dict(model, tmp_path):
     own = m.model.state_dict()
     assert all(torch.equal(own[k[len("model."):]], v) for k, v in sd.items())
     assert LLaVEEmbedder.from_pretrained(str(tmp_path)).dtype == torch.float32  # None means float32
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_saved_folder_has_the_modes_the_umask_gives(model, tmp_path, umask, expected):
+    """transformers writes model.safetensors through a 0600 temporary file: an export was unreadable
+    by the other users of a shared folder while its config.json was not. Every file the save writes
+    now has the umask's mode; a file already in the folder that the save did not write keeps its own."""
+    own = tmp_path / "notes.txt"
+    own.write_text("mine")
+    os.chmod(own, 0o600)
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(str(tmp_path))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.name != "notes.txt"}
+    assert "model.safetensors" in modes and "config.json" in modes, modes
+    assert all(m == expected for m in modes.values()), modes
+    assert own.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_folder_without_weights_or_tokenizer_is_refused_by_name(model, tmp_path):
+    """A folder missing its weights or its tokenizer failed inside transformers (OSError, or ValueError
+    "Couldn't instantiate the backend tokenizer"; the CLI called both a bug); a tokenizer_config.json
+    without the vocabulary gave a TypeError later. Each is now a typed error naming the folder."""
+    import shutil
+
+    from llave_fast.errors import InvalidArgument, MissingFile
+
+    model.save_pretrained(str(tmp_path / "good"))
+
+    def variant(name, drop=(), write=None):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        for f in drop:
+            (tmp_path / name / f).unlink()
+        for f, text in (write or {}).items():
+            (tmp_path / name / f).write_text(text)
+        return str(tmp_path / name)
+
+    with pytest.raises(MissingFile, match=r"no weights in '.*nowts': none of model.safetensors, "):
+        LLaVEEmbedder.from_pretrained(variant("nowts", drop=["model.safetensors"]))
+    tokenizer_files = [p.name for p in (tmp_path / "good").iterdir() if p.name.startswith("tokenizer")]
+    assert tokenizer_files, sorted(p.name for p in (tmp_path / "good").iterdir())
+    with pytest.raises(MissingFile, match=r"no tokenizer in '.*notok': none of tokenizer.json, "):
+        LLaVEEmbedder.from_pretrained(variant("notok", drop=tokenizer_files))
+    with pytest.raises(InvalidArgument, match=r"the tokenizer in '.*novocab' \(tokenizer_config.json\) could not "
+                                              r"be loaded: ValueError: "):
+        LLaVEEmbedder.from_pretrained(variant("novocab", drop=["tokenizer.json"]))
+    # a class that builds itself from the config alone: one special token, no vocabulary
+    with pytest.raises(InvalidArgument, match=r"the tokenizer in '.*qwen' has no vocabulary \(1 token, from "
+                                              r"tokenizer_config.json\)"):
+        LLaVEEmbedder.from_pretrained(variant("qwen", drop=["tokenizer.json"],
+                                              write={"tokenizer_config.json": '{"tokenizer_class": "Qwen2TokenizerFast"}'}))
+    with pytest.raises(InvalidArgument, match=r"the tokenizer in '.*broken' \(tokenizer.json, tokenizer_config.json\) "
+                                              r"could not be loaded: "):
+        LLaVEEmbedder.from_pretrained(variant("broken", write={"tokenizer.json": "{not json"}))
+    assert LLaVEEmbedder.from_pretrained(str(tmp_path / "good")) is not None
 
 
 def test_transformers_format_with_lm_head_loads(model, tmp_path):

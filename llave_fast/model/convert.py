@@ -423,6 +423,14 @@ def convert_llava_qwen_config(
     return config
 
 
+def check_model_type(raw: dict, path: str) -> None:
+    """Refuse a config.json of neither format this package loads."""
+    if not is_llava_qwen_config(raw) and raw.get("model_type") != "llava_onevision":
+        raise InvalidArgument(
+            f"{path!r}: model_type {raw.get('model_type')!r} is neither llava_qwen (LLaVA-NeXT) nor llava_onevision"
+        )
+
+
 def read_raw_config(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
@@ -447,10 +455,7 @@ def load_config(path: str, *, tokenizer=None, vision_config=None, ignore_config_
             raw, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_config=vision_config,
             vision_layers=vision_layers_in_checkpoint(checkpoint_keys(path)), ignore_config_keys=ignore_config_keys,
         )
-    if raw.get("model_type") != "llava_onevision":
-        raise InvalidArgument(
-            f"{path!r}: model_type {raw.get('model_type')!r} is neither llava_qwen (LLaVA-NeXT) nor llava_onevision"
-        )
+    check_model_type(raw, path)
     if vision_config is not None:
         raise InvalidArgument("vision_config applies to llava_qwen checkpoints only; this one is in transformers format")
     if ignore_config_keys:
@@ -474,7 +479,26 @@ def load_tokenizer(path: str):
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoTokenizer
-    return cls.from_pretrained(path)
+    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        raise MissingFile(f"no tokenizer in {path!r}: none of {', '.join(TOKENIZER_FILES)} (a model folder carries "
+                          "its tokenizer; copy it from the folder the model came from)")
+    try:
+        tokenizer = cls.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # what transformers raises for a broken or partial one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InvalidArgument(f"the tokenizer in {path!r} ({', '.join(present)}) could not be loaded: "
+                              f"{type(e).__name__}: {first}") from e
+    vocab = len(tokenizer.get_vocab())
+    if vocab < 2:  # a tokenizer_config.json without the vocabulary files: transformers builds one of its special tokens
+        raise InvalidArgument(f"the tokenizer in {path!r} has no vocabulary ({vocab} token{'' if vocab == 1 else 's'}, from {', '.join(present)}); "
+                              "copy the tokenizer files from the folder the model came from")
+    return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "vocab.txt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def ensure_image_token(tokenizer, token: str = "<image>") -> int:

@@ -37,6 +37,7 @@ from .convert import (
     llava_qwen_max_length,
     vision_layers_in_checkpoint,
     check_checkpoint_keys,
+    check_model_type,
     checkpoint_keys,
     convert_llava_qwen_config,
     ensure_image_token,
@@ -46,6 +47,7 @@ from .convert import (
     load_config,
     load_tokenizer,
     read_raw_config,
+    WEIGHT_FILES,
 )
 from .processor import (
     LLaVEProcessor,
@@ -108,6 +110,39 @@ def _resolve_path(path: str) -> str:
             f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub ({type(e).__name__}: "
             f"{e}). Download it where the network allows and pass the folder."
         ) from e
+
+
+def _file_stamps(folder: str) -> dict:
+    """(inode, mtime) of each file in ``folder`` (empty if it does not exist yet)."""
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            out[entry.name] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def _widen_to_umask(folder: str, before: dict) -> None:
+    """Give the files a save wrote the mode any new file gets under the process's umask.
+
+    transformers writes ``model.safetensors`` through a private temporary file (mode 0600), so an
+    export was unreadable by the other users of a shared folder while its ``config.json`` and
+    tokenizer files were not. Only files the save created or replaced are touched, and only widened
+    up to what the umask allows (never past it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    default = 0o666 & ~mask
+    for entry in os.scandir(folder):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if before.get(entry.name) == (st.st_ino, st.st_mtime_ns):
+            continue  # there before the save and not rewritten by it
+        mode = st.st_mode & 0o777
+        if mode | default != mode:
+            os.chmod(entry.path, mode | default)
 
 
 def _fix_saved_config(file: str, dtype: torch.dtype | None) -> None:
@@ -333,9 +368,14 @@ class LLaVEEmbedder(nn.Module):
         """
         path = _resolve_path(path)
         raw = read_raw_config(path)
+        check_model_type(raw, path)
         dtype = _resolve_dtype(torch_dtype, raw)
-        tokenizer = load_tokenizer(path)
         keys = checkpoint_keys(path)
+        if keys is None:
+            raise MissingFile(f"no weights in {path!r}: none of {', '.join(WEIGHT_FILES)} (a folder with a config "
+                              "alone is no model; a training run's base/ folder is one: give the run folder or its "
+                              "export)")
+        tokenizer = load_tokenizer(path)
         processor_kwargs = {}
         if is_llava_qwen_config(raw):
             image_id = ensure_image_token(tokenizer)
@@ -399,7 +439,9 @@ class LLaVEEmbedder(nn.Module):
             kwargs.setdefault("save_original_format", False)
         # a given state dict (e.g. a 16-bit export) sets the stored dtype, so "auto" loads it as written
         dtypes = {v.dtype for v in (state_dict or {}).values() if torch.is_tensor(v) and v.is_floating_point()}
+        before = _file_stamps(path)
         self.model.save_pretrained(path, state_dict=dict(state_dict) if state_dict else None, **kwargs)
+        _widen_to_umask(path, before)
         _fix_saved_config(os.path.join(path, "config.json"), dtypes.pop() if len(dtypes) == 1 else None)
         self._processor.save_pretrained(path)
 
