@@ -21,6 +21,10 @@ def _train(args) -> int:
     cfg = train_config_from_args(args)
     if cfg.output_dir is not None and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise UsageError(f"--output-dir {cfg.output_dir!r} is a file, not a folder")
+    model = cfg.model
+    if isinstance(model, str) and model != "tiny" and not model.startswith("arch:") and _looks_local(model):
+        _existing("--model", model)  # before a run folder is made
+        _model_folder("--model", model, run_ok=False)
     try:
         train(cfg)
     except KeyboardInterrupt:
@@ -87,13 +91,22 @@ def _output_folder(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} {path!r}: cannot be written ({probe} is not a writable folder)")
 
 
-def _model_folder(flag: str, path: str) -> None:
-    """Refuse, naming the flag, a run's checkpoints folder or one of its step folders given as a model
-    (the loader would say "no config.json"), saying which run folder to give."""
+def _model_folder(flag: str, path: str, *, run_ok: bool = True) -> None:
+    """Refuse, naming the flag, a folder that is no model (the loader would say "no config.json"):
+    a run's checkpoints folder or one of its step folders (saying which run folder to give), a
+    training run's folder where one is not taken (``run_ok=False``: train starts from weights), or
+    any other folder (naming the model folders found below it)."""
     from .export import is_run_dir
 
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")) or is_run_dir(path):
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
         return
+    if is_run_dir(path):
+        if run_ok:
+            return
+        raise UsageError(f"{flag} {path!r} is a training run folder, not a model: to continue that run, give "
+                         f"--output-dir {path} (it resumes from its newest complete checkpoint); to start a new run "
+                         f"from its weights, make them a model folder with '{PROG} export --run {path}' and give "
+                         f"{flag} {os.path.join(path, 'export')}")
     here = os.path.abspath(path).rstrip(os.sep)
     parent, name = os.path.dirname(here), os.path.basename(here)
     if name == "checkpoints" and is_run_dir(parent):
@@ -104,6 +117,45 @@ def _model_folder(flag: str, path: str) -> None:
         raise UsageError(f"{flag} {path!r} is a checkpoint of a training run, not a model: give the run folder "
                          f"{flag} {run} (its newest complete checkpoint is used), or make this step a model folder "
                          f"with '{PROG} export --run {run} --tag {name}' and give its output")
+    inside = _model_folders_below(path, runs=run_ok)
+    runs = "a training run's --output-dir, " if run_ok else ""
+    hint = (f"; model folders inside it: {', '.join(inside[:3])}{' ...' if len(inside) > 3 else ''}" if inside else
+            f": give a '{PROG} export' output, {runs}or a transformers-format LLaVE / LLaVA-OneVision folder")
+    raise UsageError(f"{flag} {path!r} is not a model folder (no config.json in it){hint}")
+
+
+def _model_folders_below(path: str, *, runs: bool, depth: int = 3, limit: int = 2000) -> list[str]:
+    """Folders up to ``depth`` levels below ``path`` holding a config.json (a hub cache's
+    ``snapshots/<hash>``, a parent of several exports), and training run folders if ``runs`` (else
+    their ``export`` folders);
+    breadth first, each level sorted, at most ``limit`` folders looked at (a home folder given by
+    mistake answers at once)."""
+    from .export import is_run_dir
+
+    found, level, seen = [], [path], 0
+    for _ in range(depth):
+        nxt = []
+        for folder in level:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith(".") or not e.is_dir():
+                    continue
+                seen += 1
+                if seen > limit:
+                    return found
+                if is_run_dir(e.path):  # its base/ holds a config without weights: not looked into
+                    export = os.path.join(e.path, "export")
+                    if runs or os.path.isfile(os.path.join(export, "config.json")):
+                        found.append(e.path if runs else export)
+                elif os.path.isfile(os.path.join(e.path, "config.json")):
+                    found.append(e.path)
+                else:
+                    nxt.append(e.path)
+        level = nxt
+    return found
 
 
 def _looks_local(path: str) -> bool:
@@ -175,7 +227,10 @@ def _eval(args) -> int:
         if args.output_dir is not None:
             raise UsageError(f"--output-dir {args.output_dir!r} applies to MMEB-eval files (mmeb_eval.json and its "
                              "resume cache); for the synthetic split and MMEB-train files use --output FILE")
-    with outside_image_dir_allowed(args.allow_outside_image_dir), _no_training_hints():
+    # stdout holds the JSON alone (`> metrics.json`): what a library prints while loading or encoding (DeepSpeed's
+    # "Setting accelerator to CPU" on the stdout of the moment it is first imported) goes to stderr
+    with outside_image_dir_allowed(args.allow_outside_image_dir), _no_training_hints(), \
+            contextlib.redirect_stdout(sys.stderr):
         result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
                                 num_eval=256 if num_eval is None else num_eval, seed=args.seed,
                                 image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,

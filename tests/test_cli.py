@@ -219,6 +219,8 @@ def test_user_errors_print_one_line_naming_the_argument_and_exit_1(tmp_path, cap
     bad_json, bad_type, unknown = _bad_configs(tmp_path)
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
+    (a_model := tmp_path / "model").mkdir()  # past the model-folder check: the other arguments are checked first
+    (a_model / "config.json").write_text("{}")
     (array := tmp_path / "array.json").write_text("[1, 2]")
     (null := tmp_path / "null.json").write_text("null")
     cases = [
@@ -227,15 +229,16 @@ def test_user_errors_print_one_line_naming_the_argument_and_exit_1(tmp_path, cap
         (["train", "--config", str(bad_type)], ["--config", "global_batch must be an integer", "'64'"]),
         (["train", "--config", str(unknown)], ["--config", "unknown training options", "global_bach"]),
         (["eval", "--model", str(tmp_path / "missing")], ["--model", "missing'", "no such folder"]),
-        (["eval", "--model", str(not_a_run), "--data", str(tmp_path / "x.jsonl")], ["--data", "x.jsonl", "no such"]),
-        (["eval", "--model", str(not_a_run), "--image-dir", str(bad_json)], ["--image-dir", "not a folder"]),
-        (["eval", "--model", str(not_a_run), "--device", "tpu"], ["device must be", "'tpu'"]),
+        (["eval", "--model", str(not_a_run)], ["--model", "empty'", "is not a model folder"]),
+        (["eval", "--model", str(a_model), "--data", str(tmp_path / "x.jsonl")], ["--data", "x.jsonl", "no such"]),
+        (["eval", "--model", str(a_model), "--image-dir", str(bad_json)], ["--image-dir", "not a folder"]),
+        (["eval", "--model", str(a_model), "--device", "tpu"], ["device must be", "'tpu'"]),
         (["export", "--run", str(not_a_run)], ["--run", "empty'", "not a llave-fast training run folder"]),
         (["train", "--config", str(array)], ["--config", "a training config is a JSON object", "got an array"]),
         (["train", "--config", str(null)], ["--config", "a training config is a JSON object", "got null"]),
-        (["eval", "--model", str(not_a_run), "--output", str(tmp_path)], ["--output", "a folder; give a file name"]),
-        (["eval", "--model", str(not_a_run), "--output-dir", str(bad_json)], ["--output-dir", "a file, not a folder"]),
-        (["eval", "--model", str(not_a_run), "--output", str(tmp_path / "no" / "m.json")],
+        (["eval", "--model", str(a_model), "--output", str(tmp_path)], ["--output", "a folder; give a file name"]),
+        (["eval", "--model", str(a_model), "--output-dir", str(bad_json)], ["--output-dir", "a file, not a folder"]),
+        (["eval", "--model", str(a_model), "--output", str(tmp_path / "no" / "m.json")],
          ["--output", "does not exist"]),
     ]
     for argv, needles in cases:
@@ -268,6 +271,47 @@ def test_eval_of_a_runs_checkpoints_or_step_folder_names_the_run_folder(tmp_path
     rc, _, err = _main(capsys, "eval", "--model", str(step))
     assert rc == 1 and f"give the run folder --model {run} " in err, err
     assert f"export --run {run} --tag step-00000002" in err, err
+
+
+def test_a_folder_without_a_model_is_refused_naming_model_and_the_model_folders_below_it(tmp_path, capsys):
+    """eval / eval-video / train said "no config.json in '...'" (train after making and removing a run
+    folder), naming neither --model nor what to give."""
+    def _error_line(err):
+        return next(line for line in err.splitlines() if ": error: " in line)
+
+    (empty := tmp_path / "empty").mkdir()
+    for argv in (("eval", "--model", str(empty), "--data", str(tmp_path)),
+                 ("eval-video", "--model", str(empty), "--videos", str(tmp_path), "--annotations", str(tmp_path),
+                  "--output-dir", str(tmp_path / "ev")),
+                 ("train", "--model", str(empty), "--steps", "2", "--output-dir", str(tmp_path / "out"))):
+        rc, out, err = _main(capsys, *argv)
+        line = _error_line(err)
+        assert rc == 1 and line.startswith(f"llave-fast {argv[0]}: error: --model {str(empty)!r} is not a model "
+                                           "folder (no config.json in it): give a 'llave-fast export' output"), err
+        assert ("a training run's --output-dir" in line) == (argv[0] != "train"), line
+    assert not (tmp_path / "out").exists()
+    # a hub cache: the snapshot is named; a parent of a run folder: eval takes the run, train its export
+    (snap := tmp_path / "hub" / "models--org--name" / "snapshots" / "abc").mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (run := tmp_path / "runs" / "r1").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    (run / "base").mkdir()
+    (run / "base" / "config.json").write_text("{}")
+    rc, _, err = _main(capsys, "eval", "--model", str(tmp_path / "hub"), "--data", str(tmp_path))
+    assert rc == 1 and _error_line(err).endswith(f"; model folders inside it: {snap}"), err
+    rc, _, err = _main(capsys, "eval", "--model", str(tmp_path / "runs"), "--data", str(tmp_path))
+    assert rc == 1 and _error_line(err).endswith(f"; model folders inside it: {run}"), err
+    rc, _, err = _main(capsys, "train", "--model", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out"))
+    assert rc == 1 and "give a 'llave-fast export' output" in err and str(run / "base") not in err, err
+    (run / "export").mkdir()
+    (run / "export" / "config.json").write_text("{}")
+    rc, _, err = _main(capsys, "train", "--model", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out"))
+    assert rc == 1 and _error_line(err).endswith(f"; model folders inside it: {run / 'export'}"), err
+    # a run folder given to train as its starting weights
+    rc, _, err = _main(capsys, "train", "--model", str(run), "--output-dir", str(tmp_path / "out"))
+    assert rc == 1 and f"--model {str(run)!r} is a training run folder, not a model: to continue that run, give " \
+        f"--output-dir {run} " in err and f"'llave-fast export --run {run}'" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("saved", [True, False])
@@ -391,6 +435,24 @@ def test_every_check_in_the_package_raises_a_typed_error():
             if re.search(r"\braise (ValueError|TypeError|ImportError|FileNotFoundError|NotADirectoryError|KeyError)\b", line):
                 bare.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert not bare, "bare built-in errors raised by llave-fast's checks:\n" + "\n".join(bare)
+
+
+def test_eval_keeps_what_libraries_print_off_stdout(tmp_path, monkeypatch, capsys):
+    """DeepSpeed prints "Setting accelerator to CPU" on the stdout of the moment it is first imported:
+    when that happened inside eval, `eval ... > metrics.json` held a line that is no JSON (seen in a test
+    run whose order made eval the first to import it)."""
+    import llave_fast.evaluate as ev
+
+    def chatty(*a, **k):
+        print("[WARNING] Setting accelerator to CPU.")
+        return {"p_at_1": 0.25, "num_eval": 4}
+
+    monkeypatch.setattr(ev, "evaluate_model", chatty)
+    (model := tmp_path / "m").mkdir()
+    (model / "config.json").write_text("{}")
+    rc, out, err = _main(capsys, "eval", "--model", str(model), "--num-eval", "4")
+    assert rc == 0 and json.loads(out) == {"p_at_1": 0.25, "num_eval": 4}, (out, err)
+    assert "Setting accelerator to CPU" in err
 
 
 def test_internal_errors_keep_the_traceback_and_say_so(monkeypatch, capsys):
@@ -683,18 +745,21 @@ def test_sigterm_before_the_first_step_cleans_up_as_ctrl_c_does(tmp_path):
 
 
 def test_a_start_that_fails_leaves_no_half_made_run_folder(tmp_path):
-    """--model names nothing: the run folder this start made is gone; in a folder that was there, only
-    what the start wrote goes. A folder that never trained is said to be one."""
+    """--model names a folder that is no model (its config.json of no known kind: refused when the model
+    is built, after the run folder was made): the run folder this start made is gone; in a folder that was
+    there, only what the start wrote goes. A folder that never trained is said to be one."""
     new = tmp_path / "new"
-    r = _run("train", "--model", str(tmp_path / "nonexistent"), "--output-dir", str(new), "--steps", "2",
+    (nomodel := tmp_path / "nomodel").mkdir()
+    (nomodel / "config.json").write_text("{}")
+    r = _run("train", "--model", str(nomodel), "--output-dir", str(new), "--steps", "2",
              "--warmup-steps", "1", timeout=300)
-    assert r.returncode == 1 and "no checkpoint folder" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1 and "is neither llava_qwen" in r.stderr, r.stderr[-2000:]
     assert not new.exists(), sorted(p.name for p in new.iterdir())
     kept = tmp_path / "kept"
     (kept / "base").mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
     (kept / "base" / "model.bin").write_text("mine too")  # there before the start: never touched
-    r = _run("train", "--model", str(tmp_path / "nonexistent"), "--output-dir", str(kept), "--steps", "2",
+    r = _run("train", "--model", str(nomodel), "--output-dir", str(kept), "--steps", "2",
              "--warmup-steps", "1", timeout=300)
     assert r.returncode == 1 and sorted(p.name for p in kept.iterdir()) == ["base", "notes.txt"], r.stderr[-2000:]
     assert (kept / "base" / "model.bin").read_text() == "mine too"
