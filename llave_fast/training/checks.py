@@ -63,6 +63,9 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     if cfg.loss_backend not in BACKENDS:
         raise InvalidArgument(f"loss_backend must be one of {list(BACKENDS)}, got {cfg.loss_backend!r}")
     _check_backend_runs_here(cfg.loss_backend)
+    from .preempt import grace_seconds
+
+    grace_seconds()  # LLAVE_FAST_SIGTERM_GRACE_S, refused before the run starts rather than at the signal
     if isinstance(cfg.model, str) and cfg.model.startswith("arch:"):
         from ..model.arch import ARCHITECTURES
 

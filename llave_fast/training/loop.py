@@ -34,6 +34,7 @@ from .deepspeed_setup import deepspeed_config, init_distributed
 from .engine import build_engine, build_model, save_base
 from .heldout import evaluate_after, evaluate_before
 from .loading import _datasets, step_loader
+from .preempt import checkpoint_on_sigterm, end_checkpoint_on_sigterm
 from .report import run_result, summary_text
 from .resume import plan_resume, restore, save_checkpoint, write_run_config
 from .run_folder import (
@@ -42,7 +43,6 @@ from .run_folder import (
     _forget_failed_start,
     _release_run_folder,
     agreed_output_dir,
-    end_sigterm_as_interrupt,
     sigterm_ignored_while_cleaning_up,
     hold_run_folder,
     sigterm_as_interrupt,
@@ -84,7 +84,7 @@ def train(cfg: TrainConfig) -> dict:
             log.warning("could not clean up after the failed start in %s: %s", cfg.output_dir, exc)
         raise
     finally:
-        end_sigterm_as_interrupt()
+        end_checkpoint_on_sigterm()  # and the start's handler
         _release_run_folder()
 
 
@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig) -> dict:
                        "no longer the starting ones)")
     save = functools.partial(save_checkpoint, engine, run.ckpt_root, before=before, keep=cfg.keep_checkpoints)
     writer = _tensorboard(run.out) if (cfg.tensorboard and rank == 0) else None
-    end_sigterm_as_interrupt()  # training starts (its loader's workers too): SIGTERM acts as it always did
+    checkpoint_on_sigterm()  # steps start: SIGTERM now checkpoints the steps done and stops (training/preempt.py)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     loader = step_loader(run.train_set, collator, run.order, rank, cfg.global_batch // world, start, end,
                          cfg.num_workers, cfg.prefetch_batches, cfg.seed)
@@ -271,6 +271,8 @@ def run_steps(run: Run, engine, scheduler, gc, probe, loader, bar, writer, start
             bar.update(1)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 save(step)
+        _stop_on_bad_data(None, step, start, run.world, run.ckpt_root, save)  # a SIGTERM in the last step
+        end_checkpoint_on_sigterm()
     finally:
         del batches  # stops the loader's worker processes
         bar.close()

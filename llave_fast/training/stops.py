@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -68,18 +69,33 @@ def _gather_objects(obj, world: int) -> list:
 
 
 def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, save) -> None:
-    """``bad_images="fail"``: when any rank's batch for this step hit bad data, every rank
-    checkpoints the steps done (unless that checkpoint exists) and stops with the message."""
-    flag = torch.tensor([0.0 if error is None else 1.0])
+    """Before step ``step + 1`` (and once after the last): when any rank was sent SIGTERM
+    (:mod:`.preempt`), or, under ``bad_images="fail"``, any rank's batch for this step hit bad data,
+    every rank checkpoints the steps done (unless that checkpoint exists) and stops: with
+    :class:`~.run_folder.Terminated` (exit status 143) or with the bad data's message."""
+    from .preempt import sigterm_requested
+
+    flags = torch.tensor([0.0 if error is None else 1.0, 1.0 if sigterm_requested() else 0.0])
     if world > 1:
-        flag = flag.to(collective_device())  # NCCL takes CUDA tensors only
-        dist.all_reduce(flag)
-    if flag.item() == 0:
+        flags = flags.to(collective_device())  # NCCL takes CUDA tensors only
+        dist.all_reduce(flags)
+    bad, term = flags.tolist()
+    if bad == 0 and term == 0:
         return
-    errors = [e for e in _gather_objects(error, world) if e is not None]
+    errors = [e for e in _gather_objects(error, world) if e is not None] if bad else []
     last = ckpt.latest_complete(ckpt_root)
     if step > 0 and last != ckpt.tag_for(step):
         save(step)
+    if term:
+        from .run_folder import Terminated
+
+        saved = _last_checkpoint(ckpt_root)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            reached = f" (it reached {int(term)} of the {world} ranks)" if world > 1 else ""
+            print(f"llave-fast: stopped by SIGTERM{reached} after {step} steps; "
+                  + (f"checkpoint of the steps done: {saved}" if saved else "no step was done, nothing to checkpoint"),
+                  file=sys.stderr, flush=True)
+        raise Terminated(f"stopped by SIGTERM after step {step}")
     saved = _last_checkpoint(ckpt_root)
     where = (f"checkpoint of the {step} steps done: {saved}; fix or remove the image and rerun with the same "
              "--output-dir to resume, or rerun with --bad-images skip" if saved

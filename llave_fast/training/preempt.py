@@ -1,0 +1,98 @@
+"""SIGTERM while training steps: a scheduler's preemption costs no finished step.
+
+From the first step to the last, SIGTERM (``kill``, SLURM or Kubernetes before it kills, torchrun
+passing its own on) no longer ends the process at once: the step under way finishes, every rank learns
+at the next step's start that one of them was asked to stop (the flag rides on the all-reduce that
+step makes anyway), the steps done are checkpointed and the run ends with exit status 143, resumable
+with the same command. A process stuck where no Python runs (a collective waiting on a dead rank)
+still ends: ``LLAVE_FAST_SIGTERM_GRACE_S`` seconds (default 120) after the first SIGTERM it exits
+with status 143 whatever it is doing, and a second SIGTERM ends it at once. Only where SIGTERM had
+Python's default (a handler someone installed is kept), in the main thread; a process forked from
+it (a data-loader worker) keeps SIGTERM's default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+
+from ..errors import InvalidArgument
+
+GRACE_ENV = "LLAVE_FAST_SIGTERM_GRACE_S"
+DEFAULT_GRACE_S = 120.0
+
+_requested = threading.Event()
+_cancel_watchdog = threading.Event()
+_installed: dict = {}  # pid -> the handler to put back
+
+
+def grace_seconds() -> float:
+    """The seconds from the first SIGTERM to the forced exit (``LLAVE_FAST_SIGTERM_GRACE_S``)."""
+    raw = os.environ.get(GRACE_ENV, "")
+    if not raw.strip():
+        return DEFAULT_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(f"{GRACE_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def _forced_exit(grace: float) -> None:
+    if not _cancel_watchdog.wait(grace):
+        print(f"llave-fast: SIGTERM {grace:g} s ago and the steps done are not checkpointed yet (a rank may wait on "
+              "another): exiting now; a rerun resumes from the newest complete checkpoint", file=sys.stderr, flush=True)
+        os._exit(143)
+
+
+def _on_sigterm(signum, frame) -> None:
+    if os.getpid() not in _installed:  # a forked worker: SIGTERM's default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if _requested.is_set():
+        print("llave-fast: a second SIGTERM: exiting now", file=sys.stderr, flush=True)
+        os._exit(143)
+    _requested.set()
+    grace = grace_seconds()
+    print(f"llave-fast: SIGTERM: the step under way finishes, then the steps done are checkpointed and the run "
+          f"stops (a forced exit in {grace:g} s otherwise; {GRACE_ENV})", file=sys.stderr, flush=True)
+    threading.Thread(target=_forced_exit, args=(grace,), name="llave-fast-sigterm-grace", daemon=True).start()
+
+
+def checkpoint_on_sigterm() -> None:
+    """From here to :func:`end_checkpoint_on_sigterm`: SIGTERM asks for a checkpoint and a stop (see the
+    module's docstring). Also ends the start's handler (SIGTERM as Ctrl-C before the first step)."""
+    from .run_folder import end_sigterm_as_interrupt
+
+    end_sigterm_as_interrupt()
+    if threading.current_thread() is not threading.main_thread() or _installed:
+        return
+    grace_seconds()  # a bad value is refused now, not at the signal
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        _requested.clear()
+        _cancel_watchdog.clear()
+        _installed[os.getpid()] = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def sigterm_requested() -> bool:
+    """Whether this process was sent SIGTERM since :func:`checkpoint_on_sigterm`."""
+    return _requested.is_set()
+
+
+def end_checkpoint_on_sigterm() -> None:
+    """SIGTERM ends the process at once again (the steps are over, or the run stopped); ends the
+    start's handler too, if it is still in place."""
+    from .run_folder import end_sigterm_as_interrupt
+
+    end_sigterm_as_interrupt()
+    for pid, previous in list(_installed.items()):
+        if pid == os.getpid():
+            signal.signal(signal.SIGTERM, previous)
+        del _installed[pid]
+    _cancel_watchdog.set()
