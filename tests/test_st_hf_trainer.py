@@ -203,3 +203,44 @@ def test_readme_trainer_snippet_trains(tmp_path, monkeypatch):
     scope = {"_tiny_tokenizer": tiny_tokenizer, "_tiny_bert": lambda: tiny_bert(0)}
     exec(compile(code, "README.md:hf-trainer", "exec"), scope)
     assert scope["trainer"].state.global_step > 0
+
+
+def test_trainer_recipe_evaluate_reports_the_loss(tmp_path):
+    """evaluate() reports eval_loss, the fused loss of the evaluation batch without dropout (the Trainer
+    computes an evaluation loss only for a model with labels or one that says it returns a loss)."""
+    model = DualEncoder(tiny_bert(0))
+    data = rows(6, seed=3)
+    collate = TextPairCollator(tiny_tokenizer(), negative_key="negative")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=6, report_to="none", use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True)
+    trainer = FusedContrastiveTrainer(model=model, args=args, eval_dataset=data, data_collator=collate,
+                                      logit_scale=20.0, alpha=9.0)
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics, metrics
+    model.eval()
+    with torch.no_grad():
+        out = model(**collate(data))
+        want = FusedHardnessLoss(20.0, 9.0)(out["query"], out["target"], negatives=out["negatives"])
+    assert abs(metrics["eval_loss"] - want.item()) <= 1e-5 * want.item(), (metrics, want.item())
+
+
+def test_trainer_recipe_refuses_what_it_would_ignore_or_drop(tmp_path):
+    """A loss_fn with loss settings beside it (they would be ignored), and a TextPairCollator key that the
+    Trainer's remove_unused_columns would drop before the collator sees it: refused at construction,
+    naming them."""
+    model = DualEncoder(tiny_bert(0))
+    keep = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False)
+    with pytest.raises(LlaveFastError, match=r"loss_fn=.* and logit_scale=33\.0: the loss_fn is used as is"):
+        FusedContrastiveTrainer(model=model, args=keep, loss_fn=FusedHardnessLoss(20.0, 0.0), logit_scale=33.0)
+    trainer = FusedContrastiveTrainer(model=model, args=keep, loss_fn=FusedHardnessLoss(20.0, 0.0))
+    assert trainer.fused_loss().logit_scale == 20.0
+    assert FusedContrastiveTrainer(model=model, args=keep, alpha=2.0).fused_loss().alpha == 2.0
+    drop = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")  # remove_unused_columns=True
+    with pytest.raises(LlaveFastError, match=r"TextPairCollator reads 'negative': pass remove_unused_columns=False"):
+        FusedContrastiveTrainer(model=model, args=drop, train_dataset=rows(4),
+                                data_collator=TextPairCollator(tiny_tokenizer(), negative_key="negative"))
+    with pytest.raises(LlaveFastError, match=r"reads 'anchor'"):
+        FusedContrastiveTrainer(model=model, args=drop,
+                                data_collator=TextPairCollator(tiny_tokenizer(), query_key="anchor"))
+    # keys that are the forward's arguments survive the removal: accepted
+    FusedContrastiveTrainer(model=model, args=drop, data_collator=TextPairCollator(tiny_tokenizer()))

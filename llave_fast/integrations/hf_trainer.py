@@ -26,6 +26,7 @@ through the gather, and DDP's average makes the step the global batch's.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -162,20 +163,54 @@ class FusedContrastiveTrainer(Trainer):
 
     loss_fn: a ``FusedHardnessLoss`` to use as is (one process); default: one built on the first
         step from logit_scale, alpha and backend, across ranks with the world of torch.distributed.
+        Given a ``loss_fn``, pass none of logit_scale, alpha, backend (they would be ignored: refused).
     logit_scale, alpha, backend: the loss's settings (LLaVE: 50, 9; "auto": Triton kernels on
         CUDA, the chunked PyTorch path elsewhere).
     Batches are ``{"query": inputs, "target": inputs[, "negatives": inputs]}`` (``TextPairCollator``);
-    pass ``remove_unused_columns=False`` in the TrainingArguments for a ``datasets.Dataset``.
+    pass ``remove_unused_columns=False`` in the TrainingArguments where the collator reads a key
+    that is not an argument of ``DualEncoder.forward`` (query, target, negatives): the Trainer would
+    drop that column first (refused at construction for a ``TextPairCollator``).
+    ``evaluate()`` reports ``eval_loss``: the same loss on the evaluation batches, without grad.
     """
 
-    def __init__(self, *args, loss_fn: FusedHardnessLoss | None = None, logit_scale: float = 50.0,
-                 alpha: float = 9.0, backend: str = "auto", **kwargs):
+    def __init__(self, *args, loss_fn: FusedHardnessLoss | None = None, logit_scale: float | None = None,
+                 alpha: float | None = None, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if loss_fn is not None and not isinstance(loss_fn, FusedHardnessLoss):
             raise InvalidArgumentType(f"loss_fn must be a FusedHardnessLoss or None, got {type(loss_fn).__name__}")
+        given = {k: v for k, v in (("logit_scale", logit_scale), ("alpha", alpha), ("backend", backend))
+                 if v is not None}
+        if loss_fn is not None and given:
+            settings = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise InvalidArgument(
+                f"FusedContrastiveTrainer got loss_fn={loss_fn!r} and {settings}: "
+                "the loss_fn is used as is, so those settings would be ignored; set them on the loss_fn, or pass "
+                "them without a loss_fn")
         self.loss_fn = loss_fn
-        self._loss_settings = dict(logit_scale=logit_scale, alpha=alpha, backend=backend)
+        self._loss_settings = dict(logit_scale=50.0, alpha=9.0, backend="auto")
+        self._loss_settings.update(given)
         FusedHardnessLoss(**self._loss_settings)  # checks the settings now, with the loss's own messages
+        self._check_columns_kept()
+        # the Trainer computes an evaluation loss only for a model with labels or one whose forward returns
+        # a loss; the loss here is compute_loss's, so evaluate() must ask for it (eval_loss)
+        self.can_return_loss = True
+
+    def _check_columns_kept(self) -> None:
+        """With ``remove_unused_columns`` (the Trainer's default) the Trainer drops every row key that is
+        not an argument of the model's forward before the collator sees it: refuse a ``TextPairCollator``
+        that reads such a key (it would otherwise fail on the first batch, blaming the rows)."""
+        collator = self.data_collator
+        if not (getattr(self.args, "remove_unused_columns", False) and isinstance(collator, TextPairCollator)):
+            return
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        kept = set(inspect.signature(model.forward).parameters) | {"label", "label_ids"} | set(self.label_names)
+        keys = [k for k in (collator.query_key, collator.target_key, collator.negative_key) if k is not None]
+        dropped = [k for k in keys if k not in kept]
+        if dropped:
+            raise InvalidArgument(
+                f"TrainingArguments(remove_unused_columns=True) makes the Trainer drop the row keys that are not "
+                f"arguments of {type(model).__name__}.forward ({', '.join(sorted(kept - {'label', 'label_ids'}))}), "
+                f"but the TextPairCollator reads {', '.join(map(repr, dropped))}: pass remove_unused_columns=False")
 
     def fused_loss(self) -> FusedHardnessLoss:
         """The loss of this run (built once: across ranks, over the ranks of torch.distributed)."""
