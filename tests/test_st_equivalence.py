@@ -333,6 +333,33 @@ def test_directions_without_a_fused_form_fall_back_with_one_note(model64, dirs):
     assert_close(got_c, want_c, 1e-12)
 
 
+def test_numpy_scalars_are_taken_as_sentence_transformers_takes_them(model64):
+    """A sweep's numpy scalars (np.float32 scale and strength, np.int64 mini-batch sizes) build
+    sentence-transformers' losses; the drop-ins take them too, as Python numbers, and compute
+    the same loss. Other types are refused as types (TypeError), naming the argument."""
+    import numpy as np
+
+    kw = dict(scale=np.float32(20.0), hardness_mode="all_negatives", hardness_strength=np.float64(9.0))
+    cached = FusedCachedMultipleNegativesRankingLoss(model64, mini_batch_size=np.int64(4),
+                                                     mini_batch_num_tokens=np.int32(64), **kw)
+    config = cached.get_config_dict()
+    assert (config["scale"], config["hardness_strength"], config["mini_batch_size"],
+            config["mini_batch_num_tokens"]) == (20.0, 9.0, 4, 64)
+    assert type(config["scale"]) is float and type(config["mini_batch_size"]) is int
+    features = columns(model64, 4, 1)
+    got = loss_and_grads(model64, FusedMultipleNegativesRankingLoss(model64, **kw), features)
+    want = loss_and_grads(model64, MultipleNegativesRankingLoss(model64, **kw), features)
+    assert_close(got, want, 1e-9, "numpy scalars")
+    with pytest.raises(TypeError, match=r"scale must be a positive finite number, got str '20'"):
+        FusedMultipleNegativesRankingLoss(model64, scale="20")
+    with pytest.raises(TypeError, match=r"hardness_strength .* got bool True"):
+        FusedMultipleNegativesRankingLoss(model64, hardness_mode="all_negatives", hardness_strength=True)
+    with pytest.raises(TypeError, match=r"mini_batch_size must be a positive int, got float 4.0"):
+        FusedCachedMultipleNegativesRankingLoss(model64, mini_batch_size=4.0)
+    with pytest.raises(ValueError, match=r"mini_batch_num_tokens must be a positive int or None, got 0"):
+        FusedCachedMultipleNegativesRankingLoss(model64, mini_batch_num_tokens=np.int64(0))
+
+
 def test_refusals_name_the_argument_and_the_value(model64):
     from sentence_transformers.util import dot_score
 

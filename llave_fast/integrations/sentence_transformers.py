@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -106,10 +107,31 @@ class FusedLossFallbackWarning(UserWarning):
 # --------------------------------------------------------------------------- arguments
 
 
+def _is_real(x) -> bool:
+    """A real number, numpy's scalars included (sentence-transformers takes them); not a bool
+    (numpy's bool is no ``numbers.Real``)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not scale > 0:
+    if not _is_real(scale):
+        raise InvalidArgumentType(f"scale must be a positive finite number, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale) or not scale > 0:
         raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
+
+
+def _check_count(name: str, value, optional: bool = False) -> int | None:
+    """A positive int (numpy's integers too, as sentence-transformers takes them), or None if ``optional``."""
+    if value is None and optional:
+        return None
+    what = "a positive int" + (" or None" if optional else "")
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise InvalidArgumentType(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < 1:
+        raise InvalidArgument(f"{name} must be {what}, got {value!r}")
+    return value
 
 
 def _check_bool(name: str, value) -> bool:
@@ -140,8 +162,10 @@ def _check_directions(directions, partition_mode) -> tuple[str, ...]:
 def _check_hardness(hardness_mode, hardness_strength, note: bool = False) -> float:
     if hardness_mode not in HARDNESS_MODES:
         raise InvalidArgument(f"hardness_mode must be one of {HARDNESS_MODES}, got {hardness_mode!r}")
-    if (isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float))
-            or not math.isfinite(hardness_strength) or hardness_strength < 0):
+    if not _is_real(hardness_strength):
+        raise InvalidArgumentType(f"hardness_strength must be a finite number >= 0, got "
+                                  f"{type(hardness_strength).__name__} {hardness_strength!r}")
+    if not math.isfinite(hardness_strength) or hardness_strength < 0:
         raise InvalidArgument(f"hardness_strength must be a finite number >= 0, got {hardness_strength!r}")
     if note and hardness_mode is not None and hardness_strength == 0:
         logger.warning(f"hardness_mode={hardness_mode!r} with hardness_strength=0: no hardness weighting is applied")
@@ -523,14 +547,8 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
         super().__init__()
         self._setup(model, scale, similarity_fct, gather_across_devices, directions, partition_mode,
                     hardness_mode, hardness_strength, symmetric_hardness, backend)
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise InvalidArgument(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
-        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
-                                                  or not isinstance(mini_batch_num_tokens, int)
-                                                  or mini_batch_num_tokens < 1):
-            raise InvalidArgument(f"mini_batch_num_tokens must be a positive int or None, got {mini_batch_num_tokens!r}")
-        self.mini_batch_size = mini_batch_size
-        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.mini_batch_size = _check_count("mini_batch_size", mini_batch_size)
+        self.mini_batch_num_tokens = _check_count("mini_batch_num_tokens", mini_batch_num_tokens, optional=True)
         self.show_progress_bar = _check_bool("show_progress_bar", show_progress_bar)
         try:
             from sentence_transformers.base.losses.gradcache import has_static_embedding_input
