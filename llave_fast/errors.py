@@ -31,6 +31,11 @@ class DistributedNotReady(LlaveFastError, RuntimeError):
     """A cross-rank call was made before ``torch.distributed`` was initialised."""
 
 
+class Unsupported(LlaveFastError, RuntimeError):
+    """An operation llave-fast does not support on this path (a double backward through a fused
+    backend); the message names the way out."""
+
+
 class MissingDependency(LlaveFastError, ImportError):
     """An optional package a feature needs is not installed (the message says which extra)."""
 
@@ -51,4 +56,4 @@ class MissingKey(LlaveFastError, KeyError):
 
 
 __all__ = ["DistributedNotReady", "InvalidArgument", "InvalidArgumentType", "LlaveFastError", "MissingDependency",
-           "MissingFile", "MissingKey", "NotAFolder"]
+           "MissingFile", "MissingKey", "NotAFolder", "Unsupported"]

@@ -301,8 +301,10 @@ def test_double_backward_is_refused_by_the_fused_backends(backend):
     q = torch.nn.functional.normalize(_q(), dim=1).requires_grad_()
     t = torch.nn.functional.normalize(_t(), dim=1).requires_grad_()
     loss = hardness_weighted_loss(q, t, backend=backend)
-    with pytest.raises(RuntimeError, match=r"cannot be differentiated again.*backend='reference'"):
+    with pytest.raises(RuntimeError, match=r"cannot be differentiated again.*backend='reference'") as caught:
         torch.autograd.grad(loss, q, create_graph=True)
+    # a typed error (the command line's one-line report, ``except LlaveFastError``), still a RuntimeError
+    assert isinstance(caught.value, LlaveFastError), type(caught.value)
     # a plain backward of the same loss still works
     (gq,) = torch.autograd.grad(hardness_weighted_loss(q, t, backend=backend), q)
     assert torch.isfinite(gq).all()

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, Unsupported
 
 
 @dataclass(frozen=True)
@@ -495,7 +495,7 @@ def checked_backward(ctx, grad_out, name: str):
     Double backward is refused: the gradient is computed by the backend's own kernels and has
     no graph."""
     if torch.is_grad_enabled():  # backward(create_graph=True): autograd asks for a graph of the gradient
-        raise RuntimeError(
+        raise Unsupported(
             f"{name}: the fused loss's gradient is computed by its own kernels and has no graph, so it "
             "cannot be differentiated again (backward with create_graph=True, torch.autograd.grad(..., "
             "create_graph=True), e.g. a gradient penalty); use backend='reference', whose eager formula "
