@@ -54,7 +54,8 @@ def hardness_weighted_loss(
         (length B) are never masked.
     query_ids: (B,) int64; the same for candidate queries of the target->query direction.
     backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch" or "reference".
-    deterministic: triton backward without atomics, bitwise reproducible.
+    deterministic: accepted and changes nothing: every backend's backward is bitwise reproducible
+        already (no atomics; a fixed strip, chunk and GEMM order).
     distributed: compute LLaVE's per-rank local loss across the ranks of ``process_group``
         (default: the world): this rank's queries against every rank's targets (and
         negatives), this rank's targets against every rank's queries. Backward follows
@@ -290,6 +291,17 @@ class FusedHardnessLoss(nn.Module):
         query_ids: torch.Tensor | None = None,
         output_dict: bool = False,
     ):
+        """The loss of ``query`` and ``target`` (B x d, row i of each a positive pair): a 0-d float32
+        tensor (float64 for float64 inputs), or per-pair losses (B,) with ``reduction="none"``.
+
+        logit_scale, alpha: this call's values, LLaVE's way (``loss_fn(q, t, logit_scale, alpha)``;
+            a 0-d tensor scale that requires grad gets its gradient); None: the constructor's.
+        negatives: (M, d) extra hard-negative targets (candidates of the query->target direction).
+        target_ids, query_ids: false-negative masks, as ``hardness_weighted_loss`` takes them.
+        output_dict: return ``{"contrastive_loss": loss}``, as LLaVE's ``WeightedClipLoss`` can.
+
+        Everything else is the constructor's; see ``hardness_weighted_loss`` for every argument.
+        """
         if self._llave_world is not None and self.process_group is None:
             self._check_world(*self._llave_world)
         loss = hardness_weighted_loss(

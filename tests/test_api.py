@@ -348,3 +348,29 @@ def test_gradcache_progress_is_tqdm_with_disable(capsys):
         bar.close()
         err = capsys.readouterr().err
         assert ("gradcache chunks" in err) is enabled, (enabled, err)
+
+
+def test_every_public_name_and_method_has_a_docstring():
+    """help() on the user API says something: every name of llave_fast.__all__ and of
+    llave_fast.integrations' __all__, and every public method their classes define."""
+    import inspect
+
+    import llave_fast.integrations as integrations
+    from llave_fast.llave_compat import WeightedClipLoss
+
+    pytest.importorskip("sentence_transformers")
+    objects = [getattr(llave_fast, n) for n in llave_fast.__all__ if n != "__version__"]
+    objects += [getattr(integrations, n) for n in integrations.__all__] + [WeightedClipLoss]
+    missing = []
+    for obj in objects:
+        if not (obj.__doc__ or "").strip():
+            missing.append(obj.__qualname__)
+        if inspect.isclass(obj):
+            for name, member in vars(obj).items():
+                public = not name.startswith("_") or name == "__call__"
+                # an override of a documented method (extra_repr) keeps its base's docstring in help()
+                if public and inspect.isfunction(member) and not (inspect.getdoc(getattr(obj, name)) or "").strip():
+                    missing.append(f"{obj.__qualname__}.{name}")
+    assert not missing, f"no docstring: {missing}"
+    # the docstring says what deterministic= does: nothing (the backward is always reproducible)
+    assert "changes nothing" in hardness_weighted_loss.__doc__

@@ -93,6 +93,8 @@ class DualEncoder(nn.Module):
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
     def encode(self, inputs: dict, side: str = "query") -> Tensor:
+        """Pooled (and, with ``normalize``, unit) embeddings (B, d) of tokenised ``inputs`` by the
+        ``side`` ("query" or "target") encoder."""
         if side not in ("query", "target"):
             raise InvalidArgument(f"side must be 'query' or 'target', got {side!r}")
         if not isinstance(inputs, dict) and not hasattr(inputs, "keys"):
@@ -135,6 +137,7 @@ class TextPairCollator:
                                    max_length=self.max_length, return_tensors="pt"))
 
     def __call__(self, rows: list[dict]) -> dict:
+        """Tokenised ``{"query": ..., "target": ...[, "negatives": ...]}`` of ``rows`` (see the class docstring)."""
         for key in (self.query_key, self.target_key):
             missing = [i for i, r in enumerate(rows) if key not in r]
             if missing:
@@ -226,6 +229,8 @@ class FusedContrastiveTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch=None):
+        """``FusedHardnessLoss`` of the batch's query, target (and hard-negative) embeddings; with
+        ``return_outputs``, also the embeddings as ``DualEncoder.forward`` returns them."""
         for key in ("query", "target"):
             if key not in inputs:
                 raise MissingKey(f"FusedContrastiveTrainer: a batch needs 'query' and 'target' inputs, got keys "

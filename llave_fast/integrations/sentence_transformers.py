@@ -401,6 +401,7 @@ class _FusedMNRLBase(nn.Module):
         return fused_mnrl_loss(anchor, positive, negatives, **self._loss_kwargs())
 
     def get_config_dict(self) -> dict[str, Any]:
+        """The loss's arguments, as sentence-transformers writes them into a saved model's card."""
         from sentence_transformers.util import similarity_fct_name
 
         return {
@@ -463,6 +464,8 @@ class FusedMultipleNegativesRankingLoss(_FusedMNRLBase):
                     hardness_mode, hardness_strength, symmetric_hardness, backend)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        """The loss of one batch: the model's features of its (anchor, positive[, negative_1, ...])
+        columns, as sentence-transformers' trainer passes them; ``labels`` is unused."""
         features = list(sentence_features)
         if len(features) < 2:
             raise InvalidArgument(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
@@ -470,6 +473,7 @@ class FusedMultipleNegativesRankingLoss(_FusedMNRLBase):
         return self.compute_loss_from_embeddings(_embed_columns(self.model, features), labels)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        """The loss of already computed column embeddings ``[anchor, positive, negative_1, ...]``, each (B, d)."""
         if len(embeddings) < 2:
             raise InvalidArgument(f"embeddings must hold at least 2 columns (anchor, positive[, negatives]), "
                              f"got {len(embeddings)}")
@@ -562,6 +566,8 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
             )
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        """The loss of one batch (its columns' features; ``labels`` unused): every column encoded in
+        mini-batches without grad; the returned loss's backward re-encodes them with grad."""
         features = list(sentence_features)
         if len(features) < 2:
             raise InvalidArgument(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
@@ -605,6 +611,7 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
         return self._twin
 
     def get_config_dict(self) -> dict[str, Any]:
+        """The loss's arguments (with the mini-batch sizes), as sentence-transformers writes them into a model card."""
         out = super().get_config_dict()
         out.update(mini_batch_size=self.mini_batch_size, mini_batch_num_tokens=self.mini_batch_num_tokens)
         return out
