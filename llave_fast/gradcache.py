@@ -570,6 +570,13 @@ class GradCache:
                 replay = (state or _RngState()).replay()
                 with self._sync_context(encoder, last), replay:
                     emb = encoder(chunk)
+                    if grad is not None and (not isinstance(emb, torch.Tensor) or emb.shape != grad.shape):
+                        got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+                        raise InvalidArgument(
+                            f"GradCache: the encoder gave {got} when re-encoding a chunk that gave shape "
+                            f"{tuple(grad.shape)} in the first pass; it must return the same embeddings for the same "
+                            "chunk in both passes (an encoder whose outputs change between calls is not supported, "
+                            "e.g. sentence-transformers' MatryoshkaLoss or AdaptiveLayerLoss around a cached loss)")
                     if grad is None:
                         surrogate = (emb * 0).sum()  # a padding call: joins the collectives, adds 0
                     else:

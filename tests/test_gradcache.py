@@ -545,3 +545,26 @@ def test_a_custom_split_of_tuples_needs_no_count():
 
     loss = GradCache(lambda chunk: enc_lin(chunk[0]) * chunk[1][:, None], _nce, 3, split=split)(q, t)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("change", ["width", "rows"])
+def test_a_re_encode_of_another_shape_is_refused(defer, change):
+    """An encoder that returns another shape for a chunk in the re-encode than in the first pass
+    (a stateful encoder, a wrapper that changes outputs between calls) is refused, naming both
+    shapes, instead of failing in a broadcast deep inside the backward (or broadcasting silently)."""
+    from llave_fast.errors import LlaveFastError
+
+    q, t = (x.float() for x in _data(6, 4))
+    enc = torch.nn.Linear(4, 3)
+    def changing(x):
+        e = enc(x)
+        if torch.is_grad_enabled():  # the re-encode (the first pass runs without grad)
+            e = e[:, :2] if change == "width" else e[:1].expand(x.shape[0] + 1, -1)
+        return e
+
+    want = r"gave \(2, 2\) when re-encoding a chunk that gave shape \(2, 3\)" if change == "width" else \
+        r"gave \(3, 3\) when re-encoding a chunk that gave shape \(2, 3\)"
+    with pytest.raises(LlaveFastError, match=want):
+        loss = GradCache(changing, _nce, 2, defer_backward=defer)(q, t)
+        loss.backward()
