@@ -360,6 +360,29 @@ def test_numpy_scalars_are_taken_as_sentence_transformers_takes_them(model64):
         FusedCachedMultipleNegativesRankingLoss(model64, mini_batch_num_tokens=np.int64(0))
 
 
+@pytest.mark.parametrize("wrapper", ["matryoshka", "adaptive"])
+@pytest.mark.parametrize("mini_batch_size", [2, 100], ids=["cached", "single-pass"])
+def test_wrappers_around_the_cached_loss_are_refused_by_name(model64, wrapper, mini_batch_size):
+    """MatryoshkaLoss / AdaptiveLayerLoss around the fused cached loss (README: not supported) are
+    refused, naming the wrapper, whatever the batch: they used to crash in the re-encode with a
+    shape mismatch, or (Matryoshka) run when a batch happened to fit the single pass."""
+    from sentence_transformers.sentence_transformer.losses import AdaptiveLayerLoss, MatryoshkaLoss
+
+    from llave_fast.errors import LlaveFastError
+
+    inner = FusedCachedMultipleNegativesRankingLoss(model64, mini_batch_size=mini_batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = (MatryoshkaLoss(model64, inner, [32, 16]) if wrapper == "matryoshka"
+                else AdaptiveLayerLoss(model64, inner))
+    features = columns(model64, 5, 1)
+    with pytest.raises(LlaveFastError, match=r"wrapped by sentence-transformers' .*%s.*FusedMultipleNegativesRanking"
+                       % ("MatryoshkaLoss" if wrapper == "matryoshka" else "AdaptiveLayerLoss")):
+        loss_and_grads(model64, loss, features)
+    # the model's forward is put back by the wrapper: the loss alone still runs
+    assert torch.isfinite(loss_and_grads(model64, inner, features)[0])
+
+
 def test_refusals_name_the_argument_and_the_value(model64):
     from sentence_transformers.util import dot_score
 

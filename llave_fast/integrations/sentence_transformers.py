@@ -575,6 +575,7 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
         if not self.uses_fused_loss:
             self._note_fallback()
             return self._st_loss()(features, labels)
+        _refuse_output_wrappers(self.model, type(self).__name__)
         encoder = _Encoder(self.model)
         cache = GradCache(
             encoder, self._loss_on_grad_cache, self.mini_batch_size, split=self._split, count=_sample_count,
@@ -615,6 +616,29 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
         out = super().get_config_dict()
         out.update(mini_batch_size=self.mini_batch_size, mini_batch_num_tokens=self.mini_batch_num_tokens)
         return out
+
+
+#: the forward wrappers sentence-transformers' MatryoshkaLoss and AdaptiveLayerLoss put on the model (and its
+#: first module) while their inner loss runs: they change or cache the embeddings between the cached loss's
+#: two passes, so the re-encode would not reproduce the first pass
+_OUTPUT_WRAPPERS = {"ForwardDecorator": "MatryoshkaLoss or AdaptiveLayerLoss",
+                    "TransformerDecorator": "AdaptiveLayerLoss"}
+
+
+def _refuse_output_wrappers(model, loss_name: str) -> None:
+    """Refuse a model whose forward (or its first module's) a sentence-transformers wrapper loss replaced
+    (README: not supported; it crashed in the re-encode, or worked only when the batch took the single pass)."""
+    inner = getattr(model, "module", model)  # a DDP-wrapped model's own
+    mods = [model, inner] + ([inner[0]] if isinstance(inner, nn.Sequential) and len(inner) else [])
+    for m in mods:
+        fwd = getattr(m, "__dict__", {}).get("forward")  # set on the instance, over the class's forward
+        wrapper = _OUTPUT_WRAPPERS.get(type(fwd).__name__) if fwd is not None else None
+        if wrapper:
+            raise InvalidArgument(
+                f"{loss_name} is wrapped by sentence-transformers' {wrapper} (the model's forward is its "
+                f"{type(fwd).__name__}), which drives a cached loss's internals and is not supported here: put "
+                "FusedMultipleNegativesRankingLoss inside the wrapper, or use sentence-transformers' "
+                "CachedMultipleNegativesRankingLoss")
 
 
 def _sample_count(chunk) -> int:
