@@ -100,3 +100,12 @@ class WeightedClipLoss(FusedHardnessLoss):
                          deterministic=deterministic, local_loss=local_loss, distributed=distributed,
                          process_group=process_group)
         self._llave_world = world
+
+    def forward(self, query, target, logit_scale=None, alpha=None, output_dict=False, *, negatives=None,
+                target_ids=None, query_ids=None):
+        """LLaVE's call, ``forward(query, target, logit_scale, alpha, output_dict)`` (``output_dict``
+        may come by position, as LLaVE's signature allows); None takes the constructor's scale or
+        alpha. llave-fast's ``negatives``, ``target_ids`` and ``query_ids`` are keyword-only, as in
+        :meth:`llave_fast.FusedHardnessLoss.forward`."""
+        return super().forward(query, target, logit_scale, alpha, negatives=negatives, target_ids=target_ids,
+                               query_ids=query_ids, output_dict=output_dict)

@@ -66,6 +66,10 @@ def test_weighted_clip_loss_takes_llave_arguments_in_llave_order():
     # the loss is the float64 truth, not just equal to itself
     truth = reference_loss(q.double(), t.double(), logit_scale=50.0, alpha=9.0)
     assert abs(got.item() - truth.item()) < 1e-5 * truth.item(), (got, truth)
+    # LLaVE's forward(query, target, logit_scale, alpha=0.5, output_dict=False): output_dict by position too
+    out = llave(q, t, 50.0, 9.0, True)
+    assert isinstance(out, dict) and torch.equal(out["contrastive_loss"], got)
+    assert torch.equal(llave(q, t, 50.0, 9.0, output_dict=True)["contrastive_loss"], got)
 
 
 def test_main_class_keeps_old_llave_keywords_with_a_deprecation_warning():
