@@ -244,3 +244,20 @@ def test_trainer_recipe_refuses_what_it_would_ignore_or_drop(tmp_path):
                                 data_collator=TextPairCollator(tiny_tokenizer(), query_key="anchor"))
     # keys that are the forward's arguments survive the removal: accepted
     FusedContrastiveTrainer(model=model, args=drop, data_collator=TextPairCollator(tiny_tokenizer()))
+
+
+def test_the_same_encoder_as_both_towers_is_shared(tmp_path):
+    """DualEncoder(m, m) is the shared encoder, registered once: the Trainer's save (safetensors, which
+    refuses tensors registered twice) works, as for DualEncoder(m)."""
+    bert = tiny_bert(0)
+    model = DualEncoder(bert, bert)
+    assert model.shared and model.target_encoder is None
+    state = model.state_dict()
+    assert len({v.data_ptr() for v in state.values()}) == len(state)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                             use_cpu=True, remove_unused_columns=False, disable_tqdm=True, save_strategy="no")
+    trainer = FusedContrastiveTrainer(model=model, args=args, train_dataset=rows(4),
+                                      data_collator=TextPairCollator(tiny_tokenizer(), negative_key="negative"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "model.safetensors").exists()

@@ -51,7 +51,8 @@ class DualEncoder(nn.Module):
     """Query and target encoders (one shared module, or two towers) with pooling.
 
     query_encoder: a transformers model (or any module returning ``last_hidden_state``).
-    target_encoder: a second tower for the targets (and hard negatives); default: the query encoder.
+    target_encoder: a second tower for the targets (and hard negatives); default (or the query
+        encoder itself): the query encoder, shared and registered once.
     pooling: "mean" (over the attention mask), "cls" (first token), "last" (last unpadded
         token, for right-padded decoder models), or a callable ``pool(hidden, attention_mask)``.
     normalize: L2-normalise the embeddings (LLaVE scores cosine similarities).
@@ -69,7 +70,9 @@ class DualEncoder(nn.Module):
         if not isinstance(normalize, bool):
             raise InvalidArgumentType(f"normalize must be True or False, got {normalize!r}")
         self.query_encoder = query_encoder
-        self.target_encoder = target_encoder  # None: shared (registered once)
+        # None: shared (registered once; the same module passed twice is shared too, or its weights would be
+        # registered under both names and a Trainer's safetensors save would refuse the shared tensors)
+        self.target_encoder = None if target_encoder is query_encoder else target_encoder
         self.pooling = pooling
         self.normalize = normalize
 
