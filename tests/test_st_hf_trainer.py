@@ -261,3 +261,22 @@ def test_the_same_encoder_as_both_towers_is_shared(tmp_path):
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_pooling_finds_the_last_kept_token_on_either_padding_side(side):
+    """pooling="last" takes each row's last unpadded token: with right padding the count of kept tokens
+    minus one, with left padding (decoder tokenizers set for generation) the final column. Counting the
+    kept tokens under left padding picked a padded position's or a middle token's hidden state."""
+    model = DualEncoder(tiny_bert(0), pooling="last", normalize=False)
+    hidden = torch.arange(3 * 5, dtype=torch.float32).reshape(3, 5, 1).expand(3, 5, 2).contiguous()
+    lengths = [5, 3, 1]
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if side == "right":
+            mask[i, :n] = 1
+        else:
+            mask[i, 5 - n:] = 1
+    want = [n - 1 for n in lengths] if side == "right" else [4, 4, 4]
+    got = model._pool(hidden, mask)
+    assert torch.equal(got, hidden[torch.arange(3), want]), (got, want)

@@ -54,7 +54,7 @@ class DualEncoder(nn.Module):
     target_encoder: a second tower for the targets (and hard negatives); default (or the query
         encoder itself): the query encoder, shared and registered once.
     pooling: "mean" (over the attention mask), "cls" (first token), "last" (last unpadded
-        token, for right-padded decoder models), or a callable ``pool(hidden, attention_mask)``.
+        token, for decoder models, padded on either side), or a callable ``pool(hidden, attention_mask)``.
     normalize: L2-normalise the embeddings (LLaVE scores cosine similarities).
     """
 
@@ -88,7 +88,11 @@ class DualEncoder(nn.Module):
         if self.pooling == "last":
             if mask is None:
                 return hidden[:, -1]
-            last = mask.long().sum(dim=1).clamp(min=1) - 1
+            # the last position the mask keeps, whichever side the tokenizer pads (left-padded decoders
+            # included: there it is the final column, not the count of kept tokens minus one)
+            keep = mask.ne(0)
+            cols = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+            last = torch.where(keep, cols, torch.zeros_like(cols)).amax(dim=1).to(hidden.device)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         if mask is None:
             return hidden.mean(dim=1)
