@@ -365,6 +365,10 @@ def test_every_public_name_and_method_has_a_docstring():
     pytest.importorskip("sentence_transformers")
     objects = [getattr(llave_fast, n) for n in llave_fast.__all__ if n != "__version__"]
     objects += [getattr(integrations, n) for n in integrations.__all__] + [WeightedClipLoss]
+    import llave_fast.train as train_api  # the Python training API's module (README "Python training API")
+
+    objects += [o for o in (getattr(train_api, n) for n in train_api.__all__)
+                if inspect.isclass(o) or inspect.isfunction(o)]
     missing = []
     for obj in objects:
         if not (obj.__doc__ or "").strip():

@@ -213,6 +213,8 @@ def quiet_deepspeed_op_probe() -> None:
 
 
 def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
+    """The DeepSpeed config of a run: ``cfg.deepspeed_config``'s JSON with the batch sizes (one engine step
+    per global batch, no accumulation: GradCache is the accumulation), clipping and bf16 set from ``cfg``."""
     what = "deepspeed_config (--deepspeed-config)"
     path = _config_path(cfg.deepspeed_config, what)
     with open(path) as f:

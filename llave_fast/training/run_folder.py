@@ -16,6 +16,7 @@ from .console import _log, log
 
 
 def default_output_dir() -> str:
+    """A new run's folder when none is given: ``runs/<YYYYmmdd-HHMMSS>`` (local time), under the working folder."""
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
