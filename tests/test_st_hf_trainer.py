@@ -280,3 +280,27 @@ def test_last_token_pooling_finds_the_last_kept_token_on_either_padding_side(sid
     want = [n - 1 for n in lengths] if side == "right" else [4, 4, 4]
     got = model._pool(hidden, mask)
     assert torch.equal(got, hidden[torch.arange(3), want]), (got, want)
+
+
+def test_a_given_local_loss_across_ranks_is_used_with_a_warning(tmp_path, monkeypatch):
+    """Across ranks a given loss_fn that is not distributed is used as is (each rank's own targets only),
+    but not silently: one warning says the global batch needs a distributed loss. The built loss is
+    distributed, and a distributed loss_fn draws no warning."""
+    import warnings
+
+    import torch.distributed as dist
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False)
+    local = FusedContrastiveTrainer(model=DualEncoder(tiny_bert(0)), args=args, loss_fn=FusedHardnessLoss(20.0, 9.0))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.warns(UserWarning,
+                      match=r"not distributed, but the run has 2 ranks.*local_loss=True, distributed=True"):
+        assert local.fused_loss() is local.loss_fn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        local.fused_loss()  # once
+        given = FusedHardnessLoss(20.0, 9.0, local_loss=True, distributed=True)
+        FusedContrastiveTrainer(model=DualEncoder(tiny_bert(0)), args=args, loss_fn=given).fused_loss()
+        built = FusedContrastiveTrainer(model=DualEncoder(tiny_bert(0)), args=args).fused_loss()
+    assert built.distributed and built.local_loss

@@ -27,6 +27,7 @@ through the gather, and DDP's average makes the step the global batch's.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -223,15 +224,24 @@ class FusedContrastiveTrainer(Trainer):
                 f"but the TextPairCollator reads {', '.join(map(repr, dropped))}: pass remove_unused_columns=False")
 
     def fused_loss(self) -> FusedHardnessLoss:
-        """The loss of this run (built once: across ranks, over the ranks of torch.distributed)."""
-        if self.loss_fn is None:
-            import torch.distributed as dist
+        """The loss of this run (built once: across ranks, over the ranks of torch.distributed). A given
+        ``loss_fn`` that is not distributed, across ranks, is used as is with a warning (once): each rank's
+        queries then see only that rank's targets, not the global batch the built loss would give."""
+        import torch.distributed as dist
 
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.loss_fn is None:
             if world > 1:
                 self.loss_fn = FusedHardnessLoss(**self._loss_settings, local_loss=True, distributed=True)
             else:
                 self.loss_fn = FusedHardnessLoss(**self._loss_settings)
+        elif world > 1 and not self.loss_fn.distributed and not getattr(self, "_warned_local", False):
+            self._warned_local = True
+            warnings.warn(
+                f"FusedContrastiveTrainer: the loss_fn given is not distributed, but the run has {world} ranks: "
+                "each rank's queries see only its own targets and negatives, not the global batch; pass "
+                "FusedHardnessLoss(..., local_loss=True, distributed=True), or no loss_fn, for the global batch",
+                stacklevel=2)
         return self.loss_fn
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
