@@ -671,10 +671,14 @@ class _DeferredSecondPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, second_pass, own_grads, anchor, *own):  # noqa: ARG004 - anchor and own tie the output
         ctx.second_pass, ctx.own_grads = second_pass, own_grads
+        # saved only to be freed by a backward without retain_graph: a second backward then fails as a plain
+        # graph's does, instead of re-encoding again and adding every gradient a second time
+        ctx.save_for_backward(value)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
+        ctx.saved_tensors  # noqa: B018 - raises on a second backward through a freed graph
         ctx.second_pass(grad_out)
         return (None, None, None, None, *[g * grad_out.to(g.dtype) for g in ctx.own_grads])
 

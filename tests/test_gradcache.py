@@ -568,3 +568,23 @@ def test_a_re_encode_of_another_shape_is_refused(defer, change):
     with pytest.raises(LlaveFastError, match=want):
         loss = GradCache(changing, _nce, 2, defer_backward=defer)(q, t)
         loss.backward()
+
+
+@pytest.mark.parametrize("chunk", [2, 100], ids=["cached", "single-pass"])
+def test_a_second_backward_of_the_deferred_loss_fails_as_a_plain_graph_does(chunk):
+    """The deferred loss's backward runs the re-encode; a second backward without retain_graph raised
+    nothing on the cached path and added every gradient again (the single pass, like a plain graph,
+    refuses it). With retain_graph=True a second backward accumulates, as a retained graph does."""
+    q, t = (x.float() for x in _data(6, 4))
+    enc = torch.nn.Linear(4, 3)
+    loss = GradCache(enc, _nce, chunk, defer_backward=True)(q, t)
+    loss.backward()
+    first = enc.weight.grad.clone()
+    with pytest.raises(RuntimeError, match=r"backward through the graph a second time"):
+        loss.backward()
+    assert torch.equal(enc.weight.grad, first)
+    enc.zero_grad()
+    loss = GradCache(enc, _nce, chunk, defer_backward=True)(q, t)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(enc.weight.grad, 2 * first)
