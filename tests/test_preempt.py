@@ -44,10 +44,11 @@ ARGS = ["train", "--steps", "5", "--save-every", "100", "--num-train", "160", "-
 
 
 def _parked_run(out, park: int, signals: int = 1):
-    """Run ARGS parked in step ``park``, send SIGTERM ``signals`` times there, let the step go on."""
+    """Run ARGS (one loader worker) parked in step ``park``, send SIGTERM ``signals`` times there to its
+    whole process group, let the step go on."""
     p = subprocess.Popen([sys.executable, "-c", _PARKED, str(park), *ARGS, "--output-dir", str(out)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         env=ENV)
+                         env=ENV, start_new_session=True)
     try:
         seen = []
         for line in p.stdout:
@@ -58,7 +59,7 @@ def _parked_run(out, park: int, signals: int = 1):
         for i in range(signals):
             if i:
                 time.sleep(1)  # two signals sent at once would be delivered as one
-            p.send_signal(signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)  # to the loader's worker too, as scancel or DeepSpeed's launcher
         rest, err = p.communicate("\n", timeout=300)
     finally:
         if p.poll() is None:
@@ -120,13 +121,12 @@ from llave_fast.training import preempt
 
 preempt.checkpoint_on_sigterm()
 pid = os.fork()
-if pid == 0:  # a data-loader worker: SIGTERM's default
+if pid == 0:  # a data-loader worker: SIGTERM sent to the process group leaves it alone
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
+    time.sleep(0.2)
     os._exit(3)
 _, status = os.waitpid(pid, 0)
-print("child", os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, preempt.sigterm_requested(),
-      flush=True)
+print("child", os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, preempt.sigterm_requested(), flush=True)
 os.kill(os.getpid(), signal.SIGTERM)
 print("requested", preempt.sigterm_requested(), flush=True)
 time.sleep(60)  # never reaches a step's start: stuck as a rank waiting on a dead one

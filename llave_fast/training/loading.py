@@ -9,6 +9,7 @@ import os
 import torch
 
 from .config import TrainConfig
+from .preempt import loader_worker_ignores_sigterm
 
 
 def _datasets(cfg: TrainConfig, progress: bool = False):
@@ -114,4 +115,5 @@ def step_loader(dataset, collator, order, rank: int, per_rank: int, start: int, 
         pin_memory=torch.cuda.is_available(),
         # its own generator: creating the loader must not draw from the global RNG (resume is exact)
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=loader_worker_ignores_sigterm if num_workers > 0 else None,  # the run checkpoints on SIGTERM
     )

@@ -7,8 +7,8 @@ step makes anyway), the steps done are checkpointed and the run ends with exit s
 with the same command. A process stuck where no Python runs (a collective waiting on a dead rank)
 still ends: ``LLAVE_FAST_SIGTERM_GRACE_S`` seconds (default 120) after the first SIGTERM it exits
 with status 143 whatever it is doing, and a second SIGTERM ends it at once. Only where SIGTERM had
-Python's default (a handler someone installed is kept), in the main thread; a process forked from
-it (a data-loader worker) keeps SIGTERM's default.
+Python's default (a handler someone installed is kept), in the main thread. The run's data-loader
+workers ignore SIGTERM meanwhile (:func:`loader_worker_ignores_sigterm`).
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ def _forced_exit(grace: float) -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
-    if os.getpid() not in _installed:  # a forked worker: SIGTERM's default
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    if os.getpid() not in _installed:  # another process forked from this one: not the run's to stop
         return
     if _requested.is_set():
         print("llave-fast: a second SIGTERM: exiting now", file=sys.stderr, flush=True)
@@ -78,6 +76,16 @@ def checkpoint_on_sigterm() -> None:
         _requested.clear()
         _cancel_watchdog.clear()
         _installed[os.getpid()] = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def loader_worker_ignores_sigterm(worker_id: int) -> None:
+    """A data loader's ``worker_init_fn``: while the run checkpoints on SIGTERM, its loader workers
+    ignore SIGTERM. Sent to the whole process group (SLURM's ``scancel``, DeepSpeed's launcher), it
+    killed them (torch's workers end on any SIGTERM but their parent's), and the next batch failed
+    before the checkpoint was saved. A worker still ends when the loader stops it or its parent dies
+    (torch's worker loop watches the parent)."""
+    if _installed:  # forked from a process with the handler in place (a spawned worker starts with none)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def sigterm_requested() -> bool:
