@@ -322,7 +322,10 @@ class GradCache:
         self.single_pass = single_pass
         self.defer_backward = defer_backward
         self._count_fn = count
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+            raise InvalidArgumentType(f"chunk_size must be a positive int, got {type(chunk_size).__name__} "
+                                      f"{chunk_size!r}")
+        if chunk_size < 1:
             raise InvalidArgument(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.encoder = encoder
         self.target_encoder = target_encoder if target_encoder is not None else encoder

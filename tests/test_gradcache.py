@@ -2,6 +2,7 @@
 bitwise; activation memory stays flat as the batch grows with a fixed chunk size."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -512,6 +513,12 @@ def test_bad_encoders_losses_and_arguments_are_named():
     import numpy as np
 
     assert GradCache(enc, _nce, np.int64(2)).chunk_size == 2  # a numpy integer is an integer
+    from llave_fast.errors import InvalidArgumentType
+
+    for bad in (2.0, True, "2"):  # the wrong type is a TypeError, as a bad value is a ValueError
+        with pytest.raises(InvalidArgumentType, match=rf"chunk_size must be a positive int, got "
+                                                      rf"{type(bad).__name__} {re.escape(repr(bad))}"):
+            GradCache(enc, _nce, bad)
     # a loss that ignores the targets: their chunks get a zero gradient, no AttributeError
     loss = GradCache(enc, lambda a, b: a.pow(2).mean(), 2)(q, t)
     assert torch.isfinite(loss)
