@@ -6,6 +6,7 @@ before it (tests/test_train.py checks it):
 
     config           TrainConfig (one field per ``llave-fast train`` flag) and the shipped presets
     console          rank 0's lines, the progress bar, the known warnings
+    preempt          SIGTERM: Ctrl-C before the first step; then the steps done checkpointed, exit 143
     checks           option values that cannot work, refused before anything is read
     schedule         warm-up and cosine decay; steps from epochs, warm-up from warmup_ratio
     batches          the data order (a pure function of seed and step), grouped by modality or not

@@ -1,4 +1,6 @@
-"""SIGTERM while training steps: a scheduler's preemption costs no finished step.
+"""SIGTERM in a training run. Before the first step it is Ctrl-C (the start cleans up what it made);
+while steps run it checkpoints the steps done, then stops: a scheduler's preemption costs no
+finished step.
 
 From the first step to the last, SIGTERM (``kill``, SLURM or Kubernetes before it kills, torchrun
 passing its own on) no longer ends the process at once: the step under way finishes, every rank learns
@@ -20,6 +22,50 @@ import sys
 import threading
 
 from ..errors import InvalidArgument
+
+# ---- before the first step: SIGTERM as Ctrl-C ------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a start: raised like Ctrl-C's KeyboardInterrupt, so the start cleans up alike."""
+
+
+_SIGTERM_SAVED: list = []  # the SIGTERM handler to put back when the start is over
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"terminated (signal {signum})")
+
+
+def sigterm_as_interrupt() -> None:
+    """Until :func:`end_sigterm_as_interrupt` (training's first step): SIGTERM raises
+    :class:`Terminated` in the main thread, so a start stopped by ``kill`` or a scheduler removes what
+    it made, as Ctrl-C does. Only where SIGTERM has Python's default (a handler someone installed is
+    kept), in the main thread (the only one that may set a handler), and in a process that is not one
+    of several ranks: a Python handler runs only between bytecodes, so a rank blocked in a collective
+    or the rendezvous (another rank dead) would ignore ``kill`` until the collective timed out; a rank
+    keeps the default (it ends at once, its start files left for the next start, which takes them over)."""
+    if threading.current_thread() is not threading.main_thread() or _SIGTERM_SAVED:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        _SIGTERM_SAVED.append(signal.signal(signal.SIGTERM, _raise_terminated))
+
+
+def sigterm_ignored_while_cleaning_up() -> None:
+    """A second SIGTERM (a scheduler's, then its launcher's) must not stop the clean-up of a start halfway:
+    ignored from here until :func:`end_sigterm_as_interrupt` (only where the start's handler is in place)."""
+    if _SIGTERM_SAVED:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_sigterm_as_interrupt() -> None:
+    """Put SIGTERM's handler back: once training steps, SIGTERM ends the process as it did before."""
+    while _SIGTERM_SAVED:
+        signal.signal(signal.SIGTERM, _SIGTERM_SAVED.pop())
+
+
+# ---- while steps run: SIGTERM checkpoints, then stops -------------------------------------------
 
 GRACE_ENV = "LLAVE_FAST_SIGTERM_GRACE_S"
 DEFAULT_GRACE_S = 120.0
@@ -66,8 +112,6 @@ def _on_sigterm(signum, frame) -> None:
 def checkpoint_on_sigterm() -> None:
     """From here to :func:`end_checkpoint_on_sigterm`: SIGTERM asks for a checkpoint and a stop (see the
     module's docstring). Also ends the start's handler (SIGTERM as Ctrl-C before the first step)."""
-    from .run_folder import end_sigterm_as_interrupt
-
     end_sigterm_as_interrupt()
     if threading.current_thread() is not threading.main_thread() or _installed:
         return
@@ -96,8 +140,6 @@ def sigterm_requested() -> bool:
 def end_checkpoint_on_sigterm() -> None:
     """SIGTERM ends the process at once again (the steps are over, or the run stopped); ends the
     start's handler too, if it is still in place."""
-    from .run_folder import end_sigterm_as_interrupt
-
     end_sigterm_as_interrupt()
     for pid, previous in list(_installed.items()):
         if pid == os.getpid():

@@ -4,8 +4,6 @@ every rank, and what a start that failed before its first step made there, remov
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 
 import torch.distributed as dist
@@ -30,44 +28,13 @@ class RunFolderInUse(InvalidArgument):
     """Another run (a live process) holds the run folder."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a start: raised like Ctrl-C's KeyboardInterrupt, so the start cleans up alike."""
-
-
-_SIGTERM_SAVED: list = []  # the SIGTERM handler to put back when the start is over
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated(f"terminated (signal {signum})")
-
-
-def sigterm_as_interrupt() -> None:
-    """Until :func:`end_sigterm_as_interrupt` (training's first step): SIGTERM raises
-    :class:`Terminated` in the main thread, so a start stopped by ``kill`` or a scheduler removes what
-    it made, as Ctrl-C does. Only where SIGTERM has Python's default (a handler someone installed is
-    kept), in the main thread (the only one that may set a handler), and in a process that is not one
-    of several ranks: a Python handler runs only between bytecodes, so a rank blocked in a collective
-    or the rendezvous (another rank dead) would ignore ``kill`` until the collective timed out; a rank
-    keeps the default (it ends at once, its start files left for the next start, which takes them over)."""
-    if threading.current_thread() is not threading.main_thread() or _SIGTERM_SAVED:
-        return
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        _SIGTERM_SAVED.append(signal.signal(signal.SIGTERM, _raise_terminated))
-
-
-def sigterm_ignored_while_cleaning_up() -> None:
-    """A second SIGTERM (a scheduler's, then its launcher's) must not stop the clean-up of a start halfway:
-    ignored from here until :func:`end_sigterm_as_interrupt` (only where the start's handler is in place)."""
-    if _SIGTERM_SAVED:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def end_sigterm_as_interrupt() -> None:
-    """Put SIGTERM's handler back: once training steps, SIGTERM ends the process as it did before."""
-    while _SIGTERM_SAVED:
-        signal.signal(signal.SIGTERM, _SIGTERM_SAVED.pop())
+# the start's SIGTERM handling lives in preempt.py (one module for the signal); re-exported here for old imports
+from .preempt import (  # noqa: E402,F401
+    Terminated,
+    end_sigterm_as_interrupt,
+    sigterm_as_interrupt,
+    sigterm_ignored_while_cleaning_up,
+)
 
 
 def hold_run_folder(out: str, rank: int, world: int) -> None:

@@ -72,8 +72,8 @@ def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, 
     """Before step ``step + 1`` (and once after the last): when any rank was sent SIGTERM
     (:mod:`.preempt`), or, under ``bad_images="fail"``, any rank's batch for this step hit bad data,
     every rank checkpoints the steps done (unless that checkpoint exists) and stops: with
-    :class:`~.run_folder.Terminated` (exit status 143) or with the bad data's message."""
-    from .preempt import sigterm_requested
+    :class:`~.preempt.Terminated` (exit status 143) or with the bad data's message."""
+    from .preempt import Terminated, sigterm_requested
 
     flags = torch.tensor([0.0 if error is None else 1.0, 1.0 if sigterm_requested() else 0.0])
     if world > 1:
@@ -87,8 +87,6 @@ def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, 
     if step > 0 and last != ckpt.tag_for(step):
         save(step)
     if term:
-        from .run_folder import Terminated
-
         saved = _last_checkpoint(ckpt_root)
         if not dist.is_initialized() or dist.get_rank() == 0:
             reached = f" (it reached {int(term)} of the {world} ranks)" if world > 1 else ""
