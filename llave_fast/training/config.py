@@ -131,7 +131,8 @@ class TrainConfig:
                                    "commands' --dtype (auto, bf16, fp16, fp32, llave) and export's --dtype choose "
                                    "their own precision and do not read this")
     gradient_checkpointing: bool = _opt(False, "activation checkpointing of every vision and language layer")
-    save_every: int = _opt(0, "checkpoint every N steps; 0: only at the end")
+    save_every: int = _opt(0, "checkpoint every N steps; 0: only at the end (and at SIGTERM: the steps done are "
+                              "checkpointed, then the run exits 143, README Training)")
     keep_checkpoints: int = _opt(2, "complete checkpoints kept")
     seed: int = _opt(0, "data order and initialisation seed (a model from scratch starts from other weights "
                     "under ZeRO-3 than under stages 0-2, README Training)")
