@@ -198,3 +198,38 @@ def test_a_sigterm_on_another_rank_checkpoints_and_stops_this_one(monkeypatch, t
     monkeypatch.setattr(stops.dist, "all_reduce", quiet)
     stops._stop_on_bad_data(None, 5, 0, 2, str(tmp_path), save=saved.append)  # nobody signalled: goes on
     assert saved == [4]
+
+
+_REENTRANT = r"""
+import sys
+from llave_fast.training import preempt
+
+preempt.checkpoint_on_sigterm()
+print("ready", flush=True)
+sys.stderr.write("x" * (4 << 20))  # blocks on the full pipe: the SIGTERM arrives inside this write
+sys.stderr.flush()
+print("wrote", preempt.sigterm_requested(), flush=True)
+preempt.end_checkpoint_on_sigterm()
+"""
+
+
+def test_a_sigterm_in_the_middle_of_a_write_to_stderr_is_taken_not_a_crash():
+    """The handler runs wherever the main thread was: inside a write to sys.stderr (the progress bar, a
+    log line), its own print to the buffered sys.stderr raised RuntimeError("reentrant call"), which
+    crashed the run before its checkpoint (stderr is a buffered stream unless PYTHONUNBUFFERED is set)."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen([sys.executable, "-c", _REENTRANT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=REPO)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # the child is blocked in its write: nobody reads its stderr yet
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    err = err.replace("x", "")
+    assert p.returncode == 0 and out.splitlines() == ["wrote True"], (p.returncode, out, err[-2000:])
+    assert "SIGTERM: the step under way finishes" in err and "reentrant" not in err, err[-2000:]
+

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import threading
 
 from ..errors import InvalidArgument
@@ -89,10 +88,22 @@ def grace_seconds() -> float:
     return value
 
 
+def _say(text: str) -> None:
+    """A line on stderr's file descriptor, not through ``sys.stderr``: the handler runs wherever the main
+    thread was, possibly inside a write to ``sys.stderr`` (a progress bar, a log line), and a second
+    write to that buffered stream from there raises RuntimeError ("reentrant call")."""
+    data = (text + "\n").encode(errors="backslashreplace")
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except OSError:  # stderr closed: the line is lost, the signal is still handled
+        pass
+
+
 def _forced_exit(grace: float) -> None:
     if not _cancel_watchdog.wait(grace):
-        print(f"llave-fast: SIGTERM {grace:g} s ago and the steps done are not checkpointed yet (a rank may wait on "
-              "another): exiting now; a rerun resumes from the newest complete checkpoint", file=sys.stderr, flush=True)
+        _say(f"llave-fast: SIGTERM {grace:g} s ago and the steps done are not checkpointed yet (a rank may wait on "
+             "another): exiting now; a rerun resumes from the newest complete checkpoint")
         os._exit(143)
 
 
@@ -100,12 +111,12 @@ def _on_sigterm(signum, frame) -> None:
     if os.getpid() not in _installed:  # another process forked from this one: not the run's to stop
         return
     if _requested.is_set():
-        print("llave-fast: a second SIGTERM: exiting now", file=sys.stderr, flush=True)
+        _say("llave-fast: a second SIGTERM: exiting now")
         os._exit(143)
     _requested.set()
     grace = grace_seconds()
-    print(f"llave-fast: SIGTERM: the step under way finishes, then the steps done are checkpointed and the run "
-          f"stops (a forced exit in {grace:g} s otherwise; {GRACE_ENV})", file=sys.stderr, flush=True)
+    _say(f"llave-fast: SIGTERM: the step under way finishes, then the steps done are checkpointed and the run "
+         f"stops (a forced exit in {grace:g} s otherwise; {GRACE_ENV})")
     threading.Thread(target=_forced_exit, args=(grace,), name="llave-fast-sigterm-grace", daemon=True).start()
 
 
