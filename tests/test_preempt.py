@@ -233,3 +233,27 @@ def test_a_sigterm_in_the_middle_of_a_write_to_stderr_is_taken_not_a_crash():
     assert p.returncode == 0 and out.splitlines() == ["wrote True"], (p.returncode, out, err[-2000:])
     assert "SIGTERM: the step under way finishes" in err and "reentrant" not in err, err[-2000:]
 
+
+def test_a_sigterm_answered_is_not_a_request_to_the_next_run_in_the_process():
+    """Before, the request stayed set after the run it stopped: a second train() in the same process
+    (the Python API) whose handler was not installed (another handler in place, or not the main thread)
+    stopped at its first step, "stopped by SIGTERM after step 0"."""
+    from llave_fast.training import preempt
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        preempt.checkpoint_on_sigterm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs in the main thread, between bytecodes
+            if preempt.sigterm_requested():
+                break
+            time.sleep(0.01)
+        assert preempt.sigterm_requested()
+        preempt.end_checkpoint_on_sigterm()  # the run stopped (its watchdog cancelled)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the next run's process has its own handler
+        preempt.checkpoint_on_sigterm()  # installs nothing
+        assert not preempt.sigterm_requested()
+        preempt.end_checkpoint_on_sigterm()
+    finally:
+        signal.signal(signal.SIGTERM, before)

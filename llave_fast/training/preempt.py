@@ -157,3 +157,4 @@ def end_checkpoint_on_sigterm() -> None:
             signal.signal(signal.SIGTERM, previous)
         del _installed[pid]
     _cancel_watchdog.set()
+    _requested.clear()  # answered (or the steps are over): not a request to the next run in this process
