@@ -16,6 +16,7 @@ import torch
 
 from llave_fast import checkpoint as ckpt
 from llave_fast.errors import InvalidArgument
+from llave_fast.training.preempt import SAME_REQUEST_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -58,7 +59,7 @@ def _parked_run(out, park: int, signals: int = 1):
         assert seen and seen[-1].strip() == "PARKED", (seen, p.stderr.read() if p.poll() is not None else "")
         for i in range(signals):
             if i:
-                time.sleep(1)  # two signals sent at once would be delivered as one
+                time.sleep(SAME_REQUEST_S + 1)  # a second sooner is the first delivered twice (a launcher's)
             os.killpg(p.pid, signal.SIGTERM)  # to the loader's worker too, as scancel or DeepSpeed's launcher
         rest, err = p.communicate("\n", timeout=300)
     finally:
@@ -213,6 +214,7 @@ preempt.end_checkpoint_on_sigterm()
 """
 
 
+@pytest.mark.slow
 def test_a_sigterm_in_the_middle_of_a_write_to_stderr_is_taken_not_a_crash():
     """The handler runs wherever the main thread was: inside a write to sys.stderr (the progress bar, a
     log line), its own print to the buffered sys.stderr raised RuntimeError("reentrant call"), which
@@ -257,3 +259,46 @@ def test_a_sigterm_answered_is_not_a_request_to_the_next_run_in_the_process():
         preempt.end_checkpoint_on_sigterm()
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+_STEPPING = r"""
+import time
+from llave_fast.training import preempt
+
+preempt.checkpoint_on_sigterm()
+print("ready", flush=True)
+end = time.time() + 2
+while time.time() < end:  # a step, in Python: the handler runs at once
+    pass
+print("step done", preempt.sigterm_requested(), flush=True)
+preempt.end_checkpoint_on_sigterm()
+"""
+
+_LAUNCHER = r"""
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+def forward(signum, frame):  # as torchrun and DeepSpeed's launcher do, a moment after the signal
+    time.sleep(0.3)
+    child.send_signal(signum)
+signal.signal(signal.SIGTERM, forward)
+sys.exit(child.wait())
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_job_and_the_launchers_copy_of_it_are_one_request():
+    """A scheduler signals every process of the job (SLURM) or the process group, and the launcher
+    above the rank passes its own SIGTERM on: the rank got two, and the second exited at once, without
+    the checkpoint the first asked for."""
+    p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _STEPPING], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV, cwd=REPO, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        os.killpg(p.pid, signal.SIGTERM)  # the launcher and the rank
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert p.returncode == 0 and out.splitlines() == ["step done True"], (p.returncode, out, err)
+    assert f"SIGTERM again within {SAME_REQUEST_S:g} s of the first: the same request" in err, err

@@ -8,7 +8,8 @@ at the next step's start that one of them was asked to stop (the flag rides on t
 step makes anyway), the steps done are checkpointed and the run ends with exit status 143, resumable
 with the same command. A process stuck where no Python runs (a collective waiting on a dead rank)
 still ends: ``LLAVE_FAST_SIGTERM_GRACE_S`` seconds (default 120) after the first SIGTERM it exits
-with status 143 whatever it is doing, and a second SIGTERM ends it at once. Only where SIGTERM had
+with status 143 whatever it is doing, and a second SIGTERM ends it at once (one within
+``SAME_REQUEST_S`` seconds of the first is the same one, delivered twice: a launcher passing it on). Only where SIGTERM had
 Python's default (a handler someone installed is kept), in the main thread. The run's data-loader
 workers ignore SIGTERM meanwhile (:func:`loader_worker_ignores_sigterm`).
 """
@@ -19,6 +20,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 from ..errors import InvalidArgument
 
@@ -68,10 +70,15 @@ def end_sigterm_as_interrupt() -> None:
 
 GRACE_ENV = "LLAVE_FAST_SIGTERM_GRACE_S"
 DEFAULT_GRACE_S = 120.0
+# a SIGTERM this soon after the first is the same one delivered twice: a scheduler signals every process of
+# the job (SLURM) or the process group, and the launcher above the rank (torchrun, DeepSpeed's) passes its
+# own on as well
+SAME_REQUEST_S = 5.0
 
 _requested = threading.Event()
 _cancel_watchdog = threading.Event()
 _installed: dict = {}  # pid -> the handler to put back
+_first_at: list = []  # time.monotonic() of the first SIGTERM
 
 
 def grace_seconds() -> float:
@@ -111,8 +118,13 @@ def _on_sigterm(signum, frame) -> None:
     if os.getpid() not in _installed:  # another process forked from this one: not the run's to stop
         return
     if _requested.is_set():
+        if _first_at and time.monotonic() - _first_at[0] < SAME_REQUEST_S:
+            _say(f"llave-fast: SIGTERM again within {SAME_REQUEST_S:g} s of the first: the same request (a launcher "
+                 "passing it on); one later than that exits at once")
+            return
         _say("llave-fast: a second SIGTERM: exiting now")
         os._exit(143)
+    _first_at[:] = [time.monotonic()]
     _requested.set()
     grace = grace_seconds()
     _say(f"llave-fast: SIGTERM: the step under way finishes, then the steps done are checkpointed and the run "
