@@ -312,6 +312,31 @@ def test_a_saved_folder_has_the_modes_the_umask_gives(model, tmp_path, umask, ex
     assert own.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_file_whose_mode_cannot_be_widened_leaves_the_save_standing_with_a_warning(model, tmp_path, monkeypatch):
+    """Another user's file in a shared folder (here config.json, 0600), rewritten in place by the save
+    (transformers opens it "w"), cannot be chmod-ed by this user (EPERM): widening its mode failed the
+    whole save after its weights were written. The save now stands and names the file left narrower."""
+    (tmp_path / "config.json").write_text("{}")
+    os.chmod(tmp_path / "config.json", 0o600)
+    real_chmod = os.chmod
+
+    def chmod(path, mode, *args, **kwargs):  # config.json is another user's: only its owner may chmod it
+        if os.path.abspath(str(path)) == str(tmp_path / "config.json"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    old = os.umask(0o022)
+    try:
+        with pytest.warns(UserWarning, match=r"keep modes narrower than the umask's 644: config\.json \(600: "
+                                             r"Operation not permitted\)"):
+            model.save_pretrained(str(tmp_path))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert LLaVEEmbedder.from_pretrained(str(tmp_path)) is not None
+
+
 def test_a_folder_without_weights_or_tokenizer_is_refused_by_name(model, tmp_path):
     """A folder missing its weights or its tokenizer failed inside transformers (OSError, or ValueError
     "Couldn't instantiate the backend tokenizer"; the CLI called both a bug); a tokenizer_config.json

@@ -134,6 +134,7 @@ def _widen_to_umask(folder: str, before: dict) -> None:
     mask = os.umask(0)
     os.umask(mask)
     default = 0o666 & ~mask
+    kept = []
     for entry in os.scandir(folder):
         if not entry.is_file(follow_symlinks=False):
             continue
@@ -142,7 +143,15 @@ def _widen_to_umask(folder: str, before: dict) -> None:
             continue  # there before the save and not rewritten by it
         mode = st.st_mode & 0o777
         if mode | default != mode:
-            os.chmod(entry.path, mode | default)
+            try:
+                os.chmod(entry.path, mode | default)
+            except OSError as e:  # another user's file rewritten in place (a shared folder): the save stands
+                kept.append(f"{entry.name} ({mode:o}: {e.strerror or e})")
+    if kept:
+        import warnings
+
+        warnings.warn(f"saved in {folder!r}, but these files keep modes narrower than the umask's "
+                      f"{default:o}: {', '.join(kept)}", stacklevel=3)
 
 
 def _fix_saved_config(file: str, dtype: torch.dtype | None) -> None:
