@@ -709,7 +709,10 @@ def part_tiny(args, res: Results, sizes: dict) -> None:
                 "--warmup-steps", "1", "--save-every", "0"]
     else:  # the default job as shipped but shorter, more loader workers (the data order depends on (seed, step))
         # a checkpoint every 20 steps: a run stopped at the step's limit still leaves T3 a model to evaluate
-        cmd += ["--steps", str(sizes["tiny_steps"]), "--save-every", str(sizes["tiny_save_every"])]
+        # the warm-up pinned at 10: the preset's is 48 since 2026-12-07 (a fifth of its 240 steps), which would be
+        # 48 of these 80; 10 keeps the job Prediction 14 (a) was made for (NOTES.md) and its CPU reference
+        # (amd-epyc-2-cores/2026-12-07-default-job-80-steps.json)
+        cmd += ["--steps", str(sizes["tiny_steps"]), "--save-every", str(sizes["tiny_save_every"]), "--warmup-steps", "10"]
     out = {"status": "running", "run_dir": str(run_dir)}
     res.put("tiny_job", out)
     try:

@@ -473,6 +473,8 @@ def test_a_tiny_job_stopped_at_its_limit_keeps_what_it_logged_and_saves_checkpoi
     cmd = cmds[0]
     assert cmd[cmd.index("--save-every") + 1] == str(B.REAL["tiny_save_every"]) == "20"
     assert cmd[cmd.index("--steps") + 1] == "80"
+    # the job Prediction 14 (a) and its CPU reference ran: warm-up 10, whatever the preset's is now
+    assert cmd[cmd.index("--warmup-steps") + 1] == "10"
     saved = json.loads((tmp_path / "r.json").read_text())["tiny_job"]
     assert saved["status"] == "stopped at the step's limit" and saved["steps_logged"] == 30
     assert saved["loss_first_last"] == [8.0, -21.0]
