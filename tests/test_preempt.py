@@ -302,3 +302,29 @@ def test_a_sigterm_to_the_job_and_the_launchers_copy_of_it_are_one_request():
             p.communicate()
     assert p.returncode == 0 and out.splitlines() == ["step done True"], (p.returncode, out, err)
     assert f"SIGTERM again within {SAME_REQUEST_S:g} s of the first: the same request" in err, err
+
+
+_TWO_RUNS = """
+import os, signal, time
+from llave_fast.training import preempt
+
+os.environ["LLAVE_FAST_SIGTERM_GRACE_S"] = "1"
+preempt.checkpoint_on_sigterm()               # run 1: grace 1 s, read now
+os.environ["LLAVE_FAST_SIGTERM_GRACE_S"] = "soon"  # changed while the run goes on: not read by the handler
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.1)
+print("requested", preempt.sigterm_requested(), flush=True)
+preempt.end_checkpoint_on_sigterm()           # run 1 answered its request: its watchdog is cancelled
+os.environ["LLAVE_FAST_SIGTERM_GRACE_S"] = "30"
+preempt.checkpoint_on_sigterm()               # run 2 in the same process
+time.sleep(2.5)                               # past run 1's grace: run 1's watchdog must not end run 2
+preempt.end_checkpoint_on_sigterm()
+print("run 2 went on", flush=True)
+"""
+
+
+def test_the_grace_is_read_at_install_and_a_watchdog_belongs_to_its_own_run():
+    r = subprocess.run([sys.executable, "-c", _TWO_RUNS], capture_output=True, text=True, timeout=60, env=ENV, cwd=REPO)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout.splitlines() == ["requested True", "run 2 went on"], (r.stdout, r.stderr)
+    assert "forced exit in 1 s" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -76,7 +76,9 @@ DEFAULT_GRACE_S = 120.0
 SAME_REQUEST_S = 5.0
 
 _requested = threading.Event()
-_cancel_watchdog = threading.Event()
+# the grace read at install (a later change of the environment does not raise inside the handler) and the
+# event that cancels this install's watchdog (a watchdog of an earlier run never waits on a later run's)
+_this_run: dict = {"grace": DEFAULT_GRACE_S, "cancel": threading.Event()}
 _installed: dict = {}  # pid -> the handler to put back
 _first_at: list = []  # time.monotonic() of the first SIGTERM
 
@@ -107,8 +109,8 @@ def _say(text: str) -> None:
         pass
 
 
-def _forced_exit(grace: float) -> None:
-    if not _cancel_watchdog.wait(grace):
+def _forced_exit(grace: float, cancel: threading.Event) -> None:
+    if not cancel.wait(grace):
         _say(f"llave-fast: SIGTERM {grace:g} s ago and the steps done are not checkpointed yet (a rank may wait on "
              "another): exiting now; a rerun resumes from the newest complete checkpoint")
         os._exit(143)
@@ -126,10 +128,11 @@ def _on_sigterm(signum, frame) -> None:
         os._exit(143)
     _first_at[:] = [time.monotonic()]
     _requested.set()
-    grace = grace_seconds()
+    grace = _this_run["grace"]
     _say(f"llave-fast: SIGTERM: the step under way finishes, then the steps done are checkpointed and the run "
          f"stops (a forced exit in {grace:g} s otherwise; {GRACE_ENV})")
-    threading.Thread(target=_forced_exit, args=(grace,), name="llave-fast-sigterm-grace", daemon=True).start()
+    threading.Thread(target=_forced_exit, args=(grace, _this_run["cancel"]), name="llave-fast-sigterm-grace",
+                     daemon=True).start()
 
 
 def checkpoint_on_sigterm() -> None:
@@ -138,10 +141,10 @@ def checkpoint_on_sigterm() -> None:
     end_sigterm_as_interrupt()
     if threading.current_thread() is not threading.main_thread() or _installed:
         return
-    grace_seconds()  # a bad value is refused now, not at the signal
+    grace = grace_seconds()  # a bad value is refused now, not at the signal
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         _requested.clear()
-        _cancel_watchdog.clear()
+        _this_run.update(grace=grace, cancel=threading.Event())
         _installed[os.getpid()] = signal.signal(signal.SIGTERM, _on_sigterm)
 
 
@@ -168,5 +171,5 @@ def end_checkpoint_on_sigterm() -> None:
         if pid == os.getpid():
             signal.signal(signal.SIGTERM, previous)
         del _installed[pid]
-    _cancel_watchdog.set()
+    _this_run["cancel"].set()
     _requested.clear()  # answered (or the steps are over): not a request to the next run in this process
