@@ -175,9 +175,16 @@ def test_the_cpu_loss_table_is_what_its_result_file_holds():
 
 
 def test_the_default_job_table_is_what_its_result_file_holds():
-    """The README's by-task table of the default job, against 2026-11-30-default-job.json (seed 0)."""
-    with open(os.path.join(RESULTS, "amd-epyc-2-cores", "2026-11-30-default-job.json")) as f:
+    """The README's by-task table of the default job, against 2026-12-07-default-job-warmup48.json (seed 0,
+    the preset as shipped: its warm-up is checked against the file's too)."""
+    with open(os.path.join(RESULTS, "amd-epyc-2-cores", "2026-12-07-default-job-warmup48.json")) as f:
         run = json.load(f)["default_job"][0]
+    from llave_fast.train import TrainConfig
+
+    assert run["warmup_steps"] == TrainConfig.from_json("tiny_cpu.json").warmup_steps == 48
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert "**237 s wall in all**" in text and _shown("237", run["wall_s"]), run["wall_s"]
     assert run["seed"] == 0
     rows = _table_after("| task | P@1 | chance | × chance |")
     assert len(rows) == 3, rows
