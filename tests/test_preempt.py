@@ -189,9 +189,18 @@ def test_a_sigterm_on_another_rank_checkpoints_and_stops_this_one(monkeypatch, t
 
     monkeypatch.setattr(stops.dist, "all_reduce", all_reduce)
     monkeypatch.setattr(stops, "collective_device", lambda group=None: torch.device("cpu"))
+    rank0_says = []
+    monkeypatch.setattr(stops, "_gather_objects", lambda obj, world: [rank0_says[0], obj])  # this is rank 1
     saved = []
+    rank0_says[:] = [True]  # rank 0 sees no complete checkpoint of step 4
     with pytest.raises(Terminated, match="stopped by SIGTERM after step 4"):
         stops._stop_on_bad_data(None, 4, 0, 2, str(tmp_path), save=saved.append)
+    assert saved == [4]
+    # a rank whose own disk lacks the marker (only rank 0 writes it) follows rank 0's view: no save of its own,
+    # which would wait forever for the others in the save's collectives
+    rank0_says[:] = [False]
+    with pytest.raises(Terminated):
+        stops._stop_on_bad_data(None, 5, 0, 2, str(tmp_path), save=saved.append)
     assert saved == [4]
 
     def quiet(t):

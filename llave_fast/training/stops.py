@@ -83,8 +83,10 @@ def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, 
     if bad == 0 and term == 0:
         return
     errors = [e for e in _gather_objects(error, world) if e is not None] if bad else []
-    last = ckpt.latest_complete(ckpt_root)
-    if step > 0 and last != ckpt.tag_for(step):
+    need = step > 0 and ckpt.latest_complete(ckpt_root) != ckpt.tag_for(step)
+    if world > 1:  # rank 0 writes the completion marker: its view decides, so every rank joins the same save
+        need = bool(_gather_objects(need, world)[0])  # (a collective; a rank whose disk lacks the marker must agree)
+    if need:
         save(step)
     if term:
         saved = _last_checkpoint(ckpt_root)
