@@ -52,8 +52,7 @@ def hardness_weighted_loss(
     target_ids: (B,) or (B + M,) int64; a candidate target with the positive's id is not
         used as a negative (the positive itself always counts). Negatives without ids
         (length B) are never masked.
-    query_ids: (B,) int64; the same for candidate queries of the target->query direction
-        (refused with ``symmetric=False``, which has no such direction).
+    query_ids: (B,) int64; the same for candidate queries of the target->query direction.
     backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch" or "reference".
     deterministic: accepted and changes nothing: every backend's backward is bitwise reproducible
         already (no atomics; a fixed strip, chunk and GEMM order).
@@ -110,11 +109,6 @@ def hardness_weighted_loss(
     target_ids = _checks.check_ids("target_ids", target_ids, tid_lengths, query.device,
                                    "one per target row" + (", then optionally one per negative" if M else ""))
     query_ids = _checks.check_ids("query_ids", query_ids, (B,), query.device, "one per query row")
-    if query_ids is not None and not symmetric:
-        raise InvalidArgument(
-            f"query_ids (shape {tuple(query_ids.shape)}) masks the candidate queries of the target->query "
-            "direction, which symmetric=False does not compute: it would have no effect; drop query_ids, or pass "
-            "symmetric=True")
 
     comm = None
     if across:

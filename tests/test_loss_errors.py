@@ -89,9 +89,6 @@ BAD_INPUTS = {
                         r"query_ids.*torch\.float64"),
     "query-ids-2d": (lambda: (_q(), _t(), dict(query_ids=torch.arange(2 * B).reshape(B, 2))), ValueError,
                      r"query_ids must be 1-D.*got shape \(4, 2\)"),
-    # one-way: there is no target->query direction for query_ids to mask (it was silently ignored)
-    "query-ids-one-way": (lambda: (_q(), _t(), dict(query_ids=torch.arange(B), symmetric=False)), ValueError,
-                          r"query_ids \(shape \(4,\)\) masks .* symmetric=False does not compute"),
     # logit_scale
     "scale-nan": (lambda: (_q(), _t(), dict(logit_scale=float("nan"))), ValueError, r"logit_scale.*got nan"),
     "scale-inf": (lambda: (_q(), _t(), dict(logit_scale=float("inf"))), ValueError, r"logit_scale.*got inf"),
