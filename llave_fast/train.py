@@ -70,7 +70,7 @@ from .training.run_folder import (
 from .training.runlog import _append_log, _tensorboard, _truncate_log
 from .training.schedule import resolve_length, resolve_warmup, warmup_cosine
 from .training.step import MicroStepLoss, _LossProbe, _to_device
-from .training.stops import RunStopped, _gather_objects, _last_checkpoint, _non_finite_message, _stop_on_bad_data
+from .training.stops import RunStopped, _gather_objects, _last_checkpoint, _non_finite_message, _stop_if_asked
 
 __all__ = [
     "BatchOrder", "CONFIG_DIR", "KNOWN_WARNINGS", "LOCK_FILE", "MicroStepLoss", "RESUME_MAY_CHANGE",

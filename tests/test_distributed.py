@@ -123,7 +123,7 @@ def test_the_training_loop_s_all_reduces_go_to_the_backend_s_device(monkeypatch,
     assert stops.all_ranks_stats([7.0], rank=0, world=1).tolist() == [[7.0]] and seen == ["cpu"]  # one rank: none
     monkeypatch.setattr(stops, "collective_device", lambda group=None: torch.device("meta"))
     for call in (lambda: stops.all_ranks_stats([1.0, 2.0], rank=0, world=2),
-                 lambda: stops._stop_on_bad_data(None, 3, 0, 2, str(tmp_path), save=lambda step: None)):
+                 lambda: stops._stop_if_asked(None, 3, 0, 2, str(tmp_path), save=lambda step: None)):
         with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
             call()
     assert seen == ["cpu", "meta", "meta"]

@@ -206,19 +206,19 @@ def test_a_sigterm_on_another_rank_checkpoints_and_stops_this_one(monkeypatch, t
     saved = []
     rank0_says[:] = [True]  # rank 0 sees no complete checkpoint of step 4
     with pytest.raises(Terminated, match="stopped by SIGTERM after step 4"):
-        stops._stop_on_bad_data(None, 4, 0, 2, str(tmp_path), save=saved.append)
+        stops._stop_if_asked(None, 4, 0, 2, str(tmp_path), save=saved.append)
     assert saved == [4]
     # a rank whose own disk lacks the marker (only rank 0 writes it) follows rank 0's view: no save of its own,
     # which would wait forever for the others in the save's collectives
     rank0_says[:] = [False]
     with pytest.raises(Terminated):
-        stops._stop_on_bad_data(None, 5, 0, 2, str(tmp_path), save=saved.append)
+        stops._stop_if_asked(None, 5, 0, 2, str(tmp_path), save=saved.append)
     assert saved == [4]
 
     def quiet(t):
         pass
     monkeypatch.setattr(stops.dist, "all_reduce", quiet)
-    stops._stop_on_bad_data(None, 5, 0, 2, str(tmp_path), save=saved.append)  # nobody signalled: goes on
+    stops._stop_if_asked(None, 5, 0, 2, str(tmp_path), save=saved.append)  # nobody signalled: goes on
     assert saved == [4]
 
 

@@ -55,7 +55,7 @@ from .stops import (
     _gather_objects,
     _last_checkpoint,
     _non_finite_message,
-    _stop_on_bad_data,
+    _stop_if_asked,
     all_ranks_stats,
     check_ranks_agree,
 )
@@ -254,7 +254,7 @@ def run_steps(run: Run, engine, scheduler, gc, probe, loader, bar, writer, start
             for s in item["skipped"]:
                 skipped.add(s)
                 say(bar, f"step {step + 1}: skipped bad row: {run.train_set.where(s[0], s[1])}: {s[2]}")
-            _stop_on_bad_data(item["error"], step, start, run.world, run.ckpt_root, save)
+            _stop_if_asked(item["error"], step, start, run.world, run.ckpt_root, save)
             loss, lr_used = train_step(run, engine, scheduler, gc, probe, item["batch"], step)
             step += 1
             dt = time.perf_counter() - t0
@@ -271,7 +271,7 @@ def run_steps(run: Run, engine, scheduler, gc, probe, loader, bar, writer, start
             bar.update(1)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 save(step)
-        _stop_on_bad_data(None, step, start, run.world, run.ckpt_root, save)  # a SIGTERM in the last step
+        _stop_if_asked(None, step, start, run.world, run.ckpt_root, save)  # a SIGTERM in the last step
         end_checkpoint_on_sigterm()
     finally:
         del batches  # stops the loader's worker processes

@@ -76,11 +76,11 @@ DEFAULT_GRACE_S = 120.0
 SAME_REQUEST_S = 5.0
 
 _requested = threading.Event()
-# the grace read at install (a later change of the environment does not raise inside the handler) and the
-# event that cancels this install's watchdog (a watchdog of an earlier run never waits on a later run's)
-_this_run: dict = {"grace": DEFAULT_GRACE_S, "cancel": threading.Event()}
+# this install's state: the grace read at install (a later change of the environment does not raise inside the
+# handler), the event that cancels its watchdog (a watchdog of an earlier run never waits on a later run's), and
+# when the first SIGTERM came (time.monotonic(); None before one)
+_this_run: dict = {"grace": DEFAULT_GRACE_S, "cancel": threading.Event(), "first_at": None}
 _installed: dict = {}  # pid -> the handler to put back
-_first_at: list = []  # time.monotonic() of the first SIGTERM
 
 
 def grace_seconds() -> float:
@@ -120,13 +120,14 @@ def _on_sigterm(signum, frame) -> None:
     if os.getpid() not in _installed:  # another process forked from this one: not the run's to stop
         return
     if _requested.is_set():
-        if _first_at and time.monotonic() - _first_at[0] < SAME_REQUEST_S:
+        first = _this_run["first_at"]
+        if first is not None and time.monotonic() - first < SAME_REQUEST_S:
             _say(f"llave-fast: SIGTERM again within {SAME_REQUEST_S:g} s of the first: the same request (a launcher "
                  "passing it on); one later than that exits at once")
             return
         _say("llave-fast: a second SIGTERM: exiting now")
         os._exit(143)
-    _first_at[:] = [time.monotonic()]
+    _this_run["first_at"] = time.monotonic()
     _requested.set()
     grace = _this_run["grace"]
     _say(f"llave-fast: SIGTERM: the step under way finishes, then the steps done are checkpointed and the run "
@@ -141,10 +142,12 @@ def checkpoint_on_sigterm() -> None:
     end_sigterm_as_interrupt()
     if threading.current_thread() is not threading.main_thread() or _installed:
         return
-    grace = grace_seconds()  # a bad value is refused now, not at the signal
+    # read again here, though check_config refused a bad value before anything was built: the environment may
+    # have changed since (a library call, a test), and a bad value must be refused now, never at the signal
+    grace = grace_seconds()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         _requested.clear()
-        _this_run.update(grace=grace, cancel=threading.Event())
+        _this_run.update(grace=grace, cancel=threading.Event(), first_at=None)
         _installed[os.getpid()] = signal.signal(signal.SIGTERM, _on_sigterm)
 
 

@@ -68,7 +68,7 @@ def _gather_objects(obj, world: int) -> list:
     return out
 
 
-def _stop_on_bad_data(error, step: int, start: int, world: int, ckpt_root: str, save) -> None:
+def _stop_if_asked(error, step: int, start: int, world: int, ckpt_root: str, save) -> None:
     """Before step ``step + 1`` (and once after the last): when any rank was sent SIGTERM
     (:mod:`.preempt`), or, under ``bad_images="fail"``, any rank's batch for this step hit bad data,
     every rank checkpoints the steps done (unless that checkpoint exists) and stops: with
