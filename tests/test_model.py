@@ -1001,3 +1001,29 @@ def test_uniform_modules_run_the_vision_side_without_lengthening_a_text_batch():
         a = m(imgs)
         m.uniform_modules = True
         torch.testing.assert_close(m(imgs), a, rtol=0, atol=0)
+
+
+def test_the_umask_is_read_without_being_changed(model, tmp_path, monkeypatch):
+    """``os.umask`` can only be read by setting it; while it was 0, another thread's new files (a loader's,
+    a checkpoint writer's) got mode 0666. Where the kernel reports it (Linux), the save now reads the umask
+    without setting it, and the modes are still the umask's."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc/self/status: the umask can only be read by setting it")
+    old = os.umask(0o027)
+    try:
+        calls = []
+        real = os.umask
+        monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or real(m))
+        model.save_pretrained(str(tmp_path))
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    assert calls == [], f"the save set the umask: {calls}"
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    from llave_fast.model.embedder import _process_umask
+
+    old = os.umask(0o027)
+    try:
+        assert _process_umask() == 0o027
+    finally:
+        os.umask(old)

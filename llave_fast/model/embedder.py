@@ -124,6 +124,22 @@ def _file_stamps(folder: str) -> dict:
     return out
 
 
+def _process_umask() -> int:
+    """The process's umask, read without changing it where the kernel says it (Linux 4.7+:
+    ``/proc/self/status``). ``os.umask`` can only be read by setting it, and for that instant another
+    thread (a data loader's, a checkpoint writer's) would create its files with the temporary mask."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # the fallback's instant: the narrowest mask, so no file gets a wider mode
+    os.umask(mask)
+    return mask
+
+
 def _widen_to_umask(folder: str, before: dict) -> None:
     """Give the files a save wrote the mode any new file gets under the process's umask.
 
@@ -131,9 +147,7 @@ def _widen_to_umask(folder: str, before: dict) -> None:
     export was unreadable by the other users of a shared folder while its ``config.json`` and
     tokenizer files were not. Only files the save created or replaced are touched, and only widened
     up to what the umask allows (never past it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    default = 0o666 & ~mask
+    default = 0o666 & ~_process_umask()
     kept = []
     for entry in os.scandir(folder):
         if not entry.is_file(follow_symlinks=False):
