@@ -349,3 +349,52 @@ def test_the_grace_is_read_at_install_and_a_watchdog_belongs_to_its_own_run():
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert r.stdout.splitlines() == ["requested True", "run 2 went on"], (r.stdout, r.stderr)
     assert "forced exit in 1 s" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+
+_HUNG_WORKER = """
+import os, signal, sys, time
+import torch
+import torch.utils.data._utils as du
+from llave_fast.training import loading, preempt
+
+du.MP_STATUS_CHECK_INTERVAL = 0.2  # torch waits this long for a worker before its SIGTERM (5 s shipped)
+
+class Hangs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        if i > 0:
+            time.sleep(120)  # a read or a decode that never returns
+        return i
+
+preempt.checkpoint_on_sigterm()
+loader = torch.utils.data.DataLoader(Hangs(), batch_size=None, num_workers=1, prefetch_factor=2,
+                                     multiprocessing_context="fork",
+                                     worker_init_fn=preempt.loader_worker_ignores_sigterm)
+batches = iter(loader)
+assert next(batches) == 0
+(worker,) = batches._workers
+os.kill(worker.pid, signal.SIGTERM)  # the job's SIGTERM, sent to the whole group: the worker ignores it
+time.sleep(0.3)
+assert worker.is_alive()
+preempt.end_checkpoint_on_sigterm()
+STOP_FN(batches)
+time.sleep(0.2)
+print("ALIVE AFTER STOP", worker.is_alive(), flush=True)
+if worker.is_alive():
+    worker.kill()  # (the premise's case) so that this process can exit: multiprocessing joins it at exit
+"""
+
+
+@pytest.mark.parametrize("stop, alive", [("loading.stop_loader_workers", False),
+                                         ("(lambda b: b._shutdown_workers())", True)])
+def test_a_hung_loader_worker_is_killed_when_the_steps_end(stop, alive):
+    """The run's loader workers ignore SIGTERM, so the SIGTERM torch sends a worker that did not end in time
+    does nothing: a worker hung in a read lived on after the steps, and the run's exit waited on it (multiprocessing
+    joins its children at exit). stop_loader_workers kills it. The second case is the premise: torch's own shutdown
+    (what dropping the iterator did before) leaves such a worker alive."""
+    r = subprocess.run([sys.executable, "-c", _HUNG_WORKER.replace("STOP_FN", stop)], capture_output=True, text=True,
+                       env=ENV, timeout=60)
+    assert r.returncode == 0 and f"ALIVE AFTER STOP {alive}" in r.stdout, r.stdout + r.stderr
+    assert ("did not end; killing it" in r.stderr) is not alive, r.stderr

@@ -117,3 +117,20 @@ def step_loader(dataset, collator, order, rank: int, per_rank: int, start: int, 
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=loader_worker_ignores_sigterm if num_workers > 0 else None,  # the run checkpoints on SIGTERM
     )
+
+
+def stop_loader_workers(batches) -> None:
+    """Stop the loader's worker processes now (what dropping its iterator does), then kill any worker
+    still alive. The run's workers ignore SIGTERM (:func:`~.preempt.loader_worker_ignores_sigterm`), so
+    the SIGTERM torch sends a worker that did not end in time did nothing: a worker hung in a read or
+    a decode lived on, and the run's exit then waited on it for ever (multiprocessing joins its
+    children at exit)."""
+    workers = list(getattr(batches, "_workers", ()))  # torch's worker processes (none in-process)
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # asks each to end, waits a few seconds, then sends SIGTERM
+    for w in workers:
+        if w.is_alive():
+            logging.getLogger(__name__).warning("data-loader worker %s did not end; killing it", w.pid)
+            w.kill()
+            w.join(5)

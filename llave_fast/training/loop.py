@@ -33,7 +33,7 @@ from .console import _log, log, progress_bar, progress_line, quiet_known_warning
 from .deepspeed_setup import deepspeed_config, init_distributed
 from .engine import build_engine, build_model, save_base
 from .heldout import evaluate_after, evaluate_before
-from .loading import _datasets, step_loader
+from .loading import _datasets, step_loader, stop_loader_workers
 from .preempt import checkpoint_on_sigterm, end_checkpoint_on_sigterm
 from .report import run_result, summary_text
 from .resume import plan_resume, restore, save_checkpoint, write_run_config
@@ -274,7 +274,7 @@ def run_steps(run: Run, engine, scheduler, gc, probe, loader, bar, writer, start
         _stop_if_asked(None, step, start, run.world, run.ckpt_root, save)  # a SIGTERM in the last step
         end_checkpoint_on_sigterm()
     finally:
-        del batches  # stops the loader's worker processes
+        stop_loader_workers(batches)  # and kills any that did not end (they ignore SIGTERM)
         bar.close()
     return step, step_times, waits, skipped
 
