@@ -170,9 +170,19 @@ def retrieval_eval(embed, processor, rset, batch: int = 64) -> dict:
     "chance", "num_queries", "num_candidates"}}``), so chance differs per task and a query
     cannot score by telling the modalities apart.
     """
+    return retrieval_metrics(rset, retrieval_scores(embed, processor, rset, batch))
+
+
+def retrieval_scores(embed, processor, rset, batch: int = 64) -> torch.Tensor:
+    """The (num_queries, num_candidates) scores :func:`retrieval_eval` ranks: every query's embedding
+    against every candidate's, each side encoded in batches of ``batch``."""
     q = encode_all(embed, processor, rset.query_texts, rset.query_images, batch)
     c = encode_all(embed, processor, rset.cand_texts, rset.cand_images, batch)
-    scores = q @ c.t()
+    return q @ c.t()
+
+
+def retrieval_metrics(rset, scores: torch.Tensor) -> dict:
+    """:func:`retrieval_eval`'s result from its scores (:func:`retrieval_scores`)."""
     return {
         "p_at_1": rset.precision_at_1(scores),
         "p_at_1_by_subset": rset.precision_at_1_by_subset(scores),

@@ -68,6 +68,18 @@ class RetrievalSet:
         VQA answers or t2i images). Returns ``{task: {"p_at_1", "chance", "num_queries",
         "num_candidates"}}``, chance being ``1 / num_candidates`` of that task; the task of
         a query is its subset (``synthetic_i2t`` -> ``i2t``; an MMEB-train subset keeps its name)."""
+        out = {}
+        for task, (rows, cols, top) in self.top1_by_task(scores).items():
+            hit = top == self.positive[rows]
+            out[task] = {"p_at_1": _fraction(hit), "chance": 1.0 / len(cols),
+                         "num_queries": len(rows), "num_candidates": len(cols)}
+        return out
+
+    def top1_by_task(self, scores: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """What :meth:`precision_at_1_by_task` scores, query by query: ``{task: (rows, cols, top)}``,
+        ``rows`` the task's query indices (ascending), ``cols`` its candidates (the distinct targets of
+        those queries, ascending candidate indices) and ``top[k]`` the candidate index query
+        ``rows[k]`` retrieves among ``cols`` (a hit when it is ``positive[rows[k]]``)."""
         self._hits(scores)  # checks the shape
         out = {}
         tasks = [task_name(s) for s in self.query_subsets]
@@ -75,9 +87,7 @@ class RetrievalSet:
             rows = torch.tensor([q for q, t in enumerate(tasks) if t == task], dtype=torch.int64)
             cols = torch.unique(self.positive[rows])  # sorted candidate indices of this task's targets
             sub = scores.cpu()[rows][:, cols]
-            hit = cols[sub.argmax(dim=1)] == self.positive[rows]
-            out[task] = {"p_at_1": _fraction(hit), "chance": 1.0 / len(cols),
-                         "num_queries": len(rows), "num_candidates": len(cols)}
+            out[task] = (rows, cols, cols[sub.argmax(dim=1)])
         return out
 
     def precision_at_1_from_embeddings(self, query_emb: torch.Tensor, cand_emb: torch.Tensor) -> float:

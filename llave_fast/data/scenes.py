@@ -23,6 +23,7 @@ __all__ = [
     "MAX_FAMILY_SIZE",
     "MAX_QUESTIONS_PER_SCENE",
     "POSITIONS",
+    "QUESTION_KINDS",
     "SHAPES",
     "SIZES",
     "SLOT_CENTERS",
@@ -290,6 +291,9 @@ def draw_question(rng: random.Random, scene: Scene) -> tuple[str, str, str]:
 
 
 ANSWERS = {"count": COUNT_WORDS[:3], "colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+#: the kinds of VQA question, named by what the answer names (the third element of
+#: :func:`draw_question`'s and :func:`family_question`'s result): count, colour, shape, size, position
+QUESTION_KINDS = tuple(ANSWERS)
 
 #: largest vqa_questions_per_scene: a one-object scene has 5 distinct answers (count, colour,
 #: shape, size, position), so 4 leaves the question draw room to avoid repeats

@@ -65,6 +65,7 @@ from .scenes import (  # noqa: F401 - re-exported: llave_fast.data and tests imp
     PLAIN_BACKGROUND,
     POSITIONS,
     PUNCTUATION,
+    QUESTION_KINDS,
     RADIUS,
     SHAPE_PLURALS,
     SHAPES,
@@ -98,6 +99,7 @@ __all__ = [
     "COLOURS",
     "COLOUR_RGB",
     "POSITIONS",
+    "QUESTION_KINDS",
     "SHAPES",
     "SIZES",
     "SLOT_CENTERS",
@@ -252,15 +254,29 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return draw_scene(item_rng(self.seed, self.split, self._index(i)), self.min_shapes, self.max_shapes,
                            self.background)
 
-    def __getitem__(self, i: int) -> Record:
-        i = self._index(i)
+    def _scene_and_question(self, i: int) -> tuple[Scene, tuple[str, str, str] | None]:
+        """Item ``i``'s scene and, for a VQA item, its ``(question, answer, kind)`` (None otherwise):
+        the one place both are drawn, for :meth:`__getitem__` and :meth:`question_kind` alike."""
         rng = item_rng(self.seed, self.split, i)
         scene = draw_scene(rng, self.min_shapes, self.max_shapes, self.background)
-        family_question = None
+        question = None
         if self.hard_family_size > 1:
-            scene, family_question = self._family_member(i)
+            scene, question = self._family_member(i)
         elif self._grouped_vqa(i):
-            scene, family_question = self._question_group(i)
+            scene, question = self._question_group(i)
+        if self.task(i) == "vqa" and question is None:
+            question = draw_question(rng, scene)  # the item's own stream, right after its scene
+        return scene, question
+
+    def question_kind(self, i: int) -> str | None:
+        """What VQA item ``i``'s answer names, one of :data:`QUESTION_KINDS` (``"count"``,
+        ``"colour"``, ``"shape"``, ``"size"``, ``"position"``: the kinds of :data:`ANSWERS`);
+        None for an i2t or t2i item. Drawn as the item draws its question, nothing rendered."""
+        return None if self.task(i) != "vqa" else self._scene_and_question(self._index(i))[1][2]
+
+    def __getitem__(self, i: int) -> Record:
+        i = self._index(i)
+        scene, question = self._scene_and_question(i)
         task = self.task(i)
         caption = describe_scene(scene)
         image = render_scene(scene, self.image_size)
@@ -282,7 +298,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
                 neg_text, neg_image = T2I_TARGET, render_scene(neg_scene, self.image_size)
                 neg_id = make_id(T2I_TARGET, "scene:" + describe_scene(neg_scene))
         else:
-            question, answer, kind = draw_question(rng, scene) if family_question is None else family_question
+            question, answer, kind = question
             qry, qry_image, pos_text, pos_image = VQA_PREFIX + question, image, answer, None
             query_id, target_id = make_id(qry, scene_key), make_id(answer, None)
             if neg_rng is not None:
