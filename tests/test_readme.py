@@ -200,6 +200,61 @@ def test_the_default_job_table_is_what_its_result_file_holds():
         assert (int(row[4]), int(row[5])) == (got["num_queries"], got["num_candidates"]), (task, row, got)
 
 
+def test_the_default_job_by_kind_table_is_what_its_result_file_holds():
+    """The README's VQA-style score by question kind, against 2026-12-07-default-job-vqa-by-kind.json
+    (benchmarks/vqa_by_kind.py on the shipped job's seeds 0-2: their by-task scores are the ones
+    2026-12-07-default-job-warmup48.json records, so the kinds are today's preset's), and the previous
+    preset's seed-0 figures it quotes against 2026-11-30-default-job.json."""
+    from llave_fast.train import TrainConfig
+
+    folder = os.path.join(RESULTS, "amd-epyc-2-cores")
+    with open(os.path.join(folder, "2026-12-07-default-job-vqa-by-kind.json")) as f:
+        runs = {r["seed"]: r for r in json.load(f)["runs"]}
+    with open(os.path.join(folder, "2026-12-07-default-job-warmup48.json")) as f:
+        shipped = {r["seed"]: r for r in json.load(f)["default_job"]}
+    assert sorted(runs) == sorted(shipped) == [0, 1, 2]
+    for seed, run in runs.items():
+        assert run["by_task"] == shipped[seed]["by_task"], seed
+        assert run["warmup_steps"] == TrainConfig.from_json("tiny_cpu.json").warmup_steps, seed
+    rows = _table_after("| question kind | seed 0 | seed 1 | seed 2 |")
+    assert [r[0] for r in rows] == [*runs[0]["vqa"]["by_kind"], "all (VQA-style)"], rows
+    for row in rows:
+        for seed, cell in zip((0, 1, 2), row[1:4]):
+            v = runs[seed]["vqa"]
+            got = v if row[0].startswith("all") else v["by_kind"][row[0]]
+            assert cell == f"{got['hits']} of {got['queries']}", (row[0], seed, cell, got)
+    with open(README, encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    m = re.search(r"With the previous preset \(warm-up 10, VQA-style ([\d.]+) on seed 0\), seed 0's kinds were "
+                  r"((?:\w+ \d+ of \d+(?:, | and )?)+)", text)
+    assert m, "the previous preset's by-kind sentence"
+    with open(os.path.join(folder, "2026-11-30-default-job.json")) as f:
+        old = json.load(f)["vqa_by_question_kind"]["seed0"]
+    old["count"] = {k: old.pop(f"count_{k}") for k in ("all", "colour_or_shape")}  # one kind, the generator's
+    hits = {k: round(v["p_at_1"] * v["queries"]) for k, v in old.items() if k != "count"}
+    queries = {k: v["queries"] for k, v in old.items() if k != "count"}
+    hits["count"] = sum(round(v["p_at_1"] * v["queries"]) for v in old["count"].values())
+    queries["count"] = sum(v["queries"] for v in old["count"].values())
+    quoted = re.findall(r"(\w+) (\d+) of (\d+)", m.group(2))
+    assert len(quoted) == 5 and {k for k, _, _ in quoted} == set(hits), quoted
+    for kind, h, q in quoted:
+        assert (int(h), int(q)) == (hits[kind], queries[kind]) == (hits[kind], runs[0]["vqa"]["by_kind"][kind][
+            "queries"]), kind  # the same split: the same questions per kind
+    assert _shown(m.group(1), sum(hits.values()) / sum(queries.values()))
+    # the sentences that read the answers retrieved most often
+    kinds = {seed: run["vqa"]["by_kind"] for seed, run in runs.items()}
+    assert 'no count question is answered "two" on any of them (only "one" and "three")' in text
+    assert all({a for a, _ in k["count"]["most_retrieved"]} == {"one", "three"} for k in kinds.values())
+    said = {'seed 0 "large" to all 11 size questions': (0, "size", ["large", 11], 11),
+            'seed 1 "circle" to 10 of 11 shape questions': (1, "shape", ["circle", 10], 11),
+            'seed 2 "large" to 10 of 11 size questions': (2, "size", ["large", 10], 11)}
+    for phrase, (seed, kind, first, n) in said.items():
+        assert phrase in text and kinds[seed][kind]["most_retrieved"][0] == first, phrase
+        assert kinds[seed][kind]["queries"] == n, phrase
+    assert 'size questions, whose commonest answer is "small"' in text
+    assert kinds[2]["size"]["most_common_true_answer"][0] == "small"
+
+
 def test_readme_demo_data_snippet_writes_files_every_command_reads(tmp_path, monkeypatch):
     """The README's "every command without real data" block, run as written: each file it writes is read
     by the reader of the command the README sends it to (train, eval, eval-video)."""
