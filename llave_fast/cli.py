@@ -211,8 +211,12 @@ def _add_ablate_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; ``argv`` (the arguments) picks the preset whose defaults train's help shows."""
+    from .data.synthetic import MAX_FAMILY_SIZE
     from .dtypes import DTYPES
+    from .train import TrainConfig
 
+    # eval's --synthetic-background takes train's choices (TrainConfig's field)
+    background_choices = TrainConfig.__dataclass_fields__["synthetic_background"].metadata["choices"]
     argv = [] if argv is None else argv
     parser = CommandParser(
         prog=PROG, description="Train and evaluate LLaVE-style multimodal embedding models at large batch.",
@@ -259,15 +263,34 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                              "the datasets already done. Default: none (nothing written, no resume)")
     p_eval.add_argument("--max-queries", type=_positive_int, default=None, metavar="N",
                         help="MMEB-eval files only: score the first N queries of each dataset. Default: every query")
+    # the synthetic split's options default to None ("not given"): llave_fast.evaluate.synthetic_split_options
+    # resolves them, from a training run folder's train_config.json or the fixed defaults below
+    from .evaluate import SYNTHETIC_SPLIT_DEFAULTS as D
+
+    run_default = "a training run folder's own (its train_config.json), else"
+    p_eval.description = ("--data synthetic scores a training run folder on its own held-out split (the one of its "
+                          "eval.json): --num-eval, --seed, --image-size, --hard-family-size and "
+                          "--synthetic-background default to the run's; one given that differs is used, with a "
+                          f"warning. Any other model: {D['num_eval']} queries, seed {D['seed']}, {D['image_size']} "
+                          f"px, family size {D['hard_family_size']}, {D['background']} background.")
     p_eval.add_argument("--num-eval", type=_positive_int, default=None, metavar="N",
                         help="queries evaluated for the synthetic split (the samples generated) and MMEB-train files "
-                             "(their first N rows in all; their distinct targets are the candidates). Default: 256. "
+                             "(their first N rows in all; their distinct targets are the candidates). Default: "
+                             f"synthetic: {run_default} {D['num_eval']}; MMEB-train files: {D['num_eval']}. "
                              "With MMEB-eval files (which are scored in full by default) it caps the queries per "
                              "dataset as --max-queries does")
-    p_eval.add_argument("--seed", type=int, default=0, metavar="INT",
-                        help="seed of the synthetic held-out split (training uses its --seed). Default: 0")
-    p_eval.add_argument("--image-size", type=_positive_int, default=64, metavar="PX",
-                        help="side of the synthetic images, px (training's --image-size). Default: 64")
+    p_eval.add_argument("--seed", type=int, default=None, metavar="INT",
+                        help="seed of the synthetic held-out split (training's --seed). "
+                             f"Default: {run_default} {D['seed']}")
+    p_eval.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
+                        help="side of the synthetic images, px (training's --image-size). "
+                             f"Default: {run_default} {D['image_size']}")
+    p_eval.add_argument("--hard-family-size", type=_int_in(1, MAX_FAMILY_SIZE), default=None, metavar="INT",
+                        help="scenes per hard-negative family of the synthetic split (training's --hard-family-size; "
+                             f"1: independent scenes). Default: {run_default} {D['hard_family_size']}")
+    p_eval.add_argument("--synthetic-background", choices=list(background_choices), default=None,
+                        help="background of the synthetic images (training's --synthetic-background). "
+                             f"Default: {run_default} {D['background']}")
     p_eval.add_argument("--batch", type=_positive_int, default=64, metavar="N",
                         help="samples per forward pass. Default: 64")
     p_eval.add_argument("--output", default=None, metavar="JSON",

@@ -232,8 +232,9 @@ def _eval(args) -> int:
     with outside_image_dir_allowed(args.allow_outside_image_dir), _no_training_hints(), \
             contextlib.redirect_stdout(sys.stderr):
         result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
-                                num_eval=256 if num_eval is None else num_eval, seed=args.seed,
-                                image_size=args.image_size, batch=args.batch, device=args.device, dtype=args.dtype,
+                                num_eval=num_eval, seed=args.seed, image_size=args.image_size,
+                                hard_family_size=args.hard_family_size, background=args.synthetic_background,
+                                batch=args.batch, device=args.device, dtype=args.dtype,
                                 max_queries=max_queries, output_dir=args.output_dir,
                                 max_text_tokens=args.max_text_tokens)
     print(json.dumps(result, indent=2))

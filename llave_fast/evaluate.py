@@ -230,8 +230,91 @@ def load_eval_model(model_path: str, dev: torch.device, dt: torch.dtype, tag: st
     return model.to(dev).eval(), extra
 
 
+# ------------------------------------------------------------------------------ the synthetic held-out split
+#: the synthetic split's options for a model that is not a training run folder, and for an option a
+#: run's train_config.json lacks (an older run): the query count, seed, image side, hard-family size and
+#: background (SyntheticDataset's own default)
+SYNTHETIC_SPLIT_DEFAULTS = {"num_eval": 256, "seed": 0, "image_size": 64, "hard_family_size": 1,
+                            "background": "plain"}
+#: each option's field in a run's train_config.json (TrainConfig's) and its flag of ``llave-fast eval``
+_SPLIT_FIELDS = {"num_eval": ("num_eval", "--num-eval"), "seed": ("seed", "--seed"),
+                 "image_size": ("image_size", "--image-size"),
+                 "hard_family_size": ("hard_family_size", "--hard-family-size"),
+                 "background": ("synthetic_background", "--synthetic-background")}
+
+
+def run_split_options(model_path: str) -> dict | None:
+    """The synthetic held-out split a training run folder scored in its eval.json, as its
+    train_config.json records it: ``{option: value}`` for the options of :data:`SYNTHETIC_SPLIT_DEFAULTS`
+    the file holds (an older run's file may lack some: that run used the default). None for anything
+    else: not a run folder, a run folder without the file, a run trained on other data (it has no
+    synthetic held-out split). ``num_eval`` is left out when the run skipped its held-out evaluation (0)."""
+    from .export import is_run_dir
+
+    path = os.path.join(model_path, "train_config.json")
+    if not os.path.isdir(model_path) or not is_run_dir(model_path) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as e:
+        raise InvalidArgument(f"{path}: not readable as the run's JSON options ({e}), so the synthetic split its "
+                              "eval.json was scored on cannot be known") from e
+    if not isinstance(saved, dict):
+        raise InvalidArgument(f"{path}: a run's options are a JSON object, got {type(saved).__name__}")
+    if saved.get("data", "synthetic") != "synthetic":
+        return None
+    out = {}
+    for name, (field_name, _) in _SPLIT_FIELDS.items():
+        if field_name not in saved:
+            continue
+        value, default = saved[field_name], SYNTHETIC_SPLIT_DEFAULTS[name]
+        if type(value) is not type(default):  # an int for the numbers (not a bool), a str for the background
+            what = "an integer" if isinstance(default, int) else "a string"
+            raise InvalidArgument(f"{path}: {field_name} must be {what}, got {value!r}")
+        out[name] = value
+    if out.get("num_eval") == 0:  # the run skipped its held-out evaluation (no eval.json)
+        del out["num_eval"]
+    return out
+
+
+def synthetic_split_options(model_path: str, *, num_eval: int | None = None, seed: int | None = None,
+                            image_size: int | None = None, hard_family_size: int | None = None,
+                            background: str | None = None) -> dict:
+    """The options of the synthetic held-out split ``model_path`` is scored on, resolved in this one
+    place (each argument None when not given): a given one as given; for a training run folder, the
+    others as the run's own split (:func:`run_split_options`: the one its eval.json's ``p_at_1_after``
+    was scored on; an option an older run did not record: the default it ran with); else
+    :data:`SYNTHETIC_SPLIT_DEFAULTS`. A given option that differs from the run's is kept (the user may
+    mean it) and said in one warning line. Returns the options and ``from_run``: the names taken from
+    the run's train_config.json."""
+    given = {"num_eval": num_eval, "seed": seed, "image_size": image_size, "hard_family_size": hard_family_size,
+             "background": background}
+    run = run_split_options(model_path)
+    out, from_run = {}, []
+    for name, value in given.items():
+        if run is None:
+            run_value = None
+        else:  # a run without num_eval skipped its held-out evaluation: it has no query count to differ from
+            run_value = run.get(name, None if name == "num_eval" else SYNTHETIC_SPLIT_DEFAULTS[name])
+        if value is None:
+            out[name] = SYNTHETIC_SPLIT_DEFAULTS[name] if run_value is None else run_value
+            if run is not None and name in run:
+                from_run.append(name)
+            continue
+        out[name] = value
+        if run_value is not None and value != run_value:
+            field_name, flag = _SPLIT_FIELDS[name]
+            logger.warning("warning: %s %s differs from the run's own %s %s (%s): the synthetic split scored is "
+                           "not the one its eval.json's p_at_1_after was scored on", flag, value, field_name,
+                           run_value, os.path.join(model_path, "train_config.json"))
+    out["from_run"] = from_run
+    return out
+
+
 def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None = None,
-                   num_eval: int = 256, seed: int = 0, image_size: int = 64, batch: int = 64,
+                   num_eval: int | None = None, seed: int | None = None, image_size: int | None = None,
+                   hard_family_size: int | None = None, background: str | None = None, batch: int = 64,
                    device: str = "auto", dtype: str = "auto", max_queries: int | None = None,
                    output_dir: str | None = None, progress: bool = True, max_text_tokens=None) -> dict:
     """precision@1 of a saved model under LLaVE's protocol (module docstring); on CUDA in bf16 by
@@ -241,7 +324,12 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
     ``data``: "synthetic", or files/folders (a list, or one comma-separated string). MMEB-eval
     files go to :func:`mmeb_eval` (every query unless ``max_queries`` caps each dataset;
     ``output_dir`` holds ``mmeb_eval.json`` and the resume cache, None writes nothing);
-    ``num_eval`` is the query count of the synthetic split and of MMEB-train files only.
+    ``num_eval`` is the query count of the synthetic split and of MMEB-train files only (None: 256,
+    or a run folder's own for the synthetic split).
+    The synthetic split: ``num_eval``, ``seed``, ``image_size``, ``hard_family_size``, ``background``
+    (SyntheticDataset's), each None unless given: a training run folder is scored on its own held-out
+    split (the one of its eval.json), any other model on 256 queries, seed 0, 64 px, family size 1,
+    the plain background (:func:`synthetic_split_options`); the result's ``synthetic_split`` says which.
     ``max_text_tokens``: None (LLaVE: no cut of a text on its own), "saved" (the training-time cut
     saved with the model) or a number (:func:`apply_eval_protocol`).
     """
@@ -254,6 +342,13 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
     where = {"device": str(dev), "dtype": precision_label(dt, dtype)}
     protocol = {"max_text_tokens": max_text_tokens}
     paths = data_paths(data)
+    synthetic_only = {"seed": seed, "image_size": image_size, "hard_family_size": hard_family_size,
+                      "background": background}
+    given = [f"{name}={value!r} ({_SPLIT_FIELDS[name][1]})" for name, value in synthetic_only.items()
+             if value is not None]
+    if paths and given:
+        raise InvalidArgument(f"{', '.join(given)}: for the synthetic split only (data 'synthetic'), not for "
+                              f"data {data!r}")
     # MMEB-eval files, or None: the synthetic split, MMEB-train files or a hub dataset name
     datasets = find_eval_datasets(paths) if paths and all(os.path.exists(p) for p in paths) else None
     if datasets is not None:
@@ -280,9 +375,15 @@ def evaluate_model(model_path: str, data="synthetic", *, image_dir: str | None =
                          "cache); for the synthetic split and MMEB-train files write the metrics with --output")
     model, extra = load_eval_model(model_path, dev, dt, max_text_tokens=max_text_tokens, autocast=autocast)
     where.update(extra)
-    if not paths:
-        ds = SyntheticDataset(num_eval, seed=seed, split="eval", image_size=image_size)
+    if not paths:  # after the load: a run folder it refuses (no complete checkpoint) gets no warning first
+        split = synthetic_split_options(model_path, num_eval=num_eval, seed=seed, image_size=image_size,
+                                        hard_family_size=hard_family_size, background=background)
+        num_eval = split["num_eval"]
+        ds = SyntheticDataset(num_eval, seed=split["seed"], split="eval", image_size=split["image_size"],
+                              hard_family_size=split["hard_family_size"], background=split["background"])
+        where["synthetic_split"] = split
     else:
+        num_eval = SYNTHETIC_SPLIT_DEFAULTS["num_eval"] if num_eval is None else num_eval
         ds = MMEBDataset(paths, image_dir)
     rset = retrieval_candidates(ds, limit=num_eval)
 

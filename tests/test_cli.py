@@ -147,6 +147,10 @@ def test_a_short_run_on_the_command_line_cuts_the_presets_warmup_with_a_note(cap
     (["ablate", "--batches", "16,0"], "argument --batches: '0' is not a positive integer"),
     (["ablate", "--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
     (["ablate", "--family-size", "9"], "argument --family-size: expected an integer in 1..8, got '9'"),
+    (["eval", "--model", "m", "--hard-family-size", "9"], "argument --hard-family-size: expected an integer in 1..8, "
+                                                          "got '9'"),
+    (["eval", "--model", "m", "--synthetic-background", "dark"], "argument --synthetic-background: invalid choice: "
+                                                                 "'dark' (choose from 'plain', 'varied')"),
 ])
 def test_bad_flag_values_print_one_error_and_exit_2(capsys, argv, needle):
     rc, out, err = _main(capsys, *argv)
@@ -494,21 +498,148 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     r = _run("train", "--steps", "2", "--save-every", "1", "--num-train", "128", "--num-eval", "16",
              "--global-batch", "32", "--chunk-size", "16", "--warmup-steps", "1", "--eval-before", "false", "--progress", "false",
-             "--num-workers", "0", "--seed", "3", "--output-dir", str(out), timeout=600)
+             "--num-workers", "0", "--seed", "3", "--hard-family-size", "2", "--synthetic-background", "varied",
+             "--output-dir", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return out
 
 
-def test_eval_of_a_run_folder_uses_its_newest_complete_checkpoint(run_dir, tmp_path, capsys):
+def test_eval_of_a_run_folder_uses_its_newest_complete_checkpoint_and_its_own_split(run_dir, tmp_path, capsys):
+    """``eval --model RUN`` gives the run's eval.json scores: the same model, and the same held-out split
+    (the run's seed, query count, hard-family size and background, read from its train_config.json; eval's
+    old fixed seed 0, 256 queries, independent scenes on plain grey scored another split)."""
     with open(run_dir / "eval.json") as f:
         trained = json.load(f)
-    rc, out, err = _main(capsys, "eval", "--model", str(run_dir), "--num-eval", "16", "--seed", "3",
-                         "--output", str(tmp_path / "m.json"))
+    rc, out, err = _main(capsys, "eval", "--model", str(run_dir), "--output", str(tmp_path / "m.json"))
     assert rc == 0, err
     result = json.loads(out)
     assert result["checkpoint"] == "step-00000002"
-    assert result["p_at_1"] == trained["p_at_1_after"]  # the same model as the run's own final eval
+    # the same model as the run's own final eval, on the same queries and candidates
+    assert (result["p_at_1"], result["by_task"]) == (trained["p_at_1_after"], trained["by_task"])
+    assert result["synthetic_split"] == {"num_eval": 16, "seed": 3, "image_size": 64, "hard_family_size": 2,
+                                         "background": "varied", "from_run": list(SPLIT_OPTIONS)}
+    assert "warning" not in err, err
     assert json.loads((tmp_path / "m.json").read_text()) == result
+
+
+SPLIT_OPTIONS = ("num_eval", "seed", "image_size", "hard_family_size", "background")
+
+
+def _eval_without_a_model(monkeypatch):
+    """eval with the model left out (nothing loaded, nothing scored): returns the list of the synthetic
+    splits it builds."""
+    import types
+
+    import llave_fast.data as data
+    import llave_fast.evaluate as ev
+
+    built = []
+
+    class Recorded(data.SyntheticDataset):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+
+    monkeypatch.setattr(data, "SyntheticDataset", Recorded)
+    monkeypatch.setattr(ev, "load_eval_model", lambda *a, **k: (types.SimpleNamespace(processor=None), {}))
+    monkeypatch.setattr(ev, "retrieval_eval", lambda embed, proc, rset, batch: {"num_queries": rset.num_queries})
+    return built
+
+
+def _split_of(ds) -> tuple:
+    return ds.num_samples, ds.seed, ds.image_size, ds.hard_family_size, ds.background
+
+
+def _fake_run(folder, **saved):
+    """A training run folder as eval sees it before loading weights: train_config.json and checkpoints/."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "train_config.json").write_text(json.dumps(saved))
+    return str(folder)
+
+
+def _warnings(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+
+
+def test_eval_of_a_run_folder_takes_every_split_option_not_given_from_the_run(tmp_path, monkeypatch, capsys):
+    built = _eval_without_a_model(monkeypatch)
+    run = _fake_run(tmp_path / "run", data="synthetic", seed=5, num_eval=12, image_size=48, hard_family_size=4,
+                    synthetic_background="varied", steps=2)
+    rc, out, err = _main(capsys, "eval", "--model", run)
+    assert rc == 0, err
+    assert _split_of(built[-1]) == (12, 5, 48, 4, "varied") and _warnings(err) == [], err
+    assert json.loads(out)["synthetic_split"] == {"num_eval": 12, "seed": 5, "image_size": 48, "hard_family_size": 4,
+                                                  "background": "varied", "from_run": list(SPLIT_OPTIONS)}
+    # a given option wins; one that differs from the run's is said, one line each, naming the flag and both values
+    rc, out, err = _main(capsys, "eval", "--model", run, "--seed", "0", "--image-size", "64", "--hard-family-size", "4")
+    assert rc == 0, err
+    assert _split_of(built[-1]) == (12, 0, 64, 4, "varied")
+    warned = _warnings(err)
+    assert len(warned) == 2 and "--seed 0 differs from the run's own seed 5" in warned[0], err
+    assert "--image-size 64 differs from the run's own image_size 48" in warned[1], err
+    assert json.loads(out)["synthetic_split"]["from_run"] == ["num_eval", "background"]
+    rc, out, err = _main(capsys, "eval", "--model", run, "--num-eval", "4", "--synthetic-background", "plain")
+    assert rc == 0 and _split_of(built[-1]) == (4, 5, 48, 4, "plain"), err
+    assert [w.split(" (")[0] for w in _warnings(err)] == [
+        "warning: --num-eval 4 differs from the run's own num_eval 12",
+        "warning: --synthetic-background plain differs from the run's own synthetic_background varied"], err
+
+
+def test_eval_of_an_older_run_or_one_without_a_synthetic_split_falls_back_to_the_defaults(tmp_path, monkeypatch,
+                                                                                          capsys):
+    built = _eval_without_a_model(monkeypatch)
+    # a run older than hard_family_size and synthetic_background: their old defaults, no error
+    old = _fake_run(tmp_path / "old", seed=2, num_eval=8, image_size=64)
+    rc, out, err = _main(capsys, "eval", "--model", old)
+    assert rc == 0 and _split_of(built[-1]) == (8, 2, 64, 1, "plain") and _warnings(err) == [], err
+    assert json.loads(out)["synthetic_split"]["from_run"] == ["num_eval", "seed", "image_size"]
+    # ... and those defaults are what the run was scored on: a different value is said
+    rc, out, err = _main(capsys, "eval", "--model", old, "--hard-family-size", "2")
+    assert rc == 0 and _split_of(built[-1]) == (8, 2, 64, 2, "plain"), err
+    assert len(_warnings(err)) == 1 and "--hard-family-size 2 differs from the run's own hard_family_size 1" in err
+    # a run that skipped its held-out evaluation (num_eval 0): 256 queries of its split, any --num-eval without a word
+    none = _fake_run(tmp_path / "none", data="synthetic", seed=4, num_eval=0)
+    rc, out, err = _main(capsys, "eval", "--model", none)
+    assert rc == 0 and _split_of(built[-1]) == (256, 4, 64, 1, "plain") and _warnings(err) == [], err
+    rc, out, err = _main(capsys, "eval", "--model", none, "--num-eval", "4")
+    assert rc == 0 and _split_of(built[-1]) == (4, 4, 64, 1, "plain") and _warnings(err) == [], err
+    # a run trained on MMEB files has no synthetic held-out split: the defaults, as for any model
+    mmeb = _fake_run(tmp_path / "mmeb", data="train.jsonl", seed=7, num_eval=16, image_size=48)
+    rc, out, err = _main(capsys, "eval", "--model", mmeb)
+    assert rc == 0 and _split_of(built[-1]) == (256, 0, 64, 1, "plain") and _warnings(err) == [], err
+    # a train_config.json that holds no run's options is refused, naming the file and the field
+    bad = _fake_run(tmp_path / "bad", seed="3")
+    rc, out, err = _main(capsys, "eval", "--model", bad)
+    assert rc == 1 and "train_config.json: seed must be an integer, got '3'" in err, err
+
+
+def test_eval_of_a_model_that_is_no_run_folder_keeps_the_fixed_defaults(tmp_path, monkeypatch, capsys):
+    built = _eval_without_a_model(monkeypatch)
+    (model := tmp_path / "export").mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "train_config.json").write_text(json.dumps({"seed": 3, "hard_family_size": 2}))  # not a run folder
+    for name in (str(model), "owner/name"):
+        rc, out, err = _main(capsys, "eval", "--model", name)
+        assert rc == 0 and _split_of(built[-1]) == (256, 0, 64, 1, "plain"), err
+        assert json.loads(out)["synthetic_split"] == {**dict.fromkeys(SPLIT_OPTIONS), "num_eval": 256, "seed": 0,
+                                                      "image_size": 64, "hard_family_size": 1, "background": "plain",
+                                                      "from_run": []}
+        rc, out, err = _main(capsys, "eval", "--model", name, "--seed", "3", "--hard-family-size", "2")
+        assert rc == 0 and _split_of(built[-1]) == (256, 3, 64, 2, "plain") and _warnings(err) == [], err
+    parser = build_parser(["eval"])
+    args = parser.parse_args(["eval", "--model", "m"])
+    assert (args.num_eval, args.seed, args.image_size, args.hard_family_size, args.synthetic_background) == (None,) * 5
+
+
+def test_synthetic_split_options_with_data_files_are_refused(tmp_path):
+    """--seed, --image-size, --hard-family-size, --synthetic-background change nothing for data files: said, not
+    dropped (they used to be ignored)."""
+    from llave_fast.errors import InvalidArgument
+    from llave_fast.evaluate import evaluate_model
+
+    with pytest.raises(InvalidArgument, match=r"seed=3 \(--seed\), background='varied' \(--synthetic-background\): "
+                                              r"for the synthetic split only"):
+        evaluate_model("owner/name", [str(tmp_path / "a.jsonl")], seed=3, background="varied")
 
 
 def test_eval_of_a_run_folder_without_a_complete_checkpoint_says_what_to_do(run_dir, tmp_path, capsys):
@@ -554,7 +685,8 @@ def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_results(run_dir, 
     before = (done / "eval.json").read_bytes()
     r = _run("train", "--steps", "2", "--save-every", "1", "--num-train", "128", "--num-eval", "16",
              "--global-batch", "32", "--chunk-size", "16", "--warmup-steps", "1", "--eval-before", "false",
-             "--progress", "false", "--num-workers", "0", "--seed", "3", "--output-dir", str(done), timeout=600)
+             "--progress", "false", "--num-workers", "0", "--seed", "3", "--hard-family-size", "2",
+             "--synthetic-background", "varied", "--output-dir", str(done), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"the run in {done} is complete (2 of 2 steps): nothing to train" in r.stdout, r.stdout
     assert (done / "eval.json").read_bytes() == before  # its timing and scores were overwritten before
@@ -569,7 +701,8 @@ def test_a_resumed_run_does_not_score_its_trained_weights_as_before_training(run
     (part / "eval.json").unlink()
     r = _run("train", "--steps", "2", "--save-every", "1", "--num-train", "128", "--num-eval", "16",
              "--global-batch", "32", "--chunk-size", "16", "--warmup-steps", "1", "--eval-before", "true",
-             "--progress", "false", "--num-workers", "0", "--seed", "3", "--output-dir", str(part), timeout=600)
+             "--progress", "false", "--num-workers", "0", "--seed", "3", "--hard-family-size", "2",
+             "--synthetic-background", "varied", "--output-dir", str(part), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "eval_before: not measured" in r.stdout, r.stdout
     assert "before training: precision@1" not in r.stdout, r.stdout
