@@ -23,16 +23,18 @@ ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH
 
 # the real command, with train_step parked before step PARK's engine step until a line arrives on stdin
 _PARKED = """
+import os
 import select
 import sys
 import llave_fast.training.loop as loop
 
 PARK = int(sys.argv.pop(1))
+PARK_RANK = os.environ.get("PARK_RANK")  # of several ranks, the one parked (unset: every process)
 from llave_fast.training import preempt
 preempt.SAME_REQUEST_S = float(sys.argv.pop(1))  # shorter than the shipped 5 s: the test's margins stay wide
 real = loop.train_step
 def parked(run, engine, scheduler, gc, probe, batch, step):
-    if step + 1 == PARK:
+    if step + 1 == PARK and PARK_RANK in (None, os.environ.get("RANK")):
         print("PARKED", flush=True)
         # the SIGTERM arrives here, in the middle of the step. Polled, not a blocking readline: a signal the
         # kernel hands to another thread runs Python's handler only when the main thread next runs Python
@@ -398,3 +400,113 @@ def test_a_hung_loader_worker_is_killed_when_the_steps_end(stop, alive):
                        env=ENV, timeout=60)
     assert r.returncode == 0 and f"ALIVE AFTER STOP {alive}" in r.stdout, r.stdout + r.stderr
     assert ("did not end; killing it" in r.stderr) is not alive, r.stderr
+
+
+# ---- two real gloo ranks (CPU), started as torchrun starts them: rank 1 parked in the middle of step 2
+TWO_RANK_ARGS = ["train", "--steps", "3", "--save-every", "100", "--num-train", "64", "--num-eval", "0",
+                 "--global-batch", "16", "--chunk-size", "8", "--warmup-steps", "1", "--eval-before", "false",
+                 "--progress", "false", "--num-workers", "1", "--seed", "3"]
+
+
+def _rank_env(rank: int, port: int, **extra) -> dict:
+    return dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **extra)
+
+
+def _two_ranks(out, code_args: list, park_rank: int | None = None):
+    """Rank 0 and rank 1 of one run, in one new process group (rank 0 leads it, as a job's), stdout and
+    stderr in files beside ``out``; rank ``park_rank``'s stdin and stdout are pipes (``_PARKED`` parks it)."""
+    from llave_fast.training.deepspeed_setup import _free_port, warm_deepspeed_ops
+
+    warm_deepspeed_ops()  # once, here, as spawn_ranks does: the ranks only load it
+    port, procs = _free_port(), []
+    extra = {} if park_rank is None else {"PARK_RANK": str(park_rank)}
+    for rank in (0, 1):
+        parked = rank == park_rank
+        logs = [open(f"{out}.rank{rank}.{name}", "w") for name in ("out", "err")]
+        procs.append(subprocess.Popen(
+            [sys.executable, *code_args], cwd=REPO, env=_rank_env(rank, port, **extra), text=True,
+            stdin=subprocess.PIPE if parked else subprocess.DEVNULL, stdout=subprocess.PIPE if parked else logs[0],
+            stderr=logs[1], process_group=0 if rank == 0 else procs[0].pid))
+        for f in logs:
+            f.close()
+    return procs
+
+
+def _ended(procs) -> list:
+    """The ranks' exit statuses; ranks not ended in 300 s (one waiting on another forever) are killed, with
+    their group, and the test fails."""
+    try:
+        return [p.wait(timeout=300) for p in procs]
+    finally:
+        _killed(procs)
+
+
+def _killed(procs) -> None:
+    if any(p.poll() is None for p in procs):
+        os.killpg(procs[0].pid, signal.SIGKILL)  # the ranks' group: their loader workers too
+        for p in procs:
+            p.communicate()
+
+
+def _read(out, rank: int, name: str) -> str:
+    with open(f"{out}.rank{rank}.{name}") as f:
+        return f.read()
+
+
+def _two_ranks_parked_then_resumed(tmp_path, signal_both: bool):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    procs = _two_ranks(out, ["-c", _PARKED, "2", str(PARKED_SAME_S), *TWO_RANK_ARGS, "--output-dir", str(out)],
+                       park_rank=1)
+    try:
+        seen = []
+        for line in procs[1].stdout:
+            seen.append(line)
+            if line.strip() == "PARKED":
+                break
+        assert seen and seen[-1].strip() == "PARKED", (seen, _read(out, 0, "err")[-2000:])
+        time.sleep(1)  # meanwhile rank 0 goes on into step 2 and waits on rank 1 in a collective (a C call)
+        if signal_both:
+            os.killpg(procs[0].pid, signal.SIGTERM)  # both ranks and their loader workers, as scancel would
+        else:
+            os.kill(procs[1].pid, signal.SIGTERM)  # rank 1 only: rank 0 learns it at step 3's start
+        procs[1].communicate("\n", timeout=300)
+        rcs = _ended(procs)
+    finally:
+        _killed(procs)
+    errs = [_read(out, r, "err") for r in (0, 1)]
+    assert rcs == [143, 143], (rcs, errs[0][-3000:], errs[1][-3000:])
+    told = [("SIGTERM: the step under way finishes" in e) for e in errs]
+    assert told == [signal_both, True], errs
+    tag = out / "checkpoints" / "step-00000002"
+    assert f"stopped by SIGTERM (it reached {2 if signal_both else 1} of the 2 ranks) after 2 steps; checkpoint " \
+           f"of the steps done: {tag}" in errs[0], errs[0][-3000:]
+    assert "stopped by SIGTERM" not in errs[1], errs[1][-3000:]  # said once, by rank 0
+    assert ckpt.complete_tags(str(out / "checkpoints")) == ["step-00000002"]
+    assert json.loads((tag / ckpt.MARKER).read_text()) == {"step": 2}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_{part}_states.pt" for r in (0, 1) for part in ("model", "optim")} \
+        <= set(os.listdir(tag))  # each rank's shard: both ranks joined the save
+    assert _logged_steps(out) == [1, 2]
+    # the same command, both ranks: the remaining step
+    again = tmp_path / "again"
+    rcs = _ended(_two_ranks(again, ["-m", "llave_fast", *TWO_RANK_ARGS, "--output-dir", str(out)]))
+    assert rcs == [0, 0], (rcs, _read(again, 0, "err")[-3000:], _read(again, 1, "err")[-3000:])
+    assert _logged_steps(out) == [1, 2, 3]
+    assert ckpt.latest_complete(str(out / "checkpoints")) == "step-00000003"
+    assert "3 of 3 (1 in this run, resumed at step 2)" in _read(again, 0, "out")
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_of_two_real_ranks_checkpoints_both_at_the_same_step_and_resumes(tmp_path):
+    """gloo, two processes: SIGTERM to rank 1 only, in the middle of step 2. The flag rides on the next
+    step's all-reduce: both ranks join the same save of step 2 (rank 0 writes COMPLETE), both exit 143,
+    and the same two-rank command trains step 3."""
+    _two_ranks_parked_then_resumed(tmp_path, signal_both=False)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_both_real_ranks_as_a_process_group_kill_checkpoints_once_and_resumes(tmp_path):
+    """As scancel or a process-group kill: both ranks (and their loader workers) are sent SIGTERM, rank 0
+    while it waits on rank 1 in a collective of step 2. One save of step 2, both exit 143, resumable."""
+    _two_ranks_parked_then_resumed(tmp_path, signal_both=True)
