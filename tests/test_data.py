@@ -1323,3 +1323,32 @@ def test_ranks_that_checked_other_images_are_refused_not_crashed(monkeypatch):
         MMEBDataset._exchange_problems(paths, {"/d/a.png": None})
     other = (2, [(0, "c.png", "unreadable image")])
     assert MMEBDataset._exchange_problems(paths, {"/d/a.png": None}) == {"/d/c.png": "unreadable image"}
+
+
+def test_the_parquet_converters_partial_conversion_is_read_as_its_split_and_said(tmp_path, caplog):
+    """The hub's parquet converter writes <subset>/partial-<split>/0000.parquet for a dataset it converted only in
+    part: it was read as a subset named 'partial-original' (split None), whatever the folder above said."""
+    img = tmp_path / "images"
+    _write_images(img, 4)
+    _parquet(tmp_path / "conv" / "MSCOCO" / "partial-original" / "0000.parquet", _rows(3))
+    _parquet(tmp_path / "conv" / "MSCOCO" / "partial-original" / "0001.parquet", _rows(1))
+    _parquet(tmp_path / "conv" / "MSCOCO" / "diverse_instruction" / "0000.parquet", _rows(2))
+    _parquet(tmp_path / "conv" / "N24News" / "original" / "0000.parquet", _rows(2))
+    with caplog.at_level(logging.WARNING, logger="llave_fast"):
+        ds = MMEBDataset(tmp_path / "conv", img, split="original")
+    assert ds.subsets == ["MSCOCO", "N24News"]
+    assert Counter(r["subset"] for r in ds) == {"MSCOCO": 4, "N24News": 2}  # trained on what is there
+    said = [r.getMessage() for r in caplog.records if "partial conversion" in r.getMessage()]
+    part = tmp_path / "conv" / "MSCOCO" / "partial-original"
+    assert len(said) == 1 and "1 subset(s)" in said[0] and f"MSCOCO (split original, in {part})" in said[0], said
+    assert "N24News" not in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llave_fast"):  # the partial split not read: not said
+        assert Counter(r["subset"] for r in MMEBDataset(tmp_path / "conv", img, split="diverse_instruction")) == \
+            {"MSCOCO": 2}
+    assert not [r for r in caplog.records if "partial conversion" in r.getMessage()]
+    # beside the whole split's own folder: two copies of one subset and split, refused as before
+    _parquet(tmp_path / "conv" / "MSCOCO" / "original" / "0000.parquet", _rows(1))
+    with pytest.raises(InvalidArgument, match=r"original/0000\.parquet and .*partial-original/0000\.parquet are both "
+                                              r"read as the same shard of subset 'MSCOCO' \(split 'original'\)"):
+        MMEBDataset(tmp_path / "conv", img, split="original")

@@ -177,6 +177,15 @@ def test_every_hub_layout_of_mmeb_eval_names_its_datasets(tmp_path):
         find_eval_datasets([str(tmp_path / "part")])
     write("part/N24News/test-00001-of-00003.parquet")
     assert len(find_eval_datasets([str(tmp_path / "part")])[0].files) == 3
+    # the hub parquet converter's partial conversion (<name>/partial-test/: the first part of a dataset too large for
+    # it) is refused, as a partial download is (it was a dataset named 'partial-test', scored as if whole)
+    write("conv_part/N24News/partial-test/0000.parquet")
+    write("conv_part/N24News/partial-test/0001.parquet")
+    write("conv_part/ImageNet-1K/test/0000.parquet")
+    with pytest.raises(ValueError, match=r"1 dataset\(s\) are the hub parquet converter's partial conversion .*: "
+                                         r"N24News \(split test, in .*conv_part/N24News/partial-test\): download"):
+        find_eval_datasets([str(tmp_path / "conv_part")])
+    assert [d.name for d in find_eval_datasets([str(tmp_path / "conv_part" / "ImageNet-1K")])] == ["ImageNet-1K"]
 
 
 def test_datasets_are_named_by_file_or_shard_folder(sets, tmp_path):

@@ -78,6 +78,7 @@ from .mmeb_tables import (  # noqa: F401 - re-exported: mmeb_eval and tests impo
     jsonl_lines,
     missing_shards,
     parse_json_line,
+    partial_conversions,
 )
 from ..errors import InvalidArgument
 
@@ -287,6 +288,12 @@ class MMEBDataset(torch.utils.data.Dataset):
             logger.warning("%d subset(s) are read without some of their hub shards (a partial download or copy?); "
                            "each is trained on what is there: %s", len(gone), "; ".join(gone[:5])
                            + ("; ..." if len(gone) > 5 else ""))
+        partial = partial_conversions(f for f, _, _ in picked)
+        if partial:  # as a partial download: trained on what is there, said
+            logger.warning("%d subset(s) are read from the hub parquet converter's partial conversion (a "
+                           "partial-<split> folder: the converter's branch holds only the first part of a dataset too "
+                           "large for it); each is trained on that part: %s", len(partial), "; ".join(partial[:5])
+                           + ("; ..." if len(partial) > 5 else ""))
         splits = sorted({sp for _, _, sp in picked if sp is not None})
         if split is None and len(splits) > 1:
             logger.warning("the data holds shards of %d splits (%s) and all are read; LLaVE trains on 'original' "

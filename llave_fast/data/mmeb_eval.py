@@ -32,7 +32,7 @@ import numpy as np
 
 from .image_root import missing_image_hint
 from .mmeb import BadDataError, ImageRoot, allow_outside_default, data_files, jsonl_lines, parse_json_line
-from .mmeb_tables import _name_file, data_kind, missing_shards, open_jsonl
+from .mmeb_tables import _name_file, data_kind, missing_shards, open_jsonl, partial_conversions
 from ..errors import InvalidArgument, MissingDependency
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,9 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
     in every layout the hub writes: ``<name>.jsonl``/``.parquet``; ``<name>/test-00000-of-00001.parquet``
     (``push_to_hub``: how TIGER-Lab/MMEB-eval is stored); ``data/<name>-test-00000-of-00001.parquet``;
     and the parquet converter's ``<name>/test/0000.parquet`` (or ``<name>/0000.parquet``). The
-    files of one dataset lie in one folder and belong to one split, each shard once."""
+    files of one dataset lie in one folder and belong to one split, each shard once; a dataset
+    missing some of its shards, or read from the converter's partial conversion
+    (``<name>/partial-test/0000.parquet``: the first part of a dataset too large for it), is refused."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files = data_files(paths)
@@ -297,6 +299,14 @@ def find_eval_datasets(paths) -> list[EvalDataset] | None:
             by_name[name].files.append(str(f))
         else:
             by_name[name] = EvalDataset(name, [str(f)])
+    partial = partial_conversions(f for ds in by_name.values() for f in ds.files)
+    if partial:  # as a partial download: a score under MMEB's name is of the whole dataset
+        raise InvalidArgument(f"{len(partial)} dataset(s) are the hub parquet converter's partial conversion (a "
+                              "partial-<split> folder: the first part of a dataset too large for the converter), whose "
+                              "score would pass for the whole dataset's: " + "; ".join(partial[:5])
+                              + ("; ..." if len(partial) > 5 else "")
+                              + ": download the dataset's own files (its main branch) instead (--max-queries evaluates "
+                              "part of a dataset)")
     gone = missing_shards(_name_file(Path(f)) for ds in by_name.values() for f in ds.files)
     if gone:  # a score under MMEB's name is of the whole dataset; --max-queries evaluates part of one
         raise InvalidArgument(f"{len(gone)} dataset(s) lack some of their hub shards (a partial download or copy?): "

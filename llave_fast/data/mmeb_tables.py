@@ -20,7 +20,7 @@ from ..errors import InvalidArgument, MissingDependency, MissingFile
 
 __all__ = ["MAX_LINE_BYTES", "MMEB_COLUMNS", "MMEB_NEG_COLUMNS", "MMEB_REQUIRED_COLUMNS",
            "HUB_SPLITS", "data_files", "data_kind", "data_stem", "jsonl_lines", "missing_shards", "open_jsonl",
-           "parse_json_line"]
+           "parse_json_line", "partial_conversions"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ _CONVERTER_RE = re.compile(r"^\d{4}$")  # the hub's parquet converter: <subset>/
 # the split names MMEB's hub datasets use (and the usual ones): what the folder of a parquet-converter shard
 # must be named to be read as <subset>/<split>/0000.parquet; any other folder is the subset (split level left out)
 HUB_SPLITS = frozenset({"original", "diverse_instruction", "train", "test", "validation", "dev", "val"})
+# the converter's folder for a split it converted only in part (a dataset too large for it): <subset>/partial-<split>/
+_PARTIAL = "partial-"
 _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -244,7 +246,33 @@ def _from_columns(columns: dict, src: str, max_rows: int | None) -> _Source:
 
 
 _LAYOUTS = ("<subset>.jsonl / <subset>.parquet, <subset>/<split>-00000-of-00001.parquet, "
-            "data/<subset>-<split>-00000-of-00001.parquet, <subset>/<split>/0000.parquet or <subset>/0000.parquet")
+            "data/<subset>-<split>-00000-of-00001.parquet, <subset>/<split>/0000.parquet, "
+            "<subset>/partial-<split>/0000.parquet or <subset>/0000.parquet")
+
+
+def _converter_split(folder: str) -> tuple[str | None, bool]:
+    """(the split a parquet-converter folder names, or None where it names none; whether it is the
+    converter's partial conversion, ``partial-<split>``)."""
+    if folder.lower() in HUB_SPLITS:
+        return folder, False
+    if folder.lower().startswith(_PARTIAL) and folder[len(_PARTIAL):].lower() in HUB_SPLITS:
+        return folder[len(_PARTIAL):], True
+    return None, False
+
+
+def partial_conversions(files) -> list[str]:
+    """One line per subset and split read from the hub parquet converter's partial conversion
+    (``<subset>/partial-<split>/0000.parquet``: the converter's branch holds only the first part of
+    a dataset too large for it), e.g. ``"MSCOCO (split original, in .../MSCOCO/partial-original)"``;
+    read as split ``<split>``, such a folder otherwise passes for the whole subset."""
+    out = {}
+    for f in map(Path, files):
+        if _CONVERTER_RE.match(data_stem(f)) and data_kind(f) == "parquet":
+            folder = Path(os.path.abspath(f)).parent
+            split, partial = _converter_split(folder.name)
+            if partial:
+                out.setdefault((folder.parent.name, split), f"{folder.parent.name} (split {split}, in {folder})")
+    return [out[k] for k in sorted(out)]
 
 
 def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
@@ -255,7 +283,9 @@ def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
     split is what follows its last '-', since the hub's split names never hold one) and
     ``<subset>/<split>/0000.parquet`` (the hub's parquet converter; the folder is read as the split
     when it has a split's name, :data:`HUB_SPLITS`, and as the subset otherwise: ``c/MSCOCO/0000.parquet``
-    is subset MSCOCO, not split MSCOCO of a subset "c"); any other file is a subset of its own,
+    is subset MSCOCO, not split MSCOCO of a subset "c"; its ``partial-<split>`` folder, the part it
+    converted of a dataset too large for it, is split ``<split>``: :func:`partial_conversions` says
+    which were read); any other file is a subset of its own,
     named by the file. A shard name that fits none of these is refused: the old
     reading (the folder names the subset, the rest of the name the split) named every subset
     of ``data/`` "data", and every converter shard a subset "0000"."""
@@ -274,12 +304,13 @@ def _name_file(path: Path) -> tuple[str, str | None, tuple | None]:
             f"{path}: a shard named {path.name!r} in folder {folder.name!r} fits none of the layouts read "
             f"({_LAYOUTS}; a split name has no '-'): cannot tell its subset and split apart; rename it or its folder")
     if _CONVERTER_RE.match(stem) and data_kind(path) == "parquet":  # <subset>/<split>/0000.parquet
-        if folder.name.lower() not in HUB_SPLITS:  # <subset>/0000.parquet: the split level left out
+        split = _converter_split(folder.name)[0]  # partial-<split>: split <split> (partial_conversions says it)
+        if split is None:  # <subset>/0000.parquet: the split level left out
             return folder.name, None, (int(stem),)
-        split, subset = folder.name, folder.parent.name
+        subset = folder.parent.name
         if not subset:
             raise InvalidArgument(f"{path}: a parquet-converter shard ({path.name!r}) is named by its folders "
-                                  f"<subset>/<split>/{path.name}, but it has no subset folder above {split!r}: "
+                                  f"<subset>/<split>/{path.name}, but it has no subset folder above {folder.name!r}: "
                                   f"name the folder above the subset folders instead")
         return subset, split, (int(stem),)
     return stem, None, None
