@@ -109,6 +109,27 @@ def test_trainer_recipe_refusals():
                                 alpha=float("nan"))
 
 
+def test_the_collator_refuses_an_empty_or_non_text_value_naming_the_row_and_key():
+    """An empty negative "" was tokenised to [CLS] [SEP] and trained on as a hard negative of no words (a blank
+    query or target as a text of no words); a number failed inside the tokenizer, a dict was read as its keys."""
+    good = {"query": "a cat", "target": "a photo of a cat", "negative": "a dog"}
+    collate = TextPairCollator(tiny_tokenizer(), negative_key="negative")
+    cases = [({"negative": ""}, ValueError, r"row 1's 'negative' is an empty text \(''\).*None or \[\] under "
+                                           r"'negative'"),
+             ({"negative": ["a bus", "  "]}, ValueError, r"row 1's 'negative'\[1\] is an empty text \('  '\)"),
+             ({"query": ""}, ValueError, r"row 1's 'query' is an empty text .*every query and target needs a text"),
+             ({"target": " \n"}, ValueError, r"row 1's 'target' is an empty text"),
+             ({"target": 7}, TypeError, r"row 1's 'target' must be a text, got int 7"),
+             ({"negative": [None]}, TypeError, r"row 1's 'negative'\[0\] must be a text, got NoneType"),
+             ({"negative": {"a dog": 1}}, TypeError, r"row 1's 'negative' must be a text, a list of texts, None or "
+                                                     r"\[\], got dict")]
+    for change, kind, message in cases:
+        with pytest.raises(kind, match=message) as e:
+            collate([good, {**good, **change}])
+        assert isinstance(e.value, LlaveFastError)
+    assert collate([good, {**good, "negative": []}])["negatives"]["input_ids"].shape[0] == 1
+
+
 _RANK_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})

@@ -132,7 +132,9 @@ class TextPairCollator:
     negatives, one or several, all go into one "negatives" batch). With ``negative_key`` set, a
     first batch none of whose rows holds that key is refused (a misspelt key is not taken for a batch
     without negatives); once a batch has held it, rows may leave it out. A row without negatives
-    holds the key with None or [] (or, after the first batch, leaves it out)."""
+    holds the key with None or [] (or, after the first batch, leaves it out). A text that is not a
+    str, or is empty or blank (``""``: it would be trained on as a text of no words), is refused
+    naming the row and key."""
 
     def __init__(self, tokenizer, *, query_key: str = "query", target_key: str = "target",
                  negative_key: str | None = None, max_length: int | None = None):
@@ -151,8 +153,8 @@ class TextPairCollator:
             if missing:
                 raise MissingKey(f"TextPairCollator: rows {missing[:5]} have no {key!r} (keys of row "
                                f"{missing[0]}: {sorted(rows[missing[0]])})")
-        batch = {"query": self._tok([r[self.query_key] for r in rows]),
-                 "target": self._tok([r[self.target_key] for r in rows])}
+        batch = {"query": self._tok([_text(r[self.query_key], i, self.query_key) for i, r in enumerate(rows)]),
+                 "target": self._tok([_text(r[self.target_key], i, self.target_key) for i, r in enumerate(rows)])}
         if self.negative_key is not None:
             if any(self.negative_key in r for r in rows):
                 self._negative_key_seen = True
@@ -161,12 +163,32 @@ class TextPairCollator:
                                  f"rows (keys of row 0: {sorted(rows[0]) if rows else []}); a row without hard "
                                  "negatives holds the key with None or []")
             negs = []
-            for r in rows:
+            for i, r in enumerate(rows):
                 v = r.get(self.negative_key)
-                negs += [] if v is None else ([v] if isinstance(v, str) else list(v))
+                if v is None or isinstance(v, str):
+                    negs += [] if v is None else [_text(v, i, self.negative_key, negative=True)]
+                elif isinstance(v, (list, tuple)):
+                    negs += [_text(x, i, self.negative_key, negative=True, index=k) for k, x in enumerate(v)]
+                else:
+                    raise InvalidArgumentType(f"TextPairCollator: row {i}'s {self.negative_key!r} must be a text, a "
+                                              f"list of texts, None or [], got {type(v).__name__} {v!r:.60}")
             if negs:
                 batch["negatives"] = self._tok(negs)
         return batch
+
+
+def _text(value, row: int, key: str, *, negative: bool = False, index: int | None = None) -> str:
+    """A row's text, refused where it is none (tokenised, an empty or blank one was trained on as a text
+    of no words: an empty hard negative, say, silently pulled every query away from that embedding)."""
+    where = f"row {row}'s {key!r}" + ("" if index is None else f"[{index}]")
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"TextPairCollator: {where} must be a text, got {type(value).__name__} {value!r:.60}")
+    if not value.strip():
+        way_out = (f"a row without hard negatives holds None or [] under {key!r}" if negative else
+                   "every query and target needs a text")
+        raise InvalidArgument(f"TextPairCollator: {where} is an empty text ({value!r}), which would be trained on as "
+                              f"a text of no words; {way_out}")
+    return value
 
 
 class FusedContrastiveTrainer(Trainer):
