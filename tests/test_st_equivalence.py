@@ -414,6 +414,67 @@ def test_refusals_name_the_argument_and_the_value(model64):
         fused_mnrl_loss(q, q, torch.randn(6, 8))
 
 
+def test_embedding_refusals_name_the_argument_passed():
+    """fused_mnrl_loss and compute_loss_from_embeddings name what the user passed (anchor, embeddings[k]), not the
+    fused loss's own query/target: an empty batch, mixed dtypes or devices were said of "query"/"target"; integer
+    embeddings and a negative column of another width or None failed with torch's RuntimeError/TypeError; negative
+    columns of 2 and 6 rows beside 4 anchors were read as two whole columns of 4, silently."""
+    from llave_fast.errors import InvalidArgumentType, LlaveFastError
+
+    a, p = torch.randn(4, 8), torch.randn(4, 8)
+    for call, kind, message in [
+        (lambda: fused_mnrl_loss(a[:0], p[:0]), ValueError, r"^anchor is an empty batch \(shape \(0, 8\)\)"),
+        (lambda: fused_mnrl_loss(a.double(), p), TypeError, r"^positive has dtype torch.float32 but anchor has dtype "
+                                                            r"torch.float64"),
+        (lambda: fused_mnrl_loss(a, p, torch.randn(4, 8).double()), TypeError, r"^negatives has dtype torch.float64 "
+                                                                               r"but anchor has dtype torch.float32"),
+        (lambda: fused_mnrl_loss(a.long(), p.long()), TypeError, r"^anchor must be floating-point embeddings .*got "
+                                                                 r"dtype torch.int64"),
+        (lambda: fused_mnrl_loss(a, p.to("meta")), ValueError, r"^positive is on meta but anchor is on cpu"),
+    ]:
+        with pytest.raises(kind, match=message) as e:
+            call()
+        assert isinstance(e.value, LlaveFastError)
+    loss = FusedMultipleNegativesRankingLoss(None)
+    for cols, kind, message in [
+        ([a, p, torch.randn(2, 8), torch.randn(6, 8)], ValueError,
+         r"^embeddings\[2\] \(hard negative column 1\) has shape \(2, 8\) but embeddings\[0\] \(anchor\) has "
+         r"\(4, 8\)"),
+        ([a, p, torch.randn(4, 8), torch.randn(4, 6)], ValueError, r"^embeddings\[3\] \(hard negative column 2\) "
+                                                                   r"has shape \(4, 6\)"),
+        ([a, p, None], ValueError, r"^embeddings\[2\] \(hard negative column 1\) must be a \(B, d\) tensor .*got "
+                                   r"NoneType"),
+        ([a, p.double()], TypeError, r"^embeddings\[1\] \(positive\) has dtype torch.float64 but embeddings\[0\] "
+                                     r"\(anchor\) has dtype torch.float32"),
+        ("ab", InvalidArgumentType, r"^embeddings must be a list of \(B, d\) tensors .*got str"),
+    ]:
+        with pytest.raises(kind, match=message) as e:
+            loss.compute_loss_from_embeddings(cols, None)
+        assert isinstance(e.value, LlaveFastError)
+    # 16-bit embeddings are computed in float32 (as cos_sim does): mixed with float32, taken; a generator, taken
+    want = loss.compute_loss_from_embeddings([a, p], None)
+    assert torch.isfinite(loss.compute_loss_from_embeddings([a.half(), p], None))
+    assert loss.compute_loss_from_embeddings(iter([a, p]), None) == want
+
+
+def test_forward_refuses_texts_one_dict_or_no_model_naming_them(model64):
+    """Texts instead of the model's features failed deep in the forward (AttributeError: 'str' object has no
+    attribute ...), one dict for all columns as "1 column", and a loss built with model=None with a TypeError."""
+    from llave_fast.errors import LlaveFastError
+
+    feats = columns(model64, 2, 0)
+    for cls in (FusedMultipleNegativesRankingLoss, FusedCachedMultipleNegativesRankingLoss):
+        loss = cls(model64)
+        for given, message in [(["a cat", "a dog"], r"sentence_features must hold one dict of model inputs per "
+                                                    r"column .*got str at column 0 \(anchor\)"),
+                               (dict(feats[0]), r"sentence_features must be a list of columns .*got dict")]:
+            with pytest.raises(TypeError, match=f"^{cls.__name__}: {message}") as e:
+                loss(given, None)
+            assert isinstance(e.value, LlaveFastError)
+        with pytest.raises(ValueError, match=rf"^{cls.__name__} was built with model=None"):
+            cls(None)(feats, None)
+
+
 # --------------------------------------------------------------------------- across ranks
 
 

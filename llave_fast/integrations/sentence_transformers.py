@@ -236,6 +236,30 @@ def _unit(x: Tensor) -> Tensor:
     return F.normalize(x, p=2, dim=-1)
 
 
+def _check_alike(anchor: Tensor, others, anchor_name: str = "anchor") -> None:
+    """Floating-point embeddings on the anchor's device, of the dtype the anchor's is computed in (16-bit
+    ones in float32, as ``cos_sim`` does): refused naming the argument the user passed (the fused loss
+    would name its own arguments, query and target, or a tensor of ints would fail in the normalisation)."""
+    def computed_in(x: Tensor) -> torch.dtype:
+        return torch.float32 if torch.finfo(x.dtype).bits < 32 else x.dtype
+
+    for name, x in ((anchor_name, anchor), *others):
+        if x is not None and not torch.is_floating_point(x):
+            raise InvalidArgumentType(f"{name} must be floating-point embeddings (float16, bfloat16, float32 or "
+                                      f"float64), got dtype {x.dtype}")
+    for name, x in others:
+        if x is None:
+            continue
+        if x.device != anchor.device:
+            raise InvalidArgument(f"{name} is on {x.device} but {anchor_name} is on {anchor.device}: move the "
+                                  "embeddings to one device")
+        if computed_in(x) != computed_in(anchor):
+            raise InvalidArgumentType(
+                f"{name} has dtype {x.dtype} but {anchor_name} has dtype {anchor.dtype}: cast the embeddings to one "
+                "dtype (16-bit ones are computed in float32, as sentence-transformers' cos_sim does, and mix with "
+                "float32)")
+
+
 def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -284,17 +308,22 @@ def fused_mnrl_loss(
     if positive.shape != anchor.shape:
         raise InvalidArgument(f"positive must have anchor's shape {tuple(anchor.shape)}, got {tuple(positive.shape)}")
     B = anchor.shape[0]
+    if B == 0 or anchor.shape[1] == 0:
+        what = "is an empty batch" if B == 0 else "has embeddings of width 0"
+        raise InvalidArgument(f"anchor {what} (shape {tuple(anchor.shape)}): the loss needs at least one pair "
+                              "of embeddings")
     if negatives is not None:
         if not isinstance(negatives, Tensor) or negatives.dim() != 2 or negatives.shape[1] != anchor.shape[1]:
             got = tuple(negatives.shape) if isinstance(negatives, Tensor) else type(negatives).__name__
             raise InvalidArgument(f"negatives must be an (n * B, {anchor.shape[1]}) tensor, got {got}")
         if negatives.shape[0] == 0:
             negatives = None
-        elif B == 0 or negatives.shape[0] % B:
+        elif negatives.shape[0] % B:
             raise InvalidArgument(
                 f"negatives must hold whole columns of B = {B} hard negatives (n * B rows, column by column), "
                 f"got {negatives.shape[0]} rows"
             )
+    _check_alike(anchor, (("positive", positive), ("negatives", negatives)))
     a_in, a_own, a_d2q = _alphas(hardness_mode, strength, symmetric_hardness)
     rank, world = _world()
     distributed = gather_across_devices and world > 1
@@ -425,6 +454,58 @@ class _FusedMNRLBase(nn.Module):
         return _LLAVE_CITATION
 
 
+def _role(k: int) -> str:
+    return ("anchor", "positive")[k] if k < 2 else f"hard negative column {k - 1}"
+
+
+def _columns(embeddings) -> list[Tensor]:
+    """``compute_loss_from_embeddings``'s columns, each a (B, d) tensor of one B and d (every column holds one row
+    per anchor: columns of other lengths were concatenated and read as whole columns of B, or failed in
+    ``torch.cat``), named ``embeddings[k]`` where they are not."""
+    if isinstance(embeddings, (str, bytes, dict)) or not isinstance(embeddings, Iterable):
+        raise InvalidArgumentType(f"embeddings must be a list of (B, d) tensors [anchor, positive, negative_1, ...], "
+                                  f"got {type(embeddings).__name__}")
+    embeddings = list(embeddings)
+    for k, x in enumerate(embeddings):
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise InvalidArgument(f"embeddings[{k}] ({_role(k)}) must be a (B, d) tensor of embeddings, got {got}")
+        if k and x.shape != embeddings[0].shape:
+            raise InvalidArgument(
+                f"embeddings[{k}] ({_role(k)}) has shape {tuple(x.shape)} but embeddings[0] (anchor) has "
+                f"{tuple(embeddings[0].shape)}: every column holds one (d-wide) embedding per anchor, row i of each "
+                "belonging to anchor i")
+    if embeddings:
+        _check_alike(embeddings[0], [(f"embeddings[{k}] ({_role(k)})", x) for k, x in enumerate(embeddings) if k],
+                     "embeddings[0] (anchor)")
+    return embeddings
+
+
+def _feature_columns(sentence_features, loss) -> list:
+    """The trainer's columns, at least 2, one dict of model inputs each (``model.preprocess(texts)``): texts, or
+    one dict for all, failed deep in the model's forward (an AttributeError), a loss built with ``model=None``
+    (for ``compute_loss_from_embeddings``) with a TypeError."""
+    name = type(loss).__name__
+    if hasattr(sentence_features, "keys") or isinstance(sentence_features, (str, bytes)) \
+            or not isinstance(sentence_features, Iterable):
+        raise InvalidArgumentType(f"{name}: sentence_features must be a list of columns (anchor, positive[, "
+                                  f"negatives]), one dict of model inputs each, got {type(sentence_features).__name__}")
+    features = list(sentence_features)
+    if len(features) < 2:
+        raise InvalidArgument(f"{name} needs at least 2 input columns (anchor, positive[, negatives]), "
+                              f"got {len(features)}")
+    for k, f in enumerate(features):
+        if not hasattr(f, "keys") or not hasattr(f, "__getitem__"):
+            raise InvalidArgumentType(
+                f"{name}: sentence_features must hold one dict of model inputs per column (what "
+                f"model.preprocess(texts) or the trainer's collator gives), got {type(f).__name__} at column {k} "
+                f"({_role(k)})")
+    if loss.model is None:
+        raise InvalidArgument(f"{name} was built with model=None, which computes compute_loss_from_embeddings "
+                              "only: give it the SentenceTransformer model to train on sentence_features")
+    return features
+
+
 def _embed_columns(model, features: list) -> list[Tensor]:
     """Every column's embeddings, as sentence-transformers' MultipleNegativesRankingLoss embeds them."""
     try:
@@ -466,14 +547,12 @@ class FusedMultipleNegativesRankingLoss(_FusedMNRLBase):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         """The loss of one batch: the model's features of its (anchor, positive[, negative_1, ...])
         columns, as sentence-transformers' trainer passes them; ``labels`` is unused."""
-        features = list(sentence_features)
-        if len(features) < 2:
-            raise InvalidArgument(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
-                             f"got {len(features)}")
+        features = _feature_columns(sentence_features, self)
         return self.compute_loss_from_embeddings(_embed_columns(self.model, features), labels)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         """The loss of already computed column embeddings ``[anchor, positive, negative_1, ...]``, each (B, d)."""
+        embeddings = _columns(embeddings)
         if len(embeddings) < 2:
             raise InvalidArgument(f"embeddings must hold at least 2 columns (anchor, positive[, negatives]), "
                              f"got {len(embeddings)}")
@@ -568,10 +647,7 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         """The loss of one batch (its columns' features; ``labels`` unused): every column encoded in
         mini-batches without grad; the returned loss's backward re-encodes them with grad."""
-        features = list(sentence_features)
-        if len(features) < 2:
-            raise InvalidArgument(f"{type(self).__name__} needs at least 2 input columns (anchor, positive[, negatives]), "
-                             f"got {len(features)}")
+        features = _feature_columns(sentence_features, self)
         if not self.uses_fused_loss:
             self._note_fallback()
             return self._st_loss()(features, labels)
