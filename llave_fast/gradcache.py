@@ -167,28 +167,38 @@ def _active_dropout(encoder) -> list[str]:
             and m.p > 0]
 
 
-def _check_replayable(encoder, chunks, side: str) -> None:
-    """Refuse a re-encode whose random draws cannot be replayed: the encoder's parameters or the
-    inputs on a device whose generator :class:`_RngState` does not record, with dropout active
-    (its masks would differ between the two passes, and the gradients with them, silently). Without
-    a dropout layer found, only a warning (an encoder may draw random numbers by other means)."""
+def _unreplayable_devices(encoder, chunks) -> list[str]:
+    """The device types of the encoder's parameters and the inputs whose generator :class:`_RngState`
+    does not record."""
     devices = set()
     for chunk in chunks:
         _device_types(chunk, devices)
     if isinstance(encoder, torch.nn.Module):
         devices.update(p.device.type for p in encoder.parameters())
-    unknown = sorted(devices - _NO_RNG_DEVICES - set(_DEVICE_RNGS))
-    if not unknown:
-        return
-    dropout = _active_dropout(encoder)
-    if dropout:
-        raise InvalidArgument(
-            f"GradCache cannot replay the random number generator of device {', '.join(unknown)} (the {side} "
+    return sorted(devices - _NO_RNG_DEVICES - set(_DEVICE_RNGS))
+
+
+def _replay_refusal(encoder, chunks, side: str) -> str | None:
+    """Why a re-encode's random draws cannot be replayed, or None: the encoder's parameters or the
+    inputs on a device whose generator :class:`_RngState` does not record, with dropout active (its
+    masks would differ between the two passes, and the gradients with them, silently). Every rank
+    raises it (``GradCache.__call__``): one alone would leave the others in a collective."""
+    unknown = _unreplayable_devices(encoder, chunks)
+    dropout = _active_dropout(encoder) if unknown else []
+    if not dropout:
+        return None
+    return (f"GradCache cannot replay the random number generator of device {', '.join(unknown)} (the {side} "
             f"encoder's parameters or inputs are there): the re-encode would draw other dropout masks than the "
             f"first pass in {', '.join(dropout[:3])}{' ...' if len(dropout) > 3 else ''}, and the gradients "
             "would be wrong. Put the encoder in eval mode or set the dropout to 0, take the single pass "
             "(chunk_size holding the whole batch), or train on cpu, cuda, mps or xpu")
-    if isinstance(encoder, torch.nn.Module) and not encoder.training:
+
+
+def _warn_unreplayable(encoder, chunks, side: str) -> None:
+    """Without a dropout layer found (:func:`_replay_refusal` refuses one), a warning: an encoder in
+    training mode may draw random numbers by other means."""
+    unknown = _unreplayable_devices(encoder, chunks)
+    if not unknown or isinstance(encoder, torch.nn.Module) and not encoder.training:
         return
     warnings.warn(
         f"GradCache cannot replay the random number generator of device {', '.join(unknown)} (the {side} "
@@ -379,28 +389,31 @@ class GradCache:
                 for enc, c, n_pad, pad, side in zip(encoders, chunks, pads, pad_with, ("query", "target", "negative"))]
 
     def _chunk_targets(self, counts: list[int], fits: bool = False,
-                       empty: bool = False) -> tuple[list[int], bool, bool]:
+                       stops: list[bool] = (False, False)) -> tuple[list[int], bool, list[bool]]:
         """(the chunk counts every rank uses: the max over ranks, where that is needed; whether
         every rank takes the single pass: ``fits`` on every rank and equal counts everywhere;
-        whether any rank is ``empty``: no query or no target chunk). One all-reduce carries all three."""
+        for each of this rank's ``stops``, whether any rank has it: [an empty batch, no query or no
+        target chunk; a re-encode it cannot replay]). One all-reduce carries them all."""
         import torch.distributed as dist
 
         on = self.equalize_chunks
+        stops = [bool(x) for x in stops]
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
-            return counts, fits, empty
+            return counts, fits, stops
         if on is False:  # the ranks are not to be coordinated: a single pass could unbalance the calls
-            return counts, False, empty
+            return counts, False, stops
         from .distributed import collective_device
 
         group = self.process_group
         dev = collective_device(group)
-        # max of the counts, max of their negatives (-min), whether any rank does not fit, whether any is empty
-        t = torch.tensor(counts + [-c for c in counts] + [0 if fits else 1, int(empty)], dtype=torch.int64, device=dev)
+        # max of the counts, max of their negatives (-min), whether any rank does not fit, whether any has each stop
+        t = torch.tensor(counts + [-c for c in counts] + [0 if fits else 1] + [int(x) for x in stops],
+                         dtype=torch.int64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         t = [int(x) for x in t.tolist()]
         k = len(counts)
         high, low = t[:k], [-x for x in t[k : 2 * k]]
-        return high, t[2 * k] == 0 and high == low, bool(t[2 * k + 1])
+        return high, t[2 * k] == 0 and high == low, [bool(x) for x in t[2 * k + 1:]]
 
     def _fits_one_pass(self, sizes: list[int]) -> bool:
         """Whether this rank's whole batch can take the single pass (see the module docstring)."""
@@ -501,8 +514,13 @@ class GradCache:
         n_n = sum(self._count(c, "negative chunk") for c in n_chunks)
         grad_wanted = torch.is_grad_enabled()
         empty = not (q_chunks and t_chunks)
-        want, single, any_empty = self._chunk_targets([len(q_chunks), len(t_chunks), len(n_chunks)],
-                                                      grad_wanted and self._fits_one_pass([n_q, n_t, n_n]), empty)
+        # a re-encode whose random draws cannot be replayed here: refused below by every rank, since this rank
+        # alone would leave the others in their encoders' and the loss's collectives
+        refusal = (_replay_refusal(self.encoder, q_chunks, "query")
+                   or _replay_refusal(self.target_encoder, t_chunks + n_chunks, "target")) if grad_wanted else None
+        want, single, (any_empty, any_refusal) = self._chunk_targets(
+            [len(q_chunks), len(t_chunks), len(n_chunks)], grad_wanted and self._fits_one_pass([n_q, n_t, n_n]),
+            [empty, refusal is not None])
         if not any(want[:2]):
             raise InvalidArgument("GradCache: query_inputs and target_inputs are empty on every rank: nothing to encode")
         if single:
@@ -518,9 +536,14 @@ class GradCache:
         pad_with = [q_chunks[:1], t_chunks[:1], (n_chunks or t_chunks)[:1]]
         if not grad_wanted:
             return self._loss_only(q_chunks, t_chunks, n_chunks, pads, pad_with, loss_kwargs)
-        # the re-encode replays the first pass's random draws: refused where it cannot
-        _check_replayable(self.encoder, q_chunks, "query")
-        _check_replayable(self.target_encoder, t_chunks + n_chunks, "target")
+        # the re-encode replays the first pass's random draws: refused where it cannot, on every rank
+        if any_refusal:
+            raise InvalidArgument(refusal or (
+                "GradCache: another rank cannot replay the random number generator of its encoder's device with "
+                "dropout active (its own error names the device and the layers): the re-encode's gradients would "
+                "be wrong there, so every rank stops"))
+        _warn_unreplayable(self.encoder, q_chunks, "query")
+        _warn_unreplayable(self.target_encoder, t_chunks + n_chunks, "target")
         total = sum(want) if self.defer_backward else 2 * sum(want)
         bar = _progress(total, self.progress)
         autocast = _AutocastState()

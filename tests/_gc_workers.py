@@ -27,6 +27,25 @@ class Encoder(nn.Module):
         return F.normalize(self.net(x), dim=-1)
 
 
+class OtherDeviceTensor(torch.Tensor):
+    """A CPU tensor that says it lives on an accelerator whose generator GradCache cannot replay."""
+
+    @property
+    def device(self):
+        return torch.device("hpu")
+
+
+class Unwrapping(nn.Module):
+    """The encoder reading such a tensor as the CPU tensor it is (its embeddings are plain CPU tensors)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.as_subclass(torch.Tensor))
+
+
 def make_batch(n, d_in=12, seed=0, tiles=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, d_in, generator=g)
@@ -99,6 +118,29 @@ def empty_rank(rank, world):
     with pytest.raises(InvalidArgument, match=f"GradCache: {who} has an empty batch"):
         GradCache(Encoder(), loss_fn, 2)(q, t)
     dist.barrier()  # every rank got here: none is left in a collective
+
+
+def unreplayable_rank(rank, world):
+    """Rank 1's inputs lie on a device whose generator GradCache cannot replay, dropout active: every rank
+    raises, rank 1 naming the device; rank 1 alone used to, leaving the others in the loss's gather (a short
+    group timeout makes that a failure in seconds, not gloo's half hour)."""
+    import datetime
+
+    import pytest
+
+    from llave_fast.errors import InvalidArgument
+
+    group = dist.new_group(timeout=datetime.timedelta(seconds=20))
+    torch.manual_seed(0)
+    model = Unwrapping(Encoder(p_drop=0.3)).train()
+    q, t = make_batch(6, seed=rank)
+    if rank == 1:
+        q = q.as_subclass(OtherDeviceTensor)
+    loss_fn = FusedHardnessLoss(local_loss=True, distributed=True, backend="torch", process_group=group)
+    said = r"device hpu .*net\.2" if rank == 1 else r"GradCache: another rank cannot replay the random number"
+    with pytest.raises(InvalidArgument, match=said):
+        GradCache(model, loss_fn, 4)(q, t)
+    dist.barrier(group)  # every rank got here: none is left in a collective
 
 
 def deepspeed_rank(rank, world, stage, chunk, sizes=None, expect_calls=None):

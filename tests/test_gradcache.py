@@ -132,23 +132,7 @@ def test_dropout_drawn_on_an_accelerator_replays(monkeypatch, device):
     assert torch.equal(after_step, torch.rand(4, generator=rng.gen))
 
 
-class _OtherDeviceTensor(torch.Tensor):
-    """A CPU tensor that says it lives on an accelerator whose generator GradCache cannot replay."""
-
-    @property
-    def device(self):
-        return torch.device("hpu")
-
-
-class _Unwrapping(torch.nn.Module):
-    """The encoder reading such a tensor as the CPU tensor it is (its embeddings are plain CPU tensors)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x.as_subclass(torch.Tensor))
+_OtherDeviceTensor, _Unwrapping = W.OtherDeviceTensor, W.Unwrapping  # shared with the ranks' workers
 
 
 @pytest.mark.parametrize("p_drop,mode", [(0.3, "train"), (0.0, "train"), (0.3, "eval")])
@@ -245,6 +229,14 @@ def test_an_empty_rank_stops_every_rank_with_one_message():
     """A rank with no pairs while others have chunks: every rank raises (the empty one alone used to, which
     left the others in their encoders' and the loss's collectives: gloo aborts, NCCL waits for its timeout)."""
     spawn_ranks(W.empty_rank, 3)
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_replay_its_dropout_stops_every_rank():
+    """The refusal of a re-encode whose dropout cannot be replayed (inputs on a device GradCache does not record)
+    was raised by that rank alone, after the ranks had agreed to take the cached path: the others went on into
+    their encoders' and the loss's collectives and waited there (gloo aborts, NCCL waits for its timeout)."""
+    spawn_ranks(W.unreplayable_rank, 2)
 
 
 @pytest.mark.parametrize("world", [2, 3])
