@@ -215,9 +215,12 @@ def peak_mib(**spec) -> dict:
 
 def rows_of(timing: dict, failed: dict | None = None) -> dict:
     """The rows of part 1: ``timing`` (time_interleaved's) and the ``failed`` ones ({variant: why}, not timed); a
-    variant that errored keeps its raw times but gets no median, so no ratio."""
+    variant that errored, or was stopped before its timed runs were all taken (``partial``), keeps its raw times
+    but gets no median, so no ratio."""
     rows = {v: {"fwd_bwd_ms": r["raw_ms"]["fwd_bwd"], "losses": r["losses"], "error": r["error"],
-                **{f"median_{k}_ms": None if r["error"] else C.median(r["raw_ms"][k]) for k in C.PARTS}}
+                **({"partial": True} if r.get("partial") else {}),
+                **{f"median_{k}_ms": None if r["error"] or r.get("partial") else C.median(r["raw_ms"][k])
+                   for k in C.PARTS}}
             for v, r in timing.items()}
     rows.update({v: {"fwd_bwd_ms": [], "losses": [], "error": why, "status": "FAILED",
                      **{f"median_{k}_ms": None for k in C.PARTS}} for v, why in (failed or {}).items()})
@@ -234,11 +237,11 @@ def ratios_of(rows: dict) -> dict:
             for v, b in BASELINE.items() if v in rows}
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 2 and argv[0] == "--_mem-worker":
-        mem_worker(json.loads(argv[1]))
-        return 0
+def parse_args(argv) -> argparse.Namespace:
+    """The command line, each bad value refused naming its flag and what it got: a size below its floor, a batch
+    size named twice (timed twice, the second run's row written over the first's), --threads below 1 (0 was
+    ignored, a negative count failed in torch.set_num_threads after the libraries loaded), an --out that is a
+    folder (refused when the first part's results were written, minutes in)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
@@ -253,9 +256,26 @@ def main(argv=None) -> int:
     add("--threads", type=int, default=None, help="torch CPU threads; None: torch's own")
     add("--out", default=None, help="result JSON; None: benchmarks/results/<device>/<date>-st.json")
     args = ap.parse_args(argv)
-    if min(args.sizes) < 2 or min(args.d, args.repeats, args.cached_batch, args.mini_batch, args.hidden,
-                                   args.cached_repeats) < 1:
-        ap.error("--sizes must be >= 2, the other sizes and counts >= 1")
+    if min(args.sizes) < 2:
+        ap.error(f"--sizes takes integers >= 2, got {args.sizes}")
+    if len(set(args.sizes)) < len(args.sizes):
+        ap.error(f"--sizes names {sorted({x for x in args.sizes if args.sizes.count(x) > 1})} more than once, got "
+                 f"{args.sizes}")
+    for flag in ("d", "repeats", "cached_batch", "mini_batch", "hidden", "cached_repeats", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.out is not None and os.path.isdir(args.out):
+        ap.error(f"--out {args.out!r} is a folder; give the result file's name")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--_mem-worker":
+        mem_worker(json.loads(argv[1]))
+        return 0
+    args = parse_args(argv)
     C.start_script()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,7 +314,14 @@ def run_parts(args, out: dict, path, dev) -> None:
     for B in args.sizes:
         fns = {v: loss_fn(v) for v in LOSS_VARIANTS if v not in failed}
         pairs = C.make_pairs(2, B, args.d, dtype=torch.float32, device=dev, seed=B)
-        rows = rows_of(C.time_interleaved(fns, pairs, device=dev, warmup=1, repeats=args.repeats), failed)
+        timing = {}  # filled in place: stopped, it keeps the runs taken (each unfinished variant marked partial)
+        try:
+            C.time_interleaved(fns, pairs, device=dev, warmup=1, repeats=args.repeats, into=timing)
+        except KeyboardInterrupt:
+            if any(r["raw_ms"]["fwd_bwd"] for r in timing.values()):
+                out["loss"][str(B)] = {"variants": rows_of(timing, failed), "stopped": True}
+            raise
+        rows = rows_of(timing, failed)
         with torch.no_grad():  # the same numbers: each fused loss against sentence-transformers' on one pair
             same = {v: {"st": float(fns[BASELINE[v]](*pairs[0])), "fused": float(fns[v](*pairs[0]))}
                     for v in ("fused_per_direction", "fused_joint") if not (rows[v]["error"] or
@@ -323,8 +350,15 @@ def run_parts(args, out: dict, path, dev) -> None:
     out["cached_step"] = {"correctness": checks}
     C.write_json(path, out)
     fns = {v: cached_step_fn(v, model, args.mini_batch) for v in ("st_cached", "fused_cached") if checks[v]["passed"]}
-    tm = C.time_interleaved(fns, [(feats, SimpleNamespace(grad=None))], device=dev, warmup=1,
-                            repeats=args.cached_repeats)
+    tm = {}  # filled in place, as part 1's
+    try:
+        C.time_interleaved(fns, [(feats, SimpleNamespace(grad=None))], device=dev, warmup=1,
+                           repeats=args.cached_repeats, into=tm)
+    except KeyboardInterrupt:
+        out["cached_step"].update(stopped=True, timing={v: {"seconds": [x / 1e3 for x in r["raw_ms"]["fwd_bwd"]],
+                                                            "partial": bool(r.get("partial")), "error": r["error"]}
+                                                        for v, r in tm.items()})
+        raise
     cached = {v: {"seconds": [x / 1e3 for x in r["raw_ms"]["fwd_bwd"]],
                   "median_s": r["median_ms"]["fwd_bwd"] / 1e3 if r["median_ms"] else None,
                   "loss": r["losses"][0] if r["losses"] else None, "error": r["error"]} for v, r in tm.items()}

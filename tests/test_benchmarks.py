@@ -796,6 +796,70 @@ def test_st_bench_stopped_writes_what_it_measured(tmp_path, monkeypatch):
     assert res["machine_load_after"]["busy_fraction_others"] == 0.0 and "cached_step" not in res
 
 
+def test_st_bench_stopped_while_timing_a_size_keeps_the_runs_taken(tmp_path, monkeypatch):
+    """Stopped (SIGINT/SIGTERM) inside a size's timing loop, the runs already taken were lost: time_interleaved
+    fills its ``into`` dict in place for that, and bench_st did not pass one. They are written, the size marked
+    stopped, a variant whose timed runs were not all taken marked partial with no median (no ratio)."""
+    import bench_st
+
+    _quiet_st(monkeypatch)
+    real, calls = bench_st.loss_fn, []
+
+    def loss_fn(v):
+        fn = real(v)
+        if v != "fused_joint":
+            return fn
+
+        def stopping(q, t):
+            if q.shape[0] == 64:
+                calls.append(1)
+                if len(calls) == 3:  # its warm-up and first timed run taken: stopped in the second
+                    raise KeyboardInterrupt("signal SIGTERM")
+            return fn(q, t)
+        return stopping
+
+    monkeypatch.setattr(bench_st, "loss_fn", loss_fn)
+    out = tmp_path / "st.json"
+    rc = bench_st.main(["--sizes", "32", "64", "--d", "16", "--repeats", "2", "--no-memory", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 130 and res["interrupted"] == "signal SIGTERM" and list(res["loss"]) == ["32", "64"]
+    size = res["loss"]["64"]
+    assert size["stopped"] is True
+    rows = size["variants"]
+    assert rows["fused_joint"]["partial"] is True and len(rows["fused_joint"]["fwd_bwd_ms"]) == 1
+    assert rows["fused_joint"]["median_fwd_bwd_ms"] is None
+    assert len(rows["st_joint"]["fwd_bwd_ms"]) >= 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sizes", "64", "1"], "--sizes takes integers >= 2, got [64, 1]"),
+    (["--sizes", "64", "128", "64"], "--sizes names [64] more than once, got [64, 128, 64]"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "-2"], "--threads must be >= 1, got -2"),
+    (["--mini-batch", "0"], "--mini-batch must be >= 1, got 0"),
+    (["--d", "-16"], "--d must be >= 1, got -16")])
+def test_st_bench_refuses_bad_arguments_naming_them(capsys, argv, message):
+    """One message for every size ("--sizes must be >= 2, the other sizes and counts >= 1") named neither the flag
+    nor what it got; a size named twice was timed twice, its second row written over the first; --threads 0 was
+    ignored, a negative count failed in torch.set_num_threads after the libraries had loaded."""
+    import bench_st
+
+    with pytest.raises(SystemExit) as e:
+        bench_st.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_st_bench_refuses_a_folder_as_out_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out naming a folder failed when the first results were written, after the float64 checks."""
+    import bench_st
+
+    _quiet_st(monkeypatch)
+    monkeypatch.setattr(bench_st, "check_variants", lambda *a, **k: pytest.fail("no work before the refusal"))
+    with pytest.raises(SystemExit) as e:
+        bench_st.main(["--sizes", "8", "--d", "8", "--out", str(tmp_path)])
+    assert e.value.code == 2 and f"--out {str(tmp_path)!r} is a folder" in capsys.readouterr().err
+
+
 def test_st_bench_gives_no_time_ratio_to_a_variant_that_errored():
     """A variant that raised after some timed runs keeps its raw times but gets no median, hence no ratio."""
     import bench_st
