@@ -158,6 +158,19 @@ def _model_folders_below(path: str, *, runs: bool, depth: int = 3, limit: int = 
     return found
 
 
+@contextlib.contextmanager
+def _hub_model_named(flag: str, model: str):
+    """A hub id (owner/name) the loader could not fetch: its message, naming the flag (it named the id alone)."""
+    from .errors import MissingFile
+
+    try:
+        yield
+    except MissingFile as e:
+        if _looks_local(model) or not str(e).startswith(f"{model!r} is not a local folder"):
+            raise
+        raise UsageError(f"{flag} {e}") from e
+
+
 def _looks_local(path: str) -> bool:
     """A path, not a hub id (owner/name): absolute, relative with ./ or ../, or existing."""
     return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") != 1
@@ -230,7 +243,7 @@ def _eval(args) -> int:
     # stdout holds the JSON alone (`> metrics.json`): what a library prints while loading or encoding (DeepSpeed's
     # "Setting accelerator to CPU" on the stdout of the moment it is first imported) goes to stderr
     with outside_image_dir_allowed(args.allow_outside_image_dir), _no_training_hints(), \
-            contextlib.redirect_stdout(sys.stderr):
+            _hub_model_named("--model", args.model), contextlib.redirect_stdout(sys.stderr):
         result = evaluate_model(args.model, args.data, image_dir=args.image_dir,
                                 num_eval=num_eval, seed=args.seed, image_size=args.image_size,
                                 hard_family_size=args.hard_family_size, background=args.synthetic_background,
@@ -284,10 +297,11 @@ def _eval_video(args) -> int:
     _existing("--annotations", args.annotations, kind="file or folder")
     _existing("--video-list", args.video_list, kind="file")
     _output_folder("--output-dir", args.output_dir)
-    result = eval_video(args.model, args.videos, args.annotations, args.output_dir, max_frames=args.max_frames,
-                        fps=args.fps, batch=args.batch, device=args.device, dtype=args.dtype,
-                        max_length=args.max_length, video_list=args.video_list, limit=args.limit,
-                        workers=args.workers, max_text_tokens=args.max_text_tokens)
+    with _hub_model_named("--model", args.model):
+        result = eval_video(args.model, args.videos, args.annotations, args.output_dir, max_frames=args.max_frames,
+                            fps=args.fps, batch=args.batch, device=args.device, dtype=args.dtype,
+                            max_length=args.max_length, video_list=args.video_list, limit=args.limit,
+                            workers=args.workers, max_text_tokens=args.max_text_tokens)
     out = os.path.join(args.output_dir, "video_eval.json")
     print(f"zero-shot text-video retrieval: {result['num_videos']} videos, {result['num_captions']} captions, "
           f"{result['frames']['mean_frames']:.1f} frames a video on average ({result['device']}, {result['dtype']}; "

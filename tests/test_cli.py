@@ -277,6 +277,22 @@ def test_eval_of_a_runs_checkpoints_or_step_folder_names_the_run_folder(tmp_path
     assert f"export --run {run} --tag step-00000002" in err, err
 
 
+def test_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(capsys, monkeypatch):
+    """eval with --model owner/name that the hub could not give said "'owner/name' is not a local folder and could
+    not be fetched ...", naming no flag (eval-video goes through the same wrapper)."""
+    import huggingface_hub
+
+    def offline(repo_id, **kw):
+        raise OSError(f"planted: no network for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    rc, out, err = _main(capsys, "eval", "--model", "org/never-there", "--num-eval", "8")
+    line = next(line for line in err.splitlines() if ": error: " in line)
+    assert rc == 1 and out == "", err
+    assert line.startswith("llave-fast eval: error: --model 'org/never-there' is not a local folder and could not be "
+                           "fetched from the Hugging Face hub (OSError: planted: no network"), line
+
+
 def test_a_folder_without_a_model_is_refused_naming_model_and_the_model_folders_below_it(tmp_path, capsys):
     """eval / eval-video / train said "no config.json in '...'" (train after making and removing a run
     folder), naming neither --model nor what to give."""
