@@ -130,6 +130,36 @@ def test_the_collator_refuses_an_empty_or_non_text_value_naming_the_row_and_key(
     assert collate([good, {**good, "negative": []}])["negatives"]["input_ids"].shape[0] == 1
 
 
+@pytest.mark.parametrize("kw,kind,message", [
+    ({"max_length": 2}, ValueError, r"max_length must leave room for a text: more than the tokenizer's 2 special "
+                                    r"token\(s\) it adds, got 2"),
+    ({"max_length": 0}, ValueError, r"max_length must leave room .*got 0"),
+    ({"max_length": -1}, ValueError, r"max_length must leave room .*got -1"),
+    ({"max_length": True}, TypeError, r"max_length must be a positive int or None, got bool True"),
+    ({"max_length": "8"}, TypeError, r"max_length must be a positive int or None, got str '8'"),
+    ({"target_key": "query"}, ValueError, r"query_key and target_key are both 'query'"),
+    ({"negative_key": "target"}, ValueError, r"target_key and negative_key are both 'target'"),
+    ({"query_key": None}, TypeError, r"query_key must be a str, got NoneType None"),
+], ids=["max_length-specials-only", "max_length-0", "max_length-negative", "max_length-bool", "max_length-str",
+        "same-keys", "negative-is-target", "key-None"])
+def test_the_collator_refuses_settings_that_would_train_on_nothing_or_fail_later(kw, kind, message):
+    """max_length=2 cut every text to [CLS] [SEP] (trained on texts of no words, silently); 0, 1 and True were
+    ignored by the tokenizer; -1 and "8" failed in it (OverflowError, TypeError) at the first batch; one key for two
+    sides trained each query against itself (or as its own hard negative)."""
+    with pytest.raises(kind, match=message) as e:
+        TextPairCollator(tiny_tokenizer(), **kw)
+    assert isinstance(e.value, LlaveFastError)
+
+
+def test_the_collator_refuses_no_tokenizer_and_an_empty_batch():
+    with pytest.raises(TypeError, match=r"tokenizer must be a tokenizer \(callable on a list of texts\), got str"):
+        TextPairCollator("bert-base-uncased")
+    with pytest.raises(ValueError, match=r"TextPairCollator: rows is empty"):  # was the tokenizer's IndexError
+        TextPairCollator(tiny_tokenizer())([])
+    assert TextPairCollator(tiny_tokenizer(), max_length=3)([{"query": "a cat", "target": "a dog"}])["query"][
+        "input_ids"].shape == (1, 3)
+
+
 _RANK_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})

@@ -138,6 +138,30 @@ class TextPairCollator:
 
     def __init__(self, tokenizer, *, query_key: str = "query", target_key: str = "target",
                  negative_key: str | None = None, max_length: int | None = None):
+        if not callable(tokenizer):
+            raise InvalidArgumentType(f"tokenizer must be a tokenizer (callable on a list of texts), got "
+                                      f"{type(tokenizer).__name__} {tokenizer!r:.60}")
+        keys = {"query_key": query_key, "target_key": target_key, "negative_key": negative_key}
+        for name, key in keys.items():
+            if not isinstance(key, str) and not (name == "negative_key" and key is None):
+                raise InvalidArgumentType(f"{name} must be a str{' or None' if name == 'negative_key' else ''}, got "
+                                          f"{type(key).__name__} {key!r}")
+        named = [(n, k) for n, k in keys.items() if k is not None]
+        same = [(a, b) for i, (a, ka) in enumerate(named) for b, kb in named[i + 1:] if ka == kb]
+        if same:  # a query trained against itself, or each query its own hard negative
+            a, b = same[0]
+            raise InvalidArgument(f"{a} and {b} are both {keys[a]!r}: the query, target and negative texts are three "
+                                  "keys of a row")
+        if max_length is not None:
+            if not isinstance(max_length, int) or isinstance(max_length, bool):
+                raise InvalidArgumentType(f"max_length must be a positive int or None, got "
+                                          f"{type(max_length).__name__} {max_length!r}")
+            special = getattr(tokenizer, "num_special_tokens_to_add", None)
+            special = special() if callable(special) else 0
+            if max_length <= special:  # 0 and 1 were ignored by the tokenizer, a count <= its special tokens
+                # cut every text to those tokens alone: trained on texts of no words
+                raise InvalidArgument(f"max_length must leave room for a text: more than the tokenizer's {special} "
+                                      f"special token(s) it adds, got {max_length}")
         self.tokenizer = tokenizer
         self.query_key, self.target_key, self.negative_key = query_key, target_key, negative_key
         self.max_length = max_length
@@ -148,6 +172,8 @@ class TextPairCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         """Tokenised ``{"query": ..., "target": ...[, "negatives": ...]}`` of ``rows`` (see the class docstring)."""
+        if not rows:
+            raise InvalidArgument("TextPairCollator: rows is empty: a batch needs at least one row")
         for key in (self.query_key, self.target_key):
             missing = [i for i, r in enumerate(rows) if key not in r]
             if missing:
