@@ -459,7 +459,9 @@ def test_embedding_refusals_name_the_argument_passed():
 
 def test_forward_refuses_texts_one_dict_or_no_model_naming_them(model64):
     """Texts instead of the model's features failed deep in the forward (AttributeError: 'str' object has no
-    attribute ...), one dict for all columns as "1 column", and a loss built with model=None with a TypeError."""
+    attribute ...), one dict for all columns as "1 column", and a loss built with model=None with a TypeError;
+    columns of other lengths (2 and 6 hard negatives beside 4 anchors) were read by the cached loss as two whole
+    columns of 4."""
     from llave_fast.errors import LlaveFastError
 
     feats = columns(model64, 2, 0)
@@ -473,6 +475,15 @@ def test_forward_refuses_texts_one_dict_or_no_model_naming_them(model64):
             assert isinstance(e.value, LlaveFastError)
         with pytest.raises(ValueError, match=rf"^{cls.__name__} was built with model=None"):
             cls(None)(feats, None)
+    # columns of other lengths: the cached loss read 2 + 6 negatives beside 4 anchors as two whole columns
+    ragged = [model64.preprocess(sentences(n, seed=k)) for k, n in enumerate((4, 4, 2, 6))]
+    for loss, message in ((FusedCachedMultipleNegativesRankingLoss(model64, mini_batch_size=2),
+                           r"column 2 \(hard negative column 1\) of sentence_features holds 2 samples but column 0 "
+                           r"\(anchor\) holds 4"),
+                          (FusedMultipleNegativesRankingLoss(model64),
+                           r"embeddings\[2\] \(hard negative column 1\) has shape \(2, 32\)")):
+        with pytest.raises(ValueError, match=message):
+            loss(ragged, None)
 
 
 # --------------------------------------------------------------------------- across ranks

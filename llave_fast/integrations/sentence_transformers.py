@@ -659,6 +659,13 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
             # packed by tokens, a mini-batch's sample count says nothing about its memory
             single_pass=self.mini_batch_num_tokens is None,
         )
+        counts = [_sample_count(f) for f in features]
+        if any(c != counts[0] for c in counts):  # as compute_loss_from_embeddings refuses their embeddings
+            k = next(k for k, c in enumerate(counts) if c != counts[0])
+            raise InvalidArgument(
+                f"{type(self).__name__}: column {k} ({_role(k)}) of sentence_features holds {counts[k]} samples but "
+                f"column 0 (anchor) holds {counts[0]}: every column holds one sample per anchor (columns of 2 and 6 "
+                "hard negatives beside 4 anchors were read as two whole columns)")
         negatives = _Columns(features[2:]) if len(features) > 2 else None
         return cache(features[0], features[1], negatives)
 
