@@ -434,7 +434,10 @@ def test_loss_bench_writes_what_it_has_when_stopped(tmp_path, sig):
     assert len(cut["timing"]["raw_ms"]["fwd_bwd"]) == cut["repeats_done"] < 50 and cut["timing"]["median_ms"] == {}
     rep = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)], capture_output=True, text=True,
                          timeout=60)
-    assert f"PARTIAL ({cut['repeats_done']} of 50 runs" in rep.stdout, rep.stdout
+    # under load the stop can land before the size's first timed run: the report then says so (46a1c94)
+    said = (f"PARTIAL ({cut['repeats_done']} of 50 runs" if cut["repeats_done"]
+            else "PARTIAL (stopped before its first of 50 timed runs)")
+    assert said in rep.stdout, rep.stdout
 
 
 def _bash(script, cwd=ROOT, timeout=300, env=None):
