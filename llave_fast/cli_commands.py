@@ -26,7 +26,8 @@ def _train(args) -> int:
         _existing("--model", model)  # before a run folder is made
         _model_folder("--model", model, run_ok=False)
     try:
-        train(cfg)
+        with _hub_model_named("--model", model if isinstance(model, str) else ""):
+            train(cfg)
     except KeyboardInterrupt:
         _say_where_to_resume(cfg.output_dir)
         raise

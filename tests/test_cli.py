@@ -293,6 +293,23 @@ def test_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(capsys, monkeyp
                            "fetched from the Hugging Face hub (OSError: planted: no network"), line
 
 
+def test_train_with_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(capsys, monkeypatch, tmp_path):
+    """train --model owner/name that the hub could not give said "'owner/name' is not a local folder ...",
+    naming no flag, as eval did."""
+    import huggingface_hub
+
+    def offline(repo_id, **kw):
+        raise OSError(f"planted: no network for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    rc, out, err = _main(capsys, "train", "--model", "org/never-there", "--output-dir", str(tmp_path / "run"),
+                         "--steps", "1", "--progress", "false")
+    line = next(line for line in err.splitlines() if ": error: " in line)
+    assert rc == 1, err
+    assert line.startswith("llave-fast train: error: --model 'org/never-there' is not a local folder and could not "
+                           "be fetched from the Hugging Face hub (OSError: planted: no network"), line
+
+
 def test_a_folder_without_a_model_is_refused_naming_model_and_the_model_folders_below_it(tmp_path, capsys):
     """eval / eval-video / train said "no config.json in '...'" (train after making and removing a run
     folder), naming neither --model nor what to give."""
