@@ -298,6 +298,9 @@ class GradCache:
         re-encode (see the module docstring), for trainers that call ``loss.backward()``.
     count: optional ``count(chunk) -> samples in it``, for a custom ``split`` whose chunks are
         not plain batch-first containers (default: their batch-first length).
+
+    After a call with grad enabled, ``last_pass`` says which path it took: ``"single"`` (one forward
+    with grad) or ``"cached"`` (encode without grad, then the re-encode); None before one.
     """
 
     def __init__(
@@ -331,6 +334,7 @@ class GradCache:
             chunk_size = operator.index(chunk_size)  # numpy integers too
         self.single_pass = single_pass
         self.defer_backward = defer_backward
+        self.last_pass: str | None = None  # "single" or "cached": the path the last call with grad took
         self._count_fn = count
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
             raise InvalidArgumentType(f"chunk_size must be a positive int, got {type(chunk_size).__name__} "
@@ -524,6 +528,7 @@ class GradCache:
         if not any(want[:2]):
             raise InvalidArgument("GradCache: query_inputs and target_inputs are empty on every rank: nothing to encode")
         if single:
+            self.last_pass = "single"
             return self._single_pass(q_chunks, t_chunks, n_chunks, loss_kwargs)
         pads = [w - len(c) for w, c in zip(want, (q_chunks, t_chunks, n_chunks))]
         if any_empty:  # every rank raises (one alone would leave the others in a collective)
@@ -544,6 +549,7 @@ class GradCache:
                 "be wrong there, so every rank stops"))
         _warn_unreplayable(self.encoder, q_chunks, "query")
         _warn_unreplayable(self.target_encoder, t_chunks + n_chunks, "target")
+        self.last_pass = "cached"
         total = sum(want) if self.defer_backward else 2 * sum(want)
         bar = _progress(total, self.progress)
         autocast = _AutocastState()

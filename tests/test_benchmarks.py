@@ -776,6 +776,24 @@ def test_st_bench_checks_the_cached_step_against_float64_and_gives_a_failed_one_
     assert cached["time_ratio"] is None and cached["loss_rel_diff"] is None
 
 
+@pytest.mark.parametrize("mini_batch, path", [(4, "cached"), (24, "single")])
+def test_st_bench_says_when_the_fused_cached_step_took_the_single_pass(tmp_path, monkeypatch, capsys, mini_batch,
+                                                                      path):
+    """With a mini-batch holding the whole batch (3 x 8 texts in 24) the fused cached loss takes GradCache's single
+    pass while sentence-transformers' encodes twice: part 2 then compares unlike steps, which the file and the
+    printed line now say (they did not)."""
+    import bench_st
+
+    _quiet_st(monkeypatch)
+    out = tmp_path / "st.json"
+    rc = bench_st.main(["--sizes", "8", "--d", "8", "--repeats", "1", "--cached-batch", "8", "--mini-batch",
+                        str(mini_batch), "--hidden", "16", "--cached-repeats", "1", "--no-memory", "--out", str(out)])
+    assert rc == 0
+    cached = json.loads(out.read_text())["cached_step"]
+    assert cached["settings"]["fused_cached_pass"] == path, cached["settings"]
+    assert ("NOTE: the fused loss took GradCache's single pass" in capsys.readouterr().out) == (path == "single")
+
+
 def test_st_bench_stopped_writes_what_it_measured(tmp_path, monkeypatch):
     """SIGINT or SIGTERM (KeyboardInterrupt) in the second size: the file keeps the first, is marked
     "interrupted" with the machine load after, and the exit status is 130 (it was a traceback and no mark)."""

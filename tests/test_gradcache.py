@@ -360,6 +360,28 @@ def test_single_pass_equals_the_cached_path(with_negatives):
     assert [g for g, _ in calls].count(False) == sides
 
 
+def test_last_pass_says_which_path_the_call_took():
+    """``last_pass``: "single" when the batch fit one chunk (one forward per side, checked by the hook),
+    "cached" when it did not (a forward without grad, then the re-encode); a call without grad sets neither."""
+    torch.manual_seed(0)
+    model = W.Encoder(p_drop=0.0)
+    q, t = W.make_batch(6, seed=21)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    gc = GradCache(model, FusedHardnessLoss(backend="torch"), 12)
+    assert gc.last_pass is None
+    gc(q, t)
+    assert gc.last_pass == "single" and calls == [True, True]
+    calls.clear()
+    gc.chunk_size = 11
+    gc(q, t)
+    assert gc.last_pass == "cached" and calls.count(False) == 2
+    deferred = GradCache(model, FusedHardnessLoss(backend="torch"), 12, defer_backward=True)
+    with torch.no_grad():  # only encodes (an evaluation): no path of a training step
+        deferred(q, t)
+    assert deferred.last_pass is None
+
+
 def test_single_pass_is_not_taken_for_ddp_or_separate_encoders():
     model, other = W.Encoder(), W.Encoder()
     q, t = W.make_batch(4, seed=1)

@@ -633,6 +633,7 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
         self.mini_batch_size = _check_count("mini_batch_size", mini_batch_size)
         self.mini_batch_num_tokens = _check_count("mini_batch_num_tokens", mini_batch_num_tokens, optional=True)
         self.show_progress_bar = _check_bool("show_progress_bar", show_progress_bar)
+        self.last_pass: str | None = None  # GradCache's path in the last forward: "single" or "cached"
         try:
             from sentence_transformers.base.losses.gradcache import has_static_embedding_input
         except ImportError:  # pragma: no cover - another layout
@@ -667,7 +668,9 @@ class FusedCachedMultipleNegativesRankingLoss(_FusedMNRLBase):
                 f"column 0 (anchor) holds {counts[0]}: every column holds one sample per anchor (columns of 2 and 6 "
                 "hard negatives beside 4 anchors were read as two whole columns)")
         negatives = _Columns(features[2:]) if len(features) > 2 else None
-        return cache(features[0], features[1], negatives)
+        loss = cache(features[0], features[1], negatives)
+        self.last_pass = cache.last_pass  # "single" when the whole batch fits one mini-batch: no re-encode
+        return loss
 
     def _loss_on_grad_cache(self, anchor, positive, negatives=None):
         return self._loss_on_embeddings(anchor, positive, negatives)
