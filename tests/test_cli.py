@@ -293,19 +293,25 @@ def test_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(capsys, monkeyp
                            "fetched from the Hugging Face hub (OSError: planted: no network"), line
 
 
-def test_train_with_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(capsys, monkeypatch, tmp_path):
+def test_train_with_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(tmp_path):
     """train --model owner/name that the hub could not give said "'owner/name' is not a local folder ...",
-    naming no flag, as eval did."""
-    import huggingface_hub
-
-    def offline(repo_id, **kw):
-        raise OSError(f"planted: no network for {repo_id}")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    rc, out, err = _main(capsys, "train", "--model", "org/never-there", "--output-dir", str(tmp_path / "run"),
-                         "--steps", "1", "--progress", "false")
-    line = next(line for line in err.splitlines() if ": error: " in line)
-    assert rc == 1, err
+    naming no flag, as eval did. In a process of its own: a start joins a process group and sets transformers'
+    ZeRO-3 mode, which outlive a failed train() in the process that called it."""
+    code = ("import sys, huggingface_hub\n"
+            "def offline(repo_id, **kw):\n"
+            "    raise OSError(f'planted: no network for {repo_id}')\n"
+            "huggingface_hub.snapshot_download = offline\n"
+            "from llave_fast.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", code, "train", "--model", "org/never-there", "--output-dir",
+                        str(tmp_path / "run"), "--steps", "1", "--progress", "false"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    line = next((line for line in r.stderr.splitlines() if ": error: " in line), r.stderr[-3000:])
+    assert r.returncode == 1, r.stderr[-3000:]
     assert line.startswith("llave-fast train: error: --model 'org/never-there' is not a local folder and could not "
                            "be fetched from the Hugging Face hub (OSError: planted: no network"), line
 
