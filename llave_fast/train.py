@@ -11,7 +11,7 @@ before it (tests/test_train.py checks it):
     schedule         warm-up and cosine decay; steps from epochs, warm-up from warmup_ratio
     batches          the data order (a pure function of seed and step), grouped by modality or not
     deepspeed_setup  the process group, DeepSpeed's CPU op built once, the run's DeepSpeed config
-    engine           the model, AdamW's parameter groups, deepspeed.initialize
+    engine           the model, AdamW's parameter groups, deepspeed.initialize; what a run leaves in its process
     step             the step's loss: the fused cross-rank loss, LLaVE's micro-step negatives, a probe
     loading          the datasets and the per-step DataLoader
     resume           fresh start or resume (refusing options that would change the run), train_config.json

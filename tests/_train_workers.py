@@ -9,6 +9,9 @@ import os
 from llave_fast.train import TrainConfig, train
 
 
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def tiny_cfg(out, **kw) -> TrainConfig:
     base = dict(output_dir=out, num_train=64, num_eval=16, global_batch=16, chunk_size=4, steps=4,
                 warmup_steps=1, save_every=2, eval_before=False, progress=False, seed=3)
@@ -78,7 +81,7 @@ def initial_weights_by_stage(rank, world, kw):
                 weights[stage] = {n: p.detach().clone() for n, p in params.items()}
             if model == "tiny" and stage == 2 and rank == 0:
                 built.save_pretrained(ckpt)
-            E._HF_DS_CONFIG = None  # ZeRO-3 mode off for the next build
+            E.release_zero3_mode()  # ZeRO-3 mode off for the next build
             torch.distributed.barrier()
         a, b = weights[2], weights[3]
         report["tiny" if model == "tiny" else "checkpoint"] = {
@@ -87,3 +90,39 @@ def initial_weights_by_stage(rank, world, kw):
     if rank == 0:
         with open(os.path.join(kw["out"], "report.json"), "w") as f:
             json.dump(report, f)
+
+
+def runs_in_one_process(out: str) -> None:
+    """In a fresh process, with no launcher variables set: a failed start, a ZeRO-3 run, a ZeRO-2 run, then a
+    run under a caller's own transformers ZeRO-3 config; after each, what the process looks like. The report
+    goes to ``out/report.json``."""
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from transformers.integrations import deepspeed as hf_ds
+
+    from llave_fast.model import build_tiny_model
+
+    keys = LAUNCHER_KEYS
+
+    def state(tag, error=None):
+        model = build_tiny_model(0)  # as a notebook would build or load a model after the run
+        return {"tag": tag, "error": error, "env": {k: os.environ.get(k) for k in keys},
+                "group": dist.is_initialized(), "zero3": is_deepspeed_zero3_enabled(),
+                "params": sum(1 for _ in model.parameters()),
+                "empty_params": sum(p.numel() == 0 for p in model.parameters())}
+
+    report = [state("before")]
+    try:
+        train(tiny_cfg(os.path.join(out, "bad"), model=os.path.join(out, "no-such-model")))
+        report.append(state("failed start", "none"))
+    except Exception as exc:
+        report.append(state("failed start", type(exc).__name__))
+    for i, ds in enumerate(("zero3.json", "zero2.json")):
+        r = train(tiny_cfg(os.path.join(out, f"run{i}"), steps=2, deepspeed_config=ds))
+        report.append(state(f"{ds} run", None) | {"steps": r["steps"]})
+    mine = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    r = train(tiny_cfg(os.path.join(out, "run2"), steps=2, deepspeed_config="zero3.json"))
+    report.append({"tag": "caller's config", "steps": r["steps"], "caller_config_current": hf_ds._hf_deepspeed_config_weak_ref() is mine})
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f)

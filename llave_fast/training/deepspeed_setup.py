@@ -126,6 +126,11 @@ def warm_deepspeed_ops(force: bool = False) -> str:
     return "; ".join(notes)
 
 
+#: what :func:`init_distributed` sets in the environment when no launcher did (and ``setdefault``s when a
+#: caller had joined a group): :func:`~.engine.run_leaves_process_as_found` puts back what was there
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

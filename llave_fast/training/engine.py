@@ -4,11 +4,13 @@ warm-up/cosine schedule, and ``deepspeed.initialize``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from .config import TrainConfig
+from .deepspeed_setup import LAUNCHER_VARS
 from .schedule import warmup_cosine
 
 
@@ -37,6 +39,57 @@ def check_zero3_transformers(version: str | None = None) -> None:
             f"weight initialisation leaves SigLIP's attention weights partitioned; fixed in "
             f"{ZERO3_MIN_TRANSFORMERS}): pip install 'transformers>={ZERO3_MIN_TRANSFORMERS}' (the [train] extra "
             "asks for it), or train with a ZeRO stage 0-2 config (--deepspeed-config)")
+
+
+def release_zero3_mode(previous=None) -> None:
+    """Switch transformers' ZeRO-3 mode back to what it was before :func:`build_model` set it: while the
+    run's ``HfDeepSpeedConfig`` lives, every model the process builds afterwards (``from_pretrained``,
+    ``from_config``) is partitioned at birth, its weights of shape [0]. ``previous``: the config object a
+    caller had set before the run (transformers keeps it behind a weak reference), made current again."""
+    global _HF_DS_CONFIG
+    _HF_DS_CONFIG = None
+    from transformers.integrations import deepspeed as hf_ds
+
+    if previous is not None:
+        hf_ds.set_hf_deepspeed_config(previous)
+    elif hf_ds.is_deepspeed_zero3_enabled():  # another reference kept the run's config alive
+        hf_ds.unset_hf_deepspeed_config()
+
+
+def current_zero3_config():
+    """The ``HfDeepSpeedConfig`` transformers follows now (its weak reference's object), or None."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    return None if ref is None else ref()
+
+
+@contextlib.contextmanager
+def run_leaves_process_as_found():
+    """Around one ``train()``: what the run set in its process is undone when it returns or raises, so a
+    later ``from_pretrained``, evaluation or run in the same process (a notebook, ``ablate``, a test)
+    starts from the state the caller had.
+
+    - transformers' ZeRO-3 mode (:func:`release_zero3_mode`): left on, every model built
+      afterwards was partitioned at birth, its weights of shape [0] ("'weight' must be 2-D");
+    - the launcher variables (:data:`LAUNCHER_VARS`): left set, a run after the group was destroyed
+      took the old ``MASTER_PORT`` (EADDRINUSE) instead of a free one.
+
+    The process group a run joined or made stays for the life of the process: DeepSpeed keeps the groups
+    it derives from it in module globals (``deepspeed.utils.groups``), so a destroyed group cannot be
+    replaced in that process (a later engine fails: "Group ... is not registered"); a later run joins it
+    as a caller's group."""
+    env = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    zero3_before = current_zero3_config()
+    try:
+        yield
+    finally:
+        release_zero3_mode(zero3_before)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def tiny_model_kwargs(cfg: TrainConfig) -> dict:

@@ -31,7 +31,7 @@ from .checks import check_config, cpu_size_warning
 from .config import TrainConfig
 from .console import _log, log, progress_bar, progress_line, quiet_known_warnings, say
 from .deepspeed_setup import deepspeed_config, init_distributed
-from .engine import build_engine, build_model, save_base
+from .engine import build_engine, build_model, run_leaves_process_as_found, save_base
 from .heldout import evaluate_after, evaluate_before
 from .loading import _datasets, step_loader, stop_loader_workers
 from .preempt import checkpoint_on_sigterm, end_checkpoint_on_sigterm
@@ -70,22 +70,23 @@ def train(cfg: TrainConfig) -> dict:
     out = cfg.output_dir
     # what was there before this start: only what the start itself made is ever removed
     existed = set() if out is None else {name for name in ("", *_START_FILES) if os.path.exists(os.path.join(out, name))}
-    try:
-        sigterm_as_interrupt()  # SIGTERM before the first step cleans up as Ctrl-C does
-        return _train(cfg)
-    except RunFolderInUse:
-        raise  # the folder is another run's: nothing of it is touched
-    except BaseException:
-        sigterm_ignored_while_cleaning_up()
-        _release_run_folder()
+    with run_leaves_process_as_found():  # after the clean-up: launcher variables, ZeRO-3 mode
         try:
-            _forget_failed_start(cfg.output_dir, existed)
-        except OSError as exc:  # never hide the error that stopped the run
-            log.warning("could not clean up after the failed start in %s: %s", cfg.output_dir, exc)
-        raise
-    finally:
-        end_checkpoint_on_sigterm()  # and the start's handler
-        _release_run_folder()
+            sigterm_as_interrupt()  # SIGTERM before the first step cleans up as Ctrl-C does
+            return _train(cfg)
+        except RunFolderInUse:
+            raise  # the folder is another run's: nothing of it is touched
+        except BaseException:
+            sigterm_ignored_while_cleaning_up()
+            _release_run_folder()
+            try:
+                _forget_failed_start(cfg.output_dir, existed)
+            except OSError as exc:  # never hide the error that stopped the run
+                log.warning("could not clean up after the failed start in %s: %s", cfg.output_dir, exc)
+            raise
+        finally:
+            end_checkpoint_on_sigterm()  # and the start's handler
+            _release_run_folder()
 
 
 def _train(cfg: TrainConfig) -> dict:
@@ -241,8 +242,7 @@ def run_steps(run: Run, engine, scheduler, gc, probe, loader, bar, writer, start
     """Steps ``start..end-1``, checkpointing every ``save_every`` and at the last step; returns
     ``(steps done, step times, data waits, rows found bad during training)``."""
     cfg, rank = run.cfg, run.rank
-    skipped, step_times, waits = set(), [], []
-    step = start
+    skipped, step_times, waits, step = set(), [], [], start
     engine.module.train()
     batches = iter(loader)
     try:
