@@ -161,20 +161,24 @@ def _model_folders_below(path: str, *, runs: bool, depth: int = 3, limit: int = 
 
 @contextlib.contextmanager
 def _hub_model_named(flag: str, model: str):
-    """A hub id (owner/name) the loader could not fetch: its message, naming the flag (it named the id alone)."""
-    from .errors import MissingFile
+    """The hub id (owner/name) given as ``flag`` that the loader could not fetch: its message, naming the flag
+    (it named the id alone). Another model the run loads (a checkpoint's base) keeps its own message."""
+    from .errors import HubModelUnavailable
 
     try:
         yield
-    except MissingFile as e:
-        if _looks_local(model) or not str(e).startswith(f"{model!r} is not a local folder"):
+    except HubModelUnavailable as e:
+        if e.model_id != model:
             raise
         raise UsageError(f"{flag} {e}") from e
 
 
 def _looks_local(path: str) -> bool:
-    """A path, not a hub id (owner/name): absolute, relative with ./ or ../, or existing."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") != 1
+    """A path, not a hub id (owner/name): existing, or not of the hub's form (absolute, starting with ./, ../
+    or ~, or not one slash); the loader's own test (``looks_like_hub_id``)."""
+    from .model.embedder import looks_like_hub_id
+
+    return os.path.exists(path) or not looks_like_hub_id(path)
 
 
 def _one_process(command: str) -> None:

@@ -44,6 +44,15 @@ class MissingFile(LlaveFastError, FileNotFoundError):
     """A file or folder llave-fast was asked to read does not exist (the message names it and the option)."""
 
 
+class HubModelUnavailable(MissingFile):
+    """A model named by a hub id (``owner/name``, not a local path) that the Hugging Face hub could not
+    give (offline, no such repository, no access); ``model_id`` is the id as given."""
+
+    def __init__(self, message: str, model_id: str):
+        super().__init__(message)
+        self.model_id = model_id
+
+
 class NotAFolder(LlaveFastError, NotADirectoryError):
     """A path that must name a folder names a file."""
 
@@ -55,5 +64,5 @@ class MissingKey(LlaveFastError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-__all__ = ["DistributedNotReady", "InvalidArgument", "InvalidArgumentType", "LlaveFastError", "MissingDependency",
-           "MissingFile", "MissingKey", "NotAFolder", "Unsupported"]
+__all__ = ["DistributedNotReady", "HubModelUnavailable", "InvalidArgument", "InvalidArgumentType", "LlaveFastError",
+           "MissingDependency", "MissingFile", "MissingKey", "NotAFolder", "Unsupported"]

@@ -293,6 +293,35 @@ def test_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(capsys, monkeyp
                            "fetched from the Hugging Face hub (OSError: planted: no network"), line
 
 
+def test_only_the_flags_own_hub_id_is_renamed_to_the_flag(tmp_path, monkeypatch):
+    """The flag was put on any error whose message began "'<id>' is not a local folder": it now follows the
+    error's type and the id it carries, so another model the command loads (a run's base) keeps its message."""
+    from llave_fast.cli import UsageError
+    from llave_fast.cli_commands import _hub_model_named, _looks_local
+    from llave_fast.errors import HubModelUnavailable, MissingFile
+    from llave_fast.model.embedder import looks_like_hub_id
+
+    mine = HubModelUnavailable("'org/a' is not a local folder and could not be fetched", model_id="org/a")
+    assert isinstance(mine, MissingFile) and isinstance(mine, FileNotFoundError) and mine.model_id == "org/a"
+    with pytest.raises(UsageError, match=r"^--model 'org/a' is not a local folder"):
+        with _hub_model_named("--model", "org/a"):
+            raise mine
+    other = HubModelUnavailable("'org/base' is not a local folder and could not be fetched", model_id="org/base")
+    lookalike = MissingFile("'org/a' is not a local folder and could not be fetched (a message, not the type)")
+    for exc in (other, lookalike):
+        with pytest.raises(MissingFile) as got:
+            with _hub_model_named("--model", "org/a"):
+                raise exc
+        assert got.value is exc
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "here").mkdir()
+    for name, hub in (("org/name", True), ("/abs/name", False), ("./org/name", False), ("../x", False),
+                      ("~/x", False), ("name", False), ("a/b/c", False), ("org/here", True)):
+        assert looks_like_hub_id(name) is hub, name
+        assert _looks_local(name) is (not hub or os.path.exists(name)), name
+
+
 def test_train_with_a_hub_id_that_cannot_be_fetched_is_refused_naming_model(tmp_path):
     """train --model owner/name that the hub could not give said "'owner/name' is not a local folder ...",
     naming no flag, as eval did. In a process of its own: a start joins a process group and sets transformers'

@@ -58,7 +58,7 @@ from .processor import (
     unpadded_shape,
 )
 from ..dtypes import DTYPES, dtype_name
-from ..errors import InvalidArgument, InvalidArgumentType, MissingFile, MissingKey, NotAFolder
+from ..errors import HubModelUnavailable, InvalidArgument, InvalidArgumentType, MissingFile, MissingKey, NotAFolder
 
 __all__ = ["LLaVEEmbedder", "import_modeling_modules", "LLaVEOnevisionModel", "default_attn_implementation", "BATCH_KEYS"]
 
@@ -92,12 +92,19 @@ def _resolve_dtype(torch_dtype, raw: dict | None = None) -> torch.dtype:
     return DTYPES[dtype_name(torch_dtype, name="torch_dtype")]
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """Whether a model name that is not an existing path reads as a Hugging Face hub id (``owner/name``):
+    one slash, not absolute, not starting with ``.`` or ``~``. The loader fetches only those; the command
+    line checks every other name as a local folder before it starts."""
+    return not (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1)
+
+
 def _resolve_path(path: str) -> str:
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
         raise NotAFolder(f"{path!r} is a file: give the checkpoint folder")
-    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1:
+    if not looks_like_hub_id(path):
         raise MissingFile(f"no checkpoint folder {path!r} (and it is not a hub id of the form owner/name)")
     try:  # a hub id, when the network allows
         from huggingface_hub import snapshot_download
@@ -106,9 +113,9 @@ def _resolve_path(path: str) -> str:
             path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin", "*.tiktoken"]
         )
     except Exception as e:  # noqa: BLE001 - report why, whatever the hub client raised
-        raise MissingFile(
+        raise HubModelUnavailable(
             f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub ({type(e).__name__}: "
-            f"{e}). Download it where the network allows and pass the folder."
+            f"{e}). Download it where the network allows and pass the folder.", model_id=path
         ) from e
 
 
