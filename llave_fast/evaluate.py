@@ -231,16 +231,17 @@ def load_eval_model(model_path: str, dev: torch.device, dt: torch.dtype, tag: st
 
 
 # ------------------------------------------------------------------------------ the synthetic held-out split
-#: the synthetic split's options for a model that is not a training run folder, and for an option a
-#: run's train_config.json lacks (an older run): the query count, seed, image side, hard-family size and
-#: background (SyntheticDataset's own default)
-SYNTHETIC_SPLIT_DEFAULTS = {"num_eval": 256, "seed": 0, "image_size": 64, "hard_family_size": 1,
-                            "background": "plain"}
-#: each option's field in a run's train_config.json (TrainConfig's) and its flag of ``llave-fast eval``
-_SPLIT_FIELDS = {"num_eval": ("num_eval", "--num-eval"), "seed": ("seed", "--seed"),
-                 "image_size": ("image_size", "--image-size"),
-                 "hard_family_size": ("hard_family_size", "--hard-family-size"),
-                 "background": ("synthetic_background", "--synthetic-background")}
+#: the synthetic split's options, one row each: its default (for a model that is not a training run folder,
+#: and for an option a run's train_config.json lacks: an older run), its field in a run's train_config.json
+#: (TrainConfig's) and its flag of ``llave-fast eval``
+_SPLIT_OPTIONS = {"num_eval": (256, "num_eval", "--num-eval"), "seed": (0, "seed", "--seed"),
+                  "image_size": (64, "image_size", "--image-size"),
+                  "hard_family_size": (1, "hard_family_size", "--hard-family-size"),
+                  "background": ("plain", "synthetic_background", "--synthetic-background")}  # SyntheticDataset's
+#: the query count, seed, image side, hard-family size and background of a split no run decided
+SYNTHETIC_SPLIT_DEFAULTS = {name: row[0] for name, row in _SPLIT_OPTIONS.items()}
+#: each option's field in a run's train_config.json and its flag
+_SPLIT_FIELDS = {name: row[1:] for name, row in _SPLIT_OPTIONS.items()}
 
 
 def run_split_options(model_path: str) -> dict | None:

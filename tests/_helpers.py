@@ -426,6 +426,9 @@ def run_cli(capsys, *argv):
     SystemExit included; arguments such as paths are passed as strings)."""
     from llave_fast.cli import main
 
+    # what the test printed before is not the command's: DeepSpeed's import notice ("Setting accelerator to
+    # CPU"), printed on stdout when a test's own save_pretrained is the first to import it in this worker
+    capsys.readouterr()
     try:
         rc = main([str(a) for a in argv])
     except SystemExit as e:
