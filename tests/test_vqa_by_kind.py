@@ -88,3 +88,74 @@ def test_vqa_by_kind_reproduces_the_runs_vqa_score(tmp_path):
         json.dump(result, f)
     with pytest.raises(InvalidArgument, match="rebuilt held-out scores"):
         vqa_by_kind.score_run(run)
+
+
+def test_question_is_what_the_vqa_item_asks_and_answers():
+    """``SyntheticDataset.question(i)``: the item's query is the instruction and the question, its positive the
+    answer, the kind ``question_kind``'s; None for i2t and t2i items. Families and question groups too."""
+    from llave_fast.data.synthetic import VQA_PREFIX
+
+    for kw in ({}, {"hard_family_size": 3}, {"vqa_questions_per_scene": 2, "tasks": ("vqa",)}):
+        ds = SyntheticDataset(18, seed=7, split="train", **kw)
+        asked = 0
+        for i in range(len(ds)):
+            r, q = ds[i], ds.question(i)
+            if r["subset"] != "synthetic_vqa":
+                assert q is None, (kw, i, q)
+                continue
+            asked += 1
+            assert (VQA_PREFIX + q[0], q[1], q[2]) == (r["qry"], r["pos_text"], ds.question_kind(i)), (kw, i, q)
+        assert asked, kw
+
+
+def _question_alone():
+    sys.path.insert(0, str(BENCH))
+    import question_alone
+
+    return question_alone
+
+
+def test_question_alone_predicts_the_commonest_answer_to_the_same_question():
+    """Hand-counted: q1 asked 3 times ("a" twice), q2 twice with a tie ("c", "d"), q3 never."""
+    import collections
+
+    qa = _question_alone()
+    counts = {"q1": collections.Counter({"a": 2, "b": 1}), "q2": collections.Counter({"d": 1, "c": 1})}
+    got = qa.predict(counts, [("q1", "a", "count"), ("q1", "b", "count"), ("q2", "d", "colour"),
+                              ("q3", "x", "size")])
+    assert list(got) == ["count", "colour", "size", "all"]
+    assert got["count"] == {"queries": 2, "hits": 1, "expected_hits": 1.0, "unseen": 0, "ties": 0, "p_at_1": 0.5,
+                            "expected_p_at_1": 0.5}
+    # the tie goes to "c" (alphabetical): a miss, half a hit in expectation
+    assert (got["colour"]["hits"], got["colour"]["expected_hits"], got["colour"]["ties"]) == (0, 0.5, 1)
+    assert (got["size"]["hits"], got["size"]["unseen"]) == (0, 1)
+    assert got["all"] == {"queries": 4, "hits": 1, "expected_hits": 1.5, "unseen": 1, "ties": 1, "p_at_1": 0.25,
+                          "expected_p_at_1": 0.375}
+
+
+def test_question_alone_scores_every_heldout_vqa_query_once(tmp_path):
+    """A small config: the kinds hold every VQA-style query of the held-out split the training builds, each
+    with the item's kind; the file holds what main returned; rows that are not the split's items are refused."""
+    from llave_fast.train import TrainConfig
+
+    qa = _question_alone()
+    cfg = TrainConfig(num_train=256, num_eval=48, seed=2, synthetic_tasks=["i2t", "t2i", "vqa", "vqa"])
+    (conf := tmp_path / "small.json").write_text(json.dumps({"num_train": 256, "num_eval": 48,
+                                                            "synthetic_tasks": ["i2t", "t2i", "vqa", "vqa"]}))
+    written = qa.main(["--config", str(conf), "--seeds", "2", "--out", str(tmp_path / "qa.json")])
+    assert json.loads((tmp_path / "qa.json").read_text()) == json.loads(json.dumps(written))
+    run = written["runs"][0]
+    from llave_fast.training.loading import _datasets
+
+    train, evals = _datasets(cfg)
+    rset = retrieval_candidates(evals)
+    vqa_rows = [q for q, s in enumerate(rset.query_subsets) if s == "synthetic_vqa"]
+    kinds = {k: v for k, v in run["vqa"].items() if k != "all"}
+    assert run["vqa"]["all"]["queries"] == sum(v["queries"] for v in kinds.values()) == len(vqa_rows) > 0
+    for kind, v in kinds.items():
+        assert v["queries"] == sum(evals.question_kind(q) == kind for q in vqa_rows), kind
+        assert 0 <= v["hits"] <= v["queries"] and v["hits"] <= v["expected_hits"] + v["ties"]
+    assert run["training_vqa_items"] == sum(train.question(i) is not None for i in range(len(train)))
+    rset.positive = rset.positive.roll(1)  # each query's answer read from another row's target
+    with pytest.raises(InvalidArgument, match="not the split's items"):
+        qa.heldout_queries(evals, rset)

@@ -268,11 +268,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
             question = draw_question(rng, scene)  # the item's own stream, right after its scene
         return scene, question
 
+    def question(self, i: int) -> tuple[str, str, str] | None:
+        """VQA item ``i``'s ``(question, answer, kind)``: the question without the query's instruction
+        (:data:`VQA_PREFIX`), its answer (the positive's text) and :meth:`question_kind`; None for an i2t
+        or t2i item. Drawn as the item draws them, nothing rendered."""
+        return None if self.task(i) != "vqa" else tuple(self._scene_and_question(self._index(i))[1])
+
     def question_kind(self, i: int) -> str | None:
         """What VQA item ``i``'s answer names, one of :data:`QUESTION_KINDS` (``"count"``,
         ``"colour"``, ``"shape"``, ``"size"``, ``"position"``: the kinds of :data:`ANSWERS`);
         None for an i2t or t2i item. Drawn as the item draws its question, nothing rendered."""
-        return None if self.task(i) != "vqa" else self._scene_and_question(self._index(i))[1][2]
+        q = self.question(i)
+        return None if q is None else q[2]
 
     def __getitem__(self, i: int) -> Record:
         i = self._index(i)
