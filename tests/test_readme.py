@@ -216,13 +216,27 @@ def test_the_default_job_by_kind_table_is_what_its_result_file_holds():
     for seed, run in runs.items():
         assert run["by_task"] == shipped[seed]["by_task"], seed
         assert run["warmup_steps"] == TrainConfig.from_json("tiny_cpu.json").warmup_steps, seed
+    with open(os.path.join(folder, "2026-12-08-vqa-question-alone.json")) as f:
+        alone = {r["seed"]: r for r in json.load(f)["runs"]}
+    for seed in (0, 1, 2):  # the question-alone file's split is the runs' split: the same queries per kind
+        assert {k: v["queries"] for k, v in alone[seed]["vqa"].items() if k != "all"} == {
+            k: v["queries"] for k, v in runs[seed]["vqa"]["by_kind"].items()}, seed
     rows = _table_after("| question kind | seed 0 | seed 1 | seed 2 |")
     assert [r[0] for r in rows] == [*runs[0]["vqa"]["by_kind"], "all (VQA-style)"], rows
     for row in rows:
         for seed, cell in zip((0, 1, 2), row[1:4]):
-            v = runs[seed]["vqa"]
-            got = v if row[0].startswith("all") else v["by_kind"][row[0]]
-            assert cell == f"{got['hits']} of {got['queries']}", (row[0], seed, cell, got)
+            v, q = runs[seed]["vqa"], alone[seed]["vqa"]
+            got, bar = (v, q["all"]) if row[0].startswith("all") else (v["by_kind"][row[0]], q[row[0]])
+            assert cell == f"{got['hits']} of {got['queries']} ({bar['hits']})", (row[0], seed, cell, got)
+    with open(README, encoding="utf-8") as f:
+        flat = " ".join(f.read().split())
+    m = re.search(r"\(7680 VQA-style items; ties alphabetical\) scores ([\d.]+) / ([\d.]+) / ([\d.]+) \(seeds 0 / 1 / 2",
+                  flat)
+    assert m, "the question-alone sentence"
+    for seed, shown in zip((0, 1, 2), m.groups()):
+        assert _shown(shown, alone[seed]["vqa"]["all"]["p_at_1"]), (seed, shown)
+        assert alone[seed]["training_vqa_items"] == 7680 and alone[seed]["num_train"] == TrainConfig.from_json(
+            "tiny_cpu.json").num_train
     with open(README, encoding="utf-8") as f:
         text = " ".join(f.read().split())
     m = re.search(r"With the previous preset \(warm-up 10, VQA-style ([\d.]+) on seed 0\), seed 0's kinds were "
@@ -243,7 +257,23 @@ def test_the_default_job_by_kind_table_is_what_its_result_file_holds():
     assert _shown(m.group(1), sum(hits.values()) / sum(queries.values()))
     # the sentences that read the answers retrieved most often
     kinds = {seed: run["vqa"]["by_kind"] for seed, run in runs.items()}
-    assert 'no count question is answered "two" on any of them (only "one" and "three")' in text
+    assert 'no count question is answered "two" on any seed (only "one" and "three")' in text
+    # the sentences that compare kinds with the question alone
+    assert "on seed 0 the model gets exactly the 21 count questions the question alone gets" in text
+    assert kinds[0]["count"]["hits"] == alone[0]["vqa"]["count"]["hits"] == 21
+    m = re.search(r"on every seed \((\d+), (\d+), (\d+) colours against (\d+), (\d+), (\d+); (\d+), (\d+), (\d+) "
+                  r"positions against (\d+), (\d+), (\d+)\)", text)
+    assert m, "the colour and position sentence"
+    got = [int(x) for x in m.groups()]
+    for i, kind in enumerate(("colour", "position")):
+        model, bar = got[6 * i:6 * i + 3], got[6 * i + 3:6 * i + 6]
+        assert model == [kinds[sd][kind]["hits"] for sd in (0, 1, 2)], kind
+        assert bar == [alone[sd]["vqa"][kind]["hits"] for sd in (0, 1, 2)], kind
+        assert all(a > b for a, b in zip(model, bar)), kind
+    assert "positions against 2, 2, 2), and counting on seeds 1 and 2." in text
+    assert all(kinds[sd]["count"]["hits"] > alone[sd]["vqa"]["count"]["hits"] for sd in (1, 2))
+    assert "3 right where the question alone gets 10" in text
+    assert (kinds[2]["size"]["hits"], alone[2]["vqa"]["size"]["hits"]) == (3, 10)
     assert all({a for a, _ in k["count"]["most_retrieved"]} == {"one", "three"} for k in kinds.values())
     said = {'seed 0 "large" to all 11 size questions': (0, "size", ["large", 11], 11),
             'seed 1 "circle" to 10 of 11 shape questions': (1, "shape", ["circle", 10], 11),
