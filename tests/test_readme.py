@@ -305,3 +305,60 @@ def test_readme_demo_data_snippet_writes_files_every_command_reads(tmp_path, mon
     assert [os.path.basename(p) for p in paths] == ["video0.mp4", "video1.mp4"]
     frames, info = decode_video(paths[0])
     assert info["num_frames"] == 30 and frames.shape[-1] == 3
+
+
+def _architecture_block() -> str:
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(r"## Architecture\s*```\n(.*?)```", text, re.S)
+    assert m, "README has no Architecture block"
+    return m.group(1)
+
+
+def test_the_architecture_map_names_every_module_and_subpackage():
+    """Every module of llave_fast/ (and every subpackage) is in the README's map, by file name or as llave_fast.NAME."""
+    import llave_fast
+
+    block = _architecture_block()
+    root = os.path.dirname(llave_fast.__file__)
+    missing = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(".py") and name not in ("__init__.py", "__main__.py"):
+            if name not in block and f"llave_fast.{name[:-3]}" not in block:
+                missing.append(name)
+        elif os.path.isdir(path) and not name.startswith(("_", ".")) and f"{name}/" not in block:
+            missing.append(name + "/")
+    for name in sorted(os.listdir(os.path.join(root, "backends"))):
+        if name.endswith(".py") and name != "__init__.py" and name[:-3] not in block:
+            missing.append("backends/" + name)
+    assert not missing, f"README's Architecture block does not name {missing}"
+
+
+def test_the_architecture_map_lists_the_training_modules_in_their_import_order():
+    """training/'s modules as the README lists them ("imported one way (bottom to top)"): all of them, and
+    each imports only modules named before it."""
+    import ast
+
+    import llave_fast.training as pkg
+
+    listed = re.search(r"imported one way \(bottom to top\): (.*?)\(train\(\) itself", _architecture_block(), re.S)
+    assert listed, "the training/ line of the Architecture block changed form"
+    order = [w.strip() for w in listed.group(1).replace("\n", " ").split(",") if w.strip()]
+    folder = os.path.dirname(pkg.__file__)
+    have = sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py")
+    assert sorted(order) == have, (order, have)
+    for i, name in enumerate(order):
+        with open(os.path.join(folder, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:
+                    used.add(node.module.split(".")[0])
+                elif node.level == 1:
+                    used.update(a.name for a in node.names)
+                elif node.module and node.module.startswith("llave_fast.training."):
+                    used.add(node.module.split(".")[2])
+        later = sorted(u for u in used if u in order[i:])
+        assert not later, f"training/{name}.py imports {later}, listed at or after it in the README"
