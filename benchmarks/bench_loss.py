@@ -524,7 +524,8 @@ def parse_args(argv=None):
     add("--alpha", type=float, default=9.0)
     add("--logit-scale", type=float, default=50.0)
     add("--one-way", dest="symmetric", action="store_false", help="query->target only (default symmetric)")
-    add("--deterministic", action="store_true", help="triton backward without atomics")
+    add("--deterministic", action="store_true",
+        help="pass deterministic=True (accepted, changes nothing: every backward is bitwise reproducible)")
     add("--tf32", action="store_true", help="CUDA: allow TF32 matmuls (default: left as torch has it)")
     add("--n-inputs", type=int, default=3, help="input pairs rotated among runs")
     add("--seed", type=int, default=0)
