@@ -278,6 +278,11 @@ def test_cli_end_to_end_encodes_each_distinct_input_once_and_scores_as_mmeb(sets
     assert result["overall"] == pytest.approx(sum(p.values()) / 4) and result["p_at_1"] == result["overall"]
     assert len(result["mmeb_not_scored"]) == 33
     assert (result["model"], result["device"], result["dtype"]) == (str(tiny), "cpu", "float32")
+    # the README's "Output." list names every field of the result and of a dataset's record
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    bullet = readme.read_text(encoding="utf-8").split("- **Output.** `OUT/mmeb_eval.json`", 1)[1].split("\n- **", 1)[0]
+    fields = set(result) | {k for d in ds.values() for k in d}
+    assert not {k for k in fields if f"`{k}`" not in bullet}, "README, MMEB evaluation, Output: fields not named"
     # P@1 recomputed here from embeddings of each input alone (batch of 1), scored by MMEB's rule
     monkeypatch.setattr(LLaVEEmbedder, "forward", real_forward)
     from PIL import Image
