@@ -316,7 +316,8 @@ def _architecture_block() -> str:
 
 
 def test_the_architecture_map_names_every_module_and_subpackage():
-    """Every module of llave_fast/ (and every subpackage) is in the README's map, by file name or as llave_fast.NAME."""
+    """Every module of llave_fast/ (and every subpackage), every script of benchmarks/ and scripts/ is in the
+    README's map, by file name (or a module as llave_fast.NAME)."""
     import llave_fast
 
     block = _architecture_block()
@@ -332,6 +333,11 @@ def test_the_architecture_map_names_every_module_and_subpackage():
     for name in sorted(os.listdir(os.path.join(root, "backends"))):
         if name.endswith(".py") and name != "__init__.py" and name[:-3] not in block:
             missing.append("backends/" + name)
+    repo = os.path.dirname(README)
+    for folder in ("benchmarks", "scripts"):  # their scripts; benchmarks/_*.py are the scripts' shared helpers
+        for name in sorted(os.listdir(os.path.join(repo, folder))):
+            if name.endswith((".py", ".sh")) and not name.startswith("_") and name not in block:
+                missing.append(f"{folder}/{name}")
     assert not missing, f"README's Architecture block does not name {missing}"
 
 
