@@ -706,3 +706,11 @@ def test_train_leaves_its_process_as_it_found_it(tmp_path):
         assert not a["zero3"] and a["empty_params"] == 0 and a["params"] == before["params"], a
         assert a["group"], a  # the group stays: DeepSpeed keeps groups made from it for the process's life
     assert caller == {"tag": "caller's config", "steps": 2, "caller_config_current": True}, caller
+
+
+def test_the_run_summary_says_pass_for_one_and_passes_for_other_counts():
+    """It said "1 passes over the training rows" when a run trained on its rows once."""
+    from llave_fast.training.report import _passes
+
+    assert [_passes(n) for n in (1.0, 1.0004, 0.5, 2.0, 0.0, 1.25)] == [
+        "1 pass", "1 pass", "0.5 passes", "2 passes", "0 passes", "1.25 passes"]

@@ -51,7 +51,7 @@ def summary_text(r: dict, cfg: TrainConfig) -> str:
         f"({r['skipped_rows_at_build']} when the data was "
         f"read, {r['skipped_rows_in_training']} found unreadable during training)",
         f"  trained on:  {r['steps'] * r['global_batch']} pairs ({r['steps']} steps x {r['global_batch']}; "
-        f"{r['steps'] * r['global_batch'] / max(1, r['train_rows']):.3g} passes over the training rows)",
+        f"{_passes(r['steps'] * r['global_batch'] / max(1, r['train_rows']))} over the training rows)",
         *([] if r.get("rows_with_image_dropped") is None else [
             f"  images:      {r['rows_with_image_dropped']} of the rows read have an image on a side whose text has no "
             "image placeholder: LLaVE's rule drops it and embeds the text alone"]),
@@ -73,3 +73,10 @@ def task_table(by_task: dict, indent: str = "    ") -> str:
         rows.append(f"{indent}{task:<12} {v['p_at_1']:>6.3f} {v['chance']:>7.4f} {ratio:>8.1f}x "
                     f"{v['num_queries']:>8d} {v['num_candidates']:>11d}")
     return "\n".join(rows)
+
+
+def _passes(n: float) -> str:
+    """``n`` passes, to 3 significant digits: "1 pass", "0.5 passes", "2 passes"."""
+    shown = f"{n:.3g}"
+    return f"{shown} {'pass' if shown == '1' else 'passes'}"
+
