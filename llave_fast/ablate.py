@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from . import _locks
 from .errors import InvalidArgument, MissingDependency
@@ -221,6 +222,35 @@ def _by_task(result: dict) -> tuple[dict, dict]:
     return {(s[len("synthetic_"):] if s.startswith("synthetic_") else s): v for s, v in subsets.items()}, {}
 
 
+class RunLog:
+    """A run's ``train.log`` as ``sys.stdout`` or ``sys.stderr`` (``name``) while :func:`run_one` trains.
+
+    A library first imported during a run (DeepSpeed, huggingface_hub, transformers) makes its log
+    handler then, and ``logging.StreamHandler()`` keeps the ``sys.stderr`` of that moment: the run's
+    file itself, closed when the run ends, made every later record of that library a "Logging error"
+    (ValueError: I/O operation on closed file) and lost it, in the later runs and in the caller's
+    process after the ablation. Once the file is closed, this stream writes to whatever
+    ``sys.stdout`` / ``sys.stderr`` is then: the next run's log, or the caller's terminal."""
+
+    def __init__(self, file, name: str):
+        self._file, self._name = file, name
+
+    def _target(self):
+        if not self._file.closed:
+            return self._file
+        now = getattr(sys, self._name)
+        return getattr(sys, f"__{self._name}__") if now is self else now
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, attr):  # fileno, isatty, encoding, ...: the stream's it writes to now
+        return getattr(self._target(), attr)
+
+
 def run_one(p: dict, alpha: float, batch: int, seed: int, run_dir: str) -> dict:
     """Train one cell of the grid in this process and return its record. train()'s own output
     goes to ``run_dir/train.log``; the run's checkpoint is removed afterwards (its eval.json
@@ -234,7 +264,7 @@ def run_one(p: dict, alpha: float, batch: int, seed: int, run_dir: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "train.log"), "a") as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            contextlib.redirect_stdout(RunLog(log, "stdout")), contextlib.redirect_stderr(RunLog(log, "stderr")):
         result = train(cfg)
     seconds = time.perf_counter() - t0
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)

@@ -300,3 +300,38 @@ def test_ablate_command_trains_the_grid_writes_results_plot_table_and_resumes(tm
         f"results: {os.path.join(out, 'ablation.json')}", f"plot:    {os.path.join(out, 'ablation.png')}"]
     with open(os.path.join(out, "ablation.json")) as f:
         assert json.load(f)["runs"] == runs
+
+
+def test_a_log_handler_made_during_a_run_writes_to_the_stream_of_the_moment_after_it(tmp_path, monkeypatch, capsys):
+    """A library first imported inside run_one makes its ``logging.StreamHandler()`` then, on the run's
+    redirected stderr: once train.log was closed, each of its records was a "Logging error" and lost, in
+    the next runs and in the caller's process after the ablation."""
+    import logging
+
+    import llave_fast.train as T
+
+    lib = logging.getLogger("test_ablate.a_library_imported_during_the_first_run")
+    lib.propagate = False
+    monkeypatch.setattr(lib, "handlers", [])
+    seen = []
+
+    def fake_train(cfg):
+        if not lib.handlers:  # the library's import, in the first run only
+            lib.addHandler(logging.StreamHandler())
+        lib.warning("the library says something during run %s", cfg.seed)
+        seen.append(cfg.seed)
+        return {"steps": cfg.steps, "p_at_1_after": 0.5, "seconds": 1.0}
+
+    monkeypatch.setattr(T, "train", fake_train)
+    p = A.plan(config="tiny_cpu.json", alphas="9", batches="16", seeds=2, steps=2, num_eval=16)
+    for seed in (0, 1):
+        A.run_one(p, 9.0, 16, seed, str(tmp_path / f"run{seed}"))
+    lib.warning("the library says something after the ablation")
+    out = capsys.readouterr()
+    assert seen == [0, 1]
+    assert "Logging error" not in out.err and "closed file" not in out.err, out.err
+    assert "the library says something after the ablation" in out.err
+    for seed in (0, 1):  # each run's own records in its own log, the later run's included
+        with open(tmp_path / f"run{seed}" / "train.log") as f:
+            text = f.read()
+        assert f"during run {seed}" in text and "Logging error" not in text, text
