@@ -10,6 +10,8 @@ from llave_fast.train import TrainConfig, train
 
 
 LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: what a run sets in os.environ: the launcher variables, and the tokenizers' switch before its loader forks
+RUN_ENV_KEYS = (*LAUNCHER_KEYS, "TOKENIZERS_PARALLELISM")
 
 
 def tiny_cfg(out, **kw) -> TrainConfig:
@@ -96,29 +98,40 @@ def runs_in_one_process(out: str) -> None:
     """In a fresh process, with no launcher variables set: a failed start, a ZeRO-3 run, a ZeRO-2 run, then a
     run under a caller's own transformers ZeRO-3 config; after each, what the process looks like. The report
     goes to ``out/report.json``."""
+    import warnings
+
+    import torch
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     from transformers.integrations import deepspeed as hf_ds
 
     from llave_fast.model import build_tiny_model
+    from llave_fast.training.console import KNOWN_WARNINGS
 
-    keys = LAUNCHER_KEYS
+    keys = RUN_ENV_KEYS
+    quieted = {pattern for _, pattern in KNOWN_WARNINGS}
 
     def state(tag, error=None):
+        draw = torch.rand(1).item()  # the caller seeded 1234 before the run: the draw its seeding decides
         model = build_tiny_model(0)  # as a notebook would build or load a model after the run
         return {"tag": tag, "error": error, "env": {k: os.environ.get(k) for k in keys},
                 "group": dist.is_initialized(), "zero3": is_deepspeed_zero3_enabled(),
                 "params": sum(1 for _ in model.parameters()),
-                "empty_params": sum(p.numel() == 0 for p in model.parameters())}
+                "empty_params": sum(p.numel() == 0 for p in model.parameters()), "draw": draw,
+                "quieted": sorted(f[1].pattern for f in warnings.filters
+                                  if f[1] is not None and f[1].pattern in quieted)}
 
+    torch.manual_seed(1234)
     report = [state("before")]
     try:
+        torch.manual_seed(1234)
         train(tiny_cfg(os.path.join(out, "bad"), model=os.path.join(out, "no-such-model")))
         report.append(state("failed start", "none"))
     except Exception as exc:
         report.append(state("failed start", type(exc).__name__))
     for i, ds in enumerate(("zero3.json", "zero2.json")):
+        torch.manual_seed(1234)
         r = train(tiny_cfg(os.path.join(out, f"run{i}"), steps=2, deepspeed_config=ds))
         report.append(state(f"{ds} run", None) | {"steps": r["steps"]})
     mine = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})

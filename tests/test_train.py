@@ -683,26 +683,31 @@ def test_train_leaves_its_process_as_it_found_it(tmp_path):
     """train() in a process that goes on (a notebook, ablate, a test) left transformers' ZeRO-3 mode on and
     its launcher variables set: every model built afterwards in that process was partitioned at birth (a
     ZeRO-2 run after a ZeRO-3 one failed: "'weight' must be 2-D"), and a later start took the old
-    MASTER_PORT. In a fresh process with no launcher variables: a failed start, a ZeRO-3 run, a ZeRO-2 run,
-    and a ZeRO-3 run under a caller's own transformers ZeRO-3 config, which is the current one again after."""
+    MASTER_PORT. It also left TOKENIZERS_PARALLELISM "false" (the caller's tokenizers on one thread), its
+    filters of DeepSpeed's deprecation warnings, and the global RNG seeded with the run's seed (the caller's
+    own seeding no longer decided its next draw). In a fresh process with none of these variables: a failed
+    start, a ZeRO-3 run, a ZeRO-2 run, and a ZeRO-3 run under a caller's own transformers ZeRO-3 config,
+    which is the current one again after."""
     import subprocess
     import sys
 
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in W.LAUNCHER_KEYS}
+    env = {k: v for k, v in os.environ.items() if k not in W.RUN_ENV_KEYS}
     env["PYTHONPATH"] = os.pathsep.join([tests, os.path.dirname(tests), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", f"import _train_workers as W; W.runs_in_one_process({str(tmp_path)!r})"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     before, *after, caller = report
-    assert before["env"] == {k: None for k in W.LAUNCHER_KEYS} and not before["zero3"], before
+    assert before["env"] == {k: None for k in W.RUN_ENV_KEYS} and not before["zero3"], before
+    assert before["quieted"] == [], before
     assert before["params"] > 0 and before["empty_params"] == 0, before
     assert [a["tag"] for a in after] == ["failed start", "zero3.json run", "zero2.json run"], after
     assert after[0]["error"] == "MissingFile", after[0]
     assert [a.get("steps") for a in after[1:]] == [2, 2], after
     for a in after:
-        assert a["env"] == before["env"], a  # the launcher variables init_distributed set are gone
+        assert a["env"] == before["env"], a  # the launcher variables and the tokenizers switch the run set are gone
+        assert a["quieted"] == before["quieted"] and a["draw"] == before["draw"], a
         assert not a["zero3"] and a["empty_params"] == 0 and a["params"] == before["params"], a
         assert a["group"], a  # the group stays: DeepSpeed keeps groups made from it for the process's life
     assert caller == {"tag": "caller's config", "steps": 2, "caller_config_current": True}, caller

@@ -196,6 +196,24 @@ def test_known_deprecation_warnings_are_filtered_others_kept():
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
 
 
+def test_after_a_run_the_known_warnings_warn_again_unless_the_caller_had_quieted_them():
+    from llave_fast.training.console import forget_known_warnings
+
+    message = "`torch.distributed.all_gather_into_tensor` is deprecated. Please use y"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        before = list(warnings.filters)
+        quiet_known_warnings()  # as a run does
+        forget_known_warnings(before)  # as its end does
+        warnings.warn(message, FutureWarning)
+        quiet_known_warnings()  # the caller's own
+        before = list(warnings.filters)
+        quiet_known_warnings()
+        forget_known_warnings(before)
+        warnings.warn(message, FutureWarning)
+    assert [str(w.message) for w in seen] == [message]
+
+
 # ---------------------------------------------------------------- runs (1 gloo rank, tiny)
 def _run(**kw):
     from llave_fast.testing import spawn_ranks

@@ -51,3 +51,23 @@ def quiet_known_warnings() -> None:
 
     for category, pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+def _is_known_filter(f) -> bool:
+    action, message, category, module, lineno = f
+    return (action == "ignore" and module is None and lineno == 0 and message is not None
+            and (category, message.pattern) in KNOWN_WARNINGS)
+
+
+def forget_known_warnings(before: list) -> None:
+    """Remove the filters :func:`quiet_known_warnings` added since ``before`` (a copy of
+    ``warnings.filters`` taken then): after a run, a caller's own calls of those collectives warn
+    again. A filter that was there before stays."""
+    import warnings
+
+    keep = [f for f in warnings.filters if f in before or not _is_known_filter(f)]
+    if len(keep) != len(warnings.filters):
+        warnings.filters[:] = keep
+        mutated = getattr(warnings, "_filters_mutated", None)  # the module's cache of its filters
+        if mutated is not None:
+            mutated()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
 from .config import TrainConfig
+from .console import forget_known_warnings
 from .deepspeed_setup import LAUNCHER_VARS
 from .schedule import warmup_cosine
 
@@ -20,6 +22,9 @@ _HF_DS_CONFIG = None  # transformers reads the ZeRO-3 config through this object
 #: but not its children's, which SigLIP's ``_init_weights`` sets (``q_proj.weight``): an empty shard,
 #: "Fan in and fan out can not be computed". The [train] extra asks for it; fetch_wheels.sh carries it.
 ZERO3_MIN_TRANSFORMERS = "5.23.0"
+#: what a run sets in ``os.environ``: the launcher variables, and the tokenizers' switch set before the
+#: data-loading processes fork (loading.step_loader)
+RUN_ENV_VARS = (*LAUNCHER_VARS, "TOKENIZERS_PARALLELISM")
 
 
 def check_zero3_transformers(version: str | None = None) -> None:
@@ -73,18 +78,27 @@ def run_leaves_process_as_found():
     - transformers' ZeRO-3 mode (:func:`release_zero3_mode`): left on, every model built
       afterwards was partitioned at birth, its weights of shape [0] ("'weight' must be 2-D");
     - the launcher variables (:data:`LAUNCHER_VARS`): left set, a run after the group was destroyed
-      took the old ``MASTER_PORT`` (EADDRINUSE) instead of a free one.
+      took the old ``MASTER_PORT`` (EADDRINUSE) instead of a free one; ``TOKENIZERS_PARALLELISM``
+      (:data:`RUN_ENV_VARS`): left "false", the caller's tokenizers ran on one thread;
+    - the warning filters of DeepSpeed's collectives (console.quiet_known_warnings): left, a caller's own
+      calls of those deprecated functions were silenced;
+    - the global random state (CPU, and CUDA devices in use before the run): the run seeds it with
+      ``cfg.seed``; left, a caller's own seeding no longer decided what it drew next.
 
     The process group a run joined or made stays for the life of the process: DeepSpeed keeps the groups
     it derives from it in module globals (``deepspeed.utils.groups``), so a destroyed group cannot be
     replaced in that process (a later engine fails: "Group ... is not registered"); a later run joins it
     as a caller's group."""
-    env = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    env = {k: os.environ.get(k) for k in RUN_ENV_VARS}
     zero3_before = current_zero3_config()
+    filters = list(warnings.filters)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     try:
-        yield
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else [], device_type="cuda"):
+            yield
     finally:
         release_zero3_mode(zero3_before)
+        forget_known_warnings(filters)
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)
