@@ -139,3 +139,34 @@ def runs_in_one_process(out: str) -> None:
     report.append({"tag": "caller's config", "steps": r["steps"], "caller_config_current": hf_ds._hf_deepspeed_config_weak_ref() is mine})
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f)
+
+
+def tensorboard_writers(rank, world, kw) -> None:
+    """Two runs with ``tensorboard=True`` in this process, the second resuming the first (stopped after 2 of
+    4 steps), with a stand-in for ``torch.utils.tensorboard`` (not a test dependency) that records what each
+    writer was given and whether it was closed: the report goes to ``kw["out"]/writers.json``."""
+    import sys
+    import types
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            self.rec = {"purge_step": purge_step, "steps": [], "closed": False}
+            made.append(self.rec)
+
+        def add_scalar(self, tag, value, step):
+            if tag == "loss":
+                self.rec["steps"].append(step)
+
+        def close(self):
+            self.rec["closed"] = True
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    sys.modules["torch.utils.tensorboard"] = fake
+    run = os.path.join(kw["out"], "run")
+    train(tiny_cfg(run, steps=4, stop_after=2, tensorboard=True, eval_before=False, num_eval=0))
+    train(tiny_cfg(run, steps=4, tensorboard=True, eval_before=False, num_eval=0))
+    with open(os.path.join(kw["out"], "writers.json"), "w") as f:
+        json.dump(made, f)

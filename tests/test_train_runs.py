@@ -223,6 +223,19 @@ def _run(**kw):
         return json.load(f)
 
 
+@pytest.mark.slow
+def test_each_run_closes_its_tensorboard_writer_and_a_resumed_one_purges_the_steps_it_runs_again(tmp_path):
+    """The writer was never closed: each run in a process that goes on (a notebook, ablate) left its thread
+    and event file open, its last events unwritten (TensorBoard writes every two minutes) until the process
+    ended; and a resumed run logged again the steps an earlier attempt had logged after its checkpoint."""
+    from llave_fast.testing import spawn_ranks
+
+    spawn_ranks(W.tensorboard_writers, 1, {"out": str(tmp_path)})
+    made = json.loads((tmp_path / "writers.json").read_text())
+    assert made == [{"purge_step": None, "steps": [1, 2], "closed": True},
+                    {"purge_step": 3, "steps": [3, 4], "closed": True}], made
+
+
 def test_corrupt_image_fails_with_a_checkpoint_then_resumes_skipping_it(tmp_path, capfd):
     data, img = W.write_mmeb(str(tmp_path / "mmeb"), 48)
     rows = [json.loads(line) for line in open(data)]

@@ -47,7 +47,7 @@ from .run_folder import (
     hold_run_folder,
     sigterm_as_interrupt,
 )
-from .runlog import _append_log, _tensorboard, _truncate_log
+from .runlog import _append_log, _tensorboard, _truncate_log, close_all
 from .schedule import resolve_length
 from .step import _to_device, build_loss, by_length, chunks, duplicate_ids
 from .stops import (
@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig) -> dict:
             _log(rank, f"eval_before: not measured (the run started without it, and its weights at step {start} are "
                        "no longer the starting ones)")
     save = functools.partial(save_checkpoint, engine, run.ckpt_root, before=before, keep=cfg.keep_checkpoints)
-    writer = _tensorboard(run.out) if (cfg.tensorboard and rank == 0) else None
+    writer = _tensorboard(run.out, start) if (cfg.tensorboard and rank == 0) else None
     checkpoint_on_sigterm()  # steps start: SIGTERM now checkpoints the steps done and stops (training/preempt.py)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     loader = step_loader(run.train_set, collator, run.order, rank, cfg.global_batch // world, start, end,
@@ -275,7 +275,7 @@ def run_steps(run: Run, engine, scheduler, gc, probe, loader, bar, writer, start
         end_checkpoint_on_sigterm()
     finally:
         stop_loader_workers(batches)  # and kills any that did not end (they ignore SIGTERM)
-        bar.close()
+        close_all(bar, writer)
     return step, step_times, waits, skipped
 
 

@@ -65,10 +65,21 @@ def _append_log(path: str, entry: dict, ckpt_root: str) -> None:
         os.close(fd)
 
 
-def _tensorboard(out):
+def _tensorboard(out, start: int = 0):
+    """The run's TensorBoard writer in ``out/tb`` (None without tensorboard, said). A run resumed at step
+    ``start`` purges the events of the steps after it that an earlier attempt logged (they run again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log.warning("tensorboard is not installed: --tensorboard ignored")
         return None
-    return SummaryWriter(os.path.join(out, "tb"))
+    return SummaryWriter(os.path.join(out, "tb"), purge_step=start + 1 if start else None)
+
+
+def close_all(*things) -> None:
+    """Close each of ``things`` that is not None: the progress bar, and the TensorBoard writer, whose last
+    events reach its file only then (it writes every two minutes) and whose thread and file end then; left
+    open, each run in a process that goes on (a notebook, ``ablate``) left both behind."""
+    for thing in things:
+        if thing is not None:
+            thing.close()
