@@ -7,7 +7,7 @@ trains on, every pass the same). Counted per question kind (:data:`llave_fast.da
 ``benchmarks/vqa_by_kind.py`` counts the model's hits). A tie between answers: ``hits`` takes the first in
 alphabetical order, ``expected_hits`` the mean over the tied answers (a predictor that breaks ties at random, in
 expectation). A question never asked in training counts as a miss (``unseen``). Nothing is trained or encoded:
-about 20 s per seed of the default job on one core.
+about 4 s per seed of the default job on the 2-core CPU machine.
 
     python3 benchmarks/question_alone.py --config tiny_cpu.json --seeds 0 1 2 --out FILE.json
 """

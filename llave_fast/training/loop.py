@@ -70,7 +70,7 @@ def train(cfg: TrainConfig) -> dict:
     out = cfg.output_dir
     # what was there before this start: only what the start itself made is ever removed
     existed = set() if out is None else {name for name in ("", *_START_FILES) if os.path.exists(os.path.join(out, name))}
-    with run_leaves_process_as_found():  # after the clean-up: launcher variables, ZeRO-3 mode
+    with run_leaves_process_as_found():  # after the clean-up: what the run set in its process (engine.py)
         try:
             sigterm_as_interrupt()  # SIGTERM before the first step cleans up as Ctrl-C does
             return _train(cfg)
